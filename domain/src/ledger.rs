@@ -1,0 +1,785 @@
+//! `Ledger`: the whole in-memory world the writer decides commands against.
+//! Live tasks with their steps, a ready queue per namespace and handler, the
+//! timer index, the idempotency-key index and queue settings.
+//!
+//! It is a pure state machine: `decide` (in `decide.rs`) reads it and returns
+//! events; `apply` (here) is the only thing that changes it. Replaying the
+//! log through `apply` yields exactly the writer's state, which `digest`
+//! proves. Tasks that reach a terminal state leave memory; their history stays
+//! in the log.
+//!
+//! Claim order. Every enqueued step gets a ready key
+//! `(enqueued_at − priority × AGING_US_PER_POINT, ordinal)` and the smallest key
+//! is claimed first. This is "highest effective priority first" where the
+//! effective priority of a waiting step is its priority plus one point per
+//! `AGING_US_PER_POINT` spent waiting, so a low-priority step that has waited
+//! long enough overtakes fresh high-priority work instead of starving. Because
+//! the aging term grows at the same rate for every waiting step, the order
+//! never changes while steps wait, and the key can be computed once, at
+//! enqueue time: claims are O(log n). `ordinal` is a ledger-wide counter
+//! that makes ties FIFO.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Event, FailOutcome};
+use crate::spec::{RetryPolicy, StepSpec, TaskSpec};
+use crate::state::{StepState, TaskState};
+use crate::values::{
+    Attempt, HandlerName, IdempotencyKey, Json, LeaseEpoch, Namespace, Priority, StepIndex, StepName, Tag, TaskId,
+    Text, Timestamp, WorkerId,
+};
+
+/// One priority point of aging per this many microseconds of waiting (1 s).
+pub const AGING_US_PER_POINT: i64 = 1_000_000;
+/// How long an idempotency key keeps mapping to its task (24 h), measured in
+/// event time, so replay prunes exactly as the writer did.
+pub const IDEMPOTENCY_RETENTION_US: i64 = 24 * 60 * 60 * 1_000_000;
+
+/// A step as the ledger tracks it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    pub name: StepName,
+    pub handler: HandlerName,
+    pub payload: Json,
+    /// Positions of the steps this one waits for.
+    pub deps: Box<[StepIndex]>,
+    pub max_attempts: u32,
+    pub retry: RetryPolicy,
+    pub lease_ms: u32,
+    pub state: StepState,
+    /// Claims that counted (a release gives its attempt back).
+    pub attempts: u32,
+    /// Epoch of the latest claim (0 = never claimed).
+    pub epoch: LeaseEpoch,
+    pub worker: Option<WorkerId>,
+    pub lease_deadline: Option<Timestamp>,
+    pub retry_at: Option<Timestamp>,
+    /// Ready key while `Enqueued`.
+    pub ready: Option<ReadyKey>,
+    pub last_error: Option<Text>,
+    pub result: Option<Json>,
+}
+
+/// A live task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: TaskId,
+    pub namespace: Namespace,
+    pub name: Box<str>,
+    pub payload: Json,
+    pub priority: Priority,
+    pub run_at: Option<Timestamp>,
+    pub tags: Vec<Tag>,
+    pub idempotency_key: Option<IdempotencyKey>,
+    pub created_at: Timestamp,
+    pub state: TaskState,
+    /// `run_at` has passed (or there was none): ready steps may be enqueued.
+    pub run_at_reached: bool,
+    /// Some step has been claimed at least once.
+    pub started: bool,
+    pub steps: Vec<Step>,
+}
+
+impl Task {
+    pub fn step_index(&self, name: &StepName) -> Option<StepIndex> {
+        self.steps.iter().position(|s| &s.name == name).map(|i| StepIndex(i as u16))
+    }
+    pub fn step(&self, index: StepIndex) -> Option<&Step> {
+        self.steps.get(index.get())
+    }
+    fn deps_satisfied(&self, step: &Step) -> bool {
+        step.deps.iter().all(|d| self.steps[d.get()].state.satisfies_dependents())
+    }
+}
+
+/// Position in a ready queue: smaller is claimed first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ReadyKey {
+    /// `enqueued_at − priority × AGING_US_PER_POINT`.
+    pub aged_at: i64,
+    pub ordinal: u64,
+}
+
+/// An operator's settings for one namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSettings {
+    pub paused: bool,
+    pub concurrency_limit: Option<u32>,
+}
+
+/// A namespace's claimable steps, per handler, plus how many run now.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ReadyQueue {
+    pub(crate) by_handler: HashMap<HandlerName, BTreeMap<ReadyKey, (TaskId, StepIndex)>>,
+    pub(crate) in_progress: u32,
+}
+
+/// What a timer does when it fires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TimerKind {
+    LeaseExpiry,
+    RetryDue,
+    RunAt,
+}
+
+/// An entry of the timer index, ordered by due time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timer {
+    pub due: Timestamp,
+    pub kind: TimerKind,
+    pub task: TaskId,
+    pub step: StepIndex,
+}
+
+/// The log contradicts the state: an event that cannot follow what came
+/// before it. `decide` never produces one; replaying a damaged or foreign log
+/// might. `apply` checks before it changes anything, so the ledger is left
+/// as it was.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("inconsistent event {event}: {reason}")]
+pub struct Inconsistency {
+    pub event: &'static str,
+    pub reason: String,
+}
+
+/// The serializable core of a ledger, from which every index is rebuilt.
+/// Snapshots store this.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerState {
+    pub tasks: Vec<Task>,
+    pub queue_settings: Vec<(Namespace, QueueSettings)>,
+    pub idempotency: Vec<(Namespace, IdempotencyKey, TaskId, Timestamp)>,
+    pub next_ordinal: u64,
+    pub last_event_at: Timestamp,
+}
+
+/// The whole in-memory write model.
+#[derive(Clone, Debug, Default)]
+pub struct Ledger {
+    pub(crate) tasks: HashMap<TaskId, Task>,
+    pub(crate) settings: HashMap<Namespace, QueueSettings>,
+    pub(crate) ready: HashMap<Namespace, ReadyQueue>,
+    pub(crate) timers: BTreeSet<Timer>,
+    pub(crate) idempotency: HashMap<(Namespace, IdempotencyKey), (TaskId, Timestamp)>,
+    /// Idempotency entries in creation order, for pruning by age.
+    pub(crate) idempotency_order: VecDeque<(Timestamp, Namespace, IdempotencyKey)>,
+    pub(crate) next_ordinal: u64,
+    pub(crate) last_event_at: Timestamp,
+}
+
+fn inconsistent(event: &Event, reason: impl Into<String>) -> Inconsistency {
+    Inconsistency { event: event.type_name(), reason: reason.into() }
+}
+
+impl Ledger {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    // ----- reads -----
+
+    pub fn task(&self, id: &TaskId) -> Option<&Task> {
+        self.tasks.get(id)
+    }
+    pub fn tasks(&self) -> impl Iterator<Item = &Task> {
+        self.tasks.values()
+    }
+    pub fn live_task_count(&self) -> usize {
+        self.tasks.len()
+    }
+    pub fn queue_settings(&self, ns: &Namespace) -> QueueSettings {
+        self.settings.get(ns).cloned().unwrap_or_default()
+    }
+    /// Steps currently leased in a namespace.
+    pub fn in_progress(&self, ns: &Namespace) -> u32 {
+        self.ready.get(ns).map_or(0, |q| q.in_progress)
+    }
+    /// Claimable steps in a namespace (all handlers).
+    pub fn ready_count(&self, ns: &Namespace) -> usize {
+        self.ready.get(ns).map_or(0, |q| q.by_handler.values().map(BTreeMap::len).sum())
+    }
+    pub fn idempotent_task(&self, ns: &Namespace, key: &IdempotencyKey) -> Option<TaskId> {
+        self.idempotency.get(&(ns.clone(), key.clone())).map(|(id, _)| *id)
+    }
+    /// The time of the latest applied event.
+    pub fn last_event_at(&self) -> Timestamp {
+        self.last_event_at
+    }
+    /// When the earliest timer is due, so the writer knows how long to sleep.
+    pub fn next_timer_due(&self) -> Option<Timestamp> {
+        self.timers.first().map(|t| t.due)
+    }
+    /// Timers due at `now`, earliest first, at most `max`.
+    pub fn due_timers(&self, now: Timestamp, max: usize) -> impl Iterator<Item = &Timer> {
+        self.timers.iter().take_while(move |t| t.due <= now).take(max)
+    }
+    pub fn timer_count(&self) -> usize {
+        self.timers.len()
+    }
+
+    // ----- apply -----
+
+    /// Folds one event into the state. Checks first, then changes: on `Err`
+    /// nothing was modified.
+    pub fn apply(&mut self, event: &Event) -> Result<(), Inconsistency> {
+        if event.at() < self.last_event_at {
+            return Err(inconsistent(
+                event,
+                format!("time goes backwards: {} after {}", event.at(), self.last_event_at),
+            ));
+        }
+        match event {
+            Event::TaskCreated { spec, at } => self.apply_created(event, spec, *at)?,
+            Event::StepClaimed { task, step, worker, epoch, attempt, lease_deadline, at: _ } => {
+                let s = self.step_for(event, task, *step)?;
+                if s.state != StepState::Enqueued {
+                    return Err(inconsistent(event, format!("step is {:?}, not enqueued", s.state)));
+                }
+                if *epoch != s.epoch.next() || attempt.0 != s.attempts + 1 || attempt.0 > s.max_attempts {
+                    return Err(inconsistent(event, "epoch or attempt out of sequence"));
+                }
+                self.unready(task, *step);
+                let t = self.tasks.get_mut(task).expect("checked");
+                t.started = true;
+                let s = &mut t.steps[step.get()];
+                s.state = StepState::InProgress;
+                s.epoch = *epoch;
+                s.attempts = attempt.0;
+                s.worker = Some(worker.clone());
+                s.lease_deadline = Some(*lease_deadline);
+                let ns = t.namespace.clone();
+                self.ready.entry(ns).or_default().in_progress += 1;
+                self.timers.insert(Timer {
+                    due: *lease_deadline,
+                    kind: TimerKind::LeaseExpiry,
+                    task: *task,
+                    step: *step,
+                });
+            }
+            Event::LeaseExtended { task, step, epoch, lease_deadline, .. } => {
+                let old = self.live_lease(event, task, *step, *epoch)?;
+                self.timers.remove(&Timer { due: old, kind: TimerKind::LeaseExpiry, task: *task, step: *step });
+                self.timers.insert(Timer {
+                    due: *lease_deadline,
+                    kind: TimerKind::LeaseExpiry,
+                    task: *task,
+                    step: *step,
+                });
+                self.step_mut(task, *step).lease_deadline = Some(*lease_deadline);
+            }
+            Event::StepCompleted { task, step, epoch, result, at } => {
+                self.live_lease(event, task, *step, *epoch)?;
+                self.end_lease(task, *step);
+                let s = self.step_mut(task, *step);
+                s.state = StepState::Complete;
+                s.result = Some(result.clone());
+                self.enqueue_unblocked(task, *at);
+            }
+            Event::StepFailed { task, step, epoch, error, outcome, .. } => {
+                self.live_lease(event, task, *step, *epoch)?;
+                self.check_outcome(event, task, *step, outcome)?;
+                self.end_lease(task, *step);
+                self.step_mut(task, *step).last_error = Some(error.clone());
+                self.apply_fail_outcome(task, *step, outcome);
+            }
+            Event::LeaseExpired { task, step, epoch, outcome, .. } => {
+                self.live_lease(event, task, *step, *epoch)?;
+                self.check_outcome(event, task, *step, outcome)?;
+                self.end_lease(task, *step);
+                self.step_mut(task, *step).last_error = Some(Text::new("error", "lease expired").expect("short"));
+                self.apply_fail_outcome(task, *step, outcome);
+            }
+            Event::StepReleased { task, step, epoch, at } => {
+                self.live_lease(event, task, *step, *epoch)?;
+                self.end_lease(task, *step);
+                let s = self.step_mut(task, *step);
+                s.attempts -= 1;
+                self.enqueue(task, *step, *at);
+            }
+            Event::StepsAdded { task, by_step, epoch, steps, at } => {
+                self.live_lease(event, task, *by_step, *epoch)?;
+                let t = &self.tasks[task];
+                let existing: Vec<&StepName> = t.steps.iter().map(|s| &s.name).collect();
+                crate::spec::validate_step_graph(&existing, steps).map_err(|r| inconsistent(event, r.message))?;
+                let t = self.tasks.get_mut(task).expect("checked");
+                let new_steps = build_steps(&t.steps, steps);
+                t.steps.extend(new_steps);
+                self.enqueue_unblocked(task, *at);
+            }
+            Event::StepRetryDue { task, step, at } => {
+                let s = self.step_for(event, task, *step)?;
+                if s.state != StepState::WaitingForRetry {
+                    return Err(inconsistent(event, format!("step is {:?}, not waiting for retry", s.state)));
+                }
+                let due = s.retry_at.expect("waiting steps have a retry time");
+                self.timers.remove(&Timer { due, kind: TimerKind::RetryDue, task: *task, step: *step });
+                self.step_mut(task, *step).retry_at = None;
+                self.enqueue(task, *step, *at);
+            }
+            Event::RunAtReached { task, at } => {
+                let t = self.task_for(event, task)?;
+                if t.run_at_reached {
+                    return Err(inconsistent(event, "run_at already reached"));
+                }
+                let due = t.run_at.expect("tasks waiting for run_at have one");
+                self.timers.remove(&Timer { due, kind: TimerKind::RunAt, task: *task, step: StepIndex(0) });
+                self.tasks.get_mut(task).expect("checked").run_at_reached = true;
+                self.enqueue_unblocked(task, *at);
+            }
+            Event::StepRetried { task, step, reset_attempts, at } => {
+                let s = self.step_for(event, task, *step)?;
+                if s.state != StepState::Error {
+                    return Err(inconsistent(event, format!("step is {:?}, not in error", s.state)));
+                }
+                if !reset_attempts && s.attempts >= s.max_attempts {
+                    return Err(inconsistent(event, "attempts exhausted and not reset"));
+                }
+                let s = self.step_mut(task, *step);
+                if *reset_attempts {
+                    s.attempts = 0;
+                }
+                self.enqueue(task, *step, *at);
+            }
+            Event::StepResolved { task, step, note: _, result, at } => {
+                let s = self.step_for(event, task, *step)?;
+                if !matches!(
+                    s.state,
+                    StepState::Pending | StepState::Enqueued | StepState::WaitingForRetry | StepState::Error
+                ) {
+                    return Err(inconsistent(event, format!("step is {:?}, which cannot be resolved", s.state)));
+                }
+                self.leave_waiting_states(task, *step);
+                let s = self.step_mut(task, *step);
+                s.state = StepState::ResolvedManually;
+                s.result = result.clone();
+                self.enqueue_unblocked(task, *at);
+            }
+            Event::TaskCancelled { task, .. } => {
+                self.task_for(event, task)?;
+                self.close_open_steps(task);
+            }
+            Event::TaskGivenUp { task, .. } => {
+                let t = self.task_for(event, task)?;
+                if t.state != TaskState::BlockedByFailures {
+                    return Err(inconsistent(event, format!("task is {:?}, not blocked", t.state)));
+                }
+                self.close_open_steps(task);
+            }
+            Event::QueuePaused { namespace, .. } => {
+                self.settings.entry(namespace.clone()).or_default().paused = true;
+            }
+            Event::QueueResumed { namespace, .. } => {
+                self.settings.entry(namespace.clone()).or_default().paused = false;
+            }
+            Event::QueueConcurrencySet { namespace, limit, .. } => {
+                self.settings.entry(namespace.clone()).or_default().concurrency_limit = *limit;
+            }
+        }
+        self.last_event_at = event.at();
+        if let Some(task) = event.task() {
+            self.settle_task_state(&task, event);
+        }
+        Ok(())
+    }
+
+    fn apply_created(&mut self, event: &Event, spec: &TaskSpec, at: Timestamp) -> Result<(), Inconsistency> {
+        if self.tasks.contains_key(&spec.id) {
+            return Err(inconsistent(event, format!("task {} already exists", spec.id)));
+        }
+        spec.validate().map_err(|r| inconsistent(event, r.message))?;
+        self.prune_idempotency(at);
+        if let Some(key) = &spec.idempotency_key {
+            let entry = (spec.namespace.clone(), key.clone());
+            if self.idempotency.contains_key(&entry) {
+                return Err(inconsistent(event, "idempotency key already maps to a task"));
+            }
+            self.idempotency.insert(entry, (spec.id, at));
+            self.idempotency_order.push_back((at, spec.namespace.clone(), key.clone()));
+        }
+        let run_at_reached = spec.run_at.is_none_or(|t| t <= at);
+        let task = Task {
+            id: spec.id,
+            namespace: spec.namespace.clone(),
+            name: spec.name.clone().into_boxed_str(),
+            payload: spec.payload.clone(),
+            priority: spec.priority,
+            run_at: spec.run_at,
+            tags: spec.tags.clone(),
+            idempotency_key: spec.idempotency_key.clone(),
+            created_at: at,
+            state: TaskState::Pending,
+            run_at_reached,
+            started: false,
+            steps: build_steps(&[], &spec.steps),
+        };
+        if let (false, Some(due)) = (run_at_reached, spec.run_at) {
+            self.timers.insert(Timer { due, kind: TimerKind::RunAt, task: spec.id, step: StepIndex(0) });
+        }
+        self.tasks.insert(spec.id, task);
+        self.enqueue_unblocked(&spec.id, at);
+        Ok(())
+    }
+
+    fn prune_idempotency(&mut self, now: Timestamp) {
+        while let Some((at, _, _)) = self.idempotency_order.front() {
+            if now.as_micros().saturating_sub(at.as_micros()) < IDEMPOTENCY_RETENTION_US {
+                break;
+            }
+            let (_, ns, key) = self.idempotency_order.pop_front().expect("front exists");
+            self.idempotency.remove(&(ns, key));
+        }
+    }
+
+    fn task_for(&self, event: &Event, task: &TaskId) -> Result<&Task, Inconsistency> {
+        self.tasks.get(task).ok_or_else(|| inconsistent(event, format!("task {task} is not live")))
+    }
+
+    fn step_for(&self, event: &Event, task: &TaskId, step: StepIndex) -> Result<&Step, Inconsistency> {
+        self.task_for(event, task)?
+            .step(step)
+            .ok_or_else(|| inconsistent(event, format!("task {task} has no step {}", step.0)))
+    }
+
+    /// Checks that `epoch` is the live lease of an in-progress step; returns
+    /// its deadline.
+    fn live_lease(
+        &self,
+        event: &Event,
+        task: &TaskId,
+        step: StepIndex,
+        epoch: LeaseEpoch,
+    ) -> Result<Timestamp, Inconsistency> {
+        let s = self.step_for(event, task, step)?;
+        if s.state != StepState::InProgress || s.epoch != epoch {
+            return Err(inconsistent(
+                event,
+                format!("no live lease with epoch {epoch} (step is {:?}, epoch {})", s.state, s.epoch),
+            ));
+        }
+        Ok(s.lease_deadline.expect("in-progress steps have a deadline"))
+    }
+
+    fn check_outcome(
+        &self,
+        event: &Event,
+        task: &TaskId,
+        step: StepIndex,
+        outcome: &FailOutcome,
+    ) -> Result<(), Inconsistency> {
+        let s = &self.tasks[task].steps[step.get()];
+        if matches!(outcome, FailOutcome::Retry { .. }) && s.attempts >= s.max_attempts {
+            return Err(inconsistent(event, "retry scheduled with no attempts left"));
+        }
+        Ok(())
+    }
+
+    fn step_mut(&mut self, task: &TaskId, step: StepIndex) -> &mut Step {
+        &mut self.tasks.get_mut(task).expect("checked by caller").steps[step.get()]
+    }
+
+    /// Takes an in-progress step out of its lease: timer, worker, counters.
+    fn end_lease(&mut self, task: &TaskId, step: StepIndex) {
+        let t = self.tasks.get_mut(task).expect("checked by caller");
+        let s = &mut t.steps[step.get()];
+        debug_assert_eq!(s.state, StepState::InProgress);
+        let deadline = s.lease_deadline.take().expect("in-progress steps have a deadline");
+        s.worker = None;
+        self.timers.remove(&Timer { due: deadline, kind: TimerKind::LeaseExpiry, task: *task, step });
+        if let Some(q) = self.ready.get_mut(&t.namespace) {
+            q.in_progress -= 1;
+        }
+    }
+
+    fn apply_fail_outcome(&mut self, task: &TaskId, step: StepIndex, outcome: &FailOutcome) {
+        let s = self.step_mut(task, step);
+        match outcome {
+            FailOutcome::Retry { retry_at, .. } => {
+                s.state = StepState::WaitingForRetry;
+                s.retry_at = Some(*retry_at);
+                self.timers.insert(Timer { due: *retry_at, kind: TimerKind::RetryDue, task: *task, step });
+            }
+            FailOutcome::DeadLetter => s.state = StepState::Error,
+        }
+    }
+
+    /// Removes a step from the ready queue or the timer index, whichever holds
+    /// it, before it moves to a final state.
+    fn leave_waiting_states(&mut self, task: &TaskId, step: StepIndex) {
+        let s = &self.tasks[task].steps[step.get()];
+        match s.state {
+            StepState::Enqueued => self.unready(task, step),
+            StepState::WaitingForRetry => {
+                let due = s.retry_at.expect("waiting steps have a retry time");
+                self.timers.remove(&Timer { due, kind: TimerKind::RetryDue, task: *task, step });
+                self.step_mut(task, step).retry_at = None;
+            }
+            StepState::InProgress => self.end_lease(task, step),
+            _ => {}
+        }
+    }
+
+    /// Cancels every step that is not final or in error (cancel and give-up).
+    fn close_open_steps(&mut self, task: &TaskId) {
+        let n = self.tasks[task].steps.len();
+        for i in 0..n {
+            let step = StepIndex(i as u16);
+            let state = self.tasks[task].steps[i].state;
+            if !state.is_terminal() {
+                self.leave_waiting_states(task, step);
+                self.step_mut(task, step).state = StepState::Cancelled;
+            }
+        }
+        let t = self.tasks.get_mut(task).expect("checked by caller");
+        if let (false, Some(due)) = (t.run_at_reached, t.run_at) {
+            self.timers.remove(&Timer { due, kind: TimerKind::RunAt, task: *task, step: StepIndex(0) });
+        }
+    }
+
+    /// Moves a step into its namespace's ready queue.
+    fn enqueue(&mut self, task: &TaskId, step: StepIndex, at: Timestamp) {
+        let ordinal = self.next_ordinal;
+        self.next_ordinal += 1;
+        let t = self.tasks.get_mut(task).expect("checked by caller");
+        let key = ReadyKey {
+            aged_at: at.as_micros().saturating_sub(i64::from(t.priority.get()) * AGING_US_PER_POINT),
+            ordinal,
+        };
+        let s = &mut t.steps[step.get()];
+        s.state = StepState::Enqueued;
+        s.ready = Some(key);
+        self.ready
+            .entry(t.namespace.clone())
+            .or_default()
+            .by_handler
+            .entry(s.handler.clone())
+            .or_default()
+            .insert(key, (*task, step));
+    }
+
+    fn unready(&mut self, task: &TaskId, step: StepIndex) {
+        let t = self.tasks.get_mut(task).expect("checked by caller");
+        let s = &mut t.steps[step.get()];
+        let key = s.ready.take().expect("enqueued steps have a ready key");
+        if let Some(q) = self.ready.get_mut(&t.namespace) {
+            if let Some(by_key) = q.by_handler.get_mut(&s.handler) {
+                by_key.remove(&key);
+                if by_key.is_empty() {
+                    q.by_handler.remove(&s.handler);
+                }
+            }
+        }
+    }
+
+    /// Enqueues every pending step whose dependencies are satisfied, once the
+    /// task's `run_at` has passed. Steps are visited in declaration order so
+    /// ordinals, and thus FIFO order, are deterministic.
+    fn enqueue_unblocked(&mut self, task: &TaskId, at: Timestamp) {
+        let t = &self.tasks[task];
+        if !t.run_at_reached {
+            return;
+        }
+        let ready: Vec<StepIndex> = t
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state == StepState::Pending && t.deps_satisfied(s))
+            .map(|(i, _)| StepIndex(i as u16))
+            .collect();
+        for step in ready {
+            self.enqueue(task, step, at);
+        }
+    }
+
+    /// Recomputes the task's state after an event, checks the transition is
+    /// allowed, and lets a terminal task leave memory.
+    fn settle_task_state(&mut self, task: &TaskId, event: &Event) {
+        let given_up = matches!(event, Event::TaskGivenUp { .. });
+        let cancelled = matches!(event, Event::TaskCancelled { .. });
+        let Some(t) = self.tasks.get_mut(task) else { return };
+        let next = TaskState::derive(t.steps.iter().map(|s| s.state), t.started, cancelled, given_up);
+        if next != t.state {
+            assert!(t.state.can_become(next), "task {task}: {:?} -> {next:?} after {}", t.state, event.type_name());
+            t.state = next;
+        }
+        if next.is_terminal() {
+            let t = self.tasks.remove(task).expect("present");
+            debug_assert!(
+                t.steps.iter().all(|s| s.ready.is_none() && s.lease_deadline.is_none() && s.retry_at.is_none())
+            );
+        }
+    }
+
+    // ----- snapshots and digests -----
+
+    /// The serializable core state, in canonical order.
+    pub fn to_state(&self) -> LedgerState {
+        let mut tasks: Vec<Task> = self.tasks.values().cloned().collect();
+        tasks.sort_by_key(|t| t.id);
+        let mut queue_settings: Vec<(Namespace, QueueSettings)> =
+            self.settings.iter().map(|(n, s)| (n.clone(), s.clone())).collect();
+        queue_settings.sort_by(|a, b| a.0.cmp(&b.0));
+        let idempotency = self
+            .idempotency_order
+            .iter()
+            .map(|(at, ns, key)| (ns.clone(), key.clone(), self.idempotency[&(ns.clone(), key.clone())].0, *at))
+            .collect();
+        LedgerState {
+            tasks,
+            queue_settings,
+            idempotency,
+            next_ordinal: self.next_ordinal,
+            last_event_at: self.last_event_at,
+        }
+    }
+
+    /// Rebuilds a ledger, with all its indexes, from a core state.
+    pub fn from_state(state: LedgerState) -> Self {
+        let mut ledger = Ledger {
+            next_ordinal: state.next_ordinal,
+            last_event_at: state.last_event_at,
+            settings: state.queue_settings.into_iter().collect(),
+            ..Ledger::default()
+        };
+        for (ns, key, task, at) in state.idempotency {
+            ledger.idempotency.insert((ns.clone(), key.clone()), (task, at));
+            ledger.idempotency_order.push_back((at, ns, key));
+        }
+        for task in state.tasks {
+            let queue = ledger.ready.entry(task.namespace.clone()).or_default();
+            for (i, s) in task.steps.iter().enumerate() {
+                let step = StepIndex(i as u16);
+                if let Some(key) = s.ready {
+                    queue.by_handler.entry(s.handler.clone()).or_default().insert(key, (task.id, step));
+                }
+                if let Some(due) = s.lease_deadline {
+                    queue.in_progress += 1;
+                    ledger.timers.insert(Timer { due, kind: TimerKind::LeaseExpiry, task: task.id, step });
+                }
+                if let Some(due) = s.retry_at {
+                    ledger.timers.insert(Timer { due, kind: TimerKind::RetryDue, task: task.id, step });
+                }
+            }
+            if let (false, Some(due)) = (task.run_at_reached, task.run_at) {
+                ledger.timers.insert(Timer { due, kind: TimerKind::RunAt, task: task.id, step: StepIndex(0) });
+            }
+            ledger.tasks.insert(task.id, task);
+        }
+        ledger
+    }
+
+    /// A canonical digest of the whole state: two ledgers with equal digests
+    /// hold the same tasks, steps, queue settings, idempotency keys and
+    /// counters. Indexes are derived from those, and `check_indexes` proves it.
+    pub fn digest(&self) -> [u8; 32] {
+        let bytes = postcard::to_stdvec(&self.to_state()).expect("in-memory state always serializes");
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"taskledger.ledger.v1");
+        hasher.update(&bytes);
+        *hasher.finalize().as_bytes()
+    }
+
+    /// Checks that every index agrees with the tasks (for tests and `verify`).
+    pub fn check_indexes(&self) -> Result<(), String> {
+        let rebuilt = Ledger::from_state(self.to_state());
+        let mut ours: Vec<_> = self
+            .ready
+            .iter()
+            .filter(|(_, q)| q.in_progress > 0 || !q.by_handler.is_empty())
+            .map(|(n, q)| (n.clone(), q.in_progress, flatten(q)))
+            .collect();
+        let mut theirs: Vec<_> = rebuilt
+            .ready
+            .iter()
+            .filter(|(_, q)| q.in_progress > 0 || !q.by_handler.is_empty())
+            .map(|(n, q)| (n.clone(), q.in_progress, flatten(q)))
+            .collect();
+        ours.sort();
+        theirs.sort();
+        if ours != theirs {
+            return Err(format!("ready queues differ from tasks: {ours:?} vs {theirs:?}"));
+        }
+        if self.timers != rebuilt.timers {
+            return Err("timer index differs from tasks".into());
+        }
+        Ok(())
+    }
+}
+
+fn flatten(q: &ReadyQueue) -> Vec<(HandlerName, ReadyKey, TaskId, StepIndex)> {
+    let mut v: Vec<_> =
+        q.by_handler.iter().flat_map(|(h, m)| m.iter().map(move |(k, (t, s))| (h.clone(), *k, *t, *s))).collect();
+    v.sort();
+    v
+}
+
+/// Turns specs into pending steps, resolving dependency names against the
+/// existing steps and the new ones.
+fn build_steps(existing: &[Step], specs: &[StepSpec]) -> Vec<Step> {
+    let position = |name: &StepName| -> StepIndex {
+        existing
+            .iter()
+            .map(|s| &s.name)
+            .chain(specs.iter().map(|s| &s.name))
+            .position(|n| n == name)
+            .map(|i| StepIndex(i as u16))
+            .expect("validated dependency")
+    };
+    specs
+        .iter()
+        .map(|spec| Step {
+            name: spec.name.clone(),
+            handler: spec.handler.clone(),
+            payload: spec.payload.clone(),
+            deps: spec.depends_on.iter().map(position).collect(),
+            max_attempts: spec.max_attempts,
+            retry: spec.retry,
+            lease_ms: spec.lease_ms,
+            state: StepState::Pending,
+            attempts: 0,
+            epoch: LeaseEpoch(0),
+            worker: None,
+            lease_deadline: None,
+            retry_at: None,
+            ready: None,
+            last_error: None,
+            result: None,
+        })
+        .collect()
+}
+
+/// What a worker receives for a claimed step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimedStep {
+    pub task: TaskId,
+    pub namespace: Namespace,
+    pub step: StepName,
+    pub handler: HandlerName,
+    pub payload: Json,
+    pub task_payload: Json,
+    pub epoch: LeaseEpoch,
+    pub attempt: Attempt,
+    pub lease_deadline: Timestamp,
+}
+
+impl Ledger {
+    /// The work a `StepClaimed` event handed out, read after the event was
+    /// applied (the step is then in progress with that epoch).
+    pub fn claimed_step(&self, event: &Event) -> Option<ClaimedStep> {
+        let Event::StepClaimed { task, step, epoch, attempt, lease_deadline, .. } = event else { return None };
+        let t = self.tasks.get(task)?;
+        let s = t.step(*step)?;
+        Some(ClaimedStep {
+            task: *task,
+            namespace: t.namespace.clone(),
+            step: s.name.clone(),
+            handler: s.handler.clone(),
+            payload: s.payload.clone(),
+            task_payload: t.payload.clone(),
+            epoch: *epoch,
+            attempt: *attempt,
+            lease_deadline: *lease_deadline,
+        })
+    }
+}

@@ -1,0 +1,1 @@
+//! The durable event log: the source of truth of taskledger.
