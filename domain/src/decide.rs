@@ -179,13 +179,13 @@ impl Ledger {
                 Vec::new()
             }),
             Command::SetQueueConcurrency { namespace, limit } => {
-                if let Some(limit) = limit {
-                    if !(1..=MAX_QUEUE_CONCURRENCY).contains(limit) {
-                        return Err(Rejection::invalid(
-                            "limit",
-                            format!("a concurrency limit must be between 1 and {MAX_QUEUE_CONCURRENCY}, got {limit}"),
-                        ));
-                    }
+                if let Some(limit) = limit
+                    && !(1..=MAX_QUEUE_CONCURRENCY).contains(limit)
+                {
+                    return Err(Rejection::invalid(
+                        "limit",
+                        format!("a concurrency limit must be between 1 and {MAX_QUEUE_CONCURRENCY}, got {limit}"),
+                    ));
                 }
                 Ok(if self.queue_settings(namespace).concurrency_limit == *limit {
                     Vec::new()
@@ -288,10 +288,10 @@ impl Ledger {
     /// (the caller reports that task; nothing is written).
     fn decide_create(&self, spec: &TaskSpec, at: Timestamp) -> Result<Option<Event>, Rejection> {
         spec.validate()?;
-        if let Some(key) = &spec.idempotency_key {
-            if self.idempotent_task(&spec.namespace, key).is_some() {
-                return Ok(None);
-            }
+        if let Some(key) = &spec.idempotency_key
+            && self.idempotent_task(&spec.namespace, key).is_some()
+        {
+            return Ok(None);
         }
         if self.tasks.contains_key(&spec.id) {
             return Err(reject(RejectionCode::TaskExists, Some("id"), format!("task {} already exists", spec.id)));
@@ -315,11 +315,11 @@ impl Ledger {
         for (i, spec) in specs.iter().enumerate() {
             let within = |r: Rejection| r.within(&format!("tasks[{i}]"));
             // A key repeated inside the batch behaves like a repeat of the first.
-            if let Some(key) = &spec.idempotency_key {
-                if !keys.insert((&spec.namespace, key)) {
-                    spec.validate().map_err(within)?;
-                    continue;
-                }
+            if let Some(key) = &spec.idempotency_key
+                && !keys.insert((&spec.namespace, key))
+            {
+                spec.validate().map_err(within)?;
+                continue;
             }
             if !ids.insert(spec.id) {
                 return Err(within(reject(

@@ -562,12 +562,12 @@ impl Ledger {
         let t = self.tasks.get_mut(task).expect("checked by caller");
         let s = &mut t.steps[step.get()];
         let key = s.ready.take().expect("enqueued steps have a ready key");
-        if let Some(q) = self.ready.get_mut(&t.namespace) {
-            if let Some(by_key) = q.by_handler.get_mut(&s.handler) {
-                by_key.remove(&key);
-                if by_key.is_empty() {
-                    q.by_handler.remove(&s.handler);
-                }
+        if let Some(q) = self.ready.get_mut(&t.namespace)
+            && let Some(by_key) = q.by_handler.get_mut(&s.handler)
+        {
+            by_key.remove(&key);
+            if by_key.is_empty() {
+                q.by_handler.remove(&s.handler);
             }
         }
     }

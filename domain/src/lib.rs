@@ -16,6 +16,8 @@ mod spec;
 mod state;
 mod values;
 
+pub mod testkit;
+
 pub use command::{
     Command, CommandOrigin, LeaseRef, MAX_BATCH_TASKS, MAX_CLAIM_HANDLERS, MAX_CLAIM_NAMESPACES, MAX_CLAIM_STEPS,
     MAX_QUEUE_CONCURRENCY,

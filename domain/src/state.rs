@@ -65,7 +65,7 @@ impl StepState {
                 | (Enqueued, InProgress | Cancelled | ResolvedManually)
                 | (InProgress, Complete | Enqueued | WaitingForRetry | Error | Cancelled)
                 | (WaitingForRetry, Enqueued | Cancelled | ResolvedManually)
-                | (Error, Enqueued | Cancelled | ResolvedManually)
+                | (Error, Enqueued | ResolvedManually)
         )
     }
 
@@ -120,20 +120,19 @@ impl TaskState {
         matches!(self, Self::Complete | Self::Error | Self::Cancelled | Self::ResolvedManually)
     }
 
-    /// The allowed task transitions, and nothing else. Any live state may be
-    /// cancelled or resolved (an operator resolving the last open steps);
-    /// only a blocked task may be given up (`Error`) — a task that still runs
-    /// is cancelled instead.
+    /// The allowed task transitions, and nothing else. Only a blocked task
+    /// may be given up (`Error`): one that still runs is cancelled instead.
+    /// A task cannot fall back to `Pending`, and cannot reach `Complete`
+    /// except from `InProgress` (its last step completing).
     pub fn can_become(self, next: TaskState) -> bool {
         use TaskState::*;
-        if self == next || self.is_terminal() {
-            return false;
-        }
-        match next {
-            Pending => false,
-            InProgress | WaitingForRetry | BlockedByFailures | Complete | Cancelled | ResolvedManually => true,
-            Error => self == BlockedByFailures,
-        }
+        matches!(
+            (self, next),
+            (Pending, InProgress | Cancelled | ResolvedManually)
+                | (InProgress, WaitingForRetry | BlockedByFailures | Complete | Cancelled | ResolvedManually)
+                | (WaitingForRetry, InProgress | Cancelled | ResolvedManually)
+                | (BlockedByFailures, InProgress | WaitingForRetry | Error | Cancelled | ResolvedManually)
+        )
     }
 
     pub fn as_str(self) -> &'static str {

@@ -298,7 +298,7 @@ impl StepIndex {
 /// bounded; the API checks that it is well-formed JSON at the edge. Kept as
 /// text rather than a parsed value because postcard (the log encoding) cannot
 /// carry self-describing values, and text is also what goes back on the wire.
-#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(transparent)]
 pub struct Json(Box<str>);
 
@@ -338,7 +338,7 @@ impl fmt::Debug for Json {
 }
 
 /// Bounded free text (an error message, an operator's note, a reason).
-#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(transparent)]
 pub struct Text(Box<str>);
 
@@ -365,6 +365,21 @@ impl fmt::Debug for Text {
         write!(f, "{:?}", &*self.0)
     }
 }
+
+/// Bounded text types check their limit when read back too, without the
+/// extra copy a `try_from = "String"` round trip would cost on every encode.
+macro_rules! bounded_text_deserialize {
+    ($name:ident, $field:literal) => {
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = Box::<str>::deserialize(d)?;
+                Self::new($field, text).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+bounded_text_deserialize!(Json, "payload");
+bounded_text_deserialize!(Text, "text");
 
 #[cfg(test)]
 mod tests {
