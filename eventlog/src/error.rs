@@ -84,11 +84,7 @@ pub enum AppendError {
     #[error(
         "record {index} of the batch is recorded at {recorded_at_us} µs, before the previous record at {previous_us} µs"
     )]
-    TimeWentBackwards {
-        index: usize,
-        recorded_at_us: i64,
-        previous_us: i64,
-    },
+    TimeWentBackwards { index: usize, recorded_at_us: i64, previous_us: i64 },
     #[error("command id {command_id:?} already has an outcome")]
     DuplicateCommandId { command_id: String },
     #[error("the store refuses writes after an earlier commit failure; reopen it")]

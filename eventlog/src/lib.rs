@@ -1,1 +1,37 @@
 //! The durable event log: the source of truth of taskledger.
+//!
+//! A domain-agnostic, append-only, hash-chained log of opaque records on redb. Records get a
+//! gapless `seq` from 1 and a gapless version within their stream; each record's hash chains
+//! it to its predecessor, so any change to history is detectable ([`verify()`]). Appends go
+//! through the narrow [`LogStore`] interface (implemented by [`RedbStore`]), owned by one
+//! writer; reads go through cloneable [`LogReader`]s on MVCC snapshots, from any thread;
+//! [`Subscription`]s catch up from disk and then follow the writer's [`LiveFeed`].
+//!
+//! Architecture invariants:
+//! - Nothing is acknowledged before fsync: an append returns only after its one write
+//!   transaction committed with `Durability::Immediate`.
+//! - After a failed commit the store refuses writes until it is reopened.
+//! - Every record is checked before it is written and again when it is read back.
+//! - This crate knows nothing about tasks: payloads, stream keys and outcomes are opaque bytes.
+
+pub mod error;
+pub mod fault;
+pub mod feed;
+pub mod reader;
+pub mod record;
+pub mod redb_store;
+pub mod snapshot;
+pub mod store;
+pub mod verify;
+
+pub use error::{
+    AppendError, BackendError, Error, OpenError, ReadError, RecordError, SnapshotError, StoreError, SubscribeError,
+};
+pub use fault::{FaultError, FaultHandle, FaultMode, FaultOp, FaultPlan, FaultyBackend};
+pub use feed::{LiveFeed, Subscription};
+pub use reader::LogReader;
+pub use record::{GENESIS_HASH, Hash, NewRecord, StoredRecord};
+pub use redb_store::{RedbOptions, RedbStore};
+pub use snapshot::{Snapshot, SnapshotEntry, SnapshotInfo, SnapshotPick, SnapshotStore};
+pub use store::{Appended, Head, LogStore};
+pub use verify::{Problem, ProblemKind, VerifyReport, verify};

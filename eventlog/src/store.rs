@@ -6,7 +6,7 @@
 
 use crate::error::{AppendError, ReadError, SnapshotError};
 use crate::record::{GENESIS_HASH, Hash, NewRecord, StoredRecord};
-use crate::snapshot::{Snapshot, SnapshotInfo, SnapshotPick, SnapshotStore};
+use crate::snapshot::{Snapshot, SnapshotEntry, SnapshotInfo, SnapshotPick, SnapshotStore};
 
 /// The last record of the log: its seq (0 for an empty log) and its chain hash
 /// ([`GENESIS_HASH`] for an empty log).
@@ -18,10 +18,7 @@ pub struct Head {
 
 impl Head {
     /// The head of an empty log.
-    pub const EMPTY: Head = Head {
-        seq: 0,
-        hash: GENESIS_HASH,
-    };
+    pub const EMPTY: Head = Head { seq: 0, hash: GENESIS_HASH };
 }
 
 /// What one successful [`LogStore::append`] wrote, so the caller can publish it without
@@ -50,11 +47,7 @@ pub trait LogStore: Send {
     ///
     /// After a commit failure the store refuses further appends ([`AppendError::Poisoned`]):
     /// the state on disk is unknown until it is reopened (never retry an fsync).
-    fn append(
-        &mut self,
-        records: &[NewRecord],
-        outcomes: &[(String, Vec<u8>)],
-    ) -> Result<Appended, AppendError>;
+    fn append(&mut self, records: &[NewRecord], outcomes: &[(String, Vec<u8>)]) -> Result<Appended, AppendError>;
 
     /// The current version of `stream`; 0 if the stream has no record.
     fn stream_version(&self, stream: &[u8]) -> Result<u64, ReadError>;
@@ -78,18 +71,15 @@ pub trait LogStore: Send {
     /// corrupt or foreign snapshots are skipped and listed in the answer.
     fn latest_snapshot_at_or_below(&self, seq: u64) -> Result<SnapshotPick, ReadError> {
         let mut hash_error = None;
-        let pick = self
-            .snapshots()
-            .latest_at_or_below(seq, |snapshot: &Snapshot| {
-                match self.record_hash(snapshot.info.seq) {
-                    Ok(hash) => {
-                        hash == Some(snapshot.info.chain_hash)
-                            || (snapshot.info.seq == 0 && snapshot.info.chain_hash == GENESIS_HASH)
-                    }
-                    Err(error) => {
-                        hash_error.get_or_insert(error);
-                        false
-                    }
+        let pick =
+            self.snapshots().latest_at_or_below(seq, |snapshot: &Snapshot| match self.record_hash(snapshot.info.seq) {
+                Ok(hash) => {
+                    hash == Some(snapshot.info.chain_hash)
+                        || (snapshot.info.seq == 0 && snapshot.info.chain_hash == GENESIS_HASH)
+                }
+                Err(error) => {
+                    hash_error.get_or_insert(error);
+                    false
                 }
             });
         match hash_error {
@@ -98,8 +88,8 @@ pub trait LogStore: Send {
         }
     }
 
-    /// All snapshot files, oldest first.
-    fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, SnapshotError> {
+    /// All snapshot files, oldest first, with their headers checked.
+    fn list_snapshots(&self) -> Result<Vec<SnapshotEntry>, SnapshotError> {
         self.snapshots().list()
     }
 }

@@ -1,0 +1,194 @@
+//! Subscriptions: catch up from any seq on disk, then follow the writer live, with no gap and
+//! no duplicate.
+//!
+//! The writer publishes each committed batch to a [`LiveFeed`], which keeps the newest records
+//! in a bounded ring. A [`Subscription`] tracks only the next seq it owes its consumer and, on
+//! each call, serves from the ring if that seq is still there and from disk (through a
+//! [`LogReader`]) otherwise: records are published only after they are committed, so disk
+//! always holds at least what the ring does, and a slow subscriber that the ring has left
+//! behind simply reads from disk again. The writer never waits for a subscriber.
+//!
+//! Why these primitives: the ring is a `parking_lot::Mutex` held only to push `Arc`s or clone
+//! at most one batch of `Arc`s, so the publisher's wait is bounded and short; blocking waiters
+//! sleep on a `Condvar` tied to that mutex; async waiters use a `tokio::sync::watch` of the last
+//! published seq, whose `send_replace` never blocks and whose versioning cannot lose a wake-up.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use tokio::sync::watch;
+
+use crate::error::SubscribeError;
+use crate::reader::LogReader;
+use crate::record::StoredRecord;
+
+struct Ring {
+    records: VecDeque<Arc<StoredRecord>>,
+    /// Seq of the last published record; 0 before the first publish.
+    last_seq: u64,
+}
+
+struct FeedInner {
+    ring: Mutex<Ring>,
+    capacity: usize,
+    published: Condvar,
+    last_seq: watch::Sender<u64>,
+}
+
+/// The writer's broadcast of committed records. Cheap to clone; usable from any thread.
+#[derive(Clone)]
+pub struct LiveFeed {
+    inner: Arc<FeedInner>,
+}
+
+impl std::fmt::Debug for LiveFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveFeed").field("capacity", &self.inner.capacity).finish_non_exhaustive()
+    }
+}
+
+impl LiveFeed {
+    /// A feed keeping the newest `capacity` records (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        let (last_seq, _) = watch::channel(0);
+        Self {
+            inner: Arc::new(FeedInner {
+                ring: Mutex::new(Ring { records: VecDeque::with_capacity(capacity.clamp(1, 1 << 16)), last_seq: 0 }),
+                capacity: capacity.max(1),
+                published: Condvar::new(),
+                last_seq,
+            }),
+        }
+    }
+
+    /// Publishes committed records (in seq order, continuing the previous publish) and wakes
+    /// every waiting subscriber. Never waits for a subscriber.
+    pub fn publish(&self, records: &[StoredRecord]) {
+        let Some(last) = records.last() else { return };
+        {
+            let mut ring = self.inner.ring.lock();
+            // A publish that does not continue the ring (the writer restarted its feed at a new
+            // head) starts the ring over; subscribers then fill the gap from disk.
+            if ring.last_seq != 0 && records[0].seq != ring.last_seq + 1 {
+                ring.records.clear();
+            }
+            let skip = records.len().saturating_sub(self.inner.capacity);
+            for record in &records[skip..] {
+                if ring.records.len() == self.inner.capacity {
+                    ring.records.pop_front();
+                }
+                ring.records.push_back(Arc::new(record.clone()));
+            }
+            ring.last_seq = last.seq;
+        }
+        self.inner.published.notify_all();
+        self.inner.last_seq.send_replace(last.seq);
+    }
+
+    /// Seq of the last published record (0 before the first publish).
+    pub fn last_seq(&self) -> u64 {
+        self.inner.ring.lock().last_seq
+    }
+}
+
+/// Where the next records of a subscription come from.
+enum Source {
+    Ring(Vec<Arc<StoredRecord>>),
+    Disk { to_seq: u64 },
+}
+
+/// A consumer's position in the log: yields every record from its start seq on, in order.
+pub struct Subscription {
+    reader: LogReader,
+    feed: LiveFeed,
+    next_seq: u64,
+    watcher: watch::Receiver<u64>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").field("next_seq", &self.next_seq).finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    /// A subscription whose first record is `from_seq` (0 is treated as 1).
+    pub fn new(reader: LogReader, feed: LiveFeed, from_seq: u64) -> Self {
+        let watcher = feed.inner.last_seq.subscribe();
+        Self { reader, feed, next_seq: from_seq.max(1), watcher }
+    }
+
+    /// The seq of the next record this subscription will yield.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    fn source(&self, max: usize) -> Source {
+        let ring = self.feed.inner.ring.lock();
+        match ring.records.front() {
+            Some(front) if front.seq <= self.next_seq && self.next_seq <= ring.last_seq => {
+                // Seqs in the ring are contiguous, so the offset is exact.
+                let start = (self.next_seq - front.seq) as usize;
+                Source::Ring(ring.records.range(start..).take(max).cloned().collect())
+            }
+            Some(front) if self.next_seq < front.seq => Source::Disk { to_seq: front.seq - 1 },
+            // Past the ring (or nothing published yet): whatever is committed but not (yet)
+            // published can still be read from disk.
+            _ => Source::Disk { to_seq: u64::MAX },
+        }
+    }
+
+    /// Up to `max` records without waiting; empty if there is nothing new.
+    pub fn try_next_batch(&mut self, max: usize) -> Result<Vec<StoredRecord>, SubscribeError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let batch = match self.source(max) {
+            Source::Ring(records) => records.iter().map(|r| StoredRecord::clone(r)).collect(),
+            Source::Disk { to_seq } => self.reader.read_range(self.next_seq, to_seq, max)?,
+        };
+        if let Some(last) = batch.last() {
+            debug_assert_eq!(batch[0].seq, self.next_seq);
+            self.next_seq = last.seq + 1;
+        }
+        Ok(batch)
+    }
+
+    /// Up to `max` records, waiting at most `timeout` for the writer to publish if there is
+    /// nothing new; empty on timeout.
+    pub fn next_batch(&mut self, max: usize, timeout: Duration) -> Result<Vec<StoredRecord>, SubscribeError> {
+        let batch = self.try_next_batch(max)?;
+        if !batch.is_empty() || max == 0 {
+            return Ok(batch);
+        }
+        let deadline = Instant::now() + timeout;
+        {
+            let mut ring = self.feed.inner.ring.lock();
+            while ring.last_seq < self.next_seq {
+                if self.feed.inner.published.wait_until(&mut ring, deadline).timed_out() {
+                    break;
+                }
+            }
+        }
+        self.try_next_batch(max)
+    }
+
+    /// Up to `max` records, waiting for the writer to publish if there is nothing new.
+    /// The disk read it may do is short and synchronous.
+    pub async fn next_batch_async(&mut self, max: usize) -> Result<Vec<StoredRecord>, SubscribeError> {
+        loop {
+            let batch = self.try_next_batch(max)?;
+            if !batch.is_empty() || max == 0 {
+                return Ok(batch);
+            }
+            let next_seq = self.next_seq;
+            if self.watcher.wait_for(|last_seq| *last_seq >= next_seq).await.is_err() {
+                // Every feed handle is gone: nothing more will be published.
+                let batch = self.try_next_batch(max)?;
+                return if batch.is_empty() { Err(SubscribeError::Closed) } else { Ok(batch) };
+            }
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! [`LogReader`]: concurrent reads of a redb log through MVCC read transactions.
+//!
+//! A reader is an `Arc` of the database, so it is cheap to clone and usable from any thread
+//! while the writer appends: each call opens its own read transaction and sees one committed
+//! state. Every record read back is decoded and checked against its key; sequential reads also
+//! check each chain link, so a modified record is never handed out silently.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{
+    Database, ReadOnlyDatabase, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
+};
+
+use crate::error::{OpenError, ReadError, RecordError, backend};
+use crate::record::{self, GENESIS_HASH, Hash, StoredRecord};
+use crate::store::Head;
+
+/// Version of the table layout, stored in the meta table.
+pub const LOG_FORMAT_VERSION: u64 = 1;
+/// Largest `max` honoured by one read call.
+pub const READ_BATCH_MAX: usize = 65_536;
+
+pub(crate) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// (stream, stream version) → seq.
+pub(crate) const STREAMS: TableDefinition<(&[u8], u64), u64> = TableDefinition::new("streams");
+/// Sparse time index: second (floor of `recorded_at_us / 1e6`) → first seq recorded in it.
+pub(crate) const TIMES: TableDefinition<i64, u64> = TableDefinition::new("times");
+/// command id → order (u64 LE) ‖ seq (u64 LE) ‖ opaque outcome.
+pub(crate) const OUTCOMES: TableDefinition<&str, &[u8]> = TableDefinition::new("outcomes");
+/// insertion order → command id; the oldest is evicted first.
+pub(crate) const OUTCOME_ORDER: TableDefinition<u64, &str> = TableDefinition::new("outcome_order");
+/// HEAD_KEY → seq (u64 LE) ‖ hash.
+pub(crate) const HEAD: TableDefinition<u8, &[u8]> = TableDefinition::new("head");
+pub(crate) const HEAD_KEY: u8 = 0;
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+pub(crate) const META_FORMAT_VERSION: &str = "format_version";
+
+pub(crate) enum Db {
+    ReadWrite(Database),
+    ReadOnly(ReadOnlyDatabase),
+}
+
+/// A cheap, cloneable, thread-safe read handle on a log.
+#[derive(Clone)]
+pub struct LogReader {
+    db: Arc<Db>,
+}
+
+impl std::fmt::Debug for LogReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogReader").finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn encode_head(head: &Head) -> [u8; 40] {
+    let mut value = [0u8; 40];
+    value[..8].copy_from_slice(&head.seq.to_le_bytes());
+    value[8..].copy_from_slice(&head.hash);
+    value
+}
+
+pub(crate) fn decode_head(value: &[u8]) -> Option<Head> {
+    if value.len() != 40 {
+        return None;
+    }
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&value[..8]);
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(&value[8..]);
+    Some(Head { seq: u64::from_le_bytes(seq), hash })
+}
+
+/// What opening established about a log: its checked head and the last timestamp.
+pub(crate) struct Checked {
+    pub head: Head,
+    pub last_recorded_at_us: Option<i64>,
+}
+
+/// Checks the meta table and that the stored head agrees with the last records.
+pub(crate) fn check_head(txn: &ReadTransaction) -> Result<Checked, OpenError> {
+    let meta = txn.open_table(META).map_err(|error| match error {
+        redb::TableError::TableDoesNotExist(_) => OpenError::NotInitialised,
+        other => OpenError::Backend(backend(other)),
+    })?;
+    let version = meta.get(META_FORMAT_VERSION).map_err(|e| OpenError::Backend(backend(e)))?.map(|v| v.value());
+    if version != Some(LOG_FORMAT_VERSION) {
+        return Err(OpenError::FormatVersion { found: version.unwrap_or(0), expected: LOG_FORMAT_VERSION });
+    }
+    let open = |e: redb::TableError| OpenError::Backend(backend(e));
+    let storage = |e: redb::StorageError| OpenError::Backend(backend(e));
+    let head_table = txn.open_table(HEAD).map_err(open)?;
+    let events = txn.open_table(EVENTS).map_err(open)?;
+    let stored_head = match head_table.get(HEAD_KEY).map_err(storage)? {
+        None => None,
+        Some(value) => Some(
+            decode_head(value.value())
+                .ok_or(OpenError::HeadMismatch { seq: 0, message: "head entry is not 40 bytes".into() })?,
+        ),
+    };
+    let last = events.last().map_err(storage)?;
+    let Some((last_key, last_value)) = last else {
+        return match stored_head {
+            None | Some(Head::EMPTY) => Ok(Checked { head: Head::EMPTY, last_recorded_at_us: None }),
+            Some(head) => Err(OpenError::HeadMismatch {
+                seq: head.seq,
+                message: "head names a record but the log is empty".into(),
+            }),
+        };
+    };
+    let seq = last_key.value();
+    let Some(head) = stored_head else {
+        return Err(OpenError::HeadMismatch { seq, message: "log has records but no head entry".into() });
+    };
+    if head.seq != seq {
+        return Err(OpenError::HeadMismatch {
+            seq: head.seq,
+            message: format!("head seq {} but the last record is {seq}", head.seq),
+        });
+    }
+    let decoded = record::decode(seq, last_value.value())?;
+    if decoded.hash != head.hash {
+        return Err(OpenError::HeadMismatch { seq, message: "head hash differs from the last record's hash".into() });
+    }
+    let prev_hash = if seq > 1 {
+        let prev = events
+            .get(seq - 1)
+            .map_err(storage)?
+            .ok_or(OpenError::HeadMismatch { seq: seq - 1, message: "record before the head is missing".into() })?;
+        record::decode(seq - 1, prev.value())?.hash
+    } else {
+        GENESIS_HASH
+    };
+    decoded.check_link(seq, &prev_hash)?;
+    Ok(Checked { head, last_recorded_at_us: Some(decoded.body.recorded_at_us) })
+}
+
+fn read_backend<E: Into<redb::Error>>(error: E) -> ReadError {
+    ReadError::Backend(backend(error))
+}
+
+impl LogReader {
+    pub(crate) fn new(db: Arc<Db>) -> Self {
+        Self { db }
+    }
+
+    /// Opens a log file for reading only (tools, offline verification), checking its head.
+    /// Fails if a writer has the file open, or if it needs crash recovery; never modifies it.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Self, OpenError> {
+        let path = path.as_ref();
+        let db = Database::builder()
+            .open_read_only(path)
+            .map_err(|source| OpenError::Database { path: path.to_path_buf(), source })?;
+        let reader = Self::new(Arc::new(Db::ReadOnly(db)));
+        let txn = reader.begin().map_err(|e| match e {
+            ReadError::Backend(b) => OpenError::Backend(b),
+            ReadError::Record(r) => OpenError::Record(r),
+        })?;
+        check_head(&txn)?;
+        Ok(reader)
+    }
+
+    pub(crate) fn begin(&self) -> Result<ReadTransaction, ReadError> {
+        match &*self.db {
+            Db::ReadWrite(db) => db.begin_read(),
+            Db::ReadOnly(db) => db.begin_read(),
+        }
+        .map_err(read_backend)
+    }
+
+    /// The committed head.
+    pub fn head(&self) -> Result<Head, ReadError> {
+        let txn = self.begin()?;
+        let table = txn.open_table(HEAD).map_err(read_backend)?;
+        let value = table.get(HEAD_KEY).map_err(read_backend)?;
+        match value {
+            None => Ok(Head::EMPTY),
+            Some(value) => decode_head(value.value()).ok_or_else(|| {
+                ReadError::Record(RecordError::Disagrees { seq: 0, message: "head entry is not 40 bytes".into() })
+            }),
+        }
+    }
+
+    /// Number of records (the head seq, since seqs are gapless from 1).
+    pub fn len(&self) -> Result<u64, ReadError> {
+        Ok(self.head()?.seq)
+    }
+
+    pub fn is_empty(&self) -> Result<bool, ReadError> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Records `from_seq..=to_seq`, at most `max` (capped at [`READ_BATCH_MAX`]), each checked
+    /// for its key and its chain link.
+    pub fn read_range(&self, from_seq: u64, to_seq: u64, max: usize) -> Result<Vec<StoredRecord>, ReadError> {
+        let txn = self.begin()?;
+        let events = txn.open_table(EVENTS).map_err(read_backend)?;
+        read_range_in(&events, from_seq, to_seq, max, |_| true)
+    }
+
+    /// Records of `stream` from version `from_version` on, at most `max`.
+    pub fn read_stream(&self, stream: &[u8], from_version: u64, max: usize) -> Result<Vec<StoredRecord>, ReadError> {
+        let max = max.min(READ_BATCH_MAX);
+        let txn = self.begin()?;
+        let streams = txn.open_table(STREAMS).map_err(read_backend)?;
+        let events = txn.open_table(EVENTS).map_err(read_backend)?;
+        let mut out = Vec::new();
+        let from = (stream, from_version.max(1));
+        let to = (stream, u64::MAX);
+        for entry in streams.range(from..=to).map_err(read_backend)?.take(max) {
+            let (key, seq) = entry.map_err(read_backend)?;
+            let (_, version) = key.value();
+            let seq = seq.value();
+            let value = events.get(seq).map_err(read_backend)?.ok_or_else(|| RecordError::Disagrees {
+                seq,
+                message: format!("stream index names seq {seq}, which does not exist"),
+            })?;
+            let decoded = record::decode(seq, value.value())?;
+            if decoded.body.stream != stream || decoded.body.stream_version != version {
+                return Err(RecordError::Disagrees {
+                    seq,
+                    message: format!("stream index says version {version} of this stream, the record disagrees"),
+                }
+                .into());
+            }
+            out.push(decoded.to_stored(seq));
+        }
+        Ok(out)
+    }
+
+    /// Records with `from_us <= recorded_at_us <= to_us`, at most `max`, in log order.
+    pub fn read_time_range(&self, from_us: i64, to_us: i64, max: usize) -> Result<Vec<StoredRecord>, ReadError> {
+        if from_us > to_us {
+            return Ok(Vec::new());
+        }
+        let txn = self.begin()?;
+        let times = txn.open_table(TIMES).map_err(read_backend)?;
+        let events = txn.open_table(EVENTS).map_err(read_backend)?;
+        let second = from_us.div_euclid(1_000_000);
+        // Every record before the first seq of the latest indexed second at or before
+        // `from_us` is older than `from_us`, because timestamps never decrease.
+        let start = match times.range(..=second).map_err(read_backend)?.next_back() {
+            Some(entry) => entry.map_err(read_backend)?.1.value(),
+            None => 1,
+        };
+        let mut out = Vec::new();
+        let mut from = start;
+        let max = max.min(READ_BATCH_MAX);
+        while out.len() < max {
+            let mut done = false;
+            let batch = read_range_in(&events, from, u64::MAX, 4096, |r| {
+                if r.body.recorded_at_us > to_us {
+                    done = true;
+                }
+                !done
+            })?;
+            let Some(last) = batch.last() else { break };
+            from = last.seq + 1;
+            out.extend(batch.into_iter().filter(|r| r.recorded_at_us >= from_us).take(max - out.len()));
+            if done {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The chain hash of record `seq`, if it exists.
+    pub fn record_hash(&self, seq: u64) -> Result<Option<Hash>, ReadError> {
+        let txn = self.begin()?;
+        let events = txn.open_table(EVENTS).map_err(read_backend)?;
+        let value = events.get(seq).map_err(read_backend)?;
+        match value {
+            None => Ok(None),
+            Some(value) => Ok(Some(record::decode(seq, value.value())?.hash)),
+        }
+    }
+
+    /// The current version of `stream`; 0 if it has no record.
+    pub fn stream_version(&self, stream: &[u8]) -> Result<u64, ReadError> {
+        let txn = self.begin()?;
+        let streams = txn.open_table(STREAMS).map_err(read_backend)?;
+        last_stream_version(&streams, stream).map_err(read_backend)
+    }
+}
+
+/// The last version of `stream` in the stream index, 0 if none.
+pub(crate) fn last_stream_version(
+    streams: &impl ReadableTable<(&'static [u8], u64), u64>,
+    stream: &[u8],
+) -> Result<u64, redb::StorageError> {
+    let last = streams.range((stream, 0u64)..=(stream, u64::MAX))?.next_back().transpose()?;
+    Ok(last.map_or(0, |(key, _)| key.value().1))
+}
+
+/// Reads `from_seq..=to_seq` (at most `max`) from `events`, checking keys and chain links,
+/// stopping before the first record `keep` refuses.
+fn read_range_in(
+    events: &ReadOnlyTable<u64, &[u8]>,
+    from_seq: u64,
+    to_seq: u64,
+    max: usize,
+    mut keep: impl FnMut(&record::Decoded<'_>) -> bool,
+) -> Result<Vec<StoredRecord>, ReadError> {
+    let from_seq = from_seq.max(1);
+    let max = max.min(READ_BATCH_MAX);
+    if from_seq > to_seq || max == 0 {
+        return Ok(Vec::new());
+    }
+    let mut prev_hash = if from_seq > 1 {
+        match events.get(from_seq - 1).map_err(read_backend)? {
+            Some(value) => record::decode(from_seq - 1, value.value())?.hash,
+            None => return Ok(Vec::new()),
+        }
+    } else {
+        GENESIS_HASH
+    };
+    let mut out = Vec::with_capacity(max.min(1024));
+    let mut expected = from_seq;
+    for entry in events.range(from_seq..=to_seq).map_err(read_backend)?.take(max) {
+        let (key, value) = entry.map_err(read_backend)?;
+        let seq = key.value();
+        if seq != expected {
+            return Err(RecordError::Disagrees {
+                seq: expected,
+                message: format!("record {expected} is missing, next is {seq}"),
+            }
+            .into());
+        }
+        let decoded = record::decode(seq, value.value())?;
+        decoded.check_link(seq, &prev_hash)?;
+        if !keep(&decoded) {
+            break;
+        }
+        prev_hash = decoded.hash;
+        out.push(decoded.to_stored(seq));
+        expected += 1;
+    }
+    Ok(out)
+}

@@ -1,0 +1,461 @@
+//! [`RedbStore`]: the [`LogStore`] on one redb file, `<dir>/ledger.redb`.
+//!
+//! One write transaction per [`LogStore::append`], committed with `Durability::Immediate`:
+//! events, stream index, time index, command outcomes (with eviction of the oldest beyond the
+//! dedup window) and head change together or not at all. Two in-memory mirrors avoid reads on
+//! the write path: the dedup window (complete, rebuilt at open) and a bounded cache of stream
+//! heads (complete while the log was created by this store and never overflowed the cache, so
+//! a new stream costs no lookup; otherwise a miss reads the stream index once per batch).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, StorageBackend, TableError};
+
+use crate::error::{AppendError, OpenError, ReadError, backend};
+use crate::reader::{
+    Checked, Db, EVENTS, HEAD, HEAD_KEY, LOG_FORMAT_VERSION, LogReader, META, META_FORMAT_VERSION, OUTCOME_ORDER,
+    OUTCOMES, STREAMS, TIMES, check_head, encode_head, last_stream_version,
+};
+use crate::record::{self, Hash, NewRecord, StoredRecord};
+use crate::snapshot::SnapshotStore;
+use crate::store::{Appended, Head, LogStore};
+
+/// Name of the log file inside the ledger directory.
+pub const LOG_FILE_NAME: &str = "ledger.redb";
+/// Name of the snapshot directory inside the ledger directory.
+pub const SNAPSHOT_DIR_NAME: &str = "snapshots";
+/// Most records accepted in one append.
+pub const BATCH_RECORDS_MAX: usize = 100_000;
+/// Most outcomes accepted in one append.
+pub const BATCH_OUTCOMES_MAX: usize = 100_000;
+/// Largest opaque outcome.
+pub const OUTCOME_BYTES_MAX: usize = 64 * 1024;
+
+/// Tunables of a [`RedbStore`].
+#[derive(Clone, Debug)]
+pub struct RedbOptions {
+    /// Most command outcomes kept for deduplication; the oldest are evicted. At least 1.
+    pub dedup_window_entries: usize,
+    /// Memory redb may use to cache pages.
+    pub cache_bytes: usize,
+    /// Most stream heads cached in memory (the cache is cleared when it overflows).
+    pub stream_cache_entries: usize,
+    /// Snapshot files kept (newest first). At least 1.
+    pub snapshots_keep: usize,
+    /// Run redb's full integrity check (every page checksum) at open. This rewrites redb's
+    /// allocator state, so it modifies the file; off by default.
+    pub check_integrity_on_open: bool,
+}
+
+impl Default for RedbOptions {
+    fn default() -> Self {
+        Self {
+            dedup_window_entries: 100_000,
+            cache_bytes: 256 * 1024 * 1024,
+            stream_cache_entries: 1_000_000,
+            snapshots_keep: 3,
+            check_integrity_on_open: false,
+        }
+    }
+}
+
+/// The persisted dedup window, mirrored in memory.
+#[derive(Default)]
+struct OutcomeWindow {
+    /// command id → (order, seq, outcome).
+    by_command: HashMap<String, (u64, u64, Vec<u8>)>,
+    /// order → command id, oldest first.
+    by_order: BTreeMap<u64, String>,
+    next_order: u64,
+}
+
+/// Bounded cache of stream heads; `complete` means a miss is a stream with no record.
+struct StreamHeads {
+    versions: HashMap<Vec<u8>, u64>,
+    entries_max: usize,
+    complete: bool,
+}
+
+impl StreamHeads {
+    fn get(&self, stream: &[u8]) -> Option<u64> {
+        match self.versions.get(stream) {
+            Some(version) => Some(*version),
+            None if self.complete => Some(0),
+            None => None,
+        }
+    }
+
+    fn insert(&mut self, stream: Vec<u8>, version: u64) {
+        if self.versions.len() >= self.entries_max && !self.versions.contains_key(&stream) {
+            self.versions.clear();
+            self.complete = false;
+        }
+        self.versions.insert(stream, version);
+    }
+}
+
+/// The redb implementation of [`LogStore`]. Owned by the single writer.
+pub struct RedbStore {
+    db: Arc<Db>,
+    reader: LogReader,
+    head: Head,
+    last_recorded_at_us: Option<i64>,
+    outcomes: OutcomeWindow,
+    stream_heads: StreamHeads,
+    snapshots: SnapshotStore,
+    options: RedbOptions,
+    poisoned: bool,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStore").field("head", &self.head).field("poisoned", &self.poisoned).finish_non_exhaustive()
+    }
+}
+
+fn open_backend<E: Into<redb::Error>>(error: E) -> OpenError {
+    OpenError::Backend(backend(error))
+}
+
+fn append_backend<E: Into<redb::Error>>(error: E) -> AppendError {
+    AppendError::Backend(backend(error))
+}
+
+impl RedbStore {
+    /// Opens (or creates) the log in `dir`. An existing file is only read (redb's own crash
+    /// recovery aside), and its head is checked against its last records.
+    pub fn open(dir: impl AsRef<Path>, options: RedbOptions) -> Result<Self, OpenError> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir { path: dir.to_path_buf(), source })?;
+        let path = dir.join(LOG_FILE_NAME);
+        let exists = path.exists();
+        let mut builder = Database::builder();
+        builder.set_cache_size(options.cache_bytes).set_check_integrity_on_open(options.check_integrity_on_open);
+        let db = if exists { builder.open(&path) } else { builder.create(&path) }
+            .map_err(|source| OpenError::Database { path: path.clone(), source })?;
+        Self::from_database(db, dir, !exists, options)
+    }
+
+    /// Opens (or creates) the log on `backend` (fault injection, tests); snapshots go to
+    /// `dir/snapshots`.
+    pub fn open_with_backend(
+        dir: impl AsRef<Path>,
+        backend: impl StorageBackend,
+        options: RedbOptions,
+    ) -> Result<Self, OpenError> {
+        let dir = dir.as_ref();
+        let mut builder = Database::builder();
+        builder.set_cache_size(options.cache_bytes).set_check_integrity_on_open(options.check_integrity_on_open);
+        let db = builder
+            .create_with_backend(backend)
+            .map_err(|source| OpenError::Database { path: PathBuf::from("<backend>"), source })?;
+        Self::from_database(db, dir, true, options)
+    }
+
+    fn from_database(db: Database, dir: &Path, may_initialise: bool, options: RedbOptions) -> Result<Self, OpenError> {
+        let needs_init = {
+            let txn = db.begin_read().map_err(open_backend)?;
+            match txn.open_table(META) {
+                Ok(_) => false,
+                Err(TableError::TableDoesNotExist(_)) if may_initialise => true,
+                Err(TableError::TableDoesNotExist(_)) => return Err(OpenError::NotInitialised),
+                Err(other) => return Err(open_backend(other)),
+            }
+        };
+        if needs_init {
+            initialise(&db)?;
+        }
+        let txn = db.begin_read().map_err(open_backend)?;
+        let Checked { head, last_recorded_at_us } = check_head(&txn)?;
+        let outcomes = load_outcomes(&txn)?;
+        drop(txn);
+        let db = Arc::new(Db::ReadWrite(db));
+        Ok(Self {
+            reader: LogReader::new(db.clone()),
+            db,
+            head,
+            last_recorded_at_us,
+            outcomes,
+            stream_heads: StreamHeads {
+                versions: HashMap::new(),
+                entries_max: options.stream_cache_entries.max(1),
+                complete: head.seq == 0,
+            },
+            snapshots: SnapshotStore::new(dir.join(SNAPSHOT_DIR_NAME), options.snapshots_keep),
+            options,
+            poisoned: false,
+        })
+    }
+
+    /// A reader sharing this store's database.
+    pub fn reader(&self) -> LogReader {
+        self.reader.clone()
+    }
+
+    /// Checks the batch before anything is written.
+    fn check_batch(&self, records: &[NewRecord], outcomes: &[(String, Vec<u8>)]) -> Result<(), AppendError> {
+        if records.len() > BATCH_RECORDS_MAX {
+            return Err(AppendError::Invalid {
+                index: BATCH_RECORDS_MAX,
+                reason: format!("batch has {} records, above {BATCH_RECORDS_MAX}", records.len()),
+            });
+        }
+        if outcomes.len() > BATCH_OUTCOMES_MAX {
+            return Err(AppendError::Invalid {
+                index: 0,
+                reason: format!("batch has {} outcomes, above {BATCH_OUTCOMES_MAX}", outcomes.len()),
+            });
+        }
+        let mut previous_us = self.last_recorded_at_us;
+        for (index, record) in records.iter().enumerate() {
+            record::check_new(record).map_err(|reason| AppendError::Invalid { index, reason })?;
+            if let Some(previous_us) = previous_us
+                && record.recorded_at_us < previous_us
+            {
+                return Err(AppendError::TimeWentBackwards {
+                    index,
+                    recorded_at_us: record.recorded_at_us,
+                    previous_us,
+                });
+            }
+            previous_us = Some(record.recorded_at_us);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (index, (command_id, outcome)) in outcomes.iter().enumerate() {
+            if outcome.len() > OUTCOME_BYTES_MAX || command_id.len() > record::COMMAND_ID_BYTES_MAX {
+                return Err(AppendError::Invalid {
+                    index,
+                    reason: "outcome or its command id above the size limit".into(),
+                });
+            }
+            if !seen.insert(command_id.as_str()) || self.outcomes.by_command.contains_key(command_id) {
+                return Err(AppendError::DuplicateCommandId { command_id: command_id.clone() });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn initialise(db: &Database) -> Result<(), OpenError> {
+    let mut txn = db.begin_write().map_err(open_backend)?;
+    txn.set_durability(Durability::Immediate).map_err(|e| open_backend(redb::Error::from(e)))?;
+    {
+        txn.open_table(EVENTS).map_err(open_backend)?;
+        txn.open_table(STREAMS).map_err(open_backend)?;
+        txn.open_table(TIMES).map_err(open_backend)?;
+        txn.open_table(OUTCOMES).map_err(open_backend)?;
+        txn.open_table(OUTCOME_ORDER).map_err(open_backend)?;
+        txn.open_table(HEAD).map_err(open_backend)?;
+        let mut meta = txn.open_table(META).map_err(open_backend)?;
+        meta.insert(META_FORMAT_VERSION, LOG_FORMAT_VERSION).map_err(open_backend)?;
+    }
+    txn.commit().map_err(open_backend)
+}
+
+fn load_outcomes(txn: &redb::ReadTransaction) -> Result<OutcomeWindow, OpenError> {
+    let order = txn.open_table(OUTCOME_ORDER).map_err(open_backend)?;
+    let outcomes = txn.open_table(OUTCOMES).map_err(open_backend)?;
+    let mut window = OutcomeWindow::default();
+    for entry in order.iter().map_err(open_backend)? {
+        let (order_key, command_id) = entry.map_err(open_backend)?;
+        let (order_key, command_id) = (order_key.value(), command_id.value().to_owned());
+        let value =
+            outcomes.get(command_id.as_str()).map_err(open_backend)?.ok_or_else(|| OpenError::HeadMismatch {
+                seq: 0,
+                message: format!("outcome order names {command_id:?}, which has no outcome"),
+            })?;
+        let (stored_order, seq, outcome) = decode_outcome(value.value()).ok_or_else(|| OpenError::HeadMismatch {
+            seq: 0,
+            message: format!("outcome of {command_id:?} is malformed"),
+        })?;
+        if stored_order != order_key {
+            return Err(OpenError::HeadMismatch {
+                seq,
+                message: format!("outcome of {command_id:?} disagrees with the order table"),
+            });
+        }
+        window.by_order.insert(order_key, command_id.clone());
+        window.by_command.insert(command_id, (order_key, seq, outcome.to_vec()));
+        window.next_order = order_key + 1;
+    }
+    Ok(window)
+}
+
+fn encode_outcome(order: u64, seq: u64, outcome: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(16 + outcome.len());
+    value.extend_from_slice(&order.to_le_bytes());
+    value.extend_from_slice(&seq.to_le_bytes());
+    value.extend_from_slice(outcome);
+    value
+}
+
+fn decode_outcome(value: &[u8]) -> Option<(u64, u64, &[u8])> {
+    let order = u64::from_le_bytes(value.get(..8)?.try_into().ok()?);
+    let seq = u64::from_le_bytes(value.get(8..16)?.try_into().ok()?);
+    Some((order, seq, &value[16..]))
+}
+
+/// What a transaction wrote, applied to the mirrors only after the commit succeeded.
+struct Written {
+    records: Vec<StoredRecord>,
+    head: Head,
+    stream_versions: HashMap<Vec<u8>, u64>,
+    new_outcomes: Vec<(u64, String, u64, Vec<u8>)>,
+    evicted: Vec<(u64, String)>,
+}
+
+impl RedbStore {
+    fn write_batch(
+        &self,
+        txn: &redb::WriteTransaction,
+        records: &[NewRecord],
+        outcomes: &[(String, Vec<u8>)],
+    ) -> Result<Written, AppendError> {
+        let mut events = txn.open_table(EVENTS).map_err(append_backend)?;
+        let mut streams = txn.open_table(STREAMS).map_err(append_backend)?;
+        let mut times = txn.open_table(TIMES).map_err(append_backend)?;
+        let mut seq = self.head.seq;
+        let mut prev_hash: Hash = self.head.hash;
+        let mut last_second = self.last_recorded_at_us.map(|us| us.div_euclid(1_000_000));
+        let mut stream_versions: HashMap<Vec<u8>, u64> = HashMap::new();
+        let mut command_seqs: HashMap<&str, u64> = HashMap::new();
+        let mut written = Vec::with_capacity(records.len());
+        for record in records {
+            let version = match stream_versions.get(&record.stream) {
+                Some(version) => *version,
+                None => match self.stream_heads.get(&record.stream) {
+                    Some(version) => version,
+                    None => last_stream_version(&streams, &record.stream).map_err(append_backend)?,
+                },
+            } + 1;
+            seq += 1;
+            let (value, stored) = record::encode(record, seq, version, &prev_hash)?;
+            events.insert(seq, value.as_slice()).map_err(append_backend)?;
+            streams.insert((record.stream.as_slice(), version), seq).map_err(append_backend)?;
+            let second = record.recorded_at_us.div_euclid(1_000_000);
+            if last_second != Some(second) {
+                times.insert(second, seq).map_err(append_backend)?;
+                last_second = Some(second);
+            }
+            stream_versions.insert(record.stream.clone(), version);
+            command_seqs.insert(&record.command_id, seq);
+            prev_hash = stored.hash;
+            written.push(stored);
+        }
+        let head = Head { seq, hash: prev_hash };
+        txn.open_table(HEAD)
+            .map_err(append_backend)?
+            .insert(HEAD_KEY, encode_head(&head).as_slice())
+            .map_err(append_backend)?;
+
+        let mut outcome_table = txn.open_table(OUTCOMES).map_err(append_backend)?;
+        let mut order_table = txn.open_table(OUTCOME_ORDER).map_err(append_backend)?;
+        let mut new_outcomes = Vec::with_capacity(outcomes.len());
+        let mut order = self.outcomes.next_order;
+        for (command_id, outcome) in outcomes {
+            let at = command_seqs.get(command_id.as_str()).copied().unwrap_or(seq);
+            outcome_table
+                .insert(command_id.as_str(), encode_outcome(order, at, outcome).as_slice())
+                .map_err(append_backend)?;
+            order_table.insert(order, command_id.as_str()).map_err(append_backend)?;
+            new_outcomes.push((order, command_id.clone(), at, outcome.clone()));
+            order += 1;
+        }
+        // Evict the oldest beyond the window, new ones included if the batch alone exceeds it.
+        let window = self.options.dedup_window_entries.max(1);
+        let excess = (self.outcomes.by_order.len() + new_outcomes.len()).saturating_sub(window);
+        let evicted: Vec<(u64, String)> = self
+            .outcomes
+            .by_order
+            .iter()
+            .map(|(order, id)| (*order, id.clone()))
+            .chain(new_outcomes.iter().map(|(order, id, _, _)| (*order, id.clone())))
+            .take(excess)
+            .collect();
+        for (order, command_id) in &evicted {
+            order_table.remove(*order).map_err(append_backend)?;
+            outcome_table.remove(command_id.as_str()).map_err(append_backend)?;
+        }
+        Ok(Written { records: written, head, stream_versions, new_outcomes, evicted })
+    }
+}
+
+impl LogStore for RedbStore {
+    fn head(&self) -> Head {
+        self.head
+    }
+
+    fn last_recorded_at_us(&self) -> Option<i64> {
+        self.last_recorded_at_us
+    }
+
+    fn append(&mut self, records: &[NewRecord], outcomes: &[(String, Vec<u8>)]) -> Result<Appended, AppendError> {
+        if self.poisoned {
+            return Err(AppendError::Poisoned);
+        }
+        self.check_batch(records, outcomes)?;
+        let Db::ReadWrite(db) = &*self.db else {
+            return Err(AppendError::Poisoned);
+        };
+        // Any backend failure from here on leaves the file in a state only a reopen can tell.
+        let result = (|| {
+            let mut txn = db.begin_write().map_err(append_backend)?;
+            txn.set_durability(Durability::Immediate).map_err(|e| append_backend(redb::Error::from(e)))?;
+            let written = self.write_batch(&txn, records, outcomes)?;
+            txn.commit().map_err(append_backend)?;
+            Ok(written)
+        })();
+        let written = match result {
+            Ok(written) => written,
+            Err(error) => {
+                if matches!(error, AppendError::Backend(_)) {
+                    self.poisoned = true;
+                }
+                return Err(error);
+            }
+        };
+
+        self.head = written.head;
+        if let Some(last) = written.records.last() {
+            self.last_recorded_at_us = Some(last.recorded_at_us);
+        }
+        for (stream, version) in written.stream_versions {
+            self.stream_heads.insert(stream, version);
+        }
+        for (order, command_id) in &written.evicted {
+            self.outcomes.by_order.remove(order);
+            self.outcomes.by_command.remove(command_id);
+        }
+        let evicted_new = written.evicted.iter().filter(|(order, _)| *order >= self.outcomes.next_order);
+        let evicted_new: std::collections::HashSet<u64> = evicted_new.map(|(order, _)| *order).collect();
+        for (order, command_id, seq, outcome) in written.new_outcomes {
+            self.outcomes.next_order = order + 1;
+            if !evicted_new.contains(&order) {
+                self.outcomes.by_order.insert(order, command_id.clone());
+                self.outcomes.by_command.insert(command_id, (order, seq, outcome));
+            }
+        }
+        Ok(Appended { records: written.records, head: written.head })
+    }
+
+    fn stream_version(&self, stream: &[u8]) -> Result<u64, ReadError> {
+        match self.stream_heads.get(stream) {
+            Some(version) => Ok(version),
+            None => self.reader.stream_version(stream),
+        }
+    }
+
+    fn outcome(&self, command_id: &str) -> Option<(u64, Vec<u8>)> {
+        self.outcomes.by_command.get(command_id).map(|(_, seq, outcome)| (*seq, outcome.clone()))
+    }
+
+    fn record_hash(&self, seq: u64) -> Result<Option<Hash>, ReadError> {
+        self.reader.record_hash(seq)
+    }
+
+    fn snapshots(&self) -> &SnapshotStore {
+        &self.snapshots
+    }
+}
