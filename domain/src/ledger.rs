@@ -531,10 +531,6 @@ impl Ledger {
                 self.step_mut(task, step).state = StepState::Cancelled;
             }
         }
-        let t = self.tasks.get_mut(task).expect("checked by caller");
-        if let (false, Some(due)) = (t.run_at_reached, t.run_at) {
-            self.timers.remove(&Timer { due, kind: TimerKind::RunAt, task: *task, step: StepIndex(0) });
-        }
     }
 
     /// Moves a step into its namespace's ready queue.
@@ -605,6 +601,9 @@ impl Ledger {
         }
         if next.is_terminal() {
             let t = self.tasks.remove(task).expect("present");
+            if let (false, Some(due)) = (t.run_at_reached, t.run_at) {
+                self.timers.remove(&Timer { due, kind: TimerKind::RunAt, task: *task, step: StepIndex(0) });
+            }
             debug_assert!(
                 t.steps.iter().all(|s| s.ready.is_none() && s.lease_deadline.is_none() && s.retry_at.is_none())
             );
