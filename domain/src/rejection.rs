@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 /// Stable rejection codes. Variants are only ever appended (they are stored in
 /// the command-outcome index of the log).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RejectionCode {
     /// A value failed its constructor's checks (bad name, out-of-range number).
     InvalidValue,
