@@ -4,7 +4,8 @@
 //! goes on appending) and checks, in one pass: seqs gapless from 1, each record decodes,
 //! stream versions gapless from 1 per stream, every chain link, and the stored head against
 //! the last record. The stream index must hold exactly one entry per record.
-//! Measure with `cargo test -p eventlog --release --test verify_speed -- --nocapture`.
+//! Measure with
+//! `VERIFY_SPEED_RECORDS=2000000 cargo test -p eventlog --release --test verify_speed -- --nocapture`.
 
 use std::collections::HashMap;
 

@@ -225,11 +225,14 @@ fn run(ops: Vec<Op>) {
                         harness.open();
                         let on_disk = harness.store().head().seq;
                         let before = model.records.len() as u64;
-                        if on_disk != before {
+                        let outcome_kept =
+                            outcomes.first().map(|(command, _)| harness.store().outcome(command).is_some());
+                        if on_disk != before || outcome_kept == Some(true) {
                             // Only a failed fsync after the data reached the file may leave
                             // the batch in place, and then all of it.
                             assert!(sync, "a failed write left a batch behind");
                             assert_eq!(on_disk, before + records.len() as u64);
+                            assert_ne!(outcome_kept, Some(false));
                             let written = harness.store().reader().read_range(before + 1, on_disk, 100).unwrap();
                             model.accept(&records, &outcomes, &written);
                         }
