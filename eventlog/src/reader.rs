@@ -315,8 +315,8 @@ fn read_range_in(
         GENESIS_HASH
     };
     let mut out = Vec::with_capacity(max.min(1024));
-    let mut expected = from_seq;
-    for entry in events.range(from_seq..=to_seq).map_err(read_backend)?.take(max) {
+    let entries = events.range(from_seq..=to_seq).map_err(read_backend)?;
+    for (expected, entry) in (from_seq..).zip(entries.take(max)) {
         let (key, value) = entry.map_err(read_backend)?;
         let seq = key.value();
         if seq != expected {
@@ -333,7 +333,6 @@ fn read_range_in(
         }
         prev_hash = decoded.hash;
         out.push(decoded.to_stored(seq));
-        expected += 1;
     }
     Ok(out)
 }

@@ -353,15 +353,13 @@ impl RedbStore {
         let mut outcome_table = txn.open_table(OUTCOMES).map_err(append_backend)?;
         let mut order_table = txn.open_table(OUTCOME_ORDER).map_err(append_backend)?;
         let mut new_outcomes = Vec::with_capacity(outcomes.len());
-        let mut order = self.outcomes.next_order;
-        for (command_id, outcome) in outcomes {
+        for (order, (command_id, outcome)) in (self.outcomes.next_order..).zip(outcomes) {
             let at = command_seqs.get(command_id.as_str()).copied().unwrap_or(seq);
             outcome_table
                 .insert(command_id.as_str(), encode_outcome(order, at, outcome).as_slice())
                 .map_err(append_backend)?;
             order_table.insert(order, command_id.as_str()).map_err(append_backend)?;
             new_outcomes.push((order, command_id.clone(), at, outcome.clone()));
-            order += 1;
         }
         // Evict the oldest beyond the window, new ones included if the batch alone exceeds it.
         let window = self.options.dedup_window_entries.max(1);

@@ -287,7 +287,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SnapshotStore::new(dir.path().join("snapshots"), 2);
         for seq in [10, 20, 30] {
-            store.write(head(seq), &vec![seq as u8; 100]).unwrap();
+            store.write(head(seq), &[seq as u8; 100]).unwrap();
         }
         let seqs: Vec<u64> = store.list().unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(seqs, vec![20, 30]);
@@ -295,7 +295,7 @@ mod tests {
         let snapshot = pick.snapshot.unwrap();
         assert_eq!(snapshot.info.seq, 20);
         assert_eq!(snapshot.info.chain_hash, [20; 32]);
-        assert_eq!(snapshot.body, vec![20u8; 100]);
+        assert_eq!(snapshot.body, [20u8; 100]);
         assert!(pick.skipped.is_empty());
         assert!(store.latest_at_or_below(19, |_| true).snapshot.is_none());
     }

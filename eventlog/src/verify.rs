@@ -121,7 +121,7 @@ pub fn verify(reader: &LogReader, mut progress: impl FnMut(u64, u64)) -> Result<
             prev_hash = decoded.hash;
             records += 1;
             expected += 1;
-            if records % PROGRESS_EVERY_RECORDS == 0 {
+            if records.is_multiple_of(PROGRESS_EVERY_RECORDS) {
                 progress(records, total);
             }
         }
