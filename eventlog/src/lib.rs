@@ -14,24 +14,33 @@
 //! - Every record is checked before it is written and again when it is read back.
 //! - This crate knows nothing about tasks: payloads, stream keys and outcomes are opaque bytes.
 
+pub mod clock;
 pub mod error;
 pub mod fault;
 pub mod feed;
+pub mod fold;
 pub mod reader;
 pub mod record;
 pub mod redb_store;
 pub mod snapshot;
 pub mod store;
 pub mod verify;
+pub mod writer;
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{
     AppendError, BackendError, Error, OpenError, ReadError, RecordError, SnapshotError, StoreError, SubscribeError,
 };
 pub use fault::{FaultError, FaultHandle, FaultMode, FaultOp, FaultPlan, FaultyBackend};
 pub use feed::{LiveFeed, Subscription};
+pub use fold::{FoldError, FoldStats, decode_event, encode_event, fold_to, fold_to_head};
 pub use reader::LogReader;
 pub use record::{GENESIS_HASH, Hash, NewRecord, StoredRecord};
 pub use redb_store::{RedbOptions, RedbStore};
 pub use snapshot::{Snapshot, SnapshotEntry, SnapshotInfo, SnapshotPick, SnapshotStore};
 pub use store::{Appended, Head, LogStore};
 pub use verify::{Problem, ProblemKind, VerifyReport, verify};
+pub use writer::{
+    Acknowledgement, CommandResult, Envelope, Health, SeqRange, StartError, Startup, WriteError, Writer, WriterConfig,
+    WriterHandle,
+};

@@ -1,0 +1,746 @@
+//! The single writer: the only code that appends to the log.
+//!
+//! One thread owns the `LogStore` and the in-memory `Ledger`. Callers hand it
+//! commands through a bounded channel (`WriterHandle::submit`); when the
+//! channel is full they are told "overloaded" at once rather than queued
+//! without bound. The thread loops:
+//!
+//! 1. wait for a command or the earliest due timer;
+//! 2. drain whatever else is queued, up to `batch_events_max` events;
+//! 3. turn due timers into system commands (lease expiry, retry due, run_at);
+//! 4. decide each command against the ledger, applying its events at once so
+//!    the next command of the batch sees them;
+//! 5. append every accepted event in one redb transaction (`Durability::Immediate`,
+//!    one fsync) — group commit;
+//! 6. only then publish the records to subscribers and acknowledge each command.
+//!
+//! Why one thread: redb allows one write transaction at a time anyway, and a
+//! single owner of the ledger needs no locks on the hot path. Why a plain
+//! std channel: submitters may be threads or async tasks; `try_send` never
+//! blocks either, and the writer blocks on `recv_timeout`, which also gives
+//! it its timer wake-up. Replies go through a tokio oneshot, which a thread
+//! can `blocking_recv` and a task can `.await`.
+//!
+//! If a commit fails, no command of that batch is acknowledged, the ledger is
+//! rebuilt from what the log durably holds (so memory is as before the batch),
+//! and the writer refuses every later write until restart (health reports
+//! it). It never retries an fsync: after a failed fsync the page cache may
+//! not match the disk.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use domain::{ClaimedStep, Command, Event, Ledger, Rejection, RejectionCode, StreamId, TaskId, Timestamp};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
+
+use crate::clock::Clock;
+use crate::feed::LiveFeed;
+use crate::fold::{FoldError, FoldStats, decode_event, encode_event, fold_to_head, snapshot_body};
+use crate::reader::LogReader;
+use crate::record::NewRecord;
+use crate::redb_store::{RedbOptions, RedbStore};
+use crate::snapshot::SnapshotStore;
+use crate::store::{Head, LogStore};
+
+/// Tunables of the writer; every limit is explicit.
+#[derive(Clone, Debug)]
+pub struct WriterConfig {
+    /// Commands that may wait in the channel before submitters are told "overloaded".
+    pub channel_capacity: usize,
+    /// A batch stops draining the channel once it holds this many events.
+    pub batch_events_max: usize,
+    /// Most due timers turned into commands per batch.
+    pub timers_per_batch_max: usize,
+    /// A snapshot is taken every this many events (0 = never).
+    pub snapshot_every_events: u64,
+    /// Records kept in memory for live subscribers.
+    pub feed_capacity: usize,
+    pub store: RedbOptions,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        Self {
+            channel_capacity: 16 * 1024,
+            batch_events_max: 8192,
+            timers_per_batch_max: 4096,
+            snapshot_every_events: 1_000_000,
+            feed_capacity: 64 * 1024,
+            store: RedbOptions::default(),
+        }
+    }
+}
+
+/// Most bytes in a client's command id or actor name.
+pub const COMMAND_ID_BYTES_MAX: usize = 128;
+
+/// A command with who sent it and the client's id for safe retries.
+#[derive(Clone, Debug)]
+pub struct Envelope {
+    /// Chosen by the client; a repeat within the dedup window returns the
+    /// original outcome and writes nothing.
+    pub command_id: String,
+    pub actor: String,
+    pub command: Command,
+}
+
+/// What a command's events were recorded as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeqRange {
+    pub first: u64,
+    pub last: u64,
+}
+
+/// The answer to an accepted command, sent only after its events are durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Acknowledgement {
+    /// Where this command's events are in the log; `None` if it changed
+    /// nothing (an idempotent create, pausing a paused queue, a claim that
+    /// found no work).
+    pub seqs: Option<SeqRange>,
+    /// The log head once this command was durable: a consistency token for
+    /// read-your-writes (`minSeq`).
+    pub head_seq: u64,
+    pub events: Vec<Event>,
+    /// Work handed out by a claim.
+    pub claimed: Vec<ClaimedStep>,
+    /// For a create whose idempotency key already named a task: that task.
+    pub existing_task: Option<TaskId>,
+    /// This is a repeat of an earlier command id; nothing was written now.
+    pub duplicate: bool,
+}
+
+/// Why a command got no acknowledgement.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    /// The domain refused it; nothing was written.
+    #[error("rejected: {0}")]
+    Rejected(Rejection),
+    /// The channel is full: try again shortly (HTTP 503 + Retry-After).
+    #[error("the writer is overloaded; retry shortly")]
+    Overloaded,
+    /// The writer has stopped accepting writes (after a storage failure, or
+    /// at shutdown). Reads still work.
+    #[error("the writer is not accepting writes: {0}")]
+    Unavailable(String),
+    /// The commit of this command's batch failed; it was not recorded.
+    #[error("the commit failed and nothing was recorded: {0}")]
+    CommitFailed(String),
+    /// The envelope itself is unusable (an empty or oversized command id or actor).
+    #[error("invalid envelope: {0}")]
+    InvalidEnvelope(String),
+    /// A system command (timers) was submitted by a client.
+    #[error("system commands are issued by the ledger itself")]
+    Forbidden,
+}
+
+pub type CommandResult = Result<Acknowledgement, WriteError>;
+
+/// The writer's health, for `/healthz` and `/readyz`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    Healthy,
+    /// Writes are refused until restart; the reason says why.
+    Failed(String),
+}
+
+/// Figures the writer keeps for metrics.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub batches: AtomicU64,
+    pub commands: AtomicU64,
+    pub events: AtomicU64,
+    pub overloaded: AtomicU64,
+    pub snapshots: AtomicU64,
+}
+
+struct Shared {
+    health: Mutex<Health>,
+    stats: WriterStats,
+    head: watch::Sender<u64>,
+}
+
+// Commands are nearly every message; boxing them would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+enum Message {
+    Command(Envelope, oneshot::Sender<CommandResult>),
+    /// Runs a read against the ledger between batches, so it sees every
+    /// command answered before it.
+    Read(Box<dyn FnOnce(&Ledger) + Send>),
+    /// Re-check timers now (tests with a manual clock send it after advancing).
+    Tick,
+    Shutdown,
+}
+
+/// How a caller reaches the writer. Cheap to clone; the writer stops when
+/// the last handle is dropped or `Writer::shutdown` is called.
+#[derive(Clone)]
+pub struct WriterHandle {
+    tx: SyncSender<Message>,
+    shared: Arc<Shared>,
+    reader: LogReader,
+    feed: LiveFeed,
+    snapshots: SnapshotStore,
+}
+
+impl WriterHandle {
+    /// Queues a command; the receiver yields its result once it is durable
+    /// (or refused). Never blocks: a full channel is `Overloaded` at once.
+    pub fn submit(&self, envelope: Envelope) -> Result<oneshot::Receiver<CommandResult>, WriteError> {
+        check_envelope(&envelope)?;
+        if let Health::Failed(reason) = self.health() {
+            return Err(WriteError::Unavailable(reason));
+        }
+        let (reply, receiver) = oneshot::channel();
+        match self.tx.try_send(Message::Command(envelope, reply)) {
+            Ok(()) => Ok(receiver),
+            Err(TrySendError::Full(_)) => {
+                self.shared.stats.overloaded.fetch_add(1, Ordering::Relaxed);
+                Err(WriteError::Overloaded)
+            }
+            Err(TrySendError::Disconnected(_)) => Err(WriteError::Unavailable("the writer has stopped".into())),
+        }
+    }
+
+    /// Submits and waits (for threads, not async tasks).
+    pub fn execute(&self, envelope: Envelope) -> CommandResult {
+        self.submit(envelope)?
+            .blocking_recv()
+            .unwrap_or_else(|_| Err(WriteError::Unavailable("the writer stopped before answering".into())))
+    }
+
+    /// Submits and awaits (for async tasks).
+    pub async fn execute_async(&self, envelope: Envelope) -> CommandResult {
+        match self.submit(envelope)?.await {
+            Ok(result) => result,
+            Err(_) => Err(WriteError::Unavailable("the writer stopped before answering".into())),
+        }
+    }
+
+    /// Runs `read` on the writer's ledger once every command submitted before
+    /// it has been answered, and returns its result. For inspection (tests,
+    /// admin views): it holds up the writer while it runs, so keep it short.
+    pub fn read<T: Send + 'static>(&self, read: impl FnOnce(&Ledger) -> T + Send + 'static) -> Result<T, WriteError> {
+        let (reply, receiver) = std::sync::mpsc::sync_channel(1);
+        let message = Message::Read(Box::new(move |ledger| {
+            let _ = reply.send(read(ledger));
+        }));
+        self.tx.send(message).map_err(|_| WriteError::Unavailable("the writer has stopped".into()))?;
+        receiver.recv().map_err(|_| WriteError::Unavailable("the writer stopped before answering".into()))
+    }
+
+    /// Asks the writer to look at its timers now.
+    pub fn tick(&self) {
+        let _ = self.tx.try_send(Message::Tick);
+    }
+
+    pub fn health(&self) -> Health {
+        self.shared.health.lock().expect("health lock").clone()
+    }
+
+    pub fn stats(&self) -> &WriterStats {
+        &self.shared.stats
+    }
+
+    /// The durable head seq; changes after every commit (long-poll claims
+    /// and read-your-writes wait on it).
+    pub fn head_watch(&self) -> watch::Receiver<u64> {
+        self.shared.head.subscribe()
+    }
+
+    pub fn reader(&self) -> &LogReader {
+        &self.reader
+    }
+
+    pub fn feed(&self) -> &LiveFeed {
+        &self.feed
+    }
+
+    pub fn snapshots(&self) -> &SnapshotStore {
+        &self.snapshots
+    }
+}
+
+fn check_envelope(envelope: &Envelope) -> Result<(), WriteError> {
+    for (what, value) in [("command_id", &envelope.command_id), ("actor", &envelope.actor)] {
+        if value.is_empty() || value.len() > COMMAND_ID_BYTES_MAX || value.chars().any(char::is_control) {
+            return Err(WriteError::InvalidEnvelope(format!(
+                "{what} must be 1 to {COMMAND_ID_BYTES_MAX} bytes without control characters"
+            )));
+        }
+    }
+    if envelope.command.origin() == domain::CommandOrigin::System {
+        return Err(WriteError::Forbidden);
+    }
+    Ok(())
+}
+
+/// The persisted outcome of an accepted command (the dedup index's value).
+#[derive(Serialize, Deserialize)]
+struct StoredOutcome {
+    seqs: Option<SeqRange>,
+    existing_task: Option<TaskId>,
+}
+
+/// The running writer: its thread and a handle.
+pub struct Writer {
+    handle: WriterHandle,
+    thread: Option<JoinHandle<()>>,
+    snapshotter: Option<JoinHandle<()>>,
+    stop_snapshots: Arc<AtomicBool>,
+}
+
+/// How the writer started.
+#[derive(Clone, Debug)]
+pub struct Startup {
+    pub head: Head,
+    pub fold: FoldStats,
+    pub live_tasks: usize,
+    pub took: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("open the log at {path}: {source}")]
+    Open { path: PathBuf, source: crate::error::OpenError },
+    #[error("rebuild the ledger from the log: {0}")]
+    Fold(#[from] FoldError),
+    #[error("start the writer thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+impl Writer {
+    /// Opens (or creates) the log in `dir`, rebuilds the ledger from the
+    /// latest good snapshot plus the records after it, and starts the writer
+    /// thread and the snapshot thread.
+    pub fn open(
+        dir: impl AsRef<Path>,
+        config: WriterConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(Writer, Startup), StartError> {
+        let dir = dir.as_ref();
+        let store = RedbStore::open(dir, config.store.clone())
+            .map_err(|source| StartError::Open { path: dir.to_path_buf(), source })?;
+        Self::start(store, config, clock)
+    }
+
+    /// Starts a writer on an already opened store (tests inject faults this way).
+    pub fn start(
+        store: RedbStore,
+        config: WriterConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(Writer, Startup), StartError> {
+        let started = std::time::Instant::now();
+        let reader = store.reader();
+        let snapshots = store.snapshots().clone();
+        let (ledger, head, fold) = fold_to_head(&reader, &snapshots)?;
+        let startup = Startup { head, fold, live_tasks: ledger.live_task_count(), took: started.elapsed() };
+        let feed = LiveFeed::new(config.feed_capacity);
+        let (tx, rx) = std::sync::mpsc::sync_channel(config.channel_capacity.max(1));
+        let shared = Arc::new(Shared {
+            health: Mutex::new(Health::Healthy),
+            stats: WriterStats::default(),
+            head: watch::Sender::new(head.seq),
+        });
+        let handle = WriterHandle {
+            tx,
+            shared: shared.clone(),
+            reader: reader.clone(),
+            feed: feed.clone(),
+            snapshots: snapshots.clone(),
+        };
+
+        let stop_snapshots = Arc::new(AtomicBool::new(false));
+        let snapshotter = (config.snapshot_every_events > 0)
+            .then(|| {
+                let snap = Snapshotter {
+                    reader: reader.clone(),
+                    feed: feed.clone(),
+                    snapshots: snapshots.clone(),
+                    every: config.snapshot_every_events,
+                    start: head,
+                    shared: shared.clone(),
+                    stop: stop_snapshots.clone(),
+                };
+                std::thread::Builder::new().name("taskledger-snapshots".into()).spawn(move || snap.run())
+            })
+            .transpose()?;
+
+        let state = WriterThread { store, ledger, clock, config, rx, shared, feed, reader };
+        let thread = std::thread::Builder::new().name("taskledger-writer".into()).spawn(move || state.run())?;
+        Ok((Writer { handle, thread: Some(thread), snapshotter, stop_snapshots }, startup))
+    }
+
+    pub fn handle(&self) -> WriterHandle {
+        self.handle.clone()
+    }
+
+    /// Stops accepting commands, finishes what is queued, and joins the threads.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        // Blocking send: the shutdown message queues behind pending commands,
+        // which are therefore all answered first.
+        let _ = self.handle.tx.send(Message::Shutdown);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.stop_snapshots.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.snapshotter.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A command of the current batch, waiting for the commit.
+struct Pending {
+    reply: oneshot::Sender<CommandResult>,
+    result: Result<Acknowledgement, WriteError>,
+}
+
+struct WriterThread {
+    store: RedbStore,
+    ledger: Ledger,
+    clock: Arc<dyn Clock>,
+    config: WriterConfig,
+    rx: Receiver<Message>,
+    shared: Arc<Shared>,
+    feed: LiveFeed,
+    reader: LogReader,
+}
+
+/// Longest the writer sleeps without looking at its timers.
+const IDLE_WAKE: Duration = Duration::from_millis(500);
+
+impl WriterThread {
+    fn run(mut self) {
+        let mut shutting_down = false;
+        while !shutting_down {
+            let wait = self.time_to_next_timer();
+            let first = match self.rx.recv_timeout(wait) {
+                Ok(message) => Some(message),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut batch = Vec::new();
+            let mut queued_events = 0usize;
+            let mut next = first;
+            while let Some(message) = next.take() {
+                match message {
+                    Message::Command(envelope, reply) => {
+                        queued_events += estimated_events(&envelope.command);
+                        batch.push((envelope, reply));
+                    }
+                    Message::Tick => {}
+                    Message::Read(read) => {
+                        // Commands already drained must be decided first.
+                        self.process(std::mem::take(&mut batch));
+                        queued_events = 0;
+                        read(&self.ledger);
+                    }
+                    Message::Shutdown => {
+                        shutting_down = true;
+                        break;
+                    }
+                }
+                if queued_events >= self.config.batch_events_max {
+                    break;
+                }
+                next = self.rx.try_recv().ok();
+            }
+            self.process(batch);
+        }
+    }
+
+    fn now(&self) -> Timestamp {
+        let floor = self.store.last_recorded_at_us().unwrap_or(i64::MIN).max(self.ledger.last_event_at().as_micros());
+        Timestamp::from_micros(self.clock.now_us().max(floor))
+    }
+
+    fn time_to_next_timer(&self) -> Duration {
+        match self.ledger.next_timer_due() {
+            Some(due) if self.healthy() => {
+                let now = self.clock.now_us();
+                Duration::from_micros(u64::try_from(due.as_micros().saturating_sub(now)).unwrap_or(0)).min(IDLE_WAKE)
+            }
+            _ => IDLE_WAKE,
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        matches!(*self.shared.health.lock().expect("health lock"), Health::Healthy)
+    }
+
+    /// Decides, commits and acknowledges one batch.
+    fn process(&mut self, batch: Vec<(Envelope, oneshot::Sender<CommandResult>)>) {
+        if let Health::Failed(reason) = self.shared.health.lock().expect("health lock").clone() {
+            for (_, reply) in batch {
+                let _ = reply.send(Err(WriteError::Unavailable(reason.clone())));
+            }
+            return;
+        }
+        let now = self.now();
+        let at_us = now.as_micros();
+        let mut records: Vec<NewRecord> = Vec::new();
+        let mut outcomes: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut pending: Vec<Pending> = Vec::with_capacity(batch.len());
+        let mut in_batch: HashMap<String, usize> = HashMap::new();
+        let mut new_streams: std::collections::HashSet<TaskId> = std::collections::HashSet::new();
+        let head_before = self.store.head().seq;
+
+        // System commands for due timers go first, through the same path.
+        let timers: Vec<domain::Timer> =
+            self.ledger.due_timers(now, self.config.timers_per_batch_max).copied().collect();
+        for timer in timers {
+            let Some(command) = self.ledger.timer_command(&timer) else { continue };
+            if let Ok(events) = self.ledger.decide(&command, now) {
+                let command_id = format!("timer:{}:{}:{}", command.kind(), timer.task, timer.step.0);
+                for event in &events {
+                    self.ledger.apply(event).expect("decided events apply");
+                    records.push(encode_event(event, &command_id, "system", at_us));
+                }
+            }
+        }
+
+        for (envelope, reply) in batch {
+            let result = self.decide_one(
+                &envelope,
+                now,
+                &mut records,
+                &mut outcomes,
+                &mut in_batch,
+                &mut new_streams,
+                head_before,
+                pending.len(),
+            );
+            pending.push(Pending { reply, result });
+        }
+
+        if records.is_empty() && outcomes.is_empty() {
+            self.acknowledge(pending, self.store.head().seq);
+            return;
+        }
+        match self.store.append(&records, &outcomes) {
+            Ok(appended) => {
+                let head = appended.head.seq;
+                self.feed.publish(&appended.records);
+                let stats = &self.shared.stats;
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+                stats.commands.fetch_add(pending.len() as u64, Ordering::Relaxed);
+                stats.events.fetch_add(appended.records.len() as u64, Ordering::Relaxed);
+                self.acknowledge(pending, head);
+                self.shared.head.send_replace(head);
+            }
+            Err(error) => self.fail(pending, error.to_string()),
+        }
+    }
+
+    /// Decides one client command into the batch. Seq numbers are predicted
+    /// from the head (the store assigns them gaplessly in order) and only
+    /// reported after the commit.
+    #[allow(clippy::too_many_arguments)]
+    fn decide_one(
+        &mut self,
+        envelope: &Envelope,
+        now: Timestamp,
+        records: &mut Vec<NewRecord>,
+        outcomes: &mut Vec<(String, Vec<u8>)>,
+        in_batch: &mut HashMap<String, usize>,
+        new_streams: &mut std::collections::HashSet<TaskId>,
+        head_before: u64,
+        index: usize,
+    ) -> Result<Acknowledgement, WriteError> {
+        // A repeat: of a command earlier in this batch, or in the dedup window.
+        if let Some(&earlier) = in_batch.get(&envelope.command_id) {
+            return Err(WriteError::InvalidEnvelope(format!(
+                "command id {:?} was sent twice at once (command #{earlier} of the same batch); retry after the first is answered",
+                envelope.command_id
+            )));
+        }
+        if let Some((_, bytes)) = self.store.outcome(&envelope.command_id) {
+            return self.replay_outcome(&bytes);
+        }
+        let events = self.ledger.decide(&envelope.command, now).map_err(WriteError::Rejected)?;
+        // A task id is unique for all time, not just among live tasks.
+        let created: Vec<TaskId> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::TaskCreated { spec, .. } => Some(spec.id),
+                _ => None,
+            })
+            .collect();
+        for id in &created {
+            let on_disk = self
+                .store
+                .stream_version(&StreamId::Task(*id).to_key())
+                .map_err(|e| WriteError::CommitFailed(e.to_string()))?;
+            if on_disk > 0 || new_streams.contains(id) {
+                return Err(WriteError::Rejected(Rejection::new(
+                    RejectionCode::TaskExists,
+                    Some("id"),
+                    format!("task id {id} was already used"),
+                )));
+            }
+        }
+        new_streams.extend(created);
+        let first = head_before + records.len() as u64 + 1;
+        let mut claimed = Vec::new();
+        for event in &events {
+            self.ledger.apply(event).expect("decided events apply");
+            records.push(encode_event(event, &envelope.command_id, &envelope.actor, now.as_micros()));
+            if let Some(work) = self.ledger.claimed_step(event) {
+                claimed.push(work);
+            }
+        }
+        let seqs = (!events.is_empty()).then(|| SeqRange { first, last: first + events.len() as u64 - 1 });
+        let existing_task = match &envelope.command {
+            Command::CreateTask(spec) if events.is_empty() => {
+                spec.idempotency_key.as_ref().and_then(|k| self.ledger.idempotent_task(&spec.namespace, k))
+            }
+            _ => None,
+        };
+        if seqs.is_some() {
+            let outcome = StoredOutcome { seqs, existing_task };
+            outcomes.push((envelope.command_id.clone(), postcard::to_stdvec(&outcome).expect("outcome serializes")));
+            in_batch.insert(envelope.command_id.clone(), index);
+        }
+        Ok(Acknowledgement { seqs, head_seq: 0, events, claimed, existing_task, duplicate: false })
+    }
+
+    /// The original answer to a repeated command id, rebuilt from the log.
+    fn replay_outcome(&self, bytes: &[u8]) -> Result<Acknowledgement, WriteError> {
+        let outcome: StoredOutcome = postcard::from_bytes(bytes)
+            .map_err(|e| WriteError::CommitFailed(format!("stored outcome unreadable: {e}")))?;
+        let mut events = Vec::new();
+        if let Some(range) = outcome.seqs {
+            let records = self
+                .reader
+                .read_range(range.first, range.last, (range.last - range.first + 1) as usize)
+                .map_err(|e| WriteError::CommitFailed(e.to_string()))?;
+            for record in &records {
+                events.push(decode_event(record).map_err(|e| WriteError::CommitFailed(e.to_string()))?);
+            }
+        }
+        // A claim's work is handed out again if the leases are still live.
+        let claimed = events
+            .iter()
+            .filter_map(|e| self.ledger.claimed_step(e))
+            .filter(|c| {
+                self.ledger
+                    .task(&c.task)
+                    .and_then(|t| {
+                        t.step_index(&c.step).map(|i| {
+                            t.steps[i.get()].epoch == c.epoch && t.steps[i.get()].state == domain::StepState::InProgress
+                        })
+                    })
+                    .unwrap_or(false)
+            })
+            .collect();
+        Ok(Acknowledgement {
+            seqs: outcome.seqs,
+            head_seq: 0,
+            events,
+            claimed,
+            existing_task: outcome.existing_task,
+            duplicate: true,
+        })
+    }
+
+    fn acknowledge(&self, pending: Vec<Pending>, head_seq: u64) {
+        for Pending { reply, result } in pending {
+            let result = result.map(|mut ack| {
+                ack.head_seq = head_seq;
+                ack
+            });
+            let _ = reply.send(result);
+        }
+    }
+
+    /// A commit failed: answer every command of the batch with an error,
+    /// put memory back to what the log durably holds, stop taking writes.
+    fn fail(&mut self, pending: Vec<Pending>, reason: String) {
+        *self.shared.health.lock().expect("health lock") = Health::Failed(format!("commit failed: {reason}"));
+        for Pending { reply, result } in pending {
+            let _ = reply.send(match result {
+                Ok(_) => Err(WriteError::CommitFailed(reason.clone())),
+                Err(e) => Err(e),
+            });
+        }
+        match fold_to_head(&self.reader, self.store.snapshots()) {
+            Ok((ledger, _, _)) => self.ledger = ledger,
+            Err(e) => {
+                *self.shared.health.lock().expect("health lock") =
+                    Health::Failed(format!("commit failed: {reason}; the ledger could not be rebuilt: {e}"));
+                self.ledger = Ledger::new();
+            }
+        }
+    }
+}
+
+/// An upper bound on the events a command may produce, for batch sizing.
+fn estimated_events(command: &Command) -> usize {
+    match command {
+        Command::CreateTasks(specs) => specs.len(),
+        Command::ClaimSteps { max, .. } => *max as usize,
+        _ => 1,
+    }
+}
+
+/// Keeps its own replica of the ledger by following the log, and writes a
+/// snapshot of it every `every` events. Living off the writer thread (it
+/// folds its replica from disk itself at startup, and then follows the live
+/// feed), it never delays an acknowledgement: the writer only publishes
+/// records. The price is a second copy of the ledger in memory.
+struct Snapshotter {
+    reader: LogReader,
+    feed: LiveFeed,
+    snapshots: SnapshotStore,
+    every: u64,
+    /// The head when the writer started.
+    start: Head,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Snapshotter {
+    fn run(self) {
+        let Ok((mut ledger, stats)) = crate::fold::fold_to(&self.reader, &self.snapshots, self.start.seq) else {
+            return;
+        };
+        let mut head = self.start;
+        let mut last_snapshot_seq = stats.snapshot_seq;
+        let mut subscription = crate::feed::Subscription::new(self.reader.clone(), self.feed.clone(), head.seq + 1);
+        while !self.stop.load(Ordering::SeqCst) {
+            if head.seq >= last_snapshot_seq + self.every {
+                let body = snapshot_body(&ledger);
+                if self.snapshots.write(head, &body).is_ok() {
+                    self.shared.stats.snapshots.fetch_add(1, Ordering::Relaxed);
+                }
+                // On a write failure, wait another interval rather than retry at once.
+                last_snapshot_seq = head.seq;
+            }
+            let Ok(batch) = subscription.next_batch(4096, Duration::from_millis(100)) else { return };
+            for record in &batch {
+                let Ok(event) = decode_event(record) else { return };
+                if ledger.apply(&event).is_err() {
+                    return;
+                }
+                head = Head { seq: record.seq, hash: record.hash };
+            }
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! The writer against a real redb file: acknowledgements carry durable seqs,
+//! repeats are deduplicated, rejections write nothing, a full channel says
+//! "overloaded", a failed commit acknowledges nothing and stops writes,
+//! timers fire through the same path, snapshots make restarts short, and the
+//! writer's ledger always equals a fold of the log.
+
+use std::fs::OpenOptions;
+use std::sync::Arc;
+use std::time::Duration;
+
+use domain::testkit::{claim, complete, job, task_id};
+use domain::{Command, Event, RejectionCode};
+use eventlog::{
+    Envelope, FaultError, FaultMode, FaultOp, FaultPlan, FaultyBackend, Health, LogReader, ManualClock, RedbOptions,
+    RedbStore, SystemClock, WriteError, Writer, WriterConfig, fold_to_head, verify,
+};
+
+fn envelope(id: &str, command: Command) -> Envelope {
+    Envelope { command_id: id.to_owned(), actor: "tester".to_owned(), command }
+}
+
+fn config() -> WriterConfig {
+    WriterConfig { snapshot_every_events: 0, ..WriterConfig::default() }
+}
+
+/// The writer's ledger digest (read between batches) and a fresh fold of the log agree.
+fn assert_ledger_matches_log(writer: &Writer, reader: &LogReader) {
+    let handle = writer.handle();
+    let digest = handle.read(|ledger| ledger.digest()).unwrap();
+    let (folded, _, _) = fold_to_head(reader, handle.snapshots()).unwrap();
+    assert_eq!(folded.digest(), digest, "the writer's ledger differs from the fold of the log");
+}
+
+#[test]
+fn acknowledged_commands_carry_their_durable_seqs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, startup) = Writer::open(dir.path(), config(), Arc::new(SystemClock)).unwrap();
+    assert_eq!(startup.head.seq, 0);
+    let handle = writer.handle();
+    let created = handle.execute(envelope("c1", Command::CreateTask(job(1, "q")))).unwrap();
+    assert_eq!(created.seqs.map(|s| (s.first, s.last)), Some((1, 1)));
+    assert_eq!(created.head_seq, 1);
+    let claimed = handle.execute(envelope("c2", claim("q", "w", 5))).unwrap();
+    assert_eq!(claimed.claimed.len(), 1);
+    assert_eq!(claimed.claimed[0].task, task_id(1));
+    assert_eq!(claimed.seqs.unwrap().first, 2);
+    let epoch = claimed.claimed[0].epoch.0;
+    let done = handle.execute(envelope("c3", complete(task_id(1), "run", epoch))).unwrap();
+    assert_eq!(done.seqs.unwrap().first, 3);
+
+    // What was acknowledged is in the log at those seqs.
+    let reader = handle.reader().clone();
+    let records = reader.read_range(1, 3, 10).unwrap();
+    assert_eq!(records.iter().map(|r| r.command_id.as_str()).collect::<Vec<_>>(), ["c1", "c2", "c3"]);
+    assert!(records.iter().all(|r| r.actor == "tester"));
+    assert_eq!(eventlog::decode_event(&records[2]).unwrap(), done.events[0]);
+    assert_ledger_matches_log(&writer, &reader);
+    writer.shutdown();
+    assert!(verify(&reader, |_, _| {}).unwrap().is_clean());
+}
+
+#[test]
+fn a_repeated_command_id_returns_the_original_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, _) = Writer::open(dir.path(), config(), Arc::new(SystemClock)).unwrap();
+    let handle = writer.handle();
+    handle.execute(envelope("c1", Command::CreateTask(job(1, "q")))).unwrap();
+    let first = handle.execute(envelope("claim-1", claim("q", "w", 1))).unwrap();
+    let again = handle.execute(envelope("claim-1", claim("q", "w", 1))).unwrap();
+    assert!(again.duplicate && !first.duplicate);
+    assert_eq!(again.seqs, first.seqs);
+    assert_eq!(again.events, first.events);
+    assert_eq!(again.claimed, first.claimed, "the same lease is handed out again, not a new one");
+    assert_eq!(handle.reader().head().unwrap().seq, 2);
+
+    // Dedup survives a restart (the window is persisted).
+    drop(handle);
+    writer.shutdown();
+    let (writer, _) = Writer::open(dir.path(), config(), Arc::new(SystemClock)).unwrap();
+    let again = writer.handle().execute(envelope("claim-1", claim("q", "w", 1))).unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.seqs, first.seqs);
+    assert_eq!(writer.handle().reader().head().unwrap().seq, 2);
+}
+
+#[test]
+fn a_rejected_command_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, _) = Writer::open(dir.path(), config(), Arc::new(SystemClock)).unwrap();
+    let handle = writer.handle();
+    handle.execute(envelope("c1", Command::CreateTask(job(1, "q")))).unwrap();
+    let err = handle.execute(envelope("c2", complete(task_id(1), "run", 9))).unwrap_err();
+    assert!(matches!(err, WriteError::Rejected(ref r) if r.code == RejectionCode::LeaseLost), "{err:?}");
+    assert_eq!(handle.reader().head().unwrap().seq, 1);
+    // A rejection is not remembered: the same id may be used again.
+    let claimed = handle.execute(envelope("c2", claim("q", "w", 1))).unwrap();
+    assert!(!claimed.duplicate);
+    // A task id is unique for all time, even after the task left memory.
+    let epoch = claimed.claimed[0].epoch.0;
+    handle.execute(envelope("c3", complete(task_id(1), "run", epoch))).unwrap();
+    let reused = handle.execute(envelope("c4", Command::CreateTask(job(1, "q")))).unwrap_err();
+    assert!(matches!(reused, WriteError::Rejected(ref r) if r.code == RejectionCode::TaskExists), "{reused:?}");
+    let bad = handle.execute(envelope("", Command::CreateTask(job(2, "q")))).unwrap_err();
+    assert!(matches!(bad, WriteError::InvalidEnvelope(_)));
+    let system = handle.execute(envelope("c5", Command::RunAtDue { task: task_id(2) })).unwrap_err();
+    assert_eq!(system, WriteError::Forbidden);
+    assert_eq!(handle.reader().head().unwrap().seq, 3);
+}
+
+#[test]
+fn a_full_channel_answers_overloaded_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, _) =
+        Writer::open(dir.path(), WriterConfig { channel_capacity: 2, ..config() }, Arc::new(SystemClock)).unwrap();
+    let handle = writer.handle();
+    // Hold the writer inside a read until the channel has been filled.
+    let (release, wait) = std::sync::mpsc::channel::<()>();
+    let (entered, has_entered) = std::sync::mpsc::channel::<()>();
+    let blocker = {
+        let handle = handle.clone();
+        std::thread::spawn(move || {
+            handle
+                .read(move |_| {
+                    entered.send(()).unwrap();
+                    wait.recv().unwrap();
+                })
+                .unwrap()
+        })
+    };
+    has_entered.recv().unwrap();
+    let queued: Vec<_> =
+        (0..2).map(|i| handle.submit(envelope(&format!("q{i}"), Command::CreateTask(job(i, "q")))).unwrap()).collect();
+    let refused = handle.submit(envelope("q9", Command::CreateTask(job(9, "q"))));
+    assert!(matches!(refused, Err(WriteError::Overloaded)));
+    assert_eq!(handle.stats().overloaded.load(std::sync::atomic::Ordering::Relaxed), 1);
+    release.send(()).unwrap();
+    blocker.join().unwrap();
+    for receiver in queued {
+        assert!(receiver.blocking_recv().unwrap().is_ok(), "queued commands are still answered");
+    }
+    assert_eq!(handle.reader().head().unwrap().seq, 2, "the refused command wrote nothing");
+}
+
+#[test]
+fn a_failed_commit_acknowledges_nothing_and_stops_writes() {
+    for op in [FaultOp::Write, FaultOp::SyncData] {
+        let dir = tempfile::tempdir().unwrap();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.path().join("ledger.redb"))
+            .unwrap();
+        let (backend, faults) = FaultyBackend::new(file).unwrap();
+        let store = RedbStore::open_with_backend(dir.path(), backend, RedbOptions::default()).unwrap();
+        let (writer, _) = Writer::start(store, config(), Arc::new(SystemClock)).unwrap();
+        let handle = writer.handle();
+        let acked = handle.execute(envelope("ok", Command::CreateTask(job(1, "q")))).unwrap();
+        let before = handle.read(|l| l.digest()).unwrap();
+        faults.arm(FaultPlan { op, nth: 1, mode: FaultMode::FromThenOn, error: FaultError::Io });
+        let failed = handle.execute(envelope("lost", Command::CreateTask(job(2, "q")))).unwrap_err();
+        assert!(matches!(failed, WriteError::CommitFailed(_)), "{failed:?}");
+        assert!(matches!(handle.health(), Health::Failed(_)));
+        let refused = handle.execute(envelope("later", Command::CreateTask(job(3, "q")))).unwrap_err();
+        assert!(matches!(refused, WriteError::Unavailable(_)), "{refused:?}");
+        // Memory is back to what the log durably holds: task 2 is not there.
+        assert_eq!(handle.read(|l| l.digest()).unwrap(), before);
+        assert!(handle.read(|l| l.task(&task_id(2)).is_none()).unwrap());
+        drop(handle);
+        writer.shutdown();
+
+        // After a restart on a healthy disk: the acknowledged command is there,
+        // the log verifies, and writes resume.
+        let (writer, startup) = Writer::open(dir.path(), config(), Arc::new(SystemClock)).unwrap();
+        let reader = writer.handle().reader().clone();
+        assert!(verify(&reader, |_, _| {}).unwrap().is_clean());
+        let first = reader.read_range(1, 1, 1).unwrap();
+        assert_eq!(first[0].command_id, "ok");
+        assert_eq!(acked.seqs.unwrap().first, 1);
+        // A failed sync may or may not have reached the disk; either way it was never acknowledged.
+        assert!(startup.head.seq <= 2, "{op:?}");
+        if op == FaultOp::Write {
+            assert_eq!(startup.head.seq, 1, "a failed write leaves nothing");
+        }
+        writer.handle().execute(envelope("resumed", Command::CreateTask(job(4, "q")))).unwrap();
+        assert_ledger_matches_log(&writer, &reader);
+    }
+}
+
+#[test]
+fn timers_fire_through_the_writer_with_an_injected_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000_000));
+    let (writer, _) = Writer::open(dir.path(), config(), clock.clone()).unwrap();
+    let handle = writer.handle();
+    let mut spec = job(1, "q");
+    spec.steps[0].lease_ms = 1_000;
+    handle.execute(envelope("c1", Command::CreateTask(spec))).unwrap();
+    handle.execute(envelope("c2", claim("q", "w", 1))).unwrap();
+    clock.advance_ms(999);
+    handle.tick();
+    handle.read(|_| ()).unwrap();
+    assert_eq!(handle.reader().head().unwrap().seq, 2, "not due yet");
+    clock.advance_ms(1);
+    handle.tick();
+    handle.read(|_| ()).unwrap();
+    let records = handle.reader().read_range(3, 3, 1).unwrap();
+    assert_eq!(records.len(), 1, "the expiry was recorded");
+    assert!(matches!(eventlog::decode_event(&records[0]).unwrap(), Event::LeaseExpired { .. }));
+    assert_eq!(records[0].actor, "system");
+    assert_ledger_matches_log(&writer, handle.reader());
+}
+
+#[test]
+fn snapshots_are_taken_off_the_writer_and_used_at_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = WriterConfig { snapshot_every_events: 50, ..WriterConfig::default() };
+    let (writer, _) = Writer::open(dir.path(), cfg.clone(), Arc::new(SystemClock)).unwrap();
+    let handle = writer.handle();
+    for n in 0..240 {
+        handle.execute(envelope(&format!("c{n}"), Command::CreateTask(job(n, "q")))).unwrap();
+    }
+    // The snapshot thread follows the feed; wait (bounded) for it to catch up.
+    for _ in 0..200 {
+        if handle.stats().snapshots.load(std::sync::atomic::Ordering::Relaxed) >= 4 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let digest = handle.read(|l| l.digest()).unwrap();
+    drop(handle);
+    writer.shutdown();
+    let (writer, startup) = Writer::open(dir.path(), cfg, Arc::new(SystemClock)).unwrap();
+    assert!(startup.fold.snapshot_seq >= 200, "restart used a snapshot: {:?}", startup.fold);
+    assert_eq!(startup.fold.replayed, 240 - startup.fold.snapshot_seq);
+    assert_eq!(startup.live_tasks, 240);
+    assert_eq!(writer.handle().read(|l| l.digest()).unwrap(), digest);
+}
