@@ -167,6 +167,10 @@ pub struct Ledger {
     pub(crate) idempotency_order: VecDeque<(Timestamp, Namespace, IdempotencyKey)>,
     pub(crate) next_ordinal: u64,
     pub(crate) last_event_at: Timestamp,
+    /// Keep tasks in memory after they end (read-only views of history, such
+    /// as one task's final state folded from its stream). Never set in the
+    /// writer, whose memory must stay bounded by live work.
+    pub(crate) retain_terminal_tasks: bool,
 }
 
 fn inconsistent(event: &Event, reason: impl Into<String>) -> Inconsistency {
@@ -176,6 +180,13 @@ fn inconsistent(event: &Event, reason: impl Into<String>) -> Inconsistency {
 impl Ledger {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A ledger that keeps finished tasks, for read-only views of history
+    /// (a task's final state folded from its own events). Commands must not
+    /// be decided against it: finished tasks would look live to `decide`.
+    pub fn retaining_terminal_tasks() -> Self {
+        Self { retain_terminal_tasks: true, ..Self::default() }
     }
 
     // ----- reads -----
@@ -600,13 +611,15 @@ impl Ledger {
             t.state = next;
         }
         if next.is_terminal() {
-            let t = self.tasks.remove(task).expect("present");
             if let (false, Some(due)) = (t.run_at_reached, t.run_at) {
                 self.timers.remove(&Timer { due, kind: TimerKind::RunAt, task: *task, step: StepIndex(0) });
             }
             debug_assert!(
                 t.steps.iter().all(|s| s.ready.is_none() && s.lease_deadline.is_none() && s.retry_at.is_none())
             );
+            if !self.retain_terminal_tasks {
+                self.tasks.remove(task);
+            }
         }
     }
 

@@ -625,3 +625,19 @@ fn terminal_after(events: &[(Option<TaskId>, Event)], id: TaskId, before: &[Step
     }
     (TaskState::derive(steps.iter().copied(), true, cancelled, given_up), steps)
 }
+
+#[test]
+fn a_retaining_ledger_keeps_finished_tasks_for_views_of_history() {
+    let mut s = Scenario::new();
+    s.ok(Command::CreateTask(job(1, "q")));
+    let e = claimed_epoch(&only(s.ok(claim("q", "w", 1))));
+    s.ok(complete(task_id(1), "run", e));
+    let mut view = Ledger::retaining_terminal_tasks();
+    for event in &s.log {
+        view.apply(event).unwrap();
+    }
+    let task = view.task(&task_id(1)).expect("kept");
+    assert_eq!(task.state, TaskState::Complete);
+    assert_eq!(task.steps[0].state, StepState::Complete);
+    assert_eq!(task.steps[0].result, Some(Json::null()));
+}
