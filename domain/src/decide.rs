@@ -231,6 +231,52 @@ impl Ledger {
         }
     }
 
+    /// Checks that a command only touches namespaces in `allowed` (a caller's
+    /// token scope). A task-addressed command on a task outside the scope is
+    /// answered as if the task did not exist, so scopes do not leak which
+    /// tasks exist elsewhere.
+    pub fn check_scope(&self, command: &Command, allowed: &[Namespace]) -> Result<(), Rejection> {
+        let forbidden = |ns: &Namespace| {
+            reject(
+                RejectionCode::NamespaceForbidden,
+                Some("namespace"),
+                format!("your credentials do not cover namespace {ns}"),
+            )
+        };
+        let check = |ns: &Namespace| if allowed.contains(ns) { Ok(()) } else { Err(forbidden(ns)) };
+        match command {
+            Command::CreateTask(spec) => check(&spec.namespace),
+            Command::CreateTasks(specs) => specs.iter().try_for_each(|s| check(&s.namespace)),
+            Command::ClaimSteps { namespaces, .. } => namespaces.iter().try_for_each(check),
+            Command::PauseQueue { namespace }
+            | Command::ResumeQueue { namespace }
+            | Command::SetQueueConcurrency { namespace, .. } => check(namespace),
+            Command::CancelTask { task, .. }
+            | Command::GiveUpTask { task, .. }
+            | Command::RetryStep { task, .. }
+            | Command::ResolveStep { task, .. }
+            | Command::ExpireLease { task, .. }
+            | Command::RetryDue { task, .. }
+            | Command::RunAtDue { task } => self.check_task_scope(task, allowed),
+            Command::Heartbeat { lease, .. }
+            | Command::CompleteStep { lease, .. }
+            | Command::FailStep { lease, .. }
+            | Command::ReleaseStep { lease }
+            | Command::AddSteps { lease, .. } => self.check_task_scope(&lease.task, allowed),
+        }
+    }
+
+    fn check_task_scope(&self, task: &TaskId, allowed: &[Namespace]) -> Result<(), Rejection> {
+        match self.tasks.get(task) {
+            Some(t) if !allowed.contains(&t.namespace) => Err(reject(
+                RejectionCode::TaskNotFound,
+                Some("task"),
+                format!("no live task {task} (unknown, or already finished)"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The system command a due timer stands for.
     pub fn timer_command(&self, timer: &crate::ledger::Timer) -> Option<Command> {
         let task = self.tasks.get(&timer.task)?;

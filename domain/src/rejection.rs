@@ -45,6 +45,8 @@ pub enum RejectionCode {
     InvalidState,
     /// A claim request outside its limits (`max`, lease, namespaces).
     InvalidClaim,
+    /// The caller's credentials do not cover this namespace.
+    NamespaceForbidden,
 }
 
 impl RejectionCode {
@@ -67,11 +69,12 @@ impl RejectionCode {
             Self::LeaseLost => "lease_lost",
             Self::InvalidState => "invalid_state",
             Self::InvalidClaim => "invalid_claim",
+            Self::NamespaceForbidden => "namespace_forbidden",
         }
     }
 
     /// Every code, for tests and documentation that must cover them all.
-    pub const ALL: [RejectionCode; 16] = [
+    pub const ALL: [RejectionCode; 17] = [
         Self::InvalidValue,
         Self::PayloadTooLarge,
         Self::NoSteps,
@@ -88,6 +91,7 @@ impl RejectionCode {
         Self::LeaseLost,
         Self::InvalidState,
         Self::InvalidClaim,
+        Self::NamespaceForbidden,
     ];
 }
 

@@ -471,6 +471,12 @@ fn every_rejection_code_is_reachable_and_changes_nothing() {
         assert!(!rejection.message.is_empty());
         seen.insert(rejection.code.as_str());
     }
+    let scoped = s.ledger.check_scope(&claim("q", "w", 1), &[ns("other")]).unwrap_err();
+    assert_eq!((scoped.code, scoped.field.as_deref()), (RejectionCode::NamespaceForbidden, Some("namespace")));
+    seen.insert(scoped.code.as_str());
+    let hidden = s.ledger.check_scope(&complete(task_id(1), "run", e), &[ns("other")]).unwrap_err();
+    assert_eq!(hidden.code, RejectionCode::TaskNotFound, "out-of-scope tasks look absent");
+    assert!(s.ledger.check_scope(&complete(task_id(1), "run", e), &[ns("q")]).is_ok());
     assert_eq!(s.ledger.digest(), digest, "rejections change nothing");
     let all: BTreeSet<&str> = RejectionCode::ALL.iter().map(|c| c.as_str()).collect();
     assert_eq!(seen, all, "every code is covered");

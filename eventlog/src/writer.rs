@@ -142,6 +142,9 @@ pub enum WriteError {
 
 pub type CommandResult = Result<Acknowledgement, WriteError>;
 
+/// The namespaces a caller's credentials cover.
+pub type Scope = Arc<[domain::Namespace]>;
+
 /// The writer's health, for `/healthz` and `/readyz`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Health {
@@ -169,7 +172,7 @@ struct Shared {
 // Commands are nearly every message; boxing them would cost an allocation each.
 #[allow(clippy::large_enum_variant)]
 enum Message {
-    Command(Envelope, oneshot::Sender<CommandResult>),
+    Command(Envelope, Option<Scope>, oneshot::Sender<CommandResult>),
     /// Runs a read against the ledger between batches, so it sees every
     /// command answered before it.
     Read(Box<dyn FnOnce(&Ledger) + Send>),
@@ -193,12 +196,23 @@ impl WriterHandle {
     /// Queues a command; the receiver yields its result once it is durable
     /// (or refused). Never blocks: a full channel is `Overloaded` at once.
     pub fn submit(&self, envelope: Envelope) -> Result<oneshot::Receiver<CommandResult>, WriteError> {
+        self.submit_scoped(envelope, None)
+    }
+
+    /// Like `submit`, for a caller whose credentials cover only the
+    /// namespaces in `scope`: the writer checks the command against it (with
+    /// the ledger, which knows each task's namespace) before deciding.
+    pub fn submit_scoped(
+        &self,
+        envelope: Envelope,
+        scope: Option<Scope>,
+    ) -> Result<oneshot::Receiver<CommandResult>, WriteError> {
         check_envelope(&envelope)?;
         if let Health::Failed(reason) = self.health() {
             return Err(WriteError::Unavailable(reason));
         }
         let (reply, receiver) = oneshot::channel();
-        match self.tx.try_send(Message::Command(envelope, reply)) {
+        match self.tx.try_send(Message::Command(envelope, scope, reply)) {
             Ok(()) => Ok(receiver),
             Err(TrySendError::Full(_)) => {
                 self.shared.stats.overloaded.fetch_add(1, Ordering::Relaxed);
@@ -441,9 +455,9 @@ impl WriterThread {
             let mut next = first;
             while let Some(message) = next.take() {
                 match message {
-                    Message::Command(envelope, reply) => {
+                    Message::Command(envelope, scope, reply) => {
                         queued_events += estimated_events(&envelope.command);
-                        batch.push((envelope, reply));
+                        batch.push((envelope, scope, reply));
                     }
                     Message::Tick => {}
                     Message::Read(read) => {
@@ -486,9 +500,9 @@ impl WriterThread {
     }
 
     /// Decides, commits and acknowledges one batch.
-    fn process(&mut self, batch: Vec<(Envelope, oneshot::Sender<CommandResult>)>) {
+    fn process(&mut self, batch: Vec<(Envelope, Option<Scope>, oneshot::Sender<CommandResult>)>) {
         if let Health::Failed(reason) = self.shared.health.lock().expect("health lock").clone() {
-            for (_, reply) in batch {
+            for (_, _, reply) in batch {
                 let _ = reply.send(Err(WriteError::Unavailable(reason.clone())));
             }
             return;
@@ -516,8 +530,9 @@ impl WriterThread {
             }
         }
 
-        for (envelope, reply) in batch {
+        for (envelope, scope, reply) in batch {
             let result = self.decide_one(
+                scope.as_deref(),
                 &envelope,
                 now,
                 &mut records,
@@ -555,6 +570,7 @@ impl WriterThread {
     #[allow(clippy::too_many_arguments)]
     fn decide_one(
         &mut self,
+        scope: Option<&[domain::Namespace]>,
         envelope: &Envelope,
         now: Timestamp,
         records: &mut Vec<NewRecord>,
@@ -573,6 +589,9 @@ impl WriterThread {
         }
         if let Some((_, bytes)) = self.store.outcome(&envelope.command_id) {
             return self.replay_outcome(&bytes);
+        }
+        if let Some(allowed) = scope {
+            self.ledger.check_scope(&envelope.command, allowed).map_err(WriteError::Rejected)?;
         }
         let events = self.ledger.decide(&envelope.command, now).map_err(WriteError::Rejected)?;
         // A task id is unique for all time, not just among live tasks.
