@@ -1,0 +1,266 @@
+//! Bearer tokens with roles and namespace scopes.
+//!
+//! Tokens live in a JSON file (`<data>/tokens.json` by default) that holds
+//! only their BLAKE3 hashes, so the file itself grants nothing. On first
+//! start, when there is no file, the server mints one admin token, stores its
+//! hash, and writes the token itself to `<data>/admin.token` (mode 0600) for
+//! the operator to pick up.
+//!
+//! Roles: `producer` (create and cancel tasks, read), `worker` (claim and
+//! report on steps, read), `operator` (everything a producer does, plus
+//! retry, resolve, give up, pause, resume, concurrency), `auditor` (read
+//! everything, including the event feed; write nothing), `admin` (all).
+//! A scope limits a token to some namespaces; the writer enforces it against
+//! the ledger, which knows each task's namespace.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use domain::Namespace;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Producer,
+    Worker,
+    Operator,
+    Auditor,
+    Admin,
+}
+
+/// What a route needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Permission {
+    /// Create tasks.
+    Produce,
+    /// Cancel a task.
+    Cancel,
+    /// Claim, heartbeat, complete, fail, release, add steps.
+    Work,
+    /// Retry, resolve, give up, pause, resume, set concurrency.
+    Operate,
+    /// Read tasks and queues.
+    Read,
+    /// Read the raw event feed and audit data.
+    Audit,
+}
+
+impl Role {
+    fn grants(self, permission: Permission) -> bool {
+        use Permission::*;
+        match self {
+            Role::Admin => true,
+            Role::Producer => matches!(permission, Produce | Cancel | Read),
+            Role::Worker => matches!(permission, Work | Read),
+            Role::Operator => matches!(permission, Produce | Cancel | Operate | Read | Audit),
+            Role::Auditor => matches!(permission, Read | Audit),
+        }
+    }
+}
+
+/// One entry of the tokens file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEntry {
+    /// Who holds it; recorded as the actor of every command sent with it.
+    pub name: String,
+    /// Lower-case hex BLAKE3 of the token.
+    pub token_blake3: String,
+    pub roles: BTreeSet<Role>,
+    /// Namespaces the token may touch; absent or empty means all.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensFile {
+    pub tokens: Vec<TokenEntry>,
+}
+
+/// The authenticated caller of a request.
+#[derive(Clone, Debug)]
+pub struct Principal {
+    pub name: Arc<str>,
+    pub roles: BTreeSet<Role>,
+    /// `None`: every namespace.
+    pub scope: Option<Arc<[Namespace]>>,
+}
+
+impl Principal {
+    pub fn require(&self, permission: Permission) -> Result<(), ApiError> {
+        if self.roles.iter().any(|r| r.grants(permission)) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "token {:?} (roles {:?}) may not do this; it needs a role granting {permission:?}",
+                self.name, self.roles
+            )))
+        }
+    }
+
+    /// Whether reads of `namespace` are allowed.
+    pub fn may_see(&self, namespace: &Namespace) -> bool {
+        self.scope.as_ref().is_none_or(|s| s.contains(namespace))
+    }
+
+    /// The actor recorded on events.
+    pub fn actor(&self) -> String {
+        format!("token:{}", self.name)
+    }
+}
+
+/// All known tokens, by hash.
+#[derive(Clone, Debug, Default)]
+pub struct Tokens {
+    by_hash: Arc<HashMap<String, Principal>>,
+}
+
+pub fn hash_token(token: &str) -> String {
+    blake3::hash(token.as_bytes()).to_hex().to_string()
+}
+
+impl Tokens {
+    pub fn from_file(file: TokensFile) -> anyhow::Result<Self> {
+        let mut by_hash = HashMap::new();
+        for entry in file.tokens {
+            let scope = if entry.namespaces.is_empty() {
+                None
+            } else {
+                let parsed: Result<Vec<Namespace>, _> = entry.namespaces.iter().map(Namespace::new).collect();
+                Some(Arc::from(parsed.map_err(|r| anyhow::anyhow!("token {:?}: {r}", entry.name))?))
+            };
+            if entry.roles.is_empty() {
+                anyhow::bail!("token {:?} has no roles", entry.name);
+            }
+            let principal = Principal { name: Arc::from(entry.name.as_str()), roles: entry.roles, scope };
+            if by_hash.insert(entry.token_blake3.to_ascii_lowercase(), principal).is_some() {
+                anyhow::bail!("token {:?} appears twice", entry.name);
+            }
+        }
+        Ok(Self { by_hash: Arc::new(by_hash) })
+    }
+
+    pub fn authenticate(&self, token: &str) -> Option<&Principal> {
+        self.by_hash.get(&hash_token(token))
+    }
+}
+
+/// A fresh random token: 256 bits from the OS, as `tl_` + hex.
+pub fn mint_token() -> String {
+    let a = uuid::Uuid::new_v4();
+    let b = uuid::Uuid::new_v4();
+    format!("tl_{}{}", a.simple(), b.simple())
+}
+
+/// Where the tokens came from, for the startup message.
+pub enum TokenSource {
+    Existing(PathBuf),
+    /// A new admin token was minted and written to this file.
+    MintedAdmin {
+        tokens: PathBuf,
+        token_file: PathBuf,
+    },
+}
+
+/// Loads the tokens file, creating it with one admin token if it is missing.
+pub fn load_or_init(tokens_path: &Path, data_dir: &Path) -> anyhow::Result<(Tokens, TokenSource)> {
+    if tokens_path.exists() {
+        let text = std::fs::read_to_string(tokens_path).with_context(|| format!("read {}", tokens_path.display()))?;
+        let file: TokensFile =
+            serde_json::from_str(&text).with_context(|| format!("parse tokens file {}", tokens_path.display()))?;
+        return Ok((Tokens::from_file(file)?, TokenSource::Existing(tokens_path.to_path_buf())));
+    }
+    let token = mint_token();
+    let file = TokensFile {
+        tokens: vec![TokenEntry {
+            name: "admin".into(),
+            token_blake3: hash_token(&token),
+            roles: [Role::Admin].into_iter().collect(),
+            namespaces: Vec::new(),
+        }],
+    };
+    if let Some(parent) = tokens_path.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+    }
+    std::fs::write(tokens_path, serde_json::to_string_pretty(&file)? + "\n")
+        .with_context(|| format!("write {}", tokens_path.display()))?;
+    let token_file = data_dir.join("admin.token");
+    write_private(&token_file, &(token + "\n")).with_context(|| format!("write {}", token_file.display()))?;
+    Ok((Tokens::from_file(file)?, TokenSource::MintedAdmin { tokens: tokens_path.to_path_buf(), token_file }))
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(text.as_bytes())
+}
+
+/// Anything that can authenticate a request.
+pub trait HasTokens {
+    fn tokens(&self) -> &Tokens;
+}
+
+impl<S: HasTokens + Send + Sync> FromRequestParts<S> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token> header"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim)
+            .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <token>`"))?;
+        state.tokens().authenticate(token).cloned().ok_or_else(|| ApiError::unauthorized("unknown token"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_grant_exactly_their_permissions() {
+        use Permission::*;
+        let all = [Produce, Cancel, Work, Operate, Read, Audit];
+        let granted = |role: Role| all.iter().filter(|p| role.grants(**p)).copied().collect::<Vec<_>>();
+        assert_eq!(granted(Role::Producer), [Produce, Cancel, Read]);
+        assert_eq!(granted(Role::Worker), [Work, Read]);
+        assert_eq!(granted(Role::Operator), [Produce, Cancel, Operate, Read, Audit]);
+        assert_eq!(granted(Role::Auditor), [Read, Audit]);
+        assert_eq!(granted(Role::Admin), all);
+    }
+
+    #[test]
+    fn minted_tokens_authenticate_by_hash_only() {
+        let token = mint_token();
+        assert_eq!(token.len(), 3 + 64);
+        let file = TokensFile {
+            tokens: vec![TokenEntry {
+                name: "w".into(),
+                token_blake3: hash_token(&token),
+                roles: [Role::Worker].into_iter().collect(),
+                namespaces: vec!["mail".into()],
+            }],
+        };
+        let tokens = Tokens::from_file(file).unwrap();
+        let p = tokens.authenticate(&token).unwrap();
+        assert!(p.may_see(&Namespace::new("mail").unwrap()) && !p.may_see(&Namespace::new("etl").unwrap()));
+        assert!(tokens.authenticate("tl_nope").is_none());
+    }
+}

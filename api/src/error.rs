@@ -1,0 +1,135 @@
+//! Every error the API returns, and the one place where errors become HTTP.
+//! Body: `{"error": {"code": "...", "message": "...", "field": ...}}` with a
+//! stable `code`. Classification follows STYLE.md: a caller's mistake is a
+//! 4xx with a stable code, a conflict is 409, overload is 503 with
+//! Retry-After, an internal fault is 500 and is logged.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use domain::{Rejection, RejectionCode};
+use eventlog::WriteError;
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub field: Option<String>,
+    /// Seconds a client should wait before retrying (503).
+    pub retry_after_s: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+
+#[derive(Serialize)]
+struct Inner<'a> {
+    code: &'a str,
+    message: &'a str,
+    field: Option<&'a str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), field: None, retry_after_s: None }
+    }
+    pub fn with_field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+    pub fn unavailable(code: &'static str, message: impl Into<String>, retry_after_s: u32) -> Self {
+        Self { retry_after_s: Some(retry_after_s), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message) }
+    }
+}
+
+/// The HTTP status of each domain rejection code.
+pub fn rejection_status(code: RejectionCode) -> StatusCode {
+    match code {
+        RejectionCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        RejectionCode::TaskNotFound | RejectionCode::StepNotFound => StatusCode::NOT_FOUND,
+        RejectionCode::LeaseLost | RejectionCode::InvalidState | RejectionCode::TaskExists => StatusCode::CONFLICT,
+        RejectionCode::NamespaceForbidden => StatusCode::FORBIDDEN,
+        RejectionCode::InvalidValue
+        | RejectionCode::NoSteps
+        | RejectionCode::TooManySteps
+        | RejectionCode::DuplicateStep
+        | RejectionCode::UnknownDependency
+        | RejectionCode::DependencyCycle
+        | RejectionCode::InvalidLease
+        | RejectionCode::InvalidRetryPolicy
+        | RejectionCode::InvalidBatch
+        | RejectionCode::InvalidClaim => StatusCode::UNPROCESSABLE_ENTITY,
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(r: Rejection) -> Self {
+        ApiError {
+            status: rejection_status(r.code),
+            code: r.code.as_str(),
+            message: r.message,
+            field: r.field,
+            retry_after_s: None,
+        }
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Rejected(r) => r.into(),
+            WriteError::Overloaded => ApiError::unavailable("overloaded", "the ledger is busy; retry shortly", 1),
+            WriteError::Unavailable(reason) => ApiError::unavailable(
+                "writes_unavailable",
+                format!("the ledger is not accepting writes ({reason}); reads still work"),
+                30,
+            ),
+            WriteError::CommitFailed(reason) => {
+                tracing::error!(%reason, "commit failed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "commit_failed",
+                    "the command could not be recorded; it was not applied",
+                )
+            }
+            WriteError::InvalidEnvelope(message) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_command_id", message)
+            }
+            WriteError::Forbidden => ApiError::forbidden("system commands are issued by the ledger itself"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() && self.status != StatusCode::SERVICE_UNAVAILABLE {
+            tracing::error!(code = self.code, message = %self.message, "request failed");
+        }
+        let body = Body { error: Inner { code: self.code, message: &self.message, field: self.field.as_deref() } };
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(seconds) = self.retry_after_s {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

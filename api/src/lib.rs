@@ -1,0 +1,12 @@
+//! The taskledger server as a library: the HTTP command API, auth, wire
+//! types and operational routes. `main.rs` is only the command line around
+//! [`server::serve`]. Only this crate knows HTTP: it converts wire JSON to
+//! domain commands at the edge and domain results back.
+
+pub mod auth;
+pub mod error;
+pub mod metrics;
+pub mod routes;
+pub mod server;
+pub mod time;
+pub mod wire;

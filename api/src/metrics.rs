@@ -1,0 +1,99 @@
+//! Prometheus metrics, rendered by hand in the text exposition format:
+//! commands by type and outcome, the acknowledgement latency histogram, and
+//! the writer's own counters. A mutex-guarded map is plenty here: one
+//! increment per command, far off the writer's hot path.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use eventlog::{CommandResult, WriteError, WriterHandle};
+
+/// Upper bounds of the acknowledgement latency buckets, in seconds.
+const LATENCY_BUCKETS_S: [f64; 11] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0];
+
+#[derive(Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    commands: BTreeMap<(&'static str, &'static str), u64>,
+    latency_buckets: [u64; LATENCY_BUCKETS_S.len()],
+    latency_count: u64,
+    latency_sum_s: f64,
+}
+
+fn outcome(result: &CommandResult) -> &'static str {
+    match result {
+        Ok(ack) if ack.duplicate => "duplicate",
+        Ok(_) => "accepted",
+        Err(WriteError::Rejected(_)) => "rejected",
+        Err(WriteError::Overloaded) => "overloaded",
+        Err(WriteError::Unavailable(_)) => "unavailable",
+        Err(WriteError::CommitFailed(_)) => "commit_failed",
+        Err(WriteError::InvalidEnvelope(_) | WriteError::Forbidden) => "invalid",
+    }
+}
+
+impl Metrics {
+    pub fn record_command(&self, kind: &'static str, result: &CommandResult, latency: Duration) {
+        let mut inner = self.inner.lock().expect("metrics lock");
+        *inner.commands.entry((kind, outcome(result))).or_default() += 1;
+        let seconds = latency.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS_S.iter().position(|b| seconds <= *b) {
+            inner.latency_buckets[i] += 1;
+        }
+        inner.latency_count += 1;
+        inner.latency_sum_s += seconds;
+    }
+
+    pub fn render(&self, writer: &WriterHandle) -> String {
+        let inner = self.inner.lock().expect("metrics lock");
+        let mut out = String::new();
+        out.push_str("# HELP taskledger_commands_total Commands by type and outcome.\n# TYPE taskledger_commands_total counter\n");
+        for ((kind, outcome), n) in &inner.commands {
+            let _ = writeln!(out, "taskledger_commands_total{{command=\"{kind}\",outcome=\"{outcome}\"}} {n}");
+        }
+        out.push_str("# HELP taskledger_ack_latency_seconds Time from request to acknowledgement.\n# TYPE taskledger_ack_latency_seconds histogram\n");
+        let mut cumulative = 0;
+        for (bound, n) in LATENCY_BUCKETS_S.iter().zip(inner.latency_buckets.iter()) {
+            cumulative += n;
+            let _ = writeln!(out, "taskledger_ack_latency_seconds_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "taskledger_ack_latency_seconds_bucket{{le=\"+Inf\"}} {}", inner.latency_count);
+        let _ = writeln!(out, "taskledger_ack_latency_seconds_sum {}", inner.latency_sum_s);
+        let _ = writeln!(out, "taskledger_ack_latency_seconds_count {}", inner.latency_count);
+        let stats = writer.stats();
+        for (name, help, value) in [
+            ("taskledger_writer_batches_total", "Committed batches (one fsync each).", &stats.batches),
+            ("taskledger_writer_commands_total", "Commands in committed batches.", &stats.commands),
+            ("taskledger_writer_events_total", "Events appended.", &stats.events),
+            (
+                "taskledger_writer_overloaded_total",
+                "Commands refused because the writer queue was full.",
+                &stats.overloaded,
+            ),
+            ("taskledger_snapshots_total", "Snapshots written.", &stats.snapshots),
+        ] {
+            let _ =
+                writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+        }
+        let healthy = matches!(writer.health(), eventlog::Health::Healthy) as u8;
+        let _ = writeln!(
+            out,
+            "# HELP taskledger_writer_healthy 1 while the writer accepts writes.\n# TYPE taskledger_writer_healthy gauge\ntaskledger_writer_healthy {healthy}"
+        );
+        if let Ok(head) = writer.reader().head() {
+            let _ = writeln!(
+                out,
+                "# HELP taskledger_head_seq The log's last seq.\n# TYPE taskledger_head_seq gauge\ntaskledger_head_seq {}",
+                head.seq
+            );
+        }
+        out
+    }
+}

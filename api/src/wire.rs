@@ -1,0 +1,462 @@
+//! The JSON shapes of the HTTP API and their conversion to and from domain
+//! types. The API owns these: the domain's serde forms are for the log and
+//! fixtures, these are for people and client libraries (RFC 3339 times, JSON
+//! payloads as JSON, not as strings). Unknown fields are refused so a typo is
+//! an error, not a silently ignored option.
+
+use domain::{
+    ClaimedStep, Event, HandlerName, IdempotencyKey, Json, Namespace, Priority, Rejection, RetryPolicy, StepName,
+    StepSpec, Tag, Task, TaskId, TaskSpec, Text, Timestamp,
+};
+use eventlog::StoredRecord;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::time::{format_rfc3339, parse_rfc3339};
+
+/// Turns a JSON value into the domain's bounded JSON text.
+pub fn json_text(field: &str, value: &Value) -> Result<Json, Rejection> {
+    Json::new(field, serde_json::to_string(value).expect("values serialize"))
+}
+
+/// The domain's JSON text back into a value (it was valid JSON when stored).
+pub fn json_value(json: &Json) -> Value {
+    serde_json::from_str(json.as_str()).unwrap_or(Value::String(json.as_str().to_owned()))
+}
+
+pub fn time(ts: Timestamp) -> String {
+    format_rfc3339(ts)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RetryRequest {
+    pub base_ms: Option<u64>,
+    /// Growth per attempt, e.g. 2.0 doubles.
+    pub multiplier: Option<f64>,
+    pub cap_ms: Option<u64>,
+    pub jitter_pct: Option<u8>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepRequest {
+    pub name: String,
+    pub handler: String,
+    #[serde(default)]
+    pub payload: Value,
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    pub max_attempts: Option<u32>,
+    pub lease_ms: Option<u32>,
+    pub retry: Option<RetryRequest>,
+}
+
+/// A task: either `handler` (a single job, one step named `main`) or `steps`
+/// (a workflow).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTaskRequest {
+    /// A UUIDv7; the server mints one when absent.
+    pub id: Option<String>,
+    pub namespace: String,
+    pub name: Option<String>,
+    #[serde(default)]
+    pub payload: Value,
+    #[serde(default)]
+    pub priority: i32,
+    /// RFC 3339; the task's steps wait until then.
+    pub run_at: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub idempotency_key: Option<String>,
+    pub handler: Option<String>,
+    pub max_attempts: Option<u32>,
+    pub lease_ms: Option<u32>,
+    pub retry: Option<RetryRequest>,
+    pub steps: Option<Vec<StepRequest>>,
+}
+
+const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+const DEFAULT_LEASE_MS: u32 = 30_000;
+
+fn retry_policy(field: &str, request: Option<&RetryRequest>) -> Result<RetryPolicy, Rejection> {
+    let default = RetryPolicy::default();
+    let Some(r) = request else { return Ok(default) };
+    let multiplier_permille = match r.multiplier {
+        None => default.multiplier_permille,
+        Some(m) if m.is_finite() && (1.0..=100.0).contains(&m) => (m * 1000.0).round() as u32,
+        Some(m) => {
+            return Err(Rejection::new(
+                domain::RejectionCode::InvalidRetryPolicy,
+                Some(&format!("{field}.multiplier")),
+                format!("multiplier must be between 1.0 and 100.0, got {m}"),
+            ));
+        }
+    };
+    let policy = RetryPolicy {
+        base_ms: r.base_ms.unwrap_or(default.base_ms),
+        multiplier_permille,
+        cap_ms: r.cap_ms.unwrap_or(default.cap_ms.max(r.base_ms.unwrap_or(0))),
+        jitter_pct: r.jitter_pct.unwrap_or(default.jitter_pct),
+    };
+    policy.validate()?;
+    Ok(policy)
+}
+
+pub fn step_spec(field: &str, s: &StepRequest) -> Result<StepSpec, Rejection> {
+    let at = |r: Rejection| r.within(field);
+    Ok(StepSpec {
+        name: StepName::new(&s.name).map_err(at)?,
+        handler: HandlerName::new(&s.handler).map_err(at)?,
+        payload: json_text("payload", &s.payload).map_err(at)?,
+        depends_on: s
+            .depends_on
+            .iter()
+            .map(StepName::new)
+            .collect::<Result<_, _>>()
+            .map_err(|r| r.within(&format!("{field}.depends_on")))?,
+        max_attempts: s.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+        retry: retry_policy("retry", s.retry.as_ref()).map_err(at)?,
+        lease_ms: s.lease_ms.unwrap_or(DEFAULT_LEASE_MS),
+    })
+}
+
+impl CreateTaskRequest {
+    pub fn into_spec(self, mint: impl FnOnce() -> TaskId) -> Result<TaskSpec, Rejection> {
+        let id = match &self.id {
+            Some(text) => TaskId::parse(text).map_err(|r| Rejection { field: Some("id".into()), ..r })?,
+            None => mint(),
+        };
+        let steps = match (&self.handler, &self.steps) {
+            (Some(handler), None) => vec![StepSpec {
+                name: StepName::new("main").expect("valid"),
+                handler: HandlerName::new(handler)?,
+                payload: Json::null(),
+                depends_on: Vec::new(),
+                max_attempts: self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+                retry: retry_policy("retry", self.retry.as_ref())?,
+                lease_ms: self.lease_ms.unwrap_or(DEFAULT_LEASE_MS),
+            }],
+            (None, Some(steps)) => {
+                if self.max_attempts.is_some() || self.lease_ms.is_some() || self.retry.is_some() {
+                    return Err(Rejection::invalid(
+                        "steps",
+                        "max_attempts, lease_ms and retry go on each step when `steps` is given",
+                    ));
+                }
+                steps.iter().enumerate().map(|(i, s)| step_spec(&format!("steps[{i}]"), s)).collect::<Result<_, _>>()?
+            }
+            _ => {
+                return Err(Rejection::invalid(
+                    "handler",
+                    "give either `handler` (a single job) or `steps` (a workflow)",
+                ));
+            }
+        };
+        Ok(TaskSpec {
+            id,
+            namespace: Namespace::new(&self.namespace)?,
+            name: self.name.unwrap_or_else(|| self.namespace.clone()),
+            payload: json_text("payload", &self.payload)?,
+            priority: Priority::new(self.priority)?,
+            run_at: self
+                .run_at
+                .as_deref()
+                .map(parse_rfc3339)
+                .transpose()
+                .map_err(|m| Rejection::invalid("run_at", m))?,
+            tags: self.tags.iter().map(Tag::new).collect::<Result<_, _>>()?,
+            idempotency_key: self.idempotency_key.as_deref().map(IdempotencyKey::new).transpose()?,
+            steps,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBatchRequest {
+    pub tasks: Vec<CreateTaskRequest>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRequest {
+    pub namespaces: Vec<String>,
+    pub worker_id: String,
+    #[serde(default = "one")]
+    pub max: u32,
+    pub lease_ms: Option<u32>,
+    #[serde(default)]
+    pub handlers: Vec<String>,
+    /// Long-poll: wait up to this long for work when none is ready.
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    pub epoch: u32,
+    pub lease_ms: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteRequest {
+    pub epoch: u32,
+    #[serde(default)]
+    pub result: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailRequest {
+    pub epoch: u32,
+    pub error: String,
+    #[serde(default = "yes")]
+    pub retryable: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRequest {
+    pub epoch: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddStepsRequest {
+    pub epoch: u32,
+    pub steps: Vec<StepRequest>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RetryStepRequest {
+    #[serde(default)]
+    pub reset_attempts: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveRequest {
+    pub note: String,
+    pub result: Option<Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ReasonRequest {
+    pub reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConcurrencyRequest {
+    /// `null` removes the limit.
+    pub limit: Option<u32>,
+}
+
+pub fn text(field: &str, value: &str) -> Result<Text, Rejection> {
+    Text::new(field, value)
+}
+
+// ----- responses -----
+
+#[derive(Serialize)]
+pub struct CommandResponse {
+    /// The seq of the first event this command recorded (absent if it changed nothing).
+    pub seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    /// The log head once the command was durable: pass it as `minSeq` to read your writes.
+    pub head_seq: u64,
+    pub duplicate: bool,
+    pub events: Vec<EventBody>,
+}
+
+#[derive(Serialize)]
+pub struct CreatedResponse {
+    pub task_id: String,
+    /// False when an idempotency key matched an existing task.
+    pub created: bool,
+    pub seq: Option<u64>,
+    pub head_seq: u64,
+    pub duplicate: bool,
+}
+
+#[derive(Serialize)]
+pub struct BatchCreatedResponse {
+    pub task_ids: Vec<String>,
+    pub created: usize,
+    pub seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub head_seq: u64,
+    pub duplicate: bool,
+}
+
+#[derive(Serialize)]
+pub struct ClaimedStepBody {
+    pub task_id: String,
+    pub namespace: String,
+    pub step: String,
+    pub handler: String,
+    pub payload: Value,
+    pub task_payload: Value,
+    pub epoch: u32,
+    pub attempt: u32,
+    pub lease_deadline: String,
+}
+
+impl From<&ClaimedStep> for ClaimedStepBody {
+    fn from(c: &ClaimedStep) -> Self {
+        Self {
+            task_id: c.task.to_string(),
+            namespace: c.namespace.to_string(),
+            step: c.step.to_string(),
+            handler: c.handler.to_string(),
+            payload: json_value(&c.payload),
+            task_payload: json_value(&c.task_payload),
+            epoch: c.epoch.0,
+            attempt: c.attempt.0,
+            lease_deadline: time(c.lease_deadline),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct ClaimResponse {
+    pub seq: Option<u64>,
+    pub head_seq: u64,
+    pub steps: Vec<ClaimedStepBody>,
+}
+
+/// A domain event as JSON: `{"type": "step_claimed", ...fields}`.
+#[derive(Serialize)]
+pub struct EventBody {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub data: Value,
+}
+
+impl From<&Event> for EventBody {
+    fn from(event: &Event) -> Self {
+        // Externally tagged: {"StepClaimed": {...}} -> the inner object.
+        let data = match serde_json::to_value(event).expect("events serialize") {
+            Value::Object(mut map) => map.values_mut().next().map(std::mem::take).unwrap_or(Value::Null),
+            other => other,
+        };
+        Self { kind: event.type_name(), data }
+    }
+}
+
+/// One record of the log, as the feed and history endpoints return it.
+#[derive(Serialize)]
+pub struct RecordBody {
+    pub seq: u64,
+    pub recorded_at: String,
+    pub stream: String,
+    pub stream_version: u64,
+    pub command_id: String,
+    pub actor: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub schema_version: u16,
+    pub hash: String,
+    pub data: Value,
+}
+
+pub fn record_body(record: &StoredRecord, event: &Event) -> RecordBody {
+    let body = EventBody::from(event);
+    RecordBody {
+        seq: record.seq,
+        recorded_at: time(Timestamp::from_micros(record.recorded_at_us)),
+        stream: event.stream().to_string(),
+        stream_version: record.stream_version,
+        command_id: record.command_id.clone(),
+        actor: record.actor.clone(),
+        kind: body.kind,
+        schema_version: record.schema_version,
+        hash: record.hash.iter().map(|b| format!("{b:02x}")).collect(),
+        data: body.data,
+    }
+}
+
+#[derive(Serialize)]
+pub struct StepBody {
+    pub name: String,
+    pub handler: String,
+    pub state: &'static str,
+    pub depends_on: Vec<String>,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub lease_epoch: u32,
+    pub worker: Option<String>,
+    pub lease_deadline: Option<String>,
+    pub retry_at: Option<String>,
+    pub last_error: Option<String>,
+    pub payload: Value,
+    pub result: Option<Value>,
+}
+
+#[derive(Serialize)]
+pub struct TaskBody {
+    pub id: String,
+    pub namespace: String,
+    pub name: String,
+    pub state: &'static str,
+    pub priority: i32,
+    pub tags: Vec<String>,
+    pub idempotency_key: Option<String>,
+    pub payload: Value,
+    pub created_at: String,
+    pub run_at: Option<String>,
+    pub steps: Vec<StepBody>,
+    /// The seq of the task's latest event, and how many events its stream has.
+    pub last_seq: u64,
+    pub version: u64,
+}
+
+pub fn task_body(task: &Task, last_seq: u64, version: u64) -> TaskBody {
+    TaskBody {
+        id: task.id.to_string(),
+        namespace: task.namespace.to_string(),
+        name: task.name.to_string(),
+        state: task.state.as_str(),
+        priority: task.priority.get(),
+        tags: task.tags.iter().map(ToString::to_string).collect(),
+        idempotency_key: task.idempotency_key.as_ref().map(ToString::to_string),
+        payload: json_value(&task.payload),
+        created_at: time(task.created_at),
+        run_at: task.run_at.map(time),
+        steps: task
+            .steps
+            .iter()
+            .map(|s| StepBody {
+                name: s.name.to_string(),
+                handler: s.handler.to_string(),
+                state: s.state.as_str(),
+                depends_on: s.deps.iter().map(|d| task.steps[d.get()].name.to_string()).collect(),
+                attempts: s.attempts,
+                max_attempts: s.max_attempts,
+                lease_epoch: s.epoch.0,
+                worker: s.worker.as_ref().map(ToString::to_string),
+                lease_deadline: s.lease_deadline.map(time),
+                retry_at: s.retry_at.map(time),
+                last_error: s.last_error.as_ref().map(|e| e.as_str().to_owned()),
+                payload: json_value(&s.payload),
+                result: s.result.as_ref().map(json_value),
+            })
+            .collect(),
+        last_seq,
+        version,
+    }
+}
