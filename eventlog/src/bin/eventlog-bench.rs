@@ -1,0 +1,677 @@
+//! `eventlog-bench`: the figures behind the event log's performance goals, measured in one run
+//! on one filesystem, so every writer rate can be read against the disk's raw fdatasync rate.
+//!
+//! Cases (all in a fresh directory under `--dir`, removed afterwards):
+//! - `raw_fdatasync`: append a 256-byte record to a plain file and `fdatasync` it, in a loop —
+//!   the most single-record commits per second this disk allows (ratio 1.0).
+//! - `writer_1_submitter`: one thread submitting `CreateTask` commands one at a time.
+//! - `writer_{N}_submitters`: N threads, each running create → claim → complete cycles on its
+//!   own namespace (the realistic shape: a producer and a worker per queue; a shared queue would
+//!   mostly measure claims that find another thread's task).
+//! - `snapshot_stall`: while the ledger holds `--live-tasks` live tasks and a snapshot of it is
+//!   being taken, a probe thread runs create → claim → complete cycles; the longest
+//!   acknowledgement it sees is `max_stall_us`.
+//! - `restart_{N}_live_snapshot` / `restart_{N}_live_no_snapshot`: `Writer::open` of that log,
+//!   from the snapshot and with the snapshot directory moved away.
+//! - `verify`: `eventlog::verify` over that log.
+//!
+//! Throughput counts commands and events acknowledged inside a fixed window after a warm-up;
+//! latency is per command, submit to acknowledgement. `ratio_to_fdatasync` is events/s over
+//! the raw fdatasync rate.
+//!
+//! `cargo run --release -p eventlog --bin eventlog-bench -- [--quick] [--json]`
+
+use std::collections::VecDeque;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use domain::Command;
+use domain::testkit::{claim, complete, job};
+use eventlog::{
+    CommandResult, Envelope, RedbOptions, RedbStore, SystemClock, WriteError, Writer, WriterConfig, WriterHandle,
+    verify,
+};
+use hdrhistogram::Histogram;
+
+#[derive(Parser, Debug)]
+#[command(about = "Measures the event log: raw fdatasync, the writer under load, restart and verify")]
+struct Args {
+    /// Where the temporary benchmark directory is created (must be the disk under test, not tmpfs).
+    #[arg(long, default_value = "target/bench-tmp")]
+    dir: PathBuf,
+    /// Print one JSON object per case and line instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Small sizes and short windows (about 20 s in all).
+    #[arg(long)]
+    quick: bool,
+    /// Measured window of each throughput case, in seconds [default: 5, quick: 2].
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Warm-up before each measured window, in seconds [default: 1, quick: 0.5].
+    #[arg(long)]
+    warmup: Option<f64>,
+    /// Live tasks in the log for the snapshot, restart and verify cases [default: 1000000, quick: 50000].
+    #[arg(long)]
+    live_tasks: Option<u64>,
+    /// Concurrent submitter counts for the create/claim/complete cases.
+    #[arg(long, value_delimiter = ',', default_value = "8,64,256")]
+    submitters: Vec<usize>,
+    /// Cases to run (comma separated): raw, writer1, writerN, snapshot, restart, verify [default: all].
+    #[arg(long, value_delimiter = ',')]
+    cases: Vec<String>,
+    /// Keep the benchmark directory afterwards (to inspect the log).
+    #[arg(long)]
+    keep: bool,
+}
+
+const ALL_CASES: [&str; 6] = ["raw", "writer1", "writerN", "snapshot", "restart", "verify"];
+const RAW_RECORD_BYTES: usize = 256;
+
+struct Settings {
+    seconds: f64,
+    warmup: f64,
+    live_tasks: u64,
+}
+
+/// One line of the report.
+struct Row {
+    case: String,
+    events_per_s: f64,
+    commands_per_s: f64,
+    p50_us: Option<u64>,
+    p99_us: Option<u64>,
+    max_us: Option<u64>,
+    seconds: f64,
+    extra: Vec<(&'static str, serde_json::Value)>,
+}
+
+struct Report {
+    json: bool,
+    raw_rate: Option<f64>,
+}
+
+impl Report {
+    fn header(&self, facts: &[(&str, String)]) {
+        if self.json {
+            let object: serde_json::Map<String, serde_json::Value> =
+                facts.iter().map(|(k, v)| ((*k).to_owned(), serde_json::Value::String(v.clone()))).collect();
+            let mut line = serde_json::Map::new();
+            line.insert("machine".into(), serde_json::Value::Object(object));
+            println!("{}", serde_json::Value::Object(line));
+        } else {
+            for (key, value) in facts {
+                println!("# {key}: {value}");
+            }
+            println!(
+                "{:<34} {:>12} {:>12} {:>9} {:>9} {:>10} {:>8} {:>9}  extra",
+                "case", "events/s", "commands/s", "p50_us", "p99_us", "max_us", "ratio", "seconds"
+            );
+        }
+    }
+
+    fn print(&mut self, row: Row) {
+        let ratio = self.raw_rate.filter(|r| *r > 0.0).map(|raw| row.events_per_s / raw);
+        if self.json {
+            let mut object = serde_json::Map::new();
+            object.insert("case".into(), row.case.clone().into());
+            object.insert("events_per_s".into(), round1(row.events_per_s).into());
+            object.insert("commands_per_s".into(), round1(row.commands_per_s).into());
+            object.insert("p50_us".into(), row.p50_us.into());
+            object.insert("p99_us".into(), row.p99_us.into());
+            object.insert("max_us".into(), row.max_us.into());
+            object.insert("ratio_to_fdatasync".into(), ratio.map(|r| (r * 1000.0).round() / 1000.0).into());
+            object.insert("seconds".into(), ((row.seconds * 1000.0).round() / 1000.0).into());
+            for (key, value) in &row.extra {
+                object.insert((*key).to_owned(), value.clone());
+            }
+            println!("{}", serde_json::Value::Object(object));
+        } else {
+            let opt = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+            let extra: Vec<String> = row.extra.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!(
+                "{:<34} {:>12.0} {:>12.0} {:>9} {:>9} {:>10} {:>8} {:>9.3}  {}",
+                row.case,
+                row.events_per_s,
+                row.commands_per_s,
+                opt(row.p50_us),
+                opt(row.p99_us),
+                opt(row.max_us),
+                ratio.map_or_else(|| "-".to_owned(), |r| format!("{r:.3}")),
+                row.seconds,
+                extra.join(" ")
+            );
+        }
+        if row.case == "raw_fdatasync" {
+            self.raw_rate = Some(row.events_per_s);
+        }
+    }
+}
+
+fn round1(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
+fn us_since(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let settings = Settings {
+        seconds: args.seconds.unwrap_or(if args.quick { 2.0 } else { 5.0 }),
+        warmup: args.warmup.unwrap_or(if args.quick { 0.5 } else { 1.0 }),
+        live_tasks: args.live_tasks.unwrap_or(if args.quick { 50_000 } else { 1_000_000 }),
+    };
+    let cases: Vec<String> =
+        if args.cases.is_empty() { ALL_CASES.iter().map(|c| (*c).to_owned()).collect() } else { args.cases.clone() };
+    for case in &cases {
+        if !ALL_CASES.contains(&case.as_str()) {
+            bail!("unknown case {case:?}; known: {}", ALL_CASES.join(", "));
+        }
+    }
+    let wants = |name: &str| cases.iter().any(|c| c == name);
+
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
+    let fs_type = filesystem_type(&args.dir);
+    if fs_type == "tmpfs" {
+        bail!("{} is on tmpfs: fdatasync costs nothing there; pass --dir on a real disk", args.dir.display());
+    }
+    let temp = tempfile::Builder::new()
+        .prefix("eventlog-bench-")
+        .tempdir_in(&args.dir)
+        .with_context(|| format!("create a temporary directory in {}", args.dir.display()))?;
+    let root = temp.path().to_path_buf();
+
+    let mut report = Report { json: args.json, raw_rate: None };
+    report.header(&machine_facts(&root, &fs_type, &settings));
+
+    if wants("raw") {
+        report.print(raw_fdatasync(&root.join("raw"), &settings)?);
+    }
+    if wants("writer1") {
+        report.print(writer_submitters(&root.join("writer-1"), 1, Workload::CreateOnly, &settings)?);
+    }
+    if wants("writerN") {
+        for &n in &args.submitters {
+            let dir = root.join(format!("writer-{n}"));
+            report.print(writer_submitters(&dir, n, Workload::Cycles, &settings)?);
+        }
+    }
+    if wants("snapshot") || wants("restart") || wants("verify") {
+        let dir = root.join("live");
+        let built = build_live_log(&dir, settings.live_tasks)?;
+        if wants("snapshot") {
+            report.print(built.stall_row);
+        }
+        if wants("restart") {
+            report.print(restart(&dir, settings.live_tasks, true)?);
+            report.print(restart(&dir, settings.live_tasks, false)?);
+        }
+        if wants("verify") {
+            report.print(verify_case(&dir)?);
+        }
+    }
+    if args.keep {
+        let kept = temp.keep();
+        eprintln!("kept {}", kept.display());
+    }
+    Ok(())
+}
+
+fn machine_facts(root: &Path, fs_type: &str, settings: &Settings) -> Vec<(&'static str, String)> {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned()))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or_else(|| "unknown".into(), |kb| format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned());
+    vec![
+        ("cores", cores.to_string()),
+        ("cpu", cpu),
+        ("memory", mem),
+        ("kernel", kernel),
+        ("dir", root.display().to_string()),
+        ("filesystem", fs_type.to_owned()),
+        ("seconds", settings.seconds.to_string()),
+        ("warmup", settings.warmup.to_string()),
+        ("live_tasks", settings.live_tasks.to_string()),
+    ]
+}
+
+/// The filesystem of `path`, by statfs magic number.
+fn filesystem_type(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return "unknown".into() };
+    // SAFETY: statfs writes into the zeroed struct we own; c_path is a valid C string.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return "unknown".into();
+    }
+    #[allow(clippy::unnecessary_cast)]
+    match stat.f_type as i64 {
+        0xEF53 => "ext2/3/4".into(),
+        0x0102_1994 => "tmpfs".into(),
+        0x5846_5342 => "xfs".into(),
+        0x9123_683E => "btrfs".into(),
+        0x794C_7630 => "overlayfs".into(),
+        0x2FC1_2FC1 => "zfs".into(),
+        other => format!("0x{other:x}"),
+    }
+}
+
+/// Appends 256-byte records to a plain file with an fdatasync after each.
+fn raw_fdatasync(dir: &Path, settings: &Settings) -> Result<Row> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let path = dir.join("raw.log");
+    let mut file =
+        OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("open {}", path.display()))?;
+    let record = [0xA5u8; RAW_RECORD_BYTES];
+    let fd = file.as_raw_fd();
+    let append = |file: &mut std::fs::File| -> Result<()> {
+        file.write_all(&record).context("append a record")?;
+        // SAFETY: fd is the open descriptor of `file`, which outlives this call.
+        if unsafe { libc::fdatasync(fd) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("fdatasync");
+        }
+        Ok(())
+    };
+    let warm_until = Instant::now() + Duration::from_secs_f64(settings.warmup);
+    while Instant::now() < warm_until {
+        append(&mut file)?;
+    }
+    let mut hist = histogram();
+    let mut count = 0u64;
+    let started = Instant::now();
+    let until = started + Duration::from_secs_f64(settings.seconds);
+    while Instant::now() < until {
+        let t = Instant::now();
+        append(&mut file)?;
+        hist.saturating_record(us_since(t));
+        count += 1;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let rate = count as f64 / seconds;
+    Ok(Row {
+        case: "raw_fdatasync".into(),
+        events_per_s: rate,
+        commands_per_s: rate,
+        p50_us: Some(hist.value_at_quantile(0.5)),
+        p99_us: Some(hist.value_at_quantile(0.99)),
+        max_us: Some(hist.max()),
+        seconds,
+        extra: vec![("record_bytes", RAW_RECORD_BYTES.into())],
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    /// One `CreateTask` at a time.
+    CreateOnly,
+    /// create → claim → complete on the thread's own namespace.
+    Cycles,
+}
+
+const WARMING: u8 = 0;
+const MEASURING: u8 = 1;
+const STOPPED: u8 = 2;
+
+/// What one submitter thread saw inside the measured window.
+struct Tally {
+    hist: Histogram<u64>,
+    commands: u64,
+    events: u64,
+    overloaded: u64,
+}
+
+fn envelope(command_id: String, command: Command) -> Envelope {
+    Envelope { command_id, actor: "bench".into(), command }
+}
+
+/// Runs `command`, retrying briefly on "overloaded"; returns the result and its latency.
+fn timed_execute(
+    handle: &WriterHandle,
+    command_id: String,
+    command: Command,
+    overloaded: &mut u64,
+) -> (CommandResult, u64) {
+    let started = Instant::now();
+    loop {
+        match handle.execute(envelope(command_id.clone(), command.clone())) {
+            Err(WriteError::Overloaded) => {
+                *overloaded += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            result => return (result, us_since(started)),
+        }
+    }
+}
+
+/// Task numbers of submitter `t` start here, so every thread's ids are distinct.
+fn task_number(t: usize, i: u64) -> u64 {
+    (t as u64 + 1) * 1_000_000_000 + i
+}
+
+fn submitter(handle: &WriterHandle, t: usize, workload: Workload, phase: &AtomicU8) -> Result<Tally> {
+    let namespace = format!("bench-{t}");
+    let worker = format!("worker-{t}");
+    let mut tally = Tally { hist: histogram(), commands: 0, events: 0, overloaded: 0 };
+    let record = |tally: &mut Tally, result: &CommandResult, us: u64| -> Result<()> {
+        let ack = result.as_ref().map_err(|e| anyhow::anyhow!("command failed: {e}"))?;
+        if phase.load(Ordering::Acquire) == MEASURING {
+            tally.hist.saturating_record(us);
+            tally.commands += 1;
+            tally.events += ack.events.len() as u64;
+        }
+        Ok(())
+    };
+    let mut i = 0u64;
+    while phase.load(Ordering::Acquire) != STOPPED {
+        let n = task_number(t, i);
+        i += 1;
+        let (created, us) =
+            timed_execute(handle, format!("c-{n}"), Command::CreateTask(job(n, &namespace)), &mut tally.overloaded);
+        record(&mut tally, &created, us)?;
+        if workload == Workload::CreateOnly {
+            continue;
+        }
+        let (claimed, us) =
+            timed_execute(handle, format!("l-{n}"), claim(&namespace, &worker, 1), &mut tally.overloaded);
+        record(&mut tally, &claimed, us)?;
+        let Some(work) = claimed.ok().and_then(|ack| ack.claimed.into_iter().next()) else {
+            bail!("submitter {t}: the claim found no work in its own namespace");
+        };
+        let (completed, us) =
+            timed_execute(handle, format!("d-{n}"), complete(work.task, "run", work.epoch.0), &mut tally.overloaded);
+        record(&mut tally, &completed, us)?;
+    }
+    Ok(tally)
+}
+
+fn writer_submitters(dir: &Path, submitters: usize, workload: Workload, settings: &Settings) -> Result<Row> {
+    let (writer, _) = Writer::open(dir, WriterConfig::default(), Arc::new(SystemClock))
+        .with_context(|| format!("open the writer at {}", dir.display()))?;
+    let handle = writer.handle();
+    let phase = Arc::new(AtomicU8::new(WARMING));
+    let threads: Vec<_> = (0..submitters)
+        .map(|t| {
+            let handle = handle.clone();
+            let phase = phase.clone();
+            std::thread::Builder::new()
+                .name(format!("submitter-{t}"))
+                .stack_size(256 * 1024)
+                .spawn(move || submitter(&handle, t, workload, &phase))
+                .context("spawn a submitter")
+        })
+        .collect::<Result<_>>()?;
+    std::thread::sleep(Duration::from_secs_f64(settings.warmup));
+    phase.store(MEASURING, Ordering::Release);
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(settings.seconds));
+    phase.store(STOPPED, Ordering::Release);
+    let seconds = started.elapsed().as_secs_f64();
+    let mut total = Tally { hist: histogram(), commands: 0, events: 0, overloaded: 0 };
+    for thread in threads {
+        let tally = thread.join().map_err(|_| anyhow::anyhow!("a submitter panicked"))??;
+        total.hist.add(&tally.hist).context("merge histograms")?;
+        total.commands += tally.commands;
+        total.events += tally.events;
+        total.overloaded += tally.overloaded;
+    }
+    let stats = handle.stats();
+    let batches = stats.batches.load(Ordering::Relaxed);
+    let all_events = stats.events.load(Ordering::Relaxed);
+    drop(handle);
+    writer.shutdown();
+    let case = match (workload, submitters) {
+        (Workload::CreateOnly, 1) => "writer_1_submitter".to_owned(),
+        (Workload::CreateOnly, n) => format!("writer_{n}_submitters_create"),
+        (Workload::Cycles, n) => format!("writer_{n}_submitters"),
+    };
+    Ok(Row {
+        case,
+        events_per_s: total.events as f64 / seconds,
+        commands_per_s: total.commands as f64 / seconds,
+        p50_us: Some(total.hist.value_at_quantile(0.5)),
+        p99_us: Some(total.hist.value_at_quantile(0.99)),
+        max_us: Some(total.hist.max()),
+        seconds,
+        extra: vec![
+            ("events_per_batch", round1(all_events as f64 / batches.max(1) as f64).into()),
+            ("overloaded", total.overloaded.into()),
+        ],
+    })
+}
+
+/// The log with `live_tasks` live tasks, and what the probe saw while its snapshot was taken.
+struct Built {
+    stall_row: Row,
+}
+
+/// Acknowledgements of the probe thread: when each arrived and how long it took.
+type ProbeLog = Vec<(Instant, u64)>;
+
+/// Writes `live_tasks` single-step tasks in `CreateTasks` batches of 1000, with a probe thread
+/// running create → claim → complete cycles throughout, and waits for the snapshot taken at
+/// the end (`snapshot_every_events` = `live_tasks`). Reports the probe's latencies between the
+/// last bulk acknowledgement and the snapshot being durable.
+fn build_live_log(dir: &Path, live_tasks: u64) -> Result<Built> {
+    let config = WriterConfig { snapshot_every_events: live_tasks, ..WriterConfig::default() };
+    let (writer, _) = Writer::open(dir, config, Arc::new(SystemClock))
+        .with_context(|| format!("open the writer at {}", dir.display()))?;
+    let handle = writer.handle();
+    let stop_probe = Arc::new(AtomicBool::new(false));
+    let probe = {
+        let handle = handle.clone();
+        let stop = stop_probe.clone();
+        std::thread::Builder::new().name("probe".into()).spawn(move || -> Result<ProbeLog> {
+            let mut log = ProbeLog::new();
+            let mut overloaded = 0;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                let n = task_number(999, i);
+                i += 1;
+                let (created, us) =
+                    timed_execute(&handle, format!("c-{n}"), Command::CreateTask(job(n, "probe")), &mut overloaded);
+                created.map_err(|e| anyhow::anyhow!("probe create: {e}"))?;
+                log.push((Instant::now(), us));
+                let (claimed, us) =
+                    timed_execute(&handle, format!("l-{n}"), claim("probe", "prober", 1), &mut overloaded);
+                let work = claimed
+                    .map_err(|e| anyhow::anyhow!("probe claim: {e}"))?
+                    .claimed
+                    .into_iter()
+                    .next()
+                    .context("the probe's claim found no work")?;
+                log.push((Instant::now(), us));
+                let (completed, us) =
+                    timed_execute(&handle, format!("d-{n}"), complete(work.task, "run", work.epoch.0), &mut overloaded);
+                completed.map_err(|e| anyhow::anyhow!("probe complete: {e}"))?;
+                log.push((Instant::now(), us));
+            }
+            Ok(log)
+        })?
+    };
+
+    // Keep a few batches in flight so group commit has something to group.
+    const IN_FLIGHT: usize = 8;
+    let build_started = Instant::now();
+    let mut in_flight: VecDeque<tokio::sync::oneshot::Receiver<CommandResult>> = VecDeque::new();
+    let mut next = 0u64;
+    let mut batch_number = 0u64;
+    while next < live_tasks || !in_flight.is_empty() {
+        if next < live_tasks && in_flight.len() < IN_FLIGHT {
+            let end = (next + domain::MAX_BATCH_TASKS as u64).min(live_tasks);
+            let specs = (next..end).map(|n| job(n + 1, "bulk")).collect();
+            let command_id = format!("bulk-{batch_number}");
+            batch_number += 1;
+            match handle.submit(envelope(command_id, Command::CreateTasks(specs))) {
+                Ok(receiver) => {
+                    in_flight.push_back(receiver);
+                    next = end;
+                }
+                Err(WriteError::Overloaded) => std::thread::sleep(Duration::from_millis(1)),
+                Err(e) => bail!("submit a bulk create: {e}"),
+            }
+            continue;
+        }
+        let receiver = in_flight.pop_front().expect("in flight");
+        let ack =
+            receiver.blocking_recv().context("the writer stopped")?.map_err(|e| anyhow::anyhow!("bulk create: {e}"))?;
+        if ack.events.len() != ack.seqs.map_or(0, |s| (s.last - s.first + 1) as usize) {
+            bail!("a bulk create was acknowledged with a wrong seq range");
+        }
+    }
+    let bulk_done = Instant::now();
+    let build_seconds = build_started.elapsed().as_secs_f64();
+    while handle.stats().snapshots.load(Ordering::Relaxed) == 0 {
+        if bulk_done.elapsed() > Duration::from_secs(600) {
+            bail!("no snapshot was taken within 10 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let snapshot_done = Instant::now();
+    // A little more probing after the snapshot, as a baseline.
+    std::thread::sleep(Duration::from_millis(500));
+    stop_probe.store(true, Ordering::Release);
+    let probe_log = probe.join().map_err(|_| anyhow::anyhow!("the probe panicked"))??;
+    let live = handle.read(|ledger| ledger.live_task_count())?;
+    let head = handle.reader().head()?.seq;
+    let snapshot = handle.snapshots().list()?.into_iter().next_back().context("the snapshot directory is empty")?;
+    drop(handle);
+    writer.shutdown();
+
+    let mut during = histogram();
+    let mut after = histogram();
+    let mut during_events = 0u64;
+    for &(at, us) in &probe_log {
+        if at >= bulk_done && at <= snapshot_done + Duration::from_millis(1) {
+            during.saturating_record(us);
+            during_events += 1;
+        } else if at > snapshot_done {
+            after.saturating_record(us);
+        }
+    }
+    let window = (snapshot_done - bulk_done).as_secs_f64();
+    let snapshot_bytes = snapshot.header.as_ref().map_or(0, |info| info.body_len);
+    let quantile = |h: &Histogram<u64>, q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q));
+    let stall_row = Row {
+        case: format!("snapshot_stall_{}_live", short_count(live_tasks)),
+        events_per_s: during_events as f64 / window.max(1e-9),
+        commands_per_s: during_events as f64 / window.max(1e-9),
+        p50_us: quantile(&during, 0.5),
+        p99_us: quantile(&during, 0.99),
+        max_us: quantile(&during, 1.0),
+        seconds: window,
+        extra: vec![
+            ("max_stall_us", quantile(&during, 1.0).into()),
+            ("probe_commands", during.len().into()),
+            ("after_p99_us", quantile(&after, 0.99).into()),
+            ("after_max_us", quantile(&after, 1.0).into()),
+            ("snapshot_seq", snapshot.seq.into()),
+            ("head_seq", head.into()),
+            ("snapshot_mib", round1(snapshot_bytes as f64 / 1048576.0).into()),
+            ("live_tasks", live.into()),
+            ("build_s", round1(build_seconds).into()),
+            ("build_events_per_s", round1(live_tasks as f64 / build_seconds).into()),
+        ],
+    };
+    Ok(Built { stall_row })
+}
+
+fn short_count(n: u64) -> String {
+    if n >= 1_000_000 && n.is_multiple_of(1_000_000) {
+        format!("{}m", n / 1_000_000)
+    } else if n >= 1000 && n.is_multiple_of(1000) {
+        format!("{}k", n / 1000)
+    } else {
+        n.to_string()
+    }
+}
+
+/// Times `Writer::open` of the live log, from its snapshot or with the snapshots moved away.
+fn restart(dir: &Path, live_tasks: u64, with_snapshot: bool) -> Result<Row> {
+    let snapshots = dir.join("snapshots");
+    let aside = dir.join("snapshots-aside");
+    if !with_snapshot {
+        std::fs::rename(&snapshots, &aside).context("move the snapshots away")?;
+    }
+    // The production configuration, so the snapshot thread's own startup fold competes for the
+    // CPU as it would in service; with the snapshots moved away it would write a fresh one, so
+    // snapshots are off in that case.
+    let config =
+        WriterConfig { snapshot_every_events: if with_snapshot { live_tasks } else { 0 }, ..WriterConfig::default() };
+    let started = Instant::now();
+    let opened = Writer::open(dir, config, Arc::new(SystemClock));
+    let seconds = started.elapsed().as_secs_f64();
+    let result = opened.with_context(|| format!("reopen the writer at {}", dir.display())).map(|(writer, startup)| {
+        writer.shutdown();
+        startup
+    });
+    if !with_snapshot {
+        std::fs::rename(&aside, &snapshots).context("move the snapshots back")?;
+    }
+    let startup = result?;
+    if startup.live_tasks < live_tasks as usize {
+        bail!("the restarted ledger holds {} live tasks, expected at least {live_tasks}", startup.live_tasks);
+    }
+    if with_snapshot && startup.fold.snapshot_seq == 0 {
+        bail!("the restart did not use the snapshot: {:?}", startup.fold.skipped_snapshots);
+    }
+    let suffix = if with_snapshot { "snapshot" } else { "no_snapshot" };
+    Ok(Row {
+        case: format!("restart_{}_live_{suffix}", short_count(live_tasks)),
+        events_per_s: startup.head.seq as f64 / seconds,
+        commands_per_s: 0.0,
+        p50_us: None,
+        p99_us: None,
+        max_us: None,
+        seconds,
+        extra: vec![
+            ("head_seq", startup.head.seq.into()),
+            ("snapshot_seq", startup.fold.snapshot_seq.into()),
+            ("replayed", startup.fold.replayed.into()),
+            ("live_tasks", startup.live_tasks.into()),
+        ],
+    })
+}
+
+fn verify_case(dir: &Path) -> Result<Row> {
+    let store =
+        RedbStore::open(dir, RedbOptions::default()).with_context(|| format!("open the log at {}", dir.display()))?;
+    let started = Instant::now();
+    let report = verify(&store.reader(), |_, _| {}).context("verify the log")?;
+    let seconds = started.elapsed().as_secs_f64();
+    if !report.is_clean() {
+        bail!("verify found problems: {report:?}");
+    }
+    Ok(Row {
+        case: "verify".into(),
+        events_per_s: report.records as f64 / seconds,
+        commands_per_s: 0.0,
+        p50_us: None,
+        p99_us: None,
+        max_us: None,
+        seconds,
+        extra: vec![("records", report.records.into())],
+    })
+}
