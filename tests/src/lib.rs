@@ -1,7 +1,14 @@
 //! Shared helpers for the black-box tests in `tests/tests/`: locating the
-//! binaries cargo built so a test can run them as a user would.
+//! binaries cargo built, and `Server`, which runs `taskledger serve` on a
+//! free loopback port with a temporary data dir and talks HTTP to it as a
+//! client would.
 
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
 
 /// Path of a binary built by this workspace (`taskledger`, `taskledger-replay`).
 ///
@@ -14,4 +21,170 @@ pub fn workspace_binary(name: &str) -> PathBuf {
         dir.pop();
     }
     dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// A running `taskledger serve`.
+pub struct Server {
+    child: Option<Child>,
+    pub base: String,
+    pub token: String,
+    pub data: PathBuf,
+    agent: ureq::Agent,
+    /// Kept alive for the server's lifetime when the data dir is temporary.
+    _temp: Option<tempfile::TempDir>,
+}
+
+/// An HTTP answer: status and JSON body (`Value::Null` when the body is not JSON).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    /// The stable error code of an error answer.
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+impl Server {
+    /// Starts a server on a fresh temporary data dir.
+    pub fn start() -> Server {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let data = temp.path().join("data");
+        let mut server = Server::start_in(&data, &[]);
+        server._temp = Some(temp);
+        server
+    }
+
+    /// Starts a server on `data` (kept by the caller, e.g. across restarts).
+    pub fn start_in(data: &Path, extra_args: &[&str]) -> Server {
+        let mut child = Command::new(workspace_binary("taskledger"))
+            .arg("serve")
+            .arg("--data")
+            .arg(data)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra_args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start taskledger");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let mut base = None;
+        for line in lines.by_ref() {
+            let line = line.expect("read server stdout");
+            if let Some(addr) = line.split("listening on ").nth(1) {
+                base = Some(addr.trim().to_owned());
+            }
+            if line.contains("authenticate with") {
+                break;
+            }
+        }
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let base = base.expect("the server printed its address");
+        let token = std::fs::read_to_string(data.join("admin.token")).expect("admin token").trim().to_owned();
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        Server { child: Some(child), base, token, data: data.to_path_buf(), agent, _temp: None }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn answer(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Answer {
+        let mut response = result.expect("HTTP exchange");
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+            .collect();
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Answer { status, body, headers }
+    }
+
+    /// POSTs JSON with the admin token.
+    pub fn post(&self, path: &str, body: Value) -> Answer {
+        self.post_as(&self.token, path, body, None)
+    }
+
+    /// POSTs JSON with `token` and an optional command id.
+    pub fn post_as(&self, token: &str, path: &str, body: Value, command_id: Option<&str>) -> Answer {
+        let mut request = self.agent.post(self.url(path)).header("Authorization", &format!("Bearer {token}"));
+        if let Some(id) = command_id {
+            request = request.header("X-Command-Id", id);
+        }
+        Self::answer(request.send_json(body))
+    }
+
+    /// POSTs a raw body (for malformed-input tests).
+    pub fn post_raw(&self, path: &str, content_type: &str, body: Vec<u8>) -> Answer {
+        let request = self
+            .agent
+            .post(self.url(path))
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .header("Content-Type", content_type);
+        Self::answer(request.send(&body[..]))
+    }
+
+    pub fn put(&self, path: &str, body: Value) -> Answer {
+        let request = self.agent.put(self.url(path)).header("Authorization", &format!("Bearer {}", self.token));
+        Self::answer(request.send_json(body))
+    }
+
+    /// GETs with the admin token.
+    pub fn get(&self, path: &str) -> Answer {
+        self.get_as(&self.token, path)
+    }
+
+    pub fn get_as(&self, token: &str, path: &str) -> Answer {
+        Self::answer(self.agent.get(self.url(path)).header("Authorization", &format!("Bearer {token}")).call())
+    }
+
+    /// GETs a text body (NDJSON feed, metrics).
+    pub fn get_text(&self, path: &str) -> (u16, String) {
+        let mut response = self
+            .agent
+            .get(self.url(path))
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .call()
+            .expect("HTTP exchange");
+        let status = response.status().as_u16();
+        (status, response.body_mut().read_to_string().unwrap_or_default())
+    }
+
+    /// The log head.
+    pub fn head_seq(&self) -> u64 {
+        self.get("/v1/ledger").body["head_seq"].as_u64().expect("head_seq")
+    }
+
+    /// Stops the server with SIGTERM and waits; returns its exit code.
+    pub fn stop(mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        child.wait().ok().and_then(|s| s.code())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

@@ -1,0 +1,321 @@
+//! Black-box tests of `taskledger serve`: the real binary on a loopback port
+//! with a temporary data dir, driven over HTTP as producers, workers,
+//! operators and auditors would.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tests::Server;
+
+fn create_job(server: &Server, namespace: &str, extra: Value) -> String {
+    let mut body = json!({ "namespace": namespace, "handler": "work", "payload": {"n": 1} });
+    if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
+        b.extend(e);
+    }
+    let answer = server.post("/v1/tasks", body);
+    assert_eq!(answer.status, 201, "{answer:?}");
+    answer.body["task_id"].as_str().unwrap().to_owned()
+}
+
+fn claim(server: &Server, namespace: &str, wait_ms: u64) -> Vec<Value> {
+    let answer = server.post(
+        "/v1/claims",
+        json!({ "namespaces": [namespace], "worker_id": "worker-1", "max": 10, "wait_ms": wait_ms }),
+    );
+    assert_eq!(answer.status, 200, "{answer:?}");
+    answer.body["steps"].as_array().unwrap().clone()
+}
+
+fn step_path(step: &Value, action: &str) -> String {
+    format!("/v1/tasks/{}/steps/{}/{action}", step["task_id"].as_str().unwrap(), step["step"].as_str().unwrap())
+}
+
+fn epoch(step: &Value) -> u64 {
+    step["epoch"].as_u64().unwrap()
+}
+
+#[test]
+fn a_job_goes_from_create_to_complete_with_its_history_recorded() {
+    let server = Server::start();
+    let id = create_job(&server, "emails", json!({}));
+    let claimed = claim(&server, "emails", 0);
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0]["task_payload"], json!({"n": 1}));
+    let beat =
+        server.post(&step_path(&claimed[0], "heartbeat"), json!({ "epoch": epoch(&claimed[0]), "lease_ms": 60000 }));
+    assert_eq!(beat.status, 200, "{beat:?}");
+    let done = server
+        .post(&step_path(&claimed[0], "complete"), json!({ "epoch": epoch(&claimed[0]), "result": {"ok": true} }));
+    assert_eq!(done.status, 200, "{done:?}");
+    assert_eq!(done.body["seq"], json!(4));
+
+    let task = server.get(&format!("/v1/tasks/{id}"));
+    assert_eq!(task.status, 200);
+    assert_eq!(task.body["state"], "complete");
+    assert_eq!(task.body["steps"][0]["result"], json!({"ok": true}));
+    let history = server.get(&format!("/v1/tasks/{id}/history"));
+    let types: Vec<&str> = history.body.as_array().unwrap().iter().map(|r| r["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["task_created", "step_claimed", "lease_extended", "step_completed"]);
+    assert!(history.body[0]["actor"].as_str().unwrap().starts_with("token:"));
+}
+
+#[test]
+fn a_workflow_step_becomes_claimable_only_after_its_dependency_completes() {
+    let server = Server::start();
+    let created = server.post(
+        "/v1/tasks",
+        json!({
+            "namespace": "etl",
+            "steps": [
+                { "name": "extract", "handler": "extract" },
+                { "name": "load", "handler": "load", "depends_on": ["extract"] }
+            ]
+        }),
+    );
+    assert_eq!(created.status, 201, "{created:?}");
+    let first = claim(&server, "etl", 0);
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0]["step"], "extract");
+    assert!(claim(&server, "etl", 0).is_empty(), "load waits for extract");
+    server.post(&step_path(&first[0], "complete"), json!({ "epoch": epoch(&first[0]) }));
+    let second = claim(&server, "etl", 0);
+    assert_eq!(second[0]["step"], "load");
+}
+
+#[test]
+fn failures_back_off_into_the_dead_letter_queue_and_an_operator_retries() {
+    let server = Server::start();
+    let id = create_job(
+        &server,
+        "flaky",
+        json!({ "max_attempts": 2, "retry": { "base_ms": 20, "multiplier": 2.0, "cap_ms": 1000, "jitter_pct": 0 } }),
+    );
+    let first = claim(&server, "flaky", 0);
+    let failed = server.post(&step_path(&first[0], "fail"), json!({ "epoch": epoch(&first[0]), "error": "timeout" }));
+    assert_eq!(failed.status, 200);
+    assert_eq!(failed.body["events"][0]["data"]["outcome"]["Retry"]["delay_ms"], json!(20));
+    assert_eq!(server.get(&format!("/v1/tasks/{id}")).body["state"], "waiting_for_retry");
+    // The long-poll wakes when the retry timer re-enqueues the step.
+    let second = claim(&server, "flaky", 5_000);
+    assert_eq!(second.len(), 1, "re-claimed after the backoff");
+    assert_eq!(second[0]["attempt"], json!(2));
+    server.post(&step_path(&second[0], "fail"), json!({ "epoch": epoch(&second[0]), "error": "timeout again" }));
+    let task = server.get(&format!("/v1/tasks/{id}"));
+    assert_eq!(task.body["state"], "blocked_by_failures");
+    assert_eq!(task.body["steps"][0]["state"], "error");
+
+    let refused = server.post(&format!("/v1/tasks/{id}/steps/main/retry"), json!({}));
+    assert_eq!((refused.status, refused.code()), (409, "invalid_state"));
+    let retried = server.post(&format!("/v1/tasks/{id}/steps/main/retry"), json!({ "reset_attempts": true }));
+    assert_eq!(retried.status, 200, "{retried:?}");
+    assert_eq!(claim(&server, "flaky", 0).len(), 1);
+}
+
+#[test]
+fn an_expired_lease_is_reclaimed_and_the_stale_epoch_is_refused() {
+    let server = Server::start();
+    create_job(&server, "slow", json!({ "lease_ms": 200, "retry": { "base_ms": 0, "jitter_pct": 0 } }));
+    let first = claim(&server, "slow", 0);
+    let second = claim(&server, "slow", 5_000);
+    assert_eq!(second.len(), 1, "the step came back after its lease expired");
+    assert_eq!(epoch(&second[0]), epoch(&first[0]) + 1);
+    let head = server.head_seq();
+    let stale = server.post(&step_path(&first[0], "complete"), json!({ "epoch": epoch(&first[0]) }));
+    assert_eq!((stale.status, stale.code()), (409, "lease_lost"));
+    assert_eq!(server.head_seq(), head, "a refused command writes nothing");
+    let fresh = server.post(&step_path(&second[0], "complete"), json!({ "epoch": epoch(&second[0]) }));
+    assert_eq!(fresh.status, 200);
+}
+
+#[test]
+fn cancel_idempotent_create_pause_and_command_dedup() {
+    let server = Server::start();
+    let body = json!({ "namespace": "orders", "handler": "ship", "idempotency_key": "order-42" });
+    let first = server.post("/v1/tasks", body.clone());
+    let again = server.post("/v1/tasks", body);
+    assert_eq!((first.status, again.status), (201, 200));
+    assert_eq!(first.body["task_id"], again.body["task_id"]);
+    assert_eq!(again.body["created"], json!(false));
+    let id = first.body["task_id"].as_str().unwrap();
+
+    // The same command id twice: the original answer, nothing new written.
+    let token = server.token.clone();
+    let claim_body = json!({ "namespaces": ["orders"], "worker_id": "w", "max": 1 });
+    let a = server.post_as(&token, "/v1/claims", claim_body.clone(), Some("claim-once"));
+    let b = server.post_as(&token, "/v1/claims", claim_body, Some("claim-once"));
+    assert_eq!(a.body["seq"], b.body["seq"]);
+    assert_eq!(a.body["steps"], b.body["steps"]);
+
+    let cancelled = server.post(&format!("/v1/tasks/{id}/cancel"), json!({ "reason": "customer changed their mind" }));
+    assert_eq!(cancelled.status, 200);
+    assert_eq!(server.get(&format!("/v1/tasks/{id}")).body["state"], "cancelled");
+
+    assert_eq!(server.post("/v1/queues/orders/pause", json!({})).status, 200);
+    create_job(&server, "orders", json!({}));
+    assert!(claim(&server, "orders", 0).is_empty(), "a paused queue hands out nothing");
+    assert_eq!(server.get("/v1/queues/orders").body["paused"], json!(true));
+    server.post("/v1/queues/orders/resume", json!({}));
+    assert_eq!(claim(&server, "orders", 0).len(), 1);
+    let limit = server.put("/v1/queues/orders/concurrency", json!({ "limit": 5 }));
+    assert_eq!(limit.status, 200);
+    assert_eq!(server.get("/v1/queues/orders").body["concurrency_limit"], json!(5));
+}
+
+#[test]
+fn bad_input_gets_a_stable_error_and_changes_nothing() {
+    let server = Server::start();
+    create_job(&server, "q", json!({}));
+    let head = server.head_seq();
+    let cases = [
+        (server.post_raw("/v1/tasks", "application/json", b"{not json".to_vec()), 400, "malformed_json"),
+        (server.post("/v1/tasks", json!({ "namespace": "q", "handler": "h", "surprise": 1 })), 400, "invalid_request"),
+        (server.post("/v1/tasks", json!({ "namespace": "q", "handler": 7 })), 400, "invalid_request"),
+        (server.post("/v1/tasks", json!({ "namespace": "Q!", "handler": "h" })), 422, "invalid_value"),
+        (server.post("/v1/tasks", json!({ "namespace": "q" })), 422, "invalid_value"),
+        (
+            server.post(
+                "/v1/tasks",
+                json!({ "namespace": "q", "steps": [{ "name": "a", "handler": "h", "depends_on": ["a"] }] }),
+            ),
+            422,
+            "dependency_cycle",
+        ),
+        (server.post_raw("/v1/tasks", "text/plain", b"{}".to_vec()), 415, "unsupported_media_type"),
+        (server.get("/v1/tasks/0190d6d0-0000-7000-8000-000000000000"), 404, "task_not_found"),
+        (server.get("/v1/tasks/not-a-uuid"), 404, "not_found"),
+        (server.post("/v1/tasks/0190d6d0-0000-7000-8000-000000000000/cancel", json!({})), 404, "task_not_found"),
+        (server.get("/v1/nowhere"), 404, "not_found"),
+        (server.post("/v1/claims", json!({ "namespaces": ["q"], "worker_id": "w", "max": 0 })), 422, "invalid_claim"),
+    ];
+    for (answer, status, code) in cases {
+        assert_eq!((answer.status, answer.code()), (status, code), "{answer:?}");
+        assert!(!answer.body["error"]["message"].as_str().unwrap().is_empty());
+    }
+    let unauthenticated = server.get_as("wrong", "/v1/ledger");
+    assert_eq!((unauthenticated.status, unauthenticated.code()), (401, "unauthorized"));
+    assert_eq!(server.head_seq(), head);
+}
+
+#[test]
+fn oversized_bodies_are_refused_with_413() {
+    let temp = tempfile::tempdir().unwrap();
+    let server = Server::start_in(&temp.path().join("data"), &["--max-body-bytes", "2048"]);
+    let big = "x".repeat(4096);
+    let answer = server.post("/v1/tasks", json!({ "namespace": "q", "handler": "h", "payload": big }));
+    assert_eq!((answer.status, answer.code()), (413, "body_too_large"));
+    assert_eq!(server.head_seq(), 0);
+}
+
+#[test]
+fn roles_and_namespace_scopes_are_enforced() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let entry = |name: &str, roles: &[&str], namespaces: &[&str]| json!({ "name": name, "token_blake3": api::auth::hash_token(&format!("tok-{name}")), "roles": roles, "namespaces": namespaces });
+    let tokens = json!({ "tokens": [
+        entry("admin", &["admin"], &[]),
+        entry("producer", &["producer"], &["mail"]),
+        entry("worker", &["worker"], &[]),
+        entry("operator", &["operator"], &[]),
+        entry("auditor", &["auditor"], &[]),
+    ]});
+    std::fs::write(data.join("tokens.json"), tokens.to_string()).unwrap();
+    std::fs::write(data.join("admin.token"), "tok-admin").unwrap();
+    let server = Server::start_in(&data, &[]);
+    let tok = |name: &str| format!("tok-{name}");
+    let job = |ns: &str| json!({ "namespace": ns, "handler": "h" });
+    let claim = json!({ "namespaces": ["mail"], "worker_id": "w", "max": 1 });
+
+    // (token, method path body, expected status)
+    assert_eq!(server.post_as(&tok("producer"), "/v1/tasks", job("mail"), None).status, 201);
+    let other = server.post_as(&tok("producer"), "/v1/tasks", job("billing"), None);
+    assert_eq!((other.status, other.code()), (403, "namespace_forbidden"));
+    assert_eq!(server.post_as(&tok("producer"), "/v1/claims", claim.clone(), None).status, 403);
+    assert_eq!(server.post_as(&tok("worker"), "/v1/tasks", job("mail"), None).status, 403);
+    assert_eq!(server.post_as(&tok("auditor"), "/v1/tasks", job("mail"), None).status, 403);
+    assert_eq!(server.post_as(&tok("auditor"), "/v1/queues/mail/pause", json!({}), None).status, 403);
+    assert_eq!(server.post_as(&tok("worker"), "/v1/queues/mail/pause", json!({}), None).status, 403);
+    assert_eq!(server.post_as(&tok("operator"), "/v1/queues/mail/pause", json!({}), None).status, 200);
+    assert_eq!(server.post_as(&tok("operator"), "/v1/queues/mail/resume", json!({}), None).status, 200);
+    let claimed = server.post_as(&tok("worker"), "/v1/claims", claim, None);
+    assert_eq!(claimed.status, 200);
+    assert_eq!(claimed.body["steps"].as_array().unwrap().len(), 1);
+    let id = claimed.body["steps"][0]["task_id"].as_str().unwrap().to_owned();
+    assert_eq!(server.get_as(&tok("auditor"), &format!("/v1/tasks/{id}")).status, 200);
+    assert_eq!(server.get_as(&tok("auditor"), "/v1/events?follow=false").status, 200);
+    assert_eq!(server.get_as(&tok("producer"), "/v1/events?follow=false").status, 403);
+    assert_eq!(server.get_as(&tok("worker"), "/v1/events?follow=false").status, 403);
+    // History records who did what.
+    let history = server.get(&format!("/v1/tasks/{id}/history")).body;
+    assert_eq!(history[0]["actor"], "token:producer");
+    assert_eq!(history[1]["actor"], "token:worker");
+}
+
+#[test]
+fn the_event_feed_resumes_from_any_seq_as_ndjson_or_sse() {
+    let server = Server::start();
+    for _ in 0..3 {
+        create_job(&server, "feed", json!({}));
+    }
+    let (status, text) = server.get_text("/v1/events?from_seq=2&follow=false");
+    assert_eq!(status, 200);
+    let seqs: Vec<u64> =
+        text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [2, 3]);
+    // Following: a limit ends the stream once that many records arrived, live ones included.
+    let url = server.url("/v1/events?from_seq=3&limit=2");
+    let token = server.token.clone();
+    let reader = std::thread::spawn(move || {
+        let agent: ureq::Agent =
+            ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(20))).build().into();
+        let mut response = agent
+            .get(&url)
+            .header("Authorization", &format!("Bearer {token}"))
+            .header("Accept", "text/event-stream")
+            .call()
+            .unwrap();
+        let content_type = response.headers().get("content-type").unwrap().to_str().unwrap().to_owned();
+        (content_type, response.body_mut().read_to_string().unwrap())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    create_job(&server, "feed", json!({}));
+    let (content_type, sse) = reader.join().unwrap();
+    assert_eq!(content_type, "text/event-stream");
+    let ids: Vec<&str> = sse.lines().filter_map(|l| l.strip_prefix("id: ")).collect();
+    assert_eq!(ids, ["3", "4"], "{sse}");
+    assert!(sse.contains("event: task_created"));
+}
+
+#[test]
+fn a_restart_keeps_everything_and_shutdown_is_clean() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    let server = Server::start_in(&data, &[]);
+    let id = create_job(&server, "keep", json!({}));
+    let claimed = claim(&server, "keep", 0);
+    let head = server.head_seq();
+    assert_eq!(server.stop(), Some(0), "SIGTERM drains and exits 0");
+
+    let server = Server::start_in(&data, &[]);
+    assert_eq!(server.head_seq(), head);
+    let task = server.get(&format!("/v1/tasks/{id}"));
+    assert_eq!(task.body["state"], "in_progress");
+    // The lease held before the restart is still the live one.
+    let done = server.post(&step_path(&claimed[0], "complete"), json!({ "epoch": epoch(&claimed[0]) }));
+    assert_eq!(done.status, 200, "{done:?}");
+}
+
+#[test]
+fn health_readiness_and_metrics_answer() {
+    let server = Server::start();
+    create_job(&server, "m", json!({}));
+    assert_eq!(server.get("/healthz").body["writer"], "healthy");
+    assert_eq!(server.get("/readyz").body["ready"], json!(true));
+    let (status, metrics) = server.get_text("/metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("taskledger_commands_total{command=\"create_task\",outcome=\"accepted\"} 1"), "{metrics}");
+    assert!(metrics.contains("taskledger_head_seq 1"));
+    let openapi = server.get("/openapi.json");
+    assert_eq!(openapi.status, 200);
+    assert!(openapi.body["paths"].as_object().is_some_and(|p| p.contains_key("/v1/tasks")));
+}
