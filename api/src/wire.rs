@@ -350,11 +350,33 @@ pub struct EventBody {
 impl From<&Event> for EventBody {
     fn from(event: &Event) -> Self {
         // Externally tagged: {"StepClaimed": {...}} -> the inner object.
-        let data = match serde_json::to_value(event).expect("events serialize") {
+        let mut data = match serde_json::to_value(event).expect("events serialize") {
             Value::Object(mut map) => map.values_mut().next().map(std::mem::take).unwrap_or(Value::Null),
             other => other,
         };
+        inline_json_fields(&mut data);
         Self { kind: event.type_name(), data }
+    }
+}
+
+/// The domain keeps payloads and results as JSON text; on the wire they are
+/// JSON values again (`"payload": {"user": 42}`, not a string of it).
+fn inline_json_fields(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            for (key, field) in map.iter_mut() {
+                if matches!(key.as_str(), "payload" | "result")
+                    && let Value::String(text) = field
+                    && let Ok(parsed) = serde_json::from_str::<Value>(text)
+                {
+                    *field = parsed;
+                } else {
+                    inline_json_fields(field);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(inline_json_fields),
+        _ => {}
     }
 }
 
