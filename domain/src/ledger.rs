@@ -189,6 +189,14 @@ impl Ledger {
         Self { retain_terminal_tasks: true, ..Self::default() }
     }
 
+    /// This ledger, from now on keeping the tasks that finish (same caveat as
+    /// [`Ledger::retaining_terminal_tasks`]): a view of history that starts
+    /// from a snapshot and must still show what ended after it.
+    pub fn into_retaining(mut self) -> Self {
+        self.retain_terminal_tasks = true;
+        self
+    }
+
     // ----- reads -----
 
     pub fn task(&self, id: &TaskId) -> Option<&Task> {

@@ -14,6 +14,7 @@ mod ledger;
 mod rejection;
 mod spec;
 mod state;
+mod time;
 mod values;
 
 pub mod testkit;
