@@ -184,6 +184,35 @@ impl Decoded<'_> {
     }
 }
 
+/// The stored body of `record` (format byte ‖ postcard body): exactly the bytes its chain hash
+/// covers, for tools that must let someone recompute the chain without the log (audit exports).
+/// The encoding is deterministic, so this equals what the log stores; callers that hand the
+/// bytes on should still check `chain_hash(prev, seq, body) == record.hash`.
+pub fn stored_body(record: &StoredRecord) -> Vec<u8> {
+    let body = RecordBody {
+        stream: &record.stream,
+        stream_version: record.stream_version,
+        recorded_at_us: record.recorded_at_us,
+        command_id: &record.command_id,
+        actor: &record.actor,
+        event_type: record.event_type,
+        schema_version: record.schema_version,
+        payload: &record.payload,
+    };
+    let mut bytes = Vec::with_capacity(1 + 64 + record.payload.len());
+    bytes.push(RECORD_FORMAT_VERSION);
+    postcard::to_extend(&body, bytes).expect("a record body always serializes")
+}
+
+/// Decodes a stored body (as [`stored_body`] returns it) as record `seq` whose chain hash is
+/// `hash`, checking its shape but not its chain link (use [`chain_hash`] for that).
+pub fn decode_stored_body(seq: u64, hash: Hash, body: &[u8]) -> Result<StoredRecord, RecordError> {
+    let mut value = Vec::with_capacity(32 + body.len());
+    value.extend_from_slice(&hash);
+    value.extend_from_slice(body);
+    Ok(decode(seq, &value)?.to_stored(seq))
+}
+
 /// Decodes the stored value of record `seq`, checking its shape (not its chain link).
 pub(crate) fn decode(seq: u64, value: &[u8]) -> Result<Decoded<'_>, RecordError> {
     if value.len() < 33 {
@@ -274,5 +303,15 @@ mod tests {
         let (mut value, _) = encode(&sample(), 1, 1, &GENESIS_HASH).unwrap();
         value.push(0);
         assert!(matches!(decode(1, &value), Err(RecordError::TrailingBytes { .. })));
+    }
+
+    #[test]
+    fn stored_body_is_the_hashed_part_of_the_value() {
+        let (value, stored) = encode(&sample(), 3, 2, &[9; 32]).unwrap();
+        let body = stored_body(&stored);
+        assert_eq!(body, &value[32..]);
+        assert_eq!(chain_hash(&[9; 32], 3, &body), stored.hash);
+        assert_eq!(decode_stored_body(3, stored.hash, &body).unwrap(), stored);
+        assert!(decode_stored_body(3, stored.hash, &body[..body.len() - 1]).is_err());
     }
 }
