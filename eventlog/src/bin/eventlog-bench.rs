@@ -67,9 +67,13 @@ struct Args {
     /// Cases to run (comma separated): raw, writer1, writerN, snapshot, restart, verify [default: all].
     #[arg(long, value_delimiter = ',')]
     cases: Vec<String>,
-    /// Keep the benchmark directory afterwards (to inspect the log).
+    /// Keep the benchmark directory afterwards (to inspect the log, or to pass it to --live-log).
     #[arg(long)]
     keep: bool,
+    /// Run restart and verify on this existing live log (a kept `live` directory) instead of
+    /// building one; the snapshot case is skipped. For profiling startup without the build.
+    #[arg(long)]
+    live_log: Option<PathBuf>,
 }
 
 const ALL_CASES: [&str; 6] = ["raw", "writer1", "writerN", "snapshot", "restart", "verify"];
@@ -159,12 +163,27 @@ fn round1(v: f64) -> f64 {
     (v * 10.0).round() / 10.0
 }
 
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
 }
 
 fn us_since(start: Instant) -> u64 {
     u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+/// CPU seconds used so far by the calling thread: restart and verify run on it, so this is
+/// their cost even when other processes share the cores.
+fn thread_cpu_s() -> f64 {
+    // SAFETY: clock_gettime writes into the timespec we own.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return f64::NAN;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
 fn main() -> Result<()> {
@@ -210,11 +229,17 @@ fn main() -> Result<()> {
         }
     }
     if wants("snapshot") || wants("restart") || wants("verify") {
-        let dir = root.join("live");
-        let built = build_live_log(&dir, settings.live_tasks)?;
-        if wants("snapshot") {
-            report.print(built.stall_row);
-        }
+        let dir = match &args.live_log {
+            Some(existing) => existing.clone(),
+            None => {
+                let dir = root.join("live");
+                let built = build_live_log(&dir, settings.live_tasks)?;
+                if wants("snapshot") {
+                    report.print(built.stall_row);
+                }
+                dir
+            }
+        };
         if wants("restart") {
             report.print(restart(&dir, settings.live_tasks, true)?);
             report.print(restart(&dir, settings.live_tasks, false)?);
@@ -621,8 +646,10 @@ fn restart(dir: &Path, live_tasks: u64, with_snapshot: bool) -> Result<Row> {
     let config =
         WriterConfig { snapshot_every_events: if with_snapshot { live_tasks } else { 0 }, ..WriterConfig::default() };
     let started = Instant::now();
+    let cpu_started = thread_cpu_s();
     let opened = Writer::open(dir, config, Arc::new(SystemClock));
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_s = thread_cpu_s() - cpu_started;
     let result = opened.with_context(|| format!("reopen the writer at {}", dir.display())).map(|(writer, startup)| {
         writer.shutdown();
         startup
@@ -651,6 +678,7 @@ fn restart(dir: &Path, live_tasks: u64, with_snapshot: bool) -> Result<Row> {
             ("snapshot_seq", startup.fold.snapshot_seq.into()),
             ("replayed", startup.fold.replayed.into()),
             ("live_tasks", startup.live_tasks.into()),
+            ("cpu_s", round3(cpu_s).into()),
         ],
     })
 }
@@ -659,8 +687,10 @@ fn verify_case(dir: &Path) -> Result<Row> {
     let store =
         RedbStore::open(dir, RedbOptions::default()).with_context(|| format!("open the log at {}", dir.display()))?;
     let started = Instant::now();
+    let cpu_started = thread_cpu_s();
     let report = verify(&store.reader(), |_, _| {}).context("verify the log")?;
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_s = thread_cpu_s() - cpu_started;
     if !report.is_clean() {
         bail!("verify found problems: {report:?}");
     }
@@ -672,6 +702,6 @@ fn verify_case(dir: &Path) -> Result<Row> {
         p99_us: None,
         max_us: None,
         seconds,
-        extra: vec![("records", report.records.into())],
+        extra: vec![("records", report.records.into()), ("cpu_s", round3(cpu_s).into())],
     })
 }
