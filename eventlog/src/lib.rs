@@ -19,6 +19,7 @@ pub mod error;
 pub mod fault;
 pub mod feed;
 pub mod fold;
+pub mod json;
 pub mod reader;
 pub mod record;
 pub mod redb_store;
