@@ -1,0 +1,98 @@
+//! Errors, one enum per operation plus the umbrella `Error` (as redb does), so
+//! a caller can match exactly what one call can fail with.
+
+use std::path::PathBuf;
+
+/// Opening or connecting a store.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("open the SQLite projections at {path}: {source}")]
+    Sqlite { path: PathBuf, source: sqlx::Error },
+    #[error("connect to the PostgreSQL projections: {source}")]
+    Postgres { source: sqlx::Error },
+    #[error("migrate the projections database: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("not a database URL or file path: {0}")]
+    BadTarget(String),
+}
+
+/// Applying a batch of log records to a projector.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("decode the event at seq {seq}: {reason}")]
+    Decode { seq: u64, reason: String },
+    #[error("event at seq {seq} does not fit the projection's model: {reason}")]
+    Inconsistent { seq: u64, reason: String },
+    #[error("batch starts at seq {got}, the checkpoint expects {expected}")]
+    OutOfOrder { expected: u64, got: u64 },
+    #[error("database: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("a stored projector model row is unreadable: {0}")]
+    Model(String),
+}
+
+/// Starting, running or stopping projectors.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("read the log: {0}")]
+    Read(#[from] eventlog::ReadError),
+    #[error("follow the log: {0}")]
+    Subscribe(#[from] eventlog::SubscribeError),
+    #[error(
+        "projector {projector} is at seq {checkpoint} but the log ends at {head}: these projections were built from another log"
+    )]
+    CheckpointAhead { projector: String, checkpoint: u64, head: u64 },
+    #[error(
+        "projector {projector}'s checkpoint hash at seq {seq} differs from the log's: these projections were built from another log"
+    )]
+    CheckpointMismatch { projector: String, seq: u64 },
+    #[error("unknown projector {0}")]
+    UnknownProjector(String),
+    #[error("projector {0} is already being rebuilt")]
+    RebuildInProgress(String),
+    #[error("the projector runtime has stopped")]
+    Stopped,
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("database: {0}")]
+    Sql(#[from] sqlx::Error),
+}
+
+/// Reading a read model.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("database: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("invalid cursor: {0}")]
+    BadCursor(String),
+    #[error("invalid filter: {0}")]
+    BadFilter(String),
+}
+
+/// Materializing projections as of a past point.
+#[derive(Debug, thiserror::Error)]
+pub enum AsOfError {
+    #[error("seq {seq} is past the end of the log ({head})")]
+    PastHead { seq: u64, head: u64 },
+    #[error("create the scratch file {path}: {reason}")]
+    Scratch { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+/// Everything this crate can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Query(#[from] QueryError),
+    #[error(transparent)]
+    AsOf(#[from] AsOfError),
+}

@@ -1,0 +1,217 @@
+//! `dashboard_counts`, `dashboard_throughput` and `dashboard_latency`: the
+//! numbers an operator's dashboard shows, kept as counters so that reading
+//! them never scans tasks.
+//!
+//! - counts: tasks and steps per namespace × state (every state, terminal
+//!   ones included, so they add up to everything ever created);
+//! - throughput per namespace and minute (of event time): tasks created;
+//!   steps completed; step runs failed (failures and lease expiries); retried
+//!   (a failure that scheduled another attempt, or an operator's retry); and
+//!   dead-lettered;
+//! - latency histograms per namespace: wait (enqueued → claimed) and run
+//!   (claimed → completed or failed), in fixed millisecond buckets.
+//!
+//! Each batch sums its changes in memory and adds them with one upsert per
+//! counter row (`count = count + delta`).
+
+use std::collections::BTreeMap;
+
+use domain::{Event, FailOutcome};
+
+use crate::mirror::{Applied, LeaseEnd};
+use crate::sql::{self, Sink, SqlRow, Types};
+use crate::store::StoreTx;
+
+/// Upper bounds (inclusive, in ms) of the latency buckets; a last, unbounded
+/// bucket catches the rest (stored with `le_ms = -1`).
+pub const LATENCY_BUCKETS_MS: [i64; 18] =
+    [1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 300_000, 900_000, 3_600_000];
+
+/// The bucket bound of a latency in µs.
+pub fn bucket_le_ms(latency_us: i64) -> i64 {
+    let ms_ceil = (latency_us.max(0) as u64).div_ceil(1000) as i64;
+    LATENCY_BUCKETS_MS.iter().copied().find(|le| ms_ceil <= *le).unwrap_or(-1)
+}
+
+const MINUTE_US: i64 = 60_000_000;
+
+pub(crate) fn ddl(_t: &Types, s: &str, _g: &str) -> Vec<String> {
+    vec![
+        format!(
+            "CREATE TABLE dashboard_counts{s} (
+                namespace TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                state TEXT NOT NULL,
+                count BIGINT NOT NULL,
+                PRIMARY KEY (namespace, kind, state)
+            )"
+        ),
+        format!(
+            "CREATE TABLE dashboard_throughput{s} (
+                namespace TEXT NOT NULL,
+                minute_us BIGINT NOT NULL,
+                created BIGINT NOT NULL,
+                completed BIGINT NOT NULL,
+                failed BIGINT NOT NULL,
+                retried BIGINT NOT NULL,
+                dead_lettered BIGINT NOT NULL,
+                PRIMARY KEY (namespace, minute_us)
+            )"
+        ),
+        format!(
+            "CREATE TABLE dashboard_latency{s} (
+                namespace TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                le_ms BIGINT NOT NULL,
+                count BIGINT NOT NULL,
+                PRIMARY KEY (namespace, kind, le_ms)
+            )"
+        ),
+    ]
+}
+
+#[derive(Default, Clone, Copy)]
+struct Throughput {
+    created: i64,
+    completed: i64,
+    failed: i64,
+    retried: i64,
+    dead_lettered: i64,
+}
+
+struct CountRow<'a>(&'a (String, &'static str, &'static str), i64);
+
+impl SqlRow for CountRow<'_> {
+    const COLUMNS: usize = 4;
+    fn bind(&self, sink: &mut dyn Sink) {
+        sink.text(&self.0.0);
+        sink.text(self.0.1);
+        sink.text(self.0.2);
+        sink.i64(self.1);
+    }
+}
+
+struct ThroughputRow<'a>(&'a (String, i64), &'a Throughput);
+
+impl SqlRow for ThroughputRow<'_> {
+    const COLUMNS: usize = 7;
+    fn bind(&self, sink: &mut dyn Sink) {
+        let t = self.1;
+        sink.text(&self.0.0);
+        sink.i64(self.0.1);
+        for value in [t.created, t.completed, t.failed, t.retried, t.dead_lettered] {
+            sink.i64(value);
+        }
+    }
+}
+
+struct LatencyRow<'a>(&'a (String, &'static str, i64), i64);
+
+impl SqlRow for LatencyRow<'_> {
+    const COLUMNS: usize = 4;
+    fn bind(&self, sink: &mut dyn Sink) {
+        sink.text(&self.0.0);
+        sink.text(self.0.1);
+        sink.i64(self.0.2);
+        sink.i64(self.1);
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Plan {
+    counts: BTreeMap<(String, &'static str, &'static str), i64>,
+    throughput: BTreeMap<(String, i64), Throughput>,
+    latency: BTreeMap<(String, &'static str, i64), i64>,
+}
+
+impl Plan {
+    pub(crate) fn observe(&mut self, event: &Event, applied: &Applied) {
+        let Some(namespace) = &applied.namespace else { return };
+        if applied.task.is_none() {
+            return;
+        }
+        let at = event.at().as_micros();
+        for (_, from, to) in &applied.step_moves {
+            if let Some(from) = from {
+                *self.counts.entry((namespace.clone(), "step", from.as_str())).or_default() -= 1;
+            }
+            *self.counts.entry((namespace.clone(), "step", to.as_str())).or_default() += 1;
+        }
+        if let Some((from, to)) = &applied.task_move {
+            if let Some(from) = from {
+                *self.counts.entry((namespace.clone(), "task", from.as_str())).or_default() -= 1;
+            }
+            *self.counts.entry((namespace.clone(), "task", to.as_str())).or_default() += 1;
+        }
+        let minute = at.div_euclid(MINUTE_US) * MINUTE_US;
+        let mut tick = |f: fn(&mut Throughput)| f(self.throughput.entry((namespace.clone(), minute)).or_default());
+        match event {
+            Event::TaskCreated { .. } => tick(|t| t.created += 1),
+            Event::StepCompleted { .. } => tick(|t| t.completed += 1),
+            Event::StepFailed { outcome, .. } | Event::LeaseExpired { outcome, .. } => {
+                tick(|t| t.failed += 1);
+                match outcome {
+                    FailOutcome::Retry { .. } => tick(|t| t.retried += 1),
+                    FailOutcome::DeadLetter => tick(|t| t.dead_lettered += 1),
+                }
+            }
+            Event::StepRetried { .. } => tick(|t| t.retried += 1),
+            _ => {}
+        }
+        if let Some((_, waited_us)) = &applied.claimed {
+            *self.latency.entry((namespace.clone(), "wait", bucket_le_ms(*waited_us))).or_default() += 1;
+        }
+        for ended in &applied.ended_leases {
+            if matches!(ended.how, LeaseEnd::Completed | LeaseEnd::Failed) {
+                let ran_us = at - ended.claimed_at_us;
+                *self.latency.entry((namespace.clone(), "run", bucket_le_ms(ran_us))).or_default() += 1;
+            }
+        }
+    }
+
+    pub(crate) async fn write(&self, tx: &mut StoreTx, s: &str) -> Result<(), sqlx::Error> {
+        let counts: Vec<CountRow<'_>> =
+            self.counts.iter().filter(|(_, d)| **d != 0).map(|(k, d)| CountRow(k, *d)).collect();
+        sql::insert_rows(
+            tx,
+            &format!("INSERT INTO dashboard_counts{s} (namespace, kind, state, count)"),
+            &format!(
+                "ON CONFLICT (namespace, kind, state) DO UPDATE SET count = dashboard_counts{s}.count + excluded.count"
+            ),
+            &counts,
+        )
+        .await?;
+        // A count that went back to zero disappears, so the table does not
+        // depend on how the log was cut into batches.
+        if !counts.is_empty() {
+            sql::execute(tx, &format!("DELETE FROM dashboard_counts{s} WHERE count = 0")).await?;
+        }
+        let throughput: Vec<ThroughputRow<'_>> = self.throughput.iter().map(|(k, t)| ThroughputRow(k, t)).collect();
+        sql::insert_rows(
+            tx,
+            &format!(
+                "INSERT INTO dashboard_throughput{s} (namespace, minute_us, created, completed, failed, retried, dead_lettered)"
+            ),
+            &format!(
+                "ON CONFLICT (namespace, minute_us) DO UPDATE SET \
+                 created = dashboard_throughput{s}.created + excluded.created, \
+                 completed = dashboard_throughput{s}.completed + excluded.completed, \
+                 failed = dashboard_throughput{s}.failed + excluded.failed, \
+                 retried = dashboard_throughput{s}.retried + excluded.retried, \
+                 dead_lettered = dashboard_throughput{s}.dead_lettered + excluded.dead_lettered"
+            ),
+            &throughput,
+        )
+        .await?;
+        let latency: Vec<LatencyRow<'_>> = self.latency.iter().map(|(k, c)| LatencyRow(k, *c)).collect();
+        sql::insert_rows(
+            tx,
+            &format!("INSERT INTO dashboard_latency{s} (namespace, kind, le_ms, count)"),
+            &format!(
+                "ON CONFLICT (namespace, kind, le_ms) DO UPDATE SET count = dashboard_latency{s}.count + excluded.count"
+            ),
+            &latency,
+        )
+        .await
+    }
+}

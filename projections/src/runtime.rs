@@ -1,0 +1,501 @@
+//! The projector runtime: one tokio task per projector, each following the
+//! log through its own `Subscription` and applying batches in transactions
+//! that also move its checkpoint.
+//!
+//! Why one task per projector and nothing shared between them: a projector
+//! that is slow (a big rebuild) or failing (its database is down, a bug in its
+//! rules) must not hold back the others, and none of them may hold back the
+//! writer. Subscriptions read committed records from the writer's ring or
+//! from disk, so the writer never waits for a projector, and each projector's
+//! lag (head seq − checkpoint) is its own. A failed batch rolls back whole;
+//! the task reports the error, waits, reloads its checkpoint and mirror from
+//! the database and tries again from there.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use domain::Event;
+use eventlog::{LiveFeed, LogReader, StoredRecord, Subscription};
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::checkpoint::{self, Checkpoint, Slot};
+use crate::error::{ApplyError, RuntimeError};
+use crate::mirror::Mirror;
+use crate::projectors::{self, ProjectorKind};
+use crate::sql;
+use crate::store::Store;
+
+/// Most events applied in one transaction.
+pub const BATCH_EVENTS_MAX: usize = 8192;
+
+/// Tunables of the runtime.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Most events per transaction (at most `eventlog::reader::READ_BATCH_MAX`).
+    pub batch_events_max: usize,
+    /// How long a failed projector waits before it tries again.
+    pub retry_delay: Duration,
+    /// The projectors to run (all by default).
+    pub projectors: Vec<ProjectorKind>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            batch_events_max: BATCH_EVENTS_MAX,
+            retry_delay: Duration::from_secs(1),
+            projectors: ProjectorKind::ALL.to_vec(),
+        }
+    }
+}
+
+/// One projector's position in one slot, with its in-memory mirror: what it
+/// takes to apply the next batch.
+pub struct Driver {
+    kind: ProjectorKind,
+    slot: Slot,
+    checkpoint: Checkpoint,
+    mirror: Option<Mirror>,
+}
+
+impl Driver {
+    /// Loads the checkpoint and the mirror of `kind` in `slot`; installs the
+    /// live slot's tables if this store has never held the projector.
+    pub async fn load(store: &Store, kind: ProjectorKind, slot: Slot) -> Result<Driver, ApplyError> {
+        let checkpoint = match (checkpoint::read(store, kind, slot).await?, slot) {
+            (Some(checkpoint), _) => checkpoint,
+            (None, Slot::Live) => checkpoint::install(store, kind, slot, "", 1).await?,
+            (None, Slot::Shadow) => return Err(ApplyError::Model(format!("{} has no shadow build", kind.name()))),
+        };
+        let mut tx = store.begin().await?;
+        let mirror = kind.load_mirror(&mut tx, &checkpoint.table_suffix).await?;
+        tx.commit().await?;
+        Ok(Driver { kind, slot, checkpoint, mirror })
+    }
+
+    pub fn kind(&self) -> ProjectorKind {
+        self.kind
+    }
+
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.checkpoint
+    }
+
+    /// Applies `records` (which must continue the checkpoint) in one
+    /// transaction with the checkpoint. On error nothing was written and this
+    /// driver must be dropped and loaded again (its mirror moved on).
+    pub async fn apply(&mut self, store: &Store, records: &[StoredRecord]) -> Result<(), ApplyError> {
+        let (Some(first), Some(last)) = (records.first(), records.last()) else { return Ok(()) };
+        if first.seq != self.checkpoint.last_seq + 1 {
+            return Err(ApplyError::OutOfOrder { expected: self.checkpoint.last_seq + 1, got: first.seq });
+        }
+        let events = records
+            .iter()
+            .map(|r| eventlog::decode_event(r).map_err(|e| ApplyError::Decode { seq: r.seq, reason: e.to_string() }))
+            .collect::<Result<Vec<Event>, _>>()?;
+        let mut tx = store.begin().await?;
+        let result = async {
+            projectors::apply_batch(
+                self.kind,
+                &mut tx,
+                &self.checkpoint.table_suffix,
+                self.mirror.as_mut(),
+                records,
+                &events,
+            )
+            .await?;
+            checkpoint::advance(&mut tx, self.kind, self.slot, self.checkpoint.last_seq, last).await
+        }
+        .await;
+        if let Err(error) = result {
+            self.mirror = None;
+            return Err(error);
+        }
+        tx.commit().await.inspect_err(|_| self.mirror = None)?;
+        self.checkpoint.last_seq = last.seq;
+        self.checkpoint.last_hash = last.hash;
+        Ok(())
+    }
+
+    /// Applies everything in the log after the checkpoint up to `to_seq`,
+    /// reading straight from disk (rebuilds, as-of, tools).
+    pub async fn catch_up(
+        &mut self,
+        store: &Store,
+        reader: &LogReader,
+        to_seq: u64,
+        batch_events_max: usize,
+    ) -> Result<(), RuntimeError> {
+        while self.checkpoint.last_seq < to_seq {
+            let records = reader.read_range(self.checkpoint.last_seq + 1, to_seq, batch_events_max)?;
+            if records.is_empty() {
+                break;
+            }
+            self.apply(store, &records).await?;
+        }
+        Ok(())
+    }
+}
+
+/// What a projector is doing, for the API, metrics and operators.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProjectorStatus {
+    pub projector: String,
+    pub version: i32,
+    pub slot: String,
+    pub checkpoint_seq: u64,
+    /// The log head when the status was taken.
+    pub head_seq: u64,
+    /// `head_seq − checkpoint_seq`.
+    pub lag: u64,
+    pub running: bool,
+    /// The last error, until a batch succeeds again.
+    pub error: Option<String>,
+    pub events_applied: u64,
+    pub batches_applied: u64,
+}
+
+#[derive(Default)]
+struct Progress {
+    checkpoint_seq: u64,
+    running: bool,
+    error: Option<String>,
+    events_applied: u64,
+    batches_applied: u64,
+}
+
+/// How a runner stops: `Stop` at the next batch boundary, or once caught up
+/// with the head (rebuilds).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Until {
+    Stopped,
+    CaughtUp,
+}
+
+struct Runner {
+    kind: ProjectorKind,
+    slot: Slot,
+    store: Store,
+    reader: LogReader,
+    feed: LiveFeed,
+    config: RuntimeConfig,
+    progress: Arc<Mutex<Progress>>,
+    checkpoint_watch: watch::Sender<u64>,
+    stop: watch::Receiver<bool>,
+    until: Until,
+}
+
+impl Runner {
+    /// Runs until stopped (or caught up), retrying after failures.
+    async fn run(mut self) {
+        loop {
+            let outcome = self.run_once().await;
+            let failed = match outcome {
+                Ok(()) => return,
+                Err(error) => error,
+            };
+            tracing::warn!(projector = self.kind.name(), slot = self.slot.as_str(), %failed, "projector failed; retrying");
+            self.progress.lock().error = Some(failed.to_string());
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.retry_delay) => {}
+                _ = self.stop.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+
+    async fn run_once(&mut self) -> Result<(), RuntimeError> {
+        let mut driver = Driver::load(&self.store, self.kind, self.slot).await?;
+        checkpoint::check_against_log(driver.checkpoint(), &self.reader)?;
+        self.publish(driver.checkpoint().last_seq, None);
+        let mut subscription =
+            Subscription::new(self.reader.clone(), self.feed.clone(), driver.checkpoint().last_seq + 1);
+        let max = self.config.batch_events_max.clamp(1, eventlog::reader::READ_BATCH_MAX);
+        loop {
+            if *self.stop.borrow() {
+                return Ok(());
+            }
+            if self.until == Until::CaughtUp && driver.checkpoint().last_seq >= self.reader.head()?.seq {
+                return Ok(());
+            }
+            let records = tokio::select! {
+                records = subscription.next_batch_async(max) => records?,
+                _ = self.stop.wait_for(|stop| *stop) => return Ok(()),
+            };
+            driver.apply(&self.store, &records).await?;
+            let mut progress = self.progress.lock();
+            progress.events_applied += records.len() as u64;
+            progress.batches_applied += 1;
+            drop(progress);
+            self.publish(driver.checkpoint().last_seq, None);
+        }
+    }
+
+    fn publish(&self, checkpoint_seq: u64, error: Option<String>) {
+        let mut progress = self.progress.lock();
+        progress.checkpoint_seq = checkpoint_seq;
+        progress.error = error;
+        drop(progress);
+        self.checkpoint_watch.send_replace(checkpoint_seq);
+    }
+}
+
+struct Running {
+    slot: Slot,
+    progress: Arc<Mutex<Progress>>,
+    checkpoint: watch::Receiver<u64>,
+    stop: watch::Sender<bool>,
+    join: JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.send_replace(true);
+        let _ = self.join.await;
+    }
+}
+
+struct Inner {
+    store: Store,
+    reader: LogReader,
+    feed: LiveFeed,
+    config: RuntimeConfig,
+    /// Live runners by projector. A `parking_lot` mutex: held only to insert,
+    /// remove or read entries, never across an await.
+    live: Mutex<HashMap<ProjectorKind, Running>>,
+    shadows: Mutex<HashMap<ProjectorKind, Arc<Mutex<Progress>>>>,
+}
+
+/// The running projectors of one store. Cheap to clone.
+#[derive(Clone)]
+pub struct Projections {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Projections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Projections").field("backend", &self.inner.store.backend()).finish_non_exhaustive()
+    }
+}
+
+impl Projections {
+    /// Starts a task per configured projector, each resuming from its
+    /// checkpoint. A projector whose stored version is older than the code's
+    /// keeps serving its old tables while a new generation is built beside
+    /// them, and is swapped in once it has caught up.
+    pub async fn start(
+        store: Store,
+        reader: LogReader,
+        feed: LiveFeed,
+        config: RuntimeConfig,
+    ) -> Result<Projections, RuntimeError> {
+        let projections = Projections {
+            inner: Arc::new(Inner {
+                store,
+                reader,
+                feed,
+                config,
+                live: Mutex::new(HashMap::new()),
+                shadows: Mutex::new(HashMap::new()),
+            }),
+        };
+        for kind in projections.inner.config.projectors.clone() {
+            let stored = checkpoint::read(&projections.inner.store, kind, Slot::Live).await?;
+            match stored {
+                Some(checkpoint) if checkpoint.version != kind.version() => {
+                    tracing::info!(projector = kind.name(), stored = checkpoint.version, "rebuilding a new version");
+                    let this = projections.clone();
+                    tokio::spawn(async move {
+                        if let Err(error) = this.rebuild(kind).await {
+                            tracing::error!(projector = kind.name(), %error, "rebuild failed");
+                        }
+                    });
+                }
+                _ => projections.spawn_live(kind),
+            }
+        }
+        Ok(projections)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    fn spawn(&self, kind: ProjectorKind, slot: Slot, until: Until) -> Running {
+        let progress = Arc::new(Mutex::new(Progress { running: true, ..Progress::default() }));
+        let (stop, stop_rx) = watch::channel(false);
+        let (checkpoint_tx, checkpoint) = watch::channel(0);
+        let runner = Runner {
+            kind,
+            slot,
+            store: self.inner.store.clone(),
+            reader: self.inner.reader.clone(),
+            feed: self.inner.feed.clone(),
+            config: self.inner.config.clone(),
+            progress: progress.clone(),
+            checkpoint_watch: checkpoint_tx,
+            stop: stop_rx,
+            until,
+        };
+        let done = progress.clone();
+        let join = tokio::spawn(async move {
+            runner.run().await;
+            done.lock().running = false;
+        });
+        Running { slot, progress, checkpoint, stop, join }
+    }
+
+    fn spawn_live(&self, kind: ProjectorKind) {
+        let running = self.spawn(kind, Slot::Live, Until::Stopped);
+        self.inner.live.lock().insert(kind, running);
+    }
+
+    /// Every projector's position, lag and last error, live and shadow.
+    pub fn status(&self) -> Result<Vec<ProjectorStatus>, RuntimeError> {
+        let head_seq = self.inner.reader.head()?.seq;
+        let make = |kind: ProjectorKind, slot: Slot, progress: &Progress| ProjectorStatus {
+            projector: kind.name().to_owned(),
+            version: kind.version(),
+            slot: slot.as_str().to_owned(),
+            checkpoint_seq: progress.checkpoint_seq,
+            head_seq,
+            lag: head_seq.saturating_sub(progress.checkpoint_seq),
+            running: progress.running,
+            error: progress.error.clone(),
+            events_applied: progress.events_applied,
+            batches_applied: progress.batches_applied,
+        };
+        let mut out: Vec<ProjectorStatus> =
+            self.inner.live.lock().iter().map(|(kind, r)| make(*kind, r.slot, &r.progress.lock())).collect();
+        out.extend(self.inner.shadows.lock().iter().map(|(kind, p)| make(*kind, Slot::Shadow, &p.lock())));
+        out.sort_by(|a, b| (&a.projector, &a.slot).cmp(&(&b.projector, &b.slot)));
+        Ok(out)
+    }
+
+    /// The largest lag of any live projector (for a single metric).
+    pub fn max_lag(&self) -> Result<u64, RuntimeError> {
+        Ok(self.status()?.iter().filter(|s| s.slot == "live").map(|s| s.lag).max().unwrap_or(0))
+    }
+
+    /// Waits until every live projector has applied `seq` (a `minSeq`
+    /// consistency token), at most `timeout`. Returns whether they all have.
+    pub async fn wait_for_seq(&self, seq: u64, timeout: Duration) -> bool {
+        let watches: Vec<watch::Receiver<u64>> =
+            self.inner.live.lock().values().map(|r| r.checkpoint.clone()).collect();
+        let all = async {
+            for mut w in watches {
+                if w.wait_for(|applied| *applied >= seq).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        };
+        tokio::time::timeout(timeout, all).await.unwrap_or(false)
+    }
+
+    /// Builds a new generation of `kind`'s tables from seq 0 beside the live
+    /// ones (which keep serving), and swaps it in atomically once it has
+    /// caught up with the head. Resumes a shadow build a crash interrupted.
+    pub async fn rebuild(&self, kind: ProjectorKind) -> Result<Checkpoint, RuntimeError> {
+        {
+            let mut shadows = self.inner.shadows.lock();
+            if shadows.contains_key(&kind) {
+                return Err(RuntimeError::RebuildInProgress(kind.name().to_owned()));
+            }
+            shadows.insert(kind, Arc::new(Mutex::new(Progress { running: true, ..Progress::default() })));
+        }
+        let result = self.rebuild_inner(kind).await;
+        self.inner.shadows.lock().remove(&kind);
+        result
+    }
+
+    async fn rebuild_inner(&self, kind: ProjectorKind) -> Result<Checkpoint, RuntimeError> {
+        let store = &self.inner.store;
+        let live = checkpoint::read(store, kind, Slot::Live).await?;
+        let shadow = checkpoint::read(store, kind, Slot::Shadow).await?;
+        match shadow {
+            Some(shadow) if shadow.version == kind.version() => {}
+            _ => {
+                let generation = live.as_ref().map_or(1, |c| c.generation) + 1;
+                checkpoint::install(store, kind, Slot::Shadow, &format!("__g{generation}"), generation).await?;
+            }
+        }
+        // Catch up in the background of the live projector...
+        let progress = self.inner.shadows.lock().get(&kind).cloned().expect("registered by rebuild");
+        let shadow_runner = self.spawn(kind, Slot::Shadow, Until::CaughtUp);
+        let shadow_progress = shadow_runner.progress.clone();
+        {
+            // Mirror the shadow runner's progress into the status entry.
+            let mut checkpoint = shadow_runner.checkpoint.clone();
+            let progress = progress.clone();
+            let shadow_progress = shadow_progress.clone();
+            tokio::spawn(async move {
+                while checkpoint.changed().await.is_ok() {
+                    let p = shadow_progress.lock();
+                    let mut q = progress.lock();
+                    q.checkpoint_seq = p.checkpoint_seq;
+                    q.events_applied = p.events_applied;
+                    q.batches_applied = p.batches_applied;
+                    q.error = p.error.clone();
+                }
+            });
+        }
+        let _ = shadow_runner.join.await;
+        if let Some(error) = shadow_progress.lock().error.clone() {
+            tracing::debug!(projector = kind.name(), %error, "shadow build recovered from an error");
+        }
+        // ...then stop the live runner, finish the last few records, and swap.
+        let running = self.inner.live.lock().remove(&kind);
+        if let Some(running) = running {
+            running.stop().await;
+        }
+        let result = async {
+            let mut driver = Driver::load(store, kind, Slot::Shadow).await?;
+            let head = self.inner.reader.head()?.seq;
+            driver.catch_up(store, &self.inner.reader, head, self.inner.config.batch_events_max).await?;
+            swap(store, kind).await
+        }
+        .await;
+        self.spawn_live(kind);
+        result
+    }
+
+    /// Stops every runner at its next batch boundary and waits for them.
+    pub async fn shutdown(&self) {
+        let running: Vec<Running> = self.inner.live.lock().drain().map(|(_, r)| r).collect();
+        for r in running {
+            r.stop().await;
+        }
+    }
+}
+
+/// Replaces `kind`'s live tables by its shadow generation in one transaction:
+/// readers see the old tables or the new ones, never neither.
+pub async fn swap(store: &Store, kind: ProjectorKind) -> Result<Checkpoint, RuntimeError> {
+    let shadow = checkpoint::read(store, kind, Slot::Shadow)
+        .await?
+        .ok_or_else(|| RuntimeError::UnknownProjector(format!("{} has no shadow build", kind.name())))?;
+    let mut tx = store.begin().await?;
+    for table in kind.tables() {
+        sql::execute(&mut tx, &format!("DROP TABLE IF EXISTS {table}")).await?;
+        sql::execute(&mut tx, &format!("ALTER TABLE {table}{} RENAME TO {table}", shadow.table_suffix)).await?;
+    }
+    crate::store::on_tx!(&mut tx, t => {
+        sqlx::query("DELETE FROM projector_checkpoints WHERE projector = $1 AND slot = 'live'")
+            .bind(kind.name())
+            .execute(&mut **t)
+            .await?;
+        sqlx::query(
+            "UPDATE projector_checkpoints SET slot = 'live', table_suffix = '' WHERE projector = $1 AND slot = 'shadow'",
+        )
+        .bind(kind.name())
+        .execute(&mut **t)
+        .await?;
+    });
+    tx.commit().await?;
+    let live = checkpoint::read(store, kind, Slot::Live).await?.expect("just swapped in");
+    Ok(live)
+}

@@ -1,0 +1,165 @@
+//! Where read models live: a SQLite file (the embedded default) or a PostgreSQL
+//! database, behind one `Store` handle.
+//!
+//! Why an enum of two concrete pools rather than `sqlx::Any` or a generic
+//! `Database` parameter: `Any` maps every value to a lowest common type (UUIDs
+//! and timestamps lose their types on PostgreSQL), and generic code over
+//! `sqlx::Database` drowns every function in trait bounds. The SQL we write is
+//! the same text on both backends (`$n` placeholders, `ON CONFLICT` upserts,
+//! row-value comparisons), so `on_backend!` instantiates one body of code
+//! once per concrete pool and the compiler checks both.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Postgres, Sqlite, Transaction};
+
+use crate::error::OpenError;
+
+/// Connections per pool. Projectors write one transaction at a time each and
+/// queries are short, so a handful is plenty; PostgreSQL servers count them.
+pub const POOL_CONNECTIONS_MAX: u32 = 8;
+
+/// The default file name of the SQLite projections, beside the log.
+pub const SQLITE_FILE_NAME: &str = "projections.sqlite";
+
+/// Which database a store talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A connection pool on one of the two backends. Cheap to clone.
+#[derive(Clone, Debug)]
+pub enum Store {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$pool` bound to the concrete pool of `$store`.
+macro_rules! on_backend {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match $store {
+            $crate::store::Store::Sqlite($pool) => $body,
+            $crate::store::Store::Postgres($pool) => $body,
+        }
+    };
+}
+pub(crate) use on_backend;
+
+/// Runs `$body` with `$tx` bound to the concrete transaction of `$store_tx`.
+macro_rules! on_tx {
+    ($store_tx:expr, $tx:ident => $body:expr) => {
+        match $store_tx {
+            $crate::store::StoreTx::Sqlite($tx) => $body,
+            $crate::store::StoreTx::Postgres($tx) => $body,
+        }
+    };
+}
+pub(crate) use on_tx;
+
+/// An open write transaction on either backend.
+pub enum StoreTx {
+    Sqlite(Transaction<'static, Sqlite>),
+    Postgres(Transaction<'static, Postgres>),
+}
+
+impl StoreTx {
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        on_tx!(self, tx => tx.commit().await)
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            StoreTx::Sqlite(_) => Backend::Sqlite,
+            StoreTx::Postgres(_) => Backend::Postgres,
+        }
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) a SQLite file in WAL mode and migrates it.
+    ///
+    /// `synchronous = NORMAL`: a power cut may lose the last transactions,
+    /// but never splits one, and each carries its checkpoint, so the projector
+    /// simply re-applies from where the file says it is.
+    pub async fn open_sqlite(path: impl AsRef<Path>) -> Result<Store, OpenError> {
+        let path = path.as_ref();
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(30))
+            .pragma("cache_size", "-65536")
+            .pragma("temp_store", "memory");
+        let pool = SqlitePoolOptions::new()
+            .max_connections(POOL_CONNECTIONS_MAX)
+            .connect_with(options)
+            .await
+            .map_err(|source| OpenError::Sqlite { path: path.to_path_buf(), source })?;
+        let store = Store::Sqlite(pool);
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Connects to PostgreSQL by URL and migrates the database.
+    pub async fn connect_postgres(url: &str) -> Result<Store, OpenError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(POOL_CONNECTIONS_MAX)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(url)
+            .await
+            .map_err(|source| OpenError::Postgres { source })?;
+        let store = Store::Postgres(pool);
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// `postgres://…` or `postgresql://…` connects to PostgreSQL; anything
+    /// else is a SQLite file path (a directory gets `projections.sqlite`).
+    pub async fn open(target: &str) -> Result<Store, OpenError> {
+        if target.starts_with("postgres://") || target.starts_with("postgresql://") {
+            return Self::connect_postgres(target).await;
+        }
+        let mut path = PathBuf::from_str(target).map_err(|_| OpenError::BadTarget(target.to_owned()))?;
+        if path.is_dir() {
+            path = path.join(SQLITE_FILE_NAME);
+        }
+        Self::open_sqlite(path).await
+    }
+
+    async fn migrate(&self) -> Result<(), OpenError> {
+        match self {
+            Store::Sqlite(pool) => sqlx::migrate!("migrations/sqlite").run(pool).await?,
+            Store::Postgres(pool) => sqlx::migrate!("migrations/postgres").run(pool).await?,
+        }
+        Ok(())
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Store::Sqlite(_) => Backend::Sqlite,
+            Store::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// A write transaction. On SQLite it takes the write lock at once
+    /// (`BEGIN IMMEDIATE`), so two projectors never deadlock upgrading a
+    /// read lock; they queue on the busy timeout instead.
+    pub async fn begin(&self) -> Result<StoreTx, sqlx::Error> {
+        Ok(match self {
+            Store::Sqlite(pool) => StoreTx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
+            Store::Postgres(pool) => StoreTx::Postgres(pool.begin().await?),
+        })
+    }
+
+    pub async fn close(&self) {
+        on_backend!(self, pool => pool.close().await)
+    }
+}
