@@ -9,7 +9,7 @@ CREATE TABLE projector_checkpoints (
     version       INTEGER NOT NULL,
     -- Suffix of this generation's table names ('' for the live tables).
     table_suffix  TEXT    NOT NULL,
-    generation    INTEGER NOT NULL,
+    generation    BIGINT  NOT NULL,
     -- Last applied seq (0: nothing yet) and that record's chain hash.
     last_seq      BIGINT  NOT NULL,
     last_hash     BYTEA   NOT NULL,
