@@ -1,17 +1,187 @@
-//! `taskledger-replay`: the incident and audit tool (issue #6). Not built yet:
-//! every subcommand says so and exits non-zero rather than pretending.
+//! `taskledger-replay`: the tool an on-call engineer reaches for at 3 a.m. and
+//! the one an auditor is handed (issue #6, DESIGN §7). It reads a log without
+//! ever modifying it — a stopped server's data directory, a backup file, or a
+//! running server's event feed — and answers: what is in it (`info`,
+//! `events`), is it intact (`verify`), what did the ledger look like then
+//! (`state`, `diff`), what happened to this task or worker (`incident`), and
+//! produces and checks signed audit bundles (`export-audit`, `verify-export`,
+//! `keygen`).
+//!
+//! Exit status: 0 success (for checks: clean), 1 a check found problems,
+//! 2 usage errors and subcommands not built yet, 3 the command could not run
+//! (unreadable input, I/O error).
 
+mod audit;
+mod describe;
+mod diff;
+mod events;
+mod feed;
+mod incident;
+mod info;
+mod progress;
+mod source;
+mod state;
+mod verify;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-fn main() -> ExitCode {
-    let subcommand = std::env::args().nth(1).unwrap_or_else(|| "help".to_owned());
-    if subcommand == "--version" || subcommand == "-V" {
-        println!("taskledger-replay {}", env!("CARGO_PKG_VERSION"));
-        return ExitCode::SUCCESS;
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+use crate::source::{Point, Source};
+
+#[derive(Parser)]
+#[command(name = "taskledger-replay", version, about = "Investigate, verify and export a taskledger event log.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Which log to read. Exactly one of `--data`, `--log` or `--server`.
+#[derive(Args, Clone, Debug)]
+pub struct Input {
+    /// A stopped server's data directory (holds ledger.redb and snapshots/).
+    #[arg(long, value_name = "DIR", global = true)]
+    data: Option<PathBuf>,
+    /// A log file (a backup, or ledger.redb itself); snapshots/ beside it are used if present.
+    #[arg(long, value_name = "FILE", global = true)]
+    log: Option<PathBuf>,
+    /// A running server's base URL; its event feed is read (needs --token).
+    #[arg(long, value_name = "URL", global = true)]
+    server: Option<String>,
+    /// Bearer token for --server (a role that may read the feed, e.g. auditor).
+    #[arg(long, value_name = "TOKEN", env = "TASKLEDGER_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+}
+
+impl Input {
+    fn open(&self) -> Result<Source> {
+        if let Some(url) = &self.server {
+            if self.data.is_some() || self.log.is_some() {
+                anyhow::bail!("give one input: --server, --data or --log");
+            }
+            let token = self.token.as_deref().ok_or_else(|| anyhow::anyhow!("--server needs --token"))?;
+            return feed::fetch(url, token);
+        }
+        let (path, snapshots) = source::log_paths(self.data.as_deref(), self.log.as_deref())?;
+        Source::open_file(&path, &snapshots)
     }
-    eprintln!(
-        "taskledger-replay {subcommand}: not built yet (issue #6: info, events, verify, \
-         state, diff, incident, export-audit, verify-export)."
-    );
-    ExitCode::from(2)
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Head, record count, time range, file size, tasks by state, snapshots.
+    Info {
+        #[command(flatten)]
+        input: Input,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The log, filtered: a table, or one JSON object per line with --json.
+    Events(events::EventsArgs),
+    /// Check every record, the hash chain, and that the domain accepts every event.
+    Verify {
+        #[command(flatten)]
+        input: Input,
+        #[arg(long)]
+        json: bool,
+        /// Directory for the scratch copy that redb's integrity check runs on (default: system temp).
+        #[arg(long, value_name = "DIR")]
+        scratch: Option<PathBuf>,
+    },
+    /// A task, or the whole ledger, exactly as it was at a seq or time.
+    State {
+        #[command(flatten)]
+        input: Input,
+        /// SEQ or RFC 3339 time (default: the head).
+        #[arg(long, value_name = "SEQ|TIME")]
+        as_of: Option<Point>,
+        /// One task (UUID) instead of the whole ledger.
+        #[arg(long, value_name = "ID")]
+        task: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// What changed between two points: tasks created, state changes, leases, dead letters.
+    Diff {
+        #[command(flatten)]
+        input: Input,
+        #[arg(long, value_name = "SEQ|TIME")]
+        from: Point,
+        #[arg(long, value_name = "SEQ|TIME")]
+        to: Point,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A timeline report of a task, a worker or a time window.
+    Incident(incident::IncidentArgs),
+    /// Write a signed audit bundle for a range of the log.
+    ExportAudit(audit::ExportArgs),
+    /// Check an audit bundle offline, without the ledger.
+    VerifyExport(audit::VerifyExportArgs),
+    /// Make an Ed25519 key pair for signing audit checkpoints.
+    Keygen {
+        /// Writes PREFIX.key (secret, mode 0600) and PREFIX.pub.
+        #[arg(long, value_name = "PREFIX")]
+        out: PathBuf,
+    },
+    /// Run the projectors into SQL (not built yet: waits for the projections crate).
+    Rebuild {
+        #[command(flatten)]
+        input: Input,
+    },
+    /// Materialize projections as of a point into a scratch SQLite file (not built yet).
+    Materialize {
+        #[command(flatten)]
+        input: Input,
+        #[arg(long, value_name = "SEQ|TIME")]
+        as_of: Option<Point>,
+    },
+}
+
+/// How a command ended, when it ran to completion.
+pub enum Outcome {
+    /// Done; for checks: clean.
+    Clean,
+    /// A check found problems (already reported).
+    Problems,
+    /// Not available in this build (already reported).
+    NotBuilt,
+}
+
+fn run(cli: Cli) -> Result<Outcome> {
+    match cli.command {
+        Command::Info { input, json } => info::run(&input.open()?, json),
+        Command::Events(args) => events::run(&args.input.open()?, &args),
+        Command::Verify { input, json, scratch } => verify::run(&input, json, scratch.as_deref()),
+        Command::State { input, as_of, task, json } => state::run(&input.open()?, as_of, task.as_deref(), json),
+        Command::Diff { input, from, to, json } => diff::run(&input.open()?, from, to, json),
+        Command::Incident(args) => incident::run(&args.input.open()?, &args),
+        Command::ExportAudit(args) => audit::export(&args.input.open()?, &args),
+        Command::VerifyExport(args) => audit::verify_export(&args),
+        Command::Keygen { out } => audit::keygen(&out),
+        Command::Rebuild { .. } | Command::Materialize { .. } => {
+            eprintln!(
+                "taskledger-replay: rebuild and materialize are not built yet: they run the projectors, \
+                 and the projections crate does not expose them yet (issue #4)."
+            );
+            Ok(Outcome::NotBuilt)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    source::install_panic_hook();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(Outcome::Clean) => ExitCode::SUCCESS,
+        Ok(Outcome::Problems) => ExitCode::from(1),
+        Ok(Outcome::NotBuilt) => ExitCode::from(2),
+        Err(error) => {
+            eprintln!("taskledger-replay: error: {error:#}");
+            ExitCode::from(3)
+        }
+    }
 }

@@ -1,0 +1,282 @@
+//! Where the records come from: a log file on disk (a stopped server's data
+//! directory or a backup), read through read-only MVCC transactions that
+//! never modify it, or a running server's NDJSON event feed, held in memory.
+//! Every subcommand reads through `Source`, so they all work on both.
+//!
+//! Also here: points in the log (`SEQ` or an RFC 3339 time) and how a time
+//! becomes a seq (the last record recorded at or before it).
+
+use std::ops::ControlFlow;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{Context, Result, anyhow, bail};
+use domain::{Event, Ledger, TaskId, Timestamp};
+use eventlog::fold::{FoldStats, decode_event, fold_to};
+use eventlog::{Head, LogReader, SnapshotStore, StoredRecord};
+
+use crate::progress::Progress;
+
+/// Records read per batch while scanning.
+pub const SCAN_BATCH_RECORDS: usize = 8192;
+
+/// A position in the log given by the user: a seq, or a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Point {
+    Seq(u64),
+    Time(Timestamp),
+}
+
+impl FromStr for Point {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+            return text.parse().map(Point::Seq).map_err(|e| format!("seq {text:?}: {e}"));
+        }
+        Timestamp::parse_rfc3339(text).map(Point::Time).map_err(|e| format!("{e}, or a seq"))
+    }
+}
+
+/// The log being read.
+pub enum Source {
+    /// A log file, opened read-only.
+    File { path: PathBuf, reader: LogReader, snapshots: SnapshotStore },
+    /// A server's feed, every record in memory (payloads re-encoded from the feed's JSON).
+    Feed { origin: String, records: Vec<StoredRecord> },
+}
+
+/// The log file and snapshot directory named by `--data DIR` or `--log FILE`.
+pub fn log_paths(data: Option<&Path>, log: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
+    match (data, log) {
+        (Some(dir), None) => Ok((dir.join(eventlog::redb_store::LOG_FILE_NAME), dir.join("snapshots"))),
+        (None, Some(file)) => {
+            let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            Ok((file.to_path_buf(), dir.join(eventlog::redb_store::SNAPSHOT_DIR_NAME)))
+        }
+        (Some(_), Some(_)) => bail!("give either --data DIR or --log FILE, not both"),
+        (None, None) => bail!("say which log to read: --data DIR, --log FILE, or --server URL --token T"),
+    }
+}
+
+thread_local! {
+    /// Set while `without_panic` runs, so the panic hook stays quiet: the panic becomes an error.
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs a panic hook that is silent inside `without_panic` (the panic is
+/// reported as an error there) and says "internal error" anywhere else.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        if !GUARDED.with(std::cell::Cell::get) {
+            eprintln!("taskledger-replay: internal error: {info}");
+        }
+    }));
+}
+
+/// Runs `f`, turning a panic inside the storage engine into an error (redb may
+/// panic on a damaged file that it was not asked to check first).
+pub fn without_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let was_guarded = GUARDED.with(|g| g.replace(true));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(was_guarded));
+    match result {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("no message");
+            Err(anyhow!("{what}: the storage engine panicked ({message}); the file is damaged, run `verify`"))
+        }
+    }
+}
+
+impl Source {
+    /// Opens a log file read-only, checking its head.
+    pub fn open_file(path: &Path, snapshot_dir: &Path) -> Result<Source> {
+        if !path.is_file() {
+            bail!("open log {}: no such file (a data directory holds ledger.redb)", path.display());
+        }
+        let reader = without_panic("open log", || {
+            LogReader::open_read_only(path)
+                .with_context(|| format!("open log {} read-only (is a server still running on it?)", path.display()))
+        })?;
+        Ok(Source::File { path: path.to_path_buf(), reader, snapshots: SnapshotStore::new(snapshot_dir, usize::MAX) })
+    }
+
+    /// Where the records come from, for reports.
+    pub fn origin(&self) -> String {
+        match self {
+            Source::File { path, .. } => path.display().to_string(),
+            Source::Feed { origin, .. } => origin.clone(),
+        }
+    }
+
+    pub fn head(&self) -> Result<Head> {
+        match self {
+            Source::File { reader, .. } => without_panic("read the head", || Ok(reader.head()?)),
+            Source::Feed { records, .. } => {
+                Ok(records.last().map_or(Head::EMPTY, |r| Head { seq: r.seq, hash: r.hash }))
+            }
+        }
+    }
+
+    /// Calls `f` on records `from..=to` in log order until it breaks.
+    pub fn scan(
+        &self,
+        from: u64,
+        to: u64,
+        progress: &Progress,
+        mut f: impl FnMut(&StoredRecord) -> Result<ControlFlow<()>>,
+    ) -> Result<()> {
+        let from = from.max(1);
+        match self {
+            Source::File { reader, .. } => {
+                let mut next = from;
+                while next <= to {
+                    let batch = without_panic("read the log", || {
+                        reader
+                            .read_range(next, to, SCAN_BATCH_RECORDS)
+                            .with_context(|| format!("read records from seq {next}"))
+                    })?;
+                    let Some(last) = batch.last() else { break };
+                    next = last.seq + 1;
+                    for record in &batch {
+                        if f(record)?.is_break() {
+                            return Ok(());
+                        }
+                    }
+                    progress.set(next - 1);
+                }
+            }
+            Source::Feed { records, .. } => {
+                let start = usize::try_from(from - 1).unwrap_or(usize::MAX).min(records.len());
+                for record in records[start..].iter().take_while(|r| r.seq <= to) {
+                    if f(record)?.is_break() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        progress.set(to.min(self.head()?.seq));
+        Ok(())
+    }
+
+    /// Every record of one task's stream up to `upto`, in order.
+    pub fn task_records(&self, task: TaskId, upto: u64) -> Result<Vec<StoredRecord>> {
+        let key = domain::StreamId::Task(task).to_key();
+        match self {
+            Source::File { reader, .. } => {
+                let mut out: Vec<StoredRecord> = Vec::new();
+                loop {
+                    let from = out.len() as u64 + 1;
+                    let batch = without_panic("read a stream", || {
+                        reader.read_stream(&key, from, SCAN_BATCH_RECORDS).with_context(|| format!("read task {task}"))
+                    })?;
+                    let done = batch.len() < SCAN_BATCH_RECORDS;
+                    out.extend(batch);
+                    if done {
+                        break;
+                    }
+                }
+                out.retain(|r| r.seq <= upto);
+                Ok(out)
+            }
+            Source::Feed { records, .. } => {
+                Ok(records.iter().filter(|r| r.seq <= upto && r.stream == key).cloned().collect())
+            }
+        }
+    }
+
+    /// The record at `seq`, if there is one.
+    pub fn record(&self, seq: u64) -> Result<Option<StoredRecord>> {
+        if seq == 0 {
+            return Ok(None);
+        }
+        match self {
+            Source::File { reader, .. } => {
+                without_panic("read a record", || Ok(reader.read_range(seq, seq, 1)?.into_iter().next()))
+            }
+            Source::Feed { records, .. } => Ok(records.get(usize::try_from(seq - 1)?).cloned()),
+        }
+    }
+
+    /// The whole ledger as of record `seq`: the nearest snapshot at or below it
+    /// and the records after it (a feed has no snapshots: it replays from 1).
+    pub fn ledger_at(&self, seq: u64, progress: &Progress) -> Result<(Ledger, FoldStats)> {
+        match self {
+            Source::File { reader, snapshots, .. } => without_panic("fold the log", || {
+                fold_to(reader, snapshots, seq).with_context(|| format!("fold the log up to seq {seq}"))
+            }),
+            Source::Feed { .. } => {
+                let mut ledger = Ledger::new();
+                let mut stats = FoldStats::default();
+                self.scan(1, seq, progress, |record| {
+                    apply(&mut ledger, record)?;
+                    stats.replayed += 1;
+                    Ok(ControlFlow::Continue(()))
+                })?;
+                Ok((ledger, stats))
+            }
+        }
+    }
+
+    /// The last seq recorded at or before `time` (0 if none is).
+    pub fn seq_at_or_before(&self, time: Timestamp) -> Result<u64> {
+        let head = self.head()?.seq;
+        let (mut low, mut high) = (0u64, head);
+        // Invariant: record `low` is at or before `time` (or low = 0); every record after `high` is later.
+        while low < high {
+            let mid = low + (high - low).div_ceil(2);
+            let record = self.record(mid)?.ok_or_else(|| anyhow!("the log has no record {mid}"))?;
+            if record.recorded_at_us <= time.as_micros() {
+                low = mid;
+            } else {
+                high = mid - 1;
+            }
+        }
+        Ok(low)
+    }
+
+    /// The seq a point names when it ends a range (or is an "as of"): a time
+    /// means the last record at or before it.
+    pub fn upto(&self, point: Point) -> Result<u64> {
+        let head = self.head()?.seq;
+        match point {
+            Point::Seq(seq) if seq > head => bail!("seq {seq} is beyond the head of the log ({head})"),
+            Point::Seq(seq) => Ok(seq),
+            Point::Time(time) => self.seq_at_or_before(time),
+        }
+    }
+
+    /// The seq a point names when it starts a range: a time means the first
+    /// record at or after it.
+    pub fn from(&self, point: Point) -> Result<u64> {
+        match point {
+            Point::Seq(seq) => Ok(seq.max(1)),
+            Point::Time(time) => Ok(self.seq_at_or_before(Timestamp::from_micros(time.as_micros() - 1))? + 1),
+        }
+    }
+
+    /// Inclusive seq range from optional points (defaults: the whole log).
+    pub fn range(&self, from: Option<Point>, to: Option<Point>) -> Result<(u64, u64)> {
+        let head = self.head()?.seq;
+        let first = from.map(|p| self.from(p)).transpose()?.unwrap_or(1);
+        let last = to.map(|p| self.upto(p)).transpose()?.unwrap_or(head);
+        Ok((first, last))
+    }
+}
+
+/// Decodes a record's event and folds it into `ledger`, naming the seq on failure.
+pub fn apply(ledger: &mut Ledger, record: &StoredRecord) -> Result<Event> {
+    let event = decode_event(record).map_err(|e| anyhow!("{e}"))?;
+    ledger.apply(&event).map_err(|e| anyhow!("record {}: {e}", record.seq))?;
+    Ok(event)
+}
+
+/// The time of a record as RFC 3339.
+pub fn time_of(record: &StoredRecord) -> String {
+    Timestamp::from_micros(record.recorded_at_us).to_rfc3339()
+}
