@@ -4,7 +4,9 @@
 //! domain commands at the edge and domain results back.
 
 pub mod auth;
+pub mod commands;
 pub mod error;
+pub mod graphql;
 pub mod metrics;
 pub mod routes;
 pub mod server;

@@ -6,14 +6,14 @@
 
 use std::time::Duration;
 
+use crate::commands::{self, Caller};
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json as AxumJson, Router};
-use domain::{Command, Event, LeaseEpoch, LeaseRef, Namespace, StepName, StreamId, TaskId};
-use eventlog::{Acknowledgement, Envelope, Subscription, decode_event};
+use eventlog::{Subscription, decode_event};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -22,8 +22,6 @@ use crate::error::{ApiError, ApiResult};
 use crate::server::AppState;
 use crate::wire::*;
 
-/// Longest a claim may long-poll.
-pub const CLAIM_WAIT_MS_MAX: u64 = 30_000;
 /// Most records one feed or history page returns.
 pub const PAGE_RECORDS_MAX: usize = 10_000;
 /// The header carrying a client's command id (for safe retries).
@@ -111,66 +109,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for MaybeJson<T> {
     }
 }
 
-fn command_id(headers: &HeaderMap) -> ApiResult<String> {
-    match headers.get(COMMAND_ID_HEADER) {
-        Some(value) => value.to_str().map(str::to_owned).map_err(|_| {
+fn caller<'a>(who: &'a Principal, headers: &HeaderMap) -> ApiResult<Caller<'a>> {
+    let command_id = match headers.get(COMMAND_ID_HEADER) {
+        Some(value) => Some(value.to_str().map(str::to_owned).map_err(|_| {
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_command_id", "X-Command-Id must be visible ASCII")
-        }),
-        // Without a client id there is nothing to deduplicate against; a
-        // fresh id keeps the dedup index honest.
-        None => Ok(format!("srv-{}", uuid::Uuid::new_v4().simple())),
-    }
-}
-
-async fn execute(
-    state: &AppState,
-    who: &Principal,
-    headers: &HeaderMap,
-    command: Command,
-) -> ApiResult<Acknowledgement> {
-    let envelope = Envelope { command_id: command_id(headers)?, actor: who.actor(), command };
-    let kind = envelope.command.kind();
-    let started = std::time::Instant::now();
-    let result = match state.writer.submit_scoped(envelope, who.scope.clone()) {
-        Ok(receiver) => receiver
-            .await
-            .unwrap_or_else(|_| Err(eventlog::WriteError::Unavailable("the writer stopped before answering".into()))),
-        Err(e) => Err(e),
+        })?),
+        None => None,
     };
-    state.metrics.record_command(kind, &result, started.elapsed());
-    Ok(result?)
+    Ok(Caller { who, command_id })
 }
 
-fn command_response(ack: Acknowledgement) -> Response {
-    AxumJson(CommandResponse {
-        seq: ack.seqs.map(|s| s.first),
-        last_seq: ack.seqs.map(|s| s.last),
-        head_seq: ack.head_seq,
-        duplicate: ack.duplicate,
-        events: ack.events.iter().map(EventBody::from).collect(),
-    })
-    .into_response()
-}
-
-fn parse_task(id: &str) -> ApiResult<TaskId> {
-    TaskId::parse(id).map_err(|r| ApiError::not_found(format!("no task {id:?}: {}", r.message)).with_field("id"))
-}
-
-fn parse_step(step: &str) -> ApiResult<StepName> {
-    StepName::new(step).map_err(|r| ApiError::not_found(format!("no step {step:?}: {}", r.message)).with_field("step"))
-}
-
-fn parse_namespace(ns: &str) -> ApiResult<Namespace> {
-    Ok(Namespace::new(ns)?)
-}
-
-fn lease(id: &str, step: &str, epoch: u32) -> ApiResult<LeaseRef> {
-    Ok(LeaseRef { task: parse_task(id)?, step: parse_step(step)?, epoch: LeaseEpoch(epoch) })
-}
-
-fn mint_task_id() -> TaskId {
-    TaskId::new(uuid::Uuid::now_v7()).expect("now_v7 mints a v7 uuid")
-}
+type StepPath = Path<(String, String)>;
 
 async fn create_task(
     State(state): State<AppState>,
@@ -178,21 +127,7 @@ async fn create_task(
     headers: HeaderMap,
     ApiJson(request): ApiJson<CreateTaskRequest>,
 ) -> ApiResult<Response> {
-    who.require(Permission::Produce)?;
-    let spec = request.into_spec(mint_task_id)?;
-    let id = spec.id;
-    let ack = execute(&state, &who, &headers, Command::CreateTask(spec)).await?;
-    let existing = ack.existing_task;
-    let created =
-        ack.events.iter().any(|e| matches!(e, Event::TaskCreated { .. })) || (ack.duplicate && existing.is_none());
-    let body = CreatedResponse {
-        task_id: existing.unwrap_or(id).to_string(),
-        created,
-        seq: ack.seqs.map(|s| s.first),
-        head_seq: ack.head_seq,
-        duplicate: ack.duplicate,
-    };
-    let status = if created && !ack.duplicate { StatusCode::CREATED } else { StatusCode::OK };
+    let (status, body) = commands::create_task(&state, &caller(&who, &headers)?, request).await?;
     Ok((status, AxumJson(body)).into_response())
 }
 
@@ -202,52 +137,8 @@ async fn create_batch(
     headers: HeaderMap,
     ApiJson(request): ApiJson<CreateBatchRequest>,
 ) -> ApiResult<Response> {
-    who.require(Permission::Produce)?;
-    let specs = request
-        .tasks
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| t.into_spec(mint_task_id).map_err(|r| r.within(&format!("tasks[{i}]"))))
-        .collect::<Result<Vec<_>, _>>()?;
-    let ids: Vec<String> = specs.iter().map(|s| s.id.to_string()).collect();
-    let ack = execute(&state, &who, &headers, Command::CreateTasks(specs)).await?;
-    let created = ack.events.len();
-    let status = if created > 0 && !ack.duplicate { StatusCode::CREATED } else { StatusCode::OK };
-    let body = BatchCreatedResponse {
-        task_ids: ids,
-        created,
-        seq: ack.seqs.map(|s| s.first),
-        last_seq: ack.seqs.map(|s| s.last),
-        head_seq: ack.head_seq,
-        duplicate: ack.duplicate,
-    };
+    let (status, body) = commands::create_batch(&state, &caller(&who, &headers)?, request).await?;
     Ok((status, AxumJson(body)).into_response())
-}
-
-async fn cancel_task(
-    State(state): State<AppState>,
-    who: Principal,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    MaybeJson(body): MaybeJson<ReasonRequest>,
-) -> ApiResult<Response> {
-    who.require(Permission::Cancel)?;
-    let reason = body.and_then(|b| b.reason).map(|r| text("reason", &r)).transpose()?;
-    let ack = execute(&state, &who, &headers, Command::CancelTask { task: parse_task(&id)?, reason }).await?;
-    Ok(command_response(ack))
-}
-
-async fn give_up_task(
-    State(state): State<AppState>,
-    who: Principal,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    MaybeJson(body): MaybeJson<ReasonRequest>,
-) -> ApiResult<Response> {
-    who.require(Permission::Operate)?;
-    let reason = body.and_then(|b| b.reason).map(|r| text("reason", &r)).transpose()?;
-    let ack = execute(&state, &who, &headers, Command::GiveUpTask { task: parse_task(&id)?, reason }).await?;
-    Ok(command_response(ack))
 }
 
 async fn claim_steps(
@@ -255,178 +146,137 @@ async fn claim_steps(
     who: Principal,
     headers: HeaderMap,
     ApiJson(request): ApiJson<ClaimRequest>,
-) -> ApiResult<Response> {
-    who.require(Permission::Work)?;
-    if request.wait_ms > CLAIM_WAIT_MS_MAX {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_claim",
-            format!("wait_ms must be at most {CLAIM_WAIT_MS_MAX}"),
-        )
-        .with_field("wait_ms"));
-    }
-    let command = Command::ClaimSteps {
-        namespaces: request.namespaces.iter().map(Namespace::new).collect::<Result<_, _>>()?,
-        worker: domain::WorkerId::new(&request.worker_id)?,
-        max: request.max,
-        lease_ms: request.lease_ms,
-        handlers: request.handlers.iter().map(domain::HandlerName::new).collect::<Result<_, _>>()?,
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(request.wait_ms);
-    let mut head = state.writer.head_watch();
-    loop {
-        head.mark_unchanged();
-        let ack = execute(&state, &who, &headers, command.clone()).await?;
-        let now = tokio::time::Instant::now();
-        if !ack.claimed.is_empty() || now >= deadline {
-            return Ok(AxumJson(ClaimResponse {
-                seq: ack.seqs.map(|s| s.first),
-                head_seq: ack.head_seq,
-                steps: ack.claimed.iter().map(ClaimedStepBody::from).collect(),
-            })
-            .into_response());
-        }
-        // Nothing ready: sleep until the log moves (new work may have been
-        // enqueued) or the deadline passes, then try again.
-        let _ = tokio::time::timeout_at(deadline, head.changed()).await;
-    }
+) -> ApiResult<AxumJson<ClaimResponse>> {
+    Ok(AxumJson(commands::claim(&state, &caller(&who, &headers)?, request).await?))
+}
+
+/// Runs a command built from the request and answers with its events.
+async fn run(
+    state: &AppState,
+    who: &Principal,
+    headers: &HeaderMap,
+    permission: Permission,
+    command: ApiResult<domain::Command>,
+) -> ApiResult<AxumJson<CommandResponse>> {
+    Ok(AxumJson(commands::run(state, &caller(who, headers)?, permission, command).await?))
+}
+
+async fn cancel_task(
+    State(s): State<AppState>,
+    who: Principal,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    MaybeJson(body): MaybeJson<ReasonRequest>,
+) -> ApiResult<AxumJson<CommandResponse>> {
+    run(&s, &who, &h, Permission::Cancel, commands::cancel(&id, body)).await
+}
+
+async fn give_up_task(
+    State(s): State<AppState>,
+    who: Principal,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    MaybeJson(body): MaybeJson<ReasonRequest>,
+) -> ApiResult<AxumJson<CommandResponse>> {
+    run(&s, &who, &h, Permission::Operate, commands::give_up(&id, body)).await
 }
 
 async fn heartbeat(
-    State(state): State<AppState>,
+    State(s): State<AppState>,
     who: Principal,
-    headers: HeaderMap,
-    Path((id, step)): Path<(String, String)>,
-    ApiJson(request): ApiJson<HeartbeatRequest>,
-) -> ApiResult<Response> {
-    who.require(Permission::Work)?;
-    let command = Command::Heartbeat { lease: lease(&id, &step, request.epoch)?, lease_ms: request.lease_ms };
-    Ok(command_response(execute(&state, &who, &headers, command).await?))
+    h: HeaderMap,
+    Path((id, step)): StepPath,
+    ApiJson(body): ApiJson<HeartbeatRequest>,
+) -> ApiResult<AxumJson<CommandResponse>> {
+    run(&s, &who, &h, Permission::Work, commands::heartbeat(&id, &step, body)).await
 }
 
 async fn complete_step(
-    State(state): State<AppState>,
+    State(s): State<AppState>,
     who: Principal,
-    headers: HeaderMap,
-    Path((id, step)): Path<(String, String)>,
-    ApiJson(request): ApiJson<CompleteRequest>,
-) -> ApiResult<Response> {
-    who.require(Permission::Work)?;
-    let command = Command::CompleteStep {
-        lease: lease(&id, &step, request.epoch)?,
-        result: json_text("result", &request.result)?,
-    };
-    Ok(command_response(execute(&state, &who, &headers, command).await?))
+    h: HeaderMap,
+    Path((id, step)): StepPath,
+    ApiJson(body): ApiJson<CompleteRequest>,
+) -> ApiResult<AxumJson<CommandResponse>> {
+    run(&s, &who, &h, Permission::Work, commands::complete(&id, &step, body)).await
 }
 
 async fn fail_step(
-    State(state): State<AppState>,
+    State(s): State<AppState>,
     who: Principal,
-    headers: HeaderMap,
-    Path((id, step)): Path<(String, String)>,
-    ApiJson(request): ApiJson<FailRequest>,
-) -> ApiResult<Response> {
-    who.require(Permission::Work)?;
-    let command = Command::FailStep {
-        lease: lease(&id, &step, request.epoch)?,
-        error: text("error", &request.error)?,
-        retryable: request.retryable,
-    };
-    Ok(command_response(execute(&state, &who, &headers, command).await?))
+    h: HeaderMap,
+    Path((id, step)): StepPath,
+    ApiJson(body): ApiJson<FailRequest>,
+) -> ApiResult<AxumJson<CommandResponse>> {
+    run(&s, &who, &h, Permission::Work, commands::fail(&id, &step, body)).await
 }
 
 async fn release_step(
-    State(state): State<AppState>,
+    State(s): State<AppState>,
     who: Principal,
-    headers: HeaderMap,
-    Path((id, step)): Path<(String, String)>,
-    ApiJson(request): ApiJson<ReleaseRequest>,
-) -> ApiResult<Response> {
-    who.require(Permission::Work)?;
-    let command = Command::ReleaseStep { lease: lease(&id, &step, request.epoch)? };
-    Ok(command_response(execute(&state, &who, &headers, command).await?))
+    h: HeaderMap,
+    Path((id, step)): StepPath,
+    ApiJson(body): ApiJson<ReleaseRequest>,
+) -> ApiResult<AxumJson<CommandResponse>> {
+    run(&s, &who, &h, Permission::Work, commands::release(&id, &step, body)).await
 }
 
 async fn add_steps(
-    State(state): State<AppState>,
+    State(s): State<AppState>,
     who: Principal,
-    headers: HeaderMap,
-    Path((id, step)): Path<(String, String)>,
-    ApiJson(request): ApiJson<AddStepsRequest>,
-) -> ApiResult<Response> {
-    who.require(Permission::Work)?;
-    let steps = request
-        .steps
-        .iter()
-        .enumerate()
-        .map(|(i, s)| step_spec(&format!("steps[{i}]"), s))
-        .collect::<Result<Vec<_>, _>>()?;
-    let command = Command::AddSteps { lease: lease(&id, &step, request.epoch)?, steps };
-    Ok(command_response(execute(&state, &who, &headers, command).await?))
+    h: HeaderMap,
+    Path((id, step)): StepPath,
+    ApiJson(body): ApiJson<AddStepsRequest>,
+) -> ApiResult<AxumJson<CommandResponse>> {
+    run(&s, &who, &h, Permission::Work, commands::add_steps(&id, &step, body)).await
 }
 
 async fn retry_step(
-    State(state): State<AppState>,
+    State(s): State<AppState>,
     who: Principal,
-    headers: HeaderMap,
-    Path((id, step)): Path<(String, String)>,
+    h: HeaderMap,
+    Path((id, step)): StepPath,
     MaybeJson(body): MaybeJson<RetryStepRequest>,
-) -> ApiResult<Response> {
-    who.require(Permission::Operate)?;
-    let reset_attempts = body.is_some_and(|b| b.reset_attempts);
-    let command = Command::RetryStep { task: parse_task(&id)?, step: parse_step(&step)?, reset_attempts };
-    Ok(command_response(execute(&state, &who, &headers, command).await?))
+) -> ApiResult<AxumJson<CommandResponse>> {
+    run(&s, &who, &h, Permission::Operate, commands::retry(&id, &step, body)).await
 }
 
 async fn resolve_step(
-    State(state): State<AppState>,
+    State(s): State<AppState>,
     who: Principal,
-    headers: HeaderMap,
-    Path((id, step)): Path<(String, String)>,
-    ApiJson(request): ApiJson<ResolveRequest>,
-) -> ApiResult<Response> {
-    who.require(Permission::Operate)?;
-    let command = Command::ResolveStep {
-        task: parse_task(&id)?,
-        step: parse_step(&step)?,
-        note: text("note", &request.note)?,
-        result: request.result.as_ref().map(|r| json_text("result", r)).transpose()?,
-    };
-    Ok(command_response(execute(&state, &who, &headers, command).await?))
+    h: HeaderMap,
+    Path((id, step)): StepPath,
+    ApiJson(body): ApiJson<ResolveRequest>,
+) -> ApiResult<AxumJson<CommandResponse>> {
+    run(&s, &who, &h, Permission::Operate, commands::resolve(&id, &step, body)).await
 }
 
 async fn pause_queue(
-    State(state): State<AppState>,
+    State(s): State<AppState>,
     who: Principal,
-    headers: HeaderMap,
+    h: HeaderMap,
     Path(namespace): Path<String>,
-) -> ApiResult<Response> {
-    who.require(Permission::Operate)?;
-    let command = Command::PauseQueue { namespace: parse_namespace(&namespace)? };
-    Ok(command_response(execute(&state, &who, &headers, command).await?))
+) -> ApiResult<AxumJson<CommandResponse>> {
+    run(&s, &who, &h, Permission::Operate, commands::pause(&namespace)).await
 }
 
 async fn resume_queue(
-    State(state): State<AppState>,
+    State(s): State<AppState>,
     who: Principal,
-    headers: HeaderMap,
+    h: HeaderMap,
     Path(namespace): Path<String>,
-) -> ApiResult<Response> {
-    who.require(Permission::Operate)?;
-    let command = Command::ResumeQueue { namespace: parse_namespace(&namespace)? };
-    Ok(command_response(execute(&state, &who, &headers, command).await?))
+) -> ApiResult<AxumJson<CommandResponse>> {
+    run(&s, &who, &h, Permission::Operate, commands::resume(&namespace)).await
 }
 
 async fn set_concurrency(
-    State(state): State<AppState>,
+    State(s): State<AppState>,
     who: Principal,
-    headers: HeaderMap,
+    h: HeaderMap,
     Path(namespace): Path<String>,
-    ApiJson(request): ApiJson<ConcurrencyRequest>,
-) -> ApiResult<Response> {
-    who.require(Permission::Operate)?;
-    let command = Command::SetQueueConcurrency { namespace: parse_namespace(&namespace)?, limit: request.limit };
-    Ok(command_response(execute(&state, &who, &headers, command).await?))
+    ApiJson(body): ApiJson<ConcurrencyRequest>,
+) -> ApiResult<AxumJson<CommandResponse>> {
+    run(&s, &who, &h, Permission::Operate, commands::concurrency(&namespace, body)).await
 }
 
 /// A queue's live figures, read from the writer's ledger between batches.
@@ -436,7 +286,7 @@ async fn queue_status(
     Path(namespace): Path<String>,
 ) -> ApiResult<Response> {
     who.require(Permission::Read)?;
-    let ns = parse_namespace(&namespace)?;
+    let ns = commands::parse_namespace(&namespace)?;
     if !who.may_see(&ns) {
         return Err(ApiError::forbidden(format!("your credentials do not cover namespace {ns}")));
     }
@@ -458,65 +308,12 @@ async fn queue_status(
     Ok(AxumJson(body).into_response())
 }
 
-/// The task's events, read from its stream (MVCC, off the writer thread).
-fn task_records(state: &AppState, task: &TaskId) -> ApiResult<Vec<(eventlog::StoredRecord, Event)>> {
-    let key = StreamId::Task(*task).to_key();
-    let mut out = Vec::new();
-    let mut from = 1;
-    loop {
-        let records = state
-            .writer
-            .reader()
-            .read_stream(&key, from, PAGE_RECORDS_MAX)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        let Some(last) = records.last() else { break };
-        from = last.stream_version + 1;
-        let full = records.len() == PAGE_RECORDS_MAX;
-        for record in records {
-            let event = decode_event(&record).map_err(|e| ApiError::internal(e.to_string()))?;
-            out.push((record, event));
-        }
-        if !full {
-            break;
-        }
-    }
-    Ok(out)
-}
-
-fn visible_task_records(
-    state: &AppState,
-    who: &Principal,
-    id: &str,
-) -> ApiResult<(TaskId, Vec<(eventlog::StoredRecord, Event)>)> {
-    let task = parse_task(id)?;
-    let records = task_records(state, &task)?;
-    let namespace = records.first().and_then(|(_, e)| match e {
-        Event::TaskCreated { spec, .. } => Some(spec.namespace.clone()),
-        _ => None,
-    });
-    match namespace {
-        Some(ns) if who.may_see(&ns) => Ok((task, records)),
-        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "task_not_found", format!("no task {task}")).with_field("id")),
-    }
-}
-
 async fn get_task(State(state): State<AppState>, who: Principal, Path(id): Path<String>) -> ApiResult<Response> {
-    who.require(Permission::Read)?;
-    let (task, records) = visible_task_records(&state, &who, &id)?;
-    let mut view = domain::Ledger::retaining_terminal_tasks();
-    for (record, event) in &records {
-        view.apply(event).map_err(|e| ApiError::internal(format!("record {}: {e}", record.seq)))?;
-    }
-    let (last, _) = records.last().expect("a visible task has records");
-    let t = view.task(&task).ok_or_else(|| ApiError::internal("task vanished from its own fold"))?;
-    Ok(AxumJson(task_body(t, last.seq, last.stream_version)).into_response())
+    Ok(AxumJson(commands::task_view(&state, &who, &id, None)?).into_response())
 }
 
 async fn task_history(State(state): State<AppState>, who: Principal, Path(id): Path<String>) -> ApiResult<Response> {
-    who.require(Permission::Read)?;
-    let (_, records) = visible_task_records(&state, &who, &id)?;
-    let body: Vec<RecordBody> = records.iter().map(|(r, e)| record_body(r, e)).collect();
-    Ok(AxumJson(body).into_response())
+    Ok(AxumJson(commands::task_history(&state, &who, &id)?).into_response())
 }
 
 async fn ledger_head(State(state): State<AppState>, who: Principal) -> ApiResult<Response> {

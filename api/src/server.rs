@@ -52,13 +52,17 @@ pub struct ServeConfig {
 }
 
 pub fn app(state: AppState, config: &ServeConfig) -> Router {
+    let schema = crate::graphql::schema(state.clone());
     crate::routes::router()
+        .route("/graphql", get(crate::graphql::graphiql).post(crate::graphql::graphql_handler))
+        .route("/graphql/ws", get(crate::graphql::graphql_ws))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { ApiError::not_found("no such route; see /openapi.json") })
         .with_state(state)
+        .layer(axum::Extension(schema))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, config.request_timeout))
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(config.max_concurrent_requests))

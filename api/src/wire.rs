@@ -28,8 +28,9 @@ pub fn time(ts: Timestamp) -> String {
     format_rfc3339(ts)
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, async_graphql::InputObject, Default)]
 #[serde(deny_unknown_fields)]
+#[graphql(name = "RetryInput")]
 pub struct RetryRequest {
     pub base_ms: Option<u64>,
     /// Growth per attempt, e.g. 2.0 doubles.
@@ -38,14 +39,17 @@ pub struct RetryRequest {
     pub jitter_pct: Option<u8>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, async_graphql::InputObject)]
 #[serde(deny_unknown_fields)]
+#[graphql(name = "StepInput")]
 pub struct StepRequest {
     pub name: String,
     pub handler: String,
     #[serde(default)]
+    #[graphql(default)]
     pub payload: Value,
     #[serde(default)]
+    #[graphql(default)]
     pub depends_on: Vec<String>,
     pub max_attempts: Option<u32>,
     pub lease_ms: Option<u32>,
@@ -54,20 +58,24 @@ pub struct StepRequest {
 
 /// A task: either `handler` (a single job, one step named `main`) or `steps`
 /// (a workflow).
-#[derive(Deserialize)]
+#[derive(Deserialize, async_graphql::InputObject)]
 #[serde(deny_unknown_fields)]
+#[graphql(name = "CreateTaskInput")]
 pub struct CreateTaskRequest {
     /// A UUIDv7; the server mints one when absent.
     pub id: Option<String>,
     pub namespace: String,
     pub name: Option<String>,
     #[serde(default)]
+    #[graphql(default)]
     pub payload: Value,
     #[serde(default)]
+    #[graphql(default)]
     pub priority: i32,
     /// RFC 3339; the task's steps wait until then.
     pub run_at: Option<String>,
     #[serde(default)]
+    #[graphql(default)]
     pub tags: Vec<String>,
     pub idempotency_key: Option<String>,
     pub handler: Option<String>,
@@ -173,24 +181,29 @@ impl CreateTaskRequest {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, async_graphql::InputObject)]
 #[serde(deny_unknown_fields)]
+#[graphql(name = "CreateBatchInput")]
 pub struct CreateBatchRequest {
     pub tasks: Vec<CreateTaskRequest>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, async_graphql::InputObject)]
 #[serde(deny_unknown_fields)]
+#[graphql(name = "ClaimInput")]
 pub struct ClaimRequest {
     pub namespaces: Vec<String>,
     pub worker_id: String,
     #[serde(default = "one")]
+    #[graphql(default = 1)]
     pub max: u32,
     pub lease_ms: Option<u32>,
     #[serde(default)]
+    #[graphql(default)]
     pub handlers: Vec<String>,
     /// Long-poll: wait up to this long for work when none is ready.
     #[serde(default)]
+    #[graphql(default)]
     pub wait_ms: u64,
 }
 
@@ -198,27 +211,32 @@ fn one() -> u32 {
     1
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, async_graphql::InputObject)]
 #[serde(deny_unknown_fields)]
+#[graphql(name = "HeartbeatInput")]
 pub struct HeartbeatRequest {
     pub epoch: u32,
     pub lease_ms: Option<u32>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, async_graphql::InputObject)]
 #[serde(deny_unknown_fields)]
+#[graphql(name = "CompleteInput")]
 pub struct CompleteRequest {
     pub epoch: u32,
     #[serde(default)]
+    #[graphql(default)]
     pub result: Value,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, async_graphql::InputObject)]
 #[serde(deny_unknown_fields)]
+#[graphql(name = "FailInput")]
 pub struct FailRequest {
     pub epoch: u32,
     pub error: String,
     #[serde(default = "yes")]
+    #[graphql(default = true)]
     pub retryable: bool,
 }
 
@@ -226,41 +244,48 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, async_graphql::InputObject)]
 #[serde(deny_unknown_fields)]
+#[graphql(name = "ReleaseInput")]
 pub struct ReleaseRequest {
     pub epoch: u32,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, async_graphql::InputObject)]
 #[serde(deny_unknown_fields)]
+#[graphql(name = "AddStepsInput")]
 pub struct AddStepsRequest {
     pub epoch: u32,
     pub steps: Vec<StepRequest>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, async_graphql::InputObject, Default)]
 #[serde(deny_unknown_fields)]
+#[graphql(name = "RetryStepInput")]
 pub struct RetryStepRequest {
     #[serde(default)]
+    #[graphql(default)]
     pub reset_attempts: bool,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, async_graphql::InputObject)]
 #[serde(deny_unknown_fields)]
+#[graphql(name = "ResolveInput")]
 pub struct ResolveRequest {
     pub note: String,
     pub result: Option<Value>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, async_graphql::InputObject, Default)]
 #[serde(deny_unknown_fields)]
+#[graphql(name = "ReasonInput")]
 pub struct ReasonRequest {
     pub reason: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, async_graphql::InputObject)]
 #[serde(deny_unknown_fields)]
+#[graphql(name = "ConcurrencyInput")]
 pub struct ConcurrencyRequest {
     /// `null` removes the limit.
     pub limit: Option<u32>,
@@ -272,7 +297,7 @@ pub fn text(field: &str, value: &str) -> Result<Text, Rejection> {
 
 // ----- responses -----
 
-#[derive(Serialize)]
+#[derive(Serialize, async_graphql::SimpleObject)]
 pub struct CommandResponse {
     /// The seq of the first event this command recorded (absent if it changed nothing).
     pub seq: Option<u64>,
@@ -283,7 +308,7 @@ pub struct CommandResponse {
     pub events: Vec<EventBody>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, async_graphql::SimpleObject)]
 pub struct CreatedResponse {
     pub task_id: String,
     /// False when an idempotency key matched an existing task.
@@ -293,17 +318,17 @@ pub struct CreatedResponse {
     pub duplicate: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, async_graphql::SimpleObject)]
 pub struct BatchCreatedResponse {
     pub task_ids: Vec<String>,
-    pub created: usize,
+    pub created: u64,
     pub seq: Option<u64>,
     pub last_seq: Option<u64>,
     pub head_seq: u64,
     pub duplicate: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, async_graphql::SimpleObject)]
 pub struct ClaimedStepBody {
     pub task_id: String,
     pub namespace: String,
@@ -332,7 +357,7 @@ impl From<&ClaimedStep> for ClaimedStepBody {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, async_graphql::SimpleObject)]
 pub struct ClaimResponse {
     pub seq: Option<u64>,
     pub head_seq: u64,
@@ -340,10 +365,11 @@ pub struct ClaimResponse {
 }
 
 /// A domain event as JSON: `{"type": "step_claimed", ...fields}`.
-#[derive(Serialize)]
+#[derive(Serialize, async_graphql::SimpleObject)]
 pub struct EventBody {
     #[serde(rename = "type")]
-    pub kind: &'static str,
+    #[graphql(name = "type")]
+    pub kind: String,
     pub data: Value,
 }
 
@@ -355,7 +381,7 @@ impl From<&Event> for EventBody {
             other => other,
         };
         inline_json_fields(&mut data);
-        Self { kind: event.type_name(), data }
+        Self { kind: event.type_name().to_owned(), data }
     }
 }
 
@@ -381,7 +407,7 @@ fn inline_json_fields(value: &mut Value) {
 }
 
 /// One record of the log, as the feed and history endpoints return it.
-#[derive(Serialize)]
+#[derive(Serialize, async_graphql::SimpleObject)]
 pub struct RecordBody {
     pub seq: u64,
     pub recorded_at: String,
@@ -390,7 +416,8 @@ pub struct RecordBody {
     pub command_id: String,
     pub actor: String,
     #[serde(rename = "type")]
-    pub kind: &'static str,
+    #[graphql(name = "type")]
+    pub kind: String,
     pub schema_version: u16,
     pub hash: String,
     pub data: Value,
@@ -412,11 +439,11 @@ pub fn record_body(record: &StoredRecord, event: &Event) -> RecordBody {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, async_graphql::SimpleObject)]
 pub struct StepBody {
     pub name: String,
     pub handler: String,
-    pub state: &'static str,
+    pub state: String,
     pub depends_on: Vec<String>,
     pub attempts: u32,
     pub max_attempts: u32,
@@ -429,12 +456,12 @@ pub struct StepBody {
     pub result: Option<Value>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, async_graphql::SimpleObject)]
 pub struct TaskBody {
     pub id: String,
     pub namespace: String,
     pub name: String,
-    pub state: &'static str,
+    pub state: String,
     pub priority: i32,
     pub tags: Vec<String>,
     pub idempotency_key: Option<String>,
@@ -452,7 +479,7 @@ pub fn task_body(task: &Task, last_seq: u64, version: u64) -> TaskBody {
         id: task.id.to_string(),
         namespace: task.namespace.to_string(),
         name: task.name.to_string(),
-        state: task.state.as_str(),
+        state: task.state.as_str().to_owned(),
         priority: task.priority.get(),
         tags: task.tags.iter().map(ToString::to_string).collect(),
         idempotency_key: task.idempotency_key.as_ref().map(ToString::to_string),
@@ -465,7 +492,7 @@ pub fn task_body(task: &Task, last_seq: u64, version: u64) -> TaskBody {
             .map(|s| StepBody {
                 name: s.name.to_string(),
                 handler: s.handler.to_string(),
-                state: s.state.as_str(),
+                state: s.state.as_str().to_owned(),
                 depends_on: s.deps.iter().map(|d| task.steps[d.get()].name.to_string()).collect(),
                 attempts: s.attempts,
                 max_attempts: s.max_attempts,

@@ -10,8 +10,9 @@ fn run(binary: &str, args: &[&str]) -> std::process::Output {
 }
 
 #[test]
-fn replay_tool_subcommands_not_yet_built_exit_non_zero() {
-    let out = run("taskledger-replay", &["verify"]);
+fn subcommands_not_yet_built_say_so_and_exit_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run("taskledger", &["backup", "--to", dir.path().join("copy").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"));
 }

@@ -1,0 +1,340 @@
+//! What the API does, independent of how it was asked: REST handlers and
+//! GraphQL resolvers both call these. Each operation checks the caller's
+//! role, turns wire input into a `domain::Command`, sends it to the writer
+//! (which checks namespace scopes against the ledger) and turns the
+//! acknowledgement into a wire answer. Reads of a task fold the task's own
+//! events from the log (MVCC, off the writer thread), optionally only up to
+//! a past seq or time.
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use domain::{Command, Event, LeaseEpoch, LeaseRef, Namespace, StepName, StreamId, TaskId, Timestamp};
+use eventlog::{Acknowledgement, Envelope, StoredRecord, WriteError, decode_event};
+
+use crate::auth::{Permission, Principal};
+use crate::error::{ApiError, ApiResult};
+use crate::server::AppState;
+use crate::time::parse_rfc3339;
+use crate::wire::*;
+
+/// Longest a claim may long-poll.
+pub const CLAIM_WAIT_MS_MAX: u64 = 30_000;
+/// Records read per page when folding a task's stream.
+pub const STREAM_PAGE_RECORDS: usize = 10_000;
+
+/// Who is asking, and the client's command id for safe retries (if any).
+pub struct Caller<'a> {
+    pub who: &'a Principal,
+    pub command_id: Option<String>,
+}
+
+impl Caller<'_> {
+    fn command_id(&self) -> String {
+        // Without a client id there is nothing to deduplicate against; a
+        // fresh id keeps the dedup index honest.
+        self.command_id.clone().unwrap_or_else(|| format!("srv-{}", uuid::Uuid::new_v4().simple()))
+    }
+}
+
+/// Sends one command to the writer and waits for its durable answer.
+pub async fn execute(state: &AppState, caller: &Caller<'_>, command: Command) -> ApiResult<Acknowledgement> {
+    let envelope = Envelope { command_id: caller.command_id(), actor: caller.who.actor(), command };
+    let kind = envelope.command.kind();
+    let started = std::time::Instant::now();
+    let result = match state.writer.submit_scoped(envelope, caller.who.scope.clone()) {
+        Ok(receiver) => receiver
+            .await
+            .unwrap_or_else(|_| Err(WriteError::Unavailable("the writer stopped before answering".into()))),
+        Err(e) => Err(e),
+    };
+    state.metrics.record_command(kind, &result, started.elapsed());
+    Ok(result?)
+}
+
+pub fn command_response(ack: &Acknowledgement) -> CommandResponse {
+    CommandResponse {
+        seq: ack.seqs.map(|s| s.first),
+        last_seq: ack.seqs.map(|s| s.last),
+        head_seq: ack.head_seq,
+        duplicate: ack.duplicate,
+        events: ack.events.iter().map(EventBody::from).collect(),
+    }
+}
+
+/// Checks the role, runs the command, answers with its events and seqs.
+pub async fn run(
+    state: &AppState,
+    caller: &Caller<'_>,
+    permission: Permission,
+    command: ApiResult<Command>,
+) -> ApiResult<CommandResponse> {
+    caller.who.require(permission)?;
+    let ack = execute(state, caller, command?).await?;
+    Ok(command_response(&ack))
+}
+
+pub fn parse_task(id: &str) -> ApiResult<TaskId> {
+    TaskId::parse(id).map_err(|r| ApiError::not_found(format!("no task {id:?}: {}", r.message)).with_field("id"))
+}
+
+pub fn parse_step(step: &str) -> ApiResult<StepName> {
+    StepName::new(step).map_err(|r| ApiError::not_found(format!("no step {step:?}: {}", r.message)).with_field("step"))
+}
+
+pub fn parse_namespace(ns: &str) -> ApiResult<Namespace> {
+    Ok(Namespace::new(ns)?)
+}
+
+fn lease(id: &str, step: &str, epoch: u32) -> ApiResult<LeaseRef> {
+    Ok(LeaseRef { task: parse_task(id)?, step: parse_step(step)?, epoch: LeaseEpoch(epoch) })
+}
+
+fn mint_task_id() -> TaskId {
+    TaskId::new(uuid::Uuid::now_v7()).expect("now_v7 mints a v7 uuid")
+}
+
+// ----- command builders (wire request -> domain command) -----
+
+pub fn cancel(id: &str, request: Option<ReasonRequest>) -> ApiResult<Command> {
+    let reason = request.and_then(|b| b.reason).map(|r| text("reason", &r)).transpose()?;
+    Ok(Command::CancelTask { task: parse_task(id)?, reason })
+}
+
+pub fn give_up(id: &str, request: Option<ReasonRequest>) -> ApiResult<Command> {
+    let reason = request.and_then(|b| b.reason).map(|r| text("reason", &r)).transpose()?;
+    Ok(Command::GiveUpTask { task: parse_task(id)?, reason })
+}
+
+pub fn heartbeat(id: &str, step: &str, request: HeartbeatRequest) -> ApiResult<Command> {
+    Ok(Command::Heartbeat { lease: lease(id, step, request.epoch)?, lease_ms: request.lease_ms })
+}
+
+pub fn complete(id: &str, step: &str, request: CompleteRequest) -> ApiResult<Command> {
+    Ok(Command::CompleteStep { lease: lease(id, step, request.epoch)?, result: json_text("result", &request.result)? })
+}
+
+pub fn fail(id: &str, step: &str, request: FailRequest) -> ApiResult<Command> {
+    Ok(Command::FailStep {
+        lease: lease(id, step, request.epoch)?,
+        error: text("error", &request.error)?,
+        retryable: request.retryable,
+    })
+}
+
+pub fn release(id: &str, step: &str, request: ReleaseRequest) -> ApiResult<Command> {
+    Ok(Command::ReleaseStep { lease: lease(id, step, request.epoch)? })
+}
+
+pub fn add_steps(id: &str, step: &str, request: AddStepsRequest) -> ApiResult<Command> {
+    let steps = request
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| step_spec(&format!("steps[{i}]"), s))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Command::AddSteps { lease: lease(id, step, request.epoch)?, steps })
+}
+
+pub fn retry(id: &str, step: &str, request: Option<RetryStepRequest>) -> ApiResult<Command> {
+    let reset_attempts = request.is_some_and(|b| b.reset_attempts);
+    Ok(Command::RetryStep { task: parse_task(id)?, step: parse_step(step)?, reset_attempts })
+}
+
+pub fn resolve(id: &str, step: &str, request: ResolveRequest) -> ApiResult<Command> {
+    Ok(Command::ResolveStep {
+        task: parse_task(id)?,
+        step: parse_step(step)?,
+        note: text("note", &request.note)?,
+        result: request.result.as_ref().map(|r| json_text("result", r)).transpose()?,
+    })
+}
+
+pub fn pause(namespace: &str) -> ApiResult<Command> {
+    Ok(Command::PauseQueue { namespace: parse_namespace(namespace)? })
+}
+
+pub fn resume(namespace: &str) -> ApiResult<Command> {
+    Ok(Command::ResumeQueue { namespace: parse_namespace(namespace)? })
+}
+
+pub fn concurrency(namespace: &str, request: ConcurrencyRequest) -> ApiResult<Command> {
+    Ok(Command::SetQueueConcurrency { namespace: parse_namespace(namespace)?, limit: request.limit })
+}
+
+// ----- operations with their own answers -----
+
+/// Creates a task: 201 when created, 200 when an idempotency key or a
+/// repeated command id matched.
+pub async fn create_task(
+    state: &AppState,
+    caller: &Caller<'_>,
+    request: CreateTaskRequest,
+) -> ApiResult<(StatusCode, CreatedResponse)> {
+    caller.who.require(Permission::Produce)?;
+    let spec = request.into_spec(mint_task_id)?;
+    let id = spec.id;
+    let ack = execute(state, caller, Command::CreateTask(spec)).await?;
+    let existing = ack.existing_task;
+    let created = ack.events.iter().any(|e| matches!(e, Event::TaskCreated { .. }));
+    let body = CreatedResponse {
+        task_id: existing.unwrap_or(id).to_string(),
+        created,
+        seq: ack.seqs.map(|s| s.first),
+        head_seq: ack.head_seq,
+        duplicate: ack.duplicate,
+    };
+    let status = if created && !ack.duplicate { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, body))
+}
+
+pub async fn create_batch(
+    state: &AppState,
+    caller: &Caller<'_>,
+    request: CreateBatchRequest,
+) -> ApiResult<(StatusCode, BatchCreatedResponse)> {
+    caller.who.require(Permission::Produce)?;
+    let specs = request
+        .tasks
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| t.into_spec(mint_task_id).map_err(|r| r.within(&format!("tasks[{i}]"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ids: Vec<String> = specs.iter().map(|s| s.id.to_string()).collect();
+    let ack = execute(state, caller, Command::CreateTasks(specs)).await?;
+    let created = ack.events.len() as u64;
+    let status = if created > 0 && !ack.duplicate { StatusCode::CREATED } else { StatusCode::OK };
+    let body = BatchCreatedResponse {
+        task_ids: ids,
+        created,
+        seq: ack.seqs.map(|s| s.first),
+        last_seq: ack.seqs.map(|s| s.last),
+        head_seq: ack.head_seq,
+        duplicate: ack.duplicate,
+    };
+    Ok((status, body))
+}
+
+/// Claims steps; with `wait_ms`, waits for work to arrive. Every commit
+/// moves the head, which wakes the waiters to try again.
+pub async fn claim(state: &AppState, caller: &Caller<'_>, request: ClaimRequest) -> ApiResult<ClaimResponse> {
+    caller.who.require(Permission::Work)?;
+    if request.wait_ms > CLAIM_WAIT_MS_MAX {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_claim",
+            format!("wait_ms must be at most {CLAIM_WAIT_MS_MAX}"),
+        )
+        .with_field("wait_ms"));
+    }
+    let command = Command::ClaimSteps {
+        namespaces: request.namespaces.iter().map(Namespace::new).collect::<Result<_, _>>()?,
+        worker: domain::WorkerId::new(&request.worker_id)?,
+        max: request.max,
+        lease_ms: request.lease_ms,
+        handlers: request.handlers.iter().map(domain::HandlerName::new).collect::<Result<_, _>>()?,
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(request.wait_ms);
+    let mut head = state.writer.head_watch();
+    loop {
+        head.mark_unchanged();
+        let ack = execute(state, caller, command.clone()).await?;
+        if !ack.claimed.is_empty() || tokio::time::Instant::now() >= deadline {
+            return Ok(ClaimResponse {
+                seq: ack.seqs.map(|s| s.first),
+                head_seq: ack.head_seq,
+                steps: ack.claimed.iter().map(ClaimedStepBody::from).collect(),
+            });
+        }
+        let _ = tokio::time::timeout_at(deadline, head.changed()).await;
+    }
+}
+
+// ----- reads folded from the log -----
+
+/// A point in the log's past: a seq, or a time (RFC 3339).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AsOf {
+    Seq(u64),
+    Time(Timestamp),
+}
+
+impl AsOf {
+    /// `"1234"` is a seq; anything else must be an RFC 3339 time.
+    pub fn parse(text: &str) -> ApiResult<AsOf> {
+        if let Ok(seq) = text.parse::<u64>() {
+            return Ok(AsOf::Seq(seq));
+        }
+        parse_rfc3339(text).map(AsOf::Time).map_err(|m| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_as_of", format!("asOf must be a seq or a time: {m}"))
+                .with_field("asOf")
+        })
+    }
+
+    fn includes(&self, record: &StoredRecord) -> bool {
+        match self {
+            AsOf::Seq(seq) => record.seq <= *seq,
+            AsOf::Time(t) => record.recorded_at_us <= t.as_micros(),
+        }
+    }
+}
+
+/// A task's records (optionally only those up to `as_of`), provided the
+/// caller may see its namespace; otherwise "not found", so scopes do not
+/// reveal which tasks exist elsewhere.
+pub fn task_records(
+    state: &AppState,
+    who: &Principal,
+    id: &str,
+    as_of: Option<AsOf>,
+) -> ApiResult<(TaskId, Vec<(StoredRecord, Event)>)> {
+    who.require(Permission::Read)?;
+    let task = parse_task(id)?;
+    let key = StreamId::Task(task).to_key();
+    let mut records = Vec::new();
+    let mut from = 1;
+    'pages: loop {
+        let page = state
+            .writer
+            .reader()
+            .read_stream(&key, from, STREAM_PAGE_RECORDS)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let full = page.len() == STREAM_PAGE_RECORDS;
+        for record in page {
+            if as_of.is_some_and(|a| !a.includes(&record)) {
+                break 'pages;
+            }
+            from = record.stream_version + 1;
+            let event = decode_event(&record).map_err(|e| ApiError::internal(e.to_string()))?;
+            records.push((record, event));
+        }
+        if !full {
+            break;
+        }
+    }
+    let namespace = records.first().and_then(|(_, e)| match e {
+        Event::TaskCreated { spec, .. } => Some(spec.namespace.clone()),
+        _ => None,
+    });
+    match namespace {
+        Some(ns) if who.may_see(&ns) => Ok((task, records)),
+        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "task_not_found", format!("no task {task}")).with_field("id")),
+    }
+}
+
+/// A task as it is (or was, `as_of`), folded through the domain from its own events.
+pub fn task_view(state: &AppState, who: &Principal, id: &str, as_of: Option<AsOf>) -> ApiResult<TaskBody> {
+    let (task, records) = task_records(state, who, id, as_of)?;
+    let mut view = domain::Ledger::retaining_terminal_tasks();
+    for (record, event) in &records {
+        view.apply(event).map_err(|e| ApiError::internal(format!("record {}: {e}", record.seq)))?;
+    }
+    let (last, _) = records.last().expect("a visible task has records");
+    let t = view.task(&task).ok_or_else(|| ApiError::internal("task vanished from its own fold"))?;
+    Ok(task_body(t, last.seq, last.stream_version))
+}
+
+pub fn task_history(state: &AppState, who: &Principal, id: &str) -> ApiResult<Vec<RecordBody>> {
+    let (_, records) = task_records(state, who, id, None)?;
+    Ok(records.iter().map(|(r, e)| record_body(r, e)).collect())
+}

@@ -1,0 +1,628 @@
+//! GraphQL at `/graphql` (GraphiQL on GET in a browser; subscriptions over
+//! WebSocket at `/graphql/ws`). Queries read the log and the domain fold;
+//! mutations mirror the REST commands through the same `commands` module;
+//! subscriptions follow the live feed.
+//!
+//! Limits, checked before any resolver runs: query depth, complexity,
+//! recursion, directives, aliases, and page size; one operation per request
+//! (no batches). Authentication is the same bearer token as REST: the HTTP
+//! header for queries and mutations, the `connection_init` payload
+//! (`{"Authorization": "Bearer …"}`) for WebSocket subscriptions.
+
+use std::time::Duration;
+
+use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
+use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
+use async_graphql::{Context, Data, ErrorExtensions, Object, Schema, SimpleObject, Subscription};
+use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
+use axum::extract::State;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use domain::StreamId;
+use eventlog::{Subscription as LogSubscription, decode_event};
+use futures_util::Stream;
+
+use crate::auth::{HasTokens, Permission, Principal};
+use crate::commands::{self, AsOf, Caller};
+use crate::error::ApiError;
+use crate::server::AppState;
+use crate::wire::*;
+
+pub const DEPTH_MAX: usize = 12;
+pub const COMPLEXITY_MAX: usize = 2_000;
+pub const RECURSIVE_DEPTH_MAX: usize = 32;
+pub const DIRECTIVES_MAX: usize = 8;
+pub const ALIASES_MAX: usize = 64;
+pub const PAGE_MAX: usize = 500;
+/// Longest a query waits for `minSeq`.
+pub const MIN_SEQ_WAIT: Duration = Duration::from_secs(5);
+
+pub type LedgerSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
+
+pub fn schema(state: AppState) -> LedgerSchema {
+    Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
+        .data(state)
+        .limit_depth(DEPTH_MAX)
+        .limit_complexity(COMPLEXITY_MAX)
+        .limit_recursive_depth(RECURSIVE_DEPTH_MAX)
+        .limit_directives(DIRECTIVES_MAX)
+        .finish()
+}
+
+impl From<ApiError> for async_graphql::Error {
+    fn from(e: ApiError) -> Self {
+        async_graphql::Error::new(e.message.clone()).extend_with(|_, ext| {
+            ext.set("code", e.code);
+            ext.set("status", e.status.as_u16());
+            if let Some(field) = &e.field {
+                ext.set("field", field.as_str());
+            }
+        })
+    }
+}
+
+fn state<'a>(ctx: &Context<'a>) -> &'a AppState {
+    ctx.data_unchecked::<AppState>()
+}
+
+fn who<'a>(ctx: &Context<'a>) -> async_graphql::Result<&'a Principal> {
+    ctx.data_opt::<Principal>().ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token>").into())
+}
+
+/// Waits (bounded) until the log head reaches `min_seq`: read-your-writes
+/// for a client that got `head_seq` back from a command.
+async fn wait_min_seq(state: &AppState, min_seq: Option<u64>) -> async_graphql::Result<()> {
+    let Some(min_seq) = min_seq else { return Ok(()) };
+    let mut head = state.writer.head_watch();
+    let reached = tokio::time::timeout(MIN_SEQ_WAIT, head.wait_for(|h| *h >= min_seq)).await;
+    match reached {
+        Ok(Ok(_)) => Ok(()),
+        _ => Err(ApiError::unavailable(
+            "min_seq_not_reached",
+            format!("seq {min_seq} was not reached within {} s", MIN_SEQ_WAIT.as_secs()),
+            1,
+        )
+        .into()),
+    }
+}
+
+fn parse_as_of(text: Option<String>) -> async_graphql::Result<Option<AsOf>> {
+    Ok(text.as_deref().map(AsOf::parse).transpose()?)
+}
+
+#[derive(SimpleObject)]
+pub struct LedgerHead {
+    pub head_seq: u64,
+    pub head_hash: String,
+}
+
+/// One step in a queue view.
+#[derive(SimpleObject)]
+pub struct QueueStep {
+    pub task_id: String,
+    pub step: String,
+    pub handler: String,
+    pub state: String,
+    pub priority: i32,
+    pub attempts: u32,
+    pub worker: Option<String>,
+    pub lease_deadline: Option<String>,
+    pub retry_at: Option<String>,
+}
+
+#[derive(SimpleObject)]
+pub struct QueuePage {
+    pub namespace: String,
+    pub paused: bool,
+    pub concurrency_limit: Option<u32>,
+    pub steps: Vec<QueueStep>,
+    /// Pass as `after` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+    /// The seq the view was taken at.
+    pub seq: u64,
+}
+
+fn queue_page(
+    ledger: &domain::Ledger,
+    ns: &domain::Namespace,
+    state_filter: Option<&str>,
+    first: usize,
+    after: usize,
+    seq: u64,
+) -> QueuePage {
+    let mut steps: Vec<(domain::TaskId, &domain::Task, &domain::Step)> = ledger
+        .tasks()
+        .filter(|t| &t.namespace == ns)
+        .flat_map(|t| t.steps.iter().map(move |s| (t.id, t, s)))
+        .filter(|(_, _, s)| !s.state.is_final())
+        .filter(|(_, _, s)| state_filter.is_none_or(|f| s.state.as_str() == f))
+        .collect();
+    steps.sort_by(|a, b| (a.0, a.2.name.as_str()).cmp(&(b.0, b.2.name.as_str())));
+    let total = steps.len();
+    let page: Vec<QueueStep> = steps
+        .into_iter()
+        .skip(after)
+        .take(first)
+        .map(|(id, t, s)| QueueStep {
+            task_id: id.to_string(),
+            step: s.name.to_string(),
+            handler: s.handler.to_string(),
+            state: s.state.as_str().to_owned(),
+            priority: t.priority.get(),
+            attempts: s.attempts,
+            worker: s.worker.as_ref().map(ToString::to_string),
+            lease_deadline: s.lease_deadline.map(time),
+            retry_at: s.retry_at.map(time),
+        })
+        .collect();
+    let next = after + page.len();
+    let settings = ledger.queue_settings(ns);
+    QueuePage {
+        namespace: ns.to_string(),
+        paused: settings.paused,
+        concurrency_limit: settings.concurrency_limit,
+        steps: page,
+        next_cursor: (next < total).then(|| next.to_string()),
+        seq,
+    }
+}
+
+pub struct QueryRoot;
+
+#[Object]
+impl QueryRoot {
+    /// A task as it is now, or `asOf` a past seq or RFC 3339 time (folded
+    /// through the domain from the task's events, not read from SQL).
+    async fn task(
+        &self,
+        ctx: &Context<'_>,
+        id: String,
+        as_of: Option<String>,
+        min_seq: Option<u64>,
+    ) -> async_graphql::Result<Option<TaskBody>> {
+        let state = state(ctx);
+        wait_min_seq(state, min_seq).await?;
+        match commands::task_view(state, who(ctx)?, &id, parse_as_of(as_of)?) {
+            Ok(task) => Ok(Some(task)),
+            Err(e) if e.status == StatusCode::NOT_FOUND => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every event of a task, from the log (authoritative).
+    async fn task_history(
+        &self,
+        ctx: &Context<'_>,
+        id: String,
+        min_seq: Option<u64>,
+    ) -> async_graphql::Result<Vec<RecordBody>> {
+        let state = state(ctx);
+        wait_min_seq(state, min_seq).await?;
+        Ok(commands::task_history(state, who(ctx)?, &id)?)
+    }
+
+    /// The non-final steps of a queue, now or `asOf` a past point (the whole
+    /// ledger folded from the nearest snapshot).
+    // GraphQL arguments are the resolver's parameters.
+    #[allow(clippy::too_many_arguments)]
+    async fn queue(
+        &self,
+        ctx: &Context<'_>,
+        namespace: String,
+        state: Option<String>,
+        #[graphql(default = 100)] first: usize,
+        after: Option<String>,
+        as_of: Option<String>,
+        min_seq: Option<u64>,
+    ) -> async_graphql::Result<QueuePage> {
+        let app = self::state(ctx).clone();
+        let who = who(ctx)?;
+        who.require(Permission::Read)?;
+        wait_min_seq(&app, min_seq).await?;
+        let ns = commands::parse_namespace(&namespace)?;
+        if !who.may_see(&ns) {
+            return Err(ApiError::forbidden(format!("your credentials do not cover namespace {ns}")).into());
+        }
+        if first == 0 || first > PAGE_MAX {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_page",
+                format!("first must be 1 to {PAGE_MAX}"),
+            )
+            .with_field("first")
+            .into());
+        }
+        let after: usize = match after {
+            Some(cursor) => {
+                cursor.parse().map_err(|_| ApiError::bad_request("after must be a cursor from a previous page"))?
+            }
+            None => 0,
+        };
+        let filter = state;
+        let point = parse_as_of(as_of)?;
+        let page = tokio::task::spawn_blocking(move || -> Result<QueuePage, ApiError> {
+            let reader = app.writer.reader();
+            match point {
+                None => {
+                    let writer = app.writer.clone();
+                    writer
+                        .read(move |ledger| {
+                            // Between batches, the durable head is the state the ledger shows.
+                            let seq = ledger_seq(&app);
+                            queue_page(ledger, &ns, filter.as_deref(), first, after, seq)
+                        })
+                        .map_err(ApiError::from)
+                }
+                Some(point) => {
+                    let seq = match point {
+                        AsOf::Seq(seq) => seq,
+                        AsOf::Time(t) => seq_at_time(reader, t)?,
+                    };
+                    let (ledger, _) = eventlog::fold_to(reader, app.writer.snapshots(), seq)
+                        .map_err(|e| ApiError::internal(e.to_string()))?;
+                    Ok(queue_page(&ledger, &ns, filter.as_deref(), first, after, seq))
+                }
+            }
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+        Ok(page)
+    }
+
+    /// The head of the log.
+    async fn ledger(&self, ctx: &Context<'_>) -> async_graphql::Result<LedgerHead> {
+        who(ctx)?.require(Permission::Read)?;
+        let head = state(ctx).writer.reader().head().map_err(|e| ApiError::internal(e.to_string()))?;
+        Ok(LedgerHead { head_seq: head.seq, head_hash: hex(&head.hash) })
+    }
+}
+
+fn ledger_seq(state: &AppState) -> u64 {
+    state.writer.reader().head().map(|h| h.seq).unwrap_or(0)
+}
+
+/// The last seq recorded at or before `t`.
+fn seq_at_time(reader: &eventlog::LogReader, t: domain::Timestamp) -> Result<u64, ApiError> {
+    let internal = |e: eventlog::ReadError| ApiError::internal(e.to_string());
+    let head = reader.head().map_err(internal)?;
+    // Binary search over seqs: recorded_at never decreases along the log.
+    let (mut lo, mut hi) = (0u64, head.seq);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        let record = reader.read_range(mid, mid, 1).map_err(internal)?;
+        match record.first() {
+            Some(r) if r.recorded_at_us <= t.as_micros() => lo = mid,
+            _ => hi = mid - 1,
+        }
+    }
+    Ok(lo)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub struct MutationRoot;
+
+fn caller<'a>(ctx: &Context<'a>, command_id: Option<String>) -> async_graphql::Result<Caller<'a>> {
+    Ok(Caller { who: who(ctx)?, command_id })
+}
+
+#[Object]
+impl MutationRoot {
+    async fn create_task(
+        &self,
+        ctx: &Context<'_>,
+        input: CreateTaskRequest,
+        command_id: Option<String>,
+    ) -> async_graphql::Result<CreatedResponse> {
+        Ok(commands::create_task(state(ctx), &caller(ctx, command_id)?, input).await?.1)
+    }
+
+    async fn create_tasks(
+        &self,
+        ctx: &Context<'_>,
+        input: CreateBatchRequest,
+        command_id: Option<String>,
+    ) -> async_graphql::Result<BatchCreatedResponse> {
+        Ok(commands::create_batch(state(ctx), &caller(ctx, command_id)?, input).await?.1)
+    }
+
+    async fn claim_steps(
+        &self,
+        ctx: &Context<'_>,
+        input: ClaimRequest,
+        command_id: Option<String>,
+    ) -> async_graphql::Result<ClaimResponse> {
+        Ok(commands::claim(state(ctx), &caller(ctx, command_id)?, input).await?)
+    }
+
+    async fn cancel_task(
+        &self,
+        ctx: &Context<'_>,
+        id: String,
+        reason: Option<String>,
+        command_id: Option<String>,
+    ) -> async_graphql::Result<CommandResponse> {
+        let command = commands::cancel(&id, Some(ReasonRequest { reason }));
+        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Cancel, command).await?)
+    }
+
+    async fn give_up_task(
+        &self,
+        ctx: &Context<'_>,
+        id: String,
+        reason: Option<String>,
+        command_id: Option<String>,
+    ) -> async_graphql::Result<CommandResponse> {
+        let command = commands::give_up(&id, Some(ReasonRequest { reason }));
+        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Operate, command).await?)
+    }
+
+    async fn heartbeat(
+        &self,
+        ctx: &Context<'_>,
+        task_id: String,
+        step: String,
+        input: HeartbeatRequest,
+        command_id: Option<String>,
+    ) -> async_graphql::Result<CommandResponse> {
+        let command = commands::heartbeat(&task_id, &step, input);
+        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Work, command).await?)
+    }
+
+    async fn complete_step(
+        &self,
+        ctx: &Context<'_>,
+        task_id: String,
+        step: String,
+        input: CompleteRequest,
+        command_id: Option<String>,
+    ) -> async_graphql::Result<CommandResponse> {
+        let command = commands::complete(&task_id, &step, input);
+        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Work, command).await?)
+    }
+
+    async fn fail_step(
+        &self,
+        ctx: &Context<'_>,
+        task_id: String,
+        step: String,
+        input: FailRequest,
+        command_id: Option<String>,
+    ) -> async_graphql::Result<CommandResponse> {
+        let command = commands::fail(&task_id, &step, input);
+        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Work, command).await?)
+    }
+
+    async fn release_step(
+        &self,
+        ctx: &Context<'_>,
+        task_id: String,
+        step: String,
+        input: ReleaseRequest,
+        command_id: Option<String>,
+    ) -> async_graphql::Result<CommandResponse> {
+        let command = commands::release(&task_id, &step, input);
+        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Work, command).await?)
+    }
+
+    async fn add_steps(
+        &self,
+        ctx: &Context<'_>,
+        task_id: String,
+        step: String,
+        input: AddStepsRequest,
+        command_id: Option<String>,
+    ) -> async_graphql::Result<CommandResponse> {
+        let command = commands::add_steps(&task_id, &step, input);
+        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Work, command).await?)
+    }
+
+    async fn retry_step(
+        &self,
+        ctx: &Context<'_>,
+        task_id: String,
+        step: String,
+        #[graphql(default)] reset_attempts: bool,
+        command_id: Option<String>,
+    ) -> async_graphql::Result<CommandResponse> {
+        let command = commands::retry(&task_id, &step, Some(RetryStepRequest { reset_attempts }));
+        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Operate, command).await?)
+    }
+
+    async fn resolve_step(
+        &self,
+        ctx: &Context<'_>,
+        task_id: String,
+        step: String,
+        input: ResolveRequest,
+        command_id: Option<String>,
+    ) -> async_graphql::Result<CommandResponse> {
+        let command = commands::resolve(&task_id, &step, input);
+        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Operate, command).await?)
+    }
+
+    async fn pause_queue(
+        &self,
+        ctx: &Context<'_>,
+        namespace: String,
+        command_id: Option<String>,
+    ) -> async_graphql::Result<CommandResponse> {
+        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Operate, commands::pause(&namespace))
+            .await?)
+    }
+
+    async fn resume_queue(
+        &self,
+        ctx: &Context<'_>,
+        namespace: String,
+        command_id: Option<String>,
+    ) -> async_graphql::Result<CommandResponse> {
+        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Operate, commands::resume(&namespace))
+            .await?)
+    }
+
+    async fn set_queue_concurrency(
+        &self,
+        ctx: &Context<'_>,
+        namespace: String,
+        limit: Option<u32>,
+        command_id: Option<String>,
+    ) -> async_graphql::Result<CommandResponse> {
+        let command = commands::concurrency(&namespace, ConcurrencyRequest { limit });
+        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Operate, command).await?)
+    }
+}
+
+pub struct SubscriptionRoot;
+
+#[Subscription]
+impl SubscriptionRoot {
+    /// Records from `fromSeq` on (catch-up, then live), optionally only one
+    /// task's or some event types.
+    async fn events(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 1)] from_seq: u64,
+        task_id: Option<String>,
+        types: Option<Vec<String>>,
+    ) -> async_graphql::Result<impl Stream<Item = RecordBody>> {
+        let who = who(ctx)?;
+        who.require(Permission::Audit)?;
+        if who.scope.is_some() {
+            return Err(ApiError::forbidden("a namespace-scoped token may not follow every event").into());
+        }
+        let stream_key = task_id.as_deref().map(commands::parse_task).transpose()?.map(|t| StreamId::Task(t).to_key());
+        let state = state(ctx);
+        let subscription = LogSubscription::new(state.writer.reader().clone(), state.writer.feed().clone(), from_seq);
+        Ok(record_stream(subscription).filter_map(move |(record, event)| {
+            let keep = stream_key.as_ref().is_none_or(|k| &record.stream == k)
+                && types.as_ref().is_none_or(|t| t.iter().any(|name| name == event.type_name()));
+            std::future::ready(keep.then(|| record_body(&record, &event)))
+        }))
+    }
+
+    /// A task's state after each of its events, from now on.
+    async fn task(&self, ctx: &Context<'_>, id: String) -> async_graphql::Result<impl Stream<Item = TaskBody>> {
+        let who = who(ctx)?.clone();
+        let state = state(ctx).clone();
+        let current = commands::task_view(&state, &who, &id, None)?;
+        let key = StreamId::Task(commands::parse_task(&id)?).to_key();
+        let subscription =
+            LogSubscription::new(state.writer.reader().clone(), state.writer.feed().clone(), current.last_seq + 1);
+        let updates = record_stream(subscription).filter_map(move |(record, _)| {
+            let view = (record.stream == key).then(|| commands::task_view(&state, &who, &id, None).ok()).flatten();
+            std::future::ready(view)
+        });
+        Ok(futures_util::stream::once(std::future::ready(current)).chain(updates))
+    }
+}
+
+use futures_util::StreamExt;
+
+/// Decoded records from a log subscription, following live appends.
+fn record_stream(subscription: LogSubscription) -> impl Stream<Item = (eventlog::StoredRecord, domain::Event)> {
+    futures_util::stream::unfold(subscription, |mut sub| async move {
+        let batch = sub.next_batch_async(256).await.ok()?;
+        Some((futures_util::stream::iter(batch), sub))
+    })
+    .flatten()
+    .filter_map(|record| std::future::ready(decode_event(&record).ok().map(|event| (record, event))))
+}
+
+/// Counts aliased fields in every operation and fragment.
+fn count_aliases(document: &ExecutableDocument) -> usize {
+    fn in_set(set: &SelectionSet) -> usize {
+        set.items
+            .iter()
+            .map(|item| match &item.node {
+                Selection::Field(field) => {
+                    usize::from(field.node.alias.is_some()) + in_set(&field.node.selection_set.node)
+                }
+                Selection::InlineFragment(fragment) => in_set(&fragment.node.selection_set.node),
+                Selection::FragmentSpread(_) => 0,
+            })
+            .sum()
+    }
+    let operations: usize = document.operations.iter().map(|(_, op)| in_set(&op.node.selection_set.node)).sum();
+    let fragments: usize = document.fragments.values().map(|f| in_set(&f.node.selection_set.node)).sum();
+    operations + fragments
+}
+
+/// POST /graphql: one operation per request, authenticated like REST.
+pub async fn graphql_handler(
+    State(state): State<AppState>,
+    axum::Extension(schema): axum::Extension<LedgerSchema>,
+    headers: axum::http::HeaderMap,
+    request: GraphQLRequest,
+) -> Response {
+    let mut request = request.into_inner();
+    let document = match async_graphql::parser::parse_query(&request.query) {
+        Ok(document) => document,
+        Err(e) => return graphql_error(StatusCode::BAD_REQUEST, "invalid_query", e.to_string()),
+    };
+    let aliases = count_aliases(&document);
+    if aliases > ALIASES_MAX {
+        return graphql_error(
+            StatusCode::BAD_REQUEST,
+            "too_many_aliases",
+            format!("the query uses {aliases} aliases; the limit is {ALIASES_MAX}"),
+        );
+    }
+    if let Some(principal) =
+        principal_from(&state, headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()))
+    {
+        request = request.data(principal);
+    }
+    GraphQLResponse::from(schema.execute(request).await).into_response()
+}
+
+fn graphql_error(status: StatusCode, code: &'static str, message: String) -> Response {
+    let body = serde_json::json!({ "data": null, "errors": [{ "message": message, "extensions": { "code": code } }] });
+    (status, axum::Json(body)).into_response()
+}
+
+fn principal_from(state: &AppState, authorization: Option<&str>) -> Option<Principal> {
+    let token = authorization?.strip_prefix("Bearer ").or_else(|| authorization?.strip_prefix("bearer "))?;
+    state.tokens().authenticate(token.trim()).cloned()
+}
+
+/// GET /graphql: the GraphiQL page.
+pub async fn graphiql() -> Html<String> {
+    Html(GraphiQLSource::build().endpoint("/graphql").subscription_endpoint("/graphql/ws").finish())
+}
+
+/// GET /graphql/ws: subscriptions (graphql-ws and graphql-transport-ws).
+pub async fn graphql_ws(
+    State(state): State<AppState>,
+    axum::Extension(schema): axum::Extension<LedgerSchema>,
+    protocol: GraphQLProtocol,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    upgrade
+        .protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |stream| {
+            GraphQLWebSocket::new(stream, schema, protocol)
+                .on_connection_init(move |payload| async move {
+                    let authorization = payload
+                        .get("Authorization")
+                        .or_else(|| payload.get("authorization"))
+                        .and_then(|v| v.as_str())
+                        .map(str::to_owned);
+                    let mut data = Data::default();
+                    match principal_from(&state, authorization.as_deref()) {
+                        Some(principal) => {
+                            data.insert(principal);
+                            Ok(data)
+                        }
+                        None => Err(async_graphql::Error::new(
+                            "connection_init needs {\"Authorization\": \"Bearer <token>\"}",
+                        )),
+                    }
+                })
+                .serve()
+        })
+        .into_response()
+}
