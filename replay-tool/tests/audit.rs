@@ -1,0 +1,255 @@
+//! Audit bundles end to end: `keygen`, `export-audit` (JSONL and CSV) and
+//! `verify-export` offline. A fresh bundle verifies; every kind of tampering
+//! — a modified, deleted, inserted, swapped or truncated record, a single
+//! byte changed anywhere in the data file, an edited manifest, a bundle
+//! re-signed with another key, a stale or foreign earlier checkpoint — is
+//! detected with a non-zero exit and the problem named.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::{build_bulk, build_story, path, replay, replay_ok, stdout};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    keys: PathBuf,
+    root: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    build_story(&data, 0);
+    let keys = dir.path().join("keys");
+    replay_ok(&["keygen", "--out", path(&keys.join("auditor"))]);
+    replay_ok(&["keygen", "--out", path(&keys.join("mallory"))]);
+    Fixture { root: dir.path().to_path_buf(), _dir: dir, data, keys }
+}
+
+impl Fixture {
+    fn export(&self, name: &str, extra: &[&str]) -> PathBuf {
+        let out = self.root.join(name);
+        let key = self.keys.join("auditor.key");
+        let mut args = vec!["export-audit", "--data", path(&self.data), "--out", path(&out), "--key", path(&key)];
+        args.extend_from_slice(extra);
+        replay_ok(&args);
+        out
+    }
+
+    fn pubkey(&self) -> String {
+        path(&self.keys.join("auditor.pub")).to_owned()
+    }
+
+    /// Runs verify-export with the trusted key; returns (exit code, stdout).
+    fn check(&self, bundle: &Path, extra: &[&str]) -> (Option<i32>, String) {
+        let pubkey = self.pubkey();
+        let mut args = vec!["verify-export", path(bundle), "--pubkey", &pubkey];
+        args.extend_from_slice(extra);
+        let out = replay(&args);
+        (out.status.code(), stdout(&out))
+    }
+}
+
+fn copy_bundle(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+fn edit_lines(file: &Path, edit: impl FnOnce(&mut Vec<String>)) {
+    let mut lines: Vec<String> = fs::read_to_string(file).unwrap().lines().map(str::to_owned).collect();
+    edit(&mut lines);
+    fs::write(file, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+}
+
+#[test]
+fn a_fresh_bundle_verifies_in_both_formats() {
+    let f = fixture();
+    for format in ["jsonl", "csv"] {
+        let bundle = f.export(format, &["--format", format, "--from", "3", "--to", "2026-11-23T14:01:13.5Z"]);
+        let (code, out) = f.check(&bundle, &[]);
+        assert_eq!(code, Some(0), "{out}");
+        assert!(out.contains("range      seq 3..22 (20 records checked)"), "{out}");
+        assert!(out.contains("(the key you trust)"), "{out}");
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&fs::read(bundle.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(manifest["records"], 20);
+        assert_eq!(manifest["counts_by_type"]["step_claimed"], 6);
+        assert_eq!(manifest["counts_by_actor"]["operator-kim"], 3);
+        assert_eq!(manifest["files"][0]["records"], 20);
+        // The link to the record before the range is the log's hash of seq 2.
+        let events = replay_ok(&["events", "--data", path(&f.data), "--json", "--from", "2", "--to", "2"]);
+        let second: serde_json::Value = serde_json::from_str(events.trim()).unwrap();
+        assert_eq!(manifest["prev_hash"], second["hash"]);
+    }
+    // Without --pubkey the bundle's own key is used, and the report says so.
+    let bundle = f.root.join("jsonl");
+    let out = replay_ok(&["verify-export", path(&bundle)]);
+    assert!(out.contains("pass --pubkey to check who signed"), "{out}");
+}
+
+#[test]
+fn every_record_tampering_is_detected_and_named() {
+    let f = fixture();
+    let original = f.export("original", &[]);
+    type Tamper = fn(&mut Vec<String>);
+    let cases: [(&str, Tamper, &str); 6] = [
+        ("modify", |l| l[6] = l[6].replace("\"w-2\"", "\"w-9\""), "column data differs"),
+        ("delete", |l| drop(l.remove(4)), "a record was deleted, inserted or reordered"),
+        ("insert", |l| l.insert(7, l[7].clone()), "a record was deleted, inserted or reordered"),
+        ("reorder", |l| l.swap(9, 10), "a record was deleted, inserted or reordered"),
+        ("truncate", |l| drop(l.pop()), "truncated"),
+        ("rechain", |l| l[3] = l[3].replace("cmd-004", "cmd-404"), "differs from the record's stored body"),
+    ];
+    for (name, tamper, expected) in cases {
+        let bundle = f.root.join(format!("tampered-{name}"));
+        copy_bundle(&original, &bundle);
+        edit_lines(&bundle.join("events.jsonl"), tamper);
+        let (code, out) = f.check(&bundle, &[]);
+        assert_eq!(code, Some(1), "{name}: {out}");
+        assert!(out.contains("events.jsonl: its SHA-256 or size differs from the manifest"), "{name}: {out}");
+        assert!(out.contains(expected), "{name}: expected {expected:?} in\n{out}");
+    }
+}
+
+#[test]
+fn tampering_that_also_fixes_the_digests_is_still_caught_by_the_chain_and_signature() {
+    let f = fixture();
+    let original = f.export("original", &[]);
+    let bundle = f.root.join("forged");
+    copy_bundle(&original, &bundle);
+    // Delete a record and rewrite the manifest's digest and count to match.
+    edit_lines(&bundle.join("events.jsonl"), |l| drop(l.remove(11)));
+    let data = fs::read(bundle.join("events.jsonl")).unwrap();
+    let manifest_path = bundle.join("manifest.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
+    use sha2::Digest;
+    manifest["files"][0]["sha256"] = common::hex(&sha2::Sha256::digest(&data)).into();
+    manifest["files"][0]["bytes"] = data.len().into();
+    manifest["records"] = 22.into();
+    fs::write(&manifest_path, serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
+    let (code, out) = f.check(&bundle, &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("manifest.json was modified after it was signed"), "{out}");
+    assert!(out.contains("record at position 12 (seq 12 expected): has seq 13"), "{out}");
+    assert!(out.contains("the chain hash does not recompute"), "{out}");
+    assert!(!out.contains("SHA-256 or size differs"), "{out}");
+}
+
+#[test]
+fn every_single_byte_change_to_the_data_file_is_detected() {
+    let f = fixture();
+    let original = f.export("original", &["--from", "15", "--to", "18"]);
+    let bytes = fs::read(original.join("events.jsonl")).unwrap();
+    let bundle = f.root.join("flipped");
+    copy_bundle(&original, &bundle);
+    // Every byte would take minutes through the binary; a prime stride covers every field kind.
+    for offset in (0..bytes.len()).step_by(37).chain([bytes.len() - 1]) {
+        let mut changed = bytes.clone();
+        changed[offset] ^= 0x01;
+        fs::write(bundle.join("events.jsonl"), &changed).unwrap();
+        let (code, out) = f.check(&bundle, &[]);
+        assert_eq!(code, Some(1), "a flip at byte {offset} went unnoticed:\n{out}");
+        assert!(out.contains("SHA-256 or size differs"), "byte {offset}: {out}");
+    }
+}
+
+#[test]
+fn an_edited_manifest_or_checkpoint_is_detected() {
+    let f = fixture();
+    let original = f.export("original", &[]);
+    let bundle = f.root.join("manifest-edit");
+    copy_bundle(&original, &bundle);
+    let manifest = fs::read_to_string(bundle.join("manifest.json")).unwrap();
+    fs::write(bundle.join("manifest.json"), manifest.replace("\"operator-kim\": 3", "\"operator-kim\": 2")).unwrap();
+    let (code, out) = f.check(&bundle, &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("manifest.json was modified after it was signed"), "{out}");
+
+    let bundle = f.root.join("checkpoint-edit");
+    copy_bundle(&original, &bundle);
+    let checkpoint = fs::read_to_string(bundle.join("checkpoint.json")).unwrap();
+    fs::write(bundle.join("checkpoint.json"), checkpoint.replace("\"records\": 23", "\"records\": 22")).unwrap();
+    let (code, out) = f.check(&bundle, &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("the signature does not verify"), "{out}");
+}
+
+#[test]
+fn a_bundle_signed_with_another_key_is_refused() {
+    let f = fixture();
+    let bundle = f.root.join("mallory");
+    let key = f.keys.join("mallory.key");
+    replay_ok(&["export-audit", "--data", path(&f.data), "--out", path(&bundle), "--key", path(&key)]);
+    let (code, out) = f.check(&bundle, &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("not by the key you trust"), "{out}");
+    // Its own key says it is intact: the signature proves integrity, --pubkey proves who.
+    assert_eq!(replay(&["verify-export", path(&bundle)]).status.code(), Some(0));
+}
+
+#[test]
+fn a_bundle_must_extend_the_checkpoint_the_auditor_kept() {
+    let f = fixture();
+    let first = f.export("first", &["--to", "10"]);
+    let kept = f.root.join("kept-checkpoint.json");
+    fs::copy(first.join("checkpoint.json"), &kept).unwrap();
+    let kept_arg = ["--checkpoint", path(&kept)];
+
+    // The next bundle continues right after it, or overlaps it: both extend it.
+    for (name, from) in [("next", "11"), ("overlap", "4")] {
+        let bundle = f.export(name, &["--from", from]);
+        let (code, out) = f.check(&bundle, &kept_arg);
+        assert_eq!(code, Some(0), "{name}: {out}");
+        assert!(out.contains("extends    the earlier checkpoint: yes"), "{name}: {out}");
+    }
+    // A bundle that ends before the checkpoint is stale.
+    let stale = f.export("stale", &["--to", "7"]);
+    let (code, out) = f.check(&stale, &kept_arg);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("it is stale"), "{out}");
+    // One that starts after it cannot show the link.
+    let gap = f.export("gap", &["--from", "15"]);
+    let (code, out) = f.check(&gap, &kept_arg);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("export from seq 11"), "{out}");
+
+    // A different history (another log) does not extend it, though it is well signed.
+    let other = f.root.join("other-data");
+    build_bulk(&other, 6, 0);
+    let key = f.keys.join("auditor.key");
+    let forked = f.root.join("forked");
+    replay_ok(&["export-audit", "--data", path(&other), "--out", path(&forked), "--key", path(&key)]);
+    let (code, out) = f.check(&forked, &kept_arg);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("history was rewritten: seq 10"), "{out}");
+    // A forged earlier checkpoint is refused.
+    let forged = f.root.join("forged-checkpoint.json");
+    fs::write(&forged, fs::read_to_string(&kept).unwrap().replace("\"last_seq\": 10", "\"last_seq\": 9")).unwrap();
+    let next = f.root.join("next");
+    let (code, out) = f.check(&next, &["--checkpoint", path(&forged)]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("the signature does not verify"), "{out}");
+}
+
+#[test]
+fn keygen_and_export_refuse_to_overwrite() {
+    let f = fixture();
+    let again = replay(&["keygen", "--out", path(&f.keys.join("auditor"))]);
+    assert_eq!(again.status.code(), Some(3));
+    assert!(common::stderr(&again).contains("refusing to overwrite a key"));
+    let bundle = f.export("once", &[]);
+    let key = f.keys.join("auditor.key");
+    let twice = replay(&["export-audit", "--data", path(&f.data), "--out", path(&bundle), "--key", path(&key)]);
+    assert!(common::stderr(&twice).contains("the directory is not empty"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+}
