@@ -55,9 +55,9 @@ struct ServeArgs {
     /// Take a snapshot of the ledger every this many events (0: never).
     #[arg(long, env = "TASKLEDGER_SNAPSHOT_EVERY", default_value_t = 1_000_000)]
     snapshot_every: u64,
-    /// Commands remembered for deduplication of retried command ids.
-    #[arg(long, env = "TASKLEDGER_DEDUP_WINDOW", default_value_t = 100_000)]
-    dedup_window: usize,
+    /// A retried command id is recognised while its events are among the newest this many events.
+    #[arg(long, env = "TASKLEDGER_DEDUP_WINDOW", default_value_t = 1_000_000)]
+    dedup_window: u64,
     /// Log format: text or json.
     #[arg(long, env = "TASKLEDGER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,

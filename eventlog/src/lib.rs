@@ -15,6 +15,7 @@
 //! - This crate knows nothing about tasks: payloads, stream keys and outcomes are opaque bytes.
 
 pub mod clock;
+pub mod dedup;
 pub mod error;
 pub mod fault;
 pub mod feed;

@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
 use crate::clock::Clock;
+use crate::dedup::DedupIndex;
 use crate::feed::LiveFeed;
 use crate::fold::{FoldError, FoldStats, decode_event, encode_event, fold_to_head, snapshot_body};
 use crate::reader::LogReader;
@@ -61,6 +62,9 @@ pub struct WriterConfig {
     pub snapshot_every_events: u64,
     /// Records kept in memory for live subscribers.
     pub feed_capacity: usize,
+    /// A repeated command id is recognised while its events are among the
+    /// newest this many records (the dedup window; rebuilt at startup).
+    pub dedup_window_events: u64,
     pub store: RedbOptions,
 }
 
@@ -72,6 +76,7 @@ impl Default for WriterConfig {
             timers_per_batch_max: 4096,
             snapshot_every_events: 1_000_000,
             feed_capacity: 64 * 1024,
+            dedup_window_events: 1_000_000,
             store: RedbOptions::default(),
         }
     }
@@ -295,13 +300,6 @@ fn check_envelope(envelope: &Envelope) -> Result<(), WriteError> {
     Ok(())
 }
 
-/// The persisted outcome of an accepted command (the dedup index's value).
-#[derive(Serialize, Deserialize)]
-struct StoredOutcome {
-    seqs: Option<SeqRange>,
-    existing_task: Option<TaskId>,
-}
-
 /// The running writer: its thread and a handle.
 pub struct Writer {
     handle: WriterHandle,
@@ -386,7 +384,9 @@ impl Writer {
             })
             .transpose()?;
 
-        let state = WriterThread { store, ledger, clock, config, rx, shared, feed, reader };
+        let dedup = DedupIndex::rebuild(&reader, head.seq, config.dedup_window_events)
+            .map_err(|e| StartError::Fold(FoldError::Read(e)))?;
+        let state = WriterThread { store, ledger, dedup, clock, config, rx, shared, feed, reader };
         let thread = std::thread::Builder::new().name("taskledger-writer".into()).spawn(move || state.run())?;
         Ok((Writer { handle, thread: Some(thread), snapshotter, stop_snapshots }, startup))
     }
@@ -429,6 +429,7 @@ struct Pending {
 struct WriterThread {
     store: RedbStore,
     ledger: Ledger,
+    dedup: DedupIndex,
     clock: Arc<dyn Clock>,
     config: WriterConfig,
     rx: Receiver<Message>,
@@ -510,9 +511,9 @@ impl WriterThread {
         let now = self.now();
         let at_us = now.as_micros();
         let mut records: Vec<NewRecord> = Vec::new();
-        let mut outcomes: Vec<(String, Vec<u8>)> = Vec::new();
         let mut pending: Vec<Pending> = Vec::with_capacity(batch.len());
-        let mut in_batch: HashMap<String, usize> = HashMap::new();
+        // Command ids accepted in this batch, with their seqs.
+        let mut in_batch: HashMap<String, SeqRange> = HashMap::new();
         let mut new_streams: std::collections::HashSet<TaskId> = std::collections::HashSet::new();
         let head_before = self.store.head().seq;
 
@@ -536,22 +537,25 @@ impl WriterThread {
                 &envelope,
                 now,
                 &mut records,
-                &mut outcomes,
                 &mut in_batch,
                 &mut new_streams,
                 head_before,
-                pending.len(),
             );
             pending.push(Pending { reply, result });
         }
 
-        if records.is_empty() && outcomes.is_empty() {
+        if records.is_empty() {
             self.acknowledge(pending, self.store.head().seq);
             return;
         }
-        match self.store.append(&records, &outcomes) {
+        // The dedup window lives in memory (see dedup.rs): nothing but the
+        // records goes into the transaction.
+        match self.store.append(&records, &[]) {
             Ok(appended) => {
                 let head = appended.head.seq;
+                for (id, range) in in_batch.drain() {
+                    self.dedup.insert(&id, range, head);
+                }
                 self.feed.publish(&appended.records);
                 let stats = &self.shared.stats;
                 stats.batches.fetch_add(1, Ordering::Relaxed);
@@ -574,21 +578,19 @@ impl WriterThread {
         envelope: &Envelope,
         now: Timestamp,
         records: &mut Vec<NewRecord>,
-        outcomes: &mut Vec<(String, Vec<u8>)>,
-        in_batch: &mut HashMap<String, usize>,
+        in_batch: &mut HashMap<String, SeqRange>,
         new_streams: &mut std::collections::HashSet<TaskId>,
         head_before: u64,
-        index: usize,
     ) -> Result<Acknowledgement, WriteError> {
         // A repeat: of a command earlier in this batch, or in the dedup window.
-        if let Some(&earlier) = in_batch.get(&envelope.command_id) {
+        if in_batch.contains_key(&envelope.command_id) {
             return Err(WriteError::InvalidEnvelope(format!(
-                "command id {:?} was sent twice at once (command #{earlier} of the same batch); retry after the first is answered",
+                "command id {:?} was sent twice at once; retry after the first is answered",
                 envelope.command_id
             )));
         }
-        if let Some((_, bytes)) = self.store.outcome(&envelope.command_id) {
-            return self.replay_outcome(&bytes);
+        if let Some(range) = self.dedup.get(&envelope.command_id) {
+            return self.replay_outcome(range);
         }
         if let Some(allowed) = scope {
             self.ledger.check_scope(&envelope.command, allowed).map_err(WriteError::Rejected)?;
@@ -632,27 +634,21 @@ impl WriterThread {
             }
             _ => None,
         };
-        if seqs.is_some() {
-            let outcome = StoredOutcome { seqs, existing_task };
-            outcomes.push((envelope.command_id.clone(), postcard::to_stdvec(&outcome).expect("outcome serializes")));
-            in_batch.insert(envelope.command_id.clone(), index);
+        if let Some(range) = seqs {
+            in_batch.insert(envelope.command_id.clone(), range);
         }
         Ok(Acknowledgement { seqs, head_seq: 0, events, claimed, existing_task, duplicate: false })
     }
 
     /// The original answer to a repeated command id, rebuilt from the log.
-    fn replay_outcome(&self, bytes: &[u8]) -> Result<Acknowledgement, WriteError> {
-        let outcome: StoredOutcome = postcard::from_bytes(bytes)
-            .map_err(|e| WriteError::CommitFailed(format!("stored outcome unreadable: {e}")))?;
+    fn replay_outcome(&self, range: SeqRange) -> Result<Acknowledgement, WriteError> {
         let mut events = Vec::new();
-        if let Some(range) = outcome.seqs {
-            let records = self
-                .reader
-                .read_range(range.first, range.last, (range.last - range.first + 1) as usize)
-                .map_err(|e| WriteError::CommitFailed(e.to_string()))?;
-            for record in &records {
-                events.push(decode_event(record).map_err(|e| WriteError::CommitFailed(e.to_string()))?);
-            }
+        let records = self
+            .reader
+            .read_range(range.first, range.last, (range.last - range.first + 1) as usize)
+            .map_err(|e| WriteError::CommitFailed(e.to_string()))?;
+        for record in &records {
+            events.push(decode_event(record).map_err(|e| WriteError::CommitFailed(e.to_string()))?);
         }
         // A claim's work is handed out again if the leases are still live.
         let claimed = events
@@ -669,14 +665,7 @@ impl WriterThread {
                     .unwrap_or(false)
             })
             .collect();
-        Ok(Acknowledgement {
-            seqs: outcome.seqs,
-            head_seq: 0,
-            events,
-            claimed,
-            existing_task: outcome.existing_task,
-            duplicate: true,
-        })
+        Ok(Acknowledgement { seqs: Some(range), head_seq: 0, events, claimed, existing_task: None, duplicate: true })
     }
 
     fn acknowledge(&self, pending: Vec<Pending>, head_seq: u64) {
@@ -700,7 +689,12 @@ impl WriterThread {
             });
         }
         match fold_to_head(&self.reader, self.store.snapshots()) {
-            Ok((ledger, _, _)) => self.ledger = ledger,
+            Ok((ledger, head, _)) => {
+                self.ledger = ledger;
+                if let Ok(dedup) = DedupIndex::rebuild(&self.reader, head.seq, self.config.dedup_window_events) {
+                    self.dedup = dedup;
+                }
+            }
             Err(e) => {
                 *self.shared.health.lock().expect("health lock") =
                     Health::Failed(format!("commit failed: {reason}; the ledger could not be rebuilt: {e}"));
