@@ -1,7 +1,206 @@
-//! `diff --from --to`: what changed between two points.
+//! `diff --from --to`: what changed between two points — tasks created, task
+//! and step state changes, leases taken and lost, dead letters, queue
+//! settings. The ledger at `from` comes from the nearest snapshot; it is then
+//! told to keep finished tasks, so a task that ended inside the range still
+//! shows where it ended.
+
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+
+use anyhow::{Result, bail};
+use domain::{Event, FailOutcome, Ledger, TaskId};
+use serde::Serialize;
+
 use crate::Outcome;
-use crate::source::{Point, Source};
-use anyhow::Result;
-pub fn run(_source: &Source, _from: Point, _to: Point, _json: bool) -> Result<Outcome> {
-    Ok(Outcome::NotBuilt)
+use crate::describe::TaskBook;
+use crate::progress::Progress;
+use crate::source::{Point, Source, time_of};
+
+#[derive(Serialize, Default)]
+struct Diff {
+    from_seq: u64,
+    to_seq: u64,
+    from_time: Option<String>,
+    to_time: Option<String>,
+    events: u64,
+    events_by_type: BTreeMap<String, u64>,
+    tasks_created: Vec<Created>,
+    task_state_changes: Vec<Change>,
+    step_state_changes: Vec<Change>,
+    leases_taken: Vec<Lease>,
+    leases_lost: Vec<Lease>,
+    dead_letters: Vec<Lease>,
+    queue_changes: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Created {
+    seq: u64,
+    task: String,
+    namespace: String,
+    name: String,
+}
+
+#[derive(Serialize)]
+struct Change {
+    subject: String,
+    from: String,
+    to: String,
+}
+
+#[derive(Serialize)]
+struct Lease {
+    seq: u64,
+    task: String,
+    step: String,
+    epoch: u32,
+    worker: Option<String>,
+    detail: String,
+}
+
+/// A task's state and its steps' (name, state), for before/after comparison.
+type States = (String, Vec<(String, String)>);
+
+fn states(ledger: &Ledger, task: &TaskId) -> Option<States> {
+    ledger.task(task).map(|t| {
+        (
+            t.state.as_str().to_owned(),
+            t.steps.iter().map(|s| (s.name.to_string(), s.state.as_str().to_owned())).collect(),
+        )
+    })
+}
+
+pub fn run(source: &Source, from: Point, to: Point, as_json: bool) -> Result<Outcome> {
+    let a = source.upto(from)?;
+    let b = source.upto(to)?;
+    if a > b {
+        bail!("--from (seq {a}) is after --to (seq {b})");
+    }
+    let progress = Progress::new(b, "folding");
+    let (ledger, _) = source.ledger_at(a, &progress)?;
+    let mut ledger = ledger.into_retaining();
+    let mut diff = Diff {
+        from_seq: a,
+        to_seq: b,
+        from_time: source.record(a)?.map(|r| time_of(&r)),
+        to_time: source.record(b)?.map(|r| time_of(&r)),
+        ..Diff::default()
+    };
+    let mut before: BTreeMap<TaskId, Option<States>> = BTreeMap::new();
+    let mut workers: BTreeMap<(TaskId, u16, u32), String> = BTreeMap::new();
+    let mut book = TaskBook::default();
+    source.scan(a + 1, b, &progress, |record| {
+        let event = crate::source::decode(record)?;
+        book.learn(&event);
+        if let Some(task) = event.task() {
+            before.entry(task).or_insert_with(|| states(&ledger, &task));
+        }
+        let worker_of = |task: TaskId, step: u16, epoch: u32| workers.get(&(task, step, epoch)).cloned();
+        let lease = |task: TaskId, step: domain::StepIndex, epoch: u32, worker: Option<String>, detail: String| Lease {
+            seq: record.seq,
+            task: task.to_string(),
+            step: ledger.task(&task).and_then(|t| t.step(step)).map_or(format!("#{}", step.0), |s| s.name.to_string()),
+            epoch,
+            worker,
+            detail,
+        };
+        match &event {
+            Event::TaskCreated { spec, .. } => diff.tasks_created.push(Created {
+                seq: record.seq,
+                task: spec.id.to_string(),
+                namespace: spec.namespace.to_string(),
+                name: spec.name.clone(),
+            }),
+            Event::StepClaimed { task, step, worker, epoch, .. } => {
+                workers.insert((*task, step.0, epoch.0), worker.to_string());
+                diff.leases_taken.push(lease(*task, *step, epoch.0, Some(worker.to_string()), String::new()));
+            }
+            Event::LeaseExpired { task, step, epoch, outcome, .. } => {
+                let w = worker_of(*task, step.0, epoch.0);
+                let detail = match outcome {
+                    FailOutcome::Retry { delay_ms, .. } => format!("retry in {delay_ms} ms"),
+                    FailOutcome::DeadLetter => "dead-lettered".to_owned(),
+                };
+                diff.leases_lost.push(lease(*task, *step, epoch.0, w.clone(), detail.clone()));
+                if matches!(outcome, FailOutcome::DeadLetter) {
+                    diff.dead_letters.push(lease(*task, *step, epoch.0, w, "lease expired".into()));
+                }
+            }
+            Event::StepFailed { task, step, epoch, error, outcome: FailOutcome::DeadLetter, .. } => {
+                let w = worker_of(*task, step.0, epoch.0);
+                diff.dead_letters.push(lease(*task, *step, epoch.0, w, error.as_str().to_owned()));
+            }
+            Event::QueuePaused { .. } | Event::QueueResumed { .. } | Event::QueueConcurrencySet { .. } => {
+                diff.queue_changes.push(format!("seq {}: {}", record.seq, crate::describe::summary(&event, "")));
+            }
+            _ => {}
+        }
+        ledger.apply(&event).map_err(|e| anyhow::anyhow!("record {}: {e}", record.seq))?;
+        diff.events += 1;
+        *diff.events_by_type.entry(event.type_name().to_owned()).or_default() += 1;
+        Ok(ControlFlow::Continue(()))
+    })?;
+    drop(progress);
+    for (task, old) in &before {
+        let Some((state, steps)) = states(&ledger, task) else { continue };
+        let (old_state, old_steps) = old.clone().unwrap_or_else(|| ("(new)".into(), Vec::new()));
+        if old_state != state {
+            diff.task_state_changes.push(Change { subject: task.to_string(), from: old_state, to: state });
+        }
+        for (name, now) in steps {
+            let was = old_steps.iter().find(|(n, _)| *n == name).map_or("(new)".to_owned(), |(_, s)| s.clone());
+            if was != now {
+                diff.step_state_changes.push(Change { subject: format!("{task}/{name}"), from: was, to: now });
+            }
+        }
+    }
+    if as_json {
+        println!("{}", serde_json::to_string(&diff)?);
+        return Ok(Outcome::Clean);
+    }
+    print_text(&diff);
+    Ok(Outcome::Clean)
+}
+
+fn print_text(d: &Diff) {
+    let when = |t: &Option<String>| t.clone().unwrap_or_else(|| "start".into());
+    println!(
+        "diff seq {} ({}) .. seq {} ({}): {} events",
+        d.from_seq,
+        when(&d.from_time),
+        d.to_seq,
+        when(&d.to_time),
+        d.events
+    );
+    let types: Vec<String> = d.events_by_type.iter().map(|(t, n)| format!("{t} {n}")).collect();
+    if !types.is_empty() {
+        println!("  by type: {}", types.join(", "));
+    }
+    println!("tasks created ({})", d.tasks_created.len());
+    for c in &d.tasks_created {
+        println!("  seq {:<6} {}  {:<12} {:?}", c.seq, c.task, c.namespace, c.name);
+    }
+    println!("task state changes ({})", d.task_state_changes.len());
+    for c in &d.task_state_changes {
+        println!("  {}  {} -> {}", c.subject, c.from, c.to);
+    }
+    println!("step state changes ({})", d.step_state_changes.len());
+    for c in &d.step_state_changes {
+        println!("  {}  {} -> {}", c.subject, c.from, c.to);
+    }
+    let leases = |title: &str, list: &[Lease]| {
+        println!("{title} ({})", list.len());
+        for l in list {
+            let worker = l.worker.as_deref().map(|w| format!(" worker {w}")).unwrap_or_default();
+            let detail = if l.detail.is_empty() { String::new() } else { format!(": {}", l.detail) };
+            println!("  seq {:<6} {}/{} epoch {}{worker}{detail}", l.seq, l.task, l.step, l.epoch);
+        }
+    };
+    leases("leases taken", &d.leases_taken);
+    leases("leases lost", &d.leases_lost);
+    leases("dead letters", &d.dead_letters);
+    println!("queue changes ({})", d.queue_changes.len());
+    for q in &d.queue_changes {
+        println!("  {q}");
+    }
 }

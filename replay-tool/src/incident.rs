@@ -1,13 +1,546 @@
-//! `incident`: a timeline report.
-use crate::source::Source;
+//! `incident --task ID | --worker ID | --from T --to T`: a timeline report of
+//! everything that happened — claims, heartbeats, lease expiries, retries
+//! with their backoff, failures with errors, operator actions with actors —
+//! grouped into one lane per step (task-level and queue events get lanes of
+//! their own). Markdown for tickets, a self-contained HTML page with a visual
+//! timeline (an inline SVG: one row per lane, a bar per lease from claim to
+//! its end, a marker per event with its details on hover) for post-mortems,
+//! or JSON for tools.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use domain::{Event, FailOutcome, TaskId, Timestamp};
+use serde::Serialize;
+
+use crate::describe::{TaskBook, event_step, summary};
+use crate::events::parse_task;
+use crate::progress::Progress;
+use crate::source::{Point, Source, decode};
 use crate::{Input, Outcome};
-use anyhow::Result;
-use clap::Args;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Markdown,
+    Html,
+    Json,
+}
+
 #[derive(Args)]
 pub struct IncidentArgs {
     #[command(flatten)]
     pub input: Input,
+    /// Everything that happened to this task.
+    #[arg(long, value_name = "ID", conflicts_with = "worker")]
+    task: Option<String>,
+    /// Every lease this worker took and how each ended.
+    #[arg(long, value_name = "ID")]
+    worker: Option<String>,
+    /// Start of the window (with --task or --worker: narrows it).
+    #[arg(long, value_name = "SEQ|TIME")]
+    from: Option<Point>,
+    /// End of the window.
+    #[arg(long, value_name = "SEQ|TIME")]
+    to: Option<Point>,
+    #[arg(long, value_enum, default_value = "markdown")]
+    format: Format,
+    /// Write the report to this file instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
 }
-pub fn run(_source: &Source, _args: &IncidentArgs) -> Result<Outcome> {
-    Ok(Outcome::NotBuilt)
+
+/// One event on the timeline.
+#[derive(Serialize, Clone)]
+struct Entry {
+    seq: u64,
+    time: String,
+    /// Milliseconds since the first event of the report.
+    offset_ms: f64,
+    actor: String,
+    command_id: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    category: &'static str,
+    lane: String,
+    task: Option<String>,
+    step: Option<String>,
+    detail: String,
+    /// For claims: until when the lease ran (its end event, or the report's end).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease_end_ms: Option<f64>,
+}
+
+#[derive(Serialize, Default)]
+struct Summary {
+    events: usize,
+    claims: usize,
+    heartbeats: usize,
+    completions: usize,
+    failures: usize,
+    lease_expiries: usize,
+    releases: usize,
+    retries_scheduled: usize,
+    backoff_ms: Vec<u64>,
+    dead_letters: usize,
+    operator_actions: Vec<String>,
+    workers: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    subject: String,
+    source: String,
+    first_seq: u64,
+    last_seq: u64,
+    start: Option<String>,
+    end: Option<String>,
+    duration_ms: f64,
+    summary: Summary,
+    lanes: Vec<String>,
+    events: Vec<Entry>,
+}
+
+fn category(event: &Event) -> &'static str {
+    match event {
+        Event::TaskCreated { .. } | Event::StepsAdded { .. } => "created",
+        Event::StepClaimed { .. } => "claim",
+        Event::LeaseExtended { .. } => "heartbeat",
+        Event::StepCompleted { .. } => "complete",
+        Event::StepFailed { outcome: FailOutcome::DeadLetter, .. } => "dead_letter",
+        Event::StepFailed { .. } => "failure",
+        Event::LeaseExpired { .. } => "lease_expired",
+        Event::StepReleased { .. } => "release",
+        Event::StepRetryDue { .. } | Event::RunAtReached { .. } => "timer",
+        Event::StepRetried { .. }
+        | Event::StepResolved { .. }
+        | Event::TaskCancelled { .. }
+        | Event::TaskGivenUp { .. }
+        | Event::QueuePaused { .. }
+        | Event::QueueResumed { .. }
+        | Event::QueueConcurrencySet { .. } => "operator",
+    }
+}
+
+fn short(task: &TaskId) -> String {
+    let text = task.to_string();
+    text[text.len() - 12..].to_owned()
+}
+
+/// The (task, step index, epoch) of a lease an event concerns.
+fn lease_of(event: &Event) -> Option<(TaskId, u16, u32)> {
+    match event {
+        Event::StepClaimed { task, step, epoch, .. }
+        | Event::LeaseExtended { task, step, epoch, .. }
+        | Event::StepCompleted { task, step, epoch, .. }
+        | Event::StepFailed { task, step, epoch, .. }
+        | Event::StepReleased { task, step, epoch, .. }
+        | Event::LeaseExpired { task, step, epoch, .. } => Some((*task, step.0, epoch.0)),
+        Event::StepsAdded { task, by_step, epoch, .. } => Some((*task, by_step.0, epoch.0)),
+        _ => None,
+    }
+}
+
+pub fn run(source: &Source, args: &IncidentArgs) -> Result<Outcome> {
+    let task = args.task.as_deref().map(parse_task).transpose()?;
+    if task.is_none() && args.worker.is_none() && (args.from.is_none() || args.to.is_none()) {
+        bail!("say what to report on: --task ID, --worker ID, or a window --from T --to T");
+    }
+    let (first, last) = source.range(args.from, args.to)?;
+    let mut book = TaskBook::default();
+    let mut picked: Vec<(eventlog::StoredRecord, Event)> = Vec::new();
+    match task {
+        Some(task) => {
+            for record in source.task_records(task, last)?.into_iter().filter(|r| r.seq >= first) {
+                let event = decode(&record)?;
+                picked.push((record, event));
+            }
+            if picked.is_empty() && source.task_records(task, u64::MAX)?.is_empty() {
+                bail!("task {task} is not in this log");
+            }
+        }
+        None => {
+            let worker = args.worker.as_deref();
+            let mut leases: HashSet<(TaskId, u16, u32)> = HashSet::new();
+            let progress = Progress::new(last, "scanning");
+            source.scan(first, last, &progress, |record| {
+                let event = decode(record)?;
+                book.learn(&event);
+                let keep = match worker {
+                    None => true,
+                    Some(w) => match (&event, lease_of(&event)) {
+                        (Event::StepClaimed { worker, .. }, Some(lease)) if worker.as_str() == w => {
+                            leases.insert(lease);
+                            true
+                        }
+                        (_, Some(lease)) => leases.contains(&lease),
+                        _ => false,
+                    },
+                };
+                if keep {
+                    picked.push((record.clone(), event));
+                }
+                Ok(ControlFlow::Continue(()))
+            })?;
+        }
+    }
+    let subject = match (&task, &args.worker) {
+        (Some(task), _) => format!("task {task}"),
+        (None, Some(worker)) => format!("worker {worker}"),
+        (None, None) => "time window".to_owned(),
+    };
+    let report = build(source, &mut book, subject, first, last, &picked)?;
+    let text = match args.format {
+        Format::Markdown => markdown(&report),
+        Format::Html => html(&report),
+        Format::Json => format!("{}\n", serde_json::to_string_pretty(&report)?),
+    };
+    match &args.out {
+        Some(path) => {
+            std::fs::write(path, text).with_context(|| format!("write the report to {}", path.display()))?;
+            eprintln!("wrote {} ({} events)", path.display(), report.events.len());
+        }
+        None => print!("{text}"),
+    }
+    Ok(Outcome::Clean)
+}
+
+fn build(
+    source: &Source,
+    book: &mut TaskBook,
+    subject: String,
+    first: u64,
+    last: u64,
+    picked: &[(eventlog::StoredRecord, Event)],
+) -> Result<Report> {
+    let start_us = picked.first().map_or(0, |(r, _)| r.recorded_at_us);
+    let end_us = picked.last().map_or(0, |(r, _)| r.recorded_at_us);
+    let ms = |us: i64| (us - start_us) as f64 / 1000.0;
+    let mut summary = Summary::default();
+    let mut lanes: Vec<String> = Vec::new();
+    let mut events: Vec<Entry> = Vec::new();
+    let mut open_claims: BTreeMap<(TaskId, u16, u32), usize> = BTreeMap::new();
+    let mut workers: Vec<String> = Vec::new();
+    for (record, event) in picked {
+        book.learn(event);
+        let step = match (event.task(), event_step(event)) {
+            (Some(task), Some(step)) => Some(book.step_name(source, task, step)?),
+            _ => None,
+        };
+        let lane = match (event.task(), &step) {
+            (Some(task), Some(step)) => format!("{}/{step}", short(&task)),
+            (Some(task), None) => format!("{} (task)", short(&task)),
+            (None, _) => event.stream().to_string(),
+        };
+        if !lanes.contains(&lane) {
+            lanes.push(lane.clone());
+        }
+        let cat = category(event);
+        match event {
+            Event::StepClaimed { worker, .. } => {
+                summary.claims += 1;
+                if !workers.contains(&worker.to_string()) {
+                    workers.push(worker.to_string());
+                }
+            }
+            Event::LeaseExtended { .. } => summary.heartbeats += 1,
+            Event::StepCompleted { .. } => summary.completions += 1,
+            Event::StepFailed { .. } => summary.failures += 1,
+            Event::LeaseExpired { .. } => summary.lease_expiries += 1,
+            Event::StepReleased { .. } => summary.releases += 1,
+            _ => {}
+        }
+        if let Event::StepFailed { outcome, .. } | Event::LeaseExpired { outcome, .. } = event {
+            match outcome {
+                FailOutcome::Retry { delay_ms, .. } => {
+                    summary.retries_scheduled += 1;
+                    summary.backoff_ms.push(*delay_ms);
+                }
+                FailOutcome::DeadLetter => summary.dead_letters += 1,
+            }
+        }
+        let detail = summary_text(event, step.as_deref());
+        if cat == "operator" {
+            summary.operator_actions.push(format!(
+                "seq {} {} by {}: {detail}",
+                record.seq,
+                event.type_name(),
+                record.actor
+            ));
+        }
+        let index = events.len();
+        if let Some(lease) = lease_of(event) {
+            match event {
+                Event::StepClaimed { .. } => {
+                    open_claims.insert(lease, index);
+                }
+                Event::StepCompleted { .. }
+                | Event::StepFailed { .. }
+                | Event::StepReleased { .. }
+                | Event::LeaseExpired { .. } => {
+                    if let Some(claim) = open_claims.remove(&lease) {
+                        events[claim].lease_end_ms = Some(ms(record.recorded_at_us));
+                    }
+                }
+                _ => {}
+            }
+        }
+        events.push(Entry {
+            seq: record.seq,
+            time: Timestamp::from_micros(record.recorded_at_us).to_rfc3339(),
+            offset_ms: ms(record.recorded_at_us),
+            actor: record.actor.clone(),
+            command_id: record.command_id.clone(),
+            kind: event.type_name(),
+            category: cat,
+            lane,
+            task: event.task().map(|t| t.to_string()),
+            step,
+            detail,
+            lease_end_ms: None,
+        });
+    }
+    // Leases still held at the end of the report run to its end.
+    for index in open_claims.values() {
+        events[*index].lease_end_ms = Some(ms(end_us));
+    }
+    summary.events = events.len();
+    summary.workers = workers;
+    Ok(Report {
+        subject,
+        source: source.origin(),
+        first_seq: picked.first().map_or(first, |(r, _)| r.seq),
+        last_seq: picked.last().map_or(last, |(r, _)| r.seq),
+        start: picked.first().map(|(r, _)| Timestamp::from_micros(r.recorded_at_us).to_rfc3339()),
+        end: picked.last().map(|(r, _)| Timestamp::from_micros(r.recorded_at_us).to_rfc3339()),
+        duration_ms: ms(end_us),
+        summary,
+        lanes,
+        events,
+    })
+}
+
+fn summary_text(event: &Event, step: Option<&str>) -> String {
+    summary(event, step.unwrap_or(""))
+}
+
+fn summary_lines(r: &Report) -> Vec<String> {
+    let s = &r.summary;
+    let mut lines = vec![
+        format!("{} events in {} lanes over {:.3} s", s.events, r.lanes.len(), r.duration_ms / 1000.0),
+        format!(
+            "{} claims, {} heartbeats, {} completions, {} failures, {} lease expiries, {} releases",
+            s.claims, s.heartbeats, s.completions, s.failures, s.lease_expiries, s.releases
+        ),
+    ];
+    if s.retries_scheduled > 0 {
+        let backoff: Vec<String> = s.backoff_ms.iter().map(|ms| format!("{ms} ms")).collect();
+        lines.push(format!("{} retries scheduled (backoff: {})", s.retries_scheduled, backoff.join(", ")));
+    }
+    if s.dead_letters > 0 {
+        lines.push(format!("{} dead letters", s.dead_letters));
+    }
+    if !s.workers.is_empty() {
+        lines.push(format!("workers: {}", s.workers.join(", ")));
+    }
+    lines
+}
+
+fn markdown(r: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# Incident report: {}\n", r.subject);
+    let _ = writeln!(
+        out,
+        "Log `{}`, seq {}..{}, {} .. {}.\n",
+        r.source,
+        r.first_seq,
+        r.last_seq,
+        r.start.as_deref().unwrap_or("-"),
+        r.end.as_deref().unwrap_or("-")
+    );
+    let _ = writeln!(out, "## Summary\n");
+    for line in summary_lines(r) {
+        let _ = writeln!(out, "- {line}");
+    }
+    if !r.summary.operator_actions.is_empty() {
+        let _ = writeln!(out, "- operator actions:");
+        for action in &r.summary.operator_actions {
+            let _ = writeln!(out, "  - {action}");
+        }
+    }
+    let _ = writeln!(out, "\n## Lanes\n");
+    let _ = writeln!(out, "| Lane | Events | First | Last | Last event |");
+    let _ = writeln!(out, "|---|---:|---|---|---|");
+    for lane in &r.lanes {
+        let mine: Vec<&Entry> = r.events.iter().filter(|e| &e.lane == lane).collect();
+        let (Some(first), Some(last)) = (mine.first(), mine.last()) else { continue };
+        let _ = writeln!(out, "| `{lane}` | {} | {} | {} | {} |", mine.len(), first.time, last.time, last.kind);
+    }
+    let _ = writeln!(out, "\n## Timeline\n");
+    let _ = writeln!(out, "| Seq | Time | +ms | Lane | Event | Actor | Detail |");
+    let _ = writeln!(out, "|---:|---|---:|---|---|---|---|");
+    for e in &r.events {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.1} | `{}` | {} | {} | {} |",
+            e.seq,
+            e.time,
+            e.offset_ms,
+            e.lane,
+            e.kind,
+            e.actor,
+            e.detail.replace('|', "\\|")
+        );
+    }
+    out
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+fn color(category: &str) -> &'static str {
+    match category {
+        "created" => "#6b7280",
+        "claim" => "#2563eb",
+        "heartbeat" => "#60a5fa",
+        "complete" => "#16a34a",
+        "failure" => "#f59e0b",
+        "dead_letter" => "#b91c1c",
+        "lease_expired" => "#dc2626",
+        "release" => "#a855f7",
+        "timer" => "#0891b2",
+        _ => "#111827",
+    }
+}
+
+fn html(r: &Report) -> String {
+    const LABEL_W: f64 = 260.0;
+    const PLOT_W: f64 = 900.0;
+    const ROW_H: f64 = 28.0;
+    let span = r.duration_ms.max(1.0);
+    let x = |ms: f64| LABEL_W + ms / span * PLOT_W;
+    let height = ROW_H * r.lanes.len() as f64 + 40.0;
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{height}" role="img" aria-label="timeline">"#,
+        LABEL_W + PLOT_W + 20.0
+    );
+    for tick in 0..=4 {
+        let ms = span * f64::from(tick) / 4.0;
+        let _ = write!(
+            svg,
+            r##"<line x1="{0}" y1="0" x2="{0}" y2="{1}" stroke="#e5e7eb"/><text x="{0}" y="{2}" font-size="11" text-anchor="middle" fill="#6b7280">+{3:.1} s</text>"##,
+            x(ms),
+            height - 24.0,
+            height - 8.0,
+            ms / 1000.0
+        );
+    }
+    for (row, lane) in r.lanes.iter().enumerate() {
+        let y = ROW_H * row as f64 + 4.0;
+        let mid = y + ROW_H / 2.0 - 4.0;
+        let _ = write!(
+            svg,
+            r##"<text x="4" y="{}" font-size="12" font-family="monospace">{}</text><line x1="{LABEL_W}" y1="{mid}" x2="{}" y2="{mid}" stroke="#d1d5db"/>"##,
+            mid + 4.0,
+            escape(lane),
+            LABEL_W + PLOT_W
+        );
+        for e in r.events.iter().filter(|e| &e.lane == lane) {
+            if let Some(end) = e.lease_end_ms {
+                let _ = write!(
+                    svg,
+                    r##"<rect x="{}" y="{}" width="{}" height="10" rx="3" fill="#bfdbfe"><title>lease {} .. +{:.1} ms</title></rect>"##,
+                    x(e.offset_ms),
+                    mid - 5.0,
+                    (x(end) - x(e.offset_ms)).max(2.0),
+                    escape(&e.detail),
+                    end
+                );
+            }
+        }
+        for e in r.events.iter().filter(|e| &e.lane == lane) {
+            let _ = write!(
+                svg,
+                r#"<circle cx="{}" cy="{mid}" r="5" fill="{}"><title>seq {} {} +{:.1} ms by {}: {}</title></circle>"#,
+                x(e.offset_ms),
+                color(e.category),
+                e.seq,
+                e.kind,
+                e.offset_ms,
+                escape(&e.actor),
+                escape(&e.detail)
+            );
+        }
+    }
+    svg.push_str("</svg>");
+    let legend: String = [
+        "created",
+        "claim",
+        "heartbeat",
+        "complete",
+        "failure",
+        "lease_expired",
+        "dead_letter",
+        "release",
+        "timer",
+        "operator",
+    ]
+    .iter()
+    .map(|c| format!(r#"<span class="key"><i style="background:{}"></i>{c}</span>"#, color(c)))
+    .collect();
+    let summary: String = summary_lines(r).iter().map(|l| format!("<li>{}</li>", escape(l))).collect();
+    let actions: String =
+        r.summary.operator_actions.iter().map(|a| format!("<li>operator: {}</li>", escape(a))).collect();
+    let rows: String = r
+        .events
+        .iter()
+        .map(|e| {
+            format!(
+                r#"<tr><td>{}</td><td>{}</td><td>{:.1}</td><td><code>{}</code></td><td><i class="dot" style="background:{}"></i>{}</td><td>{}</td><td>{}</td></tr>"#,
+                e.seq,
+                e.time,
+                e.offset_ms,
+                escape(&e.lane),
+                color(e.category),
+                e.kind,
+                escape(&e.actor),
+                escape(&e.detail)
+            )
+        })
+        .collect();
+    format!(
+        r#"<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Incident report: {subject}</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:24px;color:#111827}}
+table{{border-collapse:collapse;font-size:13px}}td,th{{border-bottom:1px solid #e5e7eb;padding:4px 8px;text-align:left;vertical-align:top}}
+.key{{margin-right:12px;font-size:12px}}.key i,.dot{{display:inline-block;width:10px;height:10px;border-radius:5px;margin-right:4px}}
+.timeline{{overflow-x:auto;border:1px solid #e5e7eb;padding:8px;margin:12px 0}}
+</style></head>
+<body>
+<h1>Incident report: {subject}</h1>
+<p>Log <code>{source}</code>, seq {first}..{last}, {start} .. {end}.</p>
+<ul>{summary}{actions}</ul>
+<h2>Timeline</h2>
+<p>One row per step (and per task or queue for their own events); bars are leases from claim to their end; hover a marker for its details.</p>
+<div>{legend}</div>
+<div class="timeline">{svg}</div>
+<h2>Events</h2>
+<table><tr><th>Seq</th><th>Time</th><th>+ms</th><th>Lane</th><th>Event</th><th>Actor</th><th>Detail</th></tr>
+{rows}</table>
+</body></html>
+"#,
+        subject = escape(&r.subject),
+        source = escape(&r.source),
+        first = r.first_seq,
+        last = r.last_seq,
+        start = r.start.as_deref().unwrap_or("-"),
+        end = r.end.as_deref().unwrap_or("-"),
+    )
 }

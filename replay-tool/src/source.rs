@@ -269,6 +269,11 @@ impl Source {
     }
 }
 
+/// Decodes a record's domain event.
+pub fn decode(record: &StoredRecord) -> Result<Event> {
+    decode_event(record).map_err(|e| anyhow!("{e}"))
+}
+
 /// Decodes a record's event and folds it into `ledger`, naming the seq on failure.
 pub fn apply(ledger: &mut Ledger, record: &StoredRecord) -> Result<Event> {
     let event = decode_event(record).map_err(|e| anyhow!("{e}"))?;

@@ -1,0 +1,108 @@
+//! `incident` (Markdown, HTML, JSON; by task, worker and time window) and
+//! `diff` on the story log, with golden outputs.
+
+mod common;
+
+use common::{build_story, golden, path, replay, replay_ok};
+use serde_json::Value;
+
+const TASK_3: &str = "018bcfe5-6803-7001-9aa6-6d2c7ddf743f";
+
+fn story() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    build_story(dir.path(), 10);
+    let data = path(dir.path()).to_owned();
+    (dir, data)
+}
+
+/// Replaces the temp directory in a report so it can be compared with a golden file.
+fn stable(text: &str, data: &str) -> String {
+    text.replace(data, "<data>")
+}
+
+#[test]
+fn incident_of_a_task_in_markdown_json_and_html() {
+    let (_dir, data) = story();
+    let md = replay_ok(&["incident", "--data", &data, "--task", TASK_3]);
+    golden("incident-task-3.md", &stable(&md, &data));
+    assert!(md.contains("1 retries scheduled (backoff: 855 ms)"), "{md}");
+    assert!(md.contains("seq 17 step_retried by operator-kim"), "{md}");
+
+    let json: Value =
+        serde_json::from_str(&replay_ok(&["incident", "--data", &data, "--task", TASK_3, "--format", "json"])).unwrap();
+    assert_eq!(json["summary"]["dead_letters"], 1);
+    assert_eq!(json["summary"]["claims"], 3);
+    let seqs: Vec<u64> = json["events"].as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [3, 7, 8, 9, 10, 11, 17, 18, 19]);
+    // Each claim's lease bar ends at the event that ended it.
+    assert_eq!(json["events"][1]["lease_end_ms"], 2000.0);
+
+    let html_path = _dir.path().join("report.html");
+    replay_ok(&["incident", "--data", &data, "--task", TASK_3, "--format", "html", "--out", path(&html_path)]);
+    let html = std::fs::read_to_string(&html_path).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>"));
+    assert!(html.contains("<svg") && html.contains("</svg>"));
+    assert_eq!(html.matches("<circle").count(), 9, "one marker per event");
+    assert_eq!(html.matches("<rect").count(), 3, "one bar per lease");
+    assert!(!html.contains("src=\"http") && !html.contains("href=\"http"), "self-contained");
+    golden("incident-task-3.html", &stable(&html, &data));
+}
+
+#[test]
+fn incident_of_a_worker_follows_its_leases_to_their_end() {
+    let (_dir, data) = story();
+    let json: Value =
+        serde_json::from_str(&replay_ok(&["incident", "--data", &data, "--worker", "w-3", "--format", "json"]))
+            .unwrap();
+    let kinds: Vec<&str> = json["events"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["step_claimed", "lease_expired"], "w-3's only lease expired");
+    assert_eq!(json["summary"]["lease_expiries"], 1);
+    assert_eq!(json["summary"]["backoff_ms"], serde_json::json!([815]));
+}
+
+#[test]
+fn incident_of_a_time_window() {
+    let (_dir, data) = story();
+    let json: Value = serde_json::from_str(&replay_ok(&[
+        "incident",
+        "--data",
+        &data,
+        "--from",
+        "2026-11-23T14:00:07Z",
+        "--to",
+        "2026-11-23T14:00:13.5Z",
+        "--format",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!((json["first_seq"].as_u64(), json["last_seq"].as_u64()), (Some(9), Some(16)));
+    assert_eq!(json["lanes"].as_array().unwrap().len(), 2);
+    let none = replay(&["incident", "--data", &data]);
+    assert_eq!(none.status.code(), Some(3));
+    assert!(common::stderr(&none).contains("--task ID, --worker ID, or a window --from T --to T"));
+}
+
+#[test]
+fn diff_between_two_points() {
+    let (_dir, data) = story();
+    golden("diff-6-22.txt", &replay_ok(&["diff", "--data", &data, "--from", "6", "--to", "2026-11-23T14:01:13.5Z"]));
+    let json: Value =
+        serde_json::from_str(&replay_ok(&["diff", "--data", &data, "--from", "0", "--to", "23", "--json"])).unwrap();
+    assert_eq!(json["events"], 23);
+    assert_eq!(json["tasks_created"].as_array().unwrap().len(), 4);
+    assert_eq!(json["leases_taken"].as_array().unwrap().len(), 6);
+    assert_eq!(json["leases_lost"][0]["worker"], "w-3");
+    assert_eq!(json["dead_letters"][0]["detail"], "boom");
+    let finished: Vec<(&str, &str)> = json["task_state_changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["from"].as_str().unwrap(), c["to"].as_str().unwrap()))
+        .collect();
+    assert!(
+        finished.contains(&("(new)", "cancelled")),
+        "a task that ended inside the range shows its end: {finished:?}"
+    );
+    let backwards = replay(&["diff", "--data", &data, "--from", "9", "--to", "3"]);
+    assert!(common::stderr(&backwards).contains("is after --to"));
+}
