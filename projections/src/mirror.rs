@@ -259,7 +259,7 @@ impl Mirror {
     }
 }
 
-fn step_mut<'a>(t: &'a mut MirrorTask, seq: u64, index: u16) -> Result<&'a mut MirrorStep, ApplyError> {
+fn step_mut(t: &mut MirrorTask, seq: u64, index: u16) -> Result<&mut MirrorStep, ApplyError> {
     let id = t.id;
     t.steps.get_mut(usize::from(index)).ok_or_else(|| inconsistent(seq, format!("task {id} has no step {index}")))
 }
