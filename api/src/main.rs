@@ -80,12 +80,12 @@ fn main() -> ExitCode {
                 eprintln!("taskledger serve --projections: not built yet (issue #4: SQL projections)");
                 return ExitCode::from(2);
             }
-            let mut writer = WriterConfig {
+            let writer = WriterConfig {
                 channel_capacity: args.writer_queue,
                 snapshot_every_events: args.snapshot_every,
+                dedup_window_events: args.dedup_window.max(1),
                 ..WriterConfig::default()
             };
-            writer.store.dedup_window_entries = args.dedup_window.max(1);
             let config = ServeConfig {
                 data_dir: args.data,
                 listen: args.listen,
