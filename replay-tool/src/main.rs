@@ -8,7 +8,7 @@
 //! `keygen`).
 //!
 //! Exit status: 0 success (for checks: clean), 1 a check found problems,
-//! 2 usage errors and subcommands not built yet, 3 the command could not run
+//! 2 usage errors, 3 the command could not run
 //! (unreadable input, I/O error).
 
 mod audit;
@@ -19,6 +19,7 @@ mod feed;
 mod incident;
 mod info;
 mod progress;
+mod project;
 mod source;
 mod state;
 mod verify;
@@ -127,17 +128,24 @@ enum Command {
         #[arg(long, value_name = "PREFIX")]
         out: PathBuf,
     },
-    /// Run the projectors into SQL (not built yet: waits for the projections crate).
+    /// Run every projector over the log into SQL (a scratch SQLite file unless --into).
     Rebuild {
         #[command(flatten)]
         input: Input,
+        /// A SQLite file path or a postgres:// URL (projectors resume from their checkpoints there).
+        #[arg(long, value_name = "TARGET")]
+        into: Option<String>,
     },
-    /// Materialize projections as of a point into a scratch SQLite file (not built yet).
+    /// Materialize every projector as of a point into a new SQLite file, for SQL on the past.
     Materialize {
         #[command(flatten)]
         input: Input,
+        /// SEQ or RFC 3339 time (default: the head).
         #[arg(long, value_name = "SEQ|TIME")]
         as_of: Option<Point>,
+        /// The SQLite file to create (default: a scratch file in the system temp directory).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -147,8 +155,6 @@ pub enum Outcome {
     Clean,
     /// A check found problems (already reported).
     Problems,
-    /// Not available in this build (already reported).
-    NotBuilt,
 }
 
 fn run(cli: Cli) -> Result<Outcome> {
@@ -162,13 +168,8 @@ fn run(cli: Cli) -> Result<Outcome> {
         Command::ExportAudit(args) => audit::export(&args.input.open()?, &args),
         Command::VerifyExport(args) => audit::verify_export(&args),
         Command::Keygen { out } => audit::keygen(&out),
-        Command::Rebuild { .. } | Command::Materialize { .. } => {
-            eprintln!(
-                "taskledger-replay: rebuild and materialize are not built yet: they run the projectors, \
-                 and the projections crate does not expose them yet (issue #4)."
-            );
-            Ok(Outcome::NotBuilt)
-        }
+        Command::Rebuild { input, into } => project::rebuild(&input.open()?, into.as_deref()),
+        Command::Materialize { input, as_of, out } => project::materialize(&input.open()?, as_of, out),
     }
 }
 
@@ -178,7 +179,6 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(Outcome::Clean) => ExitCode::SUCCESS,
         Ok(Outcome::Problems) => ExitCode::from(1),
-        Ok(Outcome::NotBuilt) => ExitCode::from(2),
         Err(error) => {
             eprintln!("taskledger-replay: error: {error:#}");
             ExitCode::from(3)
