@@ -270,6 +270,17 @@ impl SnapshotStore {
         for entry in &entries[..excess] {
             fs::remove_file(&entry.path).map_err(io_error("remove old snapshot", &entry.path))?;
         }
+        // A crash between writing a temporary file and renaming it leaves the
+        // temporary behind. Only the writer's snapshot thread writes here, and
+        // it prunes after its own rename, so every temporary now is a leftover.
+        let dir = fs::read_dir(self.dir()).map_err(io_error("list snapshots", self.dir()))?;
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".snapshot-") && name.ends_with(".tmp") {
+                fs::remove_file(entry.path()).map_err(io_error("remove leftover temporary snapshot", &entry.path()))?;
+            }
+        }
         Ok(())
     }
 }
@@ -280,6 +291,18 @@ mod tests {
 
     fn head(seq: u64) -> Head {
         Head { seq, hash: [seq as u8; 32] }
+    }
+
+    #[test]
+    fn leftover_temporary_files_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::new(dir.path().join("snapshots"), 1);
+        store.write(head(1), b"x").unwrap();
+        let leftover = store.dir().join(".snapshot-00000000000000000001.bin.1.0.tmp");
+        std::fs::write(&leftover, b"torn").unwrap();
+        store.write(head(2), b"y").unwrap();
+        assert!(!leftover.exists());
+        assert_eq!(store.list().unwrap().len(), 1);
     }
 
     #[test]
