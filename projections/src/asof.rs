@@ -9,10 +9,9 @@ use std::path::{Path, PathBuf};
 use eventlog::LogReader;
 use serde::Serialize;
 
-use crate::checkpoint::Slot;
 use crate::error::{AsOfError, RuntimeError};
 use crate::projectors::ProjectorKind;
-use crate::runtime::{BATCH_EVENTS_MAX, Driver};
+use crate::runtime::BULK_BATCH_EVENTS_MAX;
 use crate::store::Store;
 
 /// A point in the log's history.
@@ -65,12 +64,7 @@ pub async fn build(
     to_seq: u64,
     kinds: &[ProjectorKind],
 ) -> Result<(), RuntimeError> {
-    for kind in kinds {
-        let mut driver = Driver::load(store, *kind, Slot::Live).await?;
-        crate::checkpoint::check_against_log(driver.checkpoint(), reader)?;
-        driver.catch_up(store, reader, to_seq, BATCH_EVENTS_MAX).await?;
-    }
-    Ok(())
+    crate::runtime::build_live(store, reader, to_seq, kinds, BULK_BATCH_EVENTS_MAX).await
 }
 
 /// Materializes every projector at `at` into a new SQLite file at `path`

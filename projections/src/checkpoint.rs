@@ -98,6 +98,14 @@ pub(crate) fn now_us() -> i64 {
         .unwrap_or(0)
 }
 
+/// Whether `install` creates a generation's secondary indexes at once or
+/// leaves them to `create_indexes` (bulk builds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Indexes {
+    Now,
+    Later,
+}
+
 /// Creates generation `generation` of `kind`'s tables (named with `suffix`)
 /// and its checkpoint at seq 0, in one transaction. Drops leftovers of an
 /// abandoned generation with the same names first.
@@ -107,13 +115,19 @@ pub async fn install(
     slot: Slot,
     suffix: &str,
     generation: i64,
+    indexes: Indexes,
 ) -> Result<Checkpoint, ApplyError> {
     let mut tx = store.begin().await?;
     for table in kind.tables() {
         sql::execute(&mut tx, &format!("DROP TABLE IF EXISTS {table}{suffix}")).await?;
     }
-    for statement in kind.ddl(tx.backend(), suffix, generation) {
+    for statement in kind.table_ddl(tx.backend(), suffix, generation) {
         sql::execute(&mut tx, &statement).await?;
+    }
+    if indexes == Indexes::Now {
+        for statement in kind.index_ddl(tx.backend(), suffix, generation) {
+            sql::execute(&mut tx, &statement).await?;
+        }
     }
     let checkpoint = Checkpoint {
         projector: kind.name().to_owned(),
@@ -149,6 +163,18 @@ pub async fn install(
     });
     tx.commit().await?;
     Ok(checkpoint)
+}
+
+/// Creates the secondary indexes of a generation installed with
+/// `Indexes::Later` (idempotent).
+pub async fn create_indexes(store: &Store, kind: ProjectorKind, checkpoint: &Checkpoint) -> Result<(), ApplyError> {
+    let mut tx = store.begin().await?;
+    for statement in kind.index_ddl(tx.backend(), &checkpoint.table_suffix, checkpoint.generation) {
+        let statement = statement.replacen("INDEX ", "INDEX IF NOT EXISTS ", 1);
+        sql::execute(&mut tx, &statement).await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Moves the checkpoint of `kind`/`slot` from `from_seq` to `last`, inside

@@ -22,15 +22,18 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::checkpoint::{self, Checkpoint, Slot};
+use crate::checkpoint::{self, Checkpoint, Indexes, Slot};
 use crate::error::{ApplyError, RuntimeError};
 use crate::mirror::Mirror;
 use crate::projectors::{self, ProjectorKind};
 use crate::sql;
 use crate::store::Store;
 
-/// Most events applied in one transaction.
+/// Most events applied in one transaction while following the log.
 pub const BATCH_EVENTS_MAX: usize = 8192;
+/// Most events per transaction in bulk builds (rebuilds, as-of): bigger
+/// batches coalesce more of a task's rows into one write.
+pub const BULK_BATCH_EVENTS_MAX: usize = 32_768;
 
 /// Tunables of the runtime.
 #[derive(Clone, Debug)]
@@ -66,9 +69,19 @@ impl Driver {
     /// Loads the checkpoint and the mirror of `kind` in `slot`; installs the
     /// live slot's tables if this store has never held the projector.
     pub async fn load(store: &Store, kind: ProjectorKind, slot: Slot) -> Result<Driver, ApplyError> {
+        Self::load_with(store, kind, slot, Indexes::Now).await
+    }
+
+    /// Like `load`; a live slot installed now gets its indexes per `indexes`.
+    pub async fn load_with(
+        store: &Store,
+        kind: ProjectorKind,
+        slot: Slot,
+        indexes: Indexes,
+    ) -> Result<Driver, ApplyError> {
         let checkpoint = match (checkpoint::read(store, kind, slot).await?, slot) {
             (Some(checkpoint), _) => checkpoint,
-            (None, Slot::Live) => checkpoint::install(store, kind, slot, "", 1).await?,
+            (None, Slot::Live) => checkpoint::install(store, kind, slot, "", 1, indexes).await?,
             (None, Slot::Shadow) => return Err(ApplyError::Model(format!("{} has no shadow build", kind.name()))),
         };
         let mut tx = store.begin().await?;
@@ -89,14 +102,23 @@ impl Driver {
     /// transaction with the checkpoint. On error nothing was written and this
     /// driver must be dropped and loaded again (its mirror moved on).
     pub async fn apply(&mut self, store: &Store, records: &[StoredRecord]) -> Result<(), ApplyError> {
+        let events = decode_all(records)?;
+        self.apply_decoded(store, records, &events).await
+    }
+
+    /// `apply` with the records' events already decoded (`events[i]` is
+    /// `records[i]`'s), for callers that share one decode among projectors.
+    pub async fn apply_decoded(
+        &mut self,
+        store: &Store,
+        records: &[StoredRecord],
+        events: &[Event],
+    ) -> Result<(), ApplyError> {
         let (Some(first), Some(last)) = (records.first(), records.last()) else { return Ok(()) };
         if first.seq != self.checkpoint.last_seq + 1 {
             return Err(ApplyError::OutOfOrder { expected: self.checkpoint.last_seq + 1, got: first.seq });
         }
-        let events = records
-            .iter()
-            .map(|r| eventlog::decode_event(r).map_err(|e| ApplyError::Decode { seq: r.seq, reason: e.to_string() }))
-            .collect::<Result<Vec<Event>, _>>()?;
+        assert_eq!(records.len(), events.len(), "one event per record");
         let mut tx = store.begin().await?;
         let result = async {
             projectors::apply_batch(
@@ -105,7 +127,7 @@ impl Driver {
                 &self.checkpoint.table_suffix,
                 self.mirror.as_mut(),
                 records,
-                &events,
+                events,
             )
             .await?;
             checkpoint::advance(&mut tx, self.kind, self.slot, self.checkpoint.last_seq, last).await
@@ -139,6 +161,77 @@ impl Driver {
         }
         Ok(())
     }
+}
+
+/// Decodes the domain event of every record.
+pub fn decode_all(records: &[StoredRecord]) -> Result<Vec<Event>, ApplyError> {
+    records
+        .iter()
+        .map(|r| eventlog::decode_event(r).map_err(|e| ApplyError::Decode { seq: r.seq, reason: e.to_string() }))
+        .collect()
+}
+
+/// Applies the log up to `to_seq` to the live slot of every projector in
+/// `kinds`, each from its own checkpoint, reading and decoding each batch
+/// once and applying it to the projectors in parallel tasks. A projector
+/// installed here (a fresh store) gets its secondary indexes at the end.
+pub async fn build_live(
+    store: &Store,
+    reader: &LogReader,
+    to_seq: u64,
+    kinds: &[ProjectorKind],
+    batch_events_max: usize,
+) -> Result<(), RuntimeError> {
+    let mut drivers = Vec::new();
+    for kind in kinds {
+        let driver = Driver::load_with(store, *kind, Slot::Live, Indexes::Later).await?;
+        checkpoint::check_against_log(driver.checkpoint(), reader)?;
+        drivers.push(driver);
+    }
+    build_drivers(store, reader, to_seq, &mut drivers, batch_events_max).await?;
+    for driver in &drivers {
+        checkpoint::create_indexes(store, driver.kind, &driver.checkpoint).await?;
+    }
+    Ok(())
+}
+
+async fn build_drivers(
+    store: &Store,
+    reader: &LogReader,
+    to_seq: u64,
+    drivers: &mut Vec<Driver>,
+    batch_events_max: usize,
+) -> Result<(), RuntimeError> {
+    let Some(mut from) = drivers.iter().map(|d| d.checkpoint.last_seq + 1).min() else { return Ok(()) };
+    while from <= to_seq {
+        let records = reader.read_range(from, to_seq, batch_events_max)?;
+        let Some(last) = records.last().map(|r| r.seq) else { break };
+        let events = decode_all(&records)?;
+        let batch = Arc::new((records, events));
+        let mut tasks = Vec::new();
+        for mut driver in drivers.drain(..) {
+            let (store, batch) = (store.clone(), batch.clone());
+            tasks.push(tokio::spawn(async move {
+                let (records, events) = &*batch;
+                let skip = records.iter().take_while(|r| r.seq <= driver.checkpoint.last_seq).count();
+                let result = driver.apply_decoded(&store, &records[skip..], &events[skip..]).await;
+                (driver, result)
+            }));
+        }
+        let mut failed = None;
+        for task in tasks {
+            let (driver, result) = task.await.map_err(|_| RuntimeError::Stopped)?;
+            drivers.push(driver);
+            if let Err(error) = result {
+                failed.get_or_insert(error);
+            }
+        }
+        if let Some(error) = failed {
+            return Err(error.into());
+        }
+        from = last + 1;
+    }
+    Ok(())
 }
 
 /// What a projector is doing, for the API, metrics and operators.
@@ -420,7 +513,8 @@ impl Projections {
             Some(shadow) if shadow.version == kind.version() => {}
             _ => {
                 let generation = live.as_ref().map_or(1, |c| c.generation) + 1;
-                checkpoint::install(store, kind, Slot::Shadow, &format!("__g{generation}"), generation).await?;
+                checkpoint::install(store, kind, Slot::Shadow, &format!("__g{generation}"), generation, Indexes::Later)
+                    .await?;
             }
         }
         // Catch up in the background of the live projector...
@@ -446,6 +540,10 @@ impl Projections {
         let _ = shadow_runner.join.await;
         if let Some(error) = shadow_progress.lock().error.clone() {
             tracing::debug!(projector = kind.name(), %error, "shadow build recovered from an error");
+        }
+        // Index the filled tables while the live projector still serves...
+        if let Some(shadow) = checkpoint::read(store, kind, Slot::Shadow).await? {
+            checkpoint::create_indexes(store, kind, &shadow).await?;
         }
         // ...then stop the live runner, finish the last few records, and swap.
         let running = self.inner.live.lock().remove(&kind);
