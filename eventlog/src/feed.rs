@@ -66,25 +66,32 @@ impl LiveFeed {
     /// Publishes committed records (in seq order, continuing the previous publish) and wakes
     /// every waiting subscriber. Never waits for a subscriber.
     pub fn publish(&self, records: &[StoredRecord]) {
-        let Some(last) = records.last() else { return };
+        self.publish_owned(records.to_vec());
+    }
+
+    /// Like [`LiveFeed::publish`], taking the records (the writer's path: no copy of each
+    /// record, and the `Arc`s are made before the ring's lock is taken).
+    pub fn publish_owned(&self, mut records: Vec<StoredRecord>) {
+        let (Some(first), Some(last)) = (records.first().map(|r| r.seq), records.last().map(|r| r.seq)) else {
+            return;
+        };
+        let skip = records.len().saturating_sub(self.inner.capacity);
+        let shared: Vec<Arc<StoredRecord>> = records.drain(skip..).map(Arc::new).collect();
         {
             let mut ring = self.inner.ring.lock();
             // A publish that does not continue the ring (the writer restarted its feed at a new
             // head) starts the ring over; subscribers then fill the gap from disk.
-            if ring.last_seq != 0 && records[0].seq != ring.last_seq + 1 {
+            if ring.last_seq != 0 && first != ring.last_seq + 1 {
                 ring.records.clear();
             }
-            let skip = records.len().saturating_sub(self.inner.capacity);
-            for record in &records[skip..] {
-                if ring.records.len() == self.inner.capacity {
-                    ring.records.pop_front();
-                }
-                ring.records.push_back(Arc::new(record.clone()));
-            }
-            ring.last_seq = last.seq;
+            let kept = ring.records.len();
+            let overflow = (kept + shared.len()).saturating_sub(self.inner.capacity);
+            ring.records.drain(..overflow.min(kept));
+            ring.records.extend(shared);
+            ring.last_seq = last;
         }
         self.inner.published.notify_all();
-        self.inner.last_seq.send_replace(last.seq);
+        self.inner.last_seq.send_replace(last);
     }
 
     /// Seq of the last published record (0 before the first publish).

@@ -107,6 +107,9 @@ pub struct RedbStore {
     snapshots: SnapshotStore,
     options: RedbOptions,
     poisoned: bool,
+    /// Read transaction shared by the cache misses of [`RedbStore::stream_version_cached`]
+    /// until the next append.
+    lookup: Option<redb::ReadTransaction>,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -186,7 +189,27 @@ impl RedbStore {
             snapshots: SnapshotStore::new(dir.join(SNAPSHOT_DIR_NAME), options.snapshots_keep),
             options,
             poisoned: false,
+            lookup: None,
         })
+    }
+
+    /// The version of `stream` (0 if it has no record), remembering the answer: the writer asks
+    /// this for every task it creates, and without the cache (a log reopened, or the cache
+    /// overflowed) each miss would cost a read transaction. Misses of one batch share one read
+    /// transaction, dropped at the next append; the remembered answers stay right because only
+    /// this store writes, and it updates the cache after each commit.
+    pub fn stream_version_cached(&mut self, stream: &[u8]) -> Result<u64, ReadError> {
+        if let Some(version) = self.stream_heads.get(stream) {
+            return Ok(version);
+        }
+        if self.lookup.is_none() {
+            self.lookup = Some(self.reader.begin()?);
+        }
+        let txn = self.lookup.as_ref().expect("just set");
+        let table = txn.open_table(STREAMS).map_err(|e| ReadError::Backend(backend(e)))?;
+        let version = last_stream_version(&table, stream).map_err(|e| ReadError::Backend(backend(e)))?;
+        self.stream_heads.insert(stream.to_vec(), version);
+        Ok(version)
     }
 
     /// A reader sharing this store's database.
@@ -301,7 +324,7 @@ fn decode_outcome(value: &[u8]) -> Option<(u64, u64, &[u8])> {
 struct Written {
     records: Vec<StoredRecord>,
     head: Head,
-    stream_versions: HashMap<Vec<u8>, u64>,
+    stream_versions: Vec<(Vec<u8>, u64)>,
     new_outcomes: Vec<(u64, String, u64, Vec<u8>)>,
     evicted: Vec<(u64, String)>,
 }
@@ -319,11 +342,13 @@ impl RedbStore {
         let mut seq = self.head.seq;
         let mut prev_hash: Hash = self.head.hash;
         let mut last_second = self.last_recorded_at_us.map(|us| us.div_euclid(1_000_000));
-        let mut stream_versions: HashMap<Vec<u8>, u64> = HashMap::new();
+        // Keys borrow from `records`: one copy per distinct stream, made at the end.
+        let mut stream_versions: HashMap<&[u8], u64> = HashMap::with_capacity(records.len());
+        // Only needed to place outcomes (none on the writer's path).
         let mut command_seqs: HashMap<&str, u64> = HashMap::new();
         let mut written = Vec::with_capacity(records.len());
         for record in records {
-            let version = match stream_versions.get(&record.stream) {
+            let version = match stream_versions.get(record.stream.as_slice()) {
                 Some(version) => *version,
                 None => match self.stream_heads.get(&record.stream) {
                     Some(version) => version,
@@ -339,8 +364,10 @@ impl RedbStore {
                 times.insert(second, seq).map_err(append_backend)?;
                 last_second = Some(second);
             }
-            stream_versions.insert(record.stream.clone(), version);
-            command_seqs.insert(&record.command_id, seq);
+            stream_versions.insert(&record.stream, version);
+            if !outcomes.is_empty() {
+                command_seqs.insert(&record.command_id, seq);
+            }
             prev_hash = stored.hash;
             written.push(stored);
         }
@@ -376,6 +403,7 @@ impl RedbStore {
             order_table.remove(*order).map_err(append_backend)?;
             outcome_table.remove(command_id.as_str()).map_err(append_backend)?;
         }
+        let stream_versions = stream_versions.into_iter().map(|(stream, version)| (stream.to_vec(), version)).collect();
         Ok(Written { records: written, head, stream_versions, new_outcomes, evicted })
     }
 }
@@ -390,6 +418,8 @@ impl LogStore for RedbStore {
     }
 
     fn append(&mut self, records: &[NewRecord], outcomes: &[(String, Vec<u8>)]) -> Result<Appended, AppendError> {
+        // Never keep old pages pinned past a commit.
+        self.lookup = None;
         if self.poisoned {
             return Err(AppendError::Poisoned);
         }

@@ -556,11 +556,11 @@ impl WriterThread {
                 for (id, range) in in_batch.drain() {
                     self.dedup.insert(&id, range, head);
                 }
-                self.feed.publish(&appended.records);
                 let stats = &self.shared.stats;
                 stats.batches.fetch_add(1, Ordering::Relaxed);
                 stats.commands.fetch_add(pending.len() as u64, Ordering::Relaxed);
                 stats.events.fetch_add(appended.records.len() as u64, Ordering::Relaxed);
+                self.feed.publish_owned(appended.records);
                 self.acknowledge(pending, head);
                 self.shared.head.send_replace(head);
             }
@@ -607,7 +607,7 @@ impl WriterThread {
         for id in &created {
             let on_disk = self
                 .store
-                .stream_version(&StreamId::Task(*id).to_key())
+                .stream_version_cached(&StreamId::Task(*id).to_key())
                 .map_err(|e| WriteError::CommitFailed(e.to_string()))?;
             if on_disk > 0 || new_streams.contains(id) {
                 return Err(WriteError::Rejected(Rejection::new(
