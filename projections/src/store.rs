@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -37,15 +38,22 @@ pub enum Backend {
 /// A connection pool on one of the two backends. Cheap to clone.
 #[derive(Clone, Debug)]
 pub enum Store {
-    Sqlite(SqlitePool),
+    Sqlite(SqlitePool, WriteGate),
     Postgres(PgPool),
 }
+
+/// SQLite has one writer at a time. Left to itself, a second writer polls
+/// the lock with SQLite's busy handler, which sleeps in steps of up to
+/// 100 ms: that is what a waiting projector's lag would look like. A tokio
+/// mutex hands the write lock over in FIFO order the moment it is free.
+#[derive(Clone, Debug, Default)]
+pub struct WriteGate(Arc<tokio::sync::Mutex<()>>);
 
 /// Runs `$body` with `$pool` bound to the concrete pool of `$store`.
 macro_rules! on_backend {
     ($store:expr, $pool:ident => $body:expr) => {
         match $store {
-            $crate::store::Store::Sqlite($pool) => $body,
+            $crate::store::Store::Sqlite($pool, _) => $body,
             $crate::store::Store::Postgres($pool) => $body,
         }
     };
@@ -56,7 +64,7 @@ pub(crate) use on_backend;
 macro_rules! on_tx {
     ($store_tx:expr, $tx:ident => $body:expr) => {
         match $store_tx {
-            $crate::store::StoreTx::Sqlite($tx) => $body,
+            $crate::store::StoreTx::Sqlite($tx, _) => $body,
             $crate::store::StoreTx::Postgres($tx) => $body,
         }
     };
@@ -65,18 +73,21 @@ pub(crate) use on_tx;
 
 /// An open write transaction on either backend.
 pub enum StoreTx {
-    Sqlite(Transaction<'static, Sqlite>),
+    Sqlite(Transaction<'static, Sqlite>, tokio::sync::OwnedMutexGuard<()>),
     Postgres(Transaction<'static, Postgres>),
 }
 
 impl StoreTx {
     pub async fn commit(self) -> Result<(), sqlx::Error> {
-        on_tx!(self, tx => tx.commit().await)
+        match self {
+            StoreTx::Sqlite(tx, _gate) => tx.commit().await,
+            StoreTx::Postgres(tx) => tx.commit().await,
+        }
     }
 
     pub fn backend(&self) -> Backend {
         match self {
-            StoreTx::Sqlite(_) => Backend::Sqlite,
+            StoreTx::Sqlite(..) => Backend::Sqlite,
             StoreTx::Postgres(_) => Backend::Postgres,
         }
     }
@@ -103,7 +114,7 @@ impl Store {
             .connect_with(options)
             .await
             .map_err(|source| OpenError::Sqlite { path: path.to_path_buf(), source })?;
-        let store = Store::Sqlite(pool);
+        let store = Store::Sqlite(pool, WriteGate::default());
         store.migrate().await?;
         Ok(store)
     }
@@ -136,7 +147,7 @@ impl Store {
 
     async fn migrate(&self) -> Result<(), OpenError> {
         match self {
-            Store::Sqlite(pool) => sqlx::migrate!("migrations/sqlite").run(pool).await?,
+            Store::Sqlite(pool, _) => sqlx::migrate!("migrations/sqlite").run(pool).await?,
             Store::Postgres(pool) => sqlx::migrate!("migrations/postgres").run(pool).await?,
         }
         Ok(())
@@ -144,7 +155,7 @@ impl Store {
 
     pub fn backend(&self) -> Backend {
         match self {
-            Store::Sqlite(_) => Backend::Sqlite,
+            Store::Sqlite(..) => Backend::Sqlite,
             Store::Postgres(_) => Backend::Postgres,
         }
     }
@@ -154,7 +165,10 @@ impl Store {
     /// read lock; they queue on the busy timeout instead.
     pub async fn begin(&self) -> Result<StoreTx, sqlx::Error> {
         Ok(match self {
-            Store::Sqlite(pool) => StoreTx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
+            Store::Sqlite(pool, gate) => {
+                let turn = gate.0.clone().lock_owned().await;
+                StoreTx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?, turn)
+            }
             Store::Postgres(pool) => StoreTx::Postgres(pool.begin().await?),
         })
     }
