@@ -26,6 +26,7 @@ use futures_util::Stream;
 use crate::auth::{HasTokens, Permission, Principal};
 use crate::commands::{self, AsOf, Caller};
 use crate::error::ApiError;
+use crate::readmodels::{self, AuditArgs, ListArgs};
 use crate::server::AppState;
 use crate::wire::*;
 
@@ -268,6 +269,80 @@ impl QueryRoot {
         .await
         .map_err(|e| ApiError::internal(e.to_string()))??;
         Ok(page)
+    }
+
+    /// Tasks from the projections (filters combine with AND), a page at a time.
+    #[allow(clippy::too_many_arguments)]
+    async fn tasks(
+        &self,
+        ctx: &Context<'_>,
+        namespace: Option<String>,
+        state: Option<String>,
+        tag: Option<String>,
+        #[graphql(default = 50)] first: u32,
+        after: Option<String>,
+        min_seq: Option<u64>,
+    ) -> async_graphql::Result<serde_json::Value> {
+        let args = ListArgs { first, after, min_seq };
+        Ok(readmodels::tasks(self::state(ctx), who(ctx)?, namespace, state, tag, args).await?)
+    }
+
+    /// Steps in the dead-letter queue (state `error`).
+    async fn dead_letters(
+        &self,
+        ctx: &Context<'_>,
+        namespace: Option<String>,
+        #[graphql(default = 50)] first: u32,
+        after: Option<String>,
+        min_seq: Option<u64>,
+    ) -> async_graphql::Result<serde_json::Value> {
+        Ok(readmodels::dead_letters(state(ctx), who(ctx)?, namespace, ListArgs { first, after, min_seq }).await?)
+    }
+
+    /// Counts by namespace and state, per-minute throughput over `window`
+    /// minutes, wait and run latency histograms.
+    async fn dashboard(
+        &self,
+        ctx: &Context<'_>,
+        namespace: Option<String>,
+        window: Option<u32>,
+        min_seq: Option<u64>,
+    ) -> async_graphql::Result<serde_json::Value> {
+        Ok(readmodels::dashboard(state(ctx), who(ctx)?, namespace, window, min_seq).await?)
+    }
+
+    /// The audit log: one row per event, filtered, a page at a time.
+    #[allow(clippy::too_many_arguments)]
+    async fn audit_log(
+        &self,
+        ctx: &Context<'_>,
+        task_id: Option<String>,
+        actor: Option<String>,
+        event_type: Option<String>,
+        from_seq: Option<u64>,
+        to_seq: Option<u64>,
+        #[graphql(default = 50)] first: u32,
+        after: Option<String>,
+        min_seq: Option<u64>,
+    ) -> async_graphql::Result<serde_json::Value> {
+        let filter = AuditArgs { task: task_id, actor, event_type, from_seq, to_seq, ..AuditArgs::default() };
+        Ok(readmodels::audit_log(state(ctx), who(ctx)?, filter, ListArgs { first, after, min_seq }).await?)
+    }
+
+    /// Workers: last seen, leases held, outcomes.
+    async fn workers(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 50)] first: u32,
+        after: Option<String>,
+        min_seq: Option<u64>,
+    ) -> async_graphql::Result<serde_json::Value> {
+        Ok(readmodels::workers(state(ctx), who(ctx)?, ListArgs { first, after, min_seq }).await?)
+    }
+
+    /// Each projector's checkpoint and lag.
+    async fn projections(&self, ctx: &Context<'_>) -> async_graphql::Result<serde_json::Value> {
+        Ok(readmodels::projector_status(state(ctx), who(ctx)?)?)
     }
 
     /// The head of the log.

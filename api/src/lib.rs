@@ -8,6 +8,7 @@ pub mod commands;
 pub mod error;
 pub mod graphql;
 pub mod metrics;
+pub mod readmodels;
 pub mod routes;
 pub mod server;
 pub mod time;

@@ -61,9 +61,12 @@ struct ServeArgs {
     /// Log format: text or json.
     #[arg(long, env = "TASKLEDGER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
-    /// PostgreSQL URL for the projections (not built yet: issue #4).
+    /// Where the SQL projections live: `postgres://…`, or a SQLite file (default: <data>/projections.sqlite).
     #[arg(long, env = "TASKLEDGER_PROJECTIONS")]
     projections: Option<String>,
+    /// `/readyz` reports not ready while a projector lags more than this many events.
+    #[arg(long, env = "TASKLEDGER_READY_MAX_LAG", default_value_t = 100_000)]
+    ready_max_lag: u64,
 }
 
 impl Default for ServeArgs {
@@ -76,10 +79,6 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Cmd::Serve(ServeArgs::default())) {
         Cmd::Serve(args) => {
-            if args.projections.is_some() {
-                eprintln!("taskledger serve --projections: not built yet (issue #4: SQL projections)");
-                return ExitCode::from(2);
-            }
             let writer = WriterConfig {
                 channel_capacity: args.writer_queue,
                 snapshot_every_events: args.snapshot_every,
@@ -95,6 +94,8 @@ fn main() -> ExitCode {
                 max_concurrent_requests: args.max_concurrent_requests.max(1),
                 writer,
                 json_logs: args.log_format == "json",
+                projections: args.projections,
+                ready_max_lag: args.ready_max_lag,
             };
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,

@@ -51,7 +51,7 @@ impl Metrics {
         inner.latency_sum_s += seconds;
     }
 
-    pub fn render(&self, writer: &WriterHandle) -> String {
+    pub fn render(&self, writer: &WriterHandle, projections: &projections::Projections) -> String {
         let inner = self.inner.lock().expect("metrics lock");
         let mut out = String::new();
         out.push_str("# HELP taskledger_commands_total Commands by type and outcome.\n# TYPE taskledger_commands_total counter\n");
@@ -93,6 +93,16 @@ impl Metrics {
                 "# HELP taskledger_head_seq The log's last seq.\n# TYPE taskledger_head_seq gauge\ntaskledger_head_seq {}",
                 head.seq
             );
+        }
+        if let Ok(status) = projections.status() {
+            out.push_str("# HELP taskledger_projection_lag_events Head seq minus the projector's checkpoint.\n# TYPE taskledger_projection_lag_events gauge\n");
+            for s in status {
+                let _ = writeln!(
+                    out,
+                    "taskledger_projection_lag_events{{projector=\"{}\",slot=\"{}\"}} {}",
+                    s.projector, s.slot, s.lag
+                );
+            }
         }
         out
     }

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use crate::commands::{self, Caller};
+use crate::readmodels;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -48,6 +49,13 @@ pub fn router() -> Router<AppState> {
         .route("/v1/queues/{namespace}/concurrency", put(set_concurrency))
         .route("/v1/queues/{namespace}", get(queue_status))
         .route("/v1/events", get(event_feed))
+        .route("/v1/views/tasks", get(list_tasks))
+        .route("/v1/views/queue", get(list_queue))
+        .route("/v1/views/dead-letters", get(list_dead_letters))
+        .route("/v1/views/dashboard", get(dashboard))
+        .route("/v1/views/audit", get(audit_log))
+        .route("/v1/views/workers", get(workers))
+        .route("/v1/views/projections", get(projector_status))
         .route("/v1/ledger", get(ledger_head))
 }
 
@@ -414,4 +422,110 @@ fn feed_stream(
         let sent = sent + batch.len() as u64;
         Some((Ok(Bytes::from(out)), (sub, sent)))
     })
+}
+
+// ----- read models (SQL projections) -----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ViewQuery {
+    namespace: Option<String>,
+    state: Option<String>,
+    tag: Option<String>,
+    #[serde(default)]
+    first: u32,
+    after: Option<String>,
+    min_seq: Option<u64>,
+    window_minutes: Option<u32>,
+    task: Option<String>,
+    actor: Option<String>,
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+    from_seq: Option<u64>,
+    to_seq: Option<u64>,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+type ViewParams = Result<Query<ViewQuery>, axum::extract::rejection::QueryRejection>;
+
+fn view_query(params: ViewParams) -> ApiResult<ViewQuery> {
+    params.map(|Query(q)| q).map_err(|e| ApiError::bad_request(e.body_text()))
+}
+
+impl ViewQuery {
+    fn list(&self) -> readmodels::ListArgs {
+        readmodels::ListArgs { first: self.first, after: self.after.clone(), min_seq: self.min_seq }
+    }
+}
+
+async fn list_tasks(
+    State(state): State<AppState>,
+    who: Principal,
+    params: ViewParams,
+) -> ApiResult<AxumJson<serde_json::Value>> {
+    let q = view_query(params)?;
+    let args = q.list();
+    Ok(AxumJson(readmodels::tasks(&state, &who, q.namespace, q.state, q.tag, args).await?))
+}
+
+async fn list_queue(
+    State(state): State<AppState>,
+    who: Principal,
+    params: ViewParams,
+) -> ApiResult<AxumJson<serde_json::Value>> {
+    let q = view_query(params)?;
+    let args = q.list();
+    Ok(AxumJson(readmodels::queue(&state, &who, q.namespace, q.state, args).await?))
+}
+
+async fn list_dead_letters(
+    State(state): State<AppState>,
+    who: Principal,
+    params: ViewParams,
+) -> ApiResult<AxumJson<serde_json::Value>> {
+    let q = view_query(params)?;
+    let args = q.list();
+    Ok(AxumJson(readmodels::dead_letters(&state, &who, q.namespace, args).await?))
+}
+
+async fn dashboard(
+    State(state): State<AppState>,
+    who: Principal,
+    params: ViewParams,
+) -> ApiResult<AxumJson<serde_json::Value>> {
+    let q = view_query(params)?;
+    Ok(AxumJson(readmodels::dashboard(&state, &who, q.namespace, q.window_minutes, q.min_seq).await?))
+}
+
+async fn audit_log(
+    State(state): State<AppState>,
+    who: Principal,
+    params: ViewParams,
+) -> ApiResult<AxumJson<serde_json::Value>> {
+    let q = view_query(params)?;
+    let args = q.list();
+    let filter = readmodels::AuditArgs {
+        task: q.task,
+        actor: q.actor,
+        event_type: q.event_type,
+        from_seq: q.from_seq,
+        to_seq: q.to_seq,
+        from_time: q.from,
+        to_time: q.to,
+    };
+    Ok(AxumJson(readmodels::audit_log(&state, &who, filter, args).await?))
+}
+
+async fn workers(
+    State(state): State<AppState>,
+    who: Principal,
+    params: ViewParams,
+) -> ApiResult<AxumJson<serde_json::Value>> {
+    let q = view_query(params)?;
+    Ok(AxumJson(readmodels::workers(&state, &who, q.list()).await?))
+}
+
+async fn projector_status(State(state): State<AppState>, who: Principal) -> ApiResult<AxumJson<serde_json::Value>> {
+    Ok(AxumJson(readmodels::projector_status(&state, &who)?))
 }

@@ -28,8 +28,10 @@ use crate::metrics::Metrics;
 #[derive(Clone)]
 pub struct AppState {
     pub writer: WriterHandle,
+    pub projections: projections::Projections,
     pub tokens: Tokens,
     pub metrics: Arc<Metrics>,
+    pub ready_max_lag: u64,
 }
 
 impl HasTokens for AppState {
@@ -49,6 +51,10 @@ pub struct ServeConfig {
     pub max_concurrent_requests: usize,
     pub writer: WriterConfig,
     pub json_logs: bool,
+    /// `postgres://…` for PostgreSQL projections; default: `<data>/projections.sqlite`.
+    pub projections: Option<String>,
+    /// `/readyz` fails while any projector lags more than this many events.
+    pub ready_max_lag: u64,
 }
 
 pub fn app(state: AppState, config: &ServeConfig) -> Router {
@@ -77,11 +83,22 @@ async fn healthz(State(state): State<AppState>) -> Response {
     axum::Json(serde_json::json!({ "status": "ok", "writer": writer })).into_response()
 }
 
-/// Readiness: the log is open and the writer accepts writes.
+/// Readiness: the log is open, the writer accepts writes, and projections
+/// are within `ready_max_lag` events of the head.
 async fn readyz(State(state): State<AppState>) -> Response {
     match (state.writer.health(), state.writer.reader().head()) {
         (Health::Healthy, Ok(head)) => {
-            axum::Json(serde_json::json!({ "ready": true, "head_seq": head.seq })).into_response()
+            let lag = state.projections.max_lag().unwrap_or(u64::MAX);
+            if lag > state.ready_max_lag {
+                return ApiError::unavailable(
+                    "projections_lagging",
+                    format!("projections are {lag} events behind (limit {})", state.ready_max_lag),
+                    1,
+                )
+                .into_response();
+            }
+            axum::Json(serde_json::json!({ "ready": true, "head_seq": head.seq, "projection_lag": lag }))
+                .into_response()
         }
         (Health::Failed(reason), _) => {
             ApiError::unavailable("writes_unavailable", format!("the writer stopped: {reason}"), 30).into_response()
@@ -91,7 +108,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let text = state.metrics.render(&state.writer);
+    let text = state.metrics.render(&state.writer, &state.projections);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -123,13 +140,35 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             .context("join the ledger opener")?
             .with_context(|| format!("open ledger at {}", config.data_dir.display()))?;
 
-    let state = AppState { writer: writer.handle(), tokens, metrics: Arc::new(Metrics::default()) };
+    let target = config
+        .projections
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("projections.sqlite").to_string_lossy().into_owned());
+    let store =
+        projections::Store::open(&target).await.with_context(|| format!("open projections at {}", redact(&target)))?;
+    let handle = writer.handle();
+    let projections = projections::Projections::start(
+        store,
+        handle.reader().clone(),
+        handle.feed().clone(),
+        projections::RuntimeConfig::default(),
+    )
+    .await
+    .context("start the projectors")?;
+    let state = AppState {
+        writer: handle,
+        projections: projections.clone(),
+        tokens,
+        metrics: Arc::new(Metrics::default()),
+        ready_max_lag: config.ready_max_lag,
+    };
     let listener =
         tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
     let local = listener.local_addr().context("read the bound address")?;
 
     // The startup banner goes to stdout so scripts (and tests) can read the address.
     println!("taskledger {} listening on http://{local}", env!("CARGO_PKG_VERSION"));
+    println!("projections in {}", redact(&target));
     println!(
         "ledger at {}: head seq {}, {} live tasks (snapshot at seq {}, {} events replayed in {:.3} s)",
         config.data_dir.display(),
@@ -155,10 +194,25 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
 
     let app = app(state, &config);
     axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("serve HTTP")?;
-    tracing::info!("shutting down: draining the writer");
+    tracing::info!("shutting down: stopping projectors, draining the writer");
+    projections.shutdown().await;
     tokio::task::spawn_blocking(move || writer.shutdown()).await.context("join the writer")?;
     println!("taskledger stopped");
     Ok(())
+}
+
+/// A connection string without its password, for logs and banners.
+fn redact(target: &str) -> String {
+    match (target.find("://"), target.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &target[scheme + 3..at];
+            match credentials.find(':') {
+                Some(colon) => format!("{}{}:***{}", &target[..scheme + 3], &credentials[..colon], &target[at..]),
+                None => target.to_owned(),
+            }
+        }
+        _ => target.to_owned(),
+    }
 }
 
 async fn shutdown_signal() {

@@ -319,3 +319,45 @@ fn health_readiness_and_metrics_answer() {
     assert_eq!(openapi.status, 200);
     assert!(openapi.body["paths"].as_object().is_some_and(|p| p.contains_key("/v1/tasks")));
 }
+
+#[test]
+fn read_models_answer_from_the_projections_with_read_your_writes() {
+    let server = Server::start();
+    let id = create_job(&server, "views", json!({ "tags": ["nightly"], "max_attempts": 1 }));
+    let claimed = claim(&server, "views", 0);
+    let failed = server.post(
+        &step_path(&claimed[0], "fail"),
+        json!({ "epoch": epoch(&claimed[0]), "error": "disk full", "retryable": false }),
+    );
+    let head = failed.body["head_seq"].as_u64().unwrap();
+
+    let tasks = server.get(&format!("/v1/views/tasks?namespace=views&min_seq={head}"));
+    assert_eq!(tasks.status, 200, "{tasks:?}");
+    assert_eq!(tasks.body["items"][0]["task_id"], json!(id));
+    assert_eq!(tasks.body["items"][0]["state"], "blocked_by_failures");
+    let tagged = server.get(&format!("/v1/views/tasks?tag=nightly&min_seq={head}"));
+    assert_eq!(tagged.body["items"].as_array().unwrap().len(), 1);
+    let dead = server.get(&format!("/v1/views/dead-letters?namespace=views&min_seq={head}"));
+    assert_eq!(dead.body["items"][0]["last_error"], "disk full");
+    let audit = server.get(&format!("/v1/views/audit?task={id}&min_seq={head}"));
+    let types: Vec<&str> =
+        audit.body["items"].as_array().unwrap().iter().map(|r| r["event_type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["task_created", "step_claimed", "step_failed"], "{audit:?}");
+    let workers = server.get(&format!("/v1/views/workers?min_seq={head}"));
+    assert_eq!(workers.body["items"][0]["worker"], "worker-1", "{workers:?}");
+    let dashboard = server.get(&format!("/v1/views/dashboard?namespace=views&min_seq={head}"));
+    assert_eq!(dashboard.status, 200, "{dashboard:?}");
+    let status = server.get("/v1/views/projections");
+    assert!(status.body.as_array().is_some_and(|s| !s.is_empty()), "{status:?}");
+    let bad = server.get("/v1/views/tasks?state=sleeping");
+    assert_eq!((bad.status, bad.code()), (400, "invalid_filter"));
+    let ready = server.get("/readyz");
+    assert_eq!(ready.body["ready"], json!(true));
+
+    let gql = server.post(
+        "/graphql",
+        json!({ "query": format!("{{ tasks(namespace: \"views\", minSeq: {head}) deadLetters(minSeq: {head}) projections }}") }),
+    );
+    assert_eq!(gql.body["data"]["tasks"]["items"][0]["task_id"], json!(id), "{gql:?}");
+    assert_eq!(gql.body["data"]["deadLetters"]["items"][0]["last_error"], "disk full");
+}

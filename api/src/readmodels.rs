@@ -1,0 +1,192 @@
+//! Reads served from the SQL projections (task lists, queues, dashboard,
+//! audit log, dead letters, workers, projector status), for REST and
+//! GraphQL alike. The queries themselves live in `projections::query`; this
+//! module only checks who may read what, honours `minSeq`, and maps errors.
+//!
+//! Namespace-scoped tokens must name a namespace they cover; the audit log,
+//! workers and projector status span every namespace and need an unscoped
+//! token with the audit permission.
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use projections::query::{self, AuditFilter, PageRequest, TaskFilter};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::auth::{Permission, Principal};
+use crate::error::{ApiError, ApiResult};
+use crate::server::AppState;
+use crate::time::parse_rfc3339;
+
+/// Longest a read waits for projections to reach `minSeq`.
+pub const MIN_SEQ_WAIT: Duration = Duration::from_secs(5);
+
+impl From<projections::QueryError> for ApiError {
+    fn from(e: projections::QueryError) -> Self {
+        match e {
+            projections::QueryError::BadCursor(m) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_cursor", m).with_field("after")
+            }
+            projections::QueryError::BadFilter(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_filter", m),
+            projections::QueryError::Sql(e) => ApiError::internal(format!("projection query failed: {e}")),
+        }
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).expect("read models serialize")
+}
+
+/// Waits until every projector has applied `min_seq` (read-your-writes).
+pub async fn wait_min_seq(state: &AppState, min_seq: Option<u64>) -> ApiResult<()> {
+    let Some(seq) = min_seq else { return Ok(()) };
+    if state.projections.wait_for_seq(seq, MIN_SEQ_WAIT).await {
+        Ok(())
+    } else {
+        Err(ApiError::unavailable(
+            "min_seq_not_reached",
+            format!("projections did not reach seq {seq} within {} s; retry", MIN_SEQ_WAIT.as_secs()),
+            1,
+        ))
+    }
+}
+
+/// The namespace a read is limited to: the caller's filter, which a scoped
+/// token must give and must cover.
+fn scoped_namespace(who: &Principal, namespace: Option<String>) -> ApiResult<Option<String>> {
+    who.require(Permission::Read)?;
+    match (&who.scope, namespace) {
+        (None, ns) => Ok(ns),
+        (Some(scope), Some(ns)) if scope.iter().any(|s| s.as_str() == ns) => Ok(Some(ns)),
+        (Some(_), Some(ns)) => Err(ApiError::forbidden(format!("your credentials do not cover namespace {ns}"))),
+        (Some(_), None) => Err(ApiError::forbidden("a namespace-scoped token must name a namespace it covers")),
+    }
+}
+
+fn unscoped_auditor(who: &Principal) -> ApiResult<()> {
+    who.require(Permission::Audit)?;
+    if who.scope.is_some() {
+        return Err(ApiError::forbidden("this view spans every namespace; a namespace-scoped token may not read it"));
+    }
+    Ok(())
+}
+
+pub struct ListArgs {
+    pub first: u32,
+    pub after: Option<String>,
+    pub min_seq: Option<u64>,
+}
+
+impl ListArgs {
+    fn page(&self) -> PageRequest {
+        PageRequest { after: self.after.clone(), limit: self.first }
+    }
+}
+
+pub async fn tasks(
+    state: &AppState,
+    who: &Principal,
+    namespace: Option<String>,
+    task_state: Option<String>,
+    tag: Option<String>,
+    args: ListArgs,
+) -> ApiResult<Value> {
+    let namespace = scoped_namespace(who, namespace)?;
+    wait_min_seq(state, args.min_seq).await?;
+    let filter = TaskFilter { namespace, state: task_state, tag };
+    Ok(to_json(&query::tasks(state.projections.store(), &filter, &args.page()).await?))
+}
+
+pub async fn queue(
+    state: &AppState,
+    who: &Principal,
+    namespace: Option<String>,
+    step_state: Option<String>,
+    args: ListArgs,
+) -> ApiResult<Value> {
+    let namespace = scoped_namespace(who, namespace)?;
+    wait_min_seq(state, args.min_seq).await?;
+    let page =
+        query::queue(state.projections.store(), namespace.as_deref(), step_state.as_deref(), &args.page()).await?;
+    Ok(to_json(&page))
+}
+
+pub async fn dead_letters(
+    state: &AppState,
+    who: &Principal,
+    namespace: Option<String>,
+    args: ListArgs,
+) -> ApiResult<Value> {
+    let namespace = scoped_namespace(who, namespace)?;
+    wait_min_seq(state, args.min_seq).await?;
+    Ok(to_json(&query::dead_letters(state.projections.store(), namespace.as_deref(), &args.page()).await?))
+}
+
+/// Counts, per-minute throughput for the last `window_minutes`, latency histograms.
+pub async fn dashboard(
+    state: &AppState,
+    who: &Principal,
+    namespace: Option<String>,
+    window_minutes: Option<u32>,
+    min_seq: Option<u64>,
+) -> ApiResult<Value> {
+    let namespace = scoped_namespace(who, namespace)?;
+    wait_min_seq(state, min_seq).await?;
+    let since = window_minutes.map(|m| {
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
+        now_us - i64::from(m) * 60_000_000
+    });
+    Ok(to_json(&query::dashboard(state.projections.store(), namespace.as_deref(), since).await?))
+}
+
+#[derive(Default)]
+pub struct AuditArgs {
+    pub task: Option<String>,
+    pub actor: Option<String>,
+    pub event_type: Option<String>,
+    pub from_seq: Option<u64>,
+    pub to_seq: Option<u64>,
+    pub from_time: Option<String>,
+    pub to_time: Option<String>,
+}
+
+pub async fn audit_log(state: &AppState, who: &Principal, filter: AuditArgs, args: ListArgs) -> ApiResult<Value> {
+    unscoped_auditor(who)?;
+    wait_min_seq(state, args.min_seq).await?;
+    let time = |t: Option<String>, field: &'static str| -> ApiResult<Option<i64>> {
+        t.map(|t| {
+            parse_rfc3339(&t)
+                .map(|ts| ts.as_micros())
+                .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_filter", m).with_field(field))
+        })
+        .transpose()
+    };
+    let task = filter.task.map(|t| crate::commands::parse_task(&t).map(|id| *id.as_uuid())).transpose()?;
+    let filter = AuditFilter {
+        task,
+        actor: filter.actor,
+        event_type: filter.event_type,
+        from_seq: filter.from_seq,
+        to_seq: filter.to_seq,
+        from_us: time(filter.from_time, "from")?,
+        to_us: time(filter.to_time, "to")?,
+    };
+    Ok(to_json(&query::audit_log(state.projections.store(), &filter, &args.page()).await?))
+}
+
+pub async fn workers(state: &AppState, who: &Principal, args: ListArgs) -> ApiResult<Value> {
+    unscoped_auditor(who)?;
+    wait_min_seq(state, args.min_seq).await?;
+    Ok(to_json(&query::workers(state.projections.store(), &args.page()).await?))
+}
+
+/// Each projector's checkpoint, lag and last error.
+pub fn projector_status(state: &AppState, who: &Principal) -> ApiResult<Value> {
+    who.require(Permission::Read)?;
+    let status = state.projections.status().map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(to_json(&status))
+}
