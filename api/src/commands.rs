@@ -15,7 +15,6 @@ use eventlog::{Acknowledgement, Envelope, StoredRecord, WriteError, decode_event
 use crate::auth::{Permission, Principal};
 use crate::error::{ApiError, ApiResult};
 use crate::server::AppState;
-use crate::time::parse_rfc3339;
 use crate::wire::*;
 
 /// Longest a claim may long-poll.
@@ -265,7 +264,7 @@ impl AsOf {
         if let Ok(seq) = text.parse::<u64>() {
             return Ok(AsOf::Seq(seq));
         }
-        parse_rfc3339(text).map(AsOf::Time).map_err(|m| {
+        Timestamp::parse_rfc3339(text).map(AsOf::Time).map_err(|m| {
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_as_of", format!("asOf must be a seq or a time: {m}"))
                 .with_field("asOf")
         })

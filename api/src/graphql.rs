@@ -349,7 +349,7 @@ impl QueryRoot {
     async fn ledger(&self, ctx: &Context<'_>) -> async_graphql::Result<LedgerHead> {
         who(ctx)?.require(Permission::Read)?;
         let head = state(ctx).writer.reader().head().map_err(|e| ApiError::internal(e.to_string()))?;
-        Ok(LedgerHead { head_seq: head.seq, head_hash: hex(&head.hash) })
+        Ok(LedgerHead { head_seq: head.seq, head_hash: eventlog::json::hex(&head.hash) })
     }
 }
 
@@ -372,10 +372,6 @@ fn seq_at_time(reader: &eventlog::LogReader, t: domain::Timestamp) -> Result<u64
         }
     }
     Ok(lo)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub struct MutationRoot;

@@ -11,5 +11,4 @@ pub mod metrics;
 pub mod readmodels;
 pub mod routes;
 pub mod server;
-pub mod time;
 pub mod wire;

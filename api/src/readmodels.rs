@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use axum::http::StatusCode;
+use domain::Timestamp;
 use projections::query::{self, AuditFilter, PageRequest, TaskFilter};
 use serde::Serialize;
 use serde_json::Value;
@@ -17,7 +18,6 @@ use serde_json::Value;
 use crate::auth::{Permission, Principal};
 use crate::error::{ApiError, ApiResult};
 use crate::server::AppState;
-use crate::time::parse_rfc3339;
 
 /// Longest a read waits for projections to reach `minSeq`.
 pub const MIN_SEQ_WAIT: Duration = Duration::from_secs(5);
@@ -159,7 +159,7 @@ pub async fn audit_log(state: &AppState, who: &Principal, filter: AuditArgs, arg
     wait_min_seq(state, args.min_seq).await?;
     let time = |t: Option<String>, field: &'static str| -> ApiResult<Option<i64>> {
         t.map(|t| {
-            parse_rfc3339(&t)
+            Timestamp::parse_rfc3339(&t)
                 .map(|ts| ts.as_micros())
                 .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_filter", m).with_field(field))
         })

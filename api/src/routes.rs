@@ -329,7 +329,7 @@ async fn ledger_head(State(state): State<AppState>, who: Principal) -> ApiResult
     let head = state.writer.reader().head().map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(AxumJson(serde_json::json!({
         "head_seq": head.seq,
-        "head_hash": head.hash.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+        "head_hash": eventlog::json::hex(&head.hash),
     }))
     .into_response())
 }

@@ -12,8 +12,6 @@ use eventlog::StoredRecord;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::time::{format_rfc3339, parse_rfc3339};
-
 /// Turns a JSON value into the domain's bounded JSON text.
 pub fn json_text(field: &str, value: &Value) -> Result<Json, Rejection> {
     Json::new(field, serde_json::to_string(value).expect("values serialize"))
@@ -25,7 +23,7 @@ pub fn json_value(json: &Json) -> Value {
 }
 
 pub fn time(ts: Timestamp) -> String {
-    format_rfc3339(ts)
+    ts.to_rfc3339()
 }
 
 #[derive(Deserialize, async_graphql::InputObject, Default)]
@@ -171,7 +169,7 @@ impl CreateTaskRequest {
             run_at: self
                 .run_at
                 .as_deref()
-                .map(parse_rfc3339)
+                .map(Timestamp::parse_rfc3339)
                 .transpose()
                 .map_err(|m| Rejection::invalid("run_at", m))?,
             tags: self.tags.iter().map(Tag::new).collect::<Result<_, _>>()?,
@@ -375,34 +373,7 @@ pub struct EventBody {
 
 impl From<&Event> for EventBody {
     fn from(event: &Event) -> Self {
-        // Externally tagged: {"StepClaimed": {...}} -> the inner object.
-        let mut data = match serde_json::to_value(event).expect("events serialize") {
-            Value::Object(mut map) => map.values_mut().next().map(std::mem::take).unwrap_or(Value::Null),
-            other => other,
-        };
-        inline_json_fields(&mut data);
-        Self { kind: event.type_name().to_owned(), data }
-    }
-}
-
-/// The domain keeps payloads and results as JSON text; on the wire they are
-/// JSON values again (`"payload": {"user": 42}`, not a string of it).
-fn inline_json_fields(value: &mut Value) {
-    match value {
-        Value::Object(map) => {
-            for (key, field) in map.iter_mut() {
-                if matches!(key.as_str(), "payload" | "result")
-                    && let Value::String(text) = field
-                    && let Ok(parsed) = serde_json::from_str::<Value>(text)
-                {
-                    *field = parsed;
-                } else {
-                    inline_json_fields(field);
-                }
-            }
-        }
-        Value::Array(items) => items.iter_mut().for_each(inline_json_fields),
-        _ => {}
+        Self { kind: event.type_name().to_owned(), data: eventlog::json::event_data(event) }
     }
 }
 
@@ -434,7 +405,7 @@ pub fn record_body(record: &StoredRecord, event: &Event) -> RecordBody {
         actor: record.actor.clone(),
         kind: body.kind,
         schema_version: record.schema_version,
-        hash: record.hash.iter().map(|b| format!("{b:02x}")).collect(),
+        hash: eventlog::json::hex(&record.hash),
         data: body.data,
     }
 }
