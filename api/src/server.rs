@@ -107,12 +107,13 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
+/// Prometheus metrics; any valid token (nothing but health is served unauthenticated).
+async fn metrics(State(state): State<AppState>, _who: crate::auth::Principal) -> Response {
     let text = state.metrics.render(&state.writer, &state.projections);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-async fn openapi() -> Response {
+async fn openapi(_who: crate::auth::Principal) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], include_str!("../openapi.json")).into_response()
 }
 

@@ -361,3 +361,15 @@ fn read_models_answer_from_the_projections_with_read_your_writes() {
     assert_eq!(gql.body["data"]["tasks"]["items"][0]["task_id"], json!(id), "{gql:?}");
     assert_eq!(gql.body["data"]["deadLetters"]["items"][0]["last_error"], "disk full");
 }
+
+#[test]
+fn only_health_and_readiness_are_served_without_a_token() {
+    let server = Server::start();
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(server.get_as("", path).status, 200, "{path}");
+    }
+    for path in ["/metrics", "/openapi.json", "/v1/ledger", "/v1/views/tasks", "/v1/events?follow=false"] {
+        let answer = server.get_as("not-a-token", path);
+        assert_eq!((answer.status, answer.code()), (401, "unauthorized"), "{path}");
+    }
+}
