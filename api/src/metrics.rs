@@ -51,6 +51,18 @@ impl Metrics {
         inner.latency_sum_s += seconds;
     }
 
+    /// Steps and tasks by namespace and state, from the dashboard projection.
+    pub fn render_depths(out: &mut String, counts: &[projections::query::StateCount]) {
+        out.push_str("# HELP taskledger_queue_depth Tasks and steps by namespace and state.\n# TYPE taskledger_queue_depth gauge\n");
+        for c in counts {
+            let _ = writeln!(
+                out,
+                "taskledger_queue_depth{{namespace=\"{}\",kind=\"{}\",state=\"{}\"}} {}",
+                c.namespace, c.kind, c.state, c.count
+            );
+        }
+    }
+
     pub fn render(&self, writer: &WriterHandle, projections: &projections::Projections) -> String {
         let inner = self.inner.lock().expect("metrics lock");
         let mut out = String::new();
@@ -82,6 +94,22 @@ impl Metrics {
             let _ =
                 writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
         }
+        histogram(
+            &mut out,
+            "taskledger_commit_seconds",
+            "Time to write and fsync one batch.",
+            &stats.commit_us_buckets,
+            &eventlog::writer::COMMIT_BUCKETS_US.map(|b| b as f64 / 1e6),
+            stats.commit_us_total.load(Ordering::Relaxed) as f64 / 1e6,
+        );
+        histogram(
+            &mut out,
+            "taskledger_batch_events",
+            "Events per committed batch.",
+            &stats.batch_size_buckets,
+            &eventlog::writer::BATCH_SIZE_BUCKETS.map(|b| b as f64),
+            stats.events.load(Ordering::Relaxed) as f64,
+        );
         let healthy = matches!(writer.health(), eventlog::Health::Healthy) as u8;
         let _ = writeln!(
             out,
@@ -106,4 +134,24 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Writes one histogram whose last bucket is unbounded.
+fn histogram(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    buckets: &[std::sync::atomic::AtomicU64],
+    bounds: &[f64],
+    sum: f64,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (i, bucket) in buckets.iter().enumerate() {
+        cumulative += bucket.load(Ordering::Relaxed);
+        if i + 1 < buckets.len() {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cumulative}", bounds[i]);
+        }
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}\n{name}_sum {sum}\n{name}_count {cumulative}");
 }

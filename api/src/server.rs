@@ -109,7 +109,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 /// Prometheus metrics; any valid token (nothing but health is served unauthenticated).
 async fn metrics(State(state): State<AppState>, _who: crate::auth::Principal) -> Response {
-    let text = state.metrics.render(&state.writer, &state.projections);
+    let mut text = state.metrics.render(&state.writer, &state.projections);
+    if let Ok(dashboard) = projections::query::dashboard(state.projections.store(), None, Some(i64::MAX)).await {
+        Metrics::render_depths(&mut text, &dashboard.counts);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

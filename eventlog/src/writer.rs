@@ -166,6 +166,21 @@ pub struct WriterStats {
     pub events: AtomicU64,
     pub overloaded: AtomicU64,
     pub snapshots: AtomicU64,
+    /// Commit durations (write + fsync), counted into `COMMIT_BUCKETS_US`.
+    pub commit_us_buckets: [AtomicU64; COMMIT_BUCKETS_US.len()],
+    pub commit_us_total: AtomicU64,
+    /// Events per committed batch, counted into `BATCH_SIZE_BUCKETS`.
+    pub batch_size_buckets: [AtomicU64; BATCH_SIZE_BUCKETS.len()],
+}
+
+/// Upper bounds of the commit-duration histogram, in µs (the last catches all).
+pub const COMMIT_BUCKETS_US: [u64; 10] = [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, u64::MAX];
+/// Upper bounds of the batch-size histogram, in events (the last catches all).
+pub const BATCH_SIZE_BUCKETS: [u64; 9] = [1, 4, 16, 64, 256, 1_024, 4_096, 16_384, u64::MAX];
+
+fn count_into(buckets: &[AtomicU64], bounds: &[u64], value: u64) {
+    let i = bounds.iter().position(|b| value <= *b).unwrap_or(bounds.len() - 1);
+    buckets[i].fetch_add(1, Ordering::Relaxed);
 }
 
 struct Shared {
@@ -550,9 +565,16 @@ impl WriterThread {
         }
         // The dedup window lives in memory (see dedup.rs): nothing but the
         // records goes into the transaction.
-        match self.store.append(&records, &[]) {
+        let commit_started = std::time::Instant::now();
+        let appended = self.store.append(&records, &[]);
+        let commit_us = commit_started.elapsed().as_micros() as u64;
+        match appended {
             Ok(appended) => {
                 let head = appended.head.seq;
+                let stats = &self.shared.stats;
+                count_into(&stats.commit_us_buckets, &COMMIT_BUCKETS_US, commit_us);
+                stats.commit_us_total.fetch_add(commit_us, Ordering::Relaxed);
+                count_into(&stats.batch_size_buckets, &BATCH_SIZE_BUCKETS, appended.records.len() as u64);
                 for (id, range) in in_batch.drain() {
                     self.dedup.insert(&id, range, head);
                 }

@@ -315,6 +315,9 @@ fn health_readiness_and_metrics_answer() {
     assert_eq!(status, 200);
     assert!(metrics.contains("taskledger_commands_total{command=\"create_task\",outcome=\"accepted\"} 1"), "{metrics}");
     assert!(metrics.contains("taskledger_head_seq 1"));
+    assert!(metrics.contains("taskledger_commit_seconds_count 1"), "{metrics}");
+    assert!(metrics.contains("taskledger_batch_events_bucket{le=\"1\"} 1"), "{metrics}");
+    assert!(metrics.contains("taskledger_projection_lag_events{projector="), "{metrics}");
     let openapi = server.get("/openapi.json");
     assert_eq!(openapi.status, 200);
     assert!(openapi.body["paths"].as_object().is_some_and(|p| p.contains_key("/v1/tasks")));
