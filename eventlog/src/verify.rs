@@ -84,7 +84,12 @@ pub fn verify(reader: &LogReader, mut progress: impl FnMut(u64, u64)) -> Result<
         Some(None) => (Head::EMPTY, Some(problem(0, ProblemKind::Head, "head entry is not 40 bytes".into()))),
     };
 
-    let mut stream_versions: HashMap<Vec<u8>, u64> = HashMap::new();
+    // Sized for the log up front (growing a map of a million streams record
+    // by record costs more than the hashing), but never trusting a head read
+    // from a possibly damaged file for more than a bounded allocation.
+    const PRESIZE_STREAMS_MAX: u64 = 4 * 1024 * 1024;
+    let mut stream_versions: HashMap<Vec<u8>, u64> =
+        HashMap::with_capacity((head.seq / 2).min(PRESIZE_STREAMS_MAX) as usize);
     let mut prev_hash = GENESIS_HASH;
     let mut expected = 1u64;
     let mut records = 0u64;
@@ -108,16 +113,22 @@ pub fn verify(reader: &LogReader, mut progress: impl FnMut(u64, u64)) -> Result<
                 first_problem = Some(problem(seq, ProblemKind::ChainLink, error.to_string()));
                 break;
             }
-            let version = stream_versions.entry(decoded.body.stream.to_vec()).or_insert(0);
-            if decoded.body.stream_version != *version + 1 {
+            // Look up before allocating: most records extend a known stream.
+            let previous = stream_versions.get(decoded.body.stream).copied().unwrap_or(0);
+            if decoded.body.stream_version != previous + 1 {
                 first_problem = Some(problem(
                     seq,
                     ProblemKind::StreamVersion,
-                    format!("stream version {} follows {}", decoded.body.stream_version, version),
+                    format!("stream version {} follows {previous}", decoded.body.stream_version),
                 ));
                 break;
             }
-            *version += 1;
+            match stream_versions.get_mut(decoded.body.stream) {
+                Some(version) => *version += 1,
+                None => {
+                    stream_versions.insert(decoded.body.stream.to_vec(), 1);
+                }
+            }
             prev_hash = decoded.hash;
             records += 1;
             expected += 1;
