@@ -40,14 +40,21 @@ impl Caller<'_> {
 pub async fn execute(state: &AppState, caller: &Caller<'_>, command: Command) -> ApiResult<Acknowledgement> {
     let envelope = Envelope { command_id: caller.command_id(), actor: caller.who.actor(), command };
     let kind = envelope.command.kind();
+    let span = tracing::info_span!("command", kind, command_id = %envelope.command_id, actor = %envelope.actor);
     let started = std::time::Instant::now();
-    let result = match state.writer.submit_scoped(envelope, caller.who.scope.clone()) {
-        Ok(receiver) => receiver
+    let submitted = span.in_scope(|| state.writer.submit_scoped(envelope, caller.who.scope.clone()));
+    let result = match submitted {
+        Ok(receiver) => tracing::Instrument::instrument(receiver, span.clone())
             .await
             .unwrap_or_else(|_| Err(WriteError::Unavailable("the writer stopped before answering".into()))),
         Err(e) => Err(e),
     };
+    let _entered = span.enter();
     state.metrics.record_command(kind, &result, started.elapsed());
+    match &result {
+        Ok(ack) => tracing::debug!(seq = ?ack.seqs.map(|s| s.first), duplicate = ack.duplicate, "acknowledged"),
+        Err(error) => tracing::debug!(%error, "not recorded"),
+    }
     Ok(result?)
 }
 

@@ -72,6 +72,19 @@ pub fn app(state: AppState, config: &ServeConfig) -> Router {
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, config.request_timeout))
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(config.max_concurrent_requests))
+        .layer(
+            // One span per request, with a request id (the client's
+            // X-Request-Id if it sent one), method and path.
+            tower_http::trace::TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
+                let request_id = request
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+                tracing::info_span!("request", %request_id, method = %request.method(), path = %request.uri().path())
+            }),
+        )
 }
 
 /// Liveness: the process answers. The body says whether writes work.
