@@ -759,15 +759,22 @@ impl Snapshotter {
         let mut head = self.start;
         let mut last_snapshot_seq = stats.snapshot_seq;
         let mut subscription = crate::feed::Subscription::new(self.reader.clone(), self.feed.clone(), head.seq + 1);
-        while !self.stop.load(Ordering::SeqCst) {
-            if head.seq >= last_snapshot_seq + self.every {
-                let body = snapshot_body(&ledger);
+        // A snapshot is due once the replica is `every` records past the
+        // last one. It is checked after every record, not every batch, so
+        // where snapshots fall does not depend on how the feed happened to
+        // batch records.
+        let take_snapshot_if_due = |ledger: &Ledger, head: Head, last: &mut u64| {
+            if head.seq >= *last + self.every {
+                let body = snapshot_body(ledger);
                 if self.snapshots.write(head, &body).is_ok() {
                     self.shared.stats.snapshots.fetch_add(1, Ordering::Relaxed);
                 }
                 // On a write failure, wait another interval rather than retry at once.
-                last_snapshot_seq = head.seq;
+                *last = head.seq;
             }
+        };
+        take_snapshot_if_due(&ledger, head, &mut last_snapshot_seq);
+        while !self.stop.load(Ordering::SeqCst) {
             let Ok(batch) = subscription.next_batch(4096, Duration::from_millis(100)) else { return };
             for record in &batch {
                 let Ok(event) = decode_event(record) else { return };
@@ -775,6 +782,7 @@ impl Snapshotter {
                     return;
                 }
                 head = Head { seq: record.seq, hash: record.hash };
+                take_snapshot_if_due(&ledger, head, &mut last_snapshot_seq);
             }
         }
     }
