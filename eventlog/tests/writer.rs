@@ -221,8 +221,9 @@ fn snapshots_are_taken_off_the_writer_and_used_at_restart() {
     for n in 0..240 {
         handle.execute(envelope(&format!("c{n}"), Command::CreateTask(job(n, "q")))).unwrap();
     }
-    // The snapshot thread follows the feed; wait (bounded) for it to catch up.
-    for _ in 0..200 {
+    // The snapshot thread follows the feed; wait (bounded, 20 s for slow
+    // machines; it usually takes milliseconds) for it to catch up.
+    for _ in 0..2000 {
         if handle.stats().snapshots.load(std::sync::atomic::Ordering::Relaxed) >= 4 {
             break;
         }

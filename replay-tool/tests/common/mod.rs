@@ -110,7 +110,7 @@ pub fn build_story(dir: &Path, snapshot_every: u64) -> u64 {
 fn finish(s: Story, writer: Writer, snapshot_every: u64) -> u64 {
     let head = s.handle.reader().head().unwrap().seq;
     let due = head.checked_div(snapshot_every).unwrap_or(0);
-    for _ in 0..500 {
+    for _ in 0..2000 {
         if s.handle.stats().snapshots.load(std::sync::atomic::Ordering::Relaxed) >= due {
             break;
         }
