@@ -72,7 +72,9 @@ fn who<'a>(ctx: &Context<'a>) -> async_graphql::Result<&'a Principal> {
 }
 
 /// Waits (bounded) until the log head reaches `min_seq`: read-your-writes
-/// for a client that got `head_seq` back from a command.
+/// for the queries answered from the log itself (task, taskHistory, queue).
+/// Queries answered from SQL wait for the projectors instead
+/// (`readmodels::wait_min_seq`).
 async fn wait_min_seq(state: &AppState, min_seq: Option<u64>) -> async_graphql::Result<()> {
     let Some(min_seq) = min_seq else { return Ok(()) };
     let mut head = state.writer.head_watch();
