@@ -27,7 +27,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -392,8 +392,13 @@ fn timed_execute(
 }
 
 /// Task numbers of submitter `t` start here, so every thread's ids are distinct.
-fn task_number(t: usize, i: u64) -> u64 {
-    (t as u64 + 1) * 1_000_000_000 + i
+/// Task numbers handed out in creation order across all submitters, above the bulk-loaded ones:
+/// ids are UUIDv7 made from the number as milliseconds, so, as with real UUIDv7 ids minted from
+/// a clock, tasks created together have neighbouring keys.
+static NEXT_TASK_NUMBER: AtomicU64 = AtomicU64::new(1_000_000_000);
+
+fn task_number() -> u64 {
+    NEXT_TASK_NUMBER.fetch_add(1, Ordering::Relaxed)
 }
 
 fn submitter(handle: &WriterHandle, t: usize, workload: Workload, phase: &AtomicU8) -> Result<Tally> {
@@ -409,10 +414,8 @@ fn submitter(handle: &WriterHandle, t: usize, workload: Workload, phase: &Atomic
         }
         Ok(())
     };
-    let mut i = 0u64;
     while phase.load(Ordering::Acquire) != STOPPED {
-        let n = task_number(t, i);
-        i += 1;
+        let n = task_number();
         let (created, us) =
             timed_execute(handle, format!("c-{n}"), Command::CreateTask(job(n, &namespace)), &mut tally.overloaded);
         record(&mut tally, &created, us)?;
@@ -511,10 +514,8 @@ fn build_live_log(dir: &Path, live_tasks: u64) -> Result<Built> {
         std::thread::Builder::new().name("probe".into()).spawn(move || -> Result<ProbeLog> {
             let mut log = ProbeLog::new();
             let mut overloaded = 0;
-            let mut i = 0u64;
             while !stop.load(Ordering::Acquire) {
-                let n = task_number(999, i);
-                i += 1;
+                let n = task_number();
                 let (created, us) =
                     timed_execute(&handle, format!("c-{n}"), Command::CreateTask(job(n, "probe")), &mut overloaded);
                 created.map_err(|e| anyhow::anyhow!("probe create: {e}"))?;
