@@ -12,7 +12,10 @@
 //!    the next command of the batch sees them;
 //! 5. append every accepted event in one redb transaction (`Durability::Immediate`,
 //!    one fsync) — group commit;
-//! 6. only then publish the records to subscribers and acknowledge each command.
+//! 6. only then publish the records to subscribers and acknowledge each command —
+//!    on a second thread, the acknowledger, so waking the callers (a futex call
+//!    each for threads) overlaps with deciding and committing the next batch.
+//!    Acknowledgements keep batch order; none is sent before its commit returned.
 //!
 //! Why one thread: redb allows one write transaction at a time anyway, and a
 //! single owner of the ledger needs no locks on the hot path. Why a plain
@@ -137,6 +140,10 @@ pub enum WriteError {
     /// The commit of this command's batch failed; it was not recorded.
     #[error("the commit failed and nothing was recorded: {0}")]
     CommitFailed(String),
+    /// The commit of this command's batch failed because the disk is full; it was not
+    /// recorded. Like `CommitFailed`, the writer then refuses writes until restarted (with space).
+    #[error("the disk is full: the commit failed and nothing was recorded: {0}")]
+    StorageFull(String),
     /// The envelope itself is unusable (an empty or oversized command id or actor).
     #[error("invalid envelope: {0}")]
     InvalidEnvelope(String),
@@ -401,7 +408,8 @@ impl Writer {
 
         let dedup = DedupIndex::rebuild(&reader, head.seq, config.dedup_window_events)
             .map_err(|e| StartError::Fold(FoldError::Read(e)))?;
-        let state = WriterThread { store, ledger, dedup, clock, config, rx, shared, feed, reader };
+        let acks = Acknowledger::start(feed.clone(), shared.clone())?;
+        let state = WriterThread { acks, store, ledger, dedup, clock, config, rx, shared, reader };
         let thread = std::thread::Builder::new().name("taskledger-writer".into()).spawn(move || state.run())?;
         Ok((Writer { handle, thread: Some(thread), snapshotter, stop_snapshots }, startup))
     }
@@ -442,6 +450,7 @@ struct Pending {
 }
 
 struct WriterThread {
+    acks: Acknowledger,
     store: RedbStore,
     ledger: Ledger,
     dedup: DedupIndex,
@@ -449,8 +458,66 @@ struct WriterThread {
     config: WriterConfig,
     rx: Receiver<Message>,
     shared: Arc<Shared>,
-    feed: LiveFeed,
     reader: LogReader,
+}
+
+/// Work for the acknowledger thread, in batch order.
+enum AckJob {
+    /// Publish the committed records, answer the batch, then advance the head watch.
+    Committed { records: Vec<crate::record::StoredRecord>, pending: Vec<Pending>, head_seq: u64 },
+    /// Answers that carry no new records (rejections, repeats, a failed commit's errors).
+    Answer { pending: Vec<Pending>, head_seq: u64 },
+}
+
+/// The writer's end of the acknowledger thread.
+struct Acknowledger {
+    tx: Option<std::sync::mpsc::Sender<AckJob>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Acknowledger {
+    fn start(feed: LiveFeed, shared: Arc<Shared>) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<AckJob>();
+        let thread = std::thread::Builder::new().name("taskledger-acks".into()).spawn(move || {
+            for job in rx {
+                match job {
+                    AckJob::Committed { records, pending, head_seq } => {
+                        feed.publish_owned(records);
+                        answer(pending, head_seq);
+                        shared.head.send_replace(head_seq);
+                    }
+                    AckJob::Answer { pending, head_seq } => answer(pending, head_seq),
+                }
+            }
+        })?;
+        Ok(Self { tx: Some(tx), thread: Some(thread) })
+    }
+
+    fn send(&self, job: AckJob) {
+        if let Some(tx) = &self.tx {
+            // The thread only ends after `finish`, so this cannot fail while the writer runs.
+            let _ = tx.send(job);
+        }
+    }
+
+    /// Delivers everything queued and stops the thread.
+    fn finish(&mut self) {
+        self.tx = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Sends each command its result, stamped with the head after its batch.
+fn answer(pending: Vec<Pending>, head_seq: u64) {
+    for Pending { reply, result } in pending {
+        let result = result.map(|mut ack| {
+            ack.head_seq = head_seq;
+            ack
+        });
+        let _ = reply.send(result);
+    }
 }
 
 /// Longest the writer sleeps without looking at its timers.
@@ -494,6 +561,7 @@ impl WriterThread {
             }
             self.process(batch);
         }
+        self.acks.finish();
     }
 
     fn now(&self) -> Timestamp {
@@ -518,9 +586,11 @@ impl WriterThread {
     /// Decides, commits and acknowledges one batch.
     fn process(&mut self, batch: Vec<(Envelope, Option<Scope>, oneshot::Sender<CommandResult>)>) {
         if let Health::Failed(reason) = self.shared.health.lock().expect("health lock").clone() {
-            for (_, _, reply) in batch {
-                let _ = reply.send(Err(WriteError::Unavailable(reason.clone())));
-            }
+            let pending = batch
+                .into_iter()
+                .map(|(_, _, reply)| Pending { reply, result: Err(WriteError::Unavailable(reason.clone())) })
+                .collect();
+            self.acks.send(AckJob::Answer { pending, head_seq: self.store.head().seq });
             return;
         }
         let now = self.now();
@@ -560,7 +630,7 @@ impl WriterThread {
         }
 
         if records.is_empty() {
-            self.acknowledge(pending, self.store.head().seq);
+            self.acks.send(AckJob::Answer { pending, head_seq: self.store.head().seq });
             return;
         }
         // The dedup window lives in memory (see dedup.rs): nothing but the
@@ -582,11 +652,9 @@ impl WriterThread {
                 stats.batches.fetch_add(1, Ordering::Relaxed);
                 stats.commands.fetch_add(pending.len() as u64, Ordering::Relaxed);
                 stats.events.fetch_add(appended.records.len() as u64, Ordering::Relaxed);
-                self.feed.publish_owned(appended.records);
-                self.acknowledge(pending, head);
-                self.shared.head.send_replace(head);
+                self.acks.send(AckJob::Committed { records: appended.records, pending, head_seq: head });
             }
-            Err(error) => self.fail(pending, error.to_string()),
+            Err(error) => self.fail(pending, error.to_string(), error.is_storage_full()),
         }
     }
 
@@ -690,26 +758,23 @@ impl WriterThread {
         Ok(Acknowledgement { seqs: Some(range), head_seq: 0, events, claimed, existing_task: None, duplicate: true })
     }
 
-    fn acknowledge(&self, pending: Vec<Pending>, head_seq: u64) {
-        for Pending { reply, result } in pending {
-            let result = result.map(|mut ack| {
-                ack.head_seq = head_seq;
-                ack
-            });
-            let _ = reply.send(result);
-        }
-    }
-
     /// A commit failed: answer every command of the batch with an error,
     /// put memory back to what the log durably holds, stop taking writes.
-    fn fail(&mut self, pending: Vec<Pending>, reason: String) {
-        *self.shared.health.lock().expect("health lock") = Health::Failed(format!("commit failed: {reason}"));
-        for Pending { reply, result } in pending {
-            let _ = reply.send(match result {
-                Ok(_) => Err(WriteError::CommitFailed(reason.clone())),
-                Err(e) => Err(e),
-            });
-        }
+    fn fail(&mut self, pending: Vec<Pending>, reason: String, storage_full: bool) {
+        let what = if storage_full { "commit failed, the disk is full" } else { "commit failed" };
+        *self.shared.health.lock().expect("health lock") = Health::Failed(format!("{what}: {reason}"));
+        let pending = pending
+            .into_iter()
+            .map(|Pending { reply, result }| Pending {
+                reply,
+                result: match result {
+                    Ok(_) if storage_full => Err(WriteError::StorageFull(reason.clone())),
+                    Ok(_) => Err(WriteError::CommitFailed(reason.clone())),
+                    Err(e) => Err(e),
+                },
+            })
+            .collect();
+        self.acks.send(AckJob::Answer { pending, head_seq: self.store.head().seq });
         match fold_to_head(&self.reader, self.store.snapshots()) {
             Ok((ledger, head, _)) => {
                 self.ledger = ledger;
@@ -719,7 +784,7 @@ impl WriterThread {
             }
             Err(e) => {
                 *self.shared.health.lock().expect("health lock") =
-                    Health::Failed(format!("commit failed: {reason}; the ledger could not be rebuilt: {e}"));
+                    Health::Failed(format!("{what}: {reason}; the ledger could not be rebuilt: {e}"));
                 self.ledger = Ledger::new();
             }
         }
