@@ -2,7 +2,8 @@
 //! Body: `{"error": {"code": "...", "message": "...", "field": ...}}` with a
 //! stable `code`. Classification follows STYLE.md: a caller's mistake is a
 //! 4xx with a stable code, a conflict is 409, overload is 503 with
-//! Retry-After, an internal fault is 500 and is logged.
+//! Retry-After, a full disk is 507 (`insufficient_storage`), an internal
+//! fault is 500 and is logged.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -110,6 +111,18 @@ impl From<WriteError> for ApiError {
                     "the command could not be recorded; it was not applied",
                 )
             }
+            // Not a fault of the request or of the code: the operator must free space and
+            // restart. 507 says exactly that, and the stable code lets clients tell it apart
+            // from an internal fault; later commands get 503 `writes_unavailable` until then.
+            WriteError::StorageFull(reason) => {
+                tracing::error!(%reason, "commit failed: the disk is full");
+                ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "insufficient_storage",
+                    "the ledger's disk is full: the command was not recorded, and writes stop until the server \
+                     is restarted with free space; reads still work",
+                )
+            }
             WriteError::InvalidEnvelope(message) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_command_id", message)
             }
@@ -133,3 +146,43 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response_of(error: WriteError) -> (StatusCode, &'static str, Option<String>) {
+        let api = ApiError::from(error);
+        let code = api.code;
+        let response = api.into_response();
+        let retry_after = response.headers().get(header::RETRY_AFTER).map(|v| v.to_str().unwrap().to_owned());
+        (response.status(), code, retry_after)
+    }
+
+    #[test]
+    fn a_full_disk_is_507_insufficient_storage_not_an_internal_fault() {
+        let (status, code, retry_after) = response_of(WriteError::StorageFull("I/O error: no space left".into()));
+        assert_eq!((status.as_u16(), code), (507, "insufficient_storage"));
+        assert_eq!(retry_after, None, "retrying will not help until the operator frees space");
+        let message = ApiError::from(WriteError::StorageFull("x".into())).message;
+        assert!(message.contains("disk is full") && message.contains("not recorded"), "{message}");
+    }
+
+    #[test]
+    fn every_writer_error_has_its_status_and_stable_code() {
+        let cases = [
+            (WriteError::Overloaded, 503, "overloaded", Some("1")),
+            (WriteError::Unavailable("commit failed".into()), 503, "writes_unavailable", Some("30")),
+            (WriteError::CommitFailed("I/O error".into()), 500, "commit_failed", None),
+            (WriteError::StorageFull("no space".into()), 507, "insufficient_storage", None),
+            (WriteError::InvalidEnvelope("empty".into()), 400, "invalid_command_id", None),
+            (WriteError::Forbidden, 403, "forbidden", None),
+            (WriteError::Rejected(Rejection::new(RejectionCode::LeaseLost, None, "stale")), 409, "lease_lost", None),
+        ];
+        for (error, status, code, retry_after) in cases {
+            let what = format!("{error:?}");
+            let got = response_of(error);
+            assert_eq!((got.0.as_u16(), got.1, got.2.as_deref()), (status, code, retry_after), "{what}");
+        }
+    }
+}

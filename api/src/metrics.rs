@@ -35,6 +35,7 @@ fn outcome(result: &CommandResult) -> &'static str {
         Err(WriteError::Overloaded) => "overloaded",
         Err(WriteError::Unavailable(_)) => "unavailable",
         Err(WriteError::CommitFailed(_)) => "commit_failed",
+        Err(WriteError::StorageFull(_)) => "storage_full",
         Err(WriteError::InvalidEnvelope(_) | WriteError::Forbidden) => "invalid",
     }
 }

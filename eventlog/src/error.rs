@@ -95,6 +95,30 @@ pub enum AppendError {
     Record(#[from] RecordError),
 }
 
+impl AppendError {
+    /// Whether the commit failed because the disk (or the caller's quota) is full, so that the
+    /// API can say so (507) instead of reporting an anonymous internal fault. The I/O error is
+    /// looked for through the whole chain: the backend error is a boxed `redb::Error`, whose
+    /// `Io` variant does not expose its cause through `source()`.
+    pub fn is_storage_full(&self) -> bool {
+        let Self::Backend(error) = self else { return false };
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
+        while let Some(error) = next {
+            let io = match error.downcast_ref::<redb::Error>() {
+                Some(redb::Error::Io(io)) => Some(io),
+                _ => error.downcast_ref::<std::io::Error>(),
+            };
+            if io.is_some_and(|io| {
+                matches!(io.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+            }) {
+                return true;
+            }
+            next = error.source();
+        }
+        false
+    }
+}
+
 /// Reading from the log failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
