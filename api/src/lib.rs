@@ -4,6 +4,7 @@
 //! domain commands at the edge and domain results back.
 
 pub mod auth;
+pub mod backup;
 pub mod commands;
 pub mod error;
 pub mod graphql;

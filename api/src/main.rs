@@ -1,6 +1,8 @@
 //! `taskledger`: the server binary's command line. `serve` runs the API on
 //! the embedded default (log and projections under `./data`, listening on
 //! 127.0.0.1:7070); every flag has a `TASKLEDGER_*` environment variable.
+//! `backup` copies the log of a running server or a stopped data dir into a
+//! new log file (see `api::backup`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,11 +24,32 @@ struct Cli {
 enum Cmd {
     /// Run the server (the default when no subcommand is given).
     Serve(ServeArgs),
-    /// Take a consistent online copy of the log (not built yet).
-    Backup {
-        #[arg(long)]
-        to: PathBuf,
-    },
+    /// Copy the log into a new file: online from a running server, or offline from a stopped data dir.
+    ///
+    /// The copy is the log up to the head at the moment the backup starts, every
+    /// record checked against its chain hash. It is a log file like
+    /// <data>/ledger.redb: `taskledger-replay verify --log FILE` checks it, and
+    /// copying it to <newdir>/ledger.redb and running `taskledger serve --data
+    /// <newdir>` restores the ledger. FILE appears only when the copy is complete
+    /// and checked (it is built in FILE.tmp/ first); an existing FILE is never
+    /// replaced.
+    Backup(BackupArgs),
+}
+
+#[derive(Parser, Clone)]
+struct BackupArgs {
+    /// The new file to write.
+    #[arg(long)]
+    to: PathBuf,
+    /// Base URL of a running server (online backup), e.g. http://127.0.0.1:7070.
+    #[arg(long, env = "TASKLEDGER_SERVER", conflicts_with = "data", required_unless_present = "data")]
+    server: Option<String>,
+    /// Admin token for --server (a backup holds every namespace's history).
+    #[arg(long, env = "TASKLEDGER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Data dir of a stopped server (offline backup); it is only read.
+    #[arg(long)]
+    data: Option<PathBuf>,
 }
 
 #[derive(Parser, Clone)]
@@ -49,6 +72,13 @@ struct ServeArgs {
     /// Most requests served at once; more wait.
     #[arg(long, env = "TASKLEDGER_MAX_CONCURRENT_REQUESTS", default_value_t = 4096)]
     max_concurrent_requests: usize,
+    /// Most connections open at once; further clients wait to be accepted until one closes.
+    #[arg(long, env = "TASKLEDGER_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    /// Longest a client may take to send a request's head, in milliseconds; also the longest a
+    /// kept-alive connection may sit idle between requests. Slower connections are closed.
+    #[arg(long, env = "TASKLEDGER_HEADER_READ_TIMEOUT_MS", default_value_t = 30_000)]
+    header_read_timeout_ms: u64,
     /// Commands that may queue for the writer before callers get 503.
     #[arg(long, env = "TASKLEDGER_WRITER_QUEUE", default_value_t = 16 * 1024)]
     writer_queue: usize,
@@ -92,6 +122,8 @@ fn main() -> ExitCode {
                 max_body_bytes: args.max_body_bytes,
                 request_timeout: Duration::from_millis(args.request_timeout_ms),
                 max_concurrent_requests: args.max_concurrent_requests.max(1),
+                max_connections: args.max_connections.max(1),
+                header_read_timeout: Duration::from_millis(args.header_read_timeout_ms.max(1)),
                 writer,
                 json_logs: args.log_format == "json",
                 projections: args.projections,
@@ -112,9 +144,33 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Backup { to } => {
-            eprintln!("taskledger backup --to {}: not built yet (issue #5)", to.display());
-            ExitCode::from(2)
+        Cmd::Backup(args) => backup(args),
+    }
+}
+
+fn backup(args: BackupArgs) -> ExitCode {
+    let source = match (args.server, args.data) {
+        (Some(url), None) => match args.token {
+            Some(token) => api::backup::Source::Server { url, token },
+            None => {
+                eprintln!("taskledger backup: --server needs an admin token (--token or TASKLEDGER_TOKEN)");
+                return ExitCode::from(2);
+            }
+        },
+        (None, Some(dir)) => api::backup::Source::DataDir(dir),
+        _ => {
+            eprintln!("taskledger backup: give either --server URL --token T (online) or --data DIR (offline)");
+            return ExitCode::from(2);
+        }
+    };
+    match api::backup::run(&source, &args.to) {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("taskledger backup: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -3,12 +3,17 @@
 //! lets in-flight requests finish, drains the writer and exits.
 //!
 //! Also here: the operational routes (`/healthz`, `/readyz`, `/metrics`,
-//! `/openapi.json`) and the request limits (body size, timeout, concurrent
-//! requests) that every route shares.
+//! `/openapi.json`), the request limits (body size, timeout, concurrent
+//! requests) that every route shares, and the connection limits (how many
+//! connections are open at once, how long a client may take to send a
+//! request head), which live in this file's own accept loop because
+//! `axum::serve` exposes neither.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -18,6 +23,11 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use eventlog::{Health, SystemClock, Writer, WriterConfig, WriterHandle};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tower_http::timeout::TimeoutLayer;
 
 use crate::auth::{HasTokens, TokenSource, Tokens};
@@ -49,6 +59,11 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
     pub max_concurrent_requests: usize,
+    /// Most connections open at once; the next one is accepted when one closes.
+    pub max_connections: usize,
+    /// How long a client may take to send a complete request head (also the
+    /// idle time allowed between requests on a kept-alive connection).
+    pub header_read_timeout: Duration,
     pub writer: WriterConfig,
     pub json_logs: bool,
     /// `postgres://…` for PostgreSQL projections; default: `<data>/projections.sqlite`.
@@ -66,6 +81,7 @@ pub fn app(state: AppState, config: &ServeConfig) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
+        .route(crate::backup::BACKUP_ROUTE, get(crate::backup::serve_backup))
         .fallback(|| async { ApiError::not_found("no such route; see /openapi.json") })
         .with_state(state)
         .layer(axum::Extension(schema))
@@ -179,13 +195,20 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         metrics: Arc::new(Metrics::default()),
         ready_max_lag: config.ready_max_lag,
     };
-    let listener =
-        tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
+    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
     let local = listener.local_addr().context("read the bound address")?;
 
     // The startup banner goes to stdout so scripts (and tests) can read the address.
     println!("taskledger {} listening on http://{local}", env!("CARGO_PKG_VERSION"));
     println!("projections in {}", redact(&target));
+    println!(
+        "limits: {} connections, request head within {} ms, requests of {} bytes and {} ms, {} requests at once",
+        config.max_connections,
+        config.header_read_timeout.as_millis(),
+        config.max_body_bytes,
+        config.request_timeout.as_millis(),
+        config.max_concurrent_requests
+    );
     println!(
         "ledger at {}: head seq {}, {} live tasks (snapshot at seq {}, {} events replayed in {:.3} s)",
         config.data_dir.display(),
@@ -210,12 +233,130 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let _ = std::io::stdout().flush();
 
     let app = app(state, &config);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("serve HTTP")?;
+    serve_connections(listener, app, config.max_connections, config.header_read_timeout, shutdown_signal()).await;
     tracing::info!("shutting down: stopping projectors, draining the writer");
     projections.shutdown().await;
     tokio::task::spawn_blocking(move || writer.shutdown()).await.context("join the writer")?;
     println!("taskledger stopped");
     Ok(())
+}
+
+/// Serves HTTP/1.1 on `listener` until `shutdown` resolves, then stops
+/// accepting, lets every connection finish its in-flight request, and returns
+/// once all have closed.
+///
+/// Why not `axum::serve`: it neither limits connections nor sets hyper's timer,
+/// and without a timer hyper's `header_read_timeout` is off, so a client that
+/// drips a request head a byte at a time would hold its connection forever.
+/// Here a semaphore of `max_connections` slots is taken *before* each accept:
+/// when all are taken the loop stops accepting and further clients wait in the
+/// kernel's backlog until a connection closes. The slot travels inside the
+/// connection's I/O object, so it is released exactly when the socket is
+/// dropped, including after an upgrade to WebSocket (which moves the socket out
+/// of hyper).
+async fn serve_connections(
+    listener: TcpListener,
+    app: Router,
+    max_connections: usize,
+    header_read_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(header_read_timeout).keep_alive(true);
+    // Connection tasks hold a receiver: they watch it for the stop signal, and
+    // `stop_tx.closed()` resolves once the last of them has finished.
+    let (stop_tx, stop_rx) = watch::channel(());
+    let mut shutdown = pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the connection semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    handle_accept_error(error).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let io = TokioIo::new(SlotStream { stream, _slot: slot });
+        let connection = http.serve_connection(io, TowerToHyperService::new(app.clone())).with_upgrades();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut connection = pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(%remote, %error, "connection ended with an error");
+                    }
+                }
+                _ = stop.changed() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+            drop(stop);
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(());
+    drop(stop_rx);
+    stop_tx.closed().await;
+}
+
+/// An accept error: a connection that failed before we took it is no reason to
+/// pause; anything else (out of file descriptors) is logged and retried after
+/// a pause, as `axum::serve` does.
+async fn handle_accept_error(error: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(error.kind(), ConnectionRefused | ConnectionAborted | ConnectionReset) {
+        return;
+    }
+    tracing::error!(%error, "accept a connection; retrying in 1 s");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// A TCP connection holding one of the server's connection slots until it is
+/// dropped.
+struct SlotStream {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for SlotStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SlotStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
 }
 
 /// A connection string without its password, for logs and banners.

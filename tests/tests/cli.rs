@@ -1,5 +1,6 @@
-//! The binaries' honesty contract: a subcommand that is not built yet says so
-//! on stderr and exits non-zero; `--version` works.
+//! The binaries' command-line contract: a subcommand given too little says
+//! what it needs on stderr and exits non-zero without writing anything;
+//! `--version` works.
 
 use std::process::Command;
 use tests::workspace_binary;
@@ -10,11 +11,16 @@ fn run(binary: &str, args: &[&str]) -> std::process::Output {
 }
 
 #[test]
-fn subcommands_not_yet_built_say_so_and_exit_non_zero() {
+fn backup_without_a_source_says_what_it_needs_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let out = run("taskledger", &["backup", "--to", dir.path().join("copy").to_str().unwrap()]);
+    let to = dir.path().join("copy");
+    let out = run("taskledger", &["backup", "--to", to.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--server"));
+    let out = run("taskledger", &["backup", "--to", to.to_str().unwrap(), "--server", "http://127.0.0.1:1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--token"));
+    assert!(!to.exists());
 }
 
 #[test]
