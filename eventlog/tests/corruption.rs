@@ -5,18 +5,14 @@
 //! harmless and may go unnoticed.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::Path;
 
-use eventlog::{LogStore, NewRecord, RedbOptions, RedbStore, StoredRecord, verify};
+use eventlog::{LogStore, NewRecord, RedbStore};
+
+mod support;
+use support::{checked_options as options, next, read_all};
 
 const TRIALS: u64 = 400;
 const RECORDS: u64 = 1_500;
-
-/// redb trusts its pages on a plain open (a corrupt page may make it panic), so a file that
-/// may have been tampered with is opened with the full page-checksum check.
-fn options() -> RedbOptions {
-    RedbOptions { cache_bytes: 1 << 20, check_integrity_on_open: true, ..RedbOptions::default() }
-}
 
 /// What one trial found.
 #[derive(Debug, PartialEq, Eq)]
@@ -24,31 +20,6 @@ enum Outcome {
     Detected(String),
     Harmless,
     Accepted,
-}
-
-fn read_all(dir: &Path) -> Result<Vec<StoredRecord>, String> {
-    let store = RedbStore::open(dir, options()).map_err(|e| e.to_string())?;
-    let report = verify(&store.reader(), |_, _| {}).map_err(|e| e.to_string())?;
-    if let Some(problem) = report.first_problem {
-        return Err(format!("verify: seq {}: {}", problem.seq, problem.message));
-    }
-    let mut records = Vec::new();
-    loop {
-        let from = records.len() as u64 + 1;
-        let batch = store.reader().read_range(from, u64::MAX, 500).map_err(|e| e.to_string())?;
-        if batch.is_empty() {
-            return Ok(records);
-        }
-        records.extend(batch);
-    }
-}
-
-/// A deterministic xorshift generator, so a failing trial can be replayed.
-fn next(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
 }
 
 #[test]
