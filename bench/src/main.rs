@@ -1,0 +1,735 @@
+//! `taskledger-bench`: the end-to-end benchmark of issue 7. In one run it
+//! starts the release `taskledger serve` and a throwaway PostgreSQL cluster
+//! (fsync on), drives the same workloads through both — taskledger over
+//! HTTP, and the usual "table + FOR UPDATE SKIP LOCKED" queue over SQL — and
+//! prints one table (or JSON lines with `--json`), so the comparison is made
+//! on the same machine at the same moment.
+//!
+//! Workloads (see `--help` for every size):
+//! - `lifecycle`: P closed-loop producers create single-step tasks while W
+//!   workers claim up to K at a time and complete them; completed tasks/s,
+//!   per-command latency, pickup latency (create acknowledged → claimed).
+//! - `half-rate`: the same, but producers are open-loop at 50 % of the
+//!   lifecycle throughput just measured; acknowledgement latency is measured
+//!   from each create's scheduled time.
+//! - `idle-pickup`: one long-polling worker, tasks created one at a time at
+//!   a low rate; pickup latency.
+//! - `mixed` (taskledger only): retries with a short backoff, permanent
+//!   failures into the dead-letter queue, and 3-step DAG workflows.
+//! - `batch-create`: tasks/s through the batch endpoint (baseline: one
+//!   multi-row INSERT per batch).
+//!
+//! Every workload warms up, then measures a fixed window; the CPU the bench
+//! itself used in that window (getrusage) is printed beside the figures,
+//! because it shares the cores with what it measures.
+
+mod baseline;
+mod http;
+mod server;
+mod stats;
+mod taskledger;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use projections::testing::{ClusterOptions, TempPostgres};
+use serde_json::json;
+
+use crate::baseline::Wakeup;
+use crate::http::{Conn, Target};
+use crate::stats::{CpuMeter, CpuUse, Phase, Pickups, Tally};
+use crate::taskledger::{Fates, Ids, TaskShape, WorkerSpec};
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "taskledger-bench",
+    about = "taskledger against a PostgreSQL SKIP LOCKED queue, on the same machine in one run"
+)]
+struct Args {
+    /// Producers (closed loop: one create in flight each).
+    #[arg(long, short = 'P', default_value_t = 16)]
+    producers: usize,
+    /// Workers.
+    #[arg(long, short = 'W', default_value_t = 4)]
+    workers: usize,
+    /// Most steps a worker claims at once (K); it completes them in parallel.
+    #[arg(long, short = 'K', default_value_t = 16)]
+    batch: u32,
+    /// How long a claim long-polls when the queue is empty (taskledger).
+    #[arg(long, default_value_t = 1000)]
+    wait_ms: u64,
+    /// Warm-up before each measuring window, in seconds.
+    #[arg(long, default_value_t = 3.0)]
+    warmup_s: f64,
+    /// Each measuring window, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    measure_s: f64,
+    /// Producers pause while this many tasks are created but not finished.
+    #[arg(long, default_value_t = 1000)]
+    max_backlog: u64,
+    /// Tasks per batch in `batch-create` (the API allows 1,000).
+    #[arg(long, default_value_t = 500)]
+    batch_size: usize,
+    /// Producers in `batch-create`.
+    #[arg(long, default_value_t = 4)]
+    batch_producers: usize,
+    /// Tasks created in `idle-pickup`, one at a time.
+    #[arg(long, default_value_t = 200)]
+    idle_tasks: u32,
+    /// Gap between creates in `idle-pickup`, in milliseconds.
+    #[arg(long, default_value_t = 20)]
+    idle_interval_ms: u64,
+    /// `half-rate` target in tasks/s (default: half of the lifecycle figure just measured).
+    #[arg(long)]
+    half_rate: Option<f64>,
+    /// Connections the open-loop `half-rate` producers use.
+    #[arg(long, default_value_t = 32)]
+    paced_connections: usize,
+    /// In `mixed`, every Nth task is a 3-step workflow (a → b → c).
+    #[arg(long, default_value_t = 3)]
+    dag_every: u64,
+    /// In `mixed`, per-mille of attempts that fail and are retried.
+    #[arg(long, default_value_t = 100)]
+    transient_permille: u64,
+    /// In `mixed`, per-mille of steps that fail permanently (dead letter).
+    #[arg(long, default_value_t = 20)]
+    permanent_permille: u64,
+    /// Which workloads, comma-separated: lifecycle, half-rate, idle-pickup, mixed, batch-create.
+    #[arg(long, default_value = "lifecycle,half-rate,idle-pickup,mixed,batch-create")]
+    workloads: String,
+    /// Run only one system: taskledger or baseline.
+    #[arg(long)]
+    only: Option<String>,
+    /// The server binary (default: target/release/taskledger, built if missing).
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Keep the server's data dir.
+    #[arg(long)]
+    keep: bool,
+    /// How the baseline wakes idle workers: `notify` (LISTEN/NOTIFY) or `poll:MS`.
+    #[arg(long, default_value = "notify")]
+    baseline_wakeup: Wakeup,
+    /// Threads of the bench's own runtime (1 keeps the load generator to one core at most).
+    #[arg(long, default_value_t = 1)]
+    client_threads: usize,
+    /// Longest wait for the server's projections to catch up between workloads, in seconds.
+    #[arg(long, default_value_t = 20.0)]
+    settle_s: f64,
+    /// A smoke run: tiny windows and sizes (about 20 s in all).
+    #[arg(long)]
+    quick: bool,
+    /// One JSON object per line on stdout (the table goes to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+impl Args {
+    fn apply_quick(&mut self) {
+        if !self.quick {
+            return;
+        }
+        self.warmup_s = self.warmup_s.min(0.3);
+        self.measure_s = self.measure_s.min(1.0);
+        self.idle_tasks = self.idle_tasks.min(15);
+        self.batch_size = self.batch_size.min(100);
+        self.settle_s = self.settle_s.min(3.0);
+        self.producers = self.producers.min(4);
+        self.workers = self.workers.min(2);
+        self.batch = self.batch.min(8);
+        self.paced_connections = self.paced_connections.min(8);
+    }
+    fn wants(&self, workload: &str) -> bool {
+        self.workloads.split(',').any(|w| w.trim() == workload)
+    }
+    fn warmup(&self) -> Duration {
+        Duration::from_secs_f64(self.warmup_s)
+    }
+    fn window(&self) -> Duration {
+        Duration::from_secs_f64(self.measure_s)
+    }
+}
+
+/// One line of the report.
+struct Row {
+    system: &'static str,
+    workload: &'static str,
+    tasks_per_s: f64,
+    seconds: f64,
+    tally: Tally,
+    cpu: CpuUse,
+    /// Writer figures from the server's /metrics over the window (taskledger only).
+    writer: Option<WriterRates>,
+    note: String,
+}
+
+impl Row {
+    fn json(&self) -> serde_json::Value {
+        let t = &self.tally;
+        let all = t.all_commands();
+        let r = |x: f64| (x * 1000.0).round() / 1000.0;
+        let mut v = json!({
+            "system": self.system,
+            "workload": self.workload,
+            "tasks_per_s": r(self.tasks_per_s),
+            "p50_ms": r(all.p_ms(0.5)),
+            "p99_ms": r(all.p_ms(0.99)),
+            "pickup_p50_ms": r(t.pickup.p_ms(0.5)),
+            "pickup_p99_ms": r(t.pickup.p_ms(0.99)),
+            "create_p50_ms": r(t.create.p_ms(0.5)),
+            "create_p99_ms": r(t.create.p_ms(0.99)),
+            "claim_p50_ms": r(t.claim.p_ms(0.5)),
+            "claim_p99_ms": r(t.claim.p_ms(0.99)),
+            "complete_p50_ms": r(t.complete.p_ms(0.5)),
+            "complete_p99_ms": r(t.complete.p_ms(0.99)),
+            "fail_p99_ms": r(t.fail.p_ms(0.99)),
+            "created": t.created,
+            "finished": t.finished,
+            "completed_steps": t.completed_steps,
+            "retried_steps": t.retried_steps,
+            "dead_lettered": t.dead_lettered,
+            "errors": t.errors_total,
+            "seconds": r(self.seconds),
+            "client_cpu_pct": r(self.cpu.client_pct),
+            "server_cpu_pct": self.cpu.server_pct.map(r),
+            "machine_cpu_pct": self.cpu.machine_pct.map(r),
+        });
+        if let Some(w) = &self.writer {
+            v["writer_events_per_s"] = json!(r(w.events_per_s));
+            v["writer_commits_per_s"] = json!(r(w.batches_per_s));
+            v["writer_commands_per_commit"] = json!(r(w.commands_per_batch));
+        }
+        if let Some(e) = &t.first_error {
+            v["first_error"] = json!(e);
+        }
+        v
+    }
+}
+
+/// The writer's counters from `/metrics`.
+#[derive(Clone, Copy, Default)]
+struct WriterCounters {
+    batches: f64,
+    commands: f64,
+    events: f64,
+}
+
+struct WriterRates {
+    events_per_s: f64,
+    batches_per_s: f64,
+    commands_per_batch: f64,
+}
+
+async fn writer_counters(target: &Target) -> Option<WriterCounters> {
+    let mut conn = Conn::connect(target).await.ok()?;
+    let (_, body) = conn.get("/metrics").await.ok()?;
+    let text = String::from_utf8_lossy(&body);
+    let value = |name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok())).unwrap_or(0.0)
+    };
+    Some(WriterCounters {
+        batches: value("taskledger_writer_batches_total "),
+        commands: value("taskledger_writer_commands_total "),
+        events: value("taskledger_writer_events_total "),
+    })
+}
+
+/// Spawned producers and workers of one workload.
+type Tasks = Vec<tokio::task::JoinHandle<Result<Tally>>>;
+
+struct Measured {
+    tally: Tally,
+    seconds: f64,
+    cpu: CpuUse,
+    writer: Option<WriterRates>,
+}
+
+/// Warm up, measure a window, stop everything and merge what each task saw.
+async fn measure(
+    phase: &Arc<Phase>,
+    warmup: Duration,
+    window: Duration,
+    server: Option<(u32, &Target)>,
+    tasks: Tasks,
+) -> Result<Measured> {
+    tokio::time::sleep(warmup).await;
+    let before = match server {
+        Some((_, t)) => writer_counters(t).await,
+        None => None,
+    };
+    let cpu = CpuMeter::start(server.map(|(pid, _)| pid));
+    let started = std::time::Instant::now();
+    phase.start_measuring();
+    tokio::time::sleep(window).await;
+    phase.stop();
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu.finish();
+    let after = match server {
+        Some((_, t)) => writer_counters(t).await,
+        None => None,
+    };
+    let writer = before.zip(after).map(|(b, a)| WriterRates {
+        events_per_s: (a.events - b.events) / seconds,
+        batches_per_s: (a.batches - b.batches) / seconds,
+        commands_per_batch: (a.commands - b.commands) / (a.batches - b.batches).max(1.0),
+    });
+    let mut tally = Tally::default();
+    for task in tasks {
+        match tokio::time::timeout(Duration::from_secs(60), task).await {
+            Ok(Ok(Ok(t))) => tally.merge(&t),
+            Ok(Ok(Err(e))) => tally.error(|| format!("{e:#}")),
+            Ok(Err(e)) => tally.error(|| format!("a bench task panicked: {e}")),
+            Err(_) => tally.error(|| "a bench task did not stop within 60 s".into()),
+        }
+    }
+    Ok(Measured { tally, seconds, cpu, writer })
+}
+
+fn row(system: &'static str, workload: &'static str, m: Measured, count: impl Fn(&Tally) -> u64, note: String) -> Row {
+    Row {
+        system,
+        workload,
+        tasks_per_s: count(&m.tally) as f64 / m.seconds,
+        seconds: m.seconds,
+        tally: m.tally,
+        cpu: m.cpu,
+        writer: m.writer,
+        note,
+    }
+}
+
+fn progress(args: &Args, r: &Row) {
+    let t = &r.tally;
+    eprintln!(
+        "  {:<12} {:<13} {:>9.0} tasks/s  create p99 {:>7.2} ms  pickup p99 {:>7.2} ms  errors {}  (client cpu {:.0}%){}",
+        r.system,
+        r.workload,
+        r.tasks_per_s,
+        t.create.p_ms(0.99),
+        t.pickup.p_ms(0.99),
+        t.errors_total,
+        r.cpu.client_pct,
+        t.first_error.as_deref().map(|e| format!("\n    first error: {e}")).unwrap_or_default()
+    );
+    let _ = args;
+}
+
+async fn run_taskledger(args: &Args, binary: &std::path::Path, rows: &mut Vec<Row>) -> Result<()> {
+    let mut srv = server::Server::start(binary, args.keep)?;
+    eprintln!("taskledger {} (pid {}) on {}, data {}", binary.display(), srv.pid(), srv.addr, srv.data.display());
+    let target = Target::new(srv.addr, &srv.token)?;
+    let pid = srv.pid();
+    let ids = Arc::new(Ids::new());
+    let settle = |name: &'static str| {
+        let target = target.clone();
+        let limit = Duration::from_secs_f64(args.settle_s);
+        async move {
+            let started = std::time::Instant::now();
+            match taskledger::settle(&target, limit).await {
+                Ok(true) => {
+                    if started.elapsed() > Duration::from_millis(500) {
+                        eprintln!("  (projections caught up after {name} in {:.1} s)", started.elapsed().as_secs_f64());
+                    }
+                }
+                Ok(false) => {
+                    eprintln!("  (projections still behind {:.0} s after {name}; going on)", limit.as_secs_f64())
+                }
+                Err(e) => eprintln!("  (could not ask /readyz: {e:#})"),
+            }
+        }
+    };
+    let worker_spec = |namespace: &'static str, fates: Fates| WorkerSpec {
+        namespace,
+        max: args.batch,
+        wait_ms: args.wait_ms,
+        always_wait: false,
+        fates,
+    };
+    let mut lifecycle_rate = None;
+
+    if args.wants("lifecycle") {
+        let phase = Arc::new(Phase::new());
+        let pickups = Arc::new(Pickups::new());
+        let mut tasks: Tasks = Vec::new();
+        for i in 0..args.workers {
+            let spec = worker_spec("lifecycle", Fates::AllComplete);
+            tasks.push(tokio::spawn(taskledger::worker(target.clone(), i, spec, phase.clone(), pickups.clone())));
+        }
+        for _ in 0..args.producers {
+            tasks.push(tokio::spawn(taskledger::producer(
+                target.clone(),
+                "lifecycle",
+                TaskShape::Single,
+                args.max_backlog,
+                ids.clone(),
+                phase.clone(),
+                pickups.clone(),
+            )));
+        }
+        let m = measure(&phase, args.warmup(), args.window(), Some((pid, &target)), tasks).await?;
+        let r = row("taskledger", "lifecycle", m, |t| t.finished, String::new());
+        lifecycle_rate = Some(r.tasks_per_s);
+        progress(args, &r);
+        rows.push(r);
+        settle("lifecycle").await;
+    }
+
+    if args.wants("half-rate") {
+        let rate = args.half_rate.or(lifecycle_rate.map(|r| r / 2.0));
+        match rate {
+            Some(rate) if rate > 0.0 => {
+                let phase = Arc::new(Phase::new());
+                let pickups = Arc::new(Pickups::new());
+                let mut tasks: Tasks = Vec::new();
+                for i in 0..args.workers {
+                    let spec = worker_spec("half", Fates::AllComplete);
+                    tasks.push(tokio::spawn(taskledger::worker(
+                        target.clone(),
+                        i,
+                        spec,
+                        phase.clone(),
+                        pickups.clone(),
+                    )));
+                }
+                let conns = args.paced_connections.max(1);
+                let interval = Duration::from_secs_f64(conns as f64 / rate);
+                for c in 0..conns {
+                    let offset = interval.mul_f64(c as f64 / conns as f64);
+                    tasks.push(tokio::spawn(taskledger::paced_producer(
+                        target.clone(),
+                        "half",
+                        interval,
+                        offset,
+                        ids.clone(),
+                        phase.clone(),
+                        pickups.clone(),
+                    )));
+                }
+                let m = measure(&phase, args.warmup(), args.window(), Some((pid, &target)), tasks).await?;
+                let r = row("taskledger", "half-rate", m, |t| t.finished, format!("target {rate:.0} tasks/s"));
+                progress(args, &r);
+                rows.push(r);
+                settle("half-rate").await;
+            }
+            _ => eprintln!("  (half-rate skipped: it needs the lifecycle figure or --half-rate)"),
+        }
+    }
+
+    if args.wants("idle-pickup") {
+        let phase = Arc::new(Phase::new());
+        let pickups = Arc::new(Pickups::new());
+        let interval = Duration::from_millis(args.idle_interval_ms);
+        let spec =
+            WorkerSpec { namespace: "idle", max: 1, wait_ms: 5_000, always_wait: true, fates: Fates::AllComplete };
+        let tasks: Tasks = vec![
+            tokio::spawn(taskledger::worker(target.clone(), 0, spec, phase.clone(), pickups.clone())),
+            tokio::spawn(taskledger::trickle_producer(
+                target.clone(),
+                "idle",
+                interval,
+                ids.clone(),
+                phase.clone(),
+                pickups.clone(),
+            )),
+        ];
+        let window = interval * args.idle_tasks;
+        let m = measure(&phase, interval * 5, window, Some((pid, &target)), tasks).await?;
+        let r = row("taskledger", "idle-pickup", m, |t| t.finished, String::new());
+        progress(args, &r);
+        rows.push(r);
+    }
+
+    if args.wants("mixed") {
+        let phase = Arc::new(Phase::new());
+        let pickups = Arc::new(Pickups::new());
+        let fates = Fates::Mixed {
+            transient_permille: args.transient_permille,
+            permanent_permille: args.permanent_permille,
+            max_attempts: 3,
+        };
+        let mut tasks: Tasks = Vec::new();
+        for i in 0..args.workers {
+            let spec = worker_spec("mixed", fates);
+            tasks.push(tokio::spawn(taskledger::worker(target.clone(), i, spec, phase.clone(), pickups.clone())));
+        }
+        for _ in 0..args.producers {
+            tasks.push(tokio::spawn(taskledger::producer(
+                target.clone(),
+                "mixed",
+                TaskShape::Mixed { dag_every: args.dag_every },
+                args.max_backlog,
+                ids.clone(),
+                phase.clone(),
+                pickups.clone(),
+            )));
+        }
+        let m = measure(&phase, args.warmup(), args.window(), Some((pid, &target)), tasks).await?;
+        let note = format!(
+            "{} steps completed, {} retried, {} dead-lettered",
+            m.tally.completed_steps, m.tally.retried_steps, m.tally.dead_lettered
+        );
+        let r = row("taskledger", "mixed", m, |t| t.finished, note);
+        progress(args, &r);
+        rows.push(r);
+        settle("mixed").await;
+    }
+
+    if args.wants("batch-create") {
+        let phase = Arc::new(Phase::new());
+        let mut tasks: Tasks = Vec::new();
+        for _ in 0..args.batch_producers {
+            tasks.push(tokio::spawn(taskledger::batch_producer(
+                target.clone(),
+                "batch",
+                args.batch_size,
+                ids.clone(),
+                phase.clone(),
+            )));
+        }
+        let m = measure(&phase, args.warmup().min(Duration::from_secs(2)), args.window(), Some((pid, &target)), tasks)
+            .await?;
+        let r = row("taskledger", "batch-create", m, |t| t.created, format!("{} tasks per batch", args.batch_size));
+        progress(args, &r);
+        rows.push(r);
+    }
+    srv.stop();
+    Ok(())
+}
+
+async fn run_baseline(args: &Args, pg: &TempPostgres, rows: &mut Vec<Row>) -> Result<()> {
+    let connections = (args.producers.max(args.paced_connections).max(args.batch_producers) + args.workers) as u32;
+    let mut lifecycle_rate = None;
+    let open = |name: &'static str| async move {
+        let url = pg.create_database(&format!("bench_{name}")).await.context("create a baseline database")?;
+        baseline::Queue::create(&url, connections, args.baseline_wakeup).await
+    };
+    let wakeup_note = match args.baseline_wakeup {
+        Wakeup::Notify => "LISTEN/NOTIFY".to_owned(),
+        Wakeup::Poll(d) => format!("poll every {} ms", d.as_millis()),
+    };
+
+    let spawn_workers = |q: &baseline::Queue,
+                         name: &'static str,
+                         count: usize,
+                         max: u32,
+                         phase: &Arc<Phase>,
+                         pickups: &Arc<Pickups>| {
+        (0..count)
+            .map(|i| {
+                tokio::spawn(baseline::worker(
+                    q.inserted.clone(),
+                    q.wakeup,
+                    q.pool.clone(),
+                    name,
+                    i,
+                    max,
+                    phase.clone(),
+                    pickups.clone(),
+                ))
+            })
+            .collect::<Tasks>()
+    };
+
+    if args.wants("lifecycle") {
+        let q = open("lifecycle").await?;
+        let phase = Arc::new(Phase::new());
+        let pickups = Arc::new(Pickups::new());
+        let mut tasks = spawn_workers(&q, "lifecycle", args.workers, args.batch, &phase, &pickups);
+        for _ in 0..args.producers {
+            tasks.push(tokio::spawn(baseline::producer(
+                q.pool.clone(),
+                "lifecycle",
+                args.max_backlog,
+                phase.clone(),
+                pickups.clone(),
+            )));
+        }
+        let m = measure(&phase, args.warmup(), args.window(), None, tasks).await?;
+        let r = row("pg-skip-locked", "lifecycle", m, |t| t.finished, wakeup_note.clone());
+        lifecycle_rate = Some(r.tasks_per_s);
+        progress(args, &r);
+        rows.push(r);
+        q.close().await;
+    }
+
+    if args.wants("half-rate") {
+        let rate = args.half_rate.or(lifecycle_rate.map(|r| r / 2.0));
+        if let Some(rate) = rate.filter(|r| *r > 0.0) {
+            let q = open("half").await?;
+            let phase = Arc::new(Phase::new());
+            let pickups = Arc::new(Pickups::new());
+            let mut tasks = spawn_workers(&q, "half", args.workers, args.batch, &phase, &pickups);
+            let conns = args.paced_connections.max(1);
+            let interval = Duration::from_secs_f64(conns as f64 / rate);
+            for c in 0..conns {
+                let offset = interval.mul_f64(c as f64 / conns as f64);
+                tasks.push(tokio::spawn(baseline::paced_producer(
+                    q.pool.clone(),
+                    "half",
+                    baseline::Pace::Fixed { interval, offset },
+                    phase.clone(),
+                    pickups.clone(),
+                )));
+            }
+            let m = measure(&phase, args.warmup(), args.window(), None, tasks).await?;
+            let r = row("pg-skip-locked", "half-rate", m, |t| t.finished, format!("target {rate:.0} tasks/s"));
+            progress(args, &r);
+            rows.push(r);
+            q.close().await;
+        }
+    }
+
+    if args.wants("idle-pickup") {
+        let q = open("idle").await?;
+        let phase = Arc::new(Phase::new());
+        let pickups = Arc::new(Pickups::new());
+        let interval = Duration::from_millis(args.idle_interval_ms);
+        let mut tasks = spawn_workers(&q, "idle", 1, 1, &phase, &pickups);
+        tasks.push(tokio::spawn(baseline::paced_producer(
+            q.pool.clone(),
+            "idle",
+            baseline::Pace::Trickle { interval },
+            phase.clone(),
+            pickups.clone(),
+        )));
+        let m = measure(&phase, interval * 5, interval * args.idle_tasks, None, tasks).await?;
+        let r = row("pg-skip-locked", "idle-pickup", m, |t| t.finished, wakeup_note.clone());
+        progress(args, &r);
+        rows.push(r);
+        q.close().await;
+    }
+
+    if args.wants("batch-create") {
+        let q = open("batch").await?;
+        let phase = Arc::new(Phase::new());
+        let tasks: Tasks = (0..args.batch_producers)
+            .map(|_| tokio::spawn(baseline::batch_producer(q.pool.clone(), "batch", args.batch_size, phase.clone())))
+            .collect();
+        let m = measure(&phase, args.warmup().min(Duration::from_secs(2)), args.window(), None, tasks).await?;
+        let r = row("pg-skip-locked", "batch-create", m, |t| t.created, format!("{} jobs per INSERT", args.batch_size));
+        progress(args, &r);
+        rows.push(r);
+        q.close().await;
+    }
+    Ok(())
+}
+
+fn print_table(args: &Args, rows: &[Row]) {
+    let mut out = String::new();
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        out,
+        "\ntaskledger-bench: P={} W={} K={}, warm-up {} s, window {} s (latencies in ms)",
+        args.producers, args.workers, args.batch, args.warmup_s, args.measure_s
+    );
+    let _ = writeln!(
+        out,
+        "{:<15} {:<13} {:>10} {:>15} {:>15} {:>15} {:>15} {:>6} {:>11}",
+        "system",
+        "workload",
+        "tasks/s",
+        "create p50/p99",
+        "claim p50/p99",
+        "compl. p50/p99",
+        "pickup p50/p99",
+        "errors",
+        "client cpu"
+    );
+    let pair = |c: &stats::Command| {
+        if c.latency_us.is_empty() { "-".to_owned() } else { format!("{:.2}/{:.2}", c.p_ms(0.5), c.p_ms(0.99)) }
+    };
+    for r in rows {
+        let t = &r.tally;
+        let _ = writeln!(
+            out,
+            "{:<15} {:<13} {:>10.0} {:>15} {:>15} {:>15} {:>15} {:>6} {:>10.0}%",
+            r.system,
+            r.workload,
+            r.tasks_per_s,
+            pair(&t.create),
+            pair(&t.claim),
+            pair(&t.complete),
+            pair(&t.pickup),
+            t.errors_total,
+            r.cpu.client_pct
+        );
+    }
+    let _ = writeln!(out);
+    for r in rows {
+        let mut notes = Vec::new();
+        if !r.note.is_empty() {
+            notes.push(r.note.clone());
+        }
+        if let Some(s) = r.cpu.server_pct {
+            notes.push(format!("server cpu {s:.0}%"));
+        }
+        if let Some(m) = r.cpu.machine_pct {
+            notes.push(format!("machine cpu {m:.0}% of 1 core"));
+        }
+        if let Some(w) = &r.writer {
+            notes.push(format!(
+                "writer {:.0} events/s in {:.0} commits/s ({:.1} commands/commit)",
+                w.events_per_s, w.batches_per_s, w.commands_per_batch
+            ));
+        }
+        let _ = writeln!(out, "{} {}: {}", r.system, r.workload, notes.join("; "));
+    }
+    let find = |system: &str| rows.iter().find(|r| r.system == system && r.workload == "lifecycle");
+    if let (Some(a), Some(b)) = (find("taskledger"), find("pg-skip-locked")) {
+        let _ = writeln!(out, "\nlifecycle ratio taskledger / pg-skip-locked: {:.2}", a.tasks_per_s / b.tasks_per_s);
+    }
+    eprint!("{out}");
+}
+
+fn main() -> Result<()> {
+    let mut args = Args::parse();
+    args.apply_quick();
+    let (run_tl, run_pg) = match args.only.as_deref() {
+        None => (true, true),
+        Some("taskledger") => (true, false),
+        Some("baseline") | Some("pg-skip-locked") => (false, true),
+        Some(other) => bail!("--only takes taskledger or baseline, not {other:?}"),
+    };
+    let binary = if run_tl { Some(server::find_or_build(args.server_bin.as_deref())?) } else { None };
+    let runtime = if args.client_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(args.client_threads).enable_all().build()
+    }
+    .context("start the bench runtime")?;
+
+    let mut rows = Vec::new();
+    runtime.block_on(async {
+        if let Some(binary) = &binary {
+            run_taskledger(&args, binary, &mut rows).await?;
+        }
+        if run_pg {
+            eprintln!("starting a throwaway PostgreSQL (fsync on)");
+            let pg = tokio::task::spawn_blocking(|| TempPostgres::start_with(ClusterOptions { durable: true }))
+                .await
+                .context("start PostgreSQL")?
+                .context("start PostgreSQL")?;
+            run_baseline(&args, &pg, &mut rows).await?;
+            tokio::task::spawn_blocking(move || drop(pg)).await.ok();
+        }
+        anyhow::Ok(())
+    })?;
+
+    print_table(&args, &rows);
+    if args.json {
+        for r in &rows {
+            println!("{}", r.json());
+        }
+        let find = |system: &str| rows.iter().find(|r| r.system == system && r.workload == "lifecycle");
+        if let (Some(a), Some(b)) = (find("taskledger"), find("pg-skip-locked")) {
+            let ratio = a.tasks_per_s / b.tasks_per_s;
+            println!("{}", json!({ "ratio_lifecycle": (ratio * 1000.0).round() / 1000.0 }));
+        }
+    }
+    if rows.iter().any(|r| r.tally.errors_total > 0) {
+        bail!("some workloads had errors (see first_error above); the figures are not a result");
+    }
+    Ok(())
+}

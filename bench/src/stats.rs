@@ -1,0 +1,281 @@
+//! What a workload measures and how it is reported: per-command latency
+//! histograms (µs, HdrHistogram) kept per producer or worker and merged at
+//! the end so no lock sits on the hot path; the pickup tracker (create
+//! acknowledged → returned by a claim, whichever side finishes second does
+//! the subtraction); the run's phase (warm-up, measuring, stopping); and CPU
+//! accounting from getrusage and /proc, so every figure comes with what the
+//! load generator itself cost.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tokio::sync::Notify;
+
+/// Latencies are recorded in µs up to 60 s with 3 significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+/// One command's latency histogram and error count.
+pub struct Command {
+    pub latency_us: Histogram<u64>,
+    pub errors: u64,
+}
+
+impl Default for Command {
+    fn default() -> Self {
+        Command { latency_us: histogram(), errors: 0 }
+    }
+}
+
+impl Command {
+    pub fn record(&mut self, elapsed: Duration) {
+        let us = (elapsed.as_micros() as u64).clamp(1, 60_000_000);
+        self.latency_us.saturating_record(us);
+    }
+    pub fn merge(&mut self, other: &Command) {
+        self.latency_us.add(&other.latency_us).expect("same histogram bounds");
+        self.errors += other.errors;
+    }
+    pub fn p_ms(&self, quantile: f64) -> f64 {
+        if self.latency_us.is_empty() {
+            return 0.0;
+        }
+        self.latency_us.value_at_quantile(quantile) as f64 / 1000.0
+    }
+}
+
+/// Everything one producer or worker measured; merged into the workload's total.
+#[derive(Default)]
+pub struct Tally {
+    pub create: Command,
+    pub claim: Command,
+    pub complete: Command,
+    pub fail: Command,
+    pub pickup: Command,
+    /// Tasks created (single tasks, or tasks inside batches) while measuring.
+    pub created: u64,
+    /// Tasks that reached their end (completed, or dead-lettered) while measuring.
+    pub finished: u64,
+    pub completed_steps: u64,
+    pub retried_steps: u64,
+    pub dead_lettered: u64,
+    /// Errors outside the measuring window count too: a benchmark with errors is not a result.
+    pub errors_total: u64,
+    /// The first error seen, to say what went wrong.
+    pub first_error: Option<String>,
+}
+
+impl Tally {
+    pub fn merge(&mut self, other: &Tally) {
+        self.create.merge(&other.create);
+        self.claim.merge(&other.claim);
+        self.complete.merge(&other.complete);
+        self.fail.merge(&other.fail);
+        self.pickup.merge(&other.pickup);
+        self.created += other.created;
+        self.finished += other.finished;
+        self.completed_steps += other.completed_steps;
+        self.retried_steps += other.retried_steps;
+        self.dead_lettered += other.dead_lettered;
+        self.errors_total += other.errors_total;
+        if self.first_error.is_none() {
+            self.first_error.clone_from(&other.first_error);
+        }
+    }
+
+    pub fn error(&mut self, message: impl FnOnce() -> String) {
+        self.errors_total += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(message());
+        }
+    }
+
+    /// Every command's latency in one histogram.
+    pub fn all_commands(&self) -> Command {
+        let mut all = Command::default();
+        for c in [&self.create, &self.claim, &self.complete, &self.fail] {
+            all.merge(c);
+        }
+        all
+    }
+}
+
+const WARMUP: u8 = 0;
+const MEASURING: u8 = 1;
+const STOPPING: u8 = 2;
+
+/// The phase of a workload run, shared by its tasks.
+pub struct Phase {
+    state: AtomicU8,
+    stop: Notify,
+    /// The instant all bench times are measured from.
+    pub epoch: Instant,
+    /// Created minus finished, for the producers' backlog limit.
+    pub backlog: AtomicU64,
+}
+
+impl Phase {
+    pub fn new() -> Phase {
+        Phase { state: AtomicU8::new(WARMUP), stop: Notify::new(), epoch: Instant::now(), backlog: AtomicU64::new(0) }
+    }
+    pub fn measuring(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == MEASURING
+    }
+    pub fn stopping(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == STOPPING
+    }
+    pub fn start_measuring(&self) {
+        self.state.store(MEASURING, Ordering::Relaxed);
+    }
+    pub fn stop(&self) {
+        self.state.store(STOPPING, Ordering::Relaxed);
+        self.stop.notify_waiters();
+    }
+    /// Resolves once `stop` has been called.
+    pub async fn stopped(&self) {
+        let notified = self.stop.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.stopping() {
+            return;
+        }
+        notified.await;
+    }
+    /// Nanoseconds since the epoch, the unit of the pickup tracker.
+    pub fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+}
+
+const SHARDS: usize = 64;
+/// Set on a stored time when the claim arrived first.
+const CLAIMED_FIRST: u64 = 1 << 63;
+
+/// Create-acknowledged → claimed, keyed by a task number both sides know.
+/// Sharded so producers and workers on different threads rarely meet on one lock.
+pub struct Pickups {
+    shards: Vec<Mutex<HashMap<u64, u64>>>,
+}
+
+impl Pickups {
+    pub fn new() -> Pickups {
+        Pickups { shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect() }
+    }
+
+    fn shard(&self, key: u64) -> std::sync::MutexGuard<'_, HashMap<u64, u64>> {
+        let index = (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as usize % SHARDS;
+        self.shards[index].lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The producer's acknowledgement arrived at `now_ns`; returns the pickup
+    /// latency if the claim came first (then it is 0: the task was picked up
+    /// before the producer even heard it was stored).
+    pub fn acknowledged(&self, key: u64, now_ns: u64) -> Option<Duration> {
+        let mut shard = self.shard(key);
+        match shard.remove(&key) {
+            Some(t) if t & CLAIMED_FIRST != 0 => Some(Duration::ZERO),
+            Some(_) | None => {
+                shard.insert(key, now_ns);
+                None
+            }
+        }
+    }
+
+    /// A claim returned the task at `now_ns`; returns the pickup latency if
+    /// the acknowledgement was seen first. Only the first claim of a task counts.
+    pub fn claimed(&self, key: u64, now_ns: u64) -> Option<Duration> {
+        let mut shard = self.shard(key);
+        match shard.remove(&key) {
+            Some(acked) if acked & CLAIMED_FIRST == 0 => Some(Duration::from_nanos(now_ns.saturating_sub(acked))),
+            Some(t) => {
+                shard.insert(key, t);
+                None
+            }
+            None => {
+                shard.insert(key, now_ns | CLAIMED_FIRST);
+                None
+            }
+        }
+    }
+}
+
+/// CPU seconds used by this process (user + system), from getrusage.
+pub fn self_cpu_s() -> f64 {
+    // SAFETY: getrusage writes into the struct we pass; RUSAGE_SELF is valid.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    if rc != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+fn clock_ticks_per_s() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+/// CPU seconds used by process `pid` (user + system), from /proc/PID/stat.
+pub fn process_cpu_s(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name and state.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / clock_ticks_per_s())
+}
+
+/// Busy CPU seconds of the whole machine (every core), from /proc/stat.
+pub fn machine_busy_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?;
+    let values: Vec<f64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal ...: busy is all but idle and iowait.
+    let busy: f64 = values.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
+    Some(busy / clock_ticks_per_s())
+}
+
+/// CPU used over a stretch of wall time, by the bench, the server (if any)
+/// and the whole machine.
+pub struct CpuMeter {
+    started: Instant,
+    client: f64,
+    server: Option<(u32, f64)>,
+    machine: Option<f64>,
+}
+
+/// CPU as a percentage of one core over the measured stretch.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuUse {
+    pub client_pct: f64,
+    pub server_pct: Option<f64>,
+    pub machine_pct: Option<f64>,
+}
+
+impl CpuMeter {
+    pub fn start(server_pid: Option<u32>) -> CpuMeter {
+        CpuMeter {
+            started: Instant::now(),
+            client: self_cpu_s(),
+            server: server_pid.and_then(|pid| Some((pid, process_cpu_s(pid)?))),
+            machine: machine_busy_s(),
+        }
+    }
+    pub fn finish(&self) -> CpuUse {
+        let wall = self.started.elapsed().as_secs_f64().max(1e-9);
+        CpuUse {
+            client_pct: (self_cpu_s() - self.client) / wall * 100.0,
+            server_pct: self.server.and_then(|(pid, before)| Some((process_cpu_s(pid)? - before) / wall * 100.0)),
+            machine_pct: self.machine.and_then(|before| Some((machine_busy_s()? - before) / wall * 100.0)),
+        }
+    }
+}

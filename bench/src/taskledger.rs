@@ -1,0 +1,535 @@
+//! The workloads against the real `taskledger serve`, over HTTP/1 keep-alive
+//! connections exactly as a client library would drive it.
+//!
+//! Producers send their own UUIDv7 task ids (clock prefix, then a run tag
+//! and a counter, so ids sort in creation order like clock-minted ones); the
+//! counter in the last 48 bits is the key the pickup tracker shares between
+//! a producer and whichever worker claims the task. Workers claim up to K
+//! steps, then complete (or fail) every claimed step at once, each on its own
+//! connection, as a worker process running K handlers in parallel would.
+//! After a full batch the next claim does not wait (there is probably more);
+//! after a partial or empty one it long-polls with `wait_ms`. Only the
+//! non-waiting claims go into the claim latency histogram: a long-poll's time
+//! is mostly waiting for work, which is what pickup latency measures.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use bytes::Bytes;
+use hyper::StatusCode;
+use serde::Deserialize;
+
+use crate::http::{Conn, Target};
+use crate::stats::{Phase, Pickups, Tally};
+
+/// Hands out task numbers and formats them as UUIDv7 ids.
+pub struct Ids {
+    next: AtomicU64,
+    /// 12 bits that differ between runs, in the version-7 "rand_a" field.
+    tag: u16,
+}
+
+impl Ids {
+    pub fn new() -> Ids {
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+        Ids { next: AtomicU64::new(1), tag: (nanos as u16) & 0x0fff }
+    }
+
+    /// The next task number.
+    pub fn next(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Writes task `n`'s id into `out`.
+    pub fn write(&self, out: &mut String, n: u64) {
+        let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()
+            as u64
+            & 0xffff_ffff_ffff;
+        let _ =
+            write!(out, "{:08x}-{:04x}-7{:03x}-8000-{:012x}", ms >> 16, ms & 0xffff, self.tag, n & 0xffff_ffff_ffff);
+    }
+}
+
+/// The task number inside an id written by [`Ids::write`].
+pub fn task_number(id: &str) -> Option<u64> {
+    u64::from_str_radix(id.get(id.len().checked_sub(12)?..)?, 16).ok()
+}
+
+#[derive(Deserialize)]
+struct ClaimAnswer<'a> {
+    #[serde(borrow)]
+    steps: Vec<ClaimedStep<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ClaimedStep<'a> {
+    task_id: &'a str,
+    step: &'a str,
+    epoch: u32,
+    attempt: u32,
+}
+
+/// How workers decide a step's outcome.
+#[derive(Clone, Copy)]
+pub enum Fates {
+    /// Every step completes.
+    AllComplete,
+    /// Some attempts fail and are retried; some steps fail permanently (dead letter).
+    Mixed { transient_permille: u64, permanent_permille: u64, max_attempts: u32 },
+}
+
+fn mix(mut x: u64) -> u64 {
+    // splitmix64: the same task, step and attempt always get the same fate.
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+enum Outcome {
+    Complete,
+    Fail { retryable: bool },
+}
+
+impl Fates {
+    fn decide(&self, task: u64, step: &str, attempt: u32) -> Outcome {
+        match *self {
+            Fates::AllComplete => Outcome::Complete,
+            Fates::Mixed { transient_permille, permanent_permille, .. } => {
+                let step_key = task.wrapping_mul(31).wrapping_add(step.bytes().map(u64::from).sum::<u64>());
+                if mix(step_key) % 1000 < permanent_permille {
+                    Outcome::Fail { retryable: false }
+                } else if mix(step_key ^ (u64::from(attempt) << 48)) % 1000 < transient_permille {
+                    Outcome::Fail { retryable: true }
+                } else {
+                    Outcome::Complete
+                }
+            }
+        }
+    }
+    fn max_attempts(&self) -> u32 {
+        match *self {
+            Fates::AllComplete => 3,
+            Fates::Mixed { max_attempts, .. } => max_attempts,
+        }
+    }
+}
+
+/// What a worker does.
+#[derive(Clone)]
+pub struct WorkerSpec {
+    pub namespace: &'static str,
+    pub max: u32,
+    pub wait_ms: u64,
+    /// Long-poll on every claim (the idle-worker pickup case) instead of only after a partial batch.
+    pub always_wait: bool,
+    pub fates: Fates,
+}
+
+/// A step whose completion (or failure) ends its task: a single job's only
+/// step, or the last step of the 3-step workflow.
+fn is_last_step(step: &str) -> bool {
+    step == "main" || step == "c"
+}
+
+/// A step whose first claim is the task's pickup.
+fn is_first_step(step: &str) -> bool {
+    step == "main" || step == "a"
+}
+
+pub async fn worker(
+    target: Target,
+    index: usize,
+    spec: WorkerSpec,
+    phase: Arc<Phase>,
+    pickups: Arc<Pickups>,
+) -> Result<Tally> {
+    let mut tally = Tally::default();
+    let mut claim_conn = Conn::connect(&target).await?;
+    let mut step_conns = Vec::with_capacity(spec.max as usize);
+    for _ in 0..spec.max {
+        step_conns.push(Conn::connect(&target).await?);
+    }
+    let claim_body = |wait_ms: u64| {
+        Bytes::from(format!(
+            r#"{{"namespaces":["{}"],"worker_id":"w-{index}","max":{},"wait_ms":{wait_ms}}}"#,
+            spec.namespace, spec.max
+        ))
+    };
+    let polling = claim_body(spec.wait_ms);
+    let immediate = claim_body(0);
+    let mut wait = true;
+    let mut claimed = Vec::new();
+    while !phase.stopping() {
+        let body = if wait || spec.always_wait { polling.clone() } else { immediate.clone() };
+        let started = Instant::now();
+        let answer = tokio::select! {
+            answer = claim_conn.post("/v1/claims", body) => answer,
+            _ = phase.stopped() => break,
+        };
+        let (status, bytes) = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                tally.error(|| format!("claim: {e:#}"));
+                break;
+            }
+        };
+        let at_ns = phase.now_ns();
+        if status != StatusCode::OK {
+            tally.error(|| format!("claim: {status} {}", String::from_utf8_lossy(&bytes)));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        let parsed: ClaimAnswer<'_> = match serde_json::from_slice(&bytes) {
+            Ok(p) => p,
+            Err(e) => {
+                tally.error(|| format!("claim answer: {e}"));
+                continue;
+            }
+        };
+        let measuring = phase.measuring();
+        if measuring && !(wait || spec.always_wait) {
+            tally.claim.record(started.elapsed());
+        }
+        wait = parsed.steps.len() < spec.max as usize;
+        claimed.clear();
+        for step in &parsed.steps {
+            let number = task_number(step.task_id).unwrap_or(0);
+            if step.attempt == 1
+                && is_first_step(step.step)
+                && let Some(pickup) = pickups.claimed(number, at_ns)
+                && measuring
+            {
+                tally.pickup.record(pickup);
+            }
+            let outcome = spec.fates.decide(number, step.step, step.attempt);
+            let (path, body, ends) = match outcome {
+                Outcome::Complete => (
+                    format!("/v1/tasks/{}/steps/{}/complete", step.task_id, step.step),
+                    format!(r#"{{"epoch":{},"result":{{"ok":true}}}}"#, step.epoch),
+                    is_last_step(step.step),
+                ),
+                Outcome::Fail { retryable } => (
+                    format!("/v1/tasks/{}/steps/{}/fail", step.task_id, step.step),
+                    format!(r#"{{"epoch":{},"error":"handler failed","retryable":{retryable}}}"#, step.epoch),
+                    !retryable || step.attempt >= spec.fates.max_attempts(),
+                ),
+            };
+            claimed.push((path, Bytes::from(body), matches!(outcome, Outcome::Complete), ends));
+        }
+        drop(parsed);
+        let results = futures_util::future::join_all(claimed.iter().zip(step_conns.iter_mut()).map(
+            |((path, body, _, _), conn)| async move {
+                let started = Instant::now();
+                let answer = conn.post(path, body.clone()).await;
+                (started.elapsed(), answer)
+            },
+        ))
+        .await;
+        let measuring = phase.measuring();
+        for ((_, _, complete, ends), (elapsed, answer)) in claimed.iter().zip(results) {
+            match answer {
+                Ok((StatusCode::OK, _)) => {}
+                Ok((status, body)) => {
+                    tally.error(|| format!("complete/fail: {status} {}", String::from_utf8_lossy(&body)));
+                    continue;
+                }
+                Err(e) => {
+                    tally.error(|| format!("complete/fail: {e:#}"));
+                    return Ok(tally);
+                }
+            }
+            if *ends {
+                phase.backlog.fetch_sub(1, Ordering::Relaxed);
+            }
+            if !measuring {
+                continue;
+            }
+            if *complete {
+                tally.complete.record(elapsed);
+                tally.completed_steps += 1;
+            } else {
+                tally.fail.record(elapsed);
+                if *ends {
+                    tally.dead_lettered += 1;
+                } else {
+                    tally.retried_steps += 1;
+                }
+            }
+            if *ends {
+                tally.finished += 1;
+            }
+        }
+    }
+    Ok(tally)
+}
+
+/// What producers create.
+#[derive(Clone, Copy)]
+pub enum TaskShape {
+    /// A single-step job.
+    Single,
+    /// Mixed: single jobs with a short retry backoff, and every `dag_every`-th task a 3-step workflow.
+    Mixed { dag_every: u64 },
+}
+
+const RETRY: &str = r#"{"base_ms":20,"multiplier":2.0,"cap_ms":100,"jitter_pct":20}"#;
+
+/// Appends one task's JSON to `out`.
+fn write_task(out: &mut String, ids: &Ids, n: u64, namespace: &str, shape: TaskShape) {
+    out.push_str(r#"{"id":""#);
+    ids.write(out, n);
+    let _ = write!(
+        out,
+        r#"","namespace":"{namespace}","payload":{{"n":{n},"to":"user-{n}@example.com","template":"welcome"}},"#
+    );
+    match shape {
+        TaskShape::Single => out.push_str(r#""handler":"send-email"}"#),
+        TaskShape::Mixed { dag_every } if dag_every > 0 && n.is_multiple_of(dag_every) => {
+            let _ = write!(
+                out,
+                r#""name":"etl","steps":[{{"name":"a","handler":"extract","max_attempts":3,"retry":{RETRY}}},{{"name":"b","handler":"transform","depends_on":["a"],"max_attempts":3,"retry":{RETRY}}},{{"name":"c","handler":"load","depends_on":["a","b"],"max_attempts":3,"retry":{RETRY}}}]}}"#
+            );
+        }
+        TaskShape::Mixed { .. } => {
+            let _ = write!(out, r#""handler":"send-email","max_attempts":3,"retry":{RETRY}}}"#);
+        }
+    }
+}
+
+/// A closed-loop producer: one create at a time on its own connection,
+/// pausing while more than `max_backlog` tasks are unfinished.
+pub async fn producer(
+    target: Target,
+    namespace: &'static str,
+    shape: TaskShape,
+    max_backlog: u64,
+    ids: Arc<Ids>,
+    phase: Arc<Phase>,
+    pickups: Arc<Pickups>,
+) -> Result<Tally> {
+    let mut tally = Tally::default();
+    let mut conn = Conn::connect(&target).await?;
+    let mut body = String::with_capacity(512);
+    while !phase.stopping() {
+        if phase.backlog.load(Ordering::Relaxed) >= max_backlog {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        let n = ids.next();
+        body.clear();
+        write_task(&mut body, &ids, n, namespace, shape);
+        phase.backlog.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        match conn.post("/v1/tasks", Bytes::copy_from_slice(body.as_bytes())).await {
+            Ok((StatusCode::CREATED, _)) => {}
+            Ok((status, answer)) => {
+                phase.backlog.fetch_sub(1, Ordering::Relaxed);
+                tally.error(|| format!("create: {status} {}", String::from_utf8_lossy(&answer)));
+                continue;
+            }
+            Err(e) => {
+                tally.error(|| format!("create: {e:#}"));
+                break;
+            }
+        }
+        let elapsed = started.elapsed();
+        let pickup = pickups.acknowledged(n, phase.now_ns());
+        if phase.measuring() {
+            tally.create.record(elapsed);
+            tally.created += 1;
+            if let Some(p) = pickup {
+                tally.pickup.record(p);
+            }
+        }
+    }
+    Ok(tally)
+}
+
+/// An open-loop producer: creates on a fixed schedule (`interval` apart,
+/// starting at `offset`) whether or not the last one was answered yet, and
+/// measures each acknowledgement from its scheduled time, so a stall shows
+/// up in the latency instead of silently lowering the rate.
+#[allow(clippy::too_many_arguments)]
+pub async fn paced_producer(
+    target: Target,
+    namespace: &'static str,
+    interval: Duration,
+    offset: Duration,
+    ids: Arc<Ids>,
+    phase: Arc<Phase>,
+    pickups: Arc<Pickups>,
+) -> Result<Tally> {
+    let mut tally = Tally::default();
+    let mut conn = Conn::connect(&target).await?;
+    let mut body = String::with_capacity(512);
+    let mut next = tokio::time::Instant::now() + offset;
+    while !phase.stopping() {
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = phase.stopped() => break,
+        }
+        let scheduled = next;
+        next += interval;
+        let n = ids.next();
+        body.clear();
+        write_task(&mut body, &ids, n, namespace, TaskShape::Single);
+        phase.backlog.fetch_add(1, Ordering::Relaxed);
+        match conn.post("/v1/tasks", Bytes::copy_from_slice(body.as_bytes())).await {
+            Ok((StatusCode::CREATED, _)) => {}
+            Ok((status, answer)) => {
+                tally.error(|| format!("create: {status} {}", String::from_utf8_lossy(&answer)));
+                continue;
+            }
+            Err(e) => {
+                tally.error(|| format!("create: {e:#}"));
+                break;
+            }
+        }
+        let elapsed = scheduled.elapsed();
+        let pickup = pickups.acknowledged(n, phase.now_ns());
+        if phase.measuring() {
+            tally.create.record(elapsed);
+            tally.created += 1;
+            if let Some(p) = pickup {
+                tally.pickup.record(p);
+            }
+        }
+    }
+    Ok(tally)
+}
+
+/// A producer of batches of `size` single-step tasks through `/v1/tasks/batch`.
+pub async fn batch_producer(
+    target: Target,
+    namespace: &'static str,
+    size: usize,
+    ids: Arc<Ids>,
+    phase: Arc<Phase>,
+) -> Result<Tally> {
+    let mut tally = Tally::default();
+    let mut conn = Conn::connect(&target).await?;
+    let mut body = String::with_capacity(size * 160 + 16);
+    while !phase.stopping() {
+        body.clear();
+        body.push_str(r#"{"tasks":["#);
+        for i in 0..size {
+            if i > 0 {
+                body.push(',');
+            }
+            write_task(&mut body, &ids, ids.next(), namespace, TaskShape::Single);
+        }
+        body.push_str("]}");
+        let started = Instant::now();
+        match conn.post("/v1/tasks/batch", Bytes::copy_from_slice(body.as_bytes())).await {
+            Ok((StatusCode::CREATED, _)) => {}
+            Ok((status, answer)) => {
+                tally.error(|| format!("batch create: {status} {}", String::from_utf8_lossy(&answer)));
+                continue;
+            }
+            Err(e) => {
+                tally.error(|| format!("batch create: {e:#}"));
+                break;
+            }
+        }
+        if phase.measuring() {
+            tally.create.record(started.elapsed());
+            tally.created += size as u64;
+        }
+    }
+    Ok(tally)
+}
+
+/// One producer creating `count` tasks one at a time, `interval` apart, for
+/// the idle-worker pickup case (nothing else is running).
+pub async fn trickle_producer(
+    target: Target,
+    namespace: &'static str,
+    interval: Duration,
+    ids: Arc<Ids>,
+    phase: Arc<Phase>,
+    pickups: Arc<Pickups>,
+) -> Result<Tally> {
+    let mut tally = Tally::default();
+    let mut conn = Conn::connect(&target).await?;
+    let mut body = String::with_capacity(512);
+    while !phase.stopping() {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = phase.stopped() => break,
+        }
+        let n = ids.next();
+        body.clear();
+        write_task(&mut body, &ids, n, namespace, TaskShape::Single);
+        phase.backlog.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        match conn.post("/v1/tasks", Bytes::copy_from_slice(body.as_bytes())).await {
+            Ok((StatusCode::CREATED, _)) => {}
+            Ok((status, answer)) => {
+                tally.error(|| format!("create: {status} {}", String::from_utf8_lossy(&answer)));
+                continue;
+            }
+            Err(e) => {
+                tally.error(|| format!("create: {e:#}"));
+                break;
+            }
+        }
+        let elapsed = started.elapsed();
+        let pickup = pickups.acknowledged(n, phase.now_ns());
+        if phase.measuring() {
+            tally.create.record(elapsed);
+            tally.created += 1;
+            if let Some(p) = pickup {
+                tally.pickup.record(p);
+            }
+        }
+    }
+    Ok(tally)
+}
+
+/// Waits until `/readyz` says the projections have caught up (or `limit` passes).
+pub async fn settle(target: &Target, limit: Duration) -> Result<bool> {
+    let mut conn = Conn::connect(target).await?;
+    let deadline = Instant::now() + limit;
+    loop {
+        let (status, _) = conn.get("/readyz").await?;
+        if status == StatusCode::OK {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_uuid_v7_and_carry_their_number() {
+        let ids = Ids::new();
+        let mut id = String::new();
+        ids.write(&mut id, 0x1234_5678_9abc);
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "7", "version nibble in {id}");
+        assert_eq!(&id[19..20], "8", "variant nibble in {id}");
+        assert_eq!(task_number(&id), Some(0x1234_5678_9abc));
+    }
+
+    #[test]
+    fn tasks_are_json() {
+        let ids = Ids::new();
+        for shape in [TaskShape::Single, TaskShape::Mixed { dag_every: 1 }, TaskShape::Mixed { dag_every: 2 }] {
+            let mut out = String::new();
+            write_task(&mut out, &ids, 7, "ns", shape);
+            let value: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
+            assert_eq!(value["namespace"], "ns");
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Runs `taskledger-bench --quick --json` against the real server and a real
+//! throwaway PostgreSQL, and checks what it prints: every JSON line parses,
+//! every workload of both systems ran, finished tasks and saw no errors.
+//! Timings are not asserted (they belong to the benchmark's own output).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+/// The `taskledger` server binary: `TASKLEDGER_BENCH_SERVER_BIN`, or the one
+/// cargo built beside this test (`cargo build --workspace --bins`), or the
+/// release build.
+fn server_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("TASKLEDGER_BENCH_SERVER_BIN") {
+        return PathBuf::from(path);
+    }
+    let mut dir = std::env::current_exe().expect("test executable has a path");
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let beside = dir.join("taskledger");
+    if beside.exists() {
+        return beside;
+    }
+    let release = dir.parent().map(|t| t.join("release").join("taskledger"));
+    match release {
+        Some(path) if path.exists() => path,
+        _ => panic!(
+            "no taskledger server binary beside {}; run `cargo build -p api --bin taskledger` first \
+             (or set TASKLEDGER_BENCH_SERVER_BIN)",
+            dir.display()
+        ),
+    }
+}
+
+#[test]
+fn quick_run_prints_a_result_for_every_workload() {
+    let output = Command::new(env!("CARGO_BIN_EXE_taskledger-bench"))
+        .args(["--quick", "--json", "--server-bin"])
+        .arg(server_binary())
+        .output()
+        .expect("run taskledger-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "taskledger-bench failed ({}):\n{stderr}\n{stdout}", output.status);
+
+    let lines: Vec<Value> = stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect();
+    let rows: Vec<&Value> = lines.iter().filter(|v| v.get("system").is_some()).collect();
+    let expected = [
+        ("taskledger", "lifecycle"),
+        ("taskledger", "half-rate"),
+        ("taskledger", "idle-pickup"),
+        ("taskledger", "mixed"),
+        ("taskledger", "batch-create"),
+        ("pg-skip-locked", "lifecycle"),
+        ("pg-skip-locked", "half-rate"),
+        ("pg-skip-locked", "idle-pickup"),
+        ("pg-skip-locked", "batch-create"),
+    ];
+    for (system, workload) in expected {
+        let row = rows
+            .iter()
+            .find(|r| r["system"] == system && r["workload"] == workload)
+            .unwrap_or_else(|| panic!("no {system} {workload} line in:\n{stdout}\n{stderr}"));
+        assert_eq!(row["errors"], 0, "{system} {workload} had errors: {row}");
+        assert!(row["tasks_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{system} {workload} did nothing: {row}");
+        let done = if workload == "batch-create" { &row["created"] } else { &row["finished"] };
+        assert!(done.as_u64().unwrap_or(0) > 0, "{system} {workload} finished no task: {row}");
+        for key in ["p50_ms", "p99_ms", "pickup_p99_ms"] {
+            assert!(row[key].is_number(), "{system} {workload}: {key} missing in {row}");
+        }
+    }
+    let lifecycle = rows.iter().find(|r| r["system"] == "taskledger" && r["workload"] == "lifecycle").unwrap();
+    assert!(lifecycle["pickup_p99_ms"].is_number());
+    let mixed = rows.iter().find(|r| r["workload"] == "mixed").unwrap();
+    assert!(mixed["completed_steps"].as_u64().unwrap_or(0) > 0, "mixed completed no step: {mixed}");
+    let ratio = lines.iter().find_map(|v| v.get("ratio_lifecycle")).expect("a ratio_lifecycle line");
+    assert!(ratio.as_f64().unwrap_or(0.0) > 0.0, "ratio {ratio}");
+}
