@@ -11,6 +11,7 @@
 //! newest `window_events` records. System (timer) records are not indexed.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use crate::error::ReadError;
 use crate::reader::LogReader;
@@ -18,20 +19,28 @@ use crate::writer::SeqRange;
 
 /// Records read per batch while rebuilding.
 const REBUILD_BATCH: usize = 8192;
+/// Most entries the index reserves room for up front: growing a map of a
+/// million ids rehashes all of them at once, a stall of milliseconds in the
+/// middle of a commit; reserving the whole window would cost memory an idle
+/// ledger never uses.
+const PRESIZE_ENTRIES_MAX: u64 = 1 << 18;
 /// The actor of the ledger's own timer events, which are not deduplicated.
 pub const SYSTEM_ACTOR: &str = "system";
 
 #[derive(Debug)]
 pub struct DedupIndex {
     window_events: u64,
-    by_id: HashMap<String, SeqRange>,
+    /// One allocation per id, shared by both maps.
+    by_id: HashMap<Arc<str>, SeqRange>,
     /// (last seq, command id), oldest first.
-    order: VecDeque<(u64, String)>,
+    order: VecDeque<(u64, Arc<str>)>,
 }
 
 impl DedupIndex {
     pub fn new(window_events: u64) -> Self {
-        Self { window_events: window_events.max(1), by_id: HashMap::new(), order: VecDeque::new() }
+        let window_events = window_events.max(1);
+        let presize = window_events.min(PRESIZE_ENTRIES_MAX) as usize;
+        Self { window_events, by_id: HashMap::with_capacity(presize), order: VecDeque::with_capacity(presize) }
     }
 
     /// Rebuilds the window from the newest `window_events` records.
@@ -58,21 +67,21 @@ impl DedupIndex {
     /// Records that `command_id` wrote `range`, then forgets ids that fell
     /// out of the window as of `head_seq`.
     pub fn insert(&mut self, command_id: &str, range: SeqRange, head_seq: u64) {
-        self.by_id.insert(command_id.to_owned(), range);
-        self.order.push_back((range.last, command_id.to_owned()));
+        let id: Arc<str> = Arc::from(command_id);
+        self.by_id.insert(id.clone(), range);
+        self.order.push_back((range.last, id));
         self.evict(head_seq);
     }
 
     /// A command's events are contiguous, so a record extends the range of
     /// its command id (or starts one).
     fn extend(&mut self, command_id: &str, seq: u64) {
-        match self.by_id.get_mut(command_id) {
-            Some(range) => range.last = seq,
-            None => {
-                self.by_id.insert(command_id.to_owned(), SeqRange { first: seq, last: seq });
-            }
-        }
-        self.order.push_back((seq, command_id.to_owned()));
+        let id = match self.by_id.get_key_value(command_id) {
+            Some((id, _)) => id.clone(),
+            None => Arc::from(command_id),
+        };
+        self.by_id.entry(id.clone()).and_modify(|range| range.last = seq).or_insert(SeqRange { first: seq, last: seq });
+        self.order.push_back((seq, id));
     }
 
     fn evict(&mut self, head_seq: u64) {
@@ -82,8 +91,8 @@ impl DedupIndex {
                 break;
             }
             // Only forget the id if this entry is its newest one.
-            if self.by_id.get(id).is_some_and(|r| r.last == *last) {
-                self.by_id.remove(id);
+            if self.by_id.get(&**id).is_some_and(|r| r.last == *last) {
+                self.by_id.remove(&**id);
             }
             self.order.pop_front();
         }

@@ -598,7 +598,7 @@ impl WriterThread {
         let mut records: Vec<NewRecord> = Vec::new();
         let mut pending: Vec<Pending> = Vec::with_capacity(batch.len());
         // Command ids accepted in this batch, with their seqs.
-        let mut in_batch: HashMap<String, SeqRange> = HashMap::new();
+        let mut in_batch: HashMap<String, SeqRange> = HashMap::with_capacity(batch.len());
         let mut new_streams: std::collections::HashSet<TaskId> = std::collections::HashSet::new();
         let head_before = self.store.head().seq;
 
