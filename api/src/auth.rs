@@ -12,6 +12,10 @@
 //! everything, including the event feed; write nothing), `admin` (all).
 //! A scope limits a token to some namespaces; the writer enforces it against
 //! the ledger, which knows each task's namespace.
+//!
+//! Revocation: an entry with `"revoked": true` stays in the file (so the
+//! record of who held it survives) but authenticates nobody; the file is
+//! read at startup, so a revocation takes effect when the server restarts.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -78,6 +82,9 @@ pub struct TokenEntry {
     /// Namespaces the token may touch; absent or empty means all.
     #[serde(default)]
     pub namespaces: Vec<String>,
+    /// A revoked token authenticates nobody (401), whatever its roles.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revoked: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -122,6 +129,8 @@ impl Principal {
 #[derive(Clone, Debug, Default)]
 pub struct Tokens {
     by_hash: Arc<HashMap<String, Principal>>,
+    /// Hashes of revoked tokens, only to say "revoked" rather than "unknown".
+    revoked: Arc<BTreeSet<String>>,
 }
 
 pub fn hash_token(token: &str) -> String {
@@ -131,7 +140,18 @@ pub fn hash_token(token: &str) -> String {
 impl Tokens {
     pub fn from_file(file: TokensFile) -> anyhow::Result<Self> {
         let mut by_hash = HashMap::new();
+        let mut revoked = BTreeSet::new();
         for entry in file.tokens {
+            let hash = entry.token_blake3.to_ascii_lowercase();
+            if entry.revoked {
+                if by_hash.contains_key(&hash) || !revoked.insert(hash) {
+                    anyhow::bail!("token {:?} appears twice", entry.name);
+                }
+                continue;
+            }
+            if revoked.contains(&hash) {
+                anyhow::bail!("token {:?} appears twice", entry.name);
+            }
             let scope = if entry.namespaces.is_empty() {
                 None
             } else {
@@ -142,15 +162,21 @@ impl Tokens {
                 anyhow::bail!("token {:?} has no roles", entry.name);
             }
             let principal = Principal { name: Arc::from(entry.name.as_str()), roles: entry.roles, scope };
-            if by_hash.insert(entry.token_blake3.to_ascii_lowercase(), principal).is_some() {
+            if by_hash.insert(hash, principal).is_some() {
                 anyhow::bail!("token {:?} appears twice", entry.name);
             }
         }
-        Ok(Self { by_hash: Arc::new(by_hash) })
+        Ok(Self { by_hash: Arc::new(by_hash), revoked: Arc::new(revoked) })
     }
 
+    /// The principal of a live token; `None` for unknown and revoked ones.
     pub fn authenticate(&self, token: &str) -> Option<&Principal> {
         self.by_hash.get(&hash_token(token))
+    }
+
+    /// Whether `token` is listed as revoked.
+    pub fn is_revoked(&self, token: &str) -> bool {
+        self.revoked.contains(&hash_token(token))
     }
 }
 
@@ -186,6 +212,7 @@ pub fn load_or_init(tokens_path: &Path, data_dir: &Path) -> anyhow::Result<(Toke
             token_blake3: hash_token(&token),
             roles: [Role::Admin].into_iter().collect(),
             namespaces: Vec::new(),
+            revoked: false,
         }],
     };
     if let Some(parent) = tokens_path.parent() {
@@ -226,7 +253,10 @@ impl<S: HasTokens + Send + Sync> FromRequestParts<S> for Principal {
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(str::trim)
             .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <token>`"))?;
-        state.tokens().authenticate(token).cloned().ok_or_else(|| ApiError::unauthorized("unknown token"))
+        let tokens = state.tokens();
+        tokens.authenticate(token).cloned().ok_or_else(|| {
+            ApiError::unauthorized(if tokens.is_revoked(token) { "this token was revoked" } else { "unknown token" })
+        })
     }
 }
 
@@ -256,11 +286,31 @@ mod tests {
                 token_blake3: hash_token(&token),
                 roles: [Role::Worker].into_iter().collect(),
                 namespaces: vec!["mail".into()],
+                revoked: false,
             }],
         };
         let tokens = Tokens::from_file(file).unwrap();
         let p = tokens.authenticate(&token).unwrap();
         assert!(p.may_see(&Namespace::new("mail").unwrap()) && !p.may_see(&Namespace::new("etl").unwrap()));
         assert!(tokens.authenticate("tl_nope").is_none());
+    }
+
+    #[test]
+    fn revoked_tokens_authenticate_nobody() {
+        let entry = |token: &str, revoked: bool| TokenEntry {
+            name: token.into(),
+            token_blake3: hash_token(token),
+            roles: [Role::Admin].into_iter().collect(),
+            namespaces: Vec::new(),
+            revoked,
+        };
+        let tokens = Tokens::from_file(TokensFile { tokens: vec![entry("live", false), entry("gone", true)] }).unwrap();
+        assert!(tokens.authenticate("live").is_some() && !tokens.is_revoked("live"));
+        assert!(tokens.authenticate("gone").is_none() && tokens.is_revoked("gone"));
+        let parsed: TokensFile =
+            serde_json::from_str(r#"{"tokens":[{"name":"x","token_blake3":"00","roles":["auditor"],"revoked":true}]}"#)
+                .unwrap();
+        assert!(parsed.tokens[0].revoked);
+        assert!(Tokens::from_file(TokensFile { tokens: vec![entry("t", false), entry("t", true)] }).is_err());
     }
 }
