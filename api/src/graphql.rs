@@ -624,14 +624,25 @@ fn count_aliases(document: &ExecutableDocument) -> usize {
     operations + fragments
 }
 
-/// POST /graphql: one operation per request, authenticated like REST.
+/// POST /graphql: one operation per request, authenticated like REST (401
+/// without a valid token, before the query is even parsed).
 pub async fn graphql_handler(
     State(state): State<AppState>,
     axum::Extension(schema): axum::Extension<LedgerSchema>,
     headers: axum::http::HeaderMap,
     request: GraphQLRequest,
 ) -> Response {
-    let mut request = request.into_inner();
+    // Authenticate before anything else, like every REST route: without a
+    // valid token not even introspection is answered.
+    let authorization = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let Some(principal) = principal_from(&state, authorization) else {
+        let message = match authorization {
+            None => "missing Authorization: Bearer <token> header",
+            Some(_) => "unknown, revoked or malformed token; send Authorization: Bearer <token>",
+        };
+        return graphql_error(StatusCode::UNAUTHORIZED, "unauthorized", message.to_owned());
+    };
+    let request = request.into_inner().data(principal);
     let document = match async_graphql::parser::parse_query(&request.query) {
         Ok(document) => document,
         Err(e) => return graphql_error(StatusCode::BAD_REQUEST, "invalid_query", e.to_string()),
@@ -643,11 +654,6 @@ pub async fn graphql_handler(
             "too_many_aliases",
             format!("the query uses {aliases} aliases; the limit is {ALIASES_MAX}"),
         );
-    }
-    if let Some(principal) =
-        principal_from(&state, headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()))
-    {
-        request = request.data(principal);
     }
     GraphQLResponse::from(schema.execute(request).await).into_response()
 }
