@@ -188,3 +188,94 @@ impl Drop for Server {
         }
     }
 }
+
+// ----- additions for the reliability suite (authz, abuse, load) -----
+
+impl Server {
+    /// The server's process id (for /proc/<pid>/status), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `host:port`, for raw TCP clients.
+    pub fn addr(&self) -> String {
+        self.base.trim_start_matches("http://").to_owned()
+    }
+}
+
+/// Resident memory of a process in KiB (`VmRSS` in /proc/<pid>/status).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Raw HTTP/1.1 over a `TcpStream`, for requests an HTTP library would not
+/// send (malformed headers, bytes dripped one at a time, odd framing).
+pub mod raw {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    /// A parsed answer; `body` is the raw body text (not de-chunked).
+    #[derive(Debug)]
+    pub struct RawAnswer {
+        pub status: u16,
+        pub head: String,
+        pub body: String,
+    }
+
+    /// Connects with read and write timeouts of `timeout`.
+    pub fn connect(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    /// Reads until the server closes (send `Connection: close`) or the
+    /// timeout passes, then splits status, head and body.
+    pub fn read_answer(stream: &mut TcpStream) -> std::io::Result<RawAnswer> {
+        let mut bytes = Vec::new();
+        let mut chunk = [0u8; 8192];
+        loop {
+            match stream.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+                Err(e) if bytes.is_empty() => return Err(e),
+                Err(_) => break,
+            }
+        }
+        parse(&bytes)
+    }
+
+    pub fn parse(bytes: &[u8]) -> std::io::Result<RawAnswer> {
+        let text = String::from_utf8_lossy(bytes).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
+        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| {
+            std::io::Error::other(format!("no HTTP status line in {:?}", &text[..text.len().min(200)]))
+        })?;
+        Ok(RawAnswer { status, head: head.to_owned(), body: body.to_owned() })
+    }
+
+    /// Sends `request` as is and reads the whole answer.
+    pub fn exchange(addr: &str, request: &[u8], timeout: Duration) -> std::io::Result<RawAnswer> {
+        let mut stream = connect(addr, timeout)?;
+        stream.write_all(request)?;
+        read_answer(&mut stream)
+    }
+}
+
+// ----- additions for the crash suite (crash_api) -----
+
+impl Server {
+    /// Kills the server with SIGKILL (no shutdown, no flush: a crash) and returns how it
+    /// ended, so a caller can tell a kill from a server that had already exited on its own.
+    pub fn kill(mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        // `Child::kill` is SIGKILL on Unix.
+        let _ = child.kill();
+        child.wait().ok()
+    }
+}
