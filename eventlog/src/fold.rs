@@ -49,13 +49,18 @@ pub fn encode_event(event: &Event, command_id: &str, actor: &str, recorded_at_us
 
 /// Decodes the domain event of a record, checking it agrees with the header.
 pub fn decode_event(record: &StoredRecord) -> Result<Event, FoldError> {
-    let event: Event = postcard::from_bytes(&record.payload)
-        .map_err(|e| FoldError::Decode { seq: record.seq, reason: e.to_string() })?;
-    if event.type_code() != record.event_type || event.schema_version() != record.schema_version {
+    decode_payload(record.seq, record.event_type, record.schema_version, &record.payload)
+}
+
+/// [`decode_event`] from a record's parts, for callers holding a borrowed record
+/// (`verify::CheckedRecord`) rather than an owned one.
+pub fn decode_payload(seq: u64, event_type: u16, schema_version: u16, payload: &[u8]) -> Result<Event, FoldError> {
+    let event: Event = postcard::from_bytes(payload).map_err(|e| FoldError::Decode { seq, reason: e.to_string() })?;
+    if event.type_code() != event_type || event.schema_version() != schema_version {
         return Err(FoldError::TypeMismatch {
-            seq: record.seq,
-            header_type: record.event_type,
-            header_version: record.schema_version,
+            seq,
+            header_type: event_type,
+            header_version: schema_version,
             payload_type: event.type_code(),
             payload_version: event.schema_version(),
         });
@@ -86,6 +91,63 @@ pub fn ledger_from_snapshot(seq: u64, body: &[u8]) -> Result<Ledger, FoldError> 
         return Err(FoldError::Snapshot { seq, reason: "state digest differs from the one saved".into() });
     }
     Ok(ledger)
+}
+
+/// Domain prefix of `Ledger::digest` (`domain/src/ledger.rs`); a test below
+/// checks the two agree.
+const LEDGER_DIGEST_DOMAIN: &[u8] = b"taskledger.ledger.v1";
+
+/// What [`scan_snapshot_body`] found in a snapshot body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotBodyFacts {
+    /// BLAKE3 of the whole body (compare with the file header's body hash).
+    pub body_hash: [u8; 32],
+    /// The digest the snapshot saved (`None` if the body is shorter than one).
+    pub saved_digest: Option<[u8; 32]>,
+    /// The ledger digest of the state bytes after it, as `Ledger::digest` would compute it
+    /// for a ledger whose `write_state` wrote exactly those bytes.
+    pub state_digest: [u8; 32],
+}
+
+/// Reads a snapshot body (`digest ‖ postcard(state)`, see [`snapshot_body`]) in chunks of
+/// `chunk_bytes` without decoding it, hashing it on the way, and hands every chunk of the state
+/// part to `on_state` (which returns whether it still wants them). A caller compares those
+/// bytes with `Ledger::write_state` of the ledger it expects: equal bytes and
+/// `saved_digest == Some(state_digest)` mean the snapshot holds exactly that ledger, with no
+/// second ledger built. The body is always read to its end, so `body_hash` is always complete.
+pub fn scan_snapshot_body(
+    mut body: impl std::io::Read,
+    chunk_bytes: usize,
+    mut on_state: impl FnMut(Vec<u8>) -> bool,
+) -> std::io::Result<SnapshotBodyFacts> {
+    let mut body_hasher = blake3::Hasher::new();
+    let mut state_hasher = blake3::Hasher::new();
+    state_hasher.update(LEDGER_DIGEST_DOMAIN);
+    let mut saved = Vec::with_capacity(32);
+    let mut listening = true;
+    loop {
+        let mut chunk = vec![0u8; chunk_bytes.max(64)];
+        let n = match body.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        chunk.truncate(n);
+        body_hasher.update(&chunk);
+        let digest_bytes = (32 - saved.len()).min(chunk.len());
+        saved.extend_from_slice(&chunk[..digest_bytes]);
+        let state = chunk.split_off(digest_bytes);
+        state_hasher.update(&state);
+        if listening && !state.is_empty() {
+            listening = on_state(state);
+        }
+    }
+    Ok(SnapshotBodyFacts {
+        body_hash: *body_hasher.finalize().as_bytes(),
+        saved_digest: saved.try_into().ok(),
+        state_digest: *state_hasher.finalize().as_bytes(),
+    })
 }
 
 /// How a fold went: where it started and how much it replayed.
@@ -146,4 +208,38 @@ pub fn fold_to_head(reader: &LogReader, snapshots: &SnapshotStore) -> Result<(Le
     let head = reader.head()?;
     let (ledger, stats) = fold_to(reader, snapshots, head.seq)?;
     Ok((ledger, head, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use domain::Command;
+    use domain::testkit::{Scenario, claim, job};
+
+    /// A snapshot body scanned without decoding says what decoding it would: its state bytes
+    /// are `write_state`'s and both digests are the ledger's.
+    #[test]
+    fn scanning_a_snapshot_body_yields_the_ledger_digest_and_its_state_bytes() {
+        let mut scenario = Scenario::new();
+        for n in 0..30 {
+            scenario.ok(Command::CreateTask(job(n, if n % 2 == 0 { "a" } else { "b" })));
+        }
+        scenario.ok(claim("a", "w", 2));
+        let ledger = &scenario.ledger;
+        let body = snapshot_body(ledger);
+        for chunk_bytes in [1, 7, 64, 1 << 20] {
+            let mut state = Vec::new();
+            let facts = scan_snapshot_body(&body[..], chunk_bytes, |chunk| {
+                state.extend_from_slice(&chunk);
+                true
+            })
+            .unwrap();
+            assert_eq!(facts.body_hash, *blake3::hash(&body).as_bytes());
+            assert_eq!(facts.saved_digest, Some(ledger.digest()));
+            assert_eq!(facts.state_digest, ledger.digest());
+            assert_eq!(state, ledger.write_state(Vec::new()).unwrap());
+        }
+        let short = scan_snapshot_body(&body[..10], 4, |_| true).unwrap();
+        assert_eq!(short.saved_digest, None);
+    }
 }

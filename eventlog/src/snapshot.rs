@@ -162,6 +162,24 @@ fn read_header(path: &Path) -> Result<(SnapshotInfo, Hash, File), SnapshotError>
     Ok((info, body_hash, file))
 }
 
+/// A snapshot file whose header passed its checks, open at the start of its body, for readers
+/// that stream the body instead of loading it (`taskledger-replay verify` compares it with a
+/// fold as it reads). The body is not checked yet: hash it and compare with `body_hash`.
+#[derive(Debug)]
+pub struct OpenedSnapshot {
+    pub info: SnapshotInfo,
+    /// BLAKE3 of the body, as the header records it.
+    pub body_hash: Hash,
+    /// Positioned at the first body byte; exactly `info.body_len` bytes follow.
+    pub file: File,
+}
+
+/// Opens one snapshot file and checks its header (not its body).
+pub fn open_snapshot(path: &Path) -> Result<OpenedSnapshot, SnapshotError> {
+    let (info, body_hash, file) = read_header(path)?;
+    Ok(OpenedSnapshot { info, body_hash, file })
+}
+
 /// Reads and fully checks one snapshot file.
 pub fn load_snapshot(path: &Path) -> Result<Snapshot, SnapshotError> {
     let (info, body_hash, mut file) = read_header(path)?;

@@ -13,7 +13,7 @@ use redb::{ReadableTable, ReadableTableMetadata};
 
 use crate::error::{ReadError, backend};
 use crate::reader::{EVENTS, HEAD, HEAD_KEY, LogReader, STREAMS, decode_head};
-use crate::record::{self, GENESIS_HASH};
+use crate::record::{self, GENESIS_HASH, Hash};
 use crate::store::Head;
 
 /// How often the progress callback is called, in records.
@@ -64,10 +64,41 @@ fn read_backend<E: Into<redb::Error>>(error: E) -> ReadError {
     ReadError::Backend(backend(error))
 }
 
+/// One record that passed every check up to it (seq continuity, decoding, its chain link and
+/// its stream version), borrowed from the read transaction. [`verify_with`] hands these out so
+/// a caller can do more with each record (decode its event, fold it) in the same single read
+/// of the log, without decoding or hashing it a second time.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckedRecord<'a> {
+    pub seq: u64,
+    /// Its chain hash (checked against its predecessor's).
+    pub hash: &'a Hash,
+    pub stream: &'a [u8],
+    pub stream_version: u64,
+    pub recorded_at_us: i64,
+    pub command_id: &'a str,
+    pub actor: &'a str,
+    pub event_type: u16,
+    pub schema_version: u16,
+    pub payload: &'a [u8],
+    /// The stored body: exactly the bytes the chain hash covers.
+    pub body: &'a [u8],
+}
+
 /// Verifies the whole log as of now; `progress(done, total)` is called every
 /// [`PROGRESS_EVERY_RECORDS`] records and at the end. Backend failures are errors; broken data
 /// is reported in the answer.
-pub fn verify(reader: &LogReader, mut progress: impl FnMut(u64, u64)) -> Result<VerifyReport, ReadError> {
+pub fn verify(reader: &LogReader, progress: impl FnMut(u64, u64)) -> Result<VerifyReport, ReadError> {
+    verify_with(reader, progress, |_| {})
+}
+
+/// [`verify`], calling `on_record` with every record once it has passed its checks, in log
+/// order, up to the first problem.
+pub fn verify_with(
+    reader: &LogReader,
+    mut progress: impl FnMut(u64, u64),
+    mut on_record: impl FnMut(&CheckedRecord<'_>),
+) -> Result<VerifyReport, ReadError> {
     let txn = reader.begin()?;
     let events = txn.open_table(EVENTS).map_err(read_backend)?;
     let total = events.len().map_err(read_backend)?;
@@ -130,6 +161,19 @@ pub fn verify(reader: &LogReader, mut progress: impl FnMut(u64, u64)) -> Result<
                 }
             }
             prev_hash = decoded.hash;
+            on_record(&CheckedRecord {
+                seq,
+                hash: &prev_hash,
+                stream: decoded.body.stream,
+                stream_version: decoded.body.stream_version,
+                recorded_at_us: decoded.body.recorded_at_us,
+                command_id: decoded.body.command_id,
+                actor: decoded.body.actor,
+                event_type: decoded.body.event_type,
+                schema_version: decoded.body.schema_version,
+                payload: decoded.body.payload,
+                body: decoded.body_bytes,
+            });
             records += 1;
             expected += 1;
             if records.is_multiple_of(PROGRESS_EVERY_RECORDS) {

@@ -89,8 +89,14 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Directory for the scratch copy that redb's integrity check runs on (default: system temp).
+        /// The copy is as large as the log; the check runs on its own thread alongside the others.
         #[arg(long, value_name = "DIR")]
         scratch: Option<PathBuf>,
+        /// Skip the storage layer (the scratch copy and redb's page-checksum check). The log
+        /// and domain layers still check every record, its chain link and every event; what
+        /// goes unchecked is redb's own pages, e.g. the stream and time indexes.
+        #[arg(long)]
+        skip_storage_check: bool,
     },
     /// A task, or the whole ledger, exactly as it was at a seq or time.
     State {
@@ -161,7 +167,9 @@ fn run(cli: Cli) -> Result<Outcome> {
     match cli.command {
         Command::Info { input, json } => info::run(&input.open()?, json),
         Command::Events(args) => events::run(&args.input.open()?, &args),
-        Command::Verify { input, json, scratch } => verify::run(&input, json, scratch.as_deref()),
+        Command::Verify { input, json, scratch, skip_storage_check } => {
+            verify::run(&input, json, scratch.as_deref(), skip_storage_check)
+        }
         Command::State { input, as_of, task, json } => state::run(&input.open()?, as_of, task.as_deref(), json),
         Command::Diff { input, from, to, json } => diff::run(&input.open()?, from, to, json),
         Command::Incident(args) => incident::run(&args.input.open()?, &args),

@@ -1,33 +1,57 @@
 //! `verify`: is this log intact, and does the domain accept all of it?
 //!
-//! Three layers, each reported: (1) storage — redb's full page-checksum check,
-//! run on a scratch copy because it rewrites allocator state (the original is
-//! never opened for writing); (2) the log — every record decodes, seqs are
-//! gapless, stream versions are gapless, every chain link recomputes, the head
-//! matches (`eventlog::verify`); (3) the domain — every event is folded through
-//! `Ledger::apply` from an empty ledger, the final indexes are consistent, and
-//! every snapshot's state equals the fold at its seq.
+//! Three layers, each reported with its time: (1) storage — redb's full
+//! page-checksum check, run on a scratch copy because it rewrites allocator
+//! state (the original is never opened for writing); (2) the log — every
+//! record decodes, seqs are gapless, stream versions are gapless, every chain
+//! link recomputes, the head matches (`eventlog::verify`); (3) the domain —
+//! every event is folded through `Ledger::apply` from an empty ledger, the
+//! final indexes are consistent, and every snapshot's state equals the fold
+//! at its seq.
 //!
-//! redb may panic on a plain open of a damaged file. When the checked open of
-//! the copy fails, the original is opened plainly inside `catch_unwind` to
-//! find which record is damaged; a panic there is reported, never raised.
+//! The log is read once. One pass (`eventlog::verify::verify_with`) checks
+//! each record and decodes its event on the calling thread, and hands the
+//! events in batches through a bounded channel to a fold thread, so decoding
+//! and hashing overlap with `apply` on the other core; the channel's bound
+//! keeps at most a few batches of decoded events in memory. The storage layer
+//! (copy, then check the copy) needs neither, so it runs on a third thread at
+//! the same time, unless `--skip-storage-check` says not to run it at all.
+//!
+//! A snapshot is compared without decoding it: the fold's canonical state
+//! encoding (`Ledger::write_state`, the bytes a snapshot body holds after its
+//! digest) is streamed against the file's bytes, while a helper thread reads
+//! the file and computes its body checksum and the digest of the saved state.
+//! Equal bytes mean an equal state; no second ledger is built.
+//!
+//! redb may panic on a plain open of a damaged file. Every storage call is made
+//! inside `catch_unwind`; a panic there is reported, never raised.
 
 use std::collections::HashMap;
-use std::ops::ControlFlow;
-use std::path::Path;
-use std::time::Instant;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use domain::Ledger;
-use eventlog::fold::{decode_event, ledger_from_snapshot};
+use domain::{Event, Ledger};
+use eventlog::fold::{decode_payload, scan_snapshot_body};
 use eventlog::json::hex;
 use eventlog::record::{chain_hash, stored_body};
-use eventlog::{GENESIS_HASH, LogReader, RedbOptions, RedbStore, SnapshotStore};
+use eventlog::snapshot::open_snapshot;
+use eventlog::{GENESIS_HASH, Hash, LogReader, RedbOptions, RedbStore, SnapshotStore};
 use serde::Serialize;
 
 use crate::progress::Progress;
 use crate::source::{self, Source, without_panic};
 use crate::{Input, Outcome};
+
+/// Events per batch handed from the reading thread to the fold thread.
+const FOLD_BATCH_EVENTS: usize = 4096;
+/// Batches in flight between the two threads: enough to ride out a slow
+/// stretch on either side, few enough to keep memory flat.
+const FOLD_BATCHES_IN_FLIGHT: usize = 8;
+/// Bytes per read while comparing a snapshot file.
+const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 
 /// One broken invariant.
 #[derive(Serialize, Clone, Debug)]
@@ -39,11 +63,30 @@ pub struct Problem {
     pub message: String,
 }
 
+/// Wall time of each layer, in seconds. The log and domain layers overlap
+/// (one thread each), and so does the storage layer unless it was skipped.
+#[derive(Serialize, Default)]
+struct Timings {
+    total_s: f64,
+    /// Records checked per second of total wall time.
+    records_per_s: f64,
+    /// Copy to scratch + redb integrity check (null when skipped or not applicable).
+    storage_s: Option<f64>,
+    /// The reading pass: decode, chain, stream versions, head, event decoding.
+    log_s: f64,
+    /// Time the fold thread spent applying events (not waiting for them).
+    domain_apply_s: f64,
+    /// Time spent comparing snapshots with the fold.
+    snapshots_s: f64,
+    /// The final index check.
+    index_check_s: f64,
+}
+
 #[derive(Serialize, Default)]
 struct Report {
     log: String,
     clean: bool,
-    /// redb's integrity check of a scratch copy: "passed", "failed: …", or "not applicable".
+    /// redb's integrity check of a scratch copy: "passed", "failed: …", "skipped (…)" or "not applicable".
     storage: String,
     records_checked: u64,
     head_seq: u64,
@@ -52,80 +95,414 @@ struct Report {
     live_tasks: usize,
     snapshots_checked: Vec<u64>,
     problems: Vec<Problem>,
+    timings: Timings,
 }
 
 fn problem(seq: u64, kind: &str, message: impl Into<String>) -> Problem {
     Problem { seq, kind: kind.to_owned(), message: message.into() }
 }
 
-pub fn run(input: &Input, as_json: bool, scratch: Option<&Path>) -> Result<Outcome> {
+/// One record's event on its way to the fold thread.
+struct Item {
+    seq: u64,
+    hash: Hash,
+    event: Result<Event, String>,
+}
+
+/// Collects decoded events into batches and sends them to the fold thread;
+/// stops sending (and decoding) once the fold has stopped listening. The fold
+/// hands each applied batch back, events and all, so freeing the events and
+/// reallocating the batch happen here, on the less loaded thread.
+struct Feeder {
+    tx: Option<SyncSender<Vec<Item>>>,
+    returned: Receiver<Vec<Item>>,
+    batch: Vec<Item>,
+}
+
+/// The fold thread's ends of its channels: batches in, applied batches back.
+type FoldEnds = (Receiver<Vec<Item>>, SyncSender<Vec<Item>>);
+
+/// Both ends of the two channels between the reading and the fold threads.
+fn channels() -> (Feeder, FoldEnds) {
+    let (tx, rx) = sync_channel(FOLD_BATCHES_IN_FLIGHT);
+    let (back_tx, back_rx) = sync_channel(FOLD_BATCHES_IN_FLIGHT + 2);
+    let feeder = Feeder { tx: Some(tx), returned: back_rx, batch: Vec::with_capacity(FOLD_BATCH_EVENTS) };
+    (feeder, (rx, back_tx))
+}
+
+impl Feeder {
+    fn wants_more(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    fn push(&mut self, item: Item) {
+        self.batch.push(item);
+        if self.batch.len() >= FOLD_BATCH_EVENTS {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let next = match self.returned.try_recv() {
+            Ok(mut used) => {
+                used.clear();
+                used
+            }
+            Err(_) => Vec::with_capacity(FOLD_BATCH_EVENTS),
+        };
+        let batch = std::mem::replace(&mut self.batch, next);
+        if let Some(tx) = &self.tx
+            && tx.send(batch).is_err()
+        {
+            // The fold stopped at a problem; the log checks go on without it.
+            self.tx = None;
+        }
+    }
+
+    /// Sends what is left and closes the channel.
+    fn finish(mut self) {
+        self.flush();
+    }
+}
+
+/// What the fold thread found.
+#[derive(Default)]
+struct FoldOutcome {
+    applied: u64,
+    live_tasks: usize,
+    problems: Vec<Problem>,
+    snapshots_checked: Vec<u64>,
+    apply_time: Duration,
+    snapshot_time: Duration,
+    index_time: Duration,
+}
+
+pub fn run(input: &Input, as_json: bool, scratch: Option<&Path>, skip_storage: bool) -> Result<Outcome> {
     let started = Instant::now();
     let mut report = Report::default();
     if input.server.is_some() {
         let source = input.open()?;
         report.log = source.origin();
         report.storage = "not applicable (server feed)".into();
-        check_feed(&source, &mut report)?;
-        check_domain(&source, None, &mut report)?;
-    } else {
-        let (path, snapshot_dir) = source::log_paths(input.data.as_deref(), input.log.as_deref())?;
-        if !path.is_file() {
-            anyhow::bail!("open log {}: no such file", path.display());
-        }
-        report.log = path.display().to_string();
-        let scratch_dir = match scratch {
-            Some(dir) => tempfile::tempdir_in(dir),
-            None => tempfile::tempdir(),
-        }
-        .context("create a scratch directory for the integrity check")?;
-        let copy = scratch_dir.path().join(eventlog::redb_store::LOG_FILE_NAME);
-        std::fs::copy(&path, &copy).with_context(|| format!("copy {} to {}", path.display(), copy.display()))?;
-        let options = RedbOptions { check_integrity_on_open: true, cache_bytes: 64 << 20, ..RedbOptions::default() };
-        let checked = without_panic("check the copy", || {
-            RedbStore::open(scratch_dir.path(), options).map_err(|e| anyhow::anyhow!("{e}"))
-        });
-        // Keep the store alive while its reader is used.
-        let (_store, reader) = match checked {
-            Ok(store) => {
-                report.storage = "passed".into();
-                let reader = store.reader();
-                (Some(store), reader)
+        let log_started = Instant::now();
+        let checked = check_feed(&source, &mut report)?;
+        report.timings.log_s = log_started.elapsed().as_secs_f64();
+        let Source::Feed { records, .. } = &source else { unreachable!("a server input is a feed") };
+        let (mut feeder, (rx, back)) = channels();
+        let fold = std::thread::scope(|scope| {
+            let fold = scope.spawn(|| fold_thread(rx, back, HashMap::new()));
+            for record in &records[..usize::try_from(checked).unwrap_or(usize::MAX).min(records.len())] {
+                if !feeder.wants_more() {
+                    break;
+                }
+                let event = decode_payload(record.seq, record.event_type, record.schema_version, &record.payload)
+                    .map_err(|e| e.to_string());
+                feeder.push(Item { seq: record.seq, hash: record.hash, event });
             }
-            Err(error) => {
-                report.storage = format!("failed: {error:#}");
-                report.problems.push(problem(0, "storage", format!("redb integrity check failed: {error:#}")));
-                // Find the damaged record with a plain read-only open of the original.
-                match without_panic("open the log read-only", || {
-                    LogReader::open_read_only(&path).map_err(|e| anyhow::anyhow!("{e}"))
-                }) {
-                    Ok(reader) => (None, reader),
+            feeder.finish();
+            fold.join()
+        });
+        take_fold(fold, &mut report);
+        return finish(report, as_json, started);
+    }
+
+    let (path, snapshot_dir) = source::log_paths(input.data.as_deref(), input.log.as_deref())?;
+    if !path.is_file() {
+        anyhow::bail!("open log {}: no such file", path.display());
+    }
+    report.log = path.display().to_string();
+    let scratch_dir = if skip_storage {
+        None
+    } else {
+        Some(
+            match scratch {
+                Some(dir) => tempfile::tempdir_in(dir),
+                None => tempfile::tempdir(),
+            }
+            .context("create a scratch directory for the integrity check")?,
+        )
+    };
+    let snapshots = SnapshotStore::new(&snapshot_dir, usize::MAX);
+    let snapshot_at: HashMap<u64, PathBuf> =
+        snapshots.list().unwrap_or_default().into_iter().map(|entry| (entry.seq, entry.path)).collect();
+
+    std::thread::scope(|scope| -> Result<()> {
+        let storage = scratch_dir.as_ref().map(|dir| {
+            let path = path.clone();
+            std::thread::Builder::new().name("verify-storage".into()).spawn_scoped(scope, move || {
+                let started = Instant::now();
+                (check_storage(&path, dir.path()), started.elapsed())
+            })
+        });
+        let storage = storage.transpose().context("start the storage check thread")?;
+
+        let log_started = Instant::now();
+        let opened = without_panic("open the log read-only", || {
+            LogReader::open_read_only(&path).map_err(|e| anyhow::anyhow!("{e}"))
+        });
+        match opened {
+            Err(error) => report.problems.push(problem(open_error_seq(&error), "storage", format!("{error:#}"))),
+            Ok(reader) => {
+                let expected = reader.head().map(|h| h.seq).unwrap_or(0);
+                let (mut feeder, (rx, back)) = channels();
+                let fold = std::thread::Builder::new()
+                    .name("verify-fold".into())
+                    .spawn_scoped(scope, || fold_thread(rx, back, snapshot_at))
+                    .context("start the fold thread")?;
+                let progress = Progress::new(expected, "verifying");
+                let log = without_panic("verify the log", || {
+                    Ok(eventlog::verify::verify_with(
+                        &reader,
+                        |done, _| progress.set(done),
+                        |record| {
+                            if feeder.wants_more() {
+                                let event = decode_payload(
+                                    record.seq,
+                                    record.event_type,
+                                    record.schema_version,
+                                    record.payload,
+                                )
+                                .map_err(|e| e.to_string());
+                                feeder.push(Item { seq: record.seq, hash: *record.hash, event });
+                            }
+                        },
+                    )?)
+                });
+                feeder.finish();
+                drop(progress);
+                match log {
+                    Ok(log) => {
+                        report.records_checked = log.records;
+                        report.head_seq = log.head.seq;
+                        report.head_hash = hex(&log.head.hash);
+                        if let Some(p) = log.first_problem {
+                            report.problems.push(problem(p.seq, kind_name(p.kind), p.message));
+                        }
+                    }
+                    Err(error) => report.problems.push(problem(0, "storage", format!("{error:#}"))),
+                }
+                report.timings.log_s = log_started.elapsed().as_secs_f64();
+                take_fold(fold.join(), &mut report);
+            }
+        }
+
+        match storage.map(|thread| thread.join()) {
+            None => report.storage = "skipped (--skip-storage-check)".into(),
+            Some(Err(_)) => {
+                report.storage = "failed: the check stopped unexpectedly".into();
+                report.problems.push(problem(0, "storage", "redb integrity check stopped unexpectedly"));
+            }
+            Some(Ok((result, took))) => {
+                report.timings.storage_s = Some(took.as_secs_f64());
+                match result {
+                    Ok(()) => report.storage = "passed".into(),
                     Err(error) => {
-                        report.problems.push(problem(open_error_seq(&error), "storage", format!("{error:#}")));
-                        return finish(report, as_json, started);
+                        report.storage = format!("failed: {error:#}");
+                        report.problems.push(problem(0, "storage", format!("redb integrity check failed: {error:#}")));
                     }
                 }
             }
-        };
-        let snapshots = SnapshotStore::new(&snapshot_dir, usize::MAX);
-        let log_problem = without_panic("verify the log", || {
-            let progress = Progress::new(reader.head().map(|h| h.seq).unwrap_or(0), "verifying");
-            Ok(eventlog::verify(&reader, |done, _| progress.set(done))?)
-        });
-        match log_problem {
-            Ok(log) => {
-                report.records_checked = log.records;
-                report.head_seq = log.head.seq;
-                report.head_hash = hex(&log.head.hash);
-                if let Some(p) = log.first_problem {
-                    report.problems.push(problem(p.seq, kind_name(p.kind), p.message));
+        }
+        Ok(())
+    })?;
+    finish(report, as_json, started)
+}
+
+/// Copies the log into `scratch` and runs redb's integrity check on the copy
+/// (a checked open rewrites allocator state, so never on the original).
+fn check_storage(path: &Path, scratch: &Path) -> Result<()> {
+    let copy = scratch.join(eventlog::redb_store::LOG_FILE_NAME);
+    std::fs::copy(path, &copy).with_context(|| format!("copy {} to {}", path.display(), copy.display()))?;
+    let options = RedbOptions { check_integrity_on_open: true, cache_bytes: 64 << 20, ..RedbOptions::default() };
+    without_panic("check the copy", || RedbStore::open(scratch, options).map(drop).map_err(|e| anyhow::anyhow!("{e}")))
+}
+
+fn take_fold(joined: std::thread::Result<FoldOutcome>, report: &mut Report) {
+    match joined {
+        Ok(fold) => {
+            report.events_applied = fold.applied;
+            report.live_tasks = fold.live_tasks;
+            report.snapshots_checked = fold.snapshots_checked;
+            report.problems.extend(fold.problems);
+            report.timings.domain_apply_s = fold.apply_time.as_secs_f64();
+            report.timings.snapshots_s = fold.snapshot_time.as_secs_f64();
+            report.timings.index_check_s = fold.index_time.as_secs_f64();
+        }
+        Err(_) => report.problems.push(problem(0, "domain", "the fold stopped unexpectedly")),
+    }
+}
+
+/// The fold thread: applies every event it is sent, compares snapshots at
+/// their seqs, and checks the indexes at the end — up to the first problem,
+/// after which it stops listening (the sender notices and stops decoding).
+fn fold_thread(
+    rx: Receiver<Vec<Item>>,
+    back: SyncSender<Vec<Item>>,
+    snapshot_at: HashMap<u64, PathBuf>,
+) -> FoldOutcome {
+    let mut out = FoldOutcome::default();
+    let mut ledger = Ledger::new();
+    let folded = without_panic("fold the log", || {
+        'batches: for batch in rx.iter() {
+            let started = Instant::now();
+            let mut comparing = Duration::ZERO;
+            for item in &batch {
+                let event = match &item.event {
+                    Ok(event) => event,
+                    Err(e) => {
+                        out.problems.push(problem(item.seq, "domain", e.clone()));
+                        break 'batches;
+                    }
+                };
+                if let Err(e) = ledger.apply(event) {
+                    out.problems.push(problem(item.seq, "domain", format!("Ledger::apply refused it: {e}")));
+                    break 'batches;
+                }
+                out.applied += 1;
+                if let Some(path) = snapshot_at.get(&item.seq) {
+                    let compared = Instant::now();
+                    out.snapshots_checked.push(item.seq);
+                    match compare_snapshot(path, item.seq, &item.hash, &ledger) {
+                        Ok(()) => {}
+                        Err(SnapshotVerdict::Unusable(why)) => {
+                            eprintln!("note: snapshot {} skipped: {why}", path.display())
+                        }
+                        Err(SnapshotVerdict::Differs(why)) => out.problems.push(problem(
+                            item.seq,
+                            "snapshot",
+                            format!("snapshot at seq {}: {why}", item.seq),
+                        )),
+                    }
+                    comparing += compared.elapsed();
                 }
             }
-            Err(error) => report.problems.push(problem(0, "storage", format!("{error:#}"))),
+            out.snapshot_time += comparing;
+            out.apply_time += started.elapsed().saturating_sub(comparing);
+            // Full or gone: then this thread frees it, which is only slower.
+            let _ = back.try_send(batch);
         }
-        let source = Source::File { path: path.clone(), reader, snapshots: snapshots.clone() };
-        check_domain(&source, Some(&snapshots), &mut report)?;
+        Ok(())
+    });
+    if let Err(error) = folded {
+        out.problems.push(problem(out.applied + 1, "domain", format!("{error:#}")));
     }
-    finish(report, as_json, started)
+    out.live_tasks = ledger.live_task_count();
+    if !out.problems.iter().any(|p| p.kind == "domain") {
+        let started = Instant::now();
+        if let Err(e) = ledger.check_indexes_in_place() {
+            out.problems.push(problem(
+                out.applied,
+                "domain",
+                format!("ledger indexes inconsistent after the fold: {e}"),
+            ));
+        }
+        out.index_time = started.elapsed();
+    }
+    // The process ends soon after; freeing a million tasks one by one would
+    // cost a noticeable share of the whole run and check nothing.
+    std::mem::forget(ledger);
+    out
+}
+
+/// Why a snapshot did not match.
+enum SnapshotVerdict {
+    /// The file is unreadable or corrupt: every loader skips it, so it is noted, not a problem.
+    Unusable(String),
+    /// An intact snapshot that disagrees with the log.
+    Differs(String),
+}
+
+/// Compares snapshot `path` with `ledger`, the fold of the log up to `seq`
+/// whose chain hash is `hash`. The body must be `digest ‖ state` where
+/// `state` is byte for byte the fold's canonical encoding and `digest` its
+/// ledger digest; the file's own body checksum must hold.
+fn compare_snapshot(path: &Path, seq: u64, hash: &Hash, ledger: &Ledger) -> Result<(), SnapshotVerdict> {
+    let opened = open_snapshot(path).map_err(|e| SnapshotVerdict::Unusable(e.to_string()))?;
+    if opened.info.seq != seq {
+        return Err(SnapshotVerdict::Unusable(format!("its header says seq {}", opened.info.seq)));
+    }
+    if &opened.info.chain_hash != hash {
+        return Err(SnapshotVerdict::Differs(
+            "its chain hash is not this log's hash at that seq (a snapshot of another log)".into(),
+        ));
+    }
+    let expected_body_hash = opened.body_hash;
+    let (chunks_tx, chunks_rx) = sync_channel::<Vec<u8>>(4);
+    let (facts, equal) = std::thread::scope(|scope| {
+        let reader = scope.spawn(move || {
+            scan_snapshot_body(opened.file, SNAPSHOT_CHUNK_BYTES, |chunk| chunks_tx.send(chunk).is_ok())
+        });
+        let compare = Compare { rx: chunks_rx, chunk: Vec::new(), at: 0 };
+        let written = ledger.write_state(std::io::BufWriter::with_capacity(256 * 1024, compare));
+        // The comparison is dropped in every arm, before the join: the reader
+        // then stops waiting to hand it chunks.
+        let equal = match written.map(std::io::BufWriter::into_inner) {
+            Ok(Ok(mut compare)) => !compare.has_more(),
+            _ => false,
+        };
+        (reader.join(), equal)
+    });
+    let facts = facts.map_err(|_| SnapshotVerdict::Unusable("reading it stopped unexpectedly".into()))?;
+    let facts = facts.map_err(|e| SnapshotVerdict::Unusable(format!("read: {e}")))?;
+    if facts.body_hash != expected_body_hash {
+        return Err(SnapshotVerdict::Unusable("body checksum mismatch".into()));
+    }
+    if !equal {
+        return Err(SnapshotVerdict::Differs("the state it saved differs from the fold of the log up to it".into()));
+    }
+    if facts.saved_digest != Some(facts.state_digest) {
+        return Err(SnapshotVerdict::Differs("state digest differs from the one saved".into()));
+    }
+    Ok(())
+}
+
+/// A writer that checks what is written against the bytes of a snapshot's
+/// state, arriving in chunks; the first difference ends the write.
+struct Compare {
+    rx: Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl Compare {
+    /// Whether more of the file's bytes remain (waits for the next chunk).
+    fn has_more(&mut self) -> bool {
+        while self.at == self.chunk.len() {
+            match self.rx.recv() {
+                Ok(chunk) => {
+                    self.chunk = chunk;
+                    self.at = 0;
+                }
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+}
+
+impl Write for Compare {
+    fn write(&mut self, mut data: &[u8]) -> std::io::Result<usize> {
+        let len = data.len();
+        while !data.is_empty() {
+            if !self.has_more() {
+                return Err(std::io::Error::other("the snapshot's state is shorter than the fold's"));
+            }
+            let n = data.len().min(self.chunk.len() - self.at);
+            if data[..n] != self.chunk[self.at..self.at + n] {
+                return Err(std::io::Error::other("the snapshot's state differs from the fold's"));
+            }
+            self.at += n;
+            data = &data[n..];
+        }
+        Ok(len)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn open_error_seq(error: &anyhow::Error) -> u64 {
@@ -147,9 +524,10 @@ fn kind_name(kind: eventlog::ProblemKind) -> &'static str {
     }
 }
 
-/// The log-level checks for a feed held in memory: seqs, stream versions, chain.
-fn check_feed(source: &Source, report: &mut Report) -> Result<()> {
-    let Source::Feed { records, .. } = source else { return Ok(()) };
+/// The log-level checks for a feed held in memory: seqs, stream versions,
+/// chain. Returns how many records passed (the fold stops there).
+fn check_feed(source: &Source, report: &mut Report) -> Result<u64> {
+    let Source::Feed { records, .. } = source else { return Ok(0) };
     let mut prev = GENESIS_HASH;
     let mut versions: HashMap<&[u8], u64> = HashMap::new();
     for (expected, record) in (1u64..).zip(records) {
@@ -159,7 +537,7 @@ fn check_feed(source: &Source, report: &mut Report) -> Result<()> {
                 "seq_gap",
                 format!("expected record {expected}, found {}", record.seq),
             ));
-            return Ok(());
+            return Ok(report.records_checked);
         }
         let version = versions.entry(&record.stream).or_insert(0);
         if record.stream_version != *version + 1 {
@@ -168,7 +546,7 @@ fn check_feed(source: &Source, report: &mut Report) -> Result<()> {
                 "stream_version",
                 format!("stream version {} follows {version}", record.stream_version),
             ));
-            return Ok(());
+            return Ok(report.records_checked);
         }
         *version += 1;
         if chain_hash(&prev, record.seq, &stored_body(record)) != record.hash {
@@ -178,7 +556,7 @@ fn check_feed(source: &Source, report: &mut Report) -> Result<()> {
                 "the chain hash does not recompute (from a feed, a payload whose JSON text was not compact \
                  with sorted keys also shows up here)",
             ));
-            return Ok(());
+            return Ok(report.records_checked);
         }
         prev = record.hash;
         report.records_checked += 1;
@@ -186,128 +564,57 @@ fn check_feed(source: &Source, report: &mut Report) -> Result<()> {
     let head = source.head()?;
     report.head_seq = head.seq;
     report.head_hash = hex(&head.hash);
-    Ok(())
-}
-
-/// Folds every readable record through the domain, up to the first log problem.
-fn check_domain(source: &Source, snapshots: Option<&SnapshotStore>, report: &mut Report) -> Result<()> {
-    let upto = report.problems.iter().filter(|p| p.seq > 0).map(|p| p.seq - 1).min().unwrap_or(report.records_checked);
-    let upto = upto.min(report.records_checked);
-    let mut snapshot_at: HashMap<u64, std::path::PathBuf> = HashMap::new();
-    if let Some(store) = snapshots {
-        for entry in store.list().unwrap_or_default() {
-            if entry.seq <= upto {
-                snapshot_at.insert(entry.seq, entry.path);
-            }
-        }
-    }
-    let mut ledger = Ledger::new();
-    let progress = Progress::new(upto, "folding");
-    let mut applied = 0u64;
-    let mut failed = None;
-    let scanned = without_panic("fold the log", || {
-        source.scan(1, upto, &progress, |record| {
-            let event = match decode_event(record) {
-                Ok(event) => event,
-                Err(e) => {
-                    failed = Some(problem(record.seq, "domain", e.to_string()));
-                    return Ok(ControlFlow::Break(()));
-                }
-            };
-            if let Err(e) = ledger.apply(&event) {
-                failed = Some(problem(record.seq, "domain", format!("Ledger::apply refused it: {e}")));
-                return Ok(ControlFlow::Break(()));
-            }
-            applied += 1;
-            if let Some(path) = snapshot_at.get(&record.seq) {
-                report.snapshots_checked.push(record.seq);
-                match eventlog::snapshot::load_snapshot(path) {
-                    Err(e) => eprintln!("note: snapshot {} skipped: {e}", path.display()),
-                    Ok(snapshot) if snapshot.info.chain_hash != record.hash => failed_snapshot(
-                        report,
-                        record.seq,
-                        "its chain hash is not this log's hash at that seq (a snapshot of another log)",
-                    ),
-                    Ok(snapshot) => match ledger_from_snapshot(record.seq, &snapshot.body) {
-                        Err(e) => failed_snapshot(report, record.seq, &e.to_string()),
-                        Ok(saved) if saved.digest() != ledger.digest() => failed_snapshot(
-                            report,
-                            record.seq,
-                            "the state it saved differs from the fold of the log up to it",
-                        ),
-                        Ok(_) => {}
-                    },
-                }
-            }
-            Ok(ControlFlow::Continue(()))
-        })
-    });
-    drop(progress);
-    if let Err(error) = scanned {
-        failed.get_or_insert(problem(applied + 1, "storage", format!("{error:#}")));
-    }
-    report.events_applied = applied;
-    report.live_tasks = ledger.live_task_count();
-    match failed {
-        Some(p) => report.problems.push(p),
-        None => {
-            if let Err(e) = ledger.check_indexes() {
-                report.problems.push(problem(
-                    upto,
-                    "domain",
-                    format!("ledger indexes inconsistent after the fold: {e}"),
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn failed_snapshot(report: &mut Report, seq: u64, why: &str) {
-    report.problems.push(problem(seq, "snapshot", format!("snapshot at seq {seq}: {why}")));
+    Ok(report.records_checked)
 }
 
 fn finish(mut report: Report, as_json: bool, started: Instant) -> Result<Outcome> {
     report.problems.sort_by_key(|p| (p.seq == 0, p.seq));
     report.clean = report.problems.is_empty();
     let seconds = started.elapsed().as_secs_f64();
+    report.timings.total_s = seconds;
+    report.timings.records_per_s = report.records_checked as f64 / seconds.max(1e-9);
     if as_json {
         println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!("verify {}", report.log);
-        println!("  storage   redb integrity check: {}", report.storage);
-        println!(
-            "  log       {} records checked (head seq {}, hash {})",
-            report.records_checked,
-            report.head_seq,
-            if report.head_hash.is_empty() { "-" } else { &report.head_hash }
-        );
-        println!("  domain    {} events applied, {} live tasks at the end", report.events_applied, report.live_tasks);
-        if !report.snapshots_checked.is_empty() {
-            let seqs: Vec<String> = report.snapshots_checked.iter().map(u64::to_string).collect();
-            println!("  snapshots compared with the fold at seq {}", seqs.join(", "));
+        return Ok(if report.clean { Outcome::Clean } else { Outcome::Problems });
+    }
+    let t = &report.timings;
+    let rate = |seconds: f64| format!("{:.0} records/s", report.records_checked as f64 / seconds.max(1e-9));
+    println!("verify {}", report.log);
+    match t.storage_s {
+        Some(s) => println!(
+            "  storage   redb integrity check of a scratch copy, alongside the other layers: {} ({s:.2} s)",
+            report.storage
+        ),
+        None => println!("  storage   redb integrity check: {}", report.storage),
+    }
+    println!(
+        "  log       {} records checked (head seq {}, hash {}) ({:.2} s, {})",
+        report.records_checked,
+        report.head_seq,
+        if report.head_hash.is_empty() { "-" } else { &report.head_hash },
+        t.log_s,
+        rate(t.log_s)
+    );
+    println!(
+        "  domain    {} events applied, {} live tasks at the end ({:.2} s applying, {:.2} s index check)",
+        report.events_applied, report.live_tasks, t.domain_apply_s, t.index_check_s
+    );
+    if !report.snapshots_checked.is_empty() {
+        let seqs: Vec<String> = report.snapshots_checked.iter().map(u64::to_string).collect();
+        println!("  snapshots compared with the fold at seq {} ({:.2} s)", seqs.join(", "), t.snapshots_s);
+    }
+    for p in &report.problems {
+        if p.seq > 0 {
+            println!("  PROBLEM   seq {} ({}): {}", p.seq, p.kind, p.message);
+        } else {
+            println!("  PROBLEM   ({}): {}", p.kind, p.message);
         }
-        for p in &report.problems {
-            if p.seq > 0 {
-                println!("  PROBLEM   seq {} ({}): {}", p.seq, p.kind, p.message);
-            } else {
-                println!("  PROBLEM   ({}): {}", p.kind, p.message);
-            }
-        }
-        match report.problems.iter().find(|p| p.seq > 0) {
-            None if report.clean => println!("result: clean"),
-            None => println!("result: NOT clean ({} problems)", report.problems.len()),
-            Some(first) => {
-                println!("result: NOT clean ({} problems, first at seq {})", report.problems.len(), first.seq)
-            }
-        }
-        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            eprintln!(
-                "verified {} records in {seconds:.2} s ({:.0} records/s)",
-                report.records_checked,
-                report.records_checked as f64 / seconds.max(1e-9)
-            );
-        }
+    }
+    println!("  time      {seconds:.2} s in all, {}", rate(seconds));
+    match report.problems.iter().find(|p| p.seq > 0) {
+        None if report.clean => println!("result: clean"),
+        None => println!("result: NOT clean ({} problems)", report.problems.len()),
+        Some(first) => println!("result: NOT clean ({} problems, first at seq {})", report.problems.len(), first.seq),
     }
     Ok(if report.clean { Outcome::Clean } else { Outcome::Problems })
 }
