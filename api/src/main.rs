@@ -13,6 +13,10 @@ use api::server::{ServeConfig, serve};
 use clap::{Parser, Subcommand};
 use eventlog::WriterConfig;
 
+/// See the workspace manifest for why the server does not use the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "taskledger", version, about = "An event-sourced task ledger: durable queues with exact history.")]
 struct Cli {

@@ -87,12 +87,36 @@ macro_rules! impl_sink {
 impl_sink!(Sqlite);
 impl_sink!(Postgres);
 
-/// Runs `head VALUES (..),(..) tail` for all `rows`, in as few statements as
-/// the bind limit allows. `head` is e.g. `INSERT INTO t (a, b)`; `tail` an
-/// optional `ON CONFLICT` clause.
+/// The largest power of two at or below `n` (which must be at least 1).
+fn power_of_two_at_most(n: usize) -> usize {
+    1 << (usize::BITS - 1 - n.leading_zeros())
+}
+
+/// Splits `items` into chunks whose lengths are powers of two of at most
+/// `most` items: the biggest that fit first, then the binary digits of the
+/// rest. A statement's text depends only on its row count, so with a few
+/// dozen distinct counts every statement is parsed once per connection and
+/// then served from sqlx's statement cache; a live projector's small batches
+/// of ever-different sizes used to be parsed afresh each time.
+fn cacheable_chunks<T>(items: &[T], most: usize) -> impl Iterator<Item = &[T]> {
+    let most = power_of_two_at_most(most.max(1));
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (chunk, tail) = rest.split_at(most.min(power_of_two_at_most(rest.len())));
+        rest = tail;
+        Some(chunk)
+    })
+}
+
+/// Runs `head VALUES (..),(..) tail` for all `rows`, in few statements under
+/// the bind limit (see `cacheable_chunks`). `head` is e.g.
+/// `INSERT INTO t (a, b)`; `tail` an optional `ON CONFLICT` clause.
 pub async fn insert_rows<R: SqlRow>(tx: &mut StoreTx, head: &str, tail: &str, rows: &[R]) -> Result<(), sqlx::Error> {
     let per_statement = (BINDS_PER_STATEMENT_MAX / R::COLUMNS).max(1);
-    for chunk in rows.chunks(per_statement) {
+    for chunk in cacheable_chunks(rows, per_statement) {
         on_tx!(tx, t => {
             let mut builder = QueryBuilder::new(head);
             builder.push(" VALUES ");
@@ -112,7 +136,7 @@ pub async fn insert_rows<R: SqlRow>(tx: &mut StoreTx, head: &str, tail: &str, ro
 
 /// `DELETE FROM table WHERE column IN (...)` for every id.
 pub async fn delete_by_uuid(tx: &mut StoreTx, table: &str, column: &str, ids: &[Uuid]) -> Result<(), sqlx::Error> {
-    for chunk in ids.chunks(BINDS_PER_STATEMENT_MAX) {
+    for chunk in cacheable_chunks(ids, BINDS_PER_STATEMENT_MAX) {
         on_tx!(tx, t => {
             let mut builder = QueryBuilder::new(format!("DELETE FROM {table} WHERE {column} IN ("));
             let mut separated = builder.separated(",");
@@ -144,5 +168,22 @@ pub fn types(backend: Backend) -> Types {
     match backend {
         Backend::Sqlite => Types { uuid: "BLOB", bytes: "BLOB" },
         Backend::Postgres => Types { uuid: "UUID", bytes: "BYTEA" },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_powers_of_two_under_the_limit_and_cover_everything_in_order() {
+        for n in 0..300usize {
+            let items: Vec<usize> = (0..n).collect();
+            let chunks: Vec<&[usize]> = cacheable_chunks(&items, 100).collect();
+            assert!(chunks.iter().all(|c| c.len().is_power_of_two() && c.len() <= 64), "n = {n}: {chunks:?}");
+            assert_eq!(chunks.concat(), items, "n = {n}");
+            // Full chunks first, then the binary digits of the rest: at most 6 more.
+            assert!(chunks.len() <= n / 64 + 6, "n = {n}: {} chunks", chunks.len());
+        }
     }
 }
