@@ -50,10 +50,10 @@ use crate::taskledger::{Fates, Ids, TaskShape, WorkerSpec};
 )]
 struct Args {
     /// Producers (closed loop: one create in flight each).
-    #[arg(long, short = 'P', default_value_t = 16)]
+    #[arg(long, short = 'P', default_value_t = 32)]
     producers: usize,
     /// Workers.
-    #[arg(long, short = 'W', default_value_t = 4)]
+    #[arg(long, short = 'W', default_value_t = 8)]
     workers: usize,
     /// Most steps a worker claims at once (K); it completes them in parallel.
     #[arg(long, short = 'K', default_value_t = 16)]
@@ -109,14 +109,15 @@ struct Args {
     /// Keep the server's data dir.
     #[arg(long)]
     keep: bool,
-    /// How the baseline wakes idle workers: `notify` (LISTEN/NOTIFY) or `poll:MS`.
-    #[arg(long, default_value = "notify")]
+    /// How the baseline wakes idle workers: `poll:MS` (sleep after an empty claim) or
+    /// `notify` (an insert trigger's pg_notify; serializes commits, see baseline.rs).
+    #[arg(long, default_value = "poll:2")]
     baseline_wakeup: Wakeup,
     /// Threads of the bench's own runtime (1 keeps the load generator to one core at most).
     #[arg(long, default_value_t = 1)]
     client_threads: usize,
     /// Longest wait for the server's projections to catch up between workloads, in seconds.
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long, default_value_t = 10.0)]
     settle_s: f64,
     /// A smoke run: tiny windows and sizes (about 20 s in all).
     #[arg(long)]
