@@ -14,9 +14,9 @@ use std::time::Duration;
 use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
 use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
 use async_graphql::{Context, Data, ErrorExtensions, Object, Schema, SimpleObject, Subscription};
-use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
-use axum::extract::State;
+use async_graphql_axum::{GraphQLProtocol, GraphQLResponse, GraphQLWebSocket};
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{FromRequest, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use domain::StreamId;
@@ -625,15 +625,20 @@ fn count_aliases(document: &ExecutableDocument) -> usize {
 }
 
 /// POST /graphql: one operation per request, authenticated like REST (401
-/// without a valid token, before the query is even parsed).
+/// without a valid token, before the body is even read). The body is read
+/// here, not by `async_graphql_axum`'s extractor, so that the server's body
+/// limit applies (that extractor streams the body past `DefaultBodyLimit`)
+/// and every refusal is a JSON error with a stable code: 415 for a body that
+/// is not `application/json`, 413 `body_too_large`, 400 `batch_not_supported`
+/// for an array of operations, 400 `malformed_json`/`invalid_request`.
 pub async fn graphql_handler(
     State(state): State<AppState>,
     axum::Extension(schema): axum::Extension<LedgerSchema>,
-    headers: axum::http::HeaderMap,
-    request: GraphQLRequest,
+    request: axum::extract::Request,
 ) -> Response {
     // Authenticate before anything else, like every REST route: without a
     // valid token not even introspection is answered.
+    let headers = request.headers();
     let authorization = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let Some(principal) = principal_from(&state, authorization) else {
         let message = match authorization {
@@ -642,7 +647,40 @@ pub async fn graphql_handler(
         };
         return graphql_error(StatusCode::UNAUTHORIZED, "unauthorized", message.to_owned());
     };
-    let request = request.into_inner().data(principal);
+    let json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return graphql_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the GraphQL request as JSON ({\"query\": ...}) with Content-Type: application/json".to_owned(),
+        );
+    }
+    let body = match axum::body::Bytes::from_request(request, &state).await {
+        Ok(body) => body,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return graphql_error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", e.body_text());
+        }
+        Err(e) => return graphql_error(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+    };
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return graphql_error(
+            StatusCode::BAD_REQUEST,
+            "batch_not_supported",
+            "send one operation per request (a JSON object), not an array of operations".to_owned(),
+        );
+    }
+    let request = match serde_json::from_slice::<async_graphql::Request>(&body) {
+        Ok(request) => request.data(principal),
+        Err(e) => {
+            let code =
+                if e.classify() == serde_json::error::Category::Data { "invalid_request" } else { "malformed_json" };
+            return graphql_error(StatusCode::BAD_REQUEST, code, format!("the GraphQL request is not valid: {e}"));
+        }
+    };
     let document = match async_graphql::parser::parse_query(&request.query) {
         Ok(document) => document,
         Err(e) => return graphql_error(StatusCode::BAD_REQUEST, "invalid_query", e.to_string()),
@@ -655,7 +693,27 @@ pub async fn graphql_handler(
             format!("the query uses {aliases} aliases; the limit is {ALIASES_MAX}"),
         );
     }
-    GraphQLResponse::from(schema.execute(request).await).into_response()
+    let mut response = schema.execute(request).await;
+    // Errors without a path come from validation (limits, unknown fields,
+    // fragment cycles): no resolver ran. Give them a stable code and a 400,
+    // like the alias limit above.
+    if !response.errors.is_empty() && response.errors.iter().all(|e| e.path.is_empty()) {
+        for error in &mut response.errors {
+            let message = error.message.to_lowercase();
+            let code = if message.contains("nested too deep") || message.contains("recursion depth") {
+                "query_too_deep"
+            } else if message.contains("too complex") {
+                "query_too_complex"
+            } else {
+                "invalid_query"
+            };
+            error.extensions.get_or_insert_with(Default::default).set("code", code);
+        }
+        let mut http = GraphQLResponse::from(response).into_response();
+        *http.status_mut() = StatusCode::BAD_REQUEST;
+        return http;
+    }
+    GraphQLResponse::from(response).into_response()
 }
 
 fn graphql_error(status: StatusCode, code: &'static str, message: String) -> Response {
