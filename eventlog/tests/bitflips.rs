@@ -100,8 +100,11 @@ fn write_reference_log(dir: &Path) {
     writer.shutdown();
 }
 
+/// A stream key with every record's (version, seq), in order.
+type Stream = (Vec<u8>, Vec<(u64, u64)>);
+
 /// The stream keys of the log, each with every record's (version, seq), for the index check.
-fn streams(records: &[StoredRecord]) -> Vec<(Vec<u8>, Vec<(u64, u64)>)> {
+fn streams(records: &[StoredRecord]) -> Vec<Stream> {
     let mut streams: std::collections::BTreeMap<Vec<u8>, Vec<(u64, u64)>> = std::collections::BTreeMap::new();
     for record in records {
         streams.entry(record.stream.clone()).or_default().push((record.stream_version, record.seq));
@@ -113,7 +116,7 @@ fn streams(records: &[StoredRecord]) -> Vec<(Vec<u8>, Vec<(u64, u64)>)> {
 struct Reference {
     records: Vec<StoredRecord>,
     head: Head,
-    streams: Vec<(Vec<u8>, Vec<(u64, u64)>)>,
+    streams: Vec<Stream>,
 }
 
 #[derive(Debug)]
