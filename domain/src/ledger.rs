@@ -742,11 +742,23 @@ impl Ledger {
     /// digest, without cloning a task. `verify` streams it into a comparison
     /// with a snapshot file instead of decoding the snapshot into a second ledger.
     pub fn write_state<W: std::io::Write>(&self, out: W) -> Result<W, postcard::Error> {
+        self.write_state_with(&[], out)
+    }
+
+    /// [`Ledger::write_state`] of this ledger with `others` added: tasks
+    /// given as their ids and encodings (as [`split_state`] returns them, in
+    /// id order, none of them in this ledger), merged in id order. A ledger
+    /// rebuilt from part of a snapshot and folded forward writes, this way,
+    /// the state the whole ledger would have, without the rest being decoded.
+    pub fn write_state_with<W: std::io::Write>(
+        &self,
+        others: &[(TaskId, &[u8])],
+        out: W,
+    ) -> Result<W, postcard::Error> {
         // Sort ids held beside the references: comparing through the
         // references would fetch two tasks from memory per comparison.
-        let mut by_id: Vec<(TaskId, &Task)> = self.tasks.iter().map(|(id, t)| (*id, t)).collect();
-        by_id.sort_unstable_by_key(|(id, _)| *id);
-        let tasks: Vec<&Task> = by_id.into_iter().map(|(_, t)| t).collect();
+        let mut own: Vec<(TaskId, &Task)> = self.tasks.iter().map(|(id, t)| (*id, t)).collect();
+        own.sort_unstable_by_key(|(id, _)| *id);
         let mut queue_settings: Vec<(&Namespace, &QueueSettings)> = self.settings.iter().collect();
         queue_settings.sort_unstable_by(|a, b| a.0.cmp(b.0));
         let idempotency = self
@@ -754,14 +766,67 @@ impl Ledger {
             .iter()
             .map(|(at, ns, key)| (ns, key, self.idempotency[&(ns.clone(), key.clone())].0, *at))
             .collect();
-        let state = LedgerStateRef {
-            tasks,
+        // Postcard writes a struct as its fields one after another and a
+        // sequence as its length then its items, so writing the pieces in
+        // turn gives the bytes of `LedgerStateRef` exactly.
+        let mut out = postcard::to_io(&(own.len() + others.len()), out)?;
+        let (mut own, mut others) = (own.iter().peekable(), others.iter().peekable());
+        loop {
+            let take_own = match (own.peek(), others.peek()) {
+                (Some((a, _)), Some((b, _))) => a < b,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            if take_own {
+                let (_, task) = own.next().expect("peeked");
+                out = postcard::to_io(task, out)?;
+            } else {
+                let (_, bytes) = others.next().expect("peeked");
+                out.write_all(bytes).map_err(|_| postcard::Error::SerializeBufferFull)?;
+            }
+        }
+        let tail = StateTailRef {
             queue_settings,
             idempotency,
             next_ordinal: self.next_ordinal,
             last_event_at: self.last_event_at,
         };
-        postcard::to_io(&state, out)
+        postcard::to_io(&tail, out)
+    }
+
+    /// [`Ledger::digest`] of the state [`Ledger::write_state_with`] writes.
+    pub fn digest_with(&self, others: &[(TaskId, &[u8])]) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"taskledger.ledger.v1");
+        {
+            let buffered = std::io::BufWriter::with_capacity(64 * 1024, &mut hasher);
+            let mut buffered = self.write_state_with(others, buffered).expect("in-memory state always serializes");
+            std::io::Write::flush(&mut buffered).expect("hashing never fails");
+        }
+        *hasher.finalize().as_bytes()
+    }
+
+    /// Every namespace's queue settings, by namespace.
+    pub fn all_queue_settings(&self) -> Vec<(Namespace, QueueSettings)> {
+        let mut all: Vec<(Namespace, QueueSettings)> =
+            self.settings.iter().map(|(n, s)| (n.clone(), s.clone())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Counts of the live tasks, per namespace and state, and of the timers.
+    pub fn summary(&self) -> LedgerSummary {
+        let mut summary = Summing::default();
+        for task in self.tasks.values() {
+            summary.add(
+                task.namespace.as_str(),
+                task.state,
+                task.steps.iter().map(|s| (s.state, s.lease_deadline, s.retry_at)),
+                task.run_at.filter(|_| !task.run_at_reached),
+            );
+        }
+        summary.finish()
     }
 
     /// The verdict of [`Ledger::check_indexes`] without rebuilding a ledger:
@@ -866,6 +931,236 @@ impl Ledger {
     }
 }
 
+/// The fields of `LedgerState` after `tasks`, by reference, for writing.
+#[derive(Serialize)]
+struct StateTailRef<'a> {
+    queue_settings: Vec<(&'a Namespace, &'a QueueSettings)>,
+    idempotency: Vec<(&'a Namespace, &'a IdempotencyKey, TaskId, Timestamp)>,
+    next_ordinal: u64,
+    last_event_at: Timestamp,
+}
+
+/// The fields of `LedgerState` after `tasks`, for reading.
+#[derive(Deserialize)]
+struct StateTail {
+    queue_settings: Vec<(Namespace, QueueSettings)>,
+    idempotency: Vec<(Namespace, IdempotencyKey, TaskId, Timestamp)>,
+    next_ordinal: u64,
+    last_event_at: Timestamp,
+}
+
+/// Counts for one namespace, indexed like `TaskState::ALL` and `StepState::ALL`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamespaceCounts {
+    pub tasks: [u64; TaskState::ALL.len()],
+    pub steps: [u64; StepState::ALL.len()],
+}
+
+impl NamespaceCounts {
+    pub fn tasks_in(&self, state: TaskState) -> u64 {
+        self.tasks[task_slot(state)]
+    }
+    pub fn steps_in(&self, state: StepState) -> u64 {
+        self.steps[step_slot(state)]
+    }
+}
+
+/// What a whole-ledger report needs, without the tasks: live tasks and their
+/// steps counted per namespace and state, and the timers. Claimable steps are
+/// the `Enqueued` ones and leased steps the `InProgress` ones, exactly what the
+/// ready queues and lease counters index.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LedgerSummary {
+    pub live_tasks: u64,
+    pub by_namespace: BTreeMap<String, NamespaceCounts>,
+    pub timers: u64,
+    pub next_timer_due: Option<Timestamp>,
+}
+
+impl LedgerSummary {
+    /// Adds the counts of `other` (disjoint tasks) to these.
+    pub fn merge(&mut self, other: &LedgerSummary) {
+        self.live_tasks += other.live_tasks;
+        for (ns, counts) in &other.by_namespace {
+            let mine = self.by_namespace.entry(ns.clone()).or_default();
+            mine.tasks.iter_mut().zip(counts.tasks).for_each(|(a, b)| *a += b);
+            mine.steps.iter_mut().zip(counts.steps).for_each(|(a, b)| *a += b);
+        }
+        self.timers += other.timers;
+        self.next_timer_due = match (self.next_timer_due, other.next_timer_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+fn task_slot(state: TaskState) -> usize {
+    TaskState::ALL.iter().position(|s| *s == state).expect("ALL lists every state")
+}
+
+fn step_slot(state: StepState) -> usize {
+    StepState::ALL.iter().position(|s| *s == state).expect("ALL lists every state")
+}
+
+/// Builds a summary; namespaces are few, so a short list searched from the
+/// most recently used beats hashing every task's namespace.
+#[derive(Default)]
+struct Summing<'a> {
+    namespaces: Vec<(&'a str, NamespaceCounts)>,
+    live_tasks: u64,
+    timers: u64,
+    next_timer_due: Option<Timestamp>,
+}
+
+impl<'a> Summing<'a> {
+    fn add(
+        &mut self,
+        namespace: &'a str,
+        state: TaskState,
+        steps: impl Iterator<Item = (StepState, Option<Timestamp>, Option<Timestamp>)>,
+        run_at_timer: Option<Timestamp>,
+    ) {
+        let at = match self.namespaces.iter().rposition(|(ns, _)| *ns == namespace) {
+            Some(at) => at,
+            None => {
+                self.namespaces.push((namespace, NamespaceCounts::default()));
+                self.namespaces.len() - 1
+            }
+        };
+        let counts = &mut self.namespaces[at].1;
+        counts.tasks[task_slot(state)] += 1;
+        self.live_tasks += 1;
+        let mut due = |t: Option<Timestamp>| {
+            if let Some(t) = t {
+                self.timers += 1;
+                self.next_timer_due = Some(self.next_timer_due.map_or(t, |n| n.min(t)));
+            }
+        };
+        for (step, lease_deadline, retry_at) in steps {
+            counts.steps[step_slot(step)] += 1;
+            due(lease_deadline);
+            due(retry_at);
+        }
+        due(run_at_timer);
+    }
+
+    fn finish(self) -> LedgerSummary {
+        LedgerSummary {
+            live_tasks: self.live_tasks,
+            by_namespace: self.namespaces.into_iter().map(|(ns, counts)| (ns.to_owned(), counts)).collect(),
+            timers: self.timers,
+            next_timer_due: self.next_timer_due,
+        }
+    }
+}
+
+/// A task read in place from a state encoding: the fields a summary needs,
+/// strings borrowed, the rest read and dropped. Field for field `Task`
+/// (postcard is not self-describing); the tests below keep them in step.
+#[derive(Deserialize)]
+struct TaskView<'a> {
+    id: TaskId,
+    #[serde(borrow)]
+    namespace: &'a str,
+    #[serde(borrow)]
+    _name: &'a str,
+    #[serde(borrow)]
+    _payload: &'a str,
+    _priority: Priority,
+    run_at: Option<Timestamp>,
+    #[serde(borrow)]
+    _tags: Vec<&'a str>,
+    #[serde(borrow)]
+    _idempotency_key: Option<&'a str>,
+    _created_at: Timestamp,
+    state: TaskState,
+    run_at_reached: bool,
+    _started: bool,
+    #[serde(borrow)]
+    steps: Vec<StepView<'a>>,
+}
+
+/// `Step`, read in place (see `TaskView`).
+#[derive(Deserialize)]
+struct StepView<'a> {
+    #[serde(borrow)]
+    _name: &'a str,
+    #[serde(borrow)]
+    _handler: &'a str,
+    #[serde(borrow)]
+    _payload: &'a str,
+    _deps: Vec<StepIndex>,
+    _max_attempts: u32,
+    _retry: RetryPolicy,
+    _lease_ms: u32,
+    state: StepState,
+    _attempts: u32,
+    _epoch: LeaseEpoch,
+    #[serde(borrow)]
+    _worker: Option<&'a str>,
+    lease_deadline: Option<Timestamp>,
+    retry_at: Option<Timestamp>,
+    _ready: Option<ReadyKey>,
+    #[serde(borrow)]
+    _last_error: Option<&'a str>,
+    #[serde(borrow)]
+    _result: Option<&'a str>,
+}
+
+/// A state encoding (`Ledger::write_state`, a snapshot body after its
+/// digest) split without building most of it: the tasks `keep` picks are
+/// decoded into a partial `LedgerState` with every non-task field, and the
+/// others are only counted and kept as their encodings.
+///
+/// Rebuilding a ledger from `kept` and folding events that touch only kept
+/// tasks forward gives, for those tasks and every non-task field, exactly
+/// what the whole ledger would hold; `others` are unchanged by such events.
+/// So `summary()` merged with `others_summary`, and `digest_with(&others)`,
+/// describe the whole ledger after those events.
+pub struct SplitState<'a> {
+    pub kept: LedgerState,
+    /// Every other task: its id and its encoding, in id order.
+    pub others: Vec<(TaskId, &'a [u8])>,
+    pub others_summary: LedgerSummary,
+}
+
+/// Splits the state encoding `bytes` (see [`SplitState`]).
+pub fn split_state(bytes: &[u8], keep: impl Fn(&TaskId) -> bool) -> Result<SplitState<'_>, postcard::Error> {
+    let (count, mut rest): (usize, &[u8]) = postcard::take_from_bytes(bytes)?;
+    let mut kept = Vec::new();
+    // Every task takes more than one byte: a damaged count cannot make this allocate much.
+    let mut others = Vec::with_capacity(count.min(rest.len()));
+    let mut summing = Summing::default();
+    for _ in 0..count {
+        let (view, after): (TaskView<'_>, &[u8]) = postcard::take_from_bytes(rest)?;
+        let encoded = &rest[..rest.len() - after.len()];
+        if keep(&view.id) {
+            kept.push(postcard::from_bytes::<Task>(encoded)?);
+        } else {
+            summing.add(
+                view.namespace,
+                view.state,
+                view.steps.iter().map(|s| (s.state, s.lease_deadline, s.retry_at)),
+                view.run_at.filter(|_| !view.run_at_reached),
+            );
+            others.push((view.id, encoded));
+        }
+        rest = after;
+    }
+    let (tail, trailing): (StateTail, &[u8]) = postcard::take_from_bytes(rest)?;
+    if !trailing.is_empty() {
+        return Err(postcard::Error::DeserializeBadEncoding);
+    }
+    let kept = LedgerState {
+        tasks: kept,
+        queue_settings: tail.queue_settings,
+        idempotency: tail.idempotency,
+        next_ordinal: tail.next_ordinal,
+        last_event_at: tail.last_event_at,
+    };
+    Ok(SplitState { kept, others, others_summary: summing.finish() })
+}
+
 fn flatten(q: &ReadyQueue) -> Vec<(HandlerName, ReadyKey, TaskId, StepIndex)> {
     let mut v: Vec<_> =
         q.by_handler.iter().flat_map(|(h, m)| m.iter().map(move |(k, (t, s))| (h.clone(), *k, *t, *s))).collect();
@@ -963,6 +1258,87 @@ mod digest_tests {
         let ledger = &scenario.ledger;
         let written = ledger.write_state(Vec::new()).unwrap();
         assert_eq!(written, postcard::to_stdvec(&ledger.to_state()).unwrap());
+    }
+
+    /// A ledger with every kind of step and task fact the views must read
+    /// past: tags, idempotency keys, a future run_at, leases, a retry, an
+    /// error, a result, a dependency.
+    fn varied_ledger() -> crate::Ledger {
+        use crate::testkit::{complete, fail, step, workflow};
+        let mut scenario = Scenario::new();
+        for n in 0..40 {
+            let mut spec = job(n, ["a", "b", "c"][n as usize % 3]);
+            if n % 4 == 0 {
+                spec.idempotency_key = Some(IdempotencyKey::new(format!("key-{n}")).unwrap());
+            }
+            if n % 5 == 0 {
+                spec.tags = vec![crate::Tag::new(format!("tag-{n}")).unwrap()];
+            }
+            if n % 7 == 0 {
+                spec.run_at = Some(crate::Timestamp::from_micros(i64::MAX / 2));
+            }
+            scenario.ok(Command::CreateTask(spec));
+        }
+        scenario.ok(Command::CreateTask(workflow(100, "c", vec![step("one", "h", &[]), step("two", "h", &["one"])])));
+        for _ in 0..3 {
+            scenario.ok(claim("a", "w", 1));
+        }
+        let claimed: Vec<(crate::TaskId, u32)> = scenario
+            .ok(claim("b", "w", 3))
+            .iter()
+            .filter_map(|e| match e {
+                crate::Event::StepClaimed { task, epoch, .. } => Some((*task, epoch.0)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(claimed.len(), 3);
+        scenario.ok(complete(claimed[0].0, "run", claimed[0].1));
+        scenario.ok(fail(claimed[1].0, "run", claimed[1].1, true));
+        scenario.ok(fail(claimed[2].0, "run", claimed[2].1, false));
+        scenario.ledger.clone()
+    }
+
+    /// Splitting a state encoding keeps exactly the chosen tasks, counts the
+    /// others as the ledger would, and merging them back writes the same bytes.
+    #[test]
+    fn split_state_and_merge_agree_with_the_whole_ledger() {
+        let ledger = varied_ledger();
+        let bytes = ledger.write_state(Vec::new()).unwrap();
+        let ids: Vec<_> = ledger.to_state().tasks.iter().map(|t| t.id).collect();
+        for modulus in [1, 2, 3, usize::MAX] {
+            let kept_ids: Vec<_> =
+                ids.iter().enumerate().filter(|(i, _)| i % modulus == 0).map(|(_, id)| *id).collect();
+            let split = super::split_state(&bytes, |id| kept_ids.contains(id)).unwrap();
+            assert_eq!(split.kept.tasks.len(), kept_ids.len());
+            assert_eq!(split.others.len(), ids.len() - kept_ids.len());
+            let partial = crate::Ledger::from_state(split.kept.clone());
+            let mut summary = partial.summary();
+            summary.merge(&split.others_summary);
+            assert_eq!(summary, ledger.summary(), "keeping every {modulus}th");
+            assert_eq!(partial.write_state_with(&split.others, Vec::new()).unwrap(), bytes);
+            assert_eq!(partial.digest_with(&split.others), ledger.digest());
+        }
+        assert!(super::split_state(&bytes[..bytes.len() - 1], |_| false).is_err());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(super::split_state(&longer, |_| false).is_err());
+    }
+
+    /// The summary counts what the ledger's own reads say.
+    #[test]
+    fn summary_counts_agree_with_the_ledger_reads() {
+        let ledger = varied_ledger();
+        let summary = ledger.summary();
+        assert_eq!(summary.live_tasks, ledger.live_task_count() as u64);
+        assert_eq!(summary.timers, ledger.timer_count() as u64);
+        assert_eq!(summary.next_timer_due, ledger.next_timer_due());
+        for (ns, counts) in &summary.by_namespace {
+            let ns = crate::Namespace::new(ns).unwrap();
+            assert_eq!(counts.steps_in(crate::StepState::Enqueued), ledger.ready_count(&ns) as u64);
+            assert_eq!(counts.steps_in(crate::StepState::InProgress), u64::from(ledger.in_progress(&ns)));
+        }
+        assert!(summary.by_namespace["a"].tasks_in(crate::TaskState::InProgress) > 0);
+        assert!(summary.timers > 0);
     }
 
     /// `check_indexes_in_place` agrees with `check_indexes` on a sound ledger

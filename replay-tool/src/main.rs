@@ -76,6 +76,9 @@ enum Command {
     Info {
         #[command(flatten)]
         input: Input,
+        /// Also count finished tasks by how they ended (folds the whole log).
+        #[arg(long)]
+        full: bool,
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -105,9 +108,12 @@ enum Command {
         /// SEQ or RFC 3339 time (default: the head).
         #[arg(long, value_name = "SEQ|TIME")]
         as_of: Option<Point>,
-        /// One task (UUID) instead of the whole ledger.
+        /// One task (UUID) instead of the whole ledger: folds only that task's own events.
         #[arg(long, value_name = "ID")]
         task: Option<String>,
+        /// List every live task too (loads them all; the default shows counts only).
+        #[arg(long, conflicts_with = "task")]
+        tasks: bool,
         #[arg(long)]
         json: bool,
     },
@@ -165,12 +171,14 @@ pub enum Outcome {
 
 fn run(cli: Cli) -> Result<Outcome> {
     match cli.command {
-        Command::Info { input, json } => info::run(&input.open()?, json),
+        Command::Info { input, full, json } => info::run(&input.open()?, full, json),
         Command::Events(args) => events::run(&args.input.open()?, &args),
         Command::Verify { input, json, scratch, skip_storage_check } => {
             verify::run(&input, json, scratch.as_deref(), skip_storage_check)
         }
-        Command::State { input, as_of, task, json } => state::run(&input.open()?, as_of, task.as_deref(), json),
+        Command::State { input, as_of, task, tasks, json } => {
+            state::run(&input.open()?, as_of, task.as_deref(), tasks, json)
+        }
         Command::Diff { input, from, to, json } => diff::run(&input.open()?, from, to, json),
         Command::Incident(args) => incident::run(&args.input.open()?, &args),
         Command::ExportAudit(args) => audit::export(&args.input.open()?, &args),

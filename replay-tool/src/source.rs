@@ -6,13 +6,14 @@
 //! Also here: points in the log (`SEQ` or an RFC 3339 time) and how a time
 //! becomes a seq (the last record recorded at or before it).
 
+use std::collections::HashSet;
 use std::ops::ControlFlow;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{Context, Result, anyhow, bail};
-use domain::{Event, Ledger, TaskId, Timestamp};
+use domain::{Event, Ledger, LedgerSummary, Namespace, QueueSettings, TaskId, Timestamp};
 use eventlog::fold::{FoldStats, decode_event, fold_to};
 use eventlog::{Head, LogReader, SnapshotStore, StoredRecord};
 
@@ -223,6 +224,86 @@ impl Source {
         }
     }
 
+    /// Counts of the whole ledger as of record `seq`, with its digest, without
+    /// building the whole ledger when a snapshot is at hand: the snapshot's
+    /// state is split (`domain::split_state`) so that only the tasks the
+    /// records after it touch are decoded; the rest are counted in place and
+    /// kept as bytes, which the digest hashes as they are. A feed, a log
+    /// without a usable snapshot, or a snapshot that fails a check is folded
+    /// in full instead.
+    pub fn summary_at(&self, seq: u64, progress: &Progress) -> Result<SummaryAt> {
+        let mut skipped = Vec::new();
+        if let Source::File { reader, snapshots, .. } = self {
+            let pick = without_panic("read snapshots", || {
+                Ok(snapshots.latest_at_or_below(seq, |snapshot| {
+                    reader.record_hash(snapshot.info.seq).ok().flatten() == Some(snapshot.info.chain_hash)
+                }))
+            })?;
+            skipped.extend(pick.skipped.iter().map(|e| e.to_string()));
+            if let Some(snapshot) = pick.snapshot {
+                match self.summary_from_snapshot(&snapshot, seq, progress)? {
+                    Ok(mut summary) => {
+                        summary.stats.skipped_snapshots.splice(0..0, skipped);
+                        return Ok(summary);
+                    }
+                    Err(why) => skipped.push(format!("snapshot at seq {}: {why}", snapshot.info.seq)),
+                }
+            }
+        }
+        let (ledger, mut stats) = self.ledger_at(seq, progress)?;
+        stats.skipped_snapshots.splice(0..0, skipped);
+        Ok(SummaryAt {
+            summary: ledger.summary(),
+            settings: ledger.all_queue_settings(),
+            digest: ledger.digest(),
+            stats,
+            tasks_decoded: ledger.live_task_count(),
+        })
+    }
+
+    /// `summary_at` from one snapshot; the inner error says why the snapshot
+    /// cannot be used (then the caller folds in full).
+    fn summary_from_snapshot(
+        &self,
+        snapshot: &eventlog::Snapshot,
+        seq: u64,
+        progress: &Progress,
+    ) -> Result<Result<SummaryAt, String>> {
+        let Some((saved, state)) = snapshot.body.split_first_chunk::<32>() else {
+            return Ok(Err("body shorter than its digest".into()));
+        };
+        let from = snapshot.info.seq;
+        let mut events: Vec<(u64, Event)> = Vec::new();
+        self.scan(from + 1, seq, progress, |record| {
+            events.push((record.seq, decode(record)?));
+            Ok(ControlFlow::Continue(()))
+        })?;
+        let touched: HashSet<TaskId> = events.iter().filter_map(|(_, e)| e.task()).collect();
+        let split = match domain::split_state(state, |id| touched.contains(id)) {
+            Ok(split) => split,
+            Err(e) => return Ok(Err(format!("decode: {e}"))),
+        };
+        let tasks_decoded = split.kept.tasks.len();
+        let mut ledger = Ledger::from_state(split.kept);
+        // The check `fold_to` makes: the state rebuilds to the digest saved with it.
+        if &ledger.digest_with(&split.others) != saved {
+            return Ok(Err("state digest differs from the one saved".into()));
+        }
+        for (seq, event) in &events {
+            ledger.apply(event).map_err(|e| anyhow!("record {seq}: {e}"))?;
+        }
+        let mut summary = ledger.summary();
+        summary.merge(&split.others_summary);
+        let stats = FoldStats { snapshot_seq: from, replayed: events.len() as u64, skipped_snapshots: Vec::new() };
+        Ok(Ok(SummaryAt {
+            summary,
+            settings: ledger.all_queue_settings(),
+            digest: ledger.digest_with(&split.others),
+            stats,
+            tasks_decoded,
+        }))
+    }
+
     /// The last seq recorded at or before `time` (0 if none is).
     pub fn seq_at_or_before(&self, time: Timestamp) -> Result<u64> {
         let head = self.head()?.seq;
@@ -267,6 +348,16 @@ impl Source {
         let last = to.map(|p| self.upto(p)).transpose()?.unwrap_or(head);
         Ok((first, last))
     }
+}
+
+/// The whole ledger at a point, as counts (see [`Source::summary_at`]).
+pub struct SummaryAt {
+    pub summary: LedgerSummary,
+    pub settings: Vec<(Namespace, QueueSettings)>,
+    pub digest: [u8; 32],
+    pub stats: FoldStats,
+    /// Tasks decoded into memory to answer (all of them when folded in full).
+    pub tasks_decoded: usize,
 }
 
 /// Decodes a record's domain event.

@@ -2,21 +2,25 @@
 //! timers) or one task exactly as it was at a point, with the ledger digest
 //! so an answer can be compared with any other fold of the same prefix.
 //!
-//! The whole ledger comes from the nearest snapshot plus a short replay; one
-//! task is folded from its own stream (read through the stream index) into a
-//! ledger that keeps finished tasks, so a task that ended is still shown.
+//! The whole ledger is shown as counts (tasks and steps per namespace and
+//! state, queue depths, timers) with its digest, from the nearest snapshot
+//! plus a short replay that decodes only the tasks the replay touches
+//! (`Source::summary_at`); `--tasks` folds every task into memory to list
+//! them. One task is folded from its own stream (read through the stream
+//! index) into a ledger that keeps finished tasks, so a task that ended is
+//! still shown.
 
 use std::collections::BTreeMap;
 
 use anyhow::{Result, bail};
-use domain::{Ledger, StepState, Task, Timestamp};
+use domain::{Ledger, NamespaceCounts, QueueSettings, StepState, Task, TaskState, Timestamp};
 use eventlog::json::hex;
 use serde_json::{Value, json};
 
 use crate::Outcome;
 use crate::events::parse_task;
 use crate::progress::Progress;
-use crate::source::{Point, Source, apply, time_of};
+use crate::source::{Point, Source, SummaryAt, apply, time_of};
 
 fn time(ts: Timestamp) -> String {
     ts.to_rfc3339()
@@ -62,7 +66,13 @@ pub fn task_json(task: &Task) -> Value {
     })
 }
 
-pub fn run(source: &Source, as_of: Option<Point>, task: Option<&str>, as_json: bool) -> Result<Outcome> {
+pub fn run(
+    source: &Source,
+    as_of: Option<Point>,
+    task: Option<&str>,
+    list_tasks: bool,
+    as_json: bool,
+) -> Result<Outcome> {
     let head = source.head()?;
     let seq = match as_of {
         Some(point) => source.upto(point)?,
@@ -71,7 +81,7 @@ pub fn run(source: &Source, as_of: Option<Point>, task: Option<&str>, as_json: b
     let at = source.record(seq)?.map(|r| time_of(&r)).unwrap_or_else(|| "(before the first record)".into());
     match task {
         Some(task) => show_task(source, seq, &at, task, as_json),
-        None => show_ledger(source, seq, &at, as_json),
+        None => show_ledger(source, seq, &at, list_tasks, as_json),
     }
 }
 
@@ -123,100 +133,138 @@ fn show_task(source: &Source, seq: u64, at: &str, text: &str, as_json: bool) -> 
     Ok(Outcome::Clean)
 }
 
-fn show_ledger(source: &Source, seq: u64, at: &str, as_json: bool) -> Result<Outcome> {
+fn show_ledger(source: &Source, seq: u64, at: &str, list_tasks: bool, as_json: bool) -> Result<Outcome> {
     let progress = Progress::new(seq, "folding");
-    let (ledger, stats) = source.ledger_at(seq, &progress)?;
+    // Listing every task needs them all in memory; the counts do not.
+    let (at_seq, ledger) = if list_tasks {
+        let (ledger, stats) = source.ledger_at(seq, &progress)?;
+        let summary = SummaryAt {
+            summary: ledger.summary(),
+            settings: ledger.all_queue_settings(),
+            digest: ledger.digest(),
+            stats,
+            tasks_decoded: ledger.live_task_count(),
+        };
+        (summary, Some(ledger))
+    } else {
+        (source.summary_at(seq, &progress)?, None)
+    };
     drop(progress);
+    let SummaryAt { summary, settings, digest, stats, tasks_decoded } = at_seq;
     for skipped in &stats.skipped_snapshots {
         eprintln!("note: snapshot skipped: {skipped}");
     }
-    let mut tasks: Vec<&Task> = ledger.tasks().collect();
+    let mut tasks: Vec<&Task> = ledger.as_ref().map(|l| l.tasks().collect()).unwrap_or_default();
     tasks.sort_by_key(|t| t.id);
-    let mut by_state: BTreeMap<&str, usize> = BTreeMap::new();
-    for task in &tasks {
-        *by_state.entry(task.state.as_str()).or_default() += 1;
-    }
-    // Per namespace: how many steps are in each state, plus settings.
-    let mut queues: BTreeMap<String, BTreeMap<&str, usize>> = BTreeMap::new();
-    for task in &tasks {
-        let counts = queues.entry(task.namespace.to_string()).or_default();
-        for step in &task.steps {
-            *counts.entry(step.state.as_str()).or_default() += 1;
+    let settings: BTreeMap<String, QueueSettings> = settings.into_iter().map(|(n, s)| (n.to_string(), s)).collect();
+    let mut namespaces: Vec<&str> = summary.by_namespace.keys().map(String::as_str).collect();
+    namespaces.extend(settings.keys().map(String::as_str).filter(|n| !summary.by_namespace.contains_key(*n)));
+    namespaces.sort_unstable();
+    let empty = NamespaceCounts::default();
+    let counts_of = |ns: &str| summary.by_namespace.get(ns).unwrap_or(&empty);
+    let mut by_state: BTreeMap<&str, u64> = BTreeMap::new();
+    for counts in summary.by_namespace.values() {
+        for state in TaskState::ALL {
+            if counts.tasks_in(state) > 0 {
+                *by_state.entry(state.as_str()).or_default() += counts.tasks_in(state);
+            }
         }
     }
-    for (namespace, _) in ledger.to_state().queue_settings {
-        queues.entry(namespace.to_string()).or_default();
-    }
-    let digest = hex(&ledger.digest());
-    let queue_json: Vec<Value> = queues
+    let nonzero_steps = |counts: &NamespaceCounts| -> BTreeMap<&str, u64> {
+        StepState::ALL.iter().filter(|s| counts.steps_in(**s) > 0).map(|s| (s.as_str(), counts.steps_in(*s))).collect()
+    };
+    let nonzero_tasks = |counts: &NamespaceCounts| -> BTreeMap<&str, u64> {
+        TaskState::ALL.iter().filter(|s| counts.tasks_in(**s) > 0).map(|s| (s.as_str(), counts.tasks_in(*s))).collect()
+    };
+    let digest = hex(&digest);
+    let queue_json: Vec<Value> = namespaces
         .iter()
-        .map(|(namespace, steps)| {
-            let ns = domain::Namespace::new(namespace).expect("names come from the ledger");
-            let settings = ledger.queue_settings(&ns);
+        .map(|ns| {
+            let queue = settings.get(*ns).cloned().unwrap_or_default();
+            let counts = counts_of(ns);
             json!({
-                "namespace": namespace,
-                "paused": settings.paused,
-                "concurrency_limit": settings.concurrency_limit,
-                "ready": ledger.ready_count(&ns),
-                "in_progress": ledger.in_progress(&ns),
-                "steps_by_state": steps,
+                "namespace": ns,
+                "paused": queue.paused,
+                "concurrency_limit": queue.concurrency_limit,
+                "ready": counts.steps_in(StepState::Enqueued),
+                "in_progress": counts.steps_in(StepState::InProgress),
+                "steps_by_state": nonzero_steps(counts),
+                "tasks_by_state": nonzero_tasks(counts),
             })
         })
         .collect();
     if as_json {
-        let body = json!({
+        let mut body = json!({
             "as_of_seq": seq,
             "as_of_time": at,
             "snapshot_seq": stats.snapshot_seq,
             "replayed": stats.replayed,
+            "tasks_decoded": tasks_decoded,
             "digest": digest,
-            "live_tasks": tasks.len(),
+            "live_tasks": summary.live_tasks,
             "tasks_by_state": by_state,
-            "timers": ledger.timer_count(),
-            "next_timer_due": ledger.next_timer_due().map(time),
+            "timers": summary.timers,
+            "next_timer_due": summary.next_timer_due.map(time),
             "queues": queue_json,
-            "tasks": tasks.iter().map(|t| task_json(t)).collect::<Vec<_>>(),
         });
+        if list_tasks {
+            body["tasks"] = tasks.iter().map(|t| task_json(t)).collect::<Vec<_>>().into();
+        }
         println!("{body}");
         return Ok(Outcome::Clean);
     }
     println!("ledger as of seq {seq} ({at})");
-    println!("  folded     from snapshot at seq {} + {} events", stats.snapshot_seq, stats.replayed);
+    println!(
+        "  folded     from snapshot at seq {} + {} events ({tasks_decoded} tasks decoded)",
+        stats.snapshot_seq, stats.replayed
+    );
     println!("  digest     {digest}");
     let counts: Vec<String> = by_state.iter().map(|(s, n)| format!("{s} {n}")).collect();
     println!(
         "  live tasks {}{} (finished tasks have left the ledger: use --task ID)",
-        tasks.len(),
+        summary.live_tasks,
         if counts.is_empty() { String::new() } else { format!(": {}", counts.join(", ")) }
     );
     println!(
         "  timers     {}{}",
-        ledger.timer_count(),
-        ledger.next_timer_due().map(|t| format!(", next due {}", time(t))).unwrap_or_default()
+        summary.timers,
+        summary.next_timer_due.map(|t| format!(", next due {}", time(t))).unwrap_or_default()
     );
-    if !queues.is_empty() {
-        println!("  queues");
+    if !namespaces.is_empty() {
+        println!("  queues (steps)");
         println!(
             "    {:<20} {:<7} {:>5} {:>6} {:>8} {:>8} {:>9} {:>5}",
             "NAMESPACE", "PAUSED", "LIMIT", "READY", "RUNNING", "PENDING", "RETRYING", "DEAD"
         );
-        for q in &queue_json {
-            let count = |state: StepState| q["steps_by_state"][state.as_str()].as_u64().unwrap_or(0);
+        for ns in &namespaces {
+            let queue = settings.get(*ns).cloned().unwrap_or_default();
+            let counts = counts_of(ns);
             println!(
                 "    {:<20} {:<7} {:>5} {:>6} {:>8} {:>8} {:>9} {:>5}",
-                q["namespace"].as_str().unwrap_or_default(),
-                if q["paused"] == true { "yes" } else { "no" },
-                q["concurrency_limit"].as_u64().map_or("-".into(), |l| l.to_string()),
-                q["ready"].as_u64().unwrap_or(0),
-                q["in_progress"].as_u64().unwrap_or(0),
-                count(StepState::Pending),
-                count(StepState::WaitingForRetry),
-                count(StepState::Error),
+                ns,
+                if queue.paused { "yes" } else { "no" },
+                queue.concurrency_limit.map_or("-".into(), |l| l.to_string()),
+                counts.steps_in(StepState::Enqueued),
+                counts.steps_in(StepState::InProgress),
+                counts.steps_in(StepState::Pending),
+                counts.steps_in(StepState::WaitingForRetry),
+                counts.steps_in(StepState::Error),
             );
         }
+        let live: Vec<TaskState> = TaskState::ALL.into_iter().filter(|s| !s.is_terminal()).collect();
+        println!("  tasks by namespace and state");
+        let header: Vec<String> = live.iter().map(|s| format!("{:>19}", s.as_str().to_uppercase())).collect();
+        println!("    {:<20} {}", "NAMESPACE", header.join(" "));
+        for ns in &namespaces {
+            let counts = counts_of(ns);
+            let cells: Vec<String> = live.iter().map(|s| format!("{:>19}", counts.tasks_in(*s))).collect();
+            println!("    {:<20} {}", ns, cells.join(" "));
+        }
     }
-    if !tasks.is_empty() {
-        println!("  tasks");
+    if list_tasks {
+        if !tasks.is_empty() {
+            println!("  tasks");
+        }
         for task in &tasks {
             let steps: Vec<String> = task.steps.iter().map(|s| format!("{}={}", s.name, s.state.as_str())).collect();
             println!(
@@ -227,6 +275,12 @@ fn show_ledger(source: &Source, seq: u64, at: &str, as_json: bool) -> Result<Out
                 steps.join(" ")
             );
         }
+    } else if summary.live_tasks > 0 {
+        println!("  (every task with --tasks; one task's history with --task ID)");
+    }
+    if let Some(ledger) = ledger {
+        // About to exit: freeing every task one by one would only add time.
+        std::mem::forget(ledger);
     }
     Ok(Outcome::Clean)
 }

@@ -23,16 +23,25 @@ fn lines_json(out: &str) -> Vec<Value> {
 #[test]
 fn info_reports_head_time_range_tasks_queues_and_snapshots() {
     let (dir, head) = story();
-    let mut info: Value = serde_json::from_str(&replay_ok(&["info", "--data", path(dir.path()), "--json"])).unwrap();
+    let mut info: Value =
+        serde_json::from_str(&replay_ok(&["info", "--data", path(dir.path()), "--json", "--full"])).unwrap();
     assert_eq!(info["records"], head);
     assert!(info["file_bytes"].as_u64().unwrap() > 0);
     let object = info.as_object_mut().unwrap();
     object.remove("log");
     object.remove("file_bytes");
     golden("info.json", &format!("{}\n", serde_json::to_string_pretty(&info).unwrap()));
-    let text = replay_ok(&["info", "--log", path(&dir.path().join("ledger.redb"))]);
+    let text = replay_ok(&["info", "--log", path(&dir.path().join("ledger.redb")), "--full"]);
     assert!(text.contains("tasks        4 (1 live): cancelled 1, complete 2, in_progress 1"), "{text}");
     assert!(text.contains("snapshot     seq 20 (ok)"), "{text}");
+    // Without --full the live tasks come from the snapshot at 20 plus the records after it.
+    let quick: Value = serde_json::from_str(&replay_ok(&["info", "--data", path(dir.path()), "--json"])).unwrap();
+    assert_eq!(quick["tasks"]["live_by_state"], info["tasks"]["live_by_state"]);
+    assert_eq!(quick["tasks"]["live"], 1);
+    assert_eq!(quick["tasks"]["total"], Value::Null);
+    assert_eq!((quick["folded"]["snapshot_seq"].as_u64(), quick["folded"]["replayed"].as_u64()), (Some(20), Some(3)));
+    let text = replay_ok(&["info", "--data", path(dir.path())]);
+    assert!(text.contains("tasks        1 live: in_progress 1 (finished tasks are counted with --full"), "{text}");
 }
 
 #[test]
@@ -93,7 +102,32 @@ fn state_as_of_equals_a_fold_stopped_there_at_every_seq() {
         let out: Value =
             serde_json::from_str(&replay_ok(&["state", "--data", data, "--as-of", &n.to_string(), "--json"])).unwrap();
         assert_eq!(out["as_of_seq"], n);
-        assert_eq!(out["digest"].as_str().unwrap(), hex(&fold_by_hand(dir.path(), n).digest()), "as of {n}");
+        let fold = fold_by_hand(dir.path(), n);
+        assert_eq!(out["digest"].as_str().unwrap(), hex(&fold.digest()), "as of {n}");
+        // The counts, read mostly from a snapshot's bytes, are the fold's.
+        assert_eq!(out["live_tasks"], fold.live_task_count(), "as of {n}");
+        assert_eq!(out["timers"], fold.timer_count(), "as of {n}");
+        for queue in out["queues"].as_array().unwrap() {
+            let ns = domain::Namespace::new(queue["namespace"].as_str().unwrap()).unwrap();
+            assert_eq!(queue["ready"], fold.ready_count(&ns), "as of {n}");
+            assert_eq!(queue["in_progress"], fold.in_progress(&ns), "as of {n}");
+            assert_eq!(queue["paused"], fold.queue_settings(&ns).paused, "as of {n}");
+        }
+        let live: u64 = fold.tasks().filter(|t| t.state == domain::TaskState::InProgress).count() as u64;
+        assert_eq!(out["tasks_by_state"]["in_progress"].as_u64().unwrap_or(0), live, "as of {n}");
+        // --tasks lists every task, folded in full, with the same digest.
+        let listed: Value = serde_json::from_str(&replay_ok(&[
+            "state",
+            "--data",
+            data,
+            "--as-of",
+            &n.to_string(),
+            "--json",
+            "--tasks",
+        ]))
+        .unwrap();
+        assert_eq!(listed["digest"], out["digest"], "as of {n}");
+        assert_eq!(listed["tasks"].as_array().unwrap().len(), fold.live_task_count(), "as of {n}");
     }
     // Snapshots are used: seq 12 starts from the one at 10.
     let out: Value = serde_json::from_str(&replay_ok(&["state", "--data", data, "--as-of", "12", "--json"])).unwrap();
@@ -104,6 +138,7 @@ fn state_as_of_equals_a_fold_stopped_there_at_every_seq() {
             .unwrap();
     assert_eq!(by_time["as_of_seq"], 12);
     golden("state-as-of-12.txt", &replay_ok(&["state", "--data", data, "--as-of", "12"]));
+    golden("state-as-of-12-tasks.txt", &replay_ok(&["state", "--data", data, "--as-of", "12", "--tasks"]));
 }
 
 #[test]
