@@ -259,8 +259,11 @@ pub async fn create_batch(
     Ok((status, body))
 }
 
-/// Claims steps; with `wait_ms`, waits for work to arrive. Every commit
-/// moves the head, which wakes the waiters to try again.
+/// Claims steps; with `wait_ms`, waits for work to arrive: the writer bumps
+/// a namespace's counter after each commit that leaves it with claimable
+/// steps, and a waiting claim tries again only when one of its namespaces'
+/// counters moved (not on every commit, which would send the writer an
+/// empty claim per waiting worker per commit).
 pub async fn claim(state: &AppState, caller: &Caller<'_>, request: ClaimRequest) -> ApiResult<ClaimResponse> {
     caller.who.require(Permission::Work)?;
     if request.wait_ms > CLAIM_WAIT_MS_MAX {
@@ -279,9 +282,16 @@ pub async fn claim(state: &AppState, caller: &Caller<'_>, request: ClaimRequest)
         handlers: request.handlers.iter().map(domain::HandlerName::new).collect::<Result<_, _>>()?,
     };
     let deadline = tokio::time::Instant::now() + Duration::from_millis(request.wait_ms);
-    let mut head = state.writer.head_watch();
+    let Command::ClaimSteps { namespaces, .. } = &command else { unreachable!("built above") };
+    let namespaces = namespaces.clone();
+    let counters = |work: &eventlog::ReadyWork| -> Vec<u64> {
+        namespaces.iter().map(|ns| work.get(ns).copied().unwrap_or(0)).collect()
+    };
+    let mut work = state.writer.work_watch();
     loop {
-        head.mark_unchanged();
+        // Counters as they were before the claim was decided: work made ready
+        // after that moves one of them.
+        let before = counters(&work.borrow_and_update());
         let ack = execute(state, caller, command.clone()).await?;
         if !ack.claimed.is_empty() || tokio::time::Instant::now() >= deadline {
             return Ok(ClaimResponse {
@@ -290,7 +300,14 @@ pub async fn claim(state: &AppState, caller: &Caller<'_>, request: ClaimRequest)
                 steps: ack.claimed.iter().map(ClaimedStepBody::from).collect(),
             });
         }
-        let _ = tokio::time::timeout_at(deadline, head.changed()).await;
+        loop {
+            match tokio::time::timeout_at(deadline, work.changed()).await {
+                Ok(Ok(())) if counters(&work.borrow_and_update()) == before => continue,
+                Ok(Ok(())) | Err(_) => break,
+                // The writer is gone: the next claim reports it.
+                Ok(Err(_)) => break,
+            }
+        }
     }
 }
 

@@ -43,6 +43,6 @@ pub use snapshot::{Snapshot, SnapshotEntry, SnapshotInfo, SnapshotPick, Snapshot
 pub use store::{Appended, Head, LogStore};
 pub use verify::{Problem, ProblemKind, VerifyReport, verify};
 pub use writer::{
-    Acknowledgement, CommandResult, Envelope, Health, Scope, SeqRange, StartError, Startup, WriteError, Writer,
-    WriterConfig, WriterHandle,
+    Acknowledgement, CommandResult, Envelope, Health, ReadyWork, Scope, SeqRange, StartError, Startup, WriteError,
+    Writer, WriterConfig, WriterHandle,
 };

@@ -194,7 +194,14 @@ struct Shared {
     health: Mutex<Health>,
     stats: WriterStats,
     head: watch::Sender<u64>,
+    work: watch::Sender<ReadyWork>,
 }
+
+/// Per namespace, how many committed batches left it with claimable steps.
+/// Long-polling claims wait for their namespaces' counters to move rather
+/// than for any commit: otherwise every commit wakes every waiting worker,
+/// and each sends the writer an empty claim.
+pub type ReadyWork = HashMap<domain::Namespace, u64>;
 
 // Commands are nearly every message; boxing them would cost an allocation each.
 #[allow(clippy::large_enum_variant)]
@@ -291,6 +298,10 @@ impl WriterHandle {
 
     /// The durable head seq; changes after every commit (long-poll claims
     /// and read-your-writes wait on it).
+    pub fn work_watch(&self) -> watch::Receiver<ReadyWork> {
+        self.shared.work.subscribe()
+    }
+
     pub fn head_watch(&self) -> watch::Receiver<u64> {
         self.shared.head.subscribe()
     }
@@ -381,6 +392,7 @@ impl Writer {
             health: Mutex::new(Health::Healthy),
             stats: WriterStats::default(),
             head: watch::Sender::new(head.seq),
+            work: watch::Sender::new(ReadyWork::new()),
         });
         let handle = WriterHandle {
             tx,
@@ -409,7 +421,7 @@ impl Writer {
         let dedup = DedupIndex::rebuild(&reader, head.seq, config.dedup_window_events)
             .map_err(|e| StartError::Fold(FoldError::Read(e)))?;
         let acks = Acknowledger::start(feed.clone(), shared.clone())?;
-        let state = WriterThread { acks, store, ledger, dedup, clock, config, rx, shared, reader };
+        let state = WriterThread { acks, touched: Vec::new(), store, ledger, dedup, clock, config, rx, shared, reader };
         let thread = std::thread::Builder::new().name("taskledger-writer".into()).spawn(move || state.run())?;
         Ok((Writer { handle, thread: Some(thread), snapshotter, stop_snapshots }, startup))
     }
@@ -451,6 +463,8 @@ struct Pending {
 
 struct WriterThread {
     acks: Acknowledger,
+    /// Namespaces the current batch's events concern, noted before each is applied.
+    touched: Vec<domain::Namespace>,
     store: RedbStore,
     ledger: Ledger,
     dedup: DedupIndex,
@@ -464,7 +478,13 @@ struct WriterThread {
 /// Work for the acknowledger thread, in batch order.
 enum AckJob {
     /// Publish the committed records, answer the batch, then advance the head watch.
-    Committed { records: Vec<crate::record::StoredRecord>, pending: Vec<Pending>, head_seq: u64 },
+    Committed {
+        records: Vec<crate::record::StoredRecord>,
+        pending: Vec<Pending>,
+        head_seq: u64,
+        /// Namespaces the batch touched that have claimable steps after it.
+        ready: Vec<domain::Namespace>,
+    },
     /// Answers that carry no new records (rejections, repeats, a failed commit's errors).
     Answer { pending: Vec<Pending>, head_seq: u64 },
 }
@@ -481,8 +501,17 @@ impl Acknowledger {
         let thread = std::thread::Builder::new().name("taskledger-acks".into()).spawn(move || {
             for job in rx {
                 match job {
-                    AckJob::Committed { records, pending, head_seq } => {
+                    AckJob::Committed { records, pending, head_seq, ready } => {
                         feed.publish_owned(records);
+                        // Before the answers: a producer told "created" finds the
+                        // waiting workers already woken.
+                        if !ready.is_empty() {
+                            shared.work.send_modify(|work| {
+                                for namespace in ready {
+                                    *work.entry(namespace).or_default() += 1;
+                                }
+                            });
+                        }
                         answer(pending, head_seq);
                         shared.head.send_replace(head_seq);
                     }
@@ -603,6 +632,7 @@ impl WriterThread {
         let head_before = self.store.head().seq;
 
         // System commands for due timers go first, through the same path.
+        self.touched.clear();
         let timers: Vec<domain::Timer> =
             self.ledger.due_timers(now, self.config.timers_per_batch_max).copied().collect();
         for timer in timers {
@@ -610,6 +640,7 @@ impl WriterThread {
             if let Ok(events) = self.ledger.decide(&command, now) {
                 let command_id = format!("timer:{}:{}:{}", command.kind(), timer.task, timer.step.0);
                 for event in &events {
+                    note_namespace(&self.ledger, event, &mut self.touched);
                     self.ledger.apply(event).expect("decided events apply");
                     records.push(encode_event(event, &command_id, "system", at_us));
                 }
@@ -633,6 +664,10 @@ impl WriterThread {
             self.acks.send(AckJob::Answer { pending, head_seq: self.store.head().seq });
             return;
         }
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.sort_unstable();
+        touched.dedup();
+        touched.retain(|namespace| self.ledger.ready_count(namespace) > 0);
         // The dedup window lives in memory (see dedup.rs): nothing but the
         // records goes into the transaction.
         let commit_started = std::time::Instant::now();
@@ -652,7 +687,12 @@ impl WriterThread {
                 stats.batches.fetch_add(1, Ordering::Relaxed);
                 stats.commands.fetch_add(pending.len() as u64, Ordering::Relaxed);
                 stats.events.fetch_add(appended.records.len() as u64, Ordering::Relaxed);
-                self.acks.send(AckJob::Committed { records: appended.records, pending, head_seq: head });
+                self.acks.send(AckJob::Committed {
+                    records: appended.records,
+                    pending,
+                    head_seq: head,
+                    ready: touched,
+                });
             }
             Err(error) => self.fail(pending, error.to_string(), error.is_storage_full()),
         }
@@ -711,6 +751,7 @@ impl WriterThread {
         let first = head_before + records.len() as u64 + 1;
         let mut claimed = Vec::new();
         for event in &events {
+            note_namespace(&self.ledger, event, &mut self.touched);
             self.ledger.apply(event).expect("decided events apply");
             records.push(encode_event(event, &envelope.command_id, &envelope.actor, now.as_micros()));
             if let Some(work) = self.ledger.claimed_step(event) {
@@ -788,6 +829,24 @@ impl WriterThread {
                 self.ledger = Ledger::new();
             }
         }
+    }
+}
+
+/// Adds the namespace `event` concerns (its task's, or its queue's) to
+/// `into`. Called before the event is applied: a finishing task (which frees
+/// a concurrency slot) may leave the ledger with it.
+fn note_namespace(ledger: &Ledger, event: &Event, into: &mut Vec<domain::Namespace>) {
+    match event {
+        Event::TaskCreated { spec, .. } => into.push(spec.namespace.clone()),
+        Event::StepClaimed { .. } | Event::LeaseExtended { .. } | Event::QueuePaused { .. } => {}
+        _ => match event.stream() {
+            StreamId::Queue(namespace) => into.push(namespace),
+            StreamId::Task(id) => {
+                if let Some(task) = ledger.task(&id) {
+                    into.push(task.namespace.clone());
+                }
+            }
+        },
     }
 }
 

@@ -238,3 +238,35 @@ fn snapshots_are_taken_off_the_writer_and_used_at_restart() {
     assert_eq!(startup.live_tasks, 240);
     assert_eq!(writer.handle().read(|l| l.digest()).unwrap(), digest);
 }
+
+#[test]
+fn a_namespace_is_signalled_only_by_commits_that_leave_it_with_claimable_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, _) = Writer::open(dir.path(), config(), Arc::new(SystemClock)).unwrap();
+    let handle = writer.handle();
+    let work = handle.work_watch();
+    let count = |ns: &str| work.borrow().get(&domain::testkit::ns(ns)).copied().unwrap_or(0);
+
+    handle.execute(envelope("c1", Command::CreateTask(job(1, "a")))).unwrap();
+    assert_eq!((count("a"), count("b")), (1, 0), "a create makes work in its own namespace only");
+
+    let claimed = handle.execute(envelope("c2", claim("a", "w", 5))).unwrap();
+    assert_eq!(count("a"), 1, "a claim makes no work");
+    let nothing = handle.execute(envelope("c3", claim("a", "w", 5))).unwrap();
+    assert!(nothing.claimed.is_empty());
+    assert_eq!(count("a"), 1, "an empty claim makes no work");
+
+    handle.execute(envelope("c4", Command::CreateTask(job(2, "b")))).unwrap();
+    assert_eq!((count("a"), count("b")), (1, 1));
+
+    let epoch = claimed.claimed[0].epoch.0;
+    handle.execute(envelope("c5", complete(task_id(1), "run", epoch))).unwrap();
+    assert_eq!(count("a"), 1, "completing the last step of a namespace leaves nothing to claim");
+
+    let b = domain::testkit::ns("b");
+    handle.execute(envelope("c6", Command::PauseQueue { namespace: b.clone() })).unwrap();
+    assert_eq!(count("b"), 1, "pausing makes no work");
+    handle.execute(envelope("c7", Command::ResumeQueue { namespace: b })).unwrap();
+    assert_eq!(count("b"), 2, "resuming a queue with ready steps makes work");
+    writer.shutdown();
+}
