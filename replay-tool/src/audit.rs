@@ -22,6 +22,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
 use std::io::Write;
+
+use sha2::{Digest, Sha256};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
@@ -30,14 +32,13 @@ use clap::Args;
 use domain::Timestamp;
 use ed25519_dalek::{Signer, SigningKey};
 use eventlog::fold::decode_event;
-use eventlog::json::{hex, record_json, unhex};
+use eventlog::json::{hex, unhex};
 use eventlog::record::{chain_hash, stored_body};
 use eventlog::{GENESIS_HASH, Hash};
 use replay_tool::bundle::{
     BUNDLE_FORMAT, CHECKPOINT_FILE, CHECKPOINT_FORMAT, COLUMNS, Checkpoint, FileEntry, Format, MANIFEST_FILE, Manifest,
     checkpoint_message, sha256_hex, verify_bundle,
 };
-use serde_json::{Map, Value};
 
 use crate::progress::Progress;
 use crate::source::{Point, Source};
@@ -117,13 +118,151 @@ fn csv_field(text: &str) -> String {
     if text.contains([',', '"', '\n', '\r']) { format!("\"{}\"", text.replace('"', "\"\"")) } else { text.to_owned() }
 }
 
-/// One exported row: the feed's record fields plus what offline checking needs.
-fn row(record: &eventlog::StoredRecord, event: &domain::Event, prev: &Hash, body: &[u8]) -> Map<String, Value> {
-    let mut map = record_json(record, event);
-    map.insert("recorded_at_us".into(), record.recorded_at_us.into());
-    map.insert("prev_hash".into(), hex(prev).into());
-    map.insert("body".into(), hex(body).into());
-    map
+/// Bytes of formatted rows written (and hashed) at a time.
+const EXPORT_CHUNK_BYTES: usize = 1 << 20;
+/// Records per batch handed to the formatting thread.
+const EXPORT_BATCH_ROWS: usize = 1024;
+/// Batches queued for the formatting thread.
+const EXPORT_BATCHES_IN_FLIGHT: usize = 8;
+
+/// A record on its way to the formatting thread, checked against the chain.
+struct RowParts {
+    record: eventlog::StoredRecord,
+    event: EventParts,
+    prev: Hash,
+    body: Vec<u8>,
+}
+
+/// What a row shows of an event. Built on the reading thread, which has the
+/// lighter share of the work.
+struct EventParts {
+    data: serde_json::Value,
+    type_name: &'static str,
+    stream: String,
+}
+
+impl EventParts {
+    fn of(event: &domain::Event) -> Self {
+        Self {
+            data: eventlog::json::event_data(event),
+            type_name: event.type_name(),
+            stream: event.stream().to_string(),
+        }
+    }
+}
+
+/// Formats rows as they come, hashes (SHA-256) and writes them to `file`;
+/// returns the file's size and digest.
+fn format_and_write(
+    file: fs::File,
+    format: Format,
+    rows: std::sync::mpsc::Receiver<Vec<RowParts>>,
+) -> std::io::Result<(u64, String)> {
+    let mut file = file;
+    let mut hasher = Sha256::new();
+    let mut bytes = 0u64;
+    let mut chunk: Vec<u8> = Vec::with_capacity(EXPORT_CHUNK_BYTES + 64 * 1024);
+    if format == Format::Csv {
+        chunk.extend_from_slice(COLUMNS.join(",").as_bytes());
+        chunk.push(b'\n');
+    }
+    let mut write = |chunk: &mut Vec<u8>| -> std::io::Result<()> {
+        hasher.update(&chunk[..]);
+        file.write_all(chunk)?;
+        bytes += chunk.len() as u64;
+        chunk.clear();
+        Ok(())
+    };
+    for batch in rows {
+        for row in &batch {
+            format_row(&mut chunk, format, &row.record, &row.event, &row.prev, &row.body);
+            if chunk.len() >= EXPORT_CHUNK_BYTES {
+                write(&mut chunk)?;
+            }
+        }
+    }
+    write(&mut chunk)?;
+    file.flush()?;
+    Ok((bytes, hex(&hasher.finalize())))
+}
+
+/// Appends `text` as a JSON string.
+fn json_str(out: &mut Vec<u8>, text: &str) {
+    serde_json::to_writer(&mut *out, text).expect("writing to memory never fails");
+}
+
+/// Appends `bytes` as lower-case hex.
+fn hex_into(out: &mut Vec<u8>, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 0xf)]);
+    }
+}
+
+/// Appends one row, byte for byte what `row()` gives as a JSON object
+/// (`serde_json` maps keep their keys sorted) or as CSV cells in `COLUMNS`
+/// order, without building the map.
+fn format_row(
+    out: &mut Vec<u8>,
+    format: Format,
+    record: &eventlog::StoredRecord,
+    event: &EventParts,
+    prev: &Hash,
+    body: &[u8],
+) {
+    let (data, stream) = (&event.data, &event.stream);
+    let recorded_at = Timestamp::from_micros(record.recorded_at_us).to_rfc3339();
+    match format {
+        Format::Jsonl => {
+            out.extend_from_slice(b"{\"actor\":");
+            json_str(out, &record.actor);
+            out.extend_from_slice(b",\"body\":\"");
+            hex_into(out, body);
+            out.extend_from_slice(b"\",\"command_id\":");
+            json_str(out, &record.command_id);
+            out.extend_from_slice(b",\"data\":");
+            serde_json::to_writer(&mut *out, data).expect("writing to memory never fails");
+            out.extend_from_slice(b",\"hash\":\"");
+            hex_into(out, &record.hash);
+            out.extend_from_slice(b"\",\"prev_hash\":\"");
+            hex_into(out, prev);
+            out.extend_from_slice(b"\",\"recorded_at\":");
+            json_str(out, &recorded_at);
+            let _ = write!(
+                out,
+                ",\"recorded_at_us\":{},\"schema_version\":{},\"seq\":{},\"stream\":",
+                record.recorded_at_us, record.schema_version, record.seq
+            );
+            json_str(out, stream);
+            let _ = write!(out, ",\"stream_version\":{},\"type\":", record.stream_version);
+            json_str(out, event.type_name);
+            out.extend_from_slice(b"}\n");
+        }
+        Format::Csv => {
+            let cell = |out: &mut Vec<u8>, text: &str| out.extend_from_slice(csv_field(text).as_bytes());
+            let _ = write!(out, "{},", record.seq);
+            cell(out, &recorded_at);
+            let _ = write!(out, ",{},", record.recorded_at_us);
+            cell(out, stream);
+            let _ = write!(out, ",{},", record.stream_version);
+            cell(out, &record.command_id);
+            out.push(b',');
+            cell(out, &record.actor);
+            out.push(b',');
+            cell(out, event.type_name);
+            let _ = write!(out, ",{},", record.schema_version);
+            cell(out, &data.to_string());
+            out.push(b',');
+            hex_into(out, prev);
+            out.push(b',');
+            hex_into(out, &record.hash);
+            out.push(b',');
+            hex_into(out, body);
+            out.push(b'\n');
+        }
+    }
 }
 
 pub fn export(source: &Source, args: &ExportArgs) -> Result<Outcome> {
@@ -147,54 +286,67 @@ pub fn export(source: &Source, args: &ExportArgs) -> Result<Outcome> {
     };
     let path = args.out.join(name);
     let file = fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
-    let mut out = std::io::BufWriter::new(file);
-    if args.format == Format::Csv {
-        writeln!(out, "{}", COLUMNS.join(","))?;
-    }
     let mut prev = prev_hash;
     let mut records = 0u64;
     let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
     let mut by_actor: BTreeMap<String, u64> = BTreeMap::new();
-    let (mut first_at, mut last_at, mut first_hash) = (String::new(), String::new(), String::new());
+    let (mut first_at, mut first_hash, mut last_us) = (String::new(), String::new(), 0i64);
     let progress = Progress::new(last, "exporting");
-    source.scan(first, last, &progress, |record| {
-        let event = decode_event(record).map_err(|e| anyhow!("{e}"))?;
-        let body = stored_body(record);
-        if chain_hash(&prev, record.seq, &body) != record.hash {
-            bail!("record {}: its chain hash does not recompute; run `verify` before exporting", record.seq);
-        }
-        let row = row(record, &event, &prev, &body);
-        match args.format {
-            Format::Jsonl => writeln!(out, "{}", Value::Object(row))?,
-            Format::Csv => {
-                let cells: Vec<String> = COLUMNS
-                    .iter()
-                    .map(|c| match &row[*c] {
-                        Value::String(s) => csv_field(s),
-                        other => csv_field(&other.to_string()),
-                    })
-                    .collect();
-                writeln!(out, "{}", cells.join(","))?;
+    // Records are read, decoded and checked here; a second thread formats
+    // them, hashes the file (SHA-256, so it is never read back) and writes it:
+    // the two halves of the work run on both cores.
+    let (rows, to_disk) = std::sync::mpsc::sync_channel::<Vec<RowParts>>(EXPORT_BATCHES_IN_FLIGHT);
+    let written = std::thread::scope(|scope| -> Result<(u64, String)> {
+        let format = args.format;
+        let disk = std::thread::Builder::new()
+            .name("export-write".into())
+            .spawn_scoped(scope, move || format_and_write(file, format, to_disk))
+            .context("start the writing thread")?;
+        let mut batch: Vec<RowParts> = Vec::with_capacity(EXPORT_BATCH_ROWS);
+        let scanned = source.scan(first, last, &progress, |record| {
+            let event = decode_event(record).map_err(|e| anyhow!("{e}"))?;
+            let body = stored_body(record);
+            if chain_hash(&prev, record.seq, &body) != record.hash {
+                bail!("record {}: its chain hash does not recompute; run `verify` before exporting", record.seq);
             }
+            if records == 0 {
+                first_at = crate::source::time_of(record);
+                first_hash = hex(&record.hash);
+            }
+            records += 1;
+            if let Some(n) = by_type.get_mut(event.type_name()) {
+                *n += 1;
+            } else {
+                by_type.insert(event.type_name().to_owned(), 1);
+            }
+            if let Some(n) = by_actor.get_mut(&record.actor) {
+                *n += 1;
+            } else {
+                by_actor.insert(record.actor.clone(), 1);
+            }
+            last_us = record.recorded_at_us;
+            batch.push(RowParts { record: record.clone(), event: EventParts::of(&event), prev, body });
+            prev = record.hash;
+            if batch.len() >= EXPORT_BATCH_ROWS {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(EXPORT_BATCH_ROWS));
+                rows.send(full).map_err(|_| anyhow!("write {}: the writing thread stopped", path.display()))?;
+            }
+            Ok(ControlFlow::Continue(()))
+        });
+        if scanned.is_ok() && !batch.is_empty() {
+            let _ = rows.send(batch);
         }
-        if records == 0 {
-            first_at = crate::source::time_of(record);
-            first_hash = hex(&record.hash);
-        }
-        last_at = crate::source::time_of(record);
-        records += 1;
-        *by_type.entry(event.type_name().to_owned()).or_default() += 1;
-        *by_actor.entry(record.actor.clone()).or_default() += 1;
-        prev = record.hash;
-        Ok(ControlFlow::Continue(()))
-    })?;
+        drop(rows);
+        let disk = disk.join().map_err(|_| anyhow!("write {}: the writing thread failed", path.display()))?;
+        scanned?;
+        disk.with_context(|| format!("write {}", path.display()))
+    });
     drop(progress);
-    out.flush().with_context(|| format!("write {}", path.display()))?;
-    drop(out);
+    let (file_bytes, file_sha256) = written?;
+    let last_at = Timestamp::from_micros(last_us).to_rfc3339();
     if records != last - first + 1 {
         bail!("read {records} records for seq {first}..{last}; the log is incomplete");
     }
-    let data = fs::read(&path).with_context(|| format!("read back {}", path.display()))?;
     let now_us = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
@@ -216,8 +368,8 @@ pub fn export(source: &Source, args: &ExportArgs) -> Result<Outcome> {
         files: vec![FileEntry {
             name: name.into(),
             format: args.format,
-            bytes: data.len() as u64,
-            sha256: sha256_hex(&data),
+            bytes: file_bytes,
+            sha256: file_sha256,
             records,
         }],
         exported_at: Timestamp::from_micros(now_us).to_rfc3339(),
@@ -295,4 +447,74 @@ pub fn verify_export(args: &VerifyExportArgs) -> Result<Outcome> {
         print!("{out}");
     }
     Ok(if findings.clean { Outcome::Clean } else { Outcome::Problems })
+}
+
+#[cfg(test)]
+mod tests {
+    use domain::testkit::{job, task_id, text};
+    use domain::{Event, FailOutcome, Json, LeaseEpoch, StepIndex, Timestamp};
+    use eventlog::json::record_json;
+    use serde_json::{Map, Value};
+
+    use super::*;
+
+    /// One exported row: the feed's record fields plus what offline checking needs.
+    fn row(record: &eventlog::StoredRecord, event: &domain::Event, prev: &Hash, body: &[u8]) -> Map<String, Value> {
+        let mut map = record_json(record, event);
+        map.insert("recorded_at_us".into(), record.recorded_at_us.into());
+        map.insert("prev_hash".into(), hex(prev).into());
+        map.insert("body".into(), hex(body).into());
+        map
+    }
+
+    /// `format_row` writes exactly what formatting `row()` as a JSON object or as
+    /// CSV cells did, for payloads that need escaping and quoting.
+    #[test]
+    fn format_row_matches_the_row_map() {
+        let mut spec = job(1, "emails");
+        spec.payload = Json::new("payload", r#"{"to":"a,b","note":"say \"hi\"\nbye"}"#).unwrap();
+        let events = [
+            Event::TaskCreated { spec, at: Timestamp::from_micros(1_795_442_400_000_001) },
+            Event::StepFailed {
+                task: task_id(1),
+                step: StepIndex(0),
+                epoch: LeaseEpoch(1),
+                error: text("boom, \"badly\""),
+                retryable: false,
+                outcome: FailOutcome::DeadLetter,
+                at: Timestamp::from_micros(1_795_442_400_000_002),
+            },
+        ];
+        for (n, event) in events.iter().enumerate() {
+            let new = eventlog::fold::encode_event(event, "cmd,\"1\"", "actor é", 1_795_442_400_000_002);
+            let record = eventlog::StoredRecord {
+                seq: n as u64 + 7,
+                stream: new.stream,
+                stream_version: n as u64 + 1,
+                recorded_at_us: new.recorded_at_us,
+                command_id: new.command_id,
+                actor: new.actor,
+                event_type: new.event_type,
+                schema_version: new.schema_version,
+                payload: new.payload,
+                hash: [n as u8; 32],
+            };
+            let prev = [9u8; 32];
+            let body = stored_body(&record);
+            let map = row(&record, event, &prev, &body);
+            let mut jsonl = Vec::new();
+            format_row(&mut jsonl, Format::Jsonl, &record, &EventParts::of(event), &prev, &body);
+            assert_eq!(String::from_utf8(jsonl).unwrap(), format!("{}\n", Value::Object(map.clone())));
+            let cells: Vec<String> = COLUMNS
+                .iter()
+                .map(|c| match &map[*c] {
+                    Value::String(s) => csv_field(s),
+                    other => csv_field(&other.to_string()),
+                })
+                .collect();
+            let mut csv = Vec::new();
+            format_row(&mut csv, Format::Csv, &record, &EventParts::of(event), &prev, &body);
+            assert_eq!(String::from_utf8(csv).unwrap(), format!("{}\n", cells.join(",")));
+        }
+    }
 }
