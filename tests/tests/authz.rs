@@ -59,6 +59,7 @@ const CANCEL: &[Role] = &[Role::Producer, Role::Operator, Role::Admin];
 const WORK: &[Role] = &[Role::Worker, Role::Admin];
 const OPERATE: &[Role] = &[Role::Operator, Role::Admin];
 const AUDIT: &[Role] = &[Role::Operator, Role::Auditor, Role::Admin];
+const ADMIN: &[Role] = &[Role::Admin];
 
 /// What a namespace-scoped token gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,6 +154,8 @@ const POLICY: &[Row] = &[
     row(Rest("GET", "/readyz"), ANY, Public, Nothing),
     row(Rest("GET", "/metrics"), ANY, Global, Nothing),
     row(Rest("GET", "/openapi.json"), ANY, Global, Nothing),
+    // A backup holds every namespace's history: admin only, and never for a scoped token.
+    row(Rest("GET", "/v1/admin/backup"), ADMIN, Unscoped, Nothing),
     row(Rest("GET", "/graphql"), ANY, Public, Nothing),
     // GraphQL transports: any valid token gets in (then each field decides).
     row(Rest("POST", "/graphql"), ANY, Global, Nothing),
@@ -501,7 +504,8 @@ fn rest_request(path: &str, t: &Subject, case: usize) -> (String, Option<Value>)
         | "/healthz"
         | "/readyz"
         | "/metrics"
-        | "/openapi.json" => return (concrete, None),
+        | "/openapi.json"
+        | "/v1/admin/backup" => return (concrete, None),
         other => panic!("no request written for REST row {other}: add one to rest_request"),
     };
     (concrete, Some(body))
@@ -771,6 +775,24 @@ fn feed(server: &Server) -> Vec<Value> {
 
 // ----- the tests -----
 
+/// A route call's path: a string literal, or a `const NAME: &str = "…"`
+/// declared somewhere in the api source (e.g. `crate::backup::BACKUP_ROUTE`).
+fn route_path(call: &str, dir: &std::path::Path) -> String {
+    let argument = call.split(',').next().unwrap_or("").trim();
+    if let Some(literal) = argument.strip_prefix('"') {
+        return literal.split('"').next().expect("route path").to_owned();
+    }
+    let name = argument.rsplit("::").next().unwrap_or(argument);
+    let declaration = format!("const {name}: &str = \"");
+    for entry in std::fs::read_dir(dir).expect("api/src") {
+        let text = std::fs::read_to_string(entry.expect("entry").path()).unwrap_or_default();
+        if let Some(at) = text.find(&declaration) {
+            return text[at + declaration.len()..].split('"').next().expect("const path").to_owned();
+        }
+    }
+    panic!("route path {argument:?}: neither a literal nor a const declared in api/src");
+}
+
 /// The REST routes declared in the api source: `.route("PATH", get(..).post(..))`.
 fn declared_routes() -> BTreeSet<(String, String)> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../api/src");
@@ -778,7 +800,7 @@ fn declared_routes() -> BTreeSet<(String, String)> {
     for file in ["routes.rs", "server.rs"] {
         let text = std::fs::read_to_string(dir.join(file)).expect("read api source");
         let mut rest = text.as_str();
-        while let Some(at) = rest.find(".route(\"") {
+        while let Some(at) = rest.find(".route(") {
             let call = &rest[at + ".route(".len()..];
             // The call's text, up to its matching parenthesis.
             let mut depth = 1usize;
@@ -794,7 +816,7 @@ fn declared_routes() -> BTreeSet<(String, String)> {
                 })
                 .map_or(call.len(), |(i, _)| i);
             let call = &call[..end];
-            let path = call[1..].split('"').next().expect("route path").to_owned();
+            let path = route_path(call, &dir);
             for method in ["get", "post", "put", "delete", "patch"] {
                 let mut from = 0;
                 while let Some(i) = call[from..].find(&format!("{method}(")) {
