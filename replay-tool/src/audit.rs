@@ -120,21 +120,10 @@ fn csv_field(text: &str) -> String {
 
 /// Bytes of formatted rows written (and hashed) at a time.
 const EXPORT_CHUNK_BYTES: usize = 1 << 20;
-/// Records per batch handed to the formatting thread.
-const EXPORT_BATCH_ROWS: usize = 1024;
-/// Batches queued for the formatting thread.
-const EXPORT_BATCHES_IN_FLIGHT: usize = 8;
+/// Chunks queued for the writing thread.
+const EXPORT_CHUNKS_IN_FLIGHT: usize = 4;
 
-/// A record on its way to the formatting thread, checked against the chain.
-struct RowParts {
-    record: eventlog::StoredRecord,
-    event: EventParts,
-    prev: Hash,
-    body: Vec<u8>,
-}
-
-/// What a row shows of an event. Built on the reading thread, which has the
-/// lighter share of the work.
+/// What a row shows of an event.
 struct EventParts {
     data: serde_json::Value,
     type_name: &'static str,
@@ -151,37 +140,17 @@ impl EventParts {
     }
 }
 
-/// Formats rows as they come, hashes (SHA-256) and writes them to `file`;
-/// returns the file's size and digest.
-fn format_and_write(
-    file: fs::File,
-    format: Format,
-    rows: std::sync::mpsc::Receiver<Vec<RowParts>>,
-) -> std::io::Result<(u64, String)> {
+/// Writes chunks to `file` as they come, hashing them (SHA-256); returns the
+/// file's size and digest.
+fn write_hashed(file: fs::File, chunks: std::sync::mpsc::Receiver<Vec<u8>>) -> std::io::Result<(u64, String)> {
     let mut file = file;
     let mut hasher = Sha256::new();
     let mut bytes = 0u64;
-    let mut chunk: Vec<u8> = Vec::with_capacity(EXPORT_CHUNK_BYTES + 64 * 1024);
-    if format == Format::Csv {
-        chunk.extend_from_slice(COLUMNS.join(",").as_bytes());
-        chunk.push(b'\n');
-    }
-    let mut write = |chunk: &mut Vec<u8>| -> std::io::Result<()> {
-        hasher.update(&chunk[..]);
-        file.write_all(chunk)?;
+    for chunk in chunks {
+        hasher.update(&chunk);
+        file.write_all(&chunk)?;
         bytes += chunk.len() as u64;
-        chunk.clear();
-        Ok(())
-    };
-    for batch in rows {
-        for row in &batch {
-            format_row(&mut chunk, format, &row.record, &row.event, &row.prev, &row.body);
-            if chunk.len() >= EXPORT_CHUNK_BYTES {
-                write(&mut chunk)?;
-            }
-        }
     }
-    write(&mut chunk)?;
     file.flush()?;
     Ok((bytes, hex(&hasher.finalize())))
 }
@@ -292,22 +261,31 @@ pub fn export(source: &Source, args: &ExportArgs) -> Result<Outcome> {
     let mut by_actor: BTreeMap<String, u64> = BTreeMap::new();
     let (mut first_at, mut first_hash, mut last_us) = (String::new(), String::new(), 0i64);
     let progress = Progress::new(last, "exporting");
-    // Records are read, decoded and checked here; a second thread formats
-    // them, hashes the file (SHA-256, so it is never read back) and writes it:
-    // the two halves of the work run on both cores.
-    let (rows, to_disk) = std::sync::mpsc::sync_channel::<Vec<RowParts>>(EXPORT_BATCHES_IN_FLIGHT);
+    // Rows are formatted here into chunks; a second thread hashes (SHA-256)
+    // and writes each chunk, so the file is never read back. Formatting stays
+    // on this thread: handing decoded rows across threads cost more (freeing
+    // memory another thread allocated) than it saved.
+    let (chunks, to_disk) = std::sync::mpsc::sync_channel::<Vec<u8>>(EXPORT_CHUNKS_IN_FLIGHT);
     let written = std::thread::scope(|scope| -> Result<(u64, String)> {
-        let format = args.format;
         let disk = std::thread::Builder::new()
             .name("export-write".into())
-            .spawn_scoped(scope, move || format_and_write(file, format, to_disk))
+            .spawn_scoped(scope, move || write_hashed(file, to_disk))
             .context("start the writing thread")?;
-        let mut batch: Vec<RowParts> = Vec::with_capacity(EXPORT_BATCH_ROWS);
+        let mut chunk: Vec<u8> = Vec::with_capacity(EXPORT_CHUNK_BYTES + 64 * 1024);
+        if args.format == Format::Csv {
+            chunk.extend_from_slice(COLUMNS.join(",").as_bytes());
+            chunk.push(b'\n');
+        }
         let scanned = source.scan(first, last, &progress, |record| {
             let event = decode_event(record).map_err(|e| anyhow!("{e}"))?;
             let body = stored_body(record);
             if chain_hash(&prev, record.seq, &body) != record.hash {
                 bail!("record {}: its chain hash does not recompute; run `verify` before exporting", record.seq);
+            }
+            format_row(&mut chunk, args.format, record, &EventParts::of(&event), &prev, &body);
+            if chunk.len() >= EXPORT_CHUNK_BYTES {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(EXPORT_CHUNK_BYTES + 64 * 1024));
+                chunks.send(full).map_err(|_| anyhow!("write {}: the writing thread stopped", path.display()))?;
             }
             if records == 0 {
                 first_at = crate::source::time_of(record);
@@ -325,18 +303,13 @@ pub fn export(source: &Source, args: &ExportArgs) -> Result<Outcome> {
                 by_actor.insert(record.actor.clone(), 1);
             }
             last_us = record.recorded_at_us;
-            batch.push(RowParts { record: record.clone(), event: EventParts::of(&event), prev, body });
             prev = record.hash;
-            if batch.len() >= EXPORT_BATCH_ROWS {
-                let full = std::mem::replace(&mut batch, Vec::with_capacity(EXPORT_BATCH_ROWS));
-                rows.send(full).map_err(|_| anyhow!("write {}: the writing thread stopped", path.display()))?;
-            }
             Ok(ControlFlow::Continue(()))
         });
-        if scanned.is_ok() && !batch.is_empty() {
-            let _ = rows.send(batch);
+        if scanned.is_ok() && !chunk.is_empty() {
+            let _ = chunks.send(chunk);
         }
-        drop(rows);
+        drop(chunks);
         let disk = disk.join().map_err(|_| anyhow!("write {}: the writing thread failed", path.display()))?;
         scanned?;
         disk.with_context(|| format!("write {}", path.display()))
