@@ -38,7 +38,7 @@ use eventlog::fold::{decode_payload, scan_snapshot_body};
 use eventlog::json::hex;
 use eventlog::record::{chain_hash, stored_body};
 use eventlog::snapshot::open_snapshot;
-use eventlog::{GENESIS_HASH, Hash, LogReader, RedbOptions, RedbStore, SnapshotStore};
+use eventlog::{GENESIS_HASH, Hash, RedbOptions, RedbStore, SnapshotStore};
 use serde::Serialize;
 
 use crate::progress::Progress;
@@ -240,12 +240,12 @@ pub fn run(input: &Input, as_json: bool, scratch: Option<&Path>, skip_storage: b
         let storage = storage.transpose().context("start the storage check thread")?;
 
         let log_started = Instant::now();
-        let opened = without_panic("open the log read-only", || {
-            LogReader::open_read_only(&path).map_err(|e| anyhow::anyhow!("{e}"))
-        });
-        match opened {
-            Err(error) => report.problems.push(problem(open_error_seq(&error), "storage", format!("{error:#}"))),
-            Ok(reader) => {
+        // A log left unclean by a crash is read from a repaired scratch copy.
+        let opened = Source::open_file(&path, &snapshot_dir);
+        match &opened {
+            Err(error) => report.problems.push(problem(open_error_seq(error), "storage", format!("{error:#}"))),
+            Ok(Source::Feed { .. }) => unreachable!("a file source"),
+            Ok(Source::File { reader, .. }) => {
                 let expected = reader.head().map(|h| h.seq).unwrap_or(0);
                 let (mut feeder, (rx, back)) = channels();
                 let fold = std::thread::Builder::new()
@@ -255,7 +255,7 @@ pub fn run(input: &Input, as_json: bool, scratch: Option<&Path>, skip_storage: b
                 let progress = Progress::new(expected, "verifying");
                 let log = without_panic("verify the log", || {
                     Ok(eventlog::verify::verify_with(
-                        &reader,
+                        reader,
                         |done, _| progress.set(done),
                         |record| {
                             if feeder.wants_more() {
