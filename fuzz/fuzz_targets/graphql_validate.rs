@@ -1,0 +1,83 @@
+//! Fuzz target: GraphQL query text against the server's real schema
+//! (`api::graphql`'s `QueryRoot`, `MutationRoot`, `SubscriptionRoot`) with
+//! the server's limits — depth, complexity, recursion, directives — and the
+//! handler's alias limit. An extension ends every request after validation,
+//! so no resolver runs (they need a running writer): what is fuzzed is the
+//! parser and validation, the part that sees a query before anything is
+//! checked. The alias count mirrors `graphql_handler`'s (a private helper
+//! there). Nothing may panic, hang or allocate without bound.
+
+#![no_main]
+
+use std::sync::{Arc, LazyLock};
+
+use api::graphql::{
+    ALIASES_MAX, COMPLEXITY_MAX, DEPTH_MAX, DIRECTIVES_MAX, MutationRoot, QueryRoot, RECURSIVE_DEPTH_MAX,
+    SubscriptionRoot,
+};
+use async_graphql::extensions::{Extension, ExtensionContext, ExtensionFactory, NextExecute};
+use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
+use async_graphql::{Response, Schema, ServerError};
+use libfuzzer_sys::fuzz_target;
+
+/// Answers every validated request with this error instead of executing it.
+const VALIDATED: &str = "validated; not executed";
+
+struct StopBeforeExecute;
+
+impl ExtensionFactory for StopBeforeExecute {
+    fn create(&self) -> Arc<dyn Extension> {
+        Arc::new(StopBeforeExecute)
+    }
+}
+
+#[async_graphql::async_trait::async_trait]
+impl Extension for StopBeforeExecute {
+    async fn execute(&self, _ctx: &ExtensionContext<'_>, _name: Option<&str>, _next: NextExecute<'_>) -> Response {
+        Response::from_errors(vec![ServerError::new(VALIDATED, None)])
+    }
+}
+
+type FuzzSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
+
+/// Built like `api::graphql::schema`, less the state the resolvers read.
+static SCHEMA: LazyLock<FuzzSchema> = LazyLock::new(|| {
+    Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
+        .limit_depth(DEPTH_MAX)
+        .limit_complexity(COMPLEXITY_MAX)
+        .limit_recursive_depth(RECURSIVE_DEPTH_MAX)
+        .limit_directives(DIRECTIVES_MAX)
+        .extension(StopBeforeExecute)
+        .finish()
+});
+
+/// Aliased fields in every operation and fragment, as the handler counts them.
+fn count_aliases(document: &ExecutableDocument) -> usize {
+    fn in_set(set: &SelectionSet) -> usize {
+        set.items
+            .iter()
+            .map(|item| match &item.node {
+                Selection::Field(field) => {
+                    usize::from(field.node.alias.is_some()) + in_set(&field.node.selection_set.node)
+                }
+                Selection::InlineFragment(fragment) => in_set(&fragment.node.selection_set.node),
+                Selection::FragmentSpread(_) => 0,
+            })
+            .sum()
+    }
+    let operations: usize = document.operations.iter().map(|(_, op)| in_set(&op.node.selection_set.node)).sum();
+    let fragments: usize = document.fragments.values().map(|f| in_set(&f.node.selection_set.node)).sum();
+    operations + fragments
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(query) = std::str::from_utf8(data) else { return };
+    // The handler's order: parse, refuse too many aliases, then the schema's checks.
+    let Ok(document) = async_graphql::parser::parse_query(query) else { return };
+    if count_aliases(&document) > ALIASES_MAX {
+        return;
+    }
+    let response = futures_executor::block_on(SCHEMA.execute(query));
+    // Refused (some validation error), or validated and stopped: never executed.
+    assert!(!response.errors.is_empty(), "a request ran past the extension that stops it");
+});
