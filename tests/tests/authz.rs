@@ -342,8 +342,13 @@ fn start_server() -> (tempfile::TempDir, Server) {
     (temp, server)
 }
 
+/// A fresh connection per request: a refused POST is answered before its
+/// body is read, after which the server closes the connection, and a pooled
+/// client may race that close with its next request ("peer disconnected").
+/// This suite is about who may do what, not about connection reuse.
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
+        .max_idle_connections_per_host(0)
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(30)))
         .build()
