@@ -320,34 +320,63 @@ pub async fn producer(
             tokio::time::sleep(Duration::from_millis(1)).await;
             continue;
         }
-        let n = ids.next();
+        let sent = Create { ids: &ids, namespace, shape, phase: &phase, pickups: &pickups };
+        if sent.send(&mut conn, &mut body, Instant::now(), &mut tally).await == Sent::ConnectionLost {
+            break;
+        }
+    }
+    Ok(tally)
+}
+
+/// How one create ended.
+#[derive(PartialEq, Eq)]
+enum Sent {
+    Acknowledged,
+    Refused,
+    ConnectionLost,
+}
+
+/// What a producer needs to send one single create and account for it.
+struct Create<'a> {
+    ids: &'a Ids,
+    namespace: &'a str,
+    shape: TaskShape,
+    phase: &'a Phase,
+    pickups: &'a Pickups,
+}
+
+impl Create<'_> {
+    /// Creates the next task; once acknowledged, records its latency (measured
+    /// from `since`: the send, or its scheduled time) and its pickup. A refused
+    /// create is an error and does not count towards the backlog.
+    async fn send(&self, conn: &mut Conn, body: &mut String, since: Instant, tally: &mut Tally) -> Sent {
+        let n = self.ids.next();
         body.clear();
-        write_task(&mut body, &ids, n, namespace, shape);
-        phase.backlog.fetch_add(1, Ordering::Relaxed);
-        let started = Instant::now();
+        write_task(body, self.ids, n, self.namespace, self.shape);
+        self.phase.backlog.fetch_add(1, Ordering::Relaxed);
         match conn.post("/v1/tasks", Bytes::copy_from_slice(body.as_bytes())).await {
             Ok((StatusCode::CREATED, _)) => {}
             Ok((status, answer)) => {
-                phase.backlog.fetch_sub(1, Ordering::Relaxed);
+                self.phase.backlog.fetch_sub(1, Ordering::Relaxed);
                 tally.error(|| format!("create: {status} {}", String::from_utf8_lossy(&answer)));
-                continue;
+                return Sent::Refused;
             }
             Err(e) => {
                 tally.error(|| format!("create: {e:#}"));
-                break;
+                return Sent::ConnectionLost;
             }
         }
-        let elapsed = started.elapsed();
-        let pickup = pickups.acknowledged(n, phase.now_ns());
-        if phase.measuring() {
+        let elapsed = since.elapsed();
+        let pickup = self.pickups.acknowledged(n, self.phase.now_ns());
+        if self.phase.measuring() {
             tally.create.record(elapsed);
             tally.created += 1;
             if let Some(p) = pickup {
                 tally.pickup.record(p);
             }
         }
+        Sent::Acknowledged
     }
-    Ok(tally)
 }
 
 /// An open-loop producer: creates on a fixed schedule (`interval` apart,
@@ -373,31 +402,11 @@ pub async fn paced_producer(
             _ = tokio::time::sleep_until(next) => {}
             _ = phase.stopped() => break,
         }
-        let scheduled = next;
+        let scheduled = next.into_std();
         next += interval;
-        let n = ids.next();
-        body.clear();
-        write_task(&mut body, &ids, n, namespace, TaskShape::Single);
-        phase.backlog.fetch_add(1, Ordering::Relaxed);
-        match conn.post("/v1/tasks", Bytes::copy_from_slice(body.as_bytes())).await {
-            Ok((StatusCode::CREATED, _)) => {}
-            Ok((status, answer)) => {
-                tally.error(|| format!("create: {status} {}", String::from_utf8_lossy(&answer)));
-                continue;
-            }
-            Err(e) => {
-                tally.error(|| format!("create: {e:#}"));
-                break;
-            }
-        }
-        let elapsed = scheduled.elapsed();
-        let pickup = pickups.acknowledged(n, phase.now_ns());
-        if phase.measuring() {
-            tally.create.record(elapsed);
-            tally.created += 1;
-            if let Some(p) = pickup {
-                tally.pickup.record(p);
-            }
+        let sent = Create { ids: &ids, namespace, shape: TaskShape::Single, phase: &phase, pickups: &pickups };
+        if sent.send(&mut conn, &mut body, scheduled, &mut tally).await == Sent::ConnectionLost {
+            break;
         }
     }
     Ok(tally)
@@ -462,30 +471,9 @@ pub async fn trickle_producer(
             _ = tokio::time::sleep(interval) => {}
             _ = phase.stopped() => break,
         }
-        let n = ids.next();
-        body.clear();
-        write_task(&mut body, &ids, n, namespace, TaskShape::Single);
-        phase.backlog.fetch_add(1, Ordering::Relaxed);
-        let started = Instant::now();
-        match conn.post("/v1/tasks", Bytes::copy_from_slice(body.as_bytes())).await {
-            Ok((StatusCode::CREATED, _)) => {}
-            Ok((status, answer)) => {
-                tally.error(|| format!("create: {status} {}", String::from_utf8_lossy(&answer)));
-                continue;
-            }
-            Err(e) => {
-                tally.error(|| format!("create: {e:#}"));
-                break;
-            }
-        }
-        let elapsed = started.elapsed();
-        let pickup = pickups.acknowledged(n, phase.now_ns());
-        if phase.measuring() {
-            tally.create.record(elapsed);
-            tally.created += 1;
-            if let Some(p) = pickup {
-                tally.pickup.record(p);
-            }
+        let sent = Create { ids: &ids, namespace, shape: TaskShape::Single, phase: &phase, pickups: &pickups };
+        if sent.send(&mut conn, &mut body, Instant::now(), &mut tally).await == Sent::ConnectionLost {
+            break;
         }
     }
     Ok(tally)
