@@ -82,13 +82,8 @@ pub enum Fates {
     Mixed { transient_permille: u64, permanent_permille: u64, max_attempts: u32 },
 }
 
-fn mix(mut x: u64) -> u64 {
-    // splitmix64: the same task, step and attempt always get the same fate.
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
+// The same task, step and attempt always get the same fate.
+use domain::splitmix64 as mix;
 
 enum Outcome {
     Complete,

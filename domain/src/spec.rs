@@ -291,8 +291,9 @@ pub fn retry_delay_ms(policy: &RetryPolicy, task: &TaskId, step: u16, attempt: u
     delay - splitmix64(seed) % (max_jitter + 1)
 }
 
-/// SplitMix64: a small, well-mixed, dependency-free hash for jitter.
-fn splitmix64(mut x: u64) -> u64 {
+/// SplitMix64: a small, well-mixed, dependency-free hash for jitter (and
+/// the seeded generators of tests and benchmarks, `testkit::SplitMix`).
+pub fn splitmix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

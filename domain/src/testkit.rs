@@ -8,6 +8,33 @@ use crate::{
     TaskSpec, Text, Timestamp, WorkerId,
 };
 
+/// A seeded SplitMix64 generator: the same seed gives the same sequence, so
+/// a randomized test prints its seed and can be replayed.
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next_u64(&mut self) -> u64 {
+        let out = crate::splitmix64(self.0);
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        out
+    }
+
+    /// Uniform enough in `0..n` for test workloads.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// True `p` percent of the time.
+    pub fn percent(&mut self, p: u64) -> bool {
+        self.below(100) < p
+    }
+
+    /// One of `items` (which must not be empty).
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
 /// A deterministic UUIDv7 task id for small integer `n`.
 pub fn task_id(n: u64) -> TaskId {
     TaskId::from_parts(1_700_000_000_000 + n, u128::from(n) * 0x9e37_79b9_7f4a_7c15)

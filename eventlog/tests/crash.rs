@@ -73,30 +73,8 @@ const READ_BATCH_RECORDS: usize = 8192;
 /// Every this many kills the parent redoes its checks from seq 1 and reports progress.
 const FULL_CHECK_EVERY_KILLS: u64 = 25;
 
-/// SplitMix64: a few lines, deterministic, good enough to pick delays and commands.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn percent(&mut self, p: u64) -> bool {
-        self.below(100) < p
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
+// Deterministic delays and commands from the printed seed.
+use domain::testkit::SplitMix as Rng;
 
 /// The dedup window is made larger than the whole test's history, so every repeat of an
 /// acknowledged id must be answered from it.
@@ -421,7 +399,7 @@ fn run_and_kill(dir: &Path, run: u64, rng: &mut Rng, seed: u64) -> Vec<String> {
         .args(["--exact", CHILD_TEST, "--nocapture", "--test-threads", "1"])
         .env(CHILD_DIR_ENV, dir)
         .env(CHILD_RUN_ENV, run.to_string())
-        .env(CHILD_SEED_ENV, rng.next().to_string())
+        .env(CHILD_SEED_ENV, rng.next_u64().to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

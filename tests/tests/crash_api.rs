@@ -67,26 +67,8 @@ const FULL_CHECK_EVERY_KILLS: u64 = 25;
 /// Snapshots every few hundred events, so restarts fold from one and kills land in a write.
 const SERVER_ARGS: [&str; 2] = ["--snapshot-every", "200"];
 
-/// SplitMix64: deterministic delays and command mixes from the printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn percent(&mut self, p: u64) -> bool {
-        self.below(100) < p
-    }
-}
+// Deterministic delays and command mixes from the printed seed.
+use domain::testkit::SplitMix as Rng;
 
 // ---------------------------------------------------------------------------------------------
 // HTTP: a client that reports a dead server as an error instead of panicking
