@@ -5,7 +5,7 @@
 //! stream versions gapless from 1 per stream, every chain link, and the stored head against
 //! the last record. The stream index must hold exactly one entry per record.
 //! Measure with
-//! `VERIFY_SPEED_RECORDS=2000000 cargo test -p eventlog --release --test verify_speed -- --nocapture`.
+//! `VERIFY_SPEED_RECORDS=2000000 cargo test -p eventlog --release --test suite verify_speed -- --nocapture`.
 
 use std::collections::HashMap;
 

@@ -4,12 +4,10 @@
 //! (`eventlog::json::record_json`); every answer must equal the one read from
 //! the file, and the chain must recompute from the feed alone.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 
-use common::{build_story, path, replay, replay_ok};
+use crate::common::{build_story, path, replay, replay_ok};
 use eventlog::LogReader;
 
 const TOKEN: &str = "auditor-token";
@@ -96,7 +94,7 @@ fn every_read_works_on_a_server_feed_as_on_the_file() {
     assert_eq!(report["records_checked"], 23, "the chain recomputes from the feed alone");
     let refused = replay(&["info", "--server", &url, "--token", "wrong"]);
     assert_eq!(refused.status.code(), Some(3));
-    assert!(common::stderr(&refused).contains("read the event feed"), "{}", common::stderr(&refused));
+    assert!(crate::common::stderr(&refused).contains("read the event feed"), "{}", crate::common::stderr(&refused));
     let requests = server.join().unwrap();
     assert!(requests.iter().all(|r| r == "GET /v1/events?from_seq=1&follow=false HTTP/1.1"), "{requests:?}");
 }

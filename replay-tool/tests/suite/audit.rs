@@ -5,12 +5,10 @@
 //! re-signed with another key, a stale or foreign earlier checkpoint — is
 //! detected with a non-zero exit and the problem named.
 
-mod common;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::{build_bulk, build_story, path, replay, replay_ok, stdout};
+use crate::common::{build_bulk, build_story, path, replay, replay_ok, stdout};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -129,7 +127,7 @@ fn tampering_that_also_fixes_the_digests_is_still_caught_by_the_chain_and_signat
     let manifest_path = bundle.join("manifest.json");
     let mut manifest: serde_json::Value = serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
     use sha2::Digest;
-    manifest["files"][0]["sha256"] = common::hex(&sha2::Sha256::digest(&data)).into();
+    manifest["files"][0]["sha256"] = crate::common::hex(&sha2::Sha256::digest(&data)).into();
     manifest["files"][0]["bytes"] = data.len().into();
     manifest["records"] = 22.into();
     fs::write(&manifest_path, serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
@@ -242,11 +240,11 @@ fn keygen_and_export_refuse_to_overwrite() {
     let f = fixture();
     let again = replay(&["keygen", "--out", path(&f.keys.join("auditor"))]);
     assert_eq!(again.status.code(), Some(3));
-    assert!(common::stderr(&again).contains("refusing to overwrite a key"));
+    assert!(crate::common::stderr(&again).contains("refusing to overwrite a key"));
     let bundle = f.export("once", &[]);
     let key = f.keys.join("auditor.key");
     let twice = replay(&["export-audit", "--data", path(&f.data), "--out", path(&bundle), "--key", path(&key)]);
-    assert!(common::stderr(&twice).contains("the directory is not empty"));
+    assert!(crate::common::stderr(&twice).contains("the directory is not empty"));
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

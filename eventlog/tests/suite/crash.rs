@@ -50,8 +50,9 @@ const CHILD_RUN_ENV: &str = "TASKLEDGER_CRASH_CHILD_RUN";
 const CHILD_SEED_ENV: &str = "TASKLEDGER_CRASH_CHILD_SEED";
 const KILLS_ENV: &str = "TASKLEDGER_CRASH_KILLS";
 const SEED_ENV: &str = "TASKLEDGER_CRASH_SEED";
-/// The name of the test function that acts as the child.
-const CHILD_TEST: &str = "crash_child";
+/// The name of the test function that acts as the child, as libtest names it in the suite
+/// binary (`--exact` needs the module path).
+const CHILD_TEST: &str = "crash::crash_child";
 
 const KILLS_DEFAULT: u64 = 50;
 const SUBMITTERS: u64 = 8;
@@ -107,7 +108,7 @@ fn events_digest<'a>(events: impl IntoIterator<Item = &'a Event>) -> String {
 
 /// The child process's body. Without `TASKLEDGER_CRASH_CHILD_DIR` it returns at once: it is an
 /// ordinary test only so that the test binary, re-run by the parent with
-/// `--exact crash_child`, has an entry point to run (that works the same under libtest and
+/// `--exact crash::crash_child`, has an entry point to run (that works the same under libtest and
 /// nextest, which runs libtest binaries). It must not be `#[ignore]`d, since the child could
 /// then not run it without `--ignored`, and in a normal test run it does nothing.
 #[test]

@@ -2,12 +2,10 @@
 //! append domain events to (as the writer would, one command's events per
 //! append), a scripted fixture history, and random histories for proptest.
 
-#![allow(dead_code)]
-
 use std::path::Path;
 
 use domain::testkit::{self, Scenario, claim, job, ns, step, task_id, text, workflow};
-use domain::{Command, Event, Json, LeaseEpoch, LeaseRef, StepName, StepState, Tag, Timestamp};
+use domain::{Command, Event, Json, LeaseEpoch, LeaseRef, StepName, StepState, Tag};
 use eventlog::{LiveFeed, LogReader, LogStore, RedbOptions, RedbStore, encode_event};
 
 /// A log being written by a test.
@@ -329,8 +327,4 @@ pub fn random_history(ops: &[Op]) -> Recorder {
         }
     }
     r
-}
-
-pub fn timestamp_ms(ms: i64) -> Timestamp {
-    Timestamp::from_micros(ms * 1000)
 }

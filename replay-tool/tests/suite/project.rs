@@ -3,9 +3,7 @@
 //! chain hash there, and a rebuild into an existing store resumes from its
 //! checkpoints.
 
-mod common;
-
-use common::{build_story, path, replay, replay_ok};
+use crate::common::{build_story, path, replay, replay_ok};
 
 #[test]
 fn materialize_as_of_a_time_and_rebuild_to_the_head() {

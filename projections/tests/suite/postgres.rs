@@ -4,15 +4,13 @@
 //! has. Runs against `TASKLEDGER_TEST_DATABASE_URL` or a throwaway cluster
 //! (one per test binary); never skipped.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{TestLog, fixture_history, op_strategy, random_history};
 use projections::testing::TempPostgres;
 use projections::{Backend, Driver, Projections, ProjectorKind, RuntimeConfig, Slot, Store, asof, digest, query};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use support::{TestLog, fixture_history, op_strategy, random_history};
 
 async fn postgres_store(prefix: &str) -> Store {
     let url = TempPostgres::shared().create_database(prefix).await.unwrap();

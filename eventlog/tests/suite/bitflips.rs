@@ -16,7 +16,7 @@
 //! - accepted (a failure): it opened and verified, but something read back differs;
 //! - panicked (a failure).
 //!
-//! `eventlog/tests/corruption.rs` flips whole bytes on a small synthetic log; the open, verify
+//! `eventlog/tests/suite/corruption.rs` flips whole bytes on a small synthetic log; the open, verify
 //! and read-back steps are shared with it (`support/mod.rs`). The seed is printed; rerun with
 //! `TASKLEDGER_BITFLIP_SEED=<seed>`, and raise the number of trials (default 1,000) with
 //! `TASKLEDGER_BITFLIP_TRIALS`.
@@ -29,8 +29,7 @@ use domain::Command;
 use domain::testkit::{claim, complete, job};
 use eventlog::{Envelope, Head, ManualClock, StoredRecord, Writer, WriterConfig};
 
-mod support;
-use support::{next, open_checked, verify_and_read};
+use crate::support::{next, open_checked, verify_and_read};
 
 const EVENTS: u64 = 10_000;
 const TRIALS_DEFAULT: u64 = 1_000;

@@ -1,9 +1,7 @@
 //! `incident` (Markdown, HTML, JSON; by task, worker and time window) and
 //! `diff` on the story log, with golden outputs.
 
-mod common;
-
-use common::{build_story, golden, path, replay, replay_ok};
+use crate::common::{build_story, golden, path, replay, replay_ok};
 use serde_json::Value;
 
 const TASK_3: &str = "018bcfe5-6803-7001-9aa6-6d2c7ddf743f";
@@ -79,7 +77,7 @@ fn incident_of_a_time_window() {
     assert_eq!(json["lanes"].as_array().unwrap().len(), 2);
     let none = replay(&["incident", "--data", &data]);
     assert_eq!(none.status.code(), Some(3));
-    assert!(common::stderr(&none).contains("--task ID, --worker ID, or a window --from T --to T"));
+    assert!(crate::common::stderr(&none).contains("--task ID, --worker ID, or a window --from T --to T"));
 }
 
 #[test]
@@ -104,5 +102,5 @@ fn diff_between_two_points() {
         "a task that ended inside the range shows its end: {finished:?}"
     );
     let backwards = replay(&["diff", "--data", &data, "--from", "9", "--to", "3"]);
-    assert!(common::stderr(&backwards).contains("is after --to"));
+    assert!(crate::common::stderr(&backwards).contains("is after --to"));
 }

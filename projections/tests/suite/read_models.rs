@@ -1,16 +1,14 @@
 //! Each read model against the rows expected for the fixture history
-//! (`support::fixture_history`), built by the real runtime following a live
+//! (`crate::support::fixture_history`), built by the real runtime following a live
 //! feed; plus the queries' filters and pagination, restart from checkpoints,
 //! and a rebuild that swaps while the old tables keep serving.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{TestLog, fixture_history};
 use domain::testkit::task_id;
 use projections::query::{self, AuditFilter, PageRequest, TaskFilter};
 use projections::{Projections, ProjectorKind, RuntimeConfig, Store, digest};
-use support::{TestLog, fixture_history};
 
 async fn started(log: &TestLog, store: &Store) -> Projections {
     let projections =

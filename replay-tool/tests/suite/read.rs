@@ -2,9 +2,7 @@
 //! golden outputs for the story log, every filter, and `state --as-of`
 //! cross-checked against a fold stopped by hand at every seq.
 
-mod common;
-
-use common::{build_story, fold_by_hand, golden, hex, path, replay, replay_ok};
+use crate::common::{build_story, fold_by_hand, golden, hex, path, replay, replay_ok};
 use serde_json::Value;
 
 const TASK_2: &str = "018bcfe5-6802-7001-bc6e-f372fe94f82a";
@@ -91,7 +89,11 @@ fn events_table_and_json_with_every_filter() {
 
     let bad = replay(&["events", "--data", data, "--type", "step_exploded"]);
     assert_eq!(bad.status.code(), Some(3));
-    assert!(common::stderr(&bad).contains("unknown event type \"step_exploded\""), "{}", common::stderr(&bad));
+    assert!(
+        crate::common::stderr(&bad).contains("unknown event type \"step_exploded\""),
+        "{}",
+        crate::common::stderr(&bad)
+    );
 }
 
 #[test]
@@ -156,16 +158,16 @@ fn state_of_one_task_shows_it_even_after_it_finished() {
     golden("state-task-2-at-12.txt", &replay_ok(&["state", "--data", data, "--task", TASK_2, "--as-of", "12"]));
     let early = replay(&["state", "--data", data, "--task", "018bcfe5-6804-7002-b8dd-e6e5fd29f054", "--as-of", "5"]);
     assert_eq!(early.status.code(), Some(3));
-    assert!(common::stderr(&early).contains("did not exist yet at seq 5"));
+    assert!(crate::common::stderr(&early).contains("did not exist yet at seq 5"));
     let beyond = replay(&["state", "--data", data, "--as-of", "99"]);
-    assert!(common::stderr(&beyond).contains("beyond the head of the log (23)"));
+    assert!(crate::common::stderr(&beyond).contains("beyond the head of the log (23)"));
 }
 
 #[test]
 fn missing_inputs_are_explained() {
     let out = replay(&["info", "--data", "/nonexistent/dir"]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(common::stderr(&out).contains("no such file"), "{}", common::stderr(&out));
+    assert!(crate::common::stderr(&out).contains("no such file"), "{}", crate::common::stderr(&out));
     let out = replay(&["info"]);
-    assert!(common::stderr(&out).contains("--data DIR, --log FILE, or --server URL --token T"));
+    assert!(crate::common::stderr(&out).contains("--data DIR, --log FILE, or --server URL --token T"));
 }

@@ -1,5 +1,5 @@
 //! Prints how fast `verify` runs over ~150-byte payloads (no assertion on time).
-//! `VERIFY_SPEED_RECORDS=2000000 cargo test -p eventlog --release --test verify_speed -- --nocapture`
+//! `VERIFY_SPEED_RECORDS=2000000 cargo test -p eventlog --release --test suite verify_speed -- --nocapture`
 
 use std::time::Instant;
 

@@ -2,9 +2,7 @@
 //! flipped byte inside a record is reported with its seq and a non-zero exit,
 //! and no damage anywhere in the file makes the tool panic.
 
-mod common;
-
-use common::{build_story, path, replay, stderr, stdout};
+use crate::common::{build_story, path, replay, stderr, stdout};
 use serde_json::Value;
 
 #[test]
@@ -99,7 +97,7 @@ fn a_snapshot_that_disagrees_with_the_fold_is_reported_and_a_corrupt_one_is_note
     let dir = tempfile::tempdir().unwrap();
     build_story(dir.path(), 10);
     // An intact snapshot file at seq 10 that saved the state as of seq 9.
-    let stale = common::fold_by_hand(dir.path(), 9);
+    let stale = crate::common::fold_by_hand(dir.path(), 9);
     rewrite_snapshot(dir.path(), 10, &eventlog::fold::snapshot_body(&stale));
     let out = replay(&["verify", "--data", path(dir.path()), "--json"]);
     assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
@@ -110,7 +108,7 @@ fn a_snapshot_that_disagrees_with_the_fold_is_reported_and_a_corrupt_one_is_note
     assert_eq!(report["events_applied"], 23, "the fold goes on past a bad snapshot");
 
     // The right state under a wrong saved digest is caught too.
-    let mut body = eventlog::fold::snapshot_body(&common::fold_by_hand(dir.path(), 10));
+    let mut body = eventlog::fold::snapshot_body(&crate::common::fold_by_hand(dir.path(), 10));
     body[0] ^= 1;
     rewrite_snapshot(dir.path(), 10, &body);
     let out = replay(&["verify", "--data", path(dir.path()), "--json"]);
@@ -118,7 +116,7 @@ fn a_snapshot_that_disagrees_with_the_fold_is_reported_and_a_corrupt_one_is_note
     assert!(report["problems"][0]["message"].as_str().unwrap().contains("digest"), "{report:#}");
 
     // A snapshot whose body fails its checksum is skipped by every loader: noted, not a problem.
-    rewrite_snapshot(dir.path(), 10, &eventlog::fold::snapshot_body(&common::fold_by_hand(dir.path(), 10)));
+    rewrite_snapshot(dir.path(), 10, &eventlog::fold::snapshot_body(&crate::common::fold_by_hand(dir.path(), 10)));
     let file = dir.path().join("snapshots").join("snapshot-00000000000000000020.bin");
     let mut bytes = std::fs::read(&file).unwrap();
     let last = bytes.len() - 1;

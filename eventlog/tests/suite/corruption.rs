@@ -8,8 +8,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use eventlog::{LogStore, NewRecord, RedbStore};
 
-mod support;
-use support::{checked_options as options, next, read_all};
+use crate::support::{checked_options as options, next, read_all};
 
 const TRIALS: u64 = 400;
 const RECORDS: u64 = 1_500;

@@ -3,14 +3,12 @@
 //! (in-memory mirrors lost, the database reopened), equal the projections
 //! rebuilt from scratch in one pass; and an as-of materialization at seq N
 //! equals the incremental projection stopped at N. PostgreSQL joins the
-//! comparison in `tests/postgres.rs`.
+//! comparison in `postgres.rs`.
 
-mod support;
-
+use crate::support::{TestLog, op_strategy, random_history};
 use projections::asof::{self, AsOf};
 use projections::{Driver, ProjectorKind, Slot, Store, digest};
 use proptest::prelude::*;
-use support::{TestLog, op_strategy, random_history};
 
 /// Applies the log to `store` in chunks of `cuts` (cycled), "crashing" after
 /// each chunk: every driver is dropped and the store reopened from its file.

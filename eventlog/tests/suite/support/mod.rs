@@ -1,8 +1,6 @@
 //! Helpers shared by the corruption tests (`corruption.rs`: whole-byte flips on a small log;
 //! `bitflips.rs`: single-bit flips on a 10,000-event log written by the real writer): how a
 //! possibly damaged file is opened, verified and read back, and a small seeded generator.
-//! Each test binary uses only part of this module.
-#![allow(dead_code)]
 
 use std::path::Path;
 

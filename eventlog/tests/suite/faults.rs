@@ -15,7 +15,7 @@
 //!   absent or (a failed sync may still have reached the disk) present as one whole batch, the
 //!   startup ledger equals a fold of the log from scratch, and writes resume.
 //!
-//! `eventlog/tests/writer.rs` keeps the single-fault walk-through; this file is the matrix.
+//! `eventlog/tests/suite/writer.rs` keeps the single-fault walk-through; this file is the matrix.
 //! `TASKLEDGER_FAULT_K` raises K (default 24 writes and 12 syncs per mode).
 
 use std::collections::{BTreeMap, HashMap};
