@@ -166,6 +166,63 @@ struct LedgerStateRef<'a> {
     last_event_at: Timestamp,
 }
 
+/// Decodes a [`LedgerState`]'s bytes straight into a [`Ledger`] (see [`Ledger::decode_state`]):
+/// the same fields in the same order, with the task sequence fed to the ledger one by one.
+struct StateSeed;
+
+impl<'de> serde::de::DeserializeSeed<'de> for StateSeed {
+    type Value = Ledger;
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Ledger, D::Error> {
+        const FIELDS: &[&str] = &["tasks", "queue_settings", "idempotency", "next_ordinal", "last_event_at"];
+        deserializer.deserialize_struct("LedgerState", FIELDS, StateVisitor)
+    }
+}
+
+struct StateVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StateVisitor {
+    type Value = Ledger;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a ledger state")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Ledger, A::Error> {
+        use serde::de::Error;
+        let missing = |field: &str| A::Error::custom(format!("ledger state ends before {field}"));
+        let mut ledger = Ledger::default();
+        seq.next_element_seed(TasksSeed(&mut ledger))?.ok_or_else(|| missing("tasks"))?;
+        let queue_settings = seq.next_element()?.ok_or_else(|| missing("queue_settings"))?;
+        let idempotency = seq.next_element()?.ok_or_else(|| missing("idempotency"))?;
+        let next_ordinal = seq.next_element()?.ok_or_else(|| missing("next_ordinal"))?;
+        let last_event_at = seq.next_element()?.ok_or_else(|| missing("last_event_at"))?;
+        ledger.restore_settings_and_counters(queue_settings, idempotency, next_ordinal, last_event_at);
+        Ok(ledger)
+    }
+}
+
+struct TasksSeed<'a>(&'a mut Ledger);
+
+impl<'de> serde::de::DeserializeSeed<'de> for TasksSeed<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for TasksSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a sequence of tasks")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        // The length comes from the (checksummed) snapshot; bounded all the same.
+        self.0.tasks.reserve(seq.size_hint().unwrap_or(0).min(1 << 24));
+        while let Some(task) = seq.next_element::<Task>()? {
+            self.0.restore_task(task);
+        }
+        Ok(())
+    }
+}
+
 /// The whole in-memory write model.
 #[derive(Clone, Debug, Default)]
 pub struct Ledger {
@@ -667,39 +724,73 @@ impl Ledger {
 
     /// Rebuilds a ledger, with all its indexes, from a core state.
     pub fn from_state(state: LedgerState) -> Self {
-        let mut ledger = Ledger {
-            next_ordinal: state.next_ordinal,
-            last_event_at: state.last_event_at,
-            settings: state.queue_settings.into_iter().collect(),
-            ..Ledger::default()
-        };
-        for (ns, key, task, at) in state.idempotency {
-            ledger.idempotency.insert((ns.clone(), key.clone()), (task, at));
-            ledger.idempotency_order.push_back((at, ns, key));
-        }
+        let mut ledger = Ledger::default();
+        ledger.restore_settings_and_counters(
+            state.queue_settings,
+            state.idempotency,
+            state.next_ordinal,
+            state.last_event_at,
+        );
         // Sized once: growing a map of a million tasks rehashes (and moves every task) ~20 times.
         ledger.tasks.reserve(state.tasks.len());
         for task in state.tasks {
-            let queue = ledger.ready.entry(task.namespace.clone()).or_default();
-            for (i, s) in task.steps.iter().enumerate() {
-                let step = StepIndex(i as u16);
-                if let Some(key) = s.ready {
-                    queue.by_handler.entry(s.handler.clone()).or_default().insert(key, (task.id, step));
-                }
-                if let Some(due) = s.lease_deadline {
-                    queue.in_progress += 1;
-                    ledger.timers.insert(Timer { due, kind: TimerKind::LeaseExpiry, task: task.id, step });
-                }
-                if let Some(due) = s.retry_at {
-                    ledger.timers.insert(Timer { due, kind: TimerKind::RetryDue, task: task.id, step });
-                }
-            }
-            if let (false, Some(due)) = (task.run_at_reached, task.run_at) {
-                ledger.timers.insert(Timer { due, kind: TimerKind::RunAt, task: task.id, step: StepIndex(0) });
-            }
-            ledger.tasks.insert(task.id, task);
+            ledger.restore_task(task);
         }
         ledger
+    }
+
+    /// `from_state(postcard::from_bytes(bytes))` without the intermediate `LedgerState`: each
+    /// task goes into the ledger as it is decoded, so a snapshot of a million tasks never
+    /// exists twice in memory (a `Vec<Task>` and the map) on the restart path.
+    pub fn decode_state(bytes: &[u8]) -> Result<Ledger, postcard::Error> {
+        let mut deserializer = postcard::Deserializer::from_bytes(bytes);
+        let ledger = serde::de::DeserializeSeed::deserialize(StateSeed, &mut deserializer)?;
+        if deserializer.finalize()?.is_empty() { Ok(ledger) } else { Err(postcard::Error::DeserializeBadEncoding) }
+    }
+
+    fn restore_settings_and_counters(
+        &mut self,
+        queue_settings: Vec<(Namespace, QueueSettings)>,
+        idempotency: Vec<(Namespace, IdempotencyKey, TaskId, Timestamp)>,
+        next_ordinal: u64,
+        last_event_at: Timestamp,
+    ) {
+        self.next_ordinal = next_ordinal;
+        self.last_event_at = last_event_at;
+        self.settings = queue_settings.into_iter().collect();
+        for (ns, key, task, at) in idempotency {
+            self.idempotency.insert((ns.clone(), key.clone()), (task, at));
+            self.idempotency_order.push_back((at, ns, key));
+        }
+    }
+
+    /// Adds one task of a saved state with every index entry it implies.
+    fn restore_task(&mut self, task: Task) {
+        let queue = match self.ready.get_mut(&task.namespace) {
+            Some(queue) => queue,
+            None => self.ready.entry(task.namespace.clone()).or_default(),
+        };
+        for (i, s) in task.steps.iter().enumerate() {
+            let step = StepIndex(i as u16);
+            if let Some(key) = s.ready {
+                let by_handler = match queue.by_handler.get_mut(&s.handler) {
+                    Some(by_handler) => by_handler,
+                    None => queue.by_handler.entry(s.handler.clone()).or_default(),
+                };
+                by_handler.insert(key, (task.id, step));
+            }
+            if let Some(due) = s.lease_deadline {
+                queue.in_progress += 1;
+                self.timers.insert(Timer { due, kind: TimerKind::LeaseExpiry, task: task.id, step });
+            }
+            if let Some(due) = s.retry_at {
+                self.timers.insert(Timer { due, kind: TimerKind::RetryDue, task: task.id, step });
+            }
+        }
+        if let (false, Some(due)) = (task.run_at_reached, task.run_at) {
+            self.timers.insert(Timer { due, kind: TimerKind::RunAt, task: task.id, step: StepIndex(0) });
+        }
+        self.tasks.insert(task.id, task);
     }
 
     /// A canonical digest of the whole state: two ledgers with equal digests

@@ -45,7 +45,7 @@ use tokio::sync::{oneshot, watch};
 use crate::clock::Clock;
 use crate::dedup::DedupIndex;
 use crate::feed::LiveFeed;
-use crate::fold::{FoldError, FoldStats, decode_event, encode_event, fold_to_head, snapshot_body};
+use crate::fold::{FoldError, FoldStats, decode_event, encode_event, fold_to, fold_to_head, snapshot_body};
 use crate::reader::LogReader;
 use crate::record::NewRecord;
 use crate::redb_store::{RedbOptions, RedbStore};
@@ -384,7 +384,19 @@ impl Writer {
         let started = std::time::Instant::now();
         let reader = store.reader();
         let snapshots = store.snapshots().clone();
-        let (ledger, head, fold) = fold_to_head(&reader, &snapshots)?;
+        // The dedup window (the newest records' command ids) is read on a second thread while
+        // this one folds: both are on the restart's critical path and neither needs the other.
+        let head = reader.head().map_err(|e| StartError::Fold(FoldError::Read(e)))?;
+        let (folded, dedup) = std::thread::scope(|scope| {
+            let dedup = std::thread::Builder::new()
+                .name("taskledger-dedup-load".into())
+                .spawn_scoped(scope, || DedupIndex::rebuild(&reader, head.seq, config.dedup_window_events))?;
+            let folded = fold_to(&reader, &snapshots, head.seq);
+            let dedup = dedup.join().map_err(|_| std::io::Error::other("the dedup window loader panicked"))?;
+            Ok::<_, StartError>((folded, dedup))
+        })?;
+        let (ledger, fold) = folded?;
+        let dedup = dedup.map_err(|e| StartError::Fold(FoldError::Read(e)))?;
         let startup = Startup { head, fold, live_tasks: ledger.live_task_count(), took: started.elapsed() };
         let feed = LiveFeed::new(config.feed_capacity);
         let (tx, rx) = std::sync::mpsc::sync_channel(config.channel_capacity.max(1));
@@ -402,27 +414,25 @@ impl Writer {
             snapshots: snapshots.clone(),
         };
 
+        // The snapshot thread folds its own replica from the newest snapshot; it starts once the
+        // writer is up, so that fold never competes with the restart for the CPU (its
+        // subscription reads from disk whatever it missed meanwhile).
         let stop_snapshots = Arc::new(AtomicBool::new(false));
-        let snapshotter = (config.snapshot_every_events > 0)
-            .then(|| {
-                let snap = Snapshotter {
-                    reader: reader.clone(),
-                    feed: feed.clone(),
-                    snapshots: snapshots.clone(),
-                    every: config.snapshot_every_events,
-                    start: head,
-                    shared: shared.clone(),
-                    stop: stop_snapshots.clone(),
-                };
-                std::thread::Builder::new().name("taskledger-snapshots".into()).spawn(move || snap.run())
-            })
-            .transpose()?;
-
-        let dedup = DedupIndex::rebuild(&reader, head.seq, config.dedup_window_events)
-            .map_err(|e| StartError::Fold(FoldError::Read(e)))?;
+        let snapshotter = (config.snapshot_every_events > 0).then(|| Snapshotter {
+            reader: reader.clone(),
+            feed: feed.clone(),
+            snapshots: snapshots.clone(),
+            every: config.snapshot_every_events,
+            start: head,
+            shared: shared.clone(),
+            stop: stop_snapshots.clone(),
+        });
         let acks = Acknowledger::start(feed.clone(), shared.clone())?;
         let state = WriterThread { acks, touched: Vec::new(), store, ledger, dedup, clock, config, rx, shared, reader };
         let thread = std::thread::Builder::new().name("taskledger-writer".into()).spawn(move || state.run())?;
+        let snapshotter = snapshotter
+            .map(|snap| std::thread::Builder::new().name("taskledger-snapshots".into()).spawn(move || snap.run()))
+            .transpose()?;
         Ok((Writer { handle, thread: Some(thread), snapshotter, stop_snapshots }, startup))
     }
 

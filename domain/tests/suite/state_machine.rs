@@ -410,6 +410,10 @@ impl World {
         let digest = ledger.digest();
         assert_eq!(replayed.digest(), digest, "replay differs from the writer's state");
         assert_eq!(Ledger::from_state(ledger.to_state()).digest(), digest, "snapshot round trip");
+        let bytes = ledger.write_state(Vec::new()).expect("state serializes");
+        let decoded = Ledger::decode_state(&bytes).expect("written state decodes");
+        assert_eq!(decoded.digest(), digest, "snapshot round trip through decode_state");
+        decoded.check_indexes_in_place().expect("decode_state rebuilds every index");
         ledger.check_indexes().expect("indexes agree with tasks");
     }
 }
