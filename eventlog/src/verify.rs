@@ -119,8 +119,11 @@ pub fn verify_with(
     // by record costs more than the hashing), but never trusting a head read
     // from a possibly damaged file for more than a bounded allocation.
     const PRESIZE_STREAMS_MAX: u64 = 4 * 1024 * 1024;
-    let mut stream_versions: HashMap<Vec<u8>, u64> =
-        HashMap::with_capacity((head.seq / 2).min(PRESIZE_STREAMS_MAX) as usize);
+    // foldhash, randomly seeded per process: keys come from the file, which may be hostile.
+    let mut stream_versions: HashMap<Vec<u8>, u64, foldhash::fast::RandomState> = HashMap::with_capacity_and_hasher(
+        (head.seq / 2).min(PRESIZE_STREAMS_MAX) as usize,
+        foldhash::fast::RandomState::default(),
+    );
     let mut prev_hash = GENESIS_HASH;
     let mut expected = 1u64;
     let mut records = 0u64;
