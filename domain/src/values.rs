@@ -130,13 +130,22 @@ fn check_name(
     Ok(())
 }
 
+/// Most distinct values of one name type a thread remembers for [`name_type!`]'s interning.
+const INTERNED_NAMES_MAX: usize = 4096;
+
 /// Declares a string value type backed by `Arc<str>` (cheap to clone: queue
 /// and handler names are shared by many steps) with a validating constructor.
+///
+/// With `intern = true`, decoding (postcard from the log or a snapshot, JSON from a request)
+/// shares one `Arc` per distinct value and thread, and checks each distinct value once: folding
+/// a million task creations in one namespace then makes no allocation for the namespace, the
+/// step or the handler name. Each type has its own table, so a value valid as one type is never
+/// taken for another, and the table stops growing at [`INTERNED_NAMES_MAX`] values (later new
+/// values are simply allocated), so hostile input cannot grow it.
 macro_rules! name_type {
-    ($(#[$doc:meta])* $name:ident, field = $field:literal, max = $max:expr, allowed = $allowed:expr, describe = $describe:literal) => {
+    ($(#[$doc:meta])* $name:ident, field = $field:literal, max = $max:expr, allowed = $allowed:expr, describe = $describe:literal, intern = $intern:literal) => {
         $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-        #[serde(try_from = "String", into = "String")]
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
         pub struct $name(Arc<str>);
 
         impl $name {
@@ -148,6 +157,45 @@ macro_rules! name_type {
             }
             pub fn as_str(&self) -> &str {
                 &self.0
+            }
+            fn decode(text: &str) -> Result<Self, Rejection> {
+                if !$intern {
+                    return Self::new(text);
+                }
+                thread_local!(static SEEN: std::cell::RefCell<std::collections::HashSet<Arc<str>>> = Default::default());
+                SEEN.with(|seen| {
+                    let mut seen = seen.borrow_mut();
+                    if let Some(known) = seen.get(text) {
+                        return Ok(Self(known.clone()));
+                    }
+                    let value = Self::new(text)?;
+                    if seen.len() < INTERNED_NAMES_MAX {
+                        seen.insert(value.0.clone());
+                    }
+                    Ok(value)
+                })
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct Text;
+                impl serde::de::Visitor<'_> for Text {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str("a string")
+                    }
+                    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<$name, E> {
+                        $name::decode(text).map_err(E::custom)
+                    }
+                }
+                deserializer.deserialize_str(Text)
             }
         }
 
@@ -194,33 +242,33 @@ name_type!(
     /// A queue: `[a-z0-9._-]{1,64}`. Tasks live in exactly one namespace; workers
     /// claim from namespaces; pause and concurrency limits are per namespace.
     Namespace, field = "namespace", max = 64, allowed = is_namespace_char,
-    describe = "a-z 0-9 . _ -"
+    describe = "a-z 0-9 . _ -", intern = true
 );
 name_type!(
     /// A step's name, unique within its task: `[A-Za-z0-9._:/-]{1,64}`.
     StepName, field = "step", max = 64, allowed = is_identifier_char,
-    describe = "A-Z a-z 0-9 . _ : / -"
+    describe = "A-Z a-z 0-9 . _ : / -", intern = true
 );
 name_type!(
     /// Which worker code runs a step: `[A-Za-z0-9._:/-]{1,128}`.
     HandlerName, field = "handler", max = 128, allowed = is_identifier_char,
-    describe = "A-Z a-z 0-9 . _ : / -"
+    describe = "A-Z a-z 0-9 . _ : / -", intern = true
 );
 name_type!(
     /// A worker's self-chosen identity, recorded on every lease it takes.
     WorkerId, field = "worker_id", max = 128, allowed = is_identifier_char,
-    describe = "A-Z a-z 0-9 . _ : / -"
+    describe = "A-Z a-z 0-9 . _ : / -", intern = true
 );
 name_type!(
     /// A free-form label on a task, for filtering.
     Tag, field = "tag", max = 64, allowed = is_visible_char,
-    describe = "any non-control character"
+    describe = "any non-control character", intern = true
 );
 name_type!(
     /// A producer's idempotency key: a repeated create with the same key in the
     /// same namespace returns the original task.
     IdempotencyKey, field = "idempotency_key", max = 256, allowed = is_visible_char,
-    describe = "any non-control character"
+    describe = "any non-control character", intern = false
 );
 
 /// Claim priority: higher runs first. Bounded so that aging arithmetic
@@ -385,6 +433,25 @@ bounded_text_deserialize!(Text, "text");
 mod tests {
     use super::*;
     use crate::RejectionCode;
+
+    /// Decoded names share one allocation per distinct value, are still checked (a value valid
+    /// for one type is refused by another whose table may hold it), and encode as plain strings.
+    #[test]
+    fn decoded_names_are_interned_per_type_and_still_checked() {
+        let a: HandlerName = serde_json::from_str("\"mail:send\"").unwrap();
+        let b: HandlerName = postcard::from_bytes(&postcard::to_stdvec("mail:send").unwrap()).unwrap();
+        assert!(Arc::ptr_eq(&a.0, &b.0), "the same handler name decoded twice shares its text");
+        let err = serde_json::from_str::<Namespace>("\"mail:send\"").unwrap_err();
+        assert!(err.to_string().contains("namespace"), "{err}");
+        assert!(serde_json::from_str::<HandlerName>("\"bad name\"").is_err());
+        assert!(serde_json::from_str::<HandlerName>("5").unwrap_err().to_string().contains("expected a string"));
+        assert_eq!(serde_json::to_string(&a).unwrap(), "\"mail:send\"");
+        assert_eq!(postcard::to_stdvec(&a).unwrap(), postcard::to_stdvec("mail:send").unwrap());
+        let k1: IdempotencyKey = serde_json::from_str("\"k-1\"").unwrap();
+        let k2: IdempotencyKey = serde_json::from_str("\"k-1\"").unwrap();
+        assert!(!Arc::ptr_eq(&k1.0, &k2.0), "idempotency keys are one per task: not interned");
+        assert_eq!(k1, k2);
+    }
 
     #[test]
     fn namespace_accepts_the_documented_alphabet_only() {

@@ -31,7 +31,8 @@ pub const SYSTEM_ACTOR: &str = "system";
 pub struct DedupIndex {
     window_events: u64,
     /// One allocation per id, shared by both maps.
-    by_id: HashMap<Arc<str>, SeqRange>,
+    /// foldhash with a per-process random seed (command ids come from clients).
+    by_id: HashMap<Arc<str>, SeqRange, foldhash::fast::RandomState>,
     /// (last seq, command id), oldest first.
     order: VecDeque<(u64, Arc<str>)>,
 }
@@ -40,7 +41,11 @@ impl DedupIndex {
     pub fn new(window_events: u64) -> Self {
         let window_events = window_events.max(1);
         let presize = window_events.min(PRESIZE_ENTRIES_MAX) as usize;
-        Self { window_events, by_id: HashMap::with_capacity(presize), order: VecDeque::with_capacity(presize) }
+        Self {
+            window_events,
+            by_id: HashMap::with_capacity_and_hasher(presize, Default::default()),
+            order: VecDeque::with_capacity(presize),
+        }
     }
 
     /// Rebuilds the window from the newest `window_events` records.

@@ -73,7 +73,7 @@ struct OutcomeWindow {
 
 /// Bounded cache of stream heads; `complete` means a miss is a stream with no record.
 struct StreamHeads {
-    versions: HashMap<Vec<u8>, u64>,
+    versions: HashMap<Vec<u8>, u64, foldhash::fast::RandomState>,
     entries_max: usize,
     complete: bool,
 }
@@ -182,7 +182,7 @@ impl RedbStore {
             last_recorded_at_us,
             outcomes,
             stream_heads: StreamHeads {
-                versions: HashMap::new(),
+                versions: HashMap::default(),
                 entries_max: options.stream_cache_entries.max(1),
                 complete: head.seq == 0,
             },
