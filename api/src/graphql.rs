@@ -1,7 +1,9 @@
 //! GraphQL at `/graphql` (GraphiQL on GET in a browser; subscriptions over
 //! WebSocket at `/graphql/ws`). Queries read the log and the domain fold;
 //! mutations mirror the REST commands through the same `commands` module;
-//! subscriptions follow the live feed.
+//! subscriptions follow the live feed. The projection-backed queries answer
+//! with `projections::query`'s row structs as typed objects (that crate's
+//! `graphql` feature), with REST's field names in camelCase.
 //!
 //! Limits, checked before any resolver runs: query depth, complexity,
 //! recursion, directives, aliases, and page size; one operation per request
@@ -22,6 +24,8 @@ use axum::response::{Html, IntoResponse, Response};
 use domain::StreamId;
 use eventlog::{Subscription as LogSubscription, decode_event};
 use futures_util::Stream;
+use projections::ProjectorStatus;
+use projections::query::{AuditEntry, Dashboard, DeadLetter, Page, TaskSummary, WorkerView};
 
 use crate::auth::{HasTokens, Permission, Principal};
 use crate::commands::{self, AsOf, Caller};
@@ -284,7 +288,7 @@ impl QueryRoot {
         #[graphql(default = 50)] first: u32,
         after: Option<String>,
         min_seq: Option<u64>,
-    ) -> async_graphql::Result<serde_json::Value> {
+    ) -> async_graphql::Result<Page<TaskSummary>> {
         let args = ListArgs { first, after, min_seq };
         Ok(readmodels::tasks(self::state(ctx), who(ctx)?, namespace, state, tag, args).await?)
     }
@@ -297,7 +301,7 @@ impl QueryRoot {
         #[graphql(default = 50)] first: u32,
         after: Option<String>,
         min_seq: Option<u64>,
-    ) -> async_graphql::Result<serde_json::Value> {
+    ) -> async_graphql::Result<Page<DeadLetter>> {
         Ok(readmodels::dead_letters(state(ctx), who(ctx)?, namespace, ListArgs { first, after, min_seq }).await?)
     }
 
@@ -309,7 +313,7 @@ impl QueryRoot {
         namespace: Option<String>,
         window: Option<u32>,
         min_seq: Option<u64>,
-    ) -> async_graphql::Result<serde_json::Value> {
+    ) -> async_graphql::Result<Dashboard> {
         Ok(readmodels::dashboard(state(ctx), who(ctx)?, namespace, window, min_seq).await?)
     }
 
@@ -326,7 +330,7 @@ impl QueryRoot {
         #[graphql(default = 50)] first: u32,
         after: Option<String>,
         min_seq: Option<u64>,
-    ) -> async_graphql::Result<serde_json::Value> {
+    ) -> async_graphql::Result<Page<AuditEntry>> {
         let filter = AuditArgs { task: task_id, actor, event_type, from_seq, to_seq, ..AuditArgs::default() };
         Ok(readmodels::audit_log(state(ctx), who(ctx)?, filter, ListArgs { first, after, min_seq }).await?)
     }
@@ -338,12 +342,12 @@ impl QueryRoot {
         #[graphql(default = 50)] first: u32,
         after: Option<String>,
         min_seq: Option<u64>,
-    ) -> async_graphql::Result<serde_json::Value> {
+    ) -> async_graphql::Result<Page<WorkerView>> {
         Ok(readmodels::workers(state(ctx), who(ctx)?, ListArgs { first, after, min_seq }).await?)
     }
 
     /// Each projector's checkpoint and lag.
-    async fn projections(&self, ctx: &Context<'_>) -> async_graphql::Result<serde_json::Value> {
+    async fn projections(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<ProjectorStatus>> {
         Ok(readmodels::projector_status(state(ctx), who(ctx)?)?)
     }
 

@@ -2,6 +2,8 @@
 //! audit log, dead letters, workers, projector status), for REST and
 //! GraphQL alike. The queries themselves live in `projections::query`; this
 //! module only checks who may read what, honours `minSeq`, and maps errors.
+//! It answers with the typed rows of `projections::query`: GraphQL serves
+//! them as objects, REST as JSON through [`to_json`].
 //!
 //! Namespace-scoped tokens must name a namespace they cover; the audit log,
 //! workers and projector status span every namespace and need an unscoped
@@ -11,7 +13,11 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use domain::Timestamp;
-use projections::query::{self, AuditFilter, PageRequest, TaskFilter};
+use projections::ProjectorStatus;
+use projections::query::{
+    self, AuditEntry, AuditFilter, Dashboard, DeadLetter, Page, PageRequest, QueueEntry, TaskFilter, TaskSummary,
+    WorkerView,
+};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -34,13 +40,30 @@ impl From<projections::QueryError> for ApiError {
     }
 }
 
-fn to_json<T: Serialize>(value: &T) -> Value {
+/// A read model as REST's JSON. Through `Value` (whose objects sort their
+/// keys) rather than straight from the struct, so the bytes stay what REST
+/// has always answered.
+pub fn to_json<T: Serialize>(value: &T) -> Value {
     serde_json::to_value(value).expect("read models serialize")
 }
 
 /// Waits until every projector has applied `min_seq` (read-your-writes).
+///
+/// A seq beyond the log's head is refused at once (400
+/// `min_seq_ahead_of_log`) instead of waiting: a write is acknowledged only
+/// after it is committed, so every seq a client was ever given is at or below
+/// the head, and waiting for one that does not exist could only time out.
 pub async fn wait_min_seq(state: &AppState, min_seq: Option<u64>) -> ApiResult<()> {
     let Some(seq) = min_seq else { return Ok(()) };
+    let head = state.writer.reader().head().map_err(|e| ApiError::internal(e.to_string()))?.seq;
+    if seq > head {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "min_seq_ahead_of_log",
+            format!("seq {seq} is beyond the log's head ({head}); use a seq a write answered with"),
+        )
+        .with_field("min_seq"));
+    }
     if state.projections.wait_for_seq(seq, MIN_SEQ_WAIT).await {
         Ok(())
     } else {
@@ -91,11 +114,11 @@ pub async fn tasks(
     task_state: Option<String>,
     tag: Option<String>,
     args: ListArgs,
-) -> ApiResult<Value> {
+) -> ApiResult<Page<TaskSummary>> {
     let namespace = scoped_namespace(who, namespace)?;
     wait_min_seq(state, args.min_seq).await?;
     let filter = TaskFilter { namespace, state: task_state, tag };
-    Ok(to_json(&query::tasks(state.projections.store(), &filter, &args.page()).await?))
+    Ok(query::tasks(state.projections.store(), &filter, &args.page()).await?)
 }
 
 pub async fn queue(
@@ -104,12 +127,10 @@ pub async fn queue(
     namespace: Option<String>,
     step_state: Option<String>,
     args: ListArgs,
-) -> ApiResult<Value> {
+) -> ApiResult<Page<QueueEntry>> {
     let namespace = scoped_namespace(who, namespace)?;
     wait_min_seq(state, args.min_seq).await?;
-    let page =
-        query::queue(state.projections.store(), namespace.as_deref(), step_state.as_deref(), &args.page()).await?;
-    Ok(to_json(&page))
+    Ok(query::queue(state.projections.store(), namespace.as_deref(), step_state.as_deref(), &args.page()).await?)
 }
 
 pub async fn dead_letters(
@@ -117,10 +138,10 @@ pub async fn dead_letters(
     who: &Principal,
     namespace: Option<String>,
     args: ListArgs,
-) -> ApiResult<Value> {
+) -> ApiResult<Page<DeadLetter>> {
     let namespace = scoped_namespace(who, namespace)?;
     wait_min_seq(state, args.min_seq).await?;
-    Ok(to_json(&query::dead_letters(state.projections.store(), namespace.as_deref(), &args.page()).await?))
+    Ok(query::dead_letters(state.projections.store(), namespace.as_deref(), &args.page()).await?)
 }
 
 /// Counts, per-minute throughput for the last `window_minutes`, latency histograms.
@@ -130,7 +151,7 @@ pub async fn dashboard(
     namespace: Option<String>,
     window_minutes: Option<u32>,
     min_seq: Option<u64>,
-) -> ApiResult<Value> {
+) -> ApiResult<Dashboard> {
     let namespace = scoped_namespace(who, namespace)?;
     wait_min_seq(state, min_seq).await?;
     let since = window_minutes.map(|m| {
@@ -140,7 +161,7 @@ pub async fn dashboard(
             .unwrap_or(0);
         now_us - i64::from(m) * 60_000_000
     });
-    Ok(to_json(&query::dashboard(state.projections.store(), namespace.as_deref(), since).await?))
+    Ok(query::dashboard(state.projections.store(), namespace.as_deref(), since).await?)
 }
 
 #[derive(Default)]
@@ -154,7 +175,12 @@ pub struct AuditArgs {
     pub to_time: Option<String>,
 }
 
-pub async fn audit_log(state: &AppState, who: &Principal, filter: AuditArgs, args: ListArgs) -> ApiResult<Value> {
+pub async fn audit_log(
+    state: &AppState,
+    who: &Principal,
+    filter: AuditArgs,
+    args: ListArgs,
+) -> ApiResult<Page<AuditEntry>> {
     unscoped_auditor(who)?;
     wait_min_seq(state, args.min_seq).await?;
     let time = |t: Option<String>, field: &'static str| -> ApiResult<Option<i64>> {
@@ -175,18 +201,17 @@ pub async fn audit_log(state: &AppState, who: &Principal, filter: AuditArgs, arg
         from_us: time(filter.from_time, "from")?,
         to_us: time(filter.to_time, "to")?,
     };
-    Ok(to_json(&query::audit_log(state.projections.store(), &filter, &args.page()).await?))
+    Ok(query::audit_log(state.projections.store(), &filter, &args.page()).await?)
 }
 
-pub async fn workers(state: &AppState, who: &Principal, args: ListArgs) -> ApiResult<Value> {
+pub async fn workers(state: &AppState, who: &Principal, args: ListArgs) -> ApiResult<Page<WorkerView>> {
     unscoped_auditor(who)?;
     wait_min_seq(state, args.min_seq).await?;
-    Ok(to_json(&query::workers(state.projections.store(), &args.page()).await?))
+    Ok(query::workers(state.projections.store(), &args.page()).await?)
 }
 
 /// Each projector's checkpoint, lag and last error.
-pub fn projector_status(state: &AppState, who: &Principal) -> ApiResult<Value> {
+pub fn projector_status(state: &AppState, who: &Principal) -> ApiResult<Vec<ProjectorStatus>> {
     who.require(Permission::Read)?;
-    let status = state.projections.status().map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(to_json(&status))
+    state.projections.status().map_err(|e| ApiError::internal(e.to_string()))
 }

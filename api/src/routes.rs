@@ -466,7 +466,7 @@ async fn list_tasks(
 ) -> ApiResult<AxumJson<serde_json::Value>> {
     let q = view_query(params)?;
     let args = q.list();
-    Ok(AxumJson(readmodels::tasks(&state, &who, q.namespace, q.state, q.tag, args).await?))
+    Ok(AxumJson(readmodels::to_json(&readmodels::tasks(&state, &who, q.namespace, q.state, q.tag, args).await?)))
 }
 
 async fn list_queue(
@@ -476,7 +476,7 @@ async fn list_queue(
 ) -> ApiResult<AxumJson<serde_json::Value>> {
     let q = view_query(params)?;
     let args = q.list();
-    Ok(AxumJson(readmodels::queue(&state, &who, q.namespace, q.state, args).await?))
+    Ok(AxumJson(readmodels::to_json(&readmodels::queue(&state, &who, q.namespace, q.state, args).await?)))
 }
 
 async fn list_dead_letters(
@@ -486,7 +486,7 @@ async fn list_dead_letters(
 ) -> ApiResult<AxumJson<serde_json::Value>> {
     let q = view_query(params)?;
     let args = q.list();
-    Ok(AxumJson(readmodels::dead_letters(&state, &who, q.namespace, args).await?))
+    Ok(AxumJson(readmodels::to_json(&readmodels::dead_letters(&state, &who, q.namespace, args).await?)))
 }
 
 async fn dashboard(
@@ -495,7 +495,9 @@ async fn dashboard(
     params: ViewParams,
 ) -> ApiResult<AxumJson<serde_json::Value>> {
     let q = view_query(params)?;
-    Ok(AxumJson(readmodels::dashboard(&state, &who, q.namespace, q.window_minutes, q.min_seq).await?))
+    Ok(AxumJson(readmodels::to_json(
+        &readmodels::dashboard(&state, &who, q.namespace, q.window_minutes, q.min_seq).await?,
+    )))
 }
 
 async fn audit_log(
@@ -514,7 +516,7 @@ async fn audit_log(
         from_time: q.from,
         to_time: q.to,
     };
-    Ok(AxumJson(readmodels::audit_log(&state, &who, filter, args).await?))
+    Ok(AxumJson(readmodels::to_json(&readmodels::audit_log(&state, &who, filter, args).await?)))
 }
 
 async fn workers(
@@ -523,9 +525,9 @@ async fn workers(
     params: ViewParams,
 ) -> ApiResult<AxumJson<serde_json::Value>> {
     let q = view_query(params)?;
-    Ok(AxumJson(readmodels::workers(&state, &who, q.list()).await?))
+    Ok(AxumJson(readmodels::to_json(&readmodels::workers(&state, &who, q.list()).await?)))
 }
 
 async fn projector_status(State(state): State<AppState>, who: Principal) -> ApiResult<AxumJson<serde_json::Value>> {
-    Ok(AxumJson(readmodels::projector_status(&state, &who)?))
+    Ok(AxumJson(readmodels::to_json(&readmodels::projector_status(&state, &who)?)))
 }

@@ -1,6 +1,8 @@
 //! The read side the API calls: typed, serializable answers from the read
 //! models, with filters and cursor pagination. The API only adapts these to
-//! REST and GraphQL; it writes no SQL of its own.
+//! REST and GraphQL; it writes no SQL of its own. With the `graphql`
+//! feature (enabled by the API) the same row structs are also GraphQL
+//! objects, so each row shape is written once for both.
 //!
 //! Pagination is by keyset (the cursor is the last row's sort key), never by
 //! offset, so a page costs the same at the end of a million rows as at the
@@ -40,14 +42,41 @@ impl PageRequest {
     }
 }
 
+/// What a page may hold: with the `graphql` feature, a GraphQL output type
+/// (the derived page object needs it); without, anything. A bound that
+/// depends on a feature has to be a trait of its own.
+#[cfg(feature = "graphql")]
+pub trait PageItem: async_graphql::OutputType {}
+#[cfg(feature = "graphql")]
+impl<T: async_graphql::OutputType> PageItem for T {}
+/// What a page may hold (anything, without the `graphql` feature).
+#[cfg(not(feature = "graphql"))]
+pub trait PageItem {}
+#[cfg(not(feature = "graphql"))]
+impl<T> PageItem for T {}
+
 /// One page of results; `next_cursor` is `None` on the last page.
+///
+/// In GraphQL each page type has its own name (a generic object needs one
+/// per row type); the fields are the same as in REST.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Page<T> {
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject))]
+#[cfg_attr(
+    feature = "graphql",
+    graphql(
+        concrete(name = "TaskPage", params(TaskSummary)),
+        concrete(name = "QueueEntryPage", params(QueueEntry)),
+        concrete(name = "DeadLetterPage", params(DeadLetter)),
+        concrete(name = "WorkerPage", params(WorkerView)),
+        concrete(name = "AuditEntryPage", params(AuditEntry))
+    )
+)]
+pub struct Page<T: PageItem> {
     pub items: Vec<T>,
     pub next_cursor: Option<String>,
 }
 
-fn page<T>(mut items: Vec<T>, limit: i64, cursor: impl Fn(&T) -> String) -> Page<T> {
+fn page<T: PageItem>(mut items: Vec<T>, limit: i64, cursor: impl Fn(&T) -> String) -> Page<T> {
     let more = items.len() as i64 > limit;
     items.truncate(limit as usize);
     let next_cursor = if more { items.last().map(cursor) } else { None };
@@ -86,6 +115,7 @@ fn step_cursor(key: i64, task: &Uuid, index: i64) -> String {
 
 /// A task without its payload and steps (lists).
 #[derive(Clone, Debug, PartialEq, Serialize, FromRow)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject))]
 pub struct TaskSummary {
     pub task_id: Uuid,
     pub namespace: String,
@@ -111,6 +141,7 @@ const TASK_COLUMNS: &str = "t.task_id, t.namespace, t.name, t.state, t.priority,
 
 /// One step of a task with its outcome.
 #[derive(Clone, Debug, PartialEq, Serialize, FromRow)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject))]
 pub struct StepView {
     pub step_index: i64,
     pub name: String,
@@ -134,8 +165,10 @@ pub struct StepView {
 
 /// A task with everything the projections know of it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject))]
 pub struct TaskView {
     #[serde(flatten)]
+    #[cfg_attr(feature = "graphql", graphql(flatten))]
     pub summary: TaskSummary,
     pub payload: String,
     pub tags: Vec<String>,
@@ -235,6 +268,7 @@ pub async fn tasks(store: &Store, filter: &TaskFilter, request: &PageRequest) ->
 
 /// A step that is not terminal, where it stands.
 #[derive(Clone, Debug, PartialEq, Serialize, FromRow)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject))]
 pub struct QueueEntry {
     pub task_id: Uuid,
     pub step_index: i64,
@@ -300,6 +334,7 @@ pub async fn queue(
 
 /// A namespace's operator settings.
 #[derive(Clone, Debug, PartialEq, Serialize, FromRow)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject))]
 pub struct QueueSettingsView {
     pub namespace: String,
     pub paused: bool,
@@ -322,6 +357,7 @@ pub async fn queue_settings(store: &Store) -> Result<Vec<QueueSettingsView>, Que
 
 /// A step in `Error` whose task waits for an operator.
 #[derive(Clone, Debug, PartialEq, Serialize, FromRow)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject))]
 pub struct DeadLetter {
     pub task_id: Uuid,
     pub step_index: i64,
@@ -370,6 +406,7 @@ pub async fn dead_letters(
 
 /// A worker's activity.
 #[derive(Clone, Debug, PartialEq, Serialize, FromRow)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject))]
 pub struct WorkerView {
     pub worker: String,
     pub first_seen_us: i64,
@@ -403,7 +440,9 @@ pub async fn workers(store: &Store, request: &PageRequest) -> Result<Page<Worker
 
 // ----- dashboard -----
 
+/// How many tasks or steps of a namespace are in one state.
 #[derive(Clone, Debug, PartialEq, Serialize, FromRow)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject))]
 pub struct StateCount {
     pub namespace: String,
     /// `task` or `step`.
@@ -412,7 +451,9 @@ pub struct StateCount {
     pub count: i64,
 }
 
+/// What happened in a namespace during one minute (`minute_us`, its start).
 #[derive(Clone, Debug, PartialEq, Serialize, FromRow)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject))]
 pub struct MinuteThroughput {
     pub namespace: String,
     pub minute_us: i64,
@@ -423,7 +464,9 @@ pub struct MinuteThroughput {
     pub dead_lettered: i64,
 }
 
+/// One bucket of a namespace's wait or run latency histogram.
 #[derive(Clone, Debug, PartialEq, Serialize, FromRow)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject))]
 pub struct LatencyBucket {
     pub namespace: String,
     /// `wait` (enqueued → claimed) or `run` (claimed → completed or failed).
@@ -433,7 +476,9 @@ pub struct LatencyBucket {
     pub count: i64,
 }
 
+/// Counts by state, per-minute throughput and latency histograms.
 #[derive(Clone, Debug, PartialEq, Serialize)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject))]
 pub struct Dashboard {
     pub counts: Vec<StateCount>,
     pub throughput: Vec<MinuteThroughput>,
@@ -484,6 +529,7 @@ pub async fn dashboard(
 
 /// One event as the audit log records it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject))]
 pub struct AuditEntry {
     pub seq: i64,
     pub recorded_at_us: i64,
@@ -534,7 +580,9 @@ pub async fn audit_log(
     {
         return Err(QueryError::BadFilter(format!("unknown event type {t:?}")));
     }
-    let after = parse_seq_cursor(&request.after)?.max(filter.from_seq.map_or(0, |s| s as i64 - 1));
+    // Seqs above i64::MAX match nothing; saturate rather than wrap.
+    let from_seq = filter.from_seq.map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX).saturating_sub(1));
+    let after = parse_seq_cursor(&request.after)?.max(from_seq);
     let limit = request.limit();
     let rows: Vec<AuditRow> = on_backend!(store, pool => {
         let mut q = QueryBuilder::new(
@@ -591,6 +639,7 @@ pub async fn audit_log(
 
 /// A stored checkpoint with its lag behind the log head.
 #[derive(Clone, Debug, PartialEq, Serialize)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject))]
 pub struct CheckpointView {
     pub projector: String,
     pub slot: String,

@@ -236,6 +236,7 @@ async fn build_drivers(
 
 /// What a projector is doing, for the API, metrics and operators.
 #[derive(Clone, Debug, Default, Serialize)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject))]
 pub struct ProjectorStatus {
     pub projector: String,
     pub version: i32,

@@ -354,15 +354,18 @@ fn read_models_answer_from_the_projections_with_read_your_writes() {
     assert!(status.body.as_array().is_some_and(|s| !s.is_empty()), "{status:?}");
     let bad = server.get("/v1/views/tasks?state=sleeping");
     assert_eq!((bad.status, bad.code()), (400, "invalid_filter"));
+    // A seq no write ever answered with is refused at once, not waited for.
+    let ahead = server.get(&format!("/v1/views/tasks?min_seq={}", head + 1));
+    assert_eq!((ahead.status, ahead.code()), (400, "min_seq_ahead_of_log"), "{ahead:?}");
     let ready = server.get("/readyz");
     assert_eq!(ready.body["ready"], json!(true));
 
     let gql = server.post(
         "/graphql",
-        json!({ "query": format!("{{ tasks(namespace: \"views\", minSeq: {head}) deadLetters(minSeq: {head}) projections }}") }),
+        json!({ "query": format!("{{ tasks(namespace: \"views\", minSeq: {head}) {{ items {{ taskId }} }} deadLetters(minSeq: {head}) {{ items {{ lastError }} }} projections {{ projector lag }} }}") }),
     );
-    assert_eq!(gql.body["data"]["tasks"]["items"][0]["task_id"], json!(id), "{gql:?}");
-    assert_eq!(gql.body["data"]["deadLetters"]["items"][0]["last_error"], "disk full");
+    assert_eq!(gql.body["data"]["tasks"]["items"][0]["taskId"], json!(id), "{gql:?}");
+    assert_eq!(gql.body["data"]["deadLetters"]["items"][0]["lastError"], "disk full");
 }
 
 #[test]

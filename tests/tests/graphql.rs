@@ -1,7 +1,7 @@
 //! Black-box tests of GraphQL on the real server: queries (with `asOf` and
-//! `minSeq`), mutations mirroring the commands, subscriptions over
-//! WebSocket, and the limits that reject abusive queries before any resolver
-//! runs.
+//! `minSeq`), the projection read models as typed objects, mutations
+//! mirroring the commands, subscriptions over WebSocket, and the limits that
+//! reject abusive queries before any resolver runs.
 
 use std::time::Duration;
 
@@ -77,6 +77,186 @@ fn the_queue_can_be_read_now_and_as_of_a_past_seq() {
         past["data"]["queue"]["steps"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap()).collect();
     assert_eq!(states, ["enqueued", "enqueued"]);
     assert_eq!(past["data"]["queue"]["seq"], json!(before_claim));
+}
+
+/// The ids of a page's items, and its cursor.
+fn page_ids(page: &Value) -> (Vec<String>, Option<String>) {
+    let ids = page["items"].as_array().unwrap().iter().map(|t| t["taskId"].as_str().unwrap().to_owned()).collect();
+    (ids, page["nextCursor"].as_str().map(str::to_owned))
+}
+
+#[test]
+fn the_projection_read_models_are_typed_objects_with_selectable_fields() {
+    let server = Server::start();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let input = json!({ "namespace": "typed", "handler": "h", "maxAttempts": 1, "tags": ["nightly"] });
+        let created = gql(&server, CREATE, json!({ "input": input }));
+        ids.push(created["data"]["createTask"]["taskId"].as_str().unwrap().to_owned());
+    }
+    let claimed = gql(
+        &server,
+        r#"mutation { claimSteps(input: { namespaces: ["typed"], workerId: "gql-worker", max: 1 }) { steps { taskId epoch } } }"#,
+        json!({}),
+    );
+    let step = &claimed["data"]["claimSteps"]["steps"][0];
+    let failed_id = step["taskId"].as_str().unwrap().to_owned();
+    let failed = gql(
+        &server,
+        r#"mutation($id: String!, $epoch: Int!) { failStep(taskId: $id, step: "main", input: { epoch: $epoch, error: "disk full", retryable: false }) { headSeq } }"#,
+        json!({ "id": failed_id, "epoch": step["epoch"] }),
+    );
+    let head = failed["data"]["failStep"]["headSeq"].as_u64().unwrap();
+    assert_eq!(head, 5, "3 created, 1 claimed, 1 failed: {failed}");
+
+    // tasks: two pages through the cursor, every created task exactly once, in creation order.
+    let tasks = r#"query($after: String, $min: Int) { tasks(namespace: "typed", tag: "nightly", first: 2, after: $after, minSeq: $min) { items { taskId state createdSeq stepCount } nextCursor } }"#;
+    let first = gql(&server, tasks, json!({ "min": head }));
+    let (mut seen, cursor) = page_ids(&first["data"]["tasks"]);
+    assert_eq!(seen.len(), 2, "{first}");
+    let cursor = cursor.expect("a cursor after a full first page");
+    let second = gql(&server, tasks, json!({ "after": cursor }));
+    let (rest, end) = page_ids(&second["data"]["tasks"]);
+    assert_eq!(end, None, "the second page is the last: {second}");
+    seen.extend(rest);
+    assert_eq!(seen, ids, "each task once, in creation order");
+    let items = first["data"]["tasks"]["items"].as_array().unwrap();
+    assert_eq!(items[0]["createdSeq"], json!(1));
+    assert_eq!(items[0]["stepCount"], json!(1));
+    let state_of = |id: &str| {
+        let all: Vec<&Value> =
+            [&first, &second].iter().flat_map(|p| p["data"]["tasks"]["items"].as_array().unwrap().iter()).collect();
+        all.iter().find(|t| t["taskId"] == json!(id)).map(|t| t["state"].as_str().unwrap().to_owned()).unwrap()
+    };
+    assert_eq!(state_of(&failed_id), "blocked_by_failures");
+    assert_eq!(ids.iter().filter(|id| state_of(id) == "pending").count(), 2);
+
+    // dashboard: counts by kind and state, throughput and latency, all typed.
+    let dashboard = gql(
+        &server,
+        r#"query($min: Int) { dashboard(namespace: "typed", minSeq: $min) { counts { namespace kind state count } throughput { namespace minuteUs created failed deadLettered } latency { namespace kind leMs count } } }"#,
+        json!({ "min": head }),
+    );
+    let board = &dashboard["data"]["dashboard"];
+    let count = |kind: &str, state: &str| -> u64 {
+        board["counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["kind"] == kind && c["state"] == state)
+            .map(|c| c["count"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!((count("task", "pending"), count("task", "blocked_by_failures")), (2, 1), "{dashboard}");
+    assert_eq!((count("step", "enqueued"), count("step", "error")), (2, 1), "{dashboard}");
+    assert!(board["counts"].as_array().unwrap().iter().all(|c| c["namespace"] == "typed"));
+    let throughput = board["throughput"].as_array().unwrap();
+    let sum = |field: &str| throughput.iter().map(|m| m[field].as_u64().unwrap()).sum::<u64>();
+    assert_eq!((sum("created"), sum("failed"), sum("deadLettered")), (3, 1, 1), "{dashboard}");
+    assert!(throughput.iter().all(|m| m["minuteUs"].as_i64().unwrap() % 60_000_000 == 0), "{dashboard}");
+    let latency: u64 = board["latency"].as_array().unwrap().iter().map(|b| b["count"].as_u64().unwrap()).sum();
+    assert_eq!(latency, 2, "one wait (enqueued → claimed) and one run (claimed → failed): {dashboard}");
+
+    // auditLog: one row per event, seqs increasing, the failed task's story.
+    let audit = gql(
+        &server,
+        r#"query($min: Int) { auditLog(first: 100, minSeq: $min) { items { seq eventType taskId actor hash } nextCursor } }"#,
+        json!({ "min": head }),
+    );
+    let rows = audit["data"]["auditLog"]["items"].as_array().unwrap();
+    let seqs: Vec<u64> = rows.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=head).collect::<Vec<_>>(), "{audit}");
+    assert_eq!(audit["data"]["auditLog"]["nextCursor"], Value::Null);
+    let story: Vec<&str> =
+        rows.iter().filter(|r| r["taskId"] == json!(failed_id)).map(|r| r["eventType"].as_str().unwrap()).collect();
+    assert_eq!(story, ["task_created", "step_claimed", "step_failed"]);
+    assert!(rows.iter().all(|r| r["hash"].as_str().unwrap().len() == 64 && r["actor"] == "token:admin"), "{audit}");
+    let narrowed = gql(
+        &server,
+        r#"query($id: String) { auditLog(taskId: $id, fromSeq: 4) { items { seq eventType } } }"#,
+        json!({ "id": failed_id }),
+    );
+    assert_eq!(
+        narrowed["data"]["auditLog"]["items"],
+        json!([{ "seq": 4, "eventType": "step_claimed" }, { "seq": 5, "eventType": "step_failed" }])
+    );
+
+    // workers and deadLetters.
+    let workers =
+        gql(&server, "{ workers { items { worker claims failed completed leasesHeld } nextCursor } }", json!({}));
+    assert_eq!(
+        workers["data"]["workers"],
+        json!({ "items": [{ "worker": "gql-worker", "claims": 1, "failed": 1, "completed": 0, "leasesHeld": 0 }], "nextCursor": null })
+    );
+    let dead = gql(
+        &server,
+        r#"{ deadLetters(namespace: "typed") { items { taskId stepName handler lastError attempts maxAttempts failedAtUs } nextCursor } }"#,
+        json!({}),
+    );
+    let letters = dead["data"]["deadLetters"]["items"].as_array().unwrap();
+    assert_eq!(letters.len(), 1, "{dead}");
+    assert_eq!(letters[0]["taskId"], json!(failed_id));
+    assert_eq!((&letters[0]["stepName"], &letters[0]["lastError"]), (&json!("main"), &json!("disk full")));
+    assert_eq!((&letters[0]["attempts"], &letters[0]["maxAttempts"]), (&json!(1), &json!(1)));
+    assert!(letters[0]["failedAtUs"].as_i64().unwrap() > 0);
+
+    // projections: every live projector has applied the head (the reads above waited for it).
+    let status = gql(&server, "{ projections { projector slot checkpointSeq headSeq lag running error } }", json!({}));
+    let projectors = status["data"]["projections"].as_array().unwrap();
+    let names: Vec<&str> = projectors.iter().map(|p| p["projector"].as_str().unwrap()).collect();
+    assert_eq!(names, ["audit", "dashboard", "queue", "tasks"], "{status}");
+    for p in projectors {
+        let (checkpoint, at, lag) =
+            (p["checkpointSeq"].as_u64().unwrap(), p["headSeq"].as_u64().unwrap(), p["lag"].as_u64().unwrap());
+        assert!(lag <= at && checkpoint + lag == at, "{p}");
+        assert_eq!((at, lag, &p["slot"], &p["error"]), (head, 0, &json!("live"), &Value::Null), "{p}");
+    }
+}
+
+#[test]
+fn the_read_model_fields_are_objects_in_the_schema_not_json_scalars() {
+    let server = Server::start();
+    let introspection = gql(
+        &server,
+        "{ __schema { queryType { fields { name type { kind name ofType { kind name ofType { kind name ofType { kind name } } } } } } } }",
+        json!({}),
+    );
+    let fields = introspection["data"]["__schema"]["queryType"]["fields"].as_array().unwrap();
+    // The named type under NON_NULL and LIST wrappers.
+    fn named(t: &Value) -> &Value {
+        if t["name"].is_string() { t } else { named(&t["ofType"]) }
+    }
+    let expected = [
+        ("tasks", "TaskPage"),
+        ("deadLetters", "DeadLetterPage"),
+        ("dashboard", "Dashboard"),
+        ("auditLog", "AuditEntryPage"),
+        ("workers", "WorkerPage"),
+        ("projections", "ProjectorStatus"),
+    ];
+    for (field, type_name) in expected {
+        let found = fields.iter().find(|f| f["name"] == field).unwrap_or_else(|| panic!("no field {field}"));
+        let t = named(&found["type"]);
+        assert_eq!((&t["kind"], &t["name"]), (&json!("OBJECT"), &json!(type_name)), "{field}: {found}");
+    }
+    // A page's rows are objects too, with REST's field names in camelCase.
+    let page = gql(
+        &server,
+        r#"{ __type(name: "TaskPage") { fields { name } } row: __type(name: "TaskSummary") { kind fields { name } } }"#,
+        json!({}),
+    );
+    let names = |t: &Value| -> Vec<String> {
+        t["fields"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(names(&page["data"]["__type"]), ["items", "nextCursor"]);
+    assert_eq!(page["data"]["row"]["kind"], "OBJECT");
+    for field in ["taskId", "namespace", "state", "createdSeq", "createdAtUs", "stepsFailed"] {
+        assert!(names(&page["data"]["row"]).iter().any(|n| n == field), "TaskSummary lacks {field}: {page}");
+    }
+    // An object must be selected into: the old scalar form is now a validation error.
+    let bare = server.post("/graphql", json!({ "query": "{ dashboard }" }));
+    assert_eq!(bare.status, 400, "{bare:?}");
+    assert_eq!(bare.body["errors"][0]["extensions"]["code"], "invalid_query");
 }
 
 #[test]
