@@ -221,7 +221,7 @@ pub async fn create_task(
     let created = ack.events.iter().any(|e| matches!(e, Event::TaskCreated { .. }));
     let body = CreatedResponse {
         // A repeated command id answers with the original events: name the task they
-        // recorded, not the id minted for this retry (found by tests/tests/crash_api.rs).
+        // recorded, not the id minted for this retry (found by tests/tests/suite/crash_api.rs).
         task_id: created_ids(&ack).next().or(existing).unwrap_or(id).to_string(),
         created,
         seq: ack.seqs.map(|s| s.first),
