@@ -236,7 +236,7 @@ async fn build_drivers(
 
 /// What a projector is doing, for the API, metrics and operators.
 #[derive(Clone, Debug, Default, Serialize)]
-#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject))]
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject), graphql(complex))]
 pub struct ProjectorStatus {
     pub projector: String,
     pub version: i32,
@@ -251,6 +251,21 @@ pub struct ProjectorStatus {
     pub error: Option<String>,
     pub events_applied: u64,
     pub batches_applied: u64,
+}
+
+/// The short names the GraphQL documentation uses (`projections { name checkpoint lag }`),
+/// beside the REST field names.
+#[cfg(feature = "graphql")]
+#[async_graphql::ComplexObject]
+impl ProjectorStatus {
+    /// The projector's name (same as `projector`).
+    async fn name(&self) -> &str {
+        &self.projector
+    }
+    /// The last seq it applied (same as `checkpointSeq`).
+    async fn checkpoint(&self) -> u64 {
+        self.checkpoint_seq
+    }
 }
 
 #[derive(Default)]

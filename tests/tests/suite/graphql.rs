@@ -211,6 +211,13 @@ fn the_projection_read_models_are_typed_objects_with_selectable_fields() {
         assert!(lag <= at && checkpoint + lag == at, "{p}");
         assert_eq!((at, lag, &p["slot"], &p["error"]), (head, 0, &json!("live"), &Value::Null), "{p}");
     }
+    // The short spelling of the same fields.
+    let short = gql(&server, "{ projections { name checkpoint lag } }", json!({}));
+    let short = short["data"]["projections"].as_array().unwrap();
+    for (s, p) in short.iter().zip(projectors) {
+        assert_eq!((&s["name"], &s["checkpoint"], &s["lag"]), (&p["projector"], &p["checkpointSeq"], &p["lag"]), "{s}");
+    }
+    assert_eq!(short.len(), projectors.len());
 }
 
 #[test]
