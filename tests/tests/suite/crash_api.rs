@@ -386,15 +386,27 @@ impl LogIndex {
     fn extend(&mut self, client: &Client, context: &str) {
         let known = self.head();
         let from = known.max(1);
-        let text = client
-            .get_text(&format!("/v1/events?from_seq={from}&follow=false"))
-            .unwrap_or_else(|e| panic!("{context}: read the feed: {e}"));
         let mut next = from;
+        // In pages: a long run's log outgrows what one response body may hold.
+        loop {
+            let text = client
+                .get_text(&format!("/v1/events?from_seq={next}&follow=false&limit={FEED_PAGE}"))
+                .unwrap_or_else(|e| panic!("{context}: read the feed: {e}"));
+            let page_start = next;
+            self.extend_page(&text, known, &mut next, context);
+            if next - page_start < FEED_PAGE {
+                break;
+            }
+        }
+        assert!(next > known, "{context}: the feed no longer has record {known}");
+    }
+
+    fn extend_page(&mut self, text: &str, known: u64, next: &mut u64, context: &str) {
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let value: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{context}: feed line: {e}"));
             let seq = value["seq"].as_u64().expect("seq");
-            assert_eq!(seq, next, "{context}: the feed jumped from seq {next} to {seq}: seqs are not gapless");
-            next += 1;
+            assert_eq!(seq, *next, "{context}: the feed jumped from seq {next} to {seq}: seqs are not gapless");
+            *next += 1;
             let record = Record {
                 command_id: value["command_id"].as_str().expect("command_id").to_owned(),
                 kind: value["type"].as_str().expect("type").to_owned(),
@@ -410,9 +422,11 @@ impl LogIndex {
             span.2 += 1;
             self.records.push(record);
         }
-        assert!(next > known, "{context}: the feed no longer has record {known}");
     }
 }
+
+/// Records per feed request when the checker catches up with the log.
+const FEED_PAGE: u64 = 10_000;
 
 /// Checks one acknowledgement against the log.
 fn check_ack(index: &LogIndex, ack: &Ack, context: &str) {
