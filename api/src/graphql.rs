@@ -609,8 +609,9 @@ fn record_stream(subscription: LogSubscription) -> impl Stream<Item = (eventlog:
     .filter_map(|record| std::future::ready(decode_event(&record).ok().map(|event| (record, event))))
 }
 
-/// Counts aliased fields in every operation and fragment.
-fn count_aliases(document: &ExecutableDocument) -> usize {
+/// Counts aliased fields in every operation and fragment (the handler refuses more than
+/// `ALIASES_MAX`; the GraphQL fuzz target applies the same count).
+pub fn count_aliases(document: &ExecutableDocument) -> usize {
     fn in_set(set: &SelectionSet) -> usize {
         set.items
             .iter()

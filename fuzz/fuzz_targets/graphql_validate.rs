@@ -4,8 +4,8 @@
 //! handler's alias limit. An extension ends every request after validation,
 //! so no resolver runs (they need a running writer): what is fuzzed is the
 //! parser and validation, the part that sees a query before anything is
-//! checked. The alias count mirrors `graphql_handler`'s (a private helper
-//! there). Nothing may panic, hang or allocate without bound.
+//! checked. The alias count is the handler's own (`api::graphql::count_aliases`).
+//! Nothing may panic, hang or allocate without bound.
 
 #![no_main]
 
@@ -13,10 +13,9 @@ use std::sync::{Arc, LazyLock};
 
 use api::graphql::{
     ALIASES_MAX, COMPLEXITY_MAX, DEPTH_MAX, DIRECTIVES_MAX, MutationRoot, QueryRoot, RECURSIVE_DEPTH_MAX,
-    SubscriptionRoot,
+    SubscriptionRoot, count_aliases,
 };
 use async_graphql::extensions::{Extension, ExtensionContext, ExtensionFactory, NextExecute};
-use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
 use async_graphql::{Response, Schema, ServerError};
 use libfuzzer_sys::fuzz_target;
 
@@ -50,25 +49,6 @@ static SCHEMA: LazyLock<FuzzSchema> = LazyLock::new(|| {
         .extension(StopBeforeExecute)
         .finish()
 });
-
-/// Aliased fields in every operation and fragment, as the handler counts them.
-fn count_aliases(document: &ExecutableDocument) -> usize {
-    fn in_set(set: &SelectionSet) -> usize {
-        set.items
-            .iter()
-            .map(|item| match &item.node {
-                Selection::Field(field) => {
-                    usize::from(field.node.alias.is_some()) + in_set(&field.node.selection_set.node)
-                }
-                Selection::InlineFragment(fragment) => in_set(&fragment.node.selection_set.node),
-                Selection::FragmentSpread(_) => 0,
-            })
-            .sum()
-    }
-    let operations: usize = document.operations.iter().map(|(_, op)| in_set(&op.node.selection_set.node)).sum();
-    let fragments: usize = document.fragments.values().map(|f| in_set(&f.node.selection_set.node)).sum();
-    operations + fragments
-}
 
 fuzz_target!(|data: &[u8]| {
     let Ok(query) = std::str::from_utf8(data) else { return };
