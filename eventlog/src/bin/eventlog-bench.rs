@@ -4,6 +4,10 @@
 //! Cases (all in a fresh directory under `--dir`, removed afterwards):
 //! - `raw_fdatasync`: append a 256-byte record to a plain file and `fdatasync` it, in a loop —
 //!   the most single-record commits per second this disk allows (ratio 1.0).
+//! - `redb_floor_{N}`: a bare redb file with one table (seq → 256-byte record), N records per
+//!   `Durability::Immediate` transaction, in a loop, for N = 1 and each `--submitters` count —
+//!   the most this storage engine allows for that batch size, with no index, no hash chain and no
+//!   ledger; the writer's figure at the same concurrency reads against it.
 //! - `writer_1_submitter`: one thread submitting `CreateTask` commands one at a time.
 //! - `writer_{N}_submitters`: N threads, each running create → claim → complete cycles on its
 //!   own namespace (the realistic shape: a producer and a worker per queue; a shared queue would
@@ -68,7 +72,7 @@ struct Args {
     /// Concurrent submitter counts for the create/claim/complete cases.
     #[arg(long, value_delimiter = ',', default_value = "8,64,256")]
     submitters: Vec<usize>,
-    /// Cases to run (comma separated): raw, writer1, writerN, snapshot, restart, verify [default: all].
+    /// Cases to run (comma separated): raw, redb, writer1, writerN, snapshot, restart, verify [default: all].
     #[arg(long, value_delimiter = ',')]
     cases: Vec<String>,
     /// Keep the benchmark directory afterwards (to inspect the log, or to pass it to --live-log).
@@ -80,7 +84,7 @@ struct Args {
     live_log: Option<PathBuf>,
 }
 
-const ALL_CASES: [&str; 6] = ["raw", "writer1", "writerN", "snapshot", "restart", "verify"];
+const ALL_CASES: [&str; 7] = ["raw", "redb", "writer1", "writerN", "snapshot", "restart", "verify"];
 const RAW_RECORD_BYTES: usize = 256;
 
 struct Settings {
@@ -223,6 +227,11 @@ fn main() -> Result<()> {
     if wants("raw") {
         report.print(raw_fdatasync(&root.join("raw"), &settings)?);
     }
+    if wants("redb") {
+        for records in std::iter::once(1).chain(args.submitters.iter().copied()) {
+            report.print(redb_floor(&root.join(format!("redb-{records}")), records, &settings)?);
+        }
+    }
     if wants("writer1") {
         report.print(writer_submitters(&root.join("writer-1"), 1, Workload::CreateOnly, &settings)?);
     }
@@ -352,6 +361,53 @@ fn raw_fdatasync(dir: &Path, settings: &Settings) -> Result<Row> {
     })
 }
 
+/// Bare redb: `records` 256-byte records per `Durability::Immediate` transaction, one table.
+fn redb_floor(dir: &Path, records: usize, settings: &Settings) -> Result<Row> {
+    const TABLE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("records");
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let db = redb::Database::create(dir.join("floor.redb")).context("create the redb file")?;
+    let record = [0xA5u8; RAW_RECORD_BYTES];
+    let mut seq = 0u64;
+    let commit = |seq: &mut u64| -> Result<()> {
+        let mut txn = db.begin_write()?;
+        txn.set_durability(redb::Durability::Immediate)?;
+        {
+            let mut table = txn.open_table(TABLE)?;
+            for _ in 0..records {
+                *seq += 1;
+                table.insert(*seq, record.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    };
+    let warm_until = Instant::now() + Duration::from_secs_f64(settings.warmup);
+    while Instant::now() < warm_until {
+        commit(&mut seq)?;
+    }
+    let mut hist = histogram();
+    let mut commits = 0u64;
+    let started = Instant::now();
+    let until = started + Duration::from_secs_f64(settings.seconds);
+    while Instant::now() < until {
+        let t = Instant::now();
+        commit(&mut seq)?;
+        hist.saturating_record(us_since(t));
+        commits += 1;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Row {
+        case: format!("redb_floor_{records}"),
+        events_per_s: (commits * records as u64) as f64 / seconds,
+        commands_per_s: commits as f64 / seconds,
+        p50_us: Some(hist.value_at_quantile(0.5)),
+        p99_us: Some(hist.value_at_quantile(0.99)),
+        max_us: Some(hist.max()),
+        seconds,
+        extra: vec![("records_per_commit", records.into())],
+    })
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Workload {
     /// One `CreateTask` at a time.
@@ -442,6 +498,7 @@ fn submitter(handle: &WriterHandle, t: usize, workload: Workload, phase: &Atomic
 fn writer_submitters(dir: &Path, submitters: usize, workload: Workload, settings: &Settings) -> Result<Row> {
     let (writer, _) = Writer::open(dir, WriterConfig::default(), Arc::new(SystemClock))
         .with_context(|| format!("open the writer at {}", dir.display()))?;
+    let opened = Instant::now();
     let handle = writer.handle();
     let phase = Arc::new(AtomicU8::new(WARMING));
     let threads: Vec<_> = (0..submitters)
@@ -469,9 +526,11 @@ fn writer_submitters(dir: &Path, submitters: usize, workload: Workload, settings
         total.events += tally.events;
         total.overloaded += tally.overloaded;
     }
+    let elapsed_all = opened.elapsed();
     let stats = handle.stats();
     let batches = stats.batches.load(Ordering::Relaxed);
     let all_events = stats.events.load(Ordering::Relaxed);
+    let commit_us_total = stats.commit_us_total.load(Ordering::Relaxed);
     drop(handle);
     writer.shutdown();
     let case = match (workload, submitters) {
@@ -489,6 +548,10 @@ fn writer_submitters(dir: &Path, submitters: usize, workload: Workload, settings
         seconds,
         extra: vec![
             ("events_per_batch", round1(all_events as f64 / batches.max(1) as f64).into()),
+            // Time inside the store's append (redb inserts, write, fsync) per batch, against the
+            // whole time per batch: the rest is deciding, draining and waiting for submitters.
+            ("commit_us_avg", round1(commit_us_total as f64 / batches.max(1) as f64).into()),
+            ("batch_us_avg", round1(elapsed_all.as_micros() as f64 / batches.max(1) as f64).into()),
             ("overloaded", total.overloaded.into()),
         ],
     })
