@@ -119,25 +119,28 @@ impl Driver {
             return Err(ApplyError::OutOfOrder { expected: self.checkpoint.last_seq + 1, got: first.seq });
         }
         assert_eq!(records.len(), events.len(), "one event per record");
-        let mut tx = store.begin().await?;
+        // Fold and render before taking the write lock (see `sql::Statements`).
+        let prepared = projectors::prepare_batch(
+            self.kind,
+            store.backend(),
+            &self.checkpoint.table_suffix,
+            self.mirror.as_mut(),
+            records,
+            events,
+        );
         let result = async {
-            projectors::apply_batch(
-                self.kind,
-                &mut tx,
-                &self.checkpoint.table_suffix,
-                self.mirror.as_mut(),
-                records,
-                events,
-            )
-            .await?;
-            checkpoint::advance(&mut tx, self.kind, self.slot, self.checkpoint.last_seq, last).await
+            let statements = prepared?;
+            let mut tx = store.begin().await?;
+            statements.run(&mut tx).await?;
+            checkpoint::advance(&mut tx, self.kind, self.slot, self.checkpoint.last_seq, last).await?;
+            tx.commit().await?;
+            Ok(())
         }
         .await;
         if let Err(error) = result {
             self.mirror = None;
             return Err(error);
         }
-        tx.commit().await.inspect_err(|_| self.mirror = None)?;
         self.checkpoint.last_seq = last.seq;
         self.checkpoint.last_hash = last.hash;
         Ok(())
@@ -195,6 +198,18 @@ pub async fn build_live(
     Ok(())
 }
 
+/// Batches read ahead of the slowest projector in a bulk build, per projector.
+const BULK_READ_AHEAD_BATCHES: usize = 2;
+
+/// One batch of a bulk build: records and their decoded events.
+type DecodedBatch = Arc<(Vec<StoredRecord>, Vec<Event>)>;
+
+/// Feeds every driver the log from the lowest checkpoint up to `to_seq`, as
+/// a pipeline: a blocking thread reads and decodes each batch once and hands
+/// it to every projector's task through a short queue, so reading the next
+/// batch, folding it and writing the previous one overlap, and a projector
+/// that is ahead never waits for the others (only SQLite's write lock and the
+/// read-ahead bound tie them together).
 async fn build_drivers(
     store: &Store,
     reader: &LogReader,
@@ -202,36 +217,57 @@ async fn build_drivers(
     drivers: &mut Vec<Driver>,
     batch_events_max: usize,
 ) -> Result<(), RuntimeError> {
-    let Some(mut from) = drivers.iter().map(|d| d.checkpoint.last_seq + 1).min() else { return Ok(()) };
-    while from <= to_seq {
-        let records = reader.read_range(from, to_seq, batch_events_max)?;
-        let Some(last) = records.last().map(|r| r.seq) else { break };
-        let events = decode_all(&records)?;
-        let batch = Arc::new((records, events));
-        let mut tasks = Vec::new();
-        for mut driver in drivers.drain(..) {
-            let (store, batch) = (store.clone(), batch.clone());
-            tasks.push(tokio::spawn(async move {
+    let Some(from) = drivers.iter().map(|d| d.checkpoint.last_seq + 1).min() else { return Ok(()) };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut senders = Vec::new();
+    let mut tasks = Vec::new();
+    for mut driver in drivers.drain(..) {
+        let (sender, mut batches) = tokio::sync::mpsc::channel::<DecodedBatch>(BULK_READ_AHEAD_BATCHES);
+        senders.push(sender);
+        let (store, stop) = (store.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            while let Some(batch) = batches.recv().await {
                 let (records, events) = &*batch;
                 let skip = records.iter().take_while(|r| r.seq <= driver.checkpoint.last_seq).count();
-                let result = driver.apply_decoded(&store, &records[skip..], &events[skip..]).await;
-                (driver, result)
-            }));
-        }
-        let mut failed = None;
-        for task in tasks {
-            let (driver, result) = task.await.map_err(|_| RuntimeError::Stopped)?;
-            drivers.push(driver);
-            if let Err(error) = result {
-                failed.get_or_insert(error);
+                if let Err(error) = driver.apply_decoded(&store, &records[skip..], &events[skip..]).await {
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return (driver, Err(error));
+                }
             }
-        }
-        if let Some(error) = failed {
-            return Err(error.into());
-        }
-        from = last + 1;
+            (driver, Ok(()))
+        }));
     }
-    Ok(())
+    let reading = {
+        let (reader, stop) = (reader.clone(), stop.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), RuntimeError> {
+            let mut from = from;
+            while from <= to_seq && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let records = reader.read_range(from, to_seq, batch_events_max)?;
+                let Some(last) = records.last().map(|r| r.seq) else { break };
+                let events = decode_all(&records)?;
+                let batch = Arc::new((records, events));
+                for sender in &senders {
+                    // A closed queue is a projector that failed; the others go on.
+                    let _ = sender.blocking_send(batch.clone());
+                }
+                from = last + 1;
+            }
+            Ok(())
+        })
+    };
+    let read = reading.await.map_err(|_| RuntimeError::Stopped);
+    let mut failed = None;
+    for task in tasks {
+        let (driver, result) = task.await.map_err(|_| RuntimeError::Stopped)?;
+        drivers.push(driver);
+        if let Err(error) = result {
+            failed.get_or_insert(error);
+        }
+    }
+    if let Some(error) = failed {
+        return Err(error.into());
+    }
+    read?
 }
 
 /// What a projector is doing, for the API, metrics and operators.

@@ -46,8 +46,22 @@ pub enum Store {
 /// the lock with SQLite's busy handler, which sleeps in steps of up to
 /// 100 ms: that is what a waiting projector's lag would look like. A tokio
 /// mutex hands the write lock over in FIFO order the moment it is free.
-#[derive(Clone, Debug, Default)]
-pub struct WriteGate(Arc<tokio::sync::Mutex<()>>);
+///
+/// Every write goes through one dedicated connection, `writer`. A SQLite
+/// connection drops its whole page cache when it begins a transaction after
+/// another connection wrote, and each connection prepares (and caches) its
+/// own statements: projectors taking turns on the pool's connections started
+/// every batch with a cold cache and re-prepared their bulk statements.
+#[derive(Clone, Debug)]
+pub struct WriteGate {
+    turn: Arc<tokio::sync::Mutex<()>>,
+    writer: SqlitePool,
+}
+
+/// Statements the write connection keeps prepared: each table's bulk insert
+/// comes in a dozen row counts (see `sql::cacheable_chunks`), for the live
+/// tables and a rebuild's shadow tables.
+const WRITER_STATEMENT_CACHE: usize = 512;
 
 /// Runs `$body` with `$pool` bound to the concrete pool of `$store`.
 macro_rules! on_backend {
@@ -111,10 +125,18 @@ impl Store {
             .pragma("temp_store", "memory");
         let pool = SqlitePoolOptions::new()
             .max_connections(POOL_CONNECTIONS_MAX)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(|source| OpenError::Sqlite { path: path.to_path_buf(), source })?;
-        let store = Store::Sqlite(pool, WriteGate::default());
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .test_before_acquire(false)
+            .connect_with(options.statement_cache_capacity(WRITER_STATEMENT_CACHE))
+            .await
+            .map_err(|source| OpenError::Sqlite { path: path.to_path_buf(), source })?;
+        let store = Store::Sqlite(pool, WriteGate { turn: Arc::default(), writer });
         store.migrate().await?;
         Ok(store)
     }
@@ -165,15 +187,18 @@ impl Store {
     /// read lock; they queue on the busy timeout instead.
     pub async fn begin(&self) -> Result<StoreTx, sqlx::Error> {
         Ok(match self {
-            Store::Sqlite(pool, gate) => {
-                let turn = gate.0.clone().lock_owned().await;
-                StoreTx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?, turn)
+            Store::Sqlite(_, gate) => {
+                let turn = gate.turn.clone().lock_owned().await;
+                StoreTx::Sqlite(gate.writer.begin_with("BEGIN IMMEDIATE").await?, turn)
             }
             Store::Postgres(pool) => StoreTx::Postgres(pool.begin().await?),
         })
     }
 
     pub async fn close(&self) {
+        if let Store::Sqlite(_, gate) = self {
+            gate.writer.close().await;
+        }
         on_backend!(self, pool => pool.close().await)
     }
 }

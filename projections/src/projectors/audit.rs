@@ -10,8 +10,7 @@ use domain::{Event, FailOutcome};
 use eventlog::StoredRecord;
 use uuid::Uuid;
 
-use crate::sql::{self, Sink, SqlRow, Types};
-use crate::store::StoreTx;
+use crate::sql::{Sink, SqlRow, Statements, Types};
 
 /// Longest summary kept, in bytes.
 pub const SUMMARY_BYTES_MAX: usize = 512;
@@ -87,16 +86,14 @@ impl Plan {
         });
     }
 
-    pub(crate) async fn write(&self, tx: &mut StoreTx, s: &str) -> Result<(), sqlx::Error> {
-        sql::insert_rows(
-            tx,
+    pub(crate) fn render(&self, out: &mut Statements, s: &str) {
+        out.insert_rows(
             &format!(
                 "INSERT INTO audit_log{s} (seq, recorded_at_us, actor, command_id, stream, task_id, event_type, summary, hash)"
             ),
             "",
             &self.rows,
-        )
-        .await
+        );
     }
 }
 

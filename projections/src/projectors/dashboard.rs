@@ -19,8 +19,7 @@ use std::collections::BTreeMap;
 use domain::{Event, FailOutcome};
 
 use crate::mirror::{Applied, LeaseEnd};
-use crate::sql::{self, Sink, SqlRow, Types};
-use crate::store::StoreTx;
+use crate::sql::{Sink, SqlRow, Statements, Types};
 
 /// Upper bounds (inclusive, in ms) of the latency buckets; a last, unbounded
 /// bucket catches the rest (stored with `le_ms = -1`).
@@ -169,26 +168,23 @@ impl Plan {
         }
     }
 
-    pub(crate) async fn write(&self, tx: &mut StoreTx, s: &str) -> Result<(), sqlx::Error> {
+    pub(crate) fn render(&self, out: &mut Statements, s: &str) {
         let counts: Vec<CountRow<'_>> =
             self.counts.iter().filter(|(_, d)| **d != 0).map(|(k, d)| CountRow(k, *d)).collect();
-        sql::insert_rows(
-            tx,
+        out.insert_rows(
             &format!("INSERT INTO dashboard_counts{s} (namespace, kind, state, count)"),
             &format!(
                 "ON CONFLICT (namespace, kind, state) DO UPDATE SET count = dashboard_counts{s}.count + excluded.count"
             ),
             &counts,
-        )
-        .await?;
+        );
         // A count that went back to zero disappears, so the table does not
         // depend on how the log was cut into batches.
         if !counts.is_empty() {
-            sql::execute(tx, &format!("DELETE FROM dashboard_counts{s} WHERE count = 0")).await?;
+            out.execute(&format!("DELETE FROM dashboard_counts{s} WHERE count = 0"));
         }
         let throughput: Vec<ThroughputRow<'_>> = self.throughput.iter().map(|(k, t)| ThroughputRow(k, t)).collect();
-        sql::insert_rows(
-            tx,
+        out.insert_rows(
             &format!(
                 "INSERT INTO dashboard_throughput{s} (namespace, minute_us, created, completed, failed, retried, dead_lettered)"
             ),
@@ -201,17 +197,14 @@ impl Plan {
                  dead_lettered = dashboard_throughput{s}.dead_lettered + excluded.dead_lettered"
             ),
             &throughput,
-        )
-        .await?;
+        );
         let latency: Vec<LatencyRow<'_>> = self.latency.iter().map(|(k, c)| LatencyRow(k, *c)).collect();
-        sql::insert_rows(
-            tx,
+        out.insert_rows(
             &format!("INSERT INTO dashboard_latency{s} (namespace, kind, le_ms, count)"),
             &format!(
                 "ON CONFLICT (namespace, kind, le_ms) DO UPDATE SET count = dashboard_latency{s}.count + excluded.count"
             ),
             &latency,
-        )
-        .await
+        );
     }
 }

@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use crate::error::ApplyError;
 use crate::mirror::{Applied, Mirror, MirrorTask};
-use crate::sql::{self, Sink, SqlRow};
+use crate::sql::{self, Sink, SqlRow, Statements};
 use crate::store::{Backend, StoreTx};
 
 pub mod audit;
@@ -214,17 +214,19 @@ impl SqlRow for MirrorRow {
     }
 }
 
-/// Folds a batch into the mirror and a plan, then writes the plan and the
-/// mirror's changed tasks into `tx`. The caller writes the checkpoint and
-/// commits; on error it must drop the (now partly advanced) mirror.
-pub(crate) async fn apply_batch(
+/// Folds a batch into the mirror and a plan, and renders the plan and the
+/// mirror's changed tasks as statements for `backend`, without touching the
+/// database (see `sql::Statements`). The caller runs them with the
+/// checkpoint in one transaction; on error, or if that transaction fails, it
+/// must drop the (now partly advanced) mirror.
+pub(crate) fn prepare_batch(
     kind: ProjectorKind,
-    tx: &mut StoreTx,
+    backend: Backend,
     suffix: &str,
     mirror: Option<&mut Mirror>,
     records: &[StoredRecord],
     events: &[Event],
-) -> Result<(), ApplyError> {
+) -> Result<Statements, ApplyError> {
     let mut plan = kind.new_plan();
     let mut touched = Touched::default();
     let empty = Mirror::new();
@@ -244,8 +246,10 @@ pub(crate) async fn apply_batch(
             &empty
         }
     };
-    plan.write(tx, suffix, &touched, mirror).await?;
+    let mut out = Statements::new(backend);
+    plan.render(&mut out, suffix, &touched, mirror);
     if kind.uses_mirror() && !touched.order.is_empty() {
+        let first_seq = records.first().map_or(u64::MAX, |r| r.seq);
         let table = format!("{}{suffix}", kind.mirror_table());
         let mut live = Vec::new();
         let mut gone = Vec::new();
@@ -255,19 +259,22 @@ pub(crate) async fn apply_batch(
                     id: *id.as_uuid(),
                     body: postcard::to_stdvec(task).map_err(|e| ApplyError::Model(e.to_string()))?,
                 }),
-                None => gone.push(*id.as_uuid()),
+                // A task created in this batch was never stored: nothing to delete.
+                None => {
+                    if touched.finished.get(id).is_none_or(|t| t.created_seq < first_seq) {
+                        gone.push(*id.as_uuid());
+                    }
+                }
             }
         }
-        sql::delete_by_uuid(tx, &table, "task_id", &gone).await?;
-        sql::insert_rows(
-            tx,
+        out.delete_by_uuid(&table, "task_id", &gone);
+        out.insert_rows(
             &format!("INSERT INTO {table} (task_id, body)"),
             "ON CONFLICT (task_id) DO UPDATE SET body = excluded.body",
             &live,
-        )
-        .await?;
+        );
     }
-    Ok(())
+    Ok(out)
 }
 
 impl Plan {
@@ -280,18 +287,12 @@ impl Plan {
         }
     }
 
-    async fn write(
-        &self,
-        tx: &mut StoreTx,
-        suffix: &str,
-        touched: &Touched,
-        mirror: &Mirror,
-    ) -> Result<(), sqlx::Error> {
+    fn render(&self, out: &mut Statements, suffix: &str, touched: &Touched, mirror: &Mirror) {
         match self {
-            Plan::Audit(p) => p.write(tx, suffix).await,
-            Plan::Tasks(p) => p.write(tx, suffix, touched, mirror).await,
-            Plan::Queue(p) => p.write(tx, suffix, touched, mirror).await,
-            Plan::Dashboard(p) => p.write(tx, suffix).await,
+            Plan::Audit(p) => p.render(out, suffix),
+            Plan::Tasks(p) => p.render(out, suffix, touched, mirror),
+            Plan::Queue(p) => p.render(out, suffix, touched, mirror),
+            Plan::Dashboard(p) => p.render(out, suffix),
         }
     }
 }

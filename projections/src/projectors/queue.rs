@@ -16,8 +16,7 @@ use uuid::Uuid;
 
 use crate::mirror::{Applied, LeaseEnd, Mirror, MirrorStep, MirrorTask};
 use crate::projectors::Touched;
-use crate::sql::{self, Sink, SqlRow, Types};
-use crate::store::{StoreTx, on_tx};
+use crate::sql::{Sink, SqlRow, Statements, Types};
 
 pub(crate) fn ddl(t: &Types, s: &str, g: &str) -> Vec<String> {
     let uuid = t.uuid;
@@ -148,6 +147,23 @@ impl SqlRow for WorkerRow<'_> {
     }
 }
 
+struct SettingRow<'a> {
+    namespace: &'a str,
+    paused: bool,
+    limit: Option<i64>,
+    at: i64,
+}
+
+impl SqlRow for SettingRow<'_> {
+    const COLUMNS: usize = 4;
+    fn bind(&self, sink: &mut dyn Sink) {
+        sink.text(self.namespace);
+        sink.bool(self.paused);
+        sink.opt_i64(self.limit);
+        sink.i64(self.at);
+    }
+}
+
 enum SettingChange {
     Paused(bool),
     Limit(Option<u32>),
@@ -209,13 +225,7 @@ impl Plan {
         }
     }
 
-    pub(crate) async fn write(
-        &self,
-        tx: &mut StoreTx,
-        s: &str,
-        touched: &Touched,
-        mirror: &Mirror,
-    ) -> Result<(), sqlx::Error> {
+    pub(crate) fn render(&self, out: &mut Statements, s: &str, touched: &Touched, mirror: &Mirror) {
         let first_seq = self.first_seq.unwrap_or(u64::MAX);
         let existing: Vec<Uuid> = touched
             .order
@@ -224,7 +234,7 @@ impl Plan {
             .filter(|t| t.created_seq < first_seq)
             .map(|t| *t.id.as_uuid())
             .collect();
-        sql::delete_by_uuid(tx, &format!("queue{s}"), "task_id", &existing).await?;
+        out.delete_by_uuid(&format!("queue{s}"), "task_id", &existing);
         let rows: Vec<QueueRow<'_>> = touched
             .order
             .iter()
@@ -237,20 +247,17 @@ impl Plan {
                     .map(move |(index, step)| QueueRow { task: t, index, step })
             })
             .collect();
-        sql::insert_rows(
-            tx,
+        out.insert_rows(
             &format!(
                 "INSERT INTO queue{s} (task_id, step_index, namespace, task_name, step_name, handler, state, priority, \
                  run_at_us, attempts, max_attempts, worker, lease_deadline_us, retry_at_us, enqueued_at_us, sort_key_us)"
             ),
             "",
             &rows,
-        )
-        .await?;
+        );
 
         let worker_rows: Vec<WorkerRow<'_>> = self.workers.iter().map(|(w, d)| WorkerRow(w, d)).collect();
-        sql::insert_rows(
-            tx,
+        out.insert_rows(
             &format!(
                 "INSERT INTO workers{s} (worker, first_seen_us, last_seen_us, leases_held, claims, completed, failed, \
                  released, expired, cancelled)"
@@ -267,40 +274,20 @@ impl Plan {
                  cancelled = workers{s}.cancelled + excluded.cancelled"
             ),
             &worker_rows,
-        )
-        .await?;
+        );
 
-        // Queue settings change rarely: one statement per change, in order.
+        // Queue settings change rarely: one statement per change, in order
+        // (one statement cannot upsert a namespace twice).
         for (namespace, change, at) in &self.settings {
-            on_tx!(tx, t => {
-                match change {
-                    SettingChange::Paused(paused) => {
-                        sqlx::query(sqlx::AssertSqlSafe(format!(
-                            "INSERT INTO queue_settings{s} (namespace, paused, concurrency_limit, updated_at_us) \
-                             VALUES ($1, $2, NULL, $3) ON CONFLICT (namespace) DO UPDATE SET paused = excluded.paused, \
-                             updated_at_us = excluded.updated_at_us"
-                        )))
-                        .bind(namespace.clone())
-                        .bind(*paused)
-                        .bind(*at)
-                        .execute(&mut **t)
-                        .await?;
-                    }
-                    SettingChange::Limit(limit) => {
-                        sqlx::query(sqlx::AssertSqlSafe(format!(
-                            "INSERT INTO queue_settings{s} (namespace, paused, concurrency_limit, updated_at_us) \
-                             VALUES ($1, FALSE, $2, $3) ON CONFLICT (namespace) DO UPDATE SET \
-                             concurrency_limit = excluded.concurrency_limit, updated_at_us = excluded.updated_at_us"
-                        )))
-                        .bind(namespace.clone())
-                        .bind(limit.map(i64::from))
-                        .bind(*at)
-                        .execute(&mut **t)
-                        .await?;
-                    }
-                }
-            })
+            let (paused, limit, tail) = match change {
+                SettingChange::Paused(paused) => (*paused, None, "paused = excluded.paused"),
+                SettingChange::Limit(limit) => (false, *limit, "concurrency_limit = excluded.concurrency_limit"),
+            };
+            out.insert_rows(
+                &format!("INSERT INTO queue_settings{s} (namespace, paused, concurrency_limit, updated_at_us)"),
+                &format!("ON CONFLICT (namespace) DO UPDATE SET {tail}, updated_at_us = excluded.updated_at_us"),
+                &[SettingRow { namespace, paused, limit: limit.map(i64::from), at: *at }],
+            );
         }
-        Ok(())
     }
 }

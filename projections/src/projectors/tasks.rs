@@ -10,8 +10,7 @@ use uuid::Uuid;
 
 use crate::mirror::{Mirror, MirrorStep, MirrorTask};
 use crate::projectors::Touched;
-use crate::sql::{self, Sink, SqlRow, Types};
-use crate::store::StoreTx;
+use crate::sql::{Sink, SqlRow, Statements, Types};
 
 pub(crate) fn ddl(t: &Types, s: &str, g: &str) -> Vec<String> {
     let uuid = t.uuid;
@@ -200,18 +199,11 @@ impl Plan {
         self.first_seq.get_or_insert(record.seq);
     }
 
-    pub(crate) async fn write(
-        &self,
-        tx: &mut StoreTx,
-        s: &str,
-        touched: &Touched,
-        mirror: &Mirror,
-    ) -> Result<(), sqlx::Error> {
+    pub(crate) fn render(&self, out: &mut Statements, s: &str, touched: &Touched, mirror: &Mirror) {
         let first_seq = self.first_seq.unwrap_or(u64::MAX);
         let current: Vec<&MirrorTask> = touched.order.iter().filter_map(|id| touched.current(mirror, id)).collect();
         let task_rows: Vec<TaskRow<'_>> = current.iter().map(|t| TaskRow(t)).collect();
-        sql::insert_rows(
-            tx,
+        out.insert_rows(
             &format!(
                 "INSERT INTO tasks{s} (task_id, namespace, name, state, priority, run_at_us, idempotency_key, payload, \
                  created_at_us, created_seq, updated_at_us, updated_seq, finished_at_us, end_reason, step_count, \
@@ -222,8 +214,7 @@ impl Plan {
              end_reason = excluded.end_reason, step_count = excluded.step_count, \
              steps_done = excluded.steps_done, steps_failed = excluded.steps_failed",
             &task_rows,
-        )
-        .await?;
+        );
 
         let tag_rows: Vec<TagRow<'_>> = current
             .iter()
@@ -232,14 +223,13 @@ impl Plan {
                 t.tags.iter().map(|tag| TagRow { tag, created_seq: t.created_seq as i64, task_id: *t.id.as_uuid() })
             })
             .collect();
-        sql::insert_rows(tx, &format!("INSERT INTO task_tags{s} (tag, created_seq, task_id)"), "", &tag_rows).await?;
+        out.insert_rows(&format!("INSERT INTO task_tags{s} (tag, created_seq, task_id)"), "", &tag_rows);
 
         let step_rows: Vec<StepRow<'_>> = current
             .iter()
             .flat_map(|t| t.steps.iter().enumerate().map(move |(index, step)| StepRow { task: t, index, step }))
             .collect();
-        sql::insert_rows(
-            tx,
+        out.insert_rows(
             &format!(
                 "INSERT INTO task_steps{s} (task_id, step_index, name, handler, state, depends_on, attempts, \
                  max_attempts, epoch, worker, lease_deadline_us, retry_at_us, enqueued_at_us, claimed_at_us, \
@@ -251,13 +241,12 @@ impl Plan {
              claimed_at_us = excluded.claimed_at_us, finished_at_us = excluded.finished_at_us, \
              last_error = excluded.last_error, result = excluded.result, resolution_note = excluded.resolution_note",
             &step_rows,
-        )
-        .await?;
+        );
 
         // Dead letters: replace the touched tasks' rows by their current `Error` steps.
         let previously_failed: Vec<Uuid> =
             current.iter().filter(|t| t.created_seq < first_seq).map(|t| *t.id.as_uuid()).collect();
-        sql::delete_by_uuid(tx, &format!("dead_letters{s}"), "task_id", &previously_failed).await?;
+        out.delete_by_uuid(&format!("dead_letters{s}"), "task_id", &previously_failed);
         let dead_rows: Vec<DeadLetterRow<'_>> = current
             .iter()
             .filter(|t| !t.state.is_terminal())
@@ -269,15 +258,13 @@ impl Plan {
                     .map(move |(index, step)| DeadLetterRow { task: t, index, step })
             })
             .collect();
-        sql::insert_rows(
-            tx,
+        out.insert_rows(
             &format!(
                 "INSERT INTO dead_letters{s} (task_id, step_index, namespace, task_name, step_name, handler, attempts, \
                  max_attempts, last_error, failed_at_us)"
             ),
             "",
             &dead_rows,
-        )
-        .await
+        );
     }
 }
