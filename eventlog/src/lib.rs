@@ -38,7 +38,7 @@ pub use feed::{LiveFeed, Subscription};
 pub use fold::{FoldError, FoldStats, decode_event, encode_event, fold_to, fold_to_head};
 pub use reader::LogReader;
 pub use record::{GENESIS_HASH, Hash, NewRecord, StoredRecord};
-pub use redb_store::{RedbOptions, RedbStore};
+pub use redb_store::{RedbOptions, RedbStore, STREAM_INDEX_LAG_DEFAULT};
 pub use snapshot::{Snapshot, SnapshotEntry, SnapshotInfo, SnapshotPick, SnapshotStore};
 pub use store::{Appended, Head, LogStore};
 pub use verify::{Problem, ProblemKind, VerifyReport, verify};

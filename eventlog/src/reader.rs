@@ -5,8 +5,11 @@
 //! state. Every record read back is decoded and checked against its key; sequential reads also
 //! check each chain link, so a modified record is never handed out silently.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 use redb::{
     Database, ReadOnlyDatabase, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
@@ -22,7 +25,9 @@ pub const LOG_FORMAT_VERSION: u64 = 1;
 pub const READ_BATCH_MAX: usize = 65_536;
 
 pub(crate) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
-/// (stream, stream version) → seq.
+/// (stream, stream version) → seq, for every record up to the `streams_indexed_through` marker
+/// in the meta table; the records after it (a bounded tail, see `RedbOptions::stream_index_lag_records`)
+/// are found by scanning the tail of the events table.
 pub(crate) const STREAMS: TableDefinition<(&[u8], u64), u64> = TableDefinition::new("streams");
 /// Sparse time index: second (floor of `recorded_at_us / 1e6`) → first seq recorded in it.
 pub(crate) const TIMES: TableDefinition<i64, u64> = TableDefinition::new("times");
@@ -35,16 +40,60 @@ pub(crate) const HEAD: TableDefinition<u8, &[u8]> = TableDefinition::new("head")
 pub(crate) const HEAD_KEY: u8 = 0;
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub(crate) const META_FORMAT_VERSION: &str = "format_version";
+/// The last seq whose stream entry is in `STREAMS`. Absent in logs written before the index
+/// trailed the log, where every record is indexed.
+pub(crate) const META_STREAMS_INDEXED_THROUGH: &str = "streams_indexed_through";
 
 pub(crate) enum Db {
     ReadWrite(Database),
     ReadOnly(ReadOnlyDatabase),
 }
 
+/// The stream index entries of the records after the `streams_indexed_through` marker. The
+/// store that writes them keeps it (and indexes from it when the tail reaches its lag), and
+/// shares it with its readers, so a stream read finds the tail's records without scanning them.
+#[derive(Debug, Default)]
+pub(crate) struct UnindexedTail {
+    /// The marker these entries follow.
+    pub base: u64,
+    /// The last seq entered (`base` when empty).
+    pub last: u64,
+    /// stream → (version, seq), in log order.
+    pub by_stream: HashMap<Vec<u8>, Vec<(u64, u64)>, foldhash::fast::RandomState>,
+    pub len: usize,
+}
+
+impl UnindexedTail {
+    pub fn new(base: u64) -> Self {
+        Self { base, last: base, ..Self::default() }
+    }
+
+    pub fn push(&mut self, stream: &[u8], version: u64, seq: u64) {
+        match self.by_stream.get_mut(stream) {
+            Some(entries) => entries.push((version, seq)),
+            None => {
+                self.by_stream.insert(stream.to_vec(), vec![(version, seq)]);
+            }
+        }
+        self.last = seq;
+        self.len += 1;
+    }
+
+    /// The last version of `stream` in the tail.
+    pub fn version(&self, stream: &[u8]) -> Option<u64> {
+        self.by_stream.get(stream).and_then(|entries| entries.last()).map(|(version, _)| *version)
+    }
+}
+
+/// The tail, shared by a store and its readers.
+pub(crate) type SharedTail = Arc<RwLock<UnindexedTail>>;
+
 /// A cheap, cloneable, thread-safe read handle on a log.
 #[derive(Clone)]
 pub struct LogReader {
     db: Arc<Db>,
+    /// The writing store's unindexed tail, when this reader belongs to one.
+    tail: Option<SharedTail>,
 }
 
 impl std::fmt::Debug for LogReader {
@@ -141,7 +190,11 @@ fn read_backend<E: Into<redb::Error>>(error: E) -> ReadError {
 
 impl LogReader {
     pub(crate) fn new(db: Arc<Db>) -> Self {
-        Self { db }
+        Self { db, tail: None }
+    }
+
+    pub(crate) fn with_tail(db: Arc<Db>, tail: SharedTail) -> Self {
+        Self { db, tail: Some(tail) }
     }
 
     /// Opens a log file for reading only (tools, offline verification), checking its head.
@@ -198,12 +251,14 @@ impl LogReader {
         read_range_in(&events, from_seq, to_seq, max, |_| true)
     }
 
-    /// Records of `stream` from version `from_version` on, at most `max`.
+    /// Records of `stream` from version `from_version` on, at most `max`: from the stream index,
+    /// then from the unindexed tail of the log.
     pub fn read_stream(&self, stream: &[u8], from_version: u64, max: usize) -> Result<Vec<StoredRecord>, ReadError> {
         let max = max.min(READ_BATCH_MAX);
         let txn = self.begin()?;
         let streams = txn.open_table(STREAMS).map_err(read_backend)?;
         let events = txn.open_table(EVENTS).map_err(read_backend)?;
+        let indexed_through = self.indexed_through(&txn, &events)?;
         let mut out = Vec::new();
         let from = (stream, from_version.max(1));
         let to = (stream, u64::MAX);
@@ -225,7 +280,54 @@ impl LogReader {
             }
             out.push(decoded.to_stored(seq));
         }
+        if out.len() < max {
+            let from_version = out.last().map_or(from_version.max(1), |r| r.stream_version + 1);
+            let (known, scan_after) = self.tail_entries(indexed_through, stream);
+            for (version, seq) in known.into_iter().filter(|(version, _)| *version >= from_version) {
+                if out.len() == max {
+                    break;
+                }
+                let Some(value) = events.get(seq).map_err(read_backend)? else {
+                    // Entered after this transaction began.
+                    break;
+                };
+                let decoded = record::decode(seq, value.value())?;
+                if decoded.body.stream != stream || decoded.body.stream_version != version {
+                    return Err(RecordError::Disagrees {
+                        seq,
+                        message: format!("record {seq} is not version {version} of the stream it was written for"),
+                    }
+                    .into());
+                }
+                out.push(decoded.to_stored(seq));
+            }
+            for_each_unindexed(&events, scan_after, |seq, decoded| {
+                if out.len() < max && decoded.body.stream == stream && decoded.body.stream_version >= from_version {
+                    out.push(decoded.to_stored(seq));
+                }
+            })?;
+        }
         Ok(out)
+    }
+
+    /// What the shared tail knows of `stream` beyond the index at `indexed_through` (its
+    /// (version, seq) entries, copied so no lock is held while reading), and the seq after which
+    /// the tail must still be scanned: all of it without a shared tail for that marker.
+    fn tail_entries(&self, indexed_through: u64, stream: &[u8]) -> (Vec<(u64, u64)>, u64) {
+        if let Some(tail) = &self.tail {
+            let tail = tail.read();
+            if tail.base == indexed_through {
+                return (tail.by_stream.get(stream).cloned().unwrap_or_default(), tail.last);
+            }
+        }
+        (Vec::new(), indexed_through)
+    }
+
+    /// The stream index's marker in `txn`.
+    fn indexed_through(&self, txn: &ReadTransaction, events: &ReadOnlyTable<u64, &[u8]>) -> Result<u64, ReadError> {
+        let last_seq = events.last().map_err(read_backend)?.map_or(0, |(key, _)| key.value());
+        let meta = txn.open_table(META).map_err(read_backend)?;
+        streams_indexed_through(&meta, last_seq).map_err(read_backend)
     }
 
     /// Records with `from_us <= recorded_at_us <= to_us`, at most `max`, in log order.
@@ -279,7 +381,19 @@ impl LogReader {
     pub fn stream_version(&self, stream: &[u8]) -> Result<u64, ReadError> {
         let txn = self.begin()?;
         let streams = txn.open_table(STREAMS).map_err(read_backend)?;
-        last_stream_version(&streams, stream).map_err(read_backend)
+        let events = txn.open_table(EVENTS).map_err(read_backend)?;
+        let mut version = last_stream_version(&streams, stream).map_err(read_backend)?;
+        let last_seq = events.last().map_err(read_backend)?.map_or(0, |(key, _)| key.value());
+        let (known, scan_after) = self.tail_entries(self.indexed_through(&txn, &events)?, stream);
+        if let Some((known_version, _)) = known.iter().rev().find(|(_, seq)| *seq <= last_seq) {
+            version = *known_version;
+        }
+        for_each_unindexed(&events, scan_after, |_, decoded| {
+            if decoded.body.stream == stream {
+                version = decoded.body.stream_version;
+            }
+        })?;
+        Ok(version)
     }
 }
 
@@ -290,6 +404,30 @@ pub(crate) fn last_stream_version(
 ) -> Result<u64, redb::StorageError> {
     let last = streams.range((stream, 0u64)..=(stream, u64::MAX))?.next_back().transpose()?;
     Ok(last.map_or(0, |(key, _)| key.value().1))
+}
+
+/// The last seq covered by the stream index, given the last seq of the log in the same
+/// transaction.
+pub(crate) fn streams_indexed_through(
+    meta: &impl ReadableTable<&'static str, u64>,
+    last_seq: u64,
+) -> Result<u64, redb::StorageError> {
+    Ok(meta.get(META_STREAMS_INDEXED_THROUGH)?.map_or(last_seq, |v| v.value()))
+}
+
+/// Calls `each(seq, decoded)` for every record after `indexed_through`, in log order: the part
+/// of the log the stream index does not cover yet.
+pub(crate) fn for_each_unindexed(
+    events: &impl ReadableTable<u64, &'static [u8]>,
+    indexed_through: u64,
+    mut each: impl FnMut(u64, &record::Decoded<'_>),
+) -> Result<(), ReadError> {
+    for entry in events.range(indexed_through.saturating_add(1)..).map_err(read_backend)? {
+        let (key, value) = entry.map_err(read_backend)?;
+        let seq = key.value();
+        each(seq, &record::decode(seq, value.value())?);
+    }
+    Ok(())
 }
 
 /// Reads `from_seq..=to_seq` (at most `max`) from `events`, checking keys and chain links,

@@ -1,22 +1,33 @@
 //! [`RedbStore`]: the [`LogStore`] on one redb file, `<dir>/ledger.redb`.
 //!
 //! One write transaction per [`LogStore::append`], committed with `Durability::Immediate`:
-//! events, stream index, time index, command outcomes (with eviction of the oldest beyond the
-//! dedup window) and head change together or not at all. Two in-memory mirrors avoid reads on
-//! the write path: the dedup window (complete, rebuilt at open) and a bounded cache of stream
-//! heads (complete while the log was created by this store and never overflowed the cache, so
-//! a new stream costs no lookup; otherwise a miss reads the stream index once per batch).
+//! events, time index, command outcomes (with eviction of the oldest beyond the dedup window),
+//! head and, every `stream_index_lag_records` records, the stream index change together or not
+//! at all. Two in-memory mirrors avoid reads on the write path: the dedup window (complete,
+//! rebuilt at open) and a bounded cache of stream heads (complete while the log was created by
+//! this store and never overflowed the cache, so a new stream costs no lookup; otherwise a miss
+//! reads the stream index once per batch).
+//!
+//! Why the stream index trails the log: its key is the stream, so a batch of records for many
+//! streams dirties a B-tree leaf per stream, and every commit rewrote those leaves (and their
+//! branches) before its fsync — most of a commit's pages, measured. The records after the
+//! `streams_indexed_through` marker (a bounded tail) are indexed in memory here and found by
+//! readers by scanning that tail; once the tail reaches the lag, one commit writes all of its
+//! entries sorted, each leaf once, and moves the marker. Reopening rebuilds the tail from the
+//! events table, so nothing about it needs to be durable beyond the records themselves.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use parking_lot::RwLock;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, StorageBackend, TableError};
 
 use crate::error::{AppendError, OpenError, ReadError, backend};
 use crate::reader::{
-    Checked, Db, EVENTS, HEAD, HEAD_KEY, LOG_FORMAT_VERSION, LogReader, META, META_FORMAT_VERSION, OUTCOME_ORDER,
-    OUTCOMES, STREAMS, TIMES, check_head, encode_head, last_stream_version,
+    Checked, Db, EVENTS, HEAD, HEAD_KEY, LOG_FORMAT_VERSION, LogReader, META, META_FORMAT_VERSION,
+    META_STREAMS_INDEXED_THROUGH, OUTCOME_ORDER, OUTCOMES, STREAMS, SharedTail, TIMES, UnindexedTail, check_head,
+    encode_head, for_each_unindexed, last_stream_version, streams_indexed_through,
 };
 use crate::record::{self, Hash, NewRecord, StoredRecord};
 use crate::snapshot::SnapshotStore;
@@ -32,6 +43,9 @@ pub const BATCH_RECORDS_MAX: usize = 100_000;
 pub const BATCH_OUTCOMES_MAX: usize = 100_000;
 /// Largest opaque outcome.
 pub const OUTCOME_BYTES_MAX: usize = 64 * 1024;
+/// Default of [`RedbOptions::stream_index_lag_records`]: at 40,000 events/s one commit in a few
+/// hundred carries the index (a few hundred pages), and a stream read scans at most ~2 MiB.
+pub const STREAM_INDEX_LAG_DEFAULT: usize = 8192;
 
 /// Tunables of a [`RedbStore`].
 #[derive(Clone, Debug)]
@@ -47,6 +61,10 @@ pub struct RedbOptions {
     /// Run redb's full integrity check (every page checksum) at open. This rewrites redb's
     /// allocator state, so it modifies the file; off by default.
     pub check_integrity_on_open: bool,
+    /// Most records the stream index may trail the log by; once the unindexed tail holds this
+    /// many, the next commit indexes all of them. 1 indexes every commit's records in that
+    /// commit. Readers of a stream scan at most this many records beyond the index.
+    pub stream_index_lag_records: usize,
 }
 
 impl Default for RedbOptions {
@@ -57,6 +75,7 @@ impl Default for RedbOptions {
             stream_cache_entries: 1_000_000,
             snapshots_keep: 3,
             check_integrity_on_open: false,
+            stream_index_lag_records: STREAM_INDEX_LAG_DEFAULT,
         }
     }
 }
@@ -104,6 +123,8 @@ pub struct RedbStore {
     last_recorded_at_us: Option<i64>,
     outcomes: OutcomeWindow,
     stream_heads: StreamHeads,
+    /// The stream index entries after its marker, shared with this store's readers.
+    unindexed: SharedTail,
     snapshots: SnapshotStore,
     options: RedbOptions,
     poisoned: bool,
@@ -173,10 +194,28 @@ impl RedbStore {
         let txn = db.begin_read().map_err(open_backend)?;
         let Checked { head, last_recorded_at_us } = check_head(&txn)?;
         let outcomes = load_outcomes(&txn)?;
-        drop(txn);
+        let meta = txn.open_table(META).map_err(open_backend)?;
+        let indexed_through = streams_indexed_through(&meta, head.seq).map_err(open_backend)?;
+        if indexed_through > head.seq {
+            return Err(OpenError::HeadMismatch {
+                seq: indexed_through,
+                message: format!("stream index claims records up to {indexed_through}, the head is {}", head.seq),
+            });
+        }
+        let mut unindexed = UnindexedTail::new(indexed_through);
+        let events = txn.open_table(EVENTS).map_err(open_backend)?;
+        for_each_unindexed(&events, indexed_through, |seq, decoded| {
+            unindexed.push(decoded.body.stream, decoded.body.stream_version, seq);
+        })
+        .map_err(|e| match e {
+            ReadError::Backend(b) => OpenError::Backend(b),
+            ReadError::Record(r) => OpenError::Record(r),
+        })?;
+        drop((meta, events, txn));
         let db = Arc::new(Db::ReadWrite(db));
+        let unindexed = Arc::new(RwLock::new(unindexed));
         Ok(Self {
-            reader: LogReader::new(db.clone()),
+            reader: LogReader::with_tail(db.clone(), unindexed.clone()),
             db,
             head,
             last_recorded_at_us,
@@ -186,6 +225,7 @@ impl RedbStore {
                 entries_max: options.stream_cache_entries.max(1),
                 complete: head.seq == 0,
             },
+            unindexed,
             snapshots: SnapshotStore::new(dir.join(SNAPSHOT_DIR_NAME), options.snapshots_keep),
             options,
             poisoned: false,
@@ -200,6 +240,9 @@ impl RedbStore {
     /// this store writes, and it updates the cache after each commit.
     pub fn stream_version_cached(&mut self, stream: &[u8]) -> Result<u64, ReadError> {
         if let Some(version) = self.stream_heads.get(stream) {
+            return Ok(version);
+        }
+        if let Some(version) = self.unindexed.read().version(stream) {
             return Ok(version);
         }
         if self.lookup.is_none() {
@@ -273,6 +316,7 @@ fn initialise(db: &Database) -> Result<(), OpenError> {
         txn.open_table(HEAD).map_err(open_backend)?;
         let mut meta = txn.open_table(META).map_err(open_backend)?;
         meta.insert(META_FORMAT_VERSION, LOG_FORMAT_VERSION).map_err(open_backend)?;
+        meta.insert(META_STREAMS_INDEXED_THROUGH, 0).map_err(open_backend)?;
     }
     txn.commit().map_err(open_backend)
 }
@@ -325,6 +369,8 @@ struct Written {
     records: Vec<StoredRecord>,
     head: Head,
     stream_versions: Vec<(Vec<u8>, u64)>,
+    /// Whether this transaction indexed the whole tail (and its own records).
+    indexed: bool,
     new_outcomes: Vec<(u64, String, u64, Vec<u8>)>,
     evicted: Vec<(u64, String)>,
 }
@@ -337,7 +383,9 @@ impl RedbStore {
         outcomes: &[(String, Vec<u8>)],
     ) -> Result<Written, AppendError> {
         let mut events = txn.open_table(EVENTS).map_err(append_backend)?;
-        let mut streams = txn.open_table(STREAMS).map_err(append_backend)?;
+        let streams = txn.open_table(STREAMS).map_err(append_backend)?;
+        // Only this store writes the tail, so reading it throughout the batch is consistent.
+        let unindexed = self.unindexed.read();
         let mut times = txn.open_table(TIMES).map_err(append_backend)?;
         let mut seq = self.head.seq;
         let mut prev_hash: Hash = self.head.hash;
@@ -352,13 +400,15 @@ impl RedbStore {
                 Some(version) => *version,
                 None => match self.stream_heads.get(&record.stream) {
                     Some(version) => version,
-                    None => last_stream_version(&streams, &record.stream).map_err(append_backend)?,
+                    None => match unindexed.version(&record.stream) {
+                        Some(version) => version,
+                        None => last_stream_version(&streams, &record.stream).map_err(append_backend)?,
+                    },
                 },
             } + 1;
             seq += 1;
             let (value, stored) = record::encode(record, seq, version, &prev_hash)?;
             events.insert(seq, value.as_slice()).map_err(append_backend)?;
-            streams.insert((record.stream.as_slice(), version), seq).map_err(append_backend)?;
             let second = record.recorded_at_us.div_euclid(1_000_000);
             if last_second != Some(second) {
                 times.insert(second, seq).map_err(append_backend)?;
@@ -372,6 +422,26 @@ impl RedbStore {
             written.push(stored);
         }
         let head = Head { seq, hash: prev_hash };
+        drop(streams);
+        let indexed = unindexed.len + written.len() >= self.options.stream_index_lag_records.max(1);
+        if indexed {
+            let mut entries: Vec<(&[u8], u64, u64)> = unindexed
+                .by_stream
+                .iter()
+                .flat_map(|(stream, entries)| entries.iter().map(|(version, seq)| (stream.as_slice(), *version, *seq)))
+                .chain(written.iter().map(|r| (r.stream.as_slice(), r.stream_version, r.seq)))
+                .collect();
+            // Sorted, so each leaf of the index is written once.
+            entries.sort_unstable();
+            let mut streams = txn.open_table(STREAMS).map_err(append_backend)?;
+            for (stream, version, seq) in entries {
+                streams.insert((stream, version), seq).map_err(append_backend)?;
+            }
+            txn.open_table(META)
+                .map_err(append_backend)?
+                .insert(META_STREAMS_INDEXED_THROUGH, seq)
+                .map_err(append_backend)?;
+        }
         txn.open_table(HEAD)
             .map_err(append_backend)?
             .insert(HEAD_KEY, encode_head(&head).as_slice())
@@ -404,7 +474,7 @@ impl RedbStore {
             outcome_table.remove(command_id.as_str()).map_err(append_backend)?;
         }
         let stream_versions = stream_versions.into_iter().map(|(stream, version)| (stream.to_vec(), version)).collect();
-        Ok(Written { records: written, head, stream_versions, new_outcomes, evicted })
+        Ok(Written { records: written, head, stream_versions, indexed, new_outcomes, evicted })
     }
 }
 
@@ -452,6 +522,16 @@ impl LogStore for RedbStore {
         for (stream, version) in written.stream_versions {
             self.stream_heads.insert(stream, version);
         }
+        {
+            let mut unindexed = self.unindexed.write();
+            if written.indexed {
+                *unindexed = UnindexedTail::new(written.head.seq);
+            } else {
+                for record in &written.records {
+                    unindexed.push(&record.stream, record.stream_version, record.seq);
+                }
+            }
+        }
         for (order, command_id) in &written.evicted {
             self.outcomes.by_order.remove(order);
             self.outcomes.by_command.remove(command_id);
@@ -469,7 +549,7 @@ impl LogStore for RedbStore {
     }
 
     fn stream_version(&self, stream: &[u8]) -> Result<u64, ReadError> {
-        match self.stream_heads.get(stream) {
+        match self.stream_heads.get(stream).or_else(|| self.unindexed.read().version(stream)) {
             Some(version) => Ok(version),
             None => self.reader.stream_version(stream),
         }

@@ -82,12 +82,17 @@ struct Args {
     /// building one; the snapshot case is skipped. For profiling startup without the build.
     #[arg(long)]
     live_log: Option<PathBuf>,
+    /// Records the writer's stream index may trail the log by (1 = index every commit's
+    /// records in that commit, as before the index trailed).
+    #[arg(long, default_value_t = eventlog::STREAM_INDEX_LAG_DEFAULT)]
+    stream_index_lag: usize,
 }
 
 const ALL_CASES: [&str; 7] = ["raw", "redb", "writer1", "writerN", "snapshot", "restart", "verify"];
 const RAW_RECORD_BYTES: usize = 256;
 
 struct Settings {
+    stream_index_lag: usize,
     seconds: f64,
     warmup: f64,
     live_tasks: u64,
@@ -197,6 +202,7 @@ fn thread_cpu_s() -> f64 {
 fn main() -> Result<()> {
     let args = Args::parse();
     let settings = Settings {
+        stream_index_lag: args.stream_index_lag,
         seconds: args.seconds.unwrap_or(if args.quick { 2.0 } else { 5.0 }),
         warmup: args.warmup.unwrap_or(if args.quick { 0.5 } else { 1.0 }),
         live_tasks: args.live_tasks.unwrap_or(if args.quick { 50_000 } else { 1_000_000 }),
@@ -293,6 +299,7 @@ fn machine_facts(root: &Path, fs_type: &str, settings: &Settings) -> Vec<(&'stat
         ("seconds", settings.seconds.to_string()),
         ("warmup", settings.warmup.to_string()),
         ("live_tasks", settings.live_tasks.to_string()),
+        ("stream_index_lag", settings.stream_index_lag.to_string()),
     ]
 }
 
@@ -496,7 +503,8 @@ fn submitter(handle: &WriterHandle, t: usize, workload: Workload, phase: &Atomic
 }
 
 fn writer_submitters(dir: &Path, submitters: usize, workload: Workload, settings: &Settings) -> Result<Row> {
-    let (writer, _) = Writer::open(dir, WriterConfig::default(), Arc::new(SystemClock))
+    let store = RedbOptions { stream_index_lag_records: settings.stream_index_lag, ..RedbOptions::default() };
+    let (writer, _) = Writer::open(dir, WriterConfig { store, ..WriterConfig::default() }, Arc::new(SystemClock))
         .with_context(|| format!("open the writer at {}", dir.display()))?;
     let opened = Instant::now();
     let handle = writer.handle();

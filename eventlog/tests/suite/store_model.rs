@@ -153,6 +153,9 @@ fn options() -> RedbOptions {
         stream_cache_entries: 3,
         snapshots_keep: 2,
         check_integrity_on_open: false,
+        // Small, so runs cross many index flushes, and reads and reopens meet both an indexed
+        // part and an unindexed tail.
+        stream_index_lag_records: 3,
     }
 }
 
