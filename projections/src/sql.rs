@@ -16,6 +16,8 @@
 //! every other projector. Folding events, building rows and encoding values
 //! happen before the transaction begins; inside it, only the database works.
 
+use std::sync::Arc;
+
 use sqlx::{Database, Postgres, QueryBuilder, Sqlite};
 use uuid::Uuid;
 
@@ -57,6 +59,8 @@ impl TupleSink<'_, Sqlite> {
     }
 }
 
+/// Text goes in as `Arc<str>`, which sqlx hands to SQLite as it is: one
+/// allocation per value instead of a `String` and the `Arc` around it.
 impl Sink for TupleSink<'_, Sqlite> {
     fn i64(&mut self, value: i64) {
         self.sep();
@@ -68,11 +72,11 @@ impl Sink for TupleSink<'_, Sqlite> {
     }
     fn text(&mut self, value: &str) {
         self.sep();
-        self.builder.push_bind(value.to_owned());
+        self.builder.push_bind(Arc::<str>::from(value));
     }
     fn opt_text(&mut self, value: Option<&str>) {
         self.sep();
-        self.builder.push_bind(value.map(str::to_owned));
+        self.builder.push_bind(value.map(Arc::<str>::from));
     }
     fn uuid(&mut self, value: Uuid) {
         self.sep();

@@ -6,11 +6,9 @@
 //! tasks, which keeps it the cheapest projector and independent of the rules
 //! the others re-derive.
 
+use crate::sql::{Sink, SqlRow, Statements, Types};
 use domain::{Event, FailOutcome};
 use eventlog::StoredRecord;
-use uuid::Uuid;
-
-use crate::sql::{Sink, SqlRow, Statements, Types};
 
 /// Longest summary kept, in bytes.
 pub const SUMMARY_BYTES_MAX: usize = 512;
@@ -39,60 +37,52 @@ pub(crate) fn ddl(t: &Types, s: &str, g: &str) -> Vec<String> {
     ]
 }
 
-pub(crate) struct AuditRow {
-    seq: i64,
-    recorded_at_us: i64,
-    actor: String,
-    command_id: String,
+/// One event's row, borrowing what the record already holds.
+struct AuditRow<'a> {
+    record: &'a StoredRecord,
+    event: &'a Event,
     stream: String,
-    task_id: Option<Uuid>,
-    event_type: &'static str,
     summary: String,
-    hash: [u8; 32],
 }
 
-impl SqlRow for AuditRow {
+impl SqlRow for AuditRow<'_> {
     const COLUMNS: usize = 9;
     fn bind(&self, sink: &mut dyn Sink) {
-        sink.i64(self.seq);
-        sink.i64(self.recorded_at_us);
-        sink.text(&self.actor);
-        sink.text(&self.command_id);
+        sink.i64(self.record.seq as i64);
+        sink.i64(self.record.recorded_at_us);
+        sink.text(&self.record.actor);
+        sink.text(&self.record.command_id);
         sink.text(&self.stream);
-        sink.opt_uuid(self.task_id);
-        sink.text(self.event_type);
+        sink.opt_uuid(self.event.task().map(|t| *t.as_uuid()));
+        sink.text(self.event.type_name());
         sink.text(&self.summary);
-        sink.bytes(&self.hash);
+        sink.bytes(&self.record.hash);
     }
 }
 
+/// The audit projector keeps nothing between events: its rows are the
+/// batch's records, rendered straight from them.
 #[derive(Default)]
-pub(crate) struct Plan {
-    rows: Vec<AuditRow>,
-}
+pub(crate) struct Plan;
 
 impl Plan {
-    pub(crate) fn observe(&mut self, record: &StoredRecord, event: &Event) {
-        self.rows.push(AuditRow {
-            seq: record.seq as i64,
-            recorded_at_us: record.recorded_at_us,
-            actor: record.actor.clone(),
-            command_id: record.command_id.clone(),
-            stream: event.stream().to_string(),
-            task_id: event.task().map(|t| *t.as_uuid()),
-            event_type: event.type_name(),
-            summary: summary(event),
-            hash: record.hash,
-        });
-    }
-
-    pub(crate) fn render(&self, out: &mut Statements, s: &str) {
+    pub(crate) fn render(&self, out: &mut Statements, s: &str, records: &[StoredRecord], events: &[Event]) {
+        let rows: Vec<AuditRow<'_>> = records
+            .iter()
+            .zip(events)
+            .map(|(record, event)| AuditRow {
+                record,
+                event,
+                stream: event.stream().to_string(),
+                summary: summary(event),
+            })
+            .collect();
         out.insert_rows(
             &format!(
                 "INSERT INTO audit_log{s} (seq, recorded_at_us, actor, command_id, stream, task_id, event_type, summary, hash)"
             ),
             "",
-            &self.rows,
+            &rows,
         );
     }
 }

@@ -78,72 +78,91 @@ struct Throughput {
     dead_lettered: i64,
 }
 
-struct CountRow<'a>(&'a (String, &'static str, &'static str), i64);
+struct CountRow<'a>(&'a str, &'static str, &'static str, i64);
 
 impl SqlRow for CountRow<'_> {
     const COLUMNS: usize = 4;
     fn bind(&self, sink: &mut dyn Sink) {
-        sink.text(&self.0.0);
-        sink.text(self.0.1);
-        sink.text(self.0.2);
-        sink.i64(self.1);
+        sink.text(self.0);
+        sink.text(self.1);
+        sink.text(self.2);
+        sink.i64(self.3);
     }
 }
 
-struct ThroughputRow<'a>(&'a (String, i64), &'a Throughput);
+struct ThroughputRow<'a>(&'a str, i64, &'a Throughput);
 
 impl SqlRow for ThroughputRow<'_> {
     const COLUMNS: usize = 7;
     fn bind(&self, sink: &mut dyn Sink) {
-        let t = self.1;
-        sink.text(&self.0.0);
-        sink.i64(self.0.1);
+        let t = self.2;
+        sink.text(self.0);
+        sink.i64(self.1);
         for value in [t.created, t.completed, t.failed, t.retried, t.dead_lettered] {
             sink.i64(value);
         }
     }
 }
 
-struct LatencyRow<'a>(&'a (String, &'static str, i64), i64);
+struct LatencyRow<'a>(&'a str, &'static str, i64, i64);
 
 impl SqlRow for LatencyRow<'_> {
     const COLUMNS: usize = 4;
     fn bind(&self, sink: &mut dyn Sink) {
-        sink.text(&self.0.0);
-        sink.text(self.0.1);
-        sink.i64(self.0.2);
-        sink.i64(self.1);
+        sink.text(self.0);
+        sink.text(self.1);
+        sink.i64(self.2);
+        sink.i64(self.3);
     }
 }
 
+/// One namespace's deltas in a batch.
+#[derive(Default)]
+struct Deltas {
+    /// (kind, state) → change of count.
+    counts: BTreeMap<(&'static str, &'static str), i64>,
+    /// minute → counters.
+    throughput: BTreeMap<i64, Throughput>,
+    /// (kind, bucket) → added observations.
+    latency: BTreeMap<(&'static str, i64), i64>,
+}
+
+/// Deltas by namespace: looked up by `&str`, so an event costs no
+/// allocation unless it is the batch's first in its namespace.
 #[derive(Default)]
 pub(crate) struct Plan {
-    counts: BTreeMap<(String, &'static str, &'static str), i64>,
-    throughput: BTreeMap<(String, i64), Throughput>,
-    latency: BTreeMap<(String, &'static str, i64), i64>,
+    namespaces: BTreeMap<String, Deltas>,
 }
 
 impl Plan {
+    fn deltas(&mut self, namespace: &str) -> &mut Deltas {
+        if !self.namespaces.contains_key(namespace) {
+            self.namespaces.insert(namespace.to_owned(), Deltas::default());
+        }
+        self.namespaces.get_mut(namespace).expect("just inserted")
+    }
+
     pub(crate) fn observe(&mut self, event: &Event, applied: &Applied) {
         let Some(namespace) = &applied.namespace else { return };
         if applied.task.is_none() {
             return;
         }
         let at = event.at().as_micros();
+        let d = self.deltas(namespace);
         for (_, from, to) in &applied.step_moves {
             if let Some(from) = from {
-                *self.counts.entry((namespace.clone(), "step", from.as_str())).or_default() -= 1;
+                *d.counts.entry(("step", from.as_str())).or_default() -= 1;
             }
-            *self.counts.entry((namespace.clone(), "step", to.as_str())).or_default() += 1;
+            *d.counts.entry(("step", to.as_str())).or_default() += 1;
         }
         if let Some((from, to)) = &applied.task_move {
             if let Some(from) = from {
-                *self.counts.entry((namespace.clone(), "task", from.as_str())).or_default() -= 1;
+                *d.counts.entry(("task", from.as_str())).or_default() -= 1;
             }
-            *self.counts.entry((namespace.clone(), "task", to.as_str())).or_default() += 1;
+            *d.counts.entry(("task", to.as_str())).or_default() += 1;
         }
         let minute = at.div_euclid(MINUTE_US) * MINUTE_US;
-        let mut tick = |f: fn(&mut Throughput)| f(self.throughput.entry((namespace.clone(), minute)).or_default());
+        let mut tick = |f: fn(&mut Throughput)| f(d.throughput.entry(minute).or_default());
         match event {
             Event::TaskCreated { .. } => tick(|t| t.created += 1),
             Event::StepCompleted { .. } => tick(|t| t.completed += 1),
@@ -158,19 +177,27 @@ impl Plan {
             _ => {}
         }
         if let Some((_, waited_us)) = &applied.claimed {
-            *self.latency.entry((namespace.clone(), "wait", bucket_le_ms(*waited_us))).or_default() += 1;
+            *d.latency.entry(("wait", bucket_le_ms(*waited_us))).or_default() += 1;
         }
         for ended in &applied.ended_leases {
             if matches!(ended.how, LeaseEnd::Completed | LeaseEnd::Failed) {
                 let ran_us = at - ended.claimed_at_us;
-                *self.latency.entry((namespace.clone(), "run", bucket_le_ms(ran_us))).or_default() += 1;
+                *d.latency.entry(("run", bucket_le_ms(ran_us))).or_default() += 1;
             }
         }
     }
 
     pub(crate) fn render(&self, out: &mut Statements, s: &str) {
-        let counts: Vec<CountRow<'_>> =
-            self.counts.iter().filter(|(_, d)| **d != 0).map(|(k, d)| CountRow(k, *d)).collect();
+        let counts: Vec<CountRow<'_>> = self
+            .namespaces
+            .iter()
+            .flat_map(|(ns, d)| {
+                d.counts
+                    .iter()
+                    .filter(|(_, delta)| **delta != 0)
+                    .map(|((kind, state), delta)| CountRow(ns, kind, state, *delta))
+            })
+            .collect();
         out.insert_rows(
             &format!("INSERT INTO dashboard_counts{s} (namespace, kind, state, count)"),
             &format!(
@@ -183,7 +210,11 @@ impl Plan {
         if !counts.is_empty() {
             out.execute(&format!("DELETE FROM dashboard_counts{s} WHERE count = 0"));
         }
-        let throughput: Vec<ThroughputRow<'_>> = self.throughput.iter().map(|(k, t)| ThroughputRow(k, t)).collect();
+        let throughput: Vec<ThroughputRow<'_>> = self
+            .namespaces
+            .iter()
+            .flat_map(|(ns, d)| d.throughput.iter().map(|(minute, t)| ThroughputRow(ns, *minute, t)))
+            .collect();
         out.insert_rows(
             &format!(
                 "INSERT INTO dashboard_throughput{s} (namespace, minute_us, created, completed, failed, retried, dead_lettered)"
@@ -198,7 +229,11 @@ impl Plan {
             ),
             &throughput,
         );
-        let latency: Vec<LatencyRow<'_>> = self.latency.iter().map(|(k, c)| LatencyRow(k, *c)).collect();
+        let latency: Vec<LatencyRow<'_>> = self
+            .namespaces
+            .iter()
+            .flat_map(|(ns, d)| d.latency.iter().map(|((kind, le), count)| LatencyRow(ns, kind, *le, *count)))
+            .collect();
         out.insert_rows(
             &format!("INSERT INTO dashboard_latency{s} (namespace, kind, le_ms, count)"),
             &format!(

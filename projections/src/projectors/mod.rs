@@ -141,7 +141,7 @@ impl ProjectorKind {
 
     pub(crate) fn new_plan(self) -> Plan {
         match self {
-            Self::Audit => Plan::Audit(audit::Plan::default()),
+            Self::Audit => Plan::Audit(audit::Plan),
             Self::Tasks => Plan::Tasks(tasks::Plan::default()),
             Self::Queue => Plan::Queue(queue::Plan::default()),
             Self::Dashboard => Plan::Dashboard(dashboard::Plan::default()),
@@ -175,13 +175,13 @@ pub struct Touched {
 }
 
 impl Touched {
-    fn note(&mut self, applied: &Applied) {
+    fn note(&mut self, applied: Applied) {
         if let Some(task) = applied.task {
             if self.seen.insert(task, ()).is_none() {
                 self.order.push(task);
             }
-            if let Some(finished) = &applied.finished {
-                self.finished.insert(task, MirrorTask::clone(finished));
+            if let Some(finished) = applied.finished {
+                self.finished.insert(task, *finished);
             }
         }
     }
@@ -234,8 +234,8 @@ pub(crate) fn prepare_batch(
         Some(mirror) => {
             for (record, event) in records.iter().zip(events) {
                 let applied = mirror.apply(record.seq, event)?;
-                touched.note(&applied);
                 plan.observe(record, event, &applied);
+                touched.note(applied);
             }
             mirror
         }
@@ -247,7 +247,7 @@ pub(crate) fn prepare_batch(
         }
     };
     let mut out = Statements::new(backend);
-    plan.render(&mut out, suffix, &touched, mirror);
+    plan.render(&mut out, suffix, &touched, mirror, records, events);
     if kind.uses_mirror() && !touched.order.is_empty() {
         let first_seq = records.first().map_or(u64::MAX, |r| r.seq);
         let table = format!("{}{suffix}", kind.mirror_table());
@@ -280,16 +280,24 @@ pub(crate) fn prepare_batch(
 impl Plan {
     fn observe(&mut self, record: &StoredRecord, event: &Event, applied: &Applied) {
         match self {
-            Plan::Audit(p) => p.observe(record, event),
+            Plan::Audit(_) => {}
             Plan::Tasks(p) => p.observe(record),
             Plan::Queue(p) => p.observe(record.seq, event, applied),
             Plan::Dashboard(p) => p.observe(event, applied),
         }
     }
 
-    fn render(&self, out: &mut Statements, suffix: &str, touched: &Touched, mirror: &Mirror) {
+    fn render(
+        &self,
+        out: &mut Statements,
+        suffix: &str,
+        touched: &Touched,
+        mirror: &Mirror,
+        records: &[StoredRecord],
+        events: &[Event],
+    ) {
         match self {
-            Plan::Audit(p) => p.render(out, suffix),
+            Plan::Audit(p) => p.render(out, suffix, records, events),
             Plan::Tasks(p) => p.render(out, suffix, touched, mirror),
             Plan::Queue(p) => p.render(out, suffix, touched, mirror),
             Plan::Dashboard(p) => p.render(out, suffix),
