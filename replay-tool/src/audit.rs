@@ -26,6 +26,7 @@ use std::io::Write;
 use sha2::{Digest, Sha256};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
@@ -41,6 +42,7 @@ use replay_tool::bundle::{
 };
 
 use crate::progress::Progress;
+use crate::sorted_json;
 use crate::source::{Point, Source};
 use crate::{Input, Outcome};
 
@@ -123,26 +125,134 @@ const EXPORT_CHUNK_BYTES: usize = 1 << 20;
 /// Chunks queued for the writing thread.
 const EXPORT_CHUNKS_IN_FLIGHT: usize = 4;
 
-/// What a row shows of an event.
+/// Records read per batch handed to the formatting thread.
+const EXPORT_BATCH_RECORDS: usize = 1024;
+/// Batches queued for the formatting thread.
+const EXPORT_BATCHES_IN_FLIGHT: usize = 8;
+
+/// Records read and checked, on their way to the formatting thread.
+struct Batch {
+    records: Vec<eventlog::StoredRecord>,
+    /// Per record: its stored body and the chain hash before it.
+    rows: Vec<(Vec<u8>, Hash)>,
+}
+
+/// The formatting thread: decodes each record's event (so the events are
+/// allocated and freed on this thread), counts the event types, and writes
+/// the rows into chunks of about `EXPORT_CHUNK_BYTES`, each sent to the
+/// writing thread; every batch is sent back when done. Returns the count of
+/// records by event type.
+fn format_rows(
+    format: Format,
+    batches: Receiver<Batch>,
+    done: SyncSender<Batch>,
+    chunks: SyncSender<Vec<u8>>,
+) -> Result<BTreeMap<String, u64>> {
+    let stopped = |_| anyhow!("the writing thread stopped");
+    let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
+    let mut chunk: Vec<u8> = Vec::with_capacity(EXPORT_CHUNK_BYTES + 64 * 1024);
+    let mut parts = EventParts::default();
+    let mut times = TimeText::default();
+    if format == Format::Csv {
+        chunk.extend_from_slice(COLUMNS.join(",").as_bytes());
+        chunk.push(b'\n');
+    }
+    for batch in batches {
+        for (record, (body, prev)) in batch.records.iter().zip(&batch.rows) {
+            let event = decode_event(record).map_err(|e| anyhow!("{e}"))?;
+            if let Some(n) = by_type.get_mut(event.type_name()) {
+                *n += 1;
+            } else {
+                by_type.insert(event.type_name().to_owned(), 1);
+            }
+            parts.set(&event);
+            format_row(&mut chunk, format, record, &parts, times.of(record.recorded_at_us), prev, body);
+            if chunk.len() >= EXPORT_CHUNK_BYTES {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(EXPORT_CHUNK_BYTES + 64 * 1024));
+                chunks.send(full).map_err(stopped)?;
+            }
+        }
+        // Full or gone: then this thread frees it, which is only slower.
+        let _ = done.try_send(batch);
+    }
+    if !chunk.is_empty() {
+        chunks.send(chunk).map_err(stopped)?;
+    }
+    Ok(by_type)
+}
+
+/// What a row shows of an event, written into buffers that are reused from
+/// row to row.
+#[derive(Default)]
 struct EventParts {
-    data: serde_json::Value,
+    /// The event's `data` JSON (see `sorted_json`).
+    data: Vec<u8>,
     type_name: &'static str,
     stream: String,
+    json: sorted_json::Writer,
 }
 
 impl EventParts {
-    fn of(event: &domain::Event) -> Self {
-        Self {
-            data: eventlog::json::event_data(event),
-            type_name: event.type_name(),
-            stream: event.stream().to_string(),
+    fn set(&mut self, event: &domain::Event) {
+        self.data.clear();
+        self.json.event_data(&mut self.data, event).expect("events always serialize");
+        self.type_name = event.type_name();
+        self.stream.clear();
+        match event.stream() {
+            // What `StreamId`'s `Display` writes, without the formatting machinery.
+            domain::StreamId::Task(id) => {
+                self.stream.push_str("task:");
+                self.stream.push_str(id.as_uuid().hyphenated().encode_lower(&mut [0u8; 36]));
+            }
+            other => {
+                let _ = write!(self.stream, "{other}");
+            }
         }
+    }
+
+    #[cfg(test)]
+    fn of(event: &domain::Event) -> Self {
+        let mut parts = Self::default();
+        parts.set(event);
+        parts
+    }
+}
+
+/// RFC 3339 times of records, formatted once per second: consecutive
+/// records mostly share their second, and only the microseconds change.
+#[derive(Default)]
+struct TimeText {
+    /// The second `prefix` is for, and `YYYY-MM-DDTHH:MM:SS.` of it.
+    second: Option<i64>,
+    prefix: String,
+    text: Vec<u8>,
+}
+
+impl TimeText {
+    /// `Timestamp::from_micros(us).to_rfc3339()`, as a borrowed string.
+    fn of(&mut self, us: i64) -> &str {
+        let second = us.div_euclid(1_000_000);
+        if self.second != Some(second) {
+            let full = Timestamp::from_micros(second * 1_000_000).to_rfc3339();
+            // Always `….ffffffZ`: six digits of microseconds and the zone.
+            self.prefix.clear();
+            self.prefix.push_str(&full[..full.len() - 7]);
+            self.second = Some(second);
+        }
+        self.text.clear();
+        self.text.extend_from_slice(self.prefix.as_bytes());
+        let micros = us.rem_euclid(1_000_000);
+        for place in [100_000, 10_000, 1_000, 100, 10, 1] {
+            self.text.push(b'0' + (micros / place % 10) as u8);
+        }
+        self.text.push(b'Z');
+        std::str::from_utf8(&self.text).expect("ASCII")
     }
 }
 
 /// Writes chunks to `file` as they come, hashing them (SHA-256); returns the
 /// file's size and digest.
-fn write_hashed(file: fs::File, chunks: std::sync::mpsc::Receiver<Vec<u8>>) -> std::io::Result<(u64, String)> {
+fn write_hashed(file: fs::File, chunks: Receiver<Vec<u8>>) -> std::io::Result<(u64, String)> {
     let mut file = file;
     let mut hasher = Sha256::new();
     let mut bytes = 0u64;
@@ -162,11 +272,21 @@ fn json_str(out: &mut Vec<u8>, text: &str) {
 
 /// Appends `bytes` as lower-case hex.
 fn hex_into(out: &mut Vec<u8>, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    out.reserve(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)]);
-        out.push(DIGITS[usize::from(b & 0xf)]);
+    /// Both digits of every byte: one lookup and one two-byte copy per byte.
+    const PAIRS: [[u8; 2]; 256] = {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut pairs = [[0u8; 2]; 256];
+        let mut b = 0;
+        while b < 256 {
+            pairs[b] = [DIGITS[b >> 4], DIGITS[b & 0xf]];
+            b += 1;
+        }
+        pairs
+    };
+    let start = out.len();
+    out.resize(start + bytes.len() * 2, 0);
+    for (pair, b) in out[start..].chunks_exact_mut(2).zip(bytes) {
+        pair.copy_from_slice(&PAIRS[usize::from(*b)]);
     }
 }
 
@@ -178,11 +298,11 @@ fn format_row(
     format: Format,
     record: &eventlog::StoredRecord,
     event: &EventParts,
+    recorded_at: &str,
     prev: &Hash,
     body: &[u8],
 ) {
     let (data, stream) = (&event.data, &event.stream);
-    let recorded_at = Timestamp::from_micros(record.recorded_at_us).to_rfc3339();
     match format {
         Format::Jsonl => {
             out.extend_from_slice(b"{\"actor\":");
@@ -192,27 +312,28 @@ fn format_row(
             out.extend_from_slice(b"\",\"command_id\":");
             json_str(out, &record.command_id);
             out.extend_from_slice(b",\"data\":");
-            serde_json::to_writer(&mut *out, data).expect("writing to memory never fails");
+            out.extend_from_slice(data);
             out.extend_from_slice(b",\"hash\":\"");
             hex_into(out, &record.hash);
             out.extend_from_slice(b"\",\"prev_hash\":\"");
             hex_into(out, prev);
             out.extend_from_slice(b"\",\"recorded_at\":");
-            json_str(out, &recorded_at);
-            let _ = write!(
-                out,
-                ",\"recorded_at_us\":{},\"schema_version\":{},\"seq\":{},\"stream\":",
-                record.recorded_at_us, record.schema_version, record.seq
-            );
+            json_str(out, recorded_at);
+            out.extend_from_slice(b",\"recorded_at_us\":");
+            sorted_json::int(out, record.recorded_at_us);
+            out.extend_from_slice(b",\"schema_version\":");
+            sorted_json::uint(out, record.schema_version.into(), b",\"seq\":");
+            sorted_json::uint(out, record.seq, b",\"stream\":");
             json_str(out, stream);
-            let _ = write!(out, ",\"stream_version\":{},\"type\":", record.stream_version);
+            out.extend_from_slice(b",\"stream_version\":");
+            sorted_json::uint(out, record.stream_version, b",\"type\":");
             json_str(out, event.type_name);
             out.extend_from_slice(b"}\n");
         }
         Format::Csv => {
             let cell = |out: &mut Vec<u8>, text: &str| out.extend_from_slice(csv_field(text).as_bytes());
             let _ = write!(out, "{},", record.seq);
-            cell(out, &recorded_at);
+            cell(out, recorded_at);
             let _ = write!(out, ",{},", record.recorded_at_us);
             cell(out, stream);
             let _ = write!(out, ",{},", record.stream_version);
@@ -222,7 +343,7 @@ fn format_row(
             out.push(b',');
             cell(out, event.type_name);
             let _ = write!(out, ",{},", record.schema_version);
-            cell(out, &data.to_string());
+            cell(out, std::str::from_utf8(data).expect("JSON is UTF-8"));
             out.push(b',');
             hex_into(out, prev);
             out.push(b',');
@@ -257,65 +378,67 @@ pub fn export(source: &Source, args: &ExportArgs) -> Result<Outcome> {
     let file = fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
     let mut prev = prev_hash;
     let mut records = 0u64;
-    let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
     let mut by_actor: BTreeMap<String, u64> = BTreeMap::new();
     let (mut first_at, mut first_hash, mut last_us) = (String::new(), String::new(), 0i64);
     let progress = Progress::new(last, "exporting");
-    // Rows are formatted here into chunks; a second thread hashes (SHA-256)
-    // and writes each chunk, so the file is never read back. Formatting stays
-    // on this thread: handing decoded rows across threads cost more (freeing
-    // memory another thread allocated) than it saved.
-    let (chunks, to_disk) = std::sync::mpsc::sync_channel::<Vec<u8>>(EXPORT_CHUNKS_IN_FLIGHT);
-    let written = std::thread::scope(|scope| -> Result<(u64, String)> {
+    // Three threads: this one reads records, checks each chain link and
+    // counts; a formatting thread decodes the events and writes the rows into
+    // chunks; a writing thread hashes (SHA-256) and writes each chunk, so
+    // the file is never read back. Batches go back to this thread to be
+    // freed where they were allocated (freeing memory another thread
+    // allocated is slower).
+    let (chunks, to_disk) = sync_channel::<Vec<u8>>(EXPORT_CHUNKS_IN_FLIGHT);
+    let (batches, to_format) = sync_channel::<Batch>(EXPORT_BATCHES_IN_FLIGHT);
+    let (formatted, returned) = sync_channel::<Batch>(EXPORT_BATCHES_IN_FLIGHT + 2);
+    let format = args.format;
+    let written = std::thread::scope(|scope| -> Result<((u64, String), BTreeMap<String, u64>)> {
         let disk = std::thread::Builder::new()
             .name("export-write".into())
             .spawn_scoped(scope, move || write_hashed(file, to_disk))
             .context("start the writing thread")?;
-        let mut chunk: Vec<u8> = Vec::with_capacity(EXPORT_CHUNK_BYTES + 64 * 1024);
-        if args.format == Format::Csv {
-            chunk.extend_from_slice(COLUMNS.join(",").as_bytes());
-            chunk.push(b'\n');
-        }
-        let scanned = source.scan(first, last, &progress, |record| {
-            let event = decode_event(record).map_err(|e| anyhow!("{e}"))?;
-            let body = stored_body(record);
-            if chain_hash(&prev, record.seq, &body) != record.hash {
-                bail!("record {}: its chain hash does not recompute; run `verify` before exporting", record.seq);
+        let rows = std::thread::Builder::new()
+            .name("export-format".into())
+            .spawn_scoped(scope, move || format_rows(format, to_format, formatted, chunks))
+            .context("start the formatting thread")?;
+        let scanned = source.scan_batches(first, last, EXPORT_BATCH_RECORDS, &progress, |batch| {
+            // Free what the formatting thread is done with.
+            while returned.try_recv().is_ok() {}
+            let mut checked = Vec::with_capacity(batch.len());
+            for record in &batch {
+                let body = stored_body(record);
+                if chain_hash(&prev, record.seq, &body) != record.hash {
+                    bail!("record {}: its chain hash does not recompute; run `verify` before exporting", record.seq);
+                }
+                if records == 0 {
+                    first_at = crate::source::time_of(record);
+                    first_hash = hex(&record.hash);
+                }
+                records += 1;
+                if let Some(n) = by_actor.get_mut(&record.actor) {
+                    *n += 1;
+                } else {
+                    by_actor.insert(record.actor.clone(), 1);
+                }
+                last_us = record.recorded_at_us;
+                checked.push((body, prev));
+                prev = record.hash;
             }
-            format_row(&mut chunk, args.format, record, &EventParts::of(&event), &prev, &body);
-            if chunk.len() >= EXPORT_CHUNK_BYTES {
-                let full = std::mem::replace(&mut chunk, Vec::with_capacity(EXPORT_CHUNK_BYTES + 64 * 1024));
-                chunks.send(full).map_err(|_| anyhow!("write {}: the writing thread stopped", path.display()))?;
-            }
-            if records == 0 {
-                first_at = crate::source::time_of(record);
-                first_hash = hex(&record.hash);
-            }
-            records += 1;
-            if let Some(n) = by_type.get_mut(event.type_name()) {
-                *n += 1;
-            } else {
-                by_type.insert(event.type_name().to_owned(), 1);
-            }
-            if let Some(n) = by_actor.get_mut(&record.actor) {
-                *n += 1;
-            } else {
-                by_actor.insert(record.actor.clone(), 1);
-            }
-            last_us = record.recorded_at_us;
-            prev = record.hash;
+            batches
+                .send(Batch { records: batch, rows: checked })
+                .map_err(|_| anyhow!("write {}: the formatting thread stopped", path.display()))?;
             Ok(ControlFlow::Continue(()))
         });
-        if scanned.is_ok() && !chunk.is_empty() {
-            let _ = chunks.send(chunk);
-        }
-        drop(chunks);
+        drop(batches);
+        let rows = rows.join().map_err(|_| anyhow!("write {}: the formatting thread failed", path.display()))?;
         let disk = disk.join().map_err(|_| anyhow!("write {}: the writing thread failed", path.display()))?;
+        // A decoding error stops the formatting thread, and so the reading: it is the one to report.
+        let types = rows.with_context(|| format!("write {}", path.display()))?;
         scanned?;
-        disk.with_context(|| format!("write {}", path.display()))
+        let written = disk.with_context(|| format!("write {}", path.display()))?;
+        Ok((written, types))
     });
     drop(progress);
-    let (file_bytes, file_sha256) = written?;
+    let ((file_bytes, file_sha256), by_type) = written?;
     let last_at = Timestamp::from_micros(last_us).to_rfc3339();
     if records != last - first + 1 {
         bail!("read {records} records for seq {first}..{last}; the log is incomplete");
@@ -475,8 +598,10 @@ mod tests {
             let prev = [9u8; 32];
             let body = stored_body(&record);
             let map = row(&record, event, &prev, &body);
+            let at = TimeText::default().of(record.recorded_at_us).to_owned();
+            assert_eq!(at, Timestamp::from_micros(record.recorded_at_us).to_rfc3339());
             let mut jsonl = Vec::new();
-            format_row(&mut jsonl, Format::Jsonl, &record, &EventParts::of(event), &prev, &body);
+            format_row(&mut jsonl, Format::Jsonl, &record, &EventParts::of(event), &at, &prev, &body);
             assert_eq!(String::from_utf8(jsonl).unwrap(), format!("{}\n", Value::Object(map.clone())));
             let cells: Vec<String> = COLUMNS
                 .iter()
@@ -486,7 +611,7 @@ mod tests {
                 })
                 .collect();
             let mut csv = Vec::new();
-            format_row(&mut csv, Format::Csv, &record, &EventParts::of(event), &prev, &body);
+            format_row(&mut csv, Format::Csv, &record, &EventParts::of(event), &at, &prev, &body);
             assert_eq!(String::from_utf8(csv).unwrap(), format!("{}\n", cells.join(",")));
         }
     }

@@ -20,6 +20,7 @@ mod incident;
 mod info;
 mod progress;
 mod project;
+mod sorted_json;
 mod source;
 mod state;
 mod verify;

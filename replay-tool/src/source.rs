@@ -197,6 +197,46 @@ impl Source {
         Ok(())
     }
 
+    /// Calls `f` with records `from..=to` in log order, in owned batches of at
+    /// most `batch` records (for handing to another thread), until it breaks.
+    pub fn scan_batches(
+        &self,
+        from: u64,
+        to: u64,
+        batch: usize,
+        progress: &Progress,
+        mut f: impl FnMut(Vec<StoredRecord>) -> Result<ControlFlow<()>>,
+    ) -> Result<()> {
+        let from = from.max(1);
+        match self {
+            Source::File { reader, .. } => {
+                let mut next = from;
+                while next <= to {
+                    let records = without_panic("read the log", || {
+                        reader.read_range(next, to, batch).with_context(|| format!("read records from seq {next}"))
+                    })?;
+                    let Some(last) = records.last() else { break };
+                    next = last.seq + 1;
+                    if f(records)?.is_break() {
+                        return Ok(());
+                    }
+                    progress.set(next - 1);
+                }
+            }
+            Source::Feed { records, .. } => {
+                let start = usize::try_from(from - 1).unwrap_or(usize::MAX).min(records.len());
+                let wanted: Vec<&StoredRecord> = records[start..].iter().take_while(|r| r.seq <= to).collect();
+                for part in wanted.chunks(batch.max(1)) {
+                    if f(part.iter().map(|r| (*r).clone()).collect())?.is_break() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        progress.set(to.min(self.head()?.seq));
+        Ok(())
+    }
+
     /// Every record of one task's stream up to `upto`, in order.
     pub fn task_records(&self, task: TaskId, upto: u64) -> Result<Vec<StoredRecord>> {
         let key = domain::StreamId::Task(task).to_key();
