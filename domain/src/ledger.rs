@@ -477,20 +477,7 @@ impl Ledger {
     }
 
     fn apply_created(&mut self, event: &Event, spec: &TaskSpec, at: Timestamp) -> Result<(), Inconsistency> {
-        if self.tasks.contains_key(&spec.id) {
-            return Err(inconsistent(event, format!("task {} already exists", spec.id)));
-        }
-        spec.validate().map_err(|r| inconsistent(event, r.message))?;
-        self.prune_idempotency(at);
-        if let Some(key) = &spec.idempotency_key {
-            let entry = (spec.namespace.clone(), key.clone());
-            if self.idempotency.contains_key(&entry) {
-                return Err(inconsistent(event, "idempotency key already maps to a task"));
-            }
-            self.idempotency.insert(entry, (spec.id, at));
-            self.idempotency_order.push_back((at, spec.namespace.clone(), key.clone()));
-        }
-        let run_at_reached = spec.run_at.is_none_or(|t| t <= at);
+        self.check_created(event, spec, at)?;
         let task = Task {
             id: spec.id,
             namespace: spec.namespace.clone(),
@@ -502,16 +489,86 @@ impl Ledger {
             idempotency_key: spec.idempotency_key.clone(),
             created_at: at,
             state: TaskState::Pending,
-            run_at_reached,
+            run_at_reached: spec.run_at.is_none_or(|t| t <= at),
             started: false,
             steps: build_steps(&[], &spec.steps),
         };
-        if let (false, Some(due)) = (run_at_reached, spec.run_at) {
-            self.timers.insert(Timer { due, kind: TimerKind::RunAt, task: spec.id, step: StepIndex(0) });
-        }
-        self.tasks.insert(spec.id, task);
-        self.enqueue_unblocked(&spec.id, at);
+        self.insert_created(task, at);
         Ok(())
+    }
+
+    /// The checks of a `TaskCreated` (and the idempotency pruning its time
+    /// causes, which happens whether or not the checks after it pass).
+    fn check_created(&mut self, event: &Event, spec: &TaskSpec, at: Timestamp) -> Result<(), Inconsistency> {
+        if self.tasks.contains_key(&spec.id) {
+            return Err(inconsistent(event, format!("task {} already exists", spec.id)));
+        }
+        spec.validate().map_err(|r| inconsistent(event, r.message))?;
+        self.prune_idempotency(at);
+        if let Some(key) = &spec.idempotency_key
+            && self.idempotency.contains_key(&(spec.namespace.clone(), key.clone()))
+        {
+            return Err(inconsistent(event, "idempotency key already maps to a task"));
+        }
+        Ok(())
+    }
+
+    /// A checked `TaskCreated`'s task into the ledger and its indexes.
+    fn insert_created(&mut self, task: Task, at: Timestamp) {
+        if let Some(key) = &task.idempotency_key {
+            self.idempotency.insert((task.namespace.clone(), key.clone()), (task.id, at));
+            self.idempotency_order.push_back((at, task.namespace.clone(), key.clone()));
+        }
+        if let (false, Some(due)) = (task.run_at_reached, task.run_at) {
+            self.timers.insert(Timer { due, kind: TimerKind::RunAt, task: task.id, step: StepIndex(0) });
+        }
+        let id = task.id;
+        self.tasks.insert(id, task);
+        self.enqueue_unblocked(&id, at);
+    }
+
+    /// [`Ledger::apply`] of an event the caller gives away: the same checks
+    /// and exactly the same resulting state, but a created task takes the
+    /// spec's strings and vectors instead of copies of them. Replaying a log
+    /// of a million creations spent much of its time cloning specs into the
+    /// ledger and freeing the decoded originals.
+    pub fn apply_owned(&mut self, event: Event) -> Result<(), Inconsistency> {
+        let Event::TaskCreated { spec, at } = &event else {
+            return self.apply(&event);
+        };
+        let at = *at;
+        if at < self.last_event_at {
+            return Err(inconsistent(&event, format!("time goes backwards: {at} after {}", self.last_event_at)));
+        }
+        self.check_created(&event, spec, at)?;
+        let Event::TaskCreated { spec, .. } = event else { unreachable!("matched above") };
+        let TaskSpec { id, namespace, name, payload, priority, run_at, tags, idempotency_key, steps } = spec;
+        let task = Task {
+            id,
+            namespace,
+            name: name.into_boxed_str(),
+            payload,
+            priority,
+            run_at,
+            tags,
+            idempotency_key,
+            created_at: at,
+            state: TaskState::Pending,
+            run_at_reached: run_at.is_none_or(|t| t <= at),
+            started: false,
+            steps: build_owned_steps(steps),
+        };
+        self.insert_created(task, at);
+        self.last_event_at = at;
+        self.settle(&id, SettleCause::Other, Event::TYPES[0].0);
+        Ok(())
+    }
+
+    /// Room for `additional` more live tasks without growing the task map
+    /// (a replay that knows roughly how many tasks it will hold saves the
+    /// rehashes of a map of a million tasks and the memory they touch).
+    pub fn reserve_tasks(&mut self, additional: usize) {
+        self.tasks.reserve(additional);
     }
 
     fn prune_idempotency(&mut self, now: Timestamp) {
@@ -683,12 +740,22 @@ impl Ledger {
     /// Recomputes the task's state after an event, checks the transition is
     /// allowed, and lets a terminal task leave memory.
     fn settle_task_state(&mut self, task: &TaskId, event: &Event) {
-        let given_up = matches!(event, Event::TaskGivenUp { .. });
-        let cancelled = matches!(event, Event::TaskCancelled { .. });
+        let cause = match event {
+            Event::TaskGivenUp { .. } => SettleCause::GivenUp,
+            Event::TaskCancelled { .. } => SettleCause::Cancelled,
+            _ => SettleCause::Other,
+        };
+        self.settle(task, cause, event.type_name());
+    }
+
+    /// `settle_task_state` after an event of type `event_type`.
+    fn settle(&mut self, task: &TaskId, cause: SettleCause, event_type: &'static str) {
+        let given_up = cause == SettleCause::GivenUp;
+        let cancelled = cause == SettleCause::Cancelled;
         let Some(t) = self.tasks.get_mut(task) else { return };
         let next = TaskState::derive(t.steps.iter().map(|s| s.state), t.started, cancelled, given_up);
         if next != t.state {
-            assert!(t.state.can_become(next), "task {task}: {:?} -> {next:?} after {}", t.state, event.type_name());
+            assert!(t.state.can_become(next), "task {task}: {:?} -> {next:?} after {event_type}", t.state);
             t.state = next;
         }
         if next.is_terminal() {
@@ -1140,6 +1207,20 @@ impl<'a> Summing<'a> {
         due(run_at_timer);
     }
 
+    /// `add` of a task whose steps were counted as they were read.
+    fn add_seen(&mut self, namespace: &'a str, state: TaskState, steps: &StepsSeen, run_at_timer: Option<Timestamp>) {
+        self.add(namespace, state, std::iter::empty(), run_at_timer);
+        let at = self.namespaces.iter().rposition(|(ns, _)| *ns == namespace).expect("just added");
+        let counts = &mut self.namespaces[at].1;
+        for (sum, n) in counts.steps.iter_mut().zip(steps.by_state) {
+            *sum += n;
+        }
+        self.timers += steps.timers;
+        if let Some(due) = steps.next_due {
+            self.next_timer_due = Some(self.next_timer_due.map_or(due, |n| n.min(due)));
+        }
+    }
+
     fn finish(self) -> LedgerSummary {
         LedgerSummary {
             live_tasks: self.live_tasks,
@@ -1151,56 +1232,124 @@ impl<'a> Summing<'a> {
 }
 
 /// A task read in place from a state encoding: the fields a summary needs,
-/// strings borrowed, the rest read and dropped. Field for field `Task`
-/// (postcard is not self-describing); the tests below keep them in step.
+/// the namespace borrowed, the rest read past (`Skip`) and its steps counted
+/// as they are read (`StepsSeen`), so nothing is allocated or copied per task.
+/// Field for field `Task` (postcard is not self-describing); the tests below
+/// keep them in step.
 #[derive(Deserialize)]
 struct TaskView<'a> {
     id: TaskId,
     #[serde(borrow)]
     namespace: &'a str,
-    #[serde(borrow)]
-    _name: &'a str,
-    #[serde(borrow)]
-    _payload: &'a str,
+    _name: Skip,
+    _payload: Skip,
     _priority: Priority,
     run_at: Option<Timestamp>,
-    #[serde(borrow)]
-    _tags: Vec<&'a str>,
-    #[serde(borrow)]
-    _idempotency_key: Option<&'a str>,
+    _tags: SkipSeq<Skip>,
+    _idempotency_key: Option<Skip>,
     _created_at: Timestamp,
     state: TaskState,
     run_at_reached: bool,
     _started: bool,
-    #[serde(borrow)]
-    steps: Vec<StepView<'a>>,
+    steps: StepsSeen,
 }
 
 /// `Step`, read in place (see `TaskView`).
 #[derive(Deserialize)]
-struct StepView<'a> {
-    #[serde(borrow)]
-    _name: &'a str,
-    #[serde(borrow)]
-    _handler: &'a str,
-    #[serde(borrow)]
-    _payload: &'a str,
-    _deps: Vec<StepIndex>,
+struct StepView {
+    _name: Skip,
+    _handler: Skip,
+    _payload: Skip,
+    _deps: SkipSeq<StepIndex>,
     _max_attempts: u32,
     _retry: RetryPolicy,
     _lease_ms: u32,
     state: StepState,
     _attempts: u32,
     _epoch: LeaseEpoch,
-    #[serde(borrow)]
-    _worker: Option<&'a str>,
+    _worker: Option<Skip>,
     lease_deadline: Option<Timestamp>,
     retry_at: Option<Timestamp>,
     _ready: Option<ReadyKey>,
-    #[serde(borrow)]
-    _last_error: Option<&'a str>,
-    #[serde(borrow)]
-    _result: Option<&'a str>,
+    _last_error: Option<Skip>,
+    _result: Option<Skip>,
+}
+
+/// A string read past: postcard writes a string as its length and its bytes,
+/// which are taken as bytes (no UTF-8 check: the summary never reads them,
+/// and the state digest covers them).
+struct Skip;
+
+impl<'de> Deserialize<'de> for Skip {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Bytes;
+        impl serde::de::Visitor<'_> for Bytes {
+            type Value = Skip;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, _: &[u8]) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+        }
+        deserializer.deserialize_bytes(Bytes)
+    }
+}
+
+/// A sequence read past, element by element, without collecting it.
+struct SkipSeq<T>(std::marker::PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for SkipSeq<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Items<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Items<T> {
+            type Value = SkipSeq<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a sequence")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<SkipSeq<T>, A::Error> {
+                while seq.next_element::<T>()?.is_some() {}
+                Ok(SkipSeq(std::marker::PhantomData))
+            }
+        }
+        deserializer.deserialize_seq(Items(std::marker::PhantomData))
+    }
+}
+
+/// A task's steps as a summary counts them: how many are in each state, and
+/// their timers (lease deadlines and retry times).
+#[derive(Default)]
+struct StepsSeen {
+    by_state: [u64; StepState::ALL.len()],
+    timers: u64,
+    next_due: Option<Timestamp>,
+}
+
+impl<'de> Deserialize<'de> for StepsSeen {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Steps;
+        impl<'de> serde::de::Visitor<'de> for Steps {
+            type Value = StepsSeen;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a sequence of steps")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<StepsSeen, A::Error> {
+                let mut seen = StepsSeen::default();
+                while let Some(step) = seq.next_element::<StepView>()? {
+                    seen.by_state[step_slot(step.state)] += 1;
+                    for due in [step.lease_deadline, step.retry_at].into_iter().flatten() {
+                        seen.timers += 1;
+                        seen.next_due = Some(seen.next_due.map_or(due, |n| n.min(due)));
+                    }
+                }
+                Ok(seen)
+            }
+        }
+        deserializer.deserialize_seq(Steps)
+    }
 }
 
 /// A state encoding (`Ledger::write_state`, a snapshot body after its
@@ -1233,12 +1382,7 @@ pub fn split_state(bytes: &[u8], keep: impl Fn(&TaskId) -> bool) -> Result<Split
         if keep(&view.id) {
             kept.push(postcard::from_bytes::<Task>(encoded)?);
         } else {
-            summing.add(
-                view.namespace,
-                view.state,
-                view.steps.iter().map(|s| (s.state, s.lease_deadline, s.retry_at)),
-                view.run_at.filter(|_| !view.run_at_reached),
-            );
+            summing.add_seen(view.namespace, view.state, &view.steps, view.run_at.filter(|_| !view.run_at_reached));
             others.push((view.id, encoded));
         }
         rest = after;
@@ -1262,6 +1406,54 @@ fn flatten(q: &ReadyQueue) -> Vec<(HandlerName, ReadyKey, TaskId, StepIndex)> {
         q.by_handler.iter().flat_map(|(h, m)| m.iter().map(move |(k, (t, s))| (h.clone(), *k, *t, *s))).collect();
     v.sort();
     v
+}
+
+/// Which event a task's state is settled after: the two that end a task by
+/// fiat, or any other.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SettleCause {
+    GivenUp,
+    Cancelled,
+    Other,
+}
+
+/// `build_steps(&[], &specs)`, moving each spec's name, handler and payload
+/// into its step instead of cloning them.
+fn build_owned_steps(specs: Vec<StepSpec>) -> Vec<Step> {
+    let deps: Vec<Box<[StepIndex]>> = specs
+        .iter()
+        .map(|spec| {
+            spec.depends_on
+                .iter()
+                .map(|name| {
+                    let at = specs.iter().position(|s| &s.name == name).expect("validated dependency");
+                    StepIndex(at as u16)
+                })
+                .collect()
+        })
+        .collect();
+    specs
+        .into_iter()
+        .zip(deps)
+        .map(|(spec, deps)| Step {
+            name: spec.name,
+            handler: spec.handler,
+            payload: spec.payload,
+            deps,
+            max_attempts: spec.max_attempts,
+            retry: spec.retry,
+            lease_ms: spec.lease_ms,
+            state: StepState::Pending,
+            attempts: 0,
+            epoch: LeaseEpoch(0),
+            worker: None,
+            lease_deadline: None,
+            retry_at: None,
+            ready: None,
+            last_error: None,
+            result: None,
+        })
+        .collect()
 }
 
 /// Turns specs into pending steps, resolving dependency names against the
@@ -1360,6 +1552,11 @@ mod digest_tests {
     /// past: tags, idempotency keys, a future run_at, leases, a retry, an
     /// error, a result, a dependency.
     fn varied_ledger() -> crate::Ledger {
+        varied_scenario().ledger
+    }
+
+    /// The scenario `varied_ledger` comes from (its `log` holds every event).
+    fn varied_scenario() -> Scenario {
         use crate::testkit::{complete, fail, step, workflow};
         let mut scenario = Scenario::new();
         for n in 0..40 {
@@ -1391,7 +1588,47 @@ mod digest_tests {
         scenario.ok(complete(claimed[0].0, "run", claimed[0].1));
         scenario.ok(fail(claimed[1].0, "run", claimed[1].1, true));
         scenario.ok(fail(claimed[2].0, "run", claimed[2].1, false));
-        scenario.ledger.clone()
+        scenario
+    }
+
+    /// `apply_owned` leaves exactly the state `apply` does, event for event,
+    /// and refuses exactly what it refuses, leaving the ledger as `apply` does.
+    #[test]
+    fn apply_owned_is_apply() {
+        use crate::testkit::{step, workflow};
+        let mut scenario = varied_scenario();
+        // Dependencies named before and after their step, and an idempotency
+        // key created more than a day later than the first ones (pruning).
+        scenario.ok(Command::CreateTask(workflow(
+            101,
+            "d",
+            vec![step("x", "h", &["z"]), step("y", "h", &[]), step("z", "h", &["y"])],
+        )));
+        scenario.advance_ms(25 * 60 * 60 * 1000);
+        let mut late = job(102, "a");
+        late.idempotency_key = Some(IdempotencyKey::new("key-0").unwrap());
+        scenario.ok(Command::CreateTask(late));
+        let (mut by_ref, mut owned) = (crate::Ledger::new(), crate::Ledger::new());
+        for event in &scenario.log {
+            by_ref.apply(event).unwrap();
+            owned.apply_owned(event.clone()).unwrap();
+            assert_eq!(owned.digest(), by_ref.digest(), "after {event:?}");
+        }
+        assert_eq!(owned.to_state(), by_ref.to_state());
+        owned.check_indexes().unwrap();
+        // Refusals: a task that exists, an idempotency key in use, time going backwards.
+        let created = scenario.log.iter().find(|e| matches!(e, crate::Event::TaskCreated { .. })).unwrap();
+        let mut reused = job(103, "a");
+        reused.idempotency_key = Some(IdempotencyKey::new("key-0").unwrap());
+        let reused = crate::Event::TaskCreated { spec: reused, at: by_ref.last_event_at() };
+        let mut past = job(104, "a");
+        past.name = "past".into();
+        let past = crate::Event::TaskCreated { spec: past, at: crate::Timestamp::from_micros(0) };
+        for bad in [created, &reused, &past] {
+            assert_eq!(owned.apply_owned(bad.clone()), by_ref.apply(bad));
+            assert!(by_ref.apply(bad).is_err());
+            assert_eq!(owned.digest(), by_ref.digest());
+        }
     }
 
     /// Splitting a state encoding keeps exactly the chosen tasks, counts the
