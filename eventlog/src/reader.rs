@@ -35,7 +35,10 @@ pub(crate) const TIMES: TableDefinition<i64, u64> = TableDefinition::new("times"
 pub(crate) const OUTCOMES: TableDefinition<&str, &[u8]> = TableDefinition::new("outcomes");
 /// insertion order → command id; the oldest is evicted first.
 pub(crate) const OUTCOME_ORDER: TableDefinition<u64, &str> = TableDefinition::new("outcome_order");
-/// HEAD_KEY → seq (u64 LE) ‖ hash.
+/// HEAD_KEY → seq (u64 LE) ‖ hash: a checkpoint of the head, moved with the stream index (so
+/// it may trail the last record by up to the index's lag). The head itself is the last record,
+/// whose stored value begins with its chain hash; opening checks that the checkpoint names a
+/// record with that hash and that the chain links from it to the last record.
 pub(crate) const HEAD: TableDefinition<u8, &[u8]> = TableDefinition::new("head");
 pub(crate) const HEAD_KEY: u8 = 0;
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -126,7 +129,8 @@ pub(crate) struct Checked {
     pub last_recorded_at_us: Option<i64>,
 }
 
-/// Checks the meta table and that the stored head agrees with the last records.
+/// Checks the meta table, and that the stored head checkpoint names a record of the log with
+/// its hash and the chain links from there to the last record; the head is the last record.
 pub(crate) fn check_head(txn: &ReadTransaction) -> Result<Checked, OpenError> {
     let meta = txn.open_table(META).map_err(|error| match error {
         redb::TableError::TableDoesNotExist(_) => OpenError::NotInitialised,
@@ -148,7 +152,7 @@ pub(crate) fn check_head(txn: &ReadTransaction) -> Result<Checked, OpenError> {
         ),
     };
     let last = events.last().map_err(storage)?;
-    let Some((last_key, last_value)) = last else {
+    let Some((last_key, _)) = last else {
         return match stored_head {
             None | Some(Head::EMPTY) => Ok(Checked { head: Head::EMPTY, last_recorded_at_us: None }),
             Some(head) => Err(OpenError::HeadMismatch {
@@ -157,31 +161,53 @@ pub(crate) fn check_head(txn: &ReadTransaction) -> Result<Checked, OpenError> {
             }),
         };
     };
-    let seq = last_key.value();
-    let Some(head) = stored_head else {
-        return Err(OpenError::HeadMismatch { seq, message: "log has records but no head entry".into() });
+    let last_seq = last_key.value();
+    let Some(checkpoint) = stored_head else {
+        return Err(OpenError::HeadMismatch { seq: last_seq, message: "log has records but no head entry".into() });
     };
-    if head.seq != seq {
+    if checkpoint.seq > last_seq {
         return Err(OpenError::HeadMismatch {
-            seq: head.seq,
-            message: format!("head seq {} but the last record is {seq}", head.seq),
+            seq: checkpoint.seq,
+            message: format!("head seq {} but the last record is {last_seq}", checkpoint.seq),
         });
     }
-    let decoded = record::decode(seq, last_value.value())?;
-    if decoded.hash != head.hash {
-        return Err(OpenError::HeadMismatch { seq, message: "head hash differs from the last record's hash".into() });
-    }
-    let prev_hash = if seq > 1 {
-        let prev = events
-            .get(seq - 1)
-            .map_err(storage)?
-            .ok_or(OpenError::HeadMismatch { seq: seq - 1, message: "record before the head is missing".into() })?;
-        record::decode(seq - 1, prev.value())?.hash
-    } else {
+    // The chain from the checkpoint (or from the record before the last, if the checkpoint is
+    // the last record) to the last record.
+    let from = checkpoint.seq.min(last_seq - 1);
+    let mut prev_hash = if from == 0 {
         GENESIS_HASH
+    } else {
+        let value = events
+            .get(from)
+            .map_err(storage)?
+            .ok_or(OpenError::HeadMismatch { seq: from, message: format!("record {from} is missing") })?;
+        record::decode(from, value.value())?.hash
     };
-    decoded.check_link(seq, &prev_hash)?;
-    Ok(Checked { head, last_recorded_at_us: Some(decoded.body.recorded_at_us) })
+    if checkpoint.seq == from && checkpoint.hash != prev_hash {
+        return Err(OpenError::HeadMismatch {
+            seq: from,
+            message: "head hash differs from the hash of the record it names".into(),
+        });
+    }
+    let mut last_recorded_at_us = None;
+    for (expected, entry) in (from + 1..).zip(events.range(from + 1..).map_err(storage)?) {
+        let (key, value) = entry.map_err(storage)?;
+        let seq = key.value();
+        if seq != expected {
+            return Err(OpenError::HeadMismatch { seq: expected, message: format!("record {expected} is missing") });
+        }
+        let decoded = record::decode(seq, value.value())?;
+        decoded.check_link(seq, &prev_hash)?;
+        if seq == checkpoint.seq && decoded.hash != checkpoint.hash {
+            return Err(OpenError::HeadMismatch {
+                seq,
+                message: "head hash differs from the hash of the record it names".into(),
+            });
+        }
+        prev_hash = decoded.hash;
+        last_recorded_at_us = Some(decoded.body.recorded_at_us);
+    }
+    Ok(Checked { head: Head { seq: last_seq, hash: prev_hash }, last_recorded_at_us })
 }
 
 fn read_backend<E: Into<redb::Error>>(error: E) -> ReadError {
@@ -221,16 +247,16 @@ impl LogReader {
         .map_err(read_backend)
     }
 
-    /// The committed head.
+    /// The committed head: the last record's seq and chain hash.
     pub fn head(&self) -> Result<Head, ReadError> {
         let txn = self.begin()?;
-        let table = txn.open_table(HEAD).map_err(read_backend)?;
-        let value = table.get(HEAD_KEY).map_err(read_backend)?;
-        match value {
+        let events = txn.open_table(EVENTS).map_err(read_backend)?;
+        match events.last().map_err(read_backend)? {
             None => Ok(Head::EMPTY),
-            Some(value) => decode_head(value.value()).ok_or_else(|| {
-                ReadError::Record(RecordError::Disagrees { seq: 0, message: "head entry is not 40 bytes".into() })
-            }),
+            Some((key, value)) => {
+                let seq = key.value();
+                Ok(Head { seq, hash: record::decode(seq, value.value())?.hash })
+            }
         }
     }
 

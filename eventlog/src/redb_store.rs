@@ -313,7 +313,10 @@ fn initialise(db: &Database) -> Result<(), OpenError> {
         txn.open_table(TIMES).map_err(open_backend)?;
         txn.open_table(OUTCOMES).map_err(open_backend)?;
         txn.open_table(OUTCOME_ORDER).map_err(open_backend)?;
-        txn.open_table(HEAD).map_err(open_backend)?;
+        txn.open_table(HEAD)
+            .map_err(open_backend)?
+            .insert(HEAD_KEY, encode_head(&Head::EMPTY).as_slice())
+            .map_err(open_backend)?;
         let mut meta = txn.open_table(META).map_err(open_backend)?;
         meta.insert(META_FORMAT_VERSION, LOG_FORMAT_VERSION).map_err(open_backend)?;
         meta.insert(META_STREAMS_INDEXED_THROUGH, 0).map_err(open_backend)?;
@@ -442,10 +445,13 @@ impl RedbStore {
                 .insert(META_STREAMS_INDEXED_THROUGH, seq)
                 .map_err(append_backend)?;
         }
-        txn.open_table(HEAD)
-            .map_err(append_backend)?
-            .insert(HEAD_KEY, encode_head(&head).as_slice())
-            .map_err(append_backend)?;
+        if indexed {
+            // The head checkpoint moves with the index (see `reader::HEAD`).
+            txn.open_table(HEAD)
+                .map_err(append_backend)?
+                .insert(HEAD_KEY, encode_head(&head).as_slice())
+                .map_err(append_backend)?;
+        }
 
         let mut outcome_table = txn.open_table(OUTCOMES).map_err(append_backend)?;
         let mut order_table = txn.open_table(OUTCOME_ORDER).map_err(append_backend)?;

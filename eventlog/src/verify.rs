@@ -50,7 +50,7 @@ pub struct VerifyReport {
     /// Records checked (up to the first problem).
     pub records: u64,
     pub first_problem: Option<Problem>,
-    /// The stored head (`Head::EMPTY` if there is none).
+    /// The head: the last record checked, with its chain hash (`Head::EMPTY` if none).
     pub head: Head,
 }
 
@@ -159,7 +159,10 @@ pub fn verify_with(
         .map_err(read_backend)?
         .map(|v| decode_head(v.value()));
     let problem = |seq, kind, message: String| Problem { seq, kind, message };
-    let (head, mut first_problem) = match head_value {
+    let (checkpoint, mut first_problem) = match head_value {
+        None if total > 0 => {
+            (Head::EMPTY, Some(problem(0, ProblemKind::Head, "log has records but no head entry".into())))
+        }
         None => (Head::EMPTY, None),
         Some(Some(head)) => (head, None),
         Some(None) => (Head::EMPTY, Some(problem(0, ProblemKind::Head, "head entry is not 40 bytes".into()))),
@@ -171,7 +174,7 @@ pub fn verify_with(
     const PRESIZE_STREAMS_MAX: u64 = 4 * 1024 * 1024;
     // foldhash, randomly seeded per process: keys come from the file, which may be hostile.
     let mut stream_versions: HashMap<StreamKey, u64, foldhash::fast::RandomState> = HashMap::with_capacity_and_hasher(
-        (head.seq / 2).min(PRESIZE_STREAMS_MAX) as usize,
+        (total / 2).min(PRESIZE_STREAMS_MAX) as usize,
         foldhash::fast::RandomState::default(),
     );
     let mut prev_hash = GENESIS_HASH;
@@ -213,6 +216,11 @@ pub fn verify_with(
                     stream_versions.insert(StreamKey::new(decoded.body.stream), 1);
                 }
             }
+            if seq == checkpoint.seq && decoded.hash != checkpoint.hash {
+                first_problem =
+                    Some(problem(seq, ProblemKind::Head, "stored head hash differs from the record's hash".into()));
+                break;
+            }
             prev_hash = decoded.hash;
             on_record(&CheckedRecord {
                 seq,
@@ -234,11 +242,12 @@ pub fn verify_with(
             }
         }
     }
-    if first_problem.is_none() && (head.seq != records || head.hash != prev_hash) {
+    // The stored head is a checkpoint that may trail the last record (see `reader::HEAD`).
+    if first_problem.is_none() && checkpoint.seq > records {
         first_problem = Some(problem(
-            head.seq,
+            checkpoint.seq,
             ProblemKind::Head,
-            format!("stored head is seq {}, the last record is {records}", head.seq),
+            format!("stored head is seq {}, the last record is {records}", checkpoint.seq),
         ));
     }
     if first_problem.is_none() {
@@ -255,7 +264,7 @@ pub fn verify_with(
         }
     }
     progress(records, total);
-    Ok(VerifyReport { records, first_problem, head })
+    Ok(VerifyReport { records, first_problem, head: Head { seq: records, hash: prev_hash } })
 }
 
 #[cfg(test)]
