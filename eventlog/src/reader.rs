@@ -292,19 +292,11 @@ impl LogReader {
             let (key, seq) = entry.map_err(read_backend)?;
             let (_, version) = key.value();
             let seq = seq.value();
-            let value = events.get(seq).map_err(read_backend)?.ok_or_else(|| RecordError::Disagrees {
+            let record = indexed_record(&events, seq, stream, version)?.ok_or_else(|| RecordError::Disagrees {
                 seq,
                 message: format!("stream index names seq {seq}, which does not exist"),
             })?;
-            let decoded = record::decode(seq, value.value())?;
-            if decoded.body.stream != stream || decoded.body.stream_version != version {
-                return Err(RecordError::Disagrees {
-                    seq,
-                    message: format!("stream index says version {version} of this stream, the record disagrees"),
-                }
-                .into());
-            }
-            out.push(decoded.to_stored(seq));
+            out.push(record);
         }
         if out.len() < max {
             let from_version = out.last().map_or(from_version.max(1), |r| r.stream_version + 1);
@@ -313,19 +305,9 @@ impl LogReader {
                 if out.len() == max {
                     break;
                 }
-                let Some(value) = events.get(seq).map_err(read_backend)? else {
-                    // Entered after this transaction began.
-                    break;
-                };
-                let decoded = record::decode(seq, value.value())?;
-                if decoded.body.stream != stream || decoded.body.stream_version != version {
-                    return Err(RecordError::Disagrees {
-                        seq,
-                        message: format!("record {seq} is not version {version} of the stream it was written for"),
-                    }
-                    .into());
-                }
-                out.push(decoded.to_stored(seq));
+                // None: entered after this transaction began.
+                let Some(record) = indexed_record(&events, seq, stream, version)? else { break };
+                out.push(record);
             }
             for_each_unindexed(&events, scan_after, |seq, decoded| {
                 if out.len() < max && decoded.body.stream == stream && decoded.body.stream_version >= from_version {
@@ -421,6 +403,26 @@ impl LogReader {
         })?;
         Ok(version)
     }
+}
+
+/// Record `seq`, which an index says is version `version` of `stream`; `None` if there is no
+/// such record.
+fn indexed_record(
+    events: &ReadOnlyTable<u64, &[u8]>,
+    seq: u64,
+    stream: &[u8],
+    version: u64,
+) -> Result<Option<StoredRecord>, ReadError> {
+    let Some(value) = events.get(seq).map_err(read_backend)? else { return Ok(None) };
+    let decoded = record::decode(seq, value.value())?;
+    if decoded.body.stream != stream || decoded.body.stream_version != version {
+        return Err(RecordError::Disagrees {
+            seq,
+            message: format!("stream index says version {version} of this stream, the record disagrees"),
+        }
+        .into());
+    }
+    Ok(Some(decoded.to_stored(seq)))
 }
 
 /// The last version of `stream` in the stream index, 0 if none.

@@ -324,6 +324,42 @@ fn filesystem_type(path: &Path) -> String {
     }
 }
 
+/// Runs `commit` in a loop: a warm-up, then the measured window. Returns the row with
+/// `per_commit` events per call.
+fn commit_loop(
+    case: String,
+    per_commit: usize,
+    settings: &Settings,
+    extra: Vec<(&'static str, serde_json::Value)>,
+    mut commit: impl FnMut() -> Result<()>,
+) -> Result<Row> {
+    let warm_until = Instant::now() + Duration::from_secs_f64(settings.warmup);
+    while Instant::now() < warm_until {
+        commit()?;
+    }
+    let mut hist = histogram();
+    let mut commits = 0u64;
+    let started = Instant::now();
+    let until = started + Duration::from_secs_f64(settings.seconds);
+    while Instant::now() < until {
+        let t = Instant::now();
+        commit()?;
+        hist.saturating_record(us_since(t));
+        commits += 1;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Row {
+        case,
+        events_per_s: (commits * per_commit as u64) as f64 / seconds,
+        commands_per_s: commits as f64 / seconds,
+        p50_us: Some(hist.value_at_quantile(0.5)),
+        p99_us: Some(hist.value_at_quantile(0.99)),
+        max_us: Some(hist.max()),
+        seconds,
+        extra,
+    })
+}
+
 /// Appends 256-byte records to a plain file with an fdatasync after each.
 fn raw_fdatasync(dir: &Path, settings: &Settings) -> Result<Row> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
@@ -332,39 +368,14 @@ fn raw_fdatasync(dir: &Path, settings: &Settings) -> Result<Row> {
         OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("open {}", path.display()))?;
     let record = [0xA5u8; RAW_RECORD_BYTES];
     let fd = file.as_raw_fd();
-    let append = |file: &mut std::fs::File| -> Result<()> {
+    let extra = vec![("record_bytes", RAW_RECORD_BYTES.into())];
+    commit_loop("raw_fdatasync".into(), 1, settings, extra, || {
         file.write_all(&record).context("append a record")?;
         // SAFETY: fd is the open descriptor of `file`, which outlives this call.
         if unsafe { libc::fdatasync(fd) } != 0 {
             return Err(std::io::Error::last_os_error()).context("fdatasync");
         }
         Ok(())
-    };
-    let warm_until = Instant::now() + Duration::from_secs_f64(settings.warmup);
-    while Instant::now() < warm_until {
-        append(&mut file)?;
-    }
-    let mut hist = histogram();
-    let mut count = 0u64;
-    let started = Instant::now();
-    let until = started + Duration::from_secs_f64(settings.seconds);
-    while Instant::now() < until {
-        let t = Instant::now();
-        append(&mut file)?;
-        hist.saturating_record(us_since(t));
-        count += 1;
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    let rate = count as f64 / seconds;
-    Ok(Row {
-        case: "raw_fdatasync".into(),
-        events_per_s: rate,
-        commands_per_s: rate,
-        p50_us: Some(hist.value_at_quantile(0.5)),
-        p99_us: Some(hist.value_at_quantile(0.99)),
-        max_us: Some(hist.max()),
-        seconds,
-        extra: vec![("record_bytes", RAW_RECORD_BYTES.into())],
     })
 }
 
@@ -375,43 +386,19 @@ fn redb_floor(dir: &Path, records: usize, settings: &Settings) -> Result<Row> {
     let db = redb::Database::create(dir.join("floor.redb")).context("create the redb file")?;
     let record = [0xA5u8; RAW_RECORD_BYTES];
     let mut seq = 0u64;
-    let commit = |seq: &mut u64| -> Result<()> {
+    let extra = vec![("records_per_commit", records.into())];
+    commit_loop(format!("redb_floor_{records}"), records, settings, extra, || {
         let mut txn = db.begin_write()?;
         txn.set_durability(redb::Durability::Immediate)?;
         {
             let mut table = txn.open_table(TABLE)?;
             for _ in 0..records {
-                *seq += 1;
-                table.insert(*seq, record.as_slice())?;
+                seq += 1;
+                table.insert(seq, record.as_slice())?;
             }
         }
         txn.commit()?;
         Ok(())
-    };
-    let warm_until = Instant::now() + Duration::from_secs_f64(settings.warmup);
-    while Instant::now() < warm_until {
-        commit(&mut seq)?;
-    }
-    let mut hist = histogram();
-    let mut commits = 0u64;
-    let started = Instant::now();
-    let until = started + Duration::from_secs_f64(settings.seconds);
-    while Instant::now() < until {
-        let t = Instant::now();
-        commit(&mut seq)?;
-        hist.saturating_record(us_since(t));
-        commits += 1;
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    Ok(Row {
-        case: format!("redb_floor_{records}"),
-        events_per_s: (commits * records as u64) as f64 / seconds,
-        commands_per_s: commits as f64 / seconds,
-        p50_us: Some(hist.value_at_quantile(0.5)),
-        p99_us: Some(hist.value_at_quantile(0.99)),
-        max_us: Some(hist.max()),
-        seconds,
-        extra: vec![("records_per_commit", records.into())],
     })
 }
 
