@@ -165,10 +165,17 @@ pub async fn install(
     Ok(checkpoint)
 }
 
+/// Memory PostgreSQL may use to sort while it builds a generation's indexes.
+const INDEX_BUILD_MEMORY_MB: u32 = 256;
+
 /// Creates the secondary indexes of a generation installed with
 /// `Indexes::Later` (idempotent).
 pub async fn create_indexes(store: &Store, kind: ProjectorKind, checkpoint: &Checkpoint) -> Result<(), ApplyError> {
     let mut tx = store.begin().await?;
+    if tx.backend() == crate::store::Backend::Postgres {
+        // Sort a million-row table's keys in memory rather than in temporary files.
+        sql::execute(&mut tx, &format!("SET LOCAL maintenance_work_mem = '{INDEX_BUILD_MEMORY_MB}MB'")).await?;
+    }
     for statement in kind.index_ddl(tx.backend(), &checkpoint.table_suffix, checkpoint.generation) {
         let statement = statement.replacen("INDEX ", "INDEX IF NOT EXISTS ", 1);
         sql::execute(&mut tx, &statement).await?;

@@ -14,7 +14,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Postgres, Sqlite, Transaction};
 
@@ -142,11 +142,21 @@ impl Store {
     }
 
     /// Connects to PostgreSQL by URL and migrates the database.
+    ///
+    /// `synchronous_commit = off` for these sessions, the counterpart of
+    /// SQLite's `synchronous = NORMAL` above: a commit returns before its WAL
+    /// is flushed, so a projector's batch does not wait for an fsync. A crash
+    /// may lose the last commits, never part of one ("as if those
+    /// transactions had been aborted cleanly", in PostgreSQL's words), and
+    /// each carries its checkpoint, so the projector re-applies from there.
     pub async fn connect_postgres(url: &str) -> Result<Store, OpenError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|source| OpenError::Postgres { source })?
+            .options([("synchronous_commit", "off")]);
         let pool = PgPoolOptions::new()
             .max_connections(POOL_CONNECTIONS_MAX)
             .acquire_timeout(Duration::from_secs(30))
-            .connect(url)
+            .connect_with(options)
             .await
             .map_err(|source| OpenError::Postgres { source })?;
         let store = Store::Postgres(pool);

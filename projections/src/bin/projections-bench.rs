@@ -8,7 +8,8 @@
 //!    task as the runtime runs them, and prints events/s (log events applied
 //!    by every projector, divided by the wall time until the last finished).
 //! 2. Lag: runs the real writer, a producer sustaining `--rate` events/s for
-//!    `--lag-seconds`, and the projector runtime; for every acknowledged
+//!    `--lag-seconds`, and the projector runtime (started, and warmed up with
+//!    one command, before the producer starts); for every acknowledged
 //!    command, the time from its acknowledgement until every projector has
 //!    applied it; prints p50/p99/max.
 //!
@@ -159,6 +160,21 @@ async fn lag_run(store: Store, dir: &std::path::Path, rate: u64, seconds: u64) -
     let projections =
         Projections::start(store.clone(), handle.reader().clone(), handle.feed().clone(), RuntimeConfig::default())
             .await?;
+    // Warm up: one command, applied by every projector, before the clock
+    // starts, so the figures are those of following the writer and not of a
+    // first start (each projector creating its tables).
+    let warm_up = Envelope {
+        command_id: "warm-up".into(),
+        actor: "bench".into(),
+        command: Command::CreateTasks(vec![job(1 << 40, "warm-up")]),
+    };
+    let warm_up = handle.submit(warm_up)?.await.context("warm up")??;
+    if let Some(seqs) = warm_up.seqs {
+        anyhow::ensure!(
+            projections.wait_for_seq(seqs.last, Duration::from_secs(60)).await,
+            "the projectors did not apply the warm-up command"
+        );
+    }
     let acks: Arc<parking_lot::Mutex<VecDeque<(u64, Instant)>>> = Arc::default();
     // Producer: every 10 ms, create n jobs, claim them, complete them (3n events).
     let per_tick = (rate / 100 / 3).max(1);
