@@ -38,7 +38,7 @@ pub(crate) const OUTCOME_ORDER: TableDefinition<u64, &str> = TableDefinition::ne
 /// HEAD_KEY → seq (u64 LE) ‖ hash: a checkpoint of the head, moved with the stream index (so
 /// it may trail the last record by up to the index's lag). The head itself is the last record,
 /// whose stored value begins with its chain hash; opening checks that the checkpoint names a
-/// record with that hash and that the chain links from it to the last record.
+/// record with that hash and that the last record links to the one before it.
 pub(crate) const HEAD: TableDefinition<u8, &[u8]> = TableDefinition::new("head");
 pub(crate) const HEAD_KEY: u8 = 0;
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -129,8 +129,8 @@ pub(crate) struct Checked {
     pub last_recorded_at_us: Option<i64>,
 }
 
-/// Checks the meta table, and that the stored head checkpoint names a record of the log with
-/// its hash and the chain links from there to the last record; the head is the last record.
+/// Checks the meta table, that the stored head checkpoint names a record of the log with its
+/// hash, and that the last record (the head) links to the one before it.
 pub(crate) fn check_head(txn: &ReadTransaction) -> Result<Checked, OpenError> {
     let meta = txn.open_table(META).map_err(|error| match error {
         redb::TableError::TableDoesNotExist(_) => OpenError::NotInitialised,
@@ -171,43 +171,32 @@ pub(crate) fn check_head(txn: &ReadTransaction) -> Result<Checked, OpenError> {
             message: format!("head seq {} but the last record is {last_seq}", checkpoint.seq),
         });
     }
-    // The chain from the checkpoint (or from the record before the last, if the checkpoint is
-    // the last record) to the last record.
-    let from = checkpoint.seq.min(last_seq - 1);
-    let mut prev_hash = if from == 0 {
-        GENESIS_HASH
-    } else {
+    // The checkpoint names a record with its hash, and the last record links to the one before
+    // it; the whole chain is `verify`'s to check (so it can name the first bad record).
+    let stored_hash = |seq: u64| -> Result<Hash, OpenError> {
+        if seq == 0 {
+            return Ok(GENESIS_HASH);
+        }
         let value = events
-            .get(from)
+            .get(seq)
             .map_err(storage)?
-            .ok_or(OpenError::HeadMismatch { seq: from, message: format!("record {from} is missing") })?;
-        record::decode(from, value.value())?.hash
+            .ok_or(OpenError::HeadMismatch { seq, message: format!("record {seq} is missing") })?;
+        Ok(record::decode(seq, value.value())?.hash)
     };
-    if checkpoint.seq == from && checkpoint.hash != prev_hash {
+    if stored_hash(checkpoint.seq)? != checkpoint.hash {
         return Err(OpenError::HeadMismatch {
-            seq: from,
+            seq: checkpoint.seq,
             message: "head hash differs from the hash of the record it names".into(),
         });
     }
-    let mut last_recorded_at_us = None;
-    for (expected, entry) in (from + 1..).zip(events.range(from + 1..).map_err(storage)?) {
-        let (key, value) = entry.map_err(storage)?;
-        let seq = key.value();
-        if seq != expected {
-            return Err(OpenError::HeadMismatch { seq: expected, message: format!("record {expected} is missing") });
-        }
-        let decoded = record::decode(seq, value.value())?;
-        decoded.check_link(seq, &prev_hash)?;
-        if seq == checkpoint.seq && decoded.hash != checkpoint.hash {
-            return Err(OpenError::HeadMismatch {
-                seq,
-                message: "head hash differs from the hash of the record it names".into(),
-            });
-        }
-        prev_hash = decoded.hash;
-        last_recorded_at_us = Some(decoded.body.recorded_at_us);
-    }
-    Ok(Checked { head: Head { seq: last_seq, hash: prev_hash }, last_recorded_at_us })
+    let prev_hash = stored_hash(last_seq - 1)?;
+    let last_value = events
+        .get(last_seq)
+        .map_err(storage)?
+        .ok_or(OpenError::HeadMismatch { seq: last_seq, message: format!("record {last_seq} is missing") })?;
+    let last = record::decode(last_seq, last_value.value())?;
+    last.check_link(last_seq, &prev_hash)?;
+    Ok(Checked { head: Head { seq: last_seq, hash: last.hash }, last_recorded_at_us: Some(last.body.recorded_at_us) })
 }
 
 fn read_backend<E: Into<redb::Error>>(error: E) -> ReadError {
