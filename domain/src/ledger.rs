@@ -694,13 +694,16 @@ impl Ledger {
         let s = &mut t.steps[step.get()];
         s.state = StepState::Enqueued;
         s.ready = Some(key);
-        self.ready
-            .entry(t.namespace.clone())
-            .or_default()
-            .by_handler
-            .entry(s.handler.clone())
-            .or_default()
-            .insert(key, (*task, step));
+        // Looked up before an entry is made: `entry` would clone both names every time.
+        let queue = match self.ready.get_mut(&t.namespace) {
+            Some(queue) => queue,
+            None => self.ready.entry(t.namespace.clone()).or_default(),
+        };
+        let by_key = match queue.by_handler.get_mut(&s.handler) {
+            Some(by_key) => by_key,
+            None => queue.by_handler.entry(s.handler.clone()).or_default(),
+        };
+        by_key.insert(key, (*task, step));
     }
 
     fn unready(&mut self, task: &TaskId, step: StepIndex) {
@@ -725,13 +728,26 @@ impl Ledger {
         if !t.run_at_reached {
             return;
         }
-        let ready: Vec<StepIndex> = t
-            .steps
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.state == StepState::Pending && t.deps_satisfied(s))
-            .map(|(i, _)| StepIndex(i as u16))
-            .collect();
+        let ready = |(_, s): &(usize, &Step)| s.state == StepState::Pending && t.deps_satisfied(s);
+        // The ready steps are found first, then enqueued; a task has at most
+        // `MAX_STEPS_PER_TASK` steps, so a bit set on the stack holds them
+        // (this runs for every creation and completion: no allocation).
+        if t.steps.len() <= READY_BITS {
+            let mut bits = [0u64; READY_BITS / 64];
+            for (i, _) in t.steps.iter().enumerate().filter(ready) {
+                bits[i / 64] |= 1 << (i % 64);
+            }
+            for (word, mut set) in bits.into_iter().enumerate() {
+                while set != 0 {
+                    let i = word * 64 + set.trailing_zeros() as usize;
+                    set &= set - 1;
+                    self.enqueue(task, StepIndex(i as u16), at);
+                }
+            }
+            return;
+        }
+        let ready: Vec<StepIndex> =
+            t.steps.iter().enumerate().filter(ready).map(|(i, _)| StepIndex(i as u16)).collect();
         for step in ready {
             self.enqueue(task, step, at);
         }
@@ -1408,6 +1424,10 @@ fn flatten(q: &ReadyQueue) -> Vec<(HandlerName, ReadyKey, TaskId, StepIndex)> {
     v
 }
 
+/// Steps `enqueue_unblocked` tracks in a bit set on the stack (every task,
+/// as validated, has at most this many).
+const READY_BITS: usize = crate::spec::MAX_STEPS_PER_TASK.next_multiple_of(64);
+
 /// Which event a task's state is settled after: the two that end a task by
 /// fiat, or any other.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -1420,21 +1440,27 @@ enum SettleCause {
 /// `build_steps(&[], &specs)`, moving each spec's name, handler and payload
 /// into its step instead of cloning them.
 fn build_owned_steps(specs: Vec<StepSpec>) -> Vec<Step> {
-    let deps: Vec<Box<[StepIndex]>> = specs
-        .iter()
-        .map(|spec| {
-            spec.depends_on
-                .iter()
-                .map(|name| {
-                    let at = specs.iter().position(|s| &s.name == name).expect("validated dependency");
-                    StepIndex(at as u16)
-                })
-                .collect()
-        })
-        .collect();
+    // Without dependencies (most tasks) no positions need resolving.
+    let deps: Vec<Box<[StepIndex]>> = if specs.iter().all(|spec| spec.depends_on.is_empty()) {
+        Vec::new()
+    } else {
+        specs
+            .iter()
+            .map(|spec| {
+                spec.depends_on
+                    .iter()
+                    .map(|name| {
+                        let at = specs.iter().position(|s| &s.name == name).expect("validated dependency");
+                        StepIndex(at as u16)
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    let mut deps = deps.into_iter();
     specs
         .into_iter()
-        .zip(deps)
+        .map(|spec| (spec, deps.next().unwrap_or_default()))
         .map(|(spec, deps)| Step {
             name: spec.name,
             handler: spec.handler,

@@ -356,24 +356,42 @@ impl Source {
             Err(e) => return Ok(Err(format!("decode: {e}"))),
         };
         let tasks_decoded = split.kept.tasks.len();
-        let mut ledger = Ledger::from_state(split.kept);
+        // The ledger rebuilt from the kept tasks is small: a copy is folded
+        // forward, so the check of the saved digest (on the state as it was)
+        // and the digest of the answer (after the events), each hashing the
+        // whole state, run at the same time on two threads.
+        let rebuilt = Ledger::from_state(split.kept);
+        let mut ledger = rebuilt.clone();
+        let mut refused = None;
+        for (seq, event) in &events {
+            if let Err(e) = ledger.apply(event) {
+                refused = Some(anyhow!("record {seq}: {e}"));
+                break;
+            }
+        }
+        let others = &split.others;
+        let (check, digest) = std::thread::scope(|scope| {
+            let check = std::thread::Builder::new()
+                .name("state-check".into())
+                .spawn_scoped(scope, || rebuilt.digest_with(others));
+            let digest = ledger.digest_with(others);
+            let check = match check {
+                Ok(thread) => thread.join().map_err(|_| anyhow!("checking the snapshot's digest stopped unexpectedly")),
+                Err(_) => Ok(rebuilt.digest_with(others)),
+            };
+            (check, digest)
+        });
         // The check `fold_to` makes: the state rebuilds to the digest saved with it.
-        if &ledger.digest_with(&split.others) != saved {
+        if &check? != saved {
             return Ok(Err("state digest differs from the one saved".into()));
         }
-        for (seq, event) in &events {
-            ledger.apply(event).map_err(|e| anyhow!("record {seq}: {e}"))?;
+        if let Some(refused) = refused {
+            return Err(refused);
         }
         let mut summary = ledger.summary();
         summary.merge(&split.others_summary);
         let stats = FoldStats { snapshot_seq: from, replayed: events.len() as u64, skipped_snapshots: Vec::new() };
-        Ok(Ok(SummaryAt {
-            summary,
-            settings: ledger.all_queue_settings(),
-            digest: ledger.digest_with(&split.others),
-            stats,
-            tasks_decoded,
-        }))
+        Ok(Ok(SummaryAt { summary, settings: ledger.all_queue_settings(), digest, stats, tasks_decoded }))
     }
 
     /// The last seq recorded at or before `time` (0 if none is).

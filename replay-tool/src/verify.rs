@@ -243,7 +243,9 @@ pub fn run(input: &Input, as_json: bool, scratch: Option<&Path>, skip_storage: b
         // A log left unclean by a crash is read from a repaired scratch copy.
         let opened = Source::open_file(&path, &snapshot_dir);
         match &opened {
-            Err(error) => report.problems.push(problem(open_error_seq(error), "storage", format!("{error:#}"))),
+            Err(error) => {
+                report.problems.push(problem(open_error_seq(error), open_error_kind(error), format!("{error:#}")))
+            }
             Ok(Source::Feed { .. }) => unreachable!("a file source"),
             Ok(Source::File { reader, .. }) => {
                 let expected = reader.head().map(|h| h.seq).unwrap_or(0);
@@ -540,6 +542,24 @@ fn open_error_seq(error: &anyhow::Error) -> u64 {
         eventlog::OpenError::HeadMismatch { seq, .. } => *seq,
         _ => 0,
     })
+}
+
+/// What kind of problem made opening the log fail: opening checks the
+/// chain from the stored head checkpoint to the last record, so a damaged
+/// record near the end is found there, before the full pass.
+fn open_error_kind(error: &anyhow::Error) -> &'static str {
+    use eventlog::RecordError;
+    match error.downcast_ref::<eventlog::OpenError>() {
+        Some(eventlog::OpenError::Record(RecordError::HashMismatch { .. })) => "chain_link",
+        Some(eventlog::OpenError::Record(
+            RecordError::TooShort { .. }
+            | RecordError::FormatVersion { .. }
+            | RecordError::Decode { .. }
+            | RecordError::TrailingBytes { .. },
+        )) => "decode",
+        Some(eventlog::OpenError::HeadMismatch { .. }) => "head",
+        _ => "storage",
+    }
 }
 
 fn kind_name(kind: eventlog::ProblemKind) -> &'static str {
