@@ -92,6 +92,10 @@ struct ServeArgs {
     /// A retried command id is recognised while its events are among the newest this many events.
     #[arg(long, env = "TASKLEDGER_DEDUP_WINDOW", default_value_t = 1_000_000)]
     dedup_window: u64,
+    /// Newest records kept in memory for live subscribers (projections, feeds); a subscriber
+    /// further behind reads from disk.
+    #[arg(long, env = "TASKLEDGER_FEED_CAPACITY", default_value_t = 64 * 1024)]
+    feed_capacity: usize,
     /// Log format: text or json.
     #[arg(long, env = "TASKLEDGER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -117,6 +121,7 @@ fn main() -> ExitCode {
                 channel_capacity: args.writer_queue,
                 snapshot_every_events: args.snapshot_every,
                 dedup_window_events: args.dedup_window.max(1),
+                feed_capacity: args.feed_capacity.max(1),
                 ..WriterConfig::default()
             };
             let config = ServeConfig {

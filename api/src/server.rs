@@ -210,6 +210,14 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         config.max_concurrent_requests
     );
     println!(
+        "writer: queue of {} commands, dedup window of {} events, {} recent records kept for live subscribers, \
+         a snapshot every {} events",
+        config.writer.channel_capacity,
+        config.writer.dedup_window_events,
+        config.writer.feed_capacity,
+        config.writer.snapshot_every_events
+    );
+    println!(
         "ledger at {}: head seq {}, {} live tasks (snapshot at seq {}, {} events replayed in {:.3} s)",
         config.data_dir.display(),
         startup.head.seq,
