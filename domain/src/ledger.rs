@@ -1472,25 +1472,31 @@ fn build_owned_steps(specs: Vec<StepSpec>) -> Vec<Step> {
     specs
         .into_iter()
         .map(|spec| (spec, deps.next().unwrap_or_default()))
-        .map(|(spec, deps)| Step {
-            name: spec.name,
-            handler: spec.handler,
-            payload: spec.payload,
-            deps,
-            max_attempts: spec.max_attempts,
-            retry: spec.retry,
-            lease_ms: spec.lease_ms,
-            state: StepState::Pending,
-            attempts: 0,
-            epoch: LeaseEpoch(0),
-            worker: None,
-            lease_deadline: None,
-            retry_at: None,
-            ready: None,
-            last_error: None,
-            result: None,
-        })
+        .map(|(spec, deps)| pending_step(spec, deps))
         .collect()
+}
+
+/// A step that has not run yet, taking its spec's name, handler and payload (its dependency
+/// names are already resolved into `deps`).
+fn pending_step(spec: StepSpec, deps: Box<[StepIndex]>) -> Step {
+    Step {
+        name: spec.name,
+        handler: spec.handler,
+        payload: spec.payload,
+        deps,
+        max_attempts: spec.max_attempts,
+        retry: spec.retry,
+        lease_ms: spec.lease_ms,
+        state: StepState::Pending,
+        attempts: 0,
+        epoch: LeaseEpoch(0),
+        worker: None,
+        lease_deadline: None,
+        retry_at: None,
+        ready: None,
+        last_error: None,
+        result: None,
+    }
 }
 
 /// Turns specs into pending steps, resolving dependency names against the
@@ -1507,23 +1513,16 @@ fn build_steps(existing: &[Step], specs: &[StepSpec]) -> Vec<Step> {
     };
     specs
         .iter()
-        .map(|spec| Step {
-            name: spec.name.clone(),
-            handler: spec.handler.clone(),
-            payload: spec.payload.clone(),
-            deps: spec.depends_on.iter().map(position).collect(),
-            max_attempts: spec.max_attempts,
-            retry: spec.retry,
-            lease_ms: spec.lease_ms,
-            state: StepState::Pending,
-            attempts: 0,
-            epoch: LeaseEpoch(0),
-            worker: None,
-            lease_deadline: None,
-            retry_at: None,
-            ready: None,
-            last_error: None,
-            result: None,
+        .map(|spec| {
+            let deps = spec.depends_on.iter().map(position).collect();
+            let parts = StepSpec {
+                name: spec.name.clone(),
+                handler: spec.handler.clone(),
+                payload: spec.payload.clone(),
+                depends_on: Vec::new(),
+                ..*spec
+            };
+            pending_step(parts, deps)
         })
         .collect()
 }

@@ -170,3 +170,13 @@ pub enum Error {
 
 /// Name for the umbrella when used as the store interface's error (see `store.rs`).
 pub type StoreError = Error;
+
+/// A read made while opening a log fails the open with the same cause.
+impl From<ReadError> for OpenError {
+    fn from(error: ReadError) -> Self {
+        match error {
+            ReadError::Backend(b) => OpenError::Backend(b),
+            ReadError::Record(r) => OpenError::Record(r),
+        }
+    }
+}

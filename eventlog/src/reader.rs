@@ -63,7 +63,6 @@ pub(crate) struct UnindexedTail {
     pub last: u64,
     /// stream → (version, seq), in log order.
     pub by_stream: HashMap<Vec<u8>, Vec<(u64, u64)>, foldhash::fast::RandomState>,
-    pub len: usize,
 }
 
 impl UnindexedTail {
@@ -79,7 +78,11 @@ impl UnindexedTail {
             }
         }
         self.last = seq;
-        self.len += 1;
+    }
+
+    /// Entries held: one per record after `base`, every record being entered in order.
+    pub fn len(&self) -> u64 {
+        self.last - self.base
     }
 
     /// The last version of `stream` in the tail.
@@ -220,10 +223,7 @@ impl LogReader {
             .open_read_only(path)
             .map_err(|source| OpenError::Database { path: path.to_path_buf(), source })?;
         let reader = Self::new(Arc::new(Db::ReadOnly(db)));
-        let txn = reader.begin().map_err(|e| match e {
-            ReadError::Backend(b) => OpenError::Backend(b),
-            ReadError::Record(r) => OpenError::Record(r),
-        })?;
+        let txn = reader.begin()?;
         check_head(&txn)?;
         Ok(reader)
     }
@@ -273,7 +273,7 @@ impl LogReader {
         let txn = self.begin()?;
         let streams = txn.open_table(STREAMS).map_err(read_backend)?;
         let events = txn.open_table(EVENTS).map_err(read_backend)?;
-        let indexed_through = self.indexed_through(&txn, &events)?;
+        let (indexed_through, _) = self.indexed_through(&txn, &events)?;
         let mut out = Vec::new();
         let from = (stream, from_version.max(1));
         let to = (stream, u64::MAX);
@@ -320,11 +320,15 @@ impl LogReader {
         (Vec::new(), indexed_through)
     }
 
-    /// The stream index's marker in `txn`.
-    fn indexed_through(&self, txn: &ReadTransaction, events: &ReadOnlyTable<u64, &[u8]>) -> Result<u64, ReadError> {
+    /// The stream index's marker in `txn`, and the last seq there.
+    fn indexed_through(
+        &self,
+        txn: &ReadTransaction,
+        events: &ReadOnlyTable<u64, &[u8]>,
+    ) -> Result<(u64, u64), ReadError> {
         let last_seq = events.last().map_err(read_backend)?.map_or(0, |(key, _)| key.value());
         let meta = txn.open_table(META).map_err(read_backend)?;
-        streams_indexed_through(&meta, last_seq).map_err(read_backend)
+        Ok((streams_indexed_through(&meta, last_seq).map_err(read_backend)?, last_seq))
     }
 
     /// Records with `from_us <= recorded_at_us <= to_us`, at most `max`, in log order.
@@ -380,8 +384,8 @@ impl LogReader {
         let streams = txn.open_table(STREAMS).map_err(read_backend)?;
         let events = txn.open_table(EVENTS).map_err(read_backend)?;
         let mut version = last_stream_version(&streams, stream).map_err(read_backend)?;
-        let last_seq = events.last().map_err(read_backend)?.map_or(0, |(key, _)| key.value());
-        let (known, scan_after) = self.tail_entries(self.indexed_through(&txn, &events)?, stream);
+        let (indexed_through, last_seq) = self.indexed_through(&txn, &events)?;
+        let (known, scan_after) = self.tail_entries(indexed_through, stream);
         if let Some((known_version, _)) = known.iter().rev().find(|(_, seq)| *seq <= last_seq) {
             version = *known_version;
         }

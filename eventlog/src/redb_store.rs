@@ -11,10 +11,11 @@
 //! Why the stream index trails the log: its key is the stream, so a batch of records for many
 //! streams dirties a B-tree leaf per stream, and every commit rewrote those leaves (and their
 //! branches) before its fsync — most of a commit's pages, measured. The records after the
-//! `streams_indexed_through` marker (a bounded tail) are indexed in memory here and found by
-//! readers by scanning that tail; once the tail reaches the lag, one commit writes all of its
-//! entries sorted, each leaf once, and moves the marker. Reopening rebuilds the tail from the
-//! events table, so nothing about it needs to be durable beyond the records themselves.
+//! `streams_indexed_through` marker (a bounded tail) are indexed in memory here, in a map shared
+//! with this store's readers (a read-only reader scans the tail instead); once the tail reaches
+//! the lag, one commit writes all of its entries sorted, each leaf once, and moves the marker
+//! and the head checkpoint. Reopening rebuilds the tail from the events table, so nothing about
+//! it needs to be durable beyond the records themselves.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -44,7 +45,8 @@ pub const BATCH_OUTCOMES_MAX: usize = 100_000;
 /// Largest opaque outcome.
 pub const OUTCOME_BYTES_MAX: usize = 64 * 1024;
 /// Default of [`RedbOptions::stream_index_lag_records`]: at 40,000 events/s one commit in a few
-/// hundred carries the index (a few hundred pages), and a stream read scans at most ~2 MiB.
+/// hundred carries the index (a few hundred pages), and a read-only reader's stream read scans
+/// at most ~2 MiB.
 pub const STREAM_INDEX_LAG_DEFAULT: usize = 8192;
 
 /// Tunables of a [`RedbStore`].
@@ -206,10 +208,6 @@ impl RedbStore {
         let events = txn.open_table(EVENTS).map_err(open_backend)?;
         for_each_unindexed(&events, indexed_through, |seq, decoded| {
             unindexed.push(decoded.body.stream, decoded.body.stream_version, seq);
-        })
-        .map_err(|e| match e {
-            ReadError::Backend(b) => OpenError::Backend(b),
-            ReadError::Record(r) => OpenError::Record(r),
         })?;
         drop((meta, events, txn));
         let db = Arc::new(Db::ReadWrite(db));
@@ -386,7 +384,7 @@ impl RedbStore {
         outcomes: &[(String, Vec<u8>)],
     ) -> Result<Written, AppendError> {
         let mut events = txn.open_table(EVENTS).map_err(append_backend)?;
-        let streams = txn.open_table(STREAMS).map_err(append_backend)?;
+        let mut streams = txn.open_table(STREAMS).map_err(append_backend)?;
         // Only this store writes the tail, so reading it throughout the batch is consistent.
         let unindexed = self.unindexed.read();
         let mut times = txn.open_table(TIMES).map_err(append_backend)?;
@@ -425,8 +423,7 @@ impl RedbStore {
             written.push(stored);
         }
         let head = Head { seq, hash: prev_hash };
-        drop(streams);
-        let indexed = unindexed.len + written.len() >= self.options.stream_index_lag_records.max(1);
+        let indexed = unindexed.len() + written.len() as u64 >= self.options.stream_index_lag_records.max(1) as u64;
         if indexed {
             let mut entries: Vec<(&[u8], u64, u64)> = unindexed
                 .by_stream
@@ -436,7 +433,6 @@ impl RedbStore {
                 .collect();
             // Sorted, so each leaf of the index is written once.
             entries.sort_unstable();
-            let mut streams = txn.open_table(STREAMS).map_err(append_backend)?;
             for (stream, version, seq) in entries {
                 streams.insert((stream, version), seq).map_err(append_backend)?;
             }
@@ -444,8 +440,6 @@ impl RedbStore {
                 .map_err(append_backend)?
                 .insert(META_STREAMS_INDEXED_THROUGH, seq)
                 .map_err(append_backend)?;
-        }
-        if indexed {
             // The head checkpoint moves with the index (see `reader::HEAD`).
             txn.open_table(HEAD)
                 .map_err(append_backend)?
