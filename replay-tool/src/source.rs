@@ -166,23 +166,16 @@ impl Source {
     ) -> Result<()> {
         let from = from.max(1);
         match self {
-            Source::File { reader, .. } => {
-                let mut next = from;
-                while next <= to {
-                    let batch = without_panic("read the log", || {
-                        reader
-                            .read_range(next, to, SCAN_BATCH_RECORDS)
-                            .with_context(|| format!("read records from seq {next}"))
-                    })?;
-                    let Some(last) = batch.last() else { break };
-                    next = last.seq + 1;
+            // The file is read in owned batches either way; a feed's records are lent in place.
+            Source::File { .. } => {
+                return self.scan_batches(from, to, SCAN_BATCH_RECORDS, progress, |batch| {
                     for record in &batch {
                         if f(record)?.is_break() {
-                            return Ok(());
+                            return Ok(ControlFlow::Break(()));
                         }
                     }
-                    progress.set(next - 1);
-                }
+                    Ok(ControlFlow::Continue(()))
+                });
             }
             Source::Feed { records, .. } => {
                 let start = usize::try_from(from - 1).unwrap_or(usize::MAX).min(records.len());
