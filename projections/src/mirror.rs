@@ -114,9 +114,28 @@ pub struct Applied {
 }
 
 /// Every live task, by id.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+///
+/// Memory per live task is what limits a projector's size, and there are
+/// three mirrors (one per projector that keeps one). A decoded `MirrorTask`
+/// with its steps, strings and map slot costs about 1.4 KiB; its postcard
+/// body about 100 bytes. So a task is kept decoded only while a batch works
+/// on it: `apply` decodes it on first touch, and `settle`, at the end of the
+/// batch, encodes the touched tasks back into bodies — the same bodies the
+/// projector persists in its mirror table, so the encoding is paid once.
+#[derive(Clone, Debug, Default)]
 pub struct Mirror {
-    tasks: HashMap<TaskId, MirrorTask>,
+    /// Tasks not touched since the last `settle`, as postcard bodies.
+    settled: HashMap<TaskId, Box<[u8]>>,
+    /// Tasks touched since the last `settle`, decoded.
+    touched: HashMap<TaskId, MirrorTask>,
+}
+
+fn encode(task: &MirrorTask) -> Result<Box<[u8]>, ApplyError> {
+    postcard::to_stdvec(task).map(Vec::into_boxed_slice).map_err(|e| ApplyError::Model(e.to_string()))
+}
+
+fn decode(body: &[u8]) -> Result<MirrorTask, ApplyError> {
+    postcard::from_bytes(body).map_err(|e| ApplyError::Model(e.to_string()))
 }
 
 fn inconsistent(seq: u64, reason: impl Into<String>) -> ApplyError {
@@ -167,21 +186,55 @@ impl Mirror {
         Self::default()
     }
 
-    /// A mirror holding `tasks` (loaded back from a projector's table).
-    pub fn from_tasks(tasks: impl IntoIterator<Item = MirrorTask>) -> Self {
-        Self { tasks: tasks.into_iter().map(|t| (t.id, t)).collect() }
+    /// A mirror holding the postcard bodies a projector persisted (see
+    /// `settled_body`), settled. A body is decoded when an event touches
+    /// its task; one that does not decode is reported then.
+    pub fn from_bodies(bodies: impl IntoIterator<Item = (TaskId, Box<[u8]>)>) -> Self {
+        Self { settled: bodies.into_iter().collect(), touched: HashMap::new() }
     }
 
-    pub fn task(&self, id: &TaskId) -> Option<&MirrorTask> {
-        self.tasks.get(id)
+    /// A live task that an event touched since the last `settle` (every
+    /// task whose rows a batch renders).
+    pub fn touched_task(&self, id: &TaskId) -> Option<&MirrorTask> {
+        self.touched.get(id)
+    }
+
+    /// A live task, touched or not.
+    pub fn task(&self, id: &TaskId) -> Result<Option<MirrorTask>, ApplyError> {
+        match self.touched.get(id) {
+            Some(task) => Ok(Some(task.clone())),
+            None => self.settled.get(id).map(|body| decode(body)).transpose(),
+        }
+    }
+
+    /// A settled live task's persisted form.
+    pub fn settled_body(&self, id: &TaskId) -> Option<&[u8]> {
+        self.settled.get(id).map(|body| &body[..])
+    }
+
+    /// Encodes every touched task back into its body; afterwards
+    /// `settled_body` has the body of each that is still live.
+    pub fn settle(&mut self) -> Result<(), ApplyError> {
+        for (id, task) in self.touched.drain() {
+            self.settled.insert(id, encode(&task)?);
+        }
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
-        self.tasks.len()
+        self.settled.len() + self.touched.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tasks.is_empty()
+        self.len() == 0
+    }
+
+    /// The task `id`, decoded and moved to `touched` if it was settled.
+    fn touch(&mut self, seq: u64, id: TaskId) -> Result<&mut MirrorTask, ApplyError> {
+        if let Some(body) = self.settled.remove(&id) {
+            self.touched.insert(id, decode(&body)?);
+        }
+        self.touched.get_mut(&id).ok_or_else(|| inconsistent(seq, format!("task {id} is not live")))
     }
 
     /// Folds the event at `seq` in. On `Err` the mirror may be half-changed
@@ -191,7 +244,7 @@ impl Mirror {
         let mut applied = Applied { task: event.task(), ..Applied::default() };
         let task_id = match event {
             Event::TaskCreated { spec, .. } => {
-                if self.tasks.contains_key(&spec.id) {
+                if self.touched.contains_key(&spec.id) || self.settled.contains_key(&spec.id) {
                     return Err(inconsistent(seq, format!("task {} created twice", spec.id)));
                 }
                 let steps = new_steps(&[], &spec.steps).map_err(|r| inconsistent(seq, r))?;
@@ -219,8 +272,7 @@ impl Mirror {
                     applied.step_moves.push((i as u16, None, StepState::Pending));
                 }
                 applied.task_move = Some((None, TaskState::Pending));
-                self.tasks.insert(spec.id, task);
-                let t = self.tasks.get_mut(&spec.id).expect("just inserted");
+                let t = self.touched.entry(spec.id).insert_entry(task).into_mut();
                 enqueue_unblocked(t, at, &mut applied);
                 spec.id
             }
@@ -232,12 +284,12 @@ impl Mirror {
             }
             _ => {
                 let id = event.task().expect("every other event names a task");
-                let t = self.tasks.get_mut(&id).ok_or_else(|| inconsistent(seq, format!("task {id} is not live")))?;
+                let t = self.touch(seq, id)?;
                 apply_to_task(t, seq, event, at, &mut applied)?;
                 id
             }
         };
-        let t = self.tasks.get_mut(&task_id).expect("present");
+        let t = self.touched.get_mut(&task_id).expect("touched above");
         applied.namespace = Some(t.namespace.clone());
         t.updated_at_us = at;
         t.updated_seq = seq;
@@ -253,7 +305,7 @@ impl Mirror {
         }
         if next.is_terminal() {
             t.finished_at_us = Some(at);
-            applied.finished = self.tasks.remove(&task_id).map(Box::new);
+            applied.finished = self.touched.remove(&task_id).map(Box::new);
         }
         Ok(applied)
     }
@@ -464,4 +516,65 @@ fn apply_to_task(
         | Event::QueueConcurrencySet { .. } => unreachable!("handled by the caller"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use domain::Command;
+    use domain::testkit::{Scenario, claim, complete, fail, step, task_id, workflow};
+
+    use super::*;
+
+    /// A DAG task that is claimed, fails once, is retried and completes, and
+    /// a second task that is cancelled while its step is leased.
+    fn history() -> Vec<Event> {
+        let mut s = Scenario::new();
+        s.ok(Command::CreateTask(workflow(
+            1,
+            "ns",
+            vec![step("a", "h", &[]), step("b", "h", &["a"]), step("c", "h", &["a", "b"])],
+        )));
+        s.ok(Command::CreateTask(workflow(2, "ns", vec![step("x", "h", &[])])));
+        s.ok(claim("ns", "w1", 2));
+        s.ok(fail(task_id(1), "a", 1, true));
+        s.advance_ms(60_000);
+        s.fire_timers();
+        s.ok(Command::CancelTask { task: task_id(2), reason: None });
+        for (name, epoch) in [("a", 2), ("b", 1), ("c", 1)] {
+            s.ok(claim("ns", "w2", 1));
+            s.ok(complete(task_id(1), name, epoch));
+        }
+        s.log
+    }
+
+    #[test]
+    fn settling_after_every_event_changes_nothing_a_batch_sees() {
+        let events = history();
+        let mut kept = Mirror::new();
+        let mut settled = Mirror::new();
+        for (i, event) in events.iter().enumerate() {
+            let seq = i as u64 + 1;
+            let a = kept.apply(seq, event).expect("consistent");
+            let b = settled.apply(seq, event).expect("consistent");
+            assert_eq!(format!("{a:?}"), format!("{b:?}"), "what event {seq} did");
+            for id in [task_id(1), task_id(2)] {
+                assert_eq!(kept.task(&id).unwrap(), settled.task(&id).unwrap(), "task {id} after event {seq}");
+                if event.task() == Some(id) {
+                    assert_eq!(kept.touched_task(&id), settled.touched_task(&id), "task {id} after event {seq}");
+                }
+            }
+            settled.settle().expect("encodes");
+            assert!(settled.touched.is_empty());
+            assert_eq!(kept.len(), settled.len());
+        }
+        assert!(kept.is_empty(), "both tasks ended");
+    }
+
+    #[test]
+    fn a_body_that_does_not_decode_is_reported_when_its_task_is_touched() {
+        let events = history();
+        let mut mirror = Mirror::from_bodies([(task_id(1), Box::from(&b"\xff\xff"[..]))]);
+        let claimed = events.iter().position(|e| matches!(e, Event::StepClaimed { .. })).expect("a claim");
+        assert!(matches!(mirror.apply(1, &events[claimed]), Err(ApplyError::Model(_))));
+    }
 }

@@ -153,15 +153,15 @@ impl ProjectorKind {
         if !self.uses_mirror() {
             return Ok(None);
         }
-        let select = format!("SELECT body FROM {}{suffix}", self.mirror_table());
-        let bodies: Vec<Vec<u8>> = crate::store::on_tx!(tx, t => {
-            sqlx::query_scalar(sqlx::AssertSqlSafe(select)).fetch_all(&mut **t).await?
+        let select = format!("SELECT task_id, body FROM {}{suffix}", self.mirror_table());
+        let rows: Vec<(Uuid, Vec<u8>)> = crate::store::on_tx!(tx, t => {
+            sqlx::query_as(sqlx::AssertSqlSafe(select)).fetch_all(&mut **t).await?
         });
-        let tasks = bodies
-            .iter()
-            .map(|body| postcard::from_bytes::<MirrorTask>(body).map_err(|e| ApplyError::Model(e.to_string())))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Some(Mirror::from_tasks(tasks)))
+        let bodies = rows
+            .into_iter()
+            .map(|(id, body)| Ok((TaskId::try_from(id).map_err(|e| ApplyError::Model(e.to_string()))?, body.into())))
+            .collect::<Result<Vec<_>, ApplyError>>()?;
+        Ok(Some(Mirror::from_bodies(bodies)))
     }
 }
 
@@ -189,7 +189,7 @@ impl Touched {
     /// The task's state at the end of the batch: live in the mirror, or its
     /// last state if it finished.
     pub fn current<'a>(&'a self, mirror: &'a Mirror, id: &TaskId) -> Option<&'a MirrorTask> {
-        mirror.task(id).or_else(|| self.finished.get(id))
+        mirror.touched_task(id).or_else(|| self.finished.get(id))
     }
 }
 
@@ -201,16 +201,16 @@ pub(crate) enum Plan {
     Dashboard(dashboard::Plan),
 }
 
-struct MirrorRow {
+struct MirrorRow<'a> {
     id: Uuid,
-    body: Vec<u8>,
+    body: &'a [u8],
 }
 
-impl SqlRow for MirrorRow {
+impl SqlRow for MirrorRow<'_> {
     const COLUMNS: usize = 2;
     fn bind(&self, sink: &mut dyn Sink) {
         sink.uuid(self.id);
-        sink.bytes(&self.body);
+        sink.bytes(self.body);
     }
 }
 
@@ -229,8 +229,8 @@ pub(crate) fn prepare_batch(
 ) -> Result<Statements, ApplyError> {
     let mut plan = kind.new_plan();
     let mut touched = Touched::default();
-    let empty = Mirror::new();
-    let mirror: &Mirror = match mirror {
+    let mut empty = Mirror::new();
+    let mirror: &mut Mirror = match mirror {
         Some(mirror) => {
             for (record, event) in records.iter().zip(events) {
                 let applied = mirror.apply(record.seq, event)?;
@@ -243,22 +243,20 @@ pub(crate) fn prepare_batch(
             for (record, event) in records.iter().zip(events) {
                 plan.observe(record, event, &Applied::default());
             }
-            &empty
+            &mut empty
         }
     };
     let mut out = Statements::new(backend);
     plan.render(&mut out, suffix, &touched, mirror, records, events);
+    mirror.settle()?;
     if kind.uses_mirror() && !touched.order.is_empty() {
         let first_seq = records.first().map_or(u64::MAX, |r| r.seq);
         let table = format!("{}{suffix}", kind.mirror_table());
         let mut live = Vec::new();
         let mut gone = Vec::new();
         for id in &touched.order {
-            match mirror.task(id) {
-                Some(task) => live.push(MirrorRow {
-                    id: *id.as_uuid(),
-                    body: postcard::to_stdvec(task).map_err(|e| ApplyError::Model(e.to_string()))?,
-                }),
+            match mirror.settled_body(id) {
+                Some(body) => live.push(MirrorRow { id: *id.as_uuid(), body }),
                 // A task created in this batch was never stored: nothing to delete.
                 None => {
                     if touched.finished.get(id).is_none_or(|t| t.created_seq < first_seq) {

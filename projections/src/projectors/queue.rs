@@ -238,7 +238,7 @@ impl Plan {
         let rows: Vec<QueueRow<'_>> = touched
             .order
             .iter()
-            .filter_map(|id| mirror.task(id))
+            .filter_map(|id| mirror.touched_task(id))
             .flat_map(|t| {
                 t.steps
                     .iter()
