@@ -201,6 +201,8 @@ impl Row {
             v["writer_events_per_s"] = json!(r(w.events_per_s));
             v["writer_commits_per_s"] = json!(r(w.batches_per_s));
             v["writer_commands_per_commit"] = json!(r(w.commands_per_batch));
+            v["writer_commit_p99_ms_at_most"] = json!(w.commit_p99_ms);
+            v["writer_commit_max_ms_at_most"] = json!(w.commit_max_ms);
         }
         if let Some(e) = &t.first_error {
             v["first_error"] = json!(e);
@@ -210,17 +212,44 @@ impl Row {
 }
 
 /// The writer's counters from `/metrics`.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 struct WriterCounters {
     batches: f64,
     commands: f64,
     events: f64,
+    /// `taskledger_commit_seconds` as (upper bound in ms, cumulative count).
+    commit_buckets: Vec<(f64, f64)>,
 }
 
 struct WriterRates {
     events_per_s: f64,
     batches_per_s: f64,
     commands_per_batch: f64,
+    /// Upper bound of the bucket holding the window's 99th-percentile commit
+    /// (write + fsync), and of its longest: a writer stall shows here before
+    /// it shows in the acknowledgement latencies.
+    commit_p99_ms: f64,
+    commit_max_ms: f64,
+}
+
+impl WriterRates {
+    fn between(b: &WriterCounters, a: &WriterCounters, seconds: f64) -> Self {
+        let window: Vec<(f64, f64)> = a
+            .commit_buckets
+            .iter()
+            .zip(&b.commit_buckets)
+            .map(|(&(le, after), &(_, before))| (le, after - before))
+            .collect();
+        let total = window.last().map_or(0.0, |&(_, n)| n);
+        let bound_at = |count: f64| window.iter().find(|&&(_, n)| n >= count).map_or(f64::NAN, |&(le, _)| le);
+        WriterRates {
+            events_per_s: (a.events - b.events) / seconds,
+            batches_per_s: (a.batches - b.batches) / seconds,
+            commands_per_batch: (a.commands - b.commands) / (a.batches - b.batches).max(1.0),
+            commit_p99_ms: bound_at((total * 0.99).ceil().max(1.0)),
+            commit_max_ms: bound_at(total.max(1.0)),
+        }
+    }
 }
 
 async fn writer_counters(target: &Target) -> Option<WriterCounters> {
@@ -230,10 +259,20 @@ async fn writer_counters(target: &Target) -> Option<WriterCounters> {
     let value = |name: &str| {
         text.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok())).unwrap_or(0.0)
     };
+    let commit_buckets = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("taskledger_commit_seconds_bucket{le=\""))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"}")?;
+            let le_ms = if le == "+Inf" { f64::INFINITY } else { le.parse::<f64>().ok()? * 1000.0 };
+            Some((le_ms, count.trim().parse().ok()?))
+        })
+        .collect();
     Some(WriterCounters {
         batches: value("taskledger_writer_batches_total "),
         commands: value("taskledger_writer_commands_total "),
         events: value("taskledger_writer_events_total "),
+        commit_buckets,
     })
 }
 
@@ -271,11 +310,7 @@ async fn measure(
         Some((_, t)) => writer_counters(t).await,
         None => None,
     };
-    let writer = before.zip(after).map(|(b, a)| WriterRates {
-        events_per_s: (a.events - b.events) / seconds,
-        batches_per_s: (a.batches - b.batches) / seconds,
-        commands_per_batch: (a.commands - b.commands) / (a.batches - b.batches).max(1.0),
-    });
+    let writer = before.zip(after).map(|(b, a)| WriterRates::between(&b, &a, seconds));
     let mut tally = Tally::default();
     for task in tasks {
         match tokio::time::timeout(Duration::from_secs(60), task).await {
@@ -671,8 +706,12 @@ fn print_table(args: &Args, rows: &[Row]) {
         }
         if let Some(w) = &r.writer {
             notes.push(format!(
-                "writer {:.0} events/s in {:.0} commits/s ({:.1} commands/commit)",
-                w.events_per_s, w.batches_per_s, w.commands_per_batch
+                "writer {:.0} events/s in {:.0} commits/s ({:.1} commands/commit), commit p99 <= {} ms, longest <= {} ms",
+                w.events_per_s,
+                w.batches_per_s,
+                w.commands_per_batch,
+                w.commit_p99_ms,
+                w.commit_max_ms
             ));
         }
         let _ = writeln!(out, "{} {}: {}", r.system, r.workload, notes.join("; "));
