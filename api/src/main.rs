@@ -114,6 +114,9 @@ impl Default for ServeArgs {
 }
 
 fn main() -> ExitCode {
+    if let Err(e) = eventlog::memory::disable_transparent_huge_pages() {
+        eprintln!("taskledger: could not turn off transparent huge pages ({e}); going on with them");
+    }
     let cli = Cli::parse();
     match cli.command.unwrap_or(Cmd::Serve(ServeArgs::default())) {
         Cmd::Serve(args) => {

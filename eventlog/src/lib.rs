@@ -21,6 +21,7 @@ pub mod fault;
 pub mod feed;
 pub mod fold;
 pub mod json;
+pub mod memory;
 pub mod reader;
 pub mod record;
 pub mod redb_store;

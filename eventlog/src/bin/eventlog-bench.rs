@@ -201,6 +201,8 @@ fn thread_cpu_s() -> f64 {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    // As the server runs (see `eventlog::memory`).
+    eventlog::memory::disable_transparent_huge_pages()?;
     let settings = Settings {
         stream_index_lag: args.stream_index_lag,
         seconds: args.seconds.unwrap_or(if args.quick { 2.0 } else { 5.0 }),

@@ -257,6 +257,8 @@ async fn lag_run(store: Store, dir: &std::path::Path, rate: u64, seconds: u64) -
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let mut args = Args::parse();
+    // As the server runs (see `eventlog::memory`).
+    eventlog::memory::disable_transparent_huge_pages()?;
     if args.quick {
         args.events = args.events.min(100_000);
         args.lag_seconds = args.lag_seconds.min(3);
