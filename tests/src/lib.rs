@@ -10,6 +10,23 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+/// One entry of a server's `tokens.json`: the token's name, the bearer token itself
+/// (stored only as its BLAKE3 hash), roles, namespace scope (empty: every namespace) and
+/// whether it is revoked.
+pub fn token_entry(name: &str, token: &str, roles: &[&str], namespaces: &[&str], revoked: bool) -> Value {
+    serde_json::json!({ "name": name, "token_blake3": api::auth::hash_token(token), "roles": roles,
+                        "namespaces": namespaces, "revoked": revoked })
+}
+
+/// Writes `<data>/tokens.json` with `entries` (see [`token_entry`]) and `<data>/admin.token`
+/// with `admin_token`, creating `data`; a server started on `data` then accepts those tokens.
+pub fn write_tokens(data: &Path, entries: Vec<Value>, admin_token: &str) {
+    std::fs::create_dir_all(data).expect("create the data dir");
+    std::fs::write(data.join("tokens.json"), serde_json::json!({ "tokens": entries }).to_string())
+        .expect("write tokens.json");
+    std::fs::write(data.join("admin.token"), admin_token).expect("write admin.token");
+}
+
 /// Path of a binary built by this workspace (`taskledger`, `taskledger-replay`).
 ///
 /// Cargo puts every workspace binary in the same target directory as the test

@@ -210,17 +210,17 @@ fn oversized_bodies_are_refused_with_413() {
 fn roles_and_namespace_scopes_are_enforced() {
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let entry = |name: &str, roles: &[&str], namespaces: &[&str]| json!({ "name": name, "token_blake3": api::auth::hash_token(&format!("tok-{name}")), "roles": roles, "namespaces": namespaces });
-    let tokens = json!({ "tokens": [
+    let entry = |name: &str, roles: &[&str], namespaces: &[&str]| {
+        tests::token_entry(name, &format!("tok-{name}"), roles, namespaces, false)
+    };
+    let tokens = vec![
         entry("admin", &["admin"], &[]),
         entry("producer", &["producer"], &["mail"]),
         entry("worker", &["worker"], &[]),
         entry("operator", &["operator"], &[]),
         entry("auditor", &["auditor"], &[]),
-    ]});
-    std::fs::write(data.join("tokens.json"), tokens.to_string()).unwrap();
-    std::fs::write(data.join("admin.token"), "tok-admin").unwrap();
+    ];
+    tests::write_tokens(&data, tokens, "tok-admin");
     let server = Server::start_in(&data, &[]);
     let tok = |name: &str| format!("tok-{name}");
     let job = |ns: &str| json!({ "namespace": ns, "handler": "h" });

@@ -314,11 +314,8 @@ fn expected(row: &Row, credential: &Credential, target: Target) -> Outcome {
 
 // ----- the server with its tokens -----
 
-fn tokens_file() -> Value {
-    let entry = |name: &str, token: &str, roles: &[&str], namespaces: &[&str], revoked: bool| {
-        json!({ "name": name, "token_blake3": api::auth::hash_token(token), "roles": roles,
-                "namespaces": namespaces, "revoked": revoked })
-    };
+fn tokens_file() -> Vec<Value> {
+    let entry = tests::token_entry;
     let mut tokens: Vec<Value> = principals()
         .iter()
         .map(|p| {
@@ -328,16 +325,14 @@ fn tokens_file() -> Value {
         .collect();
     tokens.push(entry("fixtures", FIXTURE_TOKEN, &["admin"], &[], false));
     tokens.push(entry("revoked-admin", REVOKED_TOKEN, &["admin"], &[], true));
-    json!({ "tokens": tokens })
+    tokens
 }
 
 /// A server whose tokens file holds every principal; `Server::token` is the fixture token.
 fn start_server() -> (tempfile::TempDir, Server) {
     let temp = tempfile::tempdir().expect("temp dir");
     let data = temp.path().join("data");
-    std::fs::create_dir_all(&data).expect("data dir");
-    std::fs::write(data.join("tokens.json"), tokens_file().to_string()).expect("write tokens");
-    std::fs::write(data.join("admin.token"), FIXTURE_TOKEN).expect("write admin.token");
+    tests::write_tokens(&data, tokens_file(), FIXTURE_TOKEN);
     let server = Server::start_in(&data, &[]);
     (temp, server)
 }
@@ -1093,13 +1088,13 @@ fn a_token_revoked_in_the_tokens_file_stops_working_after_a_restart() {
     assert_eq!(created.status, 201, "{created:?}");
     assert_eq!(server.stop(), Some(0));
 
-    let mut file = tokens_file();
-    for entry in file["tokens"].as_array_mut().unwrap() {
+    let mut entries = tokens_file();
+    for entry in &mut entries {
         if entry["name"] == "producer" {
             entry["revoked"] = json!(true);
         }
     }
-    std::fs::write(data.join("tokens.json"), file.to_string()).unwrap();
+    tests::write_tokens(&data, entries, FIXTURE_TOKEN);
     let server = Server::start_in(&data, &[]);
     let refused = server.post_as(&producer, "/v1/tasks", json!({ "namespace": IN, "handler": "h" }), None);
     assert_eq!((refused.status, refused.code()), (401, "unauthorized"), "{refused:?}");

@@ -203,16 +203,16 @@ fn an_offline_backup_of_a_stopped_dir_equals_the_online_one_and_leaves_the_sourc
 fn a_backup_needs_an_admin_token_and_leaves_nothing_when_refused() {
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let entry = |name: &str, roles: &[&str], namespaces: &[&str]| json!({ "name": name, "token_blake3": api::auth::hash_token(&format!("tok-{name}")), "roles": roles, "namespaces": namespaces });
-    let tokens = json!({ "tokens": [
+    let entry = |name: &str, roles: &[&str], namespaces: &[&str]| {
+        tests::token_entry(name, &format!("tok-{name}"), roles, namespaces, false)
+    };
+    let tokens = vec![
         entry("admin", &["admin"], &[]),
         entry("auditor", &["auditor"], &[]),
         entry("operator", &["operator"], &[]),
         entry("scoped-admin", &["admin"], &["mail"]),
-    ]});
-    std::fs::write(data.join("tokens.json"), tokens.to_string()).unwrap();
-    std::fs::write(data.join("admin.token"), "tok-admin").unwrap();
+    ];
+    tests::write_tokens(&data, tokens, "tok-admin");
     let server = Server::start_in(&data, &[]);
     server.post("/v1/tasks", job(1));
 
