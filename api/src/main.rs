@@ -96,6 +96,10 @@ struct ServeArgs {
     /// further behind reads from disk.
     #[arg(long, env = "TASKLEDGER_FEED_CAPACITY", default_value_t = 64 * 1024)]
     feed_capacity: usize,
+    /// Stream heads (the last version of a task's stream) the writer keeps in memory; past this
+    /// many it forgets them all and reads each again from the log's index on its next use.
+    #[arg(long, env = "TASKLEDGER_STREAM_CACHE", default_value_t = eventlog::RedbOptions::default().stream_cache_entries)]
+    stream_cache: usize,
     /// Log format: text or json.
     #[arg(long, env = "TASKLEDGER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -125,6 +129,10 @@ fn main() -> ExitCode {
                 snapshot_every_events: args.snapshot_every,
                 dedup_window_events: args.dedup_window.max(1),
                 feed_capacity: args.feed_capacity.max(1),
+                store: eventlog::RedbOptions {
+                    stream_cache_entries: args.stream_cache.max(1),
+                    ..eventlog::RedbOptions::default()
+                },
                 ..WriterConfig::default()
             };
             let config = ServeConfig {

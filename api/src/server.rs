@@ -211,10 +211,11 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     );
     println!(
         "writer: queue of {} commands, dedup window of {} events, {} recent records kept for live subscribers, \
-         a snapshot every {} events",
+         {} stream heads cached, a snapshot every {} events",
         config.writer.channel_capacity,
         config.writer.dedup_window_events,
         config.writer.feed_capacity,
+        config.writer.store.stream_cache_entries,
         config.writer.snapshot_every_events
     );
     println!(
