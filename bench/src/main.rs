@@ -24,6 +24,7 @@
 //! because it shares the cores with what it measures.
 
 mod baseline;
+mod disk;
 mod http;
 mod server;
 mod stats;
@@ -119,6 +120,9 @@ struct Args {
     /// Longest wait for the server's projections to catch up between workloads, in seconds.
     #[arg(long, default_value_t = 10.0)]
     settle_s: f64,
+    /// How long to probe the disk's own fdatasync latency before the workloads (0: skip).
+    #[arg(long, default_value_t = 4.0)]
+    disk_probe_s: f64,
     /// A smoke run: tiny windows and sizes (about 20 s in all).
     #[arg(long)]
     quick: bool,
@@ -137,6 +141,7 @@ impl Args {
         self.idle_tasks = self.idle_tasks.min(15);
         self.batch_size = self.batch_size.min(100);
         self.settle_s = self.settle_s.min(3.0);
+        self.disk_probe_s = self.disk_probe_s.min(0.5);
         self.producers = self.producers.min(4);
         self.workers = self.workers.min(2);
         self.batch = self.batch.min(8);
@@ -652,6 +657,21 @@ async fn run_baseline(args: &Args, pg: &TempPostgres, rows: &mut Vec<Row>) -> Re
     Ok(())
 }
 
+/// Gap between the disk probe's syncs: about the pace of an idle writer's commits.
+const DISK_PROBE_INTERVAL: Duration = Duration::from_millis(5);
+
+fn print_disk(tail: &disk::FsyncTail) {
+    eprintln!(
+        "disk: fdatasync of a 256-byte append every {} ms, {} syncs: p50 {:.2} ms, p99 {:.2} ms, longest {:.2} ms \
+         (no acknowledgement percentile can beat the disk's)",
+        DISK_PROBE_INTERVAL.as_millis(),
+        tail.syncs,
+        tail.latency.p_ms(0.5),
+        tail.latency.p_ms(0.99),
+        tail.latency.p_ms(1.0)
+    );
+}
+
 fn print_table(args: &Args, rows: &[Row]) {
     let mut out = String::new();
     use std::fmt::Write as _;
@@ -740,6 +760,13 @@ fn main() -> Result<()> {
     }
     .context("start the bench runtime")?;
 
+    let disk = if args.disk_probe_s > 0.0 {
+        let tail = disk::probe(args.disk_probe_s, DISK_PROBE_INTERVAL)?;
+        print_disk(&tail);
+        Some(tail)
+    } else {
+        None
+    };
     let mut rows = Vec::new();
     runtime.block_on(async {
         if let Some(binary) = &binary {
@@ -758,7 +785,19 @@ fn main() -> Result<()> {
     })?;
 
     print_table(&args, &rows);
+    if let Some(tail) = &disk {
+        print_disk(tail);
+    }
     if args.json {
+        if let Some(tail) = &disk {
+            let r = |x: f64| (x * 1000.0).round() / 1000.0;
+            println!(
+                "{}",
+                json!({ "system": "disk", "workload": "fdatasync-probe", "syncs": tail.syncs,
+                        "p50_ms": r(tail.latency.p_ms(0.5)), "p99_ms": r(tail.latency.p_ms(0.99)),
+                        "max_ms": r(tail.latency.p_ms(1.0)) })
+            );
+        }
         for r in &rows {
             println!("{}", r.json());
         }

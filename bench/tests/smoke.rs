@@ -80,6 +80,11 @@ fn quick_run_prints_a_result_for_every_workload() {
     assert!(lifecycle["pickup_p99_ms"].is_number());
     let mixed = rows.iter().find(|r| r["workload"] == "mixed").unwrap();
     assert!(mixed["completed_steps"].as_u64().unwrap_or(0) > 0, "mixed completed no step: {mixed}");
+    let disk = rows.iter().find(|r| r["system"] == "disk").unwrap_or_else(|| panic!("no disk line in:\n{stdout}"));
+    assert_eq!(disk["workload"], "fdatasync-probe");
+    assert!(disk["syncs"].as_u64().unwrap_or(0) > 0, "the disk probe synced nothing: {disk}");
+    let (p50, p99, max) = (disk["p50_ms"].as_f64(), disk["p99_ms"].as_f64(), disk["max_ms"].as_f64());
+    assert!(matches!((p50, p99, max), (Some(a), Some(b), Some(c)) if 0.0 < a && a <= b && b <= c), "{disk}");
     let ratio = lines.iter().find_map(|v| v.get("ratio_lifecycle")).expect("a ratio_lifecycle line");
     assert!(ratio.as_f64().unwrap_or(0.0) > 0.0, "ratio {ratio}");
 }
