@@ -19,6 +19,10 @@ use crate::wire::*;
 
 /// Longest a claim may long-poll.
 pub const CLAIM_WAIT_MS_MAX: u64 = 30_000;
+/// Most steps completed by one `POST /v1/completions`.
+pub const COMPLETIONS_MAX: usize = 1000;
+/// Bytes an item's suffix (`/` and its index) adds to the request's X-Command-Id.
+const ITEM_SUFFIX_BYTES_MAX: usize = 1 + (COMPLETIONS_MAX - 1).ilog10() as usize + 1;
 /// Records read per page when folding a task's stream.
 pub const STREAM_PAGE_RECORDS: usize = 10_000;
 
@@ -257,6 +261,80 @@ pub async fn create_batch(
         duplicate: ack.duplicate,
     };
     Ok((status, body))
+}
+
+/// Completes several leased steps in one request. Each completion is its own
+/// command, so a stale lease fails only its own item; all are sent to the
+/// writer before any answer is awaited, so they share its next commit. With
+/// an X-Command-Id `C`, item `i` is recorded under `C/i`, and a retried
+/// request answers each item as it was first answered.
+pub async fn complete_batch(
+    state: &AppState,
+    caller: &Caller<'_>,
+    request: CompleteBatchRequest,
+) -> ApiResult<CompletionsResponse> {
+    caller.who.require(Permission::Work)?;
+    let count = request.completions.len();
+    if count == 0 || count > COMPLETIONS_MAX {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_batch",
+            format!("a batch holds 1 to {COMPLETIONS_MAX} completions, got {count}"),
+        )
+        .with_field("completions"));
+    }
+    let longest = eventlog::writer::COMMAND_ID_BYTES_MAX - ITEM_SUFFIX_BYTES_MAX;
+    if caller.command_id.as_ref().is_some_and(|id| id.len() > longest) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_command_id",
+            format!("on /v1/completions X-Command-Id is at most {longest} bytes (item i is recorded as <id>/i)"),
+        )
+        .with_field("command_id"));
+    }
+    let answers = futures_util::future::join_all(request.completions.into_iter().enumerate().map(|(i, item)| {
+        let item_caller =
+            Caller { who: caller.who, command_id: caller.command_id.as_ref().map(|id| format!("{id}/{i}")) };
+        async move {
+            let command =
+                complete(&item.task_id, &item.step, CompleteRequest { epoch: item.epoch, result: item.result });
+            let answer = match command {
+                Ok(command) => execute(state, &item_caller, command).await,
+                Err(e) => Err(e),
+            };
+            (item.task_id, item.step, answer)
+        }
+    }))
+    .await;
+    let mut head_seq = 0;
+    let results = answers
+        .into_iter()
+        .map(|(task_id, step, answer)| match answer {
+            Ok(ack) => {
+                head_seq = head_seq.max(ack.head_seq);
+                CompletionResult {
+                    task_id,
+                    step,
+                    status: StatusCode::OK.as_u16(),
+                    seq: ack.seqs.map(|s| s.first),
+                    duplicate: ack.duplicate,
+                    error: None,
+                }
+            }
+            Err(e) => CompletionResult {
+                task_id,
+                step,
+                status: e.status.as_u16(),
+                seq: None,
+                duplicate: false,
+                error: Some(ErrorDetail { code: e.code.to_owned(), message: e.message, field: e.field }),
+            },
+        })
+        .collect();
+    if head_seq == 0 {
+        head_seq = state.writer.reader().head().map(|h| h.seq).unwrap_or(0);
+    }
+    Ok(CompletionsResponse { results, head_seq })
 }
 
 /// Claims steps; with `wait_ms`, waits for work to arrive: the writer bumps

@@ -39,6 +39,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/claims", post(claim_steps))
         .route("/v1/tasks/{id}/steps/{step}/heartbeat", post(heartbeat))
         .route("/v1/tasks/{id}/steps/{step}/complete", post(complete_step))
+        .route("/v1/completions", post(complete_steps))
         .route("/v1/tasks/{id}/steps/{step}/fail", post(fail_step))
         .route("/v1/tasks/{id}/steps/{step}/release", post(release_step))
         .route("/v1/tasks/{id}/steps/{step}/add-steps", post(add_steps))
@@ -207,6 +208,15 @@ async fn complete_step(
     ApiJson(body): ApiJson<CompleteRequest>,
 ) -> ApiResult<AxumJson<CommandResponse>> {
     run(&s, &who, &h, Permission::Work, commands::complete(&id, &step, body)).await
+}
+
+async fn complete_steps(
+    State(state): State<AppState>,
+    who: Principal,
+    headers: HeaderMap,
+    ApiJson(request): ApiJson<CompleteBatchRequest>,
+) -> ApiResult<AxumJson<CompletionsResponse>> {
+    Ok(AxumJson(commands::complete_batch(&state, &caller(&who, &headers)?, request).await?))
 }
 
 async fn fail_step(

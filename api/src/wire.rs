@@ -227,6 +227,24 @@ pub struct CompleteRequest {
     pub result: Value,
 }
 
+/// `POST /v1/completions`: several leased steps completed in one request.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteBatchRequest {
+    pub completions: Vec<CompletionRequest>,
+}
+
+/// One step of a [`CompleteBatchRequest`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompletionRequest {
+    pub task_id: String,
+    pub step: String,
+    pub epoch: u32,
+    #[serde(default)]
+    pub result: Value,
+}
+
 #[derive(Deserialize, async_graphql::InputObject)]
 #[serde(deny_unknown_fields)]
 #[graphql(name = "FailInput")]
@@ -304,6 +322,35 @@ pub struct CommandResponse {
     pub head_seq: u64,
     pub duplicate: bool,
     pub events: Vec<EventBody>,
+}
+
+/// The answer to `POST /v1/completions`: one result per requested step, in
+/// request order.
+#[derive(Serialize)]
+pub struct CompletionsResponse {
+    pub results: Vec<CompletionResult>,
+    /// The log head once every recorded completion was durable.
+    pub head_seq: u64,
+}
+
+/// What became of one completion: `status` is the HTTP status the same
+/// completion would have had on its own (200, or the error's status).
+#[derive(Serialize)]
+pub struct CompletionResult {
+    pub task_id: String,
+    pub step: String,
+    pub status: u16,
+    pub seq: Option<u64>,
+    pub duplicate: bool,
+    pub error: Option<ErrorDetail>,
+}
+
+/// An error's code, message and offending field, as in an error response's `error`.
+#[derive(Serialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+    pub field: Option<String>,
 }
 
 #[derive(Serialize, async_graphql::SimpleObject)]

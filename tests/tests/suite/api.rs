@@ -60,6 +60,53 @@ fn a_job_goes_from_create_to_complete_with_its_history_recorded() {
 }
 
 #[test]
+fn completions_in_one_request_are_answered_per_item_and_a_retry_writes_nothing() {
+    let server = Server::start();
+    let ids: Vec<String> = (0..3).map(|_| create_job(&server, "batch", json!({}))).collect();
+    let claimed = claim(&server, "batch", 0);
+    assert_eq!(claimed.len(), 3);
+    let item = |step: &Value, epoch: u64| json!({ "task_id": step["task_id"], "step": step["step"], "epoch": epoch, "result": { "n": step["task_id"] } });
+    let body = json!({ "completions": [
+        item(&claimed[0], epoch(&claimed[0])),
+        item(&claimed[1], epoch(&claimed[1]) + 1),
+        { "task_id": "01a208b8-484c-7104-b1b9-2c7afa4a7f67", "step": "main", "epoch": 1 },
+        { "task_id": "not-a-task", "step": "main", "epoch": 1 },
+        item(&claimed[2], epoch(&claimed[2])),
+    ]});
+    let token = server.token.clone();
+    let first = server.post_as(&token, "/v1/completions", body.clone(), Some("done-together"));
+    assert_eq!(first.status, 200, "{first:?}");
+    let results = first.body["results"].as_array().unwrap();
+    let statuses: Vec<u64> = results.iter().map(|r| r["status"].as_u64().unwrap()).collect();
+    assert_eq!(statuses, [200, 409, 404, 404, 200], "{first:?}");
+    assert_eq!(results[1]["error"]["code"], "lease_lost", "{first:?}");
+    assert_eq!(results[2]["error"]["code"], "task_not_found", "{first:?}");
+    assert_eq!(results[0]["task_id"], claimed[0]["task_id"]);
+    assert!(results[0]["error"].is_null() && results[4]["seq"].is_u64(), "{first:?}");
+    // Both accepted completions were written in one commit, in request order.
+    assert_eq!(results[4]["seq"].as_u64().unwrap(), results[0]["seq"].as_u64().unwrap() + 1, "{first:?}");
+    let head = server.head_seq();
+    assert_eq!(first.body["head_seq"].as_u64(), Some(head));
+
+    let again = server.post_as(&token, "/v1/completions", body, Some("done-together"));
+    assert_eq!(again.status, 200, "{again:?}");
+    let repeated = again.body["results"].as_array().unwrap();
+    assert_eq!(repeated[0]["seq"], results[0]["seq"]);
+    assert_eq!((repeated[0]["duplicate"].as_bool(), repeated[4]["duplicate"].as_bool()), (Some(true), Some(true)));
+    assert_eq!(server.head_seq(), head, "a retried batch wrote nothing");
+    let state = |id: &str| server.get(&format!("/v1/tasks/{id}")).body["state"].clone();
+    assert_eq!([state(&ids[0]), state(&ids[1]), state(&ids[2])], ["complete", "in_progress", "complete"]);
+
+    let empty = server.post("/v1/completions", json!({ "completions": [] }));
+    assert_eq!((empty.status, empty.code()), (422, "invalid_batch"), "{empty:?}");
+    let long_id = "x".repeat(125);
+    let refused =
+        server.post_as(&token, "/v1/completions", json!({ "completions": [item(&claimed[1], 1)] }), Some(&long_id));
+    assert_eq!((refused.status, refused.code()), (400, "invalid_command_id"), "{refused:?}");
+    assert_eq!(server.head_seq(), head);
+}
+
+#[test]
 fn a_workflow_step_becomes_claimable_only_after_its_dependency_completes() {
     let server = Server::start();
     let created = server.post(

@@ -129,6 +129,8 @@ const POLICY: &[Row] = &[
     row(Rest("POST", "/v1/claims"), WORK, Namespace, Enqueued),
     row(Rest("POST", "/v1/tasks/{id}/steps/{step}/heartbeat"), WORK, ById, Claimed),
     row(Rest("POST", "/v1/tasks/{id}/steps/{step}/complete"), WORK, ById, Claimed),
+    // Per item: a completion of another namespace's step is a 404 in its result, as on its own.
+    row(Rest("POST", "/v1/completions"), WORK, ById, Claimed),
     row(Rest("POST", "/v1/tasks/{id}/steps/{step}/fail"), WORK, ById, Claimed),
     row(Rest("POST", "/v1/tasks/{id}/steps/{step}/release"), WORK, ById, Claimed),
     row(Rest("POST", "/v1/tasks/{id}/steps/{step}/add-steps"), WORK, ById, Claimed),
@@ -486,6 +488,9 @@ fn rest_request(path: &str, t: &Subject, case: usize) -> (String, Option<Value>)
             json!({ "epoch": t.epoch })
         }
         "/v1/tasks/{id}/steps/{step}/complete" => json!({ "epoch": t.epoch, "result": { "ok": true } }),
+        "/v1/completions" => {
+            json!({ "completions": [{ "task_id": t.task, "step": "main", "epoch": t.epoch, "result": { "ok": true } }] })
+        }
         "/v1/tasks/{id}/steps/{step}/fail" => json!({ "epoch": t.epoch, "error": "authz", "retryable": false }),
         "/v1/tasks/{id}/steps/{step}/add-steps" => {
             json!({ "epoch": t.epoch, "steps": [{ "name": "extra", "handler": "h" }] })
@@ -570,13 +575,22 @@ fn graphql_document(field: &str, t: &Subject, cmd: &str, case: usize) -> String 
 }
 
 fn classify_rest(answer: &Http) -> Outcome {
-    let code = answer.body["error"]["code"].as_str().unwrap_or("");
-    match (answer.status, code) {
+    classify_status(answer.status, &answer.body["error"], &answer.body)
+}
+
+/// A batch answers 200 with one result per item; its one item's status is what counts.
+fn classify_batch_item(answer: &Http) -> Outcome {
+    let item = &answer.body["results"][0];
+    classify_status(item["status"].as_u64().map_or(0, |s| s as u16), &item["error"], &answer.body)
+}
+
+fn classify_status(status: u16, error: &Value, body: &Value) -> Outcome {
+    match (status, error["code"].as_str().unwrap_or("")) {
         (200..=299, _) => Outcome::Allow,
         (401, "unauthorized") => Outcome::Unauthorized,
         (403, "forbidden" | "namespace_forbidden") => Outcome::Forbidden,
         (404, "task_not_found" | "step_not_found") => Outcome::NotFound,
-        (status, _) => Outcome::Other(format!("{status} {}", answer.body)),
+        (status, _) => Outcome::Other(format!("{status} {body}")),
     }
 }
 
@@ -711,6 +725,7 @@ fn run_case(env: &Env, agent: &ureq::Agent, case: &Case, index: usize) -> Outcom
             let (path, body) = rest_request(path, &t, index);
             match send(agent, base, method, &path, authorization.as_deref(), Some(&cmd), body.as_ref()) {
                 Ok(answer) if path == "/graphql" && method == "POST" => classify_graphql(&answer, "__typename"),
+                Ok(answer) if path == "/v1/completions" && answer.status == 200 => classify_batch_item(&answer),
                 Ok(answer) => classify_rest(&answer),
                 Err(e) => Outcome::Other(e),
             }
@@ -971,7 +986,10 @@ fn every_principal_gets_exactly_what_the_policy_table_says() {
     let records = feed(&server);
     let mut by_command: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
     for record in &records {
-        by_command.entry(record["command_id"].as_str().expect("command id").to_owned()).or_default().push(record);
+        // A batch's item `i` is recorded under `<its request's command id>/i`.
+        let command_id = record["command_id"].as_str().expect("command id");
+        let request_id = command_id.split_once('/').map_or(command_id, |(request, _)| request);
+        by_command.entry(request_id.to_owned()).or_default().push(record);
     }
     let mut problems = Vec::new();
     for (command_id, recs) in &by_command {
