@@ -120,6 +120,11 @@ struct Args {
     /// Longest wait for the server's projections to catch up between workloads, in seconds.
     #[arg(long, default_value_t = 10.0)]
     settle_s: f64,
+    /// How taskledger workers finish a claim's completed steps: `batch` (one `POST
+    /// /v1/completions`, as the baseline completes a claimed batch in one UPDATE) or `each`
+    /// (one request per step, in parallel).
+    #[arg(long, default_value = "batch", value_parser = ["batch", "each"])]
+    completions: String,
     /// How long to probe the disk's own fdatasync latency before the workloads (0: skip).
     #[arg(long, default_value_t = 4.0)]
     disk_probe_s: f64,
@@ -387,6 +392,7 @@ async fn run_taskledger(args: &Args, binary: &std::path::Path, rows: &mut Vec<Ro
         wait_ms: args.wait_ms,
         always_wait: false,
         fates,
+        batch_completions: args.completions == "batch",
     };
     let mut lifecycle_rate = None;
 
@@ -462,8 +468,7 @@ async fn run_taskledger(args: &Args, binary: &std::path::Path, rows: &mut Vec<Ro
         let phase = Arc::new(Phase::new());
         let pickups = Arc::new(Pickups::new());
         let interval = Duration::from_millis(args.idle_interval_ms);
-        let spec =
-            WorkerSpec { namespace: "idle", max: 1, wait_ms: 5_000, always_wait: true, fates: Fates::AllComplete };
+        let spec = WorkerSpec { max: 1, wait_ms: 5_000, always_wait: true, ..worker_spec("idle", Fates::AllComplete) };
         let tasks: Tasks = vec![
             tokio::spawn(taskledger::worker(target.clone(), 0, spec, phase.clone(), pickups.clone())),
             tokio::spawn(taskledger::trickle_producer(
@@ -677,8 +682,8 @@ fn print_table(args: &Args, rows: &[Row]) {
     use std::fmt::Write as _;
     let _ = writeln!(
         out,
-        "\ntaskledger-bench: P={} W={} K={}, warm-up {} s, window {} s (latencies in ms)",
-        args.producers, args.workers, args.batch, args.warmup_s, args.measure_s
+        "\ntaskledger-bench: P={} W={} K={}, taskledger completions: {}, warm-up {} s, window {} s (latencies in ms)",
+        args.producers, args.workers, args.batch, args.completions, args.warmup_s, args.measure_s
     );
     let _ = writeln!(
         out,

@@ -5,8 +5,10 @@
 //! and a counter, so ids sort in creation order like clock-minted ones); the
 //! counter in the last 48 bits is the key the pickup tracker shares between
 //! a producer and whichever worker claims the task. Workers claim up to K
-//! steps, then complete (or fail) every claimed step at once, each on its own
-//! connection, as a worker process running K handlers in parallel would.
+//! steps, then finish every claimed step at once, as a worker process running
+//! K handlers in parallel would: the completions in one `POST /v1/completions`
+//! (or, with `--completions each`, one request per step, each on its own
+//! connection) and each failure in a request of its own.
 //! After a full batch the next claim does not wait (there is probably more);
 //! after a partial or empty one it long-polls with `wait_ms`. Only the
 //! non-waiting claims go into the claim latency histogram: a long-poll's time
@@ -123,6 +125,26 @@ pub struct WorkerSpec {
     /// Long-poll on every claim (the idle-worker pickup case) instead of only after a partial batch.
     pub always_wait: bool,
     pub fates: Fates,
+    /// Complete a claim's steps in one `POST /v1/completions` (failures still go one by one)
+    /// instead of one request per step.
+    pub batch_completions: bool,
+}
+
+#[derive(Deserialize)]
+struct CompletionsAnswer {
+    results: Vec<CompletionStatus>,
+}
+
+#[derive(Deserialize)]
+struct CompletionStatus {
+    status: u16,
+}
+
+/// One request a worker sends after a claim, and which claimed steps it carries.
+struct StepRequest {
+    path: String,
+    body: Bytes,
+    steps: Vec<usize>,
 }
 
 /// A step whose completion (or failure) ends its task: a single job's only
@@ -202,65 +224,119 @@ pub async fn worker(
                 tally.pickup.record(pickup);
             }
             let outcome = spec.fates.decide(number, step.step, step.attempt);
-            let (path, body, ends) = match outcome {
-                Outcome::Complete => (
-                    format!("/v1/tasks/{}/steps/{}/complete", step.task_id, step.step),
-                    format!(r#"{{"epoch":{},"result":{{"ok":true}}}}"#, step.epoch),
-                    is_last_step(step.step),
-                ),
-                Outcome::Fail { retryable } => (
-                    format!("/v1/tasks/{}/steps/{}/fail", step.task_id, step.step),
-                    format!(r#"{{"epoch":{},"error":"handler failed","retryable":{retryable}}}"#, step.epoch),
-                    !retryable || step.attempt >= spec.fates.max_attempts(),
-                ),
+            let ends = match outcome {
+                Outcome::Complete => is_last_step(step.step),
+                Outcome::Fail { retryable } => !retryable || step.attempt >= spec.fates.max_attempts(),
             };
-            claimed.push((path, Bytes::from(body), matches!(outcome, Outcome::Complete), ends));
+            claimed.push((step.task_id.to_owned(), step.step.to_owned(), step.epoch, outcome, ends));
         }
         drop(parsed);
-        let results = futures_util::future::join_all(claimed.iter().zip(step_conns.iter_mut()).map(
-            |((path, body, _, _), conn)| async move {
+        let requests = step_requests(&claimed, spec.batch_completions);
+        let results = futures_util::future::join_all(requests.iter().zip(step_conns.iter_mut()).map(
+            |(request, conn)| async move {
                 let started = Instant::now();
-                let answer = conn.post(path, body.clone()).await;
+                let answer = conn.post(&request.path, request.body.clone()).await;
                 (started.elapsed(), answer)
             },
         ))
         .await;
         let measuring = phase.measuring();
-        for ((_, _, complete, ends), (elapsed, answer)) in claimed.iter().zip(results) {
-            match answer {
-                Ok((StatusCode::OK, _)) => {}
+        for (request, (elapsed, answer)) in requests.iter().zip(results) {
+            let body = match answer {
+                Ok((StatusCode::OK, body)) => body,
                 Ok((status, body)) => {
-                    tally.error(|| format!("complete/fail: {status} {}", String::from_utf8_lossy(&body)));
+                    tally.error(|| format!("{}: {status} {}", request.path, String::from_utf8_lossy(&body)));
                     continue;
                 }
                 Err(e) => {
-                    tally.error(|| format!("complete/fail: {e:#}"));
+                    tally.error(|| format!("{}: {e:#}", request.path));
                     return Ok(tally);
                 }
-            }
-            if *ends {
-                phase.backlog.fetch_sub(1, Ordering::Relaxed);
-            }
-            if !measuring {
-                continue;
-            }
-            if *complete {
-                tally.complete.record(elapsed);
-                tally.completed_steps += 1;
-            } else {
-                tally.fail.record(elapsed);
-                if *ends {
-                    tally.dead_lettered += 1;
-                } else {
-                    tally.retried_steps += 1;
+            };
+            let statuses: Vec<u16> = if request.path == "/v1/completions" {
+                match serde_json::from_slice::<CompletionsAnswer>(&body) {
+                    Ok(a) => a.results.iter().map(|r| r.status).collect(),
+                    Err(e) => {
+                        tally.error(|| format!("completions answer: {e}"));
+                        continue;
+                    }
                 }
-            }
-            if *ends {
-                tally.finished += 1;
+            } else {
+                vec![200]
+            };
+            for (&index, status) in request.steps.iter().zip(statuses) {
+                let (_, _, _, outcome, ends) = &claimed[index];
+                if status != 200 {
+                    tally.error(|| {
+                        format!("{} item {index}: {status} {}", request.path, String::from_utf8_lossy(&body))
+                    });
+                    continue;
+                }
+                if *ends {
+                    phase.backlog.fetch_sub(1, Ordering::Relaxed);
+                }
+                if !measuring {
+                    continue;
+                }
+                if matches!(outcome, Outcome::Complete) {
+                    tally.complete.record(elapsed);
+                    tally.completed_steps += 1;
+                } else {
+                    tally.fail.record(elapsed);
+                    if *ends {
+                        tally.dead_lettered += 1;
+                    } else {
+                        tally.retried_steps += 1;
+                    }
+                }
+                if *ends {
+                    tally.finished += 1;
+                }
             }
         }
     }
     Ok(tally)
+}
+
+/// A claimed step: task id, step name, lease epoch, its fate, and whether it ends its task.
+type Claimed = (String, String, u32, Outcome, bool);
+
+/// The requests that finish `claimed`: one per step, or, with `batch_completions`, one
+/// `POST /v1/completions` for all the completions and one request per failure.
+fn step_requests(claimed: &[Claimed], batch_completions: bool) -> Vec<StepRequest> {
+    let mut requests = Vec::new();
+    let mut batch = String::new();
+    let mut batched = Vec::new();
+    for (index, (task_id, step, epoch, outcome, _)) in claimed.iter().enumerate() {
+        match outcome {
+            Outcome::Complete if batch_completions => {
+                batch.push_str(if batched.is_empty() { "" } else { "," });
+                let _ = write!(
+                    batch,
+                    r#"{{"task_id":"{task_id}","step":"{step}","epoch":{epoch},"result":{{"ok":true}}}}"#
+                );
+                batched.push(index);
+            }
+            Outcome::Complete => requests.push(StepRequest {
+                path: format!("/v1/tasks/{task_id}/steps/{step}/complete"),
+                body: Bytes::from(format!(r#"{{"epoch":{epoch},"result":{{"ok":true}}}}"#)),
+                steps: vec![index],
+            }),
+            Outcome::Fail { retryable } => requests.push(StepRequest {
+                path: format!("/v1/tasks/{task_id}/steps/{step}/fail"),
+                body: Bytes::from(format!(r#"{{"epoch":{epoch},"error":"handler failed","retryable":{retryable}}}"#)),
+                steps: vec![index],
+            }),
+        }
+    }
+    if !batched.is_empty() {
+        requests.push(StepRequest {
+            path: "/v1/completions".to_owned(),
+            body: Bytes::from(format!(r#"{{"completions":[{batch}]}}"#)),
+            steps: batched,
+        });
+    }
+    requests
 }
 
 /// What producers create.
