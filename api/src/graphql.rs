@@ -461,6 +461,17 @@ impl MutationRoot {
         Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Work, command).await?)
     }
 
+    /// Completes several leased steps, each its own command, in one commit; each result says
+    /// how its completion went (see `POST /v1/completions`).
+    async fn complete_steps(
+        &self,
+        ctx: &Context<'_>,
+        input: CompleteBatchRequest,
+        command_id: Option<String>,
+    ) -> async_graphql::Result<CompletionsResponse> {
+        Ok(commands::complete_batch(state(ctx), &caller(ctx, command_id)?, input).await?)
+    }
+
     async fn fail_step(
         &self,
         ctx: &Context<'_>,

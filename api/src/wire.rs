@@ -227,21 +227,25 @@ pub struct CompleteRequest {
     pub result: Value,
 }
 
-/// `POST /v1/completions`: several leased steps completed in one request.
-#[derive(Deserialize)]
+/// `POST /v1/completions` (and the `completeSteps` mutation): several leased
+/// steps completed in one request.
+#[derive(Deserialize, async_graphql::InputObject)]
 #[serde(deny_unknown_fields)]
+#[graphql(name = "CompleteStepsInput")]
 pub struct CompleteBatchRequest {
     pub completions: Vec<CompletionRequest>,
 }
 
 /// One step of a [`CompleteBatchRequest`].
-#[derive(Deserialize)]
+#[derive(Deserialize, async_graphql::InputObject)]
 #[serde(deny_unknown_fields)]
+#[graphql(name = "CompletionInput")]
 pub struct CompletionRequest {
     pub task_id: String,
     pub step: String,
     pub epoch: u32,
     #[serde(default)]
+    #[graphql(default)]
     pub result: Value,
 }
 
@@ -326,7 +330,7 @@ pub struct CommandResponse {
 
 /// The answer to `POST /v1/completions`: one result per requested step, in
 /// request order.
-#[derive(Serialize)]
+#[derive(Serialize, async_graphql::SimpleObject)]
 pub struct CompletionsResponse {
     pub results: Vec<CompletionResult>,
     /// The log head once every recorded completion was durable.
@@ -335,7 +339,7 @@ pub struct CompletionsResponse {
 
 /// What became of one completion: `status` is the HTTP status the same
 /// completion would have had on its own (200, or the error's status).
-#[derive(Serialize)]
+#[derive(Serialize, async_graphql::SimpleObject)]
 pub struct CompletionResult {
     pub task_id: String,
     pub step: String,
@@ -346,7 +350,7 @@ pub struct CompletionResult {
 }
 
 /// An error's code, message and offending field, as in an error response's `error`.
-#[derive(Serialize)]
+#[derive(Serialize, async_graphql::SimpleObject)]
 pub struct ErrorDetail {
     pub code: String,
     pub message: String,

@@ -181,6 +181,7 @@ const POLICY: &[Row] = &[
     row(Mutation("giveUpTask"), OPERATE, ById, Dead),
     row(Mutation("heartbeat"), WORK, ById, Claimed),
     row(Mutation("completeStep"), WORK, ById, Claimed),
+    row(Mutation("completeSteps"), WORK, ById, Claimed),
     row(Mutation("failStep"), WORK, ById, Claimed),
     row(Mutation("releaseStep"), WORK, ById, Claimed),
     row(Mutation("addSteps"), WORK, ById, Claimed),
@@ -549,6 +550,9 @@ fn graphql_document(field: &str, t: &Subject, cmd: &str, case: usize) -> String 
         "heartbeat" | "completeStep" | "releaseStep" => {
             format!(r#"mutation {{ {field}({step}, input: {{epoch: {epoch}}}, commandId: "{cmd}") {{ seq }} }}"#)
         }
+        "completeSteps" => format!(
+            r#"mutation {{ completeSteps(input: {{completions: [{{taskId: "{id}", step: "main", epoch: {epoch}}}]}}, commandId: "{cmd}") {{ results {{ status error {{ code }} }} }} }}"#
+        ),
         "failStep" => format!(
             r#"mutation {{ failStep({step}, input: {{epoch: {epoch}, error: "authz", retryable: false}}, commandId: "{cmd}") {{ seq }} }}"#
         ),
@@ -578,10 +582,11 @@ fn classify_rest(answer: &Http) -> Outcome {
     classify_status(answer.status, &answer.body["error"], &answer.body)
 }
 
-/// A batch answers 200 with one result per item; its one item's status is what counts.
-fn classify_batch_item(answer: &Http) -> Outcome {
-    let item = &answer.body["results"][0];
-    classify_status(item["status"].as_u64().map_or(0, |s| s as u16), &item["error"], &answer.body)
+/// A batch of completions answers with one result per item (REST: 200; GraphQL: data); its
+/// one item's status is what counts.
+fn classify_batch_item(batch: &Value, body: &Value) -> Outcome {
+    let item = &batch["results"][0];
+    classify_status(item["status"].as_u64().map_or(0, |s| s as u16), &item["error"], body)
 }
 
 fn classify_status(status: u16, error: &Value, body: &Value) -> Outcome {
@@ -616,6 +621,8 @@ fn classify_graphql(answer: &Http, field: &str) -> Outcome {
         return classify_graphql_errors(&Value::Array(errors.clone()));
     }
     match &answer.body["data"][field] {
+        // A batch's one item's status is what counts, as on REST.
+        batch @ Value::Object(_) if field == "completeSteps" => classify_batch_item(batch, &answer.body),
         // `task(id)` answers null for a task the caller may not see, exactly as for one that does not exist.
         Value::Null if field == "task" => Outcome::NotFound,
         Value::Null => Outcome::Other(format!("{} {}", answer.status, answer.body)),
@@ -725,7 +732,9 @@ fn run_case(env: &Env, agent: &ureq::Agent, case: &Case, index: usize) -> Outcom
             let (path, body) = rest_request(path, &t, index);
             match send(agent, base, method, &path, authorization.as_deref(), Some(&cmd), body.as_ref()) {
                 Ok(answer) if path == "/graphql" && method == "POST" => classify_graphql(&answer, "__typename"),
-                Ok(answer) if path == "/v1/completions" && answer.status == 200 => classify_batch_item(&answer),
+                Ok(answer) if path == "/v1/completions" && answer.status == 200 => {
+                    classify_batch_item(&answer.body, &answer.body)
+                }
                 Ok(answer) => classify_rest(&answer),
                 Err(e) => Outcome::Other(e),
             }
