@@ -124,6 +124,7 @@ pub async fn install(
     for statement in kind.table_ddl(tx.backend(), suffix, generation) {
         sql::execute(&mut tx, &statement).await?;
     }
+    kind.initial_mirror(tx.backend(), suffix).run(&mut tx).await?;
     if indexes == Indexes::Now {
         for statement in kind.index_ddl(tx.backend(), suffix, generation) {
             sql::execute(&mut tx, &statement).await?;

@@ -24,8 +24,7 @@ use tokio::task::JoinHandle;
 
 use crate::checkpoint::{self, Checkpoint, Indexes, Slot};
 use crate::error::{ApplyError, RuntimeError};
-use crate::mirror::Mirror;
-use crate::projectors::{self, ProjectorKind};
+use crate::projectors::{self, KeptMirror, MIRROR_STORE_EVERY_EVENTS, ProjectorKind};
 use crate::sql;
 use crate::store::Store;
 
@@ -62,14 +61,22 @@ pub struct Driver {
     kind: ProjectorKind,
     slot: Slot,
     checkpoint: Checkpoint,
-    mirror: Option<Mirror>,
+    mirror: Option<KeptMirror>,
+    store_mirror_every: u64,
 }
 
 impl Driver {
     /// Loads the checkpoint and the mirror of `kind` in `slot`; installs the
-    /// live slot's tables if this store has never held the projector.
-    pub async fn load(store: &Store, kind: ProjectorKind, slot: Slot) -> Result<Driver, ApplyError> {
-        Self::load_with(store, kind, slot, Indexes::Now).await
+    /// live slot's tables if this store has never held the projector. The
+    /// events between the stored mirror and the checkpoint are read from
+    /// `reader` and folded into the mirror.
+    pub async fn load(
+        store: &Store,
+        kind: ProjectorKind,
+        slot: Slot,
+        reader: &LogReader,
+    ) -> Result<Driver, ApplyError> {
+        Self::load_with(store, kind, slot, Indexes::Now, reader).await
     }
 
     /// Like `load`; a live slot installed now gets its indexes per `indexes`.
@@ -78,6 +85,7 @@ impl Driver {
         kind: ProjectorKind,
         slot: Slot,
         indexes: Indexes,
+        reader: &LogReader,
     ) -> Result<Driver, ApplyError> {
         let checkpoint = match (checkpoint::read(store, kind, slot).await?, slot) {
             (Some(checkpoint), _) => checkpoint,
@@ -85,9 +93,35 @@ impl Driver {
             (None, Slot::Shadow) => return Err(ApplyError::Model(format!("{} has no shadow build", kind.name()))),
         };
         let mut tx = store.begin().await?;
-        let mirror = kind.load_mirror(&mut tx, &checkpoint.table_suffix).await?;
+        let mut mirror = kind.load_mirror(&mut tx, &checkpoint.table_suffix, checkpoint.last_seq).await?;
         tx.commit().await?;
-        Ok(Driver { kind, slot, checkpoint, mirror })
+        if let Some(kept) = mirror.as_mut().filter(|kept| kept.stored_seq < checkpoint.last_seq) {
+            // Folding another log's events would fail less clearly than this check.
+            checkpoint::check_against_log(&checkpoint, reader).map_err(|e| ApplyError::Model(e.to_string()))?;
+            let mut at = kept.stored_seq;
+            while at < checkpoint.last_seq {
+                let records = reader
+                    .read_range(at + 1, checkpoint.last_seq, eventlog::reader::READ_BATCH_MAX)
+                    .map_err(|e| ApplyError::Model(format!("read the log to restore the mirror: {e}")))?;
+                let Some(last) = records.last() else {
+                    return Err(ApplyError::Model(format!(
+                        "the log ends at seq {at}, before {}'s checkpoint {}",
+                        kind.name(),
+                        checkpoint.last_seq
+                    )));
+                };
+                at = last.seq;
+                kept.fold(&records, &decode_all(&records)?, |_, _, _| {})?;
+                kept.mirror.settle()?;
+            }
+        }
+        Ok(Driver { kind, slot, checkpoint, mirror, store_mirror_every: MIRROR_STORE_EVERY_EVENTS })
+    }
+
+    /// Stores the mirror's changes in its table once it trails the checkpoint by
+    /// `events` or more (at least 1; 1 stores them with every batch).
+    pub fn store_mirror_every(&mut self, events: u64) {
+        self.store_mirror_every = events.max(1);
     }
 
     pub fn kind(&self) -> ProjectorKind {
@@ -125,6 +159,7 @@ impl Driver {
             store.backend(),
             &self.checkpoint.table_suffix,
             self.mirror.as_mut(),
+            self.store_mirror_every,
             records,
             events,
         );
@@ -187,7 +222,7 @@ pub async fn build_live(
 ) -> Result<(), RuntimeError> {
     let mut drivers = Vec::new();
     for kind in kinds {
-        let driver = Driver::load_with(store, *kind, Slot::Live, Indexes::Later).await?;
+        let driver = Driver::load_with(store, *kind, Slot::Live, Indexes::Later, reader).await?;
         checkpoint::check_against_log(driver.checkpoint(), reader)?;
         drivers.push(driver);
     }
@@ -353,7 +388,7 @@ impl Runner {
     }
 
     async fn run_once(&mut self) -> Result<(), RuntimeError> {
-        let mut driver = Driver::load(&self.store, self.kind, self.slot).await?;
+        let mut driver = Driver::load(&self.store, self.kind, self.slot, &self.reader).await?;
         checkpoint::check_against_log(driver.checkpoint(), &self.reader)?;
         self.publish(driver.checkpoint().last_seq, None);
         let mut subscription =
@@ -603,7 +638,7 @@ impl Projections {
             running.stop().await;
         }
         let result = async {
-            let mut driver = Driver::load(store, kind, Slot::Shadow).await?;
+            let mut driver = Driver::load(store, kind, Slot::Shadow, &self.inner.reader).await?;
             let head = self.inner.reader.head()?.seq;
             driver.catch_up(store, &self.inner.reader, head, self.inner.config.batch_events_max).await?;
             swap(store, kind).await

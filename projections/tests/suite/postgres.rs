@@ -67,7 +67,7 @@ fn postgres_equals_sqlite_for_random_histories() {
                 log.append_all(&random_history(&ops).history);
                 let store = postgres_store("random").await;
                 for kind in ProjectorKind::ALL {
-                    let mut driver = Driver::load(&store, kind, Slot::Live).await.unwrap();
+                    let mut driver = Driver::load(&store, kind, Slot::Live, &log.reader()).await.unwrap();
                     driver.catch_up(&store, &log.reader(), log.head(), batch).await.unwrap();
                 }
                 let on_postgres = digest::dump(&store).await.unwrap();
