@@ -264,6 +264,12 @@ pub async fn worker(
             } else {
                 vec![200]
             };
+            if statuses.len() != request.steps.len() {
+                tally.error(|| {
+                    format!("{}: {} results for {} steps", request.path, statuses.len(), request.steps.len())
+                });
+                continue;
+            }
             for (&index, status) in request.steps.iter().zip(statuses) {
                 let (_, _, _, outcome, ends) = &claimed[index];
                 if status != 200 {
