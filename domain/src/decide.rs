@@ -291,7 +291,7 @@ impl Ledger {
     }
 
     fn live_task(&self, task: &TaskId) -> Result<&Task, Rejection> {
-        self.tasks.get(task).ok_or_else(|| {
+        self.task(task).ok_or_else(|| {
             reject(
                 RejectionCode::TaskNotFound,
                 Some("task"),

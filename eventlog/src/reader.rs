@@ -21,6 +21,11 @@ use crate::store::Head;
 
 /// Version of the table layout, stored in the meta table.
 pub const LOG_FORMAT_VERSION: u64 = 1;
+/// Page cache of a log opened read-only. Tools mostly scan a log once, and
+/// redb's default (1 GiB) would keep every page of that scan: hundreds of
+/// megabytes of fresh memory for nothing (`verify` of a million-event log used
+/// 1.0 GB of RSS with it, 0.8 GB with this).
+pub const READ_ONLY_CACHE_BYTES: usize = 64 * 1024 * 1024;
 /// Largest `max` honoured by one read call.
 pub const READ_BATCH_MAX: usize = 65_536;
 
@@ -220,6 +225,7 @@ impl LogReader {
     pub fn open_read_only(path: impl AsRef<Path>) -> Result<Self, OpenError> {
         let path = path.as_ref();
         let db = Database::builder()
+            .set_cache_size(READ_ONLY_CACHE_BYTES)
             .open_read_only(path)
             .map_err(|source| OpenError::Database { path: path.to_path_buf(), source })?;
         let reader = Self::new(Arc::new(Db::ReadOnly(db)));

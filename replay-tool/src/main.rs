@@ -25,6 +25,12 @@ mod source;
 mod state;
 mod verify;
 
+/// The fold of a large log makes millions of small allocations across the
+/// reading and folding threads; mimalloc's thread-local free lists are much
+/// cheaper for that than glibc's arenas.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
