@@ -3,7 +3,9 @@
 //! Streams the events table in one MVCC read transaction (a consistent view while the writer
 //! goes on appending) and checks, in one pass: seqs gapless from 1, each record decodes,
 //! stream versions gapless from 1 per stream, every chain link, and the stored head against
-//! the last record. The stream index must hold exactly one entry per record.
+//! the last record. The stream index must hold exactly one entry per record. Two threads
+//! share the pass: one reads the table and checks the chain links (each needs only the stored
+//! hash before it), the caller's decodes and checks the rest in order.
 //! Measure with
 //! `VERIFY_SPEED_RECORDS=2000000 cargo test -p eventlog --release --test suite verify_speed -- --nocapture`.
 
@@ -11,7 +13,7 @@ use std::collections::HashMap;
 
 use redb::{ReadableTable, ReadableTableMetadata};
 
-use crate::error::{ReadError, backend};
+use crate::error::{ReadError, RecordError, backend};
 use crate::reader::{EVENTS, HEAD, HEAD_KEY, LogReader, META, STREAMS, decode_head, streams_indexed_through};
 use crate::record::{self, GENESIS_HASH, Hash};
 use crate::store::Head;
@@ -142,6 +144,94 @@ impl PartialEq for StreamKey {
 
 impl Eq for StreamKey {}
 
+/// Records per batch handed from the scanning thread to the checking one.
+const SCAN_BATCH_RECORDS: usize = 1024;
+
+/// Stored values read and link-checked by [`scan_and_link`], in log order.
+#[derive(Default)]
+struct ScannedBatch {
+    /// The values back to back.
+    values: Vec<u8>,
+    records: Vec<Scanned>,
+}
+
+struct Scanned {
+    seq: u64,
+    /// End of its value in `values`.
+    end: usize,
+    /// Its stored hash recomputes from the stored hash of the record before it.
+    link_holds: bool,
+}
+
+impl ScannedBatch {
+    fn value(&self, n: usize) -> &[u8] {
+        let start = if n == 0 { 0 } else { self.records[n - 1].end };
+        &self.values[start..self.records[n].end]
+    }
+
+    fn clear(&mut self) {
+        self.values.clear();
+        self.records.clear();
+    }
+}
+
+/// Reads every stored value in seq order and checks its chain link against the value before
+/// it, sending batches to `to_check`; stops after the first broken link (that record is sent,
+/// so the checker can report it as undecodable if it is), at a backend error, or when the
+/// checker hangs up. A value too short to hold a hash is sent as broken, for the same reason.
+fn scan_and_link(
+    events: &redb::ReadOnlyTable<u64, &[u8]>,
+    to_check: &std::sync::mpsc::SyncSender<Result<ScannedBatch, ReadError>>,
+    spare: &std::sync::mpsc::Receiver<ScannedBatch>,
+) {
+    let next_batch = || {
+        let mut batch = spare.try_recv().unwrap_or_default();
+        batch.clear();
+        batch
+    };
+    let iter = match events.iter() {
+        Ok(iter) => iter,
+        Err(error) => {
+            let _ = to_check.send(Err(read_backend(error)));
+            return;
+        }
+    };
+    let mut prev_hash = GENESIS_HASH;
+    let mut batch = next_batch();
+    for entry in iter {
+        let (key, value) = match entry {
+            Ok(entry) => entry,
+            Err(error) => {
+                let _ = to_check.send(Err(read_backend(error)));
+                return;
+            }
+        };
+        let seq = key.value();
+        let value = value.value();
+        let link_holds = value.len() >= 32 && {
+            let (hash, body) = value.split_at(32);
+            let holds = record::chain_hash(&prev_hash, seq, body) == hash;
+            prev_hash.copy_from_slice(hash);
+            holds
+        };
+        batch.values.extend_from_slice(value);
+        batch.records.push(Scanned { seq, end: batch.values.len(), link_holds });
+        if !link_holds {
+            // The checker reports this record; nothing after it is read.
+            let _ = to_check.send(Ok(batch));
+            return;
+        }
+        if batch.records.len() == SCAN_BATCH_RECORDS
+            && to_check.send(Ok(std::mem::replace(&mut batch, next_batch()))).is_err()
+        {
+            return;
+        }
+    }
+    if !batch.records.is_empty() {
+        let _ = to_check.send(Ok(batch));
+    }
+}
+
 /// [`verify`], calling `on_record` with every record once it has passed its checks, in log
 /// order, up to the first problem.
 pub fn verify_with(
@@ -181,66 +271,92 @@ pub fn verify_with(
     let mut expected = 1u64;
     let mut records = 0u64;
     if first_problem.is_none() {
-        for entry in events.iter().map_err(read_backend)? {
-            let (key, value) = entry.map_err(read_backend)?;
-            let seq = key.value();
-            if seq != expected {
-                first_problem =
-                    Some(problem(expected, ProblemKind::SeqGap, format!("expected record {expected}, found {seq}")));
-                break;
-            }
-            let decoded = match record::decode(seq, value.value()) {
-                Ok(decoded) => decoded,
-                Err(error) => {
-                    first_problem = Some(problem(seq, ProblemKind::Decode, error.to_string()));
-                    break;
+        // One thread reads the table and checks every chain link (BLAKE3 is a third of the
+        // work, and each link needs only the stored hashes); this one decodes, checks the rest
+        // in log order and hands records on, so `on_record` sees only fully checked records.
+        let (scanned_tx, scanned_rx) = std::sync::mpsc::sync_channel::<Result<ScannedBatch, ReadError>>(4);
+        let (spare_tx, spare_rx) = std::sync::mpsc::sync_channel::<ScannedBatch>(6);
+        let events = &events;
+        std::thread::scope(|scope| -> Result<(), ReadError> {
+            std::thread::Builder::new()
+                .name("verify-scan".into())
+                .spawn_scoped(scope, move || scan_and_link(events, &scanned_tx, &spare_rx))
+                .map_err(|e| ReadError::Backend(format!("start the scanning thread: {e}").into()))?;
+            'batches: for batch in scanned_rx.iter() {
+                let batch = batch?;
+                for (n, scanned) in batch.records.iter().enumerate() {
+                    let seq = scanned.seq;
+                    if seq != expected {
+                        first_problem = Some(problem(
+                            expected,
+                            ProblemKind::SeqGap,
+                            format!("expected record {expected}, found {seq}"),
+                        ));
+                        break 'batches;
+                    }
+                    let decoded = match record::decode(seq, batch.value(n)) {
+                        Ok(decoded) => decoded,
+                        Err(error) => {
+                            first_problem = Some(problem(seq, ProblemKind::Decode, error.to_string()));
+                            break 'batches;
+                        }
+                    };
+                    if !scanned.link_holds {
+                        first_problem =
+                            Some(problem(seq, ProblemKind::ChainLink, RecordError::HashMismatch { seq }.to_string()));
+                        break 'batches;
+                    }
+                    // Look up before allocating: most records extend a known stream.
+                    let previous = stream_versions.get(decoded.body.stream).copied().unwrap_or(0);
+                    if decoded.body.stream_version != previous + 1 {
+                        first_problem = Some(problem(
+                            seq,
+                            ProblemKind::StreamVersion,
+                            format!("stream version {} follows {previous}", decoded.body.stream_version),
+                        ));
+                        break 'batches;
+                    }
+                    match stream_versions.get_mut(decoded.body.stream) {
+                        Some(version) => *version += 1,
+                        None => {
+                            stream_versions.insert(StreamKey::new(decoded.body.stream), 1);
+                        }
+                    }
+                    if seq == checkpoint.seq && decoded.hash != checkpoint.hash {
+                        first_problem = Some(problem(
+                            seq,
+                            ProblemKind::Head,
+                            "stored head hash differs from the record's hash".into(),
+                        ));
+                        break 'batches;
+                    }
+                    prev_hash = decoded.hash;
+                    on_record(&CheckedRecord {
+                        seq,
+                        hash: &prev_hash,
+                        stream: decoded.body.stream,
+                        stream_version: decoded.body.stream_version,
+                        recorded_at_us: decoded.body.recorded_at_us,
+                        command_id: decoded.body.command_id,
+                        actor: decoded.body.actor,
+                        event_type: decoded.body.event_type,
+                        schema_version: decoded.body.schema_version,
+                        payload: decoded.body.payload,
+                        body: decoded.body_bytes,
+                    });
+                    records += 1;
+                    expected += 1;
+                    if records.is_multiple_of(PROGRESS_EVERY_RECORDS) {
+                        progress(records, total);
+                    }
                 }
-            };
-            if let Err(error) = decoded.check_link(seq, &prev_hash) {
-                first_problem = Some(problem(seq, ProblemKind::ChainLink, error.to_string()));
-                break;
+                // Full or gone: then this batch is freed here.
+                let _ = spare_tx.try_send(batch);
             }
-            // Look up before allocating: most records extend a known stream.
-            let previous = stream_versions.get(decoded.body.stream).copied().unwrap_or(0);
-            if decoded.body.stream_version != previous + 1 {
-                first_problem = Some(problem(
-                    seq,
-                    ProblemKind::StreamVersion,
-                    format!("stream version {} follows {previous}", decoded.body.stream_version),
-                ));
-                break;
-            }
-            match stream_versions.get_mut(decoded.body.stream) {
-                Some(version) => *version += 1,
-                None => {
-                    stream_versions.insert(StreamKey::new(decoded.body.stream), 1);
-                }
-            }
-            if seq == checkpoint.seq && decoded.hash != checkpoint.hash {
-                first_problem =
-                    Some(problem(seq, ProblemKind::Head, "stored head hash differs from the record's hash".into()));
-                break;
-            }
-            prev_hash = decoded.hash;
-            on_record(&CheckedRecord {
-                seq,
-                hash: &prev_hash,
-                stream: decoded.body.stream,
-                stream_version: decoded.body.stream_version,
-                recorded_at_us: decoded.body.recorded_at_us,
-                command_id: decoded.body.command_id,
-                actor: decoded.body.actor,
-                event_type: decoded.body.event_type,
-                schema_version: decoded.body.schema_version,
-                payload: decoded.body.payload,
-                body: decoded.body_bytes,
-            });
-            records += 1;
-            expected += 1;
-            if records.is_multiple_of(PROGRESS_EVERY_RECORDS) {
-                progress(records, total);
-            }
-        }
+            // Leaving the scope drops the receiver, so a scan still running stops at its next batch.
+            drop(scanned_rx);
+            Ok(())
+        })?;
     }
     // The stored head is a checkpoint that may trail the last record (see `reader::HEAD`).
     if first_problem.is_none() && checkpoint.seq > records {

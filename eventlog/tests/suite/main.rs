@@ -10,5 +10,6 @@ mod faults;
 mod feed;
 mod store_model;
 mod support;
+mod verify_problems;
 mod verify_speed;
 mod writer;
