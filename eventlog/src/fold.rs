@@ -173,23 +173,74 @@ pub struct FoldStats {
     pub skipped_snapshots: Vec<String>,
 }
 
-/// Applies records `from..=to` to `ledger`, in batches.
+/// Decoded batches in flight between the reading and the applying thread of [`replay`].
+const REPLAY_BATCHES_IN_FLIGHT: usize = 4;
+
+/// Payloads read by [`replay`]'s reading thread, back to back, with each record's header.
+#[derive(Default)]
+struct PayloadBatch {
+    payloads: Vec<u8>,
+    /// Seq, event type, schema version and the end of its payload in `payloads`.
+    records: Vec<(u64, u16, u16, usize)>,
+}
+
+/// Applies records `from..=to` to `ledger`, in batches. A second thread reads the records and
+/// checks their chain links (about half of the work) while this one decodes and applies them;
+/// the first error by seq is returned, and then `ledger` is partly replayed and must be thrown
+/// away.
 pub fn replay(ledger: &mut Ledger, reader: &LogReader, from: u64, to: u64) -> Result<u64, FoldError> {
-    let mut next = from;
-    let mut replayed = 0;
-    while next <= to {
-        let records = reader.read_range(next, to, REPLAY_BATCH_RECORDS)?;
-        if records.is_empty() {
-            break;
-        }
-        for record in &records {
-            let event = decode_event(record)?;
-            ledger.apply(&event).map_err(|e| FoldError::Inconsistent { seq: record.seq, reason: e.to_string() })?;
-        }
-        replayed += records.len() as u64;
-        next = records.last().map_or(to, |r| r.seq) + 1;
+    if from > to {
+        return Ok(0);
     }
-    Ok(replayed)
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<PayloadBatch, ReadError>>(REPLAY_BATCHES_IN_FLIGHT);
+    let (spare_tx, spare_rx) = std::sync::mpsc::sync_channel::<PayloadBatch>(REPLAY_BATCHES_IN_FLIGHT + 2);
+    std::thread::scope(|scope| {
+        let read = move || {
+            let mut next = from;
+            while next <= to {
+                let mut batch = spare_rx.try_recv().unwrap_or_default();
+                batch.payloads.clear();
+                batch.records.clear();
+                let scanned = reader.scan_range(next, to, REPLAY_BATCH_RECORDS, |record| {
+                    batch.payloads.extend_from_slice(record.payload);
+                    batch.records.push((record.seq, record.event_type, record.schema_version, batch.payloads.len()));
+                });
+                let handed = match scanned {
+                    Ok(handed) => handed,
+                    Err(error) => {
+                        let _ = tx.send(Err(error));
+                        return;
+                    }
+                };
+                if handed == 0 {
+                    return;
+                }
+                next += handed as u64;
+                if tx.send(Ok(batch)).is_err() {
+                    return;
+                }
+            }
+        };
+        std::thread::Builder::new()
+            .name("replay-read".into())
+            .spawn_scoped(scope, read)
+            .map_err(|e| FoldError::Read(ReadError::Backend(format!("start the reading thread: {e}").into())))?;
+        // Owned here, so that returning early hangs up on the reading thread before the join.
+        let rx = rx;
+        let mut replayed = 0;
+        for batch in rx.iter() {
+            let batch = batch?;
+            let mut start = 0;
+            for &(seq, event_type, schema_version, end) in &batch.records {
+                let event = decode_payload(seq, event_type, schema_version, &batch.payloads[start..end])?;
+                start = end;
+                ledger.apply_owned(event).map_err(|e| FoldError::Inconsistent { seq, reason: e.to_string() })?;
+                replayed += 1;
+            }
+            let _ = spare_tx.try_send(batch);
+        }
+        Ok(replayed)
+    })
 }
 
 /// The ledger as of record `upto` (inclusive): the newest usable snapshot at

@@ -37,7 +37,7 @@ pub use error::{
 pub use fault::{FaultError, FaultHandle, FaultMode, FaultOp, FaultPlan, FaultyBackend};
 pub use feed::{LiveFeed, Subscription};
 pub use fold::{FoldError, FoldStats, decode_event, encode_event, fold_to, fold_to_head};
-pub use reader::LogReader;
+pub use reader::{LogReader, ScannedRecord};
 pub use record::{GENESIS_HASH, Hash, NewRecord, StoredRecord};
 pub use redb_store::{RedbOptions, RedbStore, STREAM_INDEX_LAG_DEFAULT};
 pub use snapshot::{Snapshot, SnapshotEntry, SnapshotInfo, SnapshotPick, SnapshotStore};

@@ -21,6 +21,15 @@ use crate::store::Head;
 
 /// Version of the table layout, stored in the meta table.
 pub const LOG_FORMAT_VERSION: u64 = 1;
+/// One record as [`LogReader::scan_range`] hands it on: what a fold needs, borrowed.
+#[derive(Clone, Copy, Debug)]
+pub struct ScannedRecord<'a> {
+    pub seq: u64,
+    pub event_type: u16,
+    pub schema_version: u16,
+    pub payload: &'a [u8],
+}
+
 /// Page cache of a log opened read-only. Tools mostly scan a log once, and
 /// redb's default (1 GiB) would keep every page of that scan: hundreds of
 /// megabytes of fresh memory for nothing (`verify` of a million-event log used
@@ -272,6 +281,32 @@ impl LogReader {
         read_range_in(&events, from_seq, to_seq, max, |_| true)
     }
 
+    /// [`LogReader::read_range`] without copying: hands `f` each record, borrowed and checked
+    /// the same way, and returns how many it handed on (fewer than `max` only at `to_seq` or
+    /// the end of the log). For folds that only need each record's payload once.
+    pub fn scan_range(
+        &self,
+        from_seq: u64,
+        to_seq: u64,
+        max: usize,
+        mut f: impl FnMut(&ScannedRecord<'_>),
+    ) -> Result<usize, ReadError> {
+        let txn = self.begin()?;
+        let events = txn.open_table(EVENTS).map_err(read_backend)?;
+        let mut handed = 0;
+        scan_range_in(&events, from_seq, to_seq, max, |seq, decoded| {
+            f(&ScannedRecord {
+                seq,
+                event_type: decoded.body.event_type,
+                schema_version: decoded.body.schema_version,
+                payload: decoded.body.payload,
+            });
+            handed += 1;
+            true
+        })?;
+        Ok(handed)
+    }
+
     /// Records of `stream` from version `from_version` on, at most `max`: from the stream index,
     /// then from the unindexed tail of the log.
     pub fn read_stream(&self, stream: &[u8], from_version: u64, max: usize) -> Result<Vec<StoredRecord>, ReadError> {
@@ -466,20 +501,39 @@ fn read_range_in(
     max: usize,
     mut keep: impl FnMut(&record::Decoded<'_>) -> bool,
 ) -> Result<Vec<StoredRecord>, ReadError> {
+    let mut out = Vec::with_capacity(max.clamp(1, 1024));
+    scan_range_in(events, from_seq, to_seq, max, |seq, decoded| {
+        let kept = keep(decoded);
+        if kept {
+            out.push(decoded.to_stored(seq));
+        }
+        kept
+    })?;
+    Ok(out)
+}
+
+/// Hands `f` the records `from_seq..=to_seq`, at most `max`, borrowed from `events` and checked
+/// as they are read (seq continuity, decoding, chain link), until `f` returns false.
+fn scan_range_in(
+    events: &ReadOnlyTable<u64, &[u8]>,
+    from_seq: u64,
+    to_seq: u64,
+    max: usize,
+    mut f: impl FnMut(u64, &record::Decoded<'_>) -> bool,
+) -> Result<(), ReadError> {
     let from_seq = from_seq.max(1);
     let max = max.min(READ_BATCH_MAX);
     if from_seq > to_seq || max == 0 {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let mut prev_hash = if from_seq > 1 {
         match events.get(from_seq - 1).map_err(read_backend)? {
             Some(value) => record::decode(from_seq - 1, value.value())?.hash,
-            None => return Ok(Vec::new()),
+            None => return Ok(()),
         }
     } else {
         GENESIS_HASH
     };
-    let mut out = Vec::with_capacity(max.min(1024));
     let entries = events.range(from_seq..=to_seq).map_err(read_backend)?;
     for (expected, entry) in (from_seq..).zip(entries.take(max)) {
         let (key, value) = entry.map_err(read_backend)?;
@@ -493,11 +547,10 @@ fn read_range_in(
         }
         let decoded = record::decode(seq, value.value())?;
         decoded.check_link(seq, &prev_hash)?;
-        if !keep(&decoded) {
+        if !f(seq, &decoded) {
             break;
         }
         prev_hash = decoded.hash;
-        out.push(decoded.to_stored(seq));
     }
-    Ok(out)
+    Ok(())
 }
