@@ -67,7 +67,7 @@ fn an_event_the_ledger_refuses_is_named_by_its_seq() {
     // Record 20,001 creates task 0 again instead of its own task.
     let dir = tempfile::tempdir().unwrap();
     let damaged = 20_001;
-    let mut first = Ledger::new();
+    let first = Ledger::new();
     let now = Timestamp::from_micros(1_700_000_000_000_000);
     let again = first.decide(&Command::CreateTask(job(0, "fold")), now).unwrap();
     let again = encode_event(&again[0], "c-again", "tester", now.as_micros());
