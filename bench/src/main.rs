@@ -213,6 +213,7 @@ impl Row {
             v["writer_commands_per_commit"] = json!(r(w.commands_per_batch));
             v["writer_commit_p99_ms_at_most"] = json!(w.commit_p99_ms);
             v["writer_commit_max_ms_at_most"] = json!(w.commit_max_ms);
+            v["writer_commit_avg_ms"] = json!(w.commit_avg_ms);
         }
         if let Some(e) = &t.first_error {
             v["first_error"] = json!(e);
@@ -229,6 +230,8 @@ struct WriterCounters {
     events: f64,
     /// `taskledger_commit_seconds` as (upper bound in ms, cumulative count).
     commit_buckets: Vec<(f64, f64)>,
+    /// `taskledger_commit_seconds_sum`.
+    commit_seconds: f64,
 }
 
 struct WriterRates {
@@ -240,6 +243,7 @@ struct WriterRates {
     /// it shows in the acknowledgement latencies.
     commit_p99_ms: f64,
     commit_max_ms: f64,
+    commit_avg_ms: f64,
 }
 
 impl WriterRates {
@@ -258,6 +262,7 @@ impl WriterRates {
             commands_per_batch: (a.commands - b.commands) / (a.batches - b.batches).max(1.0),
             commit_p99_ms: bound_at((total * 0.99).ceil().max(1.0)),
             commit_max_ms: bound_at(total.max(1.0)),
+            commit_avg_ms: (a.commit_seconds - b.commit_seconds) * 1000.0 / total.max(1.0),
         }
     }
 }
@@ -282,6 +287,7 @@ async fn writer_counters(target: &Target) -> Option<WriterCounters> {
         batches: value("taskledger_writer_batches_total "),
         commands: value("taskledger_writer_commands_total "),
         events: value("taskledger_writer_events_total "),
+        commit_seconds: value("taskledger_commit_seconds_sum "),
         commit_buckets,
     })
 }
@@ -731,10 +737,11 @@ fn print_table(args: &Args, rows: &[Row]) {
         }
         if let Some(w) = &r.writer {
             notes.push(format!(
-                "writer {:.0} events/s in {:.0} commits/s ({:.1} commands/commit), commit p99 <= {} ms, longest <= {} ms",
+                "writer {:.0} events/s in {:.0} commits/s ({:.1} commands/commit), commit avg {:.2} ms, p99 <= {} ms, longest <= {} ms",
                 w.events_per_s,
                 w.batches_per_s,
                 w.commands_per_batch,
+                w.commit_avg_ms,
                 w.commit_p99_ms,
                 w.commit_max_ms
             ));

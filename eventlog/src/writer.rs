@@ -181,7 +181,8 @@ pub struct WriterStats {
 }
 
 /// Upper bounds of the commit-duration histogram, in µs (the last catches all).
-pub const COMMIT_BUCKETS_US: [u64; 10] = [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, u64::MAX];
+pub const COMMIT_BUCKETS_US: [u64; 12] =
+    [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 250_000, 1_000_000, u64::MAX];
 /// Upper bounds of the batch-size histogram, in events (the last catches all).
 pub const BATCH_SIZE_BUCKETS: [u64; 9] = [1, 4, 16, 64, 256, 1_024, 4_096, 16_384, u64::MAX];
 
