@@ -2,7 +2,6 @@
 //! and their validation. A spec that passes `validate` can be turned into live
 //! state without further checks; every limit here is a named constant.
 
-use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -198,7 +197,14 @@ pub fn validate_step_graph(existing: &[&StepName], new_steps: &[StepSpec]) -> Re
             format!("a task may have at most {MAX_STEPS_PER_TASK} steps, this one would have {total}"),
         ));
     }
-    let mut index: HashMap<&StepName, usize> = HashMap::with_capacity(total);
+    // The common task: one new step, nothing to depend on or collide with.
+    if let ([step], []) = (new_steps, existing)
+        && step.depends_on.is_empty()
+    {
+        return step.validate_own_fields().map_err(|r| r.within("steps[0]"));
+    }
+    let mut index: crate::ledger::FastMap<&StepName, usize> =
+        crate::ledger::FastMap::with_capacity_and_hasher(total, Default::default());
     for (i, name) in existing.iter().enumerate() {
         index.insert(name, i);
     }
