@@ -3,8 +3,6 @@
 //! everything first and then builds its events, so a rejected command has no
 //! effect at all.
 
-use std::collections::HashMap;
-
 use crate::command::{
     Command, LeaseRef, MAX_BATCH_TASKS, MAX_CLAIM_HANDLERS, MAX_CLAIM_NAMESPACES, MAX_CLAIM_STEPS,
     MAX_QUEUE_CONCURRENCY,
@@ -417,7 +415,7 @@ impl Ledger {
             check_lease_ms("lease_ms", ms)?;
         }
         // One cursor per (namespace, handler) ready queue; merge by ready key.
-        let mut budget: HashMap<&Namespace, u32> = HashMap::new();
+        let mut budget: crate::ledger::FastMap<&Namespace, u32> = Default::default();
         let mut cursors = Vec::new();
         for ns in namespaces {
             let settings = self.settings.get(ns);

@@ -147,7 +147,11 @@ pub struct Inconsistency {
 /// The ledger's maps hash with foldhash, seeded at random per process: SipHash was about a
 /// tenth of the instructions of folding a log (every event looks up its task, namespace and
 /// handler). Keys come from clients (task ids, names), so a per-process random seed is kept.
-pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+/// A hash map with foldhash (randomly seeded per process): several times faster than std's
+/// SipHash for the small keys this crate and its users hash per event.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+/// A hash set with foldhash; see [`FastMap`].
+pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 /// The serializable core of a ledger, from which every index is rebuilt.
 /// Snapshots store this.
@@ -1022,7 +1026,7 @@ impl Ledger {
         type Entry<'a> = (ReadyKey, TaskId, StepIndex, &'a Namespace, &'a HandlerName);
         let mut expected: Vec<Entry<'_>> = Vec::new();
         let mut timers: Vec<Timer> = Vec::new();
-        let mut leased: HashMap<&Namespace, u32> = HashMap::new();
+        let mut leased: FastMap<&Namespace, u32> = FastMap::default();
         for task in self.tasks.values() {
             for (i, s) in task.steps.iter().enumerate() {
                 let step = StepIndex(i as u16);

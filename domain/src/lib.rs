@@ -25,8 +25,8 @@ pub use command::{
 };
 pub use event::{Event, FailOutcome, StreamId};
 pub use ledger::{
-    AGING_US_PER_POINT, ClaimedStep, IDEMPOTENCY_RETENTION_US, Inconsistency, Ledger, LedgerState, LedgerSummary,
-    NamespaceCounts, QueueSettings, ReadyKey, SplitState, Step, Task, Timer, TimerKind, split_state,
+    AGING_US_PER_POINT, ClaimedStep, FastMap, FastSet, IDEMPOTENCY_RETENTION_US, Inconsistency, Ledger, LedgerState,
+    LedgerSummary, NamespaceCounts, QueueSettings, ReadyKey, SplitState, Step, Task, Timer, TimerKind, split_state,
 };
 pub use rejection::{Rejection, RejectionCode};
 pub use spec::{

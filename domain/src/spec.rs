@@ -2,7 +2,6 @@
 //! and their validation. A spec that passes `validate` can be turned into live
 //! state without further checks; every limit here is a named constant.
 
-
 use serde::{Deserialize, Serialize};
 
 use crate::rejection::{Rejection, RejectionCode};

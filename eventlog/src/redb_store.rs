@@ -392,9 +392,10 @@ impl RedbStore {
         let mut prev_hash: Hash = self.head.hash;
         let mut last_second = self.last_recorded_at_us.map(|us| us.div_euclid(1_000_000));
         // Keys borrow from `records`: one copy per distinct stream, made at the end.
-        let mut stream_versions: HashMap<&[u8], u64> = HashMap::with_capacity(records.len());
+        let mut stream_versions: domain::FastMap<&[u8], u64> =
+            domain::FastMap::with_capacity_and_hasher(records.len(), Default::default());
         // Only needed to place outcomes (none on the writer's path).
-        let mut command_seqs: HashMap<&str, u64> = HashMap::new();
+        let mut command_seqs: domain::FastMap<&str, u64> = domain::FastMap::default();
         let mut written = Vec::with_capacity(records.len());
         for record in records {
             let version = match stream_versions.get(record.stream.as_slice()) {

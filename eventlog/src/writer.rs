@@ -638,8 +638,9 @@ impl WriterThread {
         let mut records: Vec<NewRecord> = Vec::new();
         let mut pending: Vec<Pending> = Vec::with_capacity(batch.len());
         // Command ids accepted in this batch, with their seqs.
-        let mut in_batch: HashMap<String, SeqRange> = HashMap::with_capacity(batch.len());
-        let mut new_streams: std::collections::HashSet<TaskId> = std::collections::HashSet::new();
+        let mut in_batch: domain::FastMap<String, SeqRange> =
+            domain::FastMap::with_capacity_and_hasher(batch.len(), Default::default());
+        let mut new_streams: domain::FastSet<TaskId> = domain::FastSet::default();
         let head_before = self.store.head().seq;
 
         // System commands for due timers go first, through the same path.
@@ -719,8 +720,8 @@ impl WriterThread {
         envelope: &Envelope,
         now: Timestamp,
         records: &mut Vec<NewRecord>,
-        in_batch: &mut HashMap<String, SeqRange>,
-        new_streams: &mut std::collections::HashSet<TaskId>,
+        in_batch: &mut domain::FastMap<String, SeqRange>,
+        new_streams: &mut domain::FastSet<TaskId>,
         head_before: u64,
     ) -> Result<Acknowledgement, WriteError> {
         // A repeat: of a command earlier in this batch, or in the dedup window.

@@ -15,9 +15,7 @@
 //! the same transaction as its rows (see `runtime`), so a restart loads the
 //! mirror back instead of replaying the log.
 
-use std::collections::HashMap;
-
-use domain::{Event, FailOutcome, StepSpec, StepState, TaskId, TaskState, Timestamp};
+use domain::{Event, FailOutcome, FastMap, StepSpec, StepState, TaskId, TaskState, Timestamp};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApplyError;
@@ -125,9 +123,9 @@ pub struct Applied {
 #[derive(Clone, Debug, Default)]
 pub struct Mirror {
     /// Tasks not touched since the last `settle`, as postcard bodies.
-    settled: HashMap<TaskId, Box<[u8]>>,
+    settled: FastMap<TaskId, Box<[u8]>>,
     /// Tasks touched since the last `settle`, decoded.
-    touched: HashMap<TaskId, MirrorTask>,
+    touched: FastMap<TaskId, MirrorTask>,
 }
 
 fn encode(task: &MirrorTask) -> Result<Box<[u8]>, ApplyError> {
@@ -190,7 +188,7 @@ impl Mirror {
     /// `settled_body`), settled. A body is decoded when an event touches
     /// its task; one that does not decode is reported then.
     pub fn from_bodies(bodies: impl IntoIterator<Item = (TaskId, Box<[u8]>)>) -> Self {
-        Self { settled: bodies.into_iter().collect(), touched: HashMap::new() }
+        Self { settled: bodies.into_iter().collect(), touched: FastMap::default() }
     }
 
     /// A live task that an event touched since the last `settle` (every

@@ -13,9 +13,7 @@
 //! generation, so shadow and live copies never collide, and a swap is a
 //! rename of tables only.
 
-use std::collections::{HashMap, HashSet};
-
-use domain::{Event, TaskId};
+use domain::{Event, FastMap, FastSet, TaskId};
 use eventlog::StoredRecord;
 use serde::Serialize;
 use uuid::Uuid;
@@ -186,7 +184,7 @@ impl ProjectorKind {
                 self.mirror_table()
             )));
         }
-        Ok(Some(KeptMirror { mirror: Mirror::from_bodies(bodies), stored_seq, changed: HashSet::new() }))
+        Ok(Some(KeptMirror { mirror: Mirror::from_bodies(bodies), stored_seq, changed: FastSet::default() }))
     }
 
     /// Statements that start a new generation's mirror table at seq 0 (its
@@ -237,7 +235,7 @@ pub(crate) struct KeptMirror {
     pub(crate) stored_seq: u64,
     /// Tasks changed since `stored_seq` that the table holds or must hold:
     /// each is upserted, or deleted if it ended, at the next store.
-    changed: HashSet<TaskId>,
+    changed: FastSet<TaskId>,
 }
 
 impl KeptMirror {
@@ -300,14 +298,14 @@ impl KeptMirror {
 #[derive(Default)]
 pub struct Touched {
     pub order: Vec<TaskId>,
-    seen: HashMap<TaskId, ()>,
-    pub finished: HashMap<TaskId, MirrorTask>,
+    seen: FastSet<TaskId>,
+    pub finished: FastMap<TaskId, MirrorTask>,
 }
 
 impl Touched {
     fn note(&mut self, applied: Applied) {
         if let Some(task) = applied.task {
-            if self.seen.insert(task, ()).is_none() {
+            if self.seen.insert(task) {
                 self.order.push(task);
             }
             if let Some(finished) = applied.finished {
