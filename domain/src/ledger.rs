@@ -144,11 +144,10 @@ pub struct Inconsistency {
     pub reason: String,
 }
 
-/// The ledger's maps hash with foldhash, seeded at random per process: SipHash was about a
-/// tenth of the instructions of folding a log (every event looks up its task, namespace and
-/// handler). Keys come from clients (task ids, names), so a per-process random seed is kept.
-/// A hash map with foldhash (randomly seeded per process): several times faster than std's
-/// SipHash for the small keys this crate and its users hash per event.
+/// A hash map with foldhash, seeded at random per process, for the small keys hashed per
+/// event here and in the writer and projections: SipHash was about a tenth of the
+/// instructions of folding a log (every event looks up its task, namespace and handler).
+/// Keys come from clients (task ids, names), hence the per-process random seed.
 pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// A hash set with foldhash; see [`FastMap`].
 pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;

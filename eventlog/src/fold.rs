@@ -173,7 +173,8 @@ pub struct FoldStats {
     pub skipped_snapshots: Vec<String>,
 }
 
-/// Decoded batches in flight between the reading and the applying thread of [`replay`].
+/// Read batches queued between the reading and the applying thread of [`replay`] (besides
+/// the one being read and the one being applied).
 const REPLAY_BATCHES_IN_FLIGHT: usize = 4;
 
 /// Payloads read by [`replay`]'s reading thread, back to back, with each record's header.
@@ -189,6 +190,8 @@ struct PayloadBatch {
 /// the first error by seq is returned, and then `ledger` is partly replayed and must be thrown
 /// away.
 pub fn replay(ledger: &mut Ledger, reader: &LogReader, from: u64, to: u64) -> Result<u64, FoldError> {
+    // Seq 0 is no record: counting from it would hand the last record of each batch twice.
+    let from = from.max(1);
     if from > to {
         return Ok(0);
     }
@@ -208,7 +211,10 @@ pub fn replay(ledger: &mut Ledger, reader: &LogReader, from: u64, to: u64) -> Re
                 let handed = match scanned {
                     Ok(handed) => handed,
                     Err(error) => {
-                        let _ = tx.send(Err(error));
+                        // What was read before the error goes first: an error among it comes first.
+                        if batch.records.is_empty() || tx.send(Ok(batch)).is_ok() {
+                            let _ = tx.send(Err(error));
+                        }
                         return;
                     }
                 };

@@ -282,8 +282,9 @@ impl LogReader {
     }
 
     /// [`LogReader::read_range`] without copying: hands `f` each record, borrowed and checked
-    /// the same way, and returns how many it handed on (fewer than `max` only at `to_seq` or
-    /// the end of the log). For folds that only need each record's payload once.
+    /// the same way, and returns how many it handed on (at most `max` and [`READ_BATCH_MAX`];
+    /// fewer only at `to_seq` or the end of the log). For folds that only need each record's
+    /// payload once. If a record fails its checks, the ones before it have been handed on.
     pub fn scan_range(
         &self,
         from_seq: u64,

@@ -202,7 +202,10 @@ fn scan_and_link(
         let (key, value) = match entry {
             Ok(entry) => entry,
             Err(error) => {
-                let _ = to_check.send(Err(read_backend(error)));
+                // The records read so far go first: a problem among them is the first one.
+                if batch.records.is_empty() || to_check.send(Ok(batch)).is_ok() {
+                    let _ = to_check.send(Err(read_backend(error)));
+                }
                 return;
             }
         };
@@ -353,7 +356,8 @@ pub fn verify_with(
                 // Full or gone: then this batch is freed here.
                 let _ = spare_tx.try_send(batch);
             }
-            // Leaving the scope drops the receiver, so a scan still running stops at its next batch.
+            // Hang up before the scope joins the scanner: a scan still running then stops at its
+            // next send (returning early with `?` drops the receiver the same way).
             drop(scanned_rx);
             Ok(())
         })?;

@@ -6,11 +6,13 @@ use std::path::Path;
 
 use domain::testkit::job;
 use domain::{Command, Ledger, Timestamp};
-use eventlog::fold::FoldError;
+use eventlog::fold::{FoldError, replay};
 use eventlog::snapshot::SnapshotStore;
 use eventlog::{LogStore, NewRecord, RedbOptions, RedbStore, encode_event, fold_to};
 
-/// Far more records than the reading thread may hold in flight.
+use crate::support::rewrite_record;
+
+/// More records than the reading thread reads ahead (six batches of 8,192 at most).
 const TASKS: u64 = 60_000;
 
 /// A log of `TASKS` task creations where record `damaged` is replaced by `replace(record)`.
@@ -79,5 +81,33 @@ fn an_event_the_ledger_refuses_is_named_by_its_seq() {
     match fold(dir.path()) {
         Err(FoldError::Inconsistent { seq, .. }) => assert_eq!(seq, damaged),
         other => panic!("expected the ledger to refuse record {damaged}, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_replay_from_seq_zero_applies_each_record_once() {
+    let dir = tempfile::tempdir().unwrap();
+    write_log(dir.path(), 0, |record| record);
+    let store = RedbStore::open(dir.path(), RedbOptions::default()).unwrap();
+    let mut ledger = Ledger::new();
+    let replayed = replay(&mut ledger, &store.reader(), 0, u64::MAX).unwrap();
+    assert_eq!(replayed, TASKS);
+    assert_eq!(ledger.live_task_count() as u64, TASKS);
+}
+
+#[test]
+fn an_undecodable_payload_comes_before_a_broken_link_read_after_it() {
+    // Both in one read batch: the reading thread fails at the link, but the payload before it
+    // is the first error.
+    let dir = tempfile::tempdir().unwrap();
+    let (undecodable, broken) = (30_100, 30_200);
+    write_log(dir.path(), undecodable, |record| NewRecord { payload: vec![0xff; 7], ..record });
+    rewrite_record(dir.path(), broken, |value| {
+        let last = value.len() - 1;
+        value[last] ^= 0x01;
+    });
+    match fold(dir.path()) {
+        Err(FoldError::Decode { seq, .. }) => assert_eq!(seq, undecodable),
+        other => panic!("expected the decode error at {undecodable} first, got {other:?}"),
     }
 }

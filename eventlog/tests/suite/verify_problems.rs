@@ -5,12 +5,11 @@
 
 use std::path::Path;
 
+use crate::support::rewrite_record;
 use eventlog::verify::{ProblemKind, verify_with};
 use eventlog::{LogReader, LogStore, NewRecord, RedbOptions, RedbStore};
-use redb::ReadableTable;
 
 const RECORDS: u64 = 3_000;
-const EVENTS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("events");
 
 fn write_log(dir: &Path) {
     let mut store = RedbStore::open(dir, RedbOptions::default()).unwrap();
@@ -30,19 +29,6 @@ fn write_log(dir: &Path) {
     }
 }
 
-/// Replaces the stored value of record `seq` with `change(value)`.
-fn rewrite(dir: &Path, seq: u64, change: impl FnOnce(&mut Vec<u8>)) {
-    let db = redb::Database::create(dir.join("ledger.redb")).unwrap();
-    let txn = db.begin_write().unwrap();
-    {
-        let mut table = txn.open_table(EVENTS).unwrap();
-        let mut value = table.get(seq).unwrap().unwrap().value().to_vec();
-        change(&mut value);
-        table.insert(seq, value.as_slice()).unwrap();
-    }
-    txn.commit().unwrap();
-}
-
 /// Verifies the log in `dir`: the report and the seqs `on_record` saw.
 fn verify_dir(dir: &Path) -> (eventlog::verify::VerifyReport, Vec<u64>) {
     let reader = LogReader::open_read_only(dir.join("ledger.redb")).unwrap();
@@ -57,7 +43,7 @@ fn damaged(seq: u64, change: impl FnOnce(&mut Vec<u8>)) -> (eventlog::verify::Ve
     let (clean, all) = verify_dir(dir.path());
     assert!(clean.is_clean(), "{:?}", clean.first_problem);
     assert_eq!(all, (1..=RECORDS).collect::<Vec<_>>());
-    rewrite(dir.path(), seq, change);
+    rewrite_record(dir.path(), seq, change);
     let (report, seen) = verify_dir(dir.path());
     (report, seen, all)
 }

@@ -1,6 +1,7 @@
 //! Helpers shared by the corruption tests (`corruption.rs`: whole-byte flips on a small log;
 //! `bitflips.rs`: single-bit flips on a 10,000-event log written by the real writer): how a
-//! possibly damaged file is opened, verified and read back, and a small seeded generator.
+//! possibly damaged file is opened, verified and read back, a record rewritten in place, and a
+//! small seeded generator.
 
 use std::path::Path;
 
@@ -46,4 +47,20 @@ pub fn next(state: &mut u64) -> u64 {
     *state ^= *state >> 7;
     *state ^= *state << 17;
     *state
+}
+
+/// Replaces the stored value of record `seq` in the log in `dir` with `change(value)`, through
+/// redb itself: its page checksums still hold, so only the log's own checks can notice.
+pub fn rewrite_record(dir: &Path, seq: u64, change: impl FnOnce(&mut Vec<u8>)) {
+    use redb::ReadableTable;
+    const EVENTS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("events");
+    let db = redb::Database::create(dir.join("ledger.redb")).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut table = txn.open_table(EVENTS).unwrap();
+        let mut value = table.get(seq).unwrap().unwrap().value().to_vec();
+        change(&mut value);
+        table.insert(seq, value.as_slice()).unwrap();
+    }
+    txn.commit().unwrap();
 }
