@@ -914,7 +914,8 @@ impl Snapshotter {
             let Ok(batch) = subscription.next_batch(4096, Duration::from_millis(100)) else { return };
             for record in &batch {
                 let Ok(event) = decode_event(record) else { return };
-                if ledger.apply(&event).is_err() {
+                // The event is this thread's own copy: the replica takes its strings.
+                if ledger.apply_owned(event).is_err() {
                     return;
                 }
                 head = Head { seq: record.seq, hash: record.hash };
