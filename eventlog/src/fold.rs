@@ -6,6 +6,7 @@
 
 use domain::{Event, Ledger};
 
+use crate::byte_batch::ByteBatch;
 use crate::error::ReadError;
 use crate::reader::LogReader;
 use crate::record::{NewRecord, StoredRecord};
@@ -177,13 +178,8 @@ pub struct FoldStats {
 /// the one being read and the one being applied).
 const REPLAY_BATCHES_IN_FLIGHT: usize = 4;
 
-/// Payloads read by [`replay`]'s reading thread, back to back, with each record's header.
-#[derive(Default)]
-struct PayloadBatch {
-    payloads: Vec<u8>,
-    /// Seq, event type, schema version and the end of its payload in `payloads`.
-    records: Vec<(u64, u16, u16, usize)>,
-}
+/// Payloads read by [`replay`]'s reading thread, each with its seq, event type and schema version.
+type PayloadBatch = ByteBatch<(u64, u16, u16)>;
 
 /// Applies records `from..=to` to `ledger`, in batches. A second thread reads the records and
 /// checks their chain links (about half of the work) while this one decodes and applies them;
@@ -202,17 +198,15 @@ pub fn replay(ledger: &mut Ledger, reader: &LogReader, from: u64, to: u64) -> Re
             let mut next = from;
             while next <= to {
                 let mut batch = spare_rx.try_recv().unwrap_or_default();
-                batch.payloads.clear();
-                batch.records.clear();
+                batch.clear();
                 let scanned = reader.scan_range(next, to, REPLAY_BATCH_RECORDS, |record| {
-                    batch.payloads.extend_from_slice(record.payload);
-                    batch.records.push((record.seq, record.event_type, record.schema_version, batch.payloads.len()));
+                    batch.push((record.seq, record.event_type, record.schema_version), record.payload);
                 });
                 let handed = match scanned {
                     Ok(handed) => handed,
                     Err(error) => {
                         // What was read before the error goes first: an error among it comes first.
-                        if batch.records.is_empty() || tx.send(Ok(batch)).is_ok() {
+                        if batch.is_empty() || tx.send(Ok(batch)).is_ok() {
                             let _ = tx.send(Err(error));
                         }
                         return;
@@ -236,10 +230,8 @@ pub fn replay(ledger: &mut Ledger, reader: &LogReader, from: u64, to: u64) -> Re
         let mut replayed = 0;
         for batch in rx.iter() {
             let batch = batch?;
-            let mut start = 0;
-            for &(seq, event_type, schema_version, end) in &batch.records {
-                let event = decode_payload(seq, event_type, schema_version, &batch.payloads[start..end])?;
-                start = end;
+            for (&(seq, event_type, schema_version), payload) in batch.iter() {
+                let event = decode_payload(seq, event_type, schema_version, payload)?;
                 ledger.apply_owned(event).map_err(|e| FoldError::Inconsistent { seq, reason: e.to_string() })?;
                 replayed += 1;
             }

@@ -14,6 +14,7 @@
 //! - Every record is checked before it is written and again when it is read back.
 //! - This crate knows nothing about tasks: payloads, stream keys and outcomes are opaque bytes.
 
+mod byte_batch;
 pub mod clock;
 pub mod dedup;
 pub mod error;

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 
 use redb::{ReadableTable, ReadableTableMetadata};
 
+use crate::byte_batch::ByteBatch;
 use crate::error::{ReadError, RecordError, backend};
 use crate::reader::{EVENTS, HEAD, HEAD_KEY, LogReader, META, STREAMS, decode_head, streams_indexed_through};
 use crate::record::{self, GENESIS_HASH, Hash};
@@ -148,31 +149,13 @@ impl Eq for StreamKey {}
 const SCAN_BATCH_RECORDS: usize = 1024;
 
 /// Stored values read and link-checked by [`scan_and_link`], in log order.
-#[derive(Default)]
-struct ScannedBatch {
-    /// The values back to back.
-    values: Vec<u8>,
-    records: Vec<Scanned>,
-}
+type ScannedBatch = ByteBatch<Scanned>;
 
+/// What the scanning thread learnt of one stored value.
 struct Scanned {
     seq: u64,
-    /// End of its value in `values`.
-    end: usize,
     /// Its stored hash recomputes from the stored hash of the record before it.
     link_holds: bool,
-}
-
-impl ScannedBatch {
-    fn value(&self, n: usize) -> &[u8] {
-        let start = if n == 0 { 0 } else { self.records[n - 1].end };
-        &self.values[start..self.records[n].end]
-    }
-
-    fn clear(&mut self) {
-        self.values.clear();
-        self.records.clear();
-    }
 }
 
 /// Reads every stored value in seq order and checks its chain link against the value before
@@ -203,7 +186,7 @@ fn scan_and_link(
             Ok(entry) => entry,
             Err(error) => {
                 // The records read so far go first: a problem among them is the first one.
-                if batch.records.is_empty() || to_check.send(Ok(batch)).is_ok() {
+                if batch.is_empty() || to_check.send(Ok(batch)).is_ok() {
                     let _ = to_check.send(Err(read_backend(error)));
                 }
                 return;
@@ -217,20 +200,18 @@ fn scan_and_link(
             prev_hash.copy_from_slice(hash);
             holds
         };
-        batch.values.extend_from_slice(value);
-        batch.records.push(Scanned { seq, end: batch.values.len(), link_holds });
+        batch.push(Scanned { seq, link_holds }, value);
         if !link_holds {
             // The checker reports this record; nothing after it is read.
             let _ = to_check.send(Ok(batch));
             return;
         }
-        if batch.records.len() == SCAN_BATCH_RECORDS
-            && to_check.send(Ok(std::mem::replace(&mut batch, next_batch()))).is_err()
+        if batch.len() == SCAN_BATCH_RECORDS && to_check.send(Ok(std::mem::replace(&mut batch, next_batch()))).is_err()
         {
             return;
         }
     }
-    if !batch.records.is_empty() {
+    if !batch.is_empty() {
         let _ = to_check.send(Ok(batch));
     }
 }
@@ -287,7 +268,7 @@ pub fn verify_with(
                 .map_err(|e| ReadError::Backend(format!("start the scanning thread: {e}").into()))?;
             'batches: for batch in scanned_rx.iter() {
                 let batch = batch?;
-                for (n, scanned) in batch.records.iter().enumerate() {
+                for (scanned, value) in batch.iter() {
                     let seq = scanned.seq;
                     if seq != expected {
                         first_problem = Some(problem(
@@ -297,7 +278,7 @@ pub fn verify_with(
                         ));
                         break 'batches;
                     }
-                    let decoded = match record::decode(seq, batch.value(n)) {
+                    let decoded = match record::decode(seq, value) {
                         Ok(decoded) => decoded,
                         Err(error) => {
                             first_problem = Some(problem(seq, ProblemKind::Decode, error.to_string()));

@@ -68,14 +68,15 @@ pub struct Driver {
 impl Driver {
     /// Loads the checkpoint and the mirror of `kind` in `slot`; installs the
     /// live slot's tables if this store has never held the projector. The
-    /// events between the stored mirror and the checkpoint are read from
-    /// `reader` and folded into the mirror.
+    /// checkpoint must be a record of `reader`'s log (projections built from
+    /// another log are refused), and the events between the stored mirror and
+    /// the checkpoint are read from it and folded into the mirror.
     pub async fn load(
         store: &Store,
         kind: ProjectorKind,
         slot: Slot,
         reader: &LogReader,
-    ) -> Result<Driver, ApplyError> {
+    ) -> Result<Driver, RuntimeError> {
         Self::load_with(store, kind, slot, Indexes::Now, reader).await
     }
 
@@ -86,29 +87,29 @@ impl Driver {
         slot: Slot,
         indexes: Indexes,
         reader: &LogReader,
-    ) -> Result<Driver, ApplyError> {
+    ) -> Result<Driver, RuntimeError> {
         let checkpoint = match (checkpoint::read(store, kind, slot).await?, slot) {
             (Some(checkpoint), _) => checkpoint,
             (None, Slot::Live) => checkpoint::install(store, kind, slot, "", 1, indexes).await?,
-            (None, Slot::Shadow) => return Err(ApplyError::Model(format!("{} has no shadow build", kind.name()))),
+            (None, Slot::Shadow) => {
+                return Err(ApplyError::Model(format!("{} has no shadow build", kind.name())).into());
+            }
         };
+        checkpoint::check_against_log(&checkpoint, reader)?;
         let mut tx = store.begin().await?;
         let mut mirror = kind.load_mirror(&mut tx, &checkpoint.table_suffix, checkpoint.last_seq).await?;
         tx.commit().await?;
         if let Some(kept) = mirror.as_mut().filter(|kept| kept.stored_seq < checkpoint.last_seq) {
-            // Folding another log's events would fail less clearly than this check.
-            checkpoint::check_against_log(&checkpoint, reader).map_err(|e| ApplyError::Model(e.to_string()))?;
             let mut at = kept.stored_seq;
             while at < checkpoint.last_seq {
-                let records = reader
-                    .read_range(at + 1, checkpoint.last_seq, eventlog::reader::READ_BATCH_MAX)
-                    .map_err(|e| ApplyError::Model(format!("read the log to restore the mirror: {e}")))?;
+                let records = reader.read_range(at + 1, checkpoint.last_seq, eventlog::reader::READ_BATCH_MAX)?;
                 let Some(last) = records.last() else {
                     return Err(ApplyError::Model(format!(
                         "the log ends at seq {at}, before {}'s checkpoint {}",
                         kind.name(),
                         checkpoint.last_seq
-                    )));
+                    ))
+                    .into());
                 };
                 at = last.seq;
                 kept.fold(&records, &decode_all(&records)?, |_, _, _| {})?;
@@ -223,7 +224,6 @@ pub async fn build_live(
     let mut drivers = Vec::new();
     for kind in kinds {
         let driver = Driver::load_with(store, *kind, Slot::Live, Indexes::Later, reader).await?;
-        checkpoint::check_against_log(driver.checkpoint(), reader)?;
         drivers.push(driver);
     }
     build_drivers(store, reader, to_seq, &mut drivers, batch_events_max).await?;
@@ -389,7 +389,6 @@ impl Runner {
 
     async fn run_once(&mut self) -> Result<(), RuntimeError> {
         let mut driver = Driver::load(&self.store, self.kind, self.slot, &self.reader).await?;
-        checkpoint::check_against_log(driver.checkpoint(), &self.reader)?;
         self.publish(driver.checkpoint().last_seq, None);
         let mut subscription =
             Subscription::new(self.reader.clone(), self.feed.clone(), driver.checkpoint().last_seq + 1);

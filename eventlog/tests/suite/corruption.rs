@@ -6,9 +6,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use eventlog::{LogStore, NewRecord, RedbStore};
-
-use crate::support::{checked_options as options, next, read_all};
+use crate::support::{checked_options as options, next, read_all, write_sample_log};
 
 const TRIALS: u64 = 400;
 const RECORDS: u64 = 1_500;
@@ -24,24 +22,7 @@ enum Outcome {
 #[test]
 fn single_byte_flips_are_detected_or_harmless() {
     let original_dir = tempfile::tempdir().unwrap();
-    {
-        let mut store = RedbStore::open(original_dir.path(), options()).unwrap();
-        for chunk in 0..RECORDS / 100 {
-            let records: Vec<NewRecord> = (chunk * 100..(chunk + 1) * 100)
-                .map(|i| NewRecord {
-                    stream: format!("task-{}", i % 13).into_bytes(),
-                    command_id: format!("cmd-{i}"),
-                    actor: "auditor".into(),
-                    recorded_at_us: 1_700_000_000_000_000 + i as i64 * 1_000,
-                    event_type: (i % 5) as u16,
-                    schema_version: 1,
-                    payload: vec![(i % 251) as u8; 150],
-                })
-                .collect();
-            let outcomes = vec![(format!("cmd-{}", chunk * 100), b"ok".to_vec())];
-            store.append(&records, &outcomes).unwrap();
-        }
-    }
+    write_sample_log(original_dir.path(), RECORDS, options());
     let original_records = read_all(original_dir.path()).unwrap();
     assert_eq!(original_records.len() as u64, RECORDS);
     let file = std::fs::read(original_dir.path().join("ledger.redb")).unwrap();

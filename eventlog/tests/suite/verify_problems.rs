@@ -5,29 +5,11 @@
 
 use std::path::Path;
 
-use crate::support::rewrite_record;
+use crate::support::{rewrite_record, write_sample_log};
 use eventlog::verify::{ProblemKind, verify_with};
-use eventlog::{LogReader, LogStore, NewRecord, RedbOptions, RedbStore};
+use eventlog::{LogReader, RedbOptions};
 
 const RECORDS: u64 = 3_000;
-
-fn write_log(dir: &Path) {
-    let mut store = RedbStore::open(dir, RedbOptions::default()).unwrap();
-    for chunk in 0..RECORDS / 500 {
-        let records: Vec<NewRecord> = (chunk * 500..(chunk + 1) * 500)
-            .map(|i| NewRecord {
-                stream: format!("task-{}", i % 7).into_bytes(),
-                command_id: format!("cmd-{i}"),
-                actor: "tester".into(),
-                recorded_at_us: 1_700_000_000_000_000 + i as i64,
-                event_type: 1,
-                schema_version: 1,
-                payload: vec![(i % 251) as u8; 40],
-            })
-            .collect();
-        store.append(&records, &[(format!("cmd-{}", chunk * 500), b"ok".to_vec())]).unwrap();
-    }
-}
 
 /// Verifies the log in `dir`: the report and the seqs `on_record` saw.
 fn verify_dir(dir: &Path) -> (eventlog::verify::VerifyReport, Vec<u64>) {
@@ -39,7 +21,7 @@ fn verify_dir(dir: &Path) -> (eventlog::verify::VerifyReport, Vec<u64>) {
 
 fn damaged(seq: u64, change: impl FnOnce(&mut Vec<u8>)) -> (eventlog::verify::VerifyReport, Vec<u64>, Vec<u64>) {
     let dir = tempfile::tempdir().unwrap();
-    write_log(dir.path());
+    write_sample_log(dir.path(), RECORDS, RedbOptions::default());
     let (clean, all) = verify_dir(dir.path());
     assert!(clean.is_clean(), "{:?}", clean.first_problem);
     assert_eq!(all, (1..=RECORDS).collect::<Vec<_>>());

@@ -1,11 +1,11 @@
 //! Helpers shared by the corruption tests (`corruption.rs`: whole-byte flips on a small log;
 //! `bitflips.rs`: single-bit flips on a 10,000-event log written by the real writer): how a
-//! possibly damaged file is opened, verified and read back, a record rewritten in place, and a
-//! small seeded generator.
+//! possibly damaged file is opened, verified and read back, a plain log written and a record
+//! rewritten in place, and a small seeded generator.
 
 use std::path::Path;
 
-use eventlog::{RedbOptions, RedbStore, StoredRecord, verify};
+use eventlog::{LogStore, NewRecord, RedbOptions, RedbStore, StoredRecord, verify};
 
 /// redb trusts its pages on a plain open (a corrupt page may make it panic), so a file that
 /// may have been tampered with is opened with the full page-checksum check.
@@ -47,6 +47,27 @@ pub fn next(state: &mut u64) -> u64 {
     *state ^= *state >> 7;
     *state ^= *state << 17;
     *state
+}
+
+/// Writes `records` plain records (13 streams, 150-byte payloads, one dedup outcome per
+/// append of 100) to a new log in `dir`.
+pub fn write_sample_log(dir: &Path, records: u64, options: RedbOptions) {
+    let mut store = RedbStore::open(dir, options).unwrap();
+    for chunk in 0..records.div_ceil(100) {
+        let batch: Vec<NewRecord> = (chunk * 100..((chunk + 1) * 100).min(records))
+            .map(|i| NewRecord {
+                stream: format!("task-{}", i % 13).into_bytes(),
+                command_id: format!("cmd-{i}"),
+                actor: "auditor".into(),
+                recorded_at_us: 1_700_000_000_000_000 + i as i64 * 1_000,
+                event_type: (i % 5) as u16,
+                schema_version: 1,
+                payload: vec![(i % 251) as u8; 150],
+            })
+            .collect();
+        let outcomes = vec![(format!("cmd-{}", chunk * 100), b"ok".to_vec())];
+        store.append(&batch, &outcomes).unwrap();
+    }
 }
 
 /// Replaces the stored value of record `seq` in the log in `dir` with `change(value)`, through
