@@ -64,6 +64,12 @@ pub enum OpenError {
         #[source]
         source: redb::DatabaseError,
     },
+    #[error("open {path}: {source}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("ledger storage: {0}")]
     Backend(BackendError),
     #[error("ledger file is not initialised (no meta table)")]

@@ -23,6 +23,7 @@ pub mod feed;
 pub mod fold;
 pub mod json;
 pub mod memory;
+pub mod overlay;
 pub mod reader;
 pub mod record;
 pub mod redb_store;
@@ -38,6 +39,7 @@ pub use error::{
 pub use fault::{FaultError, FaultHandle, FaultMode, FaultOp, FaultPlan, FaultyBackend};
 pub use feed::{LiveFeed, Subscription};
 pub use fold::{FoldError, FoldStats, decode_event, encode_event, fold_to, fold_to_head};
+pub use overlay::OverlayBackend;
 pub use reader::{LogReader, ScannedRecord};
 pub use record::{GENESIS_HASH, Hash, NewRecord, StoredRecord};
 pub use redb_store::{RedbOptions, RedbStore, STREAM_INDEX_LAG_DEFAULT};

@@ -98,11 +98,8 @@ enum Command {
         input: Input,
         #[arg(long)]
         json: bool,
-        /// Directory for the scratch copy that redb's integrity check runs on (default: system temp).
-        /// The copy is as large as the log; the check runs on its own thread alongside the others.
-        #[arg(long, value_name = "DIR")]
-        scratch: Option<PathBuf>,
-        /// Skip the storage layer (the scratch copy and redb's page-checksum check). The log
+        /// Skip the storage layer (redb's page-checksum check, which runs on its own thread
+        /// alongside the others and never writes to the file). The log
         /// and domain layers still check every record, its chain link and every event; what
         /// goes unchecked is redb's own pages, e.g. the stream and time indexes.
         #[arg(long)]
@@ -180,9 +177,7 @@ fn run(cli: Cli) -> Result<Outcome> {
     match cli.command {
         Command::Info { input, full, json } => info::run(&input.open()?, full, json),
         Command::Events(args) => events::run(&args.input.open()?, &args),
-        Command::Verify { input, json, scratch, skip_storage_check } => {
-            verify::run(&input, json, scratch.as_deref(), skip_storage_check)
-        }
+        Command::Verify { input, json, skip_storage_check } => verify::run(&input, json, skip_storage_check),
         Command::State { input, as_of, task, tasks, json } => {
             state::run(&input.open()?, as_of, task.as_deref(), tasks, json)
         }

@@ -11,7 +11,6 @@ use std::ops::ControlFlow;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use domain::{Event, Ledger, LedgerSummary, Namespace, QueueSettings, TaskId, Timestamp};
@@ -42,9 +41,8 @@ impl FromStr for Point {
 
 /// The log being read.
 pub enum Source {
-    /// A log file, opened read-only. `scratch` holds the repaired copy being
-    /// read when the file itself was left unclean by a crash.
-    File { path: PathBuf, reader: LogReader, snapshots: SnapshotStore, _scratch: Option<Arc<tempfile::TempDir>> },
+    /// A log file, opened read-only (repaired in memory when a crash left it unclean).
+    File { path: PathBuf, reader: LogReader, snapshots: SnapshotStore },
     /// A server's feed, every record in memory (payloads re-encoded from the feed's JSON).
     Feed { origin: String, records: Vec<StoredRecord> },
 }
@@ -110,33 +108,25 @@ impl Source {
                 .with_context(|| format!("open log {} read-only (is a server still running on it?)", path.display())),
         })?;
         match opened {
-            Ok(reader) => Ok(Source::File { path: path.to_path_buf(), reader, snapshots, _scratch: None }),
-            Err(()) => Self::open_repaired_copy(path, snapshots),
+            Ok(reader) => Ok(Source::File { path: path.to_path_buf(), reader, snapshots }),
+            Err(()) => Self::open_repaired(path, snapshots),
         }
     }
 
     /// A log the server did not close cleanly (it crashed, or was killed)
     /// needs redb's repair before it can be read, and repair writes. The
-    /// original is never modified: it is copied to a scratch directory,
-    /// the copy is opened (and so repaired) read-write, and read from there.
-    fn open_repaired_copy(path: &Path, snapshots: SnapshotStore) -> Result<Source> {
+    /// original is never modified: the repair goes to memory
+    /// (`LogReader::open_repaired`).
+    fn open_repaired(path: &Path, snapshots: SnapshotStore) -> Result<Source> {
         eprintln!(
-            "note: {} was not closed cleanly (the server crashed or was killed); reading a repaired scratch copy, \
-             the original is left as it is",
+            "note: {} was not closed cleanly (the server crashed or was killed); reading it repaired in memory, \
+             the file is left as it is",
             path.display()
         );
-        let scratch = tempfile::tempdir().context("create a scratch directory for the repaired copy")?;
-        let copy = scratch.path().join(eventlog::redb_store::LOG_FILE_NAME);
-        std::fs::copy(path, &copy).with_context(|| format!("copy {} to {}", path.display(), copy.display()))?;
-        let store = without_panic("repair the copy", || {
-            eventlog::RedbStore::open(scratch.path(), eventlog::RedbOptions::default())
-                .with_context(|| format!("repair a copy of {}", path.display()))
+        let reader = without_panic("open the log repaired in memory", || {
+            LogReader::open_repaired(path).with_context(|| format!("repair {} in memory", path.display()))
         })?;
-        drop(store);
-        let reader = without_panic("open the repaired copy", || {
-            LogReader::open_read_only(&copy).with_context(|| format!("open the repaired copy of {}", path.display()))
-        })?;
-        Ok(Source::File { path: path.to_path_buf(), reader, snapshots, _scratch: Some(Arc::new(scratch)) })
+        Ok(Source::File { path: path.to_path_buf(), reader, snapshots })
     }
 
     /// Where the records come from, for reports.

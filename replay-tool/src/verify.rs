@@ -1,8 +1,9 @@
 //! `verify`: is this log intact, and does the domain accept all of it?
 //!
 //! Three layers, each reported with its time: (1) storage — redb's full
-//! page-checksum check, run on a scratch copy because it rewrites allocator
-//! state (the original is never opened for writing); (2) the log — every
+//! page-checksum check; it rewrites allocator state, so it runs through an
+//! in-memory overlay of the file (`eventlog::OverlayBackend`) and the file is
+//! never written; (2) the log — every
 //! record decodes, seqs are gapless, stream versions are gapless, every chain
 //! link recomputes, the head matches (`eventlog::verify`); (3) the domain —
 //! every event is folded through `Ledger::apply` from an empty ledger, the
@@ -14,7 +15,7 @@
 //! events in batches through a bounded channel to a fold thread, so decoding
 //! and hashing overlap with `apply` on the other core; the channel's bound
 //! keeps at most a few batches of decoded events in memory. The storage layer
-//! (copy, then check the copy) needs neither, so it runs on a third thread at
+//! needs neither, so it runs on a third thread at
 //! the same time, unless `--skip-storage-check` says not to run it at all.
 //!
 //! A snapshot is compared without decoding it: the fold's canonical state
@@ -38,7 +39,7 @@ use eventlog::fold::{decode_payload, scan_snapshot_body};
 use eventlog::json::hex;
 use eventlog::record::{chain_hash, stored_body};
 use eventlog::snapshot::open_snapshot;
-use eventlog::{GENESIS_HASH, Hash, RedbOptions, RedbStore, SnapshotStore};
+use eventlog::{GENESIS_HASH, Hash, RedbStore, SnapshotStore};
 use serde::Serialize;
 
 use crate::progress::Progress;
@@ -50,6 +51,8 @@ const FOLD_BATCH_EVENTS: usize = 4096;
 /// Batches in flight between the two threads: enough to ride out a slow
 /// stretch on either side, few enough to keep memory flat.
 const FOLD_BATCHES_IN_FLIGHT: usize = 8;
+/// redb's page cache for the storage check, which reads every page once.
+const STORAGE_CHECK_CACHE_BYTES: usize = 64 << 20;
 /// Bytes per read while comparing a snapshot file.
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 
@@ -70,7 +73,7 @@ struct Timings {
     total_s: f64,
     /// Records checked per second of total wall time.
     records_per_s: f64,
-    /// Copy to scratch + redb integrity check (null when skipped or not applicable).
+    /// redb integrity check (null when skipped or not applicable).
     storage_s: Option<f64>,
     /// The reading pass: decode, chain, stream versions, head, event decoding.
     log_s: f64,
@@ -86,7 +89,7 @@ struct Timings {
 struct Report {
     log: String,
     clean: bool,
-    /// redb's integrity check of a scratch copy: "passed", "failed: …", "skipped (…)" or "not applicable".
+    /// redb's integrity check of the file: "passed", "failed: …", "skipped (…)" or "not applicable".
     storage: String,
     records_checked: u64,
     head_seq: u64,
@@ -180,7 +183,7 @@ struct FoldOutcome {
     index_time: Duration,
 }
 
-pub fn run(input: &Input, as_json: bool, scratch: Option<&Path>, skip_storage: bool) -> Result<Outcome> {
+pub fn run(input: &Input, as_json: bool, skip_storage: bool) -> Result<Outcome> {
     let started = Instant::now();
     let mut report = Report::default();
     if input.server.is_some() {
@@ -214,33 +217,22 @@ pub fn run(input: &Input, as_json: bool, scratch: Option<&Path>, skip_storage: b
         anyhow::bail!("open log {}: no such file", path.display());
     }
     report.log = path.display().to_string();
-    let scratch_dir = if skip_storage {
-        None
-    } else {
-        Some(
-            match scratch {
-                Some(dir) => tempfile::tempdir_in(dir),
-                None => tempfile::tempdir(),
-            }
-            .context("create a scratch directory for the integrity check")?,
-        )
-    };
     let snapshots = SnapshotStore::new(&snapshot_dir, usize::MAX);
     let snapshot_at: HashMap<u64, PathBuf> =
         snapshots.list().unwrap_or_default().into_iter().map(|entry| (entry.seq, entry.path)).collect();
 
     std::thread::scope(|scope| -> Result<()> {
-        let storage = scratch_dir.as_ref().map(|dir| {
+        let storage = (!skip_storage).then(|| {
             let path = path.clone();
             std::thread::Builder::new().name("verify-storage".into()).spawn_scoped(scope, move || {
                 let started = Instant::now();
-                (check_storage(&path, dir.path()), started.elapsed())
+                (check_storage(&path), started.elapsed())
             })
         });
         let storage = storage.transpose().context("start the storage check thread")?;
 
         let log_started = Instant::now();
-        // A log left unclean by a crash is read from a repaired scratch copy.
+        // A log left unclean by a crash is read repaired in memory.
         let opened = Source::open_file(&path, &snapshot_dir);
         match &opened {
             Err(error) => {
@@ -313,13 +305,12 @@ pub fn run(input: &Input, as_json: bool, scratch: Option<&Path>, skip_storage: b
     finish(report, as_json, started)
 }
 
-/// Copies the log into `scratch` and runs redb's integrity check on the copy
-/// (a checked open rewrites allocator state, so never on the original).
-fn check_storage(path: &Path, scratch: &Path) -> Result<()> {
-    let copy = scratch.join(eventlog::redb_store::LOG_FILE_NAME);
-    std::fs::copy(path, &copy).with_context(|| format!("copy {} to {}", path.display(), copy.display()))?;
-    let options = RedbOptions { check_integrity_on_open: true, cache_bytes: 64 << 20, ..RedbOptions::default() };
-    without_panic("check the copy", || RedbStore::open(scratch, options).map(drop).map_err(|e| anyhow::anyhow!("{e}")))
+/// redb's integrity check of the file, and an ordinary open's checks after it
+/// (`RedbStore::check_file`: what the check rewrites stays in memory).
+fn check_storage(path: &Path) -> Result<()> {
+    without_panic("check the file", || {
+        RedbStore::check_file(path, STORAGE_CHECK_CACHE_BYTES).map_err(|e| anyhow::anyhow!("{e}"))
+    })
 }
 
 fn take_fold(joined: std::thread::Result<FoldOutcome>, report: &mut Report) {
@@ -630,10 +621,9 @@ fn finish(mut report: Report, as_json: bool, started: Instant) -> Result<Outcome
     let rate = |seconds: f64| format!("{:.0} records/s", report.records_checked as f64 / seconds.max(1e-9));
     println!("verify {}", report.log);
     match t.storage_s {
-        Some(s) => println!(
-            "  storage   redb integrity check of a scratch copy, alongside the other layers: {} ({s:.2} s)",
-            report.storage
-        ),
+        Some(s) => {
+            println!("  storage   redb integrity check, alongside the other layers: {} ({s:.2} s)", report.storage)
+        }
         None => println!("  storage   redb integrity check: {}", report.storage),
     }
     println!(

@@ -33,7 +33,7 @@ fn binaries_report_their_version() {
 }
 
 /// A server killed with SIGKILL leaves its log needing redb's repair; the
-/// replay tool reads a repaired scratch copy and never touches the original.
+/// replay tool reads it repaired in memory and never writes to the file.
 #[test]
 fn the_replay_tool_reads_a_crashed_servers_data_dir_without_modifying_it() {
     let dir = tempfile::tempdir().unwrap();

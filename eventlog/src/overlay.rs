@@ -1,0 +1,255 @@
+//! A copy-on-write view of a log file: reads come from the file, writes stay in memory.
+//!
+//! Two things need a log opened read-write without being allowed to change it: redb's
+//! integrity check (it rebuilds allocator state as it goes) and reading a log a crashed
+//! server left behind (redb repairs it on open). Both used to copy the whole file to a
+//! scratch directory first — as much free disk as the log, and seconds of I/O for a large
+//! one. [`OverlayBackend`] gives redb the file through a read-only descriptor and keeps
+//! every block redb writes in memory, so the file is never written and nothing is copied.
+//! What redb writes on such an open is small (the header, the allocator state), so the
+//! overlay stays small too.
+//!
+//! Locks: the overlay is private to this process, so redb's exclusive locks are taken as
+//! shared locks on the file. A server holding the file keeps us out, we keep a server from
+//! starting on it while we read, and readers of the same file (a `LogReader` beside us) are
+//! not in the way.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::ops::Bound;
+use std::path::Path;
+
+use parking_lot::RwLock;
+use redb::backends::FileBackend;
+use redb::{BackendError, StorageBackend};
+
+/// Granularity of the overlay: a block written in part is first filled from the file.
+const BLOCK_BYTES: u64 = 4096;
+
+/// A redb backend over a file that is only ever read; writes land in memory.
+#[derive(Debug)]
+pub struct OverlayBackend {
+    file: FileBackend,
+    state: RwLock<Overlay>,
+}
+
+#[derive(Debug)]
+struct Overlay {
+    /// The length redb sees.
+    len: u64,
+    /// Bytes of the file still visible: the file's length, lowered by any shrink (bytes
+    /// past a shrink read as zeros when the storage grows again).
+    file_visible: u64,
+    /// Block number → its current bytes, for every block written.
+    blocks: BTreeMap<u64, Box<[u8]>>,
+}
+
+impl OverlayBackend {
+    /// Opens `path` read-only. The file is never written through this backend.
+    pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
+        let file = File::open(path)?;
+        let len = file.metadata()?.len();
+        let file = FileBackend::new(file).map_err(io::Error::other)?;
+        Ok(Self { file, state: RwLock::new(Overlay { len, file_visible: len, blocks: BTreeMap::new() }) })
+    }
+
+    /// Bytes held in memory for written blocks.
+    pub fn overlay_bytes(&self) -> u64 {
+        self.state.read().blocks.len() as u64 * BLOCK_BYTES
+    }
+}
+
+impl Overlay {
+    /// Fills `out` with the file's bytes at `offset` (zeros past what is visible), ignoring
+    /// written blocks.
+    fn read_file(&self, file: &FileBackend, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        let from_file = self.file_visible.saturating_sub(offset).min(out.len() as u64) as usize;
+        if from_file > 0 {
+            file.read(offset, &mut out[..from_file])?;
+        }
+        out[from_file..].fill(0);
+        Ok(())
+    }
+
+    fn read(&self, file: &FileBackend, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        let end = offset.checked_add(out.len() as u64).filter(|end| *end <= self.len).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::UnexpectedEof, format!("read past the end ({} bytes)", self.len))
+        })?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let (first, last) = (offset / BLOCK_BYTES, (end - 1) / BLOCK_BYTES);
+        if self.blocks.range(first..=last).next().is_none() {
+            return self.read_file(file, offset, out);
+        }
+        let mut at = offset;
+        while at < end {
+            let block = at / BLOCK_BYTES;
+            let within = (at - block * BLOCK_BYTES) as usize;
+            let take = ((BLOCK_BYTES - within as u64).min(end - at)) as usize;
+            let into = &mut out[(at - offset) as usize..][..take];
+            match self.blocks.get(&block) {
+                Some(bytes) => into.copy_from_slice(&bytes[within..within + take]),
+                None => self.read_file(file, at, into)?,
+            }
+            at += take as u64;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, file: &FileBackend, offset: u64, data: &[u8]) -> io::Result<()> {
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "write past the largest offset"))?;
+        let mut at = offset;
+        while at < end {
+            let block = at / BLOCK_BYTES;
+            let within = (at - block * BLOCK_BYTES) as usize;
+            let take = ((BLOCK_BYTES - within as u64).min(end - at)) as usize;
+            if !self.blocks.contains_key(&block) {
+                let mut bytes = vec![0u8; BLOCK_BYTES as usize].into_boxed_slice();
+                self.read_file(file, block * BLOCK_BYTES, &mut bytes)?;
+                self.blocks.insert(block, bytes);
+            }
+            let bytes = self.blocks.get_mut(&block).expect("inserted above");
+            bytes[within..within + take].copy_from_slice(&data[(at - offset) as usize..][..take]);
+            at += take as u64;
+        }
+        self.len = self.len.max(end);
+        Ok(())
+    }
+
+    fn set_len(&mut self, len: u64) {
+        if len < self.len {
+            self.file_visible = self.file_visible.min(len);
+            // Whole blocks past the end go; the tail of a block cut in two reads as zeros.
+            let keep = len.div_ceil(BLOCK_BYTES);
+            self.blocks.split_off(&keep);
+            if len % BLOCK_BYTES != 0
+                && let Some(bytes) = self.blocks.get_mut(&(len / BLOCK_BYTES))
+            {
+                bytes[(len % BLOCK_BYTES) as usize..].fill(0);
+            }
+        }
+        self.len = len;
+    }
+}
+
+impl StorageBackend for OverlayBackend {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.state.read().len)
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        self.state.read().read(&self.file, offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.state.write().set_len(len);
+        Ok(())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.state.write().write(&self.file, offset, data)
+    }
+
+    fn close(&self) -> io::Result<()> {
+        self.file.close()
+    }
+
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.file.try_lock_shared_range(start, end)
+    }
+
+    fn try_lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.file.try_lock_shared_range(start, end)
+    }
+
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.file.lock_shared_range(start, end)
+    }
+
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.file.lock_shared_range(start, end)
+    }
+
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.file.unlock_range(start, end)
+    }
+
+    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.file.query_lock_range(start, end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Write { offset: u64, data: Vec<u8> },
+        Read { offset: u64, len: usize },
+        SetLen(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..40_000u64, proptest::collection::vec(any::<u8>(), 0..9_000))
+                .prop_map(|(offset, data)| Op::Write { offset, data }),
+            4 => (0..40_000u64, 0..9_000usize).prop_map(|(offset, len)| Op::Read { offset, len }),
+            1 => (0..40_000u64).prop_map(Op::SetLen),
+        ]
+    }
+
+    proptest! {
+        /// The overlay reads exactly like a file that took the same writes, and the file
+        /// under it is never changed.
+        #[test]
+        fn reads_like_a_written_file_and_leaves_the_file_alone(
+            base_len in 0..20_000usize,
+            ops in proptest::collection::vec(op(), 1..40),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("base");
+            let base: Vec<u8> = (0..base_len).map(|i| (i * 31 % 251) as u8).collect();
+            std::fs::write(&path, &base).unwrap();
+            let overlay = OverlayBackend::open(&path).unwrap();
+            let mut model = base.clone();
+            for op in ops {
+                match op {
+                    Op::Write { offset, data } => {
+                        overlay.write(offset, &data).unwrap();
+                        let end = offset as usize + data.len();
+                        if model.len() < end {
+                            model.resize(end, 0);
+                        }
+                        model[offset as usize..end].copy_from_slice(&data);
+                    }
+                    Op::Read { offset, len } => {
+                        let mut out = vec![0xAA; len];
+                        let read = overlay.read(offset, &mut out);
+                        if offset as usize + len <= model.len() {
+                            read.unwrap();
+                            prop_assert_eq!(&out[..], &model[offset as usize..offset as usize + len]);
+                        } else {
+                            prop_assert!(read.is_err());
+                        }
+                    }
+                    Op::SetLen(len) => {
+                        overlay.set_len(len).unwrap();
+                        model.resize(len as usize, 0);
+                    }
+                }
+                prop_assert_eq!(overlay.len().unwrap(), model.len() as u64);
+            }
+            prop_assert_eq!(std::fs::read(&path).unwrap(), base);
+        }
+    }
+}
