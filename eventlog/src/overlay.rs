@@ -126,7 +126,7 @@ impl Overlay {
             // Whole blocks past the end go; the tail of a block cut in two reads as zeros.
             let keep = len.div_ceil(BLOCK_BYTES);
             self.blocks.split_off(&keep);
-            if len % BLOCK_BYTES != 0
+            if !len.is_multiple_of(BLOCK_BYTES)
                 && let Some(bytes) = self.blocks.get_mut(&(len / BLOCK_BYTES))
             {
                 bytes[(len % BLOCK_BYTES) as usize..].fill(0);
