@@ -9,20 +9,20 @@
 //! What redb writes on such an open is small (the header, the allocator state), so the
 //! overlay stays small too.
 //!
-//! Locks: the overlay is private to this process, so redb's exclusive locks are taken as
-//! shared locks on the file. A server holding the file keeps us out, we keep a server from
-//! starting on it while we read, and readers of the same file (a `LogReader` beside us) are
-//! not in the way.
+//! Locks: the overlay is private to this process, so redb has no lock to take on it (the
+//! backend reports locking as unsupported, and redb runs it as an exclusive writer). The
+//! file itself is held with a shared `flock` for as long as the overlay is open: a server
+//! holding the file keeps us out, we keep a server from starting on it while we read, and
+//! other readers of the file (a `LogReader` beside us) are not in the way.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
-use std::ops::Bound;
 use std::path::Path;
 
 use parking_lot::RwLock;
+use redb::StorageBackend;
 use redb::backends::FileBackend;
-use redb::{BackendError, StorageBackend};
 
 /// Granularity of the overlay: a block written in part is first filled from the file.
 const BLOCK_BYTES: u64 = 4096;
@@ -47,8 +47,19 @@ struct Overlay {
 
 impl OverlayBackend {
     /// Opens `path` read-only. The file is never written through this backend.
+    /// Fails with `WouldBlock` while another process has the file open for writing.
     pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
         let file = File::open(path)?;
+        match file.try_lock_shared() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "the file is open for writing elsewhere (is a server running on it?)",
+                ));
+            }
+            Err(std::fs::TryLockError::Error(error)) => return Err(error),
+        }
         let len = file.metadata()?.len();
         let file = FileBackend::new(file).map_err(io::Error::other)?;
         Ok(Self { file, state: RwLock::new(Overlay { len, file_visible: len, blocks: BTreeMap::new() }) })
@@ -161,30 +172,6 @@ impl StorageBackend for OverlayBackend {
     fn close(&self) -> io::Result<()> {
         self.file.close()
     }
-
-    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.file.try_lock_shared_range(start, end)
-    }
-
-    fn try_lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.file.try_lock_shared_range(start, end)
-    }
-
-    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.file.lock_shared_range(start, end)
-    }
-
-    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.file.lock_shared_range(start, end)
-    }
-
-    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.file.unlock_range(start, end)
-    }
-
-    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.file.query_lock_range(start, end)
-    }
 }
 
 #[cfg(test)]
@@ -206,6 +193,23 @@ mod tests {
             4 => (0..40_000u64, 0..9_000usize).prop_map(|(offset, len)| Op::Read { offset, len }),
             1 => (0..40_000u64).prop_map(Op::SetLen),
         ]
+    }
+
+    #[test]
+    fn a_writer_and_an_overlay_keep_each_other_out_and_readers_are_not_in_the_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.redb");
+        let writer = redb::Database::create(&path).unwrap();
+        let refused = OverlayBackend::open(&path).unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::WouldBlock, "{refused}");
+        drop(writer);
+
+        let overlay = redb::Database::builder().create_with_backend(OverlayBackend::open(&path).unwrap()).unwrap();
+        assert!(matches!(redb::Database::create(&path), Err(redb::DatabaseError::DatabaseAlreadyOpen)));
+        let reader = redb::Database::builder().open_read_only(&path).unwrap();
+        let second = OverlayBackend::open(&path).unwrap();
+        drop((overlay, reader, second));
+        redb::Database::create(&path).unwrap();
     }
 
     proptest! {

@@ -193,6 +193,10 @@ fn run(cli: Cli) -> Result<Outcome> {
 
 fn main() -> ExitCode {
     source::install_panic_hook();
+    // Huge pages make each first touch of new heap zero 2 MiB at once, which is slow on
+    // hosts that back memory lazily (see `eventlog::memory`); a fold of a large log grows
+    // its heap the whole time. Best effort: the tool works the same without it.
+    let _ = eventlog::memory::disable_transparent_huge_pages();
     let cli = Cli::parse();
     match run(cli) {
         Ok(Outcome::Clean) => ExitCode::SUCCESS,
