@@ -115,6 +115,7 @@ impl Store {
     /// simply re-applies from where the file says it is.
     pub async fn open_sqlite(path: impl AsRef<Path>) -> Result<Store, OpenError> {
         let path = path.as_ref();
+        crate::sqlite_memory::install();
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
