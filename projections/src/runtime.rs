@@ -149,13 +149,23 @@ impl Driver {
         records: &[StoredRecord],
         events: &[Event],
     ) -> Result<(), ApplyError> {
+        self.apply_decoded_with(store, records, events, Fold::OnWorker).await
+    }
+
+    async fn apply_decoded_with(
+        &mut self,
+        store: &Store,
+        records: &[StoredRecord],
+        events: &[Event],
+        fold: Fold,
+    ) -> Result<(), ApplyError> {
         let (Some(first), Some(last)) = (records.first(), records.last()) else { return Ok(()) };
         if first.seq != self.checkpoint.last_seq + 1 {
             return Err(ApplyError::OutOfOrder { expected: self.checkpoint.last_seq + 1, got: first.seq });
         }
         assert_eq!(records.len(), events.len(), "one event per record");
         // Fold and render before taking the write lock (see `sql::Statements`).
-        let prepared = cpu_bound(records.len(), || {
+        let prepared = fold.run(records.len(), || {
             projectors::prepare_batch(
                 self.kind,
                 store.backend(),
@@ -204,24 +214,40 @@ impl Driver {
     }
 }
 
-/// Batches at least this long are folded and rendered with `block_in_place`
-/// (below); a live projector's small batches take microseconds, less than
-/// handing the worker's tasks over would.
-const CPU_BOUND_BATCH_EVENTS: usize = 1024;
+/// Where a batch is folded and rendered.
+#[derive(Clone, Copy)]
+enum Fold {
+    /// On the runtime worker, in line: live projectors, as before `OffWorker`
+    /// existed. Their batches are mostly small; with `OffWorker` for live
+    /// batches too, interleaved `taskledger-bench` batch-create runs gave
+    /// 64–75k tasks/s against 74–89k without (2026-12-02; this machine's
+    /// run-to-run noise is nearly as large, so the server was left as it was).
+    OnWorker,
+    /// Bulk builds (rebuild, as-of): batches of `BULK_BATCH_EVENTS_MAX` take
+    /// tens of milliseconds to fold. On a multi-threaded runtime they run under
+    /// `block_in_place`, so the worker's other tasks move to another thread;
+    /// otherwise the projector holding SQLite's write gate waits for a free
+    /// worker between its statements while the others fold, and the SQLite
+    /// thread idles. A 1M-event SQLite rebuild took 18.8–20.3 s with the
+    /// SQLite thread about half busy, and 13.8–16.3 s with this.
+    OffWorker,
+}
 
-/// Runs a batch's fold and render (tens of milliseconds for a bulk batch)
-/// without holding up the other tasks of this runtime worker: on a
-/// multi-threaded runtime the worker hands them to another thread first
-/// (`block_in_place`). Otherwise the projector that holds SQLite's write gate
-/// waits for a free worker between its statements while the others fold, and
-/// the SQLite thread idles: a 1M-event SQLite rebuild took 18.8–20.3 s with
-/// the SQLite thread about half busy, and 15.1–16.3 s with this.
-fn cpu_bound<T>(events: usize, work: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|handle| handle.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) if events >= CPU_BOUND_BATCH_EVENTS => {
-            tokio::task::block_in_place(work)
+/// `OffWorker` batches shorter than this are folded in line all the same:
+/// handing the worker's tasks over would cost more than the fold.
+const OFF_WORKER_BATCH_EVENTS_MIN: usize = 1024;
+
+impl Fold {
+    fn run<T>(self, events: usize, work: impl FnOnce() -> T) -> T {
+        let flavor = tokio::runtime::Handle::try_current().map(|handle| handle.runtime_flavor());
+        match (self, flavor) {
+            (Fold::OffWorker, Ok(tokio::runtime::RuntimeFlavor::MultiThread))
+                if events >= OFF_WORKER_BATCH_EVENTS_MIN =>
+            {
+                tokio::task::block_in_place(work)
+            }
+            _ => work(),
         }
-        _ => work(),
     }
 }
 
@@ -287,7 +313,9 @@ async fn build_drivers(
             while let Some(batch) = batches.recv().await {
                 let (records, events) = &*batch;
                 let skip = records.iter().take_while(|r| r.seq <= driver.checkpoint.last_seq).count();
-                if let Err(error) = driver.apply_decoded(&store, &records[skip..], &events[skip..]).await {
+                if let Err(error) =
+                    driver.apply_decoded_with(&store, &records[skip..], &events[skip..], Fold::OffWorker).await
+                {
                     stop.store(true, std::sync::atomic::Ordering::Relaxed);
                     return (driver, Err(error));
                 }
