@@ -1,4 +1,4 @@
-//! Process-wide memory settings for the binaries that run a writer.
+//! Process-wide memory settings for the binaries that run a writer, and the replay tool.
 //!
 //! Transparent huge pages are turned off for the process. mimalloc asks for
 //! huge pages on its arenas (`madvise(MADV_HUGEPAGE)`), so the first touch of

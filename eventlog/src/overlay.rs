@@ -21,7 +21,9 @@ use std::io;
 use std::path::Path;
 
 use parking_lot::RwLock;
-use redb::StorageBackend;
+use redb::{Database, StorageBackend};
+
+use crate::error::OpenError;
 use redb::backends::FileBackend;
 
 /// Granularity of the overlay: a block written in part is first filled from the file.
@@ -34,7 +36,6 @@ pub struct OverlayBackend {
     state: RwLock<Overlay>,
 }
 
-#[derive(Debug)]
 struct Overlay {
     /// The length redb sees.
     len: u64,
@@ -45,9 +46,21 @@ struct Overlay {
     blocks: BTreeMap<u64, Box<[u8]>>,
 }
 
+// By hand: the derived impl would print every byte held.
+impl std::fmt::Debug for Overlay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overlay")
+            .field("len", &self.len)
+            .field("file_visible", &self.file_visible)
+            .field("blocks", &self.blocks.len())
+            .finish()
+    }
+}
+
 impl OverlayBackend {
     /// Opens `path` read-only. The file is never written through this backend.
-    /// Fails with `WouldBlock` while another process has the file open for writing.
+    /// Fails with `WouldBlock` while another process has the file open for writing. On a
+    /// filesystem without `flock` it goes on unlocked, as redb does.
     pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
         let file = File::open(path)?;
         match file.try_lock_shared() {
@@ -58,17 +71,37 @@ impl OverlayBackend {
                     "the file is open for writing elsewhere (is a server running on it?)",
                 ));
             }
+            Err(std::fs::TryLockError::Error(error)) if error.kind() == io::ErrorKind::Unsupported => {}
             Err(std::fs::TryLockError::Error(error)) => return Err(error),
         }
         let len = file.metadata()?.len();
         let file = FileBackend::new(file).map_err(io::Error::other)?;
         Ok(Self { file, state: RwLock::new(Overlay { len, file_visible: len, blocks: BTreeMap::new() }) })
     }
+}
 
-    /// Bytes held in memory for written blocks.
-    pub fn overlay_bytes(&self) -> u64 {
-        self.state.read().blocks.len() as u64 * BLOCK_BYTES
-    }
+/// Opens the log at `path` through an overlay, with redb's full integrity check first when
+/// `check_integrity`. A log a crash left unclean is repaired, in memory.
+pub(crate) fn open_database(path: &Path, cache_bytes: usize, check_integrity: bool) -> Result<Database, OpenError> {
+    let backend = OverlayBackend::open(path).map_err(|source| OpenError::File { path: path.to_path_buf(), source })?;
+    let mut builder = Database::builder();
+    builder.set_cache_size(cache_bytes).set_check_integrity_on_open(check_integrity);
+    builder.create_with_backend(backend).map_err(|source| OpenError::Database { path: path.to_path_buf(), source })
+}
+
+/// The pieces of `offset..end` that fall in each block: (block, offset within it, length).
+fn pieces(offset: u64, end: u64) -> impl Iterator<Item = (u64, usize, usize)> {
+    let mut at = offset;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let block = at / BLOCK_BYTES;
+        let within = at - block * BLOCK_BYTES;
+        let take = (BLOCK_BYTES - within).min(end - at);
+        at += take;
+        Some((block, within as usize, take as usize))
+    })
 }
 
 impl Overlay {
@@ -87,45 +120,48 @@ impl Overlay {
         let end = offset.checked_add(out.len() as u64).filter(|end| *end <= self.len).ok_or_else(|| {
             io::Error::new(io::ErrorKind::UnexpectedEof, format!("read past the end ({} bytes)", self.len))
         })?;
-        if out.is_empty() {
-            return Ok(());
-        }
-        let (first, last) = (offset / BLOCK_BYTES, (end - 1) / BLOCK_BYTES);
-        if self.blocks.range(first..=last).next().is_none() {
-            return self.read_file(file, offset, out);
-        }
+        // Runs of unwritten blocks are read from the file in one call each.
         let mut at = offset;
         while at < end {
             let block = at / BLOCK_BYTES;
-            let within = (at - block * BLOCK_BYTES) as usize;
-            let take = ((BLOCK_BYTES - within as u64).min(end - at)) as usize;
-            let into = &mut out[(at - offset) as usize..][..take];
-            match self.blocks.get(&block) {
-                Some(bytes) => into.copy_from_slice(&bytes[within..within + take]),
-                None => self.read_file(file, at, into)?,
+            let next_written = self.blocks.range(block..).next().map(|(written, _)| *written);
+            if next_written == Some(block) {
+                let within = (at - block * BLOCK_BYTES) as usize;
+                let take = ((BLOCK_BYTES - within as u64).min(end - at)) as usize;
+                out[(at - offset) as usize..][..take].copy_from_slice(&self.blocks[&block][within..within + take]);
+                at += take as u64;
+            } else {
+                let run_end = next_written.map_or(end, |written| (written * BLOCK_BYTES).min(end));
+                self.read_file(file, at, &mut out[(at - offset) as usize..(run_end - offset) as usize])?;
+                at = run_end;
             }
-            at += take as u64;
         }
         Ok(())
     }
 
+    /// All or nothing: the blocks a write needs are read in first, so a failed read leaves
+    /// the overlay as it was.
     fn write(&mut self, file: &FileBackend, offset: u64, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "write past the largest offset"))?;
-        let mut at = offset;
-        while at < end {
-            let block = at / BLOCK_BYTES;
-            let within = (at - block * BLOCK_BYTES) as usize;
-            let take = ((BLOCK_BYTES - within as u64).min(end - at)) as usize;
-            if !self.blocks.contains_key(&block) {
+        let mut fresh = Vec::new();
+        for (block, within, take) in pieces(offset, end) {
+            if !self.blocks.contains_key(&block) && (within, take) != (0, BLOCK_BYTES as usize) {
                 let mut bytes = vec![0u8; BLOCK_BYTES as usize].into_boxed_slice();
                 self.read_file(file, block * BLOCK_BYTES, &mut bytes)?;
-                self.blocks.insert(block, bytes);
+                fresh.push((block, bytes));
             }
-            let bytes = self.blocks.get_mut(&block).expect("inserted above");
-            bytes[within..within + take].copy_from_slice(&data[(at - offset) as usize..][..take]);
-            at += take as u64;
+        }
+        self.blocks.extend(fresh);
+        let mut from = 0;
+        for (block, within, take) in pieces(offset, end) {
+            let bytes = self.blocks.entry(block).or_insert_with(|| vec![0u8; BLOCK_BYTES as usize].into_boxed_slice());
+            bytes[within..within + take].copy_from_slice(&data[from..from + take]);
+            from += take;
         }
         self.len = self.len.max(end);
         Ok(())
@@ -230,11 +266,14 @@ mod tests {
                 match op {
                     Op::Write { offset, data } => {
                         overlay.write(offset, &data).unwrap();
-                        let end = offset as usize + data.len();
-                        if model.len() < end {
-                            model.resize(end, 0);
+                        // Like pwrite: writing nothing changes nothing, even past the end.
+                        if !data.is_empty() {
+                            let end = offset as usize + data.len();
+                            if model.len() < end {
+                                model.resize(end, 0);
+                            }
+                            model[offset as usize..end].copy_from_slice(&data);
                         }
-                        model[offset as usize..end].copy_from_slice(&data);
                     }
                     Op::Read { offset, len } => {
                         let mut out = vec![0xAA; len];

@@ -16,7 +16,7 @@ use redb::{
 };
 
 use crate::error::{OpenError, ReadError, RecordError, backend};
-use crate::overlay::OverlayBackend;
+use crate::overlay;
 use crate::record::{self, GENESIS_HASH, Hash, StoredRecord};
 use crate::store::Head;
 
@@ -238,24 +238,20 @@ impl LogReader {
             .set_cache_size(READ_ONLY_CACHE_BYTES)
             .open_read_only(path)
             .map_err(|source| OpenError::Database { path: path.to_path_buf(), source })?;
-        let reader = Self::new(Arc::new(Db::ReadOnly(db)));
-        let txn = reader.begin()?;
-        check_head(&txn)?;
-        Ok(reader)
+        Self::with_checked_head(Db::ReadOnly(db))
     }
 
     /// Opens a log file that needs crash recovery (a server was killed on it) for reading,
-    /// without modifying it: redb's repair goes to an in-memory [`OverlayBackend`], never to
-    /// the file. Checks the head like [`Self::open_read_only`].
+    /// without modifying it: redb's repair goes to an in-memory overlay
+    /// ([`crate::OverlayBackend`]), never to the file. Checks the head like
+    /// [`Self::open_read_only`].
     pub fn open_repaired(path: impl AsRef<Path>) -> Result<Self, OpenError> {
-        let path = path.as_ref();
-        let backend =
-            OverlayBackend::open(path).map_err(|source| OpenError::File { path: path.to_path_buf(), source })?;
-        let db = Database::builder()
-            .set_cache_size(READ_ONLY_CACHE_BYTES)
-            .create_with_backend(backend)
-            .map_err(|source| OpenError::Database { path: path.to_path_buf(), source })?;
-        let reader = Self::new(Arc::new(Db::ReadWrite(db)));
+        let db = overlay::open_database(path.as_ref(), READ_ONLY_CACHE_BYTES, false)?;
+        Self::with_checked_head(Db::ReadWrite(db))
+    }
+
+    fn with_checked_head(db: Db) -> Result<Self, OpenError> {
+        let reader = Self::new(Arc::new(db));
         let txn = reader.begin()?;
         check_head(&txn)?;
         Ok(reader)

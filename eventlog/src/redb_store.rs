@@ -25,7 +25,7 @@ use parking_lot::RwLock;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, StorageBackend, TableError};
 
 use crate::error::{AppendError, OpenError, ReadError, backend};
-use crate::overlay::OverlayBackend;
+use crate::overlay;
 use crate::reader::{
     Checked, Db, EVENTS, HEAD, HEAD_KEY, LOG_FORMAT_VERSION, LogReader, META, META_FORMAT_VERSION,
     META_STREAMS_INDEXED_THROUGH, OUTCOME_ORDER, OUTCOMES, STREAMS, SharedTail, TIMES, UnindexedTail, check_head,
@@ -184,16 +184,10 @@ impl RedbStore {
     /// Checks the log file at `path` offline without writing to it: redb's full integrity
     /// check (every page checksum, the allocator state), then the checks of an ordinary open
     /// (head, format, stream index marker). What the check, or the repair of a log a crash left
-    /// unclean, rewrites goes to an in-memory [`OverlayBackend`], so no copy of the file is
-    /// needed and the file is never modified.
+    /// unclean, rewrites goes to an in-memory overlay ([`crate::OverlayBackend`]), so no copy
+    /// of the file is needed and the file is never modified.
     pub fn check_file(path: &Path, cache_bytes: usize) -> Result<(), OpenError> {
-        let backend =
-            OverlayBackend::open(path).map_err(|source| OpenError::File { path: path.to_path_buf(), source })?;
-        let mut builder = Database::builder();
-        builder.set_cache_size(cache_bytes).set_check_integrity_on_open(true);
-        let db = builder
-            .create_with_backend(backend)
-            .map_err(|source| OpenError::Database { path: path.to_path_buf(), source })?;
+        let db = overlay::open_database(path, cache_bytes, true)?;
         let dir = path.parent().unwrap_or(Path::new("."));
         Self::from_database(db, dir, false, RedbOptions { cache_bytes, ..RedbOptions::default() }).map(drop)
     }

@@ -52,7 +52,12 @@ unsafe extern "C" fn shutdown(_: *mut c_void) {}
 
 /// Points SQLite at mimalloc and turns its memory statistics off, once per process,
 /// if SQLite has not initialised yet. Returns whether the allocator was installed.
-pub fn install() -> bool {
+///
+/// `sqlite3_config` is not thread-safe: no other thread may be starting SQLite while it
+/// runs, or SQLite could free memory from one allocator with the other. That holds
+/// because every connection in this crate is opened by `Store::open_sqlite`, which calls
+/// this first; so it is crate-private.
+pub(crate) fn install() -> bool {
     static INSTALLED: OnceLock<bool> = OnceLock::new();
     *INSTALLED.get_or_init(|| {
         let methods = ffi::sqlite3_mem_methods {
@@ -81,19 +86,11 @@ mod tests {
 
     #[tokio::test]
     async fn sqlite_allocates_through_mimalloc_without_statistics() {
-        assert!(install(), "SQLite had initialised before the test");
-        // SAFETY: GETMALLOC copies SQLite's allocator methods into `current` (allowed
-        // before initialisation, which the first connection below does).
-        let current = unsafe {
-            let mut current = std::mem::zeroed::<ffi::sqlite3_mem_methods>();
-            assert_eq!(ffi::sqlite3_config(ffi::SQLITE_CONFIG_GETMALLOC, &raw mut current), ffi::SQLITE_OK);
-            current
-        };
-        let ours: unsafe extern "C" fn(c_int) -> *mut c_void = allocate;
-        assert_eq!(current.xMalloc.map(|f| f as usize), Some(ours as usize));
-
         let dir = tempfile::tempdir().unwrap();
+        // Opening a store installs the allocator (before this process's first connection,
+        // whichever test opens a store first).
         let store = crate::store::Store::open_sqlite(dir.path().join("p.sqlite")).await.unwrap();
+        assert!(install(), "SQLite had initialised before the first store opened");
         crate::query::checkpoints(&store, 0).await.unwrap();
         // SAFETY: a read of SQLite's global counter, which stays 0 without statistics.
         assert_eq!(unsafe { ffi::sqlite3_memory_used() }, 0, "memory statistics are still kept");

@@ -12,8 +12,15 @@ use projections::asof::{self, AsOf};
 use crate::Outcome;
 use crate::source::{Point, Source};
 
+/// Two workers: a bulk build folds each projector's batches on one while the
+/// projector holding SQLite's write gate drives its statements from the other
+/// (`projections::runtime`).
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start the async runtime")
 }
 
 fn reader(source: &Source) -> Result<&eventlog::LogReader> {

@@ -8,7 +8,7 @@
 //! SIGKILL after a random delay. Some kill points come before the server even listens (during
 //! startup: open, repair, fold, projector start). After every kill, on the dead server's files:
 //!
-//! - `taskledger-replay verify` exits 0 (on a scratch copy that redb has repaired, see below);
+//! - `taskledger-replay verify` exits 0 (on a scratch copy repaired as a restart would, see below);
 //! - the projections converged: the dump taken in the lifetime just ended, at seq S, equals the
 //!   dump of `taskledger-replay materialize --as-of S` (a build from scratch) on that copy.
 //!
@@ -28,10 +28,10 @@
 //! lifetime, as a client would: they must come back deduplicated or be recorded anew, and
 //! are then held to the same checks.
 //!
-//! Why the copy: a killed server leaves redb's file needing a repair, and the replay tool
-//! opens logs read-only, so it refuses a crashed log ("Database repair aborted") until the
-//! server has reopened it once. The harness repairs a scratch copy by opening it read-write
-//! (what the next server start does) and runs the tool on that.
+//! Why the copy: a killed server leaves redb's file needing a repair. The replay tool repairs
+//! it in memory and never writes the file, but the harness checks the file the next server
+//! start will read: it repairs a scratch copy by opening it read-write (what that start does)
+//! and runs the tool on that.
 //!
 //! The seed is printed; rerun with `TASKLEDGER_CRASH_API_SEED=<seed>` (timing still varies).
 //! `TASKLEDGER_CRASH_API_KILLS` sets the number of kill points (default 100). The projection
