@@ -97,3 +97,35 @@ proptest! {
         })?;
     }
 }
+
+/// A bulk build on a multi-threaded runtime folds batches of at least 1,024
+/// events under `block_in_place` (`runtime::Fold::OffWorker`), while the
+/// projector holding SQLite's write gate runs its statements from another
+/// worker; it must give exactly the rows of applying the log in small batches.
+#[test]
+fn a_bulk_build_folded_off_the_runtime_workers_equals_small_batches() {
+    use proptest::strategy::{Strategy, ValueTree};
+    let ops = proptest::collection::vec(op_strategy(), 4000)
+        .new_tree(&mut proptest::test_runner::TestRunner::deterministic())
+        .unwrap()
+        .current();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let mut log = TestLog::new();
+        log.append_all(&random_history(&ops).history);
+        let head = log.head();
+        assert!(head >= 1024, "{head} events: too few for a batch folded off the workers");
+
+        let small = Store::open_sqlite(log.path().join("small.sqlite")).await.unwrap();
+        for kind in ProjectorKind::ALL {
+            let mut driver = Driver::load(&small, kind, Slot::Live, &log.reader()).await.unwrap();
+            driver.catch_up(&small, &log.reader(), head, 50).await.unwrap();
+        }
+        let bulk = Store::open_sqlite(log.path().join("bulk.sqlite")).await.unwrap();
+        asof::build(&bulk, &log.reader(), head, &ProjectorKind::ALL).await.unwrap();
+
+        let (small, bulk) = (digest::dump(&small).await.unwrap(), digest::dump(&bulk).await.unwrap());
+        assert_eq!(bulk.audit_log.len() as u64, head);
+        assert_eq!(small, bulk);
+    });
+}
