@@ -21,10 +21,10 @@ use std::io;
 use std::path::Path;
 
 use parking_lot::RwLock;
+use redb::backends::FileBackend;
 use redb::{Database, StorageBackend};
 
 use crate::error::OpenError;
-use redb::backends::FileBackend;
 
 /// Granularity of the overlay: a block written in part is first filled from the file.
 const BLOCK_BYTES: u64 = 4096;
@@ -126,8 +126,7 @@ impl Overlay {
             let block = at / BLOCK_BYTES;
             let next_written = self.blocks.range(block..).next().map(|(written, _)| *written);
             if next_written == Some(block) {
-                let within = (at - block * BLOCK_BYTES) as usize;
-                let take = ((BLOCK_BYTES - within as u64).min(end - at)) as usize;
+                let (_, within, take) = pieces(at, end).next().expect("at < end");
                 out[(at - offset) as usize..][..take].copy_from_slice(&self.blocks[&block][within..within + take]);
                 at += take as u64;
             } else {
