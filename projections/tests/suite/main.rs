@@ -5,4 +5,5 @@
 mod equivalence;
 mod postgres;
 mod read_models;
+mod sqlite_file;
 mod support;
