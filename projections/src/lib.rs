@@ -29,6 +29,7 @@ pub mod projectors;
 pub mod query;
 pub mod runtime;
 pub mod sql;
+pub mod sqlite_bulk;
 pub mod sqlite_memory;
 pub mod store;
 pub mod testing;

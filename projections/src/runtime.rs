@@ -239,15 +239,18 @@ const OFF_WORKER_BATCH_EVENTS_MIN: usize = 1024;
 
 impl Fold {
     fn run<T>(self, events: usize, work: impl FnOnce() -> T) -> T {
-        let flavor = tokio::runtime::Handle::try_current().map(|handle| handle.runtime_flavor());
-        match (self, flavor) {
-            (Fold::OffWorker, Ok(tokio::runtime::RuntimeFlavor::MultiThread))
-                if events >= OFF_WORKER_BATCH_EVENTS_MIN =>
-            {
-                tokio::task::block_in_place(work)
-            }
-            _ => work(),
-        }
+        off_worker_if(matches!(self, Fold::OffWorker) && events >= OFF_WORKER_BATCH_EVENTS_MIN, work)
+    }
+}
+
+/// Runs `work` under `block_in_place` when `long` and the runtime has several
+/// workers (so the worker's other tasks move to another thread meanwhile);
+/// in line otherwise.
+pub(crate) fn off_worker_if<T>(long: bool, work: impl FnOnce() -> T) -> T {
+    let flavor = tokio::runtime::Handle::try_current().map(|handle| handle.runtime_flavor());
+    match flavor {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) if long => tokio::task::block_in_place(work),
+        _ => work(),
     }
 }
 

@@ -1,30 +1,30 @@
-//! Bulk statements shared by every projector: multi-row upserts and deletes,
-//! rendered with their values before the write transaction begins.
+//! Bulk statements shared by every projector: upserts and deletes of many
+//! rows, rendered with their values before the write transaction begins.
 //!
-//! Rebuild speed is decided here. One statement per row costs a round trip
-//! (PostgreSQL) or a statement step (SQLite) each; one statement per few
-//! thousand rows amortizes both, which is what lets a rebuild apply hundreds
-//! of thousands of events per second. On SQLite a statement is
-//! `INSERT … VALUES (…),(…)`, chunked under the bind-parameter limit; on
-//! PostgreSQL it binds one array per column and reads them back with
-//! `UNNEST`, so a statement's text never depends on its row count: it is
-//! parsed and planned once per connection, and each value travels as an
-//! array element instead of a separate parameter.
+//! Rebuild speed is decided here. On PostgreSQL one statement per row would
+//! cost a round trip each: a statement binds one array per column and reads
+//! them back with `UNNEST`, so its text never depends on its row count (it
+//! is parsed and planned once per connection) and each value travels as an
+//! array element instead of a separate parameter. SQLite runs in this
+//! process, so there a statement is prepared once per batch and stepped once
+//! per row with its values bound from one buffer (`sqlite_bulk`).
 //!
 //! Why render first and run later (`Statements`): SQLite has one writer at a
 //! time, so everything done while a projector holds the write lock delays
 //! every other projector. Folding events, building rows and encoding values
 //! happen before the transaction begins; inside it, only the database works.
 
-use std::sync::Arc;
-
-use sqlx::{Database, Postgres, QueryBuilder, Sqlite};
+use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
+use crate::runtime::off_worker_if;
+use crate::sqlite_bulk::SqliteBatch;
 use crate::store::{Backend, StoreTx, on_tx};
 
-/// Most bind parameters in one SQLite statement: under its 32,766.
-pub const BINDS_PER_STATEMENT_MAX: usize = 30_000;
+/// SQLite batches of at least this many rows run under `block_in_place` on a
+/// multi-threaded runtime: they take the calling worker for milliseconds
+/// (a bulk build's for tens of them), and its other tasks move elsewhere.
+const OFF_WORKER_ROWS_MIN: usize = 1024;
 
 /// Where a row writes its values, in column order.
 pub trait Sink {
@@ -42,58 +42,6 @@ pub trait Sink {
 pub trait SqlRow {
     const COLUMNS: usize;
     fn bind(&self, sink: &mut dyn Sink);
-}
-
-/// Binds a row's values as one `(…)` tuple of a SQLite `VALUES` list.
-struct TupleSink<'a, DB: Database> {
-    builder: &'a mut QueryBuilder<DB>,
-    first: bool,
-}
-
-impl TupleSink<'_, Sqlite> {
-    fn sep(&mut self) {
-        if !self.first {
-            self.builder.push(",");
-        }
-        self.first = false;
-    }
-}
-
-/// Text goes in as `Arc<str>`, which sqlx hands to SQLite as it is: one
-/// allocation per value instead of a `String` and the `Arc` around it.
-impl Sink for TupleSink<'_, Sqlite> {
-    fn i64(&mut self, value: i64) {
-        self.sep();
-        self.builder.push_bind(value);
-    }
-    fn opt_i64(&mut self, value: Option<i64>) {
-        self.sep();
-        self.builder.push_bind(value);
-    }
-    fn text(&mut self, value: &str) {
-        self.sep();
-        self.builder.push_bind(Arc::<str>::from(value));
-    }
-    fn opt_text(&mut self, value: Option<&str>) {
-        self.sep();
-        self.builder.push_bind(value.map(Arc::<str>::from));
-    }
-    fn uuid(&mut self, value: Uuid) {
-        self.sep();
-        self.builder.push_bind(value);
-    }
-    fn opt_uuid(&mut self, value: Option<Uuid>) {
-        self.sep();
-        self.builder.push_bind(value);
-    }
-    fn bytes(&mut self, value: &[u8]) {
-        self.sep();
-        self.builder.push_bind(value.to_vec());
-    }
-    fn bool(&mut self, value: bool) {
-        self.sep();
-        self.builder.push_bind(value);
-    }
 }
 
 /// One column's values for a PostgreSQL `UNNEST` insert.
@@ -183,41 +131,17 @@ impl Sink for ColumnSink {
     }
 }
 
-/// The largest power of two at or below `n` (which must be at least 1).
-fn power_of_two_at_most(n: usize) -> usize {
-    1 << (usize::BITS - 1 - n.leading_zeros())
-}
-
-/// Splits `items` into chunks whose lengths are powers of two of at most
-/// `most` items: the biggest that fit first, then the binary digits of the
-/// rest. A SQLite statement's text depends only on its row count, so with a
-/// few dozen distinct counts every statement is parsed once per connection
-/// and then served from sqlx's statement cache; a live projector's small
-/// batches of ever-different sizes used to be parsed afresh each time.
-fn cacheable_chunks<T>(items: &[T], most: usize) -> impl Iterator<Item = &[T]> {
-    let most = power_of_two_at_most(most.max(1));
-    let mut rest = items;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let (chunk, tail) = rest.split_at(most.min(power_of_two_at_most(rest.len())));
-        rest = tail;
-        Some(chunk)
-    })
-}
-
 /// A batch's statements, rendered with their values for one backend, in the
 /// order they must run.
 pub enum Statements {
-    Sqlite(Vec<QueryBuilder<Sqlite>>),
+    Sqlite(SqliteBatch),
     Postgres(Vec<QueryBuilder<Postgres>>),
 }
 
 impl Statements {
     pub fn new(backend: Backend) -> Self {
         match backend {
-            Backend::Sqlite => Statements::Sqlite(Vec::new()),
+            Backend::Sqlite => Statements::Sqlite(SqliteBatch::default()),
             Backend::Postgres => Statements::Postgres(Vec::new()),
         }
     }
@@ -233,31 +157,25 @@ impl Statements {
         self.len() == 0
     }
 
-    /// `head VALUES (..),(..) tail` (SQLite) or `head SELECT * FROM
-    /// UNNEST(..) tail` (PostgreSQL) for all `rows`. `head` is e.g.
+    /// `head VALUES (?1, …) tail` once per row (SQLite) or `head SELECT *
+    /// FROM UNNEST(..) tail` for all `rows` (PostgreSQL). `head` is e.g.
     /// `INSERT INTO t (a, b)`; `tail` an optional `ON CONFLICT` clause. The
-    /// rows must not repeat a conflict key (one statement cannot upsert a row
-    /// twice).
+    /// rows must not repeat a conflict key (one PostgreSQL statement cannot
+    /// upsert a row twice).
     pub fn insert_rows<R: SqlRow>(&mut self, head: &str, tail: &str, rows: &[R]) {
         if rows.is_empty() {
             return;
         }
         match self {
             Statements::Sqlite(out) => {
-                let per_statement = (BINDS_PER_STATEMENT_MAX / R::COLUMNS).max(1);
-                for chunk in cacheable_chunks(rows, per_statement) {
-                    let mut builder = QueryBuilder::new(head);
-                    builder.push(" VALUES ");
-                    for (i, row) in chunk.iter().enumerate() {
-                        builder.push(if i == 0 { "(" } else { ",(" });
-                        let mut sink = TupleSink { builder: &mut builder, first: true };
-                        row.bind(&mut sink);
-                        builder.push(")");
-                    }
-                    builder.push(" ");
-                    builder.push(tail);
-                    out.push(builder);
+                let mut sql = format!("{head} VALUES (");
+                for column in 1..=R::COLUMNS {
+                    sql.push_str(if column == 1 { "?" } else { ", ?" });
+                    sql.push_str(&column.to_string());
                 }
+                sql.push_str(") ");
+                sql.push_str(tail);
+                out.push(sql, R::COLUMNS, rows.len(), |sink| rows.iter().for_each(|row| row.bind(sink)));
             }
             Statements::Postgres(out) => {
                 let mut sink = ColumnSink { columns: Vec::with_capacity(R::COLUMNS), at: 0, rows: 0 };
@@ -292,15 +210,8 @@ impl Statements {
         }
         match self {
             Statements::Sqlite(out) => {
-                for chunk in cacheable_chunks(ids, BINDS_PER_STATEMENT_MAX) {
-                    let mut builder = QueryBuilder::new(format!("DELETE FROM {table} WHERE {column} IN ("));
-                    let mut separated = builder.separated(",");
-                    for id in chunk {
-                        separated.push_bind(*id);
-                    }
-                    builder.push(")");
-                    out.push(builder);
-                }
+                let sql = format!("DELETE FROM {table} WHERE {column} = ?1");
+                out.push(sql, 1, ids.len(), |sink| ids.iter().for_each(|id| sink.uuid(*id)));
             }
             Statements::Postgres(out) => {
                 let mut builder = QueryBuilder::new(format!("DELETE FROM {table} WHERE {column} = ANY("));
@@ -314,7 +225,7 @@ impl Statements {
     /// A statement without parameters.
     pub fn execute(&mut self, statement: &str) {
         match self {
-            Statements::Sqlite(out) => out.push(QueryBuilder::new(statement)),
+            Statements::Sqlite(out) => out.push(statement.to_owned(), 0, 1, |_| {}),
             Statements::Postgres(out) => out.push(QueryBuilder::new(statement)),
         }
     }
@@ -323,10 +234,11 @@ impl Statements {
     /// these were rendered for).
     pub async fn run(self, tx: &mut StoreTx) -> Result<(), sqlx::Error> {
         match (self, tx) {
-            (Statements::Sqlite(statements), StoreTx::Sqlite(t, _)) => {
-                for mut statement in statements {
-                    statement.build().execute(&mut **t).await?;
-                }
+            (Statements::Sqlite(batch), StoreTx::Sqlite(t, _)) => {
+                let mut handle = t.lock_handle().await?;
+                let db = handle.as_raw_handle();
+                // SAFETY: sqlx's worker thread keeps off the connection while `handle` is held.
+                off_worker_if(batch.rows() >= OFF_WORKER_ROWS_MIN, || unsafe { batch.execute(db) })?;
             }
             (Statements::Postgres(statements), StoreTx::Postgres(t)) => {
                 for mut statement in statements {
@@ -357,22 +269,5 @@ pub fn types(backend: Backend) -> Types {
     match backend {
         Backend::Sqlite => Types { uuid: "BLOB", bytes: "BLOB" },
         Backend::Postgres => Types { uuid: "UUID", bytes: "BYTEA" },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunks_are_powers_of_two_under_the_limit_and_cover_everything_in_order() {
-        for n in 0..300usize {
-            let items: Vec<usize> = (0..n).collect();
-            let chunks: Vec<&[usize]> = cacheable_chunks(&items, 100).collect();
-            assert!(chunks.iter().all(|c| c.len().is_power_of_two() && c.len() <= 64), "n = {n}: {chunks:?}");
-            assert_eq!(chunks.concat(), items, "n = {n}");
-            // Full chunks first, then the binary digits of the rest: at most 6 more.
-            assert!(chunks.len() <= n / 64 + 6, "n = {n}: {} chunks", chunks.len());
-        }
     }
 }

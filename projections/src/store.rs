@@ -68,10 +68,10 @@ pub struct WriteGate {
     writer: SqlitePool,
 }
 
-/// Statements the write connection keeps prepared: each table's bulk insert
-/// comes in a dozen row counts (see `sql::cacheable_chunks`), for the live
-/// tables and a rebuild's shadow tables.
-const WRITER_STATEMENT_CACHE: usize = 512;
+/// Statements sqlx keeps prepared on the write connection: the checkpoint
+/// statements and DDL. (Projectors' bulk writes prepare their own per batch,
+/// see `sqlite_bulk`.)
+const WRITER_STATEMENT_CACHE: usize = 64;
 
 /// Runs `$body` with `$pool` bound to the concrete pool of `$store`.
 macro_rules! on_backend {
