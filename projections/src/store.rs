@@ -27,16 +27,6 @@ pub const POOL_CONNECTIONS_MAX: u32 = 8;
 /// The default file name of the SQLite projections, beside the log.
 pub const SQLITE_FILE_NAME: &str = "projections.sqlite";
 
-/// Page size of a new SQLite file (an existing file keeps its own; WAL mode
-/// cannot change it). Larger pages mean fewer B-tree pages to split, balance
-/// and log per row. `projections-bench --backend sqlite --skip-lag`, three
-/// interleaved rounds on 2026-12-02: 4 KiB 80.7k–91.8k events/s, 16 KiB
-/// 96.5k–106.9k, 32 KiB 88.0k–102.3k. Each commit writes whole pages to the
-/// WAL, so a live projector's small batches write more bytes as pages grow:
-/// lag p99 at 10k events/s was 17.2 ms at 4 KiB, 24.8 ms at 16 KiB and
-/// 38.2 ms at 32 KiB.
-pub const SQLITE_PAGE_SIZE: u32 = 16_384;
-
 /// Which database a store talks to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -123,6 +113,14 @@ impl Store {
     /// `synchronous = NORMAL`: a power cut may lose the last transactions,
     /// but never splits one, and each carries its checkpoint, so the projector
     /// simply re-applies from where the file says it is.
+    ///
+    /// Pages stay at SQLite's 4 KiB. 16 KiB pages made bulk rebuilds 10–20 %
+    /// faster (fewer B-tree pages to split and log per row), but every commit
+    /// writes whole pages to the WAL, and in `taskledger-bench --workloads
+    /// half-rate` runs (2026-12-02, three rounds each) the server's create
+    /// p99 went from 6.7–9.6 ms to 13.3–16.0 ms and its completion p99 from
+    /// 3.6–5.9 ms to 10.3–12.8 ms: the projections' larger writes share the
+    /// disk with the log's fdatasync.
     pub async fn open_sqlite(path: impl AsRef<Path>) -> Result<Store, OpenError> {
         let path = path.as_ref();
         crate::sqlite_memory::install();
@@ -133,8 +131,7 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(30))
             .pragma("cache_size", "-65536")
-            .pragma("temp_store", "memory")
-            .page_size(SQLITE_PAGE_SIZE);
+            .pragma("temp_store", "memory");
         let pool = SqlitePoolOptions::new()
             .max_connections(POOL_CONNECTIONS_MAX)
             .connect_with(options.clone())

@@ -5,5 +5,4 @@
 mod equivalence;
 mod postgres;
 mod read_models;
-mod sqlite_file;
 mod support;
