@@ -163,15 +163,23 @@ impl Prepared {
     unsafe fn new(db: NonNull<ffi::sqlite3>, sql: &str) -> Result<Prepared, sqlx::Error> {
         let length = c_int::try_from(sql.len()).map_err(|_| protocol(format!("statement of {} bytes", sql.len())))?;
         let mut stmt = ptr::null_mut();
-        // SAFETY: `sql` is valid for `length` bytes; `stmt` receives the statement.
-        let code =
-            unsafe { ffi::sqlite3_prepare_v2(db.as_ptr(), sql.as_ptr().cast(), length, &mut stmt, ptr::null_mut()) };
+        let mut tail = ptr::null();
+        // SAFETY: `sql` is valid for `length` bytes; `stmt` receives the statement
+        // and `tail` a pointer into `sql` just after it.
+        let code = unsafe { ffi::sqlite3_prepare_v2(db.as_ptr(), sql.as_ptr().cast(), length, &mut stmt, &mut tail) };
         if code != ffi::SQLITE_OK {
             // SAFETY: the caller's contract on `db`.
             return Err(unsafe { SqliteCallError::from_db(db, sql) }.into());
         }
         let stmt = NonNull::new(stmt).ok_or_else(|| protocol(format!("no statement in {sql:?}")))?;
-        Ok(Prepared { db, stmt, sql: sql.to_owned() })
+        let prepared = Prepared { db, stmt, sql: sql.to_owned() };
+        // SQLite compiles only the first statement of the text: refuse a second
+        // one rather than skip it.
+        let consumed = (tail as usize).saturating_sub(sql.as_ptr() as usize).min(sql.len());
+        if !sql.as_bytes()[consumed..].iter().all(|b| b.is_ascii_whitespace() || *b == b';') {
+            return Err(protocol(format!("more than one statement in {sql:?}")));
+        }
+        Ok(prepared)
     }
 
     /// Binds `row` and steps the statement once.
@@ -383,6 +391,13 @@ mod tests {
         bad.push("INSERT INTO missing VALUES (?1)".to_owned(), 1, 1, |sink| sink.i64(1));
         let error = execute(&mut conn, &bad).await.unwrap_err();
         assert!(error.to_string().contains("no such table: missing"), "{error}");
+        let mut two = SqliteBatch::default();
+        two.push("DELETE FROM t; DROP TABLE t".to_owned(), 0, 1, |_| {});
+        let error = execute(&mut conn, &two).await.unwrap_err();
+        assert!(error.to_string().contains("more than one statement"), "{error}");
+        let mut one = SqliteBatch::default();
+        one.push("DELETE FROM t; ".to_owned(), 0, 1, |_| {});
+        execute(&mut conn, &one).await.unwrap();
         conn.close().await.unwrap();
     }
 }
