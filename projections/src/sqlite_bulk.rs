@@ -151,16 +151,16 @@ impl Sink for BatchSink<'_> {
 }
 
 /// A prepared statement, finalized on drop.
-struct Prepared {
+struct Prepared<'a> {
     db: NonNull<ffi::sqlite3>,
     stmt: NonNull<ffi::sqlite3_stmt>,
-    sql: String,
+    sql: &'a str,
 }
 
-impl Prepared {
+impl<'a> Prepared<'a> {
     /// # Safety
     /// As `SqliteBatch::execute`.
-    unsafe fn new(db: NonNull<ffi::sqlite3>, sql: &str) -> Result<Prepared, sqlx::Error> {
+    unsafe fn new(db: NonNull<ffi::sqlite3>, sql: &'a str) -> Result<Prepared<'a>, sqlx::Error> {
         let length = c_int::try_from(sql.len()).map_err(|_| protocol(format!("statement of {} bytes", sql.len())))?;
         let mut stmt = ptr::null_mut();
         let mut tail = ptr::null();
@@ -172,7 +172,7 @@ impl Prepared {
             return Err(unsafe { SqliteCallError::from_db(db, sql) }.into());
         }
         let stmt = NonNull::new(stmt).ok_or_else(|| protocol(format!("no statement in {sql:?}")))?;
-        let prepared = Prepared { db, stmt, sql: sql.to_owned() };
+        let prepared = Prepared { db, stmt, sql };
         // SQLite compiles only the first statement of the text: refuse a second
         // one rather than skip it.
         let consumed = (tail as usize).saturating_sub(sql.as_ptr() as usize).min(sql.len());
@@ -215,7 +215,7 @@ impl Prepared {
             };
             if code != ffi::SQLITE_OK {
                 // SAFETY: as `SqliteBatch::execute`.
-                return Err(unsafe { SqliteCallError::from_db(self.db, &self.sql) }.into());
+                return Err(unsafe { SqliteCallError::from_db(self.db, self.sql) }.into());
             }
         }
         // SAFETY: `stmt` is prepared and bound.
@@ -223,7 +223,7 @@ impl Prepared {
         // The error, if any, is read before the reset (which returns it again).
         let error = (code != ffi::SQLITE_DONE && code != ffi::SQLITE_ROW)
             // SAFETY: as `SqliteBatch::execute`.
-            .then(|| unsafe { SqliteCallError::from_db(self.db, &self.sql) });
+            .then(|| unsafe { SqliteCallError::from_db(self.db, self.sql) });
         // SAFETY: `stmt` is prepared.
         unsafe { ffi::sqlite3_reset(stmt) };
         match error {
@@ -233,7 +233,7 @@ impl Prepared {
     }
 }
 
-impl Drop for Prepared {
+impl Drop for Prepared<'_> {
     fn drop(&mut self) {
         // SAFETY: `stmt` was prepared by `new` and is finalized once, here.
         unsafe { ffi::sqlite3_finalize(self.stmt.as_ptr()) };

@@ -49,9 +49,8 @@ pub enum Store {
 ///
 /// Every write goes through one dedicated connection, `writer`. A SQLite
 /// connection drops its whole page cache when it begins a transaction after
-/// another connection wrote, and each connection prepares (and caches) its
-/// own statements: projectors taking turns on the pool's connections started
-/// every batch with a cold cache and re-prepared their bulk statements.
+/// another connection wrote: projectors taking turns on the pool's
+/// connections started every batch with a cold cache.
 #[derive(Clone, Debug)]
 pub struct WriteGate {
     turn: Arc<tokio::sync::Mutex<()>>,
