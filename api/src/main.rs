@@ -100,6 +100,15 @@ struct ServeArgs {
     /// many it forgets them all and reads each again from the log's index on its next use.
     #[arg(long, env = "TASKLEDGER_STREAM_CACHE", default_value_t = eventlog::RedbOptions::default().stream_cache_entries)]
     stream_cache: usize,
+    /// Memory redb may use for the log's pages (its read cache and write buffer), in MiB.
+    #[arg(long, env = "TASKLEDGER_LOG_CACHE_MIB", value_parser = clap::value_parser!(u32).range(1..=CACHE_MIB_MAX),
+          default_value_t = (eventlog::RedbOptions::default().cache_bytes >> 20) as u32)]
+    log_cache_mib: u32,
+    /// SQLite's page cache for the projections, per connection (one writer and up to
+    /// eight readers), in MiB. Ignored for PostgreSQL.
+    #[arg(long, env = "TASKLEDGER_PROJECTIONS_CACHE_MIB", value_parser = clap::value_parser!(u32).range(1..=CACHE_MIB_MAX),
+          default_value_t = projections::StoreOptions::default().sqlite_cache_kib >> 10)]
+    projections_cache_mib: u32,
     /// Log format: text or json.
     #[arg(long, env = "TASKLEDGER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -110,6 +119,9 @@ struct ServeArgs {
     #[arg(long, env = "TASKLEDGER_READY_MAX_LAG", default_value_t = 100_000)]
     ready_max_lag: u64,
 }
+
+/// The largest cache flag accepted, in MiB (1 TiB).
+const CACHE_MIB_MAX: i64 = 1 << 20;
 
 impl Default for ServeArgs {
     fn default() -> Self {
@@ -131,6 +143,7 @@ fn main() -> ExitCode {
                 feed_capacity: args.feed_capacity.max(1),
                 store: eventlog::RedbOptions {
                     stream_cache_entries: args.stream_cache.max(1),
+                    cache_bytes: (args.log_cache_mib as usize) << 20,
                     ..eventlog::RedbOptions::default()
                 },
                 ..WriterConfig::default()
@@ -147,6 +160,7 @@ fn main() -> ExitCode {
                 writer,
                 json_logs: args.log_format == "json",
                 projections: args.projections,
+                projections_store: projections::StoreOptions { sqlite_cache_kib: args.projections_cache_mib << 10 },
                 ready_max_lag: args.ready_max_lag,
             };
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

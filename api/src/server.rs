@@ -68,6 +68,8 @@ pub struct ServeConfig {
     pub json_logs: bool,
     /// `postgres://…` for PostgreSQL projections; default: `<data>/projections.sqlite`.
     pub projections: Option<String>,
+    /// How the projections store is opened (SQLite's page cache per connection).
+    pub projections_store: projections::StoreOptions,
     /// `/readyz` fails while any projector lags more than this many events.
     pub ready_max_lag: u64,
 }
@@ -177,8 +179,9 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .projections
         .clone()
         .unwrap_or_else(|| config.data_dir.join("projections.sqlite").to_string_lossy().into_owned());
-    let store =
-        projections::Store::open(&target).await.with_context(|| format!("open projections at {}", redact(&target)))?;
+    let store = projections::Store::open_with(&target, config.projections_store)
+        .await
+        .with_context(|| format!("open projections at {}", redact(&target)))?;
     let handle = writer.handle();
     let projections = projections::Projections::start(
         store,
@@ -211,12 +214,15 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     );
     println!(
         "writer: queue of {} commands, dedup window of {} events, {} recent records kept for live subscribers, \
-         {} stream heads cached, a snapshot every {} events",
+         {} stream heads cached, a snapshot every {} events; caches: {} MiB of log pages, {} MiB of SQLite \
+         projection pages per connection",
         config.writer.channel_capacity,
         config.writer.dedup_window_events,
         config.writer.feed_capacity,
         config.writer.store.stream_cache_entries,
-        config.writer.snapshot_every_events
+        config.writer.snapshot_every_events,
+        config.writer.store.cache_bytes >> 20,
+        config.projections_store.sqlite_cache_kib >> 10
     );
     println!(
         "ledger at {}: head seq {}, {} live tasks (snapshot at seq {}, {} events replayed in {:.3} s)",

@@ -38,4 +38,4 @@ pub use checkpoint::{Checkpoint, Slot};
 pub use error::{ApplyError, AsOfError, Error, OpenError, QueryError, RuntimeError};
 pub use projectors::ProjectorKind;
 pub use runtime::{Driver, Projections, ProjectorStatus, RuntimeConfig};
-pub use store::{Backend, Store};
+pub use store::{Backend, Store, StoreOptions};

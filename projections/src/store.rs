@@ -27,6 +27,21 @@ pub const POOL_CONNECTIONS_MAX: u32 = 8;
 /// The default file name of the SQLite projections, beside the log.
 pub const SQLITE_FILE_NAME: &str = "projections.sqlite";
 
+/// How a store is opened. `Default` is what the server uses unless told otherwise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// SQLite's page cache per connection, in KiB (`PRAGMA cache_size`): the
+    /// writer's and each pooled reader's. Ignored for PostgreSQL, whose cache
+    /// is the server's.
+    pub sqlite_cache_kib: u32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { sqlite_cache_kib: 64 * 1024 }
+    }
+}
+
 /// Which database a store talks to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -121,19 +136,25 @@ impl Store {
     /// 3.6–5.9 ms to 10.3–12.8 ms: the projections' larger writes share the
     /// disk with the log's fdatasync.
     pub async fn open_sqlite(path: impl AsRef<Path>) -> Result<Store, OpenError> {
+        Self::open_sqlite_with(path, StoreOptions::default()).await
+    }
+
+    /// [`Store::open_sqlite`] with explicit options.
+    pub async fn open_sqlite_with(path: impl AsRef<Path>, options: StoreOptions) -> Result<Store, OpenError> {
         let path = path.as_ref();
+        let cache_kib = options.sqlite_cache_kib.max(1);
         crate::sqlite_memory::install();
-        let options = SqliteConnectOptions::new()
+        let connect = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(30))
-            .pragma("cache_size", "-65536")
+            .pragma("cache_size", format!("-{cache_kib}"))
             .pragma("temp_store", "memory");
         let pool = SqlitePoolOptions::new()
             .max_connections(POOL_CONNECTIONS_MAX)
-            .connect_with(options.clone())
+            .connect_with(connect.clone())
             .await
             .map_err(|source| OpenError::Sqlite { path: path.to_path_buf(), source })?;
         let writer = SqlitePoolOptions::new()
@@ -141,7 +162,7 @@ impl Store {
             .idle_timeout(None)
             .max_lifetime(None)
             .test_before_acquire(false)
-            .connect_with(options.statement_cache_capacity(WRITER_STATEMENT_CACHE))
+            .connect_with(connect.statement_cache_capacity(WRITER_STATEMENT_CACHE))
             .await
             .map_err(|source| OpenError::Sqlite { path: path.to_path_buf(), source })?;
         let store = Store::Sqlite(pool, WriteGate { turn: Arc::default(), writer });
@@ -175,6 +196,11 @@ impl Store {
     /// `postgres://…` or `postgresql://…` connects to PostgreSQL; anything
     /// else is a SQLite file path (a directory gets `projections.sqlite`).
     pub async fn open(target: &str) -> Result<Store, OpenError> {
+        Self::open_with(target, StoreOptions::default()).await
+    }
+
+    /// [`Store::open`] with explicit options.
+    pub async fn open_with(target: &str, options: StoreOptions) -> Result<Store, OpenError> {
         if target.starts_with("postgres://") || target.starts_with("postgresql://") {
             return Self::connect_postgres(target).await;
         }
@@ -182,7 +208,7 @@ impl Store {
         if path.is_dir() {
             path = path.join(SQLITE_FILE_NAME);
         }
-        Self::open_sqlite(path).await
+        Self::open_sqlite_with(path, options).await
     }
 
     async fn migrate(&self) -> Result<(), OpenError> {

@@ -46,6 +46,8 @@ pub struct Server {
     pub base: String,
     pub token: String,
     pub data: PathBuf,
+    /// What the server printed on stdout up to the line that says how to authenticate.
+    pub banner: String,
     agent: ureq::Agent,
     /// Kept alive for the server's lifetime when the data dir is temporary.
     _temp: Option<tempfile::TempDir>,
@@ -94,8 +96,11 @@ impl Server {
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
         let mut base = None;
+        let mut banner = String::new();
         for line in lines.by_ref() {
             let line = line.expect("read server stdout");
+            banner.push_str(&line);
+            banner.push('\n');
             if let Some(addr) = line.split("listening on ").nth(1) {
                 base = Some(addr.trim().to_owned());
             }
@@ -112,7 +117,7 @@ impl Server {
             .timeout_global(Some(Duration::from_secs(60)))
             .build()
             .into();
-        Server { child: Some(child), base, token, data: data.to_path_buf(), agent, _temp: None }
+        Server { child: Some(child), base, token, data: data.to_path_buf(), banner, agent, _temp: None }
     }
 
     pub fn url(&self, path: &str) -> String {

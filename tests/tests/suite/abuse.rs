@@ -447,3 +447,29 @@ fn a_dripper_slower_than_the_header_timeout_is_cut_off() {
     let created = server.get("/v1/views/tasks?namespace=drip");
     assert_eq!(created.status, 200);
 }
+
+/// Cache sizes out of range are refused before anything is opened, with the
+/// range in the message; in range, the banner prints what was set.
+#[test]
+fn cache_flags_out_of_range_are_refused_and_in_range_are_reported() {
+    let temp = tempfile::tempdir().unwrap();
+    for (flag, value) in [("--log-cache-mib", "0"), ("--projections-cache-mib", "1048577"), ("--log-cache-mib", "-3")] {
+        let data = temp.path().join("refused");
+        let out = std::process::Command::new(workspace_binary("taskledger"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(&data)
+            .arg(format!("{flag}={value}"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(
+            stderr.contains(flag) && stderr.contains(&format!("invalid value '{value}'")),
+            "{flag} {value}: {stderr}"
+        );
+        assert!(!data.exists(), "{flag} {value} created the data dir");
+    }
+    let server = Server::start_in(&temp.path().join("ok"), &["--log-cache-mib", "3", "--projections-cache-mib", "5"]);
+    let banner = &server.banner;
+    assert!(banner.contains("caches: 3 MiB of log pages, 5 MiB of SQLite projection pages per connection"), "{banner}");
+}
