@@ -100,10 +100,57 @@ pub(crate) fn now_us() -> i64 {
 
 /// Whether `install` creates a generation's secondary indexes at once or
 /// leaves them to `create_indexes` (bulk builds).
+///
+/// On PostgreSQL a bulk build also writes into `UNLOGGED` tables, which skip
+/// the write-ahead log: each row of a rebuild is inserted and then updated
+/// several times as its task moves on, and every one of those writes went to
+/// the WAL. `create_indexes` turns the tables logged (PostgreSQL writes each
+/// table to the WAL once) before it builds the indexes. The catch: after a
+/// crash PostgreSQL empties every unlogged table, while the checkpoint, in a
+/// logged table, still says how far the build had come. So the generation
+/// gets a one-row unlogged marker table beside it (see `unlogged_marker`):
+/// crash recovery empties it with the others, and a build that finds it empty
+/// starts again from seq 0 instead of resuming on emptied tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Indexes {
     Now,
     Later,
+}
+
+/// The table that tells whether a bulk generation's unlogged tables
+/// survived; it exists only until `create_indexes` makes them logged.
+fn unlogged_marker(kind: ProjectorKind, suffix: &str) -> String {
+    format!("{}_unlogged{suffix}", kind.name())
+}
+
+/// What became of a generation's unlogged tables (PostgreSQL bulk builds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unlogged {
+    /// The tables are logged (or the backend is SQLite): nothing to do.
+    None,
+    /// A bulk build in progress; its rows are all there.
+    Intact,
+    /// PostgreSQL crashed since the build wrote: the tables were emptied.
+    Reset,
+}
+
+/// Whether the generation `checkpoint` describes is still a bulk build on
+/// unlogged tables, and whether a crash has emptied them.
+pub async fn unlogged_state(
+    store: &Store,
+    kind: ProjectorKind,
+    checkpoint: &Checkpoint,
+) -> Result<Unlogged, ApplyError> {
+    let Store::Postgres(pool) = store else { return Ok(Unlogged::None) };
+    let marker = unlogged_marker(kind, &checkpoint.table_suffix);
+    let exists: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass($1)::text").bind(&marker).fetch_one(pool).await?;
+    if exists.is_none() {
+        return Ok(Unlogged::None);
+    }
+    let rows: i64 =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {marker}"))).fetch_one(pool).await?;
+    Ok(if rows > 0 { Unlogged::Intact } else { Unlogged::Reset })
 }
 
 /// Creates generation `generation` of `kind`'s tables (named with `suffix`)
@@ -118,10 +165,22 @@ pub async fn install(
     indexes: Indexes,
 ) -> Result<Checkpoint, ApplyError> {
     let mut tx = store.begin().await?;
+    let postgres = tx.backend() == crate::store::Backend::Postgres;
+    let marker = unlogged_marker(kind, suffix);
     for table in kind.tables() {
         sql::execute(&mut tx, &format!("DROP TABLE IF EXISTS {table}{suffix}")).await?;
     }
+    let unlogged = indexes == Indexes::Later && postgres;
+    if postgres {
+        sql::execute(&mut tx, &format!("DROP TABLE IF EXISTS {marker}")).await?;
+    }
+    if unlogged {
+        sql::execute(&mut tx, &format!("CREATE UNLOGGED TABLE {marker} (intact BOOLEAN NOT NULL)")).await?;
+        sql::execute(&mut tx, &format!("INSERT INTO {marker} VALUES (TRUE)")).await?;
+    }
     for statement in kind.table_ddl(tx.backend(), suffix, generation) {
+        let statement =
+            if unlogged { statement.replacen("CREATE TABLE", "CREATE UNLOGGED TABLE", 1) } else { statement };
         sql::execute(&mut tx, &statement).await?;
     }
     kind.initial_mirror(tx.backend(), suffix).run(&mut tx).await?;
@@ -169,13 +228,20 @@ pub async fn install(
 /// Memory PostgreSQL may use to sort while it builds a generation's indexes.
 const INDEX_BUILD_MEMORY_MB: u32 = 256;
 
-/// Creates the secondary indexes of a generation installed with
-/// `Indexes::Later` (idempotent).
+/// Finishes a generation installed with `Indexes::Later` (idempotent): on
+/// PostgreSQL turns its tables logged and drops the unlogged marker, then
+/// creates the secondary indexes.
 pub async fn create_indexes(store: &Store, kind: ProjectorKind, checkpoint: &Checkpoint) -> Result<(), ApplyError> {
     let mut tx = store.begin().await?;
     if tx.backend() == crate::store::Backend::Postgres {
         // Sort a million-row table's keys in memory rather than in temporary files.
         sql::execute(&mut tx, &format!("SET LOCAL maintenance_work_mem = '{INDEX_BUILD_MEMORY_MB}MB'")).await?;
+        // Already logged tables are left as they are.
+        for table in kind.tables() {
+            sql::execute(&mut tx, &format!("ALTER TABLE {table}{} SET LOGGED", checkpoint.table_suffix)).await?;
+        }
+        sql::execute(&mut tx, &format!("DROP TABLE IF EXISTS {}", unlogged_marker(kind, &checkpoint.table_suffix)))
+            .await?;
     }
     for statement in kind.index_ddl(tx.backend(), &checkpoint.table_suffix, checkpoint.generation) {
         let statement = statement.replacen("INDEX ", "INDEX IF NOT EXISTS ", 1);

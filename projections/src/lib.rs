@@ -25,6 +25,7 @@ pub mod checkpoint;
 pub mod digest;
 pub mod error;
 pub mod mirror;
+pub mod pg_copy;
 pub mod projectors;
 pub mod query;
 pub mod runtime;

@@ -22,7 +22,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::checkpoint::{self, Checkpoint, Indexes, Slot};
+use crate::checkpoint::{self, Checkpoint, Indexes, Slot, Unlogged};
 use crate::error::{ApplyError, RuntimeError};
 use crate::projectors::{self, KeptMirror, MIRROR_STORE_EVERY_EVENTS, ProjectorKind};
 use crate::sql;
@@ -88,13 +88,29 @@ impl Driver {
         indexes: Indexes,
         reader: &LogReader,
     ) -> Result<Driver, RuntimeError> {
-        let checkpoint = match (checkpoint::read(store, kind, slot).await?, slot) {
+        let mut checkpoint = match (checkpoint::read(store, kind, slot).await?, slot) {
             (Some(checkpoint), _) => checkpoint,
             (None, Slot::Live) => checkpoint::install(store, kind, slot, "", 1, indexes).await?,
             (None, Slot::Shadow) => {
                 return Err(ApplyError::Model(format!("{} has no shadow build", kind.name())).into());
             }
         };
+        match checkpoint::unlogged_state(store, kind, &checkpoint).await? {
+            Unlogged::None => {}
+            Unlogged::Reset => {
+                tracing::warn!(
+                    projector = kind.name(),
+                    slot = slot.as_str(),
+                    checkpoint = checkpoint.last_seq,
+                    "PostgreSQL crashed during this bulk build and emptied its unlogged tables: building again from seq 0"
+                );
+                let Checkpoint { table_suffix, generation, .. } = checkpoint;
+                checkpoint = checkpoint::install(store, kind, slot, &table_suffix, generation, indexes).await?;
+            }
+            // A bulk build left unfinished, now followed row by row: finish it first.
+            Unlogged::Intact if indexes == Indexes::Now => checkpoint::create_indexes(store, kind, &checkpoint).await?,
+            Unlogged::Intact => {}
+        }
         checkpoint::check_against_log(&checkpoint, reader)?;
         let mut tx = store.begin().await?;
         let mut mirror = kind.load_mirror(&mut tx, &checkpoint.table_suffix, checkpoint.last_seq).await?;
@@ -442,7 +458,14 @@ impl Runner {
     }
 
     async fn run_once(&mut self) -> Result<(), RuntimeError> {
-        let mut driver = Driver::load(&self.store, self.kind, self.slot, &self.reader).await?;
+        // A shadow build stays a bulk build (unlogged, no secondary indexes on
+        // PostgreSQL) until `rebuild` finishes it; a live projector finishes
+        // one it finds.
+        let indexes = match self.slot {
+            Slot::Live => Indexes::Now,
+            Slot::Shadow => Indexes::Later,
+        };
+        let mut driver = Driver::load_with(&self.store, self.kind, self.slot, indexes, &self.reader).await?;
         self.publish(driver.checkpoint().last_seq, None);
         let mut subscription =
             Subscription::new(self.reader.clone(), self.feed.clone(), driver.checkpoint().last_seq + 1);

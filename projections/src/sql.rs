@@ -17,6 +17,7 @@
 use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
+use crate::pg_copy::{self, CopyRows};
 use crate::runtime::off_worker_if;
 use crate::sqlite_bulk::SqliteBatch;
 use crate::store::{Backend, StoreTx, on_tx};
@@ -135,7 +136,14 @@ impl Sink for ColumnSink {
 /// order they must run.
 pub enum Statements {
     Sqlite(SqliteBatch),
-    Postgres(Vec<QueryBuilder<Postgres>>),
+    Postgres(Vec<PgStatement>),
+}
+
+/// One PostgreSQL statement of a batch.
+pub enum PgStatement {
+    Query(QueryBuilder<Postgres>),
+    /// Plain inserts stream through `COPY` (`pg_copy`).
+    Copy(CopyRows),
 }
 
 impl Statements {
@@ -158,10 +166,10 @@ impl Statements {
     }
 
     /// `head VALUES (?1, …) tail` once per row (SQLite) or `head SELECT *
-    /// FROM UNNEST(..) tail` for all `rows` (PostgreSQL). `head` is e.g.
-    /// `INSERT INTO t (a, b)`; `tail` an optional `ON CONFLICT` clause. The
-    /// rows must not repeat a conflict key (one PostgreSQL statement cannot
-    /// upsert a row twice).
+    /// FROM UNNEST(..) tail` for all `rows` (PostgreSQL; with no `tail`, a
+    /// `COPY` of the rows instead). `head` is e.g. `INSERT INTO t (a, b)`;
+    /// `tail` an optional `ON CONFLICT` clause. The rows must not repeat a
+    /// conflict key (one PostgreSQL statement cannot upsert a row twice).
     pub fn insert_rows<R: SqlRow>(&mut self, head: &str, tail: &str, rows: &[R]) {
         if rows.is_empty() {
             return;
@@ -177,6 +185,7 @@ impl Statements {
                 sql.push_str(tail);
                 out.push(sql, R::COLUMNS, rows.len(), |sink| rows.iter().for_each(|row| row.bind(sink)));
             }
+            Statements::Postgres(out) if tail.is_empty() => out.push(PgStatement::Copy(pg_copy::render(head, rows))),
             Statements::Postgres(out) => {
                 let mut sink = ColumnSink { columns: Vec::with_capacity(R::COLUMNS), at: 0, rows: 0 };
                 for row in rows {
@@ -198,7 +207,7 @@ impl Statements {
                 }
                 builder.push(") ");
                 builder.push(tail);
-                out.push(builder);
+                out.push(PgStatement::Query(builder));
             }
         }
     }
@@ -217,7 +226,7 @@ impl Statements {
                 let mut builder = QueryBuilder::new(format!("DELETE FROM {table} WHERE {column} = ANY("));
                 builder.push_bind(ids.to_vec());
                 builder.push("::UUID[])");
-                out.push(builder);
+                out.push(PgStatement::Query(builder));
             }
         }
     }
@@ -226,7 +235,7 @@ impl Statements {
     pub fn execute(&mut self, statement: &str) {
         match self {
             Statements::Sqlite(out) => out.push(statement.to_owned(), 0, 1, |_| {}),
-            Statements::Postgres(out) => out.push(QueryBuilder::new(statement)),
+            Statements::Postgres(out) => out.push(PgStatement::Query(QueryBuilder::new(statement))),
         }
     }
 
@@ -241,8 +250,21 @@ impl Statements {
                 off_worker_if(batch.rows() >= OFF_WORKER_ROWS_MIN, || unsafe { batch.execute(db) })?;
             }
             (Statements::Postgres(statements), StoreTx::Postgres(t)) => {
-                for mut statement in statements {
-                    statement.build().execute(&mut **t).await?;
+                for statement in statements {
+                    match statement {
+                        PgStatement::Query(mut query) => {
+                            query.build().execute(&mut **t).await?;
+                        }
+                        PgStatement::Copy(rows) => {
+                            let mut copy = t.copy_in_raw(&rows.statement).await?;
+                            if let Err(error) = copy.send(rows.data).await {
+                                // Leave the connection usable (the transaction rolls back).
+                                let _ = copy.abort(error.to_string()).await;
+                                return Err(error);
+                            }
+                            copy.finish().await?;
+                        }
+                    }
                 }
             }
             _ => panic!("statements rendered for one backend run on the other"),

@@ -189,6 +189,17 @@ impl SqlRow for DeadLetterRow<'_> {
     }
 }
 
+fn task_rows<'a>(tasks: &[&'a MirrorTask]) -> Vec<TaskRow<'a>> {
+    tasks.iter().map(|t| TaskRow(t)).collect()
+}
+
+fn step_rows<'a>(tasks: &[&'a MirrorTask]) -> Vec<StepRow<'a>> {
+    tasks
+        .iter()
+        .flat_map(|t| t.steps.iter().enumerate().map(move |(index, step)| StepRow { task: t, index, step }))
+        .collect()
+}
+
 #[derive(Default)]
 pub(crate) struct Plan {
     first_seq: Option<u64>,
@@ -202,45 +213,47 @@ impl Plan {
     pub(crate) fn render(&self, out: &mut Statements, s: &str, touched: &Touched, mirror: &Mirror) {
         let first_seq = self.first_seq.unwrap_or(u64::MAX);
         let current: Vec<&MirrorTask> = touched.order.iter().filter_map(|id| touched.current(mirror, id)).collect();
-        let task_rows: Vec<TaskRow<'_>> = current.iter().map(|t| TaskRow(t)).collect();
+        // Tasks created in this batch have no rows yet: those are plain inserts
+        // (a `COPY` on PostgreSQL), the others upserts.
+        let (created, existing): (Vec<&MirrorTask>, Vec<&MirrorTask>) =
+            current.iter().partition(|t| t.created_seq >= first_seq);
+        let tasks_head = format!(
+            "INSERT INTO tasks{s} (task_id, namespace, name, state, priority, run_at_us, idempotency_key, payload, \
+             created_at_us, created_seq, updated_at_us, updated_seq, finished_at_us, end_reason, step_count, \
+             steps_done, steps_failed)"
+        );
+        let steps_head = format!(
+            "INSERT INTO task_steps{s} (task_id, step_index, name, handler, state, depends_on, attempts, \
+             max_attempts, epoch, worker, lease_deadline_us, retry_at_us, enqueued_at_us, claimed_at_us, \
+             finished_at_us, last_error, result, resolution_note)"
+        );
+        out.insert_rows(&tasks_head, "", &task_rows(&created));
         out.insert_rows(
-            &format!(
-                "INSERT INTO tasks{s} (task_id, namespace, name, state, priority, run_at_us, idempotency_key, payload, \
-                 created_at_us, created_seq, updated_at_us, updated_seq, finished_at_us, end_reason, step_count, \
-                 steps_done, steps_failed)"
-            ),
+            &tasks_head,
             "ON CONFLICT (task_id) DO UPDATE SET state = excluded.state, updated_at_us = excluded.updated_at_us, \
              updated_seq = excluded.updated_seq, finished_at_us = excluded.finished_at_us, \
              end_reason = excluded.end_reason, step_count = excluded.step_count, \
              steps_done = excluded.steps_done, steps_failed = excluded.steps_failed",
-            &task_rows,
+            &task_rows(&existing),
         );
 
-        let tag_rows: Vec<TagRow<'_>> = current
+        let tag_rows: Vec<TagRow<'_>> = created
             .iter()
-            .filter(|t| t.created_seq >= first_seq)
             .flat_map(|t| {
                 t.tags.iter().map(|tag| TagRow { tag, created_seq: t.created_seq as i64, task_id: *t.id.as_uuid() })
             })
             .collect();
         out.insert_rows(&format!("INSERT INTO task_tags{s} (tag, created_seq, task_id)"), "", &tag_rows);
 
-        let step_rows: Vec<StepRow<'_>> = current
-            .iter()
-            .flat_map(|t| t.steps.iter().enumerate().map(move |(index, step)| StepRow { task: t, index, step }))
-            .collect();
+        out.insert_rows(&steps_head, "", &step_rows(&created));
         out.insert_rows(
-            &format!(
-                "INSERT INTO task_steps{s} (task_id, step_index, name, handler, state, depends_on, attempts, \
-                 max_attempts, epoch, worker, lease_deadline_us, retry_at_us, enqueued_at_us, claimed_at_us, \
-                 finished_at_us, last_error, result, resolution_note)"
-            ),
+            &steps_head,
             "ON CONFLICT (task_id, step_index) DO UPDATE SET state = excluded.state, attempts = excluded.attempts, \
              epoch = excluded.epoch, worker = excluded.worker, lease_deadline_us = excluded.lease_deadline_us, \
              retry_at_us = excluded.retry_at_us, enqueued_at_us = excluded.enqueued_at_us, \
              claimed_at_us = excluded.claimed_at_us, finished_at_us = excluded.finished_at_us, \
              last_error = excluded.last_error, result = excluded.result, resolution_note = excluded.resolution_note",
-            &step_rows,
+            &step_rows(&existing),
         );
 
         // Dead letters: replace the touched tasks' rows by their current `Error` steps.
