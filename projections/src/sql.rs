@@ -166,8 +166,8 @@ impl Statements {
     }
 
     /// `head VALUES (?1, …) tail` once per row (SQLite) or `head SELECT *
-    /// FROM UNNEST(..) tail` for all `rows` (PostgreSQL; with no `tail`, a
-    /// `COPY` of the rows instead). `head` is e.g. `INSERT INTO t (a, b)`;
+    /// FROM UNNEST(..) tail` for all `rows` (PostgreSQL; with no `tail` and
+    /// at least `pg_copy::COPY_ROWS_MIN` rows, a `COPY` of them instead). `head` is e.g. `INSERT INTO t (a, b)`;
     /// `tail` an optional `ON CONFLICT` clause. The rows must not repeat a
     /// conflict key (one PostgreSQL statement cannot upsert a row twice).
     pub fn insert_rows<R: SqlRow>(&mut self, head: &str, tail: &str, rows: &[R]) {
@@ -185,7 +185,9 @@ impl Statements {
                 sql.push_str(tail);
                 out.push(sql, R::COLUMNS, rows.len(), |sink| rows.iter().for_each(|row| row.bind(sink)));
             }
-            Statements::Postgres(out) if tail.is_empty() => out.push(PgStatement::Copy(pg_copy::render(head, rows))),
+            Statements::Postgres(out) if tail.is_empty() && rows.len() >= pg_copy::COPY_ROWS_MIN => {
+                out.push(PgStatement::Copy(pg_copy::render(head, rows)))
+            }
             Statements::Postgres(out) => {
                 let mut sink = ColumnSink { columns: Vec::with_capacity(R::COLUMNS), at: 0, rows: 0 };
                 for row in rows {
