@@ -301,6 +301,13 @@ pub async fn build_live(
     Ok(())
 }
 
+/// How far a bulk build lets its mirror table trail (`Driver::store_mirror_every`).
+/// Every store rewrites the bodies of all live tasks that changed since the
+/// last one: at the default 65,536 events, 1.2 s of the 9.5 s a PostgreSQL
+/// tasks projector spent in statements over a 1M-event rebuild. Resuming an
+/// interrupted build refolds at most this many events from the log.
+const BULK_MIRROR_STORE_EVERY_EVENTS: u64 = 262_144;
+
 /// Batches read ahead of the slowest projector in a bulk build, per projector.
 const BULK_READ_AHEAD_BATCHES: usize = 2;
 
@@ -331,6 +338,11 @@ async fn build_drivers(
         tasks.push(tokio::spawn(async move {
             while let Some(batch) = batches.recv().await {
                 let (records, events) = &*batch;
+                // The mirror table is only read to resume an interrupted build
+                // (refolding from its seq) or by whoever follows the build: store
+                // it rarely on the way, and with the last batch.
+                let last_batch = records.last().is_some_and(|r| r.seq >= to_seq);
+                driver.store_mirror_every(if last_batch { 1 } else { BULK_MIRROR_STORE_EVERY_EVENTS });
                 let skip = records.iter().take_while(|r| r.seq <= driver.checkpoint.last_seq).count();
                 if let Err(error) =
                     driver.apply_decoded_with(&store, &records[skip..], &events[skip..], Fold::OffWorker).await
