@@ -110,7 +110,11 @@ pub(crate) fn now_us() -> i64 {
 /// logged table, still says how far the build had come. So the generation
 /// gets a one-row unlogged marker table beside it (see `unlogged_marker`):
 /// crash recovery empties it with the others, and a build that finds it empty
-/// starts again from seq 0 instead of resuming on emptied tables.
+/// starts again from seq 0 instead of resuming on emptied tables. Only for
+/// projectors that rewrite their rows (`ProjectorKind::rewrites_rows`): the
+/// audit log only appends, and making its tables logged copied them into the
+/// WAL a second time (its rebuild alone took 7.9–8.4 s unlogged against
+/// 6.5–7.4 s logged).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Indexes {
     Now,
@@ -170,7 +174,7 @@ pub async fn install(
     for table in kind.tables() {
         sql::execute(&mut tx, &format!("DROP TABLE IF EXISTS {table}{suffix}")).await?;
     }
-    let unlogged = indexes == Indexes::Later && postgres;
+    let unlogged = indexes == Indexes::Later && postgres && kind.rewrites_rows();
     if postgres {
         sql::execute(&mut tx, &format!("DROP TABLE IF EXISTS {marker}")).await?;
     }

@@ -76,6 +76,12 @@ impl ProjectorKind {
         }
     }
 
+    /// Whether the projector updates or deletes rows it wrote earlier (the
+    /// audit log only appends). See `checkpoint::Indexes` for what depends on it.
+    pub fn rewrites_rows(self) -> bool {
+        self != Self::Audit
+    }
+
     /// Keeps a model of live tasks (and persists it in `<name>_mirror`).
     pub fn uses_mirror(self) -> bool {
         self != Self::Audit
