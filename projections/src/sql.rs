@@ -167,9 +167,10 @@ impl Statements {
 
     /// `head VALUES (?1, …) tail` once per row (SQLite) or `head SELECT *
     /// FROM UNNEST(..) tail` for all `rows` (PostgreSQL; with no `tail` and
-    /// at least `pg_copy::COPY_ROWS_MIN` rows, a `COPY` of them instead). `head` is e.g. `INSERT INTO t (a, b)`;
-    /// `tail` an optional `ON CONFLICT` clause. The rows must not repeat a
-    /// conflict key (one PostgreSQL statement cannot upsert a row twice).
+    /// at least `pg_copy::COPY_ROWS_MIN` rows, a `COPY` of them instead).
+    /// `head` is e.g. `INSERT INTO t (a, b)`; `tail` an optional `ON
+    /// CONFLICT` clause. The rows must not repeat a conflict key (one
+    /// PostgreSQL statement cannot upsert a row twice).
     pub fn insert_rows<R: SqlRow>(&mut self, head: &str, tail: &str, rows: &[R]) {
         if rows.is_empty() {
             return;

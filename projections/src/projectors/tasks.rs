@@ -257,8 +257,7 @@ impl Plan {
         );
 
         // Dead letters: replace the touched tasks' rows by their current `Error` steps.
-        let previously_failed: Vec<Uuid> =
-            current.iter().filter(|t| t.created_seq < first_seq).map(|t| *t.id.as_uuid()).collect();
+        let previously_failed: Vec<Uuid> = existing.iter().map(|t| *t.id.as_uuid()).collect();
         out.delete_by_uuid(&format!("dead_letters{s}"), "task_id", &previously_failed);
         let dead_rows: Vec<DeadLetterRow<'_>> = current
             .iter()

@@ -55,9 +55,8 @@ const SOAK_CLIENTS: usize = 4;
 const SOAK_DRIFT_MAX: f64 = 0.10;
 /// The soak runs at half the sustainable rate, but at most this many cycles/s. Before the soak
 /// bounded the stream cache, above ~300 cycles/s a 60 s soak measured +15 % net drift from the
-/// still-filling bounds; the cap stays as a margin for the ones a flag cannot shrink (redb's
-/// and SQLite's page caches are netted out, not bounded). The 600 s run in RELIABILITY.md is
-/// where the long-run drift is read.
+/// still-filling bounds; the cap stays as a margin. The 600 s run in RELIABILITY.md is where
+/// the long-run drift is read.
 const SOAK_RATE_MAX: f64 = 250.0;
 /// redb's page cache in the soak (`--log-cache-mib`). With the default 256 MiB the cache went
 /// on filling for the whole soak and its growth, netted out of the drift, dwarfed what was
