@@ -391,7 +391,15 @@ fn copy_offline(dir: &Path, staging: &Path) -> anyhow::Result<Head> {
     if !path.is_file() {
         bail!("no ledger at {} (is {} a taskledger data dir?)", path.display(), dir.display());
     }
-    let reader = LogReader::open_read_only(&path).map_err(|error| match error {
+    let reader = match LogReader::open_read_only(&path) {
+        // A server that crashed or was killed left the file unclean, or records in its
+        // journal: read both repaired in memory (neither file is modified).
+        Err(
+            OpenError::Database { source: redb::DatabaseError::RepairAborted, .. } | OpenError::JournalPending { .. },
+        ) => LogReader::open_repaired(&path),
+        other => other,
+    }
+    .map_err(|error| match error {
         OpenError::Database { source: redb::DatabaseError::DatabaseAlreadyOpen, .. } => anyhow!(
             "{} is open by a running server; take an online backup instead: \
              taskledger backup --server http://ADDRESS --token TOKEN --to FILE",

@@ -109,6 +109,12 @@ struct ServeArgs {
     #[arg(long, env = "TASKLEDGER_PROJECTIONS_CACHE_MIB", value_parser = clap::value_parser!(u32).range(1..=CACHE_MIB_MAX),
           default_value_t = projections::StoreOptions::default().sqlite_cache_kib >> 10)]
     projections_cache_mib: u32,
+    /// Size of the log's write-ahead journal (`ledger.journal`), in MiB: each batch is fsynced
+    /// there and checkpointed into `ledger.redb` when the journal fills; 0 commits every batch
+    /// durably into `ledger.redb` itself (slower: see the README's Performance section).
+    #[arg(long, env = "TASKLEDGER_JOURNAL_MIB", value_parser = clap::value_parser!(u32).range(0..=JOURNAL_MIB_MAX),
+          default_value_t = (eventlog::JOURNAL_BYTES_DEFAULT >> 20) as u32)]
+    journal_mib: u32,
     /// Log format: text or json.
     #[arg(long, env = "TASKLEDGER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -122,6 +128,8 @@ struct ServeArgs {
 
 /// The largest cache flag accepted, in MiB (1 TiB).
 const CACHE_MIB_MAX: i64 = 1 << 20;
+/// Largest journal: recovery holds the journal's records in memory while it replays them.
+const JOURNAL_MIB_MAX: i64 = 1024;
 
 impl Default for ServeArgs {
     fn default() -> Self {
@@ -144,6 +152,7 @@ fn main() -> ExitCode {
                 store: eventlog::RedbOptions {
                     stream_cache_entries: args.stream_cache.max(1),
                     cache_bytes: (args.log_cache_mib as usize) << 20,
+                    journal_bytes: u64::from(args.journal_mib) << 20,
                     ..eventlog::RedbOptions::default()
                 },
                 ..WriterConfig::default()

@@ -80,6 +80,13 @@ pub enum OpenError {
     HeadMismatch { seq: u64, message: String },
     #[error("ledger record is corrupt: {0}")]
     Record(#[from] RecordError),
+    #[error("write-ahead journal {path} at offset {offset}: {message}")]
+    Journal { path: PathBuf, offset: u64, message: String },
+    #[error(
+        "{path} holds {records} records past the log file's head (the server crashed or was killed before a \
+         checkpoint); open it repaired to read them"
+    )]
+    JournalPending { path: PathBuf, records: u64 },
 }
 
 /// Appending a batch failed; nothing of the batch was written.

@@ -1,4 +1,5 @@
-//! Fault injection: a redb storage backend that fails chosen writes or syncs on demand.
+//! Fault injection: a redb storage backend that fails chosen writes or syncs on demand, and the
+//! same faults on the store's write-ahead journal (`RedbOptions::journal_faults`).
 //!
 //! Used by tests of the commit-failure paths (the writer must not acknowledge, the store must
 //! refuse further writes, a reopened log must hold exactly the acknowledged batches). The
@@ -18,6 +19,13 @@ use redb::backends::FileBackend;
 pub enum FaultOp {
     Write,
     SyncData,
+}
+
+/// Which file a failed call was on: the log (redb's file) or the write-ahead journal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultTarget {
+    LogFile,
+    Journal,
 }
 
 /// Whether a fault fires once or keeps failing (a dead disk).
@@ -53,6 +61,8 @@ struct State {
     seen: u64,
     tripped: bool,
     failures: u64,
+    /// Where the first failure happened.
+    tripped_on: Option<FaultTarget>,
 }
 
 /// Shared control of a [`FaultyBackend`].
@@ -77,12 +87,23 @@ impl FaultHandle {
         self.state.lock().tripped
     }
 
+    /// The file the armed fault fired on first, if it has fired.
+    pub fn tripped_on(&self) -> Option<FaultTarget> {
+        self.state.lock().tripped_on
+    }
+
     /// Calls failed since arming.
     pub fn failures(&self) -> u64 {
         self.state.lock().failures
     }
 
     fn check(&self, op: FaultOp) -> io::Result<()> {
+        self.check_on(op, FaultTarget::LogFile)
+    }
+
+    /// Counts a call of `op` on `target` and fails it if the armed plan says so. Calls on both
+    /// files count toward the same `nth`.
+    pub(crate) fn check_on(&self, op: FaultOp, target: FaultTarget) -> io::Result<()> {
         let mut state = self.state.lock();
         let Some(plan) = state.plan else {
             return Ok(());
@@ -97,6 +118,9 @@ impl FaultHandle {
         };
         if !fail {
             return Ok(());
+        }
+        if !state.tripped {
+            state.tripped_on = Some(target);
         }
         state.tripped = true;
         state.failures += 1;

@@ -8,8 +8,9 @@
 //! [`Subscription`]s catch up from disk and then follow the writer's [`LiveFeed`].
 //!
 //! Architecture invariants:
-//! - Nothing is acknowledged before fsync: an append returns only after its one write
-//!   transaction committed with `Durability::Immediate`.
+//! - Nothing is acknowledged before fsync: an append returns only after its records were
+//!   fsynced, in the write-ahead journal (`journal.rs`, then committed to redb without an
+//!   fsync) or in a `Durability::Immediate` redb commit (a checkpoint).
 //! - After a failed commit the store refuses writes until it is reopened.
 //! - Every record is checked before it is written and again when it is read back.
 //! - This crate knows nothing about tasks: payloads, stream keys and outcomes are opaque bytes.
@@ -21,6 +22,7 @@ pub mod error;
 pub mod fault;
 pub mod feed;
 pub mod fold;
+pub mod journal;
 pub mod json;
 pub mod memory;
 pub mod overlay;
@@ -36,13 +38,13 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{
     AppendError, BackendError, Error, OpenError, ReadError, RecordError, SnapshotError, StoreError, SubscribeError,
 };
-pub use fault::{FaultError, FaultHandle, FaultMode, FaultOp, FaultPlan, FaultyBackend};
+pub use fault::{FaultError, FaultHandle, FaultMode, FaultOp, FaultPlan, FaultTarget, FaultyBackend};
 pub use feed::{LiveFeed, Subscription};
 pub use fold::{FoldError, FoldStats, decode_event, encode_event, fold_to, fold_to_head};
 pub use overlay::OverlayBackend;
 pub use reader::{LogReader, ScannedRecord};
 pub use record::{GENESIS_HASH, Hash, NewRecord, StoredRecord};
-pub use redb_store::{RedbOptions, RedbStore, STREAM_INDEX_LAG_DEFAULT};
+pub use redb_store::{JOURNAL_BYTES_DEFAULT, RedbOptions, RedbStore, STREAM_INDEX_LAG_DEFAULT};
 pub use snapshot::{Snapshot, SnapshotEntry, SnapshotInfo, SnapshotPick, SnapshotStore};
 pub use store::{Appended, Head, LogStore};
 pub use verify::{Problem, ProblemKind, VerifyReport, verify};

@@ -16,7 +16,6 @@ use redb::{
 };
 
 use crate::error::{OpenError, ReadError, RecordError, backend};
-use crate::overlay;
 use crate::record::{self, GENESIS_HASH, Hash, StoredRecord};
 use crate::store::Head;
 
@@ -238,16 +237,25 @@ impl LogReader {
             .set_cache_size(READ_ONLY_CACHE_BYTES)
             .open_read_only(path)
             .map_err(|source| OpenError::Database { path: path.to_path_buf(), source })?;
-        Self::with_checked_head(Db::ReadOnly(db))
+        let reader = Self::with_checked_head(Db::ReadOnly(db))?;
+        // Records still only in the journal (a crash before the checkpoint) belong to the log.
+        let journal = crate::journal::journal_path(path);
+        if let Some(contents) = crate::journal::read(&journal)? {
+            let head = reader.head()?.seq;
+            let past_head = contents.records.iter().filter(|(seq, _)| *seq > head).count() as u64;
+            if past_head > 0 {
+                return Err(OpenError::JournalPending { path: journal, records: past_head });
+            }
+        }
+        Ok(reader)
     }
 
     /// Opens a log file that needs crash recovery (a server was killed on it) for reading,
-    /// without modifying it: redb's repair goes to an in-memory overlay
-    /// ([`crate::OverlayBackend`]), never to the file. Checks the head like
-    /// [`Self::open_read_only`].
+    /// without modifying it: redb's repair, and the records of the journal beside it that the
+    /// file does not hold yet, go to an in-memory overlay ([`crate::OverlayBackend`]), never to
+    /// either file. Checks the head like [`Self::open_read_only`].
     pub fn open_repaired(path: impl AsRef<Path>) -> Result<Self, OpenError> {
-        let db = overlay::open_database(path.as_ref(), READ_ONLY_CACHE_BYTES, false)?;
-        Self::with_checked_head(Db::ReadWrite(db))
+        Ok(crate::RedbStore::open_repaired(path.as_ref(), READ_ONLY_CACHE_BYTES, false)?.reader())
     }
 
     fn with_checked_head(db: Db) -> Result<Self, OpenError> {

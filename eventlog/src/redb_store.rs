@@ -25,6 +25,8 @@ use parking_lot::RwLock;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, StorageBackend, TableError};
 
 use crate::error::{AppendError, OpenError, ReadError, backend};
+use crate::fault::FaultHandle;
+use crate::journal::{self, FrameBuilder, Journal, journal_path};
 use crate::overlay;
 use crate::reader::{
     Checked, Db, EVENTS, HEAD, HEAD_KEY, LOG_FORMAT_VERSION, LogReader, META, META_FORMAT_VERSION,
@@ -49,6 +51,19 @@ pub const OUTCOME_BYTES_MAX: usize = 64 * 1024;
 /// hundred carries the index (a few hundred pages), and a read-only reader's stream read scans
 /// at most ~2 MiB.
 pub const STREAM_INDEX_LAG_DEFAULT: usize = 8192;
+/// Default of [`RedbOptions::journal_bytes`]: 8,000 one-record batches (a frame takes at least
+/// 4 KiB) or ~150,000 records in large ones between checkpoints; recovery replays at most that.
+pub const JOURNAL_BYTES_DEFAULT: u64 = 32 * 1024 * 1024;
+
+/// How a store uses the journal beside its log file.
+enum JournalAccess {
+    /// No journal (turned off, or an in-memory backend with nowhere to put one).
+    Off,
+    /// Replay what it holds into the (in-memory) database; never write the file.
+    ReadOnly(PathBuf),
+    /// Replay what it holds, then append to it.
+    ReadWrite(PathBuf),
+}
 
 /// Tunables of a [`RedbStore`].
 #[derive(Clone, Debug)]
@@ -68,6 +83,13 @@ pub struct RedbOptions {
     /// many, the next commit indexes all of them. 1 indexes every commit's records in that
     /// commit. Readers of a stream scan at most this many records beyond the index.
     pub stream_index_lag_records: usize,
+    /// Size of the write-ahead journal (`ledger.journal`, see `journal.rs`): a batch's records
+    /// are fsynced there and committed to redb without an fsync; when the next frame would not
+    /// fit, that batch is committed with `Durability::Immediate` instead (the checkpoint) and
+    /// the journal starts over. 0 turns the journal off: every commit is durable in redb itself.
+    pub journal_bytes: u64,
+    /// Faults injected into the journal's writes and syncs (tests of the failure paths).
+    pub journal_faults: Option<FaultHandle>,
 }
 
 impl Default for RedbOptions {
@@ -79,6 +101,8 @@ impl Default for RedbOptions {
             snapshots_keep: 3,
             check_integrity_on_open: false,
             stream_index_lag_records: STREAM_INDEX_LAG_DEFAULT,
+            journal_bytes: JOURNAL_BYTES_DEFAULT,
+            journal_faults: None,
         }
     }
 }
@@ -134,6 +158,8 @@ pub struct RedbStore {
     /// Read transaction shared by the cache misses of [`RedbStore::stream_version_cached`]
     /// until the next append.
     lookup: Option<redb::ReadTransaction>,
+    /// The write-ahead journal, when appends go through one.
+    journal: Option<Journal>,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -162,7 +188,9 @@ impl RedbStore {
         builder.set_cache_size(options.cache_bytes).set_check_integrity_on_open(options.check_integrity_on_open);
         let db = if exists { builder.open(&path) } else { builder.create(&path) }
             .map_err(|source| OpenError::Database { path: path.clone(), source })?;
-        Self::from_database(db, dir, !exists, options)
+        let journal =
+            if options.journal_bytes > 0 { JournalAccess::ReadWrite(journal_path(&path)) } else { JournalAccess::Off };
+        Self::from_database(db, dir, !exists, options, journal)
     }
 
     /// Opens (or creates) the log on `backend` (fault injection, tests); snapshots go to
@@ -178,7 +206,12 @@ impl RedbStore {
         let db = builder
             .create_with_backend(backend)
             .map_err(|source| OpenError::Database { path: PathBuf::from("<backend>"), source })?;
-        Self::from_database(db, dir, true, options)
+        let journal = if options.journal_bytes > 0 {
+            JournalAccess::ReadWrite(dir.join(journal::JOURNAL_FILE_NAME))
+        } else {
+            JournalAccess::Off
+        };
+        Self::from_database(db, dir, true, options, journal)
     }
 
     /// Checks the log file at `path` offline without writing to it: redb's full integrity
@@ -187,12 +220,27 @@ impl RedbStore {
     /// unclean, rewrites goes to an in-memory overlay ([`crate::OverlayBackend`]), so no copy
     /// of the file is needed and the file is never modified.
     pub fn check_file(path: &Path, cache_bytes: usize) -> Result<(), OpenError> {
-        let db = overlay::open_database(path, cache_bytes, true)?;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        Self::from_database(db, dir, false, RedbOptions { cache_bytes, ..RedbOptions::default() }).map(drop)
+        Self::open_repaired(path, cache_bytes, true).map(drop)
     }
 
-    fn from_database(db: Database, dir: &Path, may_initialise: bool, options: RedbOptions) -> Result<Self, OpenError> {
+    /// Opens the log file at `path` as a store whose writes all go to an in-memory overlay
+    /// ([`crate::OverlayBackend`]): redb's repair of a file a crash left unclean, the optional
+    /// integrity check, and the records of the journal beside it that the file does not hold
+    /// yet. Neither file is modified; the store is for reading (`reader()`).
+    pub(crate) fn open_repaired(path: &Path, cache_bytes: usize, check_integrity: bool) -> Result<Self, OpenError> {
+        let db = overlay::open_database(path, cache_bytes, check_integrity)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let options = RedbOptions { cache_bytes, ..RedbOptions::default() };
+        Self::from_database(db, dir, false, options, JournalAccess::ReadOnly(journal_path(path)))
+    }
+
+    fn from_database(
+        db: Database,
+        dir: &Path,
+        may_initialise: bool,
+        options: RedbOptions,
+        journal: JournalAccess,
+    ) -> Result<Self, OpenError> {
         let needs_init = {
             let txn = db.begin_read().map_err(open_backend)?;
             match txn.open_table(META) {
@@ -224,7 +272,7 @@ impl RedbStore {
         drop((meta, events, txn));
         let db = Arc::new(Db::ReadWrite(db));
         let unindexed = Arc::new(RwLock::new(unindexed));
-        Ok(Self {
+        let mut store = Self {
             reader: LogReader::with_tail(db.clone(), unindexed.clone()),
             db,
             head,
@@ -240,7 +288,98 @@ impl RedbStore {
             options,
             poisoned: false,
             lookup: None,
-        })
+            journal: None,
+        };
+        match journal {
+            JournalAccess::Off => {}
+            JournalAccess::ReadOnly(path) => {
+                if let Some(contents) = journal::read(&path)? {
+                    store.replay_journal(&path, contents)?;
+                }
+            }
+            JournalAccess::ReadWrite(path) => {
+                let previous = match journal::read(&path)? {
+                    Some(contents) => {
+                        let header = contents.header;
+                        store.replay_journal(&path, contents)?;
+                        Some(header)
+                    }
+                    None => None,
+                };
+                let faults = store.options.journal_faults.clone();
+                store.journal = Some(Journal::start(&path, store.options.journal_bytes, previous, store.head, faults)?);
+            }
+        }
+        Ok(store)
+    }
+
+    /// Appends the journal's records that the log does not hold yet, committed durably, after
+    /// checking that those it does hold are the same records. Each replayed record must encode
+    /// to exactly the hash the journal has for it, so a journal from another log, or one that
+    /// does not continue this log's chain, is refused rather than appended.
+    fn replay_journal(&mut self, path: &Path, contents: journal::JournalContents) -> Result<(), OpenError> {
+        let mismatch = |seq: u64, message: String| OpenError::Journal {
+            path: path.to_path_buf(),
+            offset: 0,
+            message: format!("seq {seq}: {message}"),
+        };
+        let base = contents.header.base;
+        if base.seq > self.head.seq {
+            return Err(mismatch(
+                base.seq,
+                format!("the journal follows seq {}, but the log file ends at seq {}", base.seq, self.head.seq),
+            ));
+        }
+        if base.seq > 0
+            && self.reader.record_hash(base.seq).map_err(|e| mismatch(base.seq, e.to_string()))? != Some(base.hash)
+        {
+            return Err(mismatch(base.seq, "the journal follows another record than the log file holds there".into()));
+        }
+        let mut pending: Vec<(Hash, u64, NewRecord)> = Vec::new();
+        for (seq, value) in contents.records {
+            let stored = record::decode(seq, &value)?.to_stored(seq);
+            if seq <= self.head.seq {
+                if self.reader.record_hash(seq).map_err(|e| mismatch(seq, e.to_string()))? != Some(stored.hash) {
+                    return Err(mismatch(seq, "the journal and the log file hold different records".into()));
+                }
+                continue;
+            }
+            let hash = stored.hash;
+            let version = stored.stream_version;
+            pending.push((
+                hash,
+                version,
+                NewRecord {
+                    stream: stored.stream,
+                    command_id: stored.command_id,
+                    actor: stored.actor,
+                    recorded_at_us: stored.recorded_at_us,
+                    event_type: stored.event_type,
+                    schema_version: stored.schema_version,
+                    payload: stored.payload,
+                },
+            ));
+        }
+        for chunk in pending.chunks(BATCH_RECORDS_MAX) {
+            let records: Vec<NewRecord> = chunk.iter().map(|(_, _, record)| record.clone()).collect();
+            self.check_batch(&records, &[]).map_err(|e| mismatch(self.head.seq + 1, e.to_string()))?;
+            let Db::ReadWrite(db) = &*self.db else { unreachable!("a store's database is read-write") };
+            let mut txn = db.begin_write().map_err(open_backend)?;
+            txn.set_durability(Durability::Immediate).map_err(|e| open_backend(redb::Error::from(e)))?;
+            let written =
+                self.write_batch(&txn, &records, &[], None).map_err(|e| mismatch(self.head.seq + 1, e.to_string()))?;
+            for ((hash, version, _), stored) in chunk.iter().zip(&written.records) {
+                if stored.hash != *hash || stored.stream_version != *version {
+                    return Err(mismatch(
+                        stored.seq,
+                        "the journal's record does not continue the log's hash chain".into(),
+                    ));
+                }
+            }
+            txn.commit().map_err(open_backend)?;
+            self.absorb(written);
+        }
+        Ok(())
     }
 
     /// The version of `stream` (0 if it has no record), remembering the answer: the writer asks
@@ -394,6 +533,7 @@ impl RedbStore {
         txn: &redb::WriteTransaction,
         records: &[NewRecord],
         outcomes: &[(String, Vec<u8>)],
+        mut frame: Option<&mut FrameBuilder>,
     ) -> Result<Written, AppendError> {
         let mut events = txn.open_table(EVENTS).map_err(append_backend)?;
         let mut streams = txn.open_table(STREAMS).map_err(append_backend)?;
@@ -423,6 +563,9 @@ impl RedbStore {
             seq += 1;
             let (value, stored) = record::encode(record, seq, version, &prev_hash)?;
             events.insert(seq, value.as_slice()).map_err(append_backend)?;
+            if let Some(frame) = frame.as_deref_mut() {
+                frame.push(&value);
+            }
             let second = record.recorded_at_us.div_euclid(1_000_000);
             if last_second != Some(second) {
                 times.insert(second, seq).map_err(append_backend)?;
@@ -491,43 +634,66 @@ impl RedbStore {
     }
 }
 
-impl LogStore for RedbStore {
-    fn head(&self) -> Head {
-        self.head
-    }
-
-    fn last_recorded_at_us(&self) -> Option<i64> {
-        self.last_recorded_at_us
-    }
-
-    fn append(&mut self, records: &[NewRecord], outcomes: &[(String, Vec<u8>)]) -> Result<Appended, AppendError> {
-        // Never keep old pages pinned past a commit.
-        self.lookup = None;
-        if self.poisoned {
-            return Err(AppendError::Poisoned);
-        }
-        self.check_batch(records, outcomes)?;
+impl RedbStore {
+    /// Writes one batch: through the journal (fsync there, then a commit without one) when it
+    /// has room for the batch, else as a checkpoint (an `Immediate` commit, after which the
+    /// journal starts over). Outcomes are not journaled, so a batch with outcomes is always a
+    /// checkpoint.
+    fn commit_batch(&mut self, records: &[NewRecord], outcomes: &[(String, Vec<u8>)]) -> Result<Written, AppendError> {
         let Db::ReadWrite(db) = &*self.db else {
             return Err(AppendError::Poisoned);
         };
-        // Any backend failure from here on leaves the file in a state only a reopen can tell.
+        let mut txn = db.begin_write().map_err(append_backend)?;
+        let mut frame = (self.journal.is_some() && outcomes.is_empty()).then(FrameBuilder::default);
+        let written = self.write_batch(&txn, records, outcomes, frame.as_mut())?;
+        let first_seq = self.head.seq + 1;
+        match (&mut self.journal, frame) {
+            (Some(journal), Some(frame)) if journal.has_room(frame.file_bytes()) => {
+                if !records.is_empty() {
+                    journal.append(&frame, first_seq).map_err(|e| append_backend(redb::Error::Io(e)))?;
+                }
+                txn.set_durability(Durability::None).map_err(|e| append_backend(redb::Error::from(e)))?;
+                txn.commit().map_err(append_backend)?;
+            }
+            (journal, _) => {
+                txn.set_durability(Durability::Immediate).map_err(|e| append_backend(redb::Error::from(e)))?;
+                txn.commit().map_err(append_backend)?;
+                if let Some(journal) = journal {
+                    journal.reset(written.head).map_err(|e| append_backend(redb::Error::Io(e)))?;
+                }
+            }
+        }
+        Ok(written)
+    }
+
+    /// Makes every commit so far durable in the log file itself and starts the journal over.
+    /// Done when the journal is full and when the store is dropped; a no-op without a journal,
+    /// or when nothing was journaled since the last checkpoint.
+    pub fn checkpoint(&mut self) -> Result<(), AppendError> {
+        if self.poisoned {
+            return Err(AppendError::Poisoned);
+        }
+        let Some(journal) = &mut self.journal else { return Ok(()) };
+        if !journal.dirty() {
+            return Ok(());
+        }
+        let Db::ReadWrite(db) = &*self.db else {
+            return Err(AppendError::Poisoned);
+        };
         let result = (|| {
             let mut txn = db.begin_write().map_err(append_backend)?;
             txn.set_durability(Durability::Immediate).map_err(|e| append_backend(redb::Error::from(e)))?;
-            let written = self.write_batch(&txn, records, outcomes)?;
             txn.commit().map_err(append_backend)?;
-            Ok(written)
+            journal.reset(self.head).map_err(|e| append_backend(redb::Error::Io(e)))
         })();
-        let written = match result {
-            Ok(written) => written,
-            Err(error) => {
-                if matches!(error, AppendError::Backend(_)) {
-                    self.poisoned = true;
-                }
-                return Err(error);
-            }
-        };
+        if result.is_err() {
+            self.poisoned = true;
+        }
+        result
+    }
 
+    /// Applies a committed batch to the in-memory mirrors; gives its records back.
+    fn absorb(&mut self, written: Written) -> Vec<StoredRecord> {
         self.head = written.head;
         if let Some(last) = written.records.last() {
             self.last_recorded_at_us = Some(last.recorded_at_us);
@@ -558,7 +724,46 @@ impl LogStore for RedbStore {
                 self.outcomes.by_command.insert(command_id, (order, seq, outcome));
             }
         }
-        Ok(Appended { records: written.records, head: written.head })
+        written.records
+    }
+}
+
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        // A clean close leaves everything in the log file and an empty journal, so tools open
+        // the file alone; if this fails, the next open replays the journal instead.
+        let _ = self.checkpoint();
+    }
+}
+
+impl LogStore for RedbStore {
+    fn head(&self) -> Head {
+        self.head
+    }
+
+    fn last_recorded_at_us(&self) -> Option<i64> {
+        self.last_recorded_at_us
+    }
+
+    fn append(&mut self, records: &[NewRecord], outcomes: &[(String, Vec<u8>)]) -> Result<Appended, AppendError> {
+        // Never keep old pages pinned past a commit.
+        self.lookup = None;
+        if self.poisoned {
+            return Err(AppendError::Poisoned);
+        }
+        self.check_batch(records, outcomes)?;
+        // Any backend failure from here on leaves the files in a state only a reopen can tell.
+        let written = match self.commit_batch(records, outcomes) {
+            Ok(written) => written,
+            Err(error) => {
+                if matches!(error, AppendError::Backend(_)) {
+                    self.poisoned = true;
+                }
+                return Err(error);
+            }
+        };
+        let head = written.head;
+        Ok(Appended { records: self.absorb(written), head })
     }
 
     fn stream_version(&self, stream: &[u8]) -> Result<u64, ReadError> {

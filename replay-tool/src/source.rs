@@ -103,7 +103,8 @@ impl Source {
         let snapshots = SnapshotStore::new(snapshot_dir, usize::MAX);
         let opened = without_panic("open log", || match LogReader::open_read_only(path) {
             Ok(reader) => Ok(Ok(reader)),
-            Err(eventlog::OpenError::Database { source: redb::DatabaseError::RepairAborted, .. }) => Ok(Err(())),
+            Err(eventlog::OpenError::Database { source: redb::DatabaseError::RepairAborted, .. })
+            | Err(eventlog::OpenError::JournalPending { .. }) => Ok(Err(())),
             Err(error) => Err(anyhow::Error::new(error))
                 .with_context(|| format!("open log {} read-only (is a server still running on it?)", path.display())),
         })?;
@@ -120,7 +121,7 @@ impl Source {
     fn open_repaired(path: &Path, snapshots: SnapshotStore) -> Result<Source> {
         eprintln!(
             "note: {} was not closed cleanly (the server crashed or was killed); reading it repaired in memory, \
-             the file is left as it is",
+             with the records of its journal, the files are left as they are",
             path.display()
         );
         let reader = without_panic("open the log repaired in memory", || {

@@ -86,6 +86,10 @@ struct Args {
     /// records in that commit, as before the index trailed).
     #[arg(long, default_value_t = eventlog::STREAM_INDEX_LAG_DEFAULT)]
     stream_index_lag: usize,
+    /// Size of the writer's write-ahead journal in MiB (0 = no journal: every commit is an
+    /// `Immediate` redb commit).
+    #[arg(long, default_value_t = eventlog::JOURNAL_BYTES_DEFAULT >> 20)]
+    journal_mib: u64,
 }
 
 const ALL_CASES: [&str; 7] = ["raw", "redb", "writer1", "writerN", "snapshot", "restart", "verify"];
@@ -93,6 +97,7 @@ const RAW_RECORD_BYTES: usize = 256;
 
 struct Settings {
     stream_index_lag: usize,
+    journal_bytes: u64,
     seconds: f64,
     warmup: f64,
     live_tasks: u64,
@@ -205,6 +210,7 @@ fn main() -> Result<()> {
     eventlog::memory::disable_transparent_huge_pages()?;
     let settings = Settings {
         stream_index_lag: args.stream_index_lag,
+        journal_bytes: args.journal_mib << 20,
         seconds: args.seconds.unwrap_or(if args.quick { 2.0 } else { 5.0 }),
         warmup: args.warmup.unwrap_or(if args.quick { 0.5 } else { 1.0 }),
         live_tasks: args.live_tasks.unwrap_or(if args.quick { 50_000 } else { 1_000_000 }),
@@ -302,6 +308,7 @@ fn machine_facts(root: &Path, fs_type: &str, settings: &Settings) -> Vec<(&'stat
         ("warmup", settings.warmup.to_string()),
         ("live_tasks", settings.live_tasks.to_string()),
         ("stream_index_lag", settings.stream_index_lag.to_string()),
+        ("journal_mib", (settings.journal_bytes >> 20).to_string()),
     ]
 }
 
@@ -492,7 +499,11 @@ fn submitter(handle: &WriterHandle, t: usize, workload: Workload, phase: &Atomic
 }
 
 fn writer_submitters(dir: &Path, submitters: usize, workload: Workload, settings: &Settings) -> Result<Row> {
-    let store = RedbOptions { stream_index_lag_records: settings.stream_index_lag, ..RedbOptions::default() };
+    let store = RedbOptions {
+        stream_index_lag_records: settings.stream_index_lag,
+        journal_bytes: settings.journal_bytes,
+        ..RedbOptions::default()
+    };
     let (writer, _) = Writer::open(dir, WriterConfig { store, ..WriterConfig::default() }, Arc::new(SystemClock))
         .with_context(|| format!("open the writer at {}", dir.display()))?;
     let opened = Instant::now();

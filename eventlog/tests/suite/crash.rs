@@ -78,9 +78,15 @@ const FULL_CHECK_EVERY_KILLS: u64 = 25;
 use domain::testkit::SplitMix as Rng;
 
 /// The dedup window is made larger than the whole test's history, so every repeat of an
-/// acknowledged id must be answered from it.
+/// acknowledged id must be answered from it. The journal is small (a checkpoint every ~250
+/// one-record batches), so kills land in the journal, in checkpoints and between them.
 fn store_options() -> RedbOptions {
-    RedbOptions { dedup_window_entries: 10_000_000, cache_bytes: 64 * 1024 * 1024, ..RedbOptions::default() }
+    RedbOptions {
+        dedup_window_entries: 10_000_000,
+        cache_bytes: 64 * 1024 * 1024,
+        journal_bytes: 1024 * 1024,
+        ..RedbOptions::default()
+    }
 }
 
 fn child_config() -> WriterConfig {

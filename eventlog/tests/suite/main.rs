@@ -8,6 +8,7 @@ mod corruption;
 mod crash;
 mod faults;
 mod feed;
+mod journal;
 mod replay_errors;
 mod store_model;
 mod support;

@@ -153,7 +153,8 @@ fn a_failed_commit_acknowledges_nothing_and_stops_writes() {
             .open(dir.path().join("ledger.redb"))
             .unwrap();
         let (backend, faults) = FaultyBackend::new(file).unwrap();
-        let store = RedbStore::open_with_backend(dir.path(), backend, RedbOptions::default()).unwrap();
+        let options = RedbOptions { journal_faults: Some(faults.clone()), ..RedbOptions::default() };
+        let store = RedbStore::open_with_backend(dir.path(), backend, options).unwrap();
         let (writer, _) = Writer::start(store, config(), Arc::new(SystemClock)).unwrap();
         let handle = writer.handle();
         let acked = handle.execute(envelope("ok", Command::CreateTask(job(1, "q")))).unwrap();

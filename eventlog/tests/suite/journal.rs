@@ -1,0 +1,200 @@
+//! The write-ahead journal on real files: what a crash leaves (the files copied while the store
+//! is open, as SIGKILL leaves them: every write made, no checkpoint) is read back whole by the
+//! store and by the read-only tools without modifying either file; a torn last frame is
+//! dropped; damage in the middle of the journal, in its header, or a journal that belongs to
+//! another log is refused with the place named, never accepted and never a panic.
+
+use std::path::Path;
+
+use eventlog::journal::{BLOCK_BYTES, JOURNAL_FILE_NAME};
+use eventlog::{LogReader, LogStore, NewRecord, OpenError, RedbOptions, RedbStore, verify};
+
+const BATCHES: u64 = 12;
+const RECORDS_PER_BATCH: u64 = 3;
+
+fn record(i: u64) -> NewRecord {
+    NewRecord {
+        stream: format!("task-{}", i % 5).into_bytes(),
+        command_id: format!("cmd-{i}"),
+        actor: "journal-test".into(),
+        recorded_at_us: 1_700_000_000_000_000 + i as i64 * 1_000,
+        event_type: (i % 3) as u16,
+        schema_version: 1,
+        payload: vec![(i % 251) as u8; 100],
+    }
+}
+
+/// Appends `batches` batches of journaled records (no outcomes) starting at record `from`.
+fn append_batches(store: &mut RedbStore, from: u64, batches: u64) {
+    for b in 0..batches {
+        let batch: Vec<NewRecord> = (0..RECORDS_PER_BATCH).map(|r| record(from + b * RECORDS_PER_BATCH + r)).collect();
+        store.append(&batch, &[]).unwrap();
+    }
+}
+
+/// The files of the open store in `dir` copied to a new directory: a crash image.
+fn crash_image(dir: &Path) -> tempfile::TempDir {
+    let image = tempfile::tempdir().unwrap();
+    for name in ["ledger.redb", JOURNAL_FILE_NAME] {
+        std::fs::copy(dir.join(name), image.path().join(name)).unwrap();
+    }
+    image
+}
+
+/// A store with one checkpointed batch (with an outcome) and `BATCHES` journaled ones after
+/// it, and the crash image taken before it closed.
+fn crashed_store() -> (tempfile::TempDir, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = RedbStore::open(dir.path(), RedbOptions::default()).unwrap();
+    store.append(&[record(0)], &[("cmd-0".into(), b"ok".to_vec())]).unwrap();
+    append_batches(&mut store, 1, BATCHES);
+    let head = store.head().seq;
+    assert_eq!(head, 1 + BATCHES * RECORDS_PER_BATCH);
+    let image = crash_image(dir.path());
+    drop(store);
+    (image, head)
+}
+
+fn frame_offset(n: u64) -> u64 {
+    // One-record-batch frames of this size fit one block each.
+    BLOCK_BYTES * (1 + n)
+}
+
+fn flip(path: &Path, offset: u64) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[offset as usize] ^= 0x40;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_crash_image_is_read_whole_by_tools_and_recovered_by_the_store() {
+    let (image, head) = crashed_store();
+    let log = image.path().join("ledger.redb");
+    let journal = image.path().join(JOURNAL_FILE_NAME);
+    let before = (std::fs::read(&log).unwrap(), std::fs::read(&journal).unwrap());
+
+    // A plain read-only open must not show a log without its journaled tail.
+    match LogReader::open_read_only(&log) {
+        Err(OpenError::JournalPending { records, .. }) => assert_eq!(records, head - 1),
+        Err(OpenError::Database { source: redb::DatabaseError::RepairAborted, .. }) => {}
+        other => panic!("a read-only open of a crash image gave {:?}", other.map(|_| ())),
+    }
+    // Repaired in memory: every record, verified, and neither file touched.
+    let reader = LogReader::open_repaired(&log).unwrap();
+    assert_eq!(reader.head().unwrap().seq, head);
+    let report = verify(&reader, |_, _| {}).unwrap();
+    assert!(report.is_clean(), "{:?}", report.first_problem);
+    assert_eq!(report.records, head);
+    drop(reader);
+    RedbStore::check_file(&log, 1 << 20).unwrap();
+    assert!(before == (std::fs::read(&log).unwrap(), std::fs::read(&journal).unwrap()), "a tool modified a file");
+
+    // The store replays the journal, and writes go on after it.
+    let mut store = RedbStore::open(image.path(), RedbOptions::default()).unwrap();
+    assert_eq!(store.head().seq, head);
+    let records = store.reader().read_range(1, head, 1000).unwrap();
+    for (i, stored) in records.iter().enumerate() {
+        assert_eq!(stored.command_id, format!("cmd-{i}"));
+    }
+    append_batches(&mut store, head, 1);
+    assert_eq!(store.head().seq, head + RECORDS_PER_BATCH);
+    drop(store);
+    // Closed cleanly: the log file alone holds everything.
+    let reader = LogReader::open_read_only(&log).unwrap();
+    assert_eq!(reader.head().unwrap().seq, head + RECORDS_PER_BATCH);
+    assert!(verify(&reader, |_, _| {}).unwrap().is_clean());
+}
+
+#[test]
+fn a_torn_last_frame_is_dropped_as_never_acknowledged() {
+    let (image, head) = crashed_store();
+    // The last batch's frame half written: its checksum no longer holds.
+    let journal = image.path().join(JOURNAL_FILE_NAME);
+    let mut bytes = std::fs::read(&journal).unwrap();
+    let last = frame_offset(BATCHES - 1) as usize;
+    bytes[last + 100..last + BLOCK_BYTES as usize].fill(0);
+    std::fs::write(&journal, bytes).unwrap();
+
+    let store = RedbStore::open(image.path(), RedbOptions::default()).unwrap();
+    assert_eq!(store.head().seq, head - RECORDS_PER_BATCH);
+    assert!(verify(&store.reader(), |_, _| {}).unwrap().is_clean());
+}
+
+#[test]
+fn damage_before_intact_frames_is_refused_with_its_offset() {
+    for (frame, byte) in [(0, 20), (3, 45), (7, 200), (BATCHES - 2, 1)] {
+        let (image, _) = crashed_store();
+        let journal = image.path().join(JOURNAL_FILE_NAME);
+        let offset = frame_offset(frame) + byte;
+        flip(&journal, offset);
+        for attempt in ["store", "tool"] {
+            let error = match attempt {
+                "store" => RedbStore::open(image.path(), RedbOptions::default()).map(drop).unwrap_err(),
+                _ => LogReader::open_repaired(image.path().join("ledger.redb")).map(drop).unwrap_err(),
+            };
+            match &error {
+                OpenError::Journal { offset: at, message, .. } => {
+                    assert_eq!(*at, frame_offset(frame), "{attempt}: {message}");
+                    assert!(message.contains("would be lost"), "{attempt}: {message}");
+                }
+                other => panic!("{attempt}: frame {frame} byte {byte}: {other}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn a_damaged_header_is_refused_when_records_depend_on_it() {
+    // `crashed_store`'s first batch was a checkpoint: the journal's current header is
+    // generation 2 in slot 1 (offset 512), and slot 0 keeps generation 1.
+    let (image, head) = crashed_store();
+    let journal = image.path().join(JOURNAL_FILE_NAME);
+    let pristine = std::fs::read(&journal).unwrap();
+    // The current slot's base seq: the frames behind it would be lost.
+    flip(&journal, 512 + 21);
+    let error = RedbStore::open(image.path(), RedbOptions::default()).map(drop).unwrap_err();
+    assert!(matches!(error, OpenError::Journal { offset: 512, .. }), "{error}");
+    assert!(error.to_string().contains("header"), "{error}");
+    // The superseded slot: harmless, everything opens.
+    std::fs::write(&journal, &pristine).unwrap();
+    flip(&journal, 21);
+    let store = RedbStore::open(image.path(), RedbOptions::default()).unwrap();
+    assert_eq!(store.head().seq, head);
+}
+
+#[test]
+fn a_journal_of_another_log_is_refused() {
+    let (image, _) = crashed_store();
+    // Another log with the same number of records, but different ones.
+    let other = tempfile::tempdir().unwrap();
+    let mut store = RedbStore::open(other.path(), RedbOptions::default()).unwrap();
+    let mut changed = record(0);
+    changed.payload = b"another history".to_vec();
+    store.append(&[changed], &[("cmd-0".into(), b"ok".to_vec())]).unwrap();
+    append_batches(&mut store, 1, BATCHES);
+    let other_image = crash_image(other.path());
+    drop(store);
+    std::fs::copy(other_image.path().join(JOURNAL_FILE_NAME), image.path().join(JOURNAL_FILE_NAME)).unwrap();
+    let error = RedbStore::open(image.path(), RedbOptions::default()).map(drop).unwrap_err();
+    assert!(matches!(error, OpenError::Journal { .. }), "{error}");
+    assert!(error.to_string().contains("seq 1"), "{error}");
+}
+
+#[test]
+fn a_full_journal_checkpoints_and_starts_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = RedbOptions { journal_bytes: eventlog::journal::JOURNAL_BYTES_MIN, ..RedbOptions::default() };
+    let mut store = RedbStore::open(dir.path(), options.clone()).unwrap();
+    // 15 one-block frames fit a 64 KiB journal after its header block; 40 batches cross two
+    // checkpoints.
+    append_batches(&mut store, 0, 40);
+    let head = store.head().seq;
+    let image = crash_image(dir.path());
+    drop(store);
+    let journal_len = std::fs::metadata(image.path().join(JOURNAL_FILE_NAME)).unwrap().len();
+    assert!(journal_len <= eventlog::journal::JOURNAL_BYTES_MIN, "the journal grew to {journal_len} bytes");
+    let store = RedbStore::open(image.path(), options).unwrap();
+    assert_eq!(store.head().seq, head);
+    let report = verify(&store.reader(), |_, _| {}).unwrap();
+    assert!(report.is_clean() && report.records == head, "{report:?}");
+}
