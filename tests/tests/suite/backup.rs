@@ -200,6 +200,37 @@ fn an_offline_backup_of_a_stopped_dir_equals_the_online_one_and_leaves_the_sourc
 }
 
 #[test]
+fn an_offline_backup_of_a_killed_servers_dir_holds_every_acknowledged_task_and_leaves_both_files_alone() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    let server = Server::start_in(&data, &[]);
+    let ids: Vec<String> =
+        (0..40).map(|n| server.post("/v1/tasks", job(n)).body["task_id"].as_str().unwrap().to_owned()).collect();
+    let head = ledger_head(&server);
+    let answers: Vec<Value> = ids.iter().map(|id| server.get(&format!("/v1/tasks/{id}")).body).collect();
+    server.kill();
+    // Killed before any checkpoint: the newest records are only in the write-ahead journal.
+    let journal = data.join("ledger.journal");
+    let journaled = eventlog::journal::read(&journal).unwrap().map_or(0, |contents| contents.records.len());
+    assert!(journaled > 0, "the kill came after a checkpoint; nothing to recover from the journal");
+    let sources = (std::fs::read(data.join("ledger.redb")).unwrap(), std::fs::read(&journal).unwrap());
+
+    let file = temp.path().join("killed.bak");
+    let output = offline_backup(&data, &file);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(reported(&output), head, "every acknowledged record is in the copy");
+    assert!(
+        sources == (std::fs::read(data.join("ledger.redb")).unwrap(), std::fs::read(&journal).unwrap()),
+        "the killed server's files are never modified"
+    );
+    assert_verifies(&file);
+    let restored = restore(&file, temp.path());
+    for (id, answer) in ids.iter().zip(&answers) {
+        assert_eq!(&restored.get(&format!("/v1/tasks/{id}")).body, answer);
+    }
+}
+
+#[test]
 fn a_backup_needs_an_admin_token_and_leaves_nothing_when_refused() {
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path().join("data");
