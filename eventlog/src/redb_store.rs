@@ -188,12 +188,21 @@ impl RedbStore {
         std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir { path: dir.to_path_buf(), source })?;
         let path = dir.join(LOG_FILE_NAME);
         let exists = path.exists();
+        let journal = journal_path(&path);
+        if !exists && journal::read(&journal)?.is_some_and(|contents| !contents.records.is_empty()) {
+            // Records of a log whose file is gone: starting a new log here would bring them
+            // back as its first records.
+            return Err(OpenError::Journal {
+                path: journal,
+                offset: 0,
+                message: format!("it holds records, but {} does not exist", path.display()),
+            });
+        }
         let mut builder = Database::builder();
         builder.set_cache_size(options.cache_bytes).set_check_integrity_on_open(options.check_integrity_on_open);
         let db = if exists { builder.open(&path) } else { builder.create(&path) }
             .map_err(|source| OpenError::Database { path: path.clone(), source })?;
-        let journal =
-            if options.journal_bytes > 0 { JournalAccess::ReadWrite(journal_path(&path)) } else { JournalAccess::Off };
+        let journal = if options.journal_bytes > 0 { JournalAccess::ReadWrite(journal) } else { JournalAccess::Off };
         Self::from_database(db, dir, !exists, options, journal)
     }
 

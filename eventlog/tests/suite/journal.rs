@@ -198,3 +198,13 @@ fn a_full_journal_checkpoints_and_starts_over() {
     let report = verify(&store.reader(), |_, _| {}).unwrap();
     assert!(report.is_clean() && report.records == head, "{report:?}");
 }
+
+#[test]
+fn a_journal_without_its_log_file_is_refused() {
+    let (image, _) = crashed_store();
+    std::fs::remove_file(image.path().join("ledger.redb")).unwrap();
+    let error = RedbStore::open(image.path(), RedbOptions::default()).map(drop).unwrap_err();
+    assert!(matches!(error, OpenError::Journal { .. }), "{error}");
+    assert!(error.to_string().contains("does not exist"), "{error}");
+    assert!(!image.path().join("ledger.redb").exists(), "no new log was started over the journal");
+}
