@@ -208,3 +208,47 @@ fn a_journal_without_its_log_file_is_refused() {
     assert!(error.to_string().contains("does not exist"), "{error}");
     assert!(!image.path().join("ledger.redb").exists(), "no new log was started over the journal");
 }
+
+/// Single-bit changes anywhere in the bytes that carry meaning (the current header slot, each
+/// frame's header and records): opening never panics and never yields other records; each
+/// change is refused, except in the last frame, which a torn write also leaves damaged: that
+/// frame is dropped and the records before it are kept.
+#[test]
+fn a_changed_bit_anywhere_is_refused_or_drops_only_the_last_frame() {
+    let (image, head) = crashed_store();
+    let journal = image.path().join(JOURNAL_FILE_NAME);
+    let pristine = std::fs::read(&journal).unwrap();
+    // The current slot (generation 2, slot 1) and each frame's used bytes.
+    let mut meaningful: Vec<u64> = (512..512 + 76).collect();
+    for frame in 0..BATCHES {
+        let at = frame_offset(frame) as usize;
+        let body = u32::from_le_bytes(pristine[at + 4..at + 8].try_into().unwrap()) as usize;
+        meaningful.extend((at..at + 40 + body).map(|o| o as u64));
+    }
+    let mut state = 0x5eed_u64;
+    let (mut refused, mut torn) = (0, 0);
+    for trial in 0..300 {
+        let offset = meaningful[(crate::support::next(&mut state) % meaningful.len() as u64) as usize];
+        let mut bytes = pristine.clone();
+        bytes[offset as usize] ^= 1 << (crate::support::next(&mut state) % 8);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(image.path().join("ledger.redb"), dir.path().join("ledger.redb")).unwrap();
+        std::fs::write(dir.path().join(JOURNAL_FILE_NAME), &bytes).unwrap();
+        match RedbStore::open(dir.path(), RedbOptions::default()) {
+            Err(OpenError::Journal { .. }) => refused += 1,
+            Err(other) => panic!("trial {trial}, offset {offset}: {other}"),
+            Ok(store) => {
+                let kept = store.head().seq;
+                assert!(offset >= frame_offset(BATCHES - 1), "trial {trial}: a change at {offset} was accepted");
+                assert_eq!(kept, head - RECORDS_PER_BATCH, "trial {trial}: only the last frame may go");
+                let records = store.reader().read_range(1, kept, 1000).unwrap();
+                for (i, stored) in records.iter().enumerate() {
+                    assert_eq!(stored.command_id, format!("cmd-{i}"), "trial {trial}, offset {offset}");
+                }
+                assert!(verify(&store.reader(), |_, _| {}).unwrap().is_clean(), "trial {trial}");
+                torn += 1;
+            }
+        }
+    }
+    assert!(refused > 200 && torn > 0, "refused {refused}, torn {torn}");
+}
