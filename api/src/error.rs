@@ -108,7 +108,8 @@ impl From<WriteError> for ApiError {
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "commit_failed",
-                    "the command could not be recorded; it was not applied",
+                    "the command could not be committed: it was not applied, though it may be found in the log after a \
+                     restart; retry with the same command id",
                 )
             }
             // Not a fault of the request or of the code: the operator must free space and
@@ -119,8 +120,8 @@ impl From<WriteError> for ApiError {
                 ApiError::new(
                     StatusCode::INSUFFICIENT_STORAGE,
                     "insufficient_storage",
-                    "the ledger's disk is full: the command was not recorded, and writes stop until the server \
-                     is restarted with free space; reads still work",
+                    "the ledger's disk is full: the command was not recorded (or, rarely, only after a restart), and \
+                     writes stop until the server is restarted with free space; reads still work",
                 )
             }
             WriteError::InvalidEnvelope(message) => {

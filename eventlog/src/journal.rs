@@ -18,21 +18,25 @@
 //! `capacity`, then the checkpoint starts it over.
 //!
 //! Layout (little-endian):
-//! - Bytes 0..4096: two header slots, at 0 and 512 (a slot fits one sector, so a torn header
-//!   write leaves the other slot intact). A slot: magic `TLJRNL01`, format version (u32),
-//!   generation (u64), base seq (u64), base hash (32), BLAKE3 of those (first 16 bytes). The
-//!   valid slot with the highest generation is current; a reset writes the other slot.
-//! - From 4096: frames, each starting on a 4096-byte boundary: magic (u32), body length (u32),
-//!   first seq (u64), record count (u32), reserved (u32, zero), checksum (16) = BLAKE3 of
-//!   generation ‖ first seq ‖ count ‖ body length ‖ body, then the body: per record its length
-//!   (u32) and its stored value exactly as in the events table (`hash ‖ body`).
+//! - Bytes 0..8192: two header slots, one per 4 KiB block (so a torn write of one, even on a
+//!   device that rewrites whole 4 KiB blocks, leaves the other intact). A slot: magic
+//!   `TLJRNL01`, format version (u32), generation (u64), base seq (u64), base hash (32), frame
+//!   key (32, random per generation), BLAKE3 of those (first 16 bytes). The valid slot with the
+//!   highest generation is current; a reset writes the other slot.
+//! - From 8192: frames, each starting on a 4096-byte boundary: magic (u32), body length (u32),
+//!   first seq (u64), record count (u32), reserved (u32, zero), generation (u64), checksum
+//!   (16) = BLAKE3 keyed with the generation's frame key over the fields before it and the
+//!   body, then the
+//!   body: per record its length (u32) and its stored value exactly as in the events table
+//!   (`hash ‖ body`). The key is secret to the file: record payloads are client data, and
+//!   with an unkeyed checksum a client could plant bytes that read as a valid frame.
 //!
 //! Frames of a generation hold consecutive seqs from base + 1. Reading stops at the first frame
 //! that is not valid for the current generation (never written, or torn by a crash before its
 //! fsync returned, so never acknowledged); if a valid frame with a later seq follows it on a
 //! 4096-byte boundary, the damage is in the middle of the journal and opening fails instead of
-//! dropping acknowledged records. Frames of earlier generations fail the checksum, which binds
-//! the generation; every read-write open and every checkpoint starts a new generation.
+//! dropping acknowledged records. Frames of earlier generations fail the checksum, whose key
+//! is the generation's; every read-write open and every checkpoint starts a new generation.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -46,8 +50,12 @@ use crate::store::Head;
 
 /// Name of the journal inside the ledger directory.
 pub const JOURNAL_FILE_NAME: &str = "ledger.journal";
-/// Frames start on multiples of this; the header block is one of them.
+/// Frames start on multiples of this.
 pub const BLOCK_BYTES: u64 = 4096;
+/// Where the first frame starts, after the two header blocks.
+pub const FRAMES_START: u64 = 2 * BLOCK_BYTES;
+/// Where each header slot is.
+pub const SLOT_OFFSETS: [u64; 2] = [0, BLOCK_BYTES];
 /// Smallest journal accepted (the header block and a handful of frames).
 pub const JOURNAL_BYTES_MIN: u64 = 64 * 1024;
 /// Zeros written ahead of the cursor at a time, so the file grows rarely.
@@ -55,14 +63,17 @@ const GROW_BYTES: u64 = 4 * 1024 * 1024;
 
 const HEADER_MAGIC: &[u8; 8] = b"TLJRNL01";
 const JOURNAL_FORMAT_VERSION: u32 = 1;
-const SLOT_OFFSETS: [u64; 2] = [0, 512];
-const SLOT_BYTES: usize = 8 + 4 + 8 + 8 + 32 + 16;
+/// Bytes of a header slot.
+pub const SLOT_BYTES: usize = 8 + 4 + 8 + 8 + 32 + 32 + 16;
+const SLOT_CHECKED_BYTES: usize = SLOT_BYTES - 16;
 const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"TLJF");
-const FRAME_HEADER_BYTES: usize = 4 + 4 + 8 + 4 + 4 + 16;
+/// Bytes of a frame's header, before its records.
+pub const FRAME_HEADER_BYTES: usize = 4 + 4 + 8 + 4 + 4 + 8 + 16;
 
-/// The journal beside a log file (`ledger.redb` → `ledger.journal`).
+/// The journal of a log file: the same name with `.journal` (`ledger.redb` → `ledger.journal`),
+/// so a copy such as `backup.redb` in a data dir never picks up the dir's live journal.
 pub fn journal_path(log_path: &Path) -> PathBuf {
-    log_path.with_file_name(JOURNAL_FILE_NAME)
+    log_path.with_extension("journal")
 }
 
 /// The current header: which generation the frames belong to and where they start.
@@ -71,6 +82,8 @@ pub struct JournalHeader {
     pub generation: u64,
     /// The head the journal's records follow.
     pub base: Head,
+    /// Keys the frames' checksums (see the module docs).
+    key: [u8; 32],
     slot: usize,
 }
 
@@ -94,20 +107,21 @@ fn checksum(parts: &[&[u8]]) -> [u8; 16] {
     out
 }
 
-fn encode_slot(generation: u64, base: Head) -> [u8; SLOT_BYTES] {
+fn encode_slot(header: &JournalHeader) -> [u8; SLOT_BYTES] {
     let mut slot = [0u8; SLOT_BYTES];
     slot[..8].copy_from_slice(HEADER_MAGIC);
     slot[8..12].copy_from_slice(&JOURNAL_FORMAT_VERSION.to_le_bytes());
-    slot[12..20].copy_from_slice(&generation.to_le_bytes());
-    slot[20..28].copy_from_slice(&base.seq.to_le_bytes());
-    slot[28..60].copy_from_slice(&base.hash);
-    let sum = checksum(&[&slot[..60]]);
-    slot[60..76].copy_from_slice(&sum);
+    slot[12..20].copy_from_slice(&header.generation.to_le_bytes());
+    slot[20..28].copy_from_slice(&header.base.seq.to_le_bytes());
+    slot[28..60].copy_from_slice(&header.base.hash);
+    slot[60..92].copy_from_slice(&header.key);
+    let sum = checksum(&[&slot[..SLOT_CHECKED_BYTES]]);
+    slot[SLOT_CHECKED_BYTES..].copy_from_slice(&sum);
     slot
 }
 
 /// A slot: `Ok(None)` when never written (all zero), an error when damaged.
-fn decode_slot(bytes: &[u8]) -> Result<Option<(u64, Head)>, String> {
+fn decode_slot(bytes: &[u8], slot: usize) -> Result<Option<JournalHeader>, String> {
     if bytes.iter().all(|b| *b == 0) {
         return Ok(None);
     }
@@ -115,7 +129,7 @@ fn decode_slot(bytes: &[u8]) -> Result<Option<(u64, Head)>, String> {
         return Err("not a taskledger journal header".into());
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    if checksum(&[&bytes[..60]]) != bytes[60..76] {
+    if checksum(&[&bytes[..SLOT_CHECKED_BYTES]]) != bytes[SLOT_CHECKED_BYTES..SLOT_BYTES] {
         return Err("header checksum mismatch".into());
     }
     if version != JOURNAL_FORMAT_VERSION {
@@ -123,8 +137,28 @@ fn decode_slot(bytes: &[u8]) -> Result<Option<(u64, Head)>, String> {
     }
     let generation = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
     let seq = u64::from_le_bytes(bytes[20..28].try_into().expect("8 bytes"));
+    if generation == u64::MAX || seq == u64::MAX {
+        return Err("header generation or base seq out of range".into());
+    }
     let hash: Hash = bytes[28..60].try_into().expect("32 bytes");
-    Ok(Some((generation, Head { seq, hash })))
+    let key: [u8; 32] = bytes[60..92].try_into().expect("32 bytes");
+    Ok(Some(JournalHeader { generation, base: Head { seq, hash }, key, slot }))
+}
+
+/// A fresh frame key: from the kernel's random source, or, where that is unreadable, hashed
+/// from the time, the process and an address (unguessable enough for its one purpose).
+fn new_key() -> [u8; 32] {
+    use std::io::Read;
+    let mut key = [0u8; 32];
+    if File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut key)).is_ok() {
+        return key;
+    }
+    let mut hasher = blake3::Hasher::new();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    hasher.update(&now.as_nanos().to_le_bytes());
+    hasher.update(&std::process::id().to_le_bytes());
+    hasher.update(&(&key as *const _ as usize).to_le_bytes());
+    *hasher.finalize().as_bytes()
 }
 
 fn journal_error(path: &Path, offset: u64, message: impl Into<String>) -> OpenError {
@@ -150,7 +184,7 @@ impl FrameBuilder {
         (FRAME_HEADER_BYTES as u64 + self.body.len() as u64).div_ceil(BLOCK_BYTES) * BLOCK_BYTES
     }
 
-    fn encode(&self, generation: u64, first_seq: u64) -> Vec<u8> {
+    fn encode(&self, generation: u64, key: &[u8; 32], first_seq: u64) -> Vec<u8> {
         let body_len = u32::try_from(self.body.len()).expect("a batch is far below 4 GiB");
         let mut frame = Vec::with_capacity(self.file_bytes() as usize);
         frame.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
@@ -158,7 +192,8 @@ impl FrameBuilder {
         frame.extend_from_slice(&first_seq.to_le_bytes());
         frame.extend_from_slice(&self.count.to_le_bytes());
         frame.extend_from_slice(&0u32.to_le_bytes());
-        let sum = frame_checksum(generation, first_seq, self.count, body_len, &self.body);
+        frame.extend_from_slice(&generation.to_le_bytes());
+        let sum = frame_checksum(key, &frame, &self.body);
         frame.extend_from_slice(&sum);
         frame.extend_from_slice(&self.body);
         frame.resize(self.file_bytes() as usize, 0);
@@ -166,18 +201,29 @@ impl FrameBuilder {
     }
 }
 
-fn frame_checksum(generation: u64, first_seq: u64, count: u32, body_len: u32, body: &[u8]) -> [u8; 16] {
-    checksum(&[
-        &generation.to_le_bytes(),
-        &first_seq.to_le_bytes(),
-        &count.to_le_bytes(),
-        &body_len.to_le_bytes(),
-        body,
-    ])
+/// The checksum of a frame: keyed, over its header fields (before the checksum) and its body.
+fn frame_checksum(key: &[u8; 32], fields: &[u8], body: &[u8]) -> [u8; 16] {
+    let mut hasher = blake3::Hasher::new_keyed(key);
+    hasher.update(&fields[..FRAME_HEADER_BYTES - 16]);
+    hasher.update(body);
+    let mut out = [0; 16];
+    out.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+    out
 }
 
-/// A frame valid for `generation` at `offset`: its first seq, its records, and the next offset.
-fn read_frame(file: &File, len: u64, offset: u64, generation: u64) -> Option<(u64, Vec<Vec<u8>>, u64)> {
+/// The generation a frame at `offset` says it was written under, valid or not (`None`: no
+/// frame starts there).
+fn frame_generation_at(file: &File, len: u64, offset: u64) -> Option<u64> {
+    let mut head = [0u8; FRAME_HEADER_BYTES];
+    if offset + FRAME_HEADER_BYTES as u64 > len || file.read_exact_at(&mut head, offset).is_err() {
+        return None;
+    }
+    (u32::from_le_bytes(head[..4].try_into().ok()?) == FRAME_MAGIC)
+        .then(|| u64::from_le_bytes(head[24..32].try_into().expect("8 bytes")))
+}
+
+/// A frame valid under `key` at `offset`: its first seq, its records, and the next offset.
+fn read_frame(file: &File, len: u64, offset: u64, key: &[u8; 32]) -> Option<(u64, Vec<Vec<u8>>, u64)> {
     if offset + FRAME_HEADER_BYTES as u64 > len {
         return None;
     }
@@ -198,7 +244,7 @@ fn read_frame(file: &File, len: u64, offset: u64, generation: u64) -> Option<(u6
     }
     let mut body = vec![0u8; body_len as usize];
     file.read_exact_at(&mut body, offset + FRAME_HEADER_BYTES as u64).ok()?;
-    if frame_checksum(generation, first_seq, count, body_len, &body) != head[24..40] {
+    if frame_checksum(key, &head, &body) != head[FRAME_HEADER_BYTES - 16..] {
         return None;
     }
     let mut records = Vec::with_capacity(count as usize);
@@ -223,58 +269,67 @@ pub fn read(path: &Path) -> Result<Option<JournalContents>, OpenError> {
         Err(source) => return Err(OpenError::File { path: path.to_path_buf(), source }),
     };
     let len = file.metadata().map_err(|source| OpenError::File { path: path.to_path_buf(), source })?.len();
-    if len < BLOCK_BYTES {
-        // Created but never given its header block: nothing was ever journaled in it.
+    if len < FRAMES_START {
+        // Created but never given its header blocks: nothing was ever journaled in it.
         return Ok(None);
     }
-    let mut block = vec![0u8; BLOCK_BYTES as usize];
-    file.read_exact_at(&mut block, 0).map_err(|source| OpenError::File { path: path.to_path_buf(), source })?;
-    let mut current: Option<JournalHeader> = None;
-    let mut damaged = Vec::new();
+    let mut slots = Vec::with_capacity(2);
     for (slot, offset) in SLOT_OFFSETS.iter().enumerate() {
-        let offset = *offset as usize;
-        match decode_slot(&block[offset..offset + SLOT_BYTES]) {
-            Ok(Some((generation, base))) => {
-                if current.is_none_or(|c| generation > c.generation) {
-                    current = Some(JournalHeader { generation, base, slot });
-                }
-            }
-            Ok(None) => {}
-            Err(message) => damaged.push((offset as u64, message)),
-        }
+        let mut bytes = [0u8; SLOT_BYTES];
+        file.read_exact_at(&mut bytes, *offset)
+            .map_err(|source| OpenError::File { path: path.to_path_buf(), source })?;
+        slots.push((*offset, decode_slot(&bytes, slot)));
     }
+    let current =
+        slots.iter().filter_map(|(_, slot)| slot.as_ref().ok().copied().flatten()).max_by_key(|h| h.generation);
+    let damaged: Option<(u64, String)> = slots.iter().find_map(|(offset, slot)| match slot {
+        Err(message) => Some((*offset, message.clone())),
+        Ok(_) => None,
+    });
+    // Every header write blanks the first frame block (see `Journal::write_header`), so the
+    // frame found there was written under the newest header that was ever written.
+    let first_frame_generation = frame_generation_at(&file, len, FRAMES_START);
     let Some(header) = current else {
-        return match damaged.into_iter().next() {
+        return match damaged {
             // No slot was ever written: an empty journal.
             None => Ok(None),
+            // The very first header write was torn (the other slot was never written): no
+            // frame can follow a header whose write never completed.
+            Some(_) if slots.iter().any(|(_, slot)| matches!(slot, Ok(None))) && first_frame_generation.is_none() => {
+                Ok(None)
+            }
             Some((offset, message)) => Err(journal_error(path, offset, message)),
         };
     };
-    // A damaged slot may be the newer header (torn, or rotted): harmless if no frame was
-    // written under the generation it would have started, fatal if one was.
-    if let Some((offset, message)) = damaged.first()
-        && read_frame(&file, len, BLOCK_BYTES, header.generation + 1).is_some()
-    {
-        return Err(journal_error(path, *offset, format!("{message}, and frames were written under it")));
+    // A newer header than the current one was written, and is damaged or wiped: harmless if
+    // nothing was journaled under it, fatal if something was (its frames' key was in it).
+    if let Some(newer) = first_frame_generation.filter(|g| *g > header.generation) {
+        let (offset, message) = damaged.unwrap_or((SLOT_OFFSETS[1 - header.slot], "header slot wiped".to_owned()));
+        return Err(journal_error(
+            path,
+            offset,
+            format!("{message}, and frames were written under it (generation {newer})"),
+        ));
     }
     let mut records = Vec::new();
     let mut next_seq = header.base.seq + 1;
-    let mut offset = BLOCK_BYTES;
-    while let Some((first_seq, frame, next)) = read_frame(&file, len, offset, header.generation) {
+    let mut offset = FRAMES_START;
+    while let Some((first_seq, frame, next)) = read_frame(&file, len, offset, &header.key) {
         if first_seq != next_seq {
             break;
         }
         for value in frame {
             records.push((next_seq, value));
-            next_seq += 1;
+            next_seq = next_seq.checked_add(1).ok_or_else(|| journal_error(path, offset, "seq out of range"))?;
         }
         offset = next;
     }
     // Nothing valid may follow the end: that would be acknowledged records behind damage.
-    let mut probe = offset + BLOCK_BYTES;
+    let mut probe = offset;
     while probe < len {
-        if let Some((first_seq, _, _)) = read_frame(&file, len, probe, header.generation)
+        if let Some((first_seq, _, _)) = read_frame(&file, len, probe, &header.key)
             && first_seq >= next_seq
+            && (probe > offset || first_seq > next_seq)
         {
             return Err(journal_error(
                 path,
@@ -350,6 +405,7 @@ impl Journal {
         let header = JournalHeader {
             generation: previous.map_or(1, |p| p.generation + 1),
             base,
+            key: new_key(),
             slot: previous.map_or(0, |p| 1 - p.slot),
         };
         let direct = {
@@ -362,13 +418,13 @@ impl Journal {
             direct,
             aligned: AlignedBuffer::default(),
             header,
-            cursor: BLOCK_BYTES,
+            cursor: FRAMES_START,
             len,
             capacity: capacity.max(JOURNAL_BYTES_MIN),
             dirty: false,
             faults,
         };
-        journal.ensure_len(BLOCK_BYTES + GROW_BYTES.min(journal.capacity - BLOCK_BYTES)).map_err(file_error)?;
+        journal.ensure_len(FRAMES_START + GROW_BYTES.min(journal.capacity - FRAMES_START)).map_err(file_error)?;
         journal.write_header().map_err(file_error)?;
         if previous.is_none() {
             // A new file: make its directory entry durable too.
@@ -418,34 +474,45 @@ impl Journal {
         self.file.sync_data()
     }
 
+    /// Writes the header into its slot and blanks the first frame block, in one sync. Every
+    /// earlier frame is in the log by now, so either write may land first; the blank block
+    /// tells a reader that finds this slot damaged that nothing was journaled under it.
     fn write_header(&mut self) -> io::Result<()> {
         self.check_fault(FaultOp::Write)?;
-        let slot = encode_slot(self.header.generation, self.header.base);
-        self.file.write_all_at(&slot, SLOT_OFFSETS[self.header.slot])?;
+        self.file.write_all_at(&[0u8; BLOCK_BYTES as usize], FRAMES_START)?;
+        self.file.write_all_at(&encode_slot(&self.header), SLOT_OFFSETS[self.header.slot])?;
         self.check_fault(FaultOp::SyncData)?;
         self.file.sync_data()
     }
 
     /// Writes the frame of records `first_seq..` and fsyncs it. The caller checked the room.
     pub fn append(&mut self, frame: &FrameBuilder, first_seq: u64) -> io::Result<()> {
-        let bytes = frame.encode(self.header.generation, first_seq);
+        let bytes = frame.encode(self.header.generation, &self.header.key, first_seq);
         let end = self.cursor + bytes.len() as u64;
         if end > self.len {
             self.ensure_len(end.max(self.len + GROW_BYTES))?;
         }
         self.check_fault(FaultOp::Write)?;
-        match &self.direct {
-            Some(direct) => {
-                direct.write_all_at(self.aligned.holding(&bytes), self.cursor)?;
-                // The write was durable when it returned; an injected sync failure stands for
-                // a device that took the data and then reported an error.
-                self.check_fault(FaultOp::SyncData)?;
-            }
-            None => {
-                self.file.write_all_at(&bytes, self.cursor)?;
-                self.check_fault(FaultOp::SyncData)?;
-                self.file.sync_data()?;
-            }
+        let direct = match &self.direct {
+            Some(direct) => match direct.write_all_at(self.aligned.holding(&bytes), self.cursor) {
+                Ok(()) => true,
+                // The filesystem took the open but not this write's alignment: buffered from now on.
+                Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+                    self.direct = None;
+                    false
+                }
+                Err(error) => return Err(error),
+            },
+            None => false,
+        };
+        if direct {
+            // The write was durable when it returned; an injected sync failure stands for a
+            // device that took the data and then reported an error.
+            self.check_fault(FaultOp::SyncData)?;
+        } else {
+            self.file.write_all_at(&bytes, self.cursor)?;
+            self.check_fault(FaultOp::SyncData)?;
+            self.file.sync_data()?;
         }
         self.cursor = end;
         self.dirty = true;
@@ -454,9 +521,10 @@ impl Journal {
 
     /// After a checkpoint made the log durable up to `base`: a new, empty generation.
     pub fn reset(&mut self, base: Head) -> io::Result<()> {
-        self.header = JournalHeader { generation: self.header.generation + 1, base, slot: 1 - self.header.slot };
+        self.header =
+            JournalHeader { generation: self.header.generation + 1, base, key: new_key(), slot: 1 - self.header.slot };
         self.write_header()?;
-        self.cursor = BLOCK_BYTES;
+        self.cursor = FRAMES_START;
         self.dirty = false;
         Ok(())
     }

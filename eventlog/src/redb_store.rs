@@ -189,13 +189,16 @@ impl RedbStore {
         let path = dir.join(LOG_FILE_NAME);
         let exists = path.exists();
         let journal = journal_path(&path);
-        if !exists && journal::read(&journal)?.is_some_and(|contents| !contents.records.is_empty()) {
+        if !exists
+            && journal::read(&journal)?
+                .is_some_and(|contents| !contents.records.is_empty() || contents.header.base.seq > 0)
+        {
             // Records of a log whose file is gone: starting a new log here would bring them
             // back as its first records.
             return Err(OpenError::Journal {
                 path: journal,
                 offset: 0,
-                message: format!("it holds records, but {} does not exist", path.display()),
+                message: format!("it continues a log, but {} does not exist", path.display()),
             });
         }
         let mut builder = Database::builder();
@@ -671,8 +674,12 @@ impl RedbStore {
             (journal, _) => {
                 txn.set_durability(Durability::Immediate).map_err(|e| append_backend(redb::Error::from(e)))?;
                 txn.commit().map_err(append_backend)?;
-                if let Some(journal) = journal {
-                    journal.reset(written.head).map_err(|e| append_backend(redb::Error::Io(e)))?;
+                // The batch is durable and visible now, so it is reported as written even if the
+                // journal cannot start over; the store then refuses further appends.
+                if let Some(journal) = journal
+                    && journal.reset(written.head).is_err()
+                {
+                    self.poisoned = true;
                 }
             }
         }

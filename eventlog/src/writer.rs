@@ -140,12 +140,15 @@ pub enum WriteError {
     /// at shutdown). Reads still work.
     #[error("the writer is not accepting writes: {0}")]
     Unavailable(String),
-    /// The commit of this command's batch failed; it was not recorded.
-    #[error("the commit failed and nothing was recorded: {0}")]
+    /// The commit of this command's batch failed. It was not acknowledged, and it is not in
+    /// the log the server reads now; a failed sync, or a failure after the journal's write,
+    /// may still leave it in the log after a restart (retry with the same command id: the dedup
+    /// window then answers with its outcome).
+    #[error("the commit failed; the command is not in the log now, and may be after a restart: {0}")]
     CommitFailed(String),
-    /// The commit of this command's batch failed because the disk is full; it was not
-    /// recorded. Like `CommitFailed`, the writer then refuses writes until restarted (with space).
-    #[error("the disk is full: the commit failed and nothing was recorded: {0}")]
+    /// The commit of this command's batch failed because the disk is full (see `CommitFailed`).
+    /// Like `CommitFailed`, the writer then refuses writes until restarted (with space).
+    #[error("the disk is full: the commit failed; the command is not in the log now, and may be after a restart: {0}")]
     StorageFull(String),
     /// The envelope itself is unusable (an empty or oversized command id or actor).
     #[error("invalid envelope: {0}")]
@@ -517,6 +520,9 @@ struct Acknowledger {
 /// idle: waking the acknowledger costs a thread hop on the path of a lone submitter (measured
 /// ~5 % of its round trip), while answering many commands is better done beside the next batch.
 const INLINE_ANSWERS_MAX: usize = 2;
+/// Most records such a batch may publish (a batch of due timers has no command but may have
+/// many records).
+const INLINE_RECORDS_MAX: usize = 64;
 
 impl Acknowledger {
     fn start(feed: LiveFeed, shared: Arc<Shared>) -> std::io::Result<Self> {
@@ -535,12 +541,14 @@ impl Acknowledger {
     }
 
     fn send(&self, job: AckJob) {
-        let answers = match &job {
-            AckJob::Committed { pending, .. } | AckJob::Answer { pending, .. } => pending.len(),
+        let (answers, records) = match &job {
+            AckJob::Committed { pending, records, .. } => (pending.len(), records.len()),
+            AckJob::Answer { pending, .. } => (pending.len(), 0),
         };
         // Only the writer sends, so nothing can be queued behind an idle thread: delivering
         // here keeps batch order.
-        if answers <= INLINE_ANSWERS_MAX && self.in_flight.load(Ordering::Acquire) == 0 {
+        if answers <= INLINE_ANSWERS_MAX && records <= INLINE_RECORDS_MAX && self.in_flight.load(Ordering::Acquire) == 0
+        {
             deliver(&self.feed, &self.shared, job);
             return;
         }

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use eventlog::journal::{BLOCK_BYTES, JOURNAL_FILE_NAME};
+use eventlog::journal::{BLOCK_BYTES, FRAME_HEADER_BYTES, FRAMES_START, JOURNAL_FILE_NAME, SLOT_BYTES, SLOT_OFFSETS};
 use eventlog::{LogReader, LogStore, NewRecord, OpenError, RedbOptions, RedbStore, verify};
 
 const BATCHES: u64 = 12;
@@ -56,8 +56,8 @@ fn crashed_store() -> (tempfile::TempDir, u64) {
 }
 
 fn frame_offset(n: u64) -> u64 {
-    // One-record-batch frames of this size fit one block each.
-    BLOCK_BYTES * (1 + n)
+    // The batches' frames of this size fit one block each.
+    FRAMES_START + BLOCK_BYTES * n
 }
 
 fn flip(path: &Path, offset: u64) {
@@ -146,20 +146,41 @@ fn damage_before_intact_frames_is_refused_with_its_offset() {
 #[test]
 fn a_damaged_header_is_refused_when_records_depend_on_it() {
     // `crashed_store`'s first batch was a checkpoint: the journal's current header is
-    // generation 2 in slot 1 (offset 512), and slot 0 keeps generation 1.
+    // generation 2 in slot 1, and slot 0 keeps generation 1.
     let (image, head) = crashed_store();
     let journal = image.path().join(JOURNAL_FILE_NAME);
     let pristine = std::fs::read(&journal).unwrap();
     // The current slot's base seq: the frames behind it would be lost.
-    flip(&journal, 512 + 21);
+    flip(&journal, SLOT_OFFSETS[1] + 21);
     let error = RedbStore::open(image.path(), RedbOptions::default()).map(drop).unwrap_err();
-    assert!(matches!(error, OpenError::Journal { offset: 512, .. }), "{error}");
-    assert!(error.to_string().contains("header"), "{error}");
+    assert!(matches!(error, OpenError::Journal { offset, .. } if offset == SLOT_OFFSETS[1]), "{error}");
+    assert!(error.to_string().contains("header") && error.to_string().contains("generation 2"), "{error}");
+    // The current slot wiped (all zeros): the same.
+    let mut wiped = pristine.clone();
+    wiped[SLOT_OFFSETS[1] as usize..SLOT_OFFSETS[1] as usize + SLOT_BYTES].fill(0);
+    std::fs::write(&journal, &wiped).unwrap();
+    let error = RedbStore::open(image.path(), RedbOptions::default()).map(drop).unwrap_err();
+    assert!(error.to_string().contains("wiped"), "{error}");
     // The superseded slot: harmless, everything opens.
     std::fs::write(&journal, &pristine).unwrap();
     flip(&journal, 21);
     let store = RedbStore::open(image.path(), RedbOptions::default()).unwrap();
     assert_eq!(store.head().seq, head);
+}
+
+#[test]
+fn a_torn_first_header_write_leaves_an_empty_journal() {
+    // A new log whose very first header write was torn: slot 0 half written, slot 1 never.
+    let dir = tempfile::tempdir().unwrap();
+    drop(RedbStore::open(dir.path(), RedbOptions::default()).unwrap());
+    let journal = dir.path().join(JOURNAL_FILE_NAME);
+    let mut bytes = std::fs::read(&journal).unwrap();
+    bytes[..FRAMES_START as usize].fill(0);
+    bytes[..40].copy_from_slice(&[0x5a; 40]);
+    std::fs::write(&journal, &bytes).unwrap();
+    let mut store = RedbStore::open(dir.path(), RedbOptions::default()).unwrap();
+    append_batches(&mut store, 0, 2);
+    assert_eq!(store.head().seq, 2 * RECORDS_PER_BATCH);
 }
 
 #[test]
@@ -185,7 +206,7 @@ fn a_full_journal_checkpoints_and_starts_over() {
     let dir = tempfile::tempdir().unwrap();
     let options = RedbOptions { journal_bytes: eventlog::journal::JOURNAL_BYTES_MIN, ..RedbOptions::default() };
     let mut store = RedbStore::open(dir.path(), options.clone()).unwrap();
-    // 15 one-block frames fit a 64 KiB journal after its header block; 40 batches cross two
+    // 14 one-block frames fit a 64 KiB journal after its header blocks; 40 batches cross two
     // checkpoints.
     append_batches(&mut store, 0, 40);
     let head = store.head().seq;
@@ -219,11 +240,11 @@ fn a_changed_bit_anywhere_is_refused_or_drops_only_the_last_frame() {
     let journal = image.path().join(JOURNAL_FILE_NAME);
     let pristine = std::fs::read(&journal).unwrap();
     // The current slot (generation 2, slot 1) and each frame's used bytes.
-    let mut meaningful: Vec<u64> = (512..512 + 76).collect();
+    let mut meaningful: Vec<u64> = (SLOT_OFFSETS[1]..SLOT_OFFSETS[1] + SLOT_BYTES as u64).collect();
     for frame in 0..BATCHES {
         let at = frame_offset(frame) as usize;
         let body = u32::from_le_bytes(pristine[at + 4..at + 8].try_into().unwrap()) as usize;
-        meaningful.extend((at..at + 40 + body).map(|o| o as u64));
+        meaningful.extend((at..at + FRAME_HEADER_BYTES + body).map(|o| o as u64));
     }
     let mut state = 0x5eed_u64;
     let (mut refused, mut torn) = (0, 0);
@@ -251,4 +272,14 @@ fn a_changed_bit_anywhere_is_refused_or_drops_only_the_last_frame() {
         }
     }
     assert!(refused > 200 && torn > 0, "refused {refused}, torn {torn}");
+}
+
+#[test]
+fn a_copy_of_the_log_file_does_not_take_the_dirs_journal() {
+    let (image, head) = crashed_store();
+    // A stale copy of the log file beside the live journal: it has its own (absent) journal.
+    let copy = image.path().join("copy.redb");
+    std::fs::copy(image.path().join("ledger.redb"), &copy).unwrap();
+    let reader = LogReader::open_repaired(&copy).unwrap();
+    assert!(reader.head().unwrap().seq < head, "the copy read the live journal's records");
 }
