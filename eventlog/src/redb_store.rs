@@ -201,12 +201,14 @@ impl RedbStore {
                 message: format!("it continues a log, but {} does not exist", path.display()),
             });
         }
+        if !exists {
+            create_initialised(&path)?;
+        }
         let mut builder = Database::builder();
         builder.set_cache_size(options.cache_bytes).set_check_integrity_on_open(options.check_integrity_on_open);
-        let db = if exists { builder.open(&path) } else { builder.create(&path) }
-            .map_err(|source| OpenError::Database { path: path.clone(), source })?;
+        let db = builder.open(&path).map_err(|source| OpenError::Database { path: path.clone(), source })?;
         let journal = if options.journal_bytes > 0 { JournalAccess::ReadWrite(journal) } else { JournalAccess::Off };
-        Self::from_database(db, dir, !exists, options, journal)
+        Self::from_database(db, dir, false, options, journal)
     }
 
     /// Opens (or creates) the log on `backend` (fault injection, tests); snapshots go to
@@ -467,6 +469,25 @@ impl RedbStore {
         }
         Ok(())
     }
+}
+
+/// Creates an initialised, empty log file at `path` atomically: built and made durable under a
+/// temporary name, then renamed into place and the directory synced. A crash while a log is being
+/// created leaves no `ledger.redb` at all (only a temporary file the next attempt replaces), never
+/// a file without its tables, which a later open could not tell from a foreign file.
+fn create_initialised(path: &Path) -> Result<(), OpenError> {
+    let temp = path.with_extension("redb.creating");
+    let io_error = |source: std::io::Error| OpenError::File { path: temp.clone(), source };
+    match std::fs::remove_file(&temp) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(io_error(error)),
+        _ => {}
+    }
+    let db = Database::builder().create(&temp).map_err(|source| OpenError::Database { path: temp.clone(), source })?;
+    initialise(&db)?;
+    drop(db);
+    std::fs::rename(&temp, path).map_err(io_error)?;
+    let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(dir).and_then(|dir| dir.sync_all()).map_err(io_error)
 }
 
 fn initialise(db: &Database) -> Result<(), OpenError> {

@@ -643,3 +643,30 @@ fn for_each_record(
         }
     }
 }
+
+/// A kill while the first open is creating the log (the first kill of the test above can land
+/// there) leaves at most the half-built temporary file, never a `ledger.redb` without its
+/// tables; the next open replaces it and creates the log. A file that is not a log is still
+/// refused, not initialised over.
+#[test]
+fn a_log_whose_creation_was_cut_short_is_created_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let half_built = dir.path().join("ledger.redb.creating");
+    drop(redb::Database::create(&half_built).unwrap());
+    std::fs::OpenOptions::new().append(true).open(&half_built).unwrap().write_all(b"torn").unwrap();
+
+    let store = RedbStore::open(dir.path(), store_options()).unwrap();
+    assert_eq!(store.reader().head().unwrap().seq, 0);
+    drop(store);
+    assert!(!half_built.exists(), "the half-built file was replaced and renamed into place");
+    assert!(dir.path().join("ledger.redb").exists());
+    RedbStore::open(dir.path(), store_options()).unwrap();
+
+    let foreign = tempfile::tempdir().unwrap();
+    drop(redb::Database::create(foreign.path().join("ledger.redb")).unwrap());
+    match RedbStore::open(foreign.path(), store_options()) {
+        Err(eventlog::OpenError::NotInitialised) => {}
+        Err(other) => panic!("refused for another reason: {other}"),
+        Ok(_) => panic!("a file without tables was initialised over"),
+    }
+}
