@@ -215,23 +215,42 @@ pub fn load_or_init(tokens_path: &Path, data_dir: &Path) -> anyhow::Result<(Toke
             revoked: false,
         }],
     };
+    // The token first, then the file that makes it valid, each written whole under a temporary
+    // name and renamed into place: a crash in between leaves no tokens file (the next start
+    // mints again), never a torn one or one whose admin token nobody was given.
+    let token_file = data_dir.join("admin.token");
+    write_durably(&token_file, &(token + "\n")).with_context(|| format!("write {}", token_file.display()))?;
     if let Some(parent) = tokens_path.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
     }
-    std::fs::write(tokens_path, serde_json::to_string_pretty(&file)? + "\n")
+    write_durably(tokens_path, &(serde_json::to_string_pretty(&file)? + "\n"))
         .with_context(|| format!("write {}", tokens_path.display()))?;
-    let token_file = data_dir.join("admin.token");
-    write_private(&token_file, &(token + "\n")).with_context(|| format!("write {}", token_file.display()))?;
     Ok((Tokens::from_file(file)?, TokenSource::MintedAdmin { tokens: tokens_path.to_path_buf(), token_file }))
 }
 
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+/// Writes `text` to `path` readable by its owner only, all or nothing: a temporary file
+/// synced, renamed over `path`, and the directory synced.
+fn write_durably(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
+    let mut temp_name = path.as_os_str().to_owned();
+    temp_name.push(".tmp");
+    let temp = std::path::PathBuf::from(temp_name);
+    // A leftover from a crash keeps its mode when opened again: start from no file.
+    match std::fs::remove_file(&temp) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)?.write_all(text.as_bytes())
+    let mut file = options.open(&temp)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&temp, path)?;
+    let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Anything that can authenticate a request.
@@ -293,6 +312,29 @@ mod tests {
         let p = tokens.authenticate(&token).unwrap();
         assert!(p.may_see(&Namespace::new("mail").unwrap()) && !p.may_see(&Namespace::new("etl").unwrap()));
         assert!(tokens.authenticate("tl_nope").is_none());
+    }
+
+    #[test]
+    fn the_first_start_mints_an_admin_token_that_later_starts_accept() {
+        let data = tempfile::tempdir().unwrap();
+        let tokens_path = data.path().join("tokens.json");
+        // What a start killed while writing the tokens file leaves: its temporary file only.
+        std::fs::write(data.path().join("tokens.json.tmp"), "{\"tok").unwrap();
+        let (minted, source) = load_or_init(&tokens_path, data.path()).unwrap();
+        let TokenSource::MintedAdmin { token_file, .. } = source else { panic!("no token was minted") };
+        let token = std::fs::read_to_string(&token_file).unwrap();
+        assert!(minted.authenticate(token.trim()).is_some());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            for path in [&token_file, &tokens_path] {
+                assert_eq!(std::fs::metadata(path).unwrap().permissions().mode() & 0o777, 0o600, "{path:?}");
+            }
+        }
+        let (loaded, source) = load_or_init(&tokens_path, data.path()).unwrap();
+        assert!(matches!(source, TokenSource::Existing(_)));
+        assert!(loaded.authenticate(token.trim()).is_some_and(|p| p.may_see(&Namespace::new("any").unwrap())));
+        assert!(!data.path().join("admin.token.tmp").exists() && !data.path().join("tokens.json.tmp").exists());
     }
 
     #[test]
