@@ -49,6 +49,6 @@ pub use snapshot::{Snapshot, SnapshotEntry, SnapshotInfo, SnapshotPick, Snapshot
 pub use store::{Appended, Head, LogStore};
 pub use verify::{Problem, ProblemKind, VerifyReport, verify};
 pub use writer::{
-    Acknowledgement, CommandResult, Envelope, Health, ReadyWork, Scope, SeqRange, StartError, Startup, WriteError,
-    Writer, WriterConfig, WriterHandle,
+    Acknowledgement, CommandResult, Envelope, Health, ReadyWork, SNAPSHOT_THREAD_NICE_INCREMENT, Scope, SeqRange,
+    StartError, Startup, WriteError, Writer, WriterConfig, WriterHandle,
 };

@@ -928,8 +928,31 @@ struct Snapshotter {
     stop: Arc<AtomicBool>,
 }
 
+/// How much the snapshot thread's nice value is raised above the writer's. It keeps a
+/// replica of the ledger by applying every event a second time (about a ninth of the server's
+/// CPU under a batch-create load), and nothing waits for it: under full load the writer, the
+/// acknowledger and the HTTP workers go first, and the replica catches up (from the feed, or
+/// from disk past the live buffer) when there is CPU to spare. Measured on 2 cores, batch
+/// create: 96.5k against 89.0k tasks/s on the means of six interleaved pairs.
+pub const SNAPSHOT_THREAD_NICE_INCREMENT: i32 = 10;
+
+/// Raises the calling thread's nice value by `increment`, up to 19 (Linux: per thread). Best
+/// effort: a failure leaves the thread at its priority.
+fn lower_this_threads_priority(increment: i32) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain system calls about the calling thread's own id; no memory is passed.
+    unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        let current = libc::getpriority(libc::PRIO_PROCESS, tid);
+        libc::setpriority(libc::PRIO_PROCESS, tid, current.saturating_add(increment).min(19));
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = increment;
+}
+
 impl Snapshotter {
     fn run(self) {
+        lower_this_threads_priority(SNAPSHOT_THREAD_NICE_INCREMENT);
         let Ok((mut ledger, stats)) = crate::fold::fold_to(&self.reader, &self.snapshots, self.start.seq) else {
             return;
         };

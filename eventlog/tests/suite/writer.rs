@@ -213,6 +213,20 @@ fn timers_fire_through_the_writer_with_an_injected_clock() {
     assert_ledger_matches_log(&writer, handle.reader());
 }
 
+/// The nice value of this process's thread named `name` (as /proc shows it, 15 bytes at most).
+fn thread_nice(name: &str) -> Option<i64> {
+    std::fs::read_dir("/proc/self/task").ok()?.filter_map(Result::ok).find_map(|task| {
+        let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+        if comm.trim_end() != name {
+            return None;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+        // Fields after the parenthesised name: state is field 3, nice is field 19.
+        let after_name = &stat[stat.rfind(')')? + 2..];
+        after_name.split_whitespace().nth(16)?.parse().ok()
+    })
+}
+
 #[test]
 fn snapshots_are_taken_off_the_writer_and_used_at_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -231,6 +245,15 @@ fn snapshots_are_taken_off_the_writer_and_used_at_restart() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let digest = handle.read(|l| l.digest()).unwrap();
+    // SAFETY: a plain system call about the calling thread.
+    let own_nice = i64::from(unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) });
+    let snapshot_nice = thread_nice("taskledger-snap").expect("the snapshot thread runs");
+    assert_eq!(
+        snapshot_nice,
+        (own_nice + i64::from(eventlog::SNAPSHOT_THREAD_NICE_INCREMENT)).min(19),
+        "the snapshot thread yields to the write path (the test runs at nice {own_nice})"
+    );
+    assert_eq!(thread_nice("taskledger-writ"), Some(own_nice), "the writer keeps its priority");
     drop(handle);
     writer.shutdown();
     let (writer, startup) = Writer::open(dir.path(), cfg, Arc::new(SystemClock)).unwrap();
