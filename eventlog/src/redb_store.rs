@@ -478,6 +478,18 @@ impl RedbStore {
 fn create_initialised(path: &Path) -> Result<(), OpenError> {
     let temp = path.with_extension("redb.creating");
     let io_error = |source: std::io::Error| OpenError::File { path: temp.clone(), source };
+    // Two first starts on one dir at once must not build the file in each other's way: the
+    // directory's lock is held until the log is in place, and whoever waited finds it there.
+    let dir_path = path.parent().filter(|dir| !dir.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = std::fs::File::open(dir_path).map_err(io_error)?;
+    match dir.lock() {
+        // A filesystem without `flock` goes on unlocked, as redb does.
+        Err(error) if error.kind() != std::io::ErrorKind::Unsupported => return Err(io_error(error)),
+        _ => {}
+    }
+    if path.exists() {
+        return Ok(());
+    }
     match std::fs::remove_file(&temp) {
         Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(io_error(error)),
         _ => {}
@@ -486,8 +498,7 @@ fn create_initialised(path: &Path) -> Result<(), OpenError> {
     initialise(&db)?;
     drop(db);
     std::fs::rename(&temp, path).map_err(io_error)?;
-    let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::File::open(dir).and_then(|dir| dir.sync_all()).map_err(io_error)
+    dir.sync_all().map_err(io_error)
 }
 
 fn initialise(db: &Database) -> Result<(), OpenError> {

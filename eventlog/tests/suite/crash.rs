@@ -670,3 +670,35 @@ fn a_log_whose_creation_was_cut_short_is_created_again() {
         Ok(_) => panic!("a file without tables was initialised over"),
     }
 }
+
+/// Several first starts on one empty dir at once: each gets the same initialised log, or (redb
+/// holds the file while one of them has it open) a clear "already open" error; none leaves a
+/// file without tables behind.
+#[test]
+fn first_starts_racing_on_one_dir_create_one_log() {
+    for _ in 0..20 {
+        let dir = tempfile::tempdir().unwrap();
+        let barrier = Arc::new(std::sync::Barrier::new(4));
+        let openers: Vec<_> = (0..4)
+            .map(|_| {
+                let (dir, barrier) = (dir.path().to_path_buf(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    match RedbStore::open(&dir, store_options()) {
+                        Ok(store) => Ok(store.reader().head().unwrap().seq),
+                        Err(error) => Err(error.to_string()),
+                    }
+                })
+            })
+            .collect();
+        for opener in openers {
+            match opener.join().unwrap() {
+                Ok(head) => assert_eq!(head, 0),
+                Err(message) => assert!(message.contains("already open"), "{message}"),
+            }
+        }
+        assert!(!dir.path().join("ledger.redb.creating").exists());
+        let store = RedbStore::open(dir.path(), store_options()).unwrap();
+        assert_eq!(store.reader().head().unwrap().seq, 0);
+    }
+}
