@@ -933,7 +933,7 @@ struct Snapshotter {
 /// CPU under a batch-create load), and nothing waits for it: under full load the writer, the
 /// acknowledger and the HTTP workers go first, and the replica catches up (from the feed, or
 /// from disk past the live buffer) when there is CPU to spare. Measured on 2 cores, batch
-/// create: 96.5k against 89.0k tasks/s on the means of six interleaved pairs.
+/// create: 95.1k against 88.4k tasks/s on the means of nine interleaved pairs.
 pub const SNAPSHOT_THREAD_NICE_INCREMENT: i32 = 10;
 
 /// Raises the calling thread's nice value by `increment`, up to 19 (Linux: per thread). Best
