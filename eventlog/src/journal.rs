@@ -98,7 +98,11 @@ pub struct JournalContents {
 }
 
 fn checksum(parts: &[&[u8]]) -> [u8; 16] {
-    let mut hasher = blake3::Hasher::new();
+    checksum_with(blake3::Hasher::new(), parts)
+}
+
+/// The first 16 bytes of `hasher`'s BLAKE3 over `parts`.
+fn checksum_with(mut hasher: blake3::Hasher, parts: &[&[u8]]) -> [u8; 16] {
     for part in parts {
         hasher.update(part);
     }
@@ -203,12 +207,7 @@ impl FrameBuilder {
 
 /// The checksum of a frame: keyed, over its header fields (before the checksum) and its body.
 fn frame_checksum(key: &[u8; 32], fields: &[u8], body: &[u8]) -> [u8; 16] {
-    let mut hasher = blake3::Hasher::new_keyed(key);
-    hasher.update(&fields[..FRAME_HEADER_BYTES - 16]);
-    hasher.update(body);
-    let mut out = [0; 16];
-    out.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
-    out
+    checksum_with(blake3::Hasher::new_keyed(key), &[&fields[..FRAME_HEADER_BYTES - 16], body])
 }
 
 /// The generation a frame at `offset` says it was written under, valid or not (`None`: no
