@@ -50,5 +50,5 @@ pub use store::{Appended, Head, LogStore};
 pub use verify::{Problem, ProblemKind, VerifyReport, verify};
 pub use writer::{
     Acknowledgement, CommandResult, Envelope, Health, ReadyWork, SNAPSHOT_THREAD_NICE_INCREMENT, Scope, SeqRange,
-    StartError, Startup, WriteError, Writer, WriterConfig, WriterHandle,
+    StartError, Startup, WriteError, Writer, WriterConfig, WriterHandle, lower_this_threads_priority,
 };

@@ -938,7 +938,7 @@ pub const SNAPSHOT_THREAD_NICE_INCREMENT: i32 = 10;
 
 /// Raises the calling thread's nice value by `increment`, up to 19 (Linux: per thread). Best
 /// effort: a failure leaves the thread at its priority.
-fn lower_this_threads_priority(increment: i32) {
+pub fn lower_this_threads_priority(increment: i32) {
     #[cfg(target_os = "linux")]
     // SAFETY: plain system calls about the calling thread's own id; no memory is passed.
     unsafe {

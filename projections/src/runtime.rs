@@ -43,6 +43,10 @@ pub struct RuntimeConfig {
     pub retry_delay: Duration,
     /// The projectors to run (all by default).
     pub projectors: Vec<ProjectorKind>,
+    /// The tokio runtime the projector tasks run on; the caller's when `None`.
+    /// The server gives them their own, so that folding a batch never holds
+    /// a worker an HTTP request is waiting for.
+    pub executor: Option<tokio::runtime::Handle>,
 }
 
 impl Default for RuntimeConfig {
@@ -51,6 +55,7 @@ impl Default for RuntimeConfig {
             batch_events_max: BATCH_EVENTS_MAX,
             retry_delay: Duration::from_secs(1),
             projectors: ProjectorKind::ALL.to_vec(),
+            executor: None,
         }
     }
 }
@@ -576,7 +581,7 @@ impl Projections {
                 Some(checkpoint) if checkpoint.version != kind.version() => {
                     tracing::info!(projector = kind.name(), stored = checkpoint.version, "rebuilding a new version");
                     let this = projections.clone();
-                    tokio::spawn(async move {
+                    projections.spawn_task(async move {
                         if let Err(error) = this.rebuild(kind).await {
                             tracing::error!(projector = kind.name(), %error, "rebuild failed");
                         }
@@ -590,6 +595,18 @@ impl Projections {
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// Spawns `task` on the configured executor.
+    fn spawn_task<F>(&self, task: F) -> JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.inner.config.executor {
+            Some(executor) => executor.spawn(task),
+            None => tokio::spawn(task),
+        }
     }
 
     fn spawn(&self, kind: ProjectorKind, slot: Slot, until: Until) -> Running {
@@ -609,7 +626,7 @@ impl Projections {
             until,
         };
         let done = progress.clone();
-        let join = tokio::spawn(async move {
+        let join = self.spawn_task(async move {
             runner.run().await;
             done.lock().running = false;
         });
@@ -701,7 +718,7 @@ impl Projections {
             let mut checkpoint = shadow_runner.checkpoint.clone();
             let progress = progress.clone();
             let shadow_progress = shadow_progress.clone();
-            tokio::spawn(async move {
+            self.spawn_task(async move {
                 while checkpoint.changed().await.is_ok() {
                     let p = shadow_progress.lock();
                     let mut q = progress.lock();

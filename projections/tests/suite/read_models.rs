@@ -235,3 +235,38 @@ async fn a_restart_resumes_from_the_checkpoints_and_a_rebuild_swaps_in_the_same_
     assert_eq!(digest::dump(&fresh).await.unwrap(), digest::dump(&store).await.unwrap());
     projections.shutdown().await;
 }
+
+/// The server gives the projectors a runtime of their own (apart from the one serving
+/// HTTP): every runner, and the live runner started again after a rebuild's swap, runs there.
+/// (Exact task counts are not compared: the store's pool spawns short helper tasks.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projectors_run_on_the_executor_they_are_given() {
+    let mut log = TestLog::new();
+    log.append_all(&fixture_history().history);
+    let store = Store::open_sqlite(log.path().join("projections.sqlite")).await.unwrap();
+    let executor = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let config = RuntimeConfig { executor: Some(executor.handle().clone()), ..RuntimeConfig::default() };
+    let projections = Projections::start(store.clone(), log.reader(), log.feed.clone(), config).await.unwrap();
+    assert!(projections.wait_for_seq(log.head(), Duration::from_secs(20)).await, "{:?}", projections.status());
+    let runners = ProjectorKind::ALL.len();
+    let on_executor = || executor.metrics().num_alive_tasks();
+    assert!(on_executor() >= runners, "{} tasks on the executor", on_executor());
+
+    let swapped = projections.rebuild(ProjectorKind::Tasks).await.unwrap();
+    assert_eq!(swapped.last_seq, log.head());
+    assert!(on_executor() >= runners, "{} tasks on the executor after the swap", on_executor());
+    log.append(
+        "producer",
+        &[domain::Event::TaskCreated {
+            spec: domain::testkit::job(78, "mail"),
+            at: domain::Timestamp::from_micros(i64::MAX / 2),
+        }],
+    );
+    assert!(projections.wait_for_seq(log.head(), Duration::from_secs(20)).await);
+    assert!(query::task(&store, uuid(78)).await.unwrap().is_some());
+
+    let before_shutdown = on_executor();
+    projections.shutdown().await;
+    assert!(on_executor() + runners <= before_shutdown, "{} of {before_shutdown} tasks left", on_executor());
+    executor.shutdown_background();
+}

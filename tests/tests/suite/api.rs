@@ -370,6 +370,33 @@ fn health_readiness_and_metrics_answer() {
     assert!(openapi.body["paths"].as_object().is_some_and(|p| p.contains_key("/v1/tasks")));
 }
 
+/// The nice values of `pid`'s threads, by name (as /proc shows it: 15 bytes at most).
+fn thread_nices(pid: u32) -> Vec<(String, i64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the server's /proc entry");
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| {
+            let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            // Fields after the parenthesised name: state is field 3, nice is field 19.
+            let nice = stat[stat.rfind(')')? + 2..].split_whitespace().nth(16)?.parse().ok()?;
+            Some((comm.trim_end().to_owned(), nice))
+        })
+        .collect()
+}
+
+#[test]
+fn projectors_and_snapshots_run_below_the_request_path() {
+    let server = Server::start();
+    create_job(&server, "n", json!({}));
+    let threads = thread_nices(server.pid().expect("a running server"));
+    let nice_of = |name: &str| threads.iter().find(|(n, _)| n == name).map(|(_, nice)| *nice);
+    let writer = nice_of("taskledger-writ").unwrap_or_else(|| panic!("no writer thread in {threads:?}"));
+    assert_eq!(nice_of("tokio-rt-worker"), Some(writer), "{threads:?}");
+    assert_eq!(nice_of("projections"), Some((writer + 10).min(19)), "{threads:?}");
+    assert_eq!(nice_of("taskledger-snap"), Some((writer + 10).min(19)), "{threads:?}");
+}
+
 #[test]
 fn read_models_answer_from_the_projections_with_read_your_writes() {
     let server = Server::start();
