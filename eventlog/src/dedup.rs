@@ -19,11 +19,14 @@ use crate::writer::SeqRange;
 
 /// Records read per batch while rebuilding.
 const REBUILD_BATCH: usize = 8192;
-/// Most entries the index reserves room for up front: growing a map of a
-/// million ids rehashes all of them at once, a stall of milliseconds in the
-/// middle of a commit; reserving the whole window would cost memory an idle
-/// ledger never uses.
-const PRESIZE_ENTRIES_MAX: u64 = 1 << 18;
+/// Most entries the index reserves room for up front. It reserves room for its whole window
+/// (a command writes at least one event, so the window never holds more ids than events): a map
+/// that grows rehashes every id at once, and growing past 458,752 ids stalled the writer for
+/// 158 ms in the middle of a batch (`taskledger-bench`, half-rate after lifecycle, 2026-12-03),
+/// every client waiting behind it. Reserving costs address space, not memory: the buckets are
+/// touched as ids arrive (one control byte per bucket up front, 2 MiB for the default window).
+/// Windows beyond this bound grow past it as before.
+const PRESIZE_ENTRIES_MAX: u64 = 1 << 22;
 /// The actor of the ledger's own timer events, which are not deduplicated.
 pub const SYSTEM_ACTOR: &str = "system";
 
@@ -115,6 +118,15 @@ impl DedupIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_index_has_room_for_its_whole_window_from_the_start() {
+        let index = DedupIndex::new(1_000_000);
+        assert!(index.by_id.capacity() >= 1_000_000, "{}", index.by_id.capacity());
+        assert!(index.order.capacity() >= 1_000_000, "{}", index.order.capacity());
+        // Small windows reserve only what they can hold.
+        assert!(DedupIndex::new(10).by_id.capacity() < 1000);
+    }
 
     #[test]
     fn ids_leave_the_window_by_event_count() {

@@ -121,6 +121,9 @@ struct OutcomeWindow {
     next_order: u64,
 }
 
+/// Most stream heads the cache reserves room for when the store opens.
+const STREAM_CACHE_PRESIZE_MAX: usize = 1 << 22;
+
 /// Bounded cache of stream heads; `complete` means a miss is a stream with no record.
 struct StreamHeads {
     versions: HashMap<Vec<u8>, u64, foldhash::fast::RandomState>,
@@ -297,7 +300,12 @@ impl RedbStore {
             last_recorded_at_us,
             outcomes,
             stream_heads: StreamHeads {
-                versions: HashMap::default(),
+                // Room for the whole cache up front, for the reason the dedup index reserves its
+                // window (see `dedup::PRESIZE_ENTRIES_MAX`): growing rehashes every key at once.
+                versions: HashMap::with_capacity_and_hasher(
+                    options.stream_cache_entries.clamp(1, STREAM_CACHE_PRESIZE_MAX),
+                    Default::default(),
+                ),
                 entries_max: options.stream_cache_entries.max(1),
                 complete: head.seq == 0,
             },
@@ -835,5 +843,18 @@ impl LogStore for RedbStore {
 
     fn snapshots(&self) -> &SnapshotStore {
         &self.snapshots
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stream_head_cache_has_room_for_all_its_entries_from_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = RedbOptions { stream_cache_entries: 1_000_000, ..RedbOptions::default() };
+        let store = RedbStore::open(dir.path(), options).unwrap();
+        assert!(store.stream_heads.versions.capacity() >= 1_000_000, "{}", store.stream_heads.versions.capacity());
     }
 }
