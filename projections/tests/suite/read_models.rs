@@ -17,6 +17,17 @@ async fn started(log: &TestLog, store: &Store) -> Projections {
     projections
 }
 
+/// Appends the creation of job `n` in namespace `mail`, after every fixture event.
+fn append_job(log: &mut TestLog, n: u64) {
+    log.append(
+        "producer",
+        &[domain::Event::TaskCreated {
+            spec: domain::testkit::job(n, "mail"),
+            at: domain::Timestamp::from_micros(i64::MAX / 2),
+        }],
+    );
+}
+
 fn uuid(n: u64) -> uuid::Uuid {
     *task_id(n).as_uuid()
 }
@@ -219,13 +230,7 @@ async fn a_restart_resumes_from_the_checkpoints_and_a_rebuild_swaps_in_the_same_
     assert_eq!((swapped.generation, swapped.last_seq), (2, log.head()));
     assert_eq!(digest::dump(&store).await.unwrap(), incremental);
     // And the runtime follows the log again on the new generation.
-    log.append(
-        "producer",
-        &[domain::Event::TaskCreated {
-            spec: domain::testkit::job(77, "mail"),
-            at: domain::Timestamp::from_micros(i64::MAX / 2),
-        }],
-    );
+    append_job(&mut log, 77);
     assert!(projections.wait_for_seq(log.head(), Duration::from_secs(20)).await);
     assert!(query::task(&store, uuid(77)).await.unwrap().is_some());
 
@@ -255,13 +260,7 @@ async fn projectors_run_on_the_executor_they_are_given() {
     let swapped = projections.rebuild(ProjectorKind::Tasks).await.unwrap();
     assert_eq!(swapped.last_seq, log.head());
     assert!(on_executor() >= runners, "{} tasks on the executor after the swap", on_executor());
-    log.append(
-        "producer",
-        &[domain::Event::TaskCreated {
-            spec: domain::testkit::job(78, "mail"),
-            at: domain::Timestamp::from_micros(i64::MAX / 2),
-        }],
-    );
+    append_job(&mut log, 78);
     assert!(projections.wait_for_seq(log.head(), Duration::from_secs(20)).await);
     assert!(query::task(&store, uuid(78)).await.unwrap().is_some());
 

@@ -393,8 +393,11 @@ fn projectors_and_snapshots_run_below_the_request_path() {
     let nice_of = |name: &str| threads.iter().find(|(n, _)| n == name).map(|(_, nice)| *nice);
     let writer = nice_of("taskledger-writ").unwrap_or_else(|| panic!("no writer thread in {threads:?}"));
     assert_eq!(nice_of("tokio-rt-worker"), Some(writer), "{threads:?}");
-    assert_eq!(nice_of("projections"), Some((writer + 10).min(19)), "{threads:?}");
-    assert_eq!(nice_of("taskledger-snap"), Some((writer + 10).min(19)), "{threads:?}");
+    let projections = i64::from(api::server::PROJECTION_THREAD_NICE_INCREMENT);
+    let snapshots = i64::from(eventlog::SNAPSHOT_THREAD_NICE_INCREMENT);
+    assert!(projections > 0 && snapshots > 0);
+    assert_eq!(nice_of("projections"), Some((writer + projections).min(19)), "{threads:?}");
+    assert_eq!(nice_of("taskledger-snap"), Some((writer + snapshots).min(19)), "{threads:?}");
 }
 
 #[test]
