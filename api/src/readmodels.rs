@@ -55,7 +55,10 @@ pub fn to_json<T: Serialize>(value: &T) -> Value {
 /// the head, and waiting for one that does not exist could only time out.
 pub async fn wait_min_seq(state: &AppState, min_seq: Option<u64>) -> ApiResult<()> {
     let Some(seq) = min_seq else { return Ok(()) };
-    let head = state.writer.reader().head().map_err(|e| ApiError::internal(e.to_string()))?.seq;
+    // Acknowledged seqs count even before they are readable (a checkpoint running, see the
+    // writer's `head_watch`): the projectors reach them once they are.
+    let readable = state.writer.reader().head().map_err(|e| ApiError::internal(e.to_string()))?.seq;
+    let head = readable.max(state.writer.acknowledged_head());
     if seq > head {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -50,6 +50,9 @@ use crate::store::Head;
 
 /// Name of the journal inside the ledger directory.
 pub const JOURNAL_FILE_NAME: &str = "ledger.journal";
+/// Name of the second journal, which takes the frames while a checkpoint of the first runs
+/// (and the other way round): see `RedbStore`'s checkpoint.
+pub const SECOND_JOURNAL_FILE_NAME: &str = "ledger.journal.1";
 /// Frames start on multiples of this.
 pub const BLOCK_BYTES: u64 = 4096;
 /// Where the first frame starts, after the two header blocks.
@@ -74,6 +77,25 @@ pub const FRAME_HEADER_BYTES: usize = 4 + 4 + 8 + 4 + 4 + 8 + 16;
 /// so a copy such as `backup.redb` in a data dir never picks up the dir's live journal.
 pub fn journal_path(log_path: &Path) -> PathBuf {
     log_path.with_extension("journal")
+}
+
+/// Both journals of a log file: [`journal_path`] and the same with `.journal.1`.
+pub fn journal_paths(log_path: &Path) -> [PathBuf; 2] {
+    [journal_path(log_path), log_path.with_extension("journal.1")]
+}
+
+/// Reads both journals at `paths` without modifying them, in the order their records follow the
+/// log: by base seq (a journal starts a generation on the head at that moment, after everything
+/// the other one holds), then generation.
+pub fn read_all(paths: &[PathBuf]) -> Result<Vec<(PathBuf, JournalContents)>, OpenError> {
+    let mut all = Vec::with_capacity(paths.len());
+    for path in paths {
+        if let Some(contents) = read(path)? {
+            all.push((path.clone(), contents));
+        }
+    }
+    all.sort_by_key(|(_, contents)| (contents.header.base.seq, contents.header.generation));
+    Ok(all)
 }
 
 /// The current header: which generation the frames belong to and where they start.
@@ -387,12 +409,14 @@ pub struct Journal {
 
 impl Journal {
     /// Opens (or creates) the journal at `path` for appending and starts a new generation after
-    /// `base`, the durable head of the log. Whatever the file held before is given up: the
-    /// caller has put its records into the log first.
+    /// `base`, the durable head of the log, numbered above `previous` and `generation_floor`
+    /// (the other journal's). Whatever the file held before is given up: the caller has put its
+    /// records into the log first.
     pub fn start(
         path: &Path,
         capacity: u64,
         previous: Option<JournalHeader>,
+        generation_floor: u64,
         base: Head,
         faults: Option<FaultHandle>,
     ) -> Result<Self, OpenError> {
@@ -402,7 +426,7 @@ impl Journal {
         let len = file.metadata().map_err(file_error)?.len();
         // A new generation in the slot the current header is not in.
         let header = JournalHeader {
-            generation: previous.map_or(1, |p| p.generation + 1),
+            generation: previous.map_or(0, |p| p.generation).max(generation_floor) + 1,
             base,
             key: new_key(),
             slot: previous.map_or(0, |p| 1 - p.slot),
@@ -436,6 +460,11 @@ impl Journal {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The current generation.
+    pub fn generation(&self) -> u64 {
+        self.header.generation
     }
 
     /// Whether records were journaled since the last checkpoint.
@@ -518,10 +547,16 @@ impl Journal {
         Ok(())
     }
 
-    /// After a checkpoint made the log durable up to `base`: a new, empty generation.
-    pub fn reset(&mut self, base: Head) -> io::Result<()> {
-        self.header =
-            JournalHeader { generation: self.header.generation + 1, base, key: new_key(), slot: 1 - self.header.slot };
+    /// A new, empty generation after `base`, numbered above `generation_floor` too: after a
+    /// checkpoint made the log durable up to `base`, or, for the journal that takes the frames
+    /// while the other one's checkpoint runs, on the head at that moment.
+    pub fn reset(&mut self, base: Head, generation_floor: u64) -> io::Result<()> {
+        self.header = JournalHeader {
+            generation: self.header.generation.max(generation_floor) + 1,
+            base,
+            key: new_key(),
+            slot: 1 - self.header.slot,
+        };
         self.write_header()?;
         self.cursor = FRAMES_START;
         self.dirty = false;

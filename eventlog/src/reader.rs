@@ -239,8 +239,7 @@ impl LogReader {
             .map_err(|source| OpenError::Database { path: path.to_path_buf(), source })?;
         let reader = Self::with_checked_head(Db::ReadOnly(db))?;
         // Records still only in the journal (a crash before the checkpoint) belong to the log.
-        let journal = crate::journal::journal_path(path);
-        if let Some(contents) = crate::journal::read(&journal)? {
+        for (journal, contents) in crate::journal::read_all(&crate::journal::journal_paths(path))? {
             let head = reader.head()?.seq;
             let past_head = contents.records.iter().filter(|(seq, _)| *seq > head).count() as u64;
             if past_head > 0 {

@@ -26,7 +26,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, StorageBackend
 
 use crate::error::{AppendError, OpenError, ReadError, backend};
 use crate::fault::FaultHandle;
-use crate::journal::{self, FrameBuilder, Journal, journal_path};
+use crate::journal::{self, FrameBuilder, Journal, journal_paths};
 use crate::overlay;
 use crate::reader::{
     Checked, Db, EVENTS, HEAD, HEAD_KEY, LOG_FORMAT_VERSION, LogReader, META, META_FORMAT_VERSION,
@@ -63,10 +63,10 @@ pub const JOURNAL_BYTES_DEFAULT: u64 = 16 * 1024 * 1024;
 enum JournalAccess {
     /// No journal (turned off, or an in-memory backend with nowhere to put one).
     Off,
-    /// Replay what it holds into the (in-memory) database; never write the file.
-    ReadOnly(PathBuf),
-    /// Replay what it holds, then append to it.
-    ReadWrite(PathBuf),
+    /// Replay what they hold into the (in-memory) database; never write the files.
+    ReadOnly([PathBuf; 2]),
+    /// Replay what they hold, then append to them.
+    ReadWrite([PathBuf; 2]),
 }
 
 /// Tunables of a [`RedbStore`].
@@ -165,8 +165,17 @@ pub struct RedbStore {
     /// Read transaction shared by the cache misses of [`RedbStore::stream_version_cached`]
     /// until the next append.
     lookup: Option<redb::ReadTransaction>,
-    /// The write-ahead journal, when appends go through one.
-    journal: Option<Journal>,
+    /// The write-ahead journals, when appends go through them.
+    journals: Option<Journals>,
+    /// The checkpoint running beside the writer, if any.
+    checkpoint: Option<RunningCheckpoint>,
+    /// Batches journaled while the checkpoint runs, as one: durable, not in redb yet.
+    held: Option<Encoded>,
+    /// Each stream's last version among the held batches (the stream-head cache may drop it).
+    held_versions: HashMap<Vec<u8>, u64, foldhash::fast::RandomState>,
+    /// Whether a full journal's checkpoint runs beside later appends (which are then held)
+    /// rather than in the append that found it full: see [`RedbStore::checkpoint_beside_appends`].
+    checkpoint_beside_appends: bool,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -191,10 +200,11 @@ impl RedbStore {
         std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir { path: dir.to_path_buf(), source })?;
         let path = dir.join(LOG_FILE_NAME);
         let exists = path.exists();
-        let journal = journal_path(&path);
+        let journals = journal_paths(&path);
         if !exists
-            && journal::read(&journal)?
-                .is_some_and(|contents| !contents.records.is_empty() || contents.header.base.seq > 0)
+            && let Some((journal, _)) = journal::read_all(&journals)?
+                .into_iter()
+                .find(|(_, contents)| !contents.records.is_empty() || contents.header.base.seq > 0)
         {
             // Records of a log whose file is gone: starting a new log here would bring them
             // back as its first records.
@@ -210,7 +220,7 @@ impl RedbStore {
         let mut builder = Database::builder();
         builder.set_cache_size(options.cache_bytes).set_check_integrity_on_open(options.check_integrity_on_open);
         let db = builder.open(&path).map_err(|source| OpenError::Database { path: path.clone(), source })?;
-        let journal = if options.journal_bytes > 0 { JournalAccess::ReadWrite(journal) } else { JournalAccess::Off };
+        let journal = if options.journal_bytes > 0 { JournalAccess::ReadWrite(journals) } else { JournalAccess::Off };
         Self::from_database(db, dir, false, options, journal)
     }
 
@@ -228,7 +238,10 @@ impl RedbStore {
             .create_with_backend(backend)
             .map_err(|source| OpenError::Database { path: PathBuf::from("<backend>"), source })?;
         let journal = if options.journal_bytes > 0 {
-            JournalAccess::ReadWrite(dir.join(journal::JOURNAL_FILE_NAME))
+            JournalAccess::ReadWrite([
+                dir.join(journal::JOURNAL_FILE_NAME),
+                dir.join(journal::SECOND_JOURNAL_FILE_NAME),
+            ])
         } else {
             JournalAccess::Off
         };
@@ -252,7 +265,7 @@ impl RedbStore {
         let db = overlay::open_database(path, cache_bytes, check_integrity)?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let options = RedbOptions { cache_bytes, ..RedbOptions::default() };
-        Self::from_database(db, dir, false, options, JournalAccess::ReadOnly(journal_path(path)))
+        Self::from_database(db, dir, false, options, JournalAccess::ReadOnly(journal_paths(path)))
     }
 
     fn from_database(
@@ -314,26 +327,39 @@ impl RedbStore {
             options,
             poisoned: false,
             lookup: None,
-            journal: None,
+            journals: None,
+            checkpoint: None,
+            held: None,
+            held_versions: HashMap::default(),
+            checkpoint_beside_appends: false,
         };
         match journal {
             JournalAccess::Off => {}
-            JournalAccess::ReadOnly(path) => {
-                if let Some(contents) = journal::read(&path)? {
+            JournalAccess::ReadOnly(paths) => {
+                for (path, contents) in journal::read_all(&paths)? {
                     store.replay_journal(&path, contents)?;
                 }
             }
-            JournalAccess::ReadWrite(path) => {
-                let previous = match journal::read(&path)? {
-                    Some(contents) => {
-                        let header = contents.header;
-                        store.replay_journal(&path, contents)?;
-                        Some(header)
-                    }
-                    None => None,
-                };
+            JournalAccess::ReadWrite([first, second]) => {
+                // In the order their records follow the log (the older one's may all be in it).
+                let mut headers = [None, None];
+                for (path, contents) in journal::read_all(&[first.clone(), second.clone()])? {
+                    headers[usize::from(path == second)] = Some(contents.header);
+                    store.replay_journal(&path, contents)?;
+                }
+                let generation_floor = headers.iter().flatten().map(|h| h.generation).max().unwrap_or(0);
                 let faults = store.options.journal_faults.clone();
-                store.journal = Some(Journal::start(&path, store.options.journal_bytes, previous, store.head, faults)?);
+                let current = Journal::start(
+                    &first,
+                    store.options.journal_bytes,
+                    headers[0],
+                    generation_floor,
+                    store.head,
+                    faults,
+                )?;
+                // The second one is opened (and started over) when the first is full; until then
+                // whatever it holds is in the log already.
+                store.journals = Some(Journals { current, other: None, other_path: Some(second) });
             }
         }
         Ok(store)
@@ -392,9 +418,9 @@ impl RedbStore {
             let Db::ReadWrite(db) = &*self.db else { unreachable!("a store's database is read-write") };
             let mut txn = db.begin_write().map_err(open_backend)?;
             txn.set_durability(Durability::Immediate).map_err(|e| open_backend(redb::Error::from(e)))?;
-            let written =
+            let (encoded, inserted) =
                 self.write_batch(&txn, &records, &[], None).map_err(|e| mismatch(self.head.seq + 1, e.to_string()))?;
-            for ((hash, version, _), stored) in chunk.iter().zip(&written.records) {
+            for ((hash, version, _), stored) in chunk.iter().zip(&encoded.records) {
                 if stored.hash != *hash || stored.stream_version != *version {
                     return Err(mismatch(
                         stored.seq,
@@ -403,7 +429,8 @@ impl RedbStore {
                 }
             }
             txn.commit().map_err(open_backend)?;
-            self.absorb(written);
+            self.note_appended(&encoded, false);
+            self.note_inserted(&encoded.records, encoded.head, inserted);
         }
         Ok(())
     }
@@ -428,6 +455,16 @@ impl RedbStore {
         let version = last_stream_version(&table, stream).map_err(|e| ReadError::Backend(backend(e)))?;
         self.stream_heads.insert(stream.to_vec(), version);
         Ok(version)
+    }
+
+    /// From now on, when the journal is full, the checkpoint runs on a thread of its own while
+    /// later appends go to the second journal: they return as soon as they are durable there,
+    /// but with [`Appended::readable`] false, and this store's readers see them only once
+    /// [`LogStore::settle`] reports them readable. The writer turns this on (it publishes only
+    /// readable records); without it every append is readable when it returns, and the append
+    /// that finds the journal full waits for the checkpoint.
+    pub fn checkpoint_beside_appends(&mut self) {
+        self.checkpoint_beside_appends = true;
     }
 
     /// A reader sharing this store's database.
@@ -572,71 +609,151 @@ fn decode_outcome(value: &[u8]) -> Option<(u64, u64, &[u8])> {
     Some((order, seq, &value[16..]))
 }
 
-/// What a transaction wrote, applied to the mirrors only after the commit succeeded.
-struct Written {
+/// A batch's records numbered, chained and encoded: their stored values (for the events table
+/// and the journal) and what the mirrors learn from them.
+struct Encoded {
+    /// The head before the batch.
+    base: Head,
+    /// The stored value of each record, in seq order from `base.seq + 1`.
+    values: Vec<Vec<u8>>,
     records: Vec<StoredRecord>,
+    /// Time index entries: a second and the first seq recorded in it.
+    times: Vec<(i64, u64)>,
     head: Head,
+    /// Each stream's last version in the batch.
     stream_versions: Vec<(Vec<u8>, u64)>,
+}
+
+impl Encoded {
+    /// `next`, appended after this batch: the two as one.
+    fn extend(&mut self, next: Encoded) {
+        debug_assert_eq!(next.base, self.head);
+        self.values.extend(next.values);
+        self.records.extend(next.records);
+        self.times.extend(next.times);
+        self.head = next.head;
+        self.stream_versions.extend(next.stream_versions);
+    }
+}
+
+/// What a transaction inserted besides the records, applied to the mirrors only after the
+/// commit succeeded.
+struct Inserted {
     /// Whether this transaction indexed the whole tail (and its own records).
     indexed: bool,
     new_outcomes: Vec<(u64, String, u64, Vec<u8>)>,
     evicted: Vec<(u64, String)>,
 }
 
+/// What [`RedbStore::commit_batch`] did with a batch.
+enum Committed {
+    /// In the redb file (durably, or journaled and committed without an fsync).
+    Inserted(Encoded, Inserted),
+    /// Journaled while a checkpoint holds redb; inserted once the checkpoint is done.
+    Held(Encoded),
+}
+
+/// A checkpoint running on its own thread: the `Immediate` commit that makes every earlier
+/// commit durable in the log file, while the writer journals into the other journal.
+struct RunningCheckpoint {
+    thread: std::thread::JoinHandle<Result<(), redb::Error>>,
+}
+
+/// The journals of a store: the one frames go to, and the other one, which takes over when the
+/// current one is full, while the checkpoint of everything before runs beside it.
+struct Journals {
+    current: Journal,
+    /// `None` until it is first needed (its path is in `other_path`), or when the store
+    /// checkpoints in the writer's own thread (a backend without a file path).
+    other: Option<Journal>,
+    other_path: Option<PathBuf>,
+}
+
 impl RedbStore {
-    fn write_batch(
+    /// Numbers, chains and encodes a batch after the current head (without touching redb), and
+    /// adds each stored value to `frame`. A stream's version comes from the batch itself, then the
+    /// held records, the stream-head cache and the unindexed tail, and `lookup` (the stream
+    /// index) for the rest.
+    fn encode_batch(
         &self,
-        txn: &redb::WriteTransaction,
         records: &[NewRecord],
-        outcomes: &[(String, Vec<u8>)],
         mut frame: Option<&mut FrameBuilder>,
-    ) -> Result<Written, AppendError> {
-        let mut events = txn.open_table(EVENTS).map_err(append_backend)?;
-        let mut streams = txn.open_table(STREAMS).map_err(append_backend)?;
-        // Only this store writes the tail, so reading it throughout the batch is consistent.
+        lookup: &mut dyn FnMut(&[u8]) -> Result<u64, AppendError>,
+    ) -> Result<Encoded, AppendError> {
         let unindexed = self.unindexed.read();
-        let mut times = txn.open_table(TIMES).map_err(append_backend)?;
         let mut seq = self.head.seq;
         let mut prev_hash: Hash = self.head.hash;
         let mut last_second = self.last_recorded_at_us.map(|us| us.div_euclid(1_000_000));
         // Keys borrow from `records`: one copy per distinct stream, made at the end.
         let mut stream_versions: domain::FastMap<&[u8], u64> =
             domain::FastMap::with_capacity_and_hasher(records.len(), Default::default());
-        // Only needed to place outcomes (none on the writer's path).
-        let mut command_seqs: domain::FastMap<&str, u64> = domain::FastMap::default();
+        let mut values = Vec::with_capacity(records.len());
         let mut written = Vec::with_capacity(records.len());
+        let mut times = Vec::new();
         for record in records {
-            let version = match stream_versions.get(record.stream.as_slice()) {
+            let stream = record.stream.as_slice();
+            let version = match stream_versions.get(stream) {
                 Some(version) => *version,
-                None => match self.stream_heads.get(&record.stream) {
+                None => match self.held_versions.get(stream).copied().or_else(|| self.stream_heads.get(stream)) {
                     Some(version) => version,
-                    None => match unindexed.version(&record.stream) {
+                    None => match unindexed.version(stream) {
                         Some(version) => version,
-                        None => last_stream_version(&streams, &record.stream).map_err(append_backend)?,
+                        None => lookup(stream)?,
                     },
                 },
             } + 1;
             seq += 1;
             let (value, stored) = record::encode(record, seq, version, &prev_hash)?;
-            events.insert(seq, value.as_slice()).map_err(append_backend)?;
             if let Some(frame) = frame.as_deref_mut() {
                 frame.push(&value);
             }
             let second = record.recorded_at_us.div_euclid(1_000_000);
             if last_second != Some(second) {
-                times.insert(second, seq).map_err(append_backend)?;
+                times.push((second, seq));
                 last_second = Some(second);
             }
-            stream_versions.insert(&record.stream, version);
-            if !outcomes.is_empty() {
-                command_seqs.insert(&record.command_id, seq);
-            }
+            stream_versions.insert(stream, version);
             prev_hash = stored.hash;
+            values.push(value);
             written.push(stored);
         }
-        let head = Head { seq, hash: prev_hash };
+        let stream_versions = stream_versions.into_iter().map(|(stream, version)| (stream.to_vec(), version)).collect();
+        Ok(Encoded {
+            base: self.head,
+            values,
+            records: written,
+            times,
+            head: Head { seq, hash: prev_hash },
+            stream_versions,
+        })
+    }
+
+    /// Inserts encoded records (which follow everything in redb) and `outcomes` into `txn`: the
+    /// events, the time index, the stream index and head checkpoint when the tail is due, the
+    /// outcomes with eviction of the oldest beyond the window.
+    fn insert_encoded(
+        &self,
+        txn: &redb::WriteTransaction,
+        encoded: &Encoded,
+        outcomes: &[(String, Vec<u8>)],
+    ) -> Result<Inserted, AppendError> {
+        {
+            let mut events = txn.open_table(EVENTS).map_err(append_backend)?;
+            for (record, value) in encoded.records.iter().zip(&encoded.values) {
+                events.insert(record.seq, value.as_slice()).map_err(append_backend)?;
+            }
+            let mut times = txn.open_table(TIMES).map_err(append_backend)?;
+            for (second, seq) in &encoded.times {
+                times.insert(*second, *seq).map_err(append_backend)?;
+            }
+        }
+        // Only this store writes the tail, so reading it throughout the batch is consistent.
+        let unindexed = self.unindexed.read();
+        let head = encoded.head;
+        let written = &encoded.records;
         let indexed = unindexed.len() + written.len() as u64 >= self.options.stream_index_lag_records.max(1) as u64;
         if indexed {
+            let mut streams = txn.open_table(STREAMS).map_err(append_backend)?;
             let mut entries: Vec<(&[u8], u64, u64)> = unindexed
                 .by_stream
                 .iter()
@@ -650,7 +767,7 @@ impl RedbStore {
             }
             txn.open_table(META)
                 .map_err(append_backend)?
-                .insert(META_STREAMS_INDEXED_THROUGH, seq)
+                .insert(META_STREAMS_INDEXED_THROUGH, head.seq)
                 .map_err(append_backend)?;
             // The head checkpoint moves with the index (see `reader::HEAD`).
             txn.open_table(HEAD)
@@ -658,12 +775,17 @@ impl RedbStore {
                 .insert(HEAD_KEY, encode_head(&head).as_slice())
                 .map_err(append_backend)?;
         }
+        if outcomes.is_empty() {
+            return Ok(Inserted { indexed, new_outcomes: Vec::new(), evicted: Vec::new() });
+        }
 
+        // An outcome is stored at the last record of its command, else at the head.
+        let command_seqs: domain::FastMap<&str, u64> = written.iter().map(|r| (r.command_id.as_str(), r.seq)).collect();
         let mut outcome_table = txn.open_table(OUTCOMES).map_err(append_backend)?;
         let mut order_table = txn.open_table(OUTCOME_ORDER).map_err(append_backend)?;
         let mut new_outcomes = Vec::with_capacity(outcomes.len());
         for (order, (command_id, outcome)) in (self.outcomes.next_order..).zip(outcomes) {
-            let at = command_seqs.get(command_id.as_str()).copied().unwrap_or(seq);
+            let at = command_seqs.get(command_id.as_str()).copied().unwrap_or(head.seq);
             outcome_table
                 .insert(command_id.as_str(), encode_outcome(order, at, outcome).as_slice())
                 .map_err(append_backend)?;
@@ -685,58 +807,215 @@ impl RedbStore {
             order_table.remove(*order).map_err(append_backend)?;
             outcome_table.remove(command_id.as_str()).map_err(append_backend)?;
         }
-        let stream_versions = stream_versions.into_iter().map(|(stream, version)| (stream.to_vec(), version)).collect();
-        Ok(Written { records: written, head, stream_versions, indexed, new_outcomes, evicted })
+        Ok(Inserted { indexed, new_outcomes, evicted })
+    }
+
+    /// Encodes a batch and inserts it into `txn`, looking streams up in `txn`'s stream index.
+    fn write_batch(
+        &self,
+        txn: &redb::WriteTransaction,
+        records: &[NewRecord],
+        outcomes: &[(String, Vec<u8>)],
+        frame: Option<&mut FrameBuilder>,
+    ) -> Result<(Encoded, Inserted), AppendError> {
+        let encoded = {
+            let streams = txn.open_table(STREAMS).map_err(append_backend)?;
+            self.encode_batch(records, frame, &mut |stream| {
+                last_stream_version(&streams, stream).map_err(append_backend)
+            })?
+        };
+        let inserted = self.insert_encoded(txn, &encoded, outcomes)?;
+        Ok((encoded, inserted))
     }
 }
 
 impl RedbStore {
     /// Writes one batch: through the journal (fsync there, then a commit without one) when it
-    /// has room for the batch, else as a checkpoint (an `Immediate` commit, after which the
-    /// journal starts over). Outcomes are not journaled, so a batch with outcomes is always a
-    /// checkpoint.
-    fn commit_batch(&mut self, records: &[NewRecord], outcomes: &[(String, Vec<u8>)]) -> Result<Written, AppendError> {
-        let Db::ReadWrite(db) = &*self.db else {
-            return Err(AppendError::Poisoned);
+    /// has room for the batch, else as a checkpoint, after which the journal starts over.
+    ///
+    /// With two journals, the checkpoint does not stop the writer: the batch that does not fit
+    /// goes to the other journal (started on the current head), and the `Immediate` commit runs
+    /// on a thread of its own while later batches are journaled there and *held*: durable,
+    /// acknowledged, but in redb (and so visible to readers) only once the checkpoint is done
+    /// ([`LogStore::settle`]). With one journal the batch itself is the `Immediate` commit.
+    /// Outcomes are not journaled, so a batch with outcomes is always a checkpoint.
+    fn commit_batch(
+        &mut self,
+        records: &[NewRecord],
+        outcomes: &[(String, Vec<u8>)],
+    ) -> Result<Committed, AppendError> {
+        if self.checkpoint.is_some() {
+            if let Some(held) = self.hold_batch(records, outcomes)? {
+                return Ok(Committed::Held(held));
+            }
+            self.settle_checkpoint(true)?;
+        }
+        let db = match &*self.db {
+            Db::ReadWrite(db) => db,
+            Db::ReadOnly(_) => return Err(AppendError::Poisoned),
         };
         let mut txn = db.begin_write().map_err(append_backend)?;
-        let mut frame = (self.journal.is_some() && outcomes.is_empty()).then(FrameBuilder::default);
-        let written = self.write_batch(&txn, records, outcomes, frame.as_mut())?;
+        let mut frame = (self.journals.is_some() && outcomes.is_empty()).then(FrameBuilder::default);
+        let (encoded, inserted) = self.write_batch(&txn, records, outcomes, frame.as_mut())?;
         let first_seq = self.head.seq + 1;
-        match (&mut self.journal, frame) {
-            (Some(journal), Some(frame)) if journal.has_room(frame.file_bytes()) => {
+        let generation_floor = self.journals.as_ref().map_or(0, |j| j.other.as_ref().map_or(0, Journal::generation));
+        let beside = self.checkpoint_beside_appends;
+        match (&mut self.journals, frame) {
+            (Some(journals), Some(frame)) if journals.current.has_room(frame.file_bytes()) => {
                 if !records.is_empty() {
-                    journal.append(&frame, first_seq).map_err(|e| append_backend(redb::Error::Io(e)))?;
+                    journals.current.append(&frame, first_seq).map_err(|e| append_backend(redb::Error::Io(e)))?;
                 }
                 txn.set_durability(Durability::None).map_err(|e| append_backend(redb::Error::from(e)))?;
                 txn.commit().map_err(append_backend)?;
             }
-            (journal, _) => {
+            (Some(journals), Some(frame)) if beside && journals.other_path.is_some() => {
+                // The other journal takes this batch and those after it; the checkpoint of
+                // everything up to this batch runs beside them.
+                let base = self.head;
+                let other = match journals.other.take() {
+                    Some(mut other) => other.reset(base, journals.current.generation()).map(|()| other),
+                    None => {
+                        let path = journals.other_path.as_deref().expect("checked");
+                        Journal::start(
+                            path,
+                            self.options.journal_bytes,
+                            journal::read(path).ok().flatten().map(|c| c.header),
+                            journals.current.generation(),
+                            base,
+                            self.options.journal_faults.clone(),
+                        )
+                        .map_err(|e| io_error_of(&e))
+                    }
+                }
+                .map_err(|e| append_backend(redb::Error::Io(e)))?;
+                let previous = std::mem::replace(&mut journals.current, other);
+                journals.other = Some(previous);
+                if !records.is_empty() {
+                    journals.current.append(&frame, first_seq).map_err(|e| append_backend(redb::Error::Io(e)))?;
+                }
+                txn.set_durability(Durability::None).map_err(|e| append_backend(redb::Error::from(e)))?;
+                txn.commit().map_err(append_backend)?;
+                self.start_checkpoint();
+            }
+            (journals, _) => {
                 txn.set_durability(Durability::Immediate).map_err(|e| append_backend(redb::Error::from(e)))?;
                 txn.commit().map_err(append_backend)?;
                 // The batch is durable and visible now, so it is reported as written even if the
                 // journal cannot start over; the store then refuses further appends.
-                if let Some(journal) = journal
-                    && journal.reset(written.head).is_err()
+                if let Some(journals) = journals
+                    && journals.current.reset(encoded.head, generation_floor).is_err()
                 {
                     self.poisoned = true;
                 }
             }
         }
-        Ok(written)
+        Ok(Committed::Inserted(encoded, inserted))
+    }
+
+    /// While a checkpoint runs: journals the batch in the current journal and holds it, if it
+    /// has no outcomes and the journal has room (`None` otherwise: the caller waits for the
+    /// checkpoint instead).
+    fn hold_batch(
+        &mut self,
+        records: &[NewRecord],
+        outcomes: &[(String, Vec<u8>)],
+    ) -> Result<Option<Encoded>, AppendError> {
+        let Some(journals) = &self.journals else { return Ok(None) };
+        if !outcomes.is_empty() {
+            return Ok(None);
+        }
+        let mut frame = FrameBuilder::default();
+        let reader = &self.reader;
+        let encoded = self.encode_batch(records, Some(&mut frame), &mut |stream| {
+            reader.stream_version(stream).map_err(|e| AppendError::Backend(backend(redb::Error::Io(io_error_of(&e)))))
+        })?;
+        if !journals.current.has_room(frame.file_bytes()) {
+            return Ok(None);
+        }
+        let journals = self.journals.as_mut().expect("checked");
+        if !records.is_empty() {
+            journals.current.append(&frame, encoded.base.seq + 1).map_err(|e| append_backend(redb::Error::Io(e)))?;
+        }
+        Ok(Some(encoded))
+    }
+
+    /// Starts the `Immediate` commit of everything so far on a thread of its own; where no thread
+    /// can be started, commits it here.
+    fn start_checkpoint(&mut self) {
+        let db = self.db.clone();
+        let commit = move || -> Result<(), redb::Error> {
+            let Db::ReadWrite(db) = &*db else { return Ok(()) };
+            let mut txn = db.begin_write()?;
+            txn.set_durability(Durability::Immediate)?;
+            txn.commit()?;
+            Ok(())
+        };
+        let thread = std::thread::Builder::new().name("taskledger-checkpoint".into()).spawn(commit.clone());
+        match thread {
+            Ok(thread) => self.checkpoint = Some(RunningCheckpoint { thread }),
+            Err(_) => {
+                if commit().is_err() {
+                    self.poisoned = true;
+                }
+            }
+        }
+    }
+
+    /// Once the running checkpoint is done (waiting for it if `wait`): inserts the held batches
+    /// into redb in one commit without an fsync (they are in the journal) and makes them
+    /// readable. A failed checkpoint poisons the store.
+    fn settle_checkpoint(&mut self, wait: bool) -> Result<(), AppendError> {
+        let Some(running) = self.checkpoint.take() else { return Ok(()) };
+        if !wait && !running.thread.is_finished() {
+            self.checkpoint = Some(running);
+            return Ok(());
+        }
+        let result = running
+            .thread
+            .join()
+            .unwrap_or_else(|_| Err(redb::Error::Io(std::io::Error::other("the checkpoint thread panicked"))));
+        if let Err(error) = result {
+            self.poisoned = true;
+            return Err(append_backend(error));
+        }
+        let Some(held) = self.held.take() else { return Ok(()) };
+        let db = match &*self.db {
+            Db::ReadWrite(db) => db,
+            Db::ReadOnly(_) => return Err(AppendError::Poisoned),
+        };
+        let result = (|| {
+            let mut txn = db.begin_write().map_err(append_backend)?;
+            let inserted = self.insert_encoded(&txn, &held, &[])?;
+            txn.set_durability(Durability::None).map_err(|e| append_backend(redb::Error::from(e)))?;
+            txn.commit().map_err(append_backend)?;
+            Ok(inserted)
+        })();
+        match result {
+            Ok(inserted) => {
+                self.held_versions.clear();
+                self.note_inserted(&held.records, held.head, inserted);
+                Ok(())
+            }
+            Err(error) => {
+                self.poisoned = true;
+                Err(error)
+            }
+        }
     }
 
     /// Makes every commit so far durable in the log file itself and starts the journal over.
-    /// Done when the journal is full and when the store is dropped; a no-op without a journal,
-    /// or when nothing was journaled since the last checkpoint.
+    /// Done when the store is dropped, and by tools; a no-op without a journal, or when nothing
+    /// was journaled since the last checkpoint.
     pub fn checkpoint(&mut self) -> Result<(), AppendError> {
         if self.poisoned {
             return Err(AppendError::Poisoned);
         }
-        let Some(journal) = &mut self.journal else { return Ok(()) };
-        if !journal.dirty() {
+        self.settle_checkpoint(true)?;
+        let Some(journals) = &mut self.journals else { return Ok(()) };
+        if !journals.current.dirty() {
             return Ok(());
         }
+        let generation_floor = journals.other.as_ref().map_or(0, Journal::generation);
         let Db::ReadWrite(db) = &*self.db else {
             return Err(AppendError::Poisoned);
         };
@@ -744,7 +1023,7 @@ impl RedbStore {
             let mut txn = db.begin_write().map_err(append_backend)?;
             txn.set_durability(Durability::Immediate).map_err(|e| append_backend(redb::Error::from(e)))?;
             txn.commit().map_err(append_backend)?;
-            journal.reset(self.head).map_err(|e| append_backend(redb::Error::Io(e)))
+            journals.current.reset(self.head, generation_floor).map_err(|e| append_backend(redb::Error::Io(e)))
         })();
         if result.is_err() {
             self.poisoned = true;
@@ -752,40 +1031,58 @@ impl RedbStore {
         result
     }
 
-    /// Applies a committed batch to the in-memory mirrors; gives its records back.
-    fn absorb(&mut self, written: Written) -> Vec<StoredRecord> {
-        self.head = written.head;
-        if let Some(last) = written.records.last() {
+    /// Applies an appended batch to the writer's mirrors (head, time, stream heads), whether it
+    /// is in redb yet or held.
+    fn note_appended(&mut self, encoded: &Encoded, held: bool) {
+        self.head = encoded.head;
+        if let Some(last) = encoded.records.last() {
             self.last_recorded_at_us = Some(last.recorded_at_us);
         }
-        for (stream, version) in written.stream_versions {
-            self.stream_heads.insert(stream, version);
+        for (stream, version) in &encoded.stream_versions {
+            if held {
+                self.held_versions.insert(stream.clone(), *version);
+            }
+            self.stream_heads.insert(stream.clone(), *version);
         }
+    }
+
+    /// Applies what a committed transaction inserted to the mirrors readers share (the
+    /// unindexed tail) and to the dedup window.
+    fn note_inserted(&mut self, records: &[StoredRecord], head: Head, inserted: Inserted) {
         {
             let mut unindexed = self.unindexed.write();
-            if written.indexed {
-                *unindexed = UnindexedTail::new(written.head.seq);
+            if inserted.indexed {
+                *unindexed = UnindexedTail::new(head.seq);
             } else {
-                for record in &written.records {
+                for record in records {
                     unindexed.push(&record.stream, record.stream_version, record.seq);
                 }
             }
         }
-        for (order, command_id) in &written.evicted {
+        for (order, command_id) in &inserted.evicted {
             self.outcomes.by_order.remove(order);
             self.outcomes.by_command.remove(command_id);
         }
-        let evicted_new = written.evicted.iter().filter(|(order, _)| *order >= self.outcomes.next_order);
+        let evicted_new = inserted.evicted.iter().filter(|(order, _)| *order >= self.outcomes.next_order);
         let evicted_new: std::collections::HashSet<u64> = evicted_new.map(|(order, _)| *order).collect();
-        for (order, command_id, seq, outcome) in written.new_outcomes {
+        for (order, command_id, seq, outcome) in inserted.new_outcomes {
             self.outcomes.next_order = order + 1;
             if !evicted_new.contains(&order) {
                 self.outcomes.by_order.insert(order, command_id.clone());
                 self.outcomes.by_command.insert(command_id, (order, seq, outcome));
             }
         }
-        written.records
     }
+
+    /// The head readers see: the head before the held batches, if any.
+    fn readable_head(&self) -> Head {
+        self.held.as_ref().map_or(self.head, |held| held.base)
+    }
+}
+
+/// An `io::Error` carrying an error's message (the journal's paths report `io::Error`s).
+fn io_error_of(error: &dyn std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(error.to_string())
 }
 
 impl Drop for RedbStore {
@@ -822,8 +1119,35 @@ impl LogStore for RedbStore {
                 return Err(error);
             }
         };
-        let head = written.head;
-        Ok(Appended { records: self.absorb(written), head })
+        match written {
+            Committed::Inserted(encoded, inserted) => {
+                self.note_appended(&encoded, false);
+                self.note_inserted(&encoded.records, encoded.head, inserted);
+                Ok(Appended { head: encoded.head, records: encoded.records, readable: true })
+            }
+            Committed::Held(encoded) => {
+                self.note_appended(&encoded, true);
+                let (head, records) = (encoded.head, encoded.records.clone());
+                match &mut self.held {
+                    Some(held) => held.extend(encoded),
+                    None => self.held = Some(encoded),
+                }
+                Ok(Appended { head, records, readable: false })
+            }
+        }
+    }
+
+    fn settle(&mut self, wait: bool) -> Result<Head, AppendError> {
+        if self.checkpoint.is_some() {
+            if self.poisoned {
+                return Err(AppendError::Poisoned);
+            }
+            if let Err(error) = self.settle_checkpoint(wait) {
+                self.poisoned = true;
+                return Err(error);
+            }
+        }
+        Ok(self.readable_head())
     }
 
     fn stream_version(&self, stream: &[u8]) -> Result<u64, ReadError> {

@@ -29,6 +29,11 @@ pub struct Appended {
     pub records: Vec<StoredRecord>,
     /// The head after the commit.
     pub head: Head,
+    /// Whether the store's readers see the records yet. They are durable either way; records
+    /// appended while a checkpoint runs are readable only once [`LogStore::settle`] reports a
+    /// readable head at or past them, and must not be published to subscribers before (a
+    /// subscriber that falls back to reading the store would find a gap).
+    pub readable: bool,
 }
 
 /// Durable, hash-chained, append-only storage of opaque records. Owned by one writer.
@@ -48,6 +53,14 @@ pub trait LogStore: Send {
     /// After a commit failure the store refuses further appends ([`AppendError::Poisoned`]):
     /// the state on disk is unknown until it is reopened (never retry an fsync).
     fn append(&mut self, records: &[NewRecord], outcomes: &[(String, Vec<u8>)]) -> Result<Appended, AppendError>;
+
+    /// Makes what can be made readable readable (waiting for a running checkpoint when `wait`)
+    /// and returns the head the store's readers see. After an error the store refuses further
+    /// appends, as after a failed commit.
+    fn settle(&mut self, wait: bool) -> Result<Head, AppendError> {
+        let _ = wait;
+        Ok(self.head())
+    }
 
     /// The current version of `stream`; 0 if the stream has no record.
     fn stream_version(&self, stream: &[u8]) -> Result<u64, ReadError>;

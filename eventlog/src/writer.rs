@@ -175,6 +175,8 @@ pub enum Health {
 #[derive(Debug, Default)]
 pub struct WriterStats {
     pub batches: AtomicU64,
+    /// Batches acknowledged while a checkpoint ran, before readers could see them.
+    pub held_batches: AtomicU64,
     pub commands: AtomicU64,
     pub events: AtomicU64,
     pub overloaded: AtomicU64,
@@ -200,7 +202,10 @@ fn count_into(buckets: &[AtomicU64], bounds: &[u64], value: u64) {
 struct Shared {
     health: Mutex<Health>,
     stats: WriterStats,
+    /// The head readers see (records published up to it).
     head: watch::Sender<u64>,
+    /// The head of the last answered batch: durable, possibly not readable yet.
+    acknowledged: AtomicU64,
     work: watch::Sender<ReadyWork>,
 }
 
@@ -309,8 +314,17 @@ impl WriterHandle {
         self.shared.work.subscribe()
     }
 
+    /// The head readers see: every record up to it is published to the feed and readable
+    /// through [`Self::reader`]. Batches acknowledged while a checkpoint runs become readable
+    /// when it is done, so this may trail [`Self::acknowledged_head`] for that long.
     pub fn head_watch(&self) -> watch::Receiver<u64> {
         self.shared.head.subscribe()
+    }
+
+    /// The head after the last acknowledged batch: every seq a command was answered with is at
+    /// or below it, and durable.
+    pub fn acknowledged_head(&self) -> u64 {
+        self.shared.acknowledged.load(Ordering::Acquire)
     }
 
     pub fn reader(&self) -> &LogReader {
@@ -384,11 +398,14 @@ impl Writer {
 
     /// Starts a writer on an already opened store (tests inject faults this way).
     pub fn start(
-        store: RedbStore,
+        mut store: RedbStore,
         config: WriterConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<(Writer, Startup), StartError> {
         let started = std::time::Instant::now();
+        // Acknowledged batches are published once readable (see `publish_readable`), so a full
+        // journal's checkpoint need not stop the writer.
+        store.checkpoint_beside_appends();
         let reader = store.reader();
         let snapshots = store.snapshots().clone();
         // The dedup window (the newest records' command ids) is read on a second thread while
@@ -411,6 +428,7 @@ impl Writer {
             health: Mutex::new(Health::Healthy),
             stats: WriterStats::default(),
             head: watch::Sender::new(head.seq),
+            acknowledged: AtomicU64::new(head.seq),
             work: watch::Sender::new(ReadyWork::new()),
         });
         let handle = WriterHandle {
@@ -435,7 +453,19 @@ impl Writer {
             stop: stop_snapshots.clone(),
         });
         let acks = Acknowledger::start(feed.clone(), shared.clone())?;
-        let state = WriterThread { acks, touched: Vec::new(), store, ledger, dedup, clock, config, rx, shared, reader };
+        let state = WriterThread {
+            acks,
+            touched: Vec::new(),
+            store,
+            ledger,
+            dedup,
+            clock,
+            config,
+            rx,
+            shared,
+            reader,
+            unpublished: Default::default(),
+        };
         let thread = std::thread::Builder::new().name("taskledger-writer".into()).spawn(move || state.run())?;
         let snapshotter = snapshotter
             .map(|snap| std::thread::Builder::new().name("taskledger-snapshots".into()).spawn(move || snap.run()))
@@ -490,6 +520,9 @@ struct WriterThread {
     rx: Receiver<Message>,
     shared: Arc<Shared>,
     reader: LogReader,
+    /// Batches acknowledged while a checkpoint ran, not readable yet: `(head after, records)`,
+    /// published in order once the store's readable head reaches them.
+    unpublished: std::collections::VecDeque<(u64, Vec<crate::record::StoredRecord>)>,
 }
 
 /// Work for the acknowledger thread, in batch order.
@@ -504,6 +537,11 @@ enum AckJob {
     },
     /// Answers that carry no new records (rejections, repeats, a failed commit's errors).
     Answer { pending: Vec<Pending>, head_seq: u64 },
+    /// Answer a batch that is durable but not readable yet (appended while a checkpoint ran):
+    /// signal the namespaces with work and answer, but neither publish nor move the head watch.
+    Held { pending: Vec<Pending>, head_seq: u64, ready: Vec<domain::Namespace> },
+    /// Publish held records once they are readable, then advance the head watch.
+    Publish { records: Vec<crate::record::StoredRecord>, head_seq: u64 },
 }
 
 /// The writer's end of the acknowledger thread.
@@ -543,7 +581,8 @@ impl Acknowledger {
     fn send(&self, job: AckJob) {
         let (answers, records) = match &job {
             AckJob::Committed { pending, records, .. } => (pending.len(), records.len()),
-            AckJob::Answer { pending, .. } => (pending.len(), 0),
+            AckJob::Answer { pending, .. } | AckJob::Held { pending, .. } => (pending.len(), 0),
+            AckJob::Publish { records, .. } => (0, records.len()),
         };
         // Only the writer sends, so nothing can be queued behind an idle thread: delivering
         // here keeps batch order.
@@ -574,19 +613,33 @@ fn deliver(feed: &LiveFeed, shared: &Shared, job: AckJob) {
     match job {
         AckJob::Committed { records, pending, head_seq, ready } => {
             feed.publish_owned(records);
-            // Before the answers: a producer told "created" finds the waiting workers already
-            // woken.
-            if !ready.is_empty() {
-                shared.work.send_modify(|work| {
-                    for namespace in ready {
-                        *work.entry(namespace).or_default() += 1;
-                    }
-                });
-            }
+            signal_work(shared, ready);
+            shared.acknowledged.fetch_max(head_seq, Ordering::AcqRel);
             answer(pending, head_seq);
             shared.head.send_replace(head_seq);
         }
         AckJob::Answer { pending, head_seq } => answer(pending, head_seq),
+        AckJob::Held { pending, head_seq, ready } => {
+            signal_work(shared, ready);
+            shared.acknowledged.fetch_max(head_seq, Ordering::AcqRel);
+            answer(pending, head_seq);
+        }
+        AckJob::Publish { records, head_seq } => {
+            feed.publish_owned(records);
+            shared.head.send_replace(head_seq);
+        }
+    }
+}
+
+/// Wakes the workers waiting on the namespaces that have claimable steps. Before the answers:
+/// a producer told "created" finds the waiting workers already woken.
+fn signal_work(shared: &Shared, ready: Vec<domain::Namespace>) {
+    if !ready.is_empty() {
+        shared.work.send_modify(|work| {
+            for namespace in ready {
+                *work.entry(namespace).or_default() += 1;
+            }
+        });
     }
 }
 
@@ -603,12 +656,19 @@ fn answer(pending: Vec<Pending>, head_seq: u64) {
 
 /// Longest the writer sleeps without looking at its timers.
 const IDLE_WAKE: Duration = Duration::from_millis(500);
+/// How often an idle writer looks whether the running checkpoint is done, while it holds
+/// acknowledged batches that readers cannot see yet.
+const HELD_POLL: Duration = Duration::from_millis(1);
 
 impl WriterThread {
     fn run(mut self) {
         let mut shutting_down = false;
         while !shutting_down {
-            let wait = self.time_to_next_timer();
+            let mut wait = self.time_to_next_timer();
+            if !self.unpublished.is_empty() {
+                // Held batches become readable when the checkpoint is done: look again soon.
+                wait = wait.min(HELD_POLL);
+            }
             let first = match self.rx.recv_timeout(wait) {
                 Ok(message) => Some(message),
                 Err(RecvTimeoutError::Timeout) => None,
@@ -641,8 +701,35 @@ impl WriterThread {
                 next = self.rx.try_recv().ok();
             }
             self.process(batch);
+            self.publish_readable(false);
         }
+        self.publish_readable(true);
         self.acks.finish();
+    }
+
+    /// Publishes the held batches the store's readers see by now (waiting for the checkpoint
+    /// when `wait`). A failed checkpoint stops the writer, as a failed commit does.
+    fn publish_readable(&mut self, wait: bool) {
+        if self.unpublished.is_empty() {
+            return;
+        }
+        match self.store.settle(wait) {
+            Ok(readable) => {
+                while let Some((head_seq, _)) = self.unpublished.front()
+                    && *head_seq <= readable.seq
+                {
+                    let (head_seq, records) = self.unpublished.pop_front().expect("just looked");
+                    self.acks.send(AckJob::Publish { records, head_seq });
+                }
+            }
+            Err(error) => {
+                // Everything acknowledged is in the journal; the ledger in memory holds it too.
+                // What failed is making it readable: stop taking writes until a restart replays it.
+                self.unpublished.clear();
+                *self.shared.health.lock().expect("health lock") =
+                    Health::Failed(format!("checkpoint failed: {error}"));
+            }
+        }
     }
 
     fn now(&self) -> Timestamp {
@@ -740,12 +827,20 @@ impl WriterThread {
                 stats.batches.fetch_add(1, Ordering::Relaxed);
                 stats.commands.fetch_add(pending.len() as u64, Ordering::Relaxed);
                 stats.events.fetch_add(appended.records.len() as u64, Ordering::Relaxed);
-                self.acks.send(AckJob::Committed {
-                    records: appended.records,
-                    pending,
-                    head_seq: head,
-                    ready: touched,
-                });
+                if appended.readable {
+                    // Held batches before this one are readable too by now, and go first.
+                    self.publish_readable(false);
+                    self.acks.send(AckJob::Committed {
+                        records: appended.records,
+                        pending,
+                        head_seq: head,
+                        ready: touched,
+                    });
+                } else {
+                    stats.held_batches.fetch_add(1, Ordering::Relaxed);
+                    self.unpublished.push_back((head, appended.records));
+                    self.acks.send(AckJob::Held { pending, head_seq: head, ready: touched });
+                }
             }
             Err(error) => self.fail(pending, error.to_string(), error.is_storage_full()),
         }
@@ -870,7 +965,14 @@ impl WriterThread {
             .collect();
         self.acks.send(AckJob::Answer { pending, head_seq: self.store.head().seq });
         match fold_to_head(&self.reader, self.store.snapshots()) {
-            Ok((ledger, head, _)) => {
+            Ok((mut ledger, head, _)) => {
+                // Batches acknowledged while a checkpoint ran are durable in the journal but
+                // not in what the reader folded: memory keeps them.
+                for record in self.unpublished.iter().flat_map(|(_, records)| records) {
+                    if let Ok(event) = crate::fold::decode_event(record) {
+                        let _ = ledger.apply(&event);
+                    }
+                }
                 self.ledger = ledger;
                 if let Ok(dedup) = DedupIndex::rebuild(&self.reader, head.seq, self.config.dedup_window_events) {
                     self.dedup = dedup;

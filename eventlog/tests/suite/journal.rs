@@ -6,7 +6,10 @@
 
 use std::path::Path;
 
-use eventlog::journal::{BLOCK_BYTES, FRAME_HEADER_BYTES, FRAMES_START, JOURNAL_FILE_NAME, SLOT_BYTES, SLOT_OFFSETS};
+use eventlog::journal::{
+    BLOCK_BYTES, FRAME_HEADER_BYTES, FRAMES_START, JOURNAL_BYTES_MIN, JOURNAL_FILE_NAME, SECOND_JOURNAL_FILE_NAME,
+    SLOT_BYTES, SLOT_OFFSETS,
+};
 use eventlog::{LogReader, LogStore, NewRecord, OpenError, RedbOptions, RedbStore, verify};
 
 const BATCHES: u64 = 12;
@@ -35,7 +38,10 @@ fn append_batches(store: &mut RedbStore, from: u64, batches: u64) {
 /// The files of the open store in `dir` copied to a new directory: a crash image.
 fn crash_image(dir: &Path) -> tempfile::TempDir {
     let image = tempfile::tempdir().unwrap();
-    for name in ["ledger.redb", JOURNAL_FILE_NAME] {
+    for name in ["ledger.redb", JOURNAL_FILE_NAME, SECOND_JOURNAL_FILE_NAME] {
+        if name == SECOND_JOURNAL_FILE_NAME && !dir.join(name).exists() {
+            continue;
+        }
         std::fs::copy(dir.join(name), image.path().join(name)).unwrap();
     }
     image
@@ -218,6 +224,73 @@ fn a_full_journal_checkpoints_and_starts_over() {
     assert_eq!(store.head().seq, head);
     let report = verify(&store.reader(), |_, _| {}).unwrap();
     assert!(report.is_clean() && report.records == head, "{report:?}");
+}
+
+/// Reopens a crash image and checks it holds exactly records 0..head, verified.
+fn assert_image_holds(image: &Path, head: u64) {
+    let store = RedbStore::open(image, RedbOptions { journal_bytes: JOURNAL_BYTES_MIN, ..RedbOptions::default() })
+        .unwrap_or_else(|e| panic!("the crash image at head {head} does not open: {e}"));
+    assert_eq!(store.head().seq, head);
+    let records = store.reader().read_range(1, head, 100_000).unwrap();
+    assert_eq!(records.len() as u64, head);
+    for (i, stored) in records.iter().enumerate() {
+        assert_eq!(stored.command_id, format!("cmd-{i}"));
+    }
+    let report = verify(&store.reader(), |_, _| {}).unwrap();
+    assert!(report.is_clean() && report.records == head, "{report:?}");
+}
+
+/// With `checkpoint_beside_appends`, the append that finds the journal full moves to the second
+/// journal and the checkpoint runs on its own thread; appends after it are durable (a crash
+/// image has them) but held: readers see them only once `settle` says so. Over several rounds
+/// the two journals take turns, and a crash image taken at any point, before or after the
+/// settle, reopens with every appended record.
+#[test]
+fn a_checkpoint_beside_appends_holds_them_until_it_is_done_and_a_crash_loses_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = RedbOptions { journal_bytes: JOURNAL_BYTES_MIN, ..RedbOptions::default() };
+    let mut store = RedbStore::open(dir.path(), options).unwrap();
+    store.checkpoint_beside_appends();
+    let mut next = 0u64;
+    for round in 0..4 {
+        // Fill the journal until an append is held (14 one-block frames fit in 64 KiB).
+        let mut held = None;
+        for _ in 0..40 {
+            let batch: Vec<NewRecord> = (next..next + RECORDS_PER_BATCH).map(record).collect();
+            next += RECORDS_PER_BATCH;
+            let appended = store.append(&batch, &[]).unwrap();
+            assert_eq!(appended.head, store.head());
+            if !appended.readable {
+                held = Some(appended);
+                break;
+            }
+            assert_eq!(store.reader().head().unwrap().seq, appended.head.seq, "round {round}: a readable append");
+        }
+        let held = held.unwrap_or_else(|| panic!("round {round}: no append was held"));
+        assert!(dir.path().join(SECOND_JOURNAL_FILE_NAME).exists());
+        // Two more held appends: the checkpoint is only settled when asked.
+        for _ in 0..2 {
+            let batch: Vec<NewRecord> = (next..next + RECORDS_PER_BATCH).map(record).collect();
+            next += RECORDS_PER_BATCH;
+            assert!(!store.append(&batch, &[]).unwrap().readable, "round {round}");
+        }
+        let readable = store.reader().head().unwrap().seq;
+        assert_eq!(readable, held.records[0].seq - 1, "round {round}: readers see up to the held appends");
+        assert!(store.reader().read_range(readable + 1, readable + 1, 1).unwrap().is_empty());
+        let image = crash_image(dir.path());
+        assert_image_holds(image.path(), next);
+        assert_eq!(store.settle(true).unwrap(), store.head(), "round {round}");
+        assert_eq!(store.reader().head().unwrap(), store.head(), "round {round}");
+        let image = crash_image(dir.path());
+        assert_image_holds(image.path(), next);
+    }
+    drop(store);
+    // Closed cleanly: the log file alone holds everything, and neither journal anything past it.
+    let log = dir.path().join("ledger.redb");
+    let reader = LogReader::open_read_only(&log).unwrap();
+    assert_eq!(reader.head().unwrap().seq, next);
+    drop(reader);
+    assert_image_holds(dir.path(), next);
 }
 
 #[test]

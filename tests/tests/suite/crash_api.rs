@@ -589,17 +589,18 @@ fn replay_tool(args: &[&str], context: &str) -> (i32, String) {
     (output.status.code().unwrap_or(-1), text)
 }
 
-/// Copies the log, its write-ahead journal and the snapshots of the dead server into `scratch`
+/// Copies the log, its write-ahead journals and the snapshots of the dead server into `scratch`
 /// and opens it read-write once, which makes redb repair it and replays the journal, as the
 /// next server start would.
 fn repaired_copy(data: &Path, scratch: &Path, context: &str) {
     std::fs::create_dir_all(scratch.join("snapshots")).expect("scratch dir");
     std::fs::copy(data.join("ledger.redb"), scratch.join("ledger.redb"))
         .unwrap_or_else(|e| panic!("{context}: copy the log: {e}"));
-    let journal = data.join(eventlog::journal::JOURNAL_FILE_NAME);
-    if journal.exists() {
-        std::fs::copy(&journal, scratch.join(eventlog::journal::JOURNAL_FILE_NAME))
-            .unwrap_or_else(|e| panic!("{context}: copy the journal: {e}"));
+    for name in [eventlog::journal::JOURNAL_FILE_NAME, eventlog::journal::SECOND_JOURNAL_FILE_NAME] {
+        let journal = data.join(name);
+        if journal.exists() {
+            std::fs::copy(&journal, scratch.join(name)).unwrap_or_else(|e| panic!("{context}: copy {name}: {e}"));
+        }
     }
     if let Ok(entries) = std::fs::read_dir(data.join("snapshots")) {
         for entry in entries.flatten() {
