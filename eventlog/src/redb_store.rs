@@ -348,18 +348,11 @@ impl RedbStore {
                     store.replay_journal(&path, contents)?;
                 }
                 let generation_floor = headers.iter().flatten().map(|h| h.generation).max().unwrap_or(0);
-                let faults = store.options.journal_faults.clone();
-                let current = Journal::start(
-                    &first,
-                    store.options.journal_bytes,
-                    headers[0],
-                    generation_floor,
-                    store.head,
-                    faults,
-                )?;
-                // The second one is opened (and started over) when the first is full; until then
-                // whatever it holds is in the log already.
-                store.journals = Some(Journals { current, other: None, other_path: Some(second) });
+                let (bytes, faults) = (store.options.journal_bytes, store.options.journal_faults.clone());
+                let current = Journal::start(&first, bytes, headers[0], generation_floor, store.head, faults.clone())?;
+                // Started too (empty, on the same head), so that taking over costs a header write.
+                let other = Journal::start(&second, bytes, headers[1], current.generation(), store.head, faults)?;
+                store.journals = Some(Journals { current, other });
             }
         }
         Ok(store)
@@ -663,10 +656,7 @@ struct RunningCheckpoint {
 /// current one is full, while the checkpoint of everything before runs beside it.
 struct Journals {
     current: Journal,
-    /// `None` until it is first needed (its path is in `other_path`), or when the store
-    /// checkpoints in the writer's own thread (a backend without a file path).
-    other: Option<Journal>,
-    other_path: Option<PathBuf>,
+    other: Journal,
 }
 
 impl RedbStore {
@@ -858,7 +848,7 @@ impl RedbStore {
         let mut frame = (self.journals.is_some() && outcomes.is_empty()).then(FrameBuilder::default);
         let (encoded, inserted) = self.write_batch(&txn, records, outcomes, frame.as_mut())?;
         let first_seq = self.head.seq + 1;
-        let generation_floor = self.journals.as_ref().map_or(0, |j| j.other.as_ref().map_or(0, Journal::generation));
+        let generation_floor = self.journals.as_ref().map_or(0, |j| j.other.generation());
         let beside = self.checkpoint_beside_appends;
         match (&mut self.journals, frame) {
             (Some(journals), Some(frame)) if journals.current.has_room(frame.file_bytes()) => {
@@ -868,28 +858,14 @@ impl RedbStore {
                 txn.set_durability(Durability::None).map_err(|e| append_backend(redb::Error::from(e)))?;
                 txn.commit().map_err(append_backend)?;
             }
-            (Some(journals), Some(frame)) if beside && journals.other_path.is_some() => {
+            (Some(journals), Some(frame)) if beside => {
                 // The other journal takes this batch and those after it; the checkpoint of
                 // everything up to this batch runs beside them.
-                let base = self.head;
-                let other = match journals.other.take() {
-                    Some(mut other) => other.reset(base, journals.current.generation()).map(|()| other),
-                    None => {
-                        let path = journals.other_path.as_deref().expect("checked");
-                        Journal::start(
-                            path,
-                            self.options.journal_bytes,
-                            journal::read(path).ok().flatten().map(|c| c.header),
-                            journals.current.generation(),
-                            base,
-                            self.options.journal_faults.clone(),
-                        )
-                        .map_err(|e| io_error_of(&e))
-                    }
-                }
-                .map_err(|e| append_backend(redb::Error::Io(e)))?;
-                let previous = std::mem::replace(&mut journals.current, other);
-                journals.other = Some(previous);
+                journals
+                    .other
+                    .reset(self.head, journals.current.generation())
+                    .map_err(|e| append_backend(redb::Error::Io(e)))?;
+                std::mem::swap(&mut journals.current, &mut journals.other);
                 if !records.is_empty() {
                     journals.current.append(&frame, first_seq).map_err(|e| append_backend(redb::Error::Io(e)))?;
                 }
@@ -1015,7 +991,7 @@ impl RedbStore {
         if !journals.current.dirty() {
             return Ok(());
         }
-        let generation_floor = journals.other.as_ref().map_or(0, Journal::generation);
+        let generation_floor = journals.other.generation();
         let Db::ReadWrite(db) = &*self.db else {
             return Err(AppendError::Poisoned);
         };

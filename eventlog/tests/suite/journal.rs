@@ -152,7 +152,8 @@ fn damage_before_intact_frames_is_refused_with_its_offset() {
 #[test]
 fn a_damaged_header_is_refused_when_records_depend_on_it() {
     // `crashed_store`'s first batch was a checkpoint: the journal's current header is
-    // generation 2 in slot 1, and slot 0 keeps generation 1.
+    // generation 3 in slot 1 (the second journal took generation 2 when the store opened), and
+    // slot 0 keeps generation 1.
     let (image, head) = crashed_store();
     let journal = image.path().join(JOURNAL_FILE_NAME);
     let pristine = std::fs::read(&journal).unwrap();
@@ -160,7 +161,7 @@ fn a_damaged_header_is_refused_when_records_depend_on_it() {
     flip(&journal, SLOT_OFFSETS[1] + 21);
     let error = RedbStore::open(image.path(), RedbOptions::default()).map(drop).unwrap_err();
     assert!(matches!(error, OpenError::Journal { offset, .. } if offset == SLOT_OFFSETS[1]), "{error}");
-    assert!(error.to_string().contains("header") && error.to_string().contains("generation 2"), "{error}");
+    assert!(error.to_string().contains("header") && error.to_string().contains("generation 3"), "{error}");
     // The current slot wiped (all zeros): the same.
     let mut wiped = pristine.clone();
     wiped[SLOT_OFFSETS[1] as usize..SLOT_OFFSETS[1] as usize + SLOT_BYTES].fill(0);
@@ -312,7 +313,7 @@ fn a_changed_bit_anywhere_is_refused_or_drops_only_the_last_frame() {
     let (image, head) = crashed_store();
     let journal = image.path().join(JOURNAL_FILE_NAME);
     let pristine = std::fs::read(&journal).unwrap();
-    // The current slot (generation 2, slot 1) and each frame's used bytes.
+    // The current slot (generation 3, slot 1) and each frame's used bytes.
     let mut meaningful: Vec<u64> = (SLOT_OFFSETS[1]..SLOT_OFFSETS[1] + SLOT_BYTES as u64).collect();
     for frame in 0..BATCHES {
         let at = frame_offset(frame) as usize;
