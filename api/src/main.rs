@@ -109,9 +109,10 @@ struct ServeArgs {
     #[arg(long, env = "TASKLEDGER_PROJECTIONS_CACHE_MIB", value_parser = clap::value_parser!(u32).range(1..=CACHE_MIB_MAX),
           default_value_t = projections::StoreOptions::default().sqlite_cache_kib >> 10)]
     projections_cache_mib: u32,
-    /// Size of the log's write-ahead journal (`ledger.journal`), in MiB: each batch is fsynced
-    /// there and checkpointed into `ledger.redb` when the journal fills; 0 commits every batch
-    /// durably into `ledger.redb` itself (slower: see the README's Performance section).
+    /// Size of each of the log's two write-ahead journals (`ledger.journal`, `ledger.journal.1`),
+    /// in MiB: each batch is fsynced there and checkpointed into `ledger.redb` when the journal
+    /// fills, while the other one takes the batches; 0 commits every batch durably into
+    /// `ledger.redb` itself (slower: see the README's Performance section).
     #[arg(long, env = "TASKLEDGER_JOURNAL_MIB", value_parser = clap::value_parser!(u32).range(0..=JOURNAL_MIB_MAX),
           default_value_t = (eventlog::JOURNAL_BYTES_DEFAULT >> 20) as u32)]
     journal_mib: u32,

@@ -9,6 +9,11 @@
 //! is full, when the store closes, and after recovery. A crash loses at most the non-durable redb
 //! commits, and opening the store appends the journal's records after redb's head again.
 //!
+//! There are two journals (`ledger.journal`, `ledger.journal.1`), so that a checkpoint need not
+//! stop the writer: while it runs, frames go to the other one, started on the head at that moment
+//! (see `RedbStore::commit_batch`). A journal is only started over once the checkpoint of its
+//! records is durable; recovery reads both and replays them in the order of their base seqs.
+//!
 //! Why the file is preallocated and overwritten in place: `fdatasync` of a write that grows a
 //! file also commits the filesystem's metadata journal, and on ext4 (data=ordered) that commit
 //! first writes out every other file's newly allocated dirty blocks — redb's pages among them.

@@ -1,9 +1,12 @@
 //! [`RedbStore`]: the [`LogStore`] on one redb file, `<dir>/ledger.redb`.
 //!
-//! One write transaction per [`LogStore::append`], committed with `Durability::Immediate`:
-//! events, time index, command outcomes (with eviction of the oldest beyond the dedup window),
-//! head and, every `stream_index_lag_records` records, the stream index change together or not
-//! at all. Two in-memory mirrors avoid reads on the write path: the dedup window (complete,
+//! One write transaction per [`LogStore::append`], made durable by one fsync of its frame in the
+//! write-ahead journal (then committed without one; see `journal.rs`), or committed with
+//! `Durability::Immediate` (without a journal, with outcomes, and as the checkpoint): events,
+//! time index, command outcomes (with eviction of the oldest beyond the dedup window), head and,
+//! every `stream_index_lag_records` records, the stream index change together or not at all.
+//! With [`RedbStore::checkpoint_beside_appends`], a full journal's checkpoint runs on a thread
+//! of its own while appends go to the second journal and are held out of redb until it is done. Two in-memory mirrors avoid reads on the write path: the dedup window (complete,
 //! rebuilt at open) and a bounded cache of stream heads (complete while the log was created by
 //! this store and never overflowed the cache, so a new stream costs no lookup; otherwise a miss
 //! reads the stream index once per batch).
