@@ -58,6 +58,8 @@ pub struct FaultPlan {
 #[derive(Debug, Default)]
 struct State {
     plan: Option<FaultPlan>,
+    /// Only calls on this file count and fail (`None`: both).
+    only: Option<FaultTarget>,
     seen: u64,
     tripped: bool,
     failures: u64,
@@ -69,12 +71,40 @@ struct State {
 #[derive(Clone, Debug, Default)]
 pub struct FaultHandle {
     state: Arc<Mutex<State>>,
+    /// While true, the log file's syncs wait (a slow disk under a checkpoint, in tests).
+    syncs_held: Arc<(Mutex<bool>, parking_lot::Condvar)>,
 }
 
 impl FaultHandle {
     /// Arms `plan`, replacing any previous one and resetting the call count.
     pub fn arm(&self, plan: FaultPlan) {
         *self.state.lock() = State { plan: Some(plan), ..State::default() };
+    }
+
+    /// Arms `plan` for calls on `target` only: the other file's calls neither count nor fail,
+    /// even after the fault fired.
+    pub fn arm_on(&self, plan: FaultPlan, target: FaultTarget) {
+        *self.state.lock() = State { plan: Some(plan), only: Some(target), ..State::default() };
+    }
+
+    /// Makes the log file's syncs wait until [`Self::release_syncs`]: a checkpoint that takes as
+    /// long as a test needs.
+    pub fn hold_syncs(&self) {
+        *self.syncs_held.0.lock() = true;
+    }
+
+    /// Lets the log file's syncs go on.
+    pub fn release_syncs(&self) {
+        *self.syncs_held.0.lock() = false;
+        self.syncs_held.1.notify_all();
+    }
+
+    fn wait_while_syncs_held(&self) {
+        let (held, released) = &*self.syncs_held;
+        let mut held = held.lock();
+        while *held {
+            released.wait(&mut held);
+        }
     }
 
     /// Stops injecting faults.
@@ -108,6 +138,9 @@ impl FaultHandle {
         let Some(plan) = state.plan else {
             return Ok(());
         };
+        if state.only.is_some_and(|only| only != target) {
+            return Ok(());
+        }
         let fail = if state.tripped {
             plan.mode == FaultMode::FromThenOn
         } else if plan.op == op {
@@ -162,6 +195,7 @@ impl StorageBackend for FaultyBackend {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        self.handle.wait_while_syncs_held();
         self.handle.check(FaultOp::SyncData)?;
         self.inner.sync_data()
     }

@@ -437,7 +437,7 @@ impl RedbStore {
     /// transaction, dropped at the next append; the remembered answers stay right because only
     /// this store writes, and it updates the cache after each commit.
     pub fn stream_version_cached(&mut self, stream: &[u8]) -> Result<u64, ReadError> {
-        if let Some(version) = self.stream_heads.get(stream) {
+        if let Some(version) = self.held_versions.get(stream).copied().or_else(|| self.stream_heads.get(stream)) {
             return Ok(version);
         }
         if let Some(version) = self.unindexed.read().version(stream) {
@@ -1130,7 +1130,8 @@ impl LogStore for RedbStore {
     }
 
     fn stream_version(&self, stream: &[u8]) -> Result<u64, ReadError> {
-        match self.stream_heads.get(stream).or_else(|| self.unindexed.read().version(stream)) {
+        let known = self.held_versions.get(stream).copied().or_else(|| self.stream_heads.get(stream));
+        match known.or_else(|| self.unindexed.read().version(stream)) {
             Some(version) => Ok(version),
             None => self.reader.stream_version(stream),
         }

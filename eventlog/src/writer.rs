@@ -922,10 +922,21 @@ impl WriterThread {
     /// The original answer to a repeated command id, rebuilt from the log.
     fn replay_outcome(&self, range: SeqRange) -> Result<Acknowledgement, WriteError> {
         let mut events = Vec::new();
-        let records = self
+        let wanted = (range.last - range.first + 1) as usize;
+        let mut records = self
             .reader
-            .read_range(range.first, range.last, (range.last - range.first + 1) as usize)
+            .read_range(range.first, range.last, wanted)
             .map_err(|e| WriteError::CommitFailed(e.to_string()))?;
+        // Records held during a checkpoint are not readable yet; the writer has them.
+        let next = records.last().map_or(range.first, |r| r.seq + 1);
+        let held = self.unpublished.iter().flat_map(|(_, records)| records);
+        records.extend(held.filter(|r| r.seq >= next && r.seq <= range.last).cloned());
+        if records.len() != wanted {
+            return Err(WriteError::CommitFailed(format!(
+                "the records of seqs {}..={} are neither readable nor held",
+                range.first, range.last
+            )));
+        }
         for record in &records {
             events.push(decode_event(record).map_err(|e| WriteError::CommitFailed(e.to_string()))?);
         }
