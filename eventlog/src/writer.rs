@@ -978,8 +978,9 @@ impl WriterThread {
         match fold_to_head(&self.reader, self.store.snapshots()) {
             Ok((mut ledger, head, _)) => {
                 // Batches acknowledged while a checkpoint ran are durable in the journal but
-                // not in what the reader folded: memory keeps them.
-                for record in self.unpublished.iter().flat_map(|(_, records)| records) {
+                // maybe not in what the reader folded: memory keeps them (once).
+                let held = self.unpublished.iter().flat_map(|(_, records)| records);
+                for record in held.filter(|record| record.seq > head.seq) {
                     if let Ok(event) = crate::fold::decode_event(record) {
                         let _ = ledger.apply(&event);
                     }
