@@ -6,10 +6,12 @@
 //! time index, command outcomes (with eviction of the oldest beyond the dedup window), head and,
 //! every `stream_index_lag_records` records, the stream index change together or not at all.
 //! With [`RedbStore::checkpoint_beside_appends`], a full journal's checkpoint runs on a thread
-//! of its own while appends go to the second journal and are held out of redb until it is done. Two in-memory mirrors avoid reads on the write path: the dedup window (complete,
-//! rebuilt at open) and a bounded cache of stream heads (complete while the log was created by
-//! this store and never overflowed the cache, so a new stream costs no lookup; otherwise a miss
-//! reads the stream index once per batch).
+//! of its own while appends go to the second journal and are held out of redb until it is done.
+//!
+//! Two in-memory mirrors avoid reads on the write path: the dedup window (complete, rebuilt at
+//! open) and a bounded cache of stream heads (complete while the log was created by this store
+//! and never overflowed the cache, so a new stream costs no lookup; otherwise a miss reads the
+//! stream index once per batch).
 //!
 //! Why the stream index trails the log: its key is the stream, so a batch of records for many
 //! streams dirties a B-tree leaf per stream, and every commit rewrote those leaves (and their
@@ -628,7 +630,7 @@ impl Encoded {
         self.records.extend(next.records);
         self.times.extend(next.times);
         self.head = next.head;
-        self.stream_versions.extend(next.stream_versions);
+        // `stream_versions` were noted when each batch was appended (`note_appended`).
     }
 }
 
@@ -843,10 +845,7 @@ impl RedbStore {
             }
             self.settle_checkpoint(true)?;
         }
-        let db = match &*self.db {
-            Db::ReadWrite(db) => db,
-            Db::ReadOnly(_) => return Err(AppendError::Poisoned),
-        };
+        let Db::ReadWrite(db) = &*self.db else { return Err(AppendError::Poisoned) };
         let mut txn = db.begin_write().map_err(append_backend)?;
         let mut frame = (self.journals.is_some() && outcomes.is_empty()).then(FrameBuilder::default);
         let (encoded, inserted) = self.write_batch(&txn, records, outcomes, frame.as_mut())?;
@@ -856,7 +855,7 @@ impl RedbStore {
         match (&mut self.journals, frame) {
             (Some(journals), Some(frame)) if journals.current.has_room(frame.file_bytes()) => {
                 if !records.is_empty() {
-                    journals.current.append(&frame, first_seq).map_err(|e| append_backend(redb::Error::Io(e)))?;
+                    journals.current.append(&frame, first_seq).map_err(journal_io)?;
                 }
                 txn.set_durability(Durability::None).map_err(|e| append_backend(redb::Error::from(e)))?;
                 txn.commit().map_err(append_backend)?;
@@ -864,13 +863,10 @@ impl RedbStore {
             (Some(journals), Some(frame)) if beside => {
                 // The other journal takes this batch and those after it; the checkpoint of
                 // everything up to this batch runs beside them.
-                journals
-                    .other
-                    .reset(self.head, journals.current.generation())
-                    .map_err(|e| append_backend(redb::Error::Io(e)))?;
+                journals.other.reset(self.head, journals.current.generation()).map_err(journal_io)?;
                 std::mem::swap(&mut journals.current, &mut journals.other);
                 if !records.is_empty() {
-                    journals.current.append(&frame, first_seq).map_err(|e| append_backend(redb::Error::Io(e)))?;
+                    journals.current.append(&frame, first_seq).map_err(journal_io)?;
                 }
                 txn.set_durability(Durability::None).map_err(|e| append_backend(redb::Error::from(e)))?;
                 txn.commit().map_err(append_backend)?;
@@ -906,14 +902,17 @@ impl RedbStore {
         let mut frame = FrameBuilder::default();
         let reader = &self.reader;
         let encoded = self.encode_batch(records, Some(&mut frame), &mut |stream| {
-            reader.stream_version(stream).map_err(|e| AppendError::Backend(backend(redb::Error::Io(io_error_of(&e)))))
+            reader.stream_version(stream).map_err(|error| match error {
+                ReadError::Backend(error) => AppendError::Backend(error),
+                ReadError::Record(error) => error.into(),
+            })
         })?;
         if !journals.current.has_room(frame.file_bytes()) {
             return Ok(None);
         }
         let journals = self.journals.as_mut().expect("checked");
         if !records.is_empty() {
-            journals.current.append(&frame, encoded.base.seq + 1).map_err(|e| append_backend(redb::Error::Io(e)))?;
+            journals.current.append(&frame, encoded.base.seq + 1).map_err(journal_io)?;
         }
         Ok(Some(encoded))
     }
@@ -945,6 +944,11 @@ impl RedbStore {
     /// readable. A failed checkpoint poisons the store.
     fn settle_checkpoint(&mut self, wait: bool) -> Result<(), AppendError> {
         let Some(running) = self.checkpoint.take() else { return Ok(()) };
+        if self.poisoned {
+            // Nothing is inserted into a store whose state on disk is unknown.
+            self.checkpoint = Some(running);
+            return Err(AppendError::Poisoned);
+        }
         if !wait && !running.thread.is_finished() {
             self.checkpoint = Some(running);
             return Ok(());
@@ -958,10 +962,7 @@ impl RedbStore {
             return Err(append_backend(error));
         }
         let Some(held) = self.held.take() else { return Ok(()) };
-        let db = match &*self.db {
-            Db::ReadWrite(db) => db,
-            Db::ReadOnly(_) => return Err(AppendError::Poisoned),
-        };
+        let Db::ReadWrite(db) = &*self.db else { return Err(AppendError::Poisoned) };
         let result = (|| {
             let mut txn = db.begin_write().map_err(append_backend)?;
             let inserted = self.insert_encoded(&txn, &held, &[])?;
@@ -1002,7 +1003,7 @@ impl RedbStore {
             let mut txn = db.begin_write().map_err(append_backend)?;
             txn.set_durability(Durability::Immediate).map_err(|e| append_backend(redb::Error::from(e)))?;
             txn.commit().map_err(append_backend)?;
-            journals.current.reset(self.head, generation_floor).map_err(|e| append_backend(redb::Error::Io(e)))
+            journals.current.reset(self.head, generation_floor).map_err(journal_io)
         })();
         if result.is_err() {
             self.poisoned = true;
@@ -1059,9 +1060,9 @@ impl RedbStore {
     }
 }
 
-/// An `io::Error` carrying an error's message (the journal's paths report `io::Error`s).
-fn io_error_of(error: &dyn std::fmt::Display) -> std::io::Error {
-    std::io::Error::other(error.to_string())
+/// A journal write or sync that failed.
+fn journal_io(error: std::io::Error) -> AppendError {
+    append_backend(redb::Error::Io(error))
 }
 
 impl Drop for RedbStore {
@@ -1117,15 +1118,7 @@ impl LogStore for RedbStore {
     }
 
     fn settle(&mut self, wait: bool) -> Result<Head, AppendError> {
-        if self.checkpoint.is_some() {
-            if self.poisoned {
-                return Err(AppendError::Poisoned);
-            }
-            if let Err(error) = self.settle_checkpoint(wait) {
-                self.poisoned = true;
-                return Err(error);
-            }
-        }
+        self.settle_checkpoint(wait)?;
         Ok(self.readable_head())
     }
 

@@ -141,21 +141,22 @@ fn a_full_channel_answers_overloaded_at_once() {
     assert_eq!(handle.reader().head().unwrap().seq, 2, "the refused command wrote nothing");
 }
 
+/// A writer on `dir` whose log file (and journals) fail or stall on demand through the handle.
+fn faulty_writer(dir: &std::path::Path, journal_bytes: u64) -> (Writer, eventlog::FaultHandle) {
+    let file =
+        OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join("ledger.redb")).unwrap();
+    let (backend, faults) = FaultyBackend::new(file).unwrap();
+    let options = RedbOptions { journal_bytes, journal_faults: Some(faults.clone()), ..RedbOptions::default() };
+    let store = RedbStore::open_with_backend(dir, backend, options).unwrap();
+    let (writer, _) = Writer::start(store, config(), Arc::new(SystemClock)).unwrap();
+    (writer, faults)
+}
+
 #[test]
 fn a_failed_commit_acknowledges_nothing_and_stops_writes() {
     for op in [FaultOp::Write, FaultOp::SyncData] {
         let dir = tempfile::tempdir().unwrap();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(dir.path().join("ledger.redb"))
-            .unwrap();
-        let (backend, faults) = FaultyBackend::new(file).unwrap();
-        let options = RedbOptions { journal_faults: Some(faults.clone()), ..RedbOptions::default() };
-        let store = RedbStore::open_with_backend(dir.path(), backend, options).unwrap();
-        let (writer, _) = Writer::start(store, config(), Arc::new(SystemClock)).unwrap();
+        let (writer, faults) = faulty_writer(dir.path(), RedbOptions::default().journal_bytes);
         let handle = writer.handle();
         let acked = handle.execute(envelope("ok", Command::CreateTask(job(1, "q")))).unwrap();
         let before = handle.read(|l| l.digest()).unwrap();
@@ -358,21 +359,7 @@ fn batches_acknowledged_during_a_checkpoint_are_published_once_readable() {
 #[test]
 fn a_failed_checkpoint_stops_writes_and_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(dir.path().join("ledger.redb"))
-        .unwrap();
-    let (backend, faults) = FaultyBackend::new(file).unwrap();
-    let options = RedbOptions {
-        journal_bytes: eventlog::journal::JOURNAL_BYTES_MIN,
-        journal_faults: Some(faults.clone()),
-        ..RedbOptions::default()
-    };
-    let store = RedbStore::open_with_backend(dir.path(), backend, options.clone()).unwrap();
-    let (writer, _) = Writer::start(store, config(), Arc::new(SystemClock)).unwrap();
+    let (writer, faults) = faulty_writer(dir.path(), eventlog::journal::JOURNAL_BYTES_MIN);
     let handle = writer.handle();
     // Only the log file's fsyncs fail: with the journal, only a checkpoint makes one.
     faults.arm_on(
@@ -426,17 +413,7 @@ fn a_failed_checkpoint_stops_writes_and_loses_nothing_acknowledged() {
 #[test]
 fn a_repeat_of_a_held_command_gets_its_original_answer() {
     let dir = tempfile::tempdir().unwrap();
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(dir.path().join("ledger.redb"))
-        .unwrap();
-    let (backend, faults) = FaultyBackend::new(file).unwrap();
-    let options = RedbOptions { journal_bytes: eventlog::journal::JOURNAL_BYTES_MIN, ..RedbOptions::default() };
-    let store = RedbStore::open_with_backend(dir.path(), backend, options).unwrap();
-    let (writer, _) = Writer::start(store, config(), Arc::new(SystemClock)).unwrap();
+    let (writer, faults) = faulty_writer(dir.path(), eventlog::journal::JOURNAL_BYTES_MIN);
     let handle = writer.handle();
     /// Lets the checkpoint finish however the test ends, so a failure cannot hang the writer.
     struct ReleaseSyncs(eventlog::FaultHandle);
