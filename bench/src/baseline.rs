@@ -39,7 +39,7 @@ use anyhow::{Context, Result};
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use tokio::sync::Notify;
 
-use crate::stats::{Phase, Pickups, Tally};
+use crate::stats::{OpenLoop, Phase, Pickups, Tally};
 
 const SCHEMA: &str = r#"
 CREATE TYPE job_state AS ENUM ('ready', 'running', 'completed', 'retryable', 'failed', 'cancelled');
@@ -201,7 +201,7 @@ pub async fn producer(
 /// How an insert-side producer is paced.
 pub enum Pace {
     /// Open loop: one insert every `interval`, starting at `offset`; latency is
-    /// measured from the scheduled time.
+    /// measured as `OpenLoop` says.
     Fixed { interval: Duration, offset: Duration },
     /// One at a time, `interval` apart (the idle-worker case).
     Trickle { interval: Duration },
@@ -217,6 +217,7 @@ pub async fn paced_producer(
     let mut tally = Tally::default();
     let mut conn = pool.acquire().await.context("acquire a connection")?;
     let mut n = 0u64;
+    let mut clock = OpenLoop::new();
     let mut next = tokio::time::Instant::now();
     if let Pace::Fixed { offset, .. } = pace {
         next += offset;
@@ -234,6 +235,8 @@ pub async fn paced_producer(
             _ = tokio::time::sleep_until(scheduled) => {}
             _ = phase.stopped() => break,
         }
+        let scheduled = scheduled.into_std();
+        let since = clock.origin(scheduled, phase.measuring(), &mut tally);
         n += 1;
         phase.backlog.fetch_add(1, Ordering::Relaxed);
         let id: i64 = match sqlx::query_scalar(INSERT)
@@ -249,7 +252,8 @@ pub async fn paced_producer(
                 break;
             }
         };
-        let elapsed = scheduled.elapsed();
+        let elapsed = since.elapsed();
+        clock.answered(scheduled, true, phase.measuring(), &mut tally);
         let pickup = pickups.acknowledged(id as u64, phase.now_ns());
         if phase.measuring() {
             tally.create.record(elapsed);

@@ -196,6 +196,8 @@ impl Row {
             "complete_p50_ms": r(t.complete.p_ms(0.5)),
             "complete_p99_ms": r(t.complete.p_ms(0.99)),
             "fail_p99_ms": r(t.fail.p_ms(0.99)),
+            "create_p99_from_schedule_ms": r(t.create_from_schedule.p_ms(0.99)),
+            "send_late_p99_ms": r(t.send_late.p_ms(0.99)),
             "created": t.created,
             "finished": t.finished,
             "completed_steps": t.completed_steps,
@@ -214,6 +216,7 @@ impl Row {
             v["writer_commit_p99_ms_at_most"] = json!(w.commit_p99_ms);
             v["writer_commit_max_ms_at_most"] = json!(w.commit_max_ms);
             v["writer_commit_avg_ms"] = json!(w.commit_avg_ms);
+            v["server_ack_over_10ms_pct"] = json!(r(w.server_ack_over_10ms * 100.0));
         }
         if let Some(e) = &t.first_error {
             v["first_error"] = json!(e);
@@ -232,6 +235,9 @@ struct WriterCounters {
     commit_buckets: Vec<(f64, f64)>,
     /// `taskledger_commit_seconds_sum`.
     commit_seconds: f64,
+    /// `taskledger_ack_latency_seconds` (the server's own view of each command, from
+    /// its handler's start to the writer's answer), as (upper bound in ms, cumulative count).
+    ack_buckets: Vec<(f64, f64)>,
 }
 
 struct WriterRates {
@@ -244,16 +250,21 @@ struct WriterRates {
     commit_p99_ms: f64,
     commit_max_ms: f64,
     commit_avg_ms: f64,
+    /// Share of the window's commands the server itself took over 10 ms to answer.
+    server_ack_over_10ms: f64,
+}
+
+/// The window's counts per bucket of a cumulative histogram read before (`b`) and after (`a`).
+fn bucket_window(b: &[(f64, f64)], a: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    a.iter().zip(b).map(|(&(le, after), &(_, before))| (le, after - before)).collect()
 }
 
 impl WriterRates {
     fn between(b: &WriterCounters, a: &WriterCounters, seconds: f64) -> Self {
-        let window: Vec<(f64, f64)> = a
-            .commit_buckets
-            .iter()
-            .zip(&b.commit_buckets)
-            .map(|(&(le, after), &(_, before))| (le, after - before))
-            .collect();
+        let window = bucket_window(&b.commit_buckets, &a.commit_buckets);
+        let acks = bucket_window(&b.ack_buckets, &a.ack_buckets);
+        let acks_total = acks.last().map_or(0.0, |&(_, n)| n);
+        let acks_within_10ms = acks.iter().find(|&&(le, _)| le >= 10.0).map_or(0.0, |&(_, n)| n);
         let total = window.last().map_or(0.0, |&(_, n)| n);
         let bound_at = |count: f64| window.iter().find(|&&(_, n)| n >= count).map_or(f64::NAN, |&(le, _)| le);
         WriterRates {
@@ -263,6 +274,7 @@ impl WriterRates {
             commit_p99_ms: bound_at((total * 0.99).ceil().max(1.0)),
             commit_max_ms: bound_at(total.max(1.0)),
             commit_avg_ms: (a.commit_seconds - b.commit_seconds) * 1000.0 / total.max(1.0),
+            server_ack_over_10ms: (acks_total - acks_within_10ms) / acks_total.max(1.0),
         }
     }
 }
@@ -274,21 +286,24 @@ async fn writer_counters(target: &Target) -> Option<WriterCounters> {
     let value = |name: &str| {
         text.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok())).unwrap_or(0.0)
     };
-    let commit_buckets = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("taskledger_commit_seconds_bucket{le=\""))
-        .filter_map(|rest| {
-            let (le, count) = rest.split_once("\"}")?;
-            let le_ms = if le == "+Inf" { f64::INFINITY } else { le.parse::<f64>().ok()? * 1000.0 };
-            Some((le_ms, count.trim().parse().ok()?))
-        })
-        .collect();
+    let buckets = |name: &str| {
+        let prefix = format!("{name}_bucket{{le=\"");
+        text.lines()
+            .filter_map(|l| l.strip_prefix(prefix.as_str()))
+            .filter_map(|rest| {
+                let (le, count) = rest.split_once("\"}")?;
+                let le_ms = if le == "+Inf" { f64::INFINITY } else { le.parse::<f64>().ok()? * 1000.0 };
+                Some((le_ms, count.trim().parse().ok()?))
+            })
+            .collect()
+    };
     Some(WriterCounters {
         batches: value("taskledger_writer_batches_total "),
         commands: value("taskledger_writer_commands_total "),
         events: value("taskledger_writer_events_total "),
         commit_seconds: value("taskledger_commit_seconds_sum "),
-        commit_buckets,
+        commit_buckets: buckets("taskledger_commit_seconds"),
+        ack_buckets: buckets("taskledger_ack_latency_seconds"),
     })
 }
 
@@ -735,15 +750,26 @@ fn print_table(args: &Args, rows: &[Row]) {
         if let Some(m) = r.cpu.machine_pct {
             notes.push(format!("machine cpu {m:.0}% of 1 core"));
         }
+        if !r.tally.create_from_schedule.latency_us.is_empty() {
+            let (s, l) = (&r.tally.create_from_schedule, &r.tally.send_late);
+            notes.push(format!(
+                "create p50/p99 from the schedule {:.2}/{:.2} ms (sends on a free connection left {:.2}/{:.2} ms late)",
+                s.p_ms(0.5),
+                s.p_ms(0.99),
+                l.p_ms(0.5),
+                l.p_ms(0.99)
+            ));
+        }
         if let Some(w) = &r.writer {
             notes.push(format!(
-                "writer {:.0} events/s in {:.0} commits/s ({:.1} commands/commit), commit avg {:.2} ms, p99 <= {} ms, longest <= {} ms",
+                "writer {:.0} events/s in {:.0} commits/s ({:.1} commands/commit), commit avg {:.2} ms, p99 <= {} ms, longest <= {} ms; commands the server took over 10 ms to answer {:.2}%",
                 w.events_per_s,
                 w.batches_per_s,
                 w.commands_per_batch,
                 w.commit_avg_ms,
                 w.commit_p99_ms,
-                w.commit_max_ms
+                w.commit_max_ms,
+                w.server_ack_over_10ms * 100.0
             ));
         }
         let _ = writeln!(out, "{} {}: {}", r.system, r.workload, notes.join("; "));

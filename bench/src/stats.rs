@@ -56,6 +56,11 @@ pub struct Tally {
     pub complete: Command,
     pub fail: Command,
     pub pickup: Command,
+    /// Open-loop creates only: latency measured from the scheduled time, always.
+    pub create_from_schedule: Command,
+    /// Open-loop creates only: how late a send on a free connection left after its
+    /// scheduled time (the load generator's timer and CPU, not the system measured).
+    pub send_late: Command,
     /// Tasks created (single tasks, or tasks inside batches) while measuring.
     pub created: u64,
     /// Tasks that reached their end (completed, or dead-lettered) while measuring.
@@ -76,6 +81,8 @@ impl Tally {
         self.complete.merge(&other.complete);
         self.fail.merge(&other.fail);
         self.pickup.merge(&other.pickup);
+        self.create_from_schedule.merge(&other.create_from_schedule);
+        self.send_late.merge(&other.send_late);
         self.created += other.created;
         self.finished += other.finished;
         self.completed_steps += other.completed_steps;
@@ -101,6 +108,45 @@ impl Tally {
             all.merge(c);
         }
         all
+    }
+}
+
+/// Where an open-loop request's latency starts. A request whose connection was
+/// still busy with the previous one at its scheduled time counts from that time,
+/// so a slow answer delays what queues behind it (no coordinated omission). One
+/// whose connection was free counts from its send: tokio's timer rounds a
+/// deadline up to the next millisecond and wakes up to about 1 ms late, and that
+/// lateness belongs to the load generator, not to the system measured. The
+/// latency from the schedule is kept too (`Tally::create_from_schedule`), and the
+/// lateness itself (`Tally::send_late`).
+pub struct OpenLoop {
+    connection_free_since: Instant,
+}
+
+impl OpenLoop {
+    pub fn new() -> Self {
+        OpenLoop { connection_free_since: Instant::now() }
+    }
+
+    /// Called once woken for the request `scheduled` then; returns the instant its
+    /// latency is measured from.
+    pub fn origin(&self, scheduled: Instant, measuring: bool, tally: &mut Tally) -> Instant {
+        let now = Instant::now();
+        if self.connection_free_since > scheduled {
+            return scheduled;
+        }
+        if measuring {
+            tally.send_late.record(now.saturating_duration_since(scheduled));
+        }
+        now
+    }
+
+    /// Called when the request `scheduled` then was answered.
+    pub fn answered(&mut self, scheduled: Instant, acknowledged: bool, measuring: bool, tally: &mut Tally) {
+        self.connection_free_since = Instant::now();
+        if acknowledged && measuring {
+            tally.create_from_schedule.record(self.connection_free_since.saturating_duration_since(scheduled));
+        }
     }
 }
 

@@ -25,7 +25,7 @@ use hyper::StatusCode;
 use serde::Deserialize;
 
 use crate::http::{Conn, Target};
-use crate::stats::{Phase, Pickups, Tally};
+use crate::stats::{OpenLoop, Phase, Pickups, Tally};
 
 /// Hands out task numbers and formats them as UUIDv7 ids.
 pub struct Ids {
@@ -458,8 +458,9 @@ impl Create<'_> {
 
 /// An open-loop producer: creates on a fixed schedule (`interval` apart,
 /// starting at `offset`) whether or not the last one was answered yet, and
-/// measures each acknowledgement from its scheduled time, so a stall shows
-/// up in the latency instead of silently lowering the rate.
+/// measures each acknowledgement from its scheduled time when its connection
+/// was still busy then (see `OpenLoop`), so a stall shows up in the latency
+/// instead of silently lowering the rate.
 #[allow(clippy::too_many_arguments)]
 pub async fn paced_producer(
     target: Target,
@@ -474,6 +475,7 @@ pub async fn paced_producer(
     let mut conn = Conn::connect(&target).await?;
     let mut body = String::with_capacity(512);
     let mut next = tokio::time::Instant::now() + offset;
+    let mut clock = OpenLoop::new();
     while !phase.stopping() {
         tokio::select! {
             _ = tokio::time::sleep_until(next) => {}
@@ -481,8 +483,11 @@ pub async fn paced_producer(
         }
         let scheduled = next.into_std();
         next += interval;
+        let since = clock.origin(scheduled, phase.measuring(), &mut tally);
         let sent = Create { ids: &ids, namespace, shape: TaskShape::Single, phase: &phase, pickups: &pickups };
-        if sent.send(&mut conn, &mut body, scheduled, &mut tally).await == Sent::ConnectionLost {
+        let sent = sent.send(&mut conn, &mut body, since, &mut tally).await;
+        clock.answered(scheduled, sent == Sent::Acknowledged, phase.measuring(), &mut tally);
+        if sent == Sent::ConnectionLost {
             break;
         }
     }
