@@ -11,7 +11,8 @@
 //!   per-command latency, pickup latency (create acknowledged → claimed).
 //! - `half-rate`: the same, but producers are open-loop at 50 % of the
 //!   lifecycle throughput just measured; acknowledgement latency is measured
-//!   from each create's scheduled time.
+//!   from each create's scheduled time when its connection was still busy
+//!   then, else from its send (see `stats::OpenLoop`).
 //! - `idle-pickup`: one long-polling worker, tasks created one at a time at
 //!   a low rate; pickup latency.
 //! - `mixed` (taskledger only): retries with a short backoff, permanent
