@@ -101,8 +101,27 @@ pub fn app(state: AppState, config: &ServeConfig) -> Router {
                     .map(str::to_owned)
                     .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
                 tracing::info_span!("request", %request_id, method = %request.method(), path = %request.uri().path())
-            }),
+            })
+            .on_failure(log_failure),
         )
+}
+
+/// Logs a failed response. A 503 is an answer the server gives by design — shedding load when
+/// the writer's queue is full, or `/readyz` while projections catch up — and is counted in
+/// `/metrics`; logging each at ERROR would flood the log exactly when the server is busiest, so
+/// those go to DEBUG. Every other 5xx (and a failure without a response) is an ERROR.
+fn log_failure(
+    class: tower_http::classify::ServerErrorsFailureClass,
+    latency: std::time::Duration,
+    _span: &tracing::Span,
+) {
+    let latency_ms = latency.as_millis();
+    match class {
+        tower_http::classify::ServerErrorsFailureClass::StatusCode(StatusCode::SERVICE_UNAVAILABLE) => {
+            tracing::debug!(status = 503, latency_ms, "response failed");
+        }
+        class => tracing::error!(classification = %class, latency_ms, "response failed"),
+    }
 }
 
 /// Liveness: the process answers. The body says whether writes work.

@@ -83,6 +83,11 @@ impl Server {
 
     /// Starts a server on `data` (kept by the caller, e.g. across restarts).
     pub fn start_in(data: &Path, extra_args: &[&str]) -> Server {
+        Server::start_with_log(data, extra_args, Stdio::null())
+    }
+
+    /// [`Server::start_in`], with the server's log (its stderr) going to `log`.
+    pub fn start_with_log(data: &Path, extra_args: &[&str], log: impl Into<Stdio>) -> Server {
         let mut child = Command::new(workspace_binary("taskledger"))
             .arg("serve")
             .arg("--data")
@@ -90,7 +95,7 @@ impl Server {
             .args(["--listen", "127.0.0.1:0"])
             .args(extra_args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start taskledger");
         let stdout = child.stdout.take().expect("piped stdout");

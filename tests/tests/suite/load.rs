@@ -332,9 +332,16 @@ fn overload_is_shed_with_503_and_a_soak_at_half_the_sustainable_rate_holds_stead
     );
     drop(server);
 
-    let server = Server::start_in(&temp.path().join("overload"), &["--writer-queue", "4"]);
+    let log_path = temp.path().join("overload.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let server = Server::start_with_log(&temp.path().join("overload"), &["--writer-queue", "4"], log);
     overload(&server);
     drop(server);
+    // Shedding is the server working as designed (and counted in /metrics): a log line at ERROR
+    // for every shed request would flood the log exactly when the server is busiest.
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let errors: Vec<&str> = log.lines().filter(|line| line.contains("ERROR")).collect();
+    assert!(errors.is_empty(), "{} ERROR lines while shedding load, the first: {}", errors.len(), errors[0]);
 
     let server = Server::start_in(
         &temp.path().join("soak"),
