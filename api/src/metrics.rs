@@ -25,6 +25,8 @@ struct Inner {
     latency_buckets: [u64; LATENCY_BUCKETS_S.len()],
     latency_count: u64,
     latency_sum_s: f64,
+    /// Whether a refusal because the writer stopped has been logged (it is logged once).
+    writes_stopped_logged: bool,
 }
 
 fn outcome(result: &CommandResult) -> &'static str {
@@ -50,6 +52,14 @@ impl Metrics {
         }
         inner.latency_count += 1;
         inner.latency_sum_s += seconds;
+        // The writer stopped (a failed commit or checkpoint): an operator must read that once.
+        // A failed checkpoint answers no command with an error of its own, and every later
+        // refusal (503, not logged per request) is the same fact.
+        if let Err(WriteError::Unavailable(reason)) = result
+            && !std::mem::replace(&mut inner.writes_stopped_logged, true)
+        {
+            tracing::error!(%reason, "the writer stopped taking writes; commands get 503 until a restart");
+        }
     }
 
     /// Steps and tasks by namespace and state, from the dashboard projection.
@@ -155,4 +165,48 @@ fn histogram(
         }
     }
     let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}\n{name}_sum {sum}\n{name}_count {cumulative}");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use eventlog::WriteError;
+
+    use super::Metrics;
+
+    /// A log sink the test can read back.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stopped_writer_is_logged_once_however_many_commands_it_refuses() {
+        let log = Captured::default();
+        let sink = log.clone();
+        let subscriber = tracing_subscriber::fmt().with_writer(move || sink.clone()).with_ansi(false).finish();
+        let metrics = Metrics::default();
+        tracing::subscriber::with_default(subscriber, || {
+            metrics.record_command("create_task", &Err(WriteError::Overloaded), Duration::from_micros(5));
+            for _ in 0..3 {
+                let refused = Err(WriteError::Unavailable("checkpoint failed: I/O error".into()));
+                metrics.record_command("create_task", &refused, Duration::from_micros(5));
+            }
+        });
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains("stopped taking writes")).collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        assert!(lines[0].contains("ERROR") && lines[0].contains("checkpoint failed: I/O error"), "{text}");
+        assert_eq!(text.lines().count(), 1, "an overload is not logged: {text}");
+    }
 }

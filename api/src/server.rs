@@ -106,10 +106,11 @@ pub fn app(state: AppState, config: &ServeConfig) -> Router {
         )
 }
 
-/// Logs a failed response. A 503 is an answer the server gives by design — shedding load when
-/// the writer's queue is full, or `/readyz` while projections catch up — and is counted in
-/// `/metrics`; logging each at ERROR would flood the log exactly when the server is busiest, so
-/// those go to DEBUG. Every other 5xx (and a failure without a response) is an ERROR.
+/// Logs a failed response. The server's own errors are logged where they are made, with their
+/// stable code (`ApiError`'s `IntoResponse`: every 5xx but a 503, which is an answer by design —
+/// load shed, not ready yet — counted in `/metrics`; logging each would flood the log exactly
+/// when the server is busiest). So a 5xx is only a DEBUG line here, and what no handler answered
+/// (a failure without a response) an ERROR.
 fn log_failure(
     class: tower_http::classify::ServerErrorsFailureClass,
     latency: std::time::Duration,
@@ -117,8 +118,8 @@ fn log_failure(
 ) {
     let latency_ms = latency.as_millis();
     match class {
-        tower_http::classify::ServerErrorsFailureClass::StatusCode(StatusCode::SERVICE_UNAVAILABLE) => {
-            tracing::debug!(status = 503, latency_ms, "response failed");
+        tower_http::classify::ServerErrorsFailureClass::StatusCode(status) => {
+            tracing::debug!(status = status.as_u16(), latency_ms, "response failed");
         }
         class => tracing::error!(classification = %class, latency_ms, "response failed"),
     }
