@@ -8,10 +8,14 @@
 //!   `Durability::Immediate` transaction, in a loop, for N = 1 and each `--submitters` count —
 //!   the most this storage engine allows for that batch size, with no index, no hash chain and no
 //!   ledger; the writer's figure at the same concurrency reads against it.
-//! - `writer_1_submitter`: one thread submitting `CreateTask` commands one at a time.
-//! - `writer_{N}_submitters`: N threads, each running create → claim → complete cycles on its
+//! - `writer_1_submitter`: one submitter sending `CreateTask` commands one at a time.
+//! - `writer_{N}_submitters`: N submitters, each running create → claim → complete cycles on its
 //!   own namespace (the realistic shape: a producer and a worker per queue; a shared queue would
-//!   mostly measure claims that find another thread's task).
+//!   mostly measure claims that find another submitter's task).
+//!
+//! Submitters are tasks on a tokio runtime with a worker thread per core, as the server's
+//! request handlers are; `--submitter-threads` runs each on an OS thread of its own instead
+//! (each wake-up then costs the kernel a thread switch, which on two cores caps the rate).
 //! - `snapshot_stall`: while the ledger holds `--live-tasks` live tasks and a snapshot of it is
 //!   being taken, a probe thread runs create → claim → complete cycles; the longest
 //!   acknowledgement it sees is `max_stall_us`.
@@ -90,12 +94,18 @@ struct Args {
     /// `Immediate` redb commit).
     #[arg(long, default_value_t = eventlog::JOURNAL_BYTES_DEFAULT >> 20)]
     journal_mib: u64,
+    /// Run each submitter on an OS thread of its own instead of as a task on a tokio runtime
+    /// with one worker per core (the way the server's request handlers run).
+    #[arg(long)]
+    submitter_threads: bool,
 }
 
 const ALL_CASES: [&str; 7] = ["raw", "redb", "writer1", "writerN", "snapshot", "restart", "verify"];
 const RAW_RECORD_BYTES: usize = 256;
 
 struct Settings {
+    /// Each submitter on a thread of its own, instead of a task on a runtime with a worker per core.
+    submitter_threads: bool,
     stream_index_lag: usize,
     journal_bytes: u64,
     seconds: f64,
@@ -209,6 +219,7 @@ fn main() -> Result<()> {
     // As the server runs (see `eventlog::memory`).
     eventlog::memory::disable_transparent_huge_pages()?;
     let settings = Settings {
+        submitter_threads: args.submitter_threads,
         stream_index_lag: args.stream_index_lag,
         journal_bytes: args.journal_mib << 20,
         seconds: args.seconds.unwrap_or(if args.quick { 2.0 } else { 5.0 }),
@@ -436,7 +447,7 @@ fn envelope(command_id: String, command: Command) -> Envelope {
 }
 
 /// Runs `command`, retrying briefly on "overloaded"; returns the result and its latency.
-fn timed_execute(
+async fn timed_execute(
     handle: &WriterHandle,
     command_id: String,
     command: Command,
@@ -444,10 +455,10 @@ fn timed_execute(
 ) -> (CommandResult, u64) {
     let started = Instant::now();
     loop {
-        match handle.execute(envelope(command_id.clone(), command.clone())) {
+        match handle.execute_async(envelope(command_id.clone(), command.clone())).await {
             Err(WriteError::Overloaded) => {
                 *overloaded += 1;
-                std::thread::sleep(Duration::from_micros(200));
+                tokio::time::sleep(Duration::from_micros(200)).await;
             }
             result => return (result, us_since(started)),
         }
@@ -464,7 +475,7 @@ fn task_number() -> u64 {
     NEXT_TASK_NUMBER.fetch_add(1, Ordering::Relaxed)
 }
 
-fn submitter(handle: &WriterHandle, t: usize, workload: Workload, phase: &AtomicU8) -> Result<Tally> {
+async fn submitter(handle: WriterHandle, t: usize, workload: Workload, phase: Arc<AtomicU8>) -> Result<Tally> {
     let namespace = format!("bench-{t}");
     let worker = format!("worker-{t}");
     let mut tally = Tally { hist: histogram(), commands: 0, events: 0, overloaded: 0 };
@@ -480,22 +491,36 @@ fn submitter(handle: &WriterHandle, t: usize, workload: Workload, phase: &Atomic
     while phase.load(Ordering::Acquire) != STOPPED {
         let n = task_number();
         let (created, us) =
-            timed_execute(handle, format!("c-{n}"), Command::CreateTask(job(n, &namespace)), &mut tally.overloaded);
+            timed_execute(&handle, format!("c-{n}"), Command::CreateTask(job(n, &namespace)), &mut tally.overloaded)
+                .await;
         record(&mut tally, &created, us)?;
         if workload == Workload::CreateOnly {
             continue;
         }
         let (claimed, us) =
-            timed_execute(handle, format!("l-{n}"), claim(&namespace, &worker, 1), &mut tally.overloaded);
+            timed_execute(&handle, format!("l-{n}"), claim(&namespace, &worker, 1), &mut tally.overloaded).await;
         record(&mut tally, &claimed, us)?;
         let Some(work) = claimed.ok().and_then(|ack| ack.claimed.into_iter().next()) else {
             bail!("submitter {t}: the claim found no work in its own namespace");
         };
         let (completed, us) =
-            timed_execute(handle, format!("d-{n}"), complete(work.task, "run", work.epoch.0), &mut tally.overloaded);
+            timed_execute(&handle, format!("d-{n}"), complete(work.task, "run", work.epoch.0), &mut tally.overloaded)
+                .await;
         record(&mut tally, &completed, us)?;
     }
     Ok(tally)
+}
+
+/// Runs `future` on the calling thread, which parks while it waits (as `blocking_recv` does).
+fn block_on_this_thread<F: std::future::Future>(future: F) -> Result<F::Output> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().context("a thread's runtime")?;
+    Ok(runtime.block_on(future))
+}
+
+/// A running submitter: a thread of its own, or a task on the shared runtime.
+enum Submitter {
+    Thread(std::thread::JoinHandle<Result<Tally>>),
+    Task(tokio::task::JoinHandle<Result<Tally>>),
 }
 
 fn writer_submitters(dir: &Path, submitters: usize, workload: Workload, settings: &Settings) -> Result<Row> {
@@ -509,15 +534,21 @@ fn writer_submitters(dir: &Path, submitters: usize, workload: Workload, settings
     let opened = Instant::now();
     let handle = writer.handle();
     let phase = Arc::new(AtomicU8::new(WARMING));
-    let threads: Vec<_> = (0..submitters)
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_time().build().context("start the submitters' runtime")?;
+    let running: Vec<Submitter> = (0..submitters)
         .map(|t| {
-            let handle = handle.clone();
-            let phase = phase.clone();
-            std::thread::Builder::new()
-                .name(format!("submitter-{t}"))
-                .stack_size(256 * 1024)
-                .spawn(move || submitter(&handle, t, workload, &phase))
-                .context("spawn a submitter")
+            let submitter = submitter(handle.clone(), t, workload, phase.clone());
+            if settings.submitter_threads {
+                std::thread::Builder::new()
+                    .name(format!("submitter-{t}"))
+                    .stack_size(256 * 1024)
+                    .spawn(move || block_on_this_thread(submitter)?)
+                    .map(Submitter::Thread)
+                    .context("spawn a submitter")
+            } else {
+                Ok(Submitter::Task(runtime.spawn(submitter)))
+            }
         })
         .collect::<Result<_>>()?;
     std::thread::sleep(Duration::from_secs_f64(settings.warmup));
@@ -527,8 +558,11 @@ fn writer_submitters(dir: &Path, submitters: usize, workload: Workload, settings
     phase.store(STOPPED, Ordering::Release);
     let seconds = started.elapsed().as_secs_f64();
     let mut total = Tally { hist: histogram(), commands: 0, events: 0, overloaded: 0 };
-    for thread in threads {
-        let tally = thread.join().map_err(|_| anyhow::anyhow!("a submitter panicked"))??;
+    for submitter in running {
+        let tally = match submitter {
+            Submitter::Thread(thread) => thread.join().map_err(|_| anyhow::anyhow!("a submitter panicked"))??,
+            Submitter::Task(task) => runtime.block_on(task).context("a submitter task")??,
+        };
         total.hist.add(&tally.hist).context("merge histograms")?;
         total.commands += tally.commands;
         total.events += tally.events;
@@ -587,29 +621,37 @@ fn build_live_log(dir: &Path, live_tasks: u64) -> Result<Built> {
         let handle = handle.clone();
         let stop = stop_probe.clone();
         std::thread::Builder::new().name("probe".into()).spawn(move || -> Result<ProbeLog> {
-            let mut log = ProbeLog::new();
-            let mut overloaded = 0;
-            while !stop.load(Ordering::Acquire) {
-                let n = task_number();
-                let (created, us) =
-                    timed_execute(&handle, format!("c-{n}"), Command::CreateTask(job(n, "probe")), &mut overloaded);
-                created.map_err(|e| anyhow::anyhow!("probe create: {e}"))?;
-                log.push((Instant::now(), us));
-                let (claimed, us) =
-                    timed_execute(&handle, format!("l-{n}"), claim("probe", "prober", 1), &mut overloaded);
-                let work = claimed
-                    .map_err(|e| anyhow::anyhow!("probe claim: {e}"))?
-                    .claimed
-                    .into_iter()
-                    .next()
-                    .context("the probe's claim found no work")?;
-                log.push((Instant::now(), us));
-                let (completed, us) =
-                    timed_execute(&handle, format!("d-{n}"), complete(work.task, "run", work.epoch.0), &mut overloaded);
-                completed.map_err(|e| anyhow::anyhow!("probe complete: {e}"))?;
-                log.push((Instant::now(), us));
-            }
-            Ok(log)
+            block_on_this_thread(async move {
+                let mut log = ProbeLog::new();
+                let mut overloaded = 0;
+                while !stop.load(Ordering::Acquire) {
+                    let n = task_number();
+                    let (created, us) =
+                        timed_execute(&handle, format!("c-{n}"), Command::CreateTask(job(n, "probe")), &mut overloaded)
+                            .await;
+                    created.map_err(|e| anyhow::anyhow!("probe create: {e}"))?;
+                    log.push((Instant::now(), us));
+                    let (claimed, us) =
+                        timed_execute(&handle, format!("l-{n}"), claim("probe", "prober", 1), &mut overloaded).await;
+                    let work = claimed
+                        .map_err(|e| anyhow::anyhow!("probe claim: {e}"))?
+                        .claimed
+                        .into_iter()
+                        .next()
+                        .context("the probe's claim found no work")?;
+                    log.push((Instant::now(), us));
+                    let (completed, us) = timed_execute(
+                        &handle,
+                        format!("d-{n}"),
+                        complete(work.task, "run", work.epoch.0),
+                        &mut overloaded,
+                    )
+                    .await;
+                    completed.map_err(|e| anyhow::anyhow!("probe complete: {e}"))?;
+                    log.push((Instant::now(), us));
+                }
+                Ok(log)
+            })?
         })?
     };
 
