@@ -595,6 +595,7 @@ fn writer_submitters(dir: &Path, submitters: usize, workload: Workload, settings
             ("commit_us_avg", round1(commit_us_total as f64 / batches.max(1) as f64).into()),
             ("batch_us_avg", round1(elapsed_all.as_micros() as f64 / batches.max(1) as f64).into()),
             ("overloaded", total.overloaded.into()),
+            ("submitters_as", if settings.submitter_threads { "threads" } else { "tasks" }.into()),
         ],
     })
 }
