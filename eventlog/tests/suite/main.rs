@@ -3,6 +3,7 @@
 //! made CI builds slow and large). Each module is one suite; run one with a filter,
 //! e.g. `cargo nextest run -p eventlog faults::`.
 
+mod bench_smoke;
 mod bitflips;
 mod corruption;
 mod crash;
