@@ -11,8 +11,6 @@
 //! header for queries and mutations, the `connection_init` payload
 //! (`{"Authorization": "Bearer …"}`) for WebSocket subscriptions.
 
-use std::time::Duration;
-
 use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
 use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
 use async_graphql::{Context, Data, ErrorExtensions, Object, Schema, SimpleObject, Subscription};
@@ -40,8 +38,6 @@ pub const RECURSIVE_DEPTH_MAX: usize = 32;
 pub const DIRECTIVES_MAX: usize = 8;
 pub const ALIASES_MAX: usize = 64;
 pub const PAGE_MAX: usize = 500;
-/// Longest a query waits for `minSeq`.
-pub const MIN_SEQ_WAIT: Duration = Duration::from_secs(5);
 
 pub type LedgerSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
@@ -75,23 +71,11 @@ fn who<'a>(ctx: &Context<'a>) -> async_graphql::Result<&'a Principal> {
     ctx.data_opt::<Principal>().ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token>").into())
 }
 
-/// Waits (bounded) until the log head reaches `min_seq`: read-your-writes
-/// for the queries answered from the log itself (task, taskHistory, queue).
-/// Queries answered from SQL wait for the projectors instead
-/// (`readmodels::wait_min_seq`).
+/// Waits (bounded) until the log's readers see `min_seq` and every acknowledged write:
+/// read-your-writes for the queries answered from the log itself (task, taskHistory, queue).
+/// Queries answered from SQL wait for the projectors instead (`readmodels::wait_min_seq`).
 async fn wait_min_seq(state: &AppState, min_seq: Option<u64>) -> async_graphql::Result<()> {
-    let Some(min_seq) = min_seq else { return Ok(()) };
-    let mut head = state.writer.head_watch();
-    let reached = tokio::time::timeout(MIN_SEQ_WAIT, head.wait_for(|h| *h >= min_seq)).await;
-    match reached {
-        Ok(Ok(_)) => Ok(()),
-        _ => Err(ApiError::unavailable(
-            "min_seq_not_reached",
-            format!("seq {min_seq} was not reached within {} s", MIN_SEQ_WAIT.as_secs()),
-            1,
-        )
-        .into()),
-    }
+    Ok(commands::wait_log_readable(state, min_seq).await?)
 }
 
 fn parse_as_of(text: Option<String>) -> async_graphql::Result<Option<AsOf>> {

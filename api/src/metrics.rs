@@ -100,6 +100,11 @@ impl Metrics {
                 "Commands refused because the writer queue was full.",
                 &stats.overloaded,
             ),
+            (
+                "taskledger_writer_held_batches_total",
+                "Batches acknowledged while a checkpoint ran, readable once it was done.",
+                &stats.held_batches,
+            ),
             ("taskledger_snapshots_total", "Snapshots written.", &stats.snapshots),
         ] {
             let _ =

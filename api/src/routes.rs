@@ -327,10 +327,12 @@ async fn queue_status(
 }
 
 async fn get_task(State(state): State<AppState>, who: Principal, Path(id): Path<String>) -> ApiResult<Response> {
+    commands::wait_log_readable(&state, None).await?;
     Ok(AxumJson(commands::task_view(&state, &who, &id, None)?).into_response())
 }
 
 async fn task_history(State(state): State<AppState>, who: Principal, Path(id): Path<String>) -> ApiResult<Response> {
+    commands::wait_log_readable(&state, None).await?;
     Ok(AxumJson(commands::task_history(&state, &who, &id)?).into_response())
 }
 
