@@ -338,6 +338,7 @@ async fn task_history(State(state): State<AppState>, who: Principal, Path(id): P
 
 async fn ledger_head(State(state): State<AppState>, who: Principal) -> ApiResult<Response> {
     who.require(Permission::Read)?;
+    commands::wait_log_readable(&state, None).await?;
     let head = state.writer.reader().head().map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(AxumJson(serde_json::json!({
         "head_seq": head.seq,
@@ -381,6 +382,10 @@ async fn event_feed(
         ));
     }
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    if !query.follow {
+        // "What exists now" includes every write acknowledged before this request.
+        commands::wait_log_readable(&state, None).await?;
+    }
     let sse =
         headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
     let subscription = Subscription::new(state.writer.reader().clone(), state.writer.feed().clone(), query.from_seq);
