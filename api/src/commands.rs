@@ -418,9 +418,6 @@ impl AsOf {
     }
 }
 
-/// Longest a read answered from the log waits for the seq it must see.
-pub const LOG_READ_WAIT: Duration = Duration::from_secs(5);
-
 /// Waits (bounded) until the log's readers see `min_seq`, and in any case every write
 /// acknowledged before this call: a read answered from the log (a task, its history, a queue)
 /// then sees every write any client was told of. They differ only while a checkpoint runs,
@@ -429,18 +426,18 @@ pub async fn wait_log_readable(state: &AppState, min_seq: Option<u64>) -> ApiRes
     let acknowledged = state.writer.acknowledged_head();
     let seq = min_seq.unwrap_or(0).max(acknowledged);
     let mut readable = state.writer.head_watch();
-    match tokio::time::timeout(LOG_READ_WAIT, readable.wait_for(|head| *head >= seq)).await {
+    match tokio::time::timeout(crate::readmodels::MIN_SEQ_WAIT, readable.wait_for(|head| *head >= seq)).await {
         Ok(Ok(_)) => Ok(()),
         _ if min_seq.is_some_and(|wanted| wanted > acknowledged) => Err(ApiError::unavailable(
             "min_seq_not_reached",
-            format!("seq {seq} was not reached within {} s", LOG_READ_WAIT.as_secs()),
+            format!("seq {seq} was not reached within {} s", crate::readmodels::MIN_SEQ_WAIT.as_secs()),
             1,
         )),
         _ => Err(ApiError::unavailable(
             "log_not_readable",
             format!(
                 "acknowledged writes up to seq {seq} were not readable within {} s; retry",
-                LOG_READ_WAIT.as_secs()
+                crate::readmodels::MIN_SEQ_WAIT.as_secs()
             ),
             1,
         )),

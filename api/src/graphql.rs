@@ -338,6 +338,7 @@ impl QueryRoot {
     /// The head of the log.
     async fn ledger(&self, ctx: &Context<'_>) -> async_graphql::Result<LedgerHead> {
         who(ctx)?.require(Permission::Read)?;
+        commands::wait_log_readable(state(ctx), None).await?;
         let head = state(ctx).writer.reader().head().map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(LedgerHead { head_seq: head.seq, head_hash: eventlog::json::hex(&head.hash) })
     }
@@ -580,6 +581,7 @@ impl SubscriptionRoot {
     async fn task(&self, ctx: &Context<'_>, id: String) -> async_graphql::Result<impl Stream<Item = TaskBody>> {
         let who = who(ctx)?.clone();
         let state = state(ctx).clone();
+        commands::wait_log_readable(&state, None).await?;
         let current = commands::task_view(&state, &who, &id, None)?;
         let key = StreamId::Task(commands::parse_task(&id)?).to_key();
         let subscription =

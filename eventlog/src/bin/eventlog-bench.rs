@@ -538,20 +538,22 @@ fn writer_submitters(dir: &Path, submitters: usize, workload: Workload, settings
     let opened = Instant::now();
     let handle = writer.handle();
     let phase = Arc::new(AtomicU8::new(WARMING));
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().enable_time().build().context("start the submitters' runtime")?;
+    // The submitters' shared runtime, unless each has a thread of its own.
+    let runtime = (!settings.submitter_threads)
+        .then(|| tokio::runtime::Builder::new_multi_thread().enable_time().build())
+        .transpose()
+        .context("start the submitters' runtime")?;
     let running: Vec<Submitter> = (0..submitters)
         .map(|t| {
             let submitter = submitter(handle.clone(), t, workload, phase.clone());
-            if settings.submitter_threads {
-                std::thread::Builder::new()
+            match &runtime {
+                Some(runtime) => Ok(Submitter::Task(runtime.spawn(submitter))),
+                None => std::thread::Builder::new()
                     .name(format!("submitter-{t}"))
                     .stack_size(256 * 1024)
                     .spawn(move || block_on_this_thread(submitter)?)
                     .map(Submitter::Thread)
-                    .context("spawn a submitter")
-            } else {
-                Ok(Submitter::Task(runtime.spawn(submitter)))
+                    .context("spawn a submitter"),
             }
         })
         .collect::<Result<_>>()?;
@@ -565,7 +567,9 @@ fn writer_submitters(dir: &Path, submitters: usize, workload: Workload, settings
     for submitter in running {
         let tally = match submitter {
             Submitter::Thread(thread) => thread.join().map_err(|_| anyhow::anyhow!("a submitter panicked"))??,
-            Submitter::Task(task) => runtime.block_on(task).context("a submitter task")??,
+            Submitter::Task(task) => {
+                runtime.as_ref().expect("tasks run on the runtime").block_on(task).context("a submitter task")??
+            }
         };
         total.hist.add(&tally.hist).context("merge histograms")?;
         total.commands += tally.commands;
