@@ -149,18 +149,29 @@ impl Subscription {
 
     /// Up to `max` records without waiting; empty if there is nothing new.
     pub fn try_next_batch(&mut self, max: usize) -> Result<Vec<StoredRecord>, SubscribeError> {
+        let mut batch = Vec::new();
+        self.try_next_batch_into(max, &mut batch)?;
+        Ok(batch)
+    }
+
+    /// Like [`Subscription::try_next_batch`], into `batch` (emptied first): a consumer that
+    /// polls in a loop keeps one buffer instead of growing a new one for every batch (a
+    /// live projector's batch of a few thousand records is a few hundred KiB, which the
+    /// allocator hands back to the kernel between batches and faults in again).
+    pub fn try_next_batch_into(&mut self, max: usize, batch: &mut Vec<StoredRecord>) -> Result<(), SubscribeError> {
+        batch.clear();
         if max == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
-        let batch = match self.source(max) {
-            Source::Ring(records) => records.iter().map(|r| StoredRecord::clone(r)).collect(),
-            Source::Disk { to_seq } => self.reader.read_range(self.next_seq, to_seq, max)?,
-        };
+        match self.source(max) {
+            Source::Ring(records) => batch.extend(records.iter().map(|r| StoredRecord::clone(r))),
+            Source::Disk { to_seq } => batch.append(&mut self.reader.read_range(self.next_seq, to_seq, max)?),
+        }
         if let Some(last) = batch.last() {
             debug_assert_eq!(batch[0].seq, self.next_seq);
             self.next_seq = last.seq + 1;
         }
-        Ok(batch)
+        Ok(())
     }
 
     /// Up to `max` records, waiting at most `timeout` for the writer to publish if there is
@@ -185,16 +196,28 @@ impl Subscription {
     /// Up to `max` records, waiting for the writer to publish if there is nothing new.
     /// The disk read it may do is short and synchronous.
     pub async fn next_batch_async(&mut self, max: usize) -> Result<Vec<StoredRecord>, SubscribeError> {
+        let mut batch = Vec::new();
+        self.next_batch_async_into(max, &mut batch).await?;
+        Ok(batch)
+    }
+
+    /// Like [`Subscription::next_batch_async`], into `batch` (see
+    /// [`Subscription::try_next_batch_into`]).
+    pub async fn next_batch_async_into(
+        &mut self,
+        max: usize,
+        batch: &mut Vec<StoredRecord>,
+    ) -> Result<(), SubscribeError> {
         loop {
-            let batch = self.try_next_batch(max)?;
+            self.try_next_batch_into(max, batch)?;
             if !batch.is_empty() || max == 0 {
-                return Ok(batch);
+                return Ok(());
             }
             let next_seq = self.next_seq;
             if self.watcher.wait_for(|last_seq| *last_seq >= next_seq).await.is_err() {
                 // Every feed handle is gone: nothing more will be published.
-                let batch = self.try_next_batch(max)?;
-                return if batch.is_empty() { Err(SubscribeError::Closed) } else { Ok(batch) };
+                self.try_next_batch_into(max, batch)?;
+                return if batch.is_empty() { Err(SubscribeError::Closed) } else { Ok(()) };
             }
         }
     }

@@ -154,6 +154,22 @@ impl Statements {
         }
     }
 
+    pub fn backend(&self) -> Backend {
+        match self {
+            Statements::Sqlite(_) => Backend::Sqlite,
+            Statements::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Empties these for the next batch, keeping what buffers are worth
+    /// keeping (see `SqliteBatch::clear`).
+    pub fn clear(&mut self) {
+        match self {
+            Statements::Sqlite(s) => s.clear(),
+            Statements::Postgres(s) => s.clear(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         match self {
             Statements::Sqlite(s) => s.len(),
@@ -243,8 +259,9 @@ impl Statements {
     }
 
     /// Runs every statement, in order, in `tx` (which must be on the backend
-    /// these were rendered for).
-    pub async fn run(self, tx: &mut StoreTx) -> Result<(), sqlx::Error> {
+    /// these were rendered for). PostgreSQL's are used up; SQLite's stay, to
+    /// be cleared and reused.
+    pub async fn run(&mut self, tx: &mut StoreTx) -> Result<(), sqlx::Error> {
         match (self, tx) {
             (Statements::Sqlite(batch), StoreTx::Sqlite(t, _)) => {
                 let mut handle = t.lock_handle().await?;
@@ -253,7 +270,7 @@ impl Statements {
                 off_worker_if(batch.rows() >= OFF_WORKER_ROWS_MIN, || unsafe { batch.execute(db) })?;
             }
             (Statements::Postgres(statements), StoreTx::Postgres(t)) => {
-                for statement in statements {
+                for statement in statements.drain(..) {
                     match statement {
                         PgStatement::Query(mut query) => {
                             query.build().execute(&mut **t).await?;

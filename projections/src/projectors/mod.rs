@@ -247,13 +247,15 @@ pub(crate) struct KeptMirror {
 impl KeptMirror {
     /// Folds `records` into the mirror, showing each event and what it did to
     /// `observe`, and notes the tasks the table will need to hear of.
+    /// `touched` is emptied first and then holds the batch's tasks.
     pub(crate) fn fold(
         &mut self,
         records: &[StoredRecord],
         events: &[Event],
+        touched: &mut Touched,
         mut observe: impl FnMut(&StoredRecord, &Event, &Applied),
-    ) -> Result<Touched, ApplyError> {
-        let mut touched = Touched::default();
+    ) -> Result<(), ApplyError> {
+        touched.clear();
         for (record, event) in records.iter().zip(events) {
             let applied = self.mirror.apply(record.seq, event)?;
             observe(record, event, &applied);
@@ -270,7 +272,7 @@ impl KeptMirror {
                 }
             }
         }
-        Ok(touched)
+        Ok(())
     }
 
     /// Renders the statements that bring `table` up to `seq` (the batch's
@@ -309,6 +311,13 @@ pub struct Touched {
 }
 
 impl Touched {
+    /// Empties it for the next batch, keeping its capacity.
+    pub fn clear(&mut self) {
+        self.order.clear();
+        self.seen.clear();
+        self.finished.clear();
+    }
+
     fn note(&mut self, applied: Applied) {
         if let Some(task) = applied.task {
             if self.seen.insert(task) {
@@ -350,39 +359,41 @@ impl SqlRow for MirrorRow<'_> {
 
 /// Folds a batch into the mirror and a plan, and renders the plan (and, once
 /// the mirror table trails by `store_mirror_every` events or more, the
-/// mirror's changes) as statements for `backend`, without touching the
-/// database (see `sql::Statements`). The caller runs them with the
-/// checkpoint in one transaction; on error, or if that transaction fails, it
-/// must drop the (now partly advanced) mirror.
+/// mirror's changes) into `out` (empty, for the store's backend), without
+/// touching the database (see `sql::Statements`). `touched` is scratch space
+/// kept between batches. The caller runs the statements with the checkpoint
+/// in one transaction; on error, or if that transaction fails, it must drop
+/// the (now partly advanced) mirror.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn prepare_batch(
     kind: ProjectorKind,
-    backend: Backend,
     suffix: &str,
     mirror: Option<&mut KeptMirror>,
     store_mirror_every: u64,
     records: &[StoredRecord],
     events: &[Event],
-) -> Result<Statements, ApplyError> {
+    touched: &mut Touched,
+    out: &mut Statements,
+) -> Result<(), ApplyError> {
     let mut plan = kind.new_plan();
-    let mut out = Statements::new(backend);
     match mirror {
         Some(kept) => {
-            let touched = kept.fold(records, events, |record, event, applied| plan.observe(record, event, applied))?;
-            plan.render(&mut out, suffix, &touched, &kept.mirror, records, events);
+            kept.fold(records, events, touched, |record, event, applied| plan.observe(record, event, applied))?;
+            plan.render(out, suffix, touched, &kept.mirror, records, events);
             kept.mirror.settle()?;
             let last_seq = records.last().map_or(kept.stored_seq, |r| r.seq);
             if last_seq.saturating_sub(kept.stored_seq) >= store_mirror_every.max(1) {
-                kept.render_store(&mut out, &format!("{}{suffix}", kind.mirror_table()), last_seq);
+                kept.render_store(out, &format!("{}{suffix}", kind.mirror_table()), last_seq);
             }
         }
         None => {
             for (record, event) in records.iter().zip(events) {
                 plan.observe(record, event, &Applied::default());
             }
-            plan.render(&mut out, suffix, &Touched::default(), &Mirror::new(), records, events);
+            plan.render(out, suffix, &Touched::default(), &Mirror::new(), records, events);
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 impl Plan {
