@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use eventlog::{CommandResult, WriteError, WriterHandle};
+use projections::ProjectorStatus;
 
 /// Upper bounds of the acknowledgement latency buckets, in seconds.
 const LATENCY_BUCKETS_S: [f64; 11] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0];
@@ -139,13 +140,27 @@ impl Metrics {
             );
         }
         if let Ok(status) = projections.status() {
-            out.push_str("# HELP taskledger_projection_lag_events Head seq minus the projector's checkpoint.\n# TYPE taskledger_projection_lag_events gauge\n");
-            for s in status {
-                let _ = writeln!(
-                    out,
-                    "taskledger_projection_lag_events{{projector=\"{}\",slot=\"{}\"}} {}",
-                    s.projector, s.slot, s.lag
-                );
+            let families: [(&str, &str, &str, fn(&ProjectorStatus) -> u64); 3] = [
+                ("taskledger_projection_lag_events", "gauge", "Head seq minus the projector's checkpoint.", |s| s.lag),
+                (
+                    "taskledger_projection_events_applied_total",
+                    "counter",
+                    "Events the projector has applied since the server started.",
+                    |s| s.events_applied,
+                ),
+                (
+                    "taskledger_projection_batches_applied_total",
+                    "counter",
+                    "Transactions the projector has applied them in (events per batch: the ratio of the two).",
+                    |s| s.batches_applied,
+                ),
+            ];
+            for (name, kind, help, value) in families {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+                for s in &status {
+                    let _ =
+                        writeln!(out, "{name}{{projector=\"{}\",slot=\"{}\"}} {}", s.projector, s.slot, value(s));
+                }
             }
         }
         out
