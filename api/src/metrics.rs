@@ -140,7 +140,7 @@ impl Metrics {
             );
         }
         if let Ok(status) = projections.status() {
-            let families: [(&str, &str, &str, fn(&ProjectorStatus) -> u64); 3] = [
+            let families: [ProjectorFamily; 3] = [
                 ("taskledger_projection_lag_events", "gauge", "Head seq minus the projector's checkpoint.", |s| s.lag),
                 (
                     "taskledger_projection_events_applied_total",
@@ -158,14 +158,16 @@ impl Metrics {
             for (name, kind, help, value) in families {
                 let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
                 for s in &status {
-                    let _ =
-                        writeln!(out, "{name}{{projector=\"{}\",slot=\"{}\"}} {}", s.projector, s.slot, value(s));
+                    let _ = writeln!(out, "{name}{{projector=\"{}\",slot=\"{}\"}} {}", s.projector, s.slot, value(s));
                 }
             }
         }
         out
     }
 }
+
+/// A per-projector metric: name, Prometheus type, help text and its value.
+type ProjectorFamily = (&'static str, &'static str, &'static str, fn(&ProjectorStatus) -> u64);
 
 /// Writes one histogram whose last bucket is unbounded.
 fn histogram(

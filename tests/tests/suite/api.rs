@@ -365,6 +365,24 @@ fn health_readiness_and_metrics_answer() {
     assert!(metrics.contains("taskledger_commit_seconds_count 1"), "{metrics}");
     assert!(metrics.contains("taskledger_batch_events_bucket{le=\"1\"} 1"), "{metrics}");
     assert!(metrics.contains("taskledger_projection_lag_events{projector="), "{metrics}");
+    assert!(metrics.contains("# TYPE taskledger_projection_events_applied_total counter"), "{metrics}");
+    // Each projector's progress: the one event, in one transaction, once it has caught up.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let caught_up = |metrics: &str| {
+        ["audit", "tasks", "queue", "dashboard"].iter().all(|p| {
+            metrics
+                .contains(&format!("taskledger_projection_events_applied_total{{projector=\"{p}\",slot=\"live\"}} 1\n"))
+                && metrics.contains(&format!(
+                    "taskledger_projection_batches_applied_total{{projector=\"{p}\",slot=\"live\"}} 1\n"
+                ))
+        })
+    };
+    let mut metrics = metrics;
+    while !caught_up(&metrics) {
+        assert!(std::time::Instant::now() < deadline, "the projectors' progress never showed the event: {metrics}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        metrics = server.get_text("/metrics").1;
+    }
     let openapi = server.get("/openapi.json");
     assert_eq!(openapi.status, 200);
     assert!(openapi.body["paths"].as_object().is_some_and(|p| p.contains_key("/v1/tasks")));
