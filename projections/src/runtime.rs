@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 
 use crate::checkpoint::{self, Checkpoint, Indexes, Slot, Unlogged};
 use crate::error::{ApplyError, RuntimeError};
-use crate::projectors::{self, KeptMirror, MIRROR_STORE_EVERY_EVENTS, ProjectorKind, Touched};
+use crate::projectors::{self, KeptMirror, MIRROR_STORE_EVERY_EVENTS, ProjectorKind};
 use crate::sql::{self, Statements};
 use crate::store::Store;
 
@@ -72,16 +72,18 @@ pub struct Driver {
 }
 
 /// What a driver reuses from one batch to the next instead of allocating it
-/// afresh: a live projector applies a batch every few milliseconds, and
-/// buffers grown from nothing each time fault in memory the allocator has
-/// given back to the kernel in the meantime. Under `taskledger-bench`'s
-/// lifecycle (2026-12-04) the projector threads took ~14,000 page faults a
-/// second, mostly growing the rendered statements' buffers, and the faults
-/// were 7 % of the server's CPU samples.
+/// afresh (with the records its runner reads into one kept `Vec`, and the
+/// mirror's touched tasks, `KeptMirror::touched`): a live projector applies a
+/// batch every few milliseconds, and buffers grown from nothing each time
+/// fault in memory the allocator has given back to the kernel in the
+/// meantime. Under `taskledger-bench`'s lifecycle (2026-12-04) the projector
+/// threads took ~14,000 page faults a second, mostly growing the rendered
+/// statements' buffers, and the faults were 7 % of the server's CPU samples.
+/// Both are emptied as soon as a batch is done, so they keep capacity, not
+/// the batch.
 #[derive(Default)]
 struct Scratch {
     events: Vec<Event>,
-    touched: Touched,
     statements: Option<Statements>,
 }
 
@@ -148,7 +150,7 @@ impl Driver {
                     .into());
                 };
                 at = last.seq;
-                kept.fold(&records, &decode_all(&records)?, &mut Touched::default(), |_, _, _| {})?;
+                kept.fold(&records, &decode_all(&records)?, |_, _, _| {})?;
                 kept.mirror.settle()?;
             }
         }
@@ -212,10 +214,7 @@ impl Driver {
         }
         assert_eq!(records.len(), events.len(), "one event per record");
         let mut statements = match self.scratch.statements.take() {
-            Some(mut kept) if kept.backend() == store.backend() => {
-                kept.clear();
-                kept
-            }
+            Some(kept) if kept.backend() == store.backend() => kept,
             _ => Statements::new(store.backend()),
         };
         // Fold and render before taking the write lock (see `sql::Statements`).
@@ -227,7 +226,6 @@ impl Driver {
                 self.store_mirror_every,
                 records,
                 events,
-                &mut self.scratch.touched,
                 &mut statements,
             )
         });
@@ -240,6 +238,7 @@ impl Driver {
             Ok(())
         }
         .await;
+        statements.clear();
         self.scratch.statements = Some(statements);
         if let Err(error) = result {
             self.mirror = None;

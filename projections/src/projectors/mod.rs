@@ -190,7 +190,12 @@ impl ProjectorKind {
                 self.mirror_table()
             )));
         }
-        Ok(Some(KeptMirror { mirror: Mirror::from_bodies(bodies), stored_seq, changed: FastSet::default() }))
+        Ok(Some(KeptMirror {
+            mirror: Mirror::from_bodies(bodies),
+            stored_seq,
+            changed: FastSet::default(),
+            touched: Touched::default(),
+        }))
     }
 
     /// Statements that start a new generation's mirror table at seq 0 (its
@@ -242,19 +247,22 @@ pub(crate) struct KeptMirror {
     /// Tasks changed since `stored_seq` that the table holds or must hold:
     /// each is upserted, or deleted if it ended, at the next store.
     changed: FastSet<TaskId>,
+    /// The tasks the last batch touched: rebuilt by every `fold`, its
+    /// capacity kept (see `runtime::Scratch` for why).
+    pub(crate) touched: Touched,
 }
 
 impl KeptMirror {
     /// Folds `records` into the mirror, showing each event and what it did to
     /// `observe`, and notes the tasks the table will need to hear of.
-    /// `touched` is emptied first and then holds the batch's tasks.
+    /// `touched` holds the batch's tasks afterwards.
     pub(crate) fn fold(
         &mut self,
         records: &[StoredRecord],
         events: &[Event],
-        touched: &mut Touched,
         mut observe: impl FnMut(&StoredRecord, &Event, &Applied),
     ) -> Result<(), ApplyError> {
+        let touched = &mut self.touched;
         touched.clear();
         for (record, event) in records.iter().zip(events) {
             let applied = self.mirror.apply(record.seq, event)?;
@@ -360,11 +368,9 @@ impl SqlRow for MirrorRow<'_> {
 /// Folds a batch into the mirror and a plan, and renders the plan (and, once
 /// the mirror table trails by `store_mirror_every` events or more, the
 /// mirror's changes) into `out` (empty, for the store's backend), without
-/// touching the database (see `sql::Statements`). `touched` is scratch space
-/// kept between batches. The caller runs the statements with the checkpoint
-/// in one transaction; on error, or if that transaction fails, it must drop
-/// the (now partly advanced) mirror.
-#[allow(clippy::too_many_arguments)]
+/// touching the database (see `sql::Statements`). The caller runs the
+/// statements with the checkpoint in one transaction; on error, or if that
+/// transaction fails, it must drop the (now partly advanced) mirror.
 pub(crate) fn prepare_batch(
     kind: ProjectorKind,
     suffix: &str,
@@ -372,14 +378,13 @@ pub(crate) fn prepare_batch(
     store_mirror_every: u64,
     records: &[StoredRecord],
     events: &[Event],
-    touched: &mut Touched,
     out: &mut Statements,
 ) -> Result<(), ApplyError> {
     let mut plan = kind.new_plan();
     match mirror {
         Some(kept) => {
-            kept.fold(records, events, touched, |record, event, applied| plan.observe(record, event, applied))?;
-            plan.render(out, suffix, touched, &kept.mirror, records, events);
+            kept.fold(records, events, |record, event, applied| plan.observe(record, event, applied))?;
+            plan.render(out, suffix, &kept.touched, &kept.mirror, records, events);
             kept.mirror.settle()?;
             let last_seq = records.last().map_or(kept.stored_seq, |r| r.seq);
             if last_seq.saturating_sub(kept.stored_seq) >= store_mirror_every.max(1) {
