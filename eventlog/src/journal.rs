@@ -7,7 +7,9 @@
 //! transaction is then committed without an fsync (`Durability::None`): it is visible to readers
 //! at once, and made durable by a later `Immediate` commit — the *checkpoint* — when the journal
 //! is full, when the store closes, and after recovery. A crash loses at most the non-durable redb
-//! commits, and opening the store appends the journal's records after redb's head again.
+//! commits, and opening the store appends the journal's records after redb's head again. A batch
+//! of many records has its frame written through io_uring ([`FrameIo`]) while the writer inserts
+//! it into redb, and the redb commit waits for the frame.
 //!
 //! There are two journals (`ledger.journal`, `ledger.journal.1`), so that a checkpoint need not
 //! stop the writer: while it runs, frames go to the other one, started on the head at that moment
@@ -47,6 +49,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::OpenError;
 use crate::fault::{FaultHandle, FaultOp, FaultTarget};
@@ -373,19 +376,184 @@ pub fn read(path: &Path) -> Result<Option<JournalContents>, OpenError> {
 #[derive(Debug, Default)]
 struct AlignedBuffer {
     raw: Vec<u8>,
+    len: usize,
 }
 
 impl AlignedBuffer {
-    fn holding(&mut self, bytes: &[u8]) -> &[u8] {
+    fn hold(&mut self, bytes: &[u8]) {
         let need = bytes.len() + BLOCK_BYTES as usize;
         if self.raw.len() < need {
             self.raw = vec![0; need];
         }
-        let start = self.raw.as_ptr().align_offset(BLOCK_BYTES as usize);
-        let slice = &mut self.raw[start..start + bytes.len()];
-        slice.copy_from_slice(bytes);
-        slice
+        self.len = bytes.len();
+        let start = self.start();
+        self.raw[start..start + bytes.len()].copy_from_slice(bytes);
     }
+
+    fn start(&self) -> usize {
+        self.raw.as_ptr().align_offset(BLOCK_BYTES as usize)
+    }
+
+    fn held(&self) -> &[u8] {
+        let start = self.start();
+        &self.raw[start..start + self.len]
+    }
+}
+
+/// A frame on its way to the disk through [`FrameIo`]: written (and, without `O_DIRECT`,
+/// fsynced by a linked `fdatasync`).
+#[derive(Debug)]
+struct FrameJob {
+    file: Arc<File>,
+    data: FrameData,
+    offset: u64,
+    sync: bool,
+}
+
+#[derive(Debug)]
+enum FrameData {
+    /// For the `O_DIRECT` file; the buffer comes back to be reused.
+    Aligned(AlignedBuffer),
+    Plain(Vec<u8>),
+}
+
+impl FrameData {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            FrameData::Aligned(buffer) => buffer.held(),
+            FrameData::Plain(bytes) => bytes,
+        }
+    }
+}
+
+/// Writes journal frames through an io_uring, so that the writer can insert a batch into redb
+/// while its frame is on the way to the disk (`RedbStore::commit_batch`) instead of one after
+/// the other. At 64 submitters a batch of ~33 records spent ~70 µs encoding and inserting and
+/// ~105 µs in the frame's write, one after the other (2026-12-04). One frame is in flight at a
+/// time; submitting and waiting are the writer's own system calls. (A thread of our own that
+/// wrote the frames was tried first: waking it and being woken by it on two busy cores cost what
+/// the overlap saved.)
+pub struct FrameIo {
+    ring: io_uring::IoUring,
+    /// The frame being written: its buffer must live until the kernel is done with it.
+    in_flight: Option<FrameJob>,
+    /// Frames written through the ring.
+    written: u64,
+}
+
+impl std::fmt::Debug for FrameIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameIo").field("in_flight", &self.in_flight.is_some()).finish_non_exhaustive()
+    }
+}
+
+/// `user_data` of a frame's write and of its fsync.
+const WRITE_TAG: u64 = 1;
+const SYNC_TAG: u64 = 2;
+
+impl FrameIo {
+    pub fn start() -> io::Result<Self> {
+        Ok(Self { ring: io_uring::IoUring::new(4)?, in_flight: None, written: 0 })
+    }
+
+    /// Frames written through the ring so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    fn send(&mut self, job: FrameJob) -> io::Result<()> {
+        use io_uring::{opcode, squeue, types};
+        use std::os::fd::AsRawFd;
+        if self.in_flight.is_some() {
+            return Err(io::Error::other("a journal frame is already in flight"));
+        }
+        let fd = types::Fd(job.file.as_raw_fd());
+        let bytes = job.data.bytes();
+        let len = u32::try_from(bytes.len()).map_err(|_| io::Error::other("journal frame over 4 GiB"))?;
+        let write = opcode::Write::new(fd, bytes.as_ptr(), len).offset(job.offset).build().user_data(WRITE_TAG);
+        let mut submission = self.ring.submission();
+        // SAFETY: the buffer and the file live in `self.in_flight` until `wait` has both
+        // completions (or `drop` waited for them).
+        unsafe {
+            if job.sync {
+                submission.push(&write.flags(squeue::Flags::IO_LINK)).map_err(|_| io::Error::other("ring full"))?;
+                let sync = opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build().user_data(SYNC_TAG);
+                submission.push(&sync).map_err(|_| io::Error::other("ring full"))?;
+            } else {
+                submission.push(&write).map_err(|_| io::Error::other("ring full"))?;
+            }
+        }
+        drop(submission);
+        self.in_flight = Some(job);
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return Ok(()),
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => {
+                    // Nothing may be in flight; but be sure before the buffer can go.
+                    let _ = self.wait();
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    fn wait(&mut self) -> io::Result<(FrameData, io::Result<()>)> {
+        let job = self.in_flight.take().ok_or_else(|| io::Error::other("no journal frame in flight"))?;
+        let mut written: Option<i32> = None;
+        let mut synced: Option<i32> = None;
+        while written.is_none() || (job.sync && synced.is_none()) {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => {
+                    self.in_flight = Some(job);
+                    return Err(error);
+                }
+            }
+            for cqe in self.ring.completion() {
+                match cqe.user_data() {
+                    WRITE_TAG => written = Some(cqe.result()),
+                    SYNC_TAG => synced = Some(cqe.result()),
+                    _ => {}
+                }
+            }
+        }
+        let bytes = job.data.bytes();
+        let mut result = match written.expect("waited for") {
+            n if n < 0 => Err(io::Error::from_raw_os_error(-n)),
+            // A short write: the rest, synchronously.
+            n if (n as usize) < bytes.len() => {
+                job.file.write_all_at(&bytes[n as usize..], job.offset + n as u64).and_then(|()| job.file.sync_data())
+            }
+            _ => Ok(()),
+        };
+        if result.is_ok()
+            && let Some(n) = synced
+            && n < 0
+        {
+            result = Err(io::Error::from_raw_os_error(-n));
+        }
+        if result.is_ok() {
+            self.written += 1;
+        }
+        Ok((job.data, result))
+    }
+}
+
+impl Drop for FrameIo {
+    fn drop(&mut self) {
+        if self.in_flight.is_some() {
+            let _ = self.wait();
+        }
+    }
+}
+
+/// A frame [`Journal::begin_append`] sent to the disk; [`Journal::finish_append`] waits for it.
+#[must_use = "a frame in flight must be waited for before the journal is used again"]
+#[derive(Debug)]
+pub struct FrameInFlight {
+    end: u64,
 }
 
 /// The journal a store appends to. Owned by the store's single writer.
@@ -393,12 +561,13 @@ impl AlignedBuffer {
 pub struct Journal {
     path: PathBuf,
     /// Buffered: the header, the zero fill, reads.
-    file: File,
+    file: Arc<File>,
     /// The same file opened `O_DIRECT | O_DSYNC` for frames, when the filesystem allows it:
     /// one write that returns once the frame is on the disk, without a separate flush (~20 %
     /// less than a write and an `fdatasync` here). `None` falls back to write + `fdatasync`.
-    direct: Option<File>,
-    aligned: AlignedBuffer,
+    direct: Option<Arc<File>>,
+    /// `None` while a frame in it is in flight.
+    aligned: Option<AlignedBuffer>,
     header: JournalHeader,
     /// Where the next frame goes.
     cursor: u64,
@@ -436,13 +605,13 @@ impl Journal {
         };
         let direct = {
             use std::os::unix::fs::OpenOptionsExt;
-            OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_DSYNC).open(path).ok()
+            OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_DSYNC).open(path).ok().map(Arc::new)
         };
         let mut journal = Self {
             path: path.to_path_buf(),
-            file,
+            file: Arc::new(file),
             direct,
-            aligned: AlignedBuffer::default(),
+            aligned: Some(AlignedBuffer::default()),
             header,
             cursor: FRAMES_START,
             len,
@@ -518,26 +687,24 @@ impl Journal {
         self.file.sync_data()
     }
 
-    /// Writes the frame of records `first_seq..` and fsyncs it. The caller checked the room.
+    /// Writes the frame of records `first_seq..` and fsyncs it, on the calling thread. The
+    /// caller checked the room.
     pub fn append(&mut self, frame: &FrameBuilder, first_seq: u64) -> io::Result<()> {
-        let bytes = frame.encode(self.header.generation, &self.header.key, first_seq);
-        let end = self.cursor + bytes.len() as u64;
-        if end > self.len {
-            // Only a file shortened under the store gets here: `start` filled it to capacity.
-            self.ensure_len(end)?;
-        }
-        self.check_fault(FaultOp::Write)?;
-        let direct = match &self.direct {
-            Some(direct) => match direct.write_all_at(self.aligned.holding(&bytes), self.cursor) {
-                Ok(()) => true,
-                // The filesystem took the open but not this write's alignment: buffered from now on.
-                Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
-                    self.direct = None;
-                    false
+        let (bytes, end) = self.frame_bytes(frame, first_seq)?;
+        let direct = match (&self.direct, self.aligned.as_mut()) {
+            (Some(direct), Some(aligned)) => {
+                aligned.hold(&bytes);
+                match direct.write_all_at(aligned.held(), self.cursor) {
+                    Ok(()) => true,
+                    // The filesystem took the open but not this write's alignment: buffered from now on.
+                    Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+                        self.direct = None;
+                        false
+                    }
+                    Err(error) => return Err(error),
                 }
-                Err(error) => return Err(error),
-            },
-            None => false,
+            }
+            _ => false,
         };
         if direct {
             // The write was durable when it returned; an injected sync failure stands for a
@@ -549,6 +716,64 @@ impl Journal {
             self.file.sync_data()?;
         }
         self.cursor = end;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// The frame's bytes and where it ends, with room made and the write fault checked: what
+    /// both ways of appending do first.
+    fn frame_bytes(&mut self, frame: &FrameBuilder, first_seq: u64) -> io::Result<(Vec<u8>, u64)> {
+        let bytes = frame.encode(self.header.generation, &self.header.key, first_seq);
+        let end = self.cursor + bytes.len() as u64;
+        if end > self.len {
+            // Only a file shortened under the store gets here: `start` filled it to capacity.
+            self.ensure_len(end)?;
+        }
+        self.check_fault(FaultOp::Write)?;
+        Ok((bytes, end))
+    }
+
+    /// Like [`Journal::append`], but returns once the frame is submitted to `io`;
+    /// [`Journal::finish_append`] waits until it is durable. Nothing else may be done with
+    /// this journal, or with `io`, in between. The caller checked the room.
+    pub fn begin_append(
+        &mut self,
+        io: &mut FrameIo,
+        frame: &FrameBuilder,
+        first_seq: u64,
+    ) -> io::Result<FrameInFlight> {
+        let (bytes, end) = self.frame_bytes(frame, first_seq)?;
+        let job = match (&self.direct, self.aligned.take()) {
+            (Some(direct), Some(mut aligned)) => {
+                aligned.hold(&bytes);
+                FrameJob { file: direct.clone(), data: FrameData::Aligned(aligned), offset: self.cursor, sync: false }
+            }
+            (_, aligned) => {
+                self.aligned = aligned;
+                FrameJob { file: self.file.clone(), data: FrameData::Plain(bytes), offset: self.cursor, sync: true }
+            }
+        };
+        io.send(job)?;
+        Ok(FrameInFlight { end })
+    }
+
+    /// Waits for the frame [`Journal::begin_append`] sent: returns once it is durable, or with
+    /// the error its write or fsync met.
+    pub fn finish_append(&mut self, io: &mut FrameIo, in_flight: FrameInFlight) -> io::Result<()> {
+        let (data, mut result) = io.wait()?;
+        if let FrameData::Aligned(aligned) = data {
+            if matches!(&result, Err(error) if error.raw_os_error() == Some(libc::EINVAL)) {
+                // The filesystem took the open but not this write's alignment: buffered from now on.
+                self.direct = None;
+                result = self.file.write_all_at(aligned.held(), self.cursor).and_then(|()| self.file.sync_data());
+            }
+            self.aligned = Some(aligned);
+        }
+        result?;
+        // An injected sync failure stands for a device that took the data and then reported an
+        // error (the frame may be on the disk).
+        self.check_fault(FaultOp::SyncData)?;
+        self.cursor = in_flight.end;
         self.dirty = true;
         Ok(())
     }

@@ -10,6 +10,7 @@ use eventlog::journal::{
     BLOCK_BYTES, FRAME_HEADER_BYTES, FRAMES_START, JOURNAL_BYTES_MIN, JOURNAL_FILE_NAME, SECOND_JOURNAL_FILE_NAME,
     SLOT_BYTES, SLOT_OFFSETS,
 };
+use eventlog::redb_store::OVERLAPPED_FRAME_RECORDS_MIN;
 use eventlog::{LogReader, LogStore, NewRecord, OpenError, RedbOptions, RedbStore, verify};
 
 const BATCHES: u64 = 12;
@@ -109,6 +110,41 @@ fn a_crash_image_is_read_whole_by_tools_and_recovered_by_the_store() {
     let reader = LogReader::open_read_only(&log).unwrap();
     assert_eq!(reader.head().unwrap().seq, head + RECORDS_PER_BATCH);
     assert!(verify(&reader, |_, _| {}).unwrap().is_clean());
+}
+
+#[test]
+fn a_large_batchs_frame_written_while_the_batch_goes_into_redb_survives_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = RedbStore::open(dir.path(), RedbOptions::default()).unwrap();
+    store.append(&[record(0)], &[("cmd-0".into(), b"ok".to_vec())]).unwrap();
+    let per_batch = 4 * OVERLAPPED_FRAME_RECORDS_MIN as u64;
+    let mut next = 1;
+    for _ in 0..5 {
+        let batch: Vec<NewRecord> = (next..next + per_batch).map(record).collect();
+        let appended = store.append(&batch, &[]).unwrap();
+        assert_eq!(appended.head.seq, next + per_batch, "record(i) is at seq i + 1");
+        next += per_batch;
+    }
+    let io_uring_allowed = io_uring::IoUring::new(2).is_ok();
+    match store.async_frames() {
+        Some(frames) => assert_eq!(frames, 5, "every large batch's frame went through io_uring"),
+        None => assert!(!io_uring_allowed, "io_uring is allowed here, yet the store writes without it"),
+    }
+    let head = store.head().seq;
+    // Readers see every batch at once (each committed after its frame was durable).
+    assert_eq!(store.reader().head().unwrap().seq, head);
+    let image = crash_image(dir.path());
+    drop(store);
+
+    let store = RedbStore::open(image.path(), RedbOptions::default()).unwrap();
+    assert_eq!(store.head().seq, head, "the journal held every acknowledged batch");
+    let records = store.reader().read_range(1, head, 10_000).unwrap();
+    assert_eq!(records.len() as u64, head);
+    for (i, stored) in records.iter().enumerate() {
+        assert_eq!(stored.command_id, format!("cmd-{i}"));
+        assert_eq!(stored.payload, record(i as u64).payload);
+    }
+    assert!(verify(&store.reader(), |_, _| {}).unwrap().is_clean());
 }
 
 #[test]
