@@ -33,6 +33,10 @@ pub enum FoldError {
     Snapshot { seq: u64, reason: String },
 }
 
+/// Bytes reserved for an event's payload before encoding it (a single-step `TaskCreated` with a
+/// small JSON payload takes about 150; the record keeps an exact copy, not this buffer).
+const PAYLOAD_CAPACITY: usize = 256;
+
 /// Encodes a domain event as a log record. The record header repeats the
 /// event's type and schema version so readers can filter without decoding.
 pub fn encode_event(event: &Event, command_id: &str, actor: &str, recorded_at_us: i64) -> NewRecord {
@@ -43,7 +47,8 @@ pub fn encode_event(event: &Event, command_id: &str, actor: &str, recorded_at_us
         recorded_at_us,
         event_type: event.type_code(),
         schema_version: event.schema_version(),
-        payload: postcard::to_stdvec(event).expect("events always serialize"),
+        // Room for most events at once: growing from empty reallocated three or four times.
+        payload: postcard::to_extend(event, Vec::with_capacity(PAYLOAD_CAPACITY)).expect("events always serialize"),
     }
 }
 

@@ -820,10 +820,6 @@ impl WriterThread {
                 count_into(&stats.commit_us_buckets, &COMMIT_BUCKETS_US, commit_us);
                 stats.commit_us_total.fetch_add(commit_us, Ordering::Relaxed);
                 count_into(&stats.batch_size_buckets, &BATCH_SIZE_BUCKETS, appended.records.len() as u64);
-                for (id, range) in in_batch.drain() {
-                    self.dedup.insert(&id, range, head);
-                }
-                let stats = &self.shared.stats;
                 stats.batches.fetch_add(1, Ordering::Relaxed);
                 stats.commands.fetch_add(pending.len() as u64, Ordering::Relaxed);
                 stats.events.fetch_add(appended.records.len() as u64, Ordering::Relaxed);
@@ -840,6 +836,11 @@ impl WriterThread {
                     stats.held_batches.fetch_add(1, Ordering::Relaxed);
                     self.unpublished.push_back((head, appended.records));
                     self.acks.send(AckJob::Held { pending, head_seq: head, ready: touched });
+                }
+                // After the answers are on their way: only this thread's next batch reads the
+                // window, so a repeat sent the moment its answer arrives still finds it.
+                for (id, range) in in_batch.drain() {
+                    self.dedup.insert(&id, range, head);
                 }
             }
             Err(error) => self.fail(pending, error.to_string(), error.is_storage_full()),
