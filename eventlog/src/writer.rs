@@ -18,7 +18,9 @@
 //!    each for threads) overlaps with deciding and committing the next batch; a
 //!    batch of one or two commands finding the acknowledger idle is answered by
 //!    the writer itself, sparing a lone submitter a thread hop.
-//!    Acknowledgements keep batch order; none is sent before its commit returned.
+//!    Acknowledgements keep batch order; none is sent before its commit returned;
+//! 7. file the batch's command ids in the dedup window — after the answers, which
+//!    need not wait for it: only this thread's next batch reads the window.
 //!
 //! Why one thread: redb allows one write transaction at a time anyway, and a
 //! single owner of the ledger needs no locks on the hot path. Why a plain
