@@ -33,8 +33,11 @@ pub enum FoldError {
     Snapshot { seq: u64, reason: String },
 }
 
-/// Bytes reserved for an event's payload before encoding it (a single-step `TaskCreated` with a
-/// small JSON payload takes about 150; the record keeps an exact copy, not this buffer).
+/// Bytes reserved for an event's payload before encoding it: growing a buffer from empty
+/// reallocated it three or four times per event on the writer's thread (a single-step
+/// `TaskCreated` with a small JSON payload takes about 150 bytes). The store copies the payload
+/// into its `StoredRecord` exactly; a caller that keeps a `NewRecord`'s payload itself should
+/// shrink it (`replay-tool`'s feed reader does).
 const PAYLOAD_CAPACITY: usize = 256;
 
 /// Encodes a domain event as a log record. The record header repeats the
@@ -47,7 +50,6 @@ pub fn encode_event(event: &Event, command_id: &str, actor: &str, recorded_at_us
         recorded_at_us,
         event_type: event.type_code(),
         schema_version: event.schema_version(),
-        // Room for most events at once: growing from empty reallocated three or four times.
         payload: postcard::to_extend(event, Vec::with_capacity(PAYLOAD_CAPACITY)).expect("events always serialize"),
     }
 }

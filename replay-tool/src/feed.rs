@@ -83,7 +83,10 @@ pub fn record_from_json(value: &Value) -> Result<StoredRecord> {
         Ok(field(name)?.as_str().ok_or_else(|| anyhow!("{name} is not a string"))?.to_owned())
     };
     let number = |name: &str| field(name)?.as_u64().ok_or_else(|| anyhow!("{name} is not a number"));
-    let new = encode_event(&event, &text("command_id")?, &text("actor")?, recorded_at.as_micros());
+    let mut new = encode_event(&event, &text("command_id")?, &text("actor")?, recorded_at.as_micros());
+    // Up to FEED_RECORDS_MAX records stay in memory: each keeps its payload at its size, not the
+    // encoder's spare room.
+    new.payload.shrink_to_fit();
     let hash: [u8; 32] =
         unhex(&text("hash")?).and_then(|h| h.try_into().ok()).ok_or_else(|| anyhow!("hash is not 64 hex digits"))?;
     Ok(StoredRecord {
