@@ -290,21 +290,25 @@ pub fn verify_with(
                             Some(problem(seq, ProblemKind::ChainLink, RecordError::HashMismatch { seq }.to_string()));
                         break 'batches;
                     }
-                    // Look up before allocating: most records extend a known stream.
-                    let previous = stream_versions.get(decoded.body.stream).copied().unwrap_or(0);
-                    if decoded.body.stream_version != previous + 1 {
+                    // One probe of the map per record (in a log of a million tasks each is a
+                    // cache miss): a version-1 record must start its stream, so it is inserted
+                    // outright, and any other must extend a stream already there.
+                    let version = decoded.body.stream_version;
+                    let previous = if version == 1 {
+                        stream_versions.insert(StreamKey::new(decoded.body.stream), 1).unwrap_or(0)
+                    } else {
+                        match stream_versions.get_mut(decoded.body.stream) {
+                            Some(known) => std::mem::replace(known, version),
+                            None => 0,
+                        }
+                    };
+                    if version != previous + 1 {
                         first_problem = Some(problem(
                             seq,
                             ProblemKind::StreamVersion,
-                            format!("stream version {} follows {previous}", decoded.body.stream_version),
+                            format!("stream version {version} follows {previous}"),
                         ));
                         break 'batches;
-                    }
-                    match stream_versions.get_mut(decoded.body.stream) {
-                        Some(version) => *version += 1,
-                        None => {
-                            stream_versions.insert(StreamKey::new(decoded.body.stream), 1);
-                        }
                     }
                     if seq == checkpoint.seq && decoded.hash != checkpoint.hash {
                         first_problem = Some(problem(
@@ -371,6 +375,71 @@ pub fn verify_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::NewRecord;
+
+    /// A log whose records carry the given (stream, version) pairs, chained and with a matching
+    /// head, written around the store (which never numbers a version wrongly).
+    fn log_with_versions(versions: &[(&[u8], u64)]) -> (tempfile::TempDir, LogReader) {
+        let dir = tempfile::tempdir().unwrap();
+        drop(crate::RedbStore::open(dir.path(), crate::RedbOptions::default()).unwrap());
+        let path = dir.path().join(crate::redb_store::LOG_FILE_NAME);
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        let mut prev = GENESIS_HASH;
+        {
+            let mut events = txn.open_table(EVENTS).unwrap();
+            for (seq, (stream, version)) in (1u64..).zip(versions) {
+                let record = NewRecord {
+                    stream: stream.to_vec(),
+                    command_id: format!("c{seq}"),
+                    actor: "test".into(),
+                    recorded_at_us: 1_000_000 + seq as i64,
+                    event_type: 1,
+                    schema_version: 1,
+                    payload: vec![seq as u8],
+                };
+                let (value, stored) = record::encode(&record, seq, *version, &prev).unwrap();
+                events.insert(seq, value.as_slice()).unwrap();
+                prev = stored.hash;
+            }
+            let head = Head { seq: versions.len() as u64, hash: prev };
+            txn.open_table(HEAD).unwrap().insert(HEAD_KEY, crate::reader::encode_head(&head).as_slice()).unwrap();
+            txn.open_table(META).unwrap().insert(crate::reader::META_STREAMS_INDEXED_THROUGH, 0).unwrap();
+        }
+        txn.commit().unwrap();
+        drop(db);
+        let reader = LogReader::open_read_only(&path).unwrap();
+        (dir, reader)
+    }
+
+    #[test]
+    fn a_stream_version_out_of_order_is_reported_at_its_record() {
+        let (a, b): (&[u8], &[u8]) = (b"task-a", b"task-b");
+        let (_dir, reader) = log_with_versions(&[(a, 1), (b, 1), (a, 2), (b, 2), (a, 3)]);
+        let report = verify(&reader, |_, _| {}).unwrap();
+        assert!(report.is_clean(), "{:?}", report.first_problem);
+        assert_eq!(report.records, 5);
+
+        for (versions, bad_seq, message) in [
+            // A stream started twice.
+            (vec![(a, 1), (b, 1), (a, 2), (a, 1)], 4, "stream version 1 follows 2"),
+            // A version skipped.
+            (vec![(a, 1), (b, 1), (a, 3)], 3, "stream version 3 follows 1"),
+            // A stream that does not start at 1.
+            (vec![(a, 1), (b, 2)], 2, "stream version 2 follows 0"),
+            // A version repeated.
+            (vec![(a, 1), (a, 2), (b, 1), (a, 2)], 4, "stream version 2 follows 2"),
+        ] {
+            let (_dir, reader) = log_with_versions(&versions);
+            let report = verify(&reader, |_, _| {}).unwrap();
+            let problem = report.first_problem.unwrap_or_else(|| panic!("{versions:?} passed"));
+            assert_eq!(
+                (problem.seq, problem.kind, problem.message.as_str()),
+                (bad_seq, ProblemKind::StreamVersion, message)
+            );
+            assert_eq!(report.records, bad_seq - 1, "records before the problem are the ones checked");
+        }
+    }
 
     /// Short keys are held inline and long ones on the heap, and either is found by its bytes,
     /// so a stream never gets two versions because of how its key was stored.
