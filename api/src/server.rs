@@ -29,19 +29,39 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tower_http::timeout::TimeoutLayer;
+use tracing_subscriber::filter::Targets;
 
 use crate::auth::{HasTokens, TokenSource, Tokens};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 
-/// Everything a request handler can reach. Cheap to clone.
+/// Everything a request handler can reach. Cloned for every request (axum's `State`), so it is
+/// one `Arc`: a clone is one atomic increment rather than one per handle inside (cloning and
+/// dropping the handles was ~5 % of the HTTP workers' CPU under `taskledger-bench` lifecycle).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppContext>);
+
+/// What [`AppState`] shares.
+pub struct AppContext {
     pub writer: WriterHandle,
     pub projections: projections::Projections,
     pub tokens: Tokens,
     pub metrics: Arc<Metrics>,
     pub ready_max_lag: u64,
+}
+
+impl AppState {
+    pub fn new(context: AppContext) -> Self {
+        Self(Arc::new(context))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppContext;
+
+    fn deref(&self) -> &AppContext {
+        &self.0
+    }
 }
 
 impl HasTokens for AppState {
@@ -171,12 +191,43 @@ async fn openapi(_who: crate::auth::Principal) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], include_str!("../openapi.json")).into_response()
 }
 
+/// Logs to stderr, filtered by `TASKLEDGER_LOG` (see [`log_filter`]).
 fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TASKLEDGER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let fmt = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr);
+    let fmt = if json { fmt.json().boxed() } else { fmt.boxed() };
+    let registry = tracing_subscriber::registry().with(fmt);
+    let _ = match log_filter(std::env::var("TASKLEDGER_LOG").ok().as_deref()) {
+        LogFilter::ByTarget(filter) => registry.with(filter).try_init(),
+        LogFilter::BySpan(filter) => registry.with(*filter).try_init(),
+    };
+}
+
+/// What the log keeps.
+enum LogFilter {
+    /// Levels by target (`info`, `warn,api=debug`).
+    ByTarget(Targets),
+    /// Filters by span (`[request{path=/v1/claims}]=debug`).
+    BySpan(Box<tracing_subscriber::EnvFilter>),
+}
+
+/// The filter `TASKLEDGER_LOG` asks for: `info` when it is unset or unreadable. Only a filter
+/// by span needs an `EnvFilter`, which takes a lock on every enter and exit of every span (each
+/// request's span is entered at each poll of its future: that lock was ~3 % of the HTTP
+/// workers' CPU under `taskledger-bench` lifecycle); levels by target do not.
+fn log_filter(spec: Option<&str>) -> LogFilter {
+    let default = || Targets::new().with_default(tracing::Level::INFO);
+    match spec {
+        Some(spec) if spec.contains('[') => match tracing_subscriber::EnvFilter::try_new(spec) {
+            Ok(filter) => LogFilter::BySpan(Box::new(filter)),
+            Err(_) => LogFilter::ByTarget(default()),
+        },
+        Some(spec) => LogFilter::ByTarget(spec.parse().unwrap_or_else(|_| default())),
+        None => LogFilter::ByTarget(default()),
+    }
 }
 
 /// Worker threads of the projectors' own runtime. One: on SQLite their writes are serialized
@@ -235,13 +286,13 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     )
     .await
     .context("start the projectors")?;
-    let state = AppState {
+    let state = AppState::new(AppContext {
         writer: handle,
         projections: projections.clone(),
         tokens,
         metrics: Arc::new(Metrics::default()),
         ready_max_lag: config.ready_max_lag,
-    };
+    });
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
     let local = listener.local_addr().context("read the bound address")?;
 
@@ -455,5 +506,32 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::Level;
+
+    fn by_target(spec: Option<&str>) -> Targets {
+        match log_filter(spec) {
+            LogFilter::ByTarget(filter) => filter,
+            LogFilter::BySpan(_) => panic!("{spec:?} gave a filter by span"),
+        }
+    }
+
+    #[test]
+    fn the_log_filter_is_by_target_unless_it_names_a_span() {
+        for spec in [None, Some("info"), Some("not=a=filter")] {
+            let filter = by_target(spec);
+            assert!(filter.would_enable("api::server", &Level::INFO), "{spec:?}");
+            assert!(!filter.would_enable("api::server", &Level::DEBUG), "{spec:?}");
+        }
+        let filter = by_target(Some("warn,api=debug"));
+        assert!(filter.would_enable("api::routes", &Level::DEBUG));
+        assert!(!filter.would_enable("hyper", &Level::INFO));
+        assert!(filter.would_enable("hyper", &Level::WARN));
+        assert!(matches!(log_filter(Some("[request]=debug")), LogFilter::BySpan(_)));
     }
 }
