@@ -100,6 +100,43 @@ impl LiveFeed {
     }
 }
 
+/// What a subscription fills a batch with: records of the consumer's own (`StoredRecord`: each
+/// one read from the ring is copied), or handles it shares with the ring (`Arc<StoredRecord>`:
+/// no copy; what the projectors take, as each of them reads every record).
+pub trait FeedRecord {
+    fn from_ring(record: Arc<StoredRecord>) -> Self;
+    fn from_disk(record: StoredRecord) -> Self;
+    fn record(&self) -> &StoredRecord;
+}
+
+impl FeedRecord for StoredRecord {
+    fn from_ring(record: Arc<StoredRecord>) -> Self {
+        Arc::unwrap_or_clone(record)
+    }
+
+    fn from_disk(record: StoredRecord) -> Self {
+        record
+    }
+
+    fn record(&self) -> &StoredRecord {
+        self
+    }
+}
+
+impl FeedRecord for Arc<StoredRecord> {
+    fn from_ring(record: Arc<StoredRecord>) -> Self {
+        record
+    }
+
+    fn from_disk(record: StoredRecord) -> Self {
+        Arc::new(record)
+    }
+
+    fn record(&self) -> &StoredRecord {
+        self
+    }
+}
+
 /// Where the next records of a subscription come from.
 enum Source {
     Ring(Vec<Arc<StoredRecord>>),
@@ -158,18 +195,20 @@ impl Subscription {
     /// polls in a loop keeps one buffer instead of growing a new one for every batch (a
     /// live projector's batch of a few thousand records is a few hundred KiB, which the
     /// allocator hands back to the kernel between batches and faults in again).
-    pub fn try_next_batch_into(&mut self, max: usize, batch: &mut Vec<StoredRecord>) -> Result<(), SubscribeError> {
+    pub fn try_next_batch_into<R: FeedRecord>(&mut self, max: usize, batch: &mut Vec<R>) -> Result<(), SubscribeError> {
         batch.clear();
         if max == 0 {
             return Ok(());
         }
         match self.source(max) {
-            Source::Ring(records) => batch.extend(records.iter().map(|r| StoredRecord::clone(r))),
-            Source::Disk { to_seq } => batch.append(&mut self.reader.read_range(self.next_seq, to_seq, max)?),
+            Source::Ring(records) => batch.extend(records.into_iter().map(R::from_ring)),
+            Source::Disk { to_seq } => {
+                batch.extend(self.reader.read_range(self.next_seq, to_seq, max)?.into_iter().map(R::from_disk))
+            }
         }
         if let Some(last) = batch.last() {
-            debug_assert_eq!(batch[0].seq, self.next_seq);
-            self.next_seq = last.seq + 1;
+            debug_assert_eq!(batch[0].record().seq, self.next_seq);
+            self.next_seq = last.record().seq + 1;
         }
         Ok(())
     }
@@ -203,10 +242,10 @@ impl Subscription {
 
     /// Like [`Subscription::next_batch_async`], into `batch` (see
     /// [`Subscription::try_next_batch_into`]).
-    pub async fn next_batch_async_into(
+    pub async fn next_batch_async_into<R: FeedRecord>(
         &mut self,
         max: usize,
-        batch: &mut Vec<StoredRecord>,
+        batch: &mut Vec<R>,
     ) -> Result<(), SubscribeError> {
         loop {
             self.try_next_batch_into(max, batch)?;

@@ -39,7 +39,7 @@ pub use error::{
     AppendError, BackendError, Error, OpenError, ReadError, RecordError, SnapshotError, StoreError, SubscribeError,
 };
 pub use fault::{FaultError, FaultHandle, FaultMode, FaultOp, FaultPlan, FaultTarget, FaultyBackend};
-pub use feed::{LiveFeed, Subscription};
+pub use feed::{FeedRecord, LiveFeed, Subscription};
 pub use fold::{FoldError, FoldStats, decode_event, encode_event, fold_to, fold_to_head};
 pub use overlay::OverlayBackend;
 pub use reader::{LogReader, ScannedRecord};

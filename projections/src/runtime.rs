@@ -140,7 +140,7 @@ impl Driver {
         if let Some(kept) = mirror.as_mut().filter(|kept| kept.stored_seq < checkpoint.last_seq) {
             let mut at = kept.stored_seq;
             while at < checkpoint.last_seq {
-                let records = reader.read_range(at + 1, checkpoint.last_seq, eventlog::reader::READ_BATCH_MAX)?;
+                let records = read_shared(reader, at + 1, checkpoint.last_seq, eventlog::reader::READ_BATCH_MAX)?;
                 let Some(last) = records.last() else {
                     return Err(ApplyError::Model(format!(
                         "the log ends at seq {at}, before {}'s checkpoint {}",
@@ -181,7 +181,7 @@ impl Driver {
     /// Applies `records` (which must continue the checkpoint) in one
     /// transaction with the checkpoint. On error nothing was written and this
     /// driver must be dropped and loaded again (its mirror moved on).
-    pub async fn apply(&mut self, store: &Store, records: &[StoredRecord]) -> Result<(), ApplyError> {
+    pub async fn apply(&mut self, store: &Store, records: &[Arc<StoredRecord>]) -> Result<(), ApplyError> {
         let mut events = std::mem::take(&mut self.scratch.events);
         decode_into(records, &mut events)?;
         let applied = self.apply_decoded(store, records, &events).await;
@@ -195,7 +195,7 @@ impl Driver {
     pub async fn apply_decoded(
         &mut self,
         store: &Store,
-        records: &[StoredRecord],
+        records: &[Arc<StoredRecord>],
         events: &[Event],
     ) -> Result<(), ApplyError> {
         self.apply_decoded_with(store, records, events, Fold::OnWorker).await
@@ -204,7 +204,7 @@ impl Driver {
     async fn apply_decoded_with(
         &mut self,
         store: &Store,
-        records: &[StoredRecord],
+        records: &[Arc<StoredRecord>],
         events: &[Event],
         fold: Fold,
     ) -> Result<(), ApplyError> {
@@ -259,7 +259,7 @@ impl Driver {
         batch_events_max: usize,
     ) -> Result<(), RuntimeError> {
         while self.checkpoint.last_seq < to_seq {
-            let records = reader.read_range(self.checkpoint.last_seq + 1, to_seq, batch_events_max)?;
+            let records = read_shared(reader, self.checkpoint.last_seq + 1, to_seq, batch_events_max)?;
             if records.is_empty() {
                 break;
             }
@@ -310,14 +310,14 @@ pub(crate) fn off_worker_if<T>(long: bool, work: impl FnOnce() -> T) -> T {
 }
 
 /// Decodes the domain event of every record.
-pub fn decode_all(records: &[StoredRecord]) -> Result<Vec<Event>, ApplyError> {
+pub fn decode_all(records: &[Arc<StoredRecord>]) -> Result<Vec<Event>, ApplyError> {
     let mut events = Vec::with_capacity(records.len());
     decode_into(records, &mut events)?;
     Ok(events)
 }
 
 /// Decodes the domain event of every record into `events`, emptied first.
-fn decode_into(records: &[StoredRecord], events: &mut Vec<Event>) -> Result<(), ApplyError> {
+fn decode_into(records: &[Arc<StoredRecord>], events: &mut Vec<Event>) -> Result<(), ApplyError> {
     events.clear();
     events.reserve(records.len());
     for record in records {
@@ -358,11 +358,22 @@ pub async fn build_live(
 /// interrupted build refolds at most this many events from the log.
 const BULK_MIRROR_STORE_EVERY_EVENTS: u64 = 262_144;
 
+/// Records `from..=to` (at most `max`) read from the log, in the handles the live feed hands
+/// the projectors (see `eventlog::FeedRecord`).
+fn read_shared(
+    reader: &LogReader,
+    from: u64,
+    to: u64,
+    max: usize,
+) -> Result<Vec<Arc<StoredRecord>>, eventlog::ReadError> {
+    Ok(reader.read_range(from, to, max)?.into_iter().map(Arc::new).collect())
+}
+
 /// Batches read ahead of the slowest projector in a bulk build, per projector.
 const BULK_READ_AHEAD_BATCHES: usize = 2;
 
 /// One batch of a bulk build: records and their decoded events.
-type DecodedBatch = Arc<(Vec<StoredRecord>, Vec<Event>)>;
+type DecodedBatch = Arc<(Vec<Arc<StoredRecord>>, Vec<Event>)>;
 
 /// Feeds every driver the log from the lowest checkpoint up to `to_seq`, as
 /// a pipeline: a blocking thread reads and decodes each batch once and hands
@@ -409,7 +420,7 @@ async fn build_drivers(
         tokio::task::spawn_blocking(move || -> Result<(), RuntimeError> {
             let mut from = from;
             while from <= to_seq && !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let records = reader.read_range(from, to_seq, batch_events_max)?;
+                let records = read_shared(&reader, from, to_seq, batch_events_max)?;
                 let Some(last) = records.last().map(|r| r.seq) else { break };
                 let events = decode_all(&records)?;
                 let batch = Arc::new((records, events));

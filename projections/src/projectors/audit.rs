@@ -8,6 +8,8 @@
 
 use crate::sql::{Sink, SqlRow, Statements, Types};
 use domain::{Event, FailOutcome};
+use std::sync::Arc;
+
 use eventlog::StoredRecord;
 
 /// Longest summary kept, in bytes.
@@ -66,7 +68,7 @@ impl SqlRow for AuditRow<'_> {
 pub(crate) struct Plan;
 
 impl Plan {
-    pub(crate) fn render(&self, out: &mut Statements, s: &str, records: &[StoredRecord], events: &[Event]) {
+    pub(crate) fn render(&self, out: &mut Statements, s: &str, records: &[Arc<StoredRecord>], events: &[Event]) {
         let rows: Vec<AuditRow<'_>> = records
             .iter()
             .zip(events)

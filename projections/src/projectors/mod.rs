@@ -14,6 +14,8 @@
 //! rename of tables only.
 
 use domain::{Event, FastMap, FastSet, TaskId};
+use std::sync::Arc;
+
 use eventlog::StoredRecord;
 use serde::Serialize;
 use uuid::Uuid;
@@ -258,7 +260,7 @@ impl KeptMirror {
     /// `touched` holds the batch's tasks afterwards.
     pub(crate) fn fold(
         &mut self,
-        records: &[StoredRecord],
+        records: &[Arc<StoredRecord>],
         events: &[Event],
         mut observe: impl FnMut(&StoredRecord, &Event, &Applied),
     ) -> Result<(), ApplyError> {
@@ -376,7 +378,7 @@ pub(crate) fn prepare_batch(
     suffix: &str,
     mirror: Option<&mut KeptMirror>,
     store_mirror_every: u64,
-    records: &[StoredRecord],
+    records: &[Arc<StoredRecord>],
     events: &[Event],
     out: &mut Statements,
 ) -> Result<(), ApplyError> {
@@ -417,7 +419,7 @@ impl Plan {
         suffix: &str,
         touched: &Touched,
         mirror: &Mirror,
-        records: &[StoredRecord],
+        records: &[Arc<StoredRecord>],
         events: &[Event],
     ) {
         match self {
