@@ -104,3 +104,39 @@ fn subscribers_see_every_record_once_in_order() {
     }
     assert_eq!(seqs, ((RECORDS - 10)..=RECORDS).collect::<Vec<_>>());
 }
+
+/// Shared handles (`Arc<StoredRecord>`, what the projectors take) are the ring's own records,
+/// not copies, and from the ring or from disk they hold what owned records hold.
+#[test]
+fn shared_handles_are_the_rings_records_and_equal_owned_ones() {
+    use eventlog::StoredRecord;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = RedbStore::open(dir.path(), RedbOptions::default()).unwrap();
+    let feed = LiveFeed::new(8);
+    let records: Vec<NewRecord> = (0..20).map(record).collect();
+    let appended = store.append(&records, &[]).unwrap();
+    // Only the last 8 stay in the ring: the first 12 come from disk.
+    feed.publish(&appended.records);
+
+    let mut owned: Vec<StoredRecord> = Vec::new();
+    let mut shared: Vec<Arc<StoredRecord>> = Vec::new();
+    let mut again: Vec<Arc<StoredRecord>> = Vec::new();
+    let mut by_owned = Subscription::new(store.reader(), feed.clone(), 1);
+    let mut by_shared = Subscription::new(store.reader(), feed.clone(), 1);
+    let mut by_shared_too = Subscription::new(store.reader(), feed.clone(), 13);
+    by_owned.try_next_batch_into(100, &mut owned).unwrap();
+    by_shared.try_next_batch_into(100, &mut shared).unwrap();
+    assert_eq!(owned.len(), 12, "up to the ring, from disk");
+    assert!(owned.iter().zip(&shared).all(|(a, b)| a == &**b));
+    assert_eq!(owned, appended.records[..12]);
+
+    by_owned.try_next_batch_into(100, &mut owned).unwrap();
+    by_shared.try_next_batch_into(100, &mut shared).unwrap();
+    by_shared_too.try_next_batch_into(100, &mut again).unwrap();
+    assert_eq!(owned, appended.records[12..], "the ring's records");
+    assert!(owned.iter().zip(&shared).all(|(a, b)| a == &**b));
+    assert_eq!(shared.len(), 8);
+    assert!(shared.iter().zip(&again).all(|(a, b)| Arc::ptr_eq(a, b)), "two subscribers share one record");
+}
