@@ -216,9 +216,22 @@ impl Subscription {
     /// Up to `max` records, waiting at most `timeout` for the writer to publish if there is
     /// nothing new; empty on timeout.
     pub fn next_batch(&mut self, max: usize, timeout: Duration) -> Result<Vec<StoredRecord>, SubscribeError> {
-        let batch = self.try_next_batch(max)?;
+        let mut batch = Vec::new();
+        self.next_batch_into(max, timeout, &mut batch)?;
+        Ok(batch)
+    }
+
+    /// Like [`Subscription::next_batch`], into `batch` (see
+    /// [`Subscription::try_next_batch_into`]).
+    pub fn next_batch_into<R: FeedRecord>(
+        &mut self,
+        max: usize,
+        timeout: Duration,
+        batch: &mut Vec<R>,
+    ) -> Result<(), SubscribeError> {
+        self.try_next_batch_into(max, batch)?;
         if !batch.is_empty() || max == 0 {
-            return Ok(batch);
+            return Ok(());
         }
         let deadline = Instant::now() + timeout;
         {
@@ -229,7 +242,7 @@ impl Subscription {
                 }
             }
         }
-        self.try_next_batch(max)
+        self.try_next_batch_into(max, batch)
     }
 
     /// Up to `max` records, waiting for the writer to publish if there is nothing new.

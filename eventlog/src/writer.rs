@@ -1091,8 +1091,12 @@ impl Snapshotter {
             }
         };
         take_snapshot_if_due(&ledger, head, &mut last_snapshot_seq);
+        // The ring's own records, not copies: this thread only reads them.
+        let mut batch: Vec<Arc<crate::record::StoredRecord>> = Vec::new();
         while !self.stop.load(Ordering::SeqCst) {
-            let Ok(batch) = subscription.next_batch(4096, Duration::from_millis(100)) else { return };
+            if subscription.next_batch_into(4096, Duration::from_millis(100), &mut batch).is_err() {
+                return;
+            }
             for record in &batch {
                 let Ok(event) = decode_event(record) else { return };
                 // The event is this thread's own copy: the replica takes its strings.
