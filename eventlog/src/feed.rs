@@ -102,7 +102,7 @@ impl LiveFeed {
 
 /// What a subscription fills a batch with: records of the consumer's own (`StoredRecord`: each
 /// one read from the ring is copied), or handles it shares with the ring (`Arc<StoredRecord>`:
-/// no copy; what the projectors take, as each of them reads every record).
+/// no copy; what the projectors, each of which reads every record, and the snapshot replica take).
 pub trait FeedRecord {
     fn from_ring(record: Arc<StoredRecord>) -> Self;
     fn from_disk(record: StoredRecord) -> Self;
