@@ -939,10 +939,17 @@ impl Ledger {
         others: &[(TaskId, &[u8])],
         out: W,
     ) -> Result<W, postcard::Error> {
-        // Sort ids held beside the references: comparing through the
-        // references would fetch two tasks from memory per comparison.
-        let mut own: Vec<(TaskId, &Task)> = self.tasks.iter().map(|(id, t)| (*id, &**t)).collect();
-        own.sort_unstable_by_key(|(id, _)| *id);
+        self.write_state_split(others, out, PARALLEL_STATE_TASKS_MIN)
+    }
+
+    /// [`Ledger::write_state_with`], on two threads from `parallel_min` tasks.
+    fn write_state_split<W: std::io::Write>(
+        &self,
+        others: &[(TaskId, &[u8])],
+        out: W,
+        parallel_min: usize,
+    ) -> Result<W, postcard::Error> {
+        let own = self.tasks_by_id(parallel_min);
         let mut queue_settings: Vec<(&Namespace, &QueueSettings)> = self.settings.iter().collect();
         queue_settings.sort_unstable_by(|a, b| a.0.cmp(b.0));
         let idempotency = self
@@ -950,11 +957,9 @@ impl Ledger {
             .iter()
             .map(|(at, ns, key)| (ns, key, self.idempotency[&(ns.clone(), key.clone())].0, *at))
             .collect();
-        // Postcard writes a struct as its fields one after another and a
-        // sequence as its length then its items, so writing the pieces in
-        // turn gives the bytes of `LedgerStateRef` exactly.
-        let mut out = postcard::to_io(&(own.len() + others.len()), out)?;
-        let (mut own, mut others) = (own.iter().peekable(), others.iter().peekable());
+        // Every task in id order, ours and the already encoded others merged.
+        let mut pieces = Vec::with_capacity(own.len() + others.len());
+        let (mut own, mut others) = (own.into_iter().peekable(), others.iter().peekable());
         loop {
             let take_own = match (own.peek(), others.peek()) {
                 (Some((a, _)), Some((b, _))) => a < b,
@@ -962,13 +967,33 @@ impl Ledger {
                 (None, Some(_)) => false,
                 (None, None) => break,
             };
-            if take_own {
-                let (_, task) = own.next().expect("peeked");
-                out = postcard::to_io(task, out)?;
+            pieces.push(if take_own {
+                StatePiece::Task(own.next().expect("peeked").1)
             } else {
-                let (_, bytes) = others.next().expect("peeked");
-                out.write_all(bytes).map_err(|_| postcard::Error::SerializeBufferFull)?;
-            }
+                StatePiece::Encoded(others.next().expect("peeked").1)
+            });
+        }
+        // Postcard writes a struct as its fields one after another and a
+        // sequence as its length then its items, so writing the pieces in
+        // turn gives the bytes of `LedgerStateRef` exactly.
+        let mut out = postcard::to_io(&pieces.len(), out)?;
+        if pieces.len() < parallel_min {
+            out = write_pieces(&pieces, out)?;
+        } else {
+            // The second half is encoded into memory on another thread while
+            // this one writes the first half out, then follows it.
+            let (first, second) = pieces.split_at(pieces.len() / 2);
+            out = std::thread::scope(|scope| {
+                let encode_second = || write_pieces(second, Vec::with_capacity(second.len() * 128));
+                let other = std::thread::Builder::new().spawn_scoped(scope, encode_second);
+                let mut out = write_pieces(first, out)?;
+                let second = match other {
+                    Ok(thread) => thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?,
+                    Err(_) => encode_second()?,
+                };
+                out.write_all(&second).map_err(|_| postcard::Error::SerializeBufferFull)?;
+                Ok::<W, postcard::Error>(out)
+            })?;
         }
         let tail = StateTailRef {
             queue_settings,
@@ -977,6 +1002,14 @@ impl Ledger {
             last_event_at: self.last_event_at,
         };
         postcard::to_io(&tail, out)
+    }
+
+    /// The live tasks in id order, with their ids held beside the
+    /// references: comparing through the references would fetch two tasks
+    /// from memory per comparison. On two threads from `parallel_min` tasks.
+    fn tasks_by_id(&self, parallel_min: usize) -> Vec<(TaskId, &Task)> {
+        let own: Vec<(TaskId, &Task)> = self.tasks.iter().map(|(id, t)| (*id, &**t)).collect();
+        sorted_on_two_threads(own, parallel_min, |(id, _)| *id)
     }
 
     /// [`Ledger::digest`] of the state [`Ledger::write_state_with`] writes.
@@ -1023,27 +1056,6 @@ impl Ledger {
         // looked up one by one: a million lookups in a million-entry B-tree
         // miss the cache at every level, a sort and a linear walk do not.
         type Entry<'a> = (ReadyKey, TaskId, StepIndex, &'a Namespace, &'a HandlerName);
-        let mut expected: Vec<Entry<'_>> = Vec::new();
-        let mut timers: Vec<Timer> = Vec::new();
-        let mut leased: FastMap<&Namespace, u32> = FastMap::default();
-        for task in self.tasks.values() {
-            for (i, s) in task.steps.iter().enumerate() {
-                let step = StepIndex(i as u16);
-                if let Some(key) = s.ready {
-                    expected.push((key, task.id, step, &task.namespace, &s.handler));
-                }
-                if let Some(due) = s.lease_deadline {
-                    *leased.entry(&task.namespace).or_default() += 1;
-                    timers.push(Timer { due, kind: TimerKind::LeaseExpiry, task: task.id, step });
-                }
-                if let Some(due) = s.retry_at {
-                    timers.push(Timer { due, kind: TimerKind::RetryDue, task: task.id, step });
-                }
-            }
-            if let (false, Some(due)) = (task.run_at_reached, task.run_at) {
-                timers.push(Timer { due, kind: TimerKind::RunAt, task: task.id, step: StepIndex(0) });
-            }
-        }
         let held = || {
             let mut held: Vec<Entry<'_>> = self
                 .ready
@@ -1058,13 +1070,36 @@ impl Ledger {
             held
         };
         // The queues' side is gathered and sorted on a second thread while
-        // this one sorts the tasks' side (a million entries each in `verify`);
-        // the result is the same either way, so a thread that cannot start
-        // only costs time.
-        let held = std::thread::scope(|scope| {
+        // this one walks the tasks and sorts their side (a million entries
+        // each in `verify`); the result is the same either way, so a thread
+        // that cannot start only costs time.
+        let (expected, mut timers, leased, held) = std::thread::scope(|scope| {
             let other = std::thread::Builder::new().spawn_scoped(scope, held);
-            expected.sort_unstable_by_key(|e| (e.0, e.1, e.2));
-            other.ok().and_then(|thread| thread.join().ok()).unwrap_or_else(held)
+            // Most live tasks have a ready step: one entry each, grown into no copy.
+            let mut expected: Vec<Entry<'_>> = Vec::with_capacity(self.tasks.len());
+            let mut timers: Vec<Timer> = Vec::new();
+            let mut leased: FastMap<&Namespace, u32> = FastMap::default();
+            for task in self.tasks.values() {
+                for (i, s) in task.steps.iter().enumerate() {
+                    let step = StepIndex(i as u16);
+                    if let Some(key) = s.ready {
+                        expected.push((key, task.id, step, &task.namespace, &s.handler));
+                    }
+                    if let Some(due) = s.lease_deadline {
+                        *leased.entry(&task.namespace).or_default() += 1;
+                        timers.push(Timer { due, kind: TimerKind::LeaseExpiry, task: task.id, step });
+                    }
+                    if let Some(due) = s.retry_at {
+                        timers.push(Timer { due, kind: TimerKind::RetryDue, task: task.id, step });
+                    }
+                }
+                if let (false, Some(due)) = (task.run_at_reached, task.run_at) {
+                    timers.push(Timer { due, kind: TimerKind::RunAt, task: task.id, step: StepIndex(0) });
+                }
+            }
+            let expected = sorted_on_two_threads(expected, PARALLEL_STATE_TASKS_MIN, |e| (e.0, e.1, e.2));
+            let held = other.ok().and_then(|thread| thread.join().ok()).unwrap_or_else(held);
+            (expected, timers, leased, held)
         });
         if expected != held {
             let first = expected.iter().zip(&held).position(|(a, b)| a != b).unwrap_or(expected.len().min(held.len()));
@@ -1124,6 +1159,66 @@ impl Ledger {
         }
         Ok(())
     }
+}
+
+/// `items` sorted by `key` (unstable): from `parallel_min` items, in two
+/// halves on two threads, then merged. The state writer and the index check
+/// sort a million entries each in `verify` of a million live tasks.
+fn sorted_on_two_threads<T: Copy + Send, K: Ord>(
+    mut items: Vec<T>,
+    parallel_min: usize,
+    key: impl Fn(&T) -> K + Sync,
+) -> Vec<T> {
+    if items.len() < parallel_min.max(2) {
+        items.sort_unstable_by_key(&key);
+        return items;
+    }
+    let mid = items.len() / 2;
+    let (first, second) = items.split_at_mut(mid);
+    let sorted_beside = std::thread::scope(|scope| {
+        let other = std::thread::Builder::new().spawn_scoped(scope, || second.sort_unstable_by_key(&key));
+        first.sort_unstable_by_key(&key);
+        let joined = other.map(|thread| thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+        joined.is_ok()
+    });
+    if !sorted_beside {
+        items[mid..].sort_unstable_by_key(&key);
+    }
+    let (first, second) = items.split_at(mid);
+    let mut merged = Vec::with_capacity(items.len());
+    let (mut a, mut b) = (first.iter().peekable(), second.iter().peekable());
+    while let (Some(x), Some(y)) = (a.peek(), b.peek()) {
+        merged.push(if key(x) <= key(y) { *a.next().expect("peeked") } else { *b.next().expect("peeked") });
+    }
+    merged.extend(a.chain(b).copied());
+    merged
+}
+
+/// Ledgers of at least this many tasks sort and encode their state on two
+/// threads (`Ledger::write_state_with`); smaller ones take less time than
+/// starting a thread.
+const PARALLEL_STATE_TASKS_MIN: usize = 65_536;
+
+/// One task of a state being written: a live task of the ledger, or one
+/// given already encoded (`Ledger::write_state_with`'s `others`).
+#[derive(Clone, Copy)]
+enum StatePiece<'a> {
+    Task(&'a Task),
+    Encoded(&'a [u8]),
+}
+
+/// Writes `pieces` one after another, as the items of the state's task sequence.
+fn write_pieces<W: std::io::Write>(pieces: &[StatePiece<'_>], mut out: W) -> Result<W, postcard::Error> {
+    for piece in pieces {
+        out = match piece {
+            StatePiece::Task(task) => postcard::to_io(task, out)?,
+            StatePiece::Encoded(bytes) => {
+                out.write_all(bytes).map_err(|_| postcard::Error::SerializeBufferFull)?;
+                out
+            }
+        };
+    }
+    Ok(out)
 }
 
 /// The fields of `LedgerState` after `tasks`, by reference, for writing.
@@ -1587,6 +1682,54 @@ mod digest_tests {
         let ledger = &scenario.ledger;
         let written = ledger.write_state(Vec::new()).unwrap();
         assert_eq!(written, postcard::to_stdvec(&ledger.to_state()).unwrap());
+    }
+
+    /// Sorting in two halves and merging gives the plain sort's order, ties
+    /// and odd lengths included.
+    #[test]
+    fn sorting_on_two_threads_sorts() {
+        for len in [0usize, 1, 2, 3, 10, 101] {
+            let items: Vec<(u32, u32)> = (0..len as u32).map(|i| ((i * 7919) % 13, i)).collect();
+            let mut expected = items.clone();
+            expected.sort_unstable_by_key(|(k, _)| *k);
+            for parallel_min in [0, 1, 2, len, len + 1] {
+                let sorted = super::sorted_on_two_threads(items.clone(), parallel_min, |(k, _)| *k);
+                let keys = |v: &[(u32, u32)]| v.iter().map(|(k, _)| *k).collect::<Vec<_>>();
+                assert_eq!(keys(&sorted), keys(&expected), "{len} items from {parallel_min}");
+                let mut all = sorted.clone();
+                all.sort_unstable();
+                let mut original = items.clone();
+                original.sort_unstable();
+                assert_eq!(all, original, "the same items");
+            }
+        }
+    }
+
+    /// The two-thread path (halves sorted and merged, the second half encoded
+    /// aside) writes the same bytes as one thread, with and without tasks
+    /// given already encoded, at every threshold down to a single task.
+    #[test]
+    fn the_state_written_on_two_threads_is_the_same() {
+        let mut scenario = Scenario::new();
+        for n in 0..41 {
+            scenario.ok(Command::CreateTask(job(n, if n % 3 == 0 { "a" } else { "b" })));
+        }
+        scenario.ok(claim("a", "w", 5));
+        let ledger = &scenario.ledger;
+        let whole = postcard::to_stdvec(&ledger.to_state()).unwrap();
+        let ids: Vec<_> = ledger.to_state().tasks.iter().map(|t| t.id).collect();
+        let split = super::split_state(&whole, |id| ids.iter().position(|i| i == id).unwrap() % 4 != 1).unwrap();
+        let partial = crate::Ledger::from_state(split.kept.clone());
+        for parallel_min in [0, 1, 2, 3, 17, 40, 41, 42, usize::MAX] {
+            assert_eq!(ledger.write_state_split(&[], Vec::new(), parallel_min).unwrap(), whole, "from {parallel_min}");
+            assert_eq!(
+                partial.write_state_split(&split.others, Vec::new(), parallel_min).unwrap(),
+                whole,
+                "with others, from {parallel_min}"
+            );
+            let by_id: Vec<_> = ledger.tasks_by_id(parallel_min).iter().map(|(id, _)| *id).collect();
+            assert_eq!(by_id, ids, "ids in order, from {parallel_min}");
+        }
     }
 
     /// A ledger with every kind of step and task fact the views must read
