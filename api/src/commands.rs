@@ -202,14 +202,6 @@ pub fn concurrency(namespace: &str, request: ConcurrencyRequest) -> ApiResult<Co
 
 // ----- operations with their own answers -----
 
-/// The ids of the tasks an acknowledgement's events created, in order.
-fn created_ids(ack: &Acknowledgement) -> impl Iterator<Item = TaskId> + '_ {
-    ack.events.iter().filter_map(|e| match e {
-        Event::TaskCreated { spec, .. } => Some(spec.id),
-        _ => None,
-    })
-}
-
 /// Creates a task: 201 when created, 200 when an idempotency key or a
 /// repeated command id matched.
 pub async fn create_task(
@@ -221,12 +213,12 @@ pub async fn create_task(
     let spec = request.into_spec(mint_task_id)?;
     let id = spec.id;
     let ack = execute(state, caller, Command::CreateTask(spec)).await?;
-    let existing = ack.existing_task;
     let created = ack.events.iter().any(|e| matches!(e, Event::TaskCreated { .. }));
     let body = CreatedResponse {
-        // A repeated command id answers with the original events: name the task they
-        // recorded, not the id minted for this retry (found by tests/tests/suite/crash_api.rs).
-        task_id: created_ids(&ack).next().or(existing).unwrap_or(id).to_string(),
+        // The task created, or the one the idempotency key named; for a repeated command
+        // id the one the original recorded, not the id minted for this retry (found by
+        // tests/tests/suite/crash_api.rs).
+        task_id: ack.task_ids.first().copied().unwrap_or(id).to_string(),
         created,
         seq: ack.seqs.map(|s| s.first),
         head_seq: ack.head_seq,
@@ -248,12 +240,13 @@ pub async fn create_batch(
         .enumerate()
         .map(|(i, t)| t.into_spec(mint_task_id).map_err(|r| r.within(&format!("tasks[{i}]"))))
         .collect::<Result<Vec<_>, _>>()?;
-    let ids: Vec<String> = specs.iter().map(|s| s.id.to_string()).collect();
     let ack = execute(state, caller, Command::CreateTasks(specs)).await?;
     let created = ack.events.len() as u64;
     let status = if created > 0 && !ack.duplicate { StatusCode::CREATED } else { StatusCode::OK };
     let body = BatchCreatedResponse {
-        task_ids: if ack.duplicate { created_ids(&ack).map(|id| id.to_string()).collect() } else { ids },
+        // One per task of the request, in order: the task created, or the one its
+        // idempotency key named (an existing task, or one earlier in the batch).
+        task_ids: ack.task_ids.iter().map(|id| id.to_string()).collect(),
         created,
         seq: ack.seqs.map(|s| s.first),
         last_seq: ack.seqs.map(|s| s.last),

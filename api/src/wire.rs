@@ -369,7 +369,10 @@ pub struct CreatedResponse {
 
 #[derive(Serialize, async_graphql::SimpleObject)]
 pub struct BatchCreatedResponse {
+    /// One per task of the request, in order: the task it created, or the one its
+    /// idempotency key named (an existing task, or one earlier in the batch).
     pub task_ids: Vec<String>,
+    /// Tasks created now (the others' keys matched).
     pub created: u64,
     pub seq: Option<u64>,
     pub last_seq: Option<u64>,

@@ -300,6 +300,29 @@ impl Ledger {
     pub fn idempotent_task(&self, ns: &Namespace, key: &IdempotencyKey) -> Option<TaskId> {
         self.idempotency.get(&(ns.clone(), key.clone())).map(|(id, _)| *id)
     }
+    /// The task each of a create command's `specs` names, in order, once its
+    /// events are applied: the task it created (the next of `created`, the ids
+    /// of the command's `TaskCreated` events in order), or the task its
+    /// idempotency key already named — before the command, or by an earlier
+    /// spec of the same batch. Also rebuilds the answer to a repeated command
+    /// from its recorded events: the specs of a retry carry freshly minted
+    /// ids, but their keys and their order are the original's.
+    pub fn tasks_named_by(&self, specs: &[TaskSpec], created: &[TaskId]) -> Vec<TaskId> {
+        let mut created = created.iter().peekable();
+        specs
+            .iter()
+            .map(|spec| {
+                let keyed = spec.idempotency_key.as_ref().and_then(|key| self.idempotent_task(&spec.namespace, key));
+                match keyed {
+                    Some(task) => {
+                        created.next_if_eq(&&task);
+                        task
+                    }
+                    None => created.next().copied().unwrap_or(spec.id),
+                }
+            })
+            .collect()
+    }
     /// The time of the latest applied event.
     pub fn last_event_at(&self) -> Timestamp {
         self.last_event_at
@@ -1665,7 +1688,7 @@ impl Ledger {
 #[cfg(test)]
 mod digest_tests {
     use crate::testkit::{Scenario, claim, job};
-    use crate::{Command, IdempotencyKey};
+    use crate::{Command, Event, IdempotencyKey, TaskId, TaskSpec};
 
     /// `write_state` writes exactly the postcard bytes of `to_state()`.
     #[test]
@@ -1682,6 +1705,37 @@ mod digest_tests {
         let ledger = &scenario.ledger;
         let written = ledger.write_state(Vec::new()).unwrap();
         assert_eq!(written, postcard::to_stdvec(&ledger.to_state()).unwrap());
+    }
+
+    /// Each spec of a create names the task it created or the one its key
+    /// named (before the batch, or earlier in it), for the first answer and,
+    /// from the recorded events, for a retry whose specs carry new ids.
+    #[test]
+    fn a_create_names_a_task_for_each_of_its_specs() {
+        let mut scenario = Scenario::new();
+        let keyed = |n: u64, key: &str| {
+            let mut spec = job(n, "a");
+            spec.idempotency_key = Some(IdempotencyKey::new(key).unwrap());
+            spec
+        };
+        let before = keyed(1, "k1");
+        scenario.ok(Command::CreateTask(before.clone()));
+        let specs = vec![keyed(2, "k1"), keyed(3, "dup"), job(4, "a"), keyed(5, "dup"), keyed(6, "k6")];
+        let events = scenario.ok(Command::CreateTasks(specs.clone()));
+        let created: Vec<TaskId> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::TaskCreated { spec, .. } => Some(spec.id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(created, vec![specs[1].id, specs[2].id, specs[4].id]);
+        let expected = vec![before.id, specs[1].id, specs[2].id, specs[1].id, specs[4].id];
+        assert_eq!(scenario.ledger.tasks_named_by(&specs, &created), expected);
+        // A retry: the same keys and order, fresh ids.
+        let retry: Vec<TaskSpec> =
+            specs.iter().zip(10..).map(|(spec, n)| TaskSpec { id: job(n, "a").id, ..spec.clone() }).collect();
+        assert_eq!(scenario.ledger.tasks_named_by(&retry, &created), expected);
     }
 
     /// Sorting in two halves and merging gives the plain sort's order, ties

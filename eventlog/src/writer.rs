@@ -123,8 +123,10 @@ pub struct Acknowledgement {
     pub events: Vec<Event>,
     /// Work handed out by a claim.
     pub claimed: Vec<ClaimedStep>,
-    /// For a create whose idempotency key already named a task: that task.
-    pub existing_task: Option<TaskId>,
+    /// For a create (`CreateTask`, `CreateTasks`): the task each spec names, in
+    /// order — the one it created, or the one its idempotency key already named
+    /// (`Ledger::tasks_named_by`). Empty for other commands.
+    pub task_ids: Vec<TaskId>,
     /// This is a repeat of an earlier command id; nothing was written now.
     pub duplicate: bool,
 }
@@ -871,7 +873,7 @@ impl WriterThread {
             )));
         }
         if let Some(range) = self.dedup.get(&envelope.command_id) {
-            return self.replay_outcome(range);
+            return self.replay_outcome(&envelope.command, range);
         }
         if let Some(allowed) = scope {
             self.ledger.check_scope(&envelope.command, allowed).map_err(WriteError::Rejected)?;
@@ -910,20 +912,32 @@ impl WriterThread {
             }
         }
         let seqs = (!events.is_empty()).then(|| SeqRange { first, last: first + events.len() as u64 - 1 });
-        let existing_task = match &envelope.command {
-            Command::CreateTask(spec) if events.is_empty() => {
-                spec.idempotency_key.as_ref().and_then(|k| self.ledger.idempotent_task(&spec.namespace, k))
-            }
-            _ => None,
-        };
+        let task_ids = self.tasks_named(&envelope.command, &events);
         if let Some(range) = seqs {
             in_batch.insert(envelope.command_id.clone(), range);
         }
-        Ok(Acknowledgement { seqs, head_seq: 0, events, claimed, existing_task, duplicate: false })
+        Ok(Acknowledgement { seqs, head_seq: 0, events, claimed, task_ids, duplicate: false })
+    }
+
+    /// [`Acknowledgement::task_ids`] of `command`, whose events are `events` (applied).
+    fn tasks_named(&self, command: &Command, events: &[Event]) -> Vec<TaskId> {
+        let specs = match command {
+            Command::CreateTask(spec) => std::slice::from_ref(spec),
+            Command::CreateTasks(specs) => specs.as_slice(),
+            _ => return Vec::new(),
+        };
+        let created: Vec<TaskId> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::TaskCreated { spec, .. } => Some(spec.id),
+                _ => None,
+            })
+            .collect();
+        self.ledger.tasks_named_by(specs, &created)
     }
 
     /// The original answer to a repeated command id, rebuilt from the log.
-    fn replay_outcome(&self, range: SeqRange) -> Result<Acknowledgement, WriteError> {
+    fn replay_outcome(&self, command: &Command, range: SeqRange) -> Result<Acknowledgement, WriteError> {
         let mut events = Vec::new();
         let wanted = (range.last - range.first + 1) as usize;
         let mut records = self
@@ -958,7 +972,8 @@ impl WriterThread {
                     .unwrap_or(false)
             })
             .collect();
-        Ok(Acknowledgement { seqs: Some(range), head_seq: 0, events, claimed, existing_task: None, duplicate: true })
+        let task_ids = self.tasks_named(command, &events);
+        Ok(Acknowledgement { seqs: Some(range), head_seq: 0, events, claimed, task_ids, duplicate: true })
     }
 
     /// A commit failed: answer every command of the batch with an error,

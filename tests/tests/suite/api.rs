@@ -208,6 +208,55 @@ fn cancel_idempotent_create_pause_and_command_dedup() {
     assert_eq!(server.get("/v1/queues/orders").body["concurrency_limit"], json!(5));
 }
 
+/// A batch answers, for each of its tasks in order, the task it names: the one
+/// it created, or the one its idempotency key named — an existing task, or one
+/// earlier in the same batch — and a retry with the same command id answers the
+/// same ids. Every id answered is a task that exists (found by a soak test: the
+/// batch used to answer the ids minted for tasks its keys matched, which were
+/// never created).
+#[test]
+fn a_batch_names_the_tasks_its_idempotency_keys_matched() {
+    let server = Server::start();
+    let single = server.post("/v1/tasks", json!({ "namespace": "a", "handler": "h", "idempotency_key": "k1" }));
+    assert_eq!(single.status, 201);
+    let existing = single.body["task_id"].clone();
+    let batch = json!({ "tasks": [
+        { "namespace": "a", "handler": "h", "idempotency_key": "k1" },
+        { "namespace": "a", "handler": "h", "idempotency_key": "dup" },
+        { "namespace": "a", "handler": "h" },
+        { "namespace": "a", "handler": "h", "idempotency_key": "dup" },
+        { "namespace": "b", "handler": "h", "idempotency_key": "dup" },
+    ] });
+    let token = server.token.clone();
+    let first = server.post_as(&token, "/v1/tasks/batch", batch.clone(), Some("batch-with-keys"));
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    assert_eq!(first.body["created"], json!(3), "dup in a, the unkeyed task, dup in b");
+    let ids = first.body["task_ids"].as_array().expect("task ids").clone();
+    assert_eq!(ids.len(), 5, "one id per task of the request");
+    assert_eq!(ids[0], existing, "the key named an existing task");
+    assert_eq!(ids[3], ids[1], "a key repeated in the batch names the task of its first use");
+    assert_ne!(ids[4], ids[1], "keys are per namespace");
+    let distinct: std::collections::HashSet<_> = ids.iter().map(|id| id.as_str().unwrap()).collect();
+    assert_eq!(distinct.len(), 4);
+    for id in &distinct {
+        assert_eq!(server.get(&format!("/v1/tasks/{id}")).status, 200, "task {id} exists");
+    }
+    let head = server.head_seq();
+    let retried = server.post_as(&token, "/v1/tasks/batch", batch.clone(), Some("batch-with-keys"));
+    assert_eq!((retried.status, retried.body["duplicate"].clone()), (200, json!(true)));
+    assert_eq!(retried.body["task_ids"], first.body["task_ids"], "a retry answers the same tasks");
+    assert_eq!(server.head_seq(), head, "a retry writes nothing");
+    // Without the command id, the keys name the same tasks; only the unkeyed task is new.
+    let again = server.post("/v1/tasks/batch", batch);
+    assert_eq!((again.status, again.body["created"].clone()), (201, json!(1)));
+    let again_ids = again.body["task_ids"].as_array().expect("task ids");
+    for i in [0, 1, 3, 4] {
+        assert_eq!(again_ids[i], ids[i], "task {i} of the batch");
+    }
+    assert_ne!(again_ids[2], ids[2]);
+    assert_eq!(server.get(&format!("/v1/tasks/{}", again_ids[2].as_str().unwrap())).status, 200);
+}
+
 #[test]
 fn bad_input_gets_a_stable_error_and_changes_nothing() {
     let server = Server::start();
