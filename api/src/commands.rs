@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use domain::{Command, Event, LeaseEpoch, LeaseRef, Namespace, StepName, StreamId, TaskId, Timestamp};
+use domain::{Command, Event, LeaseEpoch, LeaseRef, Namespace, RejectionCode, StepName, StreamId, TaskId, Timestamp};
 use eventlog::{Acknowledgement, Envelope, StoredRecord, WriteError, decode_event};
 
 use crate::auth::{Permission, Principal};
@@ -42,6 +42,7 @@ impl Caller<'_> {
 
 /// Sends one command to the writer and waits for its durable answer.
 pub async fn execute(state: &AppState, caller: &Caller<'_>, command: Command) -> ApiResult<Acknowledgement> {
+    let (event_type, target) = (command.event_type(), command.target_task());
     let envelope = Envelope { command_id: caller.command_id(), actor: caller.who.actor(), command };
     let kind = envelope.command.kind();
     let span = tracing::info_span!("command", kind, command_id = %envelope.command_id, actor = %envelope.actor);
@@ -59,35 +60,73 @@ pub async fn execute(state: &AppState, caller: &Caller<'_>, command: Command) ->
         Ok(ack) => tracing::debug!(seq = ?ack.seqs.map(|s| s.first), duplicate = ack.duplicate, "acknowledged"),
         Err(error) => tracing::debug!(%error, "not recorded"),
     }
-    let ack = result?;
+    let ack = match (result, target) {
+        (Err(WriteError::Rejected(rejection)), Some(task)) if rejection.code == RejectionCode::TaskNotFound => {
+            return Err(finished_task(state, caller.who, task).await.unwrap_or_else(|| rejection.into()));
+        }
+        (result, _) => result?,
+    };
     if ack.duplicate {
-        check_same_actor(state, caller, &ack)?;
+        check_same_command(state, caller, event_type, target, &ack)?;
     }
     Ok(ack)
 }
 
+/// The answer to a command on a task the writer does not hold: a task that has
+/// finished (the writer keeps only live ones) is a conflict naming its final
+/// state, not "not found" — a worker whose task an operator cancelled learns
+/// why its completion was refused. `None` when the task is unknown, or in a
+/// namespace the caller may not see (scopes do not reveal other tasks).
+async fn finished_task(state: &AppState, who: &Principal, task: TaskId) -> Option<ApiError> {
+    // The refusal came after the task's last event was acknowledged: wait until it is readable.
+    wait_log_readable(state, None).await.ok()?;
+    let records = visible_task_records(state, who, task, None).ok()?;
+    let body = fold_task(task, &records).ok()?;
+    let finished = domain::TaskState::ALL.iter().any(|s| s.is_terminal() && s.as_str() == body.state);
+    finished.then(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_state",
+            format!("task {task} has finished ({}); its history is at /v1/tasks/{task}/history", body.state),
+        )
+        .with_field("task")
+    })
+}
+
 /// A repeated command id answers with the original outcome (its events, a
-/// claim's live leases), which belongs to whoever sent it first. The writer
-/// deduplicates by id alone, so another token reusing the id (guessed or
-/// seen) would read the original, whatever its role or namespaces: refuse
-/// that with a conflict that reveals nothing of the original.
-fn check_same_actor(state: &AppState, caller: &Caller<'_>, ack: &Acknowledgement) -> ApiResult<()> {
+/// claim's live leases), which belongs to whoever sent it first, for the
+/// command it was sent with. The writer deduplicates by id alone, so:
+/// another token reusing the id (guessed or seen) would read the original,
+/// whatever its role or namespaces — refused with a conflict that reveals
+/// nothing of the original; and the same caller reusing an id for a different
+/// command (another kind, or another task) would be told its command was done
+/// when it was not — refused with a conflict saying so.
+fn check_same_command(
+    state: &AppState,
+    caller: &Caller<'_>,
+    event_type: u16,
+    target: Option<TaskId>,
+    ack: &Acknowledgement,
+) -> ApiResult<()> {
     let Some(seqs) = ack.seqs else { return Ok(()) };
     let first = state
         .writer
         .reader()
         .read_range(seqs.first, seqs.first, 1)
         .map_err(|e| ApiError::internal(format!("read the original of a repeated command: {e}")))?;
-    let actor = caller.who.actor();
-    match first.first() {
-        Some(record) if record.actor == actor => Ok(()),
-        _ => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "command_id_conflict",
-            "this command id was already used by another caller; send a fresh X-Command-Id (commandId)",
-        )
-        .with_field("command_id")),
+    let conflict = |message: &str| {
+        Err(ApiError::new(StatusCode::CONFLICT, "command_id_conflict", message).with_field("command_id"))
+    };
+    let Some(original) = first.first().filter(|record| record.actor == caller.who.actor()) else {
+        return conflict("this command id was already used by another caller; send a fresh X-Command-Id (commandId)");
+    };
+    let same_target = target.is_none_or(|task| original.stream == StreamId::Task(task).to_key());
+    if original.event_type != event_type || !same_target {
+        return conflict(
+            "this command id was already used for a different command; send a fresh X-Command-Id (commandId) for each command",
+        );
     }
+    Ok(())
 }
 
 pub fn command_response(ack: &Acknowledgement) -> CommandResponse {
@@ -112,12 +151,20 @@ pub async fn run(
     Ok(command_response(&ack))
 }
 
+/// A task id from a path: one that cannot name a task is a task not found.
 pub fn parse_task(id: &str) -> ApiResult<TaskId> {
-    TaskId::parse(id).map_err(|r| ApiError::not_found(format!("no task {id:?}: {}", r.message)).with_field("id"))
+    TaskId::parse(id).map_err(|r| {
+        ApiError::new(StatusCode::NOT_FOUND, "task_not_found", format!("no task {id:?}: {}", r.message))
+            .with_field("id")
+    })
 }
 
+/// A step name from a path: one that cannot name a step is a step not found.
 pub fn parse_step(step: &str) -> ApiResult<StepName> {
-    StepName::new(step).map_err(|r| ApiError::not_found(format!("no step {step:?}: {}", r.message)).with_field("step"))
+    StepName::new(step).map_err(|r| {
+        ApiError::new(StatusCode::NOT_FOUND, "step_not_found", format!("no step {step:?}: {}", r.message))
+            .with_field("step")
+    })
 }
 
 pub fn parse_namespace(ns: &str) -> ApiResult<Namespace> {
@@ -369,6 +416,7 @@ pub async fn claim(state: &AppState, caller: &Caller<'_>, request: ClaimRequest)
                 seq: ack.seqs.map(|s| s.first),
                 head_seq: ack.head_seq,
                 steps: ack.claimed.iter().map(ClaimedStepBody::from).collect(),
+                duplicate: ack.duplicate,
             });
         }
         loop {
@@ -438,8 +486,8 @@ pub async fn wait_log_readable(state: &AppState, min_seq: Option<u64>) -> ApiRes
 }
 
 /// A task's records (optionally only those up to `as_of`), provided the
-/// caller may see its namespace; otherwise "not found", so scopes do not
-/// reveal which tasks exist elsewhere.
+/// caller may read and may see its namespace; otherwise "not found", so scopes
+/// do not reveal which tasks exist elsewhere.
 pub fn task_records(
     state: &AppState,
     who: &Principal,
@@ -448,6 +496,16 @@ pub fn task_records(
 ) -> ApiResult<(TaskId, Vec<(StoredRecord, Event)>)> {
     who.require(Permission::Read)?;
     let task = parse_task(id)?;
+    Ok((task, visible_task_records(state, who, task, as_of)?))
+}
+
+/// [`task_records`] without the read permission's check.
+fn visible_task_records(
+    state: &AppState,
+    who: &Principal,
+    task: TaskId,
+    as_of: Option<AsOf>,
+) -> ApiResult<Vec<(StoredRecord, Event)>> {
     let key = StreamId::Task(task).to_key();
     let mut records = Vec::new();
     let mut from = 1;
@@ -475,7 +533,7 @@ pub fn task_records(
         _ => None,
     });
     match namespace {
-        Some(ns) if who.may_see(&ns) => Ok((task, records)),
+        Some(ns) if who.may_see(&ns) => Ok(records),
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "task_not_found", format!("no task {task}")).with_field("id")),
     }
 }
@@ -483,11 +541,16 @@ pub fn task_records(
 /// A task as it is (or was, `as_of`), folded through the domain from its own events.
 pub fn task_view(state: &AppState, who: &Principal, id: &str, as_of: Option<AsOf>) -> ApiResult<TaskBody> {
     let (task, records) = task_records(state, who, id, as_of)?;
+    fold_task(task, &records)
+}
+
+/// Folds a task's records (as [`task_records`] returns them) into its view.
+fn fold_task(task: TaskId, records: &[(StoredRecord, Event)]) -> ApiResult<TaskBody> {
     let mut view = domain::Ledger::retaining_terminal_tasks();
-    for (record, event) in &records {
+    for (record, event) in records {
         view.apply(event).map_err(|e| ApiError::internal(format!("record {}: {e}", record.seq)))?;
     }
-    let (last, _) = records.last().expect("a visible task has records");
+    let (last, _) = records.last().ok_or_else(|| ApiError::internal("a task without records"))?;
     let t = view.task(&task).ok_or_else(|| ApiError::internal("task vanished from its own fold"))?;
     Ok(task_body(t, last.seq, last.stream_version))
 }

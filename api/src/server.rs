@@ -105,6 +105,10 @@ pub fn app(state: AppState, config: &ServeConfig) -> Router {
         .route("/openapi.json", get(openapi))
         .route(crate::backup::BACKUP_ROUTE, get(crate::backup::serve_backup))
         .fallback(|| async { ApiError::not_found("no such route; see /openapi.json") })
+        // Every route registered above: its Allow header stays, the body is the usual error.
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method; see /openapi.json")
+        })
         .with_state(state)
         .layer(axum::Extension(schema))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))

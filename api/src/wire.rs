@@ -414,6 +414,8 @@ pub struct ClaimResponse {
     pub seq: Option<u64>,
     pub head_seq: u64,
     pub steps: Vec<ClaimedStepBody>,
+    /// A repeat of an earlier command id: the original claim's steps whose leases are still live.
+    pub duplicate: bool,
 }
 
 /// A domain event as JSON: `{"type": "step_claimed", ...fields}`.

@@ -179,9 +179,14 @@ struct World {
 impl World {
     fn decide_and_apply(&mut self, command: Command) {
         let before = self.scenario.ledger.digest();
+        let (event_type, target) = (command.event_type(), command.target_task());
         match self.scenario.when(command) {
             Ok(events) => {
                 for event in &events {
+                    assert_eq!(event.type_code(), event_type, "a command records events of its one type");
+                    if let Some(target) = target {
+                        assert_eq!(event.task(), Some(target), "a command names the task it acts on");
+                    }
                     let bytes = postcard::to_stdvec(event).expect("events encode");
                     let back: Event = postcard::from_bytes(&bytes).expect("events decode");
                     assert_eq!(&back, event, "postcard round trip");

@@ -192,6 +192,7 @@ fn cancel_idempotent_create_pause_and_command_dedup() {
     let b = server.post_as(&token, "/v1/claims", claim_body, Some("claim-once"));
     assert_eq!(a.body["seq"], b.body["seq"]);
     assert_eq!(a.body["steps"], b.body["steps"]);
+    assert_eq!((a.body["duplicate"].clone(), b.body["duplicate"].clone()), (json!(false), json!(true)));
 
     let cancelled = server.post(&format!("/v1/tasks/{id}/cancel"), json!({ "reason": "customer changed their mind" }));
     assert_eq!(cancelled.status, 200);
@@ -257,6 +258,66 @@ fn a_batch_names_the_tasks_its_idempotency_keys_matched() {
     assert_eq!(server.get(&format!("/v1/tasks/{}", again_ids[2].as_str().unwrap())).status, 200);
 }
 
+/// A command on a task that has finished is a conflict naming its final state
+/// (the writer keeps only live tasks, and used to answer "not found"): a worker
+/// whose task an operator cancelled learns why its completion was refused. An
+/// unknown task is still not found, and nothing is written either way.
+#[test]
+fn a_command_on_a_finished_task_says_it_finished() {
+    let server = Server::start();
+    let done = create_job(&server, "f", json!({}));
+    let cancelled = create_job(&server, "f", json!({}));
+    let steps = claim(&server, "f", 0);
+    assert_eq!(steps.len(), 2);
+    let step_of = |id: &str| steps.iter().find(|s| s["task_id"] == id).unwrap().clone();
+    let (done_step, cancelled_step) = (step_of(&done), step_of(&cancelled));
+    assert_eq!(server.post(&step_path(&done_step, "complete"), json!({ "epoch": epoch(&done_step) })).status, 200);
+    assert_eq!(server.post(&format!("/v1/tasks/{cancelled}/cancel"), json!({})).status, 200);
+    let head = server.head_seq();
+    let cases = [
+        (server.post(&step_path(&cancelled_step, "complete"), json!({ "epoch": epoch(&cancelled_step) })), "cancelled"),
+        (server.post(&step_path(&done_step, "complete"), json!({ "epoch": epoch(&done_step) })), "complete"),
+        (server.post(&format!("/v1/tasks/{done}/cancel"), json!({})), "complete"),
+        (server.post(&step_path(&done_step, "heartbeat"), json!({ "epoch": epoch(&done_step) })), "complete"),
+    ];
+    for (answer, state) in cases {
+        assert_eq!((answer.status, answer.code()), (409, "invalid_state"), "{answer:?}");
+        let message = answer.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("has finished ({state})")), "{message}");
+    }
+    let unknown = server.post("/v1/tasks/0190d6d0-0000-7000-8000-000000000000/cancel", json!({}));
+    assert_eq!((unknown.status, unknown.code()), (404, "task_not_found"));
+    assert_eq!(server.head_seq(), head, "refusals write nothing");
+}
+
+/// An X-Command-Id names one command: a repeat of it answers the original,
+/// while reusing it for another kind of command or another task is refused
+/// (it used to answer the original, so the second command looked done when
+/// nothing had been recorded for it — found by a soak test).
+#[test]
+fn a_command_id_reused_for_another_command_is_refused() {
+    let server = Server::start();
+    let token = server.token.clone();
+    let body = json!({ "namespace": "r", "handler": "work" });
+    let created = server.post_as(&token, "/v1/tasks", body.clone(), Some("mk-1"));
+    assert_eq!(created.status, 201);
+    let (first, second) = (created.body["task_id"].as_str().unwrap().to_owned(), create_job(&server, "r", json!({})));
+    let repeat = server.post_as(&token, "/v1/tasks", body, Some("mk-1"));
+    assert_eq!((repeat.status, repeat.body["task_id"].clone()), (200, created.body["task_id"].clone()));
+    let head = server.head_seq();
+    let other_kind = server.post_as(&token, &format!("/v1/tasks/{first}/cancel"), json!({}), Some("mk-1"));
+    assert_eq!((other_kind.status, other_kind.code()), (409, "command_id_conflict"), "{other_kind:?}");
+    assert_eq!(server.get(&format!("/v1/tasks/{first}")).body["state"], "pending");
+    let cancel = server.post_as(&token, &format!("/v1/tasks/{first}/cancel"), json!({}), Some("cancel-1"));
+    assert_eq!(cancel.status, 200);
+    let other_task = server.post_as(&token, &format!("/v1/tasks/{second}/cancel"), json!({}), Some("cancel-1"));
+    assert_eq!((other_task.status, other_task.code()), (409, "command_id_conflict"), "{other_task:?}");
+    assert_eq!(server.get(&format!("/v1/tasks/{second}")).body["state"], "pending");
+    let same = server.post_as(&token, &format!("/v1/tasks/{first}/cancel"), json!({}), Some("cancel-1"));
+    assert_eq!((same.status, same.body["duplicate"].clone()), (200, json!(true)));
+    assert_eq!(server.head_seq(), head + 1, "only the first cancel was written");
+}
+
 #[test]
 fn bad_input_gets_a_stable_error_and_changes_nothing() {
     let server = Server::start();
@@ -278,7 +339,9 @@ fn bad_input_gets_a_stable_error_and_changes_nothing() {
         ),
         (server.post_raw("/v1/tasks", "text/plain", b"{}".to_vec()), 415, "unsupported_media_type"),
         (server.get("/v1/tasks/0190d6d0-0000-7000-8000-000000000000"), 404, "task_not_found"),
-        (server.get("/v1/tasks/not-a-uuid"), 404, "not_found"),
+        (server.get("/v1/tasks/not-a-uuid"), 404, "task_not_found"),
+        (server.post("/v1/tasks/not-a-uuid/cancel", json!({})), 404, "task_not_found"),
+        (server.get("/v1/claims"), 405, "method_not_allowed"),
         (server.post("/v1/tasks/0190d6d0-0000-7000-8000-000000000000/cancel", json!({})), 404, "task_not_found"),
         (server.get("/v1/nowhere"), 404, "not_found"),
         (server.post("/v1/claims", json!({ "namespaces": ["q"], "worker_id": "w", "max": 0 })), 422, "invalid_claim"),
@@ -289,6 +352,9 @@ fn bad_input_gets_a_stable_error_and_changes_nothing() {
     }
     let unauthenticated = server.get_as("wrong", "/v1/ledger");
     assert_eq!((unauthenticated.status, unauthenticated.code()), (401, "unauthorized"));
+    let wrong_method = server.get("/v1/claims");
+    let allow = wrong_method.headers.iter().find(|(name, _)| name.eq_ignore_ascii_case("allow"));
+    assert_eq!(allow.map(|(_, value)| value.as_str()), Some("POST"), "{wrong_method:?}");
     assert_eq!(server.head_seq(), head);
 }
 
