@@ -307,18 +307,18 @@ impl Ledger {
     /// spec of the same batch. Also rebuilds the answer to a repeated command
     /// from its recorded events: the specs of a retry carry freshly minted
     /// ids, but their keys and their order are the original's.
-    pub fn tasks_named_by(&self, specs: &[TaskSpec], created: &[TaskId]) -> Vec<TaskId> {
-        let mut created = created.iter().peekable();
+    pub fn tasks_named_by(&self, specs: &[TaskSpec], created: impl IntoIterator<Item = TaskId>) -> Vec<TaskId> {
+        let mut created = created.into_iter().peekable();
         specs
             .iter()
             .map(|spec| {
                 let keyed = spec.idempotency_key.as_ref().and_then(|key| self.idempotent_task(&spec.namespace, key));
                 match keyed {
                     Some(task) => {
-                        created.next_if_eq(&&task);
+                        created.next_if_eq(&task);
                         task
                     }
-                    None => created.next().copied().unwrap_or(spec.id),
+                    None => created.next().unwrap_or(spec.id),
                 }
             })
             .collect()
@@ -1731,11 +1731,11 @@ mod digest_tests {
             .collect();
         assert_eq!(created, vec![specs[1].id, specs[2].id, specs[4].id]);
         let expected = vec![before.id, specs[1].id, specs[2].id, specs[1].id, specs[4].id];
-        assert_eq!(scenario.ledger.tasks_named_by(&specs, &created), expected);
+        assert_eq!(scenario.ledger.tasks_named_by(&specs, created.iter().copied()), expected);
         // A retry: the same keys and order, fresh ids.
         let retry: Vec<TaskSpec> =
             specs.iter().zip(10..).map(|(spec, n)| TaskSpec { id: job(n, "a").id, ..spec.clone() }).collect();
-        assert_eq!(scenario.ledger.tasks_named_by(&retry, &created), expected);
+        assert_eq!(scenario.ledger.tasks_named_by(&retry, created.iter().copied()), expected);
     }
 
     /// Sorting in two halves and merging gives the plain sort's order, ties

@@ -926,14 +926,11 @@ impl WriterThread {
             Command::CreateTasks(specs) => specs.as_slice(),
             _ => return Vec::new(),
         };
-        let created: Vec<TaskId> = events
-            .iter()
-            .filter_map(|e| match e {
-                Event::TaskCreated { spec, .. } => Some(spec.id),
-                _ => None,
-            })
-            .collect();
-        self.ledger.tasks_named_by(specs, &created)
+        let created = events.iter().filter_map(|e| match e {
+            Event::TaskCreated { spec, .. } => Some(spec.id),
+            _ => None,
+        });
+        self.ledger.tasks_named_by(specs, created)
     }
 
     /// The original answer to a repeated command id, rebuilt from the log.
