@@ -95,7 +95,14 @@ pub fn run(source: &Source, from: Point, to: Point, as_json: bool) -> Result<Out
         if let Some(task) = event.task() {
             before.entry(task).or_insert_with(|| states(&ledger, &task));
         }
-        let worker_of = |task: TaskId, step: u16, epoch: u32| workers.get(&(task, step, epoch)).cloned();
+        // The holder of a lease taken in the range, else (a lease taken before `--from`) the
+        // step's worker in the ledger as it was before this event.
+        let worker_of = |task: TaskId, step: u16, epoch: u32| {
+            workers.get(&(task, step, epoch)).cloned().or_else(|| {
+                let held = ledger.task(&task).and_then(|t| t.step(domain::StepIndex(step)));
+                held.filter(|s| s.epoch.0 == epoch).and_then(|s| s.worker.as_ref()).map(|w| w.to_string())
+            })
+        };
         let lease = |task: TaskId, step: domain::StepIndex, epoch: u32, worker: Option<String>, detail: String| Lease {
             seq: record.seq,
             task: task.to_string(),

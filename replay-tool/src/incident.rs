@@ -144,6 +144,21 @@ fn lease_of(event: &Event) -> Option<(TaskId, u16, u32)> {
     }
 }
 
+/// Whether `event` ends `lease`, an open lease (of a step of its task): the
+/// holder finishing, failing or releasing it, its expiry, or an operator
+/// ending the step or the whole task while it is held.
+fn ends_lease(event: &Event, lease: &(TaskId, u16, u32)) -> bool {
+    match event {
+        Event::StepCompleted { .. }
+        | Event::StepFailed { .. }
+        | Event::StepReleased { .. }
+        | Event::LeaseExpired { .. } => lease_of(event) == Some(*lease),
+        Event::StepResolved { task, step, .. } => (*task, step.0) == (lease.0, lease.1),
+        Event::TaskCancelled { task, .. } | Event::TaskGivenUp { task, .. } => *task == lease.0,
+        _ => false,
+    }
+}
+
 pub fn run(source: &Source, args: &IncidentArgs) -> Result<Outcome> {
     let task = args.task.as_deref().map(parse_task).transpose()?;
     if task.is_none() && args.worker.is_none() && (args.from.is_none() || args.to.is_none()) {
@@ -164,21 +179,45 @@ pub fn run(source: &Source, args: &IncidentArgs) -> Result<Outcome> {
         }
         None => {
             let worker = args.worker.as_deref();
+            // The worker's leases: every one seen (their events are reported) and those
+            // still open (an operator ending their step or task is reported too), starting
+            // with the leases it held when the window opens.
             let mut leases: HashSet<(TaskId, u16, u32)> = HashSet::new();
+            let mut open: HashSet<(TaskId, u16, u32)> = HashSet::new();
+            if let Some(w) = worker
+                && first > 1
+            {
+                let (ledger, _) = source.ledger_at(first - 1, &Progress::new(first - 1, "folding"))?;
+                for task in ledger.tasks() {
+                    for (index, step) in task.steps.iter().enumerate() {
+                        if step.state == domain::StepState::InProgress
+                            && step.worker.as_ref().is_some_and(|held_by| held_by.as_str() == w)
+                        {
+                            open.insert((task.id, index as u16, step.epoch.0));
+                        }
+                    }
+                }
+                leases.extend(open.iter().copied());
+            }
             let progress = Progress::new(last, "scanning");
             source.scan(first, last, &progress, |record| {
                 let event = decode(record)?;
                 book.learn(&event);
                 let keep = match worker {
                     None => true,
-                    Some(w) => match (&event, lease_of(&event)) {
-                        (Event::StepClaimed { worker, .. }, Some(lease)) if worker.as_str() == w => {
-                            leases.insert(lease);
-                            true
+                    Some(w) => {
+                        let ended = open.len();
+                        open.retain(|lease| !ends_lease(&event, lease));
+                        match (&event, lease_of(&event)) {
+                            (Event::StepClaimed { worker, .. }, Some(lease)) if worker.as_str() == w => {
+                                leases.insert(lease);
+                                open.insert(lease);
+                                true
+                            }
+                            (_, Some(lease)) => leases.contains(&lease),
+                            _ => open.len() != ended,
                         }
-                        (_, Some(lease)) => leases.contains(&lease),
-                        _ => false,
-                    },
+                    }
                 };
                 if keep {
                     picked.push((record.clone(), event));
@@ -272,21 +311,16 @@ fn build(
             ));
         }
         let index = events.len();
-        if let Some(lease) = lease_of(event) {
-            match event {
-                Event::StepClaimed { .. } => {
-                    open_claims.insert(lease, index);
-                }
-                Event::StepCompleted { .. }
-                | Event::StepFailed { .. }
-                | Event::StepReleased { .. }
-                | Event::LeaseExpired { .. } => {
-                    if let Some(claim) = open_claims.remove(&lease) {
-                        events[claim].lease_end_ms = Some(ms(record.recorded_at_us));
-                    }
-                }
-                _ => {}
+        if let Some(task) = event.task() {
+            let of_task = open_claims.range((task, 0, 0)..=(task, u16::MAX, u32::MAX));
+            let ended: Vec<_> = of_task.filter(|(lease, _)| ends_lease(event, lease)).map(|(l, c)| (*l, *c)).collect();
+            for (lease, claim) in ended {
+                open_claims.remove(&lease);
+                events[claim].lease_end_ms = Some(ms(record.recorded_at_us));
             }
+        }
+        if let (Event::StepClaimed { .. }, Some(lease)) = (event, lease_of(event)) {
+            open_claims.insert(lease, index);
         }
         events.push(Entry {
             seq: record.seq,

@@ -1,7 +1,7 @@
 //! `incident` (Markdown, HTML, JSON; by task, worker and time window) and
 //! `diff` on the story log, with golden outputs.
 
-use crate::common::{build_story, golden, path, replay, replay_ok};
+use crate::common::{build_cancelled_lease, build_story, golden, path, replay, replay_ok};
 use serde_json::Value;
 
 const TASK_3: &str = "018bcfe5-6803-7001-9aa6-6d2c7ddf743f";
@@ -58,6 +58,43 @@ fn incident_of_a_worker_follows_its_leases_to_their_end() {
     assert_eq!(json["summary"]["backoff_ms"], serde_json::json!([815]));
 }
 
+/// A window that opens while the worker holds a lease still follows that
+/// lease: w-3 claimed at seq 12, and its lease expired at seq 13.
+#[test]
+fn incident_of_a_worker_from_inside_a_lease_follows_it() {
+    let (_dir, data) = story();
+    let json: Value = serde_json::from_str(&replay_ok(&[
+        "incident", "--data", &data, "--worker", "w-3", "--from", "13", "--to", "23", "--format", "json",
+    ]))
+    .unwrap();
+    let seqs: Vec<u64> = json["events"].as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [13], "the expiry of the lease w-3 held when the window opened");
+    assert_eq!(json["summary"]["lease_expiries"], 1);
+}
+
+/// A lease an operator ends by cancelling its task ends there, and the cancel
+/// is in the worker's report.
+#[test]
+fn incident_of_a_worker_ends_a_lease_at_its_tasks_cancel() {
+    let dir = tempfile::tempdir().unwrap();
+    build_cancelled_lease(dir.path());
+    let data = path(dir.path());
+    let json: Value =
+        serde_json::from_str(&replay_ok(&["incident", "--data", data, "--worker", "w-9", "--format", "json"])).unwrap();
+    let events = json["events"].as_array().unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["step_claimed", "task_cancelled", "step_claimed", "step_completed"]);
+    assert_eq!(events[0]["lease_end_ms"], 1000.0, "the first lease ends at the cancel");
+    assert_eq!(events[2]["lease_end_ms"], 3500.0);
+    // A window opening inside the cancelled lease still shows its end.
+    let from_cancel: Value = serde_json::from_str(&replay_ok(&[
+        "incident", "--data", data, "--worker", "w-9", "--from", "4", "--format", "json",
+    ]))
+    .unwrap();
+    let seqs: Vec<u64> = from_cancel["events"].as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [4, 5, 6]);
+}
+
 #[test]
 fn incident_of_a_time_window() {
     let (_dir, data) = story();
@@ -101,6 +138,10 @@ fn diff_between_two_points() {
         finished.contains(&("(new)", "cancelled")),
         "a task that ended inside the range shows its end: {finished:?}"
     );
+    // A lease taken before the range names its worker when it is lost inside it.
+    let inside: Value =
+        serde_json::from_str(&replay_ok(&["diff", "--data", &data, "--from", "12", "--to", "14", "--json"])).unwrap();
+    assert_eq!(inside["leases_lost"][0]["worker"], "w-3", "{inside}");
     let backwards = replay(&["diff", "--data", &data, "--from", "9", "--to", "3"]);
     assert!(crate::common::stderr(&backwards).contains("is after --to"));
 }

@@ -105,6 +105,25 @@ pub fn build_story(dir: &Path, snapshot_every: u64) -> u64 {
     finish(s, writer, snapshot_every)
 }
 
+/// A log where an operator cancels a task while w-9 holds its step's lease
+/// (seqs: 1–2 two jobs created, 3 w-9 claims task 1, 4 task 1 cancelled at
+/// +1 s, 5 w-9 claims task 2 at +3 s, 6 w-9 completes it at +3.5 s).
+pub fn build_cancelled_lease(dir: &Path) -> u64 {
+    let clock = Arc::new(ManualClock::new(START_US));
+    let (writer, _) = Writer::open(dir, WriterConfig::default(), clock.clone()).unwrap();
+    let mut s = Story { handle: writer.handle(), clock, n: 0 };
+    s.run("producer-a", Command::CreateTask(job(1, "emails")));
+    s.run("producer-a", Command::CreateTask(job(2, "emails")));
+    s.run("worker", claim("emails", "w-9", 1));
+    s.advance(1_000);
+    s.run("operator-kim", Command::CancelTask { task: task_id(1), reason: Some(text("customer left")) });
+    s.advance(2_000);
+    let a = s.run("worker", claim("emails", "w-9", 1));
+    s.advance(500);
+    s.run("worker", complete(task_id(2), "run", Story::epoch(&a)));
+    finish(s, writer, 0)
+}
+
 /// Waits (bounded) for the snapshot thread to write every snapshot due, so
 /// which snapshots exist does not depend on timing; then stops the writer.
 fn finish(s: Story, writer: Writer, snapshot_every: u64) -> u64 {
