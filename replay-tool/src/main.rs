@@ -191,7 +191,19 @@ fn run(cli: Cli) -> Result<Outcome> {
     }
 }
 
+/// Output piped into `head` and the like: when the reader goes away, end quietly
+/// as other command-line tools do (killed by SIGPIPE, status 141 in a shell),
+/// rather than panic on the failed write. Rust ignores SIGPIPE by default.
+fn end_quietly_on_a_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal, before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    end_quietly_on_a_closed_pipe();
     source::install_panic_hook();
     // Huge pages make each first touch of new heap zero 2 MiB at once, which is slow on
     // hosts that back memory lazily (see `eventlog::memory`); a fold of a large log grows

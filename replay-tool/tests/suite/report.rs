@@ -145,3 +145,28 @@ fn diff_between_two_points() {
     let backwards = replay(&["diff", "--data", &data, "--from", "9", "--to", "3"]);
     assert!(crate::common::stderr(&backwards).contains("is after --to"));
 }
+
+/// Output into a pipe whose reader has gone (`| head`) ends the tool quietly,
+/// killed by SIGPIPE as other command-line tools are, with no panic message
+/// (it used to panic on the failed write, or abort with status 134).
+#[test]
+fn a_closed_pipe_ends_the_tool_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (_dir, data) = story();
+    for args in [
+        &["diff", "--data", &data, "--from", "1", "--to", "23"][..],
+        &["state", "--data", &data, "--as-of", "20"],
+        &["events", "--data", &data],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_taskledger-replay"))
+            .args(args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{args:?}: {:?}", out.status);
+        assert!(out.stderr.is_empty(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
