@@ -362,17 +362,22 @@ fn fold_thread(
                 out.applied += 1;
                 if let Some(path) = snapshot_at.get(&item.seq) {
                     let compared = Instant::now();
-                    out.snapshots_checked.push(item.seq);
                     match compare_snapshot(path, item.seq, &item.hash, &ledger) {
-                        Ok(()) => {}
-                        Err(SnapshotVerdict::Unusable(why)) => {
-                            eprintln!("note: snapshot {} skipped: {why}", path.display())
-                        }
-                        Err(SnapshotVerdict::Differs(why)) => out.problems.push(problem(
+                        Ok(()) => out.snapshots_checked.push(item.seq),
+                        // Every loader skips such a file, so no state is wrong; but a file that
+                        // changed on disk is damage the operator must hear of.
+                        Err(SnapshotVerdict::Unusable(why)) => out.problems.push(problem(
                             item.seq,
                             "snapshot",
-                            format!("snapshot at seq {}: {why}", item.seq),
+                            format!(
+                                "snapshot file {} is damaged ({why}); restarts and as-of reads skip it and fold from an earlier one: delete it, and check the disk",
+                                path.display()
+                            ),
                         )),
+                        Err(SnapshotVerdict::Differs(why)) => {
+                            out.snapshots_checked.push(item.seq);
+                            out.problems.push(problem(item.seq, "snapshot", format!("snapshot at seq {}: {why}", item.seq)))
+                        }
                     }
                     comparing += compared.elapsed();
                 }
@@ -431,7 +436,7 @@ fn live_tasks_hint(snapshot_at: &HashMap<u64, PathBuf>) -> Option<usize> {
 
 /// Why a snapshot did not match.
 enum SnapshotVerdict {
-    /// The file is unreadable or corrupt: every loader skips it, so it is noted, not a problem.
+    /// The file is unreadable or corrupt: every loader skips it (no state is wrong), reported as damage.
     Unusable(String),
     /// An intact snapshot that disagrees with the log.
     Differs(String),

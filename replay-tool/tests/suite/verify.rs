@@ -96,7 +96,7 @@ fn rewrite_snapshot(dir: &std::path::Path, seq: u64, body: &[u8]) {
 }
 
 #[test]
-fn a_snapshot_that_disagrees_with_the_fold_is_reported_and_a_corrupt_one_is_noted() {
+fn a_snapshot_that_disagrees_with_the_fold_or_is_damaged_is_reported() {
     let dir = tempfile::tempdir().unwrap();
     build_story(dir.path(), 10);
     // An intact snapshot file at seq 10 that saved the state as of seq 9.
@@ -118,7 +118,7 @@ fn a_snapshot_that_disagrees_with_the_fold_is_reported_and_a_corrupt_one_is_note
     let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert!(report["problems"][0]["message"].as_str().unwrap().contains("digest"), "{report:#}");
 
-    // A snapshot whose body fails its checksum is skipped by every loader: noted, not a problem.
+    // A snapshot whose body fails its checksum is skipped by every loader, and reported as damage.
     rewrite_snapshot(dir.path(), 10, &eventlog::fold::snapshot_body(&crate::common::fold_by_hand(dir.path(), 10)));
     let file = dir.path().join("snapshots").join("snapshot-00000000000000000020.bin");
     let mut bytes = std::fs::read(&file).unwrap();
@@ -126,10 +126,14 @@ fn a_snapshot_that_disagrees_with_the_fold_is_reported_and_a_corrupt_one_is_note
     bytes[last] ^= 0x10;
     std::fs::write(&file, bytes).unwrap();
     let out = replay(&["verify", "--data", path(dir.path()), "--json", "--skip-storage-check"]);
-    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
-    assert!(stderr(&out).contains("body checksum mismatch"), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
     let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
-    assert_eq!(report["snapshots_checked"], serde_json::json!([10, 20]));
+    let problems = report["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert_eq!((problems[0]["seq"].as_u64(), problems[0]["kind"].as_str()), (Some(20), Some("snapshot")));
+    assert!(problems[0]["message"].as_str().unwrap().contains("body checksum mismatch"), "{problems:#?}");
+    assert_eq!(report["snapshots_checked"], serde_json::json!([10]), "a damaged snapshot is not counted as checked");
+    assert_eq!(report["events_applied"], 23, "the fold goes on past it");
     assert_eq!(report["storage"], "skipped (--skip-storage-check)");
     assert!(report["timings"]["storage_s"].is_null());
     assert!(report["timings"]["records_per_s"].as_f64().unwrap() > 0.0);
