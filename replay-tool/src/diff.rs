@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use domain::{Event, FailOutcome, Ledger, TaskId};
 use serde::Serialize;
 
@@ -74,7 +74,7 @@ pub fn run(source: &Source, from: Point, to: Point, as_json: bool) -> Result<Out
     let a = source.upto(from)?;
     let b = source.upto(to)?;
     if a > b {
-        bail!("--from (seq {a}) is after --to (seq {b})");
+        return Err(crate::source::usage(format!("--from (seq {a}) is after --to (seq {b})")));
     }
     let progress = Progress::new(b, "folding");
     let (ledger, _) = source.ledger_at(a, &progress)?;

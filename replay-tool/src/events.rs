@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::ops::ControlFlow;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Args;
 use domain::{Event, TaskId};
 use eventlog::fold::decode_event;
@@ -53,7 +53,10 @@ pub fn parse_types(types: &[String]) -> Result<HashSet<u16>> {
     for name in types.iter().map(|t| t.trim()).filter(|t| !t.is_empty()) {
         let Some(code) = Event::TYPES.iter().position(|(n, _)| *n == name) else {
             let known: Vec<&str> = Event::TYPES.iter().map(|(n, _)| *n).collect();
-            bail!("unknown event type {name:?}; known types: {}", known.join(", "));
+            return Err(crate::source::usage(format!(
+                "unknown event type {name:?}; known types: {}",
+                known.join(", ")
+            )));
         };
         codes.insert(code as u16);
     }
@@ -61,7 +64,7 @@ pub fn parse_types(types: &[String]) -> Result<HashSet<u16>> {
 }
 
 pub fn parse_task(text: &str) -> Result<TaskId> {
-    TaskId::parse(text).map_err(|r| anyhow::anyhow!("{}", r.message)).context("parse --task")
+    TaskId::parse(text).map_err(|r| crate::source::usage(format!("parse --task: {}", r.message)))
 }
 
 pub fn run(source: &Source, args: &EventsArgs) -> Result<Outcome> {

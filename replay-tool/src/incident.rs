@@ -162,7 +162,7 @@ fn ends_lease(event: &Event, lease: &(TaskId, u16, u32)) -> bool {
 pub fn run(source: &Source, args: &IncidentArgs) -> Result<Outcome> {
     let task = args.task.as_deref().map(parse_task).transpose()?;
     if task.is_none() && args.worker.is_none() && (args.from.is_none() || args.to.is_none()) {
-        bail!("say what to report on: --task ID, --worker ID, or a window --from T --to T");
+        return Err(crate::source::usage("say what to report on: --task ID, --worker ID, or a window --from T --to T"));
     }
     let (first, last) = source.range(args.from, args.to)?;
     let mut book = TaskBook::default();

@@ -67,9 +67,9 @@ impl Input {
     fn open(&self) -> Result<Source> {
         if let Some(url) = &self.server {
             if self.data.is_some() || self.log.is_some() {
-                anyhow::bail!("give one input: --server, --data or --log");
+                return Err(source::usage("give one input: --server, --data or --log"));
             }
-            let token = self.token.as_deref().ok_or_else(|| anyhow::anyhow!("--server needs --token"))?;
+            let token = self.token.as_deref().ok_or_else(|| source::usage("--server needs --token"))?;
             return feed::fetch(url, token);
         }
         let (path, snapshots) = source::log_paths(self.data.as_deref(), self.log.as_deref())?;
@@ -215,7 +215,7 @@ fn main() -> ExitCode {
         Ok(Outcome::Problems) => ExitCode::from(1),
         Err(error) => {
             eprintln!("taskledger-replay: error: {error:#}");
-            ExitCode::from(3)
+            ExitCode::from(if error.is::<source::Usage>() { 2 } else { 3 })
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use projections::ProjectorKind;
 use projections::asof::{self, AsOf};
 
@@ -26,7 +26,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn reader(source: &Source) -> Result<&eventlog::LogReader> {
     match source {
         Source::File { reader, .. } => Ok(reader),
-        Source::Feed { .. } => bail!("projections are built from a log file: use --data or --log"),
+        Source::Feed { .. } => Err(crate::source::usage("projections are built from a log file: use --data or --log")),
     }
 }
 

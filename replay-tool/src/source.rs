@@ -48,6 +48,24 @@ pub enum Source {
 }
 
 /// The log file and snapshot directory named by `--data DIR` or `--log FILE`.
+/// A command line that asks for something impossible (exit status 2, as clap's
+/// own parse errors), as opposed to a command that could not run (3).
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// A usage error with this message.
+pub fn usage(message: impl Into<String>) -> anyhow::Error {
+    Usage(message.into()).into()
+}
+
 pub fn log_paths(data: Option<&Path>, log: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
     match (data, log) {
         (Some(dir), None) => Ok((dir.join(eventlog::redb_store::LOG_FILE_NAME), dir.join("snapshots"))),
@@ -55,8 +73,8 @@ pub fn log_paths(data: Option<&Path>, log: Option<&Path>) -> Result<(PathBuf, Pa
             let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
             Ok((file.to_path_buf(), dir.join(eventlog::redb_store::SNAPSHOT_DIR_NAME)))
         }
-        (Some(_), Some(_)) => bail!("give either --data DIR or --log FILE, not both"),
-        (None, None) => bail!("say which log to read: --data DIR, --log FILE, or --server URL --token T"),
+        (Some(_), Some(_)) => Err(usage("give either --data DIR or --log FILE, not both")),
+        (None, None) => Err(usage("say which log to read: --data DIR, --log FILE, or --server URL --token T")),
     }
 }
 
@@ -420,6 +438,11 @@ impl Source {
         let head = self.head()?.seq;
         let first = from.map(|p| self.from(p)).transpose()?.unwrap_or(1);
         let last = to.map(|p| self.upto(p)).transpose()?.unwrap_or(head);
+        if let (Some(_), Some(_)) = (from, to)
+            && first > last + 1
+        {
+            return Err(usage(format!("--from (seq {first}) is after --to (seq {last})")));
+        }
         Ok((first, last))
     }
 }

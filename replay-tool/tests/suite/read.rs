@@ -83,12 +83,17 @@ fn events_table_and_json_with_every_filter() {
     assert_eq!(seqs(&["--actor", "operator-kim"]), [17, 20, 21]);
     assert_eq!(seqs(&["--actor", "system"]), [9, 13, 14]);
     assert_eq!(seqs(&["--from", "5", "--to", "8"]), [5, 6, 7, 8]);
+    let backwards = replay(&["events", "--data", data, "--from", "8", "--to", "5"]);
+    assert_eq!(backwards.status.code(), Some(2), "{}", crate::common::stderr(&backwards));
+    assert!(crate::common::stderr(&backwards).contains("--from (seq 8) is after --to (seq 5)"));
+    let malformed = replay(&["events", "--data", data, "--task", "not-a-task"]);
+    assert_eq!(malformed.status.code(), Some(2), "{}", crate::common::stderr(&malformed));
     assert_eq!(seqs(&["--from", "2026-11-23T14:00:08Z", "--to", "2026-11-23T14:00:13.5Z"]), [13, 14, 15, 16]);
     assert_eq!(seqs(&["--task", TASK_3, "--from", "9", "--limit", "2"]), [9, 10]);
     assert_eq!(seqs(&["--namespace", "emails", "--type", "task_created", "--from", "3"]), [3, 22]);
 
     let bad = replay(&["events", "--data", data, "--type", "step_exploded"]);
-    assert_eq!(bad.status.code(), Some(3));
+    assert_eq!(bad.status.code(), Some(2), "a usage error");
     assert!(
         crate::common::stderr(&bad).contains("unknown event type \"step_exploded\""),
         "{}",

@@ -113,7 +113,7 @@ fn incident_of_a_time_window() {
     assert_eq!((json["first_seq"].as_u64(), json["last_seq"].as_u64()), (Some(9), Some(16)));
     assert_eq!(json["lanes"].as_array().unwrap().len(), 2);
     let none = replay(&["incident", "--data", &data]);
-    assert_eq!(none.status.code(), Some(3));
+    assert_eq!(none.status.code(), Some(2), "a usage error");
     assert!(crate::common::stderr(&none).contains("--task ID, --worker ID, or a window --from T --to T"));
 }
 
