@@ -78,7 +78,7 @@ pub fn run(
         Some(point) => source.upto(point)?,
         None => head.seq,
     };
-    let at = source.record(seq)?.map(|r| time_of(&r)).unwrap_or_else(|| "(before the first record)".into());
+    let at = source.record(seq)?.map(|r| time_of(&r)).unwrap_or_else(|| "before the first record".into());
     match task {
         Some(task) => show_task(source, seq, &at, task, as_json),
         None => show_ledger(source, seq, &at, list_tasks, as_json),
