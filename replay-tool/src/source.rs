@@ -78,16 +78,17 @@ pub fn log_paths(data: Option<&Path>, log: Option<&Path>) -> Result<(PathBuf, Pa
     }
 }
 
-thread_local! {
-    /// Set while `without_panic` runs, so the panic hook stays quiet: the panic becomes an error.
-    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
+/// How many `without_panic` calls are running, on any thread: the panic hook stays quiet
+/// while one is, since the panic becomes an error there — also a panic in a thread the
+/// guarded code started (the storage engine's, `eventlog::verify`'s scanning thread), which
+/// reaches the guard when that thread is joined.
+static GUARDED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Installs a panic hook that is silent inside `without_panic` (the panic is
-/// reported as an error there) and says "internal error" anywhere else.
+/// Installs a panic hook that is silent while `without_panic` runs (the panic is
+/// reported as an error there) and says "internal error" otherwise.
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
-        if !GUARDED.with(std::cell::Cell::get) {
+        if GUARDED.load(std::sync::atomic::Ordering::SeqCst) == 0 {
             eprintln!("taskledger-replay: internal error: {info}");
         }
     }));
@@ -96,9 +97,9 @@ pub fn install_panic_hook() {
 /// Runs `f`, turning a panic inside the storage engine into an error (redb may
 /// panic on a damaged file that it was not asked to check first).
 pub fn without_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    let was_guarded = GUARDED.with(|g| g.replace(true));
+    GUARDED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let result = catch_unwind(AssertUnwindSafe(f));
-    GUARDED.with(|g| g.set(was_guarded));
+    GUARDED.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     match result {
         Ok(result) => result,
         Err(panic) => {
@@ -107,7 +108,7 @@ pub fn without_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> 
                 .map(String::as_str)
                 .or_else(|| panic.downcast_ref::<&str>().copied())
                 .unwrap_or("no message");
-            Err(anyhow!("{what}: the storage engine panicked ({message}); the file is damaged, run `verify`"))
+            Err(anyhow!("{what}: the storage engine panicked ({message}); the file is damaged (`verify` says where)"))
         }
     }
 }

@@ -247,11 +247,14 @@ pub fn run(input: &Input, as_json: bool, skip_storage: bool) -> Result<Outcome> 
                     .spawn_scoped(scope, || fold_thread(rx, back, snapshot_at))
                     .context("start the fold thread")?;
                 let progress = Progress::new(expected, "verifying");
+                // The last record read, for a log that cannot be read to its end.
+                let mut last_read = 0u64;
                 let log = without_panic("verify the log", || {
                     Ok(eventlog::verify::verify_with(
                         reader,
                         |done, _| progress.set(done),
                         |record| {
+                            last_read = record.seq;
                             if feeder.wants_more() {
                                 let event = decode_payload(
                                     record.seq,
@@ -276,7 +279,14 @@ pub fn run(input: &Input, as_json: bool, skip_storage: bool) -> Result<Outcome> 
                             report.problems.push(problem(p.seq, kind_name(p.kind), p.message));
                         }
                     }
-                    Err(error) => report.problems.push(problem(0, "storage", format!("{error:#}"))),
+                    Err(error) => {
+                        report.records_checked = last_read;
+                        report.problems.push(problem(
+                            last_read + 1,
+                            "storage",
+                            format!("the log cannot be read past seq {last_read}: {error:#}"),
+                        ))
+                    }
                 }
                 report.timings.log_s = log_started.elapsed().as_secs_f64();
                 take_fold(fold.join(), &mut report);
