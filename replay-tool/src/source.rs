@@ -124,8 +124,15 @@ impl Source {
             Ok(reader) => Ok(Ok(reader)),
             Err(eventlog::OpenError::Database { source: redb::DatabaseError::RepairAborted, .. })
             | Err(eventlog::OpenError::JournalPending { .. }) => Ok(Err(())),
-            Err(error) => Err(anyhow::Error::new(error))
-                .with_context(|| format!("open log {} read-only (is a server still running on it?)", path.display())),
+            Err(error) => {
+                // The hint only where it can be the cause: the file is locked by another process.
+                let locked = matches!(
+                    &error,
+                    eventlog::OpenError::Database { source: redb::DatabaseError::DatabaseAlreadyOpen, .. }
+                );
+                let hint = if locked { " (is a server still running on it?)" } else { "" };
+                Err(anyhow::Error::new(error)).with_context(|| format!("open log {} read-only{hint}", path.display()))
+            }
         })?;
         match opened {
             Ok(reader) => Ok(Source::File { path: path.to_path_buf(), reader, snapshots }),
