@@ -54,22 +54,34 @@ pub async fn execute(state: &AppState, caller: &Caller<'_>, command: Command) ->
             .unwrap_or_else(|_| Err(WriteError::Unavailable("the writer stopped before answering".into()))),
         Err(e) => Err(e),
     };
-    let _entered = span.enter();
-    state.metrics.record_command(kind, &result, started.elapsed());
-    match &result {
-        Ok(ack) => tracing::debug!(seq = ?ack.seqs.map(|s| s.first), duplicate = ack.duplicate, "acknowledged"),
-        Err(error) => tracing::debug!(%error, "not recorded"),
-    }
-    let ack = match (result, target) {
-        (Err(WriteError::Rejected(rejection)), Some(task)) if rejection.code == RejectionCode::TaskNotFound => {
-            return Err(finished_task(state, caller.who, task).await.unwrap_or_else(|| rejection.into()));
-        }
-        (result, _) => result?,
+    // A repeat must be of this very command (`check_same_command`); one that is not is
+    // refused, and counted as an invalid envelope.
+    let (result, conflict) = match result {
+        Ok(ack) if ack.duplicate => match check_same_command(state, caller, event_type, target, &ack) {
+            Ok(()) => (Ok(ack), None),
+            Err(conflict) => {
+                (Err(WriteError::InvalidEnvelope("command id reused for another command".into())), Some(conflict))
+            }
+        },
+        other => (other, None),
     };
-    if ack.duplicate {
-        check_same_command(state, caller, event_type, target, &ack)?;
+    {
+        let _entered = span.enter();
+        state.metrics.record_command(kind, &result, started.elapsed());
+        match &result {
+            Ok(ack) => tracing::debug!(seq = ?ack.seqs.map(|s| s.first), duplicate = ack.duplicate, "acknowledged"),
+            Err(error) => tracing::debug!(%error, "not recorded"),
+        }
     }
-    Ok(ack)
+    if let Some(conflict) = conflict {
+        return Err(conflict);
+    }
+    match (result, target) {
+        (Err(WriteError::Rejected(rejection)), Some(task)) if rejection.code == RejectionCode::TaskNotFound => {
+            Err(finished_task(state, caller.who, task).await.unwrap_or_else(|| rejection.into()))
+        }
+        (result, _) => Ok(result?),
+    }
 }
 
 /// The answer to a command on a task the writer does not hold: a task that has

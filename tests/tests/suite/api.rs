@@ -316,6 +316,13 @@ fn a_command_id_reused_for_another_command_is_refused() {
     let same = server.post_as(&token, &format!("/v1/tasks/{first}/cancel"), json!({}), Some("cancel-1"));
     assert_eq!((same.status, same.body["duplicate"].clone()), (200, json!(true)));
     assert_eq!(server.head_seq(), head + 1, "only the first cancel was written");
+    let (_, metrics) = server.get_text("/metrics");
+    for line in [
+        "taskledger_commands_total{command=\"cancel_task\",outcome=\"invalid\"} 2",
+        "taskledger_commands_total{command=\"cancel_task\",outcome=\"duplicate\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
 }
 
 #[test]
