@@ -269,6 +269,14 @@ impl Event {
         ("queue_concurrency_set", 1),
     ];
 
+    /// The task this event creates, if it is a `TaskCreated`.
+    pub fn created_task(&self) -> Option<TaskId> {
+        match self {
+            Event::TaskCreated { spec, .. } => Some(spec.id),
+            _ => None,
+        }
+    }
+
     /// The task this event concerns, if any.
     pub fn task(&self) -> Option<TaskId> {
         match self.stream() {

@@ -1722,13 +1722,7 @@ mod digest_tests {
         scenario.ok(Command::CreateTask(before.clone()));
         let specs = vec![keyed(2, "k1"), keyed(3, "dup"), job(4, "a"), keyed(5, "dup"), keyed(6, "k6")];
         let events = scenario.ok(Command::CreateTasks(specs.clone()));
-        let created: Vec<TaskId> = events
-            .iter()
-            .filter_map(|e| match e {
-                Event::TaskCreated { spec, .. } => Some(spec.id),
-                _ => None,
-            })
-            .collect();
+        let created: Vec<TaskId> = events.iter().filter_map(Event::created_task).collect();
         assert_eq!(created, vec![specs[1].id, specs[2].id, specs[4].id]);
         let expected = vec![before.id, specs[1].id, specs[2].id, specs[1].id, specs[4].id];
         assert_eq!(scenario.ledger.tasks_named_by(&specs, created.iter().copied()), expected);

@@ -880,13 +880,7 @@ impl WriterThread {
         }
         let events = self.ledger.decide(&envelope.command, now).map_err(WriteError::Rejected)?;
         // A task id is unique for all time, not just among live tasks.
-        let created: Vec<TaskId> = events
-            .iter()
-            .filter_map(|e| match e {
-                Event::TaskCreated { spec, .. } => Some(spec.id),
-                _ => None,
-            })
-            .collect();
+        let created: Vec<TaskId> = events.iter().filter_map(Event::created_task).collect();
         for id in &created {
             let on_disk = self
                 .store
@@ -900,7 +894,7 @@ impl WriterThread {
                 )));
             }
         }
-        new_streams.extend(created);
+        new_streams.extend(created.iter().copied());
         let first = head_before + records.len() as u64 + 1;
         let mut claimed = Vec::new();
         for event in &events {
@@ -912,24 +906,20 @@ impl WriterThread {
             }
         }
         let seqs = (!events.is_empty()).then(|| SeqRange { first, last: first + events.len() as u64 - 1 });
-        let task_ids = self.tasks_named(&envelope.command, &events);
+        let task_ids = self.tasks_named(&envelope.command, created);
         if let Some(range) = seqs {
             in_batch.insert(envelope.command_id.clone(), range);
         }
         Ok(Acknowledgement { seqs, head_seq: 0, events, claimed, task_ids, duplicate: false })
     }
 
-    /// [`Acknowledgement::task_ids`] of `command`, whose events are `events` (applied).
-    fn tasks_named(&self, command: &Command, events: &[Event]) -> Vec<TaskId> {
+    /// [`Acknowledgement::task_ids`] of `command`, whose events (applied) created `created`.
+    fn tasks_named(&self, command: &Command, created: impl IntoIterator<Item = TaskId>) -> Vec<TaskId> {
         let specs = match command {
             Command::CreateTask(spec) => std::slice::from_ref(spec),
             Command::CreateTasks(specs) => specs.as_slice(),
             _ => return Vec::new(),
         };
-        let created = events.iter().filter_map(|e| match e {
-            Event::TaskCreated { spec, .. } => Some(spec.id),
-            _ => None,
-        });
         self.ledger.tasks_named_by(specs, created)
     }
 
@@ -969,7 +959,7 @@ impl WriterThread {
                     .unwrap_or(false)
             })
             .collect();
-        let task_ids = self.tasks_named(command, &events);
+        let task_ids = self.tasks_named(command, events.iter().filter_map(Event::created_task));
         Ok(Acknowledgement { seqs: Some(range), head_seq: 0, events, claimed, task_ids, duplicate: true })
     }
 
