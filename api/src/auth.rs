@@ -8,7 +8,8 @@
 //!
 //! Roles: `producer` (create and cancel tasks, read), `worker` (claim and
 //! report on steps, read), `operator` (everything a producer does, plus
-//! retry, resolve, give up, pause, resume, concurrency), `auditor` (read
+//! retry, resolve, give up, pause, resume, concurrency, and what an auditor
+//! reads: the event feed, audit log and workers), `auditor` (read
 //! everything, including the event feed; write nothing), `admin` (all).
 //! A scope limits a token to some namespaces; the writer enforces it against
 //! the ledger, which knows each task's namespace.

@@ -5,9 +5,10 @@
 //! It answers with the typed rows of `projections::query`: GraphQL serves
 //! them as objects, REST as JSON through [`to_json`].
 //!
-//! Namespace-scoped tokens must name a namespace they cover; the audit log,
-//! workers and projector status span every namespace and need an unscoped
-//! token with the audit permission.
+//! Namespace-scoped tokens must name a namespace they cover; the audit log
+//! and workers span every namespace and need an unscoped token with the
+//! audit permission. Projector status (checkpoints and lag, no task data) is
+//! open to every token.
 
 use std::time::Duration;
 
