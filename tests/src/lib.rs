@@ -306,3 +306,88 @@ impl Server {
         child.wait().ok()
     }
 }
+
+/// The servers' SQL read models, compared row for row: every row of every projector table
+/// (`projections::digest`), from SQLite or PostgreSQL, dumped once the projectors stand
+/// still at the log's head.
+pub mod read_models {
+    use projections::digest::Dump;
+    use serde_json::Value;
+    use std::time::Duration;
+
+    pub fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime")
+    }
+
+    /// Every read-model row of a projections store: a SQLite file's path or a `postgres://` URL.
+    pub fn dump(runtime: &tokio::runtime::Runtime, target: &str) -> Dump {
+        runtime.block_on(async {
+            let store = projections::Store::open(target).await.expect("open a projections store");
+            let dump = projections::digest::dump(&store).await.expect("dump the projections");
+            store.close().await;
+            dump
+        })
+    }
+
+    /// The seq every projector stands at, if all stand at the head, at `at_least` or
+    /// later, without an error; `projectors` is `GET /v1/views/projections`'s answer.
+    fn all_at_head(projectors: &Value, at_least: u64, context: &str) -> Option<u64> {
+        let projectors = projectors.as_array()?;
+        assert!(!projectors.is_empty(), "{context}: no projectors");
+        let seq = projectors[0]["checkpoint_seq"].as_u64()?;
+        for p in projectors {
+            assert!(p["error"].is_null(), "{context}: projector failed: {p}");
+            if p["checkpoint_seq"].as_u64() != Some(seq) || p["head_seq"].as_u64() != Some(seq) {
+                return None;
+            }
+        }
+        (seq >= at_least).then_some(seq)
+    }
+
+    /// Waits until every projector of a running server stands at the head (`status` reads
+    /// `GET /v1/views/projections`), dumps `target`, and returns (seq, dump) once the
+    /// projectors have not moved during the dump (a timer may append an event at any time;
+    /// then it tries again).
+    pub fn converged_dump(
+        status: impl Fn() -> Option<Value>,
+        runtime: &tokio::runtime::Runtime,
+        target: &str,
+        at_least: u64,
+        context: &str,
+    ) -> (u64, Dump) {
+        let at_head = || status().and_then(|projectors| all_at_head(&projectors, at_least, context));
+        for _ in 0..3_000 {
+            if let Some(seq) = at_head() {
+                let dump = dump(runtime, target);
+                if at_head() == Some(seq) {
+                    return (seq, dump);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("{context}: the projections never stood still at the head (waited 30 s)");
+    }
+
+    /// Names the first read model that differs between `a` and `b` (called `names`), for a
+    /// readable failure.
+    pub fn first_difference(a: &Dump, b: &Dump, names: (&str, &str)) -> String {
+        let (a, b) = (serde_json::to_value(a).expect("dump"), serde_json::to_value(b).expect("dump"));
+        for (table, rows) in a.as_object().expect("dump object") {
+            if &b[table] != rows {
+                let (ra, rb) =
+                    (rows.as_array().cloned().unwrap_or_default(), b[table].as_array().cloned().unwrap_or_default());
+                let i = ra.iter().zip(&rb).position(|(x, y)| x != y).unwrap_or(ra.len().min(rb.len()));
+                return format!(
+                    "{table}: {} rows vs {}; first difference at row {i}: {} {:?} vs {} {:?}",
+                    ra.len(),
+                    rb.len(),
+                    names.0,
+                    ra.get(i),
+                    names.1,
+                    rb.get(i)
+                );
+            }
+        }
+        "no difference".into()
+    }
+}

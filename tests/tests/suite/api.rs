@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tests::Server;
 
-fn create_job(server: &Server, namespace: &str, extra: Value) -> String {
+pub(crate) fn create_job(server: &Server, namespace: &str, extra: Value) -> String {
     let mut body = json!({ "namespace": namespace, "handler": "work", "payload": {"n": 1} });
     if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
         b.extend(e);
@@ -17,7 +17,7 @@ fn create_job(server: &Server, namespace: &str, extra: Value) -> String {
     answer.body["task_id"].as_str().unwrap().to_owned()
 }
 
-fn claim(server: &Server, namespace: &str, wait_ms: u64) -> Vec<Value> {
+pub(crate) fn claim(server: &Server, namespace: &str, wait_ms: u64) -> Vec<Value> {
     let answer = server.post(
         "/v1/claims",
         json!({ "namespaces": [namespace], "worker_id": "worker-1", "max": 10, "wait_ms": wait_ms }),
@@ -26,11 +26,11 @@ fn claim(server: &Server, namespace: &str, wait_ms: u64) -> Vec<Value> {
     answer.body["steps"].as_array().unwrap().clone()
 }
 
-fn step_path(step: &Value, action: &str) -> String {
+pub(crate) fn step_path(step: &Value, action: &str) -> String {
     format!("/v1/tasks/{}/steps/{}/{action}", step["task_id"].as_str().unwrap(), step["step"].as_str().unwrap())
 }
 
-fn epoch(step: &Value) -> u64 {
+pub(crate) fn epoch(step: &Value) -> u64 {
     step["epoch"].as_u64().unwrap()
 }
 

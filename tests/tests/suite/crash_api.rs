@@ -46,7 +46,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tests::{Server, workspace_binary};
+use tests::{Server, read_models, workspace_binary};
 
 const KILLS_ENV: &str = "TASKLEDGER_CRASH_API_KILLS";
 const SEED_ENV: &str = "TASKLEDGER_CRASH_API_SEED";
@@ -506,23 +506,7 @@ fn lease_end(index: &LogIndex, orphan: &Orphan) -> LeaseEnd {
 // Projections
 // ---------------------------------------------------------------------------------------------
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime")
-}
-
-/// Every read-model row of a SQLite projections file.
-fn dump(runtime: &tokio::runtime::Runtime, path: &Path) -> projections::digest::Dump {
-    runtime.block_on(async {
-        let store = projections::Store::open_sqlite(path).await.expect("open a projections file");
-        let dump = projections::digest::dump(&store).await.expect("dump the projections");
-        store.close().await;
-        dump
-    })
-}
-
-/// Waits until every projector of the running server stands at the same seq as the head,
-/// dumps the server's read models, and returns (seq, dump) once the projectors have not
-/// moved during the dump (a timer may append an event at any time; then it tries again).
+/// The server's read models once its projectors stand at the head (at `at_least` or later).
 fn converged_dump(
     client: &Client,
     data: &Path,
@@ -530,50 +514,13 @@ fn converged_dump(
     at_least: u64,
     context: &str,
 ) -> (u64, projections::digest::Dump) {
-    let at_head = || -> Option<u64> {
+    let status = || {
         let (status, body) = client.get("/v1/views/projections").ok()?;
         assert_eq!(status, 200, "{context}: projector status: {body}");
-        let projectors = body.as_array()?;
-        assert!(!projectors.is_empty(), "{context}: no projectors");
-        let seq = projectors[0]["checkpoint_seq"].as_u64()?;
-        for p in projectors {
-            assert!(p["error"].is_null(), "{context}: projector failed: {p}");
-            if p["checkpoint_seq"].as_u64() != Some(seq) || p["head_seq"].as_u64() != Some(seq) {
-                return None;
-            }
-        }
-        (seq >= at_least).then_some(seq)
+        Some(body)
     };
-    for _ in 0..3_000 {
-        if let Some(seq) = at_head() {
-            let dump = dump(runtime, &data.join("projections.sqlite"));
-            if at_head() == Some(seq) {
-                return (seq, dump);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("{context}: the projections never stood still at the head (waited 30 s)");
-}
-
-/// Names the first read model that differs, for a readable failure.
-fn first_difference(a: &projections::digest::Dump, b: &projections::digest::Dump) -> String {
-    let (a, b) = (serde_json::to_value(a).expect("dump"), serde_json::to_value(b).expect("dump"));
-    for (table, rows) in a.as_object().expect("dump object") {
-        if &b[table] != rows {
-            let (ra, rb) =
-                (rows.as_array().cloned().unwrap_or_default(), b[table].as_array().cloned().unwrap_or_default());
-            let i = ra.iter().zip(&rb).position(|(x, y)| x != y).unwrap_or(ra.len().min(rb.len()));
-            return format!(
-                "{table}: {} rows vs {}; first difference at row {i}: server {:?} vs rebuild {:?}",
-                ra.len(),
-                rb.len(),
-                ra.get(i),
-                rb.get(i)
-            );
-        }
-    }
-    "no difference".into()
+    let target = data.join("projections.sqlite");
+    read_models::converged_dump(status, runtime, target.to_str().expect("utf-8 path"), at_least, context)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -629,11 +576,11 @@ fn check_files(
     let (code, output) =
         replay_tool(&["materialize", "--data", dir, "--as-of", &seq.to_string(), "--out", out_str], context);
     assert_eq!(code, 0, "{context}: taskledger-replay materialize --as-of {seq}:\n{output}");
-    let rebuilt = dump(runtime, &out);
+    let rebuilt = read_models::dump(runtime, out_str);
     assert!(
         &rebuilt == server_dump,
         "{context}: the server's projections at seq {seq} differ from a rebuild from scratch: {}",
-        first_difference(server_dump, &rebuilt)
+        read_models::first_difference(server_dump, &rebuilt, ("server", "rebuild"))
     );
     true
 }
@@ -781,7 +728,7 @@ fn acknowledged_commands_survive_sigkill_of_the_server() {
     let started = Instant::now();
     let temp = tempfile::tempdir().expect("temp dir");
     let data = temp.path().join("data");
-    let runtime = runtime();
+    let runtime = read_models::runtime();
     let mut rng = Rng(seed);
     let projection_every = (kills / PROJECTION_CHECKS).max(1);
     let mut state = State {

@@ -13,3 +13,4 @@ mod cli;
 mod crash_api;
 mod graphql;
 mod load;
+mod postgres;

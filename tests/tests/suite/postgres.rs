@@ -1,0 +1,167 @@
+//! The server with its read models in PostgreSQL (`--projections postgres://…`), black box:
+//! the same log must give the same rows whichever database the projectors write, a killed
+//! server's projectors resume in PostgreSQL where they stood, and a restart resumes from the
+//! checkpoints kept there instead of rebuilding. PostgreSQL is a throwaway cluster
+//! (`projections::testing`), or `TASKLEDGER_TEST_DATABASE_URL` when it is set.
+
+use std::path::Path;
+
+use projections::testing::TempPostgres;
+use serde_json::{Value, json};
+use tests::{Server, read_models};
+
+use crate::api::{claim, create_job, epoch, step_path};
+
+/// The server's projector status, for [`read_models::converged_dump`].
+fn status(server: &Server) -> Option<Value> {
+    let answer = server.get("/v1/views/projections");
+    assert_eq!(answer.status, 200, "projector status: {answer:?}");
+    Some(answer.body)
+}
+
+/// Every page of a list view, joined.
+fn all_pages(server: &Server, view: &str) -> Vec<Value> {
+    let mut items = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let cursor = after.as_ref().map(|c| format!("&after={c}")).unwrap_or_default();
+        let separator = if view.contains('?') { '&' } else { '?' };
+        let page = server.get(&format!("/v1/views/{view}{separator}first=7{cursor}"));
+        assert_eq!(page.status, 200, "{view}: {page:?}");
+        items.extend(page.body["items"].as_array().expect("items").iter().cloned());
+        match page.body["next_cursor"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => return items,
+        }
+    }
+}
+
+/// What a user reads from the views (paged with a small page, so cursors are crossed).
+fn views(server: &Server) -> Value {
+    json!({
+        "tasks": all_pages(server, "tasks"),
+        "queue": all_pages(server, "queue"),
+        "dead_letters": all_pages(server, "dead-letters"),
+        "audit": all_pages(server, "audit"),
+        "workers": all_pages(server, "workers"),
+        "dashboard": server.get("/v1/views/dashboard?namespace=pg").body,
+    })
+}
+
+/// Copies a stopped server's log, journals, snapshots and tokens (not its projections).
+fn copy_log(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to.join("snapshots")).expect("copy dir");
+    for entry in std::fs::read_dir(from).expect("data dir").flatten() {
+        let path = entry.path();
+        if path.is_file() && !entry.file_name().to_string_lossy().starts_with("projections") {
+            std::fs::copy(&path, to.join(entry.file_name())).expect("copy a file");
+        }
+    }
+    // A short log has no snapshot yet, maybe no snapshot dir either.
+    for entry in std::fs::read_dir(from.join("snapshots")).into_iter().flatten().flatten() {
+        std::fs::copy(entry.path(), to.join("snapshots").join(entry.file_name())).expect("copy a snapshot");
+    }
+}
+
+/// Jobs, a workflow, completions, dead letters, a cancel, queue controls: every projector
+/// gets rows of every kind. Leaves no lease or timer pending, so the log stands still after.
+fn first_half(server: &Server) {
+    for n in 0..12 {
+        create_job(server, "pg", json!({ "priority": n % 3, "tags": [format!("t{}", n % 2)], "max_attempts": 1 }));
+    }
+    let created = server.post(
+        "/v1/tasks",
+        json!({ "namespace": "pg", "steps": [
+            { "name": "extract", "handler": "extract" },
+            { "name": "load", "handler": "load", "depends_on": ["extract"] },
+            { "name": "report", "handler": "report", "depends_on": ["extract"] }
+        ] }),
+    );
+    assert_eq!(created.status, 201, "{created:?}");
+    let steps = claim(server, "pg", 0);
+    assert_eq!(steps.len(), 10);
+    for (i, step) in steps.iter().enumerate() {
+        let answer = match i {
+            2 | 5 | 8 => server.post(&step_path(step, "fail"), json!({ "epoch": epoch(step), "error": "boom" })),
+            _ => server.post(&step_path(step, "complete"), json!({ "epoch": epoch(step), "result": { "i": i } })),
+        };
+        assert_eq!(answer.status, 200, "{answer:?}");
+    }
+    let pending = create_job(server, "pg", json!({}));
+    assert_eq!(server.post(&format!("/v1/tasks/{pending}/cancel"), json!({ "reason": "not needed" })).status, 200);
+    assert_eq!(server.put("/v1/queues/pg/concurrency", json!({ "limit": 50 })).status, 200);
+}
+
+/// Operator work on the dead letters, then every step left is finished.
+fn second_half(server: &Server) {
+    let dead = all_pages(server, &format!("dead-letters?namespace=pg&min_seq={}", server.head_seq()));
+    assert!(dead.len() >= 2, "dead letters: {dead:?}");
+    let (first, second) = (&dead[0], &dead[1]);
+    let retried = server.post(
+        &format!("/v1/tasks/{}/steps/main/retry", first["task_id"].as_str().unwrap()),
+        json!({ "reset_attempts": true }),
+    );
+    assert_eq!(retried.status, 200, "{retried:?}");
+    let resolved = server.post(
+        &format!("/v1/tasks/{}/steps/main/resolve", second["task_id"].as_str().unwrap()),
+        json!({ "note": "fixed by hand", "result": { "by": "hand" } }),
+    );
+    assert_eq!(resolved.status, 200, "{resolved:?}");
+    assert_eq!(server.post("/v1/queues/pg/pause", json!({})).status, 200);
+    assert_eq!(server.post("/v1/queues/pg/resume", json!({})).status, 200);
+    loop {
+        let steps = claim(server, "pg", 0);
+        if steps.is_empty() {
+            break;
+        }
+        for step in &steps {
+            let done = server.post(&step_path(step, "complete"), json!({ "epoch": epoch(step) }));
+            assert_eq!(done.status, 200, "{done:?}");
+        }
+    }
+}
+
+#[test]
+fn read_models_in_postgresql_equal_sqlites_across_a_kill_and_a_restart() {
+    let runtime = read_models::runtime();
+    let url = runtime.block_on(TempPostgres::shared().create_database("serve")).expect("a scratch database");
+    let temp = tempfile::tempdir().unwrap();
+    let (data, copy) = (temp.path().join("data"), temp.path().join("copy"));
+    let on_postgres = ["--projections", url.as_str()];
+
+    let server = Server::start_in(&data, &on_postgres);
+    first_half(&server);
+    // A crash: the projectors' checkpoints are wherever PostgreSQL had them.
+    server.kill();
+    let server = Server::start_in(&data, &on_postgres);
+    second_half(&server);
+    let (seq, in_postgres) =
+        read_models::converged_dump(|| status(&server), &runtime, &url, server.head_seq(), "on PostgreSQL");
+    let seen_on_postgres = views(&server);
+    assert_eq!(server.stop(), Some(0));
+
+    // A clean restart resumes from the checkpoints in PostgreSQL: nothing to apply again.
+    let server = Server::start_in(&data, &on_postgres);
+    let (again, _) = read_models::converged_dump(|| status(&server), &runtime, &url, seq, "restarted on PostgreSQL");
+    assert_eq!(again, seq, "the log moved while nothing was sent");
+    for projector in status(&server).unwrap().as_array().unwrap() {
+        assert_eq!(projector["events_applied"], json!(0), "resumed, not rebuilt: {projector}");
+    }
+    assert_eq!(views(&server), seen_on_postgres, "the views after a restart");
+    assert_eq!(server.stop(), Some(0));
+
+    // The same log, projected into SQLite from scratch by a server on a copy of it.
+    copy_log(&data, &copy);
+    let server = Server::start_in(&copy, &[]);
+    let sqlite = copy.join("projections.sqlite");
+    let (at, in_sqlite) =
+        read_models::converged_dump(|| status(&server), &runtime, sqlite.to_str().unwrap(), seq, "on SQLite");
+    assert_eq!(at, seq);
+    assert!(
+        in_postgres == in_sqlite,
+        "the rows differ: {}",
+        read_models::first_difference(&in_postgres, &in_sqlite, ("PostgreSQL", "SQLite"))
+    );
+    assert!(!in_postgres.audit_log.is_empty() && !in_postgres.dead_letters.is_empty(), "rows of every kind");
+    assert_eq!(views(&server), seen_on_postgres, "the views served from SQLite");
+}
