@@ -463,6 +463,20 @@ impl AsOf {
         })
     }
 
+    /// Refuses a seq beyond the log's head (400 `invalid_as_of`): the past has no such point.
+    /// A time after the last record is the head, as it stands.
+    pub fn within(self, head_seq: u64) -> ApiResult<AsOf> {
+        match self {
+            AsOf::Seq(seq) if seq > head_seq => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_as_of",
+                format!("seq {seq} is beyond the log's head ({head_seq})"),
+            )
+            .with_field("asOf")),
+            point => Ok(point),
+        }
+    }
+
     fn includes(&self, record: &StoredRecord) -> bool {
         match self {
             AsOf::Seq(seq) => record.seq <= *seq,
@@ -476,6 +490,10 @@ impl AsOf {
 /// then sees every write any client was told of. They differ only while a checkpoint runs,
 /// when acknowledged batches are durable in the journal but not readable yet (tens of ms).
 pub async fn wait_log_readable(state: &AppState, min_seq: Option<u64>) -> ApiResult<()> {
+    if let Some(seq) = min_seq {
+        // A seq that does not exist yet could only time out.
+        crate::readmodels::check_min_seq_in_log(state, seq)?;
+    }
     let acknowledged = state.writer.acknowledged_head();
     let seq = min_seq.unwrap_or(0).max(acknowledged);
     let mut readable = state.writer.head_watch();
@@ -508,6 +526,13 @@ pub fn task_records(
 ) -> ApiResult<(TaskId, Vec<(StoredRecord, Event)>)> {
     who.require(Permission::Read)?;
     let task = parse_task(id)?;
+    let as_of = match as_of {
+        Some(point) => {
+            let head = state.writer.reader().head().map_err(|e| ApiError::internal(e.to_string()))?.seq;
+            Some(point.within(head)?)
+        }
+        None => None,
+    };
     Ok((task, visible_task_records(state, who, task, as_of)?))
 }
 

@@ -114,26 +114,46 @@ pub struct QueuePage {
     pub seq: u64,
 }
 
+/// Where a queue page starts: after this (task, step), in the order the page sorts its steps.
+/// A key rather than an offset, so steps that leave or join the queue between pages neither
+/// hide nor repeat the ones after the cursor.
+type QueueCursor = (domain::TaskId, String);
+
+fn parse_queue_cursor(cursor: &str) -> Result<QueueCursor, ApiError> {
+    cursor
+        .split_once(':')
+        .and_then(|(task, step)| {
+            Some((task.parse::<uuid::Uuid>().ok().and_then(|id| domain::TaskId::new(id).ok())?, step))
+        })
+        .map(|(task, step)| (task, step.to_owned()))
+        .ok_or_else(|| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_cursor", "after must be a cursor from a previous page")
+                .with_field("after")
+        })
+}
+
+/// The steps of `ns` still in its queue (not finished, not dead-lettered: those are in
+/// `deadLetters`), as the SQL queue view has them, ordered by task and step name.
 fn queue_page(
     ledger: &domain::Ledger,
     ns: &domain::Namespace,
     state_filter: Option<&str>,
     first: usize,
-    after: usize,
+    after: Option<&QueueCursor>,
     seq: u64,
 ) -> QueuePage {
     let mut steps: Vec<(domain::TaskId, &domain::Task, &domain::Step)> = ledger
         .tasks()
         .filter(|t| &t.namespace == ns)
         .flat_map(|t| t.steps.iter().map(move |s| (t.id, t, s)))
-        .filter(|(_, _, s)| !s.state.is_final())
+        .filter(|(_, _, s)| !s.state.is_terminal())
         .filter(|(_, _, s)| state_filter.is_none_or(|f| s.state.as_str() == f))
+        .filter(|(id, _, s)| after.is_none_or(|(task, step)| (*id, s.name.as_str()) > (*task, step.as_str())))
         .collect();
     steps.sort_by(|a, b| (a.0, a.2.name.as_str()).cmp(&(b.0, b.2.name.as_str())));
-    let total = steps.len();
+    let more = steps.len() > first;
     let page: Vec<QueueStep> = steps
         .into_iter()
-        .skip(after)
         .take(first)
         .map(|(id, t, s)| QueueStep {
             task_id: id.to_string(),
@@ -147,14 +167,14 @@ fn queue_page(
             retry_at: s.retry_at.map(time),
         })
         .collect();
-    let next = after + page.len();
+    let next_cursor = more.then(|| page.last().map(|last| format!("{}:{}", last.task_id, last.step))).flatten();
     let settings = ledger.queue_settings(ns);
     QueuePage {
         namespace: ns.to_string(),
         paused: settings.paused,
         concurrency_limit: settings.concurrency_limit,
         steps: page,
-        next_cursor: (next < total).then(|| next.to_string()),
+        next_cursor,
         seq,
     }
 }
@@ -224,12 +244,8 @@ impl QueryRoot {
             .with_field("first")
             .into());
         }
-        let after: usize = match after {
-            Some(cursor) => {
-                cursor.parse().map_err(|_| ApiError::bad_request("after must be a cursor from a previous page"))?
-            }
-            None => 0,
-        };
+        let after = after.as_deref().map(parse_queue_cursor).transpose()?;
+        projections::query::check_step_state(&state).map_err(|e| ApiError::from(e).with_field("state"))?;
         let filter = state;
         let point = parse_as_of(as_of)?;
         let page = tokio::task::spawn_blocking(move || -> Result<QueuePage, ApiError> {
@@ -241,18 +257,18 @@ impl QueryRoot {
                         .read(move |ledger| {
                             // Between batches, the durable head is the state the ledger shows.
                             let seq = ledger_seq(&app);
-                            queue_page(ledger, &ns, filter.as_deref(), first, after, seq)
+                            queue_page(ledger, &ns, filter.as_deref(), first, after.as_ref(), seq)
                         })
                         .map_err(ApiError::from)
                 }
                 Some(point) => {
-                    let seq = match point {
+                    let seq = match point.within(ledger_seq(&app))? {
                         AsOf::Seq(seq) => seq,
                         AsOf::Time(t) => seq_at_time(reader, t)?,
                     };
                     let (ledger, _) = eventlog::fold_to(reader, app.writer.snapshots(), seq)
                         .map_err(|e| ApiError::internal(e.to_string()))?;
-                    Ok(queue_page(&ledger, &ns, filter.as_deref(), first, after, seq))
+                    Ok(queue_page(&ledger, &ns, filter.as_deref(), first, after.as_ref(), seq))
                 }
             }
         })
@@ -699,7 +715,13 @@ pub async fn graphql_handler(
     // Errors without a path come from validation (limits, unknown fields,
     // fragment cycles): no resolver ran. Give them a stable code and a 400,
     // like the alias limit above.
-    if !response.errors.is_empty() && response.errors.iter().all(|e| e.path.is_empty()) {
+    // An argument that parses as GraphQL but not as the field's type (a negative `first`,
+    // a number past the type's range) fails when its field is resolved, so it has a path;
+    // it is bad input all the same, and no resolver ran for it.
+    let bad_argument = |e: &async_graphql::ServerError| {
+        e.message.starts_with("Failed to parse \"") && e.extensions.as_ref().is_none_or(|x| x.get("code").is_none())
+    };
+    if !response.errors.is_empty() && response.errors.iter().all(|e| e.path.is_empty() || bad_argument(e)) {
         for error in &mut response.errors {
             let message = error.message.to_lowercase();
             let code = if message.contains("nested too deep") || message.contains("recursion depth") {

@@ -48,16 +48,10 @@ pub fn to_json<T: Serialize>(value: &T) -> Value {
     serde_json::to_value(value).expect("read models serialize")
 }
 
-/// Waits until every projector has applied `min_seq` (read-your-writes).
-///
-/// A seq beyond the log's head is refused at once (400
-/// `min_seq_ahead_of_log`) instead of waiting: a write is acknowledged only
-/// after it is committed, so every seq a client was ever given is at or below
-/// the head, and waiting for one that does not exist could only time out.
-pub async fn wait_min_seq(state: &AppState, min_seq: Option<u64>) -> ApiResult<()> {
-    let Some(seq) = min_seq else { return Ok(()) };
-    // Acknowledged seqs count even before they are readable (a checkpoint running, see the
-    // writer's `head_watch`): the projectors reach them once they are.
+/// Refuses (400 `min_seq_ahead_of_log`) a `min_seq` beyond the log's head. Acknowledged
+/// seqs count even before they are readable (a checkpoint running, see the writer's
+/// `head_watch`): readers reach them once they are.
+pub fn check_min_seq_in_log(state: &AppState, seq: u64) -> ApiResult<()> {
     let readable = state.writer.reader().head().map_err(|e| ApiError::internal(e.to_string()))?.seq;
     let head = readable.max(state.writer.acknowledged_head());
     if seq > head {
@@ -68,6 +62,18 @@ pub async fn wait_min_seq(state: &AppState, min_seq: Option<u64>) -> ApiResult<(
         )
         .with_field("min_seq"));
     }
+    Ok(())
+}
+
+/// Waits until every projector has applied `min_seq` (read-your-writes).
+///
+/// A seq beyond the log's head is refused at once (400
+/// `min_seq_ahead_of_log`) instead of waiting: a write is acknowledged only
+/// after it is committed, so every seq a client was ever given is at or below
+/// the head, and waiting for one that does not exist could only time out.
+pub async fn wait_min_seq(state: &AppState, min_seq: Option<u64>) -> ApiResult<()> {
+    let Some(seq) = min_seq else { return Ok(()) };
+    check_min_seq_in_log(state, seq)?;
     if state.projections.wait_for_seq(seq, MIN_SEQ_WAIT).await {
         Ok(())
     } else {

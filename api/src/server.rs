@@ -183,9 +183,12 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 /// Prometheus metrics; any valid token (nothing but health is served unauthenticated).
-async fn metrics(State(state): State<AppState>, _who: crate::auth::Principal) -> Response {
+async fn metrics(State(state): State<AppState>, who: crate::auth::Principal) -> Response {
     let mut text = state.metrics.render(&state.writer, &state.projections);
-    if let Ok(dashboard) = projections::query::dashboard(state.projections.store(), None, Some(i64::MAX)).await {
+    if let Ok(mut dashboard) = projections::query::dashboard(state.projections.store(), None, Some(i64::MAX)).await {
+        // A namespace-scoped token sees the depths of its own namespaces only: scopes do not
+        // reveal which namespaces exist elsewhere, here as in the dashboard view.
+        dashboard.counts.retain(|c| domain::Namespace::new(&c.namespace).is_ok_and(|ns| who.may_see(&ns)));
         Metrics::render_depths(&mut text, &dashboard.counts);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()

@@ -112,9 +112,9 @@ impl StepSpec {
         check_lease_ms("lease_ms", self.lease_ms)?;
         self.retry.validate()?;
         if self.depends_on.len() > MAX_DEPENDENCIES_PER_STEP {
-            return Err(Rejection::new(
-                RejectionCode::UnknownDependency,
-                Some("depends_on"),
+            // Every dependency may exist: the limit is a value's, not an unknown name.
+            return Err(Rejection::invalid(
+                "depends_on",
                 format!(
                     "a step may depend on at most {MAX_DEPENDENCIES_PER_STEP} steps, got {}",
                     self.depends_on.len()

@@ -193,7 +193,8 @@ fn check_task_state(state: &Option<String>) -> Result<(), QueryError> {
     }
 }
 
-fn check_step_state(state: &Option<String>) -> Result<(), QueryError> {
+/// Refuses a step-state filter that names no state (`BadFilter`).
+pub fn check_step_state(state: &Option<String>) -> Result<(), QueryError> {
     match state {
         Some(s) if !domain::StepState::ALL.iter().any(|t| t.as_str() == s) => {
             Err(QueryError::BadFilter(format!("unknown step state {s:?}")))

@@ -180,12 +180,17 @@ impl Server {
         Self::answer(self.agent.get(self.url(path)).header("Authorization", &format!("Bearer {token}")).call())
     }
 
-    /// GETs a text body (NDJSON feed, metrics).
+    /// GETs a text body (NDJSON feed, metrics) with the admin token.
     pub fn get_text(&self, path: &str) -> (u16, String) {
+        self.get_text_as(&self.token, path)
+    }
+
+    /// GETs a text body with `token`.
+    pub fn get_text_as(&self, token: &str, path: &str) -> (u16, String) {
         let mut response = self
             .agent
             .get(self.url(path))
-            .header("Authorization", &format!("Bearer {}", self.token))
+            .header("Authorization", &format!("Bearer {token}"))
             .call()
             .expect("HTTP exchange");
         let status = response.status().as_u16();

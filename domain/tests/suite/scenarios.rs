@@ -410,6 +410,16 @@ fn every_rejection_code_is_reachable_and_changes_nothing() {
             Some("steps[0].depends_on[0]"),
         ),
         (
+            // A limit, not an unknown name: every one of the 65 exists.
+            with(&|t| {
+                let names: Vec<String> = (0..=MAX_DEPENDENCIES_PER_STEP).map(|i| format!("s{i}")).collect();
+                t.steps = names.iter().map(|name| step(name, "h", &[])).collect();
+                t.steps.push(step("last", "h", &names.iter().map(String::as_str).collect::<Vec<_>>()));
+            }),
+            RejectionCode::InvalidValue,
+            Some("steps[65].depends_on"),
+        ),
+        (
             with(&|t| t.steps[0].depends_on.push(step_name("run"))),
             RejectionCode::DependencyCycle,
             Some("steps[0].depends_on"),

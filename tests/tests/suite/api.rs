@@ -418,6 +418,24 @@ fn roles_and_namespace_scopes_are_enforced() {
     let history = server.get(&format!("/v1/tasks/{id}/history")).body;
     assert_eq!(history[0]["actor"], "token:producer");
     assert_eq!(history[1]["actor"], "token:worker");
+
+    // Queue depths in /metrics: a scoped token sees its own namespaces' only.
+    assert_eq!(server.post("/v1/tasks", job("billing")).status, 201);
+    let head = server.head_seq();
+    assert_eq!(server.get(&format!("/v1/views/dashboard?min_seq={head}")).status, 200);
+    let depth_namespaces = |token: &str| {
+        let (status, text) = server.get_text_as(token, "/metrics");
+        assert_eq!(status, 200);
+        let mut namespaces: Vec<String> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("taskledger_queue_depth{namespace=\""))
+            .filter_map(|rest| rest.split('"').next().map(str::to_owned))
+            .collect();
+        namespaces.dedup();
+        namespaces
+    };
+    assert_eq!(depth_namespaces(&tok("admin")), ["billing", "mail"]);
+    assert_eq!(depth_namespaces(&tok("producer")), ["mail"]);
 }
 
 #[test]

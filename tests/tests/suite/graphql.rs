@@ -71,12 +71,98 @@ fn the_queue_can_be_read_now_and_as_of_a_past_seq() {
     let states: Vec<&str> =
         now["data"]["queue"]["steps"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap()).collect();
     assert_eq!(states, ["in_progress", "in_progress"]);
-    assert_eq!(now["data"]["queue"]["nextCursor"], "2");
+    let cursor = now["data"]["queue"]["nextCursor"].as_str().unwrap();
+    assert!(cursor.ends_with(":main"), "a cursor names the last step of its page: {cursor}");
     let past = gql(&server, query, json!({ "asOf": before_claim.to_string() }));
     let states: Vec<&str> =
         past["data"]["queue"]["steps"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap()).collect();
     assert_eq!(states, ["enqueued", "enqueued"]);
     assert_eq!(past["data"]["queue"]["seq"], json!(before_claim));
+}
+
+/// The queue's pages are keyed by the last (task, step) they hold, so a step that leaves the
+/// queue between pages hides nothing after it; dead-lettered steps are in `deadLetters`, not
+/// the queue; and points, positions and filters that do not exist are refused with their own
+/// codes, at once, writing nothing.
+#[test]
+fn the_queue_pages_by_key_and_refuses_what_does_not_exist() {
+    let server = Server::start();
+    for _ in 0..6 {
+        gql(&server, CREATE, json!({ "input": { "namespace": "kq", "handler": "h" } }));
+    }
+    let query = r#"query($after: String, $first: Int!) { queue(namespace: "kq", first: $first, after: $after) { steps { taskId } nextCursor } }"#;
+    let ids = |page: &Value| -> Vec<String> {
+        page["data"]["queue"]["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["taskId"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let all = ids(&gql(&server, query, json!({ "first": 10 })));
+    assert_eq!(all.len(), 6);
+    let first = gql(&server, query, json!({ "first": 3 }));
+    assert_eq!(ids(&first), all[..3]);
+    // The oldest task leaves the queue before the second page is read.
+    let claimed = server.post("/v1/claims", json!({ "namespaces": ["kq"], "worker_id": "w", "max": 1 }));
+    let step = &claimed.body["steps"][0];
+    assert_eq!(step["task_id"], json!(all[0]));
+    let done = server.post(&format!("/v1/tasks/{}/steps/main/complete", all[0]), json!({ "epoch": step["epoch"] }));
+    assert_eq!(done.status, 200, "{done:?}");
+    let second = gql(&server, query, json!({ "first": 3, "after": first["data"]["queue"]["nextCursor"] }));
+    assert_eq!(ids(&second), all[3..], "the page after the cursor, whatever left before it");
+    assert_eq!(second["data"]["queue"]["nextCursor"], Value::Null);
+
+    let dead = gql(&server, CREATE, json!({ "input": { "namespace": "kd", "handler": "h", "maxAttempts": 1 } }));
+    let dead_id = dead["data"]["createTask"]["taskId"].as_str().unwrap().to_owned();
+    let claimed = server.post("/v1/claims", json!({ "namespaces": ["kd"], "worker_id": "w", "max": 1 }));
+    let failed = server.post(
+        &format!("/v1/tasks/{dead_id}/steps/main/fail"),
+        json!({ "epoch": claimed.body["steps"][0]["epoch"], "error": "boom" }),
+    );
+    assert_eq!(failed.status, 200, "{failed:?}");
+    let head = server.head_seq();
+    let queue = gql(&server, r#"{ queue(namespace: "kd") { steps { taskId } } }"#, json!({}));
+    assert_eq!(queue["data"]["queue"]["steps"], json!([]), "dead letters are not in the queue");
+    let letters = gql(
+        &server,
+        r#"query($min: Int) { deadLetters(namespace: "kd", minSeq: $min) { items { taskId } } }"#,
+        json!({ "min": head }),
+    );
+    assert_eq!(letters["data"]["deadLetters"]["items"][0]["taskId"], json!(dead_id));
+
+    let beyond = (head + 100).to_string();
+    let code = |answer: &Value| answer["errors"][0]["extensions"]["code"].as_str().unwrap_or("").to_owned();
+    let refused = |query: &str, variables: Value| code(&gql(&server, query, variables));
+    assert_eq!(
+        refused(r#"query($at: String) { queue(namespace: "kq", asOf: $at) { seq } }"#, json!({ "at": beyond })),
+        "invalid_as_of"
+    );
+    assert_eq!(
+        refused(
+            r#"query($id: String!, $at: String) { task(id: $id, asOf: $at) { state } }"#,
+            json!({ "id": dead_id, "at": beyond })
+        ),
+        "invalid_as_of"
+    );
+    assert_eq!(
+        refused(
+            r#"query($id: String!, $min: Int) { task(id: $id, minSeq: $min) { state } }"#,
+            json!({ "id": dead_id, "min": head + 100 })
+        ),
+        "min_seq_ahead_of_log"
+    );
+    assert_eq!(
+        refused(r#"query($min: Int) { queue(namespace: "kq", minSeq: $min) { seq } }"#, json!({ "min": head + 100 })),
+        "min_seq_ahead_of_log"
+    );
+    assert_eq!(refused(r#"{ queue(namespace: "kq", state: "running") { seq } }"#, json!({})), "invalid_filter");
+    assert_eq!(refused(r#"{ queue(namespace: "kq", after: "3") { seq } }"#, json!({})), "invalid_cursor");
+    for negative in [r#"{ tasks(first: -1) { nextCursor } }"#, r#"{ dashboard(window: -1) { counts { count } } }"#] {
+        let answer = server.post("/graphql", json!({ "query": negative }));
+        assert_eq!((answer.status, code(&answer.body).as_str()), (400, "invalid_query"), "{negative}: {answer:?}");
+    }
+    assert_eq!(server.head_seq(), head, "nothing was written");
 }
 
 /// The ids of a page's items, and its cursor.
