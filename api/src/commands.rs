@@ -418,12 +418,14 @@ pub async fn claim(state: &AppState, caller: &Caller<'_>, request: ClaimRequest)
         namespaces.iter().map(|ns| work.get(ns).copied().unwrap_or(0)).collect()
     };
     let mut work = state.writer.work_watch();
+    let mut stopping = state.stopping.clone();
     loop {
         // Counters as they were before the claim was decided: work made ready
         // after that moves one of them.
         let before = counters(&work.borrow_and_update());
         let ack = execute(state, caller, command.clone()).await?;
-        if !ack.claimed.is_empty() || tokio::time::Instant::now() >= deadline {
+        // A server shutting down answers what it has instead of waiting on.
+        if !ack.claimed.is_empty() || tokio::time::Instant::now() >= deadline || *stopping.borrow() {
             return Ok(ClaimResponse {
                 seq: ack.seqs.map(|s| s.first),
                 head_seq: ack.head_seq,
@@ -432,7 +434,11 @@ pub async fn claim(state: &AppState, caller: &Caller<'_>, request: ClaimRequest)
             });
         }
         loop {
-            match tokio::time::timeout_at(deadline, work.changed()).await {
+            let changed = tokio::select! {
+                changed = tokio::time::timeout_at(deadline, work.changed()) => changed,
+                _ = stopping.wait_for(|stop| *stop) => break,
+            };
+            match changed {
                 Ok(Ok(())) if counters(&work.borrow_and_update()) == before => continue,
                 Ok(Ok(())) | Err(_) => break,
                 // The writer is gone: the next claim reports it.

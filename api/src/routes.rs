@@ -389,7 +389,7 @@ async fn event_feed(
     let sse =
         headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
     let subscription = Subscription::new(state.writer.reader().clone(), state.writer.feed().clone(), query.from_seq);
-    let stream = feed_stream(subscription, query.limit.unwrap_or(u64::MAX), query.follow, sse);
+    let stream = feed_stream(subscription, query.limit.unwrap_or(u64::MAX), query.follow, sse, state.stopping.clone());
     let content_type = if sse { "text/event-stream" } else { "application/x-ndjson" };
     let mut response = Response::new(Body::from_stream(stream));
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -397,24 +397,33 @@ async fn event_feed(
     Ok(response)
 }
 
+/// The feed's body. A following feed ends, after a whole record, when the server shuts down
+/// (`stopping`): the client resumes from the seq after the last one it got.
 fn feed_stream(
     subscription: Subscription,
     limit: u64,
     follow: bool,
     sse: bool,
+    stopping: tokio::sync::watch::Receiver<bool>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
-    futures_util::stream::unfold((subscription, 0u64), move |(mut sub, sent)| async move {
-        if sent >= limit {
+    futures_util::stream::unfold((subscription, 0u64, stopping), move |(mut sub, sent, mut stopping)| async move {
+        if sent >= limit || *stopping.borrow() {
             return None;
         }
         let max = (limit - sent).min(1024) as usize;
         let batch = if follow {
-            match tokio::time::timeout(Duration::from_secs(15), sub.next_batch_async(max)).await {
+            let next = tokio::time::timeout(Duration::from_secs(15), sub.next_batch_async(max));
+            let answer = tokio::select! {
+                answer = next => answer,
+                _ = stopping.wait_for(|stop| *stop) => return None,
+            };
+            match answer {
                 Ok(Ok(batch)) => batch,
                 Ok(Err(_)) => return None,
                 // A keep-alive so proxies and clients see the stream is alive.
                 Err(_) => {
-                    return Some((Ok(Bytes::from_static(if sse { b": keep-alive\n\n" } else { b"\n" })), (sub, sent)));
+                    let keep_alive = Bytes::from_static(if sse { b": keep-alive\n\n" } else { b"\n" });
+                    return Some((Ok(keep_alive), (sub, sent, stopping)));
                 }
             }
         } else {
@@ -437,7 +446,7 @@ fn feed_stream(
             }
         }
         let sent = sent + batch.len() as u64;
-        Some((Ok(Bytes::from(out)), (sub, sent)))
+        Some((Ok(Bytes::from(out)), (sub, sent, stopping)))
     })
 }
 

@@ -48,6 +48,9 @@ pub struct AppContext {
     pub tokens: Tokens,
     pub metrics: Arc<Metrics>,
     pub ready_max_lag: u64,
+    /// Turns `true` when the server starts shutting down: answers that would otherwise go on
+    /// (a following event feed, a long-polling claim) end then, so their connections can close.
+    pub stopping: watch::Receiver<bool>,
 }
 
 impl AppState {
@@ -293,12 +296,14 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     )
     .await
     .context("start the projectors")?;
+    let (stopping_tx, stopping) = watch::channel(false);
     let state = AppState::new(AppContext {
         writer: handle,
         projections: projections.clone(),
         tokens,
         metrics: Arc::new(Metrics::default()),
         ready_max_lag: config.ready_max_lag,
+        stopping,
     });
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
     let local = listener.local_addr().context("read the bound address")?;
@@ -354,7 +359,11 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let _ = std::io::stdout().flush();
 
     let app = app(state, &config);
-    serve_connections(listener, app, config.max_connections, config.header_read_timeout, shutdown_signal()).await;
+    let shutdown = async move {
+        shutdown_signal().await;
+        stopping_tx.send_replace(true);
+    };
+    serve_connections(listener, app, config.max_connections, config.header_read_timeout, shutdown).await;
     tracing::info!("shutting down: stopping projectors, draining the writer");
     projections.shutdown().await;
     projection_runtime.shutdown_background();
@@ -427,8 +436,18 @@ async fn serve_connections(
     drop(listener);
     let _ = stop_tx.send(());
     drop(stop_rx);
-    stop_tx.closed().await;
+    if tokio::time::timeout(SHUTDOWN_GRACE, stop_tx.closed()).await.is_err() {
+        tracing::warn!(
+            grace_s = SHUTDOWN_GRACE.as_secs(),
+            "connections still open after the shutdown grace period; closing them"
+        );
+    }
 }
+
+/// How long a shutdown waits for connections to finish their requests before it closes them.
+/// Following feeds and long-polling claims end at once on shutdown; this bounds anything else
+/// (a large backup download, a client that stopped reading), so a stop never hangs.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// An accept error: a connection that failed before we took it is no reason to
 /// pause; anything else (out of file descriptors) is logged and retried after

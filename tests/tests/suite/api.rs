@@ -492,6 +492,42 @@ fn a_restart_keeps_everything_and_shutdown_is_clean() {
     assert_eq!(done.status, 200, "{done:?}");
 }
 
+/// SIGTERM ends a following event feed (after a whole record, with the chunked body's end, so
+/// the client knows to resume after its last seq) and a long-polling claim (answered with
+/// what there is) at once: the server exits 0 instead of waiting on them (found by a
+/// black-box check: it waited forever).
+#[test]
+fn shutdown_ends_following_feeds_and_long_polling_claims() {
+    use std::io::Write;
+    let server = Server::start();
+    create_job(&server, "stop", json!({}));
+    let mut feed = tests::raw::connect(&server.addr(), Duration::from_secs(20)).unwrap();
+    let request = format!(
+        "GET /v1/events?from_seq=1 HTTP/1.1\r\nHost: taskledger\r\nAuthorization: Bearer {}\r\n\r\n",
+        server.token
+    );
+    feed.write_all(request.as_bytes()).unwrap();
+    let (url, token) = (server.url("/v1/claims"), server.token.clone());
+    let long_poll = std::thread::spawn(move || {
+        let mut answer = ureq::post(&url)
+            .header("Authorization", &format!("Bearer {token}"))
+            .send_json(json!({ "namespaces": ["idle"], "worker_id": "w", "max": 1, "wait_ms": 30_000 }))
+            .expect("the long-poll is answered");
+        answer.body_mut().read_json::<Value>().expect("a JSON answer")
+    });
+    // Both requests are in flight well before this.
+    std::thread::sleep(Duration::from_millis(1_000));
+    let (stopped_tx, stopped) = std::sync::mpsc::channel();
+    std::thread::spawn(move || stopped_tx.send(server.stop()));
+    let code = stopped.recv_timeout(Duration::from_secs(20)).expect("the server stops within 20 s of SIGTERM");
+    assert_eq!(code, Some(0));
+    let answer = tests::raw::read_answer(&mut feed).unwrap();
+    assert_eq!(answer.status, 200);
+    assert!(answer.body.contains(r#""type":"task_created""#), "the feed sent the record: {answer:?}");
+    assert!(answer.body.ends_with("0\r\n\r\n"), "the feed's body ended cleanly: {answer:?}");
+    assert_eq!(long_poll.join().unwrap()["steps"], json!([]));
+}
+
 #[test]
 fn health_readiness_and_metrics_answer() {
     let server = Server::start();
