@@ -93,7 +93,7 @@ async fn finished_task(state: &AppState, who: &Principal, task: TaskId) -> Optio
     // The refusal came after the task's last event was acknowledged: wait until it is readable.
     wait_log_readable(state, None).await.ok()?;
     let records = visible_task_records(state, who, task, None).ok()?;
-    let body = fold_task(task, &records).ok()?;
+    let (_, body) = TaskFold::over(task, &records).ok()?;
     let finished = domain::TaskState::ALL.iter().any(|s| s.is_terminal() && s.as_str() == body.state);
     finished.then(|| {
         ApiError::new(
@@ -583,19 +583,50 @@ fn visible_task_records(
 
 /// A task as it is (or was, `as_of`), folded through the domain from its own events.
 pub fn task_view(state: &AppState, who: &Principal, id: &str, as_of: Option<AsOf>) -> ApiResult<TaskBody> {
-    let (task, records) = task_records(state, who, id, as_of)?;
-    fold_task(task, &records)
+    Ok(TaskFold::start(state, who, id, as_of)?.1)
 }
 
-/// Folds a task's records (as [`task_records`] returns them) into its view.
-fn fold_task(task: TaskId, records: &[(StoredRecord, Event)]) -> ApiResult<TaskBody> {
-    let mut view = domain::Ledger::retaining_terminal_tasks();
-    for (record, event) in records {
-        view.apply(event).map_err(|e| ApiError::internal(format!("record {}: {e}", record.seq)))?;
+/// One task folded through the domain from its own events, record by record: the view after
+/// each of them (the `task` subscription's updates), without reading the task's stream again.
+pub struct TaskFold {
+    view: domain::Ledger,
+    task: TaskId,
+}
+
+impl TaskFold {
+    /// The task's fold up to `as_of` (or now), and its view there; the caller must be allowed to
+    /// read it ([`task_records`]).
+    pub fn start(state: &AppState, who: &Principal, id: &str, as_of: Option<AsOf>) -> ApiResult<(TaskFold, TaskBody)> {
+        let (task, records) = task_records(state, who, id, as_of)?;
+        TaskFold::over(task, &records)
     }
-    let (last, _) = records.last().ok_or_else(|| ApiError::internal("a task without records"))?;
-    let t = view.task(&task).ok_or_else(|| ApiError::internal("task vanished from its own fold"))?;
-    Ok(task_body(t, last.seq, last.stream_version))
+
+    /// The fold of `task`'s records (as [`task_records`] returns them), and its view after them.
+    fn over(task: TaskId, records: &[(StoredRecord, Event)]) -> ApiResult<(TaskFold, TaskBody)> {
+        let mut fold = TaskFold { view: domain::Ledger::retaining_terminal_tasks(), task };
+        for (record, event) in records {
+            fold.fold(record, event)?;
+        }
+        let (last, _) = records.last().ok_or_else(|| ApiError::internal("a task without records"))?;
+        let body = fold.body(last)?;
+        Ok((fold, body))
+    }
+
+    /// Applies the task's next record; its view after it.
+    pub fn apply(&mut self, record: &StoredRecord, event: &Event) -> ApiResult<TaskBody> {
+        self.fold(record, event)?;
+        self.body(record)
+    }
+
+    fn fold(&mut self, record: &StoredRecord, event: &Event) -> ApiResult<()> {
+        self.view.apply(event).map_err(|e| ApiError::internal(format!("record {}: {e}", record.seq)))
+    }
+
+    /// The view after `record`, the last one folded.
+    fn body(&self, record: &StoredRecord) -> ApiResult<TaskBody> {
+        let t = self.view.task(&self.task).ok_or_else(|| ApiError::internal("task vanished from its own fold"))?;
+        Ok(task_body(t, record.seq, record.stream_version))
+    }
 }
 
 pub fn task_history(state: &AppState, who: &Principal, id: &str) -> ApiResult<Vec<RecordBody>> {

@@ -584,6 +584,18 @@ impl SubscriptionRoot {
             return Err(ApiError::forbidden("a namespace-scoped token may not follow every event").into());
         }
         let stream_key = task_id.as_deref().map(commands::parse_task).transpose()?.map(|t| StreamId::Task(t).to_key());
+        // A type no event has would match nothing, forever: a typo must be told.
+        if let Some(unknown) =
+            types.iter().flatten().find(|name| !domain::Event::TYPES.iter().any(|(known, _)| known == name))
+        {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_filter",
+                format!("unknown event type {unknown:?}; types are named as in the feed, e.g. \"task_created\""),
+            )
+            .with_field("types")
+            .into());
+        }
         let state = state(ctx);
         let subscription = LogSubscription::new(state.writer.reader().clone(), state.writer.feed().clone(), from_seq);
         Ok(record_stream(subscription).filter_map(move |(record, event)| {
@@ -598,14 +610,14 @@ impl SubscriptionRoot {
         let who = who(ctx)?.clone();
         let state = state(ctx).clone();
         commands::wait_log_readable(&state, None).await?;
-        let current = commands::task_view(&state, &who, &id, None)?;
+        let (mut fold, current) = commands::TaskFold::start(&state, &who, &id, None)?;
         let key = StreamId::Task(commands::parse_task(&id)?).to_key();
         let subscription =
             LogSubscription::new(state.writer.reader().clone(), state.writer.feed().clone(), current.last_seq + 1);
-        let updates = record_stream(subscription).filter_map(move |(record, _)| {
-            let view = (record.stream == key).then(|| commands::task_view(&state, &who, &id, None).ok()).flatten();
-            std::future::ready(view)
-        });
+        // Each update is the task as of its own record, however far behind the subscriber reads.
+        let updates = record_stream(subscription)
+            .filter(move |(record, _)| std::future::ready(record.stream == key))
+            .filter_map(move |(record, event)| std::future::ready(fold.apply(&record, &event).ok()));
         Ok(futures_util::stream::once(std::future::ready(current)).chain(updates))
     }
 }
