@@ -233,7 +233,19 @@ impl Store {
         Ok(match self {
             Store::Sqlite(_, gate) => {
                 let turn = gate.turn.clone().lock_owned().await;
-                StoreTx::Sqlite(gate.writer.begin_with("BEGIN IMMEDIATE").await?, turn)
+                let tx = match gate.writer.begin_with("BEGIN IMMEDIATE").await {
+                    // A write that failed because the disk was full: SQLite rolled the
+                    // transaction back itself, so the rollback sqlx queued failed too, and the
+                    // connection still counts one open transaction and refuses to begin another.
+                    // Retire it; the pool opens a fresh one (with a cold page cache, once).
+                    Err(sqlx::Error::InvalidSavePointStatement) => {
+                        let stuck = gate.writer.acquire().await?.detach();
+                        let _ = sqlx::Connection::close_hard(stuck).await;
+                        gate.writer.begin_with("BEGIN IMMEDIATE").await?
+                    }
+                    begun => begun?,
+                };
+                StoreTx::Sqlite(tx, turn)
             }
             Store::Postgres(pool) => StoreTx::Postgres(pool.begin().await?),
         })
@@ -244,5 +256,42 @@ impl Store {
             gate.writer.close().await;
         }
         on_backend!(self, pool => pool.close().await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write that fails because the database is full (here: SQLite's `max_page_count`, as a
+    /// full disk would) leaves the next transaction able to begin once there is room again.
+    #[tokio::test]
+    async fn a_write_that_found_the_disk_full_does_not_stop_later_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(dir.path().join("p.sqlite")).await.unwrap();
+        let Store::Sqlite(_, gate) = &store else { unreachable!("a SQLite store") };
+        sqlx::query("CREATE TABLE filler (n INTEGER, pad BLOB)").execute(&gate.writer).await.unwrap();
+        let pages: i64 = sqlx::query_scalar("PRAGMA page_count").fetch_one(&gate.writer).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA max_page_count = {}", pages + 4)))
+            .execute(&gate.writer)
+            .await
+            .unwrap();
+        let mut tx = store.begin().await.unwrap();
+        let mut failed = None;
+        for n in 0..100 {
+            let insert = sqlx::query("INSERT INTO filler VALUES ($1, zeroblob(4000))").bind(n);
+            let StoreTx::Sqlite(sqlite, _) = &mut tx else { unreachable!("a SQLite transaction") };
+            if let Err(e) = insert.execute(&mut **sqlite).await {
+                failed = Some(e);
+                break;
+            }
+        }
+        assert!(failed.is_some_and(|e| e.to_string().contains("full")), "the database filled up");
+        drop(tx);
+        sqlx::query("PRAGMA max_page_count = 1073741823").execute(&gate.writer).await.unwrap();
+        let mut tx = store.begin().await.expect("a transaction begins again");
+        let StoreTx::Sqlite(sqlite, _) = &mut tx else { unreachable!("a SQLite transaction") };
+        sqlx::query("INSERT INTO filler VALUES (1, NULL)").execute(&mut **sqlite).await.unwrap();
+        tx.commit().await.unwrap();
     }
 }
