@@ -500,7 +500,8 @@ pub async fn wait_log_readable(state: &AppState, min_seq: Option<u64>) -> ApiRes
         // A seq that does not exist yet could only time out.
         crate::readmodels::check_min_seq_in_log(state, seq)?;
     }
-    let acknowledged = state.writer.acknowledged_head();
+    // Every acknowledged write, or what can be read of them after a failed checkpoint.
+    let acknowledged = state.writer.readable_goal();
     let seq = min_seq.unwrap_or(0).max(acknowledged);
     let mut readable = state.writer.head_watch();
     match tokio::time::timeout(crate::readmodels::MIN_SEQ_WAIT, readable.wait_for(|head| *head >= seq)).await {

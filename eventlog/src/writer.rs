@@ -331,6 +331,18 @@ impl WriterHandle {
         self.shared.acknowledged.load(Ordering::Acquire)
     }
 
+    /// The head a read waits for to see every acknowledged write: [`Self::acknowledged_head`],
+    /// except after a failed checkpoint, whose held batches stay unreadable until a restart
+    /// (they are durable in the journal, and the restart has them): then the head readers see,
+    /// so reads go on instead of waiting for records that cannot come.
+    pub fn readable_goal(&self) -> u64 {
+        let acknowledged = self.acknowledged_head();
+        match self.health() {
+            Health::Healthy => acknowledged,
+            Health::Failed(_) => acknowledged.min(*self.shared.head.borrow()),
+        }
+    }
+
     pub fn reader(&self) -> &LogReader {
         &self.reader
     }
