@@ -36,6 +36,13 @@ impl From<projections::QueryError> for ApiError {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_cursor", m).with_field("after")
             }
             projections::QueryError::BadFilter(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_filter", m),
+            // The database is not reachable (PostgreSQL down, or no connection in time): an
+            // outage of a dependency, not a fault of the request or of this server.
+            e if e.is_unreachable() => ApiError::unavailable(
+                "projections_unavailable",
+                format!("the projections database is not reachable ({e}); the log, commands and task reads work"),
+                5,
+            ),
             projections::QueryError::Sql(e) => ApiError::internal(format!("projection query failed: {e}")),
         }
     }

@@ -188,7 +188,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
 /// Prometheus metrics; any valid token (nothing but health is served unauthenticated).
 async fn metrics(State(state): State<AppState>, who: crate::auth::Principal) -> Response {
     let mut text = state.metrics.render(&state.writer, &state.projections);
-    if let Ok(mut dashboard) = projections::query::dashboard(state.projections.store(), None, Some(i64::MAX)).await {
+    // Bounded: a scrape must answer (with the writer's and projectors' figures) while the
+    // projections database is unreachable; the depths are left out then.
+    let depths = projections::query::dashboard(state.projections.store(), None, Some(i64::MAX));
+    if let Ok(Ok(mut dashboard)) = tokio::time::timeout(METRICS_DEPTHS_WAIT, depths).await {
         // A namespace-scoped token sees the depths of its own namespaces only: scopes do not
         // reveal which namespaces exist elsewhere, here as in the dashboard view.
         dashboard.counts.retain(|c| domain::Namespace::new(&c.namespace).is_ok_and(|ns| who.may_see(&ns)));
@@ -443,6 +446,9 @@ async fn serve_connections(
         );
     }
 }
+
+/// Longest `/metrics` waits for the queue depths from the projections.
+const METRICS_DEPTHS_WAIT: Duration = Duration::from_secs(1);
 
 /// How long a shutdown waits for connections to finish their requests before it closes them.
 /// Following feeds and long-polling claims end at once on shutdown; this bounds anything else

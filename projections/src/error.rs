@@ -69,6 +69,19 @@ pub enum QueryError {
     BadFilter(String),
 }
 
+impl QueryError {
+    /// The database could not be reached (PostgreSQL down, or no connection in time): an
+    /// outage, not a fault of the query.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            QueryError::Sql(
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_)
+            )
+        )
+    }
+}
+
 /// Materializing projections as of a past point.
 #[derive(Debug, thiserror::Error)]
 pub enum AsOfError {

@@ -24,6 +24,11 @@ use crate::error::OpenError;
 /// queries are short, so a handful is plenty; PostgreSQL servers count them.
 pub const POOL_CONNECTIONS_MAX: u32 = 8;
 
+/// Longest a query or a projector waits for a PostgreSQL connection. While the server is
+/// unreachable, reads fail after this (the API answers 503 `projections_unavailable`) and
+/// projectors retry; the log and commands do not depend on it.
+pub const POSTGRES_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The default file name of the SQLite projections, beside the log.
 pub const SQLITE_FILE_NAME: &str = "projections.sqlite";
 
@@ -184,7 +189,7 @@ impl Store {
             .options([("synchronous_commit", "off")]);
         let pool = PgPoolOptions::new()
             .max_connections(POOL_CONNECTIONS_MAX)
-            .acquire_timeout(Duration::from_secs(30))
+            .acquire_timeout(POSTGRES_ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await
             .map_err(|source| OpenError::Postgres { source })?;

@@ -124,6 +124,12 @@ impl TempPostgres {
         {
             return Ok(TempPostgres { admin_url: url, _cluster: None });
         }
+        Self::start_private(options)
+    }
+
+    /// A private cluster even when `TASKLEDGER_TEST_DATABASE_URL` is set: for a test that
+    /// stops the server under a client (dropping the value stops it).
+    pub fn start_private(options: ClusterOptions) -> Result<TempPostgres, TempPostgresError> {
         // SAFETY: geteuid has no preconditions.
         let as_postgres_user = unsafe { libc::geteuid() } == 0;
         let dir = tempfile::Builder::new().prefix("taskledger-pg-").tempdir().map_err(TempPostgresError::Dir)?.keep();

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use projections::testing::TempPostgres;
+use projections::testing::{ClusterOptions, TempPostgres};
 use serde_json::{Value, json};
 use tests::{Server, read_models};
 
@@ -164,4 +164,33 @@ fn read_models_in_postgresql_equal_sqlites_across_a_kill_and_a_restart() {
     );
     assert!(!in_postgres.audit_log.is_empty() && !in_postgres.dead_letters.is_empty(), "rows of every kind");
     assert_eq!(views(&server), seen_on_postgres, "the views served from SQLite");
+}
+
+/// PostgreSQL going away under a running server is an outage of the SQL views only: commands
+/// and reads from the log go on, `/metrics` answers (without the queue depths, which come from
+/// the views), and the views answer 503 `projections_unavailable` instead of a 500.
+#[test]
+fn an_unreachable_postgresql_is_an_outage_of_the_views_only() {
+    let runtime = read_models::runtime();
+    let postgres = TempPostgres::start_private(ClusterOptions { durable: false }).expect("a private PostgreSQL");
+    let url = runtime.block_on(postgres.create_database("outage")).expect("a scratch database");
+    let temp = tempfile::tempdir().unwrap();
+    let server = Server::start_in(&temp.path().join("data"), &["--projections", url.as_str()]);
+    let id = create_job(&server, "out", json!({}));
+    let head = server.head_seq();
+    assert_eq!(server.get(&format!("/v1/views/tasks?min_seq={head}")).status, 200);
+    let (_, metrics) = server.get_text("/metrics");
+    assert!(metrics.contains("taskledger_queue_depth{"), "depths while PostgreSQL is up");
+
+    drop(postgres);
+    create_job(&server, "out", json!({}));
+    assert_eq!(server.get(&format!("/v1/tasks/{id}")).status, 200);
+    let (status, metrics) = server.get_text("/metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("taskledger_head_seq"), "{metrics}");
+    assert!(!metrics.contains("taskledger_queue_depth{"), "no depths without the views");
+    let view = server.get("/v1/views/tasks");
+    assert_eq!((view.status, view.code()), (503, "projections_unavailable"), "{view:?}");
+    assert!(view.header("retry-after").is_some(), "{view:?}");
+    assert_eq!(server.stop(), Some(0), "a clean stop without PostgreSQL");
 }
