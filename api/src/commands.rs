@@ -133,7 +133,7 @@ fn check_same_command(
         return conflict("this command id was already used by another caller; send a fresh X-Command-Id (commandId)");
     };
     let same_target = target.is_none_or(|task| original.stream == StreamId::Task(task).to_key());
-    if original.event_type != event_type || !same_target {
+    if original.event_type != event_type || !same_target || ack.differs_from_original {
         return conflict(
             "this command id was already used for a different command; send a fresh X-Command-Id (commandId) for each command",
         );

@@ -129,6 +129,10 @@ pub struct Acknowledgement {
     pub task_ids: Vec<TaskId>,
     /// This is a repeat of an earlier command id; nothing was written now.
     pub duplicate: bool,
+    /// For a repeat of a create: its task specs are not the ones the original created (the
+    /// task ids the server mints aside), so it is another command under a reused command id,
+    /// which the API refuses rather than answering with the original's tasks.
+    pub differs_from_original: bool,
 }
 
 /// Why a command got no acknowledgement.
@@ -922,7 +926,15 @@ impl WriterThread {
         if let Some(range) = seqs {
             in_batch.insert(envelope.command_id.clone(), range);
         }
-        Ok(Acknowledgement { seqs, head_seq: 0, events, claimed, task_ids, duplicate: false })
+        Ok(Acknowledgement {
+            seqs,
+            head_seq: 0,
+            events,
+            claimed,
+            task_ids,
+            duplicate: false,
+            differs_from_original: false,
+        })
     }
 
     /// [`Acknowledgement::task_ids`] of `command`, whose events (applied) created `created`.
@@ -972,7 +984,20 @@ impl WriterThread {
             })
             .collect();
         let task_ids = self.tasks_named(command, events.iter().filter_map(Event::created_task));
-        Ok(Acknowledgement { seqs: Some(range), head_seq: 0, events, claimed, task_ids, duplicate: true })
+        let differs_from_original = match command {
+            Command::CreateTask(spec) => !created_from(std::slice::from_ref(spec), &events),
+            Command::CreateTasks(specs) => !created_from(specs, &events),
+            _ => false,
+        };
+        Ok(Acknowledgement {
+            seqs: Some(range),
+            head_seq: 0,
+            events,
+            claimed,
+            task_ids,
+            duplicate: true,
+            differs_from_original,
+        })
     }
 
     /// A commit failed: answer every command of the batch with an error,
@@ -1032,6 +1057,20 @@ fn note_namespace(ledger: &Ledger, event: &Event, into: &mut Vec<domain::Namespa
             }
         },
     }
+}
+
+/// Whether `events` (an original create's) created tasks from `specs` (a repeat's), in order,
+/// their ids aside: the server mints a fresh id for each spec of each request that names none.
+/// A spec whose idempotency key matched an existing task created nothing, so the created ones
+/// are a subsequence of the specs.
+fn created_from(specs: &[domain::TaskSpec], events: &[Event]) -> bool {
+    let mut specs = specs.iter();
+    events.iter().all(|event| match event {
+        Event::TaskCreated { spec: created, .. } => {
+            specs.any(|spec| &domain::TaskSpec { id: created.id, ..spec.clone() } == created)
+        }
+        _ => true,
+    })
 }
 
 /// An upper bound on the events a command may produce, for batch sizing.

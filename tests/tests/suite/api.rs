@@ -305,6 +305,19 @@ fn a_command_id_reused_for_another_command_is_refused() {
     let repeat = server.post_as(&token, "/v1/tasks", body, Some("mk-1"));
     assert_eq!((repeat.status, repeat.body["task_id"].clone()), (200, created.body["task_id"].clone()));
     let head = server.head_seq();
+    // A create of another task under the same id is another command, not a repeat (found by a
+    // black-box check: it was answered with the first task, and the second was never created).
+    let other_task = json!({ "namespace": "elsewhere", "handler": "work" });
+    let other_create = server.post_as(&token, "/v1/tasks", other_task, Some("mk-1"));
+    assert_eq!((other_create.status, other_create.code()), (409, "command_id_conflict"), "{other_create:?}");
+    let batch = |tasks: Value| server.post_as(&token, "/v1/tasks/batch", json!({ "tasks": tasks }), Some("mk-batch"));
+    let two = json!([{ "namespace": "r", "handler": "a" }, { "namespace": "r", "handler": "b" }]);
+    assert_eq!(batch(two.clone()).status, 201);
+    assert_eq!(batch(two).body["duplicate"], json!(true));
+    let changed = batch(json!([{ "namespace": "r", "handler": "a" }, { "namespace": "r", "handler": "c" }]));
+    assert_eq!((changed.status, changed.code()), (409, "command_id_conflict"), "{changed:?}");
+    let head = head + 2;
+    assert_eq!(server.head_seq(), head, "only the first batch was written");
     let other_kind = server.post_as(&token, &format!("/v1/tasks/{first}/cancel"), json!({}), Some("mk-1"));
     assert_eq!((other_kind.status, other_kind.code()), (409, "command_id_conflict"), "{other_kind:?}");
     assert_eq!(server.get(&format!("/v1/tasks/{first}")).body["state"], "pending");
