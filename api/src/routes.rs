@@ -386,15 +386,37 @@ async fn event_feed(
         // "What exists now" includes every write acknowledged before this request.
         commands::wait_log_readable(&state, None).await?;
     }
-    let sse =
-        headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
-    let subscription = Subscription::new(state.writer.reader().clone(), state.writer.feed().clone(), query.from_seq);
+    let sse = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(accepts_event_stream);
+    // An EventSource reconnects to the URL it started with, saying where it got to: it resumes
+    // after that record, not from the URL's `from_seq` again.
+    let last_event = if sse { headers.get("last-event-id").and_then(|v| v.to_str().ok()) } else { None };
+    let from_seq = match last_event {
+        Some(id) => id.trim().parse::<u64>().ok().and_then(|seq| seq.checked_add(1)).ok_or_else(|| {
+            ApiError::bad_request(format!("Last-Event-ID must be the seq of a record the feed sent, not {id:?}"))
+        })?,
+        None => query.from_seq,
+    };
+    let subscription = Subscription::new(state.writer.reader().clone(), state.writer.feed().clone(), from_seq);
     let stream = feed_stream(subscription, query.limit.unwrap_or(u64::MAX), query.follow, sse, state.stopping.clone());
     let content_type = if sse { "text/event-stream" } else { "application/x-ndjson" };
     let mut response = Response::new(Body::from_stream(stream));
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     Ok(response)
+}
+
+/// Whether an `Accept` header asks for Server-Sent Events: a `text/event-stream` media range
+/// (any case) that is not refused with `q=0`.
+fn accepts_event_stream(accept: &str) -> bool {
+    accept.split(',').any(|range| {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("");
+        let refused = parts.any(|p| {
+            p.split_once('=')
+                .is_some_and(|(k, v)| k.trim().eq_ignore_ascii_case("q") && v.trim().parse::<f32>() == Ok(0.0))
+        });
+        media.eq_ignore_ascii_case("text/event-stream") && !refused
+    })
 }
 
 /// The feed's body. A following feed ends, after a whole record, when the server shuts down
@@ -556,4 +578,31 @@ async fn workers(
 
 async fn projector_status(State(state): State<AppState>, who: Principal) -> ApiResult<AxumJson<serde_json::Value>> {
     Ok(AxumJson(readmodels::to_json(&readmodels::projector_status(&state, &who)?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::accepts_event_stream;
+
+    #[test]
+    fn event_streams_are_chosen_by_media_range_not_by_substring() {
+        for yes in [
+            "text/event-stream",
+            "TEXT/Event-Stream",
+            "application/json, text/event-stream;q=0.5",
+            " text/event-stream ; charset=utf-8",
+        ] {
+            assert!(accepts_event_stream(yes), "{yes}");
+        }
+        for no in [
+            "text/event-stream;q=0",
+            "text/event-stream; q=0.0",
+            "application/x-ndjson",
+            "*/*",
+            "text/event-streams",
+            "",
+        ] {
+            assert!(!accepts_event_stream(no), "{no}");
+        }
+    }
 }

@@ -484,6 +484,19 @@ fn the_event_feed_resumes_from_any_seq_as_ndjson_or_sse() {
     let ids: Vec<&str> = sse.lines().filter_map(|l| l.strip_prefix("id: ")).collect();
     assert_eq!(ids, ["3", "4"], "{sse}");
     assert!(sse.contains("event: task_created"));
+
+    // An EventSource reconnecting to its first URL resumes after its Last-Event-ID.
+    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(20))).build().into();
+    let mut resumed = agent
+        .get(server.url("/v1/events?from_seq=1&follow=false"))
+        .header("Authorization", &format!("Bearer {}", server.token))
+        .header("Accept", "text/event-stream")
+        .header("Last-Event-ID", "2")
+        .call()
+        .unwrap();
+    let sse = resumed.body_mut().read_to_string().unwrap();
+    let ids: Vec<&str> = sse.lines().filter_map(|l| l.strip_prefix("id: ")).collect();
+    assert_eq!(ids, ["3", "4"], "{sse}");
 }
 
 #[test]
