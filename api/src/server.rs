@@ -232,7 +232,11 @@ enum LogFilter {
 /// request's span is entered at each poll of its future: that lock was ~3 % of the HTTP
 /// workers' CPU under `taskledger-bench` lifecycle); levels by target do not.
 fn log_filter(spec: Option<&str>) -> LogFilter {
-    let default = || Targets::new().with_default(tracing::Level::INFO);
+    // PostgreSQL's notices ("table … does not exist, skipping" from the projectors' idempotent
+    // DDL) are not news to an operator.
+    let default = || {
+        Targets::new().with_default(tracing::Level::INFO).with_target("sqlx::postgres::notice", tracing::Level::WARN)
+    };
     match spec {
         Some(spec) if spec.contains('[') => match tracing_subscriber::EnvFilter::try_new(spec) {
             Ok(filter) => LogFilter::BySpan(Box::new(filter)),
@@ -560,6 +564,7 @@ mod tests {
             assert!(filter.would_enable("api::server", &Level::INFO), "{spec:?}");
             assert!(!filter.would_enable("api::server", &Level::DEBUG), "{spec:?}");
         }
+        assert!(!by_target(None).would_enable("sqlx::postgres::notice", &Level::INFO));
         let filter = by_target(Some("warn,api=debug"));
         assert!(filter.would_enable("api::routes", &Level::DEBUG));
         assert!(!filter.would_enable("hyper", &Level::INFO));
