@@ -42,6 +42,18 @@ impl Caller<'_> {
 
 /// Sends one command to the writer and waits for its durable answer.
 pub async fn execute(state: &AppState, caller: &Caller<'_>, command: Command) -> ApiResult<Acknowledgement> {
+    execute_create(state, caller, command, &[]).await
+}
+
+/// [`execute`] for a create whose specs may name their task ids: `given_ids[i]` is the id
+/// the request gave spec `i` (`None` where the server minted one), so a repeat under the
+/// same command id that names other ids is told apart from the original.
+async fn execute_create(
+    state: &AppState,
+    caller: &Caller<'_>,
+    command: Command,
+    given_ids: &[Option<TaskId>],
+) -> ApiResult<Acknowledgement> {
     let (event_type, target) = (command.event_type(), command.target_task());
     let envelope = Envelope { command_id: caller.command_id(), actor: caller.who.actor(), command };
     let kind = envelope.command.kind();
@@ -57,7 +69,7 @@ pub async fn execute(state: &AppState, caller: &Caller<'_>, command: Command) ->
     // A repeat must be of this very command (`check_same_command`); one that is not is
     // refused, and counted as an invalid envelope.
     let (result, conflict) = match result {
-        Ok(ack) if ack.duplicate => match check_same_command(state, caller, event_type, target, &ack) {
+        Ok(ack) if ack.duplicate => match check_same_command(caller, event_type, target, given_ids, &ack) {
             Ok(()) => (Ok(ack), None),
             Err(conflict) => {
                 (Err(WriteError::InvalidEnvelope("command id reused for another command".into())), Some(conflict))
@@ -112,28 +124,33 @@ async fn finished_task(state: &AppState, who: &Principal, task: TaskId) -> Optio
 /// whatever its role or namespaces — refused with a conflict that reveals
 /// nothing of the original; and the same caller reusing an id for a different
 /// command (another kind, or another task) would be told its command was done
-/// when it was not — refused with a conflict saying so.
+/// when it was not — refused with a conflict saying so. A create is the same
+/// when its specs are (the writer compares them, minted ids aside:
+/// `differs_from_original`) and every id it gives names the task the
+/// original created from that spec.
 fn check_same_command(
-    state: &AppState,
     caller: &Caller<'_>,
     event_type: u16,
     target: Option<TaskId>,
+    given_ids: &[Option<TaskId>],
     ack: &Acknowledgement,
 ) -> ApiResult<()> {
-    let Some(seqs) = ack.seqs else { return Ok(()) };
-    let first = state
-        .writer
-        .reader()
-        .read_range(seqs.first, seqs.first, 1)
-        .map_err(|e| ApiError::internal(format!("read the original of a repeated command: {e}")))?;
+    let Some(original) = ack.events.first() else { return Ok(()) };
     let conflict = |message: &str| {
         Err(ApiError::new(StatusCode::CONFLICT, "command_id_conflict", message).with_field("command_id"))
     };
-    let Some(original) = first.first().filter(|record| record.actor == caller.who.actor()) else {
+    if ack.original_actor.as_deref() != Some(caller.who.actor().as_str()) {
         return conflict("this command id was already used by another caller; send a fresh X-Command-Id (commandId)");
-    };
-    let same_target = target.is_none_or(|task| original.stream == StreamId::Task(task).to_key());
-    if original.event_type != event_type || !same_target || ack.differs_from_original {
+    }
+    let same_target = target.is_none_or(|task| original.stream() == StreamId::Task(task));
+    // A spec the original created a task from answers that task's id; one whose idempotency
+    // key named an existing task answers that task, whatever id it gives (then and now).
+    let created: Vec<TaskId> = ack.events.iter().filter_map(Event::created_task).collect();
+    let other_ids = given_ids
+        .iter()
+        .zip(&ack.task_ids)
+        .any(|(given, answered)| given.is_some_and(|given| given != *answered && created.contains(answered)));
+    if original.type_code() != event_type || !same_target || ack.differs_from_original || other_ids {
         return conflict(
             "this command id was already used for a different command; send a fresh X-Command-Id (commandId) for each command",
         );
@@ -269,9 +286,10 @@ pub async fn create_task(
     request: CreateTaskRequest,
 ) -> ApiResult<(StatusCode, CreatedResponse)> {
     caller.who.require(Permission::Produce)?;
+    let given = request.given_id()?;
     let spec = request.into_spec(mint_task_id)?;
     let id = spec.id;
-    let ack = execute(state, caller, Command::CreateTask(spec)).await?;
+    let ack = execute_create(state, caller, Command::CreateTask(spec), &[given]).await?;
     let created = ack.events.iter().any(|e| matches!(e, Event::TaskCreated { .. }));
     let body = CreatedResponse {
         // The task created, or the one the idempotency key named; for a repeated command
@@ -293,13 +311,19 @@ pub async fn create_batch(
     request: CreateBatchRequest,
 ) -> ApiResult<(StatusCode, BatchCreatedResponse)> {
     caller.who.require(Permission::Produce)?;
-    let specs = request
+    let (given, specs): (Vec<_>, Vec<_>) = request
         .tasks
         .into_iter()
         .enumerate()
-        .map(|(i, t)| t.into_spec(mint_task_id).map_err(|r| r.within(&format!("tasks[{i}]"))))
-        .collect::<Result<Vec<_>, _>>()?;
-    let ack = execute(state, caller, Command::CreateTasks(specs)).await?;
+        .map(|(i, t)| {
+            let within = |r: domain::Rejection| r.within(&format!("tasks[{i}]"));
+            let given = t.given_id().map_err(within)?;
+            Ok((given, t.into_spec(mint_task_id).map_err(within)?))
+        })
+        .collect::<Result<Vec<_>, domain::Rejection>>()?
+        .into_iter()
+        .unzip();
+    let ack = execute_create(state, caller, Command::CreateTasks(specs), &given).await?;
     let created = ack.events.len() as u64;
     let status = if created > 0 && !ack.duplicate { StatusCode::CREATED } else { StatusCode::OK };
     let body = BatchCreatedResponse {
@@ -495,7 +519,8 @@ impl AsOf {
 /// acknowledged before this call: a read answered from the log (a task, its history, a queue)
 /// then sees every write any client was told of. They differ only while a checkpoint runs,
 /// when acknowledged batches are durable in the journal but not readable yet (tens of ms).
-pub async fn wait_log_readable(state: &AppState, min_seq: Option<u64>) -> ApiResult<()> {
+/// Answers the seq waited for: every acknowledged write (and `min_seq`) is readable up to it.
+pub async fn wait_log_readable(state: &AppState, min_seq: Option<u64>) -> ApiResult<u64> {
     if let Some(seq) = min_seq {
         // A seq that does not exist yet could only time out.
         crate::readmodels::check_min_seq_in_log(state, seq)?;
@@ -505,7 +530,7 @@ pub async fn wait_log_readable(state: &AppState, min_seq: Option<u64>) -> ApiRes
     let seq = min_seq.unwrap_or(0).max(acknowledged);
     let mut readable = state.writer.head_watch();
     match tokio::time::timeout(crate::readmodels::MIN_SEQ_WAIT, readable.wait_for(|head| *head >= seq)).await {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(_)) => Ok(seq),
         _ if min_seq.is_some_and(|wanted| wanted > acknowledged) => Err(ApiError::unavailable(
             "min_seq_not_reached",
             format!("seq {seq} was not reached within {} s", crate::readmodels::MIN_SEQ_WAIT.as_secs()),

@@ -75,7 +75,8 @@ fn who<'a>(ctx: &Context<'a>) -> async_graphql::Result<&'a Principal> {
 /// read-your-writes for the queries answered from the log itself (task, taskHistory, queue).
 /// Queries answered from SQL wait for the projectors instead (`readmodels::wait_min_seq`).
 async fn wait_min_seq(state: &AppState, min_seq: Option<u64>) -> async_graphql::Result<()> {
-    Ok(commands::wait_log_readable(state, min_seq).await?)
+    commands::wait_log_readable(state, min_seq).await?;
+    Ok(())
 }
 
 fn parse_as_of(text: Option<String>) -> async_graphql::Result<Option<AsOf>> {
@@ -584,7 +585,17 @@ impl SubscriptionRoot {
             return Err(ApiError::forbidden("a namespace-scoped token may not follow every event").into());
         }
         let stream_key = task_id.as_deref().map(commands::parse_task).transpose()?.map(|t| StreamId::Task(t).to_key());
-        // A type no event has would match nothing, forever: a typo must be told.
+        // A type no event has would match nothing, forever: a typo must be told; so must an
+        // empty list.
+        if types.as_ref().is_some_and(Vec::is_empty) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_filter",
+                "types names no event type, so nothing would ever match; leave it out for every type",
+            )
+            .with_field("types")
+            .into());
+        }
         if let Some(unknown) =
             types.iter().flatten().find(|name| !domain::Event::TYPES.iter().any(|(known, _)| known == name))
         {
@@ -598,7 +609,7 @@ impl SubscriptionRoot {
         }
         let state = state(ctx);
         let subscription = LogSubscription::new(state.writer.reader().clone(), state.writer.feed().clone(), from_seq);
-        Ok(record_stream(subscription).filter_map(move |(record, event)| {
+        Ok(record_stream(subscription, state).filter_map(move |(record, event)| {
             let keep = stream_key.as_ref().is_none_or(|k| &record.stream == k)
                 && types.as_ref().is_none_or(|t| t.iter().any(|name| name == event.type_name()));
             std::future::ready(keep.then(|| record_body(&record, &event)))
@@ -615,7 +626,7 @@ impl SubscriptionRoot {
         let subscription =
             LogSubscription::new(state.writer.reader().clone(), state.writer.feed().clone(), current.last_seq + 1);
         // Each update is the task as of its own record, however far behind the subscriber reads.
-        let updates = record_stream(subscription)
+        let updates = record_stream(subscription, &state)
             .filter(move |(record, _)| std::future::ready(record.stream == key))
             .filter_map(move |(record, event)| std::future::ready(fold.apply(&record, &event).ok()));
         Ok(futures_util::stream::once(std::future::ready(current)).chain(updates))
@@ -624,14 +635,23 @@ impl SubscriptionRoot {
 
 use futures_util::StreamExt;
 
-/// Decoded records from a log subscription, following live appends.
-fn record_stream(subscription: LogSubscription) -> impl Stream<Item = (eventlog::StoredRecord, domain::Event)> {
+/// Decoded records from a log subscription, following live appends until the server shuts
+/// down: then the subscription ends (the client gets its `complete`) instead of being cut
+/// with the connection.
+fn record_stream(
+    subscription: LogSubscription,
+    state: &AppState,
+) -> impl Stream<Item = (eventlog::StoredRecord, domain::Event)> + use<> {
+    let mut stopping = state.stopping.clone();
     futures_util::stream::unfold(subscription, |mut sub| async move {
         let batch = sub.next_batch_async(256).await.ok()?;
         Some((futures_util::stream::iter(batch), sub))
     })
     .flatten()
     .filter_map(|record| std::future::ready(decode_event(&record).ok().map(|event| (record, event))))
+    .take_until(async move {
+        let _ = stopping.wait_for(|stop| *stop).await;
+    })
 }
 
 /// Counts aliased fields in every operation and fragment (the handler refuses more than
@@ -715,6 +735,10 @@ pub async fn graphql_handler(
         Ok(document) => document,
         Err(e) => return graphql_error(StatusCode::BAD_REQUEST, "invalid_query", e.to_string()),
     };
+    let mutates = document
+        .operations
+        .iter()
+        .any(|(_, operation)| operation.node.ty == async_graphql::parser::types::OperationType::Mutation);
     let aliases = count_aliases(&document);
     if aliases > ALIASES_MAX {
         return graphql_error(
@@ -729,9 +753,13 @@ pub async fn graphql_handler(
     // like the alias limit above.
     // An argument that parses as GraphQL but not as the field's type (a negative `first`,
     // a number past the type's range) fails when its field is resolved, so it has a path;
-    // it is bad input all the same, and no resolver ran for it.
+    // it is bad input all the same, and no resolver ran for it. In a mutation, though, the
+    // fields beside it did run (and may have written): the answer stays a 200 whose data says
+    // what was done.
     let bad_argument = |e: &async_graphql::ServerError| {
-        e.message.starts_with("Failed to parse \"") && e.extensions.as_ref().is_none_or(|x| x.get("code").is_none())
+        !mutates
+            && e.message.starts_with("Failed to parse \"")
+            && e.extensions.as_ref().is_none_or(|x| x.get("code").is_none())
     };
     if !response.errors.is_empty() && response.errors.iter().all(|e| e.path.is_empty() || bad_argument(e)) {
         for error in &mut response.errors {

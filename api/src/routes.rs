@@ -382,16 +382,16 @@ async fn event_feed(
         ));
     }
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    if !query.follow {
-        // "What exists now" includes every write acknowledged before this request.
-        commands::wait_log_readable(&state, None).await?;
-    }
+    // "What exists now" includes every write acknowledged before this request; the answer
+    // says up to which seq, so a reader can tell a whole feed from one cut short.
+    let readable = if query.follow { None } else { Some(commands::wait_log_readable(&state, None).await?) };
     let sse = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(accepts_event_stream);
     // An EventSource reconnects to the URL it started with, saying where it got to: it resumes
-    // after that record, not from the URL's `from_seq` again.
-    let last_event = if sse { headers.get("last-event-id").and_then(|v| v.to_str().ok()) } else { None };
-    let from_seq = match last_event {
-        Some(id) => id.trim().parse::<u64>().ok().and_then(|seq| seq.checked_add(1)).ok_or_else(|| {
+    // after that record, not from the URL's `from_seq` again. An empty id is no id (as in the
+    // SSE specification).
+    let last_event = if sse { headers.get("last-event-id").map(|v| v.to_str().unwrap_or("?").trim()) } else { None };
+    let from_seq = match last_event.filter(|id| !id.is_empty()) {
+        Some(id) => id.parse::<u64>().ok().and_then(|seq| seq.checked_add(1)).ok_or_else(|| {
             ApiError::bad_request(format!("Last-Event-ID must be the seq of a record the feed sent, not {id:?}"))
         })?,
         None => query.from_seq,
@@ -402,6 +402,9 @@ async fn event_feed(
     let mut response = Response::new(Body::from_stream(stream));
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if let Some(seq) = readable {
+        response.headers_mut().insert(FEED_HEAD_HEADER, HeaderValue::from(seq));
+    }
     Ok(response)
 }
 
@@ -419,8 +422,16 @@ fn accepts_event_stream(accept: &str) -> bool {
     })
 }
 
+/// The header of a feed without `follow`: the head it reads to at least (every write
+/// acknowledged before the request). The feed may go on past it, never stop before it
+/// unless `limit` stops it.
+pub const FEED_HEAD_HEADER: &str = "x-taskledger-head-seq";
+
 /// The feed's body. A following feed ends, after a whole record, when the server shuts down
-/// (`stopping`): the client resumes from the seq after the last one it got.
+/// (`stopping`): the client resumes from the seq after the last one it got. A feed without
+/// `follow` reads on to its end through a shutdown's grace. A record that cannot be read or
+/// decoded aborts the body (no clean end), so no reader mistakes the part before it for the
+/// whole.
 fn feed_stream(
     subscription: Subscription,
     limit: u64,
@@ -428,8 +439,9 @@ fn feed_stream(
     sse: bool,
     stopping: tokio::sync::watch::Receiver<bool>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
-    futures_util::stream::unfold((subscription, 0u64, stopping), move |(mut sub, sent, mut stopping)| async move {
-        if sent >= limit || *stopping.borrow() {
+    futures_util::stream::unfold(Some((subscription, 0u64, stopping)), move |state| async move {
+        let (mut sub, sent, mut stopping) = state?;
+        if sent >= limit || (follow && *stopping.borrow()) {
             return None;
         }
         let max = (limit - sent).min(1024) as usize;
@@ -441,22 +453,26 @@ fn feed_stream(
             };
             match answer {
                 Ok(Ok(batch)) => batch,
-                Ok(Err(_)) => return None,
+                Ok(Err(error)) => return Some((Err(std::io::Error::other(error.to_string())), None)),
                 // A keep-alive so proxies and clients see the stream is alive.
                 Err(_) => {
                     let keep_alive = Bytes::from_static(if sse { b": keep-alive\n\n" } else { b"\n" });
-                    return Some((Ok(keep_alive), (sub, sent, stopping)));
+                    return Some((Ok(keep_alive), Some((sub, sent, stopping))));
                 }
             }
         } else {
             match sub.try_next_batch(max) {
-                Ok(batch) if !batch.is_empty() => batch,
-                _ => return None,
+                Ok(batch) if batch.is_empty() => return None,
+                Ok(batch) => batch,
+                Err(error) => return Some((Err(std::io::Error::other(error.to_string())), None)),
             }
         };
         let mut out = Vec::with_capacity(batch.len() * 256);
         for record in &batch {
-            let Ok(event) = decode_event(record) else { return None };
+            let event = match decode_event(record) {
+                Ok(event) => event,
+                Err(error) => return Some((Err(std::io::Error::other(error.to_string())), None)),
+            };
             let line = serde_json::to_vec(&record_body(record, &event)).expect("bodies serialize");
             if sse {
                 out.extend_from_slice(format!("id: {}\nevent: {}\ndata: ", record.seq, event.type_name()).as_bytes());
@@ -468,7 +484,7 @@ fn feed_stream(
             }
         }
         let sent = sent + batch.len() as u64;
-        Some((Ok(Bytes::from(out)), (sub, sent, stopping)))
+        Some((Ok(Bytes::from(out)), Some((sub, sent, stopping))))
     })
 }
 

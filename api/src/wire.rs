@@ -129,9 +129,17 @@ pub fn step_spec(field: &str, s: &StepRequest) -> Result<StepSpec, Rejection> {
 }
 
 impl CreateTaskRequest {
+    /// The task id the request names, if any (else the server mints one).
+    pub fn given_id(&self) -> Result<Option<TaskId>, Rejection> {
+        self.id
+            .as_deref()
+            .map(|text| TaskId::parse(text).map_err(|r| Rejection { field: Some("id".into()), ..r }))
+            .transpose()
+    }
+
     pub fn into_spec(self, mint: impl FnOnce() -> TaskId) -> Result<TaskSpec, Rejection> {
-        let id = match &self.id {
-            Some(text) => TaskId::parse(text).map_err(|r| Rejection { field: Some("id".into()), ..r })?,
+        let id = match self.given_id()? {
+            Some(id) => id,
             None => mint(),
         };
         let steps = match (&self.handler, &self.steps) {

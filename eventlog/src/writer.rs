@@ -133,6 +133,10 @@ pub struct Acknowledgement {
     /// task ids the server mints aside), so it is another command under a reused command id,
     /// which the API refuses rather than answering with the original's tasks.
     pub differs_from_original: bool,
+    /// For a repeat: the actor who sent the original (so the API can refuse another
+    /// caller's reuse of the id without reading the log, whose newest records a
+    /// checkpoint may still hold back). `None` for a command answered now.
+    pub original_actor: Option<String>,
 }
 
 /// Why a command got no acknowledgement.
@@ -214,6 +218,9 @@ struct Shared {
     head: watch::Sender<u64>,
     /// The head of the last answered batch: durable, possibly not readable yet.
     acknowledged: AtomicU64,
+    /// The most readers will ever see until a restart: below `u64::MAX` once a checkpoint
+    /// failed, and the batches it held stayed unreadable (durable in the journal).
+    readable_cap: AtomicU64,
     work: watch::Sender<ReadyWork>,
 }
 
@@ -337,14 +344,11 @@ impl WriterHandle {
 
     /// The head a read waits for to see every acknowledged write: [`Self::acknowledged_head`],
     /// except after a failed checkpoint, whose held batches stay unreadable until a restart
-    /// (they are durable in the journal, and the restart has them): then the head readers see,
-    /// so reads go on instead of waiting for records that cannot come.
+    /// (they are durable in the journal, and the restart has them): then the last seq before
+    /// them, so reads go on instead of waiting for records that cannot come. (After a failed
+    /// commit, batches held before it still become readable: reads wait for them.)
     pub fn readable_goal(&self) -> u64 {
-        let acknowledged = self.acknowledged_head();
-        match self.health() {
-            Health::Healthy => acknowledged,
-            Health::Failed(_) => acknowledged.min(*self.shared.head.borrow()),
-        }
+        self.acknowledged_head().min(self.shared.readable_cap.load(Ordering::Acquire))
     }
 
     pub fn reader(&self) -> &LogReader {
@@ -449,6 +453,7 @@ impl Writer {
             stats: WriterStats::default(),
             head: watch::Sender::new(head.seq),
             acknowledged: AtomicU64::new(head.seq),
+            readable_cap: AtomicU64::new(u64::MAX),
             work: watch::Sender::new(ReadyWork::new()),
         });
         let handle = WriterHandle {
@@ -745,6 +750,9 @@ impl WriterThread {
             Err(error) => {
                 // Everything acknowledged is in the journal; the ledger in memory holds it too.
                 // What failed is making it readable: stop taking writes until a restart replays it.
+                if let Some(first) = self.unpublished.front().and_then(|(_, records)| records.first()) {
+                    self.shared.readable_cap.store(first.seq - 1, Ordering::Release);
+                }
                 self.unpublished.clear();
                 *self.shared.health.lock().expect("health lock") =
                     Health::Failed(format!("checkpoint failed: {error}"));
@@ -934,6 +942,7 @@ impl WriterThread {
             task_ids,
             duplicate: false,
             differs_from_original: false,
+            original_actor: None,
         })
     }
 
@@ -985,10 +994,11 @@ impl WriterThread {
             .collect();
         let task_ids = self.tasks_named(command, events.iter().filter_map(Event::created_task));
         let differs_from_original = match command {
-            Command::CreateTask(spec) => !created_from(std::slice::from_ref(spec), &events),
-            Command::CreateTasks(specs) => !created_from(specs, &events),
+            Command::CreateTask(spec) => !repeats_create(&self.ledger, std::slice::from_ref(spec), &events),
+            Command::CreateTasks(specs) => !repeats_create(&self.ledger, specs, &events),
             _ => false,
         };
+        let original_actor = records.first().map(|record| record.actor.clone());
         Ok(Acknowledgement {
             seqs: Some(range),
             head_seq: 0,
@@ -997,6 +1007,7 @@ impl WriterThread {
             task_ids,
             duplicate: true,
             differs_from_original,
+            original_actor,
         })
     }
 
@@ -1059,18 +1070,31 @@ fn note_namespace(ledger: &Ledger, event: &Event, into: &mut Vec<domain::Namespa
     }
 }
 
-/// Whether `events` (an original create's) created tasks from `specs` (a repeat's), in order,
-/// their ids aside: the server mints a fresh id for each spec of each request that names none.
-/// A spec whose idempotency key matched an existing task created nothing, so the created ones
-/// are a subsequence of the specs.
-fn created_from(specs: &[domain::TaskSpec], events: &[Event]) -> bool {
-    let mut specs = specs.iter();
-    events.iter().all(|event| match event {
-        Event::TaskCreated { spec: created, .. } => {
-            specs.any(|spec| &domain::TaskSpec { id: created.id, ..spec.clone() } == created)
+/// Whether `specs` (a repeated create's) are the original's, whose events were `events`:
+/// each spec, in order, either created the next task of `events` (the task ids aside: the
+/// server mints a fresh id for each spec of each request that names none) or carries an
+/// idempotency key that names a task (it created nothing, then or now), and every task the
+/// original created is accounted for. A spec added, dropped, changed or reordered is another
+/// command.
+fn repeats_create(ledger: &Ledger, specs: &[domain::TaskSpec], events: &[Event]) -> bool {
+    let mut created = events
+        .iter()
+        .filter_map(|event| match event {
+            Event::TaskCreated { spec, .. } => Some(spec),
+            _ => None,
+        })
+        .peekable();
+    for spec in specs {
+        if created.next_if(|created| **created == domain::TaskSpec { id: created.id, ..spec.clone() }).is_some() {
+            continue;
         }
-        _ => true,
-    })
+        let keyed =
+            spec.idempotency_key.as_ref().is_some_and(|key| ledger.idempotent_task(&spec.namespace, key).is_some());
+        if !keyed {
+            return false;
+        }
+    }
+    created.next().is_none()
 }
 
 /// An upper bound on the events a command may produce, for batch sizing.

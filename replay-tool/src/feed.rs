@@ -14,6 +14,10 @@ use serde_json::Value;
 
 use crate::source::Source;
 
+/// The header in which the server names the head a feed without `follow` reads to
+/// (`api`'s `FEED_HEAD_HEADER`).
+const FEED_HEAD_HEADER: &str = "x-taskledger-head-seq";
+
 /// Most records read from a feed (held in memory).
 pub const FEED_RECORDS_MAX: usize = 5_000_000;
 
@@ -24,6 +28,14 @@ pub fn fetch(base: &str, token: &str) -> Result<Source> {
         .header("Accept", "application/x-ndjson")
         .call()
         .with_context(|| format!("read the event feed at {url}"))?;
+    // The head the server read to at least: a feed that ends before it was cut short.
+    let head: Option<u64> = response
+        .headers()
+        .get(FEED_HEAD_HEADER)
+        .map(|value| {
+            value.to_str().ok().and_then(|v| v.parse().ok()).ok_or_else(|| anyhow!("{FEED_HEAD_HEADER} is not a seq"))
+        })
+        .transpose()?;
     let text = response.body_mut().with_config().limit(u64::MAX).read_to_string().context("read the feed body")?;
     let mut records = Vec::new();
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
@@ -32,6 +44,10 @@ pub fn fetch(base: &str, token: &str) -> Result<Source> {
         }
         let value: Value = serde_json::from_str(line).with_context(|| format!("parse feed line {}", n + 1))?;
         records.push(record_from_json(&value).with_context(|| format!("read feed line {}", n + 1))?);
+    }
+    let last = records.last().map_or(0, |record| record.seq);
+    if let Some(head) = head.filter(|head| last < *head) {
+        bail!("the feed ended at seq {last}, before the head {head} the server announced: read it again");
     }
     Ok(Source::Feed { origin: base.to_owned(), records })
 }

@@ -12,8 +12,11 @@ use eventlog::LogReader;
 
 const TOKEN: &str = "auditor-token";
 
-/// Serves `body` to every request with the right token (401 otherwise) for `requests` connections.
-fn serve(body: String, requests: usize) -> (String, std::thread::JoinHandle<Vec<String>>) {
+/// Serves `body` to every request with the right token (401 otherwise) for `requests`
+/// connections, announcing `head` as the server does (the head a feed without `follow` reads
+/// to at least).
+fn serve(body: String, requests: usize, head: Option<u64>) -> (String, std::thread::JoinHandle<Vec<String>>) {
+    let head = head.map(|seq| format!("x-taskledger-head-seq: {seq}\r\n")).unwrap_or_default();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let handle = std::thread::spawn(move || {
@@ -36,7 +39,7 @@ fn serve(body: String, requests: usize) -> (String, std::thread::JoinHandle<Vec<
             let (status, payload) = if authorized { ("200 OK", body.as_str()) } else { ("401 Unauthorized", "{}") };
             write!(
                 stream,
-                "HTTP/1.1 {status}\r\ncontent-type: application/x-ndjson\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{payload}",
+                "HTTP/1.1 {status}\r\ncontent-type: application/x-ndjson\r\n{head}content-length: {}\r\nconnection: close\r\n\r\n{payload}",
                 payload.len()
             )
             .unwrap();
@@ -46,12 +49,11 @@ fn serve(body: String, requests: usize) -> (String, std::thread::JoinHandle<Vec<
     (url, handle)
 }
 
-#[test]
-fn every_read_works_on_a_server_feed_as_on_the_file() {
-    let dir = tempfile::tempdir().unwrap();
-    build_story(dir.path(), 10);
-    let reader = LogReader::open_read_only(dir.path().join("ledger.redb")).unwrap();
-    let feed: String = reader
+/// The story's log as the server's feed serves it.
+fn story_feed(dir: &std::path::Path) -> String {
+    build_story(dir, 10);
+    let reader = LogReader::open_read_only(dir.join("ledger.redb")).unwrap();
+    reader
         .read_range(1, u64::MAX, 1000)
         .unwrap()
         .iter()
@@ -59,8 +61,13 @@ fn every_read_works_on_a_server_feed_as_on_the_file() {
             let event = eventlog::decode_event(r).unwrap();
             format!("{}\n", serde_json::Value::Object(eventlog::json::record_json(r, &event)))
         })
-        .collect();
-    drop(reader);
+        .collect()
+}
+
+#[test]
+fn every_read_works_on_a_server_feed_as_on_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let feed = story_feed(dir.path());
     let data = path(dir.path());
     let runs: [&[&str]; 4] = [
         &["events"],
@@ -68,7 +75,7 @@ fn every_read_works_on_a_server_feed_as_on_the_file() {
         &["incident", "--task", "018bcfe5-6803-7001-9aa6-6d2c7ddf743f", "--format", "json"],
         &["diff", "--from", "3", "--to", "20", "--json"],
     ];
-    let (url, server) = serve(feed, runs.len() + 2);
+    let (url, server) = serve(feed, runs.len() + 2, Some(23));
     for args in runs {
         let from_file = replay_ok(&[args, &["--data", data]].concat());
         let from_feed = replay_ok(&[args, &["--server", &url, "--token", TOKEN]].concat());
@@ -97,4 +104,20 @@ fn every_read_works_on_a_server_feed_as_on_the_file() {
     assert!(crate::common::stderr(&refused).contains("read the event feed"), "{}", crate::common::stderr(&refused));
     let requests = server.join().unwrap();
     assert!(requests.iter().all(|r| r == "GET /v1/events?from_seq=1&follow=false HTTP/1.1"), "{requests:?}");
+}
+
+/// A feed that ends before the head the server announced was cut short (a server stopping,
+/// a proxy): the tool refuses it rather than answer from part of the log.
+#[test]
+fn a_feed_cut_short_of_its_announced_head_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let feed = story_feed(dir.path());
+    let (url, server) = serve(feed, 2, Some(30));
+    for args in [&["info"][..], &["verify"]] {
+        let refused = replay(&[args, &["--server", &url, "--token", TOKEN]].concat());
+        assert_ne!(refused.status.code(), Some(0));
+        let stderr = crate::common::stderr(&refused);
+        assert!(stderr.contains("the feed ended at seq 23, before the head 30"), "{stderr}");
+    }
+    server.join().unwrap();
 }

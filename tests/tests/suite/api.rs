@@ -316,8 +316,58 @@ fn a_command_id_reused_for_another_command_is_refused() {
     assert_eq!(batch(two).body["duplicate"], json!(true));
     let changed = batch(json!([{ "namespace": "r", "handler": "a" }, { "namespace": "r", "handler": "c" }]));
     assert_eq!((changed.status, changed.code()), (409, "command_id_conflict"), "{changed:?}");
+    // A spec added, dropped or moved is another command too (found by review: an added spec was
+    // answered with an id minted for a task that was never created).
+    for tasks in [
+        json!([{ "namespace": "r", "handler": "a" }, { "namespace": "r", "handler": "b" }, { "namespace": "r", "handler": "c" }]),
+        json!([{ "namespace": "r", "handler": "a" }]),
+        json!([{ "namespace": "r", "handler": "b" }, { "namespace": "r", "handler": "a" }]),
+    ] {
+        let other = batch(tasks);
+        assert_eq!((other.status, other.code()), (409, "command_id_conflict"), "{other:?}");
+    }
     let head = head + 2;
     assert_eq!(server.head_seq(), head, "only the first batch was written");
+    // A spec whose idempotency key named an existing task created nothing; its honest repeat is
+    // the same command, and one that puts another spec in its place is not.
+    let keyed = |second: Value| {
+        let tasks = json!([{ "namespace": "r", "handler": "k", "idempotency_key": "key-1" }, second]);
+        server.post_as(&token, "/v1/tasks/batch", json!({ "tasks": tasks }), Some("mk-keyed"))
+    };
+    let before_key = server.post("/v1/tasks", json!({ "namespace": "r", "handler": "k", "idempotency_key": "key-1" }));
+    assert_eq!(before_key.status, 201);
+    let head = head + 1;
+    let original = keyed(json!({ "namespace": "r", "handler": "d" }));
+    assert_eq!((original.status, original.body["created"].clone()), (201, json!(1)), "{original:?}");
+    let again = keyed(json!({ "namespace": "r", "handler": "d" }));
+    assert_eq!((again.status, again.body["task_ids"].clone()), (200, original.body["task_ids"].clone()));
+    let dropped_key = server.post_as(
+        &token,
+        "/v1/tasks/batch",
+        json!({ "tasks": [{ "namespace": "r", "handler": "d" }] }),
+        Some("mk-keyed"),
+    );
+    assert_eq!((dropped_key.status, dropped_key.code()), (200, ""), "a keyed spec that created nothing may go");
+    let unkeyed = server.post_as(
+        &token,
+        "/v1/tasks/batch",
+        json!({ "tasks": [{ "namespace": "r", "handler": "x" }, { "namespace": "r", "handler": "d" }] }),
+        Some("mk-keyed"),
+    );
+    assert_eq!((unkeyed.status, unkeyed.code()), (409, "command_id_conflict"), "{unkeyed:?}");
+    // Ids the client gives are part of the command: another id is another task.
+    let given = |id: &str| {
+        server.post_as(&token, "/v1/tasks", json!({ "id": id, "namespace": "r", "handler": "g" }), Some("mk-given"))
+    };
+    let (id_a, id_b) = ("0190d6d0-0000-7000-8000-00000000000a", "0190d6d0-0000-7000-8000-00000000000b");
+    assert_eq!(given(id_a).status, 201);
+    let same_id = given(id_a);
+    assert_eq!((same_id.status, same_id.body["task_id"].clone()), (200, json!(id_a)));
+    let other_id = given(id_b);
+    assert_eq!((other_id.status, other_id.code()), (409, "command_id_conflict"), "{other_id:?}");
+    assert_eq!(server.get(&format!("/v1/tasks/{id_b}")).status, 404);
+    let head = head + 2;
+    assert_eq!(server.head_seq(), head, "each command was written once");
     let other_kind = server.post_as(&token, &format!("/v1/tasks/{first}/cancel"), json!({}), Some("mk-1"));
     assert_eq!((other_kind.status, other_kind.code()), (409, "command_id_conflict"), "{other_kind:?}");
     assert_eq!(server.get(&format!("/v1/tasks/{first}")).body["state"], "pending");
@@ -497,6 +547,19 @@ fn the_event_feed_resumes_from_any_seq_as_ndjson_or_sse() {
     let sse = resumed.body_mut().read_to_string().unwrap();
     let ids: Vec<&str> = sse.lines().filter_map(|l| l.strip_prefix("id: ")).collect();
     assert_eq!(ids, ["3", "4"], "{sse}");
+    // An empty Last-Event-ID is no id (the SSE specification): the URL's from_seq holds. A feed
+    // without `follow` names the head it reads to, so a reader can tell a whole feed from a cut one.
+    let mut whole = agent
+        .get(server.url("/v1/events?from_seq=2&follow=false"))
+        .header("Authorization", &format!("Bearer {}", server.token))
+        .header("Accept", "text/event-stream")
+        .header("Last-Event-ID", "")
+        .call()
+        .unwrap();
+    assert_eq!(whole.headers().get("x-taskledger-head-seq").map(|v| v.to_str().unwrap().to_owned()), Some("4".into()));
+    let sse = whole.body_mut().read_to_string().unwrap();
+    let ids: Vec<&str> = sse.lines().filter_map(|l| l.strip_prefix("id: ")).collect();
+    assert_eq!(ids, ["2", "3", "4"], "{sse}");
 }
 
 #[test]
@@ -688,6 +751,19 @@ fn a_created_task_is_readable_at_once_even_while_a_checkpoint_holds_its_batch() 
             scope.spawn(move || {
                 for round in 0..400 {
                     let id = create_job(server, &format!("read-back-{client}"), json!({}));
+                    if round % 4 == 1 {
+                        // A create retried at once under its command id is answered as the
+                        // original, also while the original's batch is held back from readers.
+                        let (body, command_id) =
+                            (json!({ "namespace": "repeat", "handler": "h" }), format!("rb-{client}-{round}"));
+                        let first = server.post_as(&server.token, "/v1/tasks", body.clone(), Some(&command_id));
+                        let again = server.post_as(&server.token, "/v1/tasks", body, Some(&command_id));
+                        if (first.status, again.status, again.body["task_id"].clone())
+                            != (201, 200, first.body["task_id"].clone())
+                        {
+                            failures.lock().unwrap().push(format!("round {round}: repeat {again:?} of {first:?}"));
+                        }
+                    }
                     let answer = if round % 4 == 3 {
                         server.post("/graphql", json!({ "query": format!("{{ task(id: \"{id}\") {{ state }} }}") }))
                     } else if round % 4 == 2 {

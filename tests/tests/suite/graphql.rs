@@ -163,6 +163,16 @@ fn the_queue_pages_by_key_and_refuses_what_does_not_exist() {
         assert_eq!((answer.status, code(&answer.body).as_str()), (400, "invalid_query"), "{negative}: {answer:?}");
     }
     assert_eq!(server.head_seq(), head, "nothing was written");
+    // In a mutation the fields beside a bad argument run: the answer is a 200 whose data says
+    // what was written, not a 400 a client would take for "nothing happened" (found by review).
+    let mixed = server.post(
+        "/graphql",
+        json!({ "query": r#"mutation { a: createTask(input: { namespace: "kq", handler: "h" }) { taskId } b: setQueueConcurrency(namespace: "kq", limit: -1) { seq } }"# }),
+    );
+    assert_eq!(mixed.status, 200, "{mixed:?}");
+    assert!(mixed.body["data"]["a"]["taskId"].is_string(), "{mixed:?}");
+    assert!(!mixed.body["errors"].as_array().unwrap().is_empty(), "{mixed:?}");
+    assert_eq!(server.head_seq(), head + 1, "the create was written");
 }
 
 /// The ids of a page's items, and its cursor.
@@ -437,6 +447,10 @@ fn a_subscription_over_websocket_receives_live_events() {
     let mut typo = subscribe(&server, "subscription { events(types: [\"TASK_CREATED\"]) { seq } }", json!({}));
     let refused: Value = serde_json::from_str(typo.read().unwrap().to_text().unwrap()).unwrap();
     assert_eq!(refused["payload"]["errors"][0]["extensions"]["code"], "invalid_filter", "{refused}");
+    // Nor is an empty list, which names no type.
+    let mut none = subscribe(&server, "subscription { events(types: []) { seq } }", json!({}));
+    let refused: Value = serde_json::from_str(none.read().unwrap().to_text().unwrap()).unwrap();
+    assert_eq!(refused["payload"]["errors"][0]["extensions"]["code"], "invalid_filter", "{refused}");
 }
 
 /// The `task` subscription sends the task as of each of its events, also when the subscriber
@@ -480,4 +494,24 @@ fn graphiql_is_served_to_browsers() {
     let (status, page) = server.get_text("/graphql");
     assert_eq!(status, 200);
     assert!(page.contains("graphiql"), "{page}");
+}
+
+/// A shutdown completes each subscription (a `complete` message, so the client knows the
+/// stream ended rather than broke) before the server exits.
+#[test]
+fn a_shutdown_completes_the_subscriptions() {
+    let server = Server::start();
+    let mut socket = subscribe(&server, "subscription { events { seq } }", json!({}));
+    std::thread::sleep(Duration::from_millis(200));
+    let stopped = std::thread::spawn(move || server.stop());
+    let complete = loop {
+        let message = socket.read().unwrap_or_else(|e| panic!("the socket ended before the subscription did: {e}"));
+        let Ok(text) = message.to_text() else { continue };
+        let value: Value = serde_json::from_str(text).unwrap();
+        if value["type"] == "complete" {
+            break value;
+        }
+    };
+    assert_eq!(complete["id"], "1");
+    assert_eq!(stopped.join().unwrap(), Some(0));
 }
