@@ -608,6 +608,7 @@ impl SubscriptionRoot {
             .into());
         }
         let state = state(ctx);
+        crate::readmodels::check_feed_start(state, from_seq, "fromSeq")?;
         let subscription = LogSubscription::new(state.writer.reader().clone(), state.writer.feed().clone(), from_seq);
         Ok(record_stream(subscription, state).filter_map(move |(record, event)| {
             let keep = stream_key.as_ref().is_none_or(|k| &record.stream == k)

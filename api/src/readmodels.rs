@@ -59,8 +59,7 @@ pub fn to_json<T: Serialize>(value: &T) -> Value {
 /// seqs count even before they are readable (a checkpoint running, see the writer's
 /// `head_watch`): readers reach them once they are.
 pub fn check_min_seq_in_log(state: &AppState, seq: u64) -> ApiResult<()> {
-    let readable = state.writer.reader().head().map_err(|e| ApiError::internal(e.to_string()))?.seq;
-    let head = readable.max(state.writer.acknowledged_head());
+    let head = log_head(state)?;
     if seq > head {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -68,6 +67,31 @@ pub fn check_min_seq_in_log(state: &AppState, seq: u64) -> ApiResult<()> {
             format!("seq {seq} is beyond the log's head ({head}); use a seq a write answered with"),
         )
         .with_field("min_seq"));
+    }
+    Ok(())
+}
+
+/// The newest seq written: readable, or acknowledged and still held back by a checkpoint.
+fn log_head(state: &AppState) -> ApiResult<u64> {
+    let readable = state.writer.reader().head().map_err(|e| ApiError::internal(e.to_string()))?.seq;
+    Ok(readable.max(state.writer.acknowledged_head()))
+}
+
+/// A feed starts at most just after the head. Further on it would wait for seqs the log has
+/// not reached, and a client resuming there (after seq N it saw) from a server restored from
+/// an older backup would be handed other events under the seqs it knew: it must hear of it.
+pub fn check_feed_start(state: &AppState, from_seq: u64, field: &str) -> ApiResult<()> {
+    let head = log_head(state)?;
+    if from_seq > head.saturating_add(1) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "from_seq_ahead_of_log",
+            format!(
+                "the log's head is seq {head}, so a feed starts at seq {} at most, not {from_seq}; a client that saw seqs beyond the head reads another log (a server restored from an older backup?)",
+                head + 1
+            ),
+        )
+        .with_field(field));
     }
     Ok(())
 }

@@ -396,6 +396,8 @@ async fn event_feed(
         })?,
         None => query.from_seq,
     };
+    let field = if last_event.is_some_and(|id| !id.is_empty()) { "Last-Event-ID" } else { "from_seq" };
+    crate::readmodels::check_feed_start(&state, from_seq, field)?;
     let subscription = Subscription::new(state.writer.reader().clone(), state.writer.feed().clone(), from_seq);
     let stream = feed_stream(subscription, query.limit.unwrap_or(u64::MAX), query.follow, sse, state.stopping.clone());
     let content_type = if sse { "text/event-stream" } else { "application/x-ndjson" };
@@ -408,18 +410,30 @@ async fn event_feed(
     Ok(response)
 }
 
-/// Whether an `Accept` header asks for Server-Sent Events: a `text/event-stream` media range
-/// (any case) that is not refused with `q=0`.
+/// Whether an `Accept` header asks for Server-Sent Events rather than NDJSON (the default):
+/// a `text/event-stream` media range (any case) with a quality above 0 and at least that of
+/// any range NDJSON matches (`application/x-ndjson`, `application/*`, `*/*`). A malformed
+/// quality refuses its range.
 fn accepts_event_stream(accept: &str) -> bool {
-    accept.split(',').any(|range| {
+    let (mut sse, mut ndjson) = (0.0f32, 0.0f32);
+    for range in accept.split(',') {
         let mut parts = range.split(';').map(str::trim);
-        let media = parts.next().unwrap_or("");
-        let refused = parts.any(|p| {
-            p.split_once('=')
-                .is_some_and(|(k, v)| k.trim().eq_ignore_ascii_case("q") && v.trim().parse::<f32>() == Ok(0.0))
-        });
-        media.eq_ignore_ascii_case("text/event-stream") && !refused
-    })
+        let media = parts.next().unwrap_or("").to_ascii_lowercase();
+        let mut quality = 1.0f32;
+        for parameter in parts {
+            if let Some((key, value)) = parameter.split_once('=')
+                && key.trim().eq_ignore_ascii_case("q")
+            {
+                quality = value.trim().parse::<f32>().ok().filter(|q| (0.0..=1.0).contains(q)).unwrap_or(0.0);
+            }
+        }
+        match media.as_str() {
+            "text/event-stream" => sse = sse.max(quality),
+            "application/x-ndjson" | "application/*" | "*/*" => ndjson = ndjson.max(quality),
+            _ => {}
+        }
+    }
+    sse > 0.0 && sse >= ndjson
 }
 
 /// The header of a feed without `follow`: the head it reads to at least (every write
@@ -607,6 +621,8 @@ mod tests {
             "TEXT/Event-Stream",
             "application/json, text/event-stream;q=0.5",
             " text/event-stream ; charset=utf-8",
+            "text/event-stream, */*",
+            "application/x-ndjson;q=0.5, text/event-stream",
         ] {
             assert!(accepts_event_stream(yes), "{yes}");
         }
@@ -617,6 +633,9 @@ mod tests {
             "*/*",
             "text/event-streams",
             "",
+            "application/x-ndjson, text/event-stream;q=0.1",
+            "text/event-stream;q=NaN",
+            "text/event-stream;q=2",
         ] {
             assert!(!accepts_event_stream(no), "{no}");
         }

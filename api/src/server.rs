@@ -446,7 +446,7 @@ async fn serve_connections(
     if tokio::time::timeout(SHUTDOWN_GRACE, stop_tx.closed()).await.is_err() {
         tracing::warn!(
             grace_s = SHUTDOWN_GRACE.as_secs(),
-            "connections still open after the shutdown grace period; closing them"
+            "connections still open after the shutdown grace period; the server exits without waiting for them"
         );
     }
 }

@@ -560,6 +560,27 @@ fn the_event_feed_resumes_from_any_seq_as_ndjson_or_sse() {
     let sse = whole.body_mut().read_to_string().unwrap();
     let ids: Vec<&str> = sse.lines().filter_map(|l| l.strip_prefix("id: ")).collect();
     assert_eq!(ids, ["2", "3", "4"], "{sse}");
+    // A feed starts at most just after the head: a client resuming beyond it reads another log
+    // (a server restored from an older backup) and must hear of it, not wait for other events
+    // to arrive under the seqs it saw.
+    let beyond = server.get("/v1/events?from_seq=6");
+    assert_eq!(
+        (beyond.status, beyond.code(), beyond.body["error"]["field"].clone()),
+        (400, "from_seq_ahead_of_log", json!("from_seq"))
+    );
+    let resumed_beyond = agent
+        .get(server.url("/v1/events?from_seq=1"))
+        .header("Authorization", &format!("Bearer {}", server.token))
+        .header("Accept", "text/event-stream")
+        .header("Last-Event-ID", "9")
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .call()
+        .unwrap();
+    assert_eq!(resumed_beyond.status(), 400);
+    let (status, _) = server.get_text("/v1/events?from_seq=5&limit=0");
+    assert_eq!(status, 200, "just after the head is where a follower waits");
 }
 
 #[test]

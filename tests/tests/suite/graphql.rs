@@ -447,6 +447,10 @@ fn a_subscription_over_websocket_receives_live_events() {
     let mut typo = subscribe(&server, "subscription { events(types: [\"TASK_CREATED\"]) { seq } }", json!({}));
     let refused: Value = serde_json::from_str(typo.read().unwrap().to_text().unwrap()).unwrap();
     assert_eq!(refused["payload"]["errors"][0]["extensions"]["code"], "invalid_filter", "{refused}");
+    // Nor a start past the head + 1: a client resuming there reads another log.
+    let mut beyond = subscribe(&server, "subscription { events(fromSeq: 3) { seq } }", json!({}));
+    let refused: Value = serde_json::from_str(beyond.read().unwrap().to_text().unwrap()).unwrap();
+    assert_eq!(refused["payload"]["errors"][0]["extensions"]["code"], "from_seq_ahead_of_log", "{refused}");
     // Nor is an empty list, which names no type.
     let mut none = subscribe(&server, "subscription { events(types: []) { seq } }", json!({}));
     let refused: Value = serde_json::from_str(none.read().unwrap().to_text().unwrap()).unwrap();
