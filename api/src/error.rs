@@ -5,6 +5,9 @@
 //! Retry-After, a full disk is 507 (`insufficient_storage`), an internal
 //! fault is 500 and is logged.
 
+use std::collections::BTreeMap;
+use std::sync::{Mutex, PoisonError};
+
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use domain::{Rejection, RejectionCode};
@@ -137,6 +140,7 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() && self.status != StatusCode::SERVICE_UNAVAILABLE {
             tracing::error!(code = self.code, message = %self.message, "request failed");
         }
+        count_error_answer(self.status, self.code);
         let body = Body { error: Inner { code: self.code, message: &self.message, field: self.field.as_deref() } };
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Some(seconds) = self.retry_after_s {
@@ -147,6 +151,21 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Error answers since the start, by status and code (`taskledger_http_errors_total`): every
+/// error answer with a code, those refused before reaching the writer (malformed JSON, a bad
+/// token, a route that does not exist) included. A few dozen codes, one increment per error.
+static ERROR_ANSWERS: Mutex<BTreeMap<(u16, &'static str), u64>> = Mutex::new(BTreeMap::new());
+
+/// Counts one error answer.
+pub fn count_error_answer(status: StatusCode, code: &'static str) {
+    *ERROR_ANSWERS.lock().unwrap_or_else(PoisonError::into_inner).entry((status.as_u16(), code)).or_default() += 1;
+}
+
+/// The error answers counted so far, by (status, code).
+pub fn error_answers() -> Vec<((u16, &'static str), u64)> {
+    ERROR_ANSWERS.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(key, n)| (*key, *n)).collect()
+}
 
 #[cfg(test)]
 mod tests {

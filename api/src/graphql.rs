@@ -584,7 +584,11 @@ impl SubscriptionRoot {
         if who.scope.is_some() {
             return Err(ApiError::forbidden("a namespace-scoped token may not follow every event").into());
         }
-        let stream_key = task_id.as_deref().map(commands::parse_task).transpose()?.map(|t| StreamId::Task(t).to_key());
+        let stream_key = task_id
+            .as_deref()
+            .map(|id| crate::readmodels::filter_task(id, "taskId"))
+            .transpose()?
+            .map(|t| StreamId::Task(t).to_key());
         // A type no event has would match nothing, forever: a typo must be told; so must an
         // empty list.
         if types.as_ref().is_some_and(Vec::is_empty) {
@@ -782,6 +786,7 @@ pub async fn graphql_handler(
 }
 
 fn graphql_error(status: StatusCode, code: &'static str, message: String) -> Response {
+    crate::error::count_error_answer(status, code);
     let body = serde_json::json!({ "data": null, "errors": [{ "message": message, "extensions": { "code": code } }] });
     (status, axum::Json(body)).into_response()
 }

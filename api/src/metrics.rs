@@ -1,6 +1,7 @@
 //! Prometheus metrics, rendered by hand in the text exposition format:
-//! commands by type and outcome, the acknowledgement latency histogram, and
-//! the writer's own counters. A mutex-guarded map is plenty here: one
+//! commands by type and outcome, the acknowledgement latency histogram, error
+//! answers by status and code (`error::error_answers`), and the writer's own
+//! counters. A mutex-guarded map is plenty here: one
 //! increment per command, far off the writer's hot path.
 
 use std::collections::BTreeMap;
@@ -91,6 +92,10 @@ impl Metrics {
         let _ = writeln!(out, "taskledger_ack_latency_seconds_bucket{{le=\"+Inf\"}} {}", inner.latency_count);
         let _ = writeln!(out, "taskledger_ack_latency_seconds_sum {}", inner.latency_sum_s);
         let _ = writeln!(out, "taskledger_ack_latency_seconds_count {}", inner.latency_count);
+        out.push_str("# HELP taskledger_http_errors_total Error answers by HTTP status and error code.\n# TYPE taskledger_http_errors_total counter\n");
+        for ((status, code), n) in crate::error::error_answers() {
+            let _ = writeln!(out, "taskledger_http_errors_total{{status=\"{status}\",code=\"{code}\"}} {n}");
+        }
         let stats = writer.stats();
         for (name, help, value) in [
             ("taskledger_writer_batches_total", "Committed batches (one fsync each).", &stats.batches),

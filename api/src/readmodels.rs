@@ -71,6 +71,19 @@ pub fn check_min_seq_in_log(state: &AppState, seq: u64) -> ApiResult<()> {
     Ok(())
 }
 
+/// A task id given as a filter: one that cannot name a task is a bad filter (400), not a task
+/// not found, since nothing was looked up.
+pub fn filter_task(text: &str, field: &str) -> ApiResult<domain::TaskId> {
+    domain::TaskId::parse(text).map_err(|r| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_filter",
+            format!("{field} {text:?} is not a task id: {}", r.message),
+        )
+        .with_field(field)
+    })
+}
+
 /// The newest seq written: readable, or acknowledged and still held back by a checkpoint.
 fn log_head(state: &AppState) -> ApiResult<u64> {
     let readable = state.writer.reader().head().map_err(|e| ApiError::internal(e.to_string()))?.seq;
@@ -232,7 +245,7 @@ pub async fn audit_log(
         })
         .transpose()
     };
-    let task = filter.task.map(|t| crate::commands::parse_task(&t).map(|id| *id.as_uuid())).transpose()?;
+    let task = filter.task.as_deref().map(|t| filter_task(t, "task")).transpose()?.map(|id| *id.as_uuid());
     let filter = AuditFilter {
         task,
         actor: filter.actor,

@@ -326,12 +326,49 @@ async fn queue_status(
     Ok(AxumJson(body).into_response())
 }
 
-async fn get_task(State(state): State<AppState>, who: Principal, Path(id): Path<String>) -> ApiResult<Response> {
-    commands::wait_log_readable(&state, None).await?;
-    Ok(AxumJson(commands::task_view(&state, &who, &id, None)?).into_response())
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskQuery {
+    /// The task as it was at a past seq or RFC 3339 time.
+    as_of: Option<String>,
 }
 
-async fn task_history(State(state): State<AppState>, who: Principal, Path(id): Path<String>) -> ApiResult<Response> {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoQuery {}
+
+/// A route's query string, as axum extracts it.
+type QueryParams<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
+
+/// A route's query string: a parameter it does not take is refused (400 `bad_request`), so a
+/// guessed one is not silently ignored.
+fn route_query<T>(query: QueryParams<T>) -> ApiResult<T> {
+    query.map(|Query(q)| q).map_err(|e| ApiError::bad_request(e.body_text()))
+}
+
+async fn get_task(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+    query: QueryParams<TaskQuery>,
+) -> ApiResult<Response> {
+    let as_of = route_query(query)?
+        .as_of
+        .map(|text| commands::AsOf::parse(&text).map_err(|e| e.with_field("as_of")))
+        .transpose()?;
+    commands::wait_log_readable(&state, None).await?;
+    let view = commands::task_view(&state, &who, &id, as_of)
+        .map_err(|e| if e.code == "invalid_as_of" { e.with_field("as_of") } else { e })?;
+    Ok(AxumJson(view).into_response())
+}
+
+async fn task_history(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+    query: QueryParams<NoQuery>,
+) -> ApiResult<Response> {
+    route_query(query)?;
     commands::wait_log_readable(&state, None).await?;
     Ok(AxumJson(commands::task_history(&state, &who, &id)?).into_response())
 }
@@ -373,7 +410,7 @@ async fn event_feed(
     State(state): State<AppState>,
     who: Principal,
     headers: HeaderMap,
-    query: Result<Query<FeedQuery>, axum::extract::rejection::QueryRejection>,
+    query: QueryParams<FeedQuery>,
 ) -> ApiResult<Response> {
     who.require(Permission::Audit)?;
     if who.scope.is_some() {
@@ -381,7 +418,7 @@ async fn event_feed(
             "the raw event feed spans every namespace; a namespace-scoped token may not read it",
         ));
     }
-    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let query = route_query(query)?;
     // "What exists now" includes every write acknowledged before this request; the answer
     // says up to which seq, so a reader can tell a whole feed from one cut short.
     let readable = if query.follow { None } else { Some(commands::wait_log_readable(&state, None).await?) };
@@ -525,10 +562,10 @@ struct ViewQuery {
     to: Option<String>,
 }
 
-type ViewParams = Result<Query<ViewQuery>, axum::extract::rejection::QueryRejection>;
+type ViewParams = QueryParams<ViewQuery>;
 
 fn view_query(params: ViewParams) -> ApiResult<ViewQuery> {
-    params.map(|Query(q)| q).map_err(|e| ApiError::bad_request(e.body_text()))
+    route_query(params)
 }
 
 impl ViewQuery {

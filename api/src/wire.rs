@@ -103,7 +103,9 @@ fn retry_policy(field: &str, request: Option<&RetryRequest>) -> Result<RetryPoli
     let policy = RetryPolicy {
         base_ms: r.base_ms.unwrap_or(default.base_ms),
         multiplier_permille,
-        cap_ms: r.cap_ms.unwrap_or(default.cap_ms.max(r.base_ms.unwrap_or(0))),
+        // Without a cap, the default one, raised to a longer base up to the largest cap: a base
+        // past even that is then the base's fault, and the answer names it.
+        cap_ms: r.cap_ms.unwrap_or(default.cap_ms.max(r.base_ms.unwrap_or(0)).min(domain::RETRY_CAP_MS_MAX)),
         jitter_pct: r.jitter_pct.unwrap_or(default.jitter_pct),
     };
     policy.validate()?;

@@ -46,7 +46,10 @@ impl Ledger {
             }
             Command::Heartbeat { lease, lease_ms } => {
                 let (_, index, step) = self.holder(lease, at)?;
-                let lease_ms = lease_ms.unwrap_or(step.lease_ms);
+                // By default a lease is extended by the duration it was granted for (the claim's
+                // `lease_ms`, or the last heartbeat's), not by the step's default.
+                let granted = Some(step.lease_granted_ms).filter(|ms| *ms > 0);
+                let lease_ms = lease_ms.or(granted).unwrap_or(step.lease_ms);
                 check_lease_ms("lease_ms", lease_ms)?;
                 Ok(vec![Event::LeaseExtended {
                     task: lease.task,
@@ -331,7 +334,7 @@ impl Ledger {
     /// A single create: `None` when the idempotency key already names a task
     /// (the caller reports that task; nothing is written).
     fn decide_create(&self, spec: &TaskSpec, at: Timestamp) -> Result<Option<Event>, Rejection> {
-        spec.validate()?;
+        spec.validate_new()?;
         if let Some(key) = &spec.idempotency_key
             && self.idempotent_task(&spec.namespace, key).is_some()
         {
@@ -362,7 +365,7 @@ impl Ledger {
             if let Some(key) = &spec.idempotency_key
                 && !keys.insert((&spec.namespace, key))
             {
-                spec.validate().map_err(within)?;
+                spec.validate_new().map_err(within)?;
                 continue;
             }
             if !ids.insert(spec.id) {

@@ -55,6 +55,10 @@ pub struct Step {
     pub epoch: LeaseEpoch,
     pub worker: Option<WorkerId>,
     pub lease_deadline: Option<Timestamp>,
+    /// How long the live lease was granted for, by its claim or its latest heartbeat (0 when
+    /// none): a heartbeat that names no duration extends the lease by this much, so a claim's
+    /// longer `lease_ms` is not cut back to the step's default by the first heartbeat.
+    pub lease_granted_ms: u32,
     pub retry_at: Option<Timestamp>,
     /// Ready key while `Enqueued`.
     pub ready: Option<ReadyKey>,
@@ -352,7 +356,7 @@ impl Ledger {
         }
         match event {
             Event::TaskCreated { spec, at } => self.apply_created(event, spec, *at)?,
-            Event::StepClaimed { task, step, worker, epoch, attempt, lease_deadline, at: _ } => {
+            Event::StepClaimed { task, step, worker, epoch, attempt, lease_deadline, at } => {
                 let s = self.step_for(event, task, *step)?;
                 if s.state != StepState::Enqueued {
                     return Err(inconsistent(event, format!("step is {:?}, not enqueued", s.state)));
@@ -369,6 +373,7 @@ impl Ledger {
                 s.attempts = attempt.0;
                 s.worker = Some(worker.clone());
                 s.lease_deadline = Some(*lease_deadline);
+                s.lease_granted_ms = granted_ms(*at, *lease_deadline);
                 let ns = t.namespace.clone();
                 self.ready.entry(ns).or_default().in_progress += 1;
                 self.timers.insert(Timer {
@@ -378,7 +383,7 @@ impl Ledger {
                     step: *step,
                 });
             }
-            Event::LeaseExtended { task, step, epoch, lease_deadline, .. } => {
+            Event::LeaseExtended { task, step, epoch, lease_deadline, at } => {
                 let old = self.live_lease(event, task, *step, *epoch)?;
                 self.timers.remove(&Timer { due: old, kind: TimerKind::LeaseExpiry, task: *task, step: *step });
                 self.timers.insert(Timer {
@@ -387,7 +392,9 @@ impl Ledger {
                     task: *task,
                     step: *step,
                 });
-                self.step_mut(task, *step).lease_deadline = Some(*lease_deadline);
+                let s = self.step_mut(task, *step);
+                s.lease_deadline = Some(*lease_deadline);
+                s.lease_granted_ms = granted_ms(*at, *lease_deadline);
             }
             Event::StepCompleted { task, step, epoch, result, at } => {
                 self.live_lease(event, task, *step, *epoch)?;
@@ -662,6 +669,7 @@ impl Ledger {
         let s = &mut t.steps[step.get()];
         debug_assert_eq!(s.state, StepState::InProgress);
         let deadline = s.lease_deadline.take().expect("in-progress steps have a deadline");
+        s.lease_granted_ms = 0;
         s.worker = None;
         self.timers.remove(&Timer { due: deadline, kind: TimerKind::LeaseExpiry, task: *task, step });
         if let Some(q) = self.ready.get_mut(&t.namespace) {
@@ -1419,6 +1427,7 @@ struct StepView {
     _epoch: LeaseEpoch,
     _worker: Option<Skip>,
     lease_deadline: Option<Timestamp>,
+    _lease_granted_ms: u32,
     retry_at: Option<Timestamp>,
     _ready: Option<ReadyKey>,
     _last_error: Option<Skip>,
@@ -1599,6 +1608,11 @@ fn build_owned_steps(specs: Vec<StepSpec>) -> Vec<Step> {
         .collect()
 }
 
+/// The duration of a lease granted at `at` until `deadline`, in ms (the decision bounded it).
+fn granted_ms(at: Timestamp, deadline: Timestamp) -> u32 {
+    u32::try_from(deadline.micros_since(at) / 1000).unwrap_or(u32::MAX)
+}
+
 /// A step that has not run yet, taking its spec's name, handler and payload (its dependency
 /// names are already resolved into `deps`).
 fn pending_step(spec: StepSpec, deps: Box<[StepIndex]>) -> Step {
@@ -1615,6 +1629,7 @@ fn pending_step(spec: StepSpec, deps: Box<[StepIndex]>) -> Step {
         epoch: LeaseEpoch(0),
         worker: None,
         lease_deadline: None,
+        lease_granted_ms: 0,
         retry_at: None,
         ready: None,
         last_error: None,

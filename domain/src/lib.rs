@@ -31,7 +31,7 @@ pub use ledger::{
 pub use rejection::{Rejection, RejectionCode};
 pub use spec::{
     LEASE_MS_MAX, LEASE_MS_MIN, MAX_ATTEMPTS_LIMIT, MAX_DEPENDENCIES_PER_STEP, MAX_STEPS_PER_TASK, MAX_TAGS_PER_TASK,
-    MAX_TASK_NAME_BYTES, RetryPolicy, StepSpec, TaskSpec, check_lease_ms, retry_delay_ms, splitmix64,
+    MAX_TASK_NAME_BYTES, RETRY_CAP_MS_MAX, RetryPolicy, StepSpec, TaskSpec, check_lease_ms, retry_delay_ms, splitmix64,
     validate_step_graph,
 };
 pub use state::{StepState, TaskState};

@@ -177,6 +177,20 @@ impl TaskSpec {
         validate_step_graph(&[], &self.steps)
     }
 
+    /// [`TaskSpec::validate`], and the rules a create must meet that logs written before them
+    /// may not (their events must still fold): tags are distinct (a repeated tag once wedged
+    /// the tasks projector, whose tag table is keyed by tag and task).
+    pub fn validate_new(&self) -> Result<(), Rejection> {
+        self.validate()?;
+        if let Some((i, tag)) = self.tags.iter().enumerate().find(|(i, tag)| self.tags[..*i].contains(tag)) {
+            return Err(Rejection::invalid(
+                &format!("tags[{i}]"),
+                format!("tag {:?} is given twice; a task's tags are distinct", tag.as_str()),
+            ));
+        }
+        Ok(())
+    }
+
     /// Bytes of payload this task carries (task payload and all step payloads).
     pub fn payload_bytes(&self) -> usize {
         self.payload.len() + self.steps.iter().map(|s| s.payload.len()).sum::<usize>()

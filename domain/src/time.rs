@@ -40,7 +40,14 @@ impl Timestamp {
         };
         let (year, month, day) = (digits(0, 4)?, digits(5, 7)?, digits(8, 10)?);
         let (hour, minute, second) = (digits(11, 13)?, digits(14, 16)?, digits(17, 19)?);
-        if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+        // A day the month does not have (February 30th) is refused, not carried into the next
+        // month; a leap second (:60) is the second after :59.
+        if !(1..=12).contains(&month)
+            || !(1..=days_in_month(year, month)).contains(&day)
+            || hour > 23
+            || minute > 59
+            || second > 60
+        {
             return Err(bad());
         }
         let mut rest = &text[19..];
@@ -70,6 +77,16 @@ impl Timestamp {
         let seconds =
             days_from_civil(year, month, day) * SECONDS_PER_DAY + hour * 3600 + minute * 60 + second - offset_seconds;
         Ok(Timestamp::from_micros(seconds * MICROS_PER_SECOND + micros))
+    }
+}
+
+/// Days of `month` (1–12) in `year`, in the proleptic Gregorian calendar.
+fn days_in_month(year: i64, month: i64) -> i64 {
+    match month {
+        4 | 6 | 9 | 11 => 30,
+        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+        2 => 28,
+        _ => 31,
     }
 }
 
@@ -128,8 +145,21 @@ mod tests {
             "x026-11-23T14:02:00Z",
             "2026-11-23T14:02:00.Z",
             "2026-11-23T14:02:00+2:00",
+            // Days the month does not have (found by a black-box check: they were carried into
+            // the next month).
+            "2026-02-30T00:00:00Z",
+            "2026-02-29T00:00:00Z",
+            "2100-02-29T00:00:00Z",
+            "2026-04-31T12:00:00Z",
+            "2026-11-00T00:00:00Z",
         ] {
             assert!(Timestamp::parse_rfc3339(bad).is_err(), "{bad}");
+        }
+        for leap_day in ["2024-02-29T00:00:00Z", "2000-02-29T00:00:00Z", "2026-12-31T23:59:59Z"] {
+            assert_eq!(
+                Timestamp::parse_rfc3339(leap_day).map(|t| t.to_rfc3339()[..19].to_owned()),
+                Ok(leap_day[..19].to_owned())
+            );
         }
     }
 }

@@ -21,7 +21,8 @@ use crate::record::Hash;
 use crate::store::Head;
 
 const MAGIC: &[u8; 8] = b"TLSNAPSH";
-const FORMAT_VERSION: u32 = 1;
+/// 2: each step keeps the duration its lease was granted for (`Step::lease_granted_ms`).
+const FORMAT_VERSION: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 8 + 32 + 8 + 32 + 32;
 /// Largest snapshot body written or read; a header claiming more is corrupt.
 pub const SNAPSHOT_BYTES_MAX: u64 = 4 * 1024 * 1024 * 1024;

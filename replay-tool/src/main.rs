@@ -46,15 +46,29 @@ struct Cli {
     command: Command,
 }
 
-/// Which log to read. Exactly one of `--data`, `--log` or `--server`.
+/// Which log file to read: `--data` or `--log` (the commands that need the file itself).
 #[derive(Args, Clone, Debug)]
-pub struct Input {
+pub struct FileInput {
     /// A stopped server's data directory (holds ledger.redb and snapshots/).
     #[arg(long, value_name = "DIR", global = true)]
     data: Option<PathBuf>,
     /// A log file (a backup, or ledger.redb itself); snapshots/ beside it are used if present.
     #[arg(long, value_name = "FILE", global = true)]
     log: Option<PathBuf>,
+}
+
+impl FileInput {
+    fn open(&self) -> Result<Source> {
+        let (path, snapshots) = source::log_paths(self.data.as_deref(), self.log.as_deref())?;
+        Source::open_file(&path, &snapshots)
+    }
+}
+
+/// Which log to read. Exactly one of `--data`, `--log` or `--server`.
+#[derive(Args, Clone, Debug)]
+pub struct Input {
+    #[command(flatten)]
+    file: FileInput,
     /// A running server's base URL; its event feed is read (needs --token).
     #[arg(long, value_name = "URL", global = true)]
     server: Option<String>,
@@ -66,14 +80,13 @@ pub struct Input {
 impl Input {
     fn open(&self) -> Result<Source> {
         if let Some(url) = &self.server {
-            if self.data.is_some() || self.log.is_some() {
+            if self.file.data.is_some() || self.file.log.is_some() {
                 return Err(source::usage("give one input: --server, --data or --log"));
             }
             let token = self.token.as_deref().ok_or_else(|| source::usage("--server needs --token"))?;
             return feed::fetch(url, token);
         }
-        let (path, snapshots) = source::log_paths(self.data.as_deref(), self.log.as_deref())?;
-        Source::open_file(&path, &snapshots)
+        self.file.open()
     }
 }
 
@@ -147,7 +160,7 @@ enum Command {
     /// Run every projector over the log into SQL (a scratch SQLite file unless --into).
     Rebuild {
         #[command(flatten)]
-        input: Input,
+        input: FileInput,
         /// A SQLite file path or a postgres:// URL (projectors resume from their checkpoints there).
         #[arg(long, value_name = "TARGET")]
         into: Option<String>,
@@ -155,7 +168,7 @@ enum Command {
     /// Materialize every projector as of a point into a new SQLite file, for SQL on the past.
     Materialize {
         #[command(flatten)]
-        input: Input,
+        input: FileInput,
         /// SEQ or RFC 3339 time (default: the head).
         #[arg(long, value_name = "SEQ|TIME")]
         as_of: Option<Point>,

@@ -212,7 +212,7 @@ pub fn run(input: &Input, as_json: bool, skip_storage: bool) -> Result<Outcome> 
         return finish(report, as_json, started);
     }
 
-    let (path, snapshot_dir) = source::log_paths(input.data.as_deref(), input.log.as_deref())?;
+    let (path, snapshot_dir) = source::log_paths(input.file.data.as_deref(), input.file.log.as_deref())?;
     if !path.is_file() {
         anyhow::bail!("open log {}: no such file", path.display());
     }

@@ -184,6 +184,67 @@ fn leases_are_fenced_by_epoch_and_by_deadline() {
     assert_eq!(bad.code, RejectionCode::LeaseLost);
 }
 
+/// A heartbeat that names no duration extends the lease by what it was granted for: the
+/// claim's `lease_ms`, or the last heartbeat's; not the step's default (found by a black-box
+/// check: the first heartbeat cut a 60 s claim back to the step's 1 s, and the lease expired
+/// under a worker that was heartbeating).
+#[test]
+fn a_heartbeat_extends_a_lease_by_the_duration_it_was_granted() {
+    let mut s = Scenario::new();
+    let mut spec = job(1, "q");
+    spec.steps[0].lease_ms = 1_000;
+    s.ok(Command::CreateTask(spec));
+    let mut long_claim = claim("q", "w", 1);
+    if let Command::ClaimSteps { lease_ms, .. } = &mut long_claim {
+        *lease_ms = Some(60_000);
+    }
+    let epoch = claimed_epoch(&only(s.ok(long_claim)));
+    let beat = |s: &mut Scenario, lease_ms| {
+        only(s.ok(Command::Heartbeat { lease: lease(task_id(1), "run", epoch), lease_ms }))
+    };
+    s.advance_ms(30_000);
+    let extended = beat(&mut s, None);
+    assert!(
+        matches!(extended, Event::LeaseExtended { lease_deadline, .. } if lease_deadline == s.now.plus_ms(60_000)),
+        "{extended:?}"
+    );
+    s.advance_ms(59_000);
+    assert!(s.fire_timers().is_empty(), "still leased");
+    // A heartbeat that names a duration sets it, for the heartbeats after it too.
+    let shorter = beat(&mut s, Some(5_000));
+    assert!(matches!(shorter, Event::LeaseExtended { lease_deadline, .. } if lease_deadline == s.now.plus_ms(5_000)));
+    s.advance_ms(4_000);
+    let again = beat(&mut s, None);
+    assert!(
+        matches!(again, Event::LeaseExtended { lease_deadline, .. } if lease_deadline == s.now.plus_ms(5_000)),
+        "{again:?}"
+    );
+    // The next claim starts from the step's default again.
+    s.advance_ms(5_000);
+    assert!(matches!(only(s.fire_timers()), Event::LeaseExpired { .. }));
+    s.advance_ms(600_000);
+    s.fire_timers();
+    let epoch = claimed_epoch(&only(s.ok(claim("q", "w", 1))));
+    let beat = only(s.ok(Command::Heartbeat { lease: lease(task_id(1), "run", epoch), lease_ms: None }));
+    assert!(
+        matches!(beat, Event::LeaseExtended { lease_deadline, .. } if lease_deadline == s.now.plus_ms(1_000)),
+        "{beat:?}"
+    );
+}
+
+/// A task's tags are distinct: a repeated tag is refused (found by a black-box check: it was
+/// accepted, and the tasks projector, whose tag table is keyed by tag and task, stopped on it).
+#[test]
+fn a_repeated_tag_is_refused() {
+    let mut s = Scenario::new();
+    let mut spec = job(1, "q");
+    spec.tags = vec![domain::Tag::new("x").unwrap(), domain::Tag::new("y").unwrap(), domain::Tag::new("x").unwrap()];
+    let refused = s.rejected(Command::CreateTask(spec.clone()));
+    assert_eq!((refused.code, refused.field.as_deref()), (RejectionCode::InvalidValue, Some("tags[2]")));
+    let refused = s.rejected(Command::CreateTasks(vec![job(2, "q"), spec]));
+    assert_eq!((refused.code, refused.field.as_deref()), (RejectionCode::InvalidValue, Some("tasks[1].tags[2]")));
+}
+
 #[test]
 fn retryable_failures_back_off_then_exhaust_into_the_dead_letter_queue() {
     let mut s = Scenario::new();

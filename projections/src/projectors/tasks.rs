@@ -240,7 +240,13 @@ impl Plan {
         let tag_rows: Vec<TagRow<'_>> = created
             .iter()
             .flat_map(|t| {
-                t.tags.iter().map(|tag| TagRow { tag, created_seq: t.created_seq as i64, task_id: *t.id.as_uuid() })
+                // Distinct: creates refuse a repeated tag, but a log written before that rule
+                // may hold one, and the table is keyed by (tag, task).
+                t.tags.iter().enumerate().filter(|(i, tag)| !t.tags[..*i].contains(tag)).map(|(_, tag)| TagRow {
+                    tag,
+                    created_seq: t.created_seq as i64,
+                    task_id: *t.id.as_uuid(),
+                })
             })
             .collect();
         out.insert_rows(&format!("INSERT INTO task_tags{s} (tag, created_seq, task_id)"), "", &tag_rows);

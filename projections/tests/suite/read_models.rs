@@ -276,3 +276,22 @@ async fn projectors_run_on_the_executor_they_are_given() {
     assert!(on_executor() + runners <= before_shutdown, "{} of {before_shutdown} tasks left", on_executor());
     executor.shutdown_background();
 }
+
+/// A log written before creates refused a repeated tag may hold one: the tasks projector
+/// keeps one row per distinct tag instead of stopping on its table's key (found by a
+/// black-box check: it stopped there for good, and every later task was missing from the
+/// views).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_created_with_a_repeated_tag_before_the_rule_projects_its_tags_once() {
+    let mut log = TestLog::new();
+    let mut spec = domain::testkit::job(1, "mail");
+    spec.tags = ["x", "y", "x"].map(|t| domain::Tag::new(t).unwrap()).to_vec();
+    log.append("producer", &[domain::Event::TaskCreated { spec, at: domain::Timestamp::from_micros(1) }]);
+    append_job(&mut log, 2);
+    let store = Store::open_sqlite(log.path().join("p.sqlite")).await.unwrap();
+    let projections = started(&log, &store).await;
+    let task = query::task(&store, uuid(1)).await.unwrap().expect("the task is in the view");
+    assert_eq!(task.tags, ["x", "y"]);
+    assert!(query::task(&store, uuid(2)).await.unwrap().is_some(), "the projector went on past it");
+    projections.shutdown().await;
+}

@@ -121,3 +121,16 @@ fn a_feed_cut_short_of_its_announced_head_is_refused() {
     }
     server.join().unwrap();
 }
+
+/// `rebuild` and `materialize` run projectors over a log file: they do not offer `--server`
+/// (found by a black-box check: their help listed it, and a run refused it).
+#[test]
+fn the_commands_that_need_the_file_do_not_offer_a_server() {
+    for command in ["rebuild", "materialize"] {
+        let help = replay_ok(&[command, "--help"]);
+        assert!(help.contains("--data") && !help.contains("--server"), "{help}");
+        let refused = replay(&[command, "--server", "http://127.0.0.1:9", "--token", TOKEN]);
+        assert_eq!(refused.status.code(), Some(2), "{command}");
+    }
+    assert!(replay_ok(&["info", "--help"]).contains("--server"));
+}

@@ -391,7 +391,7 @@ fn a_command_id_reused_for_another_command_is_refused() {
 #[test]
 fn bad_input_gets_a_stable_error_and_changes_nothing() {
     let server = Server::start();
-    create_job(&server, "q", json!({}));
+    let first = create_job(&server, "q", json!({}));
     let head = server.head_seq();
     let cases = [
         (server.post_raw("/v1/tasks", "application/json", b"{not json".to_vec()), 400, "malformed_json"),
@@ -415,6 +415,20 @@ fn bad_input_gets_a_stable_error_and_changes_nothing() {
         (server.post("/v1/tasks/0190d6d0-0000-7000-8000-000000000000/cancel", json!({})), 404, "task_not_found"),
         (server.get("/v1/nowhere"), 404, "not_found"),
         (server.post("/v1/claims", json!({ "namespaces": ["q"], "worker_id": "w", "max": 0 })), 422, "invalid_claim"),
+        // A repeated tag (found by a black-box check: accepted, it stopped the tasks projector).
+        (
+            server.post("/v1/tasks", json!({ "namespace": "q", "handler": "h", "tags": ["x", "x"] })),
+            422,
+            "invalid_value",
+        ),
+        // A malformed task id in a filter is a bad filter, not a task not found.
+        (server.get("/v1/views/audit?task=not-a-uuid"), 400, "invalid_filter"),
+        // A query parameter a route does not take is refused, not ignored (found by a black-box
+        // check: `as_of` was ignored before the task route took it, answering the present).
+        (server.get(&format!("/v1/tasks/{first}?asof=1")), 400, "bad_request"),
+        (server.get(&format!("/v1/tasks/{first}/history?as_of=1")), 400, "bad_request"),
+        (server.get(&format!("/v1/tasks/{first}?as_of=999")), 400, "invalid_as_of"),
+        (server.get(&format!("/v1/tasks/{first}?as_of=yesterday")), 400, "invalid_as_of"),
     ];
     for (answer, status, code) in cases {
         assert_eq!((answer.status, answer.code()), (status, code), "{answer:?}");
@@ -823,4 +837,24 @@ fn only_health_and_readiness_are_served_without_a_token() {
         let answer = server.get_as("not-a-token", path);
         assert_eq!((answer.status, answer.code()), (401, "unauthorized"), "{path}");
     }
+}
+
+/// `GET /v1/tasks/{id}?as_of=` reads a task as it was at a past seq or time, as GraphQL's
+/// `task(asOf:)` does.
+#[test]
+fn a_task_reads_as_of_a_past_seq_or_time() {
+    let server = Server::start();
+    let id = create_job(&server, "past", json!({}));
+    let created = server.get(&format!("/v1/tasks/{id}"));
+    let claimed = claim(&server, "past", 0);
+    assert_eq!(server.get(&format!("/v1/tasks/{id}")).body["state"], "in_progress");
+    let at_seq = server.get(&format!("/v1/tasks/{id}?as_of=1"));
+    assert_eq!((at_seq.status, at_seq.body.clone()), (200, created.body.clone()));
+    let created_at = created.body["created_at"].as_str().unwrap().to_owned();
+    let at_time = server.get(&format!("/v1/tasks/{id}?as_of={created_at}"));
+    assert_eq!((at_time.status, at_time.body.clone()), (200, created.body));
+    let now = server.get(&format!("/v1/tasks/{id}?as_of=2"));
+    assert_eq!(now.body["steps"][0]["lease_epoch"], json!(epoch(&claimed[0])));
+    let before = server.get(&format!("/v1/tasks/{id}?as_of=1970-01-01T00:00:00Z"));
+    assert_eq!((before.status, before.code()), (404, "task_not_found"), "{before:?}");
 }
