@@ -429,6 +429,11 @@ fn bad_input_gets_a_stable_error_and_changes_nothing() {
         (server.get(&format!("/v1/tasks/{first}/history?as_of=1")), 400, "bad_request"),
         (server.get(&format!("/v1/tasks/{first}?as_of=999")), 400, "invalid_as_of"),
         (server.get(&format!("/v1/tasks/{first}?as_of=yesterday")), 400, "invalid_as_of"),
+        (
+            server.post("/v1/tasks", json!({ "namespace": "q", "handler": "h", "run_at": "2026-02-30T00:00:00Z" })),
+            422,
+            "invalid_value",
+        ),
     ];
     for (answer, status, code) in cases {
         assert_eq!((answer.status, answer.code()), (status, code), "{answer:?}");
@@ -439,7 +444,26 @@ fn bad_input_gets_a_stable_error_and_changes_nothing() {
     let wrong_method = server.get("/v1/claims");
     let allow = wrong_method.headers.iter().find(|(name, _)| name.eq_ignore_ascii_case("allow"));
     assert_eq!(allow.map(|(_, value)| value.as_str()), Some("POST"), "{wrong_method:?}");
+    // A base past the largest cap is the base's fault (found by a black-box check: the answer
+    // named a cap_ms the request never sent).
+    let long_base =
+        server.post("/v1/tasks", json!({ "namespace": "q", "handler": "h", "retry": { "base_ms": 691_200_000u64 } }));
+    assert_eq!(
+        (long_base.status, long_base.code(), long_base.body["error"]["field"].clone()),
+        (422, "invalid_retry_policy", json!("retry.base_ms")),
+        "{long_base:?}"
+    );
     assert_eq!(server.head_seq(), head);
+    // Every error answer is counted by status and code, also those refused before the writer.
+    let (_, metrics) = server.get_text("/metrics");
+    for line in [
+        "taskledger_http_errors_total{status=\"400\",code=\"malformed_json\"} 1",
+        "taskledger_http_errors_total{status=\"401\",code=\"unauthorized\"} 1",
+        "taskledger_http_errors_total{status=\"404\",code=\"task_not_found\"} 4",
+        "taskledger_http_errors_total{status=\"405\",code=\"method_not_allowed\"} 2",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
 }
 
 #[test]
