@@ -145,8 +145,14 @@ impl Metrics {
             );
         }
         if let Ok(status) = projections.status() {
-            let families: [ProjectorFamily; 3] = [
+            let families: [ProjectorFamily; 4] = [
                 ("taskledger_projection_lag_events", "gauge", "Head seq minus the projector's checkpoint.", |s| s.lag),
+                (
+                    "taskledger_projection_failing",
+                    "gauge",
+                    "1 while the projector's last batch failed (it retries; the error is in /v1/views/projections).",
+                    |s| u64::from(s.error.is_some()),
+                ),
                 (
                     "taskledger_projection_events_applied_total",
                     "counter",

@@ -181,6 +181,7 @@ fn an_unreachable_postgresql_is_an_outage_of_the_views_only() {
     assert_eq!(server.get(&format!("/v1/views/tasks?min_seq={head}")).status, 200);
     let (_, metrics) = server.get_text("/metrics");
     assert!(metrics.contains("taskledger_queue_depth{"), "depths while PostgreSQL is up");
+    assert!(metrics.contains("taskledger_projection_failing{projector=\"tasks\",slot=\"live\"} 0"), "{metrics}");
 
     drop(postgres);
     create_job(&server, "out", json!({}));
@@ -192,5 +193,12 @@ fn an_unreachable_postgresql_is_an_outage_of_the_views_only() {
     let view = server.get("/v1/views/tasks");
     assert_eq!((view.status, view.code()), (503, "projections_unavailable"), "{view:?}");
     assert!(view.header("retry-after").is_some(), "{view:?}");
+    // The projectors' failure shows as a gauge an alert can watch.
+    let failing = "taskledger_projection_failing{projector=\"tasks\",slot=\"live\"} 1";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !server.get_text("/metrics").1.lines().any(|l| l == failing) {
+        assert!(std::time::Instant::now() < deadline, "no {failing}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     assert_eq!(server.stop(), Some(0), "a clean stop without PostgreSQL");
 }
