@@ -153,6 +153,12 @@ pub enum SnapshotError {
     },
     #[error("snapshot file {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    /// An intact file in a format this build does not read (written by another version):
+    /// skipped like a corrupt one, but nothing is wrong with the disk or the log.
+    #[error(
+        "snapshot file {path} is in format version {version}, and this build reads version {supported}: it is skipped (the state is folded from an older snapshot or the log; newer snapshots replace it)"
+    )]
+    OtherVersion { path: PathBuf, version: u32, supported: u32 },
     #[error("snapshot body is {len} bytes, above the limit of {max}")]
     TooLarge { len: u64, max: u64 },
 }

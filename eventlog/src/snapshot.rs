@@ -125,7 +125,7 @@ fn decode_header(path: &Path, header: &[u8; HEADER_LEN]) -> Result<(SnapshotInfo
     version.copy_from_slice(&header[8..12]);
     let version = u32::from_le_bytes(version);
     if version != FORMAT_VERSION {
-        return Err(corrupt(path, format!("unknown format version {version}")));
+        return Err(SnapshotError::OtherVersion { path: path.to_path_buf(), version, supported: FORMAT_VERSION });
     }
     let body_len = u64_at(header, 52);
     if body_len > SNAPSHOT_BYTES_MAX {

@@ -39,7 +39,7 @@ use eventlog::fold::{decode_payload, scan_snapshot_body};
 use eventlog::json::hex;
 use eventlog::record::{chain_hash, stored_body};
 use eventlog::snapshot::open_snapshot;
-use eventlog::{GENESIS_HASH, Hash, RedbStore, SnapshotStore};
+use eventlog::{GENESIS_HASH, Hash, RedbStore, SnapshotError, SnapshotStore};
 use serde::Serialize;
 
 use crate::progress::Progress;
@@ -97,8 +97,17 @@ struct Report {
     events_applied: u64,
     live_tasks: usize,
     snapshots_checked: Vec<u64>,
+    /// Intact snapshots in another format version (written by another build): skipped by
+    /// every loader, as here; not a problem.
+    snapshots_skipped: Vec<SkippedSnapshot>,
     problems: Vec<Problem>,
     timings: Timings,
+}
+
+#[derive(Serialize, Clone, Debug)]
+struct SkippedSnapshot {
+    seq: u64,
+    reason: String,
 }
 
 fn problem(seq: u64, kind: &str, message: impl Into<String>) -> Problem {
@@ -178,6 +187,7 @@ struct FoldOutcome {
     live_tasks: usize,
     problems: Vec<Problem>,
     snapshots_checked: Vec<u64>,
+    snapshots_skipped: Vec<SkippedSnapshot>,
     apply_time: Duration,
     snapshot_time: Duration,
     index_time: Duration,
@@ -329,6 +339,7 @@ fn take_fold(joined: std::thread::Result<FoldOutcome>, report: &mut Report) {
             report.events_applied = fold.applied;
             report.live_tasks = fold.live_tasks;
             report.snapshots_checked = fold.snapshots_checked;
+            report.snapshots_skipped = fold.snapshots_skipped;
             report.problems.extend(fold.problems);
             report.timings.domain_apply_s = fold.apply_time.as_secs_f64();
             report.timings.snapshots_s = fold.snapshot_time.as_secs_f64();
@@ -374,6 +385,9 @@ fn fold_thread(
                     let compared = Instant::now();
                     match compare_snapshot(path, item.seq, &item.hash, &ledger) {
                         Ok(()) => out.snapshots_checked.push(item.seq),
+                        Err(SnapshotVerdict::OtherVersion(reason)) => {
+                            out.snapshots_skipped.push(SkippedSnapshot { seq: item.seq, reason })
+                        }
                         // Every loader skips such a file, so no state is wrong; but a file that
                         // changed on disk is damage the operator must hear of.
                         Err(SnapshotVerdict::Unusable(why)) => out.problems.push(problem(
@@ -448,6 +462,8 @@ fn live_tasks_hint(snapshot_at: &HashMap<u64, PathBuf>) -> Option<usize> {
 enum SnapshotVerdict {
     /// The file is unreadable or corrupt: every loader skips it (no state is wrong), reported as damage.
     Unusable(String),
+    /// An intact file in another format version: every loader skips it; nothing is damaged.
+    OtherVersion(String),
     /// An intact snapshot that disagrees with the log.
     Differs(String),
 }
@@ -457,7 +473,10 @@ enum SnapshotVerdict {
 /// `state` is byte for byte the fold's canonical encoding and `digest` its
 /// ledger digest; the file's own body checksum must hold.
 fn compare_snapshot(path: &Path, seq: u64, hash: &Hash, ledger: &Ledger) -> Result<(), SnapshotVerdict> {
-    let opened = open_snapshot(path).map_err(|e| SnapshotVerdict::Unusable(e.to_string()))?;
+    let opened = open_snapshot(path).map_err(|e| match e {
+        SnapshotError::OtherVersion { .. } => SnapshotVerdict::OtherVersion(e.to_string()),
+        e => SnapshotVerdict::Unusable(e.to_string()),
+    })?;
     if opened.info.seq != seq {
         return Err(SnapshotVerdict::Unusable(format!("its header says seq {}", opened.info.seq)));
     }
@@ -656,6 +675,9 @@ fn finish(mut report: Report, as_json: bool, started: Instant) -> Result<Outcome
     if !report.snapshots_checked.is_empty() {
         let seqs: Vec<String> = report.snapshots_checked.iter().map(u64::to_string).collect();
         println!("  snapshots compared with the fold at seq {} ({:.2} s)", seqs.join(", "), t.snapshots_s);
+    }
+    for skipped in &report.snapshots_skipped {
+        println!("  snapshot  seq {} skipped: {}", skipped.seq, skipped.reason);
     }
     for p in &report.problems {
         if p.seq > 0 {
