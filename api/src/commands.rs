@@ -124,10 +124,11 @@ async fn finished_task(state: &AppState, who: &Principal, task: TaskId) -> Optio
 /// whatever its role or namespaces — refused with a conflict that reveals
 /// nothing of the original; and the same caller reusing an id for a different
 /// command (another kind, or another task) would be told its command was done
-/// when it was not — refused with a conflict saying so. A create is the same
-/// when its specs are (the writer compares them, minted ids aside:
-/// `differs_from_original`) and every id it gives names the task the
-/// original created from that spec.
+/// when it was not — refused with a conflict saying so. Beyond kind and task,
+/// the writer compares the command with the original's events
+/// (`Ledger::repeats`, `differs_from_original`: specs, worker, step, epoch,
+/// result, queue, …), and a create's given ids must name the tasks the
+/// original created from those specs.
 fn check_same_command(
     caller: &Caller<'_>,
     event_type: u16,
@@ -144,12 +145,14 @@ fn check_same_command(
     }
     let same_target = target.is_none_or(|task| original.stream() == StreamId::Task(task));
     // A spec the original created a task from answers that task's id; one whose idempotency
-    // key named an existing task answers that task, whatever id it gives (then and now).
-    let created: Vec<TaskId> = ack.events.iter().filter_map(Event::created_task).collect();
-    let other_ids = given_ids
-        .iter()
-        .zip(&ack.task_ids)
-        .any(|(given, answered)| given.is_some_and(|given| given != *answered && created.contains(answered)));
+    // key named a task (an existing one, or one an earlier spec of the batch created) answers
+    // that task, whatever id it gives (then and now). The created tasks come in spec order, so
+    // a spec created its task when it answers the next one still unaccounted for.
+    let mut created = ack.events.iter().filter_map(Event::created_task).peekable();
+    let other_ids = given_ids.iter().zip(&ack.task_ids).any(|(given, answered)| {
+        let created_here = created.next_if_eq(answered).is_some();
+        created_here && given.is_some_and(|given| given != *answered)
+    });
     if original.type_code() != event_type || !same_target || ack.differs_from_original || other_ids {
         return conflict(
             "this command id was already used for a different command; send a fresh X-Command-Id (commandId) for each command",

@@ -740,10 +740,14 @@ pub async fn graphql_handler(
         Ok(document) => document,
         Err(e) => return graphql_error(StatusCode::BAD_REQUEST, "invalid_query", e.to_string()),
     };
-    let mutates = document
-        .operations
-        .iter()
-        .any(|(_, operation)| operation.node.ty == async_graphql::parser::types::OperationType::Mutation);
+    // The operation that runs: the one `operationName` names, or the document's only one.
+    let mutates = document.operations.iter().any(|(name, operation)| {
+        let runs = match request.operation_name.as_deref() {
+            Some(wanted) => name.is_some_and(|name| name.as_str() == wanted),
+            None => true,
+        };
+        runs && operation.node.ty == async_graphql::parser::types::OperationType::Mutation
+    });
     let aliases = count_aliases(&document);
     if aliases > ALIASES_MAX {
         return graphql_error(
@@ -767,6 +771,7 @@ pub async fn graphql_handler(
             && e.extensions.as_ref().is_none_or(|x| x.get("code").is_none())
     };
     if !response.errors.is_empty() && response.errors.iter().all(|e| e.path.is_empty() || bad_argument(e)) {
+        let mut counted = false;
         for error in &mut response.errors {
             let message = error.message.to_lowercase();
             let code = if message.contains("nested too deep") || message.contains("recursion depth") {
@@ -777,6 +782,9 @@ pub async fn graphql_handler(
                 "invalid_query"
             };
             error.extensions.get_or_insert_with(Default::default).set("code", code);
+            if !std::mem::replace(&mut counted, true) {
+                crate::error::count_error_answer(StatusCode::BAD_REQUEST, code);
+            }
         }
         let mut http = GraphQLResponse::from(response).into_response();
         *http.status_mut() = StatusCode::BAD_REQUEST;

@@ -12,6 +12,7 @@ mod decide;
 mod event;
 mod ledger;
 mod rejection;
+mod repeat;
 mod spec;
 mod state;
 mod time;

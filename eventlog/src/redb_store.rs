@@ -989,6 +989,12 @@ impl RedbStore {
     /// into redb in one commit without an fsync (they are in the journal) and makes them
     /// readable. A failed checkpoint poisons the store.
     fn settle_checkpoint(&mut self, wait: bool) -> Result<(), AppendError> {
+        // A checkpoint that failed (here, or joined by a commit that needed the journal's room)
+        // leaves the batches it held unreadable until a restart replays them: say so every time,
+        // so the writer stops waiting for them and caps what readers wait for.
+        if self.poisoned && self.held.is_some() {
+            return Err(AppendError::Poisoned);
+        }
         let Some(running) = self.checkpoint.take() else { return Ok(()) };
         if self.poisoned {
             // Nothing is inserted into a store whose state on disk is unknown.

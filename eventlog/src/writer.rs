@@ -129,9 +129,9 @@ pub struct Acknowledgement {
     pub task_ids: Vec<TaskId>,
     /// This is a repeat of an earlier command id; nothing was written now.
     pub duplicate: bool,
-    /// For a repeat of a create: its task specs are not the ones the original created (the
-    /// task ids the server mints aside), so it is another command under a reused command id,
-    /// which the API refuses rather than answering with the original's tasks.
+    /// For a repeat: it is not the command the id was first used for (`Ledger::repeats`:
+    /// other task specs, another worker, step, epoch, result, queue, …), which the API refuses
+    /// rather than answering with the original's outcome (a claim's live leases, say).
     pub differs_from_original: bool,
     /// For a repeat: the actor who sent the original (so the API can refuse another
     /// caller's reuse of the id without reading the log, whose newest records a
@@ -993,11 +993,7 @@ impl WriterThread {
             })
             .collect();
         let task_ids = self.tasks_named(command, events.iter().filter_map(Event::created_task));
-        let differs_from_original = match command {
-            Command::CreateTask(spec) => !repeats_create(&self.ledger, std::slice::from_ref(spec), &events),
-            Command::CreateTasks(specs) => !repeats_create(&self.ledger, specs, &events),
-            _ => false,
-        };
+        let differs_from_original = !self.ledger.repeats(command, &events);
         let original_actor = records.first().map(|record| record.actor.clone());
         Ok(Acknowledgement {
             seqs: Some(range),
@@ -1068,33 +1064,6 @@ fn note_namespace(ledger: &Ledger, event: &Event, into: &mut Vec<domain::Namespa
             }
         },
     }
-}
-
-/// Whether `specs` (a repeated create's) are the original's, whose events were `events`:
-/// each spec, in order, either created the next task of `events` (the task ids aside: the
-/// server mints a fresh id for each spec of each request that names none) or carries an
-/// idempotency key that names a task (it created nothing, then or now), and every task the
-/// original created is accounted for. A spec added, dropped, changed or reordered is another
-/// command.
-fn repeats_create(ledger: &Ledger, specs: &[domain::TaskSpec], events: &[Event]) -> bool {
-    let mut created = events
-        .iter()
-        .filter_map(|event| match event {
-            Event::TaskCreated { spec, .. } => Some(spec),
-            _ => None,
-        })
-        .peekable();
-    for spec in specs {
-        if created.next_if(|created| **created == domain::TaskSpec { id: created.id, ..spec.clone() }).is_some() {
-            continue;
-        }
-        let keyed =
-            spec.idempotency_key.as_ref().is_some_and(|key| ledger.idempotent_task(&spec.namespace, key).is_some());
-        if !keyed {
-            return false;
-        }
-    }
-    created.next().is_none()
 }
 
 /// An upper bound on the events a command may produce, for batch sizing.

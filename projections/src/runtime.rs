@@ -539,7 +539,8 @@ impl Runner {
             Slot::Shadow => Indexes::Later,
         };
         let mut driver = Driver::load_with(&self.store, self.kind, self.slot, indexes, &self.reader).await?;
-        self.publish(driver.checkpoint().last_seq, None);
+        // A retry after a failed batch keeps its error until a batch succeeds.
+        self.publish(driver.checkpoint().last_seq, false);
         let mut subscription =
             Subscription::new(self.reader.clone(), self.feed.clone(), driver.checkpoint().last_seq + 1);
         let max = self.config.batch_events_max.clamp(1, eventlog::reader::READ_BATCH_MAX);
@@ -561,14 +562,17 @@ impl Runner {
             progress.events_applied += records.len() as u64;
             progress.batches_applied += 1;
             drop(progress);
-            self.publish(driver.checkpoint().last_seq, None);
+            self.publish(driver.checkpoint().last_seq, true);
         }
     }
 
-    fn publish(&self, checkpoint_seq: u64, error: Option<String>) {
+    /// Publishes the checkpoint, and clears the last error when a batch has just succeeded.
+    fn publish(&self, checkpoint_seq: u64, succeeded: bool) {
         let mut progress = self.progress.lock();
         progress.checkpoint_seq = checkpoint_seq;
-        progress.error = error;
+        if succeeded {
+            progress.error = None;
+        }
         drop(progress);
         self.checkpoint_watch.send_replace(checkpoint_seq);
     }

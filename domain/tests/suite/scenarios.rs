@@ -718,3 +718,82 @@ fn a_retaining_ledger_keeps_finished_tasks_for_views_of_history() {
     assert_eq!(task.steps[0].state, StepState::Complete);
     assert_eq!(task.steps[0].result, Some(Json::null()));
 }
+
+/// `Ledger::repeats`: a command sent again under a used command id is judged against the
+/// original's events, so another worker, namespace, step, epoch, result or queue is another
+/// command (found by a black-box check: a claim repeated by another worker was handed the
+/// original's live lease).
+#[test]
+fn a_command_repeats_only_the_command_its_events_came_from() {
+    let mut s = Scenario::new();
+    let spec = workflow(1, "etl", vec![step("a", "h", &[]), step("b", "g", &[])]);
+    s.ok(Command::CreateTask(spec));
+    s.ok(Command::CreateTask(job(2, "mail")));
+    let with = |command: &Command, change: &dyn Fn(&mut Command)| {
+        let mut changed = command.clone();
+        change(&mut changed);
+        changed
+    };
+
+    let claim_ab = claim("etl", "w", 2);
+    let claimed = s.ok(claim_ab.clone());
+    assert_eq!(claimed.len(), 2);
+    assert!(s.ledger.repeats(&claim_ab, &claimed));
+    let claim_of = |namespaces: &[&str], worker_name: &str, max: u32, lease_ms: Option<u32>, handlers: &[&str]| {
+        Command::ClaimSteps {
+            namespaces: namespaces.iter().map(|n| ns(n)).collect(),
+            worker: worker(worker_name),
+            max,
+            lease_ms,
+            handlers: handlers.iter().map(|h| HandlerName::new(h).unwrap()).collect(),
+        }
+    };
+    assert_eq!(claim_of(&["etl"], "w", 2, None, &[]), claim_ab);
+    for other in [
+        claim_of(&["etl"], "v", 2, None, &[]),
+        claim_of(&["mail"], "w", 2, None, &[]),
+        claim_of(&["etl"], "w", 1, None, &[]),
+        claim_of(&["etl"], "w", 2, Some(5_000), &[]),
+        claim_of(&["etl"], "w", 2, None, &["g"]),
+    ] {
+        assert!(!s.ledger.repeats(&other, &claimed), "{other:?}");
+    }
+    let wider = claim_of(&["etl", "mail"], "w", 5, None, &[]);
+    assert!(s.ledger.repeats(&wider, &claimed), "a wider claim could have handed out the same steps");
+
+    let done = complete(task_id(1), "a", 1);
+    let completed = s.ok(done.clone());
+    assert!(s.ledger.repeats(&done, &completed));
+    for other in [complete(task_id(1), "b", 1), complete(task_id(1), "a", 2), complete(task_id(2), "a", 1)] {
+        assert!(!s.ledger.repeats(&other, &completed), "{other:?}");
+    }
+    let other_result = with(&done, &|c| {
+        if let Command::CompleteStep { result, .. } = c {
+            *result = Json::new("result", r#"{"other":true}"#).unwrap();
+        }
+    });
+    assert!(!s.ledger.repeats(&other_result, &completed));
+
+    let beat = Command::Heartbeat { lease: lease(task_id(1), "b", 1), lease_ms: Some(2_000) };
+    let extended = s.ok(beat.clone());
+    assert!(s.ledger.repeats(&beat, &extended));
+    assert!(
+        !s.ledger.repeats(&Command::Heartbeat { lease: lease(task_id(1), "b", 1), lease_ms: Some(3_000) }, &extended)
+    );
+    assert!(s.ledger.repeats(&Command::Heartbeat { lease: lease(task_id(1), "b", 1), lease_ms: None }, &extended));
+
+    let pause = Command::PauseQueue { namespace: ns("etl") };
+    let paused = s.ok(pause.clone());
+    assert!(s.ledger.repeats(&pause, &paused));
+    assert!(!s.ledger.repeats(&Command::PauseQueue { namespace: ns("mail") }, &paused));
+    assert!(!s.ledger.repeats(&Command::ResumeQueue { namespace: ns("etl") }, &paused));
+    let limit = Command::SetQueueConcurrency { namespace: ns("mail"), limit: Some(3) };
+    let limited = s.ok(limit.clone());
+    assert!(s.ledger.repeats(&limit, &limited));
+    assert!(!s.ledger.repeats(&Command::SetQueueConcurrency { namespace: ns("mail"), limit: None }, &limited));
+
+    let cancel = Command::CancelTask { task: task_id(2), reason: None };
+    let cancelled = s.ok(cancel.clone());
+    assert!(s.ledger.repeats(&cancel, &cancelled));
+    assert!(!s.ledger.repeats(&Command::CancelTask { task: task_id(2), reason: Some(text("why")) }, &cancelled));
+}
