@@ -411,6 +411,69 @@ fn a_failed_checkpoint_stops_writes_and_loses_nothing_acknowledged() {
     writer.shutdown();
 }
 
+/// A checkpoint that fails while a commit waits for it (the journal full of held batches):
+/// the commit fails, and reads stop waiting for the held batches, which only a restart makes
+/// readable (found by review: `readable_goal` stayed at the acknowledged head, so every read
+/// of the log waited 5 s and answered 503 until a restart).
+#[test]
+fn a_checkpoint_failing_under_a_waiting_commit_leaves_reads_going() {
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, faults) = faulty_writer(dir.path(), eventlog::journal::JOURNAL_BYTES_MIN);
+    let handle = writer.handle();
+    faults.hold_syncs();
+    faults.arm_on(
+        FaultPlan { op: FaultOp::SyncData, nth: 1, mode: FaultMode::FromThenOn, error: FaultError::Io },
+        eventlog::FaultTarget::LogFile,
+    );
+    // Releases the held sync (which then fails) once the writer has stopped answering: a commit
+    // is waiting for the checkpoint, the journal full.
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let releaser = {
+        let (faults, answered) = (faults.clone(), answered.clone());
+        std::thread::spawn(move || {
+            let mut last = u64::MAX;
+            loop {
+                std::thread::sleep(Duration::from_millis(300));
+                let now = answered.load(std::sync::atomic::Ordering::Relaxed);
+                if now == last {
+                    faults.release_syncs();
+                    return;
+                }
+                last = now;
+            }
+        })
+    };
+    let mut acknowledged = 0u64;
+    let refused = loop {
+        match handle.execute(envelope(&format!("c{acknowledged}"), Command::CreateTask(job(acknowledged, "q")))) {
+            Ok(_) => acknowledged += 1,
+            Err(error) => break error,
+        }
+        answered.store(acknowledged, std::sync::atomic::Ordering::Relaxed);
+        assert!(acknowledged < 100_000, "the journal never filled");
+    };
+    releaser.join().unwrap();
+    assert!(matches!(refused, WriteError::CommitFailed(_) | WriteError::StorageFull(_)), "{refused:?}");
+    assert!(handle.stats().held_batches.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    // The writer notices between its wake-ups; reads then wait for what is readable only.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while handle.readable_goal() > *handle.head_watch().borrow() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reads wait for seq {} that cannot become readable (readable {}, {acknowledged} acknowledged)",
+            handle.readable_goal(),
+            *handle.head_watch().borrow()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(*handle.head_watch().borrow() < acknowledged, "batches were held when the checkpoint failed");
+    drop(handle);
+    writer.shutdown();
+    let (writer, startup) = Writer::open(dir.path(), config(), Arc::new(SystemClock)).unwrap();
+    assert_eq!(startup.head.seq, acknowledged, "a restart has every acknowledged command");
+    writer.shutdown();
+}
+
 /// A repeated command id whose original batch is held (acknowledged while a checkpoint runs,
 /// not readable yet) is answered with the original events from the writer's held batches;
 /// once the checkpoint is done, from the log. (The crash test found the first answered with no
