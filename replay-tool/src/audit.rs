@@ -81,12 +81,37 @@ pub struct VerifyExportArgs {
     json: bool,
 }
 
-fn read_key_hex(path: &Path, what: &str) -> Result<[u8; 32]> {
-    let text = fs::read_to_string(path).with_context(|| format!("read {what} {}", path.display()))?;
+/// How `keygen` marks a secret key file, so that it is never taken for a public one and a
+/// public one (64 bare hex digits) is never taken for a secret: signing with a key derived
+/// from the public bytes would make the signing secret public.
+const SECRET_KEY_LABEL: &str = "taskledger ed25519 secret key:";
+
+fn key_hex(text: &str, path: &Path, what: &str) -> Result<[u8; 32]> {
     let bytes = unhex(text.trim()).filter(|b| b.len() == 32).ok_or_else(|| {
         anyhow!("{what} {} is not 64 hex digits (make keys with `taskledger-replay keygen`)", path.display())
     })?;
     Ok(bytes.try_into().expect("checked length"))
+}
+
+/// A secret key file as `keygen` writes it: the label, then 64 hex digits.
+fn read_secret_key(path: &Path) -> Result<[u8; 32]> {
+    let text = fs::read_to_string(path).with_context(|| format!("read secret key {}", path.display()))?;
+    match text.trim().strip_prefix(SECRET_KEY_LABEL) {
+        Some(hex) => key_hex(hex, path, "secret key"),
+        None => bail!(
+            "{} is not a secret key file from `taskledger-replay keygen` (it does not start with {SECRET_KEY_LABEL:?}); a public key (.pub) cannot sign",
+            path.display()
+        ),
+    }
+}
+
+/// A public key file: 64 hex digits (a secret key file is refused, not used).
+fn read_public_key(path: &Path) -> Result<[u8; 32]> {
+    let text = fs::read_to_string(path).with_context(|| format!("read public key {}", path.display()))?;
+    if text.trim().starts_with(SECRET_KEY_LABEL) {
+        bail!("{} is a secret key; give the public key (the .pub file keygen wrote beside it)", path.display());
+    }
+    key_hex(&text, path, "public key")
 }
 
 pub fn keygen(prefix: &Path) -> Result<Outcome> {
@@ -108,7 +133,8 @@ pub fn keygen(prefix: &Path) -> Result<Outcome> {
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     let mut file = options.open(&secret_path).with_context(|| format!("create {}", secret_path.display()))?;
-    writeln!(file, "{}", hex(&key.to_bytes())).with_context(|| format!("write {}", secret_path.display()))?;
+    writeln!(file, "{SECRET_KEY_LABEL} {}", hex(&key.to_bytes()))
+        .with_context(|| format!("write {}", secret_path.display()))?;
     let public = hex(key.verifying_key().as_bytes());
     fs::write(&public_path, format!("{public}\n")).with_context(|| format!("write {}", public_path.display()))?;
     println!("secret key  {} (keep it private; it signs audit checkpoints)", secret_path.display());
@@ -356,7 +382,7 @@ fn format_row(
 }
 
 pub fn export(source: &Source, args: &ExportArgs) -> Result<Outcome> {
-    let key = SigningKey::from_bytes(&read_key_hex(&args.key, "secret key")?);
+    let key = SigningKey::from_bytes(&read_secret_key(&args.key)?);
     let head = source.head()?;
     let (first, last) = source.range(args.from, args.to)?;
     if first > last || last == 0 {
@@ -502,7 +528,7 @@ pub fn export(source: &Source, args: &ExportArgs) -> Result<Outcome> {
 
 pub fn verify_export(args: &VerifyExportArgs) -> Result<Outcome> {
     let dir = &args.dir;
-    let trusted = args.pubkey.as_deref().map(|p| read_key_hex(p, "public key").map(|k| hex(&k))).transpose()?;
+    let trusted = args.pubkey.as_deref().map(|p| read_public_key(p).map(|k| hex(&k))).transpose()?;
     let earlier = match &args.checkpoint {
         Some(path) => Some((path.as_path(), fs::read(path).with_context(|| format!("read {}", path.display()))?)),
         None => None,

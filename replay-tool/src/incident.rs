@@ -224,6 +224,13 @@ pub fn run(source: &Source, args: &IncidentArgs) -> Result<Outcome> {
                 }
                 Ok(ControlFlow::Continue(()))
             })?;
+            // A worker id the log never names is a typo, not a worker that did nothing.
+            if let Some(w) = worker
+                && picked.is_empty()
+                && !claimed_by(source, w)?
+            {
+                bail!("worker {w} never claimed a step in this log");
+            }
         }
     }
     let subject = match (&task, &args.worker) {
@@ -577,4 +584,20 @@ table{{border-collapse:collapse;font-size:13px}}td,th{{border-bottom:1px solid #
         start = r.start.as_deref().unwrap_or("-"),
         end = r.end.as_deref().unwrap_or("-"),
     )
+}
+
+/// Whether any step in the log was claimed by worker `worker`.
+fn claimed_by(source: &Source, worker: &str) -> Result<bool> {
+    let head = source.head()?.seq;
+    let mut found = false;
+    source.scan(1, head, &Progress::new(head, "looking for the worker"), |record| {
+        if let Event::StepClaimed { worker: by, .. } = decode(record)?
+            && by.as_str() == worker
+        {
+            found = true;
+            return Ok(ControlFlow::Break(()));
+        }
+        Ok(ControlFlow::Continue(()))
+    })?;
+    Ok(found)
 }

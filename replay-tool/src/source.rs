@@ -436,7 +436,15 @@ impl Source {
     /// record at or after it.
     pub fn from(&self, point: Point) -> Result<u64> {
         match point {
-            Point::Seq(seq) => Ok(seq.max(1)),
+            // Just after the head is an empty range (as for a follower); further on, a seq the
+            // log does not have, as for `upto`.
+            Point::Seq(seq) => {
+                let head = self.head()?.seq;
+                if seq > head.saturating_add(1) {
+                    bail!("seq {seq} is beyond the head of the log ({head})");
+                }
+                Ok(seq.max(1))
+            }
             Point::Time(time) => Ok(self.seq_at_or_before(Timestamp::from_micros(time.as_micros() - 1))? + 1),
         }
     }
@@ -446,9 +454,13 @@ impl Source {
         let head = self.head()?.seq;
         let first = from.map(|p| self.from(p)).transpose()?.unwrap_or(1);
         let last = to.map(|p| self.upto(p)).transpose()?.unwrap_or(head);
-        if let (Some(_), Some(_)) = (from, to)
-            && first > last + 1
-        {
+        // Two seqs must be in order; a time window may fall between two records (first = last + 1).
+        let reversed = match (from, to) {
+            (Some(Point::Seq(a)), Some(Point::Seq(b))) => a > b,
+            (Some(_), Some(_)) => first > last + 1,
+            _ => false,
+        };
+        if reversed {
             return Err(usage(format!("--from (seq {first}) is after --to (seq {last})")));
         }
         Ok((first, last))

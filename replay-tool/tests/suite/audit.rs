@@ -251,3 +251,26 @@ fn keygen_and_export_refuse_to_overwrite() {
         assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
     }
 }
+
+/// A public key is never taken for a secret one, nor a secret for a public one (found by a
+/// black-box check: `--key k.pub` signed with a key derived from the public bytes, so the
+/// signing secret was public and anyone could forge checkpoints).
+#[test]
+fn the_key_files_cannot_be_mistaken_for_each_other() {
+    let f = fixture();
+    let (secret, public) = (f.keys.join("auditor.key"), f.keys.join("auditor.pub"));
+    assert!(fs::read_to_string(&secret).unwrap().starts_with("taskledger ed25519 secret key: "));
+    let bundle = f.root.join("with-public");
+    let refused = replay(&["export-audit", "--data", path(&f.data), "--out", path(&bundle), "--key", path(&public)]);
+    assert_eq!(refused.status.code(), Some(3));
+    assert!(
+        crate::common::stderr(&refused).contains("a public key (.pub) cannot sign"),
+        "{}",
+        crate::common::stderr(&refused)
+    );
+    assert!(!bundle.join("checkpoint.json").exists(), "nothing was signed");
+    let bundle = f.export("signed", &[]);
+    let wrong = replay(&["verify-export", path(&bundle), "--pubkey", path(&secret)]);
+    assert_eq!(wrong.status.code(), Some(3));
+    assert!(crate::common::stderr(&wrong).contains("is a secret key"), "{}", crate::common::stderr(&wrong));
+}

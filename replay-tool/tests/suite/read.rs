@@ -86,6 +86,15 @@ fn events_table_and_json_with_every_filter() {
     let backwards = replay(&["events", "--data", data, "--from", "8", "--to", "5"]);
     assert_eq!(backwards.status.code(), Some(2), "{}", crate::common::stderr(&backwards));
     assert!(crate::common::stderr(&backwards).contains("--from (seq 8) is after --to (seq 5)"));
+    // Two seqs out of order by one are out of order too (found by a black-box check: an empty
+    // answer, exit 0); a start past the head is refused like an end past it, while just after
+    // the head is an empty range.
+    let by_one = replay(&["events", "--data", data, "--from", "8", "--to", "7"]);
+    assert_eq!(by_one.status.code(), Some(2), "{}", crate::common::stderr(&by_one));
+    let beyond = replay(&["events", "--data", data, "--from", "99"]);
+    assert_eq!(beyond.status.code(), Some(3), "{}", crate::common::stderr(&beyond));
+    assert!(crate::common::stderr(&beyond).contains("seq 99 is beyond the head of the log (23)"));
+    assert_eq!(seqs(&["--from", "24"]), Vec::<u64>::new());
     let malformed = replay(&["events", "--data", data, "--task", "not-a-task"]);
     assert_eq!(malformed.status.code(), Some(2), "{}", crate::common::stderr(&malformed));
     assert_eq!(seqs(&["--from", "2026-11-23T14:00:08Z", "--to", "2026-11-23T14:00:13.5Z"]), [13, 14, 15, 16]);

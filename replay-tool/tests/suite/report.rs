@@ -114,6 +114,11 @@ fn incident_of_a_time_window() {
     assert_eq!(json["lanes"].as_array().unwrap().len(), 2);
     let none = replay(&["incident", "--data", &data]);
     assert_eq!(none.status.code(), Some(2), "a usage error");
+    // A worker id the log never names is a typo, not a worker that did nothing (found by a
+    // black-box check: an empty report, exit 0).
+    let typo = replay(&["incident", "--data", &data, "--worker", "no-such-worker"]);
+    assert_eq!(typo.status.code(), Some(3), "{}", crate::common::stderr(&typo));
+    assert!(crate::common::stderr(&typo).contains("worker no-such-worker never claimed a step in this log"));
     assert!(crate::common::stderr(&none).contains("--task ID, --worker ID, or a window --from T --to T"));
 }
 
