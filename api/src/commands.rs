@@ -54,7 +54,7 @@ async fn execute_create(
     command: Command,
     given_ids: &[Option<TaskId>],
 ) -> ApiResult<Acknowledgement> {
-    let (event_type, target) = (command.event_type(), command.target_task());
+    let target = command.target_task();
     let envelope = Envelope { command_id: caller.command_id(), actor: caller.who.actor(), command };
     let kind = envelope.command.kind();
     let span = tracing::info_span!("command", kind, command_id = %envelope.command_id, actor = %envelope.actor);
@@ -69,7 +69,7 @@ async fn execute_create(
     // A repeat must be of this very command (`check_same_command`); one that is not is
     // refused, and counted as an invalid envelope.
     let (result, conflict) = match result {
-        Ok(ack) if ack.duplicate => match check_same_command(caller, event_type, target, given_ids, &ack) {
+        Ok(ack) if ack.duplicate => match check_same_command(caller, given_ids, &ack) {
             Ok(()) => (Ok(ack), None),
             Err(conflict) => {
                 (Err(WriteError::InvalidEnvelope("command id reused for another command".into())), Some(conflict))
@@ -124,26 +124,21 @@ async fn finished_task(state: &AppState, who: &Principal, task: TaskId) -> Optio
 /// whatever its role or namespaces — refused with a conflict that reveals
 /// nothing of the original; and the same caller reusing an id for a different
 /// command (another kind, or another task) would be told its command was done
-/// when it was not — refused with a conflict saying so. Beyond kind and task,
-/// the writer compares the command with the original's events
-/// (`Ledger::repeats`, `differs_from_original`: specs, worker, step, epoch,
-/// result, queue, …), and a create's given ids must name the tasks the
-/// original created from those specs.
-fn check_same_command(
-    caller: &Caller<'_>,
-    event_type: u16,
-    target: Option<TaskId>,
-    given_ids: &[Option<TaskId>],
-    ack: &Acknowledgement,
-) -> ApiResult<()> {
-    let Some(original) = ack.events.first() else { return Ok(()) };
+/// when it was not — refused with a conflict saying so. The writer compares
+/// the command with the original's events (`Ledger::repeats`,
+/// `differs_from_original`: kind, task, specs, worker, step, epoch, result,
+/// queue, …); a create's given ids, which the command does not tell from
+/// minted ones, must name the tasks the original created from those specs.
+fn check_same_command(caller: &Caller<'_>, given_ids: &[Option<TaskId>], ack: &Acknowledgement) -> ApiResult<()> {
+    if ack.events.is_empty() {
+        return Ok(());
+    }
     let conflict = |message: &str| {
         Err(ApiError::new(StatusCode::CONFLICT, "command_id_conflict", message).with_field("command_id"))
     };
     if ack.original_actor.as_deref() != Some(caller.who.actor().as_str()) {
         return conflict("this command id was already used by another caller; send a fresh X-Command-Id (commandId)");
     }
-    let same_target = target.is_none_or(|task| original.stream() == StreamId::Task(task));
     // A spec the original created a task from answers that task's id; one whose idempotency
     // key named a task (an existing one, or one an earlier spec of the batch created) answers
     // that task, whatever id it gives (then and now). The created tasks come in spec order, so
@@ -153,7 +148,7 @@ fn check_same_command(
         let created_here = created.next_if_eq(answered).is_some();
         created_here && given.is_some_and(|given| given != *answered)
     });
-    if original.type_code() != event_type || !same_target || ack.differs_from_original || other_ids {
+    if ack.differs_from_original || other_ids {
         return conflict(
             "this command id was already used for a different command; send a fresh X-Command-Id (commandId) for each command",
         );

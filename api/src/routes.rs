@@ -427,13 +427,14 @@ async fn event_feed(
     // after that record, not from the URL's `from_seq` again. An empty id is no id (as in the
     // SSE specification).
     let last_event = if sse { headers.get("last-event-id").map(|v| v.to_str().unwrap_or("?").trim()) } else { None };
-    let from_seq = match last_event.filter(|id| !id.is_empty()) {
+    let last_event = last_event.filter(|id| !id.is_empty());
+    let from_seq = match last_event {
         Some(id) => id.parse::<u64>().ok().and_then(|seq| seq.checked_add(1)).ok_or_else(|| {
             ApiError::bad_request(format!("Last-Event-ID must be the seq of a record the feed sent, not {id:?}"))
         })?,
         None => query.from_seq,
     };
-    let field = if last_event.is_some_and(|id| !id.is_empty()) { "Last-Event-ID" } else { "from_seq" };
+    let field = if last_event.is_some() { "Last-Event-ID" } else { "from_seq" };
     crate::readmodels::check_feed_start(&state, from_seq, field)?;
     let subscription = Subscription::new(state.writer.reader().clone(), state.writer.feed().clone(), from_seq);
     let stream = feed_stream(subscription, query.limit.unwrap_or(u64::MAX), query.follow, sse, state.stopping.clone());
@@ -442,7 +443,7 @@ async fn event_feed(
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     if let Some(seq) = readable {
-        response.headers_mut().insert(FEED_HEAD_HEADER, HeaderValue::from(seq));
+        response.headers_mut().insert(eventlog::json::FEED_HEAD_HEADER, HeaderValue::from(seq));
     }
     Ok(response)
 }
@@ -472,11 +473,6 @@ fn accepts_event_stream(accept: &str) -> bool {
     }
     sse > 0.0 && sse >= ndjson
 }
-
-/// The header of a feed without `follow`: the head it reads to at least (every write
-/// acknowledged before the request). The feed may go on past it, never stop before it
-/// unless `limit` stops it.
-pub const FEED_HEAD_HEADER: &str = "x-taskledger-head-seq";
 
 /// The feed's body. A following feed ends, after a whole record, when the server shuts down
 /// (`stopping`): the client resumes from the seq after the last one it got. A feed without

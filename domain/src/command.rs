@@ -166,31 +166,6 @@ impl Command {
         }
     }
 
-    /// The type of the events this command records (`Event::type_code`): every
-    /// command records events of one type. A repeated command id is told from a
-    /// different command reusing it by this, and by [`Command::target_task`].
-    pub fn event_type(&self) -> u16 {
-        match self {
-            Command::CreateTask(_) | Command::CreateTasks(_) => 0,
-            Command::ClaimSteps { .. } => 1,
-            Command::Heartbeat { .. } => 2,
-            Command::CompleteStep { .. } => 3,
-            Command::FailStep { .. } => 4,
-            Command::ReleaseStep { .. } => 5,
-            Command::ExpireLease { .. } => 6,
-            Command::AddSteps { .. } => 7,
-            Command::RetryDue { .. } => 8,
-            Command::RunAtDue { .. } => 9,
-            Command::RetryStep { .. } => 10,
-            Command::ResolveStep { .. } => 11,
-            Command::CancelTask { .. } => 12,
-            Command::GiveUpTask { .. } => 13,
-            Command::PauseQueue { .. } => 14,
-            Command::ResumeQueue { .. } => 15,
-            Command::SetQueueConcurrency { .. } => 16,
-        }
-    }
-
     /// The existing task this command acts on, when it names one.
     pub fn target_task(&self) -> Option<TaskId> {
         match self {

@@ -373,7 +373,7 @@ impl Ledger {
                 s.attempts = attempt.0;
                 s.worker = Some(worker.clone());
                 s.lease_deadline = Some(*lease_deadline);
-                s.lease_granted_ms = crate::repeat::granted_ms(*at, *lease_deadline);
+                s.lease_granted_ms = granted_ms(*at, *lease_deadline);
                 let ns = t.namespace.clone();
                 self.ready.entry(ns).or_default().in_progress += 1;
                 self.timers.insert(Timer {
@@ -394,7 +394,7 @@ impl Ledger {
                 });
                 let s = self.step_mut(task, *step);
                 s.lease_deadline = Some(*lease_deadline);
-                s.lease_granted_ms = crate::repeat::granted_ms(*at, *lease_deadline);
+                s.lease_granted_ms = granted_ms(*at, *lease_deadline);
             }
             Event::StepCompleted { task, step, epoch, result, at } => {
                 self.live_lease(event, task, *step, *epoch)?;
@@ -1606,6 +1606,11 @@ fn build_owned_steps(specs: Vec<StepSpec>) -> Vec<Step> {
         .map(|spec| (spec, deps.next().unwrap_or_default()))
         .map(|(spec, deps)| pending_step(spec, deps))
         .collect()
+}
+
+/// The duration of a lease granted at `at` until `deadline`, in ms (`Step::lease_granted_ms`).
+pub(crate) fn granted_ms(at: Timestamp, deadline: Timestamp) -> u32 {
+    u32::try_from(deadline.micros_since(at) / 1000).unwrap_or(u32::MAX)
 }
 
 /// A step that has not run yet, taking its spec's name, handler and payload (its dependency

@@ -10,13 +10,15 @@
 
 use crate::command::{Command, LeaseRef};
 use crate::event::Event;
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, granted_ms};
 use crate::spec::TaskSpec;
-use crate::values::{LeaseEpoch, StepIndex, StepName, TaskId, Timestamp};
+use crate::values::{LeaseEpoch, StepIndex, StepName, TaskId};
 
 impl Ledger {
     /// Whether `command` is the command whose events were `events` (decided, and applied,
-    /// earlier): same kind, same target, same arguments, as far as the events tell.
+    /// earlier; never empty, since a command that recorded nothing is not kept under its id): same kind (each command records events of its own kinds only), same target,
+    /// same arguments, as far as the events tell. Also a property of every decision: a command
+    /// repeats the events it was just decided into (`tests/suite/state_machine.rs`).
     pub fn repeats(&self, command: &Command, events: &[Event]) -> bool {
         match command {
             Command::CreateTask(spec) => self.repeats_create(std::slice::from_ref(spec), events),
@@ -93,8 +95,18 @@ impl Ledger {
             Command::SetQueueConcurrency { namespace, limit } => {
                 matches!(events, [Event::QueueConcurrencySet { namespace: n, limit: l, .. }] if n == namespace && l == limit)
             }
-            // The writer's own timers carry no client command id.
-            Command::ExpireLease { .. } | Command::RetryDue { .. } | Command::RunAtDue { .. } => true,
+            // The writer's own timers (which carry no client command id) are judged alike.
+            Command::ExpireLease { task, step, epoch } => match events {
+                [Event::LeaseExpired { task: t, step: index, epoch: e, .. }] => {
+                    t == task && e == epoch && self.names_step(task, *index, step)
+                }
+                _ => false,
+            },
+            Command::RetryDue { task, step } => match events {
+                [Event::StepRetryDue { task: t, step: index, .. }] => t == task && self.names_step(task, *index, step),
+                _ => false,
+            },
+            Command::RunAtDue { task } => matches!(events, [Event::RunAtReached { task: t, .. }] if t == task),
         }
     }
 
@@ -104,13 +116,16 @@ impl Ledger {
     /// task (it created nothing, then or now), and every task the original created is
     /// accounted for. A spec added, dropped, changed or reordered is another command.
     fn repeats_create(&self, specs: &[TaskSpec], events: &[Event]) -> bool {
-        let mut created = events
+        let created: Option<Vec<&TaskSpec>> = events
             .iter()
-            .filter_map(|event| match event {
+            .map(|event| match event {
                 Event::TaskCreated { spec, .. } => Some(spec),
                 _ => None,
             })
-            .peekable();
+            .collect();
+        // An original that recorded anything else was another kind of command.
+        let Some(created) = created else { return false };
+        let mut created = created.into_iter().peekable();
         for spec in specs {
             if created.next_if(|created| **created == TaskSpec { id: created.id, ..spec.clone() }).is_some() {
                 continue;
@@ -134,9 +149,4 @@ impl Ledger {
     fn names_step(&self, task: &TaskId, index: StepIndex, name: &StepName) -> bool {
         self.tasks.get(task).is_none_or(|t| t.step(index).is_some_and(|s| s.name == *name))
     }
-}
-
-/// The duration of a lease granted at `at` until `deadline`, in ms.
-pub(crate) fn granted_ms(at: Timestamp, deadline: Timestamp) -> u32 {
-    u32::try_from(deadline.micros_since(at) / 1000).unwrap_or(u32::MAX)
 }

@@ -11,6 +11,11 @@ use serde_json::{Map, Value};
 
 use crate::record::StoredRecord;
 
+/// The HTTP header in which the server's event feed without `follow` names the head it reads
+/// to at least (every write acknowledged before the request): a body that ends before that
+/// seq was cut short. The server sets it; `taskledger-replay --server` checks it.
+pub const FEED_HEAD_HEADER: &str = "x-taskledger-head-seq";
+
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

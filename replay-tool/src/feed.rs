@@ -9,14 +9,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use domain::{Event, Timestamp};
 use eventlog::StoredRecord;
 use eventlog::fold::encode_event;
-use eventlog::json::unhex;
+use eventlog::json::{FEED_HEAD_HEADER, unhex};
 use serde_json::Value;
 
 use crate::source::Source;
-
-/// The header in which the server names the head a feed without `follow` reads to
-/// (`api`'s `FEED_HEAD_HEADER`).
-const FEED_HEAD_HEADER: &str = "x-taskledger-head-seq";
 
 /// Most records read from a feed (held in memory).
 pub const FEED_RECORDS_MAX: usize = 5_000_000;
