@@ -401,7 +401,12 @@ pub async fn complete_batch(
                 status: e.status.as_u16(),
                 seq: None,
                 duplicate: false,
-                error: Some(ErrorDetail { code: e.code.to_owned(), message: e.message, field: e.field }),
+                error: Some(ErrorDetail {
+                    code: e.code.to_owned(),
+                    message: e.message,
+                    field: e.field,
+                    retry_after_s: e.retry_after_s,
+                }),
             },
         })
         .collect();
@@ -411,7 +416,8 @@ pub async fn complete_batch(
     Ok(CompletionsResponse { results, head_seq })
 }
 
-/// Claims steps; with `wait_ms`, waits for work to arrive: the writer bumps
+/// Claims steps; with `wait_ms`, waits for work to arrive (at most half the request timeout,
+/// so the answer is never cut off: `AppContext::long_poll_limit`): the writer bumps
 /// a namespace's counter after each commit that leaves it with claimable
 /// steps, and a waiting claim tries again only when one of its namespaces'
 /// counters moved (not on every commit, which would send the writer an
@@ -433,7 +439,7 @@ pub async fn claim(state: &AppState, caller: &Caller<'_>, request: ClaimRequest)
         lease_ms: request.lease_ms,
         handlers: request.handlers.iter().map(domain::HandlerName::new).collect::<Result<_, _>>()?,
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(request.wait_ms);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(request.wait_ms).min(state.long_poll_limit);
     let Command::ClaimSteps { namespaces, .. } = &command else { unreachable!("built above") };
     let namespaces = namespaces.clone();
     let counters = |work: &eventlog::ReadyWork| -> Vec<u64> {

@@ -578,7 +578,7 @@ impl SubscriptionRoot {
         #[graphql(default = 1)] from_seq: u64,
         task_id: Option<String>,
         types: Option<Vec<String>>,
-    ) -> async_graphql::Result<impl Stream<Item = RecordBody>> {
+    ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<RecordBody>>> {
         let who = who(ctx)?;
         who.require(Permission::Audit)?;
         if who.scope.is_some() {
@@ -614,15 +614,24 @@ impl SubscriptionRoot {
         let state = state(ctx);
         crate::readmodels::check_feed_start(state, from_seq, "fromSeq")?;
         let subscription = LogSubscription::new(state.writer.reader().clone(), state.writer.feed().clone(), from_seq);
-        Ok(record_stream(subscription, state).filter_map(move |(record, event)| {
-            let keep = stream_key.as_ref().is_none_or(|k| &record.stream == k)
-                && types.as_ref().is_none_or(|t| t.iter().any(|name| name == event.type_name()));
-            std::future::ready(keep.then(|| record_body(&record, &event)))
+        Ok(record_stream(subscription, state).filter_map(move |item| {
+            std::future::ready(match item {
+                Ok((record, event)) => {
+                    let keep = stream_key.as_ref().is_none_or(|k| &record.stream == k)
+                        && types.as_ref().is_none_or(|t| t.iter().any(|name| name == event.type_name()));
+                    keep.then(|| Ok(record_body(&record, &event)))
+                }
+                Err(error) => Some(Err(error.into())),
+            })
         }))
     }
 
     /// A task's state after each of its events, from now on.
-    async fn task(&self, ctx: &Context<'_>, id: String) -> async_graphql::Result<impl Stream<Item = TaskBody>> {
+    async fn task(
+        &self,
+        ctx: &Context<'_>,
+        id: String,
+    ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<TaskBody>>> {
         let who = who(ctx)?.clone();
         let state = state(ctx).clone();
         commands::wait_log_readable(&state, None).await?;
@@ -631,10 +640,14 @@ impl SubscriptionRoot {
         let subscription =
             LogSubscription::new(state.writer.reader().clone(), state.writer.feed().clone(), current.last_seq + 1);
         // Each update is the task as of its own record, however far behind the subscriber reads.
-        let updates = record_stream(subscription, &state)
-            .filter(move |(record, _)| std::future::ready(record.stream == key))
-            .filter_map(move |(record, event)| std::future::ready(fold.apply(&record, &event).ok()));
-        Ok(futures_util::stream::once(std::future::ready(current)).chain(updates))
+        let updates = record_stream(subscription, &state).filter_map(move |item| {
+            std::future::ready(match item {
+                Ok((record, event)) if record.stream == key => fold.apply(&record, &event).ok().map(Ok),
+                Ok(_) => None,
+                Err(error) => Some(Err(error.into())),
+            })
+        });
+        Ok(futures_util::stream::once(std::future::ready(Ok(current))).chain(updates))
     }
 }
 
@@ -642,21 +655,51 @@ use futures_util::StreamExt;
 
 /// Decoded records from a log subscription, following live appends until the server shuts
 /// down: then the subscription ends (the client gets its `complete`) instead of being cut
-/// with the connection.
+/// with the connection. A record that cannot be read or decoded ends it with an error (503
+/// `log_unreadable`) — never a clean end, nor a silent gap, that a client could take for the
+/// whole history (as the REST feed aborts its body).
 fn record_stream(
     subscription: LogSubscription,
     state: &AppState,
-) -> impl Stream<Item = (eventlog::StoredRecord, domain::Event)> + use<> {
+) -> impl Stream<Item = Result<(eventlog::StoredRecord, domain::Event), ApiError>> + use<> {
     let mut stopping = state.stopping.clone();
-    futures_util::stream::unfold(subscription, |mut sub| async move {
-        let batch = sub.next_batch_async(256).await.ok()?;
-        Some((futures_util::stream::iter(batch), sub))
-    })
-    .flatten()
-    .filter_map(|record| std::future::ready(decode_event(&record).ok().map(|event| (record, event))))
-    .take_until(async move {
+    let batches = futures_util::stream::unfold(subscription, |mut sub| async move {
+        let batch = sub.next_batch_async(256).await.map_err(|e| e.to_string());
+        Some((batch, sub))
+    });
+    decoded_until_first_error(batches).take_until(async move {
         let _ = stopping.wait_for(|stop| *stop).await;
     })
+}
+
+/// Each record of each batch decoded, up to and including the first failure (a batch that
+/// could not be read, a record that could not be decoded), after which the stream ends.
+fn decoded_until_first_error(
+    batches: impl Stream<Item = Result<Vec<eventlog::StoredRecord>, String>>,
+) -> impl Stream<Item = Result<(eventlog::StoredRecord, domain::Event), ApiError>> {
+    let unreadable = |message: String| ApiError::unavailable("log_unreadable", message, 5);
+    batches
+        .map(move |batch| {
+            let items: Vec<_> = match batch {
+                Ok(records) => records
+                    .into_iter()
+                    .map(|record| match decode_event(&record) {
+                        Ok(event) => Ok((record, event)),
+                        Err(e) => Err(unreadable(format!("the record at seq {} cannot be decoded: {e}", record.seq))),
+                    })
+                    .collect(),
+                Err(e) => vec![Err(unreadable(format!("the log cannot be read: {e}")))],
+            };
+            futures_util::stream::iter(items)
+        })
+        .flatten()
+        .scan(false, |failed, item| {
+            let next = (!*failed).then(|| {
+                *failed = item.is_err();
+                item
+            });
+            std::future::ready(next)
+        })
 }
 
 /// Counts aliased fields in every operation and fragment (the handler refuses more than
@@ -840,4 +883,57 @@ pub async fn graphql_ws(
                 .serve()
         })
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(seq: u64, event_type: u16, payload: Vec<u8>) -> eventlog::StoredRecord {
+        eventlog::StoredRecord {
+            seq,
+            stream: b"Qq".to_vec(),
+            stream_version: seq,
+            recorded_at_us: 0,
+            command_id: "c".into(),
+            actor: "a".into(),
+            event_type,
+            schema_version: 1,
+            payload,
+            hash: [0; 32],
+        }
+    }
+
+    fn paused(seq: u64) -> eventlog::StoredRecord {
+        let event = domain::Event::QueuePaused {
+            namespace: domain::Namespace::new("q").unwrap(),
+            at: domain::Timestamp::from_micros(0),
+        };
+        let new = eventlog::encode_event(&event, "c", "a", 0);
+        eventlog::StoredRecord { schema_version: new.schema_version, ..record(seq, new.event_type, new.payload) }
+    }
+
+    async fn outcomes(batches: Vec<Result<Vec<eventlog::StoredRecord>, String>>) -> Vec<Result<u64, String>> {
+        decoded_until_first_error(futures_util::stream::iter(batches))
+            .map(|item| item.map(|(record, _)| record.seq).map_err(|e| format!("{} {}", e.code, e.message)))
+            .collect()
+            .await
+    }
+
+    /// A subscription that meets a record it cannot decode, or a batch it cannot read, says so
+    /// with an error and ends there: nothing after it is sent, and nothing is skipped silently
+    /// (undecodable records were dropped, and a read error ended the stream cleanly).
+    #[tokio::test]
+    async fn a_subscription_ends_with_an_error_at_the_first_unreadable_record() {
+        let undecodable = record(3, u16::MAX, vec![0xff; 4]);
+        let got =
+            outcomes(vec![Ok(vec![paused(1), paused(2)]), Ok(vec![undecodable, paused(4)]), Ok(vec![paused(5)])]).await;
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[..2], [Ok(1), Ok(2)]);
+        let error = got[2].as_ref().unwrap_err();
+        assert!(error.starts_with("log_unreadable the record at seq 3 cannot be decoded"), "{error}");
+
+        let got = outcomes(vec![Ok(vec![paused(1)]), Err("I/O error".into()), Ok(vec![paused(2)])]).await;
+        assert_eq!(got, [Ok(1), Err("log_unreadable the log cannot be read: I/O error".into())]);
+    }
 }

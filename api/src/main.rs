@@ -70,8 +70,10 @@ struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "TASKLEDGER_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     max_body_bytes: usize,
-    /// Longest a request may take, in milliseconds (long-polling claims wait at most 30 s).
-    #[arg(long, env = "TASKLEDGER_REQUEST_TIMEOUT_MS", default_value_t = 60_000)]
+    /// Longest a request may take, in milliseconds, 10 s to 1 h (long-polling claims wait at most
+    /// 30 s and at most half of this; reads waiting for a seq at most 5 s).
+    #[arg(long, env = "TASKLEDGER_REQUEST_TIMEOUT_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(10_000..=3_600_000))]
     request_timeout_ms: u64,
     /// Most requests served at once; more wait.
     #[arg(long, env = "TASKLEDGER_MAX_CONCURRENT_REQUESTS", default_value_t = 4096)]

@@ -28,7 +28,6 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tower_http::timeout::TimeoutLayer;
 use tracing_subscriber::filter::Targets;
 
 use crate::auth::{HasTokens, TokenSource, Tokens};
@@ -51,6 +50,9 @@ pub struct AppContext {
     /// Turns `true` when the server starts shutting down: answers that would otherwise go on
     /// (a following event feed, a long-polling claim) end then, so their connections can close.
     pub stopping: watch::Receiver<bool>,
+    /// The longest a long-polling claim waits: half the request timeout, so that it answers
+    /// (with nothing claimed) well before the request would be cut off with a 408.
+    pub long_poll_limit: Duration,
 }
 
 impl AppState {
@@ -115,7 +117,7 @@ pub fn app(state: AppState, config: &ServeConfig) -> Router {
         .with_state(state)
         .layer(axum::Extension(schema))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, config.request_timeout))
+        .layer(axum::middleware::from_fn_with_state(config.request_timeout, answer_within))
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(config.max_concurrent_requests))
         .layer(
             // One span per request, with a request id (the client's
@@ -131,6 +133,30 @@ pub fn app(state: AppState, config: &ServeConfig) -> Router {
             })
             .on_failure(log_failure),
         )
+}
+
+/// Cuts off a request whose answer is not ready within the request timeout: 408 with the
+/// stable code `request_timeout` (counted like every error answer). A command cut off this way
+/// may still be recorded — the writer decides what it was given — so the message says how to
+/// learn its outcome. A streamed answer (an event feed) is ready once its head is sent.
+async fn answer_within(
+    State(timeout): State<Duration>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "no answer within the request timeout of {} ms; a command may still have been recorded: send it \
+                 again with the same X-Command-Id to learn its outcome",
+                timeout.as_millis()
+            ),
+        )
+        .into_response(),
+    }
 }
 
 /// Logs a failed response. The server's own errors are logged where they are made, with their
@@ -311,6 +337,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         metrics: Arc::new(Metrics::default()),
         ready_max_lag: config.ready_max_lag,
         stopping,
+        long_poll_limit: config.request_timeout / 2,
     });
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
     let local = listener.local_addr().context("read the bound address")?;
@@ -570,5 +597,36 @@ mod tests {
         assert!(!filter.would_enable("hyper", &Level::INFO));
         assert!(filter.would_enable("hyper", &Level::WARN));
         assert!(matches!(log_filter(Some("[request]=debug")), LogFilter::BySpan(_)));
+    }
+
+    /// A request whose answer is not ready within the timeout gets a coded, counted 408 that
+    /// says how to learn whether a command went through; a quick one passes untouched.
+    #[tokio::test]
+    async fn a_request_past_the_timeout_is_a_coded_408() {
+        use tower::ServiceExt;
+        let app = Router::new()
+            .route("/slow", get(|| async { tokio::time::sleep(Duration::from_secs(5)).await }))
+            .route("/quick", get(|| async { "done" }))
+            .layer(axum::middleware::from_fn_with_state(Duration::from_millis(50), answer_within));
+        let counted = || {
+            crate::error::error_answers()
+                .into_iter()
+                .find(|(key, _)| *key == (408, "request_timeout"))
+                .map_or(0, |(_, n)| n)
+        };
+        let before = counted();
+        let get = |path: &str| axum::http::Request::get(path).body(axum::body::Body::empty()).unwrap();
+
+        let response = app.clone().oneshot(get("/slow")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "request_timeout");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("50 ms") && message.contains("X-Command-Id"), "{message}");
+        assert!(counted() > before, "the 408 is counted in taskledger_http_errors_total");
+
+        let response = app.oneshot(get("/quick")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
     }
 }

@@ -359,12 +359,15 @@ pub struct CompletionResult {
     pub error: Option<ErrorDetail>,
 }
 
-/// An error's code, message and offending field, as in an error response's `error`.
+/// An error's code, message and offending field, as in an error response's `error`, and for
+/// an item refused as overloaded (503) the seconds to wait before sending it again — what a
+/// lone request's `Retry-After` header would say.
 #[derive(Serialize, async_graphql::SimpleObject)]
 pub struct ErrorDetail {
     pub code: String,
     pub message: String,
     pub field: Option<String>,
+    pub retry_after_s: Option<u32>,
 }
 
 #[derive(Serialize, async_graphql::SimpleObject)]

@@ -70,8 +70,8 @@ pub struct ExportArgs {
 pub struct VerifyExportArgs {
     /// The bundle directory.
     dir: PathBuf,
-    /// The public key you trust (from `keygen`); without it the bundle's own key is used,
-    /// which proves integrity but not who signed.
+    /// The public key you trust (from `keygen`); without it, the key that signed `--checkpoint`,
+    /// or else the bundle's own key, which proves integrity but not who signed.
     #[arg(long, value_name = "FILE")]
     pubkey: Option<PathBuf>,
     /// A checkpoint.json you kept from an earlier bundle: this bundle must extend it.
@@ -546,8 +546,10 @@ pub fn verify_export(args: &VerifyExportArgs) -> Result<Outcome> {
             "  range      seq {}..{} ({} records checked)",
             findings.first_seq, findings.last_seq, findings.records_checked
         )?;
-        let signer = if findings.key_trusted {
+        let signer = if findings.key_trusted && args.pubkey.is_some() {
             "the key you trust"
+        } else if findings.key_trusted {
+            "the key that signed your earlier checkpoint"
         } else {
             "the key in the bundle (pass --pubkey to check who signed)"
         };

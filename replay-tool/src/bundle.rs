@@ -137,15 +137,15 @@ fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8], path: &Path) -> Resu
     serde_json::from_slice(bytes).with_context(|| format!("parse {}", path.display()))
 }
 
-fn check_signature(c: &Checkpoint, trusted: Option<&str>, what: &str, findings: &mut Findings) -> bool {
+fn check_signature(c: &Checkpoint, trusted: Option<&Trusted>, what: &str, findings: &mut Findings) -> bool {
     if c.format != CHECKPOINT_FORMAT {
         findings.problem(format!("{what}: unknown format {:?}", c.format));
         return false;
     }
     if let Some(trusted) = trusted
-        && !trusted.eq_ignore_ascii_case(&c.public_key)
+        && !trusted.key.eq_ignore_ascii_case(&c.public_key)
     {
-        findings.problem(format!("{what}: signed by key {}, not by the key you trust ({trusted})", c.public_key));
+        findings.problem(format!("{what}: signed by key {}, not by {} ({})", c.public_key, trusted.whose, trusted.key));
         return false;
     }
     let verified = verifying_key(&c.public_key).and_then(|key| {
@@ -160,6 +160,12 @@ fn check_signature(c: &Checkpoint, trusted: Option<&str>, what: &str, findings: 
             false
         }
     }
+}
+
+/// The key a bundle must be signed with, and how the auditor named it.
+struct Trusted {
+    key: String,
+    whose: &'static str,
 }
 
 /// Rows of the events file as JSON objects, whichever format it is in.
@@ -298,7 +304,7 @@ fn check_row(row: &Map<String, Value>, expected_seq: u64, prev: &Hash, findings:
 /// file system in `verify-export`, memory in the fuzz target): the signature, every file's
 /// digest, every record against its stored body and the chain, and — given `earlier`, a
 /// checkpoint the auditor kept (its path and bytes) — that the bundle extends it. `trusted`
-/// is the hex public key the auditor trusts. Problems found are findings; `Err` only when
+/// is the hex public key the auditor trusts; without it, the earlier checkpoint's signer. Problems found are findings; `Err` only when
 /// the manifest or checkpoint cannot be read or parsed at all.
 pub fn verify_bundle(
     dir: &Path,
@@ -311,12 +317,25 @@ pub fn verify_bundle(
     let manifest_bytes = load(MANIFEST_FILE)?;
     let manifest: Manifest = parse_json(&manifest_bytes, &dir.join(MANIFEST_FILE))?;
     let checkpoint: Checkpoint = parse_json(&load(CHECKPOINT_FILE)?, &dir.join(CHECKPOINT_FILE))?;
+    let earlier = match earlier {
+        Some((path, bytes)) => Some((path, parse_json::<Checkpoint>(bytes, path)?)),
+        None => None,
+    };
     findings.first_seq = manifest.first_seq;
     findings.last_seq = manifest.last_seq;
     findings.signed_by = checkpoint.public_key.clone();
 
-    // 1. The signature, and that it covers this manifest.
-    let signature_ok = check_signature(&checkpoint, trusted, "checkpoint.json", &mut findings);
+    // 1. The signature, and that it covers this manifest. Without --pubkey, the key that signed
+    // the checkpoint the auditor kept is the one trusted: otherwise anyone could sign a bundle
+    // that continues the chain from it with a key of their own.
+    let trusted = match (trusted, &earlier) {
+        (Some(key), _) => Some(Trusted { key: key.to_owned(), whose: "the key you trust" }),
+        (None, Some((_, kept))) => {
+            Some(Trusted { key: kept.public_key.clone(), whose: "the key that signed your earlier checkpoint" })
+        }
+        (None, None) => None,
+    };
+    let signature_ok = check_signature(&checkpoint, trusted.as_ref(), "checkpoint.json", &mut findings);
     findings.key_trusted = signature_ok && trusted.is_some();
     if sha256_hex(&manifest_bytes) != checkpoint.manifest_sha256 {
         findings.problem("manifest.json was modified after it was signed (its SHA-256 is not the checkpoint's)");
@@ -383,10 +402,9 @@ pub fn verify_bundle(
     }
 
     // 3. Does it extend the checkpoint the auditor kept?
-    if let Some((path, bytes)) = earlier {
-        let earlier: Checkpoint = parse_json(bytes, path)?;
+    if let Some((path, earlier)) = earlier {
         let what = format!("earlier checkpoint {}", path.display());
-        let earlier_ok = check_signature(&earlier, trusted, &what, &mut findings);
+        let earlier_ok = check_signature(&earlier, trusted.as_ref(), &what, &mut findings);
         let extends = earlier_ok && extends(&earlier, &checkpoint, read, &manifest, &mut findings);
         findings.extends_checkpoint = Some(extends);
     }

@@ -226,6 +226,21 @@ fn a_bundle_must_extend_the_checkpoint_the_auditor_kept() {
     let (code, out) = f.check(&forked, &kept_arg);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("history was rewritten: seq 10"), "{out}");
+    // Without --pubkey, the kept checkpoint's signer is the key trusted: a bundle of this very
+    // history signed by another key does not extend it (it did: anyone could sign a
+    // continuation of an auditor's checkpoint).
+    let mallory = f.root.join("mallory-next");
+    let key = f.keys.join("mallory.key");
+    replay_ok(&["export-audit", "--data", path(&f.data), "--out", path(&mallory), "--key", path(&key), "--from", "11"]);
+    let checked = replay(&["verify-export", path(&mallory), "--checkpoint", path(&kept)]);
+    let out = String::from_utf8_lossy(&checked.stdout);
+    assert_eq!(checked.status.code(), Some(1), "{out}");
+    assert!(out.contains("not by the key that signed your earlier checkpoint"), "{out}");
+    let next = f.root.join("next");
+    let checked = replay(&["verify-export", path(&next), "--checkpoint", path(&kept)]);
+    let out = String::from_utf8_lossy(&checked.stdout);
+    assert_eq!(checked.status.code(), Some(0), "{out}");
+    assert!(out.contains("(the key that signed your earlier checkpoint)"), "{out}");
     // A forged earlier checkpoint is refused.
     let forged = f.root.join("forged-checkpoint.json");
     fs::write(&forged, fs::read_to_string(&kept).unwrap().replace("\"last_seq\": 10", "\"last_seq\": 9")).unwrap();

@@ -448,12 +448,20 @@ fn a_dripper_slower_than_the_header_timeout_is_cut_off() {
     assert_eq!(created.status, 200);
 }
 
-/// Cache sizes out of range are refused before anything is opened, with the
-/// range in the message; in range, the banner prints what was set.
+/// Cache sizes and request timeouts out of range are refused before anything is opened, with
+/// the range in the message; in range, the banner prints what was set.
 #[test]
-fn cache_flags_out_of_range_are_refused_and_in_range_are_reported() {
+fn flags_out_of_range_are_refused_and_in_range_are_reported() {
     let temp = tempfile::tempdir().unwrap();
-    for (flag, value) in [("--log-cache-mib", "0"), ("--projections-cache-mib", "1048577"), ("--log-cache-mib", "-3")] {
+    for (flag, value) in [
+        ("--log-cache-mib", "0"),
+        ("--projections-cache-mib", "1048577"),
+        ("--log-cache-mib", "-3"),
+        // Below 10 s every read waiting for a seq (5 s) could be cut off; 0 would cut off all.
+        ("--request-timeout-ms", "0"),
+        ("--request-timeout-ms", "9999"),
+        ("--request-timeout-ms", "3600001"),
+    ] {
         let data = temp.path().join("refused");
         let out = std::process::Command::new(workspace_binary("taskledger"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])

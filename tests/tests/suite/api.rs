@@ -726,6 +726,68 @@ fn shutdown_ends_following_feeds_and_long_polling_claims() {
     assert_eq!(long_poll.join().unwrap()["steps"], json!([]));
 }
 
+/// Items of a `/v1/completions` batch shed because the writer's queue was full are 503
+/// `overloaded` inside the 200 and carry `retry_after_s`, the hint a lone request gets as
+/// `Retry-After` (they had none); every other item answers with it null, and a retry of the
+/// shed ones completes them.
+#[test]
+fn shed_completions_in_a_batch_say_when_to_retry() {
+    let temp = tempfile::tempdir().unwrap();
+    let server = Server::start_in(&temp.path().join("data"), &["--writer-queue", "1"]);
+    let tasks: Vec<Value> =
+        (0..200).map(|n| json!({ "namespace": "shed", "handler": "h", "payload": {"n": n} })).collect();
+    assert_eq!(server.post("/v1/tasks/batch", json!({ "tasks": tasks })).status, 201);
+    let mut steps = Vec::new();
+    while steps.len() < 200 {
+        let answer = server.post("/v1/claims", json!({ "namespaces": ["shed"], "worker_id": "w", "max": 100 }));
+        assert_eq!(answer.status, 200, "{answer:?}");
+        steps.extend(answer.body["steps"].as_array().unwrap().iter().cloned());
+    }
+    let item = |s: &Value| json!({ "task_id": s["task_id"], "step": s["step"], "epoch": s["epoch"] });
+    let all: Vec<Value> = steps.iter().map(item).collect();
+    // 200 completions offered at once to a queue of one command: most are shed.
+    let answer = server.post("/v1/completions", json!({ "completions": all }));
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let mut shed = Vec::new();
+    for (sent, result) in all.iter().zip(answer.body["results"].as_array().unwrap()) {
+        match result["status"].as_u64().unwrap() {
+            200 => assert_eq!(result["error"], Value::Null, "{result}"),
+            503 => {
+                assert_eq!(result["error"]["code"], "overloaded", "{result}");
+                assert!(result["error"]["retry_after_s"].as_u64().is_some_and(|s| s >= 1), "{result}");
+                shed.push(sent.clone());
+            }
+            other => panic!("item answered {other}: {result}"),
+        }
+    }
+    assert!(!shed.is_empty(), "no completion was shed");
+    // One at a time, nothing queues behind them: every shed one completes when sent again.
+    for sent in &shed {
+        let answer = server.post("/v1/completions", json!({ "completions": [sent] }));
+        assert_eq!(answer.body["results"][0]["status"], 200, "{answer:?}");
+    }
+    let queue = server.get("/v1/queues/shed");
+    assert_eq!((queue.body["ready"].as_u64(), queue.body["in_progress"].as_u64()), (Some(0), Some(0)), "{queue:?}");
+    println!("api: {} of 200 completions shed and sent again", shed.len());
+}
+
+/// A long-polling claim asking to wait longer than half the request timeout waits only that
+/// long and answers 200 with nothing claimed, instead of being cut off with a 408 (it was, when
+/// `wait_ms` exceeded the timeout: the worker saw an error for an empty queue).
+#[test]
+fn a_long_poll_answers_before_the_request_timeout() {
+    let temp = tempfile::tempdir().unwrap();
+    let server = Server::start_in(&temp.path().join("data"), &["--request-timeout-ms", "10000"]);
+    let started = std::time::Instant::now();
+    let answer =
+        server.post("/v1/claims", json!({ "namespaces": ["idle"], "worker_id": "w", "max": 1, "wait_ms": 30_000 }));
+    let waited = started.elapsed();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.body["steps"], json!([]));
+    // It did wait (half of 10 s) rather than answer at once; the 200 says it answered in time.
+    assert!(waited >= Duration::from_millis(4_900), "waited {waited:?}");
+}
+
 #[test]
 fn health_readiness_and_metrics_answer() {
     let server = Server::start();
