@@ -68,7 +68,7 @@ struct ServeArgs {
     #[arg(long, env = "TASKLEDGER_TOKENS")]
     tokens: Option<PathBuf>,
     /// Largest request body accepted, in bytes.
-    #[arg(long, env = "TASKLEDGER_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    #[arg(long, env = "TASKLEDGER_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024, value_parser = at_least_one_usize())]
     max_body_bytes: usize,
     /// Longest a request may take, in milliseconds, 10 s to 1 h (long-polling claims wait at most
     /// 30 s and at most half of this; reads waiting for a seq at most 5 s).
@@ -76,31 +76,31 @@ struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(10_000..=3_600_000))]
     request_timeout_ms: u64,
     /// Most requests served at once; more wait.
-    #[arg(long, env = "TASKLEDGER_MAX_CONCURRENT_REQUESTS", default_value_t = 4096)]
+    #[arg(long, env = "TASKLEDGER_MAX_CONCURRENT_REQUESTS", default_value_t = 4096, value_parser = at_least_one_usize())]
     max_concurrent_requests: usize,
     /// Most connections open at once; further clients wait to be accepted until one closes.
-    #[arg(long, env = "TASKLEDGER_MAX_CONNECTIONS", default_value_t = 1024)]
+    #[arg(long, env = "TASKLEDGER_MAX_CONNECTIONS", default_value_t = 1024, value_parser = at_least_one_usize())]
     max_connections: usize,
     /// Longest a client may take to send a request's head, in milliseconds; also the longest a
     /// kept-alive connection may sit idle between requests. Slower connections are closed.
-    #[arg(long, env = "TASKLEDGER_HEADER_READ_TIMEOUT_MS", default_value_t = 30_000)]
+    #[arg(long, env = "TASKLEDGER_HEADER_READ_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     header_read_timeout_ms: u64,
     /// Commands that may queue for the writer before callers get 503.
-    #[arg(long, env = "TASKLEDGER_WRITER_QUEUE", default_value_t = 16 * 1024)]
+    #[arg(long, env = "TASKLEDGER_WRITER_QUEUE", default_value_t = 16 * 1024, value_parser = at_least_one_usize())]
     writer_queue: usize,
     /// Take a snapshot of the ledger every this many events (0: never).
     #[arg(long, env = "TASKLEDGER_SNAPSHOT_EVERY", default_value_t = 1_000_000)]
     snapshot_every: u64,
     /// A retried command id is recognised while its events are among the newest this many events.
-    #[arg(long, env = "TASKLEDGER_DEDUP_WINDOW", default_value_t = 1_000_000)]
+    #[arg(long, env = "TASKLEDGER_DEDUP_WINDOW", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     dedup_window: u64,
     /// Newest records kept in memory for live subscribers (projections, feeds); a subscriber
     /// further behind reads from disk.
-    #[arg(long, env = "TASKLEDGER_FEED_CAPACITY", default_value_t = 64 * 1024)]
+    #[arg(long, env = "TASKLEDGER_FEED_CAPACITY", default_value_t = 64 * 1024, value_parser = at_least_one_usize())]
     feed_capacity: usize,
     /// Stream heads (the last version of a task's stream) the writer keeps in memory; past this
     /// many it forgets them all and reads each again from the log's index on its next use.
-    #[arg(long, env = "TASKLEDGER_STREAM_CACHE", default_value_t = eventlog::RedbOptions::default().stream_cache_entries)]
+    #[arg(long, env = "TASKLEDGER_STREAM_CACHE", default_value_t = eventlog::RedbOptions::default().stream_cache_entries, value_parser = at_least_one_usize())]
     stream_cache: usize,
     /// Memory redb may use for the log's pages (its read cache and write buffer), in MiB.
     #[arg(long, env = "TASKLEDGER_LOG_CACHE_MIB", value_parser = clap::value_parser!(u32).range(1..=CACHE_MIB_MAX),
@@ -129,6 +129,11 @@ struct ServeArgs {
     ready_max_lag: u64,
 }
 
+/// A count or size that must be at least 1 (0 would refuse every request, or hold nothing).
+fn at_least_one_usize() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+}
+
 /// The largest cache flag accepted, in MiB (1 TiB).
 const CACHE_MIB_MAX: i64 = 1 << 20;
 /// Largest journal: recovery holds the journal's records in memory while it replays them.
@@ -150,10 +155,10 @@ fn main() -> ExitCode {
             let writer = WriterConfig {
                 channel_capacity: args.writer_queue,
                 snapshot_every_events: args.snapshot_every,
-                dedup_window_events: args.dedup_window.max(1),
-                feed_capacity: args.feed_capacity.max(1),
+                dedup_window_events: args.dedup_window,
+                feed_capacity: args.feed_capacity,
                 store: eventlog::RedbOptions {
-                    stream_cache_entries: args.stream_cache.max(1),
+                    stream_cache_entries: args.stream_cache,
                     cache_bytes: (args.log_cache_mib as usize) << 20,
                     journal_bytes: u64::from(args.journal_mib) << 20,
                     ..eventlog::RedbOptions::default()
@@ -166,9 +171,9 @@ fn main() -> ExitCode {
                 tokens_file: args.tokens,
                 max_body_bytes: args.max_body_bytes,
                 request_timeout: Duration::from_millis(args.request_timeout_ms),
-                max_concurrent_requests: args.max_concurrent_requests.max(1),
-                max_connections: args.max_connections.max(1),
-                header_read_timeout: Duration::from_millis(args.header_read_timeout_ms.max(1)),
+                max_concurrent_requests: args.max_concurrent_requests,
+                max_connections: args.max_connections,
+                header_read_timeout: Duration::from_millis(args.header_read_timeout_ms),
                 writer,
                 json_logs: args.log_format == "json",
                 projections: args.projections,

@@ -119,6 +119,15 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for MaybeJson<T> {
 }
 
 fn caller<'a>(who: &'a Principal, headers: &HeaderMap) -> ApiResult<Caller<'a>> {
+    // Two ids for one command: which one the client means to retry under cannot be known.
+    if headers.get_all(COMMAND_ID_HEADER).iter().nth(1).is_some() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_command_id",
+            "X-Command-Id was given more than once; send one",
+        )
+        .with_field("command_id"));
+    }
     let command_id = match headers.get(COMMAND_ID_HEADER) {
         Some(value) => Some(value.to_str().map(str::to_owned).map_err(|_| {
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_command_id", "X-Command-Id must be visible ASCII")
@@ -302,7 +311,9 @@ async fn queue_status(
     State(state): State<AppState>,
     who: Principal,
     Path(namespace): Path<String>,
+    query: QueryParams<NoQuery>,
 ) -> ApiResult<Response> {
+    route_query(query)?;
     who.require(Permission::Read)?;
     let ns = commands::parse_namespace(&namespace)?;
     if !who.may_see(&ns) {
@@ -373,7 +384,12 @@ async fn task_history(
     Ok(AxumJson(commands::task_history(&state, &who, &id)?).into_response())
 }
 
-async fn ledger_head(State(state): State<AppState>, who: Principal) -> ApiResult<Response> {
+async fn ledger_head(
+    State(state): State<AppState>,
+    who: Principal,
+    query: QueryParams<NoQuery>,
+) -> ApiResult<Response> {
+    route_query(query)?;
     who.require(Permission::Read)?;
     commands::wait_log_readable(&state, None).await?;
     let head = state.writer.reader().head().map_err(|e| ApiError::internal(e.to_string()))?;
@@ -543,8 +559,7 @@ struct ViewQuery {
     namespace: Option<String>,
     state: Option<String>,
     tag: Option<String>,
-    #[serde(default)]
-    first: u32,
+    first: Option<u32>,
     after: Option<String>,
     min_seq: Option<u64>,
     window_minutes: Option<u32>,
@@ -560,13 +575,47 @@ struct ViewQuery {
 
 type ViewParams = QueryParams<ViewQuery>;
 
-fn view_query(params: ViewParams) -> ApiResult<ViewQuery> {
-    route_query(params)
+/// The parameters every listing view takes (a page and read-your-writes).
+const LIST_PARAMS: [&str; 3] = ["first", "after", "min_seq"];
+
+/// A view's query: the parameters of every view parse into one struct, and a parameter of
+/// another view is refused like an unknown one (400 `bad_request`), not silently ignored.
+fn view_query(params: ViewParams, takes: &[&str]) -> ApiResult<ViewQuery> {
+    let query = route_query(params)?;
+    if let Some(other) = query.given().into_iter().find(|name| !takes.contains(name)) {
+        return Err(ApiError::bad_request(format!(
+            "this view does not take the query parameter `{other}`; it takes: {}",
+            takes.join(", ")
+        ))
+        .with_field(other));
+    }
+    Ok(query)
 }
 
 impl ViewQuery {
     fn list(&self) -> readmodels::ListArgs {
-        readmodels::ListArgs { first: self.first, after: self.after.clone(), min_seq: self.min_seq }
+        readmodels::ListArgs { first: self.first.unwrap_or(0), after: self.after.clone(), min_seq: self.min_seq }
+    }
+
+    /// The names of the parameters the query gave.
+    fn given(&self) -> Vec<&'static str> {
+        let given = [
+            ("namespace", self.namespace.is_some()),
+            ("state", self.state.is_some()),
+            ("tag", self.tag.is_some()),
+            ("first", self.first.is_some()),
+            ("after", self.after.is_some()),
+            ("min_seq", self.min_seq.is_some()),
+            ("window_minutes", self.window_minutes.is_some()),
+            ("task", self.task.is_some()),
+            ("actor", self.actor.is_some()),
+            ("type", self.event_type.is_some()),
+            ("from_seq", self.from_seq.is_some()),
+            ("to_seq", self.to_seq.is_some()),
+            ("from", self.from.is_some()),
+            ("to", self.to.is_some()),
+        ];
+        given.into_iter().filter(|(_, present)| *present).map(|(name, _)| name).collect()
     }
 }
 
@@ -575,7 +624,7 @@ async fn list_tasks(
     who: Principal,
     params: ViewParams,
 ) -> ApiResult<AxumJson<serde_json::Value>> {
-    let q = view_query(params)?;
+    let q = view_query(params, &["namespace", "state", "tag", "first", "after", "min_seq"])?;
     let args = q.list();
     Ok(AxumJson(readmodels::to_json(&readmodels::tasks(&state, &who, q.namespace, q.state, q.tag, args).await?)))
 }
@@ -585,7 +634,7 @@ async fn list_queue(
     who: Principal,
     params: ViewParams,
 ) -> ApiResult<AxumJson<serde_json::Value>> {
-    let q = view_query(params)?;
+    let q = view_query(params, &["namespace", "state", "first", "after", "min_seq"])?;
     let args = q.list();
     Ok(AxumJson(readmodels::to_json(&readmodels::queue(&state, &who, q.namespace, q.state, args).await?)))
 }
@@ -595,7 +644,7 @@ async fn list_dead_letters(
     who: Principal,
     params: ViewParams,
 ) -> ApiResult<AxumJson<serde_json::Value>> {
-    let q = view_query(params)?;
+    let q = view_query(params, &["namespace", "first", "after", "min_seq"])?;
     let args = q.list();
     Ok(AxumJson(readmodels::to_json(&readmodels::dead_letters(&state, &who, q.namespace, args).await?)))
 }
@@ -605,7 +654,7 @@ async fn dashboard(
     who: Principal,
     params: ViewParams,
 ) -> ApiResult<AxumJson<serde_json::Value>> {
-    let q = view_query(params)?;
+    let q = view_query(params, &["namespace", "window_minutes", "min_seq"])?;
     Ok(AxumJson(readmodels::to_json(
         &readmodels::dashboard(&state, &who, q.namespace, q.window_minutes, q.min_seq).await?,
     )))
@@ -616,7 +665,10 @@ async fn audit_log(
     who: Principal,
     params: ViewParams,
 ) -> ApiResult<AxumJson<serde_json::Value>> {
-    let q = view_query(params)?;
+    let q = view_query(
+        params,
+        &["task", "actor", "type", "from_seq", "to_seq", "from", "to", "first", "after", "min_seq"],
+    )?;
     let args = q.list();
     let filter = readmodels::AuditArgs {
         task: q.task,
@@ -635,11 +687,16 @@ async fn workers(
     who: Principal,
     params: ViewParams,
 ) -> ApiResult<AxumJson<serde_json::Value>> {
-    let q = view_query(params)?;
+    let q = view_query(params, &LIST_PARAMS)?;
     Ok(AxumJson(readmodels::to_json(&readmodels::workers(&state, &who, q.list()).await?)))
 }
 
-async fn projector_status(State(state): State<AppState>, who: Principal) -> ApiResult<AxumJson<serde_json::Value>> {
+async fn projector_status(
+    State(state): State<AppState>,
+    who: Principal,
+    query: QueryParams<NoQuery>,
+) -> ApiResult<AxumJson<serde_json::Value>> {
+    route_query(query)?;
     Ok(AxumJson(readmodels::to_json(&readmodels::projector_status(&state, &who)?)))
 }
 

@@ -355,13 +355,16 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     );
     println!(
         "writer: queue of {} commands, dedup window of {} events, {} recent records kept for live subscribers, \
-         {} stream heads cached, a snapshot every {} events, {}; caches: {} MiB of log pages, {} MiB of SQLite \
+         {} stream heads cached, {}, {}; caches: {} MiB of log pages, {} MiB of SQLite \
          projection pages per connection",
         config.writer.channel_capacity,
         config.writer.dedup_window_events,
         config.writer.feed_capacity,
         config.writer.store.stream_cache_entries,
-        config.writer.snapshot_every_events,
+        match config.writer.snapshot_every_events {
+            0 => "no snapshots".to_owned(),
+            every => format!("a snapshot every {every} events"),
+        },
         match config.writer.store.journal_bytes >> 20 {
             0 => "no write-ahead journal".to_owned(),
             mib => format!("a {mib} MiB write-ahead journal"),

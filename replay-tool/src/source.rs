@@ -145,11 +145,29 @@ impl Source {
     /// original is never modified: the repair goes to memory
     /// (`LogReader::open_repaired`).
     fn open_repaired(path: &Path, snapshots: SnapshotStore) -> Result<Source> {
-        eprintln!(
-            "note: {} was not closed cleanly (the server crashed or was killed); reading it repaired in memory, \
-             with the records of its journal, the files are left as they are",
-            path.display()
-        );
+        let journals = eventlog::journal::journal_paths(path);
+        if journals.iter().any(|journal| journal.exists()) {
+            eprintln!(
+                "note: {} was not closed cleanly (the server crashed or was killed); reading it repaired in memory, \
+                 with the records of its journal, the files are left as they are",
+                path.display()
+            );
+        } else {
+            // A file copied without its journals: what was acknowledged after the last
+            // checkpoint lived only there.
+            eprintln!(
+                "warning: {} was not closed cleanly and has no journal beside it ({}); reading it repaired in \
+                 memory, the file is left as it is. Records acknowledged after its last checkpoint are only in \
+                 the journals: copy them with it, or take a `taskledger backup`",
+                path.display(),
+                journals
+                    .iter()
+                    .filter_map(|j| j.file_name())
+                    .map(|n| n.to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         let reader = without_panic("open the log repaired in memory", || {
             LogReader::open_repaired(path).with_context(|| format!("repair {} in memory", path.display()))
         })?;

@@ -461,6 +461,15 @@ fn flags_out_of_range_are_refused_and_in_range_are_reported() {
         ("--request-timeout-ms", "0"),
         ("--request-timeout-ms", "9999"),
         ("--request-timeout-ms", "3600001"),
+        // Zero would refuse every request or hold nothing: each must be at least 1.
+        ("--max-body-bytes", "0"),
+        ("--max-concurrent-requests", "0"),
+        ("--max-connections", "0"),
+        ("--header-read-timeout-ms", "0"),
+        ("--writer-queue", "0"),
+        ("--dedup-window", "0"),
+        ("--feed-capacity", "0"),
+        ("--stream-cache", "0"),
     ] {
         let data = temp.path().join("refused");
         let out = std::process::Command::new(workspace_binary("taskledger"))
@@ -477,7 +486,11 @@ fn flags_out_of_range_are_refused_and_in_range_are_reported() {
         );
         assert!(!data.exists(), "{flag} {value} created the data dir");
     }
-    let server = Server::start_in(&temp.path().join("ok"), &["--log-cache-mib", "3", "--projections-cache-mib", "5"]);
+    let server = Server::start_in(
+        &temp.path().join("ok"),
+        &["--log-cache-mib", "3", "--projections-cache-mib", "5", "--snapshot-every", "0"],
+    );
     let banner = &server.banner;
     assert!(banner.contains("caches: 3 MiB of log pages, 5 MiB of SQLite projection pages per connection"), "{banner}");
+    assert!(banner.contains("stream heads cached, no snapshots,"), "{banner}");
 }

@@ -63,4 +63,15 @@ fn the_replay_tool_reads_a_crashed_servers_data_dir_without_modifying_it() {
     assert!(stdout.contains("result: clean"), "{stdout}");
 
     assert!(std::fs::read(&log).unwrap() == before, "the crashed log was modified");
+
+    // The log file copied alone, without its journals: the tool says what is missing (found by
+    // a black-box check: it claimed to read "the records of its journal" and showed none).
+    let alone = dir.path().join("alone");
+    std::fs::create_dir(&alone).unwrap();
+    std::fs::copy(&log, alone.join("ledger.redb")).unwrap();
+    let info = run("taskledger-replay", &["info", "--data", alone.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&info.stderr);
+    assert!(info.status.success(), "info failed: {stderr}");
+    assert!(stderr.contains("has no journal beside it (ledger.journal, ledger.journal.1)"), "{stderr}");
+    assert!(!stderr.contains("with the records of its journal"), "{stderr}");
 }
