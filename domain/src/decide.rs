@@ -10,7 +10,7 @@ use crate::command::{
 use crate::event::{Event, FailOutcome};
 use crate::ledger::{Ledger, ReadyKey, Step, Task};
 use crate::rejection::{Rejection, RejectionCode};
-use crate::spec::{TaskSpec, check_lease_ms, retry_delay_ms, validate_step_graph};
+use crate::spec::{TaskSpec, check_lease_ms, refuse_repeated_dependencies, retry_delay_ms, validate_step_graph};
 use crate::state::{StepState, TaskState};
 use crate::values::{Attempt, HandlerName, Namespace, StepIndex, StepName, TaskId, Timestamp};
 
@@ -93,6 +93,7 @@ impl Ledger {
                 }
                 let existing: Vec<&StepName> = task.steps.iter().map(|s| &s.name).collect();
                 validate_step_graph(&existing, steps)?;
+                refuse_repeated_dependencies(steps)?;
                 Ok(vec![Event::StepsAdded {
                     task: lease.task,
                     by_step: index,

@@ -179,9 +179,11 @@ impl TaskSpec {
 
     /// [`TaskSpec::validate`], and the rules a create must meet that logs written before them
     /// may not (their events must still fold): tags are distinct (a repeated tag once wedged
-    /// the tasks projector, whose tag table is keyed by tag and task).
+    /// the tasks projector, whose tag table is keyed by tag and task), and so are each step's
+    /// dependencies.
     pub fn validate_new(&self) -> Result<(), Rejection> {
         self.validate()?;
+        refuse_repeated_dependencies(&self.steps)?;
         if let Some((i, tag)) = self.tags.iter().enumerate().find(|(i, tag)| self.tags[..*i].contains(tag)) {
             return Err(Rejection::invalid(
                 &format!("tags[{i}]"),
@@ -195,6 +197,22 @@ impl TaskSpec {
     pub fn payload_bytes(&self) -> usize {
         self.payload.len() + self.steps.iter().map(|s| s.payload.len()).sum::<usize>()
     }
+}
+
+/// Refuses a step that names one dependency twice: the graph means the same either way, but
+/// a spec that says one thing twice is a client's mistake it should hear of, as with tags.
+/// Checked for new commands only (creates, add-steps), so logs written before still fold.
+pub fn refuse_repeated_dependencies(steps: &[StepSpec]) -> Result<(), Rejection> {
+    for (i, step) in steps.iter().enumerate() {
+        if let Some((d, dep)) = step.depends_on.iter().enumerate().find(|(d, dep)| step.depends_on[..*d].contains(dep))
+        {
+            return Err(Rejection::invalid(
+                &format!("steps[{i}].depends_on[{d}]"),
+                format!("step {} names dependency {dep} twice; a step's dependencies are distinct", step.name),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Validates `new_steps` appended after `existing` step names: each step's own
@@ -337,6 +355,17 @@ mod tests {
         let err = validate_step_graph(&[], &[step("a", &["a"])]).unwrap_err();
         assert_eq!(err.code, RejectionCode::DependencyCycle);
         assert_eq!(err.field.as_deref(), Some("steps[0].depends_on"));
+    }
+
+    /// Found by a black-box check: `depends_on: ["a", "a"]` was accepted and stored as sent.
+    #[test]
+    fn a_dependency_named_twice_is_refused_for_new_commands_only() {
+        let steps = [step("a", &[]), step("b", &["a", "a"])];
+        let err = refuse_repeated_dependencies(&steps).unwrap_err();
+        assert_eq!((err.code, err.field.as_deref()), (RejectionCode::InvalidValue, Some("steps[1].depends_on[1]")));
+        assert!(refuse_repeated_dependencies(&[step("a", &[]), step("b", &["a"])]).is_ok());
+        // An older log's create with such a step still folds: the graph check alone accepts it.
+        assert!(validate_step_graph(&[], &steps).is_ok());
     }
 
     #[test]

@@ -348,6 +348,8 @@ fn a_lease_holder_may_add_steps_at_a_decision_point() {
         s.rejected(add(e, vec![step("x", "h", &["y"]), step("y", "h", &["x"])])).code,
         RejectionCode::DependencyCycle
     );
+    let twice = s.rejected(add(e, vec![step("x", "h", &["decide", "decide"])]));
+    assert_eq!((twice.code, twice.field.as_deref()), (RejectionCode::InvalidValue, Some("steps[0].depends_on[1]")));
     s.ok(add(e, vec![step("after", "h", &["decide"]), step("now", "h", &[])]));
     assert_eq!(step_state(&s, task_id(1), "after"), StepState::Pending);
     assert_eq!(step_state(&s, task_id(1), "now"), StepState::Enqueued);

@@ -471,6 +471,16 @@ fn bad_input_gets_a_stable_error_and_changes_nothing() {
             422,
             "invalid_value",
         ),
+        // A dependency named twice (found by a black-box check: accepted and stored as sent).
+        (
+            server.post(
+                "/v1/tasks",
+                json!({ "namespace": "q", "steps": [{ "name": "a", "handler": "h" },
+                    { "name": "b", "handler": "h", "depends_on": ["a", "a"] }] }),
+            ),
+            422,
+            "invalid_value",
+        ),
         // A malformed task id in a filter is a bad filter, not a task not found.
         (server.get("/v1/views/audit?task=not-a-uuid"), 400, "invalid_filter"),
         // A query parameter a route does not take is refused, not ignored (found by a black-box
