@@ -54,6 +54,20 @@ async fn execute_create(
     command: Command,
     given_ids: &[Option<TaskId>],
 ) -> ApiResult<Acknowledgement> {
+    execute_counted(state, caller, command, given_ids, |_| true).await
+}
+
+/// [`execute_create`], counted in the command metrics (`taskledger_commands_total`, the
+/// acknowledgement latency) only when `answers` says this attempt is the request's answer: a
+/// long-polling claim tries again and again while it waits, and is one command, not one per
+/// attempt (every attempt was counted, so one waiting worker looked like a high claim rate).
+async fn execute_counted(
+    state: &AppState,
+    caller: &Caller<'_>,
+    command: Command,
+    given_ids: &[Option<TaskId>],
+    answers: impl FnOnce(&Result<Acknowledgement, WriteError>) -> bool,
+) -> ApiResult<Acknowledgement> {
     let target = command.target_task();
     let envelope = Envelope { command_id: caller.command_id(), actor: caller.who.actor(), command };
     let kind = envelope.command.kind();
@@ -79,9 +93,14 @@ async fn execute_create(
     };
     {
         let _entered = span.enter();
-        state.metrics.record_command(kind, &result, started.elapsed());
+        if answers(&result) {
+            state.metrics.record_command(kind, &result, started.elapsed());
+        }
         match &result {
-            Ok(ack) => tracing::debug!(seq = ?ack.seqs.map(|s| s.first), duplicate = ack.duplicate, "acknowledged"),
+            Ok(ack) => match ack.seqs {
+                Some(seqs) => tracing::debug!(seq = seqs.first, duplicate = ack.duplicate, "acknowledged"),
+                None => tracing::debug!(duplicate = ack.duplicate, "acknowledged, nothing recorded"),
+            },
             Err(error) => tracing::debug!(%error, "not recorded"),
         }
     }
@@ -451,9 +470,17 @@ pub async fn claim(state: &AppState, caller: &Caller<'_>, request: ClaimRequest)
         // Counters as they were before the claim was decided: work made ready
         // after that moves one of them.
         let before = counters(&work.borrow_and_update());
-        let ack = execute(state, caller, command.clone()).await?;
         // A server shutting down answers what it has instead of waiting on.
-        if !ack.claimed.is_empty() || tokio::time::Instant::now() >= deadline || *stopping.borrow() {
+        let mut answers = false;
+        let ack = execute_counted(state, caller, command.clone(), &[], |result| {
+            answers = match result {
+                Ok(ack) => !ack.claimed.is_empty() || tokio::time::Instant::now() >= deadline || *stopping.borrow(),
+                Err(_) => true,
+            };
+            answers
+        })
+        .await?;
+        if answers {
             return Ok(ClaimResponse {
                 seq: ack.seqs.map(|s| s.first),
                 head_seq: ack.head_seq,

@@ -138,7 +138,8 @@ impl From<WriteError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() && self.status != StatusCode::SERVICE_UNAVAILABLE {
-            tracing::error!(code = self.code, message = %self.message, "request failed");
+            // `error`, not `message`: that is the event's own field (a JSON log line had it twice).
+            tracing::error!(code = self.code, error = %self.message, "request failed");
         }
         count_error_answer(self.status, self.code);
         let body = Body { error: Inner { code: self.code, message: &self.message, field: self.field.as_deref() } };
