@@ -38,6 +38,8 @@ pub const RECURSIVE_DEPTH_MAX: usize = 32;
 pub const DIRECTIVES_MAX: usize = 8;
 pub const ALIASES_MAX: usize = 64;
 pub const PAGE_MAX: usize = 500;
+/// Codes of the limits [`document_limits`] applies.
+const DOCUMENT_LIMIT_CODES: [&str; 2] = ["too_many_aliases", "query_too_complex"];
 
 pub type LedgerSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
@@ -48,6 +50,7 @@ pub fn schema(state: AppState) -> LedgerSchema {
         .limit_complexity(COMPLEXITY_MAX)
         .limit_recursive_depth(RECURSIVE_DEPTH_MAX)
         .limit_directives(DIRECTIVES_MAX)
+        .extension(DocumentLimits)
         .finish()
 }
 
@@ -722,6 +725,105 @@ pub fn count_aliases(document: &ExecutableDocument) -> usize {
     operations + fragments
 }
 
+/// Fields of the largest operation once every fragment spread is expanded, computed with each
+/// fragment's size remembered, so in time linear in the document. async-graphql's depth and
+/// complexity checks expand spreads as they go: a 1.3 KB document of fragments that each spread
+/// the next one twice took minutes of CPU before it was refused (found by a black-box check: one
+/// request froze the server). A cycle counts nothing here; validation refuses it.
+pub fn expanded_fields(document: &ExecutableDocument) -> u64 {
+    use std::collections::HashMap;
+    fn set_size<'a>(
+        set: &'a SelectionSet,
+        document: &'a ExecutableDocument,
+        sizes: &mut HashMap<&'a str, Option<u64>>,
+    ) -> u64 {
+        set.items.iter().fold(0u64, |total, item| {
+            let size = match &item.node {
+                Selection::Field(field) => {
+                    1u64.saturating_add(set_size(&field.node.selection_set.node, document, sizes))
+                }
+                Selection::InlineFragment(fragment) => set_size(&fragment.node.selection_set.node, document, sizes),
+                Selection::FragmentSpread(spread) => {
+                    let name = spread.node.fragment_name.node.as_str();
+                    match sizes.get(name) {
+                        Some(Some(known)) => *known,
+                        // Being expanded: a cycle.
+                        Some(None) => 0,
+                        None => match document.fragments.get(&spread.node.fragment_name.node) {
+                            Some(fragment) => {
+                                sizes.insert(name, None);
+                                let size = set_size(&fragment.node.selection_set.node, document, sizes);
+                                sizes.insert(name, Some(size));
+                                size
+                            }
+                            None => 0,
+                        },
+                    }
+                }
+            };
+            total.saturating_add(size)
+        })
+    }
+    let mut sizes = HashMap::new();
+    document
+        .operations
+        .iter()
+        .map(|(_, op)| set_size(&op.node.selection_set.node, document, &mut sizes))
+        .max()
+        .unwrap_or(0)
+}
+
+/// The limits checked on a parsed document before async-graphql's own checks run, the same
+/// for `POST /graphql` and the WebSocket: aliases, and the expanded size (which can only be
+/// within the complexity limit if it is at most that many fields). The error's code and text.
+pub fn document_limits(document: &ExecutableDocument) -> Result<(), (&'static str, String)> {
+    let aliases = count_aliases(document);
+    if aliases > ALIASES_MAX {
+        return Err(("too_many_aliases", format!("the query uses {aliases} aliases; the limit is {ALIASES_MAX}")));
+    }
+    let fields = expanded_fields(document);
+    if fields > COMPLEXITY_MAX as u64 {
+        return Err((
+            "query_too_complex",
+            format!("the query selects {fields} fields once its fragments are expanded; the limit is {COMPLEXITY_MAX}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Applies [`document_limits`] to every request the schema runs, whichever way it arrived (the
+/// WebSocket ran queries and mutations past the alias limit `POST /graphql` applies).
+struct DocumentLimits;
+
+impl async_graphql::extensions::ExtensionFactory for DocumentLimits {
+    fn create(&self) -> std::sync::Arc<dyn async_graphql::extensions::Extension> {
+        std::sync::Arc::new(DocumentLimits)
+    }
+}
+
+#[async_graphql::async_trait::async_trait]
+impl async_graphql::extensions::Extension for DocumentLimits {
+    async fn parse_query(
+        &self,
+        ctx: &async_graphql::extensions::ExtensionContext<'_>,
+        query: &str,
+        variables: &async_graphql::Variables,
+        next: async_graphql::extensions::NextParseQuery<'_>,
+    ) -> async_graphql::ServerResult<ExecutableDocument> {
+        // Checked on a parse of our own, before `next`: async-graphql's parse step also checks the
+        // recursion depth, which expands fragment spreads too. A document that does not parse is
+        // left to `next` to report.
+        if let Ok(document) = async_graphql::parser::parse_query(query) {
+            document_limits(&document).map_err(|(code, message)| {
+                let mut error = async_graphql::ServerError::new(message, None);
+                error.extensions.get_or_insert_with(Default::default).set("code", code);
+                error
+            })?;
+        }
+        next.run(ctx, query, variables).await
+    }
+}
+
 /// POST /graphql: one operation per request, authenticated like REST (401
 /// without a valid token, before the body is even read). The body is read
 /// here, not by `async_graphql_axum`'s extractor, so that the server's body
@@ -791,13 +893,8 @@ pub async fn graphql_handler(
         };
         runs && operation.node.ty == async_graphql::parser::types::OperationType::Mutation
     });
-    let aliases = count_aliases(&document);
-    if aliases > ALIASES_MAX {
-        return graphql_error(
-            StatusCode::BAD_REQUEST,
-            "too_many_aliases",
-            format!("the query uses {aliases} aliases; the limit is {ALIASES_MAX}"),
-        );
+    if let Err((code, message)) = document_limits(&document) {
+        return graphql_error(StatusCode::BAD_REQUEST, code, message);
     }
     let mut response = schema.execute(request).await;
     // Errors without a path come from validation (limits, unknown fields,
@@ -817,7 +914,15 @@ pub async fn graphql_handler(
         let mut counted = false;
         for error in &mut response.errors {
             let message = error.message.to_lowercase();
-            let code = if message.contains("nested too deep") || message.contains("recursion depth") {
+            let given = error.extensions.as_ref().and_then(|x| x.get("code")).and_then(|code| match code {
+                async_graphql::Value::String(code) => {
+                    DOCUMENT_LIMIT_CODES.iter().find(|known| **known == code).copied()
+                }
+                _ => None,
+            });
+            let code = if let Some(code) = given {
+                code
+            } else if message.contains("nested too deep") || message.contains("recursion depth") {
                 "query_too_deep"
             } else if message.contains("too complex") {
                 "query_too_complex"
@@ -852,7 +957,12 @@ pub async fn graphiql() -> Html<String> {
     Html(GraphiQLSource::build().endpoint("/graphql").subscription_endpoint("/graphql/ws").finish())
 }
 
-/// GET /graphql/ws: subscriptions (graphql-ws and graphql-transport-ws).
+/// How long a WebSocket may take to authenticate (`connection_init` with a valid token) before
+/// it is closed.
+pub const WS_INIT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// GET /graphql/ws: subscriptions (graphql-ws and graphql-transport-ws); a socket that has not
+/// authenticated within [`WS_INIT_WAIT`] is closed.
 pub async fn graphql_ws(
     State(state): State<AppState>,
     axum::Extension(schema): axum::Extension<LedgerSchema>,
@@ -861,8 +971,10 @@ pub async fn graphql_ws(
 ) -> Response {
     upgrade
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
-        .on_upgrade(move |stream| {
-            GraphQLWebSocket::new(stream, schema, protocol)
+        .on_upgrade(move |stream| async move {
+            let initialised = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let accepted = initialised.clone();
+            let serve = GraphQLWebSocket::new(stream, schema, protocol)
                 .on_connection_init(move |payload| async move {
                     let authorization = payload
                         .get("Authorization")
@@ -873,6 +985,7 @@ pub async fn graphql_ws(
                     match principal_from(&state, authorization.as_deref()) {
                         Some(principal) => {
                             data.insert(principal);
+                            accepted.store(true, std::sync::atomic::Ordering::Release);
                             Ok(data)
                         }
                         None => Err(async_graphql::Error::new(
@@ -880,7 +993,19 @@ pub async fn graphql_ws(
                         )),
                     }
                 })
-                .serve()
+                .serve();
+            let mut serve = std::pin::pin!(serve);
+            // A socket that has not authenticated in time is closed: it would hold a
+            // connection slot forever (found by a black-box check: three bare sockets took every
+            // slot of `--max-connections 3`, and /healthz went unanswered).
+            tokio::select! {
+                () = &mut serve => {}
+                () = tokio::time::sleep(WS_INIT_WAIT) => {
+                    if initialised.load(std::sync::atomic::Ordering::Acquire) {
+                        serve.await;
+                    }
+                }
+            }
         })
         .into_response()
 }
@@ -918,6 +1043,25 @@ mod tests {
             .map(|item| item.map(|(record, _)| record.seq).map_err(|e| format!("{} {}", e.code, e.message)))
             .collect()
             .await
+    }
+
+    /// Fragments that each spread the next one twice: 2^30 fields, counted in linear time.
+    #[test]
+    fn fragment_fan_out_is_counted_without_expanding_it() {
+        let mut query = String::from("{ ...F0 } ");
+        for i in 0..30 {
+            query += &format!("fragment F{i} on QueryRoot {{ ...F{n} ...F{n} }} ", n = i + 1);
+        }
+        query += "fragment F30 on QueryRoot { ledger { headSeq } }";
+        let document = async_graphql::parser::parse_query(&query).unwrap();
+        assert_eq!(expanded_fields(&document), 2 << 30);
+        assert_eq!(document_limits(&document).unwrap_err().0, "query_too_complex");
+        let small = async_graphql::parser::parse_query("{ ...A ...A } fragment A on QueryRoot { ledger { headSeq } }");
+        assert_eq!(expanded_fields(&small.unwrap()), 4);
+        let cycle = async_graphql::parser::parse_query(
+            "{ ...A } fragment A on QueryRoot { ...B } fragment B on QueryRoot { ...A }",
+        );
+        assert_eq!(expanded_fields(&cycle.unwrap()), 0);
     }
 
     /// A subscription that meets a record it cannot decode, or a batch it cannot read, says so

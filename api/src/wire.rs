@@ -12,9 +12,38 @@ use eventlog::StoredRecord;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// Turns a JSON value into the domain's bounded JSON text.
+/// Deepest nesting of arrays and objects accepted in a payload or result. Every JSON reader of
+/// the log's records (the feed, `taskledger-replay --server`, client libraries) must be able to
+/// parse them, and common parsers stop at 128 levels, the record around a payload included.
+pub const JSON_DEPTH_MAX: usize = 64;
+
+/// Turns a JSON value into the domain's bounded JSON text: at most [`Json::MAX_BYTES`] and
+/// [`JSON_DEPTH_MAX`] levels deep (a GraphQL literal could carry a depth REST's parser refuses).
 pub fn json_text(field: &str, value: &Value) -> Result<Json, Rejection> {
+    let depth = json_depth(value);
+    if depth > JSON_DEPTH_MAX {
+        return Err(Rejection::invalid(
+            field,
+            format!("{field} is nested {depth} levels deep; the limit is {JSON_DEPTH_MAX}"),
+        ));
+    }
     Json::new(field, serde_json::to_string(value).expect("values serialize"))
+}
+
+/// Levels of arrays and objects in `value` (a scalar is 0), without recursion.
+fn json_depth(value: &Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0usize)];
+    while let Some((value, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match value {
+            Value::Array(items) => Box::new(items.iter()),
+            Value::Object(fields) => Box::new(fields.values()),
+            _ => continue,
+        };
+        deepest = deepest.max(depth + 1);
+        stack.extend(children.map(|child| (child, depth + 1)));
+    }
+    deepest
 }
 
 /// The domain's JSON text back into a value (it was valid JSON when stored).
@@ -547,5 +576,25 @@ pub fn task_body(task: &Task, last_seq: u64, version: u64) -> TaskBody {
             .collect(),
         last_seq,
         version,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nested(levels: usize) -> Value {
+        (0..levels).fold(Value::Null, |inner, _| Value::Array(vec![inner]))
+    }
+
+    /// Found by a black-box check: a GraphQL literal 126+ levels deep was recorded, and then
+    /// every JSON reader of the feed (`taskledger-replay --server` included) failed on it.
+    #[test]
+    fn payloads_deeper_than_the_limit_are_refused() {
+        assert_eq!(json_depth(&serde_json::json!({"a": [1, {"b": 2}], "c": 3})), 3);
+        assert!(json_text("payload", &nested(JSON_DEPTH_MAX)).is_ok());
+        let refused = json_text("payload", &nested(JSON_DEPTH_MAX + 1)).unwrap_err();
+        assert_eq!(refused.code, domain::RejectionCode::InvalidValue);
+        assert!(refused.message.contains("nested 65 levels deep; the limit is 64"), "{}", refused.message);
     }
 }

@@ -4,7 +4,8 @@
 //! handler's alias limit. An extension ends every request after validation,
 //! so no resolver runs (they need a running writer): what is fuzzed is the
 //! parser and validation, the part that sees a query before anything is
-//! checked. The alias count is the handler's own (`api::graphql::count_aliases`).
+//! checked. The alias count and the expanded size are the handler's own
+//! (`api::graphql::document_limits`).
 //! Nothing may panic, hang or allocate without bound.
 
 #![no_main]
@@ -12,8 +13,8 @@
 use std::sync::{Arc, LazyLock};
 
 use api::graphql::{
-    ALIASES_MAX, COMPLEXITY_MAX, DEPTH_MAX, DIRECTIVES_MAX, MutationRoot, QueryRoot, RECURSIVE_DEPTH_MAX,
-    SubscriptionRoot, count_aliases,
+    COMPLEXITY_MAX, DEPTH_MAX, DIRECTIVES_MAX, MutationRoot, QueryRoot, RECURSIVE_DEPTH_MAX, SubscriptionRoot,
+    document_limits,
 };
 use async_graphql::extensions::{Extension, ExtensionContext, ExtensionFactory, NextExecute};
 use async_graphql::{Response, Schema, ServerError};
@@ -52,9 +53,10 @@ static SCHEMA: LazyLock<FuzzSchema> = LazyLock::new(|| {
 
 fuzz_target!(|data: &[u8]| {
     let Ok(query) = std::str::from_utf8(data) else { return };
-    // The handler's order: parse, refuse too many aliases, then the schema's checks.
+    // The handler's order: parse, refuse too many aliases or too many fields once fragments are
+    // expanded, then the schema's checks.
     let Ok(document) = async_graphql::parser::parse_query(query) else { return };
-    if count_aliases(&document) > ALIASES_MAX {
+    if document_limits(&document).is_err() {
         return;
     }
     let response = futures_executor::block_on(SCHEMA.execute(query));

@@ -420,6 +420,65 @@ fn subscribe(server: &Server, query: &str, variables: Value) -> Socket {
     socket
 }
 
+/// The code of the first error a socket is answered with, in a `next` or an `error` message.
+fn first_error_code(socket: &mut Socket) -> Value {
+    let message: Value = serde_json::from_str(socket.read().unwrap().to_text().unwrap()).unwrap();
+    let errors = if message["type"] == "error" { &message["payload"] } else { &message["payload"]["errors"] };
+    errors[0]["extensions"]["code"].clone()
+}
+
+/// Found by a black-box check: a 1.3 KB document of fragments that each spread the next one
+/// twice took minutes of CPU in the complexity check (the server froze); the WebSocket ran
+/// queries and mutations past the alias limit; a socket that never authenticated held its
+/// connection slot forever; an inline GraphQL payload deeper than REST's parser allows was
+/// recorded, and then no JSON reader of the feed could parse it.
+#[test]
+fn every_transport_meets_the_same_limits() {
+    let server = Server::start();
+    let head = server.head_seq();
+    let mut fan_out = String::from("{ ...F0 } ");
+    for i in 0..30 {
+        fan_out += &format!("fragment F{i} on QueryRoot {{ ...F{n} ...F{n} }} ", n = i + 1);
+    }
+    fan_out += "fragment F30 on QueryRoot { ledger { headSeq } }";
+    let answer = server.post("/graphql", json!({ "query": fan_out }));
+    assert_eq!(
+        (answer.status, answer.body["errors"][0]["extensions"]["code"].clone()),
+        (400, json!("query_too_complex"))
+    );
+
+    let mut socket = subscribe(&server, &fan_out, json!({}));
+    assert_eq!(first_error_code(&mut socket), "query_too_complex");
+    let pauses: String = (0..100).map(|i| format!("a{i}: pauseQueue(namespace: \"ws{i}\") {{ seq }} ")).collect();
+    let mut socket = subscribe(&server, &format!("mutation {{ {pauses} }}"), json!({}));
+    assert_eq!(first_error_code(&mut socket), "too_many_aliases");
+
+    let deep = format!("{}1{}", "[".repeat(70), "]".repeat(70));
+    let created = server.post(
+        "/graphql",
+        json!({ "query": format!("mutation {{ createTask(input: {{ namespace: \"deep\", handler: \"h\", payload: {deep} }}) {{ seq }} }}") }),
+    );
+    assert_eq!(created.body["errors"][0]["extensions"]["code"], "invalid_value", "{created:?}");
+    assert_eq!(server.head_seq(), head, "nothing was written");
+
+    // A socket that never sends connection_init is closed (after `WS_INIT_WAIT`, 10 s).
+    let url = server.base.replace("http://", "ws://") + "/graphql/ws";
+    let mut request = tungstenite::client::IntoClientRequest::into_client_request(url.as_str()).unwrap();
+    request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse().unwrap());
+    let stream = std::net::TcpStream::connect(server.base.trim_start_matches("http://")).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let (mut bare, _) = tungstenite::client(request, stream).unwrap();
+    let ended = loop {
+        match bare.read() {
+            Ok(tungstenite::Message::Close(_)) => break true,
+            Ok(_) => continue,
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
+            Err(_) => break true,
+        }
+    };
+    assert!(ended, "an unauthenticated socket was still open after 30 s");
+}
+
 /// The next `next` message's payload.
 fn next_payload(socket: &mut Socket) -> Value {
     loop {
