@@ -938,6 +938,17 @@ pub async fn graphql_handler(
         *http.status_mut() = StatusCode::BAD_REQUEST;
         return http;
     }
+    // An argument of a mutation that did not parse (the fields beside it ran, so the answer is a
+    // 200) carries the code and status REST gives the same input, like every other error.
+    for error in &mut response.errors {
+        if error.message.starts_with("Failed to parse \"")
+            && error.extensions.as_ref().is_none_or(|x| x.get("code").is_none())
+        {
+            let extensions = error.extensions.get_or_insert_with(Default::default);
+            extensions.set("code", "invalid_request");
+            extensions.set("status", 400);
+        }
+    }
     GraphQLResponse::from(response).into_response()
 }
 

@@ -172,6 +172,9 @@ fn the_queue_pages_by_key_and_refuses_what_does_not_exist() {
     assert_eq!(mixed.status, 200, "{mixed:?}");
     assert!(mixed.body["data"]["a"]["taskId"].is_string(), "{mixed:?}");
     assert!(!mixed.body["errors"].as_array().unwrap().is_empty(), "{mixed:?}");
+    // With REST's code and status for the same input (found by a black-box check: none).
+    assert_eq!(mixed.body["errors"][0]["extensions"]["code"], "invalid_request", "{mixed:?}");
+    assert_eq!(mixed.body["errors"][0]["extensions"]["status"], 400, "{mixed:?}");
     assert_eq!(server.head_seq(), head + 1, "the create was written");
 }
 
