@@ -39,7 +39,7 @@ pub const DIRECTIVES_MAX: usize = 8;
 pub const ALIASES_MAX: usize = 64;
 pub const PAGE_MAX: usize = 500;
 /// Codes of the limits [`document_limits`] applies.
-const DOCUMENT_LIMIT_CODES: [&str; 2] = ["too_many_aliases", "query_too_complex"];
+const DOCUMENT_LIMIT_CODES: [&str; 3] = ["too_many_aliases", "query_too_complex", "query_too_deep"];
 
 pub type LedgerSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
@@ -681,7 +681,7 @@ fn decoded_until_first_error(
     batches: impl Stream<Item = Result<Vec<eventlog::StoredRecord>, String>>,
 ) -> impl Stream<Item = Result<(eventlog::StoredRecord, domain::Event), ApiError>> {
     let unreadable = |message: String| ApiError::unavailable("log_unreadable", message, 5);
-    batches
+    let items = batches
         .map(move |batch| {
             let items: Vec<_> = match batch {
                 Ok(records) => records
@@ -695,14 +695,17 @@ fn decoded_until_first_error(
             };
             futures_util::stream::iter(items)
         })
-        .flatten()
-        .scan(false, |failed, item| {
-            let next = (!*failed).then(|| {
-                *failed = item.is_err();
-                item
-            });
-            std::future::ready(next)
-        })
+        .flatten();
+    // Ends right after the failure, without asking the log for more: a failure at the newest
+    // record would otherwise leave the client waiting for its `complete` until the next append.
+    futures_util::stream::unfold((Box::pin(items), false), |(mut items, failed)| async move {
+        if failed {
+            return None;
+        }
+        let item = items.next().await?;
+        let failed = item.is_err();
+        Some((item, (items, failed)))
+    })
 }
 
 /// Counts aliased fields in every operation and fragment (the handler refuses more than
@@ -725,70 +728,104 @@ pub fn count_aliases(document: &ExecutableDocument) -> usize {
     operations + fragments
 }
 
-/// Fields of the largest operation once every fragment spread is expanded, computed with each
-/// fragment's size remembered, so in time linear in the document. async-graphql's depth and
-/// complexity checks expand spreads as they go: a 1.3 KB document of fragments that each spread
-/// the next one twice took minutes of CPU before it was refused (found by a black-box check: one
-/// request froze the server). A cycle counts nothing here; validation refuses it.
-pub fn expanded_fields(document: &ExecutableDocument) -> u64 {
+/// Why a document is refused before async-graphql sees it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DocumentTooBig {
+    /// Selection sets and fragment spreads nested deeper than [`RECURSIVE_DEPTH_MAX`].
+    TooDeep,
+}
+
+/// Selections of every operation once every fragment spread is expanded (each field, inline
+/// fragment and spread counts one, so a spread of a fragment that does not exist counts too),
+/// computed with each fragment's size and height remembered, so in time linear in the
+/// document and with recursion no deeper than [`RECURSIVE_DEPTH_MAX`]: a deeper nesting, or a
+/// longer chain of spreads (in any fragment, used or not), is refused. async-graphql's own
+/// checks expand spreads as they go: a 1.3 KB document of fragments that each spread the next
+/// one twice took minutes of CPU before it was refused (found by a black-box check: one request
+/// froze the server), and a chain of 100,000 spreads would overflow a stack. A cycle counts
+/// one; validation refuses it.
+pub fn expanded_selections(document: &ExecutableDocument) -> Result<u64, DocumentTooBig> {
     use std::collections::HashMap;
-    fn set_size<'a>(
+    /// Fragments by name: `None` while being walked (a cycle), then their size and height.
+    type Known<'a> = HashMap<&'a str, Option<(u64, usize)>>;
+    /// Size and height of `set`, whose selections sit `depth` levels down.
+    fn walk<'a>(
         set: &'a SelectionSet,
+        depth: usize,
         document: &'a ExecutableDocument,
-        sizes: &mut HashMap<&'a str, Option<u64>>,
-    ) -> u64 {
-        set.items.iter().fold(0u64, |total, item| {
-            let size = match &item.node {
-                Selection::Field(field) => {
-                    1u64.saturating_add(set_size(&field.node.selection_set.node, document, sizes))
+        known: &mut Known<'a>,
+    ) -> Result<(u64, usize), DocumentTooBig> {
+        if depth > RECURSIVE_DEPTH_MAX {
+            return Err(DocumentTooBig::TooDeep);
+        }
+        let (mut size, mut height) = (0u64, 0usize);
+        for item in &set.items {
+            let (inner_size, inner_height) = match &item.node {
+                Selection::Field(field) => walk(&field.node.selection_set.node, depth + 1, document, known)?,
+                Selection::InlineFragment(fragment) => {
+                    walk(&fragment.node.selection_set.node, depth + 1, document, known)?
                 }
-                Selection::InlineFragment(fragment) => set_size(&fragment.node.selection_set.node, document, sizes),
                 Selection::FragmentSpread(spread) => {
                     let name = spread.node.fragment_name.node.as_str();
-                    match sizes.get(name) {
-                        Some(Some(known)) => *known,
-                        // Being expanded: a cycle.
-                        Some(None) => 0,
-                        None => match document.fragments.get(&spread.node.fragment_name.node) {
-                            Some(fragment) => {
-                                sizes.insert(name, None);
-                                let size = set_size(&fragment.node.selection_set.node, document, sizes);
-                                sizes.insert(name, Some(size));
-                                size
-                            }
-                            None => 0,
-                        },
+                    match (known.get(name), document.fragments.get(&spread.node.fragment_name.node)) {
+                        (Some(Some((_, height))), _) if depth + 1 + height > RECURSIVE_DEPTH_MAX => {
+                            return Err(DocumentTooBig::TooDeep);
+                        }
+                        (Some(Some(known)), _) => *known,
+                        // Being walked (a cycle), or no such fragment: validation refuses both.
+                        (Some(None), _) | (None, None) => (0, 0),
+                        (None, Some(fragment)) => {
+                            known.insert(name, None);
+                            let walked = walk(&fragment.node.selection_set.node, depth + 1, document, known)?;
+                            known.insert(name, Some(walked));
+                            walked
+                        }
                     }
                 }
             };
-            total.saturating_add(size)
-        })
+            size = size.saturating_add(1).saturating_add(inner_size);
+            height = height.max(1 + inner_height);
+        }
+        Ok((size, height))
     }
-    let mut sizes = HashMap::new();
-    document
-        .operations
-        .iter()
-        .map(|(_, op)| set_size(&op.node.selection_set.node, document, &mut sizes))
-        .max()
-        .unwrap_or(0)
+    let mut known = Known::new();
+    let mut total = 0u64;
+    for (_, operation) in document.operations.iter() {
+        total = total.saturating_add(walk(&operation.node.selection_set.node, 0, document, &mut known)?.0);
+    }
+    // Fragments no operation reached are walked too: validation follows their spreads as well.
+    for (name, fragment) in &document.fragments {
+        if !known.contains_key(name.as_str()) {
+            known.insert(name.as_str(), None);
+            let walked = walk(&fragment.node.selection_set.node, 1, document, &mut known)?;
+            known.insert(name.as_str(), Some(walked));
+        }
+    }
+    Ok(total)
 }
 
 /// The limits checked on a parsed document before async-graphql's own checks run, the same
-/// for `POST /graphql` and the WebSocket: aliases, and the expanded size (which can only be
-/// within the complexity limit if it is at most that many fields). The error's code and text.
+/// for `POST /graphql` and the WebSocket: aliases, nesting (fragments included), and the
+/// expanded size — async-graphql's complexity sums every operation, so a document over the
+/// complexity limit in selections could not pass it. The error's code and text.
 pub fn document_limits(document: &ExecutableDocument) -> Result<(), (&'static str, String)> {
     let aliases = count_aliases(document);
     if aliases > ALIASES_MAX {
         return Err(("too_many_aliases", format!("the query uses {aliases} aliases; the limit is {ALIASES_MAX}")));
     }
-    let fields = expanded_fields(document);
-    if fields > COMPLEXITY_MAX as u64 {
-        return Err((
+    match expanded_selections(document) {
+        Err(DocumentTooBig::TooDeep) => Err((
+            "query_too_deep",
+            format!("the query nests selections and fragment spreads deeper than {RECURSIVE_DEPTH_MAX} levels"),
+        )),
+        Ok(selections) if selections > COMPLEXITY_MAX as u64 => Err((
             "query_too_complex",
-            format!("the query selects {fields} fields once its fragments are expanded; the limit is {COMPLEXITY_MAX}"),
-        ));
+            format!(
+                "the query makes {selections} selections once its fragments are expanded; the limit is {COMPLEXITY_MAX}"
+            ),
+        )),
+        Ok(_) => Ok(()),
     }
-    Ok(())
 }
 
 /// Applies [`document_limits`] to every request the schema runs, whichever way it arrived (the
@@ -1056,23 +1093,65 @@ mod tests {
             .await
     }
 
-    /// Fragments that each spread the next one twice: 2^30 fields, counted in linear time.
+    fn parsed(query: &str) -> ExecutableDocument {
+        async_graphql::parser::parse_query(query).unwrap()
+    }
+
+    /// Fragments that each spread the next one twice: counted in linear time, and refused.
     #[test]
     fn fragment_fan_out_is_counted_without_expanding_it() {
-        let mut query = String::from("{ ...F0 } ");
-        for i in 0..30 {
-            query += &format!("fragment F{i} on QueryRoot {{ ...F{n} ...F{n} }} ", n = i + 1);
+        let fan_out = |levels: usize, last: &str| {
+            let mut query = String::from("{ ...F0 } ");
+            for i in 0..levels {
+                query += &format!("fragment F{i} on QueryRoot {{ ...F{n} ...F{n} }} ", n = i + 1);
+            }
+            parsed(&(query + &format!("fragment F{levels} on QueryRoot {{ {last} }}")))
+        };
+        for last in ["ledger { headSeq }", "...Nope"] {
+            let document = fan_out(25, last);
+            assert!(expanded_selections(&document).unwrap() > 1 << 25, "{last}");
+            assert_eq!(document_limits(&document).unwrap_err().0, "query_too_complex", "{last}");
+            // 31 levels, as the black-box check sent: past the recursion limit as well.
+            assert!(document_limits(&fan_out(30, last)).is_err(), "{last}");
         }
-        query += "fragment F30 on QueryRoot { ledger { headSeq } }";
-        let document = async_graphql::parser::parse_query(&query).unwrap();
-        assert_eq!(expanded_fields(&document), 2 << 30);
-        assert_eq!(document_limits(&document).unwrap_err().0, "query_too_complex");
-        let small = async_graphql::parser::parse_query("{ ...A ...A } fragment A on QueryRoot { ledger { headSeq } }");
-        assert_eq!(expanded_fields(&small.unwrap()), 4);
-        let cycle = async_graphql::parser::parse_query(
-            "{ ...A } fragment A on QueryRoot { ...B } fragment B on QueryRoot { ...A }",
-        );
-        assert_eq!(expanded_fields(&cycle.unwrap()), 0);
+        // { ...A ...A }: two spreads, each of one field with one selection below it.
+        assert_eq!(expanded_selections(&parsed("{ ...A ...A } fragment A on QueryRoot { ledger { headSeq } }")), Ok(6));
+        let cycle = parsed("{ ...A } fragment A on QueryRoot { ...B } fragment B on QueryRoot { ...A }");
+        assert_eq!(expanded_selections(&cycle), Ok(3));
+        // Several operations add up, as async-graphql's complexity does.
+        let two = parsed("query a { ledger { headSeq } } query b { ledger { headSeq } }");
+        assert_eq!(expanded_selections(&two), Ok(4));
+    }
+
+    /// A chain of spreads deeper than the recursion limit is refused without following it to
+    /// its end, used by an operation or not (a chain of 100,000 would have overflowed the stack).
+    #[test]
+    fn a_long_chain_of_spreads_is_refused_as_too_deep() {
+        for used in [true, false] {
+            let mut query = String::from(if used { "{ ...a0 } " } else { "{ ledger { headSeq } } " });
+            for i in 0..100_000 {
+                query += &format!("fragment a{i} on QueryRoot {{ ...a{} }} ", i + 1);
+            }
+            query += "fragment a100000 on QueryRoot { ledger { headSeq } }";
+            let document = parsed(&query);
+            assert_eq!(expanded_selections(&document), Err(DocumentTooBig::TooDeep), "used: {used}");
+            assert_eq!(document_limits(&document).unwrap_err().0, "query_too_deep");
+        }
+        // A fragment known at a shallow depth is still too deep when spread far down.
+        let nest = |levels: usize| {
+            let mut text = String::new();
+            for _ in 0..levels {
+                text += "...on QueryRoot { ";
+            }
+            text += "ledger { headSeq }";
+            text += &" }".repeat(levels);
+            text
+        };
+        let shallow = parsed(&format!("{{ ...Deep }} fragment Deep on QueryRoot {{ {} }}", nest(20)));
+        assert!(expanded_selections(&shallow).is_ok());
+        let wrapped = "...on QueryRoot { ".repeat(15) + "...Deep" + &" }".repeat(15);
+        let deeper = parsed(&format!("{{ ...Deep {wrapped} }} fragment Deep on QueryRoot {{ {} }}", nest(20)));
+        assert_eq!(expanded_selections(&deeper), Err(DocumentTooBig::TooDeep));
     }
 
     /// A subscription that meets a record it cannot decode, or a batch it cannot read, says so
@@ -1090,5 +1169,13 @@ mod tests {
 
         let got = outcomes(vec![Ok(vec![paused(1)]), Err("I/O error".into()), Ok(vec![paused(2)])]).await;
         assert_eq!(got, [Ok(1), Err("log_unreadable the log cannot be read: I/O error".into())]);
+
+        // The failure at the newest record ends the stream at once, without waiting for the log
+        // to grow (a review found it asked for the next batch first).
+        let quiet_log = futures_util::stream::iter(vec![Ok(vec![paused(1), record(2, u16::MAX, vec![0xff])])])
+            .chain(futures_util::stream::pending());
+        let ended =
+            tokio::time::timeout(std::time::Duration::from_secs(5), decoded_until_first_error(quiet_log).count()).await;
+        assert_eq!(ended, Ok(2), "the stream ended after the failure");
     }
 }
