@@ -708,8 +708,8 @@ fn decoded_until_first_error(
     })
 }
 
-/// Counts aliased fields in every operation and fragment (the handler refuses more than
-/// `ALIASES_MAX`; the GraphQL fuzz target applies the same count).
+/// Counts aliased fields in every operation and fragment ([`document_limits`] refuses more than
+/// `ALIASES_MAX`).
 pub fn count_aliases(document: &ExecutableDocument) -> usize {
     fn in_set(set: &SelectionSet) -> usize {
         set.items
@@ -829,7 +829,7 @@ pub fn document_limits(document: &ExecutableDocument) -> Result<(), (&'static st
 }
 
 /// Applies [`document_limits`] to every request the schema runs, whichever way it arrived (the
-/// WebSocket ran queries and mutations past the alias limit `POST /graphql` applies).
+/// WebSocket once ran queries and mutations past the alias limit `POST /graphql` applied).
 struct DocumentLimits;
 
 impl async_graphql::extensions::ExtensionFactory for DocumentLimits {
@@ -930,23 +930,17 @@ pub async fn graphql_handler(
         };
         runs && operation.node.ty == async_graphql::parser::types::OperationType::Mutation
     });
-    if let Err((code, message)) = document_limits(&document) {
-        return graphql_error(StatusCode::BAD_REQUEST, code, message);
-    }
+    // The document limits are the schema's `DocumentLimits` extension's: its refusal has no path
+    // and keeps its code below, like every check made before a resolver runs.
     let mut response = schema.execute(request).await;
-    // Errors without a path come from validation (limits, unknown fields,
-    // fragment cycles): no resolver ran. Give them a stable code and a 400,
-    // like the alias limit above.
+    // Errors without a path come from the document limits or validation (limits, unknown
+    // fields, fragment cycles): no resolver ran. Give them a stable code and a 400.
     // An argument that parses as GraphQL but not as the field's type (a negative `first`,
     // a number past the type's range) fails when its field is resolved, so it has a path;
     // it is bad input all the same, and no resolver ran for it. In a mutation, though, the
     // fields beside it did run (and may have written): the answer stays a 200 whose data says
     // what was done.
-    let bad_argument = |e: &async_graphql::ServerError| {
-        !mutates
-            && e.message.starts_with("Failed to parse \"")
-            && e.extensions.as_ref().is_none_or(|x| x.get("code").is_none())
-    };
+    let bad_argument = |e: &async_graphql::ServerError| !mutates && unparsed_argument(e);
     if !response.errors.is_empty() && response.errors.iter().all(|e| e.path.is_empty() || bad_argument(e)) {
         let mut counted = false;
         for error in &mut response.errors {
@@ -978,15 +972,18 @@ pub async fn graphql_handler(
     // An argument of a mutation that did not parse (the fields beside it ran, so the answer is a
     // 200) carries the code and status REST gives the same input, like every other error.
     for error in &mut response.errors {
-        if error.message.starts_with("Failed to parse \"")
-            && error.extensions.as_ref().is_none_or(|x| x.get("code").is_none())
-        {
+        if unparsed_argument(error) {
             let extensions = error.extensions.get_or_insert_with(Default::default);
             extensions.set("code", "invalid_request");
             extensions.set("status", 400);
         }
     }
     GraphQLResponse::from(response).into_response()
+}
+
+/// An error of an argument its field could not parse (async-graphql's, without a code).
+fn unparsed_argument(error: &async_graphql::ServerError) -> bool {
+    error.message.starts_with("Failed to parse \"") && error.extensions.as_ref().is_none_or(|x| x.get("code").is_none())
 }
 
 fn graphql_error(status: StatusCode, code: &'static str, message: String) -> Response {

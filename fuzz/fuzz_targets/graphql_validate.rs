@@ -4,8 +4,8 @@
 //! handler's alias limit. An extension ends every request after validation,
 //! so no resolver runs (they need a running writer): what is fuzzed is the
 //! parser and validation, the part that sees a query before anything is
-//! checked. The alias count and the expanded size are the handler's own
-//! (`api::graphql::document_limits`).
+//! checked. The alias count, nesting and expanded size are the server's own
+//! (`api::graphql::document_limits`, which its schema applies as an extension).
 //! Nothing may panic, hang or allocate without bound.
 
 #![no_main]
@@ -53,8 +53,8 @@ static SCHEMA: LazyLock<FuzzSchema> = LazyLock::new(|| {
 
 fuzz_target!(|data: &[u8]| {
     let Ok(query) = std::str::from_utf8(data) else { return };
-    // The handler's order: parse, refuse too many aliases or too many fields once fragments are
-    // expanded, then the schema's checks.
+    // The server's order: its `DocumentLimits` extension refuses too many aliases, too deep a
+    // nesting or too many selections once fragments are expanded, then the schema's checks.
     let Ok(document) = async_graphql::parser::parse_query(query) else { return };
     if document_limits(&document).is_err() {
         return;
