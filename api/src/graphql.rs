@@ -38,8 +38,16 @@ pub const RECURSIVE_DEPTH_MAX: usize = 32;
 pub const DIRECTIVES_MAX: usize = 8;
 pub const ALIASES_MAX: usize = 64;
 pub const PAGE_MAX: usize = 500;
-/// Codes of the limits [`document_limits`] applies.
-const DOCUMENT_LIMIT_CODES: [&str; 3] = ["too_many_aliases", "query_too_complex", "query_too_deep"];
+/// Brackets (`{`, `[`, `(`) nested in a document's text: room for a payload literal
+/// [`JSON_DEPTH_MAX`] levels deep inside a mutation's arguments. Parsing and converting a
+/// nesting of ~1,500 levels overflowed a request thread's stack and aborted the server.
+pub const NESTING_MAX: usize = JSON_DEPTH_MAX + 16;
+/// Tokens (names, numbers, strings, punctuators) in a document: room for the largest inline
+/// payload. Each costs ~170 bytes once parsed: a 3.8 MB list of zeros took 320 MB and 4 s of a
+/// core before it was refused.
+pub const TOKENS_MAX: usize = 100_000;
+/// Codes of the limits [`document_limits`] and [`lexical_limits`] apply.
+const DOCUMENT_LIMIT_CODES: [&str; 4] = ["too_many_aliases", "query_too_complex", "query_too_deep", "query_too_large"];
 
 pub type LedgerSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
@@ -828,7 +836,67 @@ pub fn document_limits(document: &ExecutableDocument) -> Result<(), (&'static st
     }
 }
 
-/// Applies [`document_limits`] to every request the schema runs, whichever way it arrived (the
+/// The limits checked on a document's text before anything parses it: brackets nested deeper
+/// than [`NESTING_MAX`] (`query_too_deep`) and more than [`TOKENS_MAX`] tokens
+/// (`query_too_large`). The parser and the conversion of literals recurse once per level
+/// (found by a black-box check: a 4 KB list literal 2,000 levels deep overflowed a stack and
+/// aborted the whole server, for any token). Strings, block strings and comments are skipped
+/// as GraphQL lexes them; a string left open at a line end is taken to end there, so the scan
+/// counts every bracket the parser could see.
+pub fn lexical_limits(query: &str) -> Result<(), (&'static str, String)> {
+    let bytes = query.as_bytes();
+    let (mut at, mut depth, mut tokens) = (0usize, 0usize, 0usize);
+    let is_word = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'+');
+    while at < bytes.len() {
+        let byte = bytes[at];
+        at += 1;
+        match byte {
+            b' ' | b'\t' | b'\n' | b'\r' | b',' => continue,
+            b'#' => {
+                while at < bytes.len() && !matches!(bytes[at], b'\n' | b'\r') {
+                    at += 1;
+                }
+                continue;
+            }
+            b'"' if bytes[at..].starts_with(b"\"\"") => {
+                at += 2;
+                while at < bytes.len() && !bytes[at..].starts_with(b"\"\"\"") {
+                    at += if bytes[at..].starts_with(b"\\\"\"\"") { 4 } else { 1 };
+                }
+                at += 3;
+            }
+            b'"' => {
+                while at < bytes.len() && !matches!(bytes[at], b'"' | b'\n' | b'\r') {
+                    at += if bytes[at] == b'\\' { 2 } else { 1 };
+                }
+                at += 1;
+            }
+            b'{' | b'[' | b'(' => {
+                depth += 1;
+                if depth > NESTING_MAX {
+                    return Err((
+                        "query_too_deep",
+                        format!("the query nests brackets deeper than {NESTING_MAX} levels"),
+                    ));
+                }
+            }
+            b'}' | b']' | b')' => depth = depth.saturating_sub(1),
+            _ if is_word(byte) => {
+                while at < bytes.len() && is_word(bytes[at]) {
+                    at += 1;
+                }
+            }
+            _ => {}
+        }
+        tokens += 1;
+        if tokens > TOKENS_MAX {
+            return Err(("query_too_large", format!("the query has more than {TOKENS_MAX} tokens")));
+        }
+    }
+    Ok(())
+}
+
+/// Applies [`lexical_limits`] and [`document_limits`] to every request the schema runs, whichever way it arrived (the
 /// WebSocket once ran queries and mutations past the alias limit `POST /graphql` applied).
 struct DocumentLimits;
 
@@ -850,12 +918,14 @@ impl async_graphql::extensions::Extension for DocumentLimits {
         // Checked on a parse of our own, before `next`: async-graphql's parse step also checks the
         // recursion depth, which expands fragment spreads too. A document that does not parse is
         // left to `next` to report.
+        let refused = |(code, message): (&'static str, String)| {
+            let mut error = async_graphql::ServerError::new(message, None);
+            error.extensions.get_or_insert_with(Default::default).set("code", code);
+            error
+        };
+        lexical_limits(query).map_err(refused)?;
         if let Ok(document) = async_graphql::parser::parse_query(query) {
-            document_limits(&document).map_err(|(code, message)| {
-                let mut error = async_graphql::ServerError::new(message, None);
-                error.extensions.get_or_insert_with(Default::default).set("code", code);
-                error
-            })?;
+            document_limits(&document).map_err(refused)?;
         }
         next.run(ctx, query, variables).await
     }
@@ -918,6 +988,9 @@ pub async fn graphql_handler(
             return graphql_error(StatusCode::BAD_REQUEST, code, format!("the GraphQL request is not valid: {e}"));
         }
     };
+    if let Err((code, message)) = lexical_limits(&request.query) {
+        return graphql_error(StatusCode::BAD_REQUEST, code, message);
+    }
     let document = match async_graphql::parser::parse_query(&request.query) {
         Ok(document) => document,
         Err(e) => return graphql_error(StatusCode::BAD_REQUEST, "invalid_query", e.to_string()),
@@ -1092,6 +1165,43 @@ mod tests {
 
     fn parsed(query: &str) -> ExecutableDocument {
         async_graphql::parser::parse_query(query).unwrap()
+    }
+
+    /// Brackets are counted as the parser sees them: not in strings, block strings or comments.
+    #[test]
+    fn brackets_nested_too_deep_or_too_many_tokens_are_refused_before_parsing() {
+        let list =
+            |levels: usize| format!("{{ ledger(x: {}0{}) {{ headSeq }} }}", "[".repeat(levels), "]".repeat(levels));
+        // The selection set and the argument list are two levels.
+        assert_eq!(lexical_limits(&list(NESTING_MAX - 2)), Ok(()));
+        assert_eq!(lexical_limits(&list(NESTING_MAX - 1)).unwrap_err().0, "query_too_deep");
+        assert_eq!(lexical_limits(&list(2000)).unwrap_err().0, "query_too_deep");
+        let hidden = "[".repeat(NESTING_MAX + 1);
+        for quiet in [
+            format!("{{ ledger(x: \"{hidden}\") {{ headSeq }} }}"),
+            format!("{{ ledger(x: \"\\\"{hidden}\") {{ headSeq }} }}"),
+            format!("{{ ledger(x: \"\"\"{hidden} \\\"\"\" {hidden}\"\"\") {{ headSeq }} }}"),
+            format!("# {hidden}\n{{ ledger {{ headSeq }} }}"),
+        ] {
+            assert_eq!(lexical_limits(&quiet), Ok(()), "{quiet}");
+        }
+        // A string left open at a line end ends there for the scan: what follows is counted.
+        assert_eq!(lexical_limits(&format!("{{ ledger(x: \"open\n{hidden}")).unwrap_err().0, "query_too_deep");
+        assert_eq!(
+            lexical_limits(&format!("\"\"\"{hidden}")),
+            Ok(()),
+            "an open block string hides nothing the parser sees"
+        );
+        // Commas are not tokens; numbers, names and punctuators are.
+        let zeros = |count: usize| format!("{{ ledger(x: [{}]) {{ headSeq }} }}", "0,".repeat(count));
+        assert_eq!(lexical_limits(&zeros(TOKENS_MAX - 20)), Ok(()));
+        assert_eq!(lexical_limits(&zeros(TOKENS_MAX)).unwrap_err().0, "query_too_large");
+        // The largest payload a task may carry fits inline.
+        let payload = format!("{{ text: \"{}\", list: [{}] }}", "x".repeat(30_000), "1 ".repeat(16_000));
+        let create = format!(
+            "mutation {{ createTask(input: {{ namespace: \"q\", handler: \"h\", payload: {payload} }}) {{ seq }} }}"
+        );
+        assert_eq!(lexical_limits(&create), Ok(()));
     }
 
     /// Fragments that each spread the next one twice: counted in linear time, and refused.

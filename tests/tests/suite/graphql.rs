@@ -463,6 +463,17 @@ fn every_transport_meets_the_same_limits() {
     );
     assert_eq!(created.body["errors"][0]["extensions"]["code"], "invalid_value", "{created:?}");
     assert_eq!(server.head_seq(), head, "nothing was written");
+    // A literal 2,000 levels deep overflowed a request thread's stack and aborted the server
+    // (found by a black-box check), over POST and over the WebSocket; a long one took 320 MB.
+    let too_deep = format!("{{ ledger(x: {}0{}) {{ headSeq }} }}", "[".repeat(2000), "]".repeat(2000));
+    let too_long = format!("{{ ledger(x: [{}]) {{ headSeq }} }}", "0,".repeat(200_000));
+    for (query, code) in [(&too_deep, "query_too_deep"), (&too_long, "query_too_large")] {
+        let answer = server.post("/graphql", json!({ "query": query }));
+        assert_eq!((answer.status, answer.body["errors"][0]["extensions"]["code"].clone()), (400, json!(code)));
+        let mut socket = subscribe(&server, query, json!({}));
+        assert_eq!(first_error_code(&mut socket), code);
+    }
+    assert_eq!(server.head_seq(), head, "the server still answers");
 
     // A socket that never sends connection_init is closed (after `WS_INIT_WAIT`, 10 s).
     let url = server.base.replace("http://", "ws://") + "/graphql/ws";
