@@ -31,8 +31,8 @@
 //! against the advertised one, verifies the written file once more from disk,
 //! and only then renames it into place. Until then the copy lives in
 //! `FILE.tmp/` (a directory, because a `RedbStore` is a directory holding
-//! `ledger.redb`), which any failure removes: there is never a half-written
-//! `FILE`.
+//! `ledger.redb`), which the backup creates (refusing to start if it exists)
+//! and any failure removes: there is never a half-written `FILE`.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -228,22 +228,33 @@ pub fn staging_dir(to: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Whether anything is at `path`, a dangling symbolic link included (`Path::exists` follows
+/// links, so a rename would have replaced one).
+fn taken(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok()
+}
+
 /// Takes a backup from `source` into the new file `to`.
 pub fn run(source: &Source, to: &Path) -> anyhow::Result<Summary> {
     let started = Instant::now();
-    if to.exists() {
+    if taken(to) {
         bail!("{} already exists; choose a new file name or remove it first", to.display());
     }
+    // The staging directory is created here or not at all, so a failure removes only what this
+    // backup made: an existing `FILE.tmp` (a leftover of an interrupted backup, or anything
+    // else) is the user's to look at. It was removed outright once, with whatever it held.
     let staging = staging_dir(to);
-    if staging.exists() {
-        // Left by an interrupted backup to the same file: it was never renamed
-        // into place, so nothing refers to it.
-        std::fs::remove_dir_all(&staging).with_context(|| format!("remove the leftover {}", staging.display()))?;
+    if let Err(e) = std::fs::create_dir(&staging) {
+        if e.kind() == std::io::ErrorKind::AlreadyExists || taken(&staging) {
+            bail!(
+                "{} already exists (an interrupted backup leaves it behind); remove it, or choose another file name",
+                staging.display()
+            );
+        }
+        return Err(e).with_context(|| format!("create {}", staging.display()));
     }
     let result = write_staged(source, &staging).and_then(|head| publish(&staging, to).map(|bytes| (head, bytes)));
-    if staging.exists() {
-        let _ = std::fs::remove_dir_all(&staging);
-    }
+    let _ = std::fs::remove_dir_all(&staging);
     let (head, bytes) = result?;
     Ok(Summary { to: to.to_path_buf(), records: head.seq, head, bytes, took: started.elapsed() })
 }
@@ -274,8 +285,8 @@ fn publish(staging: &Path, to: &Path) -> anyhow::Result<u64> {
     file.sync_all().with_context(|| format!("fsync {}", staged.display()))?;
     let bytes = file.metadata().with_context(|| format!("stat {}", staged.display()))?.len();
     drop(file);
-    // `rename` replaces silently; re-check so a file created meanwhile is not lost.
-    if to.exists() {
+    // `rename` replaces silently; re-check so a file (or link) created meanwhile is not lost.
+    if taken(to) {
         bail!("{} appeared while the backup ran; not replacing it", to.display());
     }
     std::fs::rename(&staged, to).with_context(|| format!("rename {} to {}", staged.display(), to.display()))?;

@@ -35,8 +35,8 @@ enum Cmd {
     /// <data>/ledger.redb: `taskledger-replay verify --log FILE` checks it, and
     /// copying it to <newdir>/ledger.redb and running `taskledger serve --data
     /// <newdir>` restores the ledger. FILE appears only when the copy is complete
-    /// and checked (it is built in FILE.tmp/ first); an existing FILE is never
-    /// replaced.
+    /// and checked (it is built in FILE.tmp/ first, which must not exist); an
+    /// existing FILE is never replaced.
     Backup(BackupArgs),
 }
 

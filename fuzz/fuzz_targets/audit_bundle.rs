@@ -12,7 +12,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use replay_tool::bundle::{CHECKPOINT_FILE, MANIFEST_FILE, verify_bundle};
+use replay_tool::bundle::{CHECKPOINT_FILE, MANIFEST_FILE, bounded, verify_bundle};
 
 fuzz_target!(|data: &[u8]| {
     let mut parts = data.splitn(4, |b| *b == 0);
@@ -20,12 +20,14 @@ fuzz_target!(|data: &[u8]| {
     let checkpoint = parts.next().unwrap_or_default();
     let events = parts.next().unwrap_or_default();
     let earlier = parts.next();
-    let read = |name: &str| -> std::io::Result<Vec<u8>> {
-        Ok(match name {
-            MANIFEST_FILE => manifest.to_vec(),
-            CHECKPOINT_FILE => checkpoint.to_vec(),
-            _ => events.to_vec(),
-        })
+    let read = |name: &str, limit: u64| -> std::io::Result<Vec<u8>> {
+        let bytes = match name {
+            MANIFEST_FILE => manifest,
+            CHECKPOINT_FILE => checkpoint,
+            _ => events,
+        };
+        bounded(bytes.len() as u64, limit)?;
+        Ok(bytes.to_vec())
     };
     let earlier = earlier.map(|bytes| (Path::new("earlier-checkpoint.json"), bytes));
     if let Ok(findings) = verify_bundle(Path::new("bundle"), &read, None, earlier) {

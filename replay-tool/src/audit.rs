@@ -38,7 +38,7 @@ use eventlog::record::{chain_hash, stored_body};
 use eventlog::{GENESIS_HASH, Hash};
 use replay_tool::bundle::{
     BUNDLE_FORMAT, CHECKPOINT_FILE, CHECKPOINT_FORMAT, COLUMNS, Checkpoint, FileEntry, Format, MANIFEST_FILE, Manifest,
-    checkpoint_message, sha256_hex, verify_bundle,
+    checkpoint_message, read_bounded, sha256_hex, verify_bundle,
 };
 
 use crate::progress::Progress;
@@ -121,7 +121,8 @@ pub fn keygen(prefix: &Path) -> Result<Outcome> {
     let secret_path = PathBuf::from(format!("{}.key", prefix.display()));
     let public_path = PathBuf::from(format!("{}.pub", prefix.display()));
     for path in [&secret_path, &public_path] {
-        if path.exists() {
+        // A dangling link counts: writing through it would create a file wherever it points.
+        if fs::symlink_metadata(path).is_ok() {
             bail!("write key {}: the file exists; refusing to overwrite a key", path.display());
         }
     }
@@ -136,7 +137,12 @@ pub fn keygen(prefix: &Path) -> Result<Outcome> {
     writeln!(file, "{SECRET_KEY_LABEL} {}", hex(&key.to_bytes()))
         .with_context(|| format!("write {}", secret_path.display()))?;
     let public = hex(key.verifying_key().as_bytes());
-    fs::write(&public_path, format!("{public}\n")).with_context(|| format!("write {}", public_path.display()))?;
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&public_path)
+        .and_then(|mut file| writeln!(file, "{public}"))
+        .with_context(|| format!("write {}", public_path.display()))?;
     println!("secret key  {} (keep it private; it signs audit checkpoints)", secret_path.display());
     println!("public key  {} = {public}", public_path.display());
     Ok(Outcome::Clean)
@@ -533,7 +539,7 @@ pub fn verify_export(args: &VerifyExportArgs) -> Result<Outcome> {
         Some(path) => Some((path.as_path(), fs::read(path).with_context(|| format!("read {}", path.display()))?)),
         None => None,
     };
-    let read = |name: &str| fs::read(dir.join(name));
+    let read = |name: &str, limit: u64| read_bounded(&dir.join(name), limit);
     let findings =
         verify_bundle(dir, &read, trusted.as_deref(), earlier.as_ref().map(|(path, bytes)| (*path, bytes.as_slice())))?;
     if args.json {

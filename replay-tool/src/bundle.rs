@@ -300,20 +300,53 @@ fn check_row(row: &Map<String, Value>, expected_seq: u64, prev: &Hash, findings:
     Some(hash)
 }
 
-/// Verifies the bundle in directory `dir`, reading its files by name through `read` (the
-/// file system in `verify-export`, memory in the fuzz target): the signature, every file's
+/// Most bytes of `manifest.json` and of `checkpoint.json` read.
+pub const MANIFEST_BYTES_MAX: u64 = 16 << 20;
+/// Bytes a data file may hold beyond the size its manifest states and still be read, so that
+/// the records inserted into it are named; a larger file is reported without being read.
+pub const DATA_FILE_SLACK_BYTES: u64 = 1 << 20;
+
+/// Reads the bundle file `path` if it is a regular file of at most `limit` bytes: a bundle
+/// comes from outside, and its files were read whole whatever their size (a 2 GB file, or a
+/// link to `/dev/zero`, took gigabytes: found by a black-box check).
+pub fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let metadata = file.metadata()?;
+    if !metadata.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    bounded(metadata.len(), limit)?;
+    let mut bytes = Vec::with_capacity(metadata.len() as usize);
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    bounded(bytes.len() as u64, limit)?;
+    Ok(bytes)
+}
+
+/// `Ok` when `len` bytes are within `limit`; else the error [`verify_bundle`]'s readers give.
+pub fn bounded(len: u64, limit: u64) -> std::io::Result<()> {
+    if len > limit {
+        return Err(std::io::Error::other(format!("{len} bytes, more than the {limit} it may hold; not read")));
+    }
+    Ok(())
+}
+
+/// Verifies the bundle in directory `dir`, reading its files by name through `read`, which
+/// refuses a file of more bytes than its second argument (the file system in
+/// `verify-export`, memory in the fuzz target): the signature, every file's
 /// digest, every record against its stored body and the chain, and — given `earlier`, a
 /// checkpoint the auditor kept (its path and bytes) — that the bundle extends it. `trusted`
 /// is the hex public key the auditor trusts; without it, the earlier checkpoint's signer. Problems found are findings; `Err` only when
 /// the manifest or checkpoint cannot be read or parsed at all.
 pub fn verify_bundle(
     dir: &Path,
-    read: &dyn Fn(&str) -> std::io::Result<Vec<u8>>,
+    read: &dyn Fn(&str, u64) -> std::io::Result<Vec<u8>>,
     trusted: Option<&str>,
     earlier: Option<(&Path, &[u8])>,
 ) -> Result<Findings> {
     let mut findings = Findings { bundle: dir.display().to_string(), ..Findings::default() };
-    let load = |name: &str| read(name).with_context(|| format!("read {}", dir.join(name).display()));
+    let load =
+        |name: &str| read(name, MANIFEST_BYTES_MAX).with_context(|| format!("read {}", dir.join(name).display()));
     let manifest_bytes = load(MANIFEST_FILE)?;
     let manifest: Manifest = parse_json(&manifest_bytes, &dir.join(MANIFEST_FILE))?;
     let checkpoint: Checkpoint = parse_json(&load(CHECKPOINT_FILE)?, &dir.join(CHECKPOINT_FILE))?;
@@ -363,7 +396,7 @@ pub fn verify_bundle(
             findings.problem(format!("manifest names a file outside the bundle: {:?}", file.name));
             continue;
         }
-        let bytes = match read(&file.name) {
+        let bytes = match read(&file.name, file.bytes.saturating_add(DATA_FILE_SLACK_BYTES)) {
             Ok(bytes) => bytes,
             Err(e) => {
                 findings.problem(format!("{}: cannot be read ({e})", file.name));
@@ -417,7 +450,7 @@ pub fn verify_bundle(
 fn extends(
     earlier: &Checkpoint,
     bundle: &Checkpoint,
-    read: &dyn Fn(&str) -> std::io::Result<Vec<u8>>,
+    read: &dyn Fn(&str, u64) -> std::io::Result<Vec<u8>>,
     manifest: &Manifest,
     findings: &mut Findings,
 ) -> bool {
@@ -450,7 +483,7 @@ fn extends(
     }
     // The checkpoint's last record is inside the range: its hash must be there.
     let found = manifest.files.iter().find_map(|file| {
-        let bytes = read(&file.name).ok()?;
+        let bytes = read(&file.name, file.bytes.saturating_add(DATA_FILE_SLACK_BYTES)).ok()?;
         let rows = read_rows(&bytes, file.format).ok()?;
         rows.iter()
             .find(|r| r.get("seq").and_then(Value::as_u64) == Some(seq))

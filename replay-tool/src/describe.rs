@@ -115,6 +115,19 @@ fn clipped(text: &str, max: usize) -> String {
     out
 }
 
+/// `text` with its control characters escaped (`\u{1b}`, `\r`, `\n`), so that text a client
+/// wrote (an error, a note) can neither move a terminal's cursor nor start a line of its own.
+pub fn printable(text: &str) -> String {
+    text.chars().fold(String::with_capacity(text.len()), |mut out, c| {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+        out
+    })
+}
+
 fn quoted(text: &str, max: usize) -> String {
     format!("{:?}", clipped(text, max))
 }

@@ -12,7 +12,7 @@ use domain::{Event, FailOutcome, Ledger, TaskId};
 use serde::Serialize;
 
 use crate::Outcome;
-use crate::describe::TaskBook;
+use crate::describe::{TaskBook, printable};
 use crate::progress::Progress;
 use crate::source::{Point, Source, time_of};
 
@@ -199,7 +199,9 @@ fn print_text(d: &Diff) {
         println!("{title} ({})", list.len());
         for l in list {
             let worker = l.worker.as_deref().map(|w| format!(" worker {w}")).unwrap_or_default();
-            let detail = if l.detail.is_empty() { String::new() } else { format!(": {}", l.detail) };
+            // A dead letter's detail is the worker's error, as written: raw, it could rewrite the
+            // terminal (found by a black-box check; every other subcommand escaped it already).
+            let detail = if l.detail.is_empty() { String::new() } else { format!(": {}", printable(&l.detail)) };
             println!("  seq {:<6} {}/{} epoch {}{worker}{detail}", l.seq, l.task, l.step, l.epoch);
         }
     };

@@ -409,7 +409,7 @@ fn markdown(r: &Report) -> String {
     if !r.summary.operator_actions.is_empty() {
         let _ = writeln!(out, "- operator actions:");
         for action in &r.summary.operator_actions {
-            let _ = writeln!(out, "  - {action}");
+            let _ = writeln!(out, "  - {}", markdown_text(action));
         }
     }
     let _ = writeln!(out, "\n## Lanes\n");
@@ -432,11 +432,18 @@ fn markdown(r: &Report) -> String {
             e.offset_ms,
             e.lane,
             e.kind,
-            e.actor,
-            e.detail.replace('|', "\\|")
+            markdown_text(&e.actor),
+            markdown_text(&e.detail)
         );
     }
     out
+}
+
+/// Text from the log (a client's error, note or task name) in a Markdown table cell or list
+/// item: `&` and `<` as entities, so that no renderer takes it for HTML (a `<script>` in an
+/// error went through as it was: found by a black-box check), and `|` escaped.
+fn markdown_text(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('|', "\\|")
 }
 
 fn escape(text: &str) -> String {

@@ -264,7 +264,42 @@ fn keygen_and_export_refuse_to_overwrite() {
     {
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        // A dangling link where the public key goes is not written through (it created the
+        // file it pointed to: found by a black-box check).
+        let target = f.root.join("elsewhere");
+        std::os::unix::fs::symlink(&target, f.keys.join("linked.pub")).unwrap();
+        let linked = replay(&["keygen", "--out", path(&f.keys.join("linked"))]);
+        assert_eq!(linked.status.code(), Some(3), "{}", crate::common::stderr(&linked));
+        assert!(!target.exists() && !f.keys.join("linked.key").exists());
     }
+}
+
+/// A data file far larger than its manifest says, or not a regular file, is reported without
+/// being read whole (a 2 GB file or a link to `/dev/zero` took gigabytes: found by a black-box
+/// check); a few inserted records are still read and named.
+#[test]
+fn data_files_are_read_only_up_to_the_size_the_manifest_allows() {
+    let f = fixture();
+    let bundle = f.export("sizes", &[]);
+    let events = bundle.join("events.jsonl");
+    let grown = f.root.join("grown");
+    copy_bundle(&bundle, &grown);
+    let file = fs::OpenOptions::new().write(true).open(grown.join("events.jsonl")).unwrap();
+    file.set_len(1 << 30).unwrap();
+    let (code, out) = f.check(&grown, &[]);
+    assert_ne!(code, Some(0));
+    assert!(out.contains("more than the") && out.contains("not read"), "{out}");
+    #[cfg(unix)]
+    {
+        let zero = f.root.join("zero");
+        copy_bundle(&bundle, &zero);
+        fs::remove_file(zero.join("events.jsonl")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", zero.join("events.jsonl")).unwrap();
+        let (code, out) = f.check(&zero, &[]);
+        assert_ne!(code, Some(0));
+        assert!(out.contains("not a regular file"), "{out}");
+    }
+    assert!(fs::metadata(&events).unwrap().len() < 1 << 20, "the story's bundle is small");
 }
 
 /// A public key is never taken for a secret one, nor a secret for a public one (found by a

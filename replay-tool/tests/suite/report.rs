@@ -1,7 +1,7 @@
 //! `incident` (Markdown, HTML, JSON; by task, worker and time window) and
 //! `diff` on the story log, with golden outputs.
 
-use crate::common::{build_cancelled_lease, build_story, golden, path, replay, replay_ok};
+use crate::common::{HOSTILE, build_cancelled_lease, build_hostile, build_story, golden, path, replay, replay_ok};
 use serde_json::Value;
 
 const TASK_3: &str = "018bcfe5-6803-7001-9aa6-6d2c7ddf743f";
@@ -149,6 +149,34 @@ fn diff_between_two_points() {
     assert_eq!(inside["leases_lost"][0]["worker"], "w-3", "{inside}");
     let backwards = replay(&["diff", "--data", &data, "--from", "9", "--to", "3"]);
     assert!(crate::common::stderr(&backwards).contains("is after --to"));
+}
+
+/// Text a client wrote (a task's name, an error, a note) cannot become markup in a report or
+/// control a terminal (found by a black-box check: the Markdown report passed `<script>`
+/// through, and `diff` printed a dead letter's error raw, escape sequences and all).
+#[test]
+fn text_from_the_log_is_escaped_in_every_report() {
+    let dir = tempfile::tempdir().unwrap();
+    build_hostile(dir.path());
+    let data = path(dir.path());
+    let task = "018bcfe5-6801-7001-aa5c-30b0ba7a6f8e";
+    let json: Value =
+        serde_json::from_str(&replay_ok(&["diff", "--data", data, "--from", "0", "--to", "4", "--json"])).unwrap();
+    assert_eq!(json["dead_letters"][0]["detail"], HOSTILE, "JSON keeps the text as written");
+    let task = json["tasks_created"][0]["task"].as_str().unwrap_or(task).to_owned();
+    let diff = replay_ok(&["diff", "--data", data, "--from", "0", "--to", "4"]);
+    let markdown = replay_ok(&["incident", "--data", data, "--task", &task]);
+    let html = replay_ok(&["incident", "--data", data, "--task", &task, "--format", "html"]);
+    let events = replay_ok(&["events", "--data", data]);
+    for (name, text) in [("diff", &diff), ("markdown", &markdown), ("html", &html), ("events", &events)] {
+        assert!(!text.contains(['\u{1b}', '\r', '\u{7}']), "{name}: {text:?}");
+        assert!(!text.lines().any(|line| line.starts_with("fake line")), "{name}: {text}");
+    }
+    for (name, text) in [("markdown", &markdown), ("html", &html)] {
+        assert!(!text.contains("<script>alert") && !text.contains("<img"), "{name}: {text}");
+    }
+    assert!(markdown.contains("&lt;script>alert(1)&lt;/script>"), "{markdown}");
+    assert!(diff.contains("dead letters (1)"), "{diff}");
 }
 
 /// Output into a pipe whose reader has gone (`| head`) ends the tool quietly,

@@ -260,6 +260,24 @@ fn a_backup_needs_an_admin_token_and_leaves_nothing_when_refused() {
     // The same route answers the stable error codes to any client.
     assert_eq!(server.get_as("tok-auditor", "/v1/admin/backup").code(), "forbidden");
     assert_eq!(server.get_as("tok-nope", "/v1/admin/backup").status, 401);
+
+    // Nothing of the user's is removed or replaced: an existing `FILE.tmp` (removed with its
+    // contents once, found by a black-box check) and a dangling link at `FILE` (replaced once).
+    std::fs::create_dir(staging(&file)).unwrap();
+    std::fs::write(staging(&file).join("notes.txt"), "mine").unwrap();
+    for token in ["tok-nope", "tok-admin"] {
+        let out = online_backup(&server, token, &file);
+        assert!(!out.status.success(), "{token}");
+        assert!(text(&out.stderr).contains("already exists"), "{token}: {}", text(&out.stderr));
+        assert_eq!(std::fs::read_to_string(staging(&file).join("notes.txt")).unwrap(), "mine", "{token}");
+    }
+    std::fs::remove_dir_all(staging(&file)).unwrap();
+    let link = temp.path().join("link.bak");
+    std::os::unix::fs::symlink(temp.path().join("nowhere"), &link).unwrap();
+    assert!(!online_backup(&server, "tok-admin", &link).status.success());
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link is left alone");
+    assert!(!staging(&link).exists());
+
     assert_eq!(reported(&online_backup(&server, "tok-admin", &file)).seq, 1);
 }
 

@@ -124,6 +124,35 @@ pub fn build_cancelled_lease(dir: &Path) -> u64 {
     finish(s, writer, 0)
 }
 
+/// Text a hostile client could write into the log: HTML, a terminal escape that sets the
+/// window title and redraws the line, a carriage return and a line of its own.
+pub const HOSTILE: &str =
+    "<script>alert(1)</script>\"><img src=x onerror=alert(2)>\r\u{1b}]0;PWNED\u{7}\u{1b}[2Kdead letters (0)\nfake line";
+
+/// A log where every free text is [`HOSTILE`]: a task's name, a permanent failure's error (a
+/// dead letter, seq 3) and the operator's note resolving it (seq 4).
+pub fn build_hostile(dir: &Path) -> u64 {
+    let clock = Arc::new(ManualClock::new(START_US));
+    let (writer, _) = Writer::open(dir, WriterConfig::default(), clock.clone()).unwrap();
+    let mut s = Story { handle: writer.handle(), clock, n: 0 };
+    let mut named = job(1, "emails");
+    named.name = HOSTILE.to_owned();
+    s.run("producer-a", Command::CreateTask(named));
+    let a = s.run("worker", claim("emails", "w-1", 1));
+    let failed = lease(task_id(1), "run", Story::epoch(&a));
+    s.run("worker", Command::FailStep { lease: failed, error: text(HOSTILE), retryable: false });
+    s.run(
+        "operator-kim",
+        Command::ResolveStep {
+            task: task_id(1),
+            step: domain::testkit::step_name("run"),
+            note: text(HOSTILE),
+            result: None,
+        },
+    );
+    finish(s, writer, 0)
+}
+
 /// Waits (bounded) for the snapshot thread to write every snapshot due, so
 /// which snapshots exist does not depend on timing; then stops the writer.
 fn finish(s: Story, writer: Writer, snapshot_every: u64) -> u64 {
