@@ -254,6 +254,14 @@ fn write_durably(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// The token of an `Authorization` value `Bearer <token>`; the scheme's case does not matter
+/// (RFC 9110 §11.1).
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// Anything that can authenticate a request.
 pub trait HasTokens {
     fn tokens(&self) -> &Tokens;
@@ -263,15 +271,16 @@ impl<S: HasTokens + Send + Sync> FromRequestParts<S> for Principal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get(AUTHORIZATION)
-            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token> header"))?;
+        let mut headers = parts.headers.get_all(AUTHORIZATION).iter();
+        let header =
+            headers.next().ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token> header"))?;
+        if headers.next().is_some() {
+            return Err(ApiError::unauthorized("send one Authorization header, not several"));
+        }
         let token = header
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(str::trim)
+            .and_then(bearer_token)
             .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <token>`"))?;
         let tokens = state.tokens();
         tokens.authenticate(token).cloned().ok_or_else(|| {

@@ -946,10 +946,13 @@ pub async fn graphql_handler(
     // Authenticate before anything else, like every REST route: without a
     // valid token not even introspection is answered.
     let headers = request.headers();
-    let authorization = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let Some(principal) = principal_from(&state, authorization) else {
+    let mut given = headers.get_all(axum::http::header::AUTHORIZATION).iter();
+    let authorization = given.next().and_then(|v| v.to_str().ok());
+    let several = given.next().is_some();
+    let Some(principal) = principal_from(&state, authorization).filter(|_| !several) else {
         let message = match authorization {
             None => "missing Authorization: Bearer <token> header",
+            Some(_) if several => "send one Authorization header, not several",
             Some(_) => "unknown, revoked or malformed token; send Authorization: Bearer <token>",
         };
         return graphql_error(StatusCode::UNAUTHORIZED, "unauthorized", message.to_owned());
@@ -1066,8 +1069,7 @@ fn graphql_error(status: StatusCode, code: &'static str, message: String) -> Res
 }
 
 fn principal_from(state: &AppState, authorization: Option<&str>) -> Option<Principal> {
-    let token = authorization?.strip_prefix("Bearer ").or_else(|| authorization?.strip_prefix("bearer "))?;
-    state.tokens().authenticate(token.trim()).cloned()
+    state.tokens().authenticate(crate::auth::bearer_token(authorization?)?).cloned()
 }
 
 /// GET /graphql: the GraphiQL page.

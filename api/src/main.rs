@@ -85,8 +85,10 @@ struct ServeArgs {
     /// kept-alive connection may sit idle between requests. Slower connections are closed.
     #[arg(long, env = "TASKLEDGER_HEADER_READ_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     header_read_timeout_ms: u64,
-    /// Commands that may queue for the writer before callers get 503.
-    #[arg(long, env = "TASKLEDGER_WRITER_QUEUE", default_value_t = 16 * 1024, value_parser = at_least_one_usize())]
+    /// Commands that may queue for the writer before callers get 503 (1 to 1,048,576; the queue's
+    /// slots, ~240 bytes each, are allocated at startup).
+    #[arg(long, env = "TASKLEDGER_WRITER_QUEUE", default_value_t = 16 * 1024,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=WRITER_QUEUE_MAX))]
     writer_queue: usize,
     /// Take a snapshot of the ledger every this many events (0: never).
     #[arg(long, env = "TASKLEDGER_SNAPSHOT_EVERY", default_value_t = 1_000_000)]
@@ -130,6 +132,10 @@ struct ServeArgs {
 }
 
 /// A count or size that must be at least 1 (0 would refuse every request, or hold nothing).
+/// Most commands `--writer-queue` may hold: its slots are allocated up front (a queue of 10^10
+/// asked the allocator for 2.4 TB and never listened: found by a black-box check).
+const WRITER_QUEUE_MAX: u64 = 1 << 20;
+
 fn at_least_one_usize() -> clap::builder::RangedU64ValueParser<usize> {
     clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
 }

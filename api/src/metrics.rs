@@ -112,6 +112,11 @@ impl Metrics {
                 &stats.held_batches,
             ),
             ("taskledger_snapshots_total", "Snapshots written.", &stats.snapshots),
+            (
+                "taskledger_snapshot_failures_total",
+                "Snapshots due that could not be written, and the snapshot thread stopping.",
+                &stats.snapshot_failures,
+            ),
         ] {
             let _ =
                 writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
