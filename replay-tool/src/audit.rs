@@ -96,6 +96,19 @@ fn key_hex(text: &str, path: &Path, what: &str) -> Result<[u8; 32]> {
 /// A secret key file as `keygen` writes it: the label, then 64 hex digits.
 fn read_secret_key(path: &Path) -> Result<[u8; 32]> {
     let text = fs::read_to_string(path).with_context(|| format!("read secret key {}", path.display()))?;
+    // Signing goes on (the key may sit on a single-user machine), but a key others can read can
+    // sign checkpoints in anyone's name: say so, as ssh does.
+    #[cfg(unix)]
+    if let Ok(metadata) = fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = metadata.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            eprintln!(
+                "warning: secret key {} is readable by others (mode {mode:o}); `chmod 600` it, as keygen wrote it",
+                path.display()
+            );
+        }
+    }
     match text.trim().strip_prefix(SECRET_KEY_LABEL) {
         Some(hex) => key_hex(hex, path, "secret key"),
         None => bail!(

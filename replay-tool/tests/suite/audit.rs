@@ -264,6 +264,18 @@ fn keygen_and_export_refuse_to_overwrite() {
     {
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        // A secret key others can read still signs, with a warning.
+        let open_key = f.root.join("open.key");
+        fs::copy(&key, &open_key).unwrap();
+        fs::set_permissions(&open_key, fs::Permissions::from_mode(0o644)).unwrap();
+        let out = f.root.join("open-bundle");
+        let signed = replay(&["export-audit", "--data", path(&f.data), "--out", path(&out), "--key", path(&open_key)]);
+        assert!(signed.status.success());
+        assert!(
+            crate::common::stderr(&signed).contains("readable by others (mode 644)"),
+            "{}",
+            crate::common::stderr(&signed)
+        );
         // A dangling link where the public key goes is not written through (it created the
         // file it pointed to: found by a black-box check).
         let target = f.root.join("elsewhere");
