@@ -42,9 +42,11 @@ pub const PAGE_MAX: usize = 500;
 /// [`JSON_DEPTH_MAX`] levels deep inside a mutation's arguments. Parsing and converting a
 /// nesting of ~1,500 levels overflowed a request thread's stack and aborted the server.
 pub const NESTING_MAX: usize = JSON_DEPTH_MAX + 16;
-/// Tokens (names, numbers, strings, punctuators) in a document: room for the largest inline
-/// payload. Each costs ~170 bytes once parsed: a 3.8 MB list of zeros took 320 MB and 4 s of a
-/// core before it was refused.
+/// Tokens (names, numbers, strings, punctuators; `.`, `-` and `+` each count one) in a document:
+/// room for the largest payload inline (64 KiB of `-1,` or `1.5,` is ~45,000). Parsed, a token
+/// costs up to ~700 bytes (a field or a spread), so one parse takes at most ~70 MB: a 3.8 MB
+/// list of zeros took 320 MB and 4 s of a core before it was refused. Larger batches go in
+/// variables, which are JSON.
 pub const TOKENS_MAX: usize = 100_000;
 /// Codes of the limits [`document_limits`] and [`lexical_limits`] apply.
 const DOCUMENT_LIMIT_CODES: [&str; 4] = ["too_many_aliases", "query_too_complex", "query_too_deep", "query_too_large"];
@@ -846,7 +848,9 @@ pub fn document_limits(document: &ExecutableDocument) -> Result<(), (&'static st
 pub fn lexical_limits(query: &str) -> Result<(), (&'static str, String)> {
     let bytes = query.as_bytes();
     let (mut at, mut depth, mut tokens) = (0usize, 0usize, 0usize);
-    let is_word = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'+');
+    // Only names and digits run together: `0-0-0` is three numbers to the parser, `...F...F`
+    // two spreads (a review found both passing as one word, hundreds of MB per request).
+    let is_word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
     while at < bytes.len() {
         let byte = bytes[at];
         at += 1;
@@ -1006,6 +1010,8 @@ pub async fn graphql_handler(
         };
         runs && operation.node.ty == async_graphql::parser::types::OperationType::Mutation
     });
+    // The schema parses the text again: this copy is not held through it.
+    drop(document);
     // The document limits are the schema's `DocumentLimits` extension's: its refusal has no path
     // and keeps its code below, like every check made before a resolver runs.
     let mut response = schema.execute(request).await;
@@ -1089,18 +1095,23 @@ pub async fn graphql_ws(
     protocol: GraphQLProtocol,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    // A message is read whole and parsed before the socket has authenticated: no larger than a
+    // request body may be (axum's default, 64 MiB, let any client make the server build
+    // gigabytes of JSON values: found by review).
     upgrade
+        .max_message_size(state.max_body_bytes)
+        .max_frame_size(state.max_body_bytes)
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .on_upgrade(move |stream| async move {
             let initialised = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let accepted = initialised.clone();
             let serve = GraphQLWebSocket::new(stream, schema, protocol)
                 .on_connection_init(move |payload| async move {
-                    let authorization = payload
-                        .get("Authorization")
-                        .or_else(|| payload.get("authorization"))
-                        .and_then(|v| v.as_str())
-                        .map(str::to_owned);
+                    // Both spellings at once are refused, as two Authorization headers are.
+                    let authorization = match (payload.get("Authorization"), payload.get("authorization")) {
+                        (Some(_), Some(_)) => None,
+                        (given, None) | (None, given) => given.and_then(|v| v.as_str()).map(str::to_owned),
+                    };
                     let mut data = Data::default();
                     match principal_from(&state, authorization.as_deref()) {
                         Some(principal) => {
@@ -1198,6 +1209,11 @@ mod tests {
         let zeros = |count: usize| format!("{{ ledger(x: [{}]) {{ headSeq }} }}", "0,".repeat(count));
         assert_eq!(lexical_limits(&zeros(TOKENS_MAX - 20)), Ok(()));
         assert_eq!(lexical_limits(&zeros(TOKENS_MAX)).unwrap_err().0, "query_too_large");
+        // Signs, dots and spreads are tokens of their own, as the parser sees them.
+        let run = |unit: &str| format!("{{ ledger(x: [{}]) {{ headSeq }} }}", unit.repeat(TOKENS_MAX / 2));
+        for unit in ["0-", "...F", "1.5,"] {
+            assert_eq!(lexical_limits(&run(unit)).unwrap_err().0, "query_too_large", "{unit}");
+        }
         // The largest payload a task may carry fits inline.
         let payload = format!("{{ text: \"{}\", list: [{}] }}", "x".repeat(30_000), "1 ".repeat(16_000));
         let create = format!(

@@ -53,6 +53,8 @@ pub struct AppContext {
     /// The longest a long-polling claim waits: half the request timeout, so that it answers
     /// (with nothing claimed) well before the request would be cut off with a 408.
     pub long_poll_limit: Duration,
+    /// The largest request body (`--max-body-bytes`), and so the largest WebSocket message.
+    pub max_body_bytes: usize,
 }
 
 impl AppState {
@@ -350,6 +352,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         ready_max_lag: config.ready_max_lag,
         stopping,
         long_poll_limit: config.request_timeout / 2,
+        max_body_bytes: config.max_body_bytes,
     });
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
     let local = listener.local_addr().context("read the bound address")?;

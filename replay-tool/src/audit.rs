@@ -23,6 +23,8 @@ use std::fmt::Write as _;
 use std::fs;
 use std::io::Write;
 
+use crate::describe::printable;
+
 use sha2::{Digest, Sha256};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -37,8 +39,8 @@ use eventlog::json::{hex, unhex};
 use eventlog::record::{chain_hash, stored_body};
 use eventlog::{GENESIS_HASH, Hash};
 use replay_tool::bundle::{
-    BUNDLE_FORMAT, CHECKPOINT_FILE, CHECKPOINT_FORMAT, COLUMNS, Checkpoint, FileEntry, Format, MANIFEST_FILE, Manifest,
-    checkpoint_message, read_bounded, sha256_hex, verify_bundle,
+    BUNDLE_FORMAT, CHECKPOINT_FILE, CHECKPOINT_FORMAT, COLUMNS, Checkpoint, DATA_FILE_BYTES_MAX, FileEntry, Format,
+    MANIFEST_FILE, Manifest, checkpoint_message, read_bounded, sha256_hex, verify_bundle,
 };
 
 use crate::progress::Progress;
@@ -305,6 +307,11 @@ fn write_hashed(file: fs::File, chunks: Receiver<Vec<u8>>) -> std::io::Result<(u
         hasher.update(&chunk);
         file.write_all(&chunk)?;
         bytes += chunk.len() as u64;
+        if bytes > DATA_FILE_BYTES_MAX {
+            return Err(std::io::Error::other(format!(
+                "the data file passed {DATA_FILE_BYTES_MAX} bytes, the most verify-export reads: export a shorter range (--from/--to) in several bundles"
+            )));
+        }
     }
     file.flush()?;
     Ok((bytes, hex(&hasher.finalize())))
@@ -559,7 +566,7 @@ pub fn verify_export(args: &VerifyExportArgs) -> Result<Outcome> {
         println!("{}", serde_json::to_string(&findings)?);
     } else {
         let mut out = String::new();
-        writeln!(out, "bundle {}", findings.bundle)?;
+        writeln!(out, "bundle {}", printable(&findings.bundle))?;
         writeln!(
             out,
             "  range      seq {}..{} ({} records checked)",
@@ -572,12 +579,15 @@ pub fn verify_export(args: &VerifyExportArgs) -> Result<Outcome> {
         } else {
             "the key in the bundle (pass --pubkey to check who signed)"
         };
-        writeln!(out, "  signed by  {} ({signer})", findings.signed_by)?;
+        // The bundle is untrusted input: its key, file names and hashes are printed with their
+        // control characters escaped (a file name holding a newline and a terminal escape could
+        // print a forged "intact" line and hide the real one: found by review).
+        writeln!(out, "  signed by  {} ({signer})", printable(&findings.signed_by))?;
         if let Some(extends) = findings.extends_checkpoint {
             writeln!(out, "  extends    the earlier checkpoint: {}", if extends { "yes" } else { "NO" })?;
         }
         for problem in &findings.problems {
-            writeln!(out, "  PROBLEM    {problem}")?;
+            writeln!(out, "  PROBLEM    {}", printable(problem))?;
         }
         if findings.problems_total > findings.problems.len() {
             writeln!(out, "  ... and {} more problems", findings.problems_total - findings.problems.len())?;

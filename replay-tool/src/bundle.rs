@@ -305,19 +305,32 @@ pub const MANIFEST_BYTES_MAX: u64 = 16 << 20;
 /// Bytes a data file may hold beyond the size its manifest states and still be read, so that
 /// the records inserted into it are named; a larger file is reported without being read.
 pub const DATA_FILE_SLACK_BYTES: u64 = 1 << 20;
+/// The largest data file, whatever the manifest says: `verify-export` holds it in memory, and
+/// `export-audit` refuses a range that would need a larger one (about 2 million events).
+pub const DATA_FILE_BYTES_MAX: u64 = 2 << 30;
+
+/// Most bytes of the data file `file` read: its stated size and the slack, within
+/// [`DATA_FILE_BYTES_MAX`].
+fn data_file_limit(file: &FileEntry) -> u64 {
+    file.bytes.saturating_add(DATA_FILE_SLACK_BYTES).min(DATA_FILE_BYTES_MAX)
+}
 
 /// Reads the bundle file `path` if it is a regular file of at most `limit` bytes: a bundle
 /// comes from outside, and its files were read whole whatever their size (a 2 GB file, or a
 /// link to `/dev/zero`, took gigabytes: found by a black-box check).
 pub fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
+    // Looked at before it is opened: opening a FIFO would wait for a writer forever.
+    let regular = |metadata: &std::fs::Metadata| {
+        if metadata.is_file() { Ok(()) } else { Err(std::io::Error::other("not a regular file")) }
+    };
+    regular(&std::fs::metadata(path)?)?;
     let file = std::fs::File::open(path)?;
     let metadata = file.metadata()?;
-    if !metadata.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
-    }
+    regular(&metadata)?;
     bounded(metadata.len(), limit)?;
-    let mut bytes = Vec::with_capacity(metadata.len() as usize);
+    // Grown as it is read, not reserved from the size: a sparse file's size costs nothing to claim.
+    let mut bytes = Vec::with_capacity(metadata.len().min(64 << 20) as usize);
     file.take(limit + 1).read_to_end(&mut bytes)?;
     bounded(bytes.len() as u64, limit)?;
     Ok(bytes)
@@ -396,7 +409,7 @@ pub fn verify_bundle(
             findings.problem(format!("manifest names a file outside the bundle: {:?}", file.name));
             continue;
         }
-        let bytes = match read(&file.name, file.bytes.saturating_add(DATA_FILE_SLACK_BYTES)) {
+        let bytes = match read(&file.name, data_file_limit(file)) {
             Ok(bytes) => bytes,
             Err(e) => {
                 findings.problem(format!("{}: cannot be read ({e})", file.name));
@@ -483,7 +496,7 @@ fn extends(
     }
     // The checkpoint's last record is inside the range: its hash must be there.
     let found = manifest.files.iter().find_map(|file| {
-        let bytes = read(&file.name, file.bytes.saturating_add(DATA_FILE_SLACK_BYTES)).ok()?;
+        let bytes = read(&file.name, data_file_limit(file)).ok()?;
         let rows = read_rows(&bytes, file.format).ok()?;
         rows.iter()
             .find(|r| r.get("seq").and_then(Value::as_u64) == Some(seq))

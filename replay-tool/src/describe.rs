@@ -154,7 +154,9 @@ pub fn summary(event: &Event, step: &str) -> String {
             format!("{step} heartbeat (epoch {epoch}), lease until {}", short_time(*lease_deadline))
         }
         Event::StepCompleted { epoch, result, .. } => {
-            format!("{step} completed (epoch {epoch}), result {}", clipped(result.as_str(), 60))
+            // JSON escapes U+0000–001F only: DEL and the C1 controls (some terminals act on
+            // U+009B) would reach the terminal as they are.
+            format!("{step} completed (epoch {epoch}), result {}", printable(&clipped(result.as_str(), 60)))
         }
         Event::StepFailed { epoch, error, retryable, outcome, .. } => format!(
             "{step} failed (epoch {epoch}, {}): {} -> {}",

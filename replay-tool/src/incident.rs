@@ -441,9 +441,23 @@ fn markdown(r: &Report) -> String {
 
 /// Text from the log (a client's error, note or task name) in a Markdown table cell or list
 /// item: `&` and `<` as entities, so that no renderer takes it for HTML (a `<script>` in an
-/// error went through as it was: found by a black-box check), and `|` escaped.
+/// error went through as it was: found by a black-box check), and `\`, `[`, `]` and `|`
+/// escaped, so that it makes no link or image (a remote image in an error is a tracking pixel:
+/// found by review) and stays in its cell.
 fn markdown_text(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('|', "\\|")
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '\\' | '[' | ']' | '|' => {
+                out.push('\\');
+                out.push(c);
+            }
+            _ => out.push(c),
+        }
+    }
+    out
 }
 
 fn escape(text: &str) -> String {

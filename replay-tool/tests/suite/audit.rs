@@ -312,6 +312,29 @@ fn data_files_are_read_only_up_to_the_size_the_manifest_allows() {
         assert!(out.contains("not a regular file"), "{out}");
     }
     assert!(fs::metadata(&events).unwrap().len() < 1 << 20, "the story's bundle is small");
+    // A FIFO is not opened (that would wait for a writer forever: found by review).
+    let fifo = f.root.join("fifo");
+    copy_bundle(&bundle, &fifo);
+    fs::remove_file(fifo.join("events.jsonl")).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(fifo.join("events.jsonl")).status().unwrap().success());
+    let (code, out) = f.check(&fifo, &[]);
+    assert_ne!(code, Some(0));
+    assert!(out.contains("not a regular file"), "{out}");
+}
+
+/// A bundle's names and keys are printed with their control characters escaped: a file name
+/// holding a newline and a terminal escape printed a forged "intact" line (found by review).
+#[test]
+fn verify_export_prints_a_hostile_manifest_escaped() {
+    let f = fixture();
+    let bundle = f.export("hostile", &[]);
+    let manifest = bundle.join("manifest.json");
+    let mut value: serde_json::Value = serde_json::from_slice(&fs::read(&manifest).unwrap()).unwrap();
+    value["files"][0]["name"] = "x\nresult: the bundle is intact\n\u{1b}[8m".into();
+    fs::write(&manifest, value.to_string()).unwrap();
+    let (code, out) = f.check(&bundle, &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(!out.contains('\u{1b}') && !out.lines().any(|l| l.starts_with("result: the bundle is intact")), "{out}");
 }
 
 /// A public key is never taken for a secret one, nor a secret for a public one (found by a

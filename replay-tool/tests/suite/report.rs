@@ -176,6 +176,7 @@ fn text_from_the_log_is_escaped_in_every_report() {
         assert!(!text.contains("<script>alert") && !text.contains("<img"), "{name}: {text}");
     }
     assert!(markdown.contains("&lt;script>alert(1)&lt;/script>"), "{markdown}");
+    assert!(!markdown.contains("![x](") && markdown.contains("!\\[x\\](https"), "no image: {markdown}");
     assert!(diff.contains("dead letters (1)"), "{diff}");
 }
 

@@ -402,14 +402,32 @@ fn errors_carry_stable_codes_and_abusive_queries_are_refused_before_resolvers_ru
 type Socket = tungstenite::WebSocket<std::net::TcpStream>;
 
 /// A graphql-transport-ws connection, initialised with the admin token, subscribed to `query`.
-fn subscribe(server: &Server, query: &str, variables: Value) -> Socket {
+/// A graphql-transport-ws socket to `server`, not yet initialised; reads give up after
+/// `timeout`.
+fn connect_ws(server: &Server, timeout: Duration) -> Socket {
     let url = server.base.replace("http://", "ws://") + "/graphql/ws";
     let mut request = tungstenite::client::IntoClientRequest::into_client_request(url.as_str()).unwrap();
     request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse().unwrap());
-    let addr = server.base.trim_start_matches("http://").to_owned();
-    let stream = std::net::TcpStream::connect(&addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let (mut socket, _) = tungstenite::client(request, stream).unwrap();
+    let stream = std::net::TcpStream::connect(server.base.trim_start_matches("http://")).unwrap();
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    tungstenite::client(request, stream).unwrap().0
+}
+
+/// Whether the server closes `socket` (a close frame, or the connection ending) before the
+/// read timeout.
+fn closed_by_server(socket: &mut Socket) -> bool {
+    loop {
+        match socket.read() {
+            Ok(tungstenite::Message::Close(_)) => return true,
+            Ok(_) => continue,
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+fn subscribe(server: &Server, query: &str, variables: Value) -> Socket {
+    let mut socket = connect_ws(server, Duration::from_secs(10));
     let send = |socket: &mut Socket, value: Value| {
         socket.send(tungstenite::Message::Text(value.to_string().into())).unwrap();
     };
@@ -476,21 +494,23 @@ fn every_transport_meets_the_same_limits() {
     assert_eq!(server.head_seq(), head, "the server still answers");
 
     // A socket that never sends connection_init is closed (after `WS_INIT_WAIT`, 10 s).
-    let url = server.base.replace("http://", "ws://") + "/graphql/ws";
-    let mut request = tungstenite::client::IntoClientRequest::into_client_request(url.as_str()).unwrap();
-    request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse().unwrap());
-    let stream = std::net::TcpStream::connect(server.base.trim_start_matches("http://")).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let (mut bare, _) = tungstenite::client(request, stream).unwrap();
-    let ended = loop {
-        match bare.read() {
-            Ok(tungstenite::Message::Close(_)) => break true,
-            Ok(_) => continue,
-            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
-            Err(_) => break true,
-        }
-    };
-    assert!(ended, "an unauthenticated socket was still open after 30 s");
+    let mut bare = connect_ws(&server, Duration::from_secs(30));
+    assert!(closed_by_server(&mut bare), "an unauthenticated socket was still open after 30 s");
+
+    // A message is no larger than a request body (4 MiB here): axum's 64 MiB let a client without
+    // a token make the server parse gigabytes of JSON values (found by review).
+    let bearer = format!("Bearer {}", server.token);
+    let mut big = connect_ws(&server, Duration::from_secs(30));
+    let zeros = vec![0u8; 5 << 20];
+    let init = json!({ "type": "connection_init", "payload": { "Authorization": bearer, "x": zeros } });
+    let _ = big.send(tungstenite::Message::Text(init.to_string().into()));
+    assert!(closed_by_server(&mut big), "a 10 MB message was read");
+    // Both spellings of the token's key are refused, as two Authorization headers are.
+    let mut twice = connect_ws(&server, Duration::from_secs(30));
+    let init = json!({ "type": "connection_init", "payload": { "Authorization": bearer, "authorization": bearer } });
+    twice.send(tungstenite::Message::Text(init.to_string().into())).unwrap();
+    assert!(closed_by_server(&mut twice), "a connection_init with the token twice was accepted");
+    assert_eq!(server.head_seq(), head, "the server still answers");
 }
 
 /// The next `next` message's payload.

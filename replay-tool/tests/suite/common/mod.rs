@@ -124,10 +124,9 @@ pub fn build_cancelled_lease(dir: &Path) -> u64 {
     finish(s, writer, 0)
 }
 
-/// Text a hostile client could write into the log: HTML, a terminal escape that sets the
-/// window title and redraws the line, a carriage return and a line of its own.
-pub const HOSTILE: &str =
-    "<script>alert(1)</script>\"><img src=x onerror=alert(2)>\r\u{1b}]0;PWNED\u{7}\u{1b}[2Kdead letters (0)\nfake line";
+/// Text a hostile client could write into the log: HTML, a Markdown image, a terminal escape
+/// that sets the window title and redraws the line, a carriage return and a line of its own.
+pub const HOSTILE: &str = "<script>alert(1)</script>\"><img src=x onerror=alert(2)>![x](https://t.example/p.png)\r\u{1b}]0;PWNED\u{7}\u{1b}[2Kdead letters (0)\nfake line";
 
 /// A log where every free text is [`HOSTILE`]: a task's name, a permanent failure's error (a
 /// dead letter, seq 3) and the operator's note resolving it (seq 4).
