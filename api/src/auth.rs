@@ -142,16 +142,26 @@ impl Tokens {
     pub fn from_file(file: TokensFile) -> anyhow::Result<Self> {
         let mut by_hash = HashMap::new();
         let mut revoked = BTreeSet::new();
+        // Names are what the log records (`token:<name>`): two tokens of one name could not be told
+        // apart in the audit trail (found by a black-box check: a second `admin` was accepted).
+        let mut names = std::collections::HashSet::new();
         for entry in file.tokens {
+            if entry.name.is_empty() || !names.insert(entry.name.clone()) {
+                anyhow::bail!("token name {:?} is empty or used twice: each token needs a name of its own", entry.name);
+            }
             let hash = entry.token_blake3.to_ascii_lowercase();
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                anyhow::bail!("token {:?}: token_blake3 must be 64 hex digits (the BLAKE3 of the token)", entry.name);
+            }
+            let repeated = || anyhow::anyhow!("token {:?} has the hash of a token listed before it", entry.name);
             if entry.revoked {
                 if by_hash.contains_key(&hash) || !revoked.insert(hash) {
-                    anyhow::bail!("token {:?} appears twice", entry.name);
+                    return Err(repeated());
                 }
                 continue;
             }
             if revoked.contains(&hash) {
-                anyhow::bail!("token {:?} appears twice", entry.name);
+                return Err(repeated());
             }
             let scope = if entry.namespaces.is_empty() {
                 None
@@ -164,7 +174,7 @@ impl Tokens {
             }
             let principal = Principal { name: Arc::from(entry.name.as_str()), roles: entry.roles, scope };
             if by_hash.insert(hash, principal).is_some() {
-                anyhow::bail!("token {:?} appears twice", entry.name);
+                return Err(repeated());
             }
         }
         Ok(Self { by_hash: Arc::new(by_hash), revoked: Arc::new(revoked) })
@@ -198,8 +208,9 @@ pub enum TokenSource {
     },
 }
 
-/// Loads the tokens file, creating it with one admin token if it is missing.
-pub fn load_or_init(tokens_path: &Path, data_dir: &Path) -> anyhow::Result<(Tokens, TokenSource)> {
+/// Loads the tokens file, creating it with one admin token (in `admin.token` beside it) if it
+/// is missing.
+pub fn load_or_init(tokens_path: &Path) -> anyhow::Result<(Tokens, TokenSource)> {
     if tokens_path.exists() {
         let text = std::fs::read_to_string(tokens_path).with_context(|| format!("read {}", tokens_path.display()))?;
         let file: TokensFile =
@@ -218,12 +229,14 @@ pub fn load_or_init(tokens_path: &Path, data_dir: &Path) -> anyhow::Result<(Toke
     };
     // The token first, then the file that makes it valid, each written whole under a temporary
     // name and renamed into place: a crash in between leaves no tokens file (the next start
-    // mints again), never a torn one or one whose admin token nobody was given.
-    let token_file = data_dir.join("admin.token");
-    write_durably(&token_file, &(token + "\n")).with_context(|| format!("write {}", token_file.display()))?;
-    if let Some(parent) = tokens_path.parent() {
+    // mints again), never a torn one or one whose admin token nobody was given. The token goes
+    // beside its tokens file: a `--tokens` path elsewhere (a typo) replaced the data dir's
+    // admin.token, whose token was still the valid one (found by a black-box check).
+    let token_file = tokens_path.with_file_name("admin.token");
+    if let Some(parent) = tokens_path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
     }
+    write_durably(&token_file, &(token + "\n")).with_context(|| format!("write {}", token_file.display()))?;
     write_durably(tokens_path, &(serde_json::to_string_pretty(&file)? + "\n"))
         .with_context(|| format!("write {}", tokens_path.display()))?;
     Ok((Tokens::from_file(file)?, TokenSource::MintedAdmin { tokens: tokens_path.to_path_buf(), token_file }))
@@ -330,7 +343,7 @@ mod tests {
         let tokens_path = data.path().join("tokens.json");
         // What a start killed while writing the tokens file leaves: its temporary file only.
         std::fs::write(data.path().join("tokens.json.tmp"), "{\"tok").unwrap();
-        let (minted, source) = load_or_init(&tokens_path, data.path()).unwrap();
+        let (minted, source) = load_or_init(&tokens_path).unwrap();
         let TokenSource::MintedAdmin { token_file, .. } = source else { panic!("no token was minted") };
         let token = std::fs::read_to_string(&token_file).unwrap();
         assert!(minted.authenticate(token.trim()).is_some());
@@ -341,10 +354,45 @@ mod tests {
                 assert_eq!(std::fs::metadata(path).unwrap().permissions().mode() & 0o777, 0o600, "{path:?}");
             }
         }
-        let (loaded, source) = load_or_init(&tokens_path, data.path()).unwrap();
+        let (loaded, source) = load_or_init(&tokens_path).unwrap();
         assert!(matches!(source, TokenSource::Existing(_)));
         assert!(loaded.authenticate(token.trim()).is_some_and(|p| p.may_see(&Namespace::new("any").unwrap())));
         assert!(!data.path().join("admin.token.tmp").exists() && !data.path().join("tokens.json.tmp").exists());
+    }
+
+    /// A tokens file elsewhere that does not exist (a typo in `--tokens`) gets its admin token
+    /// beside it: the data dir's admin.token, still the valid one, was replaced.
+    #[test]
+    fn a_minted_admin_token_goes_beside_its_tokens_file() {
+        let data = tempfile::tempdir().unwrap();
+        std::fs::write(data.path().join("admin.token"), "tl_the_real_one\n").unwrap();
+        let elsewhere = data.path().join("typo").join("tokens.json");
+        let (_, source) = load_or_init(&elsewhere).unwrap();
+        let TokenSource::MintedAdmin { token_file, .. } = source else { panic!("no token was minted") };
+        assert_eq!(token_file, data.path().join("typo").join("admin.token"));
+        assert_eq!(std::fs::read_to_string(data.path().join("admin.token")).unwrap(), "tl_the_real_one\n");
+    }
+
+    /// Names are what the log records, so two tokens of one name are refused, as are an empty
+    /// name and a hash that is not one (found by a black-box check: a second `admin` was taken).
+    #[test]
+    fn token_names_are_unique_and_hashes_well_formed() {
+        let entry = |name: &str, token: &str| TokenEntry {
+            name: name.into(),
+            token_blake3: hash_token(token),
+            roles: [Role::Producer].into_iter().collect(),
+            namespaces: Vec::new(),
+            revoked: false,
+        };
+        let refused =
+            |entries: Vec<TokenEntry>| Tokens::from_file(TokensFile { tokens: entries }).unwrap_err().to_string();
+        assert!(refused(vec![entry("admin", "a"), entry("admin", "b")]).contains("used twice"));
+        assert!(refused(vec![entry("", "a")]).contains("empty"));
+        assert!(refused(vec![entry("a", "x"), entry("b", "x")]).contains("the hash of a token listed before it"));
+        let mut short = entry("a", "x");
+        short.token_blake3 = "zz".into();
+        assert!(refused(vec![short]).contains("64 hex digits"));
+        assert!(Tokens::from_file(TokensFile { tokens: vec![entry("a", "x"), entry("b", "y")] }).is_ok());
     }
 
     #[test]

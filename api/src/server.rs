@@ -316,15 +316,32 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
     let tokens_path = config.tokens_file.clone().unwrap_or_else(|| config.data_dir.join("tokens.json"));
-    let (tokens, token_source) = crate::auth::load_or_init(&tokens_path, &config.data_dir)?;
+    let (tokens, token_source) = crate::auth::load_or_init(&tokens_path)?;
 
     let data_dir = config.data_dir.clone();
     let writer_config = config.writer.clone();
+    let log_file = config.data_dir.join(eventlog::redb_store::LOG_FILE_NAME);
     let (writer, startup) =
-        tokio::task::spawn_blocking(move || Writer::open(&data_dir, writer_config, Arc::new(SystemClock)))
-            .await
-            .context("join the ledger opener")?
-            .with_context(|| format!("open ledger at {}", config.data_dir.display()))?;
+        match tokio::task::spawn_blocking(move || Writer::open(&data_dir, writer_config, Arc::new(SystemClock))).await {
+            Ok(opened) => opened.map_err(|error| match error {
+                // Say who holds it and what to do, as `backup` does (found by a black-box check).
+                eventlog::StartError::Open {
+                    source:
+                        eventlog::OpenError::Database { source: redb::DatabaseError::DatabaseAlreadyOpen, .. },
+                    ..
+                } => anyhow::anyhow!(
+                    "{} is in use by another process (a server already running on this data dir, or                      `taskledger backup --data` of it); stop it, or give this server another --data",
+                    log_file.display()
+                ),
+                other => anyhow::Error::new(other).context(format!("open ledger at {}", config.data_dir.display())),
+            })?,
+            // redb asserts on some damaged files: name the file, not a task number.
+            Err(join) => anyhow::bail!(
+                "the storage engine panicked opening {} ({join}); the file is damaged: check it with                  `taskledger-replay verify --log {}`, and restore it from a backup",
+                log_file.display(),
+                log_file.display()
+            ),
+        };
 
     let target = config
         .projections
@@ -396,6 +413,11 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         startup.fold.replayed,
         startup.took.as_secs_f64()
     );
+    // A damaged snapshot costs only replay time, but it says something is wrong with the disk or
+    // with someone's hands: it was skipped without a word (found by a black-box check).
+    for reason in &startup.fold.skipped_snapshots {
+        tracing::warn!(reason = %reason, "a snapshot failed its check and was skipped; the ledger was rebuilt from an older one or the log");
+    }
     match token_source {
         TokenSource::MintedAdmin { tokens, token_file } => println!(
             "created an admin token in {} (hash in {}); authenticate with: Authorization: Bearer $(cat {})",

@@ -227,7 +227,14 @@ impl RedbStore {
         let mut builder = Database::builder();
         builder.set_cache_size(options.cache_bytes).set_check_integrity_on_open(options.check_integrity_on_open);
         let db = builder.open(&path).map_err(|source| OpenError::Database { path: path.clone(), source })?;
-        let journal = if options.journal_bytes > 0 { JournalAccess::ReadWrite(journals) } else { JournalAccess::Off };
+        // Without a journal of its own, the store still takes in the records of the journals a
+        // crash left (committed durably before anything else): starting with `--journal-mib 0`
+        // on such a dir dropped them, and handed their seqs out again (found by a black-box check).
+        let journal = if options.journal_bytes > 0 {
+            JournalAccess::ReadWrite(journals)
+        } else {
+            JournalAccess::ReadOnly(journals)
+        };
         Self::from_database(db, dir, false, options, journal)
     }
 

@@ -1122,3 +1122,43 @@ fn a_snapshot_that_cannot_be_written_is_logged_and_counted() {
     }
     until("a snapshot written", &|| metric(&server, "taskledger_snapshots_total") >= 1);
 }
+
+/// A second server on a data dir in use is refused naming the file and what to do, and a
+/// damaged snapshot skipped at startup is logged (both were bare or silent: found by a
+/// black-box check).
+#[test]
+fn a_dir_in_use_is_named_and_a_damaged_snapshot_is_reported() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    let server = Server::start_in(&data, &["--snapshot-every", "5"]);
+    for _ in 0..6 {
+        create_job(&server, "snap", json!({}));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while metric(&server, "taskledger_snapshots_total") < 1 {
+        assert!(std::time::Instant::now() < deadline, "no snapshot written");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let second = std::process::Command::new(tests::workspace_binary("taskledger"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success());
+    assert!(stderr.contains("ledger.redb is in use by another process"), "{stderr}");
+    assert_eq!(server.head_seq(), 6, "the first server goes on");
+    drop(server);
+
+    let snapshots = data.join(eventlog::redb_store::SNAPSHOT_DIR_NAME);
+    let snapshot = std::fs::read_dir(&snapshots).unwrap().map(|e| e.unwrap().path()).next().unwrap();
+    let mut bytes = std::fs::read(&snapshot).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&snapshot, bytes).unwrap();
+    let log_path = temp.path().join("server.log");
+    let server = Server::start_with_log(&data, &[], std::fs::File::create(&log_path).unwrap());
+    assert_eq!(server.head_seq(), 6, "rebuilt from the log");
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    assert!(logged.lines().any(|l| l.contains("WARN") && l.contains("a snapshot failed its check")), "{logged}");
+}

@@ -862,3 +862,33 @@ fn a_repeated_create_names_the_tasks_it_recorded() {
     assert_eq!((&again["task_ids"], &again["seq"]), (&first["task_ids"], &first["seq"]));
     assert_eq!(server.head_seq(), 3, "the repeats recorded nothing");
 }
+
+/// A server killed while its journal held records it acknowledged, restarted with
+/// `--journal-mib 0`, still has them: that start read ledger.redb alone, answered a repeated id
+/// as a new command at a seq already acknowledged, and the next default start refused the dir
+/// (found by a black-box check).
+#[test]
+fn a_crashed_dir_started_without_a_journal_keeps_the_journals_records() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    let server = Server::start_in(&data, &[]);
+    let mut acknowledged = Vec::new();
+    for i in 0..10 {
+        let id = format!("nojournal-{i}");
+        let answer =
+            server.post_as(&server.token.clone(), "/v1/tasks", json!({ "namespace": "nj", "handler": "h" }), Some(&id));
+        assert_eq!(answer.status, 201, "{answer:?}");
+        acknowledged.push((id, answer.body["task_id"].clone()));
+    }
+    server.kill();
+    let server = Server::start_in(&data, &["--journal-mib", "0"]);
+    assert_eq!(server.head_seq(), 10, "every acknowledged record is there");
+    for (id, task) in &acknowledged {
+        let again =
+            server.post_as(&server.token.clone(), "/v1/tasks", json!({ "namespace": "nj", "handler": "h" }), Some(id));
+        assert_eq!((again.status, &again.body["task_id"]), (200, task), "{id}: {again:?}");
+    }
+    drop(server);
+    let server = Server::start_in(&data, &[]);
+    assert_eq!(server.head_seq(), 10, "the default start takes the dir back");
+}
