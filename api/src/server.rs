@@ -301,13 +301,33 @@ pub const PROJECTION_THREAD_NICE_INCREMENT: i32 = 10;
 
 /// The projectors' runtime, apart from the one serving HTTP: folding a batch of a few thousand
 /// events takes milliseconds, and on a shared worker every request queued behind it waits.
-fn projection_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+fn projection_runtime() -> std::io::Result<BackgroundRuntime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(PROJECTION_THREADS)
         .thread_name("projections")
         .on_thread_start(|| eventlog::lower_this_threads_priority(PROJECTION_THREAD_NICE_INCREMENT))
         .enable_all()
         .build()
+        .map(|runtime| BackgroundRuntime(Some(runtime)))
+}
+
+/// A runtime started inside the serving one, shut down in the background when dropped: a
+/// runtime may not be dropped inside another, and every early return of `serve` (projections
+/// refused, the listen address taken) panicked doing so instead of reporting why.
+struct BackgroundRuntime(Option<tokio::runtime::Runtime>);
+
+impl BackgroundRuntime {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("present until dropped").handle()
+    }
+}
+
+impl Drop for BackgroundRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Runs the server until a shutdown signal.
@@ -359,7 +379,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         projections::RuntimeConfig { executor: Some(projection_runtime.handle().clone()), ..Default::default() },
     )
     .await
-    .context("start the projectors")?;
+    .with_context(|| format!("start the projectors on {}", redact(&target)))?;
     let (stopping_tx, stopping) = watch::channel(false);
     let state = AppState::new(AppContext {
         writer: handle,
@@ -440,7 +460,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     serve_connections(listener, app, config.max_connections, config.header_read_timeout, shutdown).await;
     tracing::info!("shutting down: stopping projectors, draining the writer");
     projections.shutdown().await;
-    projection_runtime.shutdown_background();
+    drop(projection_runtime);
     tokio::task::spawn_blocking(move || writer.shutdown()).await.context("join the writer")?;
     println!("taskledger stopped");
     Ok(())

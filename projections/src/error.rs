@@ -39,11 +39,11 @@ pub enum RuntimeError {
     #[error("follow the log: {0}")]
     Subscribe(#[from] eventlog::SubscribeError),
     #[error(
-        "projector {projector} is at seq {checkpoint} but the log ends at {head}: these projections were built from another log"
+        "projector {projector} is at seq {checkpoint} but the log ends at {head}: these projections were built from another log (or a later point of this one); move their database aside, and they are rebuilt from this log"
     )]
     CheckpointAhead { projector: String, checkpoint: u64, head: u64 },
     #[error(
-        "projector {projector}'s checkpoint hash at seq {seq} differs from the log's: these projections were built from another log"
+        "projector {projector}'s checkpoint hash at seq {seq} differs from the log's: these projections were built from another log; move their database aside, and they are rebuilt from this log"
     )]
     CheckpointMismatch { projector: String, seq: u64 },
     #[error("unknown projector {0}")]

@@ -637,6 +637,15 @@ impl Projections {
                 shadows: Mutex::new(HashMap::new()),
             }),
         };
+        // Tables built from another log (a backup of an older point restored beside newer
+        // projections, another server's database) are refused before anything serves them:
+        // the projector refused to follow, but the views went on answering with events the
+        // log does not have (found by a black-box check).
+        for kind in projections.inner.config.projectors.clone() {
+            if let Some(stored) = checkpoint::read(&projections.inner.store, kind, Slot::Live).await? {
+                checkpoint::check_against_log(&stored, &projections.inner.reader)?;
+            }
+        }
         for kind in projections.inner.config.projectors.clone() {
             let stored = checkpoint::read(&projections.inner.store, kind, Slot::Live).await?;
             match stored {

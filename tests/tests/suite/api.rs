@@ -1147,6 +1147,15 @@ fn a_dir_in_use_is_named_and_a_damaged_snapshot_is_reported() {
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(!second.status.success());
     assert!(stderr.contains("ledger.redb is in use by another process"), "{stderr}");
+    // Its address taken, a server says so (it panicked dropping the projectors' runtime).
+    let taken = std::process::Command::new(tests::workspace_binary("taskledger"))
+        .args(["serve", "--listen", &server.addr(), "--data"])
+        .arg(temp.path().join("other"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&taken.stderr);
+    assert_eq!(taken.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("listen on") && !stderr.contains("panicked"), "{stderr}");
     assert_eq!(server.head_seq(), 6, "the first server goes on");
     drop(server);
 
@@ -1161,4 +1170,45 @@ fn a_dir_in_use_is_named_and_a_damaged_snapshot_is_reported() {
     assert_eq!(server.head_seq(), 6, "rebuilt from the log");
     let logged = std::fs::read_to_string(&log_path).unwrap();
     assert!(logged.lines().any(|l| l.contains("WARN") && l.contains("a snapshot failed its check")), "{logged}");
+}
+
+/// Projections built from another log (here: another server's, further along) are refused at
+/// startup, naming what to do; moved aside, they are rebuilt from this log. The views served
+/// the other log's tasks (found by a black-box check, restoring an older backup beside newer
+/// projections).
+#[test]
+fn projections_from_another_log_are_refused_at_startup() {
+    let temp = tempfile::tempdir().unwrap();
+    let (mine, theirs) = (temp.path().join("mine"), temp.path().join("theirs"));
+    let server = Server::start_in(&mine, &[]);
+    create_job(&server, "mine", json!({}));
+    drop(server);
+    let server = Server::start_in(&theirs, &[]);
+    for _ in 0..3 {
+        create_job(&server, "theirs", json!({}));
+    }
+    // Read once through the views, so their projectors have the three tasks.
+    assert_eq!(server.get("/v1/views/tasks?namespace=theirs&min_seq=3").body["items"].as_array().unwrap().len(), 3);
+    drop(server);
+    for suffix in ["", "-wal", "-shm"] {
+        let name = format!("projections.sqlite{suffix}");
+        let _ = std::fs::remove_file(mine.join(&name));
+        if theirs.join(&name).exists() {
+            std::fs::copy(theirs.join(&name), mine.join(&name)).unwrap();
+        }
+    }
+    let refused = std::process::Command::new(tests::workspace_binary("taskledger"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&mine)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("built from another log") && stderr.contains("move their database aside"), "{stderr}");
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(mine.join(format!("projections.sqlite{suffix}")));
+    }
+    let server = Server::start_in(&mine, &[]);
+    assert_eq!(server.get("/v1/views/tasks?namespace=theirs&min_seq=1").body["items"], json!([]));
+    assert_eq!(server.get("/v1/views/tasks?namespace=mine&min_seq=1").body["items"].as_array().unwrap().len(), 1);
 }
