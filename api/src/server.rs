@@ -333,6 +333,7 @@ impl Drop for BackgroundRuntime {
 /// Runs the server until a shutdown signal.
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     init_tracing(config.json_logs);
+    let signals = shutdown_signals();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
     let tokens_path = config.tokens_file.clone().unwrap_or_else(|| config.data_dir.join("tokens.json"));
@@ -454,7 +455,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
 
     let app = app(state, &config);
     let shutdown = async move {
-        shutdown_signal().await;
+        signals.await;
         stopping_tx.send_replace(true);
     };
     serve_connections(listener, app, config.max_connections, config.header_read_timeout, shutdown).await;
@@ -611,24 +612,34 @@ fn redact(target: &str) -> String {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Registers the shutdown signals (SIGTERM, SIGINT) now, and returns a future that resolves at
+/// the first of them. Registered when `serve` starts, so that a SIGTERM while the ledger is
+/// still being opened stops the server cleanly once it is up, instead of killing it outright
+/// as the signal's default action did (found by a black-box check).
+fn shutdown_signals() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let terminate = signal(SignalKind::terminate()).ok();
+        let interrupt = signal(SignalKind::interrupt()).ok();
+        async move {
+            let wait = |signal: Option<tokio::signal::unix::Signal>| async move {
+                match signal {
+                    Some(mut signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = wait(terminate) => {},
+                () = wait(interrupt) => {},
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 

@@ -75,3 +75,21 @@ fn the_replay_tool_reads_a_crashed_servers_data_dir_without_modifying_it() {
     assert!(stderr.contains("has no journal beside it (ledger.journal, ledger.journal.1)"), "{stderr}");
     assert!(!stderr.contains("with the records of its journal"), "{stderr}");
 }
+
+/// `verify` on the data dir of a running server cannot run (exit 3) and says why: it reported
+/// the lock as two problems found in the log (exit 1: found by a black-box check).
+#[test]
+fn verify_on_a_running_servers_dir_cannot_run_and_says_why() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    let server = tests::Server::start_in(&data, &[]);
+    let out = std::process::Command::new(tests::workspace_binary("taskledger-replay"))
+        .args(["verify", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("open by a running server"), "{stderr}");
+    drop(server);
+}

@@ -892,3 +892,28 @@ fn a_crashed_dir_started_without_a_journal_keeps_the_journals_records() {
     let server = Server::start_in(&data, &[]);
     assert_eq!(server.head_seq(), 10, "the default start takes the dir back");
 }
+
+/// A SIGTERM while the server is still starting (its tokens written, the ledger being opened)
+/// stops it cleanly once it is up: the signal's default action killed it outright (found by a
+/// black-box check).
+#[test]
+fn a_sigterm_during_startup_stops_the_server_cleanly() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    let mut child = Process::new(workspace_binary("taskledger"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !data.join("admin.token").exists() {
+        assert!(Instant::now() < deadline, "the server never wrote its admin token");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let pid = child.id().to_string();
+    assert!(Process::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = child.wait().unwrap();
+    assert_eq!((status.code(), status.signal()), (Some(0), None), "{status:?}");
+}
