@@ -39,7 +39,7 @@ pub enum RuntimeError {
     #[error("follow the log: {0}")]
     Subscribe(#[from] eventlog::SubscribeError),
     #[error(
-        "projector {projector} is at seq {checkpoint} but the log ends at {head}: these projections were built from another log (or a later point of this one); move their database aside, and they are rebuilt from this log"
+        "projector {projector} is at seq {checkpoint} but the log ends at {head}: these projections were built from another log, or from a later point of this one (a backup of an earlier point restored, or a write-ahead journal removed after a crash: then records were lost); move their database aside, and they are rebuilt from this log"
     )]
     CheckpointAhead { projector: String, checkpoint: u64, head: u64 },
     #[error(
