@@ -144,10 +144,15 @@ impl Tokens {
         let mut revoked = BTreeSet::new();
         // Names are what the log records (`token:<name>`): two tokens of one name could not be told
         // apart in the audit trail (found by a black-box check: a second `admin` was accepted).
+        // Revoked entries may share a live token's name (a token rotated under its name): they
+        // authenticate nobody, so they record nothing.
         let mut names = std::collections::HashSet::new();
         for entry in file.tokens {
-            if entry.name.is_empty() || !names.insert(entry.name.clone()) {
-                anyhow::bail!("token name {:?} is empty or used twice: each token needs a name of its own", entry.name);
+            if entry.name.is_empty() || (!entry.revoked && !names.insert(entry.name.clone())) {
+                anyhow::bail!(
+                    "token name {:?} is empty or used by two live tokens: each token needs a name of its own",
+                    entry.name
+                );
             }
             let hash = entry.token_blake3.to_ascii_lowercase();
             if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -386,7 +391,11 @@ mod tests {
         };
         let refused =
             |entries: Vec<TokenEntry>| Tokens::from_file(TokensFile { tokens: entries }).unwrap_err().to_string();
-        assert!(refused(vec![entry("admin", "a"), entry("admin", "b")]).contains("used twice"));
+        assert!(refused(vec![entry("admin", "a"), entry("admin", "b")]).contains("used by two live tokens"));
+        // A token rotated under its name: the old one revoked.
+        let mut old = entry("mailer", "old");
+        old.revoked = true;
+        assert!(Tokens::from_file(TokensFile { tokens: vec![old, entry("mailer", "new")] }).is_ok());
         assert!(refused(vec![entry("", "a")]).contains("empty"));
         assert!(refused(vec![entry("a", "x"), entry("b", "x")]).contains("the hash of a token listed before it"));
         let mut short = entry("a", "x");

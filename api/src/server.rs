@@ -351,14 +351,14 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
                         eventlog::OpenError::Database { source: redb::DatabaseError::DatabaseAlreadyOpen, .. },
                     ..
                 } => anyhow::anyhow!(
-                    "{} is in use by another process (a server already running on this data dir, or                      `taskledger backup --data` of it); stop it, or give this server another --data",
+                    "{} is in use by another process (a server already running on this data dir, or `taskledger backup --data` of it); stop it, or give this server another --data",
                     log_file.display()
                 ),
                 other => anyhow::Error::new(other).context(format!("open ledger at {}", config.data_dir.display())),
             })?,
             // redb asserts on some damaged files: name the file, not a task number.
             Err(join) => anyhow::bail!(
-                "the storage engine panicked opening {} ({join}); the file is damaged: check it with                  `taskledger-replay verify --log {}`, and restore it from a backup",
+                "the storage engine panicked opening {} ({join}); the file may be damaged: check it with `taskledger-replay verify --log {}`, and restore it from a backup only if that reports damage",
                 log_file.display(),
                 log_file.display()
             ),
@@ -616,30 +616,52 @@ fn redact(target: &str) -> String {
 /// the first of them. Registered when `serve` starts, so that a SIGTERM while the ledger is
 /// still being opened stops the server cleanly once it is up, instead of killing it outright
 /// as the signal's default action did (found by a black-box check).
+///
+/// A second signal, at any time (a long journal replay at startup, a slow drain at shutdown),
+/// ends the process at once with exit 130, as after a crash (the log is crash-safe): an
+/// operator's second Ctrl-C or `systemctl stop` is not left waiting (found by review).
 fn shutdown_signals() -> impl std::future::Future<Output = ()> + Send + 'static {
+    let (noted, requested) = watch::channel(false);
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
         let terminate = signal(SignalKind::terminate()).ok();
         let interrupt = signal(SignalKind::interrupt()).ok();
-        async move {
-            let wait = |signal: Option<tokio::signal::unix::Signal>| async move {
-                match signal {
-                    Some(mut signal) => {
-                        signal.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
+        async fn wait(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal {
+                Some(signal) => {
+                    signal.recv().await;
                 }
-            };
-            tokio::select! {
-                () = wait(terminate) => {},
-                () = wait(interrupt) => {},
+                None => std::future::pending::<()>().await,
             }
         }
+        tokio::spawn(async move {
+            let (mut terminate, mut interrupt) = (terminate, interrupt);
+            for seen in 0.. {
+                tokio::select! {
+                    () = wait(&mut terminate) => {},
+                    () = wait(&mut interrupt) => {},
+                }
+                if seen == 0 {
+                    tracing::info!(
+                        "stop requested: stopping once every answer in flight is given (a second signal exits at once)"
+                    );
+                    noted.send_replace(true);
+                } else {
+                    eprintln!("taskledger: a second stop signal; exiting at once (the log is crash-safe)");
+                    std::process::exit(130);
+                }
+            }
+        });
     }
     #[cfg(not(unix))]
-    async {
+    tokio::spawn(async move {
         let _ = tokio::signal::ctrl_c().await;
+        noted.send_replace(true);
+    });
+    let mut requested = requested;
+    async move {
+        let _ = requested.wait_for(|stop| *stop).await;
     }
 }
 

@@ -676,13 +676,20 @@ impl Journal {
         self.file.sync_data()
     }
 
-    /// Writes the header into its slot and blanks the first frame block, in one sync. Every
-    /// earlier frame is in the log by now, so either write may land first; the blank block
-    /// tells a reader that finds this slot damaged that nothing was journaled under it.
+    /// Writes the header into its slot, then blanks the first frame block, each synced. Every
+    /// earlier frame is in the log by now. In this order a crash between the two leaves the new
+    /// header over frames of the old generation, whose checksums fail under its key: an empty
+    /// journal. The other order left the old header over a blank block and intact later
+    /// frames, which reads as damage followed by acknowledged records, and no start would open
+    /// it (found by review). The blank tells a reader that finds a newer slot damaged that
+    /// nothing was journaled under it.
     fn write_header(&mut self) -> io::Result<()> {
         self.check_fault(FaultOp::Write)?;
-        self.file.write_all_at(&[0u8; BLOCK_BYTES as usize], FRAMES_START)?;
         self.file.write_all_at(&encode_slot(&self.header), SLOT_OFFSETS[self.header.slot])?;
+        self.check_fault(FaultOp::SyncData)?;
+        self.file.sync_data()?;
+        self.check_fault(FaultOp::Write)?;
+        self.file.write_all_at(&[0u8; BLOCK_BYTES as usize], FRAMES_START)?;
         self.check_fault(FaultOp::SyncData)?;
         self.file.sync_data()
     }

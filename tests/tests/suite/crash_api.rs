@@ -916,4 +916,24 @@ fn a_sigterm_during_startup_stops_the_server_cleanly() {
     assert!(Process::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let status = child.wait().unwrap();
     assert_eq!((status.code(), status.signal()), (Some(0), None), "{status:?}");
+
+    // Two at once: the second ends it at once (130) unless it was already gone (0); never the
+    // signal's default action, and the log opens clean either way.
+    let mut child = Process::new(workspace_binary("taskledger"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(temp.path().join("twice"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while !temp.path().join("twice").join("admin.token").exists() {
+        assert!(Instant::now() < deadline, "the second server never wrote its admin token");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let pid = child.id().to_string();
+    let _ = Process::new("kill").args(["-TERM", &pid, &pid]).status();
+    let status = child.wait().unwrap();
+    assert!(matches!((status.code(), status.signal()), (Some(0 | 130), None)), "{status:?}");
+    let server = Server::start_in(&temp.path().join("twice"), &[]);
+    assert_eq!(server.head_seq(), 0);
 }
