@@ -3,8 +3,8 @@
 //! Tokens live in a JSON file (`<data>/tokens.json` by default) that holds
 //! only their BLAKE3 hashes, so the file itself grants nothing. On first
 //! start, when there is no file, the server mints one admin token, stores its
-//! hash, and writes the token itself to `<data>/admin.token` (mode 0600) for
-//! the operator to pick up.
+//! hash, and writes the token itself to `admin.token` beside the tokens file
+//! (`<data>/admin.token` by default; mode 0600) for the operator to pick up.
 //!
 //! Roles: `producer` (create and cancel tasks, read), `worker` (claim and
 //! report on steps, read), `operator` (everything a producer does, plus
