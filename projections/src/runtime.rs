@@ -641,13 +641,15 @@ impl Projections {
         // projections, another server's database) are refused before anything serves them:
         // the projector refused to follow, but the views went on answering with events the
         // log does not have (found by a black-box check).
+        let mut stored = Vec::new();
         for kind in projections.inner.config.projectors.clone() {
-            if let Some(stored) = checkpoint::read(&projections.inner.store, kind, Slot::Live).await? {
-                checkpoint::check_against_log(&stored, &projections.inner.reader)?;
+            let checkpoint = checkpoint::read(&projections.inner.store, kind, Slot::Live).await?;
+            if let Some(checkpoint) = &checkpoint {
+                checkpoint::check_against_log(checkpoint, &projections.inner.reader)?;
             }
+            stored.push((kind, checkpoint));
         }
-        for kind in projections.inner.config.projectors.clone() {
-            let stored = checkpoint::read(&projections.inner.store, kind, Slot::Live).await?;
+        for (kind, stored) in stored {
             match stored {
                 Some(checkpoint) if checkpoint.version != kind.version() => {
                     tracing::info!(projector = kind.name(), stored = checkpoint.version, "rebuilding a new version");

@@ -1101,17 +1101,10 @@ fn a_snapshot_that_cannot_be_written_is_logged_and_counted() {
     let snapshots = data.join(eventlog::redb_store::SNAPSHOT_DIR_NAME);
     let _ = std::fs::remove_dir_all(&snapshots);
     std::fs::write(&snapshots, "in the way").unwrap();
-    let until = |what: &str, done: &dyn Fn() -> bool| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !done() {
-            assert!(std::time::Instant::now() < deadline, "{what}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
     for _ in 0..6 {
         create_job(&server, "snap", json!({}));
     }
-    until("a failure counted", &|| metric(&server, "taskledger_snapshot_failures_total") >= 1);
+    wait_until("a failure counted", || metric(&server, "taskledger_snapshot_failures_total") >= 1);
     assert_eq!(metric(&server, "taskledger_snapshots_total"), 0);
     let logged = std::fs::read_to_string(&log_path).unwrap();
     assert!(logged.lines().any(|l| l.contains("WARN") && l.contains("snapshot could not be written")), "{logged}");
@@ -1120,7 +1113,7 @@ fn a_snapshot_that_cannot_be_written_is_logged_and_counted() {
     for _ in 0..6 {
         create_job(&server, "snap", json!({}));
     }
-    until("a snapshot written", &|| metric(&server, "taskledger_snapshots_total") >= 1);
+    wait_until("a snapshot written", || metric(&server, "taskledger_snapshots_total") >= 1);
 }
 
 /// A second server on a data dir in use is refused naming the file and what to do, and a
@@ -1134,26 +1127,12 @@ fn a_dir_in_use_is_named_and_a_damaged_snapshot_is_reported() {
     for _ in 0..6 {
         create_job(&server, "snap", json!({}));
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while metric(&server, "taskledger_snapshots_total") < 1 {
-        assert!(std::time::Instant::now() < deadline, "no snapshot written");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let second = std::process::Command::new(tests::workspace_binary("taskledger"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&second.stderr);
+    wait_until("a snapshot written", || metric(&server, "taskledger_snapshots_total") >= 1);
+    let (second, stderr) = serve_once(&data, "127.0.0.1:0");
     assert!(!second.status.success());
     assert!(stderr.contains("ledger.redb is in use by another process"), "{stderr}");
     // Its address taken, a server says so (it panicked dropping the projectors' runtime).
-    let taken = std::process::Command::new(tests::workspace_binary("taskledger"))
-        .args(["serve", "--listen", &server.addr(), "--data"])
-        .arg(temp.path().join("other"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&taken.stderr);
+    let (taken, stderr) = serve_once(&temp.path().join("other"), &server.addr());
     assert_eq!(taken.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("listen on") && !stderr.contains("panicked"), "{stderr}");
     assert_eq!(server.head_seq(), 6, "the first server goes on");
@@ -1197,12 +1176,7 @@ fn projections_from_another_log_are_refused_at_startup() {
             std::fs::copy(theirs.join(&name), mine.join(&name)).unwrap();
         }
     }
-    let refused = std::process::Command::new(tests::workspace_binary("taskledger"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(&mine)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&refused.stderr);
+    let (refused, stderr) = serve_once(&mine, "127.0.0.1:0");
     assert!(!refused.status.success(), "{stderr}");
     assert!(stderr.contains("built from another log") && stderr.contains("move their database aside"), "{stderr}");
     for suffix in ["", "-wal", "-shm"] {
@@ -1211,4 +1185,25 @@ fn projections_from_another_log_are_refused_at_startup() {
     let server = Server::start_in(&mine, &[]);
     assert_eq!(server.get("/v1/views/tasks?namespace=theirs&min_seq=1").body["items"], json!([]));
     assert_eq!(server.get("/v1/views/tasks?namespace=mine&min_seq=1").body["items"].as_array().unwrap().len(), 1);
+}
+
+/// Waits (at most 30 s) until `done`, failing with `what`.
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `taskledger serve` on `data` and `listen` to its end (a start that is refused); its
+/// output and stderr.
+fn serve_once(data: &std::path::Path, listen: &str) -> (std::process::Output, String) {
+    let out = std::process::Command::new(tests::workspace_binary("taskledger"))
+        .args(["serve", "--listen", listen, "--data"])
+        .arg(data)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, stderr)
 }
