@@ -120,6 +120,12 @@ struct ServeArgs {
     #[arg(long, env = "TASKLEDGER_JOURNAL_MIB", value_parser = clap::value_parser!(u32).range(0..=JOURNAL_MIB_MAX),
           default_value_t = (eventlog::JOURNAL_BYTES_DEFAULT >> 20) as u32)]
     journal_mib: u32,
+    /// Start even though a write-ahead journal the last run wrote through (it did not stop
+    /// cleanly) is missing, wiped or short: the records acknowledged only there are lost. For
+    /// the one start after such damage, when the journal cannot be put back; not an env setting,
+    /// so that it is not left on.
+    #[arg(long)]
+    accept_journal_loss: bool,
     /// Log format: text or json.
     #[arg(long, env = "TASKLEDGER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -167,6 +173,7 @@ fn main() -> ExitCode {
                     stream_cache_entries: args.stream_cache,
                     cache_bytes: (args.log_cache_mib as usize) << 20,
                     journal_bytes: u64::from(args.journal_mib) << 20,
+                    journal_loss: eventlog::JournalLoss::accepted_if(args.accept_journal_loss),
                     ..eventlog::RedbOptions::default()
                 },
                 ..WriterConfig::default()

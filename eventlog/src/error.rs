@@ -87,6 +87,13 @@ pub enum OpenError {
          checkpoint); open it repaired to read them"
     )]
     JournalPending { path: PathBuf, records: u64 },
+    #[error(
+        "write-ahead journal {path} {problem}, but the log file was last written through it and not closed cleanly \
+         (its server crashed, was killed, or is running): records acknowledged since the last checkpoint may be only \
+         there. Put the journal back as it was; to open the log without them, and lose them, pass \
+         --accept-journal-loss"
+    )]
+    JournalLost { path: PathBuf, problem: String },
 }
 
 /// Appending a batch failed; nothing of the batch was written.

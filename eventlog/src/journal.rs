@@ -104,6 +104,60 @@ pub fn read_all(paths: &[PathBuf]) -> Result<Vec<(PathBuf, JournalContents)>, Op
     Ok(all)
 }
 
+/// Whether a journal's loss is refused or accepted when the log file says it was in use (see
+/// [`check_kept`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum JournalLoss {
+    /// Refuse to open ([`OpenError::JournalLost`]): the default.
+    #[default]
+    Refuse,
+    /// Open with what the log file holds, with a warning: the operator's explicit choice
+    /// (`--accept-journal-loss`) when the journal cannot be recovered.
+    Accept,
+}
+
+impl JournalLoss {
+    /// [`JournalLoss::Accept`] when the operator said so (`--accept-journal-loss`).
+    pub fn accepted_if(accept: bool) -> Self {
+        if accept { Self::Accept } else { Self::Refuse }
+    }
+}
+
+/// Checks that both journals at `paths` are still there as the last writer left them, given
+/// what [`read_all`] found in them, when the log file says a writer was using journals of
+/// `in_use` bytes and did not close cleanly (`reader::META_JOURNALS_IN_USE`; `None`: it did,
+/// and everything is in the log file). A writer starts both before it sets that mark and never
+/// shortens them, so each must exist, hold a header and be at least that long; otherwise the
+/// records only it held would be lost without a word. Not caught: a journal replaced by an
+/// older copy of itself, or wiped after its header (its frames then read as never written).
+pub fn check_kept(
+    paths: &[PathBuf],
+    found: &[(PathBuf, JournalContents)],
+    in_use: Option<u64>,
+    loss: JournalLoss,
+) -> Result<(), OpenError> {
+    let Some(in_use) = in_use else { return Ok(()) };
+    for path in paths {
+        let len = match found.iter().find(|(found, _)| found == path) {
+            Some((_, contents)) => Some(contents.len),
+            None => std::fs::metadata(path).ok().map(|metadata| metadata.len()),
+        };
+        let has_header = found.iter().any(|(found, _)| found == path);
+        let problem = match len {
+            None => "is missing".to_owned(),
+            Some(len) if len < in_use => format!("is {len} bytes, shorter than the {in_use} it was written with"),
+            Some(_) if !has_header => "has no header (wiped, or replaced)".to_owned(),
+            Some(_) => continue,
+        };
+        let error = OpenError::JournalLost { path: path.clone(), problem };
+        match loss {
+            JournalLoss::Refuse => return Err(error),
+            JournalLoss::Accept => tracing::warn!("accepted (--accept-journal-loss): {error}"),
+        }
+    }
+    Ok(())
+}
+
 /// The current header: which generation the frames belong to and where they start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JournalHeader {

@@ -41,6 +41,7 @@ pub use error::{
 pub use fault::{FaultError, FaultHandle, FaultMode, FaultOp, FaultPlan, FaultTarget, FaultyBackend};
 pub use feed::{FeedRecord, LiveFeed, Subscription};
 pub use fold::{FoldError, FoldStats, decode_event, encode_event, fold_to, fold_to_head};
+pub use journal::JournalLoss;
 pub use overlay::OverlayBackend;
 pub use reader::{LogReader, ScannedRecord};
 pub use record::{GENESIS_HASH, Hash, NewRecord, StoredRecord};

@@ -60,6 +60,13 @@ pub(crate) const META_FORMAT_VERSION: &str = "format_version";
 /// The last seq whose stream entry is in `STREAMS`. Absent in logs written before the index
 /// trailed the log, where every record is indexed.
 pub(crate) const META_STREAMS_INDEXED_THROUGH: &str = "streams_indexed_through";
+/// Present while a store writes through its journals, with their size in bytes: set durably
+/// once both are started, removed by a clean close (everything is then in this file). Found at
+/// open, it says the last writer stopped without that close, so records may be only in the
+/// journals, and both must be there, with a header and at least that size (see
+/// `journal::check_kept`): a journal deleted, wiped or cut after a crash is refused rather than
+/// silently losing what it held.
+pub(crate) const META_JOURNALS_IN_USE: &str = "journals_in_use";
 
 pub(crate) enum Db {
     ReadWrite(Database),
@@ -238,8 +245,16 @@ impl LogReader {
             .open_read_only(path)
             .map_err(|source| OpenError::Database { path: path.to_path_buf(), source })?;
         let reader = Self::with_checked_head(Db::ReadOnly(db))?;
+        let in_use = {
+            let txn = reader.begin()?;
+            let meta = txn.open_table(META).map_err(|e| OpenError::Backend(backend(e)))?;
+            meta.get(META_JOURNALS_IN_USE).map_err(|e| OpenError::Backend(backend(e)))?.map(|v| v.value())
+        };
+        let paths = crate::journal::journal_paths(path);
+        let found = crate::journal::read_all(&paths)?;
+        crate::journal::check_kept(&paths, &found, in_use, crate::journal::JournalLoss::Refuse)?;
         // Records still only in the journal (a crash before the checkpoint) belong to the log.
-        for (journal, contents) in crate::journal::read_all(&crate::journal::journal_paths(path))? {
+        for (journal, contents) in found {
             let head = reader.head()?.seq;
             let past_head = contents.records.iter().filter(|(seq, _)| *seq > head).count() as u64;
             if past_head > 0 {
@@ -254,7 +269,13 @@ impl LogReader {
     /// file does not hold yet, go to an in-memory overlay ([`crate::OverlayBackend`]), never to
     /// either file. Checks the head like [`Self::open_read_only`].
     pub fn open_repaired(path: impl AsRef<Path>) -> Result<Self, OpenError> {
-        Ok(crate::RedbStore::open_repaired(path.as_ref(), READ_ONLY_CACHE_BYTES, false)?.reader())
+        Self::open_repaired_with(path, crate::journal::JournalLoss::Refuse)
+    }
+
+    /// [`Self::open_repaired`], opening even a log whose journals are missing, wiped or short
+    /// when `loss` says to accept that (see [`crate::journal::check_kept`]).
+    pub fn open_repaired_with(path: impl AsRef<Path>, loss: crate::journal::JournalLoss) -> Result<Self, OpenError> {
+        Ok(crate::RedbStore::open_repaired(path.as_ref(), READ_ONLY_CACHE_BYTES, false, loss)?.reader())
     }
 
     fn with_checked_head(db: Db) -> Result<Self, OpenError> {

@@ -31,12 +31,12 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, StorageBackend
 
 use crate::error::{AppendError, OpenError, ReadError, backend};
 use crate::fault::FaultHandle;
-use crate::journal::{self, FrameBuilder, FrameIo, Journal, journal_paths};
+use crate::journal::{self, FrameBuilder, FrameIo, Journal, JournalLoss, journal_paths};
 use crate::overlay;
 use crate::reader::{
     Checked, Db, EVENTS, HEAD, HEAD_KEY, LOG_FORMAT_VERSION, LogReader, META, META_FORMAT_VERSION,
-    META_STREAMS_INDEXED_THROUGH, OUTCOME_ORDER, OUTCOMES, STREAMS, SharedTail, TIMES, UnindexedTail, check_head,
-    encode_head, for_each_unindexed, last_stream_version, streams_indexed_through,
+    META_JOURNALS_IN_USE, META_STREAMS_INDEXED_THROUGH, OUTCOME_ORDER, OUTCOMES, STREAMS, SharedTail, TIMES,
+    UnindexedTail, check_head, encode_head, for_each_unindexed, last_stream_version, streams_indexed_through,
 };
 use crate::record::{self, Hash, NewRecord, StoredRecord};
 use crate::snapshot::SnapshotStore;
@@ -72,6 +72,9 @@ enum JournalAccess {
     Off,
     /// Replay what they hold into the (in-memory) database; never write the files.
     ReadOnly([PathBuf; 2]),
+    /// Replay what they hold, then retire them: a store opened with its journal turned off on a
+    /// dir whose last writer used them.
+    TakeIn([PathBuf; 2]),
     /// Replay what they hold, then append to them.
     ReadWrite([PathBuf; 2]),
 }
@@ -101,6 +104,9 @@ pub struct RedbOptions {
     pub journal_bytes: u64,
     /// Faults injected into the journal's writes and syncs (tests of the failure paths).
     pub journal_faults: Option<FaultHandle>,
+    /// Whether to open a log whose journals were in use when its writer stopped uncleanly, and
+    /// are now missing, wiped or short (see [`journal::check_kept`]): refused by default.
+    pub journal_loss: JournalLoss,
 }
 
 impl Default for RedbOptions {
@@ -114,6 +120,7 @@ impl Default for RedbOptions {
             stream_index_lag_records: STREAM_INDEX_LAG_DEFAULT,
             journal_bytes: JOURNAL_BYTES_DEFAULT,
             journal_faults: None,
+            journal_loss: JournalLoss::Refuse,
         }
     }
 }
@@ -233,7 +240,7 @@ impl RedbStore {
         let journal = if options.journal_bytes > 0 {
             JournalAccess::ReadWrite(journals)
         } else {
-            JournalAccess::ReadOnly(journals)
+            JournalAccess::TakeIn(journals)
         };
         Self::from_database(db, dir, false, options, journal)
     }
@@ -267,18 +274,23 @@ impl RedbStore {
     /// (head, format, stream index marker). What the check, or the repair of a log a crash left
     /// unclean, rewrites goes to an in-memory overlay ([`crate::OverlayBackend`]), so no copy
     /// of the file is needed and the file is never modified.
-    pub fn check_file(path: &Path, cache_bytes: usize) -> Result<(), OpenError> {
-        Self::open_repaired(path, cache_bytes, true).map(drop)
+    pub fn check_file(path: &Path, cache_bytes: usize, loss: JournalLoss) -> Result<(), OpenError> {
+        Self::open_repaired(path, cache_bytes, true, loss).map(drop)
     }
 
     /// Opens the log file at `path` as a store whose writes all go to an in-memory overlay
     /// ([`crate::OverlayBackend`]): redb's repair of a file a crash left unclean, the optional
     /// integrity check, and the records of the journal beside it that the file does not hold
     /// yet. Neither file is modified; the store is for reading (`reader()`).
-    pub(crate) fn open_repaired(path: &Path, cache_bytes: usize, check_integrity: bool) -> Result<Self, OpenError> {
+    pub(crate) fn open_repaired(
+        path: &Path,
+        cache_bytes: usize,
+        check_integrity: bool,
+        journal_loss: JournalLoss,
+    ) -> Result<Self, OpenError> {
         let db = overlay::open_database(path, cache_bytes, check_integrity)?;
         let dir = path.parent().unwrap_or(Path::new("."));
-        let options = RedbOptions { cache_bytes, ..RedbOptions::default() };
+        let options = RedbOptions { cache_bytes, journal_loss, ..RedbOptions::default() };
         Self::from_database(db, dir, false, options, JournalAccess::ReadOnly(journal_paths(path)))
     }
 
@@ -306,6 +318,7 @@ impl RedbStore {
         let outcomes = load_outcomes(&txn)?;
         let meta = txn.open_table(META).map_err(open_backend)?;
         let indexed_through = streams_indexed_through(&meta, head.seq).map_err(open_backend)?;
+        let journals_in_use = meta.get(META_JOURNALS_IN_USE).map_err(open_backend)?.map(|v| v.value());
         if indexed_through > head.seq {
             return Err(OpenError::HeadMismatch {
                 seq: indexed_through,
@@ -347,25 +360,50 @@ impl RedbStore {
             held_versions: HashMap::default(),
             checkpoint_beside_appends: false,
         };
+        let loss = store.options.journal_loss;
         match journal {
             JournalAccess::Off => {}
             JournalAccess::ReadOnly(paths) => {
-                for (path, contents) in journal::read_all(&paths)? {
+                let found = journal::read_all(&paths)?;
+                journal::check_kept(&paths, &found, journals_in_use, loss)?;
+                for (path, contents) in found {
                     store.replay_journal(&path, contents)?;
                 }
             }
-            JournalAccess::ReadWrite([first, second]) => {
+            JournalAccess::TakeIn(paths) => {
+                let found = journal::read_all(&paths)?;
+                journal::check_kept(&paths, &found, journals_in_use, loss)?;
+                for (path, contents) in found {
+                    store.replay_journal(&path, contents)?;
+                }
+                // Every record is durable in the log file now: the journals are retired, so
+                // that later starts neither read them again nor take them for a crash's.
+                if journals_in_use.is_some() {
+                    store.set_journals_in_use(None).map_err(open_backend)?;
+                }
+                retire_journals(&paths)?;
+            }
+            JournalAccess::ReadWrite(paths) => {
+                let [first, second] = &paths;
                 // In the order their records follow the log (the older one's may all be in it).
+                let found = journal::read_all(&paths)?;
+                journal::check_kept(&paths, &found, journals_in_use, loss)?;
                 let mut headers = [None, None];
-                for (path, contents) in journal::read_all(&[first.clone(), second.clone()])? {
-                    headers[usize::from(path == second)] = Some(contents.header);
+                for (path, contents) in found {
+                    headers[usize::from(path == *second)] = Some(contents.header);
                     store.replay_journal(&path, contents)?;
                 }
                 let generation_floor = headers.iter().flatten().map(|h| h.generation).max().unwrap_or(0);
                 let (bytes, faults) = (store.options.journal_bytes, store.options.journal_faults.clone());
-                let current = Journal::start(&first, bytes, headers[0], generation_floor, store.head, faults.clone())?;
+                let current = Journal::start(first, bytes, headers[0], generation_floor, store.head, faults.clone())?;
                 // Started too (empty, on the same head), so that taking over costs a header write.
-                let other = Journal::start(&second, bytes, headers[1], current.generation(), store.head, faults)?;
+                let other = Journal::start(second, bytes, headers[1], current.generation(), store.head, faults)?;
+                // Both are started and full-size: from now until a clean close, a start that
+                // finds either missing, wiped or short refuses (`journal::check_kept`).
+                let in_use = bytes.max(journal::JOURNAL_BYTES_MIN);
+                if journals_in_use != Some(in_use) {
+                    store.set_journals_in_use(Some(in_use)).map_err(open_backend)?;
+                }
                 // Without io_uring (an old kernel, `kernel.io_uring_disabled`, a container's
                 // seccomp profile) every frame is written on the writer's thread.
                 let io = FrameIo::start().ok();
@@ -373,6 +411,22 @@ impl RedbStore {
             }
         }
         Ok(store)
+    }
+
+    /// Sets (`Some(bytes)`) or clears the mark that the store writes through journals of that
+    /// size (`reader::META_JOURNALS_IN_USE`), durably.
+    fn set_journals_in_use(&self, bytes: Option<u64>) -> Result<(), redb::Error> {
+        let Db::ReadWrite(db) = &*self.db else { unreachable!("a store's database is read-write") };
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        {
+            let mut meta = txn.open_table(META)?;
+            match bytes {
+                Some(bytes) => meta.insert(META_JOURNALS_IN_USE, bytes).map(drop)?,
+                None => meta.remove(META_JOURNALS_IN_USE).map(drop)?,
+            }
+        }
+        Ok(txn.commit()?)
     }
 
     /// Appends the journal's records that the log does not hold yet, committed durably, after
@@ -1119,6 +1173,25 @@ impl RedbStore {
     }
 }
 
+/// Removes the journals at `paths` (and makes that durable), once their records are all durable
+/// in the log file.
+fn retire_journals(paths: &[PathBuf]) -> Result<(), OpenError> {
+    let mut removed = None;
+    for path in paths {
+        match std::fs::remove_file(path) {
+            Ok(()) => removed = path.parent().map(|dir| if dir.as_os_str().is_empty() { Path::new(".") } else { dir }),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(OpenError::File { path: path.clone(), source }),
+        }
+    }
+    if let Some(dir) = removed {
+        std::fs::File::open(dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|source| OpenError::File { path: dir.to_path_buf(), source })?;
+    }
+    Ok(())
+}
+
 /// A journal write or sync that failed.
 fn journal_io(error: std::io::Error) -> AppendError {
     append_backend(redb::Error::Io(error))
@@ -1128,7 +1201,10 @@ impl Drop for RedbStore {
     fn drop(&mut self) {
         // A clean close leaves everything in the log file and an empty journal, so tools open
         // the file alone; if this fails, the next open replays the journal instead.
-        let _ = self.checkpoint();
+        if self.checkpoint().is_ok() && self.journals.is_some() {
+            // ... and says so, so that the journals may go (a copy of the file alone is whole).
+            let _ = self.set_journals_in_use(None);
+        }
     }
 }
 

@@ -55,12 +55,20 @@ pub struct FileInput {
     /// A log file (a backup, or ledger.redb itself); snapshots/ beside it are used if present.
     #[arg(long, value_name = "FILE", global = true)]
     log: Option<PathBuf>,
+    /// Read a log whose server did not stop cleanly even though a write-ahead journal beside
+    /// it is missing, wiped or short: the records only that journal held are not there.
+    #[arg(long, global = true)]
+    accept_journal_loss: bool,
 }
 
 impl FileInput {
     fn open(&self) -> Result<Source> {
         let (path, snapshots) = source::log_paths(self.data.as_deref(), self.log.as_deref())?;
-        Source::open_file(&path, &snapshots)
+        Source::open_file(&path, &snapshots, self.journal_loss())
+    }
+
+    fn journal_loss(&self) -> eventlog::JournalLoss {
+        eventlog::JournalLoss::accepted_if(self.accept_journal_loss)
     }
 }
 

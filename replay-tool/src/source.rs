@@ -115,7 +115,7 @@ pub fn without_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> 
 
 impl Source {
     /// Opens a log file read-only, checking its head.
-    pub fn open_file(path: &Path, snapshot_dir: &Path) -> Result<Source> {
+    pub fn open_file(path: &Path, snapshot_dir: &Path, loss: eventlog::JournalLoss) -> Result<Source> {
         if !path.is_file() {
             bail!("open log {}: no such file (a data directory holds ledger.redb)", path.display());
         }
@@ -124,6 +124,7 @@ impl Source {
             Ok(reader) => Ok(Ok(reader)),
             Err(eventlog::OpenError::Database { source: redb::DatabaseError::RepairAborted, .. })
             | Err(eventlog::OpenError::JournalPending { .. }) => Ok(Err(())),
+            Err(eventlog::OpenError::JournalLost { .. }) if loss == eventlog::JournalLoss::Accept => Ok(Err(())),
             Err(error) => {
                 // The hint only where it can be the cause: the file is locked by another process.
                 let locked = matches!(
@@ -136,7 +137,7 @@ impl Source {
         })?;
         match opened {
             Ok(reader) => Ok(Source::File { path: path.to_path_buf(), reader, snapshots }),
-            Err(()) => Self::open_repaired(path, snapshots),
+            Err(()) => Self::open_repaired(path, snapshots, loss),
         }
     }
 
@@ -144,7 +145,7 @@ impl Source {
     /// needs redb's repair before it can be read, and repair writes. The
     /// original is never modified: the repair goes to memory
     /// (`LogReader::open_repaired`).
-    fn open_repaired(path: &Path, snapshots: SnapshotStore) -> Result<Source> {
+    fn open_repaired(path: &Path, snapshots: SnapshotStore, loss: eventlog::JournalLoss) -> Result<Source> {
         let journals = eventlog::journal::journal_paths(path);
         if journals.iter().any(|journal| journal.exists()) {
             eprintln!(
@@ -152,9 +153,10 @@ impl Source {
                  with the records of its journal, the files are left as they are",
                 path.display()
             );
-        } else {
+        } else if loss == eventlog::JournalLoss::Refuse {
             // A file copied without its journals: what was acknowledged after the last
-            // checkpoint lived only there.
+            // checkpoint lived only there. (A log written since the store marks journals in use
+            // is refused before this; a log written before that is not.)
             eprintln!(
                 "warning: {} was not closed cleanly and has no journal beside it ({}); reading it repaired in \
                  memory, the file is left as it is. Records acknowledged after its last checkpoint are only in \
@@ -169,7 +171,14 @@ impl Source {
             );
         }
         let reader = without_panic("open the log repaired in memory", || {
-            LogReader::open_repaired(path).with_context(|| format!("repair {} in memory", path.display()))
+            let opened = match LogReader::open_repaired(path) {
+                Err(error @ eventlog::OpenError::JournalLost { .. }) if loss == eventlog::JournalLoss::Accept => {
+                    eprintln!("warning: {error}; reading what the log file holds, as --accept-journal-loss says");
+                    LogReader::open_repaired_with(path, loss)
+                }
+                other => other,
+            };
+            opened.with_context(|| format!("repair {} in memory", path.display()))
         })?;
         Ok(Source::File { path: path.to_path_buf(), reader, snapshots })
     }

@@ -223,6 +223,7 @@ pub fn run(input: &Input, as_json: bool, skip_storage: bool) -> Result<Outcome> 
     }
 
     let (path, snapshot_dir) = source::log_paths(input.file.data.as_deref(), input.file.log.as_deref())?;
+    let loss = input.file.journal_loss();
     if !path.is_file() {
         anyhow::bail!("open log {}: no such file", path.display());
     }
@@ -251,14 +252,14 @@ pub fn run(input: &Input, as_json: bool, skip_storage: bool) -> Result<Outcome> 
             let path = path.clone();
             std::thread::Builder::new().name("verify-storage".into()).spawn_scoped(scope, move || {
                 let started = Instant::now();
-                (check_storage(&path), started.elapsed())
+                (check_storage(&path, loss), started.elapsed())
             })
         });
         let storage = storage.transpose().context("start the storage check thread")?;
 
         let log_started = Instant::now();
         // A log left unclean by a crash is read repaired in memory.
-        let opened = Source::open_file(&path, &snapshot_dir);
+        let opened = Source::open_file(&path, &snapshot_dir, loss);
         match &opened {
             Err(error) => {
                 report.problems.push(problem(open_error_seq(error), open_error_kind(error), format!("{error:#}")))
@@ -342,9 +343,9 @@ pub fn run(input: &Input, as_json: bool, skip_storage: bool) -> Result<Outcome> 
 
 /// redb's integrity check of the file, and an ordinary open's checks after it
 /// (`RedbStore::check_file`: what the check rewrites stays in memory).
-fn check_storage(path: &Path) -> Result<()> {
+fn check_storage(path: &Path, loss: eventlog::JournalLoss) -> Result<()> {
     without_panic("check the file", || {
-        RedbStore::check_file(path, STORAGE_CHECK_CACHE_BYTES).map_err(|e| anyhow::anyhow!("{e}"))
+        RedbStore::check_file(path, STORAGE_CHECK_CACHE_BYTES, loss).map_err(|e| anyhow::anyhow!("{e}"))
     })
 }
 
@@ -598,6 +599,7 @@ fn open_error_kind(error: &anyhow::Error) -> &'static str {
             | RecordError::TrailingBytes { .. },
         )) => "decode",
         Some(eventlog::OpenError::HeadMismatch { .. }) => "head",
+        Some(eventlog::OpenError::JournalLost { .. }) => "journal",
         _ => "storage",
     }
 }

@@ -11,7 +11,7 @@ use eventlog::journal::{
     SLOT_BYTES, SLOT_OFFSETS,
 };
 use eventlog::redb_store::OVERLAPPED_FRAME_RECORDS_MIN;
-use eventlog::{LogReader, LogStore, NewRecord, OpenError, RedbOptions, RedbStore, verify};
+use eventlog::{JournalLoss, LogReader, LogStore, NewRecord, OpenError, RedbOptions, RedbStore, verify};
 
 const BATCHES: u64 = 12;
 const RECORDS_PER_BATCH: u64 = 3;
@@ -93,7 +93,7 @@ fn a_crash_image_is_read_whole_by_tools_and_recovered_by_the_store() {
     assert!(report.is_clean(), "{:?}", report.first_problem);
     assert_eq!(report.records, head);
     drop(reader);
-    RedbStore::check_file(&log, 1 << 20).unwrap();
+    RedbStore::check_file(&log, 1 << 20, JournalLoss::Refuse).unwrap();
     assert!(before == (std::fs::read(&log).unwrap(), std::fs::read(&journal).unwrap()), "a tool modified a file");
 
     // The store replays the journal, and writes go on after it.
@@ -363,7 +363,9 @@ fn a_changed_bit_anywhere_is_refused_or_drops_only_the_last_frame() {
         let mut bytes = pristine.clone();
         bytes[offset as usize] ^= 1 << (crate::support::next(&mut state) % 8);
         let dir = tempfile::tempdir().unwrap();
-        std::fs::copy(image.path().join("ledger.redb"), dir.path().join("ledger.redb")).unwrap();
+        for name in ["ledger.redb", SECOND_JOURNAL_FILE_NAME] {
+            std::fs::copy(image.path().join(name), dir.path().join(name)).unwrap();
+        }
         std::fs::write(dir.path().join(JOURNAL_FILE_NAME), &bytes).unwrap();
         match RedbStore::open(dir.path(), RedbOptions::default()) {
             Err(OpenError::Journal { .. }) => refused += 1,
@@ -387,11 +389,109 @@ fn a_changed_bit_anywhere_is_refused_or_drops_only_the_last_frame() {
 #[test]
 fn a_copy_of_the_log_file_does_not_take_the_dirs_journal() {
     let (image, head) = crashed_store();
-    // A stale copy of the log file beside the live journal: it has its own (absent) journal.
+    // A stale copy of the log file beside the live journal: it has its own (absent) journals,
+    // so it is refused unless their loss is accepted, and then never reads the live ones.
     let copy = image.path().join("copy.redb");
     std::fs::copy(image.path().join("ledger.redb"), &copy).unwrap();
-    let reader = LogReader::open_repaired(&copy).unwrap();
+    assert!(matches!(LogReader::open_repaired(&copy).map(drop), Err(OpenError::JournalLost { .. })));
+    let reader = LogReader::open_repaired_with(&copy, JournalLoss::Accept).unwrap();
     assert!(reader.head().unwrap().seq < head, "the copy read the live journal's records");
+}
+
+/// What each way of opening a crash image says: `Ok(head)` or the error. (A plain read-only
+/// open never accepts a loss: it is left out when the loss is accepted.)
+fn opens(image: &Path, loss: JournalLoss) -> Vec<Result<u64, String>> {
+    let log = image.join("ledger.redb");
+    let read_only = match LogReader::open_read_only(&log) {
+        _ if loss == JournalLoss::Accept => None,
+        // Not a verdict on the journals: the file needs redb's repair first.
+        Err(OpenError::Database { source: redb::DatabaseError::RepairAborted, .. }) => None,
+        other => Some(other.map(|reader| reader.head().unwrap().seq).map_err(|e| e.to_string())),
+    };
+    let repaired = LogReader::open_repaired_with(&log, loss).map(|reader| reader.head().unwrap().seq);
+    let store = RedbStore::open(image, RedbOptions { journal_loss: loss, ..RedbOptions::default() })
+        .map(|store| store.head().seq);
+    read_only.into_iter().chain([repaired.map_err(|e| e.to_string()), store.map_err(|e| e.to_string())]).collect()
+}
+
+/// A journal deleted, wiped or cut after a crash lost records without a word (the store could
+/// not know what had been in it): now the log file says its journals were in use, and every
+/// open refuses, naming the journal and what is wrong, until the loss is accepted.
+#[test]
+fn a_journal_deleted_wiped_or_cut_after_a_crash_is_refused_until_its_loss_is_accepted() {
+    type Damage = fn(&Path);
+    // (what, how, what the error says, whether the frames survive it)
+    let cases: [(&str, Damage, &str, bool); 5] = [
+        ("deleted", |p| std::fs::remove_file(p).unwrap(), "is missing", false),
+        (
+            "zeroed",
+            |p| std::fs::write(p, vec![0u8; std::fs::metadata(p).unwrap().len() as usize]).unwrap(),
+            "no header",
+            false,
+        ),
+        ("cut after its frames", |p| cut(p, frame_offset(BATCHES + 1)), "shorter than", true),
+        ("cut inside its header", |p| cut(p, 100), "shorter than", false),
+        ("emptied", |p| cut(p, 0), "shorter than", false),
+    ];
+    for (name, damage, problem, frames_survive) in cases {
+        for journal in [JOURNAL_FILE_NAME, SECOND_JOURNAL_FILE_NAME] {
+            let (image, head) = crashed_store();
+            damage(&image.path().join(journal));
+            for (i, opened) in opens(image.path(), JournalLoss::Refuse).into_iter().enumerate() {
+                let error = opened.expect_err(&format!("{journal} {name}: open #{i} was accepted"));
+                assert!(error.contains(journal) && error.contains(problem), "{journal} {name}: {error}");
+                assert!(error.contains("--accept-journal-loss"), "{error}");
+            }
+            // Accepted: what the files hold. The frames were all in the first journal.
+            let kept = if journal == JOURNAL_FILE_NAME && !frames_survive { 1 } else { head };
+            for (i, opened) in opens(image.path(), JournalLoss::Accept).into_iter().enumerate() {
+                assert_eq!(opened, Ok(kept), "{journal} {name}: open #{i} with the loss accepted");
+            }
+            // The accepting start made the dir whole again: a plain start opens it.
+            let store = RedbStore::open(image.path(), RedbOptions::default()).unwrap();
+            assert_eq!(store.head().seq, kept, "{journal} {name}");
+        }
+    }
+}
+
+fn cut(path: &Path, len: u64) {
+    std::fs::OpenOptions::new().write(true).open(path).unwrap().set_len(len).unwrap();
+}
+
+#[test]
+fn a_clean_close_leaves_a_log_file_that_needs_no_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = RedbStore::open(dir.path(), RedbOptions::default()).unwrap();
+    append_batches(&mut store, 0, 3);
+    let head = store.head().seq;
+    // Running: the mark is set, so the file alone (copied without its journals) is refused.
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.path().join("ledger.redb"), copy.path().join("ledger.redb")).unwrap();
+    assert!(opens(copy.path(), JournalLoss::Refuse).iter().all(Result::is_err));
+    drop(store);
+    for journal in [JOURNAL_FILE_NAME, SECOND_JOURNAL_FILE_NAME] {
+        std::fs::remove_file(dir.path().join(journal)).unwrap();
+    }
+    assert_eq!(opens(dir.path(), JournalLoss::Refuse), vec![Ok(head), Ok(head), Ok(head)]);
+}
+
+/// A start with the journal turned off takes in what a crash left in the journals and retires
+/// them: it used to read them again at every start, and never let them go.
+#[test]
+fn a_start_without_a_journal_takes_in_the_crashed_journals_and_retires_them() {
+    let (image, head) = crashed_store();
+    let no_journal = || RedbOptions { journal_bytes: 0, ..RedbOptions::default() };
+    let mut store = RedbStore::open(image.path(), no_journal()).unwrap();
+    assert_eq!(store.head().seq, head);
+    for journal in [JOURNAL_FILE_NAME, SECOND_JOURNAL_FILE_NAME] {
+        assert!(!image.path().join(journal).exists(), "{journal} was kept");
+    }
+    append_batches(&mut store, head, 1);
+    drop(store);
+    // Whatever starts next: every record, from the log file alone.
+    assert_eq!(opens(image.path(), JournalLoss::Refuse), vec![Ok(head + 3), Ok(head + 3), Ok(head + 3)]);
+    let store = RedbStore::open(image.path(), no_journal()).unwrap();
+    assert_eq!(store.head().seq, head + 3);
 }
 
 /// A crash at every journal write in turn (frames, and the two writes of each header reset when

@@ -183,6 +183,7 @@ fn options(faults: &FaultHandle) -> RedbOptions {
         // The smallest journal: a checkpoint every 15 journaled batches, so runs cross many.
         journal_bytes: eventlog::journal::JOURNAL_BYTES_MIN,
         journal_faults: Some(faults.clone()),
+        journal_loss: eventlog::JournalLoss::Refuse,
     }
 }
 
@@ -329,7 +330,7 @@ fn run(ops: Vec<Op>) {
             }
             Op::Crash => {
                 let image = tempfile::tempdir().unwrap();
-                for name in ["ledger.redb", "ledger.journal"] {
+                for name in ["ledger.redb", "ledger.journal", "ledger.journal.1"] {
                     let from = harness.dir.path().join(name);
                     if from.exists() {
                         std::fs::copy(&from, image.path().join(name)).unwrap();

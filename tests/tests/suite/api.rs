@@ -1187,6 +1187,39 @@ fn projections_from_another_log_are_refused_at_startup() {
     assert_eq!(server.get("/v1/views/tasks?namespace=mine&min_seq=1").body["items"].as_array().unwrap().len(), 1);
 }
 
+/// A journal deleted after a crash lost every record only it held, and the next start said
+/// nothing (the dir's "not detected yet" case): now the start is refused, naming the journal
+/// and the way out, and `--accept-journal-loss` starts on what `ledger.redb` holds.
+#[test]
+fn a_journal_deleted_after_a_crash_is_refused_until_its_loss_is_accepted() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    let server = Server::start_in(&data, &[]);
+    for _ in 0..3 {
+        create_job(&server, "lost", json!({}));
+    }
+    server.kill();
+    std::fs::remove_file(data.join(eventlog::journal::JOURNAL_FILE_NAME)).unwrap();
+    let (refused, stderr) = serve_once(&data, "127.0.0.1:0");
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("ledger.journal is missing") && stderr.contains("--accept-journal-loss"), "{stderr}");
+    // The projections may hold the lost tasks: they are moved aside (a start refuses views
+    // ahead of the log), and rebuilt.
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(data.join(format!("projections.sqlite{suffix}")));
+    }
+    let log_path = temp.path().join("server.log");
+    let server = Server::start_with_log(&data, &["--accept-journal-loss"], std::fs::File::create(&log_path).unwrap());
+    // The three tasks were acknowledged from the journal alone; what the file holds goes on.
+    assert!(server.head_seq() < 3, "the deleted journal's records came back from somewhere");
+    create_job(&server, "after", json!({}));
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    assert!(logged.lines().any(|l| l.contains("WARN") && l.contains("accepted (--accept-journal-loss)")), "{logged}");
+    drop(server);
+    // The accepting start left a whole dir: an ordinary start opens it.
+    drop(Server::start_in(&data, &[]));
+}
+
 /// Waits (at most 30 s) until `done`, failing with `what`.
 fn wait_until(what: &str, done: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
