@@ -330,12 +330,39 @@ impl Drop for BackgroundRuntime {
     }
 }
 
+/// Name of the file in the data dir a running server holds locked.
+pub const DATA_DIR_LOCK_FILE_NAME: &str = "taskledger.lock";
+
+/// Locks the data dir for this server (held until the returned file is dropped), before it reads
+/// or writes anything there: the ledger file's own lock came after the tokens file, so two first
+/// starts racing on a new dir could each mint an admin token, and the one that lost the ledger
+/// left its token in `admin.token`, which the survivor rejects (found by a black-box check).
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join(DATA_DIR_LOCK_FILE_NAME);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "{} is in use by another taskledger server (it holds {}); stop it, or give this server another --data",
+            dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(error)) => Err(error).with_context(|| format!("lock {}", path.display())),
+    }
+}
+
 /// Runs the server until a shutdown signal.
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     init_tracing(config.json_logs);
     let signals = shutdown_signals();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
+    let _data_dir_lock = lock_data_dir(&config.data_dir)?;
     let tokens_path = config.tokens_file.clone().unwrap_or_else(|| config.data_dir.join("tokens.json"));
     let (tokens, token_source) = crate::auth::load_or_init(&tokens_path)?;
 

@@ -1130,7 +1130,8 @@ fn a_dir_in_use_is_named_and_a_damaged_snapshot_is_reported() {
     wait_until("a snapshot written", || metric(&server, "taskledger_snapshots_total") >= 1);
     let (second, stderr) = serve_once(&data, "127.0.0.1:0");
     assert!(!second.status.success());
-    assert!(stderr.contains("ledger.redb is in use by another process"), "{stderr}");
+    assert!(stderr.contains("is in use by another taskledger server (it holds"), "{stderr}");
+    assert!(stderr.contains("taskledger.lock"), "{stderr}");
     // Its address taken, a server says so (it panicked dropping the projectors' runtime).
     let (taken, stderr) = serve_once(&temp.path().join("other"), &server.addr());
     assert_eq!(taken.status.code(), Some(1), "{stderr}");
@@ -1149,6 +1150,62 @@ fn a_dir_in_use_is_named_and_a_damaged_snapshot_is_reported() {
     assert_eq!(server.head_seq(), 6, "rebuilt from the log");
     let logged = std::fs::read_to_string(&log_path).unwrap();
     assert!(logged.lines().any(|l| l.contains("WARN") && l.contains("a snapshot failed its check")), "{logged}");
+}
+
+/// First starts racing on a new dir: one server runs, the others refuse before touching the
+/// tokens, and `admin.token` is the runner's. The ledger's lock came after the tokens file, so a
+/// loser could mint its own admin token over the runner's (found by a black-box check).
+#[test]
+fn racing_first_starts_leave_one_server_and_its_admin_token() {
+    use std::io::BufRead;
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    let starts: Vec<std::process::Child> = (0..4)
+        .map(|_| {
+            std::process::Command::new(tests::workspace_binary("taskledger"))
+                .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+                .arg(&data)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let (mut running, mut refused) = (Vec::new(), 0);
+    for mut child in starts {
+        // A runner's banner ends with how to authenticate; a refused start's stdout just ends.
+        let mut address = None;
+        for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+            let line = line.unwrap();
+            if let Some(addr) = line.split("listening on ").nth(1) {
+                address = Some(addr.trim().to_owned());
+            }
+            if line.contains("authenticate with") {
+                break;
+            }
+        }
+        match address {
+            Some(address) => running.push((child, address)),
+            None => {
+                let out = child.wait_with_output().unwrap();
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(!out.status.success() && stderr.contains("in use by another taskledger server"), "{stderr}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((running.len(), refused), (1, 3));
+    let (mut child, address) = running.pop().unwrap();
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let answer = agent
+        .get(format!("{address}/v1/ledger"))
+        .header("Authorization", &format!("Bearer {}", token.trim()))
+        .call()
+        .unwrap();
+    assert_eq!(answer.status(), 200, "the runner rejects the admin token on disk");
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 /// Projections built from another log (here: another server's, further along) are refused at
