@@ -192,8 +192,8 @@ impl Streaming {
 pub enum Source {
     /// A running server (`--server URL --token T`).
     Server { url: String, token: String },
-    /// A stopped data dir (`--data DIR`), read only.
-    DataDir(PathBuf),
+    /// A stopped data dir (`--data DIR`), read only; `journal_loss` as `--accept-journal-loss`.
+    DataDir { dir: PathBuf, journal_loss: eventlog::JournalLoss },
 }
 
 /// What a finished backup wrote.
@@ -262,7 +262,7 @@ pub fn run(source: &Source, to: &Path) -> anyhow::Result<Summary> {
 /// Writes and checks the copy in `staging`; returns its head.
 fn write_staged(source: &Source, staging: &Path) -> anyhow::Result<Head> {
     let expected = match source {
-        Source::DataDir(dir) => copy_offline(dir, staging)?,
+        Source::DataDir { dir, journal_loss } => copy_offline(dir, *journal_loss, staging)?,
         Source::Server { url, token } => copy_online(url, token, staging)?,
     };
     // Check it again as it is on disk, as a reader of the backup will see it.
@@ -397,7 +397,7 @@ impl Sink {
 }
 
 /// Copies the log of the stopped data dir `dir`; returns the head copied.
-fn copy_offline(dir: &Path, staging: &Path) -> anyhow::Result<Head> {
+fn copy_offline(dir: &Path, journal_loss: eventlog::JournalLoss, staging: &Path) -> anyhow::Result<Head> {
     let path = dir.join(eventlog::redb_store::LOG_FILE_NAME);
     if !path.is_file() {
         bail!("no ledger at {} (is {} a taskledger data dir?)", path.display(), dir.display());
@@ -405,9 +405,22 @@ fn copy_offline(dir: &Path, staging: &Path) -> anyhow::Result<Head> {
     let reader = match LogReader::open_read_only(&path) {
         // A server that crashed or was killed left the file unclean, or records in its
         // journal: read both repaired in memory (neither file is modified).
-        Err(
-            OpenError::Database { source: redb::DatabaseError::RepairAborted, .. } | OpenError::JournalPending { .. },
-        ) => LogReader::open_repaired(&path),
+        Err(error)
+            if matches!(
+                error,
+                OpenError::Database { source: redb::DatabaseError::RepairAborted, .. }
+                    | OpenError::JournalPending { .. }
+            ) || matches!(error, OpenError::JournalLost { .. }) && journal_loss == eventlog::JournalLoss::Accept =>
+        {
+            LogReader::open_repaired_with(&path, journal_loss).map(|(reader, losses)| {
+                for lost in losses {
+                    eprintln!(
+                        "taskledger backup: warning: {lost}; copying what the log file holds, as --accept-journal-loss says"
+                    );
+                }
+                reader
+            })
+        }
         other => other,
     }
     .map_err(|error| match error {

@@ -54,6 +54,10 @@ struct BackupArgs {
     /// Data dir of a stopped server (offline backup); it is only read.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// With --data: copy what `ledger.redb` holds even though a write-ahead journal its server
+    /// wrote through (it did not stop cleanly) is missing, wiped or short.
+    #[arg(long, requires = "data")]
+    accept_journal_loss: bool,
 }
 
 #[derive(Parser, Clone)]
@@ -238,7 +242,10 @@ fn backup(args: BackupArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        (None, Some(dir)) => api::backup::Source::DataDir(dir),
+        (None, Some(dir)) => api::backup::Source::DataDir {
+            dir,
+            journal_loss: eventlog::JournalLoss::accepted_if(args.accept_journal_loss),
+        },
         _ => {
             eprintln!("taskledger backup: give either --server URL --token T (online) or --data DIR (offline)");
             return ExitCode::from(2);

@@ -130,13 +130,16 @@ impl JournalLoss {
 /// shortens them, so each must exist, hold a header and be at least that long; otherwise the
 /// records only it held would be lost without a word. Not caught: a journal replaced by an
 /// older copy of itself, or wiped after its header (its frames then read as never written).
+///
+/// Returns the losses accepted (each logged as a warning): empty when nothing is lost.
 pub fn check_kept(
     paths: &[PathBuf],
     found: &[(PathBuf, JournalContents)],
     in_use: Option<u64>,
     loss: JournalLoss,
-) -> Result<(), OpenError> {
-    let Some(in_use) = in_use else { return Ok(()) };
+) -> Result<Vec<String>, OpenError> {
+    let mut accepted = Vec::new();
+    let Some(in_use) = in_use else { return Ok(accepted) };
     for path in paths {
         let len = match found.iter().find(|(found, _)| found == path) {
             Some((_, contents)) => Some(contents.len),
@@ -152,10 +155,13 @@ pub fn check_kept(
         let error = OpenError::JournalLost { path: path.clone(), problem };
         match loss {
             JournalLoss::Refuse => return Err(error),
-            JournalLoss::Accept => tracing::warn!("accepted (--accept-journal-loss): {error}"),
+            JournalLoss::Accept => {
+                tracing::warn!("accepted (--accept-journal-loss): {error}");
+                accepted.push(error.to_string());
+            }
         }
     }
-    Ok(())
+    Ok(accepted)
 }
 
 /// The current header: which generation the frames belong to and where they start.

@@ -269,13 +269,18 @@ impl LogReader {
     /// file does not hold yet, go to an in-memory overlay ([`crate::OverlayBackend`]), never to
     /// either file. Checks the head like [`Self::open_read_only`].
     pub fn open_repaired(path: impl AsRef<Path>) -> Result<Self, OpenError> {
-        Self::open_repaired_with(path, crate::journal::JournalLoss::Refuse)
+        Self::open_repaired_with(path, crate::journal::JournalLoss::Refuse).map(|(reader, _)| reader)
     }
 
     /// [`Self::open_repaired`], opening even a log whose journals are missing, wiped or short
-    /// when `loss` says to accept that (see [`crate::journal::check_kept`]).
-    pub fn open_repaired_with(path: impl AsRef<Path>, loss: crate::journal::JournalLoss) -> Result<Self, OpenError> {
-        Ok(crate::RedbStore::open_repaired(path.as_ref(), READ_ONLY_CACHE_BYTES, false, loss)?.reader())
+    /// when `loss` says to accept that (see [`crate::journal::check_kept`]); with the losses
+    /// accepted (`RedbStore::accepted_journal_losses`).
+    pub fn open_repaired_with(
+        path: impl AsRef<Path>,
+        loss: crate::journal::JournalLoss,
+    ) -> Result<(Self, Vec<String>), OpenError> {
+        let store = crate::RedbStore::open_repaired(path.as_ref(), READ_ONLY_CACHE_BYTES, false, loss)?;
+        Ok((store.reader(), store.accepted_journal_losses().to_vec()))
     }
 
     fn with_checked_head(db: Db) -> Result<Self, OpenError> {

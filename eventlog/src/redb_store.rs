@@ -190,6 +190,8 @@ pub struct RedbStore {
     /// Whether a full journal's checkpoint runs beside later appends (which are then held)
     /// rather than in the append that found it full: see [`RedbStore::checkpoint_beside_appends`].
     checkpoint_beside_appends: bool,
+    /// See [`RedbStore::accepted_journal_losses`].
+    accepted_journal_losses: Vec<String>,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -359,23 +361,15 @@ impl RedbStore {
             held: None,
             held_versions: HashMap::default(),
             checkpoint_beside_appends: false,
+            accepted_journal_losses: Vec::new(),
         };
-        let loss = store.options.journal_loss;
         match journal {
             JournalAccess::Off => {}
             JournalAccess::ReadOnly(paths) => {
-                let found = journal::read_all(&paths)?;
-                journal::check_kept(&paths, &found, journals_in_use, loss)?;
-                for (path, contents) in found {
-                    store.replay_journal(&path, contents)?;
-                }
+                store.take_in_journals(&paths, journals_in_use)?;
             }
             JournalAccess::TakeIn(paths) => {
-                let found = journal::read_all(&paths)?;
-                journal::check_kept(&paths, &found, journals_in_use, loss)?;
-                for (path, contents) in found {
-                    store.replay_journal(&path, contents)?;
-                }
+                store.take_in_journals(&paths, journals_in_use)?;
                 // Every record is durable in the log file now: the journals are retired, so
                 // that later starts neither read them again nor take them for a crash's.
                 if journals_in_use.is_some() {
@@ -385,13 +379,17 @@ impl RedbStore {
             }
             JournalAccess::ReadWrite(paths) => {
                 let [first, second] = &paths;
-                // In the order their records follow the log (the older one's may all be in it).
-                let found = journal::read_all(&paths)?;
-                journal::check_kept(&paths, &found, journals_in_use, loss)?;
                 let mut headers = [None, None];
-                for (path, contents) in found {
-                    headers[usize::from(path == *second)] = Some(contents.header);
-                    store.replay_journal(&path, contents)?;
+                for (path, header) in store.take_in_journals(&paths, journals_in_use)? {
+                    headers[usize::from(path == *second)] = Some(header);
+                }
+                let mut journals_in_use = journals_in_use;
+                if !store.accepted_journal_losses.is_empty() && journals_in_use.is_some() {
+                    // A journal is about to be created again: the mark goes first (everything is
+                    // durable in the log file now), so that a crash before the new file is
+                    // whole does not have the next start refuse an empty journal.
+                    store.set_journals_in_use(None).map_err(open_backend)?;
+                    journals_in_use = None;
                 }
                 let generation_floor = headers.iter().flatten().map(|h| h.generation).max().unwrap_or(0);
                 let (bytes, faults) = (store.options.journal_bytes, store.options.journal_faults.clone());
@@ -411,6 +409,46 @@ impl RedbStore {
             }
         }
         Ok(store)
+    }
+
+    /// Reads the journals at `paths`, checks that they are as the last writer left them (see
+    /// `journal::check_kept`; the losses the options accept are kept in
+    /// `accepted_journal_losses`), and appends their records that the log does not hold yet.
+    /// Returns the headers found. With a loss accepted, a journal that no longer follows the log
+    /// (the older one, whose records it needed, is gone) is skipped with its records.
+    fn take_in_journals(
+        &mut self,
+        paths: &[PathBuf],
+        in_use: Option<u64>,
+    ) -> Result<Vec<(PathBuf, journal::JournalHeader)>, OpenError> {
+        // In the order their records follow the log (the older one's may all be in it).
+        let found = journal::read_all(paths)?;
+        self.accepted_journal_losses = journal::check_kept(paths, &found, in_use, self.options.journal_loss)?;
+        let mut headers = Vec::with_capacity(found.len());
+        for (path, contents) in found {
+            headers.push((path.clone(), contents.header));
+            if !self.accepted_journal_losses.is_empty() && contents.header.base.seq > self.head.seq {
+                let skipped = format!(
+                    "write-ahead journal {} follows seq {}, past the log's head {} after the accepted loss: \
+                     its {} records are dropped too",
+                    path.display(),
+                    contents.header.base.seq,
+                    self.head.seq,
+                    contents.records.len()
+                );
+                tracing::warn!("accepted (--accept-journal-loss): {skipped}");
+                self.accepted_journal_losses.push(skipped);
+                continue;
+            }
+            self.replay_journal(&path, contents)?;
+        }
+        Ok(headers)
+    }
+
+    /// The journal losses this store was opened with, accepted by `RedbOptions::journal_loss`
+    /// (each says which journal, what is wrong with it, and what was dropped); empty when none.
+    pub fn accepted_journal_losses(&self) -> &[String] {
+        &self.accepted_journal_losses
     }
 
     /// Sets (`Some(bytes)`) or clears the mark that the store writes through journals of that

@@ -149,15 +149,30 @@ pub fn keygen(prefix: &Path) -> Result<Outcome> {
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     let mut file = options.open(&secret_path).with_context(|| format!("create {}", secret_path.display()))?;
-    writeln!(file, "{SECRET_KEY_LABEL} {}", hex(&key.to_bytes()))
-        .with_context(|| format!("write {}", secret_path.display()))?;
+    // From here a failure removes what this call created: a secret key without its public key
+    // (or a half-written one) would block the next keygen and sign nothing verifiable.
+    let mut created = vec![secret_path.clone()];
     let public = hex(key.verifying_key().as_bytes());
-    fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&public_path)
-        .and_then(|mut file| writeln!(file, "{public}"))
-        .with_context(|| format!("write {}", public_path.display()))?;
+    let written = writeln!(file, "{SECRET_KEY_LABEL} {}", hex(&key.to_bytes()))
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("write {}", secret_path.display()))
+        .and_then(|()| {
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&public_path)
+                .with_context(|| format!("create {}", public_path.display()))?;
+            created.push(public_path.clone());
+            writeln!(file, "{public}")
+                .and_then(|()| file.sync_all())
+                .with_context(|| format!("write {}", public_path.display()))
+        });
+    if let Err(error) = written {
+        for path in created {
+            let _ = fs::remove_file(path);
+        }
+        return Err(error);
+    }
     println!("secret key  {} (keep it private; it signs audit checkpoints)", secret_path.display());
     println!("public key  {} = {public}", public_path.display());
     Ok(Outcome::Clean)

@@ -91,6 +91,9 @@ impl Input {
             if self.file.data.is_some() || self.file.log.is_some() {
                 return Err(source::usage("give one input: --server, --data or --log"));
             }
+            if self.file.accept_journal_loss {
+                return Err(source::usage("--accept-journal-loss is for a log file (--data or --log), not --server"));
+            }
             let token = self.token.as_deref().ok_or_else(|| source::usage("--server needs --token"))?;
             return feed::fetch(url, token);
         }

@@ -41,8 +41,9 @@ impl FromStr for Point {
 
 /// The log being read.
 pub enum Source {
-    /// A log file, opened read-only (repaired in memory when a crash left it unclean).
-    File { path: PathBuf, reader: LogReader, snapshots: SnapshotStore },
+    /// A log file, opened read-only (repaired in memory when a crash left it unclean), and the
+    /// journal losses accepted to open it (`--accept-journal-loss`; empty when none).
+    File { path: PathBuf, reader: LogReader, snapshots: SnapshotStore, journal_losses: Vec<String> },
     /// A server's feed, every record in memory (payloads re-encoded from the feed's JSON).
     Feed { origin: String, records: Vec<StoredRecord> },
 }
@@ -136,7 +137,7 @@ impl Source {
             }
         })?;
         match opened {
-            Ok(reader) => Ok(Source::File { path: path.to_path_buf(), reader, snapshots }),
+            Ok(reader) => Ok(Source::File { path: path.to_path_buf(), reader, snapshots, journal_losses: Vec::new() }),
             Err(()) => Self::open_repaired(path, snapshots, loss),
         }
     }
@@ -146,17 +147,25 @@ impl Source {
     /// original is never modified: the repair goes to memory
     /// (`LogReader::open_repaired`).
     fn open_repaired(path: &Path, snapshots: SnapshotStore, loss: eventlog::JournalLoss) -> Result<Source> {
+        let (reader, journal_losses) = without_panic("open the log repaired in memory", || {
+            LogReader::open_repaired_with(path, loss).with_context(|| format!("repair {} in memory", path.display()))
+        })?;
+        // Said once it opened (a refused open said why already).
         let journals = eventlog::journal::journal_paths(path);
-        if journals.iter().any(|journal| journal.exists()) {
+        if !journal_losses.is_empty() {
+            for lost in &journal_losses {
+                eprintln!("warning: {lost}; reading what the log file holds, as --accept-journal-loss says");
+            }
+        } else if journals.iter().any(|journal| journal.exists()) {
             eprintln!(
                 "note: {} was not closed cleanly (the server crashed or was killed); reading it repaired in memory, \
                  with the records of its journal, the files are left as they are",
                 path.display()
             );
         } else if loss == eventlog::JournalLoss::Refuse {
-            // A file copied without its journals: what was acknowledged after the last
-            // checkpoint lived only there. (A log written since the store marks journals in use
-            // is refused before this; a log written before that is not.)
+            // A file copied without its journals, written before the store marked its journals in
+            // use (a marked one is refused): what was acknowledged after the last checkpoint
+            // lived only there.
             eprintln!(
                 "warning: {} was not closed cleanly and has no journal beside it ({}); reading it repaired in \
                  memory, the file is left as it is. Records acknowledged after its last checkpoint are only in \
@@ -170,17 +179,7 @@ impl Source {
                     .join(", ")
             );
         }
-        let reader = without_panic("open the log repaired in memory", || {
-            let opened = match LogReader::open_repaired(path) {
-                Err(error @ eventlog::OpenError::JournalLost { .. }) if loss == eventlog::JournalLoss::Accept => {
-                    eprintln!("warning: {error}; reading what the log file holds, as --accept-journal-loss says");
-                    LogReader::open_repaired_with(path, loss)
-                }
-                other => other,
-            };
-            opened.with_context(|| format!("repair {} in memory", path.display()))
-        })?;
-        Ok(Source::File { path: path.to_path_buf(), reader, snapshots })
+        Ok(Source::File { path: path.to_path_buf(), reader, snapshots, journal_losses })
     }
 
     /// Where the records come from, for reports.

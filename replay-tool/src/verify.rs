@@ -101,6 +101,9 @@ struct Report {
     /// every loader, as here; not a problem.
     snapshots_skipped: Vec<SkippedSnapshot>,
     problems: Vec<Problem>,
+    /// Journal losses accepted with `--accept-journal-loss` to open the log (not problems: the
+    /// operator said so; without the flag each is a `journal` problem).
+    journal_losses_accepted: Vec<String>,
     timings: Timings,
 }
 
@@ -252,7 +255,7 @@ pub fn run(input: &Input, as_json: bool, skip_storage: bool) -> Result<Outcome> 
             let path = path.clone();
             std::thread::Builder::new().name("verify-storage".into()).spawn_scoped(scope, move || {
                 let started = Instant::now();
-                (check_storage(&path, loss), started.elapsed())
+                (check_storage(&path), started.elapsed())
             })
         });
         let storage = storage.transpose().context("start the storage check thread")?;
@@ -265,7 +268,8 @@ pub fn run(input: &Input, as_json: bool, skip_storage: bool) -> Result<Outcome> 
                 report.problems.push(problem(open_error_seq(error), open_error_kind(error), format!("{error:#}")))
             }
             Ok(Source::Feed { .. }) => unreachable!("a file source"),
-            Ok(Source::File { reader, .. }) => {
+            Ok(Source::File { reader, journal_losses, .. }) => {
+                report.journal_losses_accepted = journal_losses.clone();
                 let expected = reader.head().map(|h| h.seq).unwrap_or(0);
                 let (mut feeder, (rx, back)) = channels();
                 let fold = std::thread::Builder::new()
@@ -342,10 +346,12 @@ pub fn run(input: &Input, as_json: bool, skip_storage: bool) -> Result<Outcome> 
 }
 
 /// redb's integrity check of the file, and an ordinary open's checks after it
-/// (`RedbStore::check_file`: what the check rewrites stays in memory).
-fn check_storage(path: &Path, loss: eventlog::JournalLoss) -> Result<()> {
+/// (`RedbStore::check_file`: what the check rewrites stays in memory). A lost journal is the
+/// log layer's problem to report (once, as `journal`), not a failure of redb's pages.
+fn check_storage(path: &Path) -> Result<()> {
     without_panic("check the file", || {
-        RedbStore::check_file(path, STORAGE_CHECK_CACHE_BYTES, loss).map_err(|e| anyhow::anyhow!("{e}"))
+        RedbStore::check_file(path, STORAGE_CHECK_CACHE_BYTES, eventlog::JournalLoss::Accept)
+            .map_err(|e| anyhow::anyhow!("{e}"))
     })
 }
 
@@ -703,8 +709,14 @@ fn finish(mut report: Report, as_json: bool, started: Instant) -> Result<Outcome
             println!("  PROBLEM   ({}): {}", p.kind, p.message);
         }
     }
+    for lost in &report.journal_losses_accepted {
+        println!("  journal   loss accepted (--accept-journal-loss): {lost}");
+    }
     println!("  time      {seconds:.2} s in all, {}", rate(seconds));
     match report.problems.iter().find(|p| p.seq > 0) {
+        None if report.clean && !report.journal_losses_accepted.is_empty() => {
+            println!("result: clean, but for the journal records lost (accepted)")
+        }
         None if report.clean => println!("result: clean"),
         None => println!("result: NOT clean ({} problems)", report.problems.len()),
         Some(first) => println!("result: NOT clean ({} problems, first at seq {})", report.problems.len(), first.seq),

@@ -76,15 +76,41 @@ fn the_replay_tool_reads_a_crashed_servers_data_dir_without_modifying_it() {
     let stderr = String::from_utf8_lossy(&info.stderr);
     assert_eq!(info.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("ledger.journal is missing") && stderr.contains("--accept-journal-loss"), "{stderr}");
-    let verify = run("taskledger-replay", &["verify", "--data", alone_arg]);
+    // Nothing said about reading it repaired before the refusal (found by review).
+    assert!(!stderr.contains("reading it repaired"), "{stderr}");
+    let verify = run("taskledger-replay", &["verify", "--data", alone_arg, "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert_eq!(verify.status.code(), Some(1), "{report}");
+    // One problem, the journal's: redb's own check of the file passes (it said "failed").
+    assert_eq!(report["storage"], "passed", "{report}");
+    let problems = report["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{report}");
+    assert_eq!(problems[0]["kind"], "journal", "{report}");
+    assert!(problems[0]["message"].as_str().unwrap().contains("ledger.journal is missing"), "{report}");
+    let verify = run("taskledger-replay", &["verify", "--data", alone_arg, "--accept-journal-loss"]);
     let stdout = String::from_utf8_lossy(&verify.stdout);
-    assert_eq!(verify.status.code(), Some(1), "{stdout}");
-    assert!(stdout.contains("ledger.journal is missing"), "{stdout}");
+    assert_eq!(verify.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("result: clean, but for the journal records lost (accepted)"), "{stdout}");
     let info = run("taskledger-replay", &["info", "--data", alone_arg, "--accept-journal-loss"]);
     let (stdout, stderr) = (String::from_utf8_lossy(&info.stdout), String::from_utf8_lossy(&info.stderr));
     assert!(info.status.success(), "info failed: {stderr}");
     assert!(stderr.contains("warning:") && stderr.contains("ledger.journal is missing"), "{stderr}");
     assert!(!stdout.contains("2 live"), "the journals' tasks came from somewhere: {stdout}");
+    // An offline backup refuses too, and takes the same flag (it had none to take).
+    let to = dir.path().join("alone-backup.redb");
+    let backup = run("taskledger", &["backup", "--data", alone_arg, "--to", to.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&backup.stderr);
+    assert_eq!(backup.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("ledger.journal is missing") && !to.exists(), "{stderr}");
+    let backup =
+        run("taskledger", &["backup", "--data", alone_arg, "--to", to.to_str().unwrap(), "--accept-journal-loss"]);
+    let stderr = String::from_utf8_lossy(&backup.stderr);
+    assert!(backup.status.success() && to.is_file(), "{stderr}");
+    assert!(stderr.contains("warning:") && stderr.contains("ledger.journal is missing"), "{stderr}");
+    // The flag is for a file, not a server's feed.
+    let feed =
+        run("taskledger-replay", &["info", "--server", "http://127.0.0.1:9", "--token", "t", "--accept-journal-loss"]);
+    assert_eq!(feed.status.code(), Some(2), "{}", String::from_utf8_lossy(&feed.stderr));
 }
 
 /// `verify` on the data dir of a running server cannot run (exit 3) and says why: it reported
