@@ -40,7 +40,10 @@ impl From<projections::QueryError> for ApiError {
             // outage of a dependency, not a fault of the request or of this server.
             e if e.is_unreachable() => ApiError::unavailable(
                 "projections_unavailable",
-                format!("the projections database is not reachable ({e}); the log, commands and task reads work"),
+                format!(
+                    "the projections database did not answer in time: it is unreachable, or every connection is \
+                     busy (a lock held on a projection table keeps them) ({e}); the log, commands and task reads work"
+                ),
                 5,
             ),
             projections::QueryError::Sql(e) => ApiError::internal(format!("projection query failed: {e}")),

@@ -395,9 +395,14 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .projections
         .clone()
         .unwrap_or_else(|| config.data_dir.join("projections.sqlite").to_string_lossy().into_owned());
+    // Held until the server stops: one server per projections database (`projections::lock`).
+    let _projections_lock = projections::lock::lock(&target)
+        .await
+        .with_context(|| format!("open projections at {}", projections::store::redact_target(&target)))?;
     let store = projections::Store::open_with(&target, config.projections_store)
         .await
-        .with_context(|| format!("open projections at {}", redact(&target)))?;
+        .with_context(|| format!("open projections at {}", projections::store::redact_target(&target)))?;
+    let projections_backend = store.backend();
     let handle = writer.handle();
     let projection_runtime = projection_runtime().context("start the projectors' runtime")?;
     let projections = projections::Projections::start(
@@ -407,7 +412,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         projections::RuntimeConfig { executor: Some(projection_runtime.handle().clone()), ..Default::default() },
     )
     .await
-    .with_context(|| format!("start the projectors on {}", redact(&target)))?;
+    .with_context(|| format!("start the projectors on {}", projections::store::redact_target(&target)))?;
     let (stopping_tx, stopping) = watch::channel(false);
     let state = AppState::new(AppContext {
         writer: handle,
@@ -424,7 +429,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
 
     // The startup banner goes to stdout so scripts (and tests) can read the address.
     println!("taskledger {} listening on http://{local}", env!("CARGO_PKG_VERSION"));
-    println!("projections in {}", redact(&target));
+    println!("projections in {}", projections::store::redact_target(&target));
     println!(
         "limits: {} connections, request head within {} ms, requests of {} bytes and {} ms, {} requests at once",
         config.max_connections,
@@ -435,8 +440,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     );
     println!(
         "writer: queue of {} commands, dedup window of {} events, {} recent records kept for live subscribers, \
-         {} stream heads cached, {}, {}; caches: {} MiB of log pages, {} MiB of SQLite \
-         projection pages per connection",
+         {} stream heads cached, {}, {}; caches: {} MiB of log pages{}",
         config.writer.channel_capacity,
         config.writer.dedup_window_events,
         config.writer.feed_capacity,
@@ -450,7 +454,14 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             mib => format!("a {mib} MiB write-ahead journal"),
         },
         config.writer.store.cache_bytes >> 20,
-        config.projections_store.sqlite_cache_kib >> 10
+        match projections_backend {
+            projections::Backend::Sqlite => format!(
+                ", {} MiB of SQLite projection pages per connection",
+                config.projections_store.sqlite_cache_kib >> 10
+            ),
+            // PostgreSQL's cache is its server's.
+            projections::Backend::Postgres => String::new(),
+        }
     );
     println!(
         "ledger at {}: head seq {}, {} live tasks (snapshot at seq {}, {} events replayed in {:.3} s)",
@@ -622,20 +633,6 @@ impl AsyncWrite for SlotStream {
 
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
-    }
-}
-
-/// A connection string without its password, for logs and banners.
-fn redact(target: &str) -> String {
-    match (target.find("://"), target.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &target[scheme + 3..at];
-            match credentials.find(':') {
-                Some(colon) => format!("{}{}:***{}", &target[..scheme + 3], &credentials[..colon], &target[at..]),
-                None => target.to_owned(),
-            }
-        }
-        _ => target.to_owned(),
     }
 }
 

@@ -16,6 +16,7 @@
 //! - This crate knows nothing about tasks: payloads, stream keys and outcomes are opaque bytes.
 
 mod byte_batch;
+pub mod cli;
 pub mod clock;
 pub mod dedup;
 pub mod error;

@@ -281,7 +281,7 @@ pub(crate) async fn advance(
         .rows_affected()
     });
     if affected != 1 {
-        return Err(ApplyError::OutOfOrder { expected: from_seq + 1, got: last.seq });
+        return Err(ApplyError::CheckpointMoved { at: from_seq, last: last.seq });
     }
     Ok(())
 }

@@ -14,6 +14,11 @@ pub enum OpenError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("not a database URL or file path: {0}")]
     BadTarget(String),
+    #[error(
+        "the projections are in use by another taskledger server: {what}; give each server its own projections \
+         database"
+    )]
+    InUse { what: String },
 }
 
 /// Applying a batch of log records to a projector.
@@ -25,6 +30,12 @@ pub enum ApplyError {
     Inconsistent { seq: u64, reason: String },
     #[error("batch starts at seq {got}, the checkpoint expects {expected}")]
     OutOfOrder { expected: u64, got: u64 },
+    #[error(
+        "the stored checkpoint is no longer at seq {at} (another server or a rebuild moved it, or the database \
+         lost or changed it); the batch up to seq {last} is not applied, and the projector starts again from \
+         the stored checkpoint"
+    )]
+    CheckpointMoved { at: u64, last: u64 },
     #[error("database: {0}")]
     Sql(#[from] sqlx::Error),
     #[error("a stored projector model row is unreadable: {0}")]

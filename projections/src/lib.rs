@@ -24,6 +24,7 @@ pub mod asof;
 pub mod checkpoint;
 pub mod digest;
 pub mod error;
+pub mod lock;
 pub mod mirror;
 pub mod pg_copy;
 pub mod projectors;
@@ -37,6 +38,7 @@ pub mod testing;
 
 pub use checkpoint::{Checkpoint, Slot};
 pub use error::{ApplyError, AsOfError, Error, OpenError, QueryError, RuntimeError};
+pub use lock::StoreLock;
 pub use projectors::ProjectorKind;
 pub use runtime::{Driver, Projections, ProjectorStatus, RuntimeConfig};
 pub use store::{Backend, Store, StoreOptions};

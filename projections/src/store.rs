@@ -9,7 +9,7 @@
 //! row-value comparisons), so `on_backend!` instantiates one body of code
 //! once per concrete pool and the compiler checks both.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +31,20 @@ pub const POSTGRES_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The default file name of the SQLite projections, beside the log.
 pub const SQLITE_FILE_NAME: &str = "projections.sqlite";
+
+/// A connection string without its password, for logs and banners.
+pub fn redact_target(target: &str) -> String {
+    match (target.find("://"), target.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &target[scheme + 3..at];
+            match credentials.find(':') {
+                Some(colon) => format!("{}{}:***{}", &target[..scheme + 3], &credentials[..colon], &target[at..]),
+                None => target.to_owned(),
+            }
+        }
+        _ => target.to_owned(),
+    }
+}
 
 /// How a store is opened. `Default` is what the server uses unless told otherwise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -177,16 +191,18 @@ impl Store {
 
     /// Connects to PostgreSQL by URL and migrates the database.
     ///
-    /// `synchronous_commit = off` for these sessions, the counterpart of
-    /// SQLite's `synchronous = NORMAL` above: a commit returns before its WAL
-    /// is flushed, so a projector's batch does not wait for an fsync. A crash
-    /// may lose the last commits, never part of one ("as if those
-    /// transactions had been aborted cleanly", in PostgreSQL's words), and
-    /// each carries its checkpoint, so the projector re-applies from there.
+    /// Commits wait for their WAL flush (PostgreSQL's default,
+    /// `synchronous_commit = on`). With it off, a crash of PostgreSQL alone
+    /// lost the last committed batches while the server, which lives on,
+    /// kept their checkpoints in memory: views answered `min_seq` from rows
+    /// that were gone, reporting no lag, until the next event (found by a
+    /// black-box check). SQLite's `synchronous = NORMAL` has no such gap:
+    /// only a crash of the machine loses its last commits, and the server's
+    /// memory goes with it.
     pub async fn connect_postgres(url: &str) -> Result<Store, OpenError> {
         let options = PgConnectOptions::from_str(url)
             .map_err(|source| OpenError::Postgres { source })?
-            .options([("synchronous_commit", "off")]);
+            .options([("synchronous_commit", "on")]);
         let pool = PgPoolOptions::new()
             .max_connections(POOL_CONNECTIONS_MAX)
             .acquire_timeout(POSTGRES_ACQUIRE_TIMEOUT)
@@ -209,11 +225,7 @@ impl Store {
         if target.starts_with("postgres://") || target.starts_with("postgresql://") {
             return Self::connect_postgres(target).await;
         }
-        let mut path = PathBuf::from_str(target).map_err(|_| OpenError::BadTarget(target.to_owned()))?;
-        if path.is_dir() {
-            path = path.join(SQLITE_FILE_NAME);
-        }
-        Self::open_sqlite_with(path, options).await
+        Self::open_sqlite_with(crate::lock::sqlite_path(target)?, options).await
     }
 
     async fn migrate(&self) -> Result<(), OpenError> {
@@ -298,5 +310,18 @@ mod tests {
         let StoreTx::Sqlite(sqlite, _) = &mut tx else { unreachable!("a SQLite transaction") };
         sqlx::query("INSERT INTO filler VALUES (1, NULL)").execute(&mut **sqlite).await.unwrap();
         tx.commit().await.unwrap();
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_target;
+
+    #[test]
+    fn a_password_is_never_printed() {
+        assert_eq!(redact_target("postgres://app:S3cret@db:5432/p"), "postgres://app:***@db:5432/p");
+        assert_eq!(redact_target("postgresql://a:b:c@h/d"), "postgresql://a:***@h/d");
+        assert_eq!(redact_target("postgres://app@db/p"), "postgres://app@db/p");
+        assert_eq!(redact_target("/var/lib/taskledger/projections.sqlite"), "/var/lib/taskledger/projections.sqlite");
     }
 }

@@ -238,7 +238,7 @@ fn main() -> ExitCode {
         Ok(Outcome::Clean) => ExitCode::SUCCESS,
         Ok(Outcome::Problems) => ExitCode::from(1),
         Err(error) => {
-            eprintln!("taskledger-replay: error: {error:#}");
+            eprintln!("taskledger-replay: error: {}", eventlog::cli::error_chain(&error));
             ExitCode::from(if error.is::<source::Usage>() { 2 } else { 3 })
         }
     }

@@ -35,7 +35,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 async fn report(store: &projections::Store, target: &str, seq: u64) -> Result<()> {
-    println!("projections at seq {seq} in {target}");
+    println!("projections at seq {seq} in {}", projections::store::redact_target(target));
     for checkpoint in projections::checkpoint::all(store).await.context("read the projector checkpoints")? {
         println!(
             "  {:<10} v{} {:<6} at seq {} ({})",
@@ -54,11 +54,13 @@ pub fn rebuild(source: &Source, into: Option<&str>) -> Result<Outcome> {
     let reader = reader(source)?;
     let target = into.map(str::to_owned).unwrap_or_else(|| scratch("projections").display().to_string());
     runtime()?.block_on(async {
-        let store = projections::Store::open(&target).await.with_context(|| format!("open projections at {target}"))?;
+        let store = projections::Store::open(&target)
+            .await
+            .with_context(|| format!("open projections at {}", projections::store::redact_target(&target)))?;
         let head = reader.head().context("read the head")?.seq;
         asof::build(&store, reader, head, &ProjectorKind::ALL)
             .await
-            .with_context(|| format!("run the projectors into {target}"))?;
+            .with_context(|| format!("run the projectors into {}", projections::store::redact_target(&target)))?;
         report(&store, &target, head).await?;
         store.close().await;
         Ok(Outcome::Clean)
@@ -75,9 +77,9 @@ pub fn materialize(source: &Source, as_of: Option<Point>, out: Option<PathBuf>) 
     };
     let path = out.unwrap_or_else(|| scratch("asof"));
     runtime()?.block_on(async {
-        let done = asof::materialize(reader, at, &path)
-            .await
-            .with_context(|| format!("materialize the projections into {}", path.display()))?;
+        let done = asof::materialize(reader, at, &path).await.with_context(|| {
+            format!("materialize the projections into {}", projections::store::redact_target(&path.to_string_lossy()))
+        })?;
         report(&done.store, &done.path.display().to_string(), done.seq).await?;
         println!("query it with: sqlite3 {}", done.path.display());
         done.store.close().await;

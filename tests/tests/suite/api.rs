@@ -1208,6 +1208,24 @@ fn racing_first_starts_leave_one_server_and_its_admin_token() {
     child.wait().unwrap();
 }
 
+/// Two servers sharing one SQLite projections file (`--projections FILE`): the second refuses
+/// (each served the other's tasks as its own: found by a black-box check, on PostgreSQL).
+#[test]
+fn a_second_server_on_the_same_projections_file_is_refused() {
+    let temp = tempfile::tempdir().unwrap();
+    let shared = temp.path().join("shared.sqlite");
+    let shared_arg = shared.to_str().unwrap();
+    let first = Server::start_in(&temp.path().join("first"), &["--projections", shared_arg]);
+    create_job(&first, "first", json!({}));
+    let (refused, stderr) = serve_once_with(&temp.path().join("second"), "127.0.0.1:0", &["--projections", shared_arg]);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("in use by another taskledger server") && stderr.contains("shared.sqlite"), "{stderr}");
+    assert_eq!(first.get("/v1/views/tasks?namespace=first&min_seq=1").body["items"].as_array().unwrap().len(), 1);
+    drop(first);
+    // Stopped, it is free again.
+    drop(Server::start_in(&temp.path().join("first"), &["--projections", shared_arg]));
+}
+
 /// Projections built from another log (here: another server's, further along) are refused at
 /// startup, naming what to do; moved aside, they are rebuilt from this log. The views served
 /// the other log's tasks (found by a black-box check, restoring an older backup beside newer
@@ -1288,10 +1306,16 @@ fn wait_until(what: &str, done: impl Fn() -> bool) {
 
 /// Runs `taskledger serve` on `data` and `listen` to its end (a start that is refused); its
 /// output and stderr.
-fn serve_once(data: &std::path::Path, listen: &str) -> (std::process::Output, String) {
+pub(crate) fn serve_once(data: &std::path::Path, listen: &str) -> (std::process::Output, String) {
+    serve_once_with(data, listen, &[])
+}
+
+/// [`serve_once`] with more flags.
+pub(crate) fn serve_once_with(data: &std::path::Path, listen: &str, extra: &[&str]) -> (std::process::Output, String) {
     let out = std::process::Command::new(tests::workspace_binary("taskledger"))
         .args(["serve", "--listen", listen, "--data"])
         .arg(data)
+        .args(extra)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();

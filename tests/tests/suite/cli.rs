@@ -130,3 +130,26 @@ fn verify_on_a_running_servers_dir_cannot_run_and_says_why() {
     assert!(stderr.contains("open by a running server"), "{stderr}");
     drop(server);
 }
+
+/// A PostgreSQL URL's password is never printed, whatever fails (the replay tool printed it in
+/// clear on success and in every error: found by a black-box check; the server masked it), and
+/// a server that cannot reach PostgreSQL at startup says why (it said only "pool timed out").
+#[test]
+fn a_postgresql_password_is_never_printed_and_a_failed_connection_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    drop(tests::Server::start_in(&data, &[]));
+    // Nothing listens on port 1.
+    let url = "postgres://app:Secr3tPw77@127.0.0.1:1/projections";
+    let rebuild = run("taskledger-replay", &["rebuild", "--data", data.to_str().unwrap(), "--into", url]);
+    let stderr = String::from_utf8_lossy(&rebuild.stderr);
+    assert_eq!(rebuild.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("postgres://app:***@127.0.0.1:1/projections") && !stderr.contains("Secr3tPw"), "{stderr}");
+    let serve = run(
+        "taskledger",
+        &["serve", "--listen", "127.0.0.1:0", "--data", data.to_str().unwrap(), "--projections", url],
+    );
+    let stderr = String::from_utf8_lossy(&serve.stderr);
+    assert_eq!(serve.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("Secr3tPw") && stderr.contains("refused"), "{stderr}");
+}

@@ -166,6 +166,65 @@ fn read_models_in_postgresql_equal_sqlites_across_a_kill_and_a_restart() {
     assert_eq!(views(&server), seen_on_postgres, "the views served from SQLite");
 }
 
+/// One server per PostgreSQL projections database: a second server (another log) pointed at the
+/// first's database served the first's tasks as its own, undetected (found by a black-box
+/// check). Now it refuses, also after the first's lock connection was cut (its keeper takes
+/// the lock again). And the projectors' commits are durable (`synchronous_commit = on`): with
+/// it off, PostgreSQL crashing alone lost batches whose checkpoints the server kept in memory.
+#[test]
+fn a_second_server_on_the_same_postgresql_database_is_refused() {
+    let runtime = read_models::runtime();
+    let url = runtime.block_on(TempPostgres::shared().create_database("shared")).expect("a scratch database");
+    let temp = tempfile::tempdir().unwrap();
+    let on_postgres = ["--projections", url.as_str()];
+    let first = Server::start_in(&temp.path().join("first"), &on_postgres);
+    create_job(&first, "first", json!({}));
+    let second = temp.path().join("second");
+    let (refused, stderr) = crate::api::serve_once_with(&second, "127.0.0.1:0", &on_postgres);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("in use by another taskledger server") && stderr.contains("advisory lock"), "{stderr}");
+
+    // Every connection of the first server cut: its keeper takes the lock again.
+    runtime.block_on(async {
+        use sqlx::Connection;
+        let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    });
+    std::thread::sleep(projections::lock::KEEPER_PERIOD * 3);
+    let (refused, stderr) = crate::api::serve_once_with(&second, "127.0.0.1:0", &on_postgres);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("advisory lock"), "the lock was not taken again: {stderr}");
+    assert_eq!(first.get("/v1/views/tasks?namespace=first&min_seq=1").body["items"].as_array().unwrap().len(), 1);
+
+    let store = runtime.block_on(projections::Store::open(&url)).unwrap();
+    let projections::Store::Postgres(pool) = &store else { panic!("a PostgreSQL store") };
+    let setting: String = runtime.block_on(sqlx::query_scalar("SHOW synchronous_commit").fetch_one(pool)).unwrap();
+    assert_eq!(setting, "on");
+    assert_eq!(first.stop(), Some(0));
+    // Stopped, its lock is gone (once PostgreSQL has seen its connections close), and what
+    // stops the second server is the first's projections: built from another log.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while runtime
+        .block_on(
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetch_one(pool),
+        )
+        .unwrap()
+        > 0
+    {
+        assert!(std::time::Instant::now() < deadline, "the first server's lock outlived it");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (refused, stderr) = crate::api::serve_once_with(&second, "127.0.0.1:0", &on_postgres);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("built from another log") && !stderr.contains("advisory lock"), "{stderr}");
+}
+
 /// PostgreSQL going away under a running server is an outage of the SQL views only: commands
 /// and reads from the log go on, `/metrics` answers (without the queue depths, which come from
 /// the views), and the views answer 503 `projections_unavailable` instead of a 500.
