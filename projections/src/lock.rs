@@ -7,12 +7,16 @@
 //!
 //! - SQLite: an exclusive `flock` on the database file itself. SQLite's own locks are POSIX
 //!   record locks (`fcntl`), which on Linux are independent of `flock`, so the two never meet.
-//! - PostgreSQL: the session advisory lock [`ADVISORY_LOCK_KEY`], taken on a connection of its
-//!   own (not one of the pool's). Advisory locks belong to one database of the cluster, as the
-//!   projection tables do. A session lock goes with its connection, so a keeper task checks the
+//! - PostgreSQL: the session advisory lock ([`ADVISORY_LOCK_CLASS`], the hash of the schema the
+//!   tables go to), taken on a connection of its own (not one of the pool's), so one server per
+//!   database *and schema* (`search_path`): advisory locks belong to one database, the tables
+//!   to one schema. A session lock goes with its connection, so a keeper task checks the
 //!   connection every [`KEEPER_PERIOD`] and, once PostgreSQL is back after losing it, takes the
-//!   lock again; if another server took it meanwhile it says so (ERROR, every period) until it
-//!   gets it back.
+//!   lock again (ending its own old session first, should PostgreSQL still hold it); if another
+//!   process took it meanwhile it says so at ERROR, naming it, every minute until it gets it
+//!   back. Every call waits at most [`POSTGRES_ACQUIRE_TIMEOUT`]: a PostgreSQL that accepts
+//!   connections and never answers made a start hang for good (found by review). Session
+//!   locks need a direct connection or session pooling (not PgBouncer's transaction mode).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -22,10 +26,18 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection};
 
 use crate::error::OpenError;
-use crate::store::SQLITE_FILE_NAME;
+use crate::store::{POSTGRES_ACQUIRE_TIMEOUT, SQLITE_FILE_NAME};
 
-/// The advisory lock key a server holds on its PostgreSQL projections database ("taskledg").
-pub const ADVISORY_LOCK_KEY: i64 = 0x7461_736b_6c65_6467;
+/// The first half of the advisory lock a server holds on its PostgreSQL projections ("task");
+/// the second is `hashtext(current_schema())`.
+pub const ADVISORY_LOCK_CLASS: i32 = 0x7461_736b;
+
+/// `application_name` of the connection holding the lock, so that `pg_stat_activity` says what
+/// it is.
+pub const LOCK_APPLICATION_NAME: &str = "taskledger projections lock";
+
+/// How often the keeper repeats that another process holds the lock.
+const HELD_ELSEWHERE_REPEAT: Duration = Duration::from_secs(60);
 
 /// How often the keeper checks that it still holds the PostgreSQL lock.
 pub const KEEPER_PERIOD: Duration = Duration::from_secs(2);
@@ -52,14 +64,17 @@ impl Drop for StoreLock {
 /// exist yet is created empty (SQLite takes an empty file for a new database).
 pub async fn lock(target: &str) -> Result<StoreLock, OpenError> {
     if target.starts_with("postgres://") || target.starts_with("postgresql://") {
-        let options = PgConnectOptions::from_str(target).map_err(|source| OpenError::Postgres { source })?;
-        let mut connection = options.connect().await.map_err(|source| OpenError::Postgres { source })?;
-        if !try_lock(&mut connection).await.map_err(|source| OpenError::Postgres { source })? {
-            return Err(OpenError::InUse {
-                what: format!("its PostgreSQL database (advisory lock {ADVISORY_LOCK_KEY:#x} is held)"),
-            });
-        }
-        return Ok(StoreLock::Postgres(tokio::spawn(keep(options, connection))));
+        let options = PgConnectOptions::from_str(target)
+            .map_err(|source| OpenError::Postgres { source })?
+            .application_name(LOCK_APPLICATION_NAME);
+        let (connection, taken) =
+            connect_and_lock(&options, None).await.map_err(|source| OpenError::Postgres { source })?;
+        return match taken {
+            Taken::Yes(pid) => Ok(StoreLock::Postgres(tokio::spawn(keep(options, connection, pid)))),
+            Taken::No(holder) => Err(OpenError::InUse {
+                what: format!("its PostgreSQL database and schema (advisory lock held by {holder})"),
+            }),
+        };
     }
     let path = sqlite_path(target)?;
     let file = std::fs::OpenOptions::new()
@@ -85,35 +100,103 @@ pub(crate) fn sqlite_path(target: &str) -> Result<PathBuf, OpenError> {
     Ok(if Path::new(&path).is_dir() { path.join(SQLITE_FILE_NAME) } else { path })
 }
 
-async fn try_lock(connection: &mut PgConnection) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(ADVISORY_LOCK_KEY).fetch_one(connection).await
+/// Whether the lock was taken: by this session (its backend pid), or not, and by whom.
+enum Taken {
+    Yes(i32),
+    No(String),
 }
 
-/// Holds the PostgreSQL lock's connection; takes the lock again on a new connection when the old
-/// one is lost (PostgreSQL restarted, the backend terminated).
-async fn keep(options: PgConnectOptions, mut connection: PgConnection) {
+/// `f`, or a timeout error after [`POSTGRES_ACQUIRE_TIMEOUT`].
+async fn in_time<T>(f: impl std::future::Future<Output = Result<T, sqlx::Error>>) -> Result<T, sqlx::Error> {
+    tokio::time::timeout(POSTGRES_ACQUIRE_TIMEOUT, f).await.unwrap_or_else(|_| {
+        Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("PostgreSQL did not answer within {} s", POSTGRES_ACQUIRE_TIMEOUT.as_secs()),
+        )))
+    })
+}
+
+/// Connects and tries the lock; `old_pid`, a session of this process that held it before its
+/// connection was lost, is ended first if PostgreSQL still has it (a connection cut on this side
+/// only, by a middlebox, keeps its backend and its lock until TCP keepalive notices).
+async fn connect_and_lock(
+    options: &PgConnectOptions,
+    old_pid: Option<i32>,
+) -> Result<(PgConnection, Taken), sqlx::Error> {
+    in_time(async {
+        let mut connection = options.connect().await?;
+        if let Some(old_pid) = old_pid {
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks \
+                 WHERE locktype = 'advisory' AND classid = $1::oid AND objsubid = 2 AND pid = $2 \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .bind(ADVISORY_LOCK_CLASS)
+            .bind(old_pid)
+            .execute(&mut connection)
+            .await?;
+        }
+        let (taken, pid): (bool, i32) =
+            sqlx::query_as("SELECT pg_try_advisory_lock($1, hashtext(current_schema())), pg_backend_pid()")
+                .bind(ADVISORY_LOCK_CLASS)
+                .fetch_one(&mut connection)
+                .await?;
+        if taken {
+            return Ok((connection, Taken::Yes(pid)));
+        }
+        let holder: Option<(i32, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT a.pid, host(a.client_addr), a.application_name FROM pg_locks l \
+             JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1::oid AND l.objsubid = 2 \
+             AND l.objid = hashtext(current_schema())::oid \
+             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) LIMIT 1",
+        )
+        .bind(ADVISORY_LOCK_CLASS)
+        .fetch_optional(&mut connection)
+        .await?;
+        let holder = match holder {
+            Some((pid, address, name)) => format!(
+                "backend pid {pid} of {} ({})",
+                address.unwrap_or_else(|| "a local socket".to_owned()),
+                name.filter(|n| !n.is_empty()).unwrap_or_else(|| "no application name".to_owned())
+            ),
+            None => "another session".to_owned(),
+        };
+        Ok((connection, Taken::No(holder)))
+    })
+    .await
+}
+
+/// Holds the PostgreSQL lock's connection (`pid` its backend); takes the lock again on a new
+/// connection when the old one is lost (PostgreSQL restarted, the backend terminated, the
+/// connection cut).
+async fn keep(options: PgConnectOptions, mut connection: PgConnection, mut pid: i32) {
     let mut held = true;
+    let mut said_held_elsewhere: Option<tokio::time::Instant> = None;
     loop {
         tokio::time::sleep(KEEPER_PERIOD).await;
-        if held && connection.ping().await.is_ok() {
+        if held && in_time(connection.ping()).await.is_ok() {
             continue;
         }
         if held {
             tracing::warn!("lost the connection holding the projections database's lock; taking it again");
             held = false;
         }
-        let Ok(mut fresh) = options.connect().await else { continue };
-        match try_lock(&mut fresh).await {
-            Ok(true) => {
+        match connect_and_lock(&options, Some(pid)).await {
+            Ok((fresh, Taken::Yes(fresh_pid))) => {
                 tracing::info!("holding the projections database's lock again");
-                connection = fresh;
-                held = true;
+                (connection, pid, held, said_held_elsewhere) = (fresh, fresh_pid, true, None);
             }
-            Ok(false) => tracing::error!(
-                "another process took the projections database's lock (advisory lock {ADVISORY_LOCK_KEY:#x}) while \
-                 PostgreSQL was unreachable: two servers write their views into one database; stop one"
-            ),
-            Err(error) => tracing::warn!("take the projections database's lock again: {error}"),
+            Ok((_, Taken::No(holder))) => {
+                if said_held_elsewhere.is_none_or(|at| at.elapsed() >= HELD_ELSEWHERE_REPEAT) {
+                    tracing::error!(
+                        "another process took the projections' lock while this server's connection was lost \
+                         ({holder}): two servers would write their views into one database; stop the other"
+                    );
+                    said_held_elsewhere = Some(tokio::time::Instant::now());
+                }
+            }
+            Err(error) => tracing::debug!("take the projections database's lock again: {error}"),
         }
     }
 }

@@ -32,18 +32,40 @@ pub const POSTGRES_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The default file name of the SQLite projections, beside the log.
 pub const SQLITE_FILE_NAME: &str = "projections.sqlite";
 
-/// A connection string without its password, for logs and banners.
+/// A connection string without its passwords, for logs and banners: the one in the user
+/// info (`postgres://app:***@host/db`) and the `password` and `sslpassword` parameters of the
+/// query string (`?password=***`), which the PostgreSQL driver takes too.
 pub fn redact_target(target: &str) -> String {
-    match (target.find("://"), target.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &target[scheme + 3..at];
-            match credentials.find(':') {
-                Some(colon) => format!("{}{}:***{}", &target[..scheme + 3], &credentials[..colon], &target[at..]),
-                None => target.to_owned(),
-            }
-        }
-        _ => target.to_owned(),
+    let Some(scheme_end) = target.find("://").map(|at| at + 3) else { return target.to_owned() };
+    let (base, query) = match target.find('?') {
+        Some(at) => (&target[..at], Some(&target[at + 1..])),
+        None => (target, None),
+    };
+    let rest = &base[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let authority = match authority.rfind('@').map(|at| (&authority[..at], &authority[at..])) {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***{host}"),
+            None => authority.to_owned(),
+        },
+        None => authority.to_owned(),
+    };
+    let mut out = format!("{}{authority}{}", &base[..scheme_end], &rest[authority_end..]);
+    if let Some(query) = query {
+        let parameters: Vec<String> = query
+            .split('&')
+            .map(|parameter| match parameter.split_once('=') {
+                Some((key, _)) if key.eq_ignore_ascii_case("password") || key.eq_ignore_ascii_case("sslpassword") => {
+                    format!("{key}=***")
+                }
+                _ => parameter.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&parameters.join("&"));
     }
+    out
 }
 
 /// How a store is opened. `Default` is what the server uses unless told otherwise.
@@ -323,5 +345,18 @@ mod redact_tests {
         assert_eq!(redact_target("postgresql://a:b:c@h/d"), "postgresql://a:***@h/d");
         assert_eq!(redact_target("postgres://app@db/p"), "postgres://app@db/p");
         assert_eq!(redact_target("/var/lib/taskledger/projections.sqlite"), "/var/lib/taskledger/projections.sqlite");
+        // The driver takes a password in the query string too (found by review).
+        assert_eq!(
+            redact_target("postgres://app@h/db?password=S3cret&sslmode=require"),
+            "postgres://app@h/db?password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact_target("postgresql://h:5432/db?user=app&sslpassword=k&PASSWORD=a@b"),
+            "postgresql://h:5432/db?user=app&sslpassword=***&PASSWORD=***"
+        );
+        assert_eq!(
+            redact_target("postgres://app:p@h/db?options=-c%20x%3Dy"),
+            "postgres://app:***@h/db?options=-c%20x%3Dy"
+        );
     }
 }

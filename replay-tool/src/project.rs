@@ -54,13 +54,15 @@ pub fn rebuild(source: &Source, into: Option<&str>) -> Result<Outcome> {
     let reader = reader(source)?;
     let target = into.map(str::to_owned).unwrap_or_else(|| scratch("projections").display().to_string());
     runtime()?.block_on(async {
-        let store = projections::Store::open(&target)
-            .await
-            .with_context(|| format!("open projections at {}", projections::store::redact_target(&target)))?;
+        let shown = projections::store::redact_target(&target);
+        // Not beside a server writing the same database (it would refuse us), and a failed
+        // connection says why (the pool only says that it timed out).
+        let _lock = projections::lock::lock(&target).await.with_context(|| format!("open projections at {shown}"))?;
+        let store = projections::Store::open(&target).await.with_context(|| format!("open projections at {shown}"))?;
         let head = reader.head().context("read the head")?.seq;
         asof::build(&store, reader, head, &ProjectorKind::ALL)
             .await
-            .with_context(|| format!("run the projectors into {}", projections::store::redact_target(&target)))?;
+            .with_context(|| format!("run the projectors into {shown}"))?;
         report(&store, &target, head).await?;
         store.close().await;
         Ok(Outcome::Clean)

@@ -152,4 +152,21 @@ fn a_postgresql_password_is_never_printed_and_a_failed_connection_says_why() {
     let stderr = String::from_utf8_lossy(&serve.stderr);
     assert_eq!(serve.status.code(), Some(1), "{stderr}");
     assert!(!stderr.contains("Secr3tPw") && stderr.contains("refused"), "{stderr}");
+    // A PostgreSQL that takes connections and never answers: the start gives up in time (it
+    // waited for good, deaf to SIGTERM: found by review).
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("postgres://app@{}/projections?password=Secr3tPw77", silent.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming() {
+            held.push(stream);
+        }
+    });
+    let serve = run(
+        "taskledger",
+        &["serve", "--listen", "127.0.0.1:0", "--data", data.to_str().unwrap(), "--projections", &url],
+    );
+    let stderr = String::from_utf8_lossy(&serve.stderr);
+    assert_eq!(serve.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("did not answer within 5 s") && !stderr.contains("Secr3tPw"), "{stderr}");
 }

@@ -183,6 +183,7 @@ fn a_second_server_on_the_same_postgresql_database_is_refused() {
     let (refused, stderr) = crate::api::serve_once_with(&second, "127.0.0.1:0", &on_postgres);
     assert_eq!(refused.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("in use by another taskledger server") && stderr.contains("advisory lock"), "{stderr}");
+    assert!(stderr.contains("taskledger projections lock"), "the holder is named: {stderr}");
 
     // Every connection of the first server cut: its keeper takes the lock again.
     runtime.block_on(async {
@@ -202,6 +203,19 @@ fn a_second_server_on_the_same_postgresql_database_is_refused() {
     assert!(stderr.contains("advisory lock"), "the lock was not taken again: {stderr}");
     assert_eq!(first.get("/v1/views/tasks?namespace=first&min_seq=1").body["items"].as_array().unwrap().len(), 1);
 
+    // Another schema of the same database is another server's place (found by review: the
+    // lock was the database's).
+    runtime.block_on(async {
+        use sqlx::Connection;
+        let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::query("CREATE SCHEMA other").execute(&mut admin).await.unwrap();
+    });
+    let in_other_schema = format!("{url}?options=-c%20search_path%3Dother");
+    let third = Server::start_in(&temp.path().join("third"), &["--projections", in_other_schema.as_str()]);
+    create_job(&third, "third", json!({}));
+    assert_eq!(third.get("/v1/views/tasks?namespace=third&min_seq=1").body["items"].as_array().unwrap().len(), 1);
+    drop(third);
+
     let store = runtime.block_on(projections::Store::open(&url)).unwrap();
     let projections::Store::Postgres(pool) = &store else { panic!("a PostgreSQL store") };
     let setting: String = runtime.block_on(sqlx::query_scalar("SHOW synchronous_commit").fetch_one(pool)).unwrap();
@@ -212,7 +226,12 @@ fn a_second_server_on_the_same_postgresql_database_is_refused() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while runtime
         .block_on(
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetch_one(pool),
+            // Other tests' servers hold theirs in their own databases.
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .fetch_one(pool),
         )
         .unwrap()
         > 0
