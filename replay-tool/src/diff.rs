@@ -111,6 +111,36 @@ pub fn run(source: &Source, from: Point, to: Point, as_json: bool) -> Result<Out
             worker,
             detail,
         };
+        // Leases an operator's action ended (a cancel, a give-up, a resolve or retry of the
+        // step): lost to their workers as surely as by expiry, and counted only for expiries
+        // before (found by a black-box check). A worker's own end (complete, fail, release) is
+        // not a loss, and an expiry is counted above.
+        let ended_by_operator = !matches!(
+            event,
+            Event::StepCompleted { .. }
+                | Event::StepFailed { .. }
+                | Event::StepReleased { .. }
+                | Event::LeaseExpired { .. }
+                | Event::StepClaimed { .. }
+                | Event::LeaseExtended { .. }
+        );
+        let leased: Vec<(TaskId, domain::StepIndex, u32)> = match event.task() {
+            Some(task) if ended_by_operator => ledger.task(&task).map_or_else(Vec::new, |t| {
+                (0..t.steps.len())
+                    .map(|i| domain::StepIndex(i as u16))
+                    .filter(|i| t.step(*i).is_some_and(|s| s.lease_deadline.is_some()))
+                    .map(|i| (task, i, t.steps[i.0 as usize].epoch.0))
+                    .collect()
+            }),
+            _ => Vec::new(),
+        };
+        let held: Vec<(TaskId, domain::StepIndex, u32, Lease)> = leased
+            .into_iter()
+            .map(|(task, step, epoch)| {
+                let detail = format!("ended by {} ({})", event.type_name(), record.actor);
+                (task, step, epoch, lease(task, step, epoch, worker_of(task, step.0, epoch), detail))
+            })
+            .collect();
         match &event {
             Event::TaskCreated { spec, .. } => diff.tasks_created.push(Created {
                 seq: record.seq,
@@ -143,6 +173,12 @@ pub fn run(source: &Source, from: Point, to: Point, as_json: bool) -> Result<Out
             _ => {}
         }
         ledger.apply(&event).map_err(|e| anyhow::anyhow!("record {}: {e}", record.seq))?;
+        for (task, step, epoch, lost) in held {
+            let step = ledger.task(&task).and_then(|t| t.step(step));
+            if step.is_none_or(|s| s.lease_deadline.is_none() || s.epoch.0 != epoch) {
+                diff.leases_lost.push(lost);
+            }
+        }
         diff.events += 1;
         *diff.events_by_type.entry(event.type_name().to_owned()).or_default() += 1;
         Ok(ControlFlow::Continue(()))

@@ -48,6 +48,7 @@ pub fn task_json(task: &Task) -> Value {
                 "lease_deadline": s.lease_deadline.map(time),
                 "retry_at": s.retry_at.map(time),
                 "last_error": s.last_error.as_ref().map(|e| e.as_str()),
+                "payload": json_value(s.payload.as_str()),
                 "result": s.result.as_ref().map(|r| json_value(r.as_str())),
             })
         })
@@ -59,6 +60,7 @@ pub fn task_json(task: &Task) -> Value {
         "state": task.state.as_str(),
         "priority": task.priority.get(),
         "tags": task.tags.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
+        "idempotency_key": task.idempotency_key.as_ref().map(|k| k.as_str()),
         "payload": json_value(task.payload.as_str()),
         "created_at": time(task.created_at),
         "run_at": task.run_at.map(time),

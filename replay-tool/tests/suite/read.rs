@@ -169,6 +169,11 @@ fn state_of_one_task_shows_it_even_after_it_finished() {
     assert_eq!(at("11")["state"], "blocked_by_failures");
     assert_eq!(at("11")["steps"][0]["last_error"], "boom");
     assert_eq!(at("23")["state"], "complete");
+    // Every field of the API's task body, the task's idempotency key and each step's payload
+    // included (both were left out: found by a black-box check).
+    let finished = at("23");
+    assert!(finished.as_object().unwrap().contains_key("idempotency_key"), "{finished}");
+    assert!(finished["steps"][0].as_object().unwrap().contains_key("payload"), "{finished}");
     golden("state-task-2-at-12.txt", &replay_ok(&["state", "--data", data, "--task", TASK_2, "--as-of", "12"]));
     let early = replay(&["state", "--data", data, "--task", "018bcfe5-6804-7002-b8dd-e6e5fd29f054", "--as-of", "5"]);
     assert_eq!(early.status.code(), Some(3));

@@ -93,6 +93,14 @@ fn incident_of_a_worker_ends_a_lease_at_its_tasks_cancel() {
     .unwrap();
     let seqs: Vec<u64> = from_cancel["events"].as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, [4, 5, 6]);
+    // `diff` counts that lease as lost, with who ended it (it counted expiries only: found by a
+    // black-box check); a worker's own completion is not a loss.
+    let diff: Value =
+        serde_json::from_str(&replay_ok(&["diff", "--data", data, "--from", "3", "--to", "6", "--json"])).unwrap();
+    let lost = diff["leases_lost"].as_array().unwrap();
+    assert_eq!(lost.len(), 1, "{diff}");
+    assert_eq!((lost[0]["seq"].as_u64(), lost[0]["worker"].as_str()), (Some(4), Some("w-9")), "{diff}");
+    assert_eq!(lost[0]["detail"], "ended by task_cancelled (operator-kim)", "{diff}");
 }
 
 #[test]
