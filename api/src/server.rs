@@ -273,9 +273,13 @@ enum LogFilter {
 /// workers' CPU under `taskledger-bench` lifecycle); levels by target do not.
 fn log_filter(spec: Option<&str>) -> LogFilter {
     // PostgreSQL's notices ("table … does not exist, skipping" from the projectors' idempotent
-    // DDL) are not news to an operator.
+    // DDL) are not news to an operator, nor the pool's line per dropped idle connection after
+    // a PostgreSQL restart (the projectors say what failed, once).
     let default = || {
-        Targets::new().with_default(tracing::Level::INFO).with_target("sqlx::postgres::notice", tracing::Level::WARN)
+        Targets::new()
+            .with_default(tracing::Level::INFO)
+            .with_target("sqlx::postgres::notice", tracing::Level::WARN)
+            .with_target("sqlx_core::pool", tracing::Level::WARN)
     };
     match spec {
         Some(spec) if spec.contains('[') => match tracing_subscriber::EnvFilter::try_new(spec) {
@@ -709,6 +713,8 @@ mod tests {
             assert!(!filter.would_enable("api::server", &Level::DEBUG), "{spec:?}");
         }
         assert!(!by_target(None).would_enable("sqlx::postgres::notice", &Level::INFO));
+        assert!(!by_target(None).would_enable("sqlx_core::pool::inner", &Level::INFO));
+        assert!(by_target(None).would_enable("sqlx_core::pool::inner", &Level::WARN));
         let filter = by_target(Some("warn,api=debug"));
         assert!(filter.would_enable("api::routes", &Level::DEBUG));
         assert!(!filter.would_enable("hyper", &Level::INFO));

@@ -489,7 +489,15 @@ struct Progress {
     error: Option<String>,
     events_applied: u64,
     batches_applied: u64,
+    /// Failed attempts since the last batch that succeeded.
+    failures: u64,
+    /// When the current run of failures was last logged.
+    failure_logged_at: Option<std::time::Instant>,
 }
+
+/// How often a projector that keeps failing the same way says so again. Every attempt was a
+/// WARN line: four a second while PostgreSQL was down (found by a black-box check).
+const FAILURE_LOG_REPEAT: Duration = Duration::from_secs(60);
 
 /// How a runner stops: `Stop` at the next batch boundary, or once caught up
 /// with the head (rebuilds).
@@ -521,8 +529,27 @@ impl Runner {
                 Ok(()) => return,
                 Err(error) => error,
             };
-            tracing::warn!(projector = self.kind.name(), slot = self.slot.as_str(), %failed, "projector failed; retrying");
-            self.progress.lock().error = Some(failed.to_string());
+            let message = failed.to_string();
+            let (failures, say) = {
+                let mut progress = self.progress.lock();
+                progress.failures += 1;
+                let say = progress.error.as_deref() != Some(message.as_str())
+                    || progress.failure_logged_at.is_none_or(|at| at.elapsed() >= FAILURE_LOG_REPEAT);
+                if say {
+                    progress.failure_logged_at = Some(std::time::Instant::now());
+                }
+                progress.error = Some(message);
+                (progress.failures, say)
+            };
+            if say {
+                tracing::warn!(
+                    projector = self.kind.name(),
+                    slot = self.slot.as_str(),
+                    %failed,
+                    failures,
+                    "projector failed; retrying (said again once a minute while it fails the same way)"
+                );
+            }
             tokio::select! {
                 _ = tokio::time::sleep(self.config.retry_delay) => {}
                 _ = self.stop.wait_for(|stop| *stop) => return,
@@ -572,6 +599,16 @@ impl Runner {
         progress.checkpoint_seq = checkpoint_seq;
         if succeeded {
             progress.error = None;
+            if progress.failures > 0 {
+                tracing::info!(
+                    projector = self.kind.name(),
+                    slot = self.slot.as_str(),
+                    failures = progress.failures,
+                    "projector recovered"
+                );
+                progress.failures = 0;
+                progress.failure_logged_at = None;
+            }
         }
         drop(progress);
         self.checkpoint_watch.send_replace(checkpoint_seq);
