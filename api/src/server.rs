@@ -343,21 +343,13 @@ pub const DATA_DIR_LOCK_FILE_NAME: &str = "taskledger.lock";
 /// left its token in `admin.token`, which the survivor rejects (found by a black-box check).
 fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
     let path = dir.join(DATA_DIR_LOCK_FILE_NAME);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("open {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+    projections::lock::try_lock_file(&path).with_context(|| format!("lock {}", path.display()))?.ok_or_else(|| {
+        anyhow::anyhow!(
             "{} is in use by another taskledger server (it holds {}); stop it, or give this server another --data",
             dir.display(),
             path.display()
-        ),
-        Err(std::fs::TryLockError::Error(error)) => Err(error).with_context(|| format!("lock {}", path.display())),
-    }
+        )
+    })
 }
 
 /// Runs the server until a shutdown signal.
@@ -399,13 +391,13 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .projections
         .clone()
         .unwrap_or_else(|| config.data_dir.join("projections.sqlite").to_string_lossy().into_owned());
+    let shown_target = projections::store::redact_target(&target);
     // Held until the server stops: one server per projections database (`projections::lock`).
-    let _projections_lock = projections::lock::lock(&target)
-        .await
-        .with_context(|| format!("open projections at {}", projections::store::redact_target(&target)))?;
+    let _projections_lock =
+        projections::lock::lock(&target).await.with_context(|| format!("open projections at {shown_target}"))?;
     let store = projections::Store::open_with(&target, config.projections_store)
         .await
-        .with_context(|| format!("open projections at {}", projections::store::redact_target(&target)))?;
+        .with_context(|| format!("open projections at {shown_target}"))?;
     let projections_backend = store.backend();
     let handle = writer.handle();
     let projection_runtime = projection_runtime().context("start the projectors' runtime")?;
@@ -416,7 +408,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         projections::RuntimeConfig { executor: Some(projection_runtime.handle().clone()), ..Default::default() },
     )
     .await
-    .with_context(|| format!("start the projectors on {}", projections::store::redact_target(&target)))?;
+    .with_context(|| format!("start the projectors on {shown_target}"))?;
     let (stopping_tx, stopping) = watch::channel(false);
     let state = AppState::new(AppContext {
         writer: handle,
@@ -433,7 +425,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
 
     // The startup banner goes to stdout so scripts (and tests) can read the address.
     println!("taskledger {} listening on http://{local}", env!("CARGO_PKG_VERSION"));
-    println!("projections in {}", projections::store::redact_target(&target));
+    println!("projections in {shown_target}");
     println!(
         "limits: {} connections, request head within {} ms, requests of {} bytes and {} ms, {} requests at once",
         config.max_connections,

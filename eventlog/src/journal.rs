@@ -105,7 +105,7 @@ pub fn read_all(paths: &[PathBuf]) -> Result<Vec<(PathBuf, JournalContents)>, Op
 }
 
 /// Whether a journal's loss is refused or accepted when the log file says it was in use (see
-/// [`check_kept`]).
+/// [`read_kept`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum JournalLoss {
     /// Refuse to open ([`OpenError::JournalLost`]): the default.
@@ -123,33 +123,27 @@ impl JournalLoss {
     }
 }
 
-/// Checks that both journals at `paths` are still there as the last writer left them, given
-/// what [`read_all`] found in them, when the log file says a writer was using journals of
+/// Reads both journals at `paths` ([`read_all`]) and checks that they are still there as the
+/// last writer left them, when the log file says a writer was using journals of
 /// `in_use` bytes and did not close cleanly (`reader::META_JOURNALS_IN_USE`; `None`: it did,
 /// and everything is in the log file). A writer starts both before it sets that mark and never
 /// shortens them, so each must exist, hold a header and be at least that long; otherwise the
 /// records only it held would be lost without a word. Not caught: a journal replaced by an
 /// older copy of itself, or wiped after its header (its frames then read as never written).
 ///
-/// Returns the losses accepted (each logged as a warning): empty when nothing is lost.
-pub fn check_kept(
-    paths: &[PathBuf],
-    found: &[(PathBuf, JournalContents)],
-    in_use: Option<u64>,
-    loss: JournalLoss,
-) -> Result<Vec<String>, OpenError> {
+/// Returns what they hold, and the losses accepted (each logged as a warning): empty when
+/// nothing is lost.
+pub fn read_kept(paths: &[PathBuf], in_use: Option<u64>, loss: JournalLoss) -> Result<ReadKept, OpenError> {
+    let found = read_all(paths)?;
     let mut accepted = Vec::new();
-    let Some(in_use) = in_use else { return Ok(accepted) };
+    let Some(in_use) = in_use else { return Ok((found, accepted)) };
     for path in paths {
-        let len = match found.iter().find(|(found, _)| found == path) {
-            Some((_, contents)) => Some(contents.len),
-            None => std::fs::metadata(path).ok().map(|metadata| metadata.len()),
-        };
-        let has_header = found.iter().any(|(found, _)| found == path);
+        let contents = found.iter().find(|(found, _)| found == path).map(|(_, contents)| contents);
+        let len = contents.map(|c| c.len).or_else(|| std::fs::metadata(path).ok().map(|m| m.len()));
         let problem = match len {
             None => "is missing".to_owned(),
             Some(len) if len < in_use => format!("is {len} bytes, shorter than the {in_use} it was written with"),
-            Some(_) if !has_header => "has no header (wiped, or replaced)".to_owned(),
+            Some(_) if contents.is_none() => "has no header (wiped, or replaced)".to_owned(),
             Some(_) => continue,
         };
         let error = OpenError::JournalLost { path: path.clone(), problem };
@@ -161,8 +155,12 @@ pub fn check_kept(
             }
         }
     }
-    Ok(accepted)
+    Ok((found, accepted))
 }
+
+/// What [`read_kept`] returns: each journal found with its contents, in log order, and the
+/// losses accepted.
+pub type ReadKept = (Vec<(PathBuf, JournalContents)>, Vec<String>);
 
 /// The current header: which generation the frames belong to and where they start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

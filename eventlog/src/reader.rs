@@ -64,7 +64,7 @@ pub(crate) const META_STREAMS_INDEXED_THROUGH: &str = "streams_indexed_through";
 /// once both are started, removed by a clean close (everything is then in this file). Found at
 /// open, it says the last writer stopped without that close, so records may be only in the
 /// journals, and both must be there, with a header and at least that size (see
-/// `journal::check_kept`): a journal deleted, wiped or cut after a crash is refused rather than
+/// `journal::read_kept`): a journal deleted, wiped or cut after a crash is refused rather than
 /// silently losing what it held.
 pub(crate) const META_JOURNALS_IN_USE: &str = "journals_in_use";
 
@@ -248,11 +248,10 @@ impl LogReader {
         let in_use = {
             let txn = reader.begin()?;
             let meta = txn.open_table(META).map_err(|e| OpenError::Backend(backend(e)))?;
-            meta.get(META_JOURNALS_IN_USE).map_err(|e| OpenError::Backend(backend(e)))?.map(|v| v.value())
+            journals_in_use(&meta).map_err(|e| OpenError::Backend(backend(e)))?
         };
         let paths = crate::journal::journal_paths(path);
-        let found = crate::journal::read_all(&paths)?;
-        crate::journal::check_kept(&paths, &found, in_use, crate::journal::JournalLoss::Refuse)?;
+        let (found, _) = crate::journal::read_kept(&paths, in_use, crate::journal::JournalLoss::Refuse)?;
         // Records still only in the journal (a crash before the checkpoint) belong to the log.
         for (journal, contents) in found {
             let head = reader.head()?.seq;
@@ -273,7 +272,7 @@ impl LogReader {
     }
 
     /// [`Self::open_repaired`], opening even a log whose journals are missing, wiped or short
-    /// when `loss` says to accept that (see [`crate::journal::check_kept`]); with the losses
+    /// when `loss` says to accept that (see [`crate::journal::read_kept`]); with the losses
     /// accepted (`RedbStore::accepted_journal_losses`).
     pub fn open_repaired_with(
         path: impl AsRef<Path>,
@@ -514,6 +513,12 @@ pub(crate) fn last_stream_version(
 ) -> Result<u64, redb::StorageError> {
     let last = streams.range((stream, 0u64)..=(stream, u64::MAX))?.next_back().transpose()?;
     Ok(last.map_or(0, |(key, _)| key.value().1))
+}
+
+/// The journals' size while a store writes through them and has not closed cleanly (see
+/// [`META_JOURNALS_IN_USE`]), else `None`.
+pub(crate) fn journals_in_use(meta: &impl ReadableTable<&'static str, u64>) -> Result<Option<u64>, redb::StorageError> {
+    Ok(meta.get(META_JOURNALS_IN_USE)?.map(|v| v.value()))
 }
 
 /// The last seq covered by the stream index, given the last seq of the log in the same

@@ -36,7 +36,8 @@ use crate::overlay;
 use crate::reader::{
     Checked, Db, EVENTS, HEAD, HEAD_KEY, LOG_FORMAT_VERSION, LogReader, META, META_FORMAT_VERSION,
     META_JOURNALS_IN_USE, META_STREAMS_INDEXED_THROUGH, OUTCOME_ORDER, OUTCOMES, STREAMS, SharedTail, TIMES,
-    UnindexedTail, check_head, encode_head, for_each_unindexed, last_stream_version, streams_indexed_through,
+    UnindexedTail, check_head, encode_head, for_each_unindexed, journals_in_use, last_stream_version,
+    streams_indexed_through,
 };
 use crate::record::{self, Hash, NewRecord, StoredRecord};
 use crate::snapshot::SnapshotStore;
@@ -105,7 +106,7 @@ pub struct RedbOptions {
     /// Faults injected into the journal's writes and syncs (tests of the failure paths).
     pub journal_faults: Option<FaultHandle>,
     /// Whether to open a log whose journals were in use when its writer stopped uncleanly, and
-    /// are now missing, wiped or short (see [`journal::check_kept`]): refused by default.
+    /// are now missing, wiped or short (see [`journal::read_kept`]): refused by default.
     pub journal_loss: JournalLoss,
 }
 
@@ -320,7 +321,7 @@ impl RedbStore {
         let outcomes = load_outcomes(&txn)?;
         let meta = txn.open_table(META).map_err(open_backend)?;
         let indexed_through = streams_indexed_through(&meta, head.seq).map_err(open_backend)?;
-        let journals_in_use = meta.get(META_JOURNALS_IN_USE).map_err(open_backend)?.map(|v| v.value());
+        let journals_in_use = journals_in_use(&meta).map_err(open_backend)?;
         if indexed_through > head.seq {
             return Err(OpenError::HeadMismatch {
                 seq: indexed_through,
@@ -397,7 +398,7 @@ impl RedbStore {
                 // Started too (empty, on the same head), so that taking over costs a header write.
                 let other = Journal::start(second, bytes, headers[1], current.generation(), store.head, faults)?;
                 // Both are started and full-size: from now until a clean close, a start that
-                // finds either missing, wiped or short refuses (`journal::check_kept`).
+                // finds either missing, wiped or short refuses (`journal::read_kept`).
                 let in_use = bytes.max(journal::JOURNAL_BYTES_MIN);
                 if journals_in_use != Some(in_use) {
                     store.set_journals_in_use(Some(in_use)).map_err(open_backend)?;
@@ -412,7 +413,7 @@ impl RedbStore {
     }
 
     /// Reads the journals at `paths`, checks that they are as the last writer left them (see
-    /// `journal::check_kept`; the losses the options accept are kept in
+    /// `journal::read_kept`; the losses the options accept are kept in
     /// `accepted_journal_losses`), and appends their records that the log does not hold yet.
     /// Returns the headers found. With a loss accepted, a journal that no longer follows the log
     /// (the older one, whose records it needed, is gone) is skipped with its records.
@@ -422,8 +423,8 @@ impl RedbStore {
         in_use: Option<u64>,
     ) -> Result<Vec<(PathBuf, journal::JournalHeader)>, OpenError> {
         // In the order their records follow the log (the older one's may all be in it).
-        let found = journal::read_all(paths)?;
-        self.accepted_journal_losses = journal::check_kept(paths, &found, in_use, self.options.journal_loss)?;
+        let (found, accepted) = journal::read_kept(paths, in_use, self.options.journal_loss)?;
+        self.accepted_journal_losses = accepted;
         let mut headers = Vec::with_capacity(found.len());
         for (path, contents) in found {
             headers.push((path.clone(), contents.header));

@@ -77,19 +77,22 @@ pub async fn lock(target: &str) -> Result<StoreLock, OpenError> {
         };
     }
     let path = sqlite_path(target)?;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|source| OpenError::Sqlite { path: path.clone(), source: sqlx::Error::Io(source) })?;
+    match try_lock_file(&path) {
+        Ok(Some(file)) => Ok(StoreLock::Sqlite(file)),
+        Ok(None) => Err(OpenError::InUse { what: format!("{} (another process holds it locked)", path.display()) }),
+        Err(source) => Err(OpenError::Sqlite { path, source: sqlx::Error::Io(source) }),
+    }
+}
+
+/// Opens (or creates) the file at `path` and takes an exclusive `flock` on it, held until the
+/// file is dropped; `None` when another process holds it. (The data dir's `taskledger.lock` is
+/// taken the same way.)
+pub fn try_lock_file(path: &Path) -> std::io::Result<Option<std::fs::File>> {
+    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
     match file.try_lock() {
-        Ok(()) => Ok(StoreLock::Sqlite(file)),
-        Err(std::fs::TryLockError::WouldBlock) => {
-            Err(OpenError::InUse { what: format!("{} (another process holds it locked)", path.display()) })
-        }
-        Err(std::fs::TryLockError::Error(source)) => Err(OpenError::Sqlite { path, source: sqlx::Error::Io(source) }),
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(error)) => Err(error),
     }
 }
 

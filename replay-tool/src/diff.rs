@@ -114,33 +114,30 @@ pub fn run(source: &Source, from: Point, to: Point, as_json: bool) -> Result<Out
         // Leases an operator's action ended (a cancel, a give-up, a resolve or retry of the
         // step): lost to their workers as surely as by expiry, and counted only for expiries
         // before (found by a black-box check). A worker's own end (complete, fail, release) is
-        // not a loss, and an expiry is counted above.
-        let ended_by_operator = !matches!(
-            event,
-            Event::StepCompleted { .. }
-                | Event::StepFailed { .. }
-                | Event::StepReleased { .. }
-                | Event::LeaseExpired { .. }
-                | Event::StepClaimed { .. }
-                | Event::LeaseExtended { .. }
-        );
-        let leased: Vec<(TaskId, domain::StepIndex, u32)> = match event.task() {
-            Some(task) if ended_by_operator => ledger.task(&task).map_or_else(Vec::new, |t| {
-                (0..t.steps.len())
-                    .map(|i| domain::StepIndex(i as u16))
-                    .filter(|i| t.step(*i).is_some_and(|s| s.lease_deadline.is_some()))
-                    .map(|i| (task, i, t.steps[i.0 as usize].epoch.0))
-                    .collect()
-            }),
+        // not a loss, and an expiry is counted below. Whether it ended is read from the ledger
+        // after the event.
+        let held: Vec<(TaskId, domain::StepIndex, u32, Lease)> = match event.task() {
+            Some(task) if crate::incident::category(&event) == "operator" => {
+                let detail = format!("ended by {} ({})", event.type_name(), record.actor);
+                ledger.task(&task).map_or_else(Vec::new, |t| {
+                    t.steps
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, s)| s.lease_deadline.is_some())
+                        .map(|(i, s)| {
+                            let (step, epoch) = (domain::StepIndex(i as u16), s.epoch.0);
+                            (
+                                task,
+                                step,
+                                epoch,
+                                lease(task, step, epoch, worker_of(task, step.0, epoch), detail.clone()),
+                            )
+                        })
+                        .collect()
+                })
+            }
             _ => Vec::new(),
         };
-        let held: Vec<(TaskId, domain::StepIndex, u32, Lease)> = leased
-            .into_iter()
-            .map(|(task, step, epoch)| {
-                let detail = format!("ended by {} ({})", event.type_name(), record.actor);
-                (task, step, epoch, lease(task, step, epoch, worker_of(task, step.0, epoch), detail))
-            })
-            .collect();
         match &event {
             Event::TaskCreated { spec, .. } => diff.tasks_created.push(Created {
                 seq: record.seq,

@@ -104,7 +104,9 @@ struct Report {
     events: Vec<Entry>,
 }
 
-fn category(event: &Event) -> &'static str {
+/// What kind of entry `event` is in a report: `operator` for an operator's action (also what
+/// `diff` checks for leases an operator ended).
+pub(crate) fn category(event: &Event) -> &'static str {
     match event {
         Event::TaskCreated { .. } | Event::StepsAdded { .. } => "created",
         Event::StepClaimed { .. } => "claim",
