@@ -11,11 +11,10 @@
 //! header for queries and mutations, the `connection_init` payload
 //! (`{"Authorization": "Bearer …"}`) for WebSocket subscriptions.
 
-use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
+use async_graphql::http::GraphiQLSource;
 use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
-use async_graphql::{Context, Data, ErrorExtensions, Object, Schema, SimpleObject, Subscription};
-use async_graphql_axum::{GraphQLProtocol, GraphQLResponse, GraphQLWebSocket};
-use axum::extract::ws::WebSocketUpgrade;
+use async_graphql::{Context, ErrorExtensions, Object, Schema, SimpleObject, Subscription};
+use async_graphql_axum::GraphQLResponse;
 use axum::extract::{FromRequest, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
@@ -1074,71 +1073,13 @@ fn graphql_error(status: StatusCode, code: &'static str, message: String) -> Res
     (status, axum::Json(body)).into_response()
 }
 
-fn principal_from(state: &AppState, authorization: Option<&str>) -> Option<Principal> {
+pub(crate) fn principal_from(state: &AppState, authorization: Option<&str>) -> Option<Principal> {
     state.tokens().authenticate(crate::auth::bearer_token(authorization?)?).cloned()
 }
 
 /// GET /graphql: the GraphiQL page.
 pub async fn graphiql() -> Html<String> {
     Html(GraphiQLSource::build().endpoint("/graphql").subscription_endpoint("/graphql/ws").finish())
-}
-
-/// How long a WebSocket may take to authenticate (`connection_init` with a valid token) before
-/// it is closed.
-pub const WS_INIT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// GET /graphql/ws: subscriptions (graphql-ws and graphql-transport-ws); a socket that has not
-/// authenticated within [`WS_INIT_WAIT`] is closed.
-pub async fn graphql_ws(
-    State(state): State<AppState>,
-    axum::Extension(schema): axum::Extension<LedgerSchema>,
-    protocol: GraphQLProtocol,
-    upgrade: WebSocketUpgrade,
-) -> Response {
-    // A message is read whole and parsed before the socket has authenticated: no larger than a
-    // request body may be (axum's default, 64 MiB, let any client make the server build
-    // gigabytes of JSON values: found by review).
-    upgrade
-        .max_message_size(state.max_body_bytes)
-        .max_frame_size(state.max_body_bytes)
-        .protocols(ALL_WEBSOCKET_PROTOCOLS)
-        .on_upgrade(move |stream| async move {
-            let initialised = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let accepted = initialised.clone();
-            let serve = GraphQLWebSocket::new(stream, schema, protocol)
-                .on_connection_init(move |payload| async move {
-                    // Both spellings at once are refused, as two Authorization headers are.
-                    let authorization = match (payload.get("Authorization"), payload.get("authorization")) {
-                        (Some(_), Some(_)) => None,
-                        (given, None) | (None, given) => given.and_then(|v| v.as_str()).map(str::to_owned),
-                    };
-                    let mut data = Data::default();
-                    match principal_from(&state, authorization.as_deref()) {
-                        Some(principal) => {
-                            data.insert(principal);
-                            accepted.store(true, std::sync::atomic::Ordering::Release);
-                            Ok(data)
-                        }
-                        None => Err(async_graphql::Error::new(
-                            "connection_init needs {\"Authorization\": \"Bearer <token>\"}",
-                        )),
-                    }
-                })
-                .serve();
-            let mut serve = std::pin::pin!(serve);
-            // A socket that has not authenticated in time is closed: it would hold a
-            // connection slot forever (found by a black-box check: three bare sockets took every
-            // slot of `--max-connections 3`, and /healthz went unanswered).
-            tokio::select! {
-                () = &mut serve => {}
-                () = tokio::time::sleep(WS_INIT_WAIT) => {
-                    if initialised.load(std::sync::atomic::Ordering::Acquire) {
-                        serve.await;
-                    }
-                }
-            }
-        })
-        .into_response()
 }
 
 #[cfg(test)]

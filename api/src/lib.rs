@@ -8,6 +8,7 @@ pub mod backup;
 pub mod commands;
 pub mod error;
 pub mod graphql;
+pub mod graphql_ws;
 pub mod metrics;
 pub mod readmodels;
 pub mod routes;

@@ -105,7 +105,7 @@ pub fn app(state: AppState, config: &ServeConfig) -> Router {
     let schema = crate::graphql::schema(state.clone());
     crate::routes::router()
         .route("/graphql", get(crate::graphql::graphiql).post(crate::graphql::graphql_handler))
-        .route("/graphql/ws", get(crate::graphql::graphql_ws))
+        .route("/graphql/ws", get(crate::graphql_ws::graphql_ws))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

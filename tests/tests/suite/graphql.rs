@@ -416,28 +416,51 @@ fn connect_ws(server: &Server, timeout: Duration) -> Socket {
 /// Whether the server closes `socket` (a close frame, or the connection ending) before the
 /// read timeout.
 fn closed_by_server(socket: &mut Socket) -> bool {
+    !matches!(close_frame(socket), Closed::NotYet)
+}
+
+/// How the server ended a socket.
+#[derive(Debug, PartialEq)]
+enum Closed {
+    /// A close frame with its code and reason.
+    Frame(u16, String),
+    /// The connection ended without one.
+    Dropped,
+    /// Still open at the read timeout.
+    NotYet,
+}
+
+/// Reads `socket` until the server closes it (messages before are skipped).
+fn close_frame(socket: &mut Socket) -> Closed {
     loop {
         match socket.read() {
-            Ok(tungstenite::Message::Close(_)) => return true,
+            Ok(tungstenite::Message::Close(Some(frame))) => {
+                return Closed::Frame(frame.code.into(), frame.reason.as_str().to_owned());
+            }
+            Ok(tungstenite::Message::Close(None)) => return Closed::Dropped,
             Ok(_) => continue,
-            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
-            Err(_) => return true,
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => return Closed::NotYet,
+            Err(_) => return Closed::Dropped,
         }
     }
 }
 
+fn send_json(socket: &mut Socket, value: Value) {
+    socket.send(tungstenite::Message::Text(value.to_string().into())).unwrap();
+}
+
 fn subscribe(server: &Server, query: &str, variables: Value) -> Socket {
     let mut socket = connect_ws(server, Duration::from_secs(10));
-    let send = |socket: &mut Socket, value: Value| {
-        socket.send(tungstenite::Message::Text(value.to_string().into())).unwrap();
-    };
-    send(
+    send_json(
         &mut socket,
         json!({ "type": "connection_init", "payload": { "Authorization": format!("Bearer {}", server.token) } }),
     );
     let ack: Value = serde_json::from_str(socket.read().unwrap().to_text().unwrap()).unwrap();
     assert_eq!(ack["type"], "connection_ack");
-    send(&mut socket, json!({ "id": "1", "type": "subscribe", "payload": { "query": query, "variables": variables } }));
+    send_json(
+        &mut socket,
+        json!({ "id": "1", "type": "subscribe", "payload": { "query": query, "variables": variables } }),
+    );
     socket
 }
 
@@ -493,9 +516,10 @@ fn every_transport_meets_the_same_limits() {
     }
     assert_eq!(server.head_seq(), head, "the server still answers");
 
-    // A socket that never sends connection_init is closed (after `WS_INIT_WAIT`, 10 s).
+    // A socket that never sends connection_init is closed (after `WS_INIT_WAIT`, 10 s), with the
+    // code graphql-transport-ws names for it.
     let mut bare = connect_ws(&server, Duration::from_secs(30));
-    assert!(closed_by_server(&mut bare), "an unauthenticated socket was still open after 30 s");
+    assert_eq!(close_frame(&mut bare), Closed::Frame(4408, "Connection initialisation timeout".into()));
 
     // A message is no larger than a request body (4 MiB here): axum's 64 MiB let a client without
     // a token make the server parse gigabytes of JSON values (found by review).
@@ -509,8 +533,68 @@ fn every_transport_meets_the_same_limits() {
     let mut twice = connect_ws(&server, Duration::from_secs(30));
     let init = json!({ "type": "connection_init", "payload": { "Authorization": bearer, "authorization": bearer } });
     twice.send(tungstenite::Message::Text(init.to_string().into())).unwrap();
-    assert!(closed_by_server(&mut twice), "a connection_init with the token twice was accepted");
+    assert!(
+        matches!(close_frame(&mut twice), Closed::Frame(4403, _)),
+        "a connection_init with the token twice was accepted"
+    );
     assert_eq!(server.head_seq(), head, "the server still answers");
+}
+
+/// Protocol errors close the socket with the codes graphql-transport-ws names, which clients
+/// read to decide whether to reconnect: async-graphql closed them all with 1002 or 1011, sent
+/// no close frame when its reason was longer than a frame holds, and a second `subscribe` with a
+/// running id replaced the running subscription without a word.
+#[test]
+fn websocket_protocol_errors_close_with_the_codes_graphql_transport_ws_names() {
+    let server = Server::start();
+    let init = json!({ "type": "connection_init", "payload": { "Authorization": format!("Bearer {}", server.token) } });
+    let events = json!({ "query": "subscription { events { seq } }" });
+
+    let mut wrong_token = connect_ws(&server, Duration::from_secs(10));
+    send_json(&mut wrong_token, json!({ "type": "connection_init", "payload": { "Authorization": "Bearer nope" } }));
+    assert!(matches!(close_frame(&mut wrong_token), Closed::Frame(4403, reason) if reason.contains("Authorization")));
+
+    let mut too_early = connect_ws(&server, Duration::from_secs(10));
+    send_json(&mut too_early, json!({ "id": "1", "type": "subscribe", "payload": events }));
+    assert_eq!(close_frame(&mut too_early), Closed::Frame(4401, "Unauthorized".into()));
+
+    // Unknown types, missing ids, not JSON: 4400, the parser's message cut to fit the frame.
+    let long_type = "x".repeat(300);
+    for message in [json!({ "type": long_type }).to_string(), json!({ "type": "subscribe" }).to_string(), "{".into()] {
+        let mut socket = connect_ws(&server, Duration::from_secs(10));
+        send_json(&mut socket, init.clone());
+        assert_eq!(next_message(&mut socket)["type"], "connection_ack");
+        socket.send(tungstenite::Message::Text(message.clone().into())).unwrap();
+        match close_frame(&mut socket) {
+            Closed::Frame(4400, reason) => assert!(!reason.is_empty() && reason.len() <= 123, "{reason}"),
+            other => panic!("{message:.40}: {other:?}"),
+        }
+    }
+
+    let mut twice = connect_ws(&server, Duration::from_secs(10));
+    send_json(&mut twice, init.clone());
+    assert_eq!(next_message(&mut twice)["type"], "connection_ack");
+    send_json(&mut twice, json!({ "id": "a", "type": "subscribe", "payload": events }));
+    // A second id runs beside it; an id whose subscription was completed may be used again.
+    send_json(&mut twice, json!({ "id": "b", "type": "subscribe", "payload": events }));
+    send_json(&mut twice, json!({ "id": "b", "type": "complete" }));
+    send_json(&mut twice, json!({ "id": "b", "type": "subscribe", "payload": events }));
+    send_json(&mut twice, json!({ "type": "ping" }));
+    // (The completion of the first "b" may come first.)
+    while next_message(&mut twice)["type"] != "pong" {}
+    send_json(&mut twice, json!({ "id": "a", "type": "subscribe", "payload": events }));
+    assert_eq!(close_frame(&mut twice), Closed::Frame(4409, "Subscriber for a already exists".into()));
+
+    let mut again = connect_ws(&server, Duration::from_secs(10));
+    send_json(&mut again, init.clone());
+    assert_eq!(next_message(&mut again)["type"], "connection_ack");
+    send_json(&mut again, init);
+    assert!(matches!(close_frame(&mut again), Closed::Frame(4429, _)));
+}
+
+/// The next message, parsed.
+fn next_message(socket: &mut Socket) -> Value {
+    serde_json::from_str(socket.read().unwrap().to_text().unwrap()).unwrap()
 }
 
 /// The next `next` message's payload.

@@ -1,0 +1,262 @@
+//! GraphQL subscriptions over a WebSocket at `/graphql/ws`: authentication in `connection_init`,
+//! and the close codes of the graphql-transport-ws protocol.
+//!
+//! async-graphql runs the protocol, but closes every protocol error with 1002 (or 1011), where
+//! graphql-transport-ws (the `graphql-ws` library's protocol, which Apollo and urql clients
+//! speak) names each: 4400 for a message it cannot read, 4401 for a `subscribe` before the
+//! connection is acknowledged, 4403 for a refused `connection_init`, 4408 when none came in
+//! time, 4409 for a `subscribe` whose id is already running (async-graphql dropped the running
+//! subscription without a word and started the new one). Clients decide from the code whether to
+//! reconnect. This module reads each message's `type` and `id` on the way in and rewrites the
+//! close frame on the way out; a close reason is cut to the 123 bytes a close frame holds (a
+//! longer one, like a JSON parser's message, failed to send and the socket ended with no code).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_graphql::Data;
+use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
+use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+
+use crate::graphql::{LedgerSchema, principal_from};
+use crate::server::AppState;
+
+/// How long a WebSocket may take to authenticate (`connection_init` with a valid token) before
+/// it is closed with 4408.
+pub const WS_INIT_WAIT: Duration = Duration::from_secs(10);
+
+/// How long after [`WS_INIT_WAIT`] an unauthenticated socket is dropped outright, should its
+/// close frame not get out (a client that does not read).
+const WS_CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// The close codes graphql-transport-ws defines beyond async-graphql's.
+pub mod close_code {
+    /// A message that is not one of the protocol's.
+    pub const BAD_REQUEST: u16 = 4400;
+    /// A `subscribe` before `connection_ack`.
+    pub const UNAUTHORIZED: u16 = 4401;
+    /// A `connection_init` without a valid token.
+    pub const FORBIDDEN: u16 = 4403;
+    /// No `connection_init` within [`super::WS_INIT_WAIT`].
+    pub const INIT_TIMEOUT: u16 = 4408;
+    /// A `subscribe` whose id names a subscription still running.
+    pub const SUBSCRIBER_EXISTS: u16 = 4409;
+}
+
+/// The largest close reason a close frame carries (RFC 6455: 125 bytes of payload, 2 of code).
+const CLOSE_REASON_MAX: usize = 123;
+
+/// GET /graphql/ws: subscriptions (graphql-transport-ws, and the older graphql-ws).
+pub async fn graphql_ws(
+    State(state): State<AppState>,
+    axum::Extension(schema): axum::Extension<LedgerSchema>,
+    protocol: GraphQLProtocol,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    // A message is read whole and parsed before the socket has authenticated: no larger than a
+    // request body may be (axum's default, 64 MiB, let any client make the server build
+    // gigabytes of JSON values: found by review).
+    upgrade
+        .max_message_size(state.max_body_bytes)
+        .max_frame_size(state.max_body_bytes)
+        .protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |socket| async move {
+            let connection = Arc::new(Connection::default());
+            let (sink, stream) = socket.split();
+            let outgoing = connection.clone();
+            let sink =
+                sink.with(move |message| futures_util::future::ready(Ok::<_, axum::Error>(outgoing.outgoing(message))));
+            let incoming = connection.clone();
+            let stream = stream.map(move |message| message.map(|m| incoming.incoming(m)));
+            // No connection_init in time: a message async-graphql cannot read ends the socket, and
+            // the close frame it answers with says 4408.
+            let timer = connection.clone();
+            let deadline = futures_util::stream::once(async move {
+                tokio::time::sleep(WS_INIT_WAIT).await;
+                (!timer.initialised.load(Ordering::Acquire))
+                    .then(|| timer.violated(close_code::INIT_TIMEOUT, "Connection initialisation timeout".to_owned()))
+            })
+            .filter_map(futures_util::future::ready)
+            .map(Ok::<_, axum::Error>);
+            let stream = futures_util::stream::select(stream, deadline);
+            let accepted = connection.clone();
+            let serve = GraphQLWebSocket::new_with_pair(sink, stream, schema, protocol)
+                .on_connection_init(move |payload| async move {
+                    // Both spellings at once are refused, as two Authorization headers are.
+                    let authorization = match (payload.get("Authorization"), payload.get("authorization")) {
+                        (Some(_), Some(_)) => None,
+                        (given, None) | (None, given) => given.and_then(|v| v.as_str()).map(str::to_owned),
+                    };
+                    match principal_from(&state, authorization.as_deref()) {
+                        Some(principal) => {
+                            let mut data = Data::default();
+                            data.insert(principal);
+                            accepted.initialised.store(true, Ordering::Release);
+                            Ok(data)
+                        }
+                        None => {
+                            accepted.refused.store(true, Ordering::Release);
+                            Err(async_graphql::Error::new(
+                                "connection_init needs {\"Authorization\": \"Bearer <token>\"}",
+                            ))
+                        }
+                    }
+                })
+                .serve();
+            let mut serve = std::pin::pin!(serve);
+            // A socket that has not authenticated in time is closed: it would hold a
+            // connection slot forever (found by a black-box check: three bare sockets took every
+            // slot of `--max-connections 3`, and /healthz went unanswered). The close frame
+            // above ends it; this ends one whose client does not read.
+            tokio::select! {
+                () = &mut serve => {}
+                () = tokio::time::sleep(WS_INIT_WAIT + WS_CLOSE_GRACE) => {
+                    if connection.initialised.load(Ordering::Acquire) {
+                        serve.await;
+                    }
+                }
+            }
+        })
+        .into_response()
+}
+
+/// What one socket has seen, shared by the reading and the writing side.
+#[derive(Default)]
+struct Connection {
+    /// `connection_init` was accepted.
+    initialised: AtomicBool,
+    /// `connection_init` was refused.
+    refused: AtomicBool,
+    /// The close code and reason a protocol error found on the way in calls for.
+    violation: std::sync::Mutex<Option<(u16, String)>>,
+    /// Ids of the subscriptions running.
+    running: std::sync::Mutex<HashSet<String>>,
+}
+
+/// The parts of a client message this module reads.
+#[derive(serde::Deserialize)]
+struct Envelope {
+    #[serde(rename = "type")]
+    kind: String,
+    id: Option<String>,
+}
+
+/// The parts of a server message this module reads.
+#[derive(serde::Deserialize)]
+struct Completed {
+    id: String,
+}
+
+/// What async-graphql reads as a message it cannot parse, so that it closes the socket.
+const UNREADABLE: &str = "";
+
+impl Connection {
+    /// Records the code a protocol error calls for and returns the message that makes
+    /// async-graphql close the socket.
+    fn violated(&self, code: u16, reason: String) -> Message {
+        self.violation.lock().expect("websocket state").get_or_insert((code, reason));
+        Message::Text(UNREADABLE.into())
+    }
+
+    /// A client message, on its way to async-graphql.
+    fn incoming(&self, message: Message) -> Message {
+        let bytes: &[u8] = match &message {
+            Message::Text(text) => text.as_bytes(),
+            Message::Binary(bytes) => bytes,
+            _ => return message,
+        };
+        let Ok(envelope) = serde_json::from_slice::<Envelope>(bytes) else { return message };
+        let Some(id) = envelope.id else { return message };
+        let mut running = self.running.lock().expect("websocket state");
+        match envelope.kind.as_str() {
+            // Before the acknowledgement async-graphql closes with 1011, sent on as 4401.
+            "subscribe" | "start" if self.initialised.load(Ordering::Acquire) => {
+                if running.insert(id.clone()) {
+                    return message;
+                }
+                drop(running);
+                self.violated(close_code::SUBSCRIBER_EXISTS, format!("Subscriber for {id} already exists"))
+            }
+            "complete" | "stop" => {
+                running.remove(&id);
+                message
+            }
+            _ => message,
+        }
+    }
+
+    /// A server message, on its way to the client: a close frame gets the code the protocol names.
+    fn outgoing(&self, message: Message) -> Message {
+        match message {
+            Message::Text(text) => {
+                if text.as_str().starts_with(r#"{"type":"complete","#)
+                    && let Ok(completed) = serde_json::from_str::<Completed>(text.as_str())
+                {
+                    self.running.lock().expect("websocket state").remove(&completed.id);
+                }
+                Message::Text(text)
+            }
+            Message::Close(Some(frame)) => {
+                let violation = self.violation.lock().expect("websocket state").take();
+                let (code, reason) = match (violation, frame.code) {
+                    (Some(violation), _) => violation,
+                    (None, 1002) if self.refused.load(Ordering::Acquire) => {
+                        (close_code::FORBIDDEN, frame.reason.as_str().to_owned())
+                    }
+                    (None, 1002) => (close_code::BAD_REQUEST, frame.reason.as_str().to_owned()),
+                    (None, 1011) => (close_code::UNAUTHORIZED, "Unauthorized".to_owned()),
+                    (None, code) => (code, frame.reason.as_str().to_owned()),
+                };
+                Message::Close(Some(CloseFrame { code, reason: truncated(reason).into() }))
+            }
+            other => other,
+        }
+    }
+}
+
+/// `reason` cut to [`CLOSE_REASON_MAX`] bytes, at a character boundary.
+fn truncated(mut reason: String) -> String {
+    if reason.len() > CLOSE_REASON_MAX {
+        let mut end = CLOSE_REASON_MAX;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    reason
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_reasons_fit_a_close_frame() {
+        assert_eq!(truncated("short".into()), "short");
+        let long = "é".repeat(100);
+        let cut = truncated(long);
+        assert!(cut.len() <= CLOSE_REASON_MAX && cut.len() >= CLOSE_REASON_MAX - 1, "{}", cut.len());
+        assert!(cut.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn a_running_id_subscribed_again_is_a_violation_and_a_completed_one_is_not() {
+        let connection = Connection::default();
+        connection.initialised.store(true, Ordering::Release);
+        let subscribe = || Message::Text(r#"{"type":"subscribe","id":"a","payload":{"query":"{x}"}}"#.into());
+        assert!(matches!(connection.incoming(subscribe()), Message::Text(t) if !t.is_empty()));
+        // Completed by the server: the id is free again.
+        let _ = connection.outgoing(Message::Text(r#"{"type":"complete","id":"a"}"#.into()));
+        assert!(matches!(connection.incoming(subscribe()), Message::Text(t) if !t.is_empty()));
+        assert!(matches!(connection.incoming(subscribe()), Message::Text(t) if t.is_empty()));
+        let closed = connection.outgoing(Message::Close(Some(CloseFrame { code: 1002, reason: "x".into() })));
+        let Message::Close(Some(frame)) = closed else { panic!("{closed:?}") };
+        assert_eq!((frame.code, frame.reason.as_str()), (4409, "Subscriber for a already exists"));
+    }
+}
