@@ -285,11 +285,22 @@ fn publish(staging: &Path, to: &Path) -> anyhow::Result<u64> {
     file.sync_all().with_context(|| format!("fsync {}", staged.display()))?;
     let bytes = file.metadata().with_context(|| format!("stat {}", staged.display()))?.len();
     drop(file);
-    // `rename` replaces silently; re-check so a file (or link) created meanwhile is not lost.
-    if taken(to) {
-        bail!("{} appeared while the backup ran; not replacing it", to.display());
+    // `rename` replaces silently: a file (or link) created at `to` while the backup ran would
+    // be lost. A hard link is made only where nothing is, in one step; on a file system without
+    // hard links, check and rename (leaving the moment between the two).
+    match std::fs::hard_link(&staged, to) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            bail!("{} appeared while the backup ran; not replacing it", to.display());
+        }
+        Err(_) => {
+            if taken(to) {
+                bail!("{} appeared while the backup ran; not replacing it", to.display());
+            }
+            std::fs::rename(&staged, to)
+                .with_context(|| format!("rename {} to {}", staged.display(), to.display()))?;
+        }
     }
-    std::fs::rename(&staged, to).with_context(|| format!("rename {} to {}", staged.display(), to.display()))?;
     let parent = match to.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -541,6 +552,28 @@ fn copy_online(url: &str, token: &str, staging: &Path) -> anyhow::Result<Head> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What appears at the backup's name while it runs is kept: the copy is linked there only
+    /// where nothing is.
+    #[test]
+    fn publishing_never_replaces_what_is_at_the_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = dir.path().join("b.tmp");
+        std::fs::create_dir(&staging).unwrap();
+        std::fs::write(staging.join(eventlog::redb_store::LOG_FILE_NAME), b"copy").unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"theirs").unwrap();
+        let error = publish(&staging, &file).unwrap_err().to_string();
+        assert!(error.contains("appeared while the backup ran"), "{error}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"theirs");
+        let dangling = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+        assert!(publish(&staging, &dangling).is_err());
+        assert!(std::fs::symlink_metadata(&dangling).unwrap().file_type().is_symlink());
+        let free = dir.path().join("free");
+        assert_eq!(publish(&staging, &free).unwrap(), 4);
+        assert_eq!(std::fs::read(&free).unwrap(), b"copy");
+    }
 
     #[test]
     fn the_staging_dir_sits_beside_the_target() {
