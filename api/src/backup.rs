@@ -297,8 +297,7 @@ fn publish(staging: &Path, to: &Path) -> anyhow::Result<u64> {
             if taken(to) {
                 bail!("{} appeared while the backup ran; not replacing it", to.display());
             }
-            std::fs::rename(&staged, to)
-                .with_context(|| format!("rename {} to {}", staged.display(), to.display()))?;
+            std::fs::rename(&staged, to).with_context(|| format!("rename {} to {}", staged.display(), to.display()))?;
         }
     }
     let parent = match to.parent() {

@@ -47,7 +47,7 @@ pub const NESTING_MAX: usize = JSON_DEPTH_MAX + 16;
 /// list of zeros took 320 MB and 4 s of a core before it was refused. Larger batches go in
 /// variables, which are JSON.
 pub const TOKENS_MAX: usize = 100_000;
-/// Codes of the limits [`document_limits`] and [`lexical_limits`] apply.
+/// Codes of the limits [`document_limits`] and [`lexical_checks`] apply.
 const DOCUMENT_LIMIT_CODES: [&str; 4] = ["too_many_aliases", "query_too_complex", "query_too_deep", "query_too_large"];
 
 pub type LedgerSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
@@ -837,28 +837,34 @@ pub fn document_limits(document: &ExecutableDocument) -> Result<(), (&'static st
     }
 }
 
-/// The limits checked on a document's text before anything parses it: brackets nested deeper
-/// than [`NESTING_MAX`] (`query_too_deep`) and more than [`TOKENS_MAX`] tokens
-/// (`query_too_large`). The parser and the conversion of literals recurse once per level
-/// (found by a black-box check: a 4 KB list literal 2,000 levels deep overflowed a stack and
-/// aborted the whole server, for any token). Strings, block strings and comments are skipped
-/// as GraphQL lexes them; a string left open at a line end is taken to end there, so the scan
-/// counts every bracket the parser could see.
-pub fn lexical_limits(query: &str) -> Result<(), (&'static str, String)> {
+/// The checks made on a document's text before anything parses it: brackets nested deeper
+/// than [`NESTING_MAX`] (`query_too_deep`), more than [`TOKENS_MAX`] tokens
+/// (`query_too_large`), and an input object literal naming a field twice (`invalid_query`).
+/// The parser and the conversion of literals recurse once per level (found by a black-box
+/// check: a 4 KB list literal 2,000 levels deep overflowed a stack and aborted the whole server,
+/// for any token). The parser keeps the last of a repeated field (`{namespace: "a", namespace:
+/// "b"}` created a task in `b`), where GraphQL's validation refuses the document and REST
+/// refuses a repeated key; only the text still has both. Strings, block strings and comments
+/// are skipped as GraphQL lexes them; a string left open at a line end is taken to end there,
+/// so the scan counts every bracket the parser could see.
+pub fn lexical_checks(query: &str) -> Result<(), (&'static str, String)> {
     let bytes = query.as_bytes();
-    let (mut at, mut depth, mut tokens) = (0usize, 0usize, 0usize);
+    let (mut at, mut tokens) = (0usize, 0usize);
+    // The brackets open, and for each `{` inside parentheses (an input object literal: values
+    // appear only in argument lists and variable definitions) the field names it has named.
+    let mut open: Vec<(u8, Option<std::collections::HashSet<&str>>)> = Vec::new();
+    let mut parentheses_open = 0usize;
     // Only names and digits run together: `0-0-0` is three numbers to the parser, `...F...F`
     // two spreads (a review found both passing as one word, hundreds of MB per request).
     let is_word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
     while at < bytes.len() {
         let byte = bytes[at];
+        let start = at;
         at += 1;
         match byte {
             b' ' | b'\t' | b'\n' | b'\r' | b',' => continue,
             b'#' => {
-                while at < bytes.len() && !matches!(bytes[at], b'\n' | b'\r') {
-                    at += 1;
-                }
+                at = comment_end(bytes, at);
                 continue;
             }
             b'"' if bytes[at..].starts_with(b"\"\"") => {
@@ -875,18 +881,33 @@ pub fn lexical_limits(query: &str) -> Result<(), (&'static str, String)> {
                 at += 1;
             }
             b'{' | b'[' | b'(' => {
-                depth += 1;
-                if depth > NESTING_MAX {
+                if open.len() == NESTING_MAX {
                     return Err((
                         "query_too_deep",
                         format!("the query nests brackets deeper than {NESTING_MAX} levels"),
                     ));
                 }
+                parentheses_open += usize::from(byte == b'(');
+                let literal = byte == b'{' && parentheses_open > 0;
+                open.push((byte, literal.then(Default::default)));
             }
-            b'}' | b']' | b')' => depth = depth.saturating_sub(1),
+            b'}' | b']' | b')' => {
+                if let Some((b'(', _)) = open.pop() {
+                    parentheses_open -= 1;
+                }
+            }
             _ if is_word(byte) => {
                 while at < bytes.len() && is_word(bytes[at]) {
                     at += 1;
+                }
+                if let Some((_, Some(names))) = open.last_mut()
+                    && !byte.is_ascii_digit()
+                    && bytes.get(significant_from(bytes, at)) == Some(&b':')
+                {
+                    let name = &query[start..at];
+                    if !names.insert(name) {
+                        return Err(("invalid_query", format!("There can only be one input field named \"{name}\"")));
+                    }
                 }
             }
             _ => {}
@@ -899,7 +920,27 @@ pub fn lexical_limits(query: &str) -> Result<(), (&'static str, String)> {
     Ok(())
 }
 
-/// Applies [`lexical_limits`] and [`document_limits`] to every request the schema runs, whichever way it arrived (the
+/// Where the comment whose text starts at `at` ends (its line's end).
+fn comment_end(bytes: &[u8], mut at: usize) -> usize {
+    while at < bytes.len() && !matches!(bytes[at], b'\n' | b'\r') {
+        at += 1;
+    }
+    at
+}
+
+/// The first byte at or after `at` that is not white space, a comma or a comment.
+fn significant_from(bytes: &[u8], mut at: usize) -> usize {
+    while let Some(&byte) = bytes.get(at) {
+        match byte {
+            b' ' | b'\t' | b'\n' | b'\r' | b',' => at += 1,
+            b'#' => at = comment_end(bytes, at + 1),
+            _ => break,
+        }
+    }
+    at
+}
+
+/// Applies [`lexical_checks`] and [`document_limits`] to every request the schema runs, whichever way it arrived (the
 /// WebSocket once ran queries and mutations past the alias limit `POST /graphql` applied).
 struct DocumentLimits;
 
@@ -926,7 +967,7 @@ impl async_graphql::extensions::Extension for DocumentLimits {
             error.extensions.get_or_insert_with(Default::default).set("code", code);
             error
         };
-        lexical_limits(query).map_err(refused)?;
+        lexical_checks(query).map_err(refused)?;
         if let Ok(document) = async_graphql::parser::parse_query(query) {
             document_limits(&document).map_err(refused)?;
         }
@@ -994,7 +1035,7 @@ pub async fn graphql_handler(
             return graphql_error(StatusCode::BAD_REQUEST, code, format!("the GraphQL request is not valid: {e}"));
         }
     };
-    if let Err((code, message)) = lexical_limits(&request.query) {
+    if let Err((code, message)) = lexical_checks(&request.query) {
         return graphql_error(StatusCode::BAD_REQUEST, code, message);
     }
     let document = match async_graphql::parser::parse_query(&request.query) {
@@ -1127,9 +1168,9 @@ mod tests {
         let list =
             |levels: usize| format!("{{ ledger(x: {}0{}) {{ headSeq }} }}", "[".repeat(levels), "]".repeat(levels));
         // The selection set and the argument list are two levels.
-        assert_eq!(lexical_limits(&list(NESTING_MAX - 2)), Ok(()));
-        assert_eq!(lexical_limits(&list(NESTING_MAX - 1)).unwrap_err().0, "query_too_deep");
-        assert_eq!(lexical_limits(&list(2000)).unwrap_err().0, "query_too_deep");
+        assert_eq!(lexical_checks(&list(NESTING_MAX - 2)), Ok(()));
+        assert_eq!(lexical_checks(&list(NESTING_MAX - 1)).unwrap_err().0, "query_too_deep");
+        assert_eq!(lexical_checks(&list(2000)).unwrap_err().0, "query_too_deep");
         let hidden = "[".repeat(NESTING_MAX + 1);
         for quiet in [
             format!("{{ ledger(x: \"{hidden}\") {{ headSeq }} }}"),
@@ -1137,30 +1178,56 @@ mod tests {
             format!("{{ ledger(x: \"\"\"{hidden} \\\"\"\" {hidden}\"\"\") {{ headSeq }} }}"),
             format!("# {hidden}\n{{ ledger {{ headSeq }} }}"),
         ] {
-            assert_eq!(lexical_limits(&quiet), Ok(()), "{quiet}");
+            assert_eq!(lexical_checks(&quiet), Ok(()), "{quiet}");
         }
         // A string left open at a line end ends there for the scan: what follows is counted.
-        assert_eq!(lexical_limits(&format!("{{ ledger(x: \"open\n{hidden}")).unwrap_err().0, "query_too_deep");
+        assert_eq!(lexical_checks(&format!("{{ ledger(x: \"open\n{hidden}")).unwrap_err().0, "query_too_deep");
         assert_eq!(
-            lexical_limits(&format!("\"\"\"{hidden}")),
+            lexical_checks(&format!("\"\"\"{hidden}")),
             Ok(()),
             "an open block string hides nothing the parser sees"
         );
         // Commas are not tokens; numbers, names and punctuators are.
         let zeros = |count: usize| format!("{{ ledger(x: [{}]) {{ headSeq }} }}", "0,".repeat(count));
-        assert_eq!(lexical_limits(&zeros(TOKENS_MAX - 20)), Ok(()));
-        assert_eq!(lexical_limits(&zeros(TOKENS_MAX)).unwrap_err().0, "query_too_large");
+        assert_eq!(lexical_checks(&zeros(TOKENS_MAX - 20)), Ok(()));
+        assert_eq!(lexical_checks(&zeros(TOKENS_MAX)).unwrap_err().0, "query_too_large");
         // Signs, dots and spreads are tokens of their own, as the parser sees them.
         let run = |unit: &str| format!("{{ ledger(x: [{}]) {{ headSeq }} }}", unit.repeat(TOKENS_MAX / 2));
         for unit in ["0-", "...F", "1.5,"] {
-            assert_eq!(lexical_limits(&run(unit)).unwrap_err().0, "query_too_large", "{unit}");
+            assert_eq!(lexical_checks(&run(unit)).unwrap_err().0, "query_too_large", "{unit}");
         }
         // The largest payload a task may carry fits inline.
         let payload = format!("{{ text: \"{}\", list: [{}] }}", "x".repeat(30_000), "1 ".repeat(16_000));
         let create = format!(
             "mutation {{ createTask(input: {{ namespace: \"q\", handler: \"h\", payload: {payload} }}) {{ seq }} }}"
         );
-        assert_eq!(lexical_limits(&create), Ok(()));
+        assert_eq!(lexical_checks(&create), Ok(()));
+    }
+
+    /// An input object literal names each field once; selection sets may repeat an alias.
+    #[test]
+    fn an_input_field_named_twice_is_refused_before_parsing() {
+        for twice in [
+            "mutation { createTask(input: {namespace: \"a\", namespace: \"b\", handler: \"h\"}) { seq } }",
+            "{ ledger(x: {a: {b: 1, b: 2}}) { headSeq } }",
+            "{ ledger(x: [{a: 1}, {a: 1, c: 2, a: 3}]) { headSeq } }",
+            "query($x: In = {a: 1, a: 2}) { ledger { headSeq } }",
+            "{ ledger(x: {a # a comment\n : 1, a: 2}) { headSeq } }",
+            "{ ledger @skip(if: {a: 1, a: 2}) { headSeq } }",
+        ] {
+            let refused = lexical_checks(twice).unwrap_err();
+            assert_eq!(refused.0, "invalid_query", "{twice}");
+            assert!(refused.1.starts_with("There can only be one input field named"), "{twice}");
+        }
+        for once in [
+            "{ ledger(x: {a: {a: 1}, b: {a: 2}}) { headSeq } }",
+            "{ ledger(x: [{a: 1}, {a: 2}]) { headSeq } }",
+            "{ a: ledger { headSeq } a: ledger { headSeq } }",
+            "{ ledger(x: {a: \"a: 1, a: 2\", b: \"\"\"a: 1\"\"\"}) { headSeq } }",
+            "{ ledger(x: {a: ENUM_A, b: a}) { headSeq } }",
+        ] {
+            assert_eq!(lexical_checks(once), Ok(()), "{once}");
+        }
     }
 
     /// Fragments that each spread the next one twice: counted in linear time, and refused.

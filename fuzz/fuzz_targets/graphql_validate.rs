@@ -5,7 +5,7 @@
 //! so no resolver runs (they need a running writer): what is fuzzed is the
 //! parser and validation, the part that sees a query before anything is
 //! checked. The bracket nesting and token count on the text, then the alias count, nesting
-//! and expanded size are the server's own (`api::graphql::lexical_limits` and
+//! and expanded size are the server's own (`api::graphql::lexical_checks` and
 //! `document_limits`, which its schema applies as an extension).
 //! Nothing may panic, hang or allocate without bound.
 
@@ -15,7 +15,7 @@ use std::sync::{Arc, LazyLock};
 
 use api::graphql::{
     COMPLEXITY_MAX, DEPTH_MAX, DIRECTIVES_MAX, MutationRoot, QueryRoot, RECURSIVE_DEPTH_MAX, SubscriptionRoot,
-    document_limits, lexical_limits,
+    document_limits, lexical_checks,
 };
 use async_graphql::extensions::{Extension, ExtensionContext, ExtensionFactory, NextExecute};
 use async_graphql::{Response, Schema, ServerError};
@@ -57,7 +57,7 @@ fuzz_target!(|data: &[u8]| {
     // The server's order: its `DocumentLimits` extension refuses brackets nested too deep or too
     // many tokens before anything parses the text, then too many aliases, too deep a nesting or
     // too many selections once fragments are expanded, then the schema's checks.
-    if lexical_limits(query).is_err() {
+    if lexical_checks(query).is_err() {
         return;
     }
     let Ok(document) = async_graphql::parser::parse_query(query) else { return };

@@ -396,6 +396,14 @@ fn errors_carry_stable_codes_and_abusive_queries_are_refused_before_resolvers_ru
     assert!(complex.body["errors"].as_array().is_some_and(|e| !e.is_empty()), "{complex:?}");
     let unauthenticated = server.post_as("nope", "/graphql", json!({ "query": "{ ledger { headSeq } }" }), None);
     assert_eq!(unauthenticated.body["errors"][0]["extensions"]["code"], "unauthorized");
+    // A field named twice in an input object is refused, as REST refuses a repeated key (the
+    // parser kept the last one: a task was created in `b`).
+    let twice = "mutation { createTask(input: { namespace: \"a\", handler: \"h\", namespace: \"b\" }) { seq } }";
+    let answer = server.post("/graphql", json!({ "query": twice }));
+    assert_eq!((answer.status, answer.body["errors"][0]["extensions"]["code"].clone()), (400, json!("invalid_query")));
+    assert_eq!(answer.body["errors"][0]["message"], "There can only be one input field named \"namespace\"");
+    let mut socket = subscribe(&server, twice, json!({}));
+    assert_eq!(first_error_code(&mut socket), "invalid_query");
     assert_eq!(server.head_seq(), head, "nothing was written");
 }
 
