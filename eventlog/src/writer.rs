@@ -897,12 +897,22 @@ impl WriterThread {
         if let Some(allowed) = scope {
             self.ledger.check_scope(&envelope.command, allowed).map_err(WriteError::Rejected)?;
         }
-        // A repeat: of a command earlier in this batch, or in the dedup window.
-        if in_batch.contains_key(&envelope.command_id) {
-            return Err(WriteError::InvalidEnvelope(format!(
-                "command id {:?} was sent twice at once; retry after the first is answered",
-                envelope.command_id
-            )));
+        // A repeat: of a command earlier in this batch (a client that retried before the first
+        // was answered: it was refused with a 400, which clients take as final), or in the dedup
+        // window. Either is answered as the original, from its records, after this batch commits.
+        if let Some(&range) = in_batch.get(&envelope.command_id) {
+            let index = |seq: u64| (seq - head_before - 1) as usize;
+            let originals = &records[index(range.first)..=index(range.last)];
+            let events = originals
+                .iter()
+                .zip(range.first..)
+                .map(|(record, seq)| {
+                    crate::fold::decode_payload(seq, record.event_type, record.schema_version, &record.payload)
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| WriteError::CommitFailed(e.to_string()))?;
+            let original_actor = originals.first().map(|record| record.actor.clone());
+            return Ok(self.repeated(&envelope.command, range, events, original_actor));
         }
         if let Some(range) = self.dedup.get(&envelope.command_id) {
             return self.replay_outcome(&envelope.command, range);
@@ -982,6 +992,17 @@ impl WriterThread {
         for record in &records {
             events.push(decode_event(record).map_err(|e| WriteError::CommitFailed(e.to_string()))?);
         }
+        Ok(self.repeated(command, range, events, records.first().map(|record| record.actor.clone())))
+    }
+
+    /// The answer to `command`, a repeat of the command whose `events` (applied) are at `range`.
+    fn repeated(
+        &self,
+        command: &Command,
+        range: SeqRange,
+        events: Vec<Event>,
+        original_actor: Option<String>,
+    ) -> Acknowledgement {
         // A claim's work is handed out again if the leases are still live.
         let claimed = events
             .iter()
@@ -999,8 +1020,7 @@ impl WriterThread {
             .collect();
         let task_ids = self.tasks_named(command, events.iter().filter_map(Event::created_task));
         let differs_from_original = !self.ledger.repeats(command, &events);
-        let original_actor = records.first().map(|record| record.actor.clone());
-        Ok(Acknowledgement {
+        Acknowledgement {
             seqs: Some(range),
             head_seq: 0,
             events,
@@ -1009,7 +1029,7 @@ impl WriterThread {
             duplicate: true,
             differs_from_original,
             original_actor,
-        })
+        }
     }
 
     /// A commit failed: answer every command of the batch with an error,
