@@ -118,7 +118,11 @@ pub fn check_feed_start(state: &AppState, from_seq: u64, field: &str) -> ApiResu
 /// `min_seq_ahead_of_log`) instead of waiting: a write is acknowledged only
 /// after it is committed, so every seq a client was ever given is at or below
 /// the head, and waiting for one that does not exist could only time out.
+///
+/// Every view reads through here, so it also refuses while another process holds the
+/// projections database's lock ([`check_projections_lock`]).
 pub async fn wait_min_seq(state: &AppState, min_seq: Option<u64>) -> ApiResult<()> {
+    check_projections_lock(state)?;
     let Some(seq) = min_seq else { return Ok(()) };
     check_min_seq_in_log(state, seq)?;
     if state.projections.wait_for_seq(seq, MIN_SEQ_WAIT).await {
@@ -129,6 +133,23 @@ pub async fn wait_min_seq(state: &AppState, min_seq: Option<u64>) -> ApiResult<(
             format!("projections did not reach seq {seq} within {} s; retry", MIN_SEQ_WAIT.as_secs()),
             1,
         ))
+    }
+}
+
+/// Refuses (503 `projections_unavailable`) while another process holds the projections
+/// database's lock, taken while this server's connection to it was lost: its tables may hold
+/// that process's rows, not this log's.
+pub fn check_projections_lock(state: &AppState) -> ApiResult<()> {
+    match state.projections.fence().held_elsewhere() {
+        None => Ok(()),
+        Some(holder) => Err(ApiError::unavailable(
+            "projections_unavailable",
+            format!(
+                "another process holds the projections database's lock ({holder}): its views may hold that \
+                 process's rows, not this log's; stop it (the log, commands and task reads work)"
+            ),
+            5,
+        )),
     }
 }
 

@@ -201,11 +201,14 @@ async fn healthz(State(state): State<AppState>) -> Response {
     axum::Json(serde_json::json!({ "status": "ok", "writer": writer })).into_response()
 }
 
-/// Readiness: the log is open, the writer accepts writes, and projections
-/// are within `ready_max_lag` events of the head.
+/// Readiness: the log is open, the writer accepts writes, no other process holds the
+/// projections database's lock, and projections are within `ready_max_lag` events of the head.
 async fn readyz(State(state): State<AppState>) -> Response {
     match (state.writer.health(), state.writer.reader().head()) {
         (Health::Healthy, Ok(head)) => {
+            if let Err(refused) = crate::readmodels::check_projections_lock(&state) {
+                return refused.into_response();
+            }
             let lag = state.projections.max_lag().unwrap_or(u64::MAX);
             if lag > state.ready_max_lag {
                 return ApiError::unavailable(
@@ -405,7 +408,11 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         store,
         handle.reader().clone(),
         handle.feed().clone(),
-        projections::RuntimeConfig { executor: Some(projection_runtime.handle().clone()), ..Default::default() },
+        projections::RuntimeConfig {
+            executor: Some(projection_runtime.handle().clone()),
+            fence: _projections_lock.fence(),
+            ..Default::default()
+        },
     )
     .await
     .with_context(|| format!("start the projectors on {shown_target}"))?;

@@ -63,6 +63,10 @@ pub enum RuntimeError {
     RebuildInProgress(String),
     #[error("the projector runtime has stopped")]
     Stopped,
+    #[error(
+        "another process holds the projections database's lock ({0}), taken while this server's connection to it was lost: this server writes nothing there until it has the lock back; stop the other process, and if it wrote there, rebuild these projections"
+    )]
+    LockHeldElsewhere(String),
     #[error(transparent)]
     Apply(#[from] ApplyError),
     #[error("database: {0}")]

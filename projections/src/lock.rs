@@ -14,7 +14,9 @@
 //!   connection every [`KEEPER_PERIOD`] and, once PostgreSQL is back after losing it, takes the
 //!   lock again (ending its own old session first, should PostgreSQL still hold it); if another
 //!   process took it meanwhile it says so at ERROR, naming it, every minute until it gets it
-//!   back. Every call waits at most [`POSTGRES_ACQUIRE_TIMEOUT`]: a PostgreSQL that accepts
+//!   back. While another process holds it, the lock's [`LockFence`] says so: the projectors
+//!   stop writing and the server's views refuse to answer (the tables may hold the other's
+//!   rows). Every call waits at most [`POSTGRES_ACQUIRE_TIMEOUT`]: a PostgreSQL that accepts
 //!   connections and never answers made a start hang for good (found by review). Session
 //!   locks need a direct connection or session pooling (not PgBouncer's transaction mode).
 
@@ -45,17 +47,45 @@ pub const KEEPER_PERIOD: Duration = Duration::from_secs(2);
 /// Exclusive use of a projections database, released when dropped.
 #[derive(Debug)]
 pub enum StoreLock {
-    /// The locked SQLite file.
+    /// The locked SQLite file (a `flock` is not lost while the file is open).
     Sqlite(std::fs::File),
-    /// The task holding the PostgreSQL lock's connection (aborted on drop, which closes it).
-    Postgres(tokio::task::JoinHandle<()>),
+    /// The task holding the PostgreSQL lock's connection (aborted on drop, which closes it), and
+    /// what it knows of who holds the lock.
+    Postgres { keeper: tokio::task::JoinHandle<()>, fence: LockFence },
+}
+
+impl StoreLock {
+    /// Whether another process holds the lock now; for the projectors and the views.
+    pub fn fence(&self) -> LockFence {
+        match self {
+            StoreLock::Sqlite(_) => LockFence::default(),
+            StoreLock::Postgres { fence, .. } => fence.clone(),
+        }
+    }
 }
 
 impl Drop for StoreLock {
     fn drop(&mut self) {
-        if let StoreLock::Postgres(keeper) = self {
+        if let StoreLock::Postgres { keeper, .. } = self {
             keeper.abort();
         }
+    }
+}
+
+/// Who holds a [`StoreLock`]'s lock when it is not this process: set by the PostgreSQL keeper
+/// when it finds another session holding it after this server's connection was lost, cleared
+/// when it has it back. Cheap to clone; the default is never set.
+#[derive(Clone, Debug, Default)]
+pub struct LockFence(std::sync::Arc<parking_lot::Mutex<Option<String>>>);
+
+impl LockFence {
+    /// The other holder, described, while one holds the lock.
+    pub fn held_elsewhere(&self) -> Option<String> {
+        self.0.lock().clone()
+    }
+
+    fn set(&self, holder: Option<String>) {
+        *self.0.lock() = holder;
     }
 }
 
@@ -70,7 +100,11 @@ pub async fn lock(target: &str) -> Result<StoreLock, OpenError> {
         let (connection, taken) =
             connect_and_lock(&options, None).await.map_err(|source| OpenError::Postgres { source })?;
         return match taken {
-            Taken::Yes(pid) => Ok(StoreLock::Postgres(tokio::spawn(keep(options, connection, pid)))),
+            Taken::Yes(pid) => {
+                let fence = LockFence::default();
+                let keeper = tokio::spawn(keep(options, connection, pid, fence.clone()));
+                Ok(StoreLock::Postgres { keeper, fence })
+            }
             Taken::No(holder) => Err(OpenError::InUse {
                 what: format!("its PostgreSQL database and schema (advisory lock held by {holder})"),
             }),
@@ -172,8 +206,8 @@ async fn connect_and_lock(
 
 /// Holds the PostgreSQL lock's connection (`pid` its backend); takes the lock again on a new
 /// connection when the old one is lost (PostgreSQL restarted, the backend terminated, the
-/// connection cut).
-async fn keep(options: PgConnectOptions, mut connection: PgConnection, mut pid: i32) {
+/// connection cut), and keeps `fence` saying whether another process holds it meanwhile.
+async fn keep(options: PgConnectOptions, mut connection: PgConnection, mut pid: i32, fence: LockFence) {
     let mut held = true;
     let mut said_held_elsewhere: Option<tokio::time::Instant> = None;
     loop {
@@ -188,16 +222,19 @@ async fn keep(options: PgConnectOptions, mut connection: PgConnection, mut pid: 
         match connect_and_lock(&options, Some(pid)).await {
             Ok((fresh, Taken::Yes(fresh_pid))) => {
                 tracing::info!("holding the projections database's lock again");
+                fence.set(None);
                 (connection, pid, held, said_held_elsewhere) = (fresh, fresh_pid, true, None);
             }
             Ok((_, Taken::No(holder))) => {
                 if said_held_elsewhere.is_none_or(|at| at.elapsed() >= HELD_ELSEWHERE_REPEAT) {
                     tracing::error!(
                         "another process took the projections' lock while this server's connection was lost \
-                         ({holder}): two servers would write their views into one database; stop the other"
+                         ({holder}): this server's projectors stop writing and its views refuse to answer until \
+                         it has the lock back; stop the other"
                     );
                     said_held_elsewhere = Some(tokio::time::Instant::now());
                 }
+                fence.set(Some(holder));
             }
             Err(error) => tracing::debug!("take the projections database's lock again: {error}"),
         }

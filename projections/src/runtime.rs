@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 
 use crate::checkpoint::{self, Checkpoint, Indexes, Slot, Unlogged};
 use crate::error::{ApplyError, RuntimeError};
+use crate::lock::LockFence;
 use crate::projectors::{self, KeptMirror, MIRROR_STORE_EVERY_EVENTS, ProjectorKind};
 use crate::sql::{self, Statements};
 use crate::store::Store;
@@ -47,6 +48,8 @@ pub struct RuntimeConfig {
     /// The server gives them their own, so that folding a batch never holds
     /// a worker an HTTP request is waiting for.
     pub executor: Option<tokio::runtime::Handle>,
+    /// Says when another process holds the database's lock: no batch is written meanwhile.
+    pub fence: LockFence,
 }
 
 impl Default for RuntimeConfig {
@@ -56,6 +59,7 @@ impl Default for RuntimeConfig {
             retry_delay: Duration::from_secs(1),
             projectors: ProjectorKind::ALL.to_vec(),
             executor: None,
+            fence: LockFence::default(),
         }
     }
 }
@@ -584,6 +588,9 @@ impl Runner {
                 read = subscription.next_batch_async_into(max, &mut records) => read?,
                 _ = self.stop.wait_for(|stop| *stop) => return Ok(()),
             }
+            if let Some(holder) = self.config.fence.held_elsewhere() {
+                return Err(RuntimeError::LockHeldElsewhere(holder));
+            }
             driver.apply(&self.store, &records).await?;
             let mut progress = self.progress.lock();
             progress.events_applied += records.len() as u64;
@@ -705,6 +712,11 @@ impl Projections {
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// Whether another process holds the database's lock (see [`LockFence`]).
+    pub fn fence(&self) -> &LockFence {
+        &self.inner.config.fence
     }
 
     /// Spawns `task` on the configured executor.
@@ -853,6 +865,9 @@ impl Projections {
             running.stop().await;
         }
         let result = async {
+            if let Some(holder) = self.inner.config.fence.held_elsewhere() {
+                return Err(RuntimeError::LockHeldElsewhere(holder));
+            }
             let mut driver = Driver::load(store, kind, Slot::Shadow, &self.inner.reader).await?;
             let head = self.inner.reader.head()?.seq;
             driver.catch_up(store, &self.inner.reader, head, self.inner.config.batch_events_max).await?;

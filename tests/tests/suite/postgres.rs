@@ -292,3 +292,79 @@ fn an_unreachable_postgresql_is_an_outage_of_the_views_only() {
     assert_eq!(said, 1, "{logged}");
     assert_eq!(server.stop(), Some(0), "a clean stop without PostgreSQL");
 }
+
+/// Another process that takes the projections' lock while this server's lock connection is lost
+/// (a second server in a restart loop, say) stops this server's projectors writing and its views
+/// answering: they went on, and the two servers wrote into one database (the keeper only said
+/// so in its log). Commands go on; with the lock back, the projectors catch up.
+#[test]
+fn another_process_holding_the_lock_stops_the_projectors_and_the_views() {
+    use sqlx::Connection;
+    let runtime = read_models::runtime();
+    let url = runtime.block_on(TempPostgres::shared().create_database("fence")).expect("a scratch database");
+    let temp = tempfile::tempdir().unwrap();
+    let server = Server::start_in(&temp.path().join("data"), &["--projections", url.as_str()]);
+    create_job(&server, "fence", json!({}));
+    let before = server.head_seq();
+    assert_eq!(server.get(&format!("/v1/views/tasks?min_seq={before}")).status, 200);
+
+    let mut other = runtime.block_on(async {
+        let mut other = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = $1",
+        )
+        .bind(projections::lock::LOCK_APPLICATION_NAME)
+        .execute(&mut other)
+        .await
+        .unwrap();
+        sqlx::query("SELECT pg_advisory_lock($1, hashtext(current_schema()))")
+            .bind(projections::lock::ADVISORY_LOCK_CLASS)
+            .execute(&mut other)
+            .await
+            .unwrap();
+        other
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let refused = loop {
+        let ready = server.get("/readyz");
+        if ready.status == 503 {
+            break ready;
+        }
+        assert!(std::time::Instant::now() < deadline, "still ready: {ready:?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(refused.code(), "projections_unavailable", "{refused:?}");
+    assert!(refused.body["error"]["message"].as_str().unwrap().contains("another process holds"), "{refused:?}");
+    let view = server.get("/v1/views/tasks");
+    assert_eq!((view.status, view.code()), (503, "projections_unavailable"), "{view:?}");
+    // Commands go on; nothing is written into the database meanwhile.
+    create_job(&server, "fence", json!({}));
+    let after = server.head_seq();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let status = server.get("/v1/views/projections").body;
+        let tasks = status.as_array().unwrap().iter().find(|s| s["projector"] == "tasks" && s["slot"] == "live");
+        let error = tasks.and_then(|s| s["error"].as_str()).unwrap_or("").to_owned();
+        if error.contains("another process holds") {
+            assert_eq!(tasks.unwrap()["checkpoint_seq"], json!(before), "{status}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the projector did not stop: {status}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let written: i64 = runtime
+        .block_on(sqlx::query_scalar("SELECT max(last_seq) FROM projector_checkpoints").fetch_one(&mut other))
+        .unwrap();
+    assert_eq!(written as u64, before, "a projector wrote while another process held the lock");
+
+    // The other process gone, the keeper takes the lock back and the projectors catch up.
+    drop(other);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while server.get(&format!("/v1/views/tasks?min_seq={after}")).status != 200 {
+        assert!(std::time::Instant::now() < deadline, "the views did not come back");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(server.get("/readyz").status, 200);
+    assert_eq!(server.stop(), Some(0));
+}
