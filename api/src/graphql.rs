@@ -1001,6 +1001,7 @@ pub async fn graphql_handler(
         };
         return graphql_error(StatusCode::UNAUTHORIZED, "unauthorized", message.to_owned());
     };
+    let command_id_header = headers.contains_key(crate::routes::COMMAND_ID_HEADER);
     let json = headers
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -1052,6 +1053,17 @@ pub async fn graphql_handler(
     });
     // The schema parses the text again: this copy is not held through it.
     drop(document);
+    // A mutation's id is its `commandId` argument: a document may hold several. The header was
+    // ignored, so a client retrying with it created the task again (found by a black-box check).
+    if mutates && command_id_header {
+        return graphql_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_command_id",
+            "/graphql does not read X-Command-Id (a document may hold several mutations): give each mutation \
+             its commandId argument"
+                .to_owned(),
+        );
+    }
     // The document limits are the schema's `DocumentLimits` extension's: its refusal has no path
     // and keeps its code below, like every check made before a resolver runs.
     let mut response = schema.execute(request).await;

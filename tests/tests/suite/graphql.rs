@@ -404,6 +404,17 @@ fn errors_carry_stable_codes_and_abusive_queries_are_refused_before_resolvers_ru
     assert_eq!(answer.body["errors"][0]["message"], "There can only be one input field named \"namespace\"");
     let mut socket = subscribe(&server, twice, json!({}));
     assert_eq!(first_error_code(&mut socket), "invalid_query");
+    // A mutation's id is its `commandId`: the X-Command-Id header was ignored, and a retry with
+    // it created the task again (found by a black-box check). Queries may carry it.
+    let create = "mutation { createTask(input: { namespace: \"q\", handler: \"h\" }) { seq } }";
+    let answer = server.post_as(&server.token, "/graphql", json!({ "query": create }), Some("gql-1"));
+    assert_eq!(
+        (answer.status, answer.body["errors"][0]["extensions"]["code"].clone()),
+        (400, json!("invalid_command_id"))
+    );
+    assert!(answer.body["errors"][0]["message"].as_str().unwrap().contains("commandId"), "{answer:?}");
+    let query = server.post_as(&server.token, "/graphql", json!({ "query": "{ ledger { headSeq } }" }), Some("gql-2"));
+    assert_eq!(query.status, 200, "{query:?}");
     assert_eq!(server.head_seq(), head, "nothing was written");
 }
 
