@@ -455,7 +455,7 @@ pub struct ClaimResponse {
     pub seq: Option<u64>,
     pub head_seq: u64,
     pub steps: Vec<ClaimedStepBody>,
-    /// A repeat of an earlier command id: the original claim's steps whose leases are still live.
+    /// A repeat of an earlier command id: the original claim's steps whose leases are still live, with their deadlines as they are now.
     pub duplicate: bool,
 }
 

@@ -1003,19 +1003,19 @@ impl WriterThread {
         events: Vec<Event>,
         original_actor: Option<String>,
     ) -> Acknowledgement {
-        // A claim's work is handed out again if the leases are still live.
+        // A claim's work is handed out again if the leases are still live, with their deadlines
+        // as they are now (a heartbeat may have moved them since the claim).
         let claimed = events
             .iter()
             .filter_map(|e| self.ledger.claimed_step(e))
-            .filter(|c| {
-                self.ledger
-                    .task(&c.task)
-                    .and_then(|t| {
-                        t.step_index(&c.step).map(|i| {
-                            t.steps[i.get()].epoch == c.epoch && t.steps[i.get()].state == domain::StepState::InProgress
-                        })
-                    })
-                    .unwrap_or(false)
+            .filter_map(|mut c| {
+                let task = self.ledger.task(&c.task)?;
+                let step = &task.steps[task.step_index(&c.step)?.get()];
+                if step.epoch != c.epoch || step.state != domain::StepState::InProgress {
+                    return None;
+                }
+                c.lease_deadline = step.lease_deadline.unwrap_or(c.lease_deadline);
+                Some(c)
             })
             .collect();
         let task_ids = self.tasks_named(command, events.iter().filter_map(Event::created_task));

@@ -72,6 +72,16 @@ fn a_repeated_command_id_returns_the_original_and_writes_nothing() {
     assert_eq!(again.events, first.events);
     assert_eq!(again.claimed, first.claimed, "the same lease is handed out again, not a new one");
     assert_eq!(handle.reader().head().unwrap().seq, 2);
+    // After a heartbeat, the repeat names the lease's deadline as it is now (it named the
+    // claim's: found by a black-box check).
+    let epoch = first.claimed[0].epoch.0;
+    let longer =
+        Command::Heartbeat { lease: domain::testkit::lease(task_id(1), "run", epoch), lease_ms: Some(3_600_000) };
+    handle.execute(envelope("beat", longer)).unwrap();
+    let after_beat = handle.execute(envelope("claim-1", claim("q", "w", 1))).unwrap();
+    assert_eq!((after_beat.claimed.len(), after_beat.claimed[0].epoch), (1, first.claimed[0].epoch));
+    assert!(after_beat.claimed[0].lease_deadline > first.claimed[0].lease_deadline, "{after_beat:?}");
+    assert_eq!(handle.reader().head().unwrap().seq, 3);
 
     // Dedup survives a restart (the window is persisted).
     drop(handle);
@@ -80,7 +90,7 @@ fn a_repeated_command_id_returns_the_original_and_writes_nothing() {
     let again = writer.handle().execute(envelope("claim-1", claim("q", "w", 1))).unwrap();
     assert!(again.duplicate);
     assert_eq!(again.seqs, first.seqs);
-    assert_eq!(writer.handle().reader().head().unwrap().seq, 2);
+    assert_eq!(writer.handle().reader().head().unwrap().seq, 3);
 }
 
 #[test]
