@@ -1028,6 +1028,17 @@ pub async fn graphql_handler(
             "send one operation per request (a JSON object), not an array of operations".to_owned(),
         );
     }
+    // A key named twice in one object (in `variables`, say) is refused, as REST refuses it: the
+    // parse below keeps the last.
+    if let Err(e) = serde_json::from_slice::<UniqueKeys>(&body)
+        && e.classify() == serde_json::error::Category::Data
+    {
+        return graphql_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("the GraphQL request is not valid: {e}"),
+        );
+    }
     let request = match serde_json::from_slice::<async_graphql::Request>(&body) {
         Ok(request) => request.data(principal),
         Err(e) => {

@@ -172,6 +172,10 @@ impl Connection {
             _ => return message,
         };
         let Ok(envelope) = serde_json::from_slice::<Envelope>(bytes) else { return message };
+        // A key named twice in one object (in `variables`, say), as over POST /graphql.
+        if let Err(e) = serde_json::from_slice::<crate::wire::UniqueKeys>(bytes) {
+            return self.violated(close_code::BAD_REQUEST, format!("Invalid message: {e}"));
+        }
         let Some(id) = envelope.id else { return message };
         let mut running = self.running.lock().expect("websocket state");
         match envelope.kind.as_str() {

@@ -50,6 +50,88 @@ pub fn json_value(json: &Json) -> Value {
     serde_json::from_str(json.as_str()).unwrap_or(Value::String(json.as_str().to_owned()))
 }
 
+/// A JSON value read with each object's keys named once. `serde_json::Value` keeps the last of
+/// a repeated key, so `{"k": 1, "k": 2}` was recorded as `{"k": 2}` while another reader of the
+/// client's text may take the first: ambiguous input, refused like a repeated field of a request.
+#[derive(Debug)]
+pub struct UniqueKeys(pub Value);
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(UniqueKeysVisitor).map(UniqueKeys)
+    }
+}
+
+struct UniqueKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeysVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        UniqueKeys::deserialize(deserializer).map(|v| v.0)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        while let Some(UniqueKeys(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let UniqueKeys(value) = map.next_value()?;
+            match object.entry(key) {
+                serde_json::map::Entry::Vacant(place) => {
+                    place.insert(value);
+                }
+                serde_json::map::Entry::Occupied(taken) => {
+                    let key = taken.key();
+                    return Err(serde::de::Error::custom(format!("the key {key:?} appears twice in one object")));
+                }
+            }
+        }
+        Ok(Value::Object(object))
+    }
+}
+
+/// `#[serde(deserialize_with)]` for a payload or result: [`UniqueKeys`].
+fn unique_keys<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Value, D::Error> {
+    UniqueKeys::deserialize(deserializer).map(|v| v.0)
+}
+
+/// [`unique_keys`] for an optional result.
+fn unique_keys_optional<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    Option::<UniqueKeys>::deserialize(deserializer).map(|v| v.map(|v| v.0))
+}
+
 pub fn time(ts: Timestamp) -> String {
     ts.to_rfc3339()
 }
@@ -71,7 +153,7 @@ pub struct RetryRequest {
 pub struct StepRequest {
     pub name: String,
     pub handler: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     #[graphql(default)]
     pub payload: Value,
     #[serde(default)]
@@ -92,7 +174,7 @@ pub struct CreateTaskRequest {
     pub id: Option<String>,
     pub namespace: String,
     pub name: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     #[graphql(default)]
     pub payload: Value,
     #[serde(default)]
@@ -260,7 +342,7 @@ pub struct HeartbeatRequest {
 #[graphql(name = "CompleteInput")]
 pub struct CompleteRequest {
     pub epoch: u32,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     #[graphql(default)]
     pub result: Value,
 }
@@ -282,7 +364,7 @@ pub struct CompletionRequest {
     pub task_id: String,
     pub step: String,
     pub epoch: u32,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     #[graphql(default)]
     pub result: Value,
 }
@@ -331,6 +413,7 @@ pub struct RetryStepRequest {
 #[graphql(name = "ResolveInput")]
 pub struct ResolveRequest {
     pub note: String,
+    #[serde(default, deserialize_with = "unique_keys_optional")]
     pub result: Option<Value>,
 }
 
@@ -581,6 +664,18 @@ pub fn task_body(task: &Task, last_seq: u64, version: u64) -> TaskBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unique_keys_reads_every_json_value_and_refuses_a_key_named_twice() {
+        let text = r#"{"a": [1, -2, 3.5, 18446744073709551615, "s", null, true, {"k": {}}], "k": {"k": []}}"#;
+        let read: UniqueKeys = serde_json::from_str(text).unwrap();
+        assert_eq!(read.0, serde_json::from_str::<Value>(text).unwrap());
+        for twice in [r#"{"k": 1, "k": 1}"#, r#"[{"a": {"k": 1, "k": 2}}]"#, r#"{"k": 1, "j": 2, "k": 3}"#] {
+            let error = serde_json::from_str::<UniqueKeys>(twice).unwrap_err();
+            assert!(error.to_string().contains(r#"the key "k" appears twice"#), "{error}");
+            assert_eq!(error.classify(), serde_json::error::Category::Data);
+        }
+    }
 
     fn nested(levels: usize) -> Value {
         (0..levels).fold(Value::Null, |inner, _| Value::Array(vec![inner]))

@@ -258,6 +258,57 @@ fn a_batch_names_the_tasks_its_idempotency_keys_matched() {
     assert_eq!(server.get(&format!("/v1/tasks/{}", again_ids[2].as_str().unwrap())).status, 200);
 }
 
+/// A payload or result naming a key twice in one object is refused, as a repeated field of the
+/// request is: the parser kept the last, and recorded `{"k": 2}` for `{"k": 1, "k": 2}`, where
+/// another reader of the client's text may take the first. Over REST, GraphQL variables and the
+/// WebSocket alike; nothing is written.
+#[test]
+fn a_key_named_twice_in_a_payload_or_result_is_refused() {
+    let server = Server::start();
+    let id = create_job(&server, "dup", json!({}));
+    let steps = claim(&server, "dup", 0);
+    let head = server.head_seq();
+    let raw = |path: &str, body: &str| server.post_raw(path, "application/json", body.as_bytes().to_vec());
+    let complete = step_path(&steps[0], "complete");
+    let resolve = format!("/v1/tasks/{id}/steps/{}/resolve", steps[0]["step"].as_str().unwrap());
+    for (path, body) in [
+        ("/v1/tasks", r#"{"namespace": "dup", "handler": "h", "payload": {"k": 1, "k": 2}}"#),
+        ("/v1/tasks", r#"{"namespace": "dup", "handler": "h", "payload": {"a": [{"k": 1, "k": 1}]}}"#),
+        ("/v1/tasks/batch", r#"{"tasks": [{"namespace": "dup", "handler": "h", "payload": {"x": {"k": 1, "k": 2}}}]}"#),
+        (complete.as_str(), &format!(r#"{{"epoch": {}, "result": {{"k": 1, "k": 2}}}}"#, epoch(&steps[0]))),
+        (resolve.as_str(), r#"{"note": "n", "result": {"k": 1, "k": 2}}"#),
+    ] {
+        let answer = raw(path, body);
+        assert_eq!((answer.status, answer.code()), (400, "invalid_request"), "{path} {body}: {answer:?}");
+        assert!(
+            answer.body["error"]["message"].as_str().unwrap().contains(r#"the key "k" appears twice"#),
+            "{answer:?}"
+        );
+    }
+    // The same key in two objects is two keys.
+    let answer = raw(
+        "/v1/tasks",
+        r#"{"namespace": "dup", "handler": "h", "payload": {"a": {"k": 1}, "b": {"k": 2}, "n": null, "f": -1.5e300, "u": 18446744073709551615}}"#,
+    );
+    assert_eq!(answer.status, 201, "{answer:?}");
+    let task = server.get(&format!("/v1/tasks/{}", answer.body["task_id"].as_str().unwrap()));
+    assert_eq!(
+        task.body["payload"],
+        json!({ "a": { "k": 1 }, "b": { "k": 2 }, "n": null, "f": -1.5e300, "u": 18446744073709551615u64 })
+    );
+    let head = head + 1;
+    let graphql = raw(
+        "/graphql",
+        r#"{"query": "mutation($p: JSON) { createTask(input: {namespace: \"dup\", handler: \"h\", payload: $p}) { seq } }", "variables": {"p": {"k": 1, "k": 2}}}"#,
+    );
+    assert_eq!(
+        (graphql.status, graphql.body["errors"][0]["extensions"]["code"].clone()),
+        (400, json!("invalid_request")),
+        "{graphql:?}"
+    );
+    assert_eq!(server.head_seq(), head, "nothing was written");
+}
+
 /// A command on a task that has finished is a conflict naming its final state
 /// (the writer keeps only live tasks, and used to answer "not found"): a worker
 /// whose task an operator cancelled learns why its completion was refused. An

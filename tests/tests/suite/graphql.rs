@@ -579,7 +579,13 @@ fn websocket_protocol_errors_close_with_the_codes_graphql_transport_ws_names() {
 
     // Unknown types, missing ids, not JSON: 4400, the parser's message cut to fit the frame.
     let long_type = "x".repeat(300);
-    for message in [json!({ "type": long_type }).to_string(), json!({ "type": "subscribe" }).to_string(), "{".into()] {
+    let variables_twice = r#"{"id": "1", "type": "subscribe", "payload": {"query": "{ ledger { headSeq } }", "variables": {"a": 1, "a": 2}}}"#;
+    for message in [
+        json!({ "type": long_type }).to_string(),
+        json!({ "type": "subscribe" }).to_string(),
+        "{".into(),
+        variables_twice.into(),
+    ] {
         let mut socket = connect_ws(&server, Duration::from_secs(10));
         send_json(&mut socket, init.clone());
         assert_eq!(next_message(&mut socket)["type"], "connection_ack");
