@@ -20,17 +20,17 @@ fuzz_target!(|data: &[u8]| {
     let checkpoint = parts.next().unwrap_or_default();
     let events = parts.next().unwrap_or_default();
     let earlier = parts.next();
-    let read = |name: &str, limit: u64| -> std::io::Result<Vec<u8>> {
+    let open = |name: &str, limit: u64| -> std::io::Result<Box<dyn std::io::Read + '_>> {
         let bytes = match name {
             MANIFEST_FILE => manifest,
             CHECKPOINT_FILE => checkpoint,
             _ => events,
         };
         bounded(bytes.len() as u64, limit)?;
-        Ok(bytes.to_vec())
+        Ok(Box::new(bytes))
     };
     let earlier = earlier.map(|bytes| (Path::new("earlier-checkpoint.json"), bytes));
-    if let Ok(findings) = verify_bundle(Path::new("bundle"), &read, None, earlier) {
+    if let Ok(findings) = verify_bundle(Path::new("bundle"), &open, None, earlier) {
         assert_eq!(findings.clean, findings.problems_total == 0);
         assert!(findings.problems.len() <= findings.problems_total);
     }

@@ -39,8 +39,8 @@ use eventlog::json::{hex, unhex};
 use eventlog::record::{chain_hash, stored_body};
 use eventlog::{GENESIS_HASH, Hash};
 use replay_tool::bundle::{
-    BUNDLE_FORMAT, CHECKPOINT_FILE, CHECKPOINT_FORMAT, COLUMNS, Checkpoint, DATA_FILE_BYTES_MAX, FileEntry, Format,
-    MANIFEST_FILE, Manifest, checkpoint_message, read_bounded, sha256_hex, verify_bundle,
+    BUNDLE_FORMAT, CHECKPOINT_FILE, CHECKPOINT_FORMAT, COLUMNS, Checkpoint, FileEntry, Format, MANIFEST_FILE, Manifest,
+    checkpoint_message, open_bounded, sha256_hex, verify_bundle,
 };
 
 use crate::progress::Progress;
@@ -322,11 +322,6 @@ fn write_hashed(file: fs::File, chunks: Receiver<Vec<u8>>) -> std::io::Result<(u
         hasher.update(&chunk);
         file.write_all(&chunk)?;
         bytes += chunk.len() as u64;
-        if bytes > DATA_FILE_BYTES_MAX {
-            return Err(std::io::Error::other(format!(
-                "the data file passed {DATA_FILE_BYTES_MAX} bytes, the most verify-export reads: export a shorter range (--from/--to) in several bundles"
-            )));
-        }
     }
     file.flush()?;
     Ok((bytes, hex(&hasher.finalize())))
@@ -574,9 +569,9 @@ pub fn verify_export(args: &VerifyExportArgs) -> Result<Outcome> {
         Some(path) => Some((path.as_path(), fs::read(path).with_context(|| format!("read {}", path.display()))?)),
         None => None,
     };
-    let read = |name: &str, limit: u64| read_bounded(&dir.join(name), limit);
+    let open = |name: &str, limit: u64| open_bounded(&dir.join(name), limit);
     let findings =
-        verify_bundle(dir, &read, trusted.as_deref(), earlier.as_ref().map(|(path, bytes)| (*path, bytes.as_slice())))?;
+        verify_bundle(dir, &open, trusted.as_deref(), earlier.as_ref().map(|(path, bytes)| (*path, bytes.as_slice())))?;
     if args.json {
         println!("{}", serde_json::to_string(&findings)?);
     } else {

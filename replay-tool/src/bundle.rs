@@ -5,6 +5,7 @@
 //! the same code checks a directory or bytes in memory.
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, Read};
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -168,25 +169,70 @@ struct Trusted {
     whose: &'static str,
 }
 
-/// Rows of the events file as JSON objects, whichever format it is in.
-fn read_rows(bytes: &[u8], format: Format) -> Result<Vec<Map<String, Value>>> {
-    let text = std::str::from_utf8(bytes).context("the events file is not UTF-8")?;
-    match format {
-        Format::Jsonl => text
-            .lines()
-            .enumerate()
-            .map(|(i, line)| match serde_json::from_str(line) {
-                Ok(Value::Object(map)) => Ok(map),
-                _ => Err(anyhow!("line {} is not a JSON object", i + 1)),
-            })
-            .collect(),
-        Format::Csv => {
-            let mut rows = parse_csv(text)?.into_iter();
-            let header = rows.next().ok_or_else(|| anyhow!("the CSV file has no header"))?;
-            if header != COLUMNS {
-                bail!("the CSV header is not {}", COLUMNS.join(","));
+/// The rows of a data file as JSON objects, whichever format it is in, read a row at a time;
+/// every byte read is counted and hashed (SHA-256) for the file's digest.
+struct Rows<'a> {
+    reader: std::io::BufReader<Box<dyn Read + 'a>>,
+    format: Format,
+    hasher: Sha256,
+    bytes: u64,
+    /// The row being read, reused.
+    text: Vec<u8>,
+    /// Rows read (the CSV header included), for messages.
+    rows: u64,
+}
+
+impl<'a> Rows<'a> {
+    fn new(reader: Box<dyn Read + 'a>, format: Format) -> Self {
+        Rows {
+            reader: std::io::BufReader::with_capacity(1 << 16, reader),
+            format,
+            hasher: Sha256::new(),
+            bytes: 0,
+            text: Vec::new(),
+            rows: 0,
+        }
+    }
+
+    /// Appends the next line (with its `\n`) to `text`, at most [`ROW_BYTES_MAX`] bytes of it;
+    /// `false` at the end of the file.
+    fn read_line(&mut self) -> Result<bool> {
+        let room = (ROW_BYTES_MAX + 1).saturating_sub(self.text.len()) as u64;
+        let start = self.text.len();
+        let read = (&mut self.reader).take(room).read_until(b'\n', &mut self.text)?;
+        self.hasher.update(&self.text[start..]);
+        self.bytes += read as u64;
+        if self.text.len() > ROW_BYTES_MAX {
+            bail!("row {} is longer than {ROW_BYTES_MAX} bytes", self.rows + 1);
+        }
+        Ok(read > 0)
+    }
+
+    /// The next row, `None` at the end of the file.
+    fn next_row(&mut self) -> Result<Option<Map<String, Value>>> {
+        self.text.clear();
+        match self.format {
+            Format::Jsonl => {
+                if !self.read_line()? {
+                    return Ok(None);
+                }
+                self.rows += 1;
+                let line = self.text.strip_suffix(b"\n").unwrap_or(&self.text);
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                match serde_json::from_slice(line) {
+                    Ok(Value::Object(map)) => Ok(Some(map)),
+                    _ => Err(anyhow!("line {} is not a JSON object", self.rows)),
+                }
             }
-            rows.map(|cells| {
+            Format::Csv => {
+                if self.rows == 0 {
+                    let header = self.csv_record()?.ok_or_else(|| anyhow!("the CSV file has no header"))?;
+                    if header != COLUMNS {
+                        bail!("the CSV header is not {}", COLUMNS.join(","));
+                    }
+                    self.text.clear();
+                }
+                let Some(cells) = self.csv_record()? else { return Ok(None) };
                 if cells.len() != COLUMNS.len() {
                     bail!("a CSV row has {} cells, not {}", cells.len(), COLUMNS.len());
                 }
@@ -200,10 +246,42 @@ fn read_rows(bytes: &[u8], format: Format) -> Result<Vec<Map<String, Value>>> {
                     };
                     map.insert((*column).into(), value);
                 }
-                Ok(map)
-            })
-            .collect()
+                Ok(Some(map))
+            }
         }
+    }
+
+    /// The next CSV record's cells: lines are joined while a quoted field is open (the
+    /// quotes in a record are even once it is whole: a quote inside a field is doubled).
+    fn csv_record(&mut self) -> Result<Option<Vec<String>>> {
+        loop {
+            if !self.read_line()? {
+                if self.text.is_empty() {
+                    return Ok(None);
+                }
+                break;
+            }
+            if self.text.iter().filter(|b| **b == b'"').count() % 2 == 0 {
+                break;
+            }
+        }
+        self.rows += 1;
+        let text = std::str::from_utf8(&self.text).with_context(|| format!("row {} is not UTF-8", self.rows))?;
+        Ok(parse_csv(text)?.into_iter().next())
+    }
+
+    /// Reads what is left of the file into the digest; its size and SHA-256.
+    fn finish(mut self) -> std::io::Result<(u64, String)> {
+        let mut buffer = vec![0u8; 1 << 16];
+        loop {
+            let read = self.reader.read(&mut buffer)?;
+            if read == 0 {
+                break;
+            }
+            self.hasher.update(&buffer[..read]);
+            self.bytes += read as u64;
+        }
+        Ok((self.bytes, hex(&self.hasher.finalize())))
     }
 }
 
@@ -305,21 +383,21 @@ pub const MANIFEST_BYTES_MAX: u64 = 16 << 20;
 /// Bytes a data file may hold beyond the size its manifest states and still be read, so that
 /// the records inserted into it are named; a larger file is reported without being read.
 pub const DATA_FILE_SLACK_BYTES: u64 = 1 << 20;
-/// The largest data file, whatever the manifest says: `verify-export` holds it in memory, and
-/// `export-audit` refuses a range that would need a larger one (about 2 million events).
-pub const DATA_FILE_BYTES_MAX: u64 = 2 << 30;
+/// Longest row (a line of JSONL, a record of CSV) of a data file: a record's body is at most a
+/// few hundred KiB (a 64 KiB payload, hex-encoded, beside its JSON form); a longer row is not
+/// read into memory.
+pub const ROW_BYTES_MAX: usize = 4 << 20;
 
-/// Most bytes of the data file `file` read: its stated size and the slack, within
-/// [`DATA_FILE_BYTES_MAX`].
+/// Most bytes of the data file `file` read: its stated size and the slack.
 fn data_file_limit(file: &FileEntry) -> u64 {
-    file.bytes.saturating_add(DATA_FILE_SLACK_BYTES).min(DATA_FILE_BYTES_MAX)
+    file.bytes.saturating_add(DATA_FILE_SLACK_BYTES)
 }
 
-/// Reads the bundle file `path` if it is a regular file of at most `limit` bytes: a bundle
-/// comes from outside, and its files were read whole whatever their size (a 2 GB file, or a
-/// link to `/dev/zero`, took gigabytes: found by a black-box check).
-pub fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
+/// Opens the bundle file `path` if it is a regular file of at most `limit` bytes, for reading no
+/// more than one byte past it: a bundle comes from outside, and its files were read whole
+/// whatever their size (a 2 GB file, or a link to `/dev/zero`, took gigabytes: found by a
+/// black-box check).
+pub fn open_bounded(path: &Path, limit: u64) -> std::io::Result<Box<dyn Read>> {
     // Looked at before it is opened: opening a FIFO would wait for a writer forever.
     let regular = |metadata: &std::fs::Metadata| {
         if metadata.is_file() { Ok(()) } else { Err(std::io::Error::other("not a regular file")) }
@@ -329,11 +407,7 @@ pub fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
     let metadata = file.metadata()?;
     regular(&metadata)?;
     bounded(metadata.len(), limit)?;
-    // Grown as it is read, not reserved from the size: a sparse file's size costs nothing to claim.
-    let mut bytes = Vec::with_capacity(metadata.len().min(64 << 20) as usize);
-    file.take(limit + 1).read_to_end(&mut bytes)?;
-    bounded(bytes.len() as u64, limit)?;
-    Ok(bytes)
+    Ok(Box::new(file.take(limit.saturating_add(1))))
 }
 
 /// `Ok` when `len` bytes are within `limit`; else the error [`verify_bundle`]'s readers give.
@@ -344,22 +418,36 @@ pub fn bounded(len: u64, limit: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Verifies the bundle in directory `dir`, reading its files by name through `read`, which
-/// refuses a file of more bytes than its second argument (the file system in
-/// `verify-export`, memory in the fuzz target): the signature, every file's
-/// digest, every record against its stored body and the chain, and — given `earlier`, a
-/// checkpoint the auditor kept (its path and bytes) — that the bundle extends it. `trusted`
-/// is the hex public key the auditor trusts; without it, the earlier checkpoint's signer. Problems found are findings; `Err` only when
-/// the manifest or checkpoint cannot be read or parsed at all.
+/// How [`verify_bundle`] opens a bundle's file by name: a reader of at most the given number of
+/// bytes (and one more, to tell a larger file), or an error when it cannot or may not be read.
+pub type Open<'a> = &'a dyn Fn(&str, u64) -> std::io::Result<Box<dyn Read + 'a>>;
+
+/// The whole of a small file of the bundle (the manifest, the checkpoint).
+fn read_small(open: Open<'_>, name: &str, limit: u64) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    open(name, limit)?.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+    bounded(bytes.len() as u64, limit)?;
+    Ok(bytes)
+}
+
+/// Verifies the bundle in directory `dir`, opening its files by name through `open` (the file
+/// system in `verify-export`, memory in the fuzz target): the signature, every file's digest,
+/// every record against its stored body and the chain, and — given `earlier`, a checkpoint the
+/// auditor kept (its path and bytes) — that the bundle extends it. `trusted` is the hex public
+/// key the auditor trusts; without it, the earlier checkpoint's signer. Data files are read as
+/// a stream, a row at a time, so a bundle of any size takes the memory of one row (they were
+/// read whole and parsed into maps, about ten times their size). Problems found are findings;
+/// `Err` only when the manifest or checkpoint cannot be read or parsed at all.
 pub fn verify_bundle(
     dir: &Path,
-    read: &dyn Fn(&str, u64) -> std::io::Result<Vec<u8>>,
+    open: Open<'_>,
     trusted: Option<&str>,
     earlier: Option<(&Path, &[u8])>,
 ) -> Result<Findings> {
     let mut findings = Findings { bundle: dir.display().to_string(), ..Findings::default() };
-    let load =
-        |name: &str| read(name, MANIFEST_BYTES_MAX).with_context(|| format!("read {}", dir.join(name).display()));
+    let load = |name: &str| {
+        read_small(open, name, MANIFEST_BYTES_MAX).with_context(|| format!("read {}", dir.join(name).display()))
+    };
     let manifest_bytes = load(MANIFEST_FILE)?;
     let manifest: Manifest = parse_json(&manifest_bytes, &dir.join(MANIFEST_FILE))?;
     let checkpoint: Checkpoint = parse_json(&load(CHECKPOINT_FILE)?, &dir.join(CHECKPOINT_FILE))?;
@@ -402,39 +490,53 @@ pub fn verify_bundle(
         }
     }
 
-    // 2. Every file's digest, then every record against its body and the chain.
+    // 2. Every record against its body and the chain, and every file's digest. The hash the
+    // bundle gives the last record of the earlier checkpoint is noted on the way (step 3).
+    let kept_seq = earlier.as_ref().map(|(_, kept)| kept.last_seq);
+    let mut kept_hash = None;
     let mut prev: Hash = unhex(&checkpoint.prev_hash).and_then(|h| h.try_into().ok()).unwrap_or(GENESIS_HASH);
     for file in &manifest.files {
         if file.name.contains(['/', '\\']) || file.name.starts_with('.') {
             findings.problem(format!("manifest names a file outside the bundle: {:?}", file.name));
             continue;
         }
-        let bytes = match read(&file.name, data_file_limit(file)) {
-            Ok(bytes) => bytes,
+        let limit = data_file_limit(file);
+        let mut rows = match open(&file.name, limit) {
+            Ok(reader) => Rows::new(reader, file.format),
             Err(e) => {
                 findings.problem(format!("{}: cannot be read ({e})", file.name));
                 continue;
             }
         };
-        if bytes.len() as u64 != file.bytes || sha256_hex(&bytes) != file.sha256 {
-            findings.problem(format!(
+        loop {
+            match rows.next_row() {
+                Ok(Some(row)) => {
+                    let expected_seq = checkpoint.first_seq + findings.records_checked;
+                    if kept_seq.is_some() && row.get("seq").and_then(Value::as_u64) == kept_seq {
+                        kept_hash = row.get("hash").and_then(Value::as_str).map(str::to_owned);
+                    }
+                    if let Some(hash) = check_row(&row, expected_seq, &prev, &mut findings) {
+                        prev = hash;
+                    }
+                    findings.records_checked += 1;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    findings.problem(format!("{}: {e:#}", file.name));
+                    break;
+                }
+            }
+        }
+        match rows.finish() {
+            Ok((bytes, _)) if bytes > limit => {
+                findings.problem(format!("{}: cannot be read ({})", file.name, bounded(bytes, limit).unwrap_err()));
+            }
+            Ok((bytes, sha256)) if bytes != file.bytes || sha256 != file.sha256 => findings.problem(format!(
                 "{}: its SHA-256 or size differs from the manifest (the file was modified)",
                 file.name
-            ));
-        }
-        let rows = match read_rows(&bytes, file.format) {
-            Ok(rows) => rows,
-            Err(e) => {
-                findings.problem(format!("{}: {e:#}", file.name));
-                continue;
-            }
-        };
-        for row in &rows {
-            let expected_seq = checkpoint.first_seq + findings.records_checked;
-            if let Some(hash) = check_row(row, expected_seq, &prev, &mut findings) {
-                prev = hash;
-            }
-            findings.records_checked += 1;
+            )),
+            Ok(_) => {}
+            Err(e) => findings.problem(format!("{}: cannot be read ({e})", file.name)),
         }
     }
     if findings.records_checked != checkpoint.records {
@@ -451,7 +553,7 @@ pub fn verify_bundle(
     if let Some((path, earlier)) = earlier {
         let what = format!("earlier checkpoint {}", path.display());
         let earlier_ok = check_signature(&earlier, trusted.as_ref(), &what, &mut findings);
-        let extends = earlier_ok && extends(&earlier, &checkpoint, read, &manifest, &mut findings);
+        let extends = earlier_ok && extends(&earlier, &checkpoint, kept_hash, &mut findings);
         findings.extends_checkpoint = Some(extends);
     }
 
@@ -460,13 +562,7 @@ pub fn verify_bundle(
 }
 
 /// Whether `bundle` continues the history `earlier` signed.
-fn extends(
-    earlier: &Checkpoint,
-    bundle: &Checkpoint,
-    read: &dyn Fn(&str, u64) -> std::io::Result<Vec<u8>>,
-    manifest: &Manifest,
-    findings: &mut Findings,
-) -> bool {
+fn extends(earlier: &Checkpoint, bundle: &Checkpoint, kept_hash: Option<String>, findings: &mut Findings) -> bool {
     let seq = earlier.last_seq;
     if seq > bundle.last_seq {
         findings.problem(format!(
@@ -495,14 +591,7 @@ fn extends(
         return false;
     }
     // The checkpoint's last record is inside the range: its hash must be there.
-    let found = manifest.files.iter().find_map(|file| {
-        let bytes = read(&file.name, data_file_limit(file)).ok()?;
-        let rows = read_rows(&bytes, file.format).ok()?;
-        rows.iter()
-            .find(|r| r.get("seq").and_then(Value::as_u64) == Some(seq))
-            .and_then(|r| r.get("hash").and_then(Value::as_str).map(str::to_owned))
-    });
-    match found {
+    match kept_hash {
         Some(hash) if hash == earlier.last_hash => true,
         Some(hash) => {
             findings.problem(format!(
@@ -515,5 +604,70 @@ fn extends(
             findings.problem(format!("the bundle has no record {seq} to compare with your checkpoint"));
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows_of(bytes: &'static [u8], format: Format) -> (Vec<Result<Map<String, Value>, String>>, (u64, String)) {
+        let mut rows = Rows::new(Box::new(bytes), format);
+        let mut read = Vec::new();
+        loop {
+            match rows.next_row() {
+                Ok(Some(row)) => read.push(Ok(row)),
+                Ok(None) => break,
+                Err(e) => {
+                    read.push(Err(e.to_string()));
+                    break;
+                }
+            }
+        }
+        (read, rows.finish().unwrap())
+    }
+
+    /// Rows are read one at a time as the whole-file reader read them, and the digest covers
+    /// every byte, also those after a row that does not parse.
+    #[test]
+    fn rows_stream_from_the_file_and_its_digest_covers_every_byte() {
+        let jsonl: &[u8] = b"{\"seq\": 1}\r\n{\"seq\": 2}\n{\"seq\": 3}";
+        let (rows, (bytes, sha256)) = rows_of(jsonl, Format::Jsonl);
+        let seqs: Vec<_> = rows.iter().map(|r| r.as_ref().unwrap()["seq"].as_u64().unwrap()).collect();
+        assert_eq!((seqs, bytes, sha256), (vec![1, 2, 3], jsonl.len() as u64, sha256_hex(jsonl)));
+        let broken: &[u8] = b"{\"seq\": 1}\nnot json\n{\"seq\": 3}\n";
+        let (rows, (bytes, sha256)) = rows_of(broken, Format::Jsonl);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].as_ref().unwrap_err(), "line 2 is not a JSON object");
+        assert_eq!((bytes, sha256), (broken.len() as u64, sha256_hex(broken)));
+
+        let header = COLUMNS.join(",");
+        let cells =
+            |seq: u64, data: &str| format!("{seq},t,1,s,1,c,\"an actor, with a comma\",type,1,\"{data}\",p,h,b\n");
+        let csv = format!("{header}\n{}{}", cells(1, "{\"\"k\"\":\n\"\"a, b\"\"}"), cells(2, "null"));
+        let csv: &'static [u8] = Box::leak(csv.into_bytes().into_boxed_slice());
+        let (rows, (bytes, _)) = rows_of(csv, Format::Csv);
+        let rows: Vec<_> = rows.into_iter().map(Result::unwrap).collect();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0]["data"], serde_json::json!({ "k": "a, b" }));
+        assert_eq!(rows[0]["actor"], "an actor, with a comma");
+        assert_eq!(rows[1]["seq"], 2);
+        assert_eq!(bytes, csv.len() as u64);
+        let (rows, _) = rows_of(b"seq,nope\n1,2\n", Format::Csv);
+        assert!(rows[0].as_ref().unwrap_err().starts_with("the CSV header is not"));
+        let truncated = format!("{header}\n1,\"open");
+        let (rows, _) = rows_of(Box::leak(truncated.into_bytes().into_boxed_slice()), Format::Csv);
+        assert!(rows[0].as_ref().unwrap_err().contains("ends inside a quoted field"), "{rows:?}");
+    }
+
+    /// A row longer than [`ROW_BYTES_MAX`] is refused without being held whole.
+    #[test]
+    fn a_row_too_long_is_refused() {
+        let long: &'static [u8] = Box::leak(vec![b'x'; ROW_BYTES_MAX + 10].into_boxed_slice());
+        let mut rows = Rows::new(Box::new(long), Format::Jsonl);
+        let error = rows.next_row().unwrap_err().to_string();
+        assert!(error.contains("longer than"), "{error}");
+        assert!(rows.text.len() <= ROW_BYTES_MAX + 1);
+        assert_eq!(rows.finish().unwrap().0, long.len() as u64);
     }
 }
