@@ -611,7 +611,10 @@ fn extends(earlier: &Checkpoint, bundle: &Checkpoint, kept_hash: Option<String>,
 mod tests {
     use super::*;
 
-    fn rows_of(bytes: &'static [u8], format: Format) -> (Vec<Result<Map<String, Value>, String>>, (u64, String)) {
+    /// The rows read, up to the first error, and the file's size and digest.
+    type Read = (Vec<Result<Map<String, Value>, String>>, (u64, String));
+
+    fn rows_of(bytes: &'static [u8], format: Format) -> Read {
         let mut rows = Rows::new(Box::new(bytes), format);
         let mut read = Vec::new();
         loop {
