@@ -612,9 +612,9 @@ mod tests {
     use super::*;
 
     /// The rows read, up to the first error, and the file's size and digest.
-    type Read = (Vec<Result<Map<String, Value>, String>>, (u64, String));
+    type RowsRead = (Vec<Result<Map<String, Value>, String>>, (u64, String));
 
-    fn rows_of(bytes: &'static [u8], format: Format) -> Read {
+    fn rows_of(bytes: &'static [u8], format: Format) -> RowsRead {
         let mut rows = Rows::new(Box::new(bytes), format);
         let mut read = Vec::new();
         loop {
