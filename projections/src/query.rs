@@ -293,7 +293,9 @@ pub struct QueueEntry {
 }
 
 /// Non-terminal steps, optionally of one namespace and one step state, in
-/// `sort_key_us` order.
+/// `sort_key_us` order, then by task id and step. (Claims take enqueued steps of
+/// equal keys in the order they became claimable, which the rows do not hold:
+/// a batch of tasks with client-given ids is listed by id.)
 pub async fn queue(
     store: &Store,
     namespace: Option<&str>,
