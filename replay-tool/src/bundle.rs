@@ -266,7 +266,7 @@ impl<'a> Rows<'a> {
                 break;
             }
             quotes += self.text[start..].iter().filter(|b| **b == b'"').count();
-            if quotes % 2 == 0 {
+            if quotes.is_multiple_of(2) {
                 break;
             }
         }
