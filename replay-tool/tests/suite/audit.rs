@@ -322,6 +322,36 @@ fn data_files_are_read_only_up_to_the_size_the_manifest_allows() {
     assert!(out.contains("not a regular file"), "{out}");
 }
 
+/// A bundle holding the largest records the log takes verifies: a row of a task created with
+/// its steps' payloads passes 4 MiB (a 4 MiB row limit failed such an honest bundle as
+/// tampered: found by review).
+#[test]
+fn a_bundle_of_the_largest_records_verifies() {
+    let f = fixture();
+    let data = f.root.join("large");
+    crate::common::build_large(&data);
+    for format in ["jsonl", "csv"] {
+        let out = f.root.join(format!("large-{format}"));
+        let key = f.keys.join("auditor.key");
+        replay_ok(&[
+            "export-audit",
+            "--data",
+            path(&data),
+            "--out",
+            path(&out),
+            "--key",
+            path(&key),
+            "--format",
+            format,
+        ]);
+        let file = out.join(format!("events.{format}"));
+        assert!(fs::metadata(&file).unwrap().len() > 4 << 20, "{format}: a row over 4 MiB");
+        let (code, out) = f.check(&out, &[]);
+        assert_eq!(code, Some(0), "{format}: {out}");
+        assert!(out.contains("(2 records checked)"), "{out}");
+    }
+}
+
 /// A bundle's names and keys are printed with their control characters escaped: a file name
 /// holding a newline and a terminal escape printed a forged "intact" line (found by review).
 #[test]

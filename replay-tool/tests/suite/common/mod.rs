@@ -184,6 +184,26 @@ pub fn build_bulk(dir: &Path, tasks: u64, snapshot_every: u64) -> u64 {
     finish(s, writer, snapshot_every)
 }
 
+/// A log of one large task: 60 steps, each with a payload of 20,000 quote characters (a JSON
+/// string of 40 KB, whose CSV cell doubles every quote): its record is 2.4 MB, and its row in
+/// an audit bundle over 4 MiB.
+pub fn build_large(dir: &Path) -> u64 {
+    let clock = Arc::new(ManualClock::new(START_US));
+    let (writer, _) = Writer::open(dir, WriterConfig::default(), clock.clone()).unwrap();
+    let mut s = Story { handle: writer.handle(), clock, n: 0 };
+    let quotes = serde_json::to_string(&"\"".repeat(20_000)).unwrap();
+    let steps = (0..60)
+        .map(|i| {
+            let mut spec = step(&format!("s{i}"), "work", &[]);
+            spec.payload = domain::Json::new("payload", quotes.as_str()).unwrap();
+            spec
+        })
+        .collect();
+    s.run("producer", Command::CreateTask(workflow(1, "large", steps)));
+    s.run("producer", Command::CreateTask(job(2, "large")));
+    finish(s, writer, 0)
+}
+
 /// Runs the built `taskledger-replay` with `args`.
 pub fn replay(args: &[&str]) -> Output {
     Process::new(env!("CARGO_BIN_EXE_taskledger-replay")).args(args).output().expect("run taskledger-replay")
