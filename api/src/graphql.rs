@@ -863,6 +863,12 @@ pub fn lexical_checks(query: &str) -> Result<(), (&'static str, String)> {
         at += 1;
         match byte {
             b' ' | b'\t' | b'\n' | b'\r' | b',' => continue,
+            // U+FEFF, which GraphQL ignores like white space (a review hid a repeated field
+            // behind one).
+            0xEF if bytes[at..].starts_with(&BOM[1..]) => {
+                at += 2;
+                continue;
+            }
             b'#' => {
                 at = comment_end(bytes, at);
                 continue;
@@ -928,11 +934,15 @@ fn comment_end(bytes: &[u8], mut at: usize) -> usize {
     at
 }
 
-/// The first byte at or after `at` that is not white space, a comma or a comment.
+/// U+FEFF in UTF-8: GraphQL's "unicode BOM", ignored like white space anywhere.
+const BOM: [u8; 3] = [0xEF, 0xBB, 0xBF];
+
+/// The first byte at or after `at` that is not white space, a comma, a BOM or a comment.
 fn significant_from(bytes: &[u8], mut at: usize) -> usize {
     while let Some(&byte) = bytes.get(at) {
         match byte {
             b' ' | b'\t' | b'\n' | b'\r' | b',' => at += 1,
+            0xEF if bytes[at..].starts_with(&BOM) => at += BOM.len(),
             b'#' => at = comment_end(bytes, at + 1),
             _ => break,
         }
@@ -1237,6 +1247,7 @@ mod tests {
             "query($x: In = {a: 1, a: 2}) { ledger { headSeq } }",
             "{ ledger(x: {a # a comment\n : 1, a: 2}) { headSeq } }",
             "{ ledger @skip(if: {a: 1, a: 2}) { headSeq } }",
+            "{ ledger(x: {a\u{feff}: 1, \u{feff}a\u{feff}\u{feff} : 2}) { headSeq } }",
         ] {
             let refused = lexical_checks(twice).unwrap_err();
             assert_eq!(refused.0, "invalid_query", "{twice}");
