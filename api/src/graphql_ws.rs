@@ -171,11 +171,14 @@ impl Connection {
             Message::Binary(bytes) => bytes,
             _ => return message,
         };
-        let Ok(envelope) = serde_json::from_slice::<Envelope>(bytes) else { return message };
-        // A key named twice in one object (in `variables`, say), as over POST /graphql.
-        if let Err(e) = serde_json::from_slice::<crate::wire::UniqueKeys>(bytes) {
+        // A key named twice in one object (in `variables`, say), as over POST /graphql; also in
+        // a message whose envelope this module cannot read (async-graphql may).
+        if let Err(e) = serde_json::from_slice::<crate::wire::UniqueKeys>(bytes)
+            && e.classify() == serde_json::error::Category::Data
+        {
             return self.violated(close_code::BAD_REQUEST, format!("Invalid message: {e}"));
         }
+        let Ok(envelope) = serde_json::from_slice::<Envelope>(bytes) else { return message };
         let Some(id) = envelope.id else { return message };
         let mut running = self.running.lock().expect("websocket state");
         match envelope.kind.as_str() {

@@ -233,8 +233,11 @@ async fn metrics(State(state): State<AppState>, who: crate::auth::Principal) -> 
     let mut text = state.metrics.render(&state.writer, &state.projections);
     // Bounded: a scrape must answer (with the writer's and projectors' figures) while the
     // projections database is unreachable; the depths are left out then.
+    // Nor while another process holds the projections' lock: the rows may be its (see
+    // `readmodels::check_projections_lock`).
     let depths = projections::query::dashboard(state.projections.store(), None, Some(i64::MAX));
-    if let Ok(Ok(mut dashboard)) = tokio::time::timeout(METRICS_DEPTHS_WAIT, depths).await {
+    let fenced = crate::readmodels::check_projections_lock(&state).is_err();
+    if !fenced && let Ok(Ok(mut dashboard)) = tokio::time::timeout(METRICS_DEPTHS_WAIT, depths).await {
         // A namespace-scoped token sees the depths of its own namespaces only: scopes do not
         // reveal which namespaces exist elsewhere, here as in the dashboard view.
         dashboard.counts.retain(|c| domain::Namespace::new(&c.namespace).is_ok_and(|ns| who.may_see(&ns)));

@@ -67,6 +67,10 @@ pub enum RuntimeError {
         "another process holds the projections database's lock ({0}), taken while this server's connection to it was lost: this server writes nothing there until it has the lock back; stop the other process, and if it wrote there, rebuild these projections"
     )]
     LockHeldElsewhere(String),
+    #[error(
+        "the connection holding the projections database's lock was lost: nothing is written there until it is taken again"
+    )]
+    LockLost,
     #[error(transparent)]
     Apply(#[from] ApplyError),
     #[error("database: {0}")]

@@ -14,9 +14,9 @@
 //!   connection every [`KEEPER_PERIOD`] and, once PostgreSQL is back after losing it, takes the
 //!   lock again (ending its own old session first, should PostgreSQL still hold it); if another
 //!   process took it meanwhile it says so at ERROR, naming it, every minute until it gets it
-//!   back. While another process holds it, the lock's [`LockFence`] says so: the projectors
-//!   stop writing and the server's views refuse to answer (the tables may hold the other's
-//!   rows). Every call waits at most [`POSTGRES_ACQUIRE_TIMEOUT`]: a PostgreSQL that accepts
+//!   back. The lock's [`LockFence`] says when it is not held: from the moment the connection
+//!   is found lost the projectors write nothing, and while another process holds it the
+//!   server's views refuse to answer too (the tables may hold the other's rows). Every call waits at most [`POSTGRES_ACQUIRE_TIMEOUT`]: a PostgreSQL that accepts
 //!   connections and never answers made a start hang for good (found by review). Session
 //!   locks need a direct connection or session pooling (not PgBouncer's transaction mode).
 
@@ -72,20 +72,52 @@ impl Drop for StoreLock {
     }
 }
 
-/// Who holds a [`StoreLock`]'s lock when it is not this process: set by the PostgreSQL keeper
-/// when it finds another session holding it after this server's connection was lost, cleared
-/// when it has it back. Cheap to clone; the default is never set.
+/// Whether this process holds a [`StoreLock`]'s lock, as the PostgreSQL keeper last found:
+/// set when its connection is lost (nothing may be written until the lock is taken again) and
+/// when another session is found holding it; cleared when it has the lock back. Cheap to clone;
+/// the default (and SQLite's) is always held.
 #[derive(Clone, Debug, Default)]
-pub struct LockFence(std::sync::Arc<parking_lot::Mutex<Option<String>>>);
+pub struct LockFence(std::sync::Arc<parking_lot::Mutex<Fenced>>);
+
+/// What a [`LockFence`] says.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Fenced {
+    /// This process holds the lock.
+    #[default]
+    No,
+    /// Its connection was lost and the lock is not taken again yet (whoever holds it).
+    Lost,
+    /// Another session holds it, described.
+    HeldElsewhere(String),
+}
 
 impl LockFence {
-    /// The other holder, described, while one holds the lock.
-    pub fn held_elsewhere(&self) -> Option<String> {
+    /// The lock's state now.
+    pub fn state(&self) -> Fenced {
         self.0.lock().clone()
     }
 
-    fn set(&self, holder: Option<String>) {
-        *self.0.lock() = holder;
+    /// The other holder, described, while another session holds the lock: the tables may then
+    /// hold its rows (the views refuse). A lost lock not yet known to be held elsewhere is not
+    /// this: the rows are still this server's, only no more may be written.
+    pub fn held_elsewhere(&self) -> Option<String> {
+        match &*self.0.lock() {
+            Fenced::HeldElsewhere(holder) => Some(holder.clone()),
+            Fenced::No | Fenced::Lost => None,
+        }
+    }
+
+    /// `Ok` while this process holds the lock: what every write of the projections checks first.
+    pub fn check(&self) -> Result<(), crate::error::RuntimeError> {
+        match self.state() {
+            Fenced::No => Ok(()),
+            Fenced::Lost => Err(crate::error::RuntimeError::LockLost),
+            Fenced::HeldElsewhere(holder) => Err(crate::error::RuntimeError::LockHeldElsewhere(holder)),
+        }
+    }
+
+    fn set(&self, state: Fenced) {
+        *self.0.lock() = state;
     }
 }
 
@@ -105,7 +137,7 @@ pub async fn lock(target: &str) -> Result<StoreLock, OpenError> {
                 let keeper = tokio::spawn(keep(options, connection, pid, fence.clone()));
                 Ok(StoreLock::Postgres { keeper, fence })
             }
-            Taken::No(holder) => Err(OpenError::InUse {
+            Taken::No(_, holder) => Err(OpenError::InUse {
                 what: format!("its PostgreSQL database and schema (advisory lock held by {holder})"),
             }),
         };
@@ -137,10 +169,11 @@ pub(crate) fn sqlite_path(target: &str) -> Result<PathBuf, OpenError> {
     Ok(if Path::new(&path).is_dir() { path.join(SQLITE_FILE_NAME) } else { path })
 }
 
-/// Whether the lock was taken: by this session (its backend pid), or not, and by whom.
+/// Whether the lock was taken: by this session (its backend pid), or not, and by whom (the
+/// holder's backend pid when known, and a description).
 enum Taken {
     Yes(i32),
-    No(String),
+    No(Option<i32>, String),
 }
 
 /// `f`, or a timeout error after [`POSTGRES_ACQUIRE_TIMEOUT`].
@@ -191,15 +224,18 @@ async fn connect_and_lock(
         .bind(ADVISORY_LOCK_CLASS)
         .fetch_optional(&mut connection)
         .await?;
-        let holder = match holder {
-            Some((pid, address, name)) => format!(
-                "backend pid {pid} of {} ({})",
-                address.unwrap_or_else(|| "a local socket".to_owned()),
-                name.filter(|n| !n.is_empty()).unwrap_or_else(|| "no application name".to_owned())
+        let taken = match holder {
+            Some((pid, address, name)) => Taken::No(
+                Some(pid),
+                format!(
+                    "backend pid {pid} of {} ({})",
+                    address.unwrap_or_else(|| "a local socket".to_owned()),
+                    name.filter(|n| !n.is_empty()).unwrap_or_else(|| "no application name".to_owned())
+                ),
             ),
-            None => "another session".to_owned(),
+            None => Taken::No(None, "another session".to_owned()),
         };
-        Ok((connection, Taken::No(holder)))
+        Ok((connection, taken))
     })
     .await
 }
@@ -216,16 +252,22 @@ async fn keep(options: PgConnectOptions, mut connection: PgConnection, mut pid: 
             continue;
         }
         if held {
+            // Nothing is written until the lock is taken again: another process may take it the
+            // moment it is gone (found by review: writes went on until one was seen holding it).
+            fence.set(Fenced::Lost);
             tracing::warn!("lost the connection holding the projections database's lock; taking it again");
             held = false;
         }
         match connect_and_lock(&options, Some(pid)).await {
             Ok((fresh, Taken::Yes(fresh_pid))) => {
                 tracing::info!("holding the projections database's lock again");
-                fence.set(None);
+                fence.set(Fenced::No);
                 (connection, pid, held, said_held_elsewhere) = (fresh, fresh_pid, true, None);
             }
-            Ok((_, Taken::No(holder))) => {
+            // This server's own old session, ended just now but not gone yet
+            // (`pg_terminate_backend` returns before it exits): not another process.
+            Ok((_, Taken::No(Some(holder_pid), _))) if holder_pid == pid => {}
+            Ok((_, Taken::No(_, holder))) => {
                 if said_held_elsewhere.is_none_or(|at| at.elapsed() >= HELD_ELSEWHERE_REPEAT) {
                     tracing::error!(
                         "another process took the projections' lock while this server's connection was lost \
@@ -234,9 +276,31 @@ async fn keep(options: PgConnectOptions, mut connection: PgConnection, mut pid: 
                     );
                     said_held_elsewhere = Some(tokio::time::Instant::now());
                 }
-                fence.set(Some(holder));
+                fence.set(Fenced::HeldElsewhere(holder));
             }
             Err(error) => tracing::debug!("take the projections database's lock again: {error}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::RuntimeError;
+
+    /// A lost lock stops writes but not reads; one held elsewhere stops both.
+    #[test]
+    fn a_lost_lock_fences_writes_and_one_held_elsewhere_reads_too() {
+        let fence = LockFence::default();
+        assert!(fence.check().is_ok() && fence.held_elsewhere().is_none());
+        fence.set(Fenced::Lost);
+        assert!(matches!(fence.check(), Err(RuntimeError::LockLost)));
+        assert_eq!(fence.held_elsewhere(), None);
+        let clone = fence.clone();
+        fence.set(Fenced::HeldElsewhere("backend pid 7".into()));
+        assert!(matches!(clone.check(), Err(RuntimeError::LockHeldElsewhere(h)) if h == "backend pid 7"));
+        assert_eq!(clone.held_elsewhere().as_deref(), Some("backend pid 7"));
+        fence.set(Fenced::No);
+        assert!(clone.check().is_ok());
     }
 }

@@ -569,6 +569,8 @@ impl Runner {
             Slot::Live => Indexes::Now,
             Slot::Shadow => Indexes::Later,
         };
+        // Loading may write too (install a checkpoint, restart an unlogged build, create indexes).
+        self.config.fence.check()?;
         let mut driver = Driver::load_with(&self.store, self.kind, self.slot, indexes, &self.reader).await?;
         // A retry after a failed batch keeps its error until a batch succeeds.
         self.publish(driver.checkpoint().last_seq, false);
@@ -588,9 +590,7 @@ impl Runner {
                 read = subscription.next_batch_async_into(max, &mut records) => read?,
                 _ = self.stop.wait_for(|stop| *stop) => return Ok(()),
             }
-            if let Some(holder) = self.config.fence.held_elsewhere() {
-                return Err(RuntimeError::LockHeldElsewhere(holder));
-            }
+            self.config.fence.check()?;
             driver.apply(&self.store, &records).await?;
             let mut progress = self.progress.lock();
             progress.events_applied += records.len() as u64;
@@ -820,6 +820,7 @@ impl Projections {
     }
 
     async fn rebuild_inner(&self, kind: ProjectorKind) -> Result<Checkpoint, RuntimeError> {
+        self.inner.config.fence.check()?;
         let store = &self.inner.store;
         let live = checkpoint::read(store, kind, Slot::Live).await?;
         let shadow = checkpoint::read(store, kind, Slot::Shadow).await?;
@@ -865,9 +866,7 @@ impl Projections {
             running.stop().await;
         }
         let result = async {
-            if let Some(holder) = self.inner.config.fence.held_elsewhere() {
-                return Err(RuntimeError::LockHeldElsewhere(holder));
-            }
+            self.inner.config.fence.check()?;
             let mut driver = Driver::load(store, kind, Slot::Shadow, &self.inner.reader).await?;
             let head = self.inner.reader.head()?.seq;
             driver.catch_up(store, &self.inner.reader, head, self.inner.config.batch_events_max).await?;

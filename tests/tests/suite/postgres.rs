@@ -283,13 +283,17 @@ fn an_unreachable_postgresql_is_an_outage_of_the_views_only() {
         assert!(std::time::Instant::now() < deadline, "no {failing}");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    // Said once while it keeps failing the same way, not at every attempt (a WARN line per
-    // projector and attempt while PostgreSQL was down: found by a black-box check). An
-    // attempt takes the pool's 5 s and the retry delay's 1 s: 13 s hold two more.
+    // Said once per cause while it keeps failing the same way, not at every attempt (a WARN
+    // line per projector and attempt while PostgreSQL was down: found by a black-box check):
+    // the pool's timeout, and once the keeper has found the lock's connection gone, the lost
+    // lock (nothing is written until it is taken again). Attempts come every second: 13 s
+    // hold many more.
     std::thread::sleep(std::time::Duration::from_secs(13));
     let logged = std::fs::read_to_string(&log_path).unwrap();
-    let said = logged.lines().filter(|l| l.contains("projector failed") && l.contains("projector=\"tasks\"")).count();
-    assert_eq!(said, 1, "{logged}");
+    let said: Vec<&str> =
+        logged.lines().filter(|l| l.contains("projector failed") && l.contains("projector=\"tasks\"")).collect();
+    let lock_lost = said.iter().filter(|l| l.contains("lock was lost")).count();
+    assert!(!said.is_empty() && lock_lost <= 1 && said.len() - lock_lost <= 1, "{logged}");
     assert_eq!(server.stop(), Some(0), "a clean stop without PostgreSQL");
 }
 
