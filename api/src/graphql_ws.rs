@@ -72,19 +72,7 @@ pub async fn graphql_ws(
             let outgoing = connection.clone();
             let sink =
                 sink.with(move |message| futures_util::future::ready(Ok::<_, axum::Error>(outgoing.outgoing(message))));
-            let incoming = connection.clone();
-            let stream = stream.map(move |message| message.map(|m| incoming.incoming(m)));
-            // No connection_init in time: a message async-graphql cannot read ends the socket, and
-            // the close frame it answers with says 4408.
-            let timer = connection.clone();
-            let deadline = futures_util::stream::once(async move {
-                tokio::time::sleep(WS_INIT_WAIT).await;
-                (!timer.initialised.load(Ordering::Acquire))
-                    .then(|| timer.violated(close_code::INIT_TIMEOUT, "Connection initialisation timeout".to_owned()))
-            })
-            .filter_map(futures_util::future::ready)
-            .map(Ok::<_, axum::Error>);
-            let stream = futures_util::stream::select(stream, deadline);
+            let stream = incoming_messages(stream, connection.clone());
             let accepted = connection.clone();
             let serve = GraphQLWebSocket::new_with_pair(sink, stream, schema, protocol)
                 .on_connection_init(move |payload| async move {
@@ -124,6 +112,53 @@ pub async fn graphql_ws(
             }
         })
         .into_response()
+}
+
+/// The client's messages as async-graphql reads them: each through [`Connection::incoming`];
+/// a read error (a message over the size limit: the socket ended without a close frame, and the
+/// `graphql-ws` client sent it again forever) becomes a close with 1009 or 1002; and, if no
+/// `connection_init` was accepted within [`WS_INIT_WAIT`], a close with 4408. Ends when the
+/// client's side does (a deadline running beside it kept a socket the client had closed open
+/// until 10 s after it connected, and the `graphql-ws` client in lazy mode waits for that
+/// before its next operation: found by a client-library check).
+fn incoming_messages(
+    socket: impl futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin + Send,
+    connection: Arc<Connection>,
+) -> impl futures_util::Stream<Item = Result<Message, axum::Error>> + Send {
+    let deadline = Box::pin(tokio::time::sleep(WS_INIT_WAIT));
+    futures_util::stream::unfold(
+        (socket, Some(deadline), connection, false),
+        |(mut socket, mut deadline, connection, ended)| async move {
+            if ended {
+                return None;
+            }
+            let next = match deadline.as_mut() {
+                Some(sleep) => tokio::select! {
+                    next = socket.next() => next,
+                    () = sleep => {
+                        deadline = None;
+                        if !connection.initialised.load(Ordering::Acquire) {
+                            let message = connection
+                                .violated(close_code::INIT_TIMEOUT, "Connection initialisation timeout".to_owned());
+                            return Some((Ok(message), (socket, deadline, connection, true)));
+                        }
+                        socket.next().await
+                    }
+                },
+                None => socket.next().await,
+            };
+            let message = match next? {
+                Ok(message) => connection.incoming(message),
+                Err(error) => {
+                    let text = error.to_string();
+                    let code = if text.contains("too long") || text.contains("limit") { 1009 } else { 1002 };
+                    let message = connection.violated(code, text);
+                    return Some((Ok(message), (socket, deadline, connection, true)));
+                }
+            };
+            Some((Ok(message), (socket, deadline, connection, false)))
+        },
+    )
 }
 
 /// What one socket has seen, shared by the reading and the writing side.

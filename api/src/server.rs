@@ -553,6 +553,10 @@ async fn serve_connections(
             },
             () = &mut shutdown => break,
         };
+        // Small writes go out at once: a WebSocket's messages (a `next`, then its `complete`) and
+        // a feed's records are separate writes, and Nagle's algorithm held each second one for the
+        // client's delayed ACK, ~40 ms (found by a client-library check).
+        let _ = stream.set_nodelay(true);
         let io = TokioIo::new(SlotStream { stream, _slot: slot });
         let connection = http.serve_connection(io, TowerToHyperService::new(app.clone())).with_upgrades();
         let mut stop = stop_rx.clone();
