@@ -432,12 +432,6 @@ fn connect_ws(server: &Server, timeout: Duration) -> Socket {
     tungstenite::client(request, stream).unwrap().0
 }
 
-/// Whether the server closes `socket` (a close frame, or the connection ending) before the
-/// read timeout.
-fn closed_by_server(socket: &mut Socket) -> bool {
-    !matches!(close_frame(socket), Closed::NotYet)
-}
-
 /// How the server ended a socket.
 #[derive(Debug, PartialEq)]
 enum Closed {
