@@ -981,7 +981,40 @@ impl async_graphql::extensions::Extension for DocumentLimits {
         if let Ok(document) = async_graphql::parser::parse_query(query) {
             document_limits(&document).map_err(refused)?;
         }
-        next.run(ctx, query, variables).await
+        next.run(ctx, query, variables).await.map_err(with_code)
+    }
+
+    /// Validation's errors get their codes here, so that the WebSocket's carry them as
+    /// `POST /graphql`'s do (they came without: found by a client-library check).
+    async fn validation(
+        &self,
+        ctx: &async_graphql::extensions::ExtensionContext<'_>,
+        next: async_graphql::extensions::NextValidation<'_>,
+    ) -> Result<async_graphql::ValidationResult, Vec<async_graphql::ServerError>> {
+        next.run(ctx).await.map_err(|errors| errors.into_iter().map(with_code).collect())
+    }
+}
+
+/// `error` with a code in its extensions when it has none: a document that does not parse or
+/// validate is `invalid_query`, unless the message names a depth or complexity limit.
+fn with_code(mut error: async_graphql::ServerError) -> async_graphql::ServerError {
+    let code = code_of_refusal(&error.message);
+    let extensions = error.extensions.get_or_insert_with(Default::default);
+    if extensions.get("code").is_none() {
+        extensions.set("code", code);
+    }
+    error
+}
+
+/// The code of a document refused before any resolver ran, from async-graphql's message.
+fn code_of_refusal(message: &str) -> &'static str {
+    let message = message.to_lowercase();
+    if message.contains("nested too deep") || message.contains("recursion depth") {
+        "query_too_deep"
+    } else if message.contains("too complex") {
+        "query_too_complex"
+    } else {
+        "invalid_query"
     }
 }
 
@@ -1099,22 +1132,13 @@ pub async fn graphql_handler(
     if !response.errors.is_empty() && response.errors.iter().all(|e| e.path.is_empty() || bad_argument(e)) {
         let mut counted = false;
         for error in &mut response.errors {
-            let message = error.message.to_lowercase();
             let given = error.extensions.as_ref().and_then(|x| x.get("code")).and_then(|code| match code {
                 async_graphql::Value::String(code) => {
                     DOCUMENT_LIMIT_CODES.iter().find(|known| **known == code).copied()
                 }
                 _ => None,
             });
-            let code = if let Some(code) = given {
-                code
-            } else if message.contains("nested too deep") || message.contains("recursion depth") {
-                "query_too_deep"
-            } else if message.contains("too complex") {
-                "query_too_complex"
-            } else {
-                "invalid_query"
-            };
+            let code = given.unwrap_or_else(|| code_of_refusal(&error.message));
             error.extensions.get_or_insert_with(Default::default).set("code", code);
             if !std::mem::replace(&mut counted, true) {
                 crate::error::count_error_answer(StatusCode::BAD_REQUEST, code);

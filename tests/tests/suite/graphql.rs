@@ -506,6 +506,25 @@ fn every_transport_meets_the_same_limits() {
         let mut socket = subscribe(&server, &fan_out, json!({}));
         assert_eq!(first_error_code(&mut socket), code);
     }
+    // Errors of parsing and validation carry the codes `POST /graphql` gives them (they came
+    // without over the WebSocket: found by a client-library check).
+    let deep = format!(
+        "{{ __schema {{ types {{ fields {{ type {{ {} name {} }} }} }} }} }}",
+        "ofType { ".repeat(12),
+        "} ".repeat(12)
+    );
+    for (query, code) in
+        [("{ nope }", "invalid_query"), ("{ ledger { ", "invalid_query"), (deep.as_str(), "query_too_deep")]
+    {
+        let answer = server.post("/graphql", json!({ "query": query }));
+        assert_eq!(
+            (answer.status, answer.body["errors"][0]["extensions"]["code"].clone()),
+            (400, json!(code)),
+            "{query}"
+        );
+        let mut socket = subscribe(&server, query, json!({}));
+        assert_eq!(first_error_code(&mut socket), code, "{query}");
+    }
     let pauses: String = (0..100).map(|i| format!("a{i}: pauseQueue(namespace: \"ws{i}\") {{ seq }} ")).collect();
     let mut socket = subscribe(&server, &format!("mutation {{ {pauses} }}"), json!({}));
     assert_eq!(first_error_code(&mut socket), "too_many_aliases");
