@@ -837,6 +837,57 @@ pub fn document_limits(document: &ExecutableDocument) -> Result<(), (&'static st
     }
 }
 
+/// A subscription selects one root field (GraphQL's "Single root field" rule, which
+/// async-graphql does not apply: two `events` fields under aliases were merged into one stream,
+/// found by a client-library check). Fields are counted by response key, through fragments.
+pub fn single_root_field(document: &ExecutableDocument) -> Result<(), (&'static str, String)> {
+    fn keys<'d>(
+        document: &'d ExecutableDocument,
+        set: &'d SelectionSet,
+        into: &mut std::collections::BTreeSet<&'d str>,
+        seen: &mut Vec<&'d str>,
+    ) {
+        for selection in &set.items {
+            match &selection.node {
+                Selection::Field(field) => {
+                    into.insert(field.node.response_key().node.as_str());
+                }
+                Selection::InlineFragment(fragment) => keys(document, &fragment.node.selection_set.node, into, seen),
+                Selection::FragmentSpread(spread) => {
+                    let name = spread.node.fragment_name.node.as_str();
+                    if let Some(fragment) = document.fragments.get(&spread.node.fragment_name.node)
+                        && !seen.contains(&name)
+                    {
+                        seen.push(name);
+                        keys(document, &fragment.node.selection_set.node, into, seen);
+                    }
+                }
+            }
+        }
+    }
+    for (name, operation) in document.operations.iter() {
+        if operation.node.ty != async_graphql::parser::types::OperationType::Subscription {
+            continue;
+        }
+        let mut fields = std::collections::BTreeSet::new();
+        keys(document, &operation.node.selection_set.node, &mut fields, &mut Vec::new());
+        fields.remove("__typename");
+        if fields.len() > 1 {
+            let which = name.map(|n| format!("subscription {n}")).unwrap_or_else(|| "the subscription".to_owned());
+            let fields: Vec<&str> = fields.into_iter().collect();
+            return Err((
+                "invalid_query",
+                format!(
+                    "{which} selects {} root fields ({}); a subscription selects one",
+                    fields.len(),
+                    fields.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The checks made on a document's text before anything parses it: brackets nested deeper
 /// than [`NESTING_MAX`] (`query_too_deep`), more than [`TOKENS_MAX`] tokens
 /// (`query_too_large`), and an input object literal naming a field twice (`invalid_query`).
@@ -980,6 +1031,7 @@ impl async_graphql::extensions::Extension for DocumentLimits {
         lexical_checks(query).map_err(refused)?;
         if let Ok(document) = async_graphql::parser::parse_query(query) {
             document_limits(&document).map_err(refused)?;
+            single_root_field(&document).map_err(refused)?;
         }
         next.run(ctx, query, variables).await.map_err(with_code)
     }

@@ -15,7 +15,7 @@ use std::sync::{Arc, LazyLock};
 
 use api::graphql::{
     COMPLEXITY_MAX, DEPTH_MAX, DIRECTIVES_MAX, MutationRoot, QueryRoot, RECURSIVE_DEPTH_MAX, SubscriptionRoot,
-    document_limits, lexical_checks,
+    document_limits, lexical_checks, single_root_field,
 };
 use async_graphql::extensions::{Extension, ExtensionContext, ExtensionFactory, NextExecute};
 use async_graphql::{Response, Schema, ServerError};
@@ -61,7 +61,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let Ok(document) = async_graphql::parser::parse_query(query) else { return };
-    if document_limits(&document).is_err() {
+    if document_limits(&document).is_err() || single_root_field(&document).is_err() {
         return;
     }
     let response = futures_executor::block_on(SCHEMA.execute(query));

@@ -513,9 +513,16 @@ fn every_transport_meets_the_same_limits() {
         "ofType { ".repeat(12),
         "} ".repeat(12)
     );
-    for (query, code) in
-        [("{ nope }", "invalid_query"), ("{ ledger { ", "invalid_query"), (deep.as_str(), "query_too_deep")]
-    {
+    // A subscription selects one root field (two were merged into one stream).
+    let two = "subscription { a: events { seq } b: events { seq } }";
+    let through_fragment = "subscription { events { seq } ...F } fragment F on SubscriptionRoot { b: events { type } }";
+    for (query, code) in [
+        ("{ nope }", "invalid_query"),
+        ("{ ledger { ", "invalid_query"),
+        (deep.as_str(), "query_too_deep"),
+        (two, "invalid_query"),
+        (through_fragment, "invalid_query"),
+    ] {
         let answer = server.post("/graphql", json!({ "query": query }));
         assert_eq!(
             (answer.status, answer.body["errors"][0]["extensions"]["code"].clone()),
