@@ -1227,9 +1227,23 @@ pub(crate) fn principal_from(state: &AppState, authorization: Option<&str>) -> O
     state.tokens().authenticate(crate::auth::bearer_token(authorization?)?).cloned()
 }
 
-/// GET /graphql: the GraphiQL page.
-pub async fn graphiql() -> Html<String> {
-    Html(GraphiQLSource::build().endpoint("/graphql").subscription_endpoint("/graphql/ws").finish())
+/// GET /graphql: the GraphiQL page, for a browser. A client that accepts JSON and not HTML
+/// (a GraphQL client sending its query over GET) is answered 405 with a JSON error naming
+/// POST: it got the page with a 200, and failed to parse it (found by a client-library check).
+pub async fn graphiql(headers: axum::http::HeaderMap) -> Response {
+    let accept: Vec<&str> =
+        headers.get_all(axum::http::header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).collect();
+    let accept = accept.join(",").to_ascii_lowercase();
+    if accept.contains("json") && !accept.contains("text/html") && !accept.contains("*/*") {
+        let mut refused = graphql_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "GraphQL queries go over POST /graphql (JSON, with Content-Type: application/json); GET serves GraphiQL to browsers".to_owned(),
+        );
+        refused.headers_mut().insert(axum::http::header::ALLOW, axum::http::HeaderValue::from_static("GET, POST"));
+        return refused;
+    }
+    Html(GraphiQLSource::build().endpoint("/graphql").subscription_endpoint("/graphql/ws").finish()).into_response()
 }
 
 #[cfg(test)]

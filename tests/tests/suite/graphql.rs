@@ -734,6 +734,17 @@ fn graphiql_is_served_to_browsers() {
     let (status, page) = server.get_text("/graphql");
     assert_eq!(status, 200);
     assert!(page.contains("graphiql"), "{page}");
+    // A GraphQL client sending its query over GET is told to POST, in JSON (it got the page).
+    for accept in ["application/graphql-response+json, application/json", "application/json"] {
+        let answer = tests::raw::exchange(
+            &server.addr(),
+            format!("GET /graphql?query=%7Bledger%7BheadSeq%7D%7D HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\nConnection: close\r\n\r\n").as_bytes(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(answer.status, 405, "{accept}: {answer:?}");
+        assert!(answer.body.contains("\"method_not_allowed\"") && answer.body.contains("POST"), "{answer:?}");
+    }
 }
 
 /// A shutdown completes each subscription (a `complete` message, so the client knows the
