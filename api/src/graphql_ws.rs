@@ -57,8 +57,10 @@ pub async fn graphql_ws(
     State(state): State<AppState>,
     axum::Extension(schema): axum::Extension<LedgerSchema>,
     protocol: GraphQLProtocol,
+    headers: axum::http::HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    let transport_ws = speaks_transport_ws(&headers);
     // A message is read whole and parsed before the socket has authenticated: no larger than a
     // request body may be (axum's default, 64 MiB, let any client make the server build
     // gigabytes of JSON values: found by review).
@@ -67,11 +69,12 @@ pub async fn graphql_ws(
         .max_frame_size(state.max_body_bytes)
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .on_upgrade(move |socket| async move {
-            let connection = Arc::new(Connection::default());
+            let connection = Arc::new(Connection { transport_ws, ..Connection::default() });
             let (sink, stream) = socket.split();
             let outgoing = connection.clone();
-            let sink =
-                sink.with(move |message| futures_util::future::ready(Ok::<_, axum::Error>(outgoing.outgoing(message))));
+            let sink = sink.with_flat_map(move |message| {
+                futures_util::stream::iter(outgoing.outgoing(message).map(Ok::<_, axum::Error>))
+            });
             let stream = incoming_messages(stream, connection.clone());
             let accepted = connection.clone();
             let serve = GraphQLWebSocket::new_with_pair(sink, stream, schema, protocol)
@@ -161,9 +164,28 @@ fn incoming_messages(
     )
 }
 
+/// Whether the socket speaks graphql-transport-ws: the first protocol the client offers that
+/// async-graphql knows, as its `GraphQLProtocol` picks it.
+fn speaks_transport_ws(headers: &axum::http::HeaderMap) -> bool {
+    let offered = headers.get(axum::http::header::SEC_WEBSOCKET_PROTOCOL).and_then(|v| v.to_str().ok());
+    let first_known = offered.and_then(|protocols| {
+        protocols
+            .split(',')
+            .map(str::trim)
+            .find(|p| p.eq_ignore_ascii_case("graphql-transport-ws") || p.eq_ignore_ascii_case("graphql-ws"))
+    });
+    first_known.is_some_and(|p| p.eq_ignore_ascii_case("graphql-transport-ws"))
+}
+
 /// What one socket has seen, shared by the reading and the writing side.
 #[derive(Default)]
 struct Connection {
+    /// The protocol is graphql-transport-ws (not the older graphql-ws).
+    transport_ws: bool,
+    /// Ids whose first answer has gone out.
+    answered: std::sync::Mutex<HashSet<String>>,
+    /// Ids answered with an `error` message, whose `complete` is not sent.
+    errored: std::sync::Mutex<HashSet<String>>,
     /// `connection_init` was accepted.
     initialised: AtomicBool,
     /// `connection_init` was refused.
@@ -233,16 +255,34 @@ impl Connection {
         }
     }
 
-    /// A server message, on its way to the client: a close frame gets the code the protocol names.
-    fn outgoing(&self, message: Message) -> Message {
-        match message {
-            Message::Text(text) => {
-                if text.as_str().starts_with(r#"{"type":"complete","#)
-                    && let Ok(completed) = serde_json::from_str::<Completed>(text.as_str())
+    /// A server message, on its way to the client (or not): a close frame gets the code the
+    /// protocol names; an operation refused before it ran (its first answer has errors and no
+    /// data, none of them at a path) is an `error` message, and no `complete` follows it, as
+    /// graphql-transport-ws says (async-graphql sent a `next` and a `complete`, which clients
+    /// take for a result: found by a client-library check).
+    fn outgoing(&self, message: Message) -> Option<Message> {
+        Some(match message {
+            Message::Text(message) => {
+                let text = message.as_str();
+                if text.starts_with(r#"{"type":"complete","#)
+                    && let Ok(completed) = serde_json::from_str::<Completed>(text)
                 {
                     self.running.lock().expect("websocket state").remove(&completed.id);
+                    self.answered.lock().expect("websocket state").remove(&completed.id);
+                    if self.errored.lock().expect("websocket state").remove(&completed.id) {
+                        return None;
+                    }
+                } else if self.transport_ws
+                    && text.starts_with(r#"{"type":"next","#)
+                    && let Ok(next) = serde_json::from_str::<Completed>(text)
+                    && self.answered.lock().expect("websocket state").insert(next.id.clone())
+                    && let Some(errors) = refused_before_running(text)
+                {
+                    self.errored.lock().expect("websocket state").insert(next.id.clone());
+                    let error = serde_json::json!({ "type": "error", "id": next.id, "payload": errors });
+                    return Some(Message::Text(error.to_string().into()));
                 }
-                Message::Text(text)
+                Message::Text(message)
             }
             Message::Close(Some(frame)) => {
                 let violation = self.violation.lock().expect("websocket state").take();
@@ -258,8 +298,30 @@ impl Connection {
                 Message::Close(Some(CloseFrame { code, reason: truncated(reason).into() }))
             }
             other => other,
-        }
+        })
     }
+}
+
+/// The errors of a `next` message whose payload has no data and only errors without a path:
+/// the operation was refused before it ran (it did not parse or validate, or an argument was
+/// refused).
+fn refused_before_running(next: &str) -> Option<Vec<serde_json::Value>> {
+    #[derive(serde::Deserialize)]
+    struct Next {
+        payload: Payload,
+    }
+    #[derive(serde::Deserialize)]
+    struct Payload {
+        #[serde(default)]
+        data: serde_json::Value,
+        #[serde(default)]
+        errors: Vec<serde_json::Value>,
+    }
+    let Next { payload } = serde_json::from_str(next).ok()?;
+    let refused = payload.data.is_null()
+        && !payload.errors.is_empty()
+        && payload.errors.iter().all(|error| error.get("path").is_none_or(serde_json::Value::is_null));
+    refused.then_some(payload.errors)
 }
 
 /// `reason` cut to [`CLOSE_REASON_MAX`] bytes, at a character boundary.
@@ -287,6 +349,35 @@ mod tests {
         assert!(cut.chars().all(|c| c == 'é'));
     }
 
+    /// graphql-transport-ws: an operation refused before it ran is one `error` message; one that
+    /// ran keeps its `next` and `complete`, errors and all.
+    #[test]
+    fn an_operation_refused_before_it_ran_is_an_error_message_without_complete() {
+        let connection = Connection { transport_ws: true, ..Connection::default() };
+        let text = |message: Option<Message>| match message {
+            Some(Message::Text(text)) => Some(serde_json::from_str::<serde_json::Value>(text.as_str()).unwrap()),
+            None => None,
+            other => panic!("{other:?}"),
+        };
+        let refused = r#"{"type":"next","id":"r","payload":{"data":null,"errors":[{"message":"Unknown field","extensions":{"code":"invalid_query"}}]}}"#;
+        let error = text(connection.outgoing(Message::Text(refused.into()))).unwrap();
+        assert_eq!(error["type"], "error");
+        assert_eq!(error["payload"][0]["extensions"]["code"], "invalid_query");
+        assert_eq!(text(connection.outgoing(Message::Text(r#"{"type":"complete","id":"r"}"#.into()))), None);
+        // Errors at a path came from a resolver that ran: a result.
+        let ran = r#"{"type":"next","id":"s","payload":{"data":null,"errors":[{"message":"x","path":["events"]}]}}"#;
+        assert_eq!(text(connection.outgoing(Message::Text(ran.into()))).unwrap()["type"], "next");
+        assert!(text(connection.outgoing(Message::Text(r#"{"type":"complete","id":"s"}"#.into()))).is_some());
+        // Only an operation's first answer: a later one with errors is a result too.
+        let data = r#"{"type":"next","id":"t","payload":{"data":{"events":{"seq":1}}}}"#;
+        assert_eq!(text(connection.outgoing(Message::Text(data.into()))).unwrap()["type"], "next");
+        let later = r#"{"type":"next","id":"t","payload":{"data":null,"errors":[{"message":"gone"}]}}"#;
+        assert_eq!(text(connection.outgoing(Message::Text(later.into()))).unwrap()["type"], "next");
+        // The older protocol has no such message.
+        let legacy = Connection::default();
+        assert_eq!(text(legacy.outgoing(Message::Text(refused.into()))).unwrap()["type"], "next");
+    }
+
     #[test]
     fn a_running_id_subscribed_again_is_a_violation_and_a_completed_one_is_not() {
         let connection = Connection::default();
@@ -298,7 +389,7 @@ mod tests {
         assert!(matches!(connection.incoming(subscribe()), Message::Text(t) if !t.is_empty()));
         assert!(matches!(connection.incoming(subscribe()), Message::Text(t) if t.is_empty()));
         let closed = connection.outgoing(Message::Close(Some(CloseFrame { code: 1002, reason: "x".into() })));
-        let Message::Close(Some(frame)) = closed else { panic!("{closed:?}") };
+        let Some(Message::Close(Some(frame))) = closed else { panic!("{closed:?}") };
         assert_eq!((frame.code, frame.reason.as_str()), (4409, "Subscriber for a already exists"));
     }
 }

@@ -644,6 +644,38 @@ fn websocket_protocol_errors_close_with_the_codes_graphql_transport_ws_names() {
     early.close(None).unwrap();
     assert!(matches!(close_frame(&mut early), Closed::Frame(..) | Closed::Dropped), "still open 5 s after it closed");
 
+    // An operation refused before it ran is one `error` message, with no `complete` after it;
+    // one that ran is `next` and `complete` (a refusal came as both: found by a client-library
+    // check).
+    let mut refused = connect_ws(&server, Duration::from_secs(10));
+    send_json(&mut refused, init.clone());
+    assert_eq!(next_message(&mut refused)["type"], "connection_ack");
+    send_json(&mut refused, json!({ "id": "bad", "type": "subscribe", "payload": { "query": "{ nope }" } }));
+    send_json(
+        &mut refused,
+        json!({ "id": "good", "type": "subscribe", "payload": { "query": "{ ledger { headSeq } }" } }),
+    );
+    let mut seen: Vec<(String, String)> = Vec::new();
+    let mut pinged = false;
+    loop {
+        let message = next_message(&mut refused);
+        if message["type"] == "pong" {
+            break;
+        }
+        seen.push((message["type"].as_str().unwrap().to_owned(), message["id"].as_str().unwrap().to_owned()));
+        if message["type"] == "error" {
+            assert_eq!(message["payload"][0]["extensions"]["code"], "invalid_query", "{message}");
+        }
+        // Both answered: a ping's pong then comes after anything else they could send.
+        let done = |kind: &str, id: &str| seen.iter().any(|(t, i)| t == kind && i == id);
+        if !pinged && done("error", "bad") && done("complete", "good") {
+            send_json(&mut refused, json!({ "type": "ping" }));
+            pinged = true;
+        }
+    }
+    let of = |id: &str| seen.iter().filter(|(_, i)| i == id).map(|(t, _)| t.as_str()).collect::<Vec<_>>();
+    assert_eq!((of("bad"), of("good")), (vec!["error"], vec!["next", "complete"]), "{seen:?}");
+
     let mut again = connect_ws(&server, Duration::from_secs(10));
     send_json(&mut again, init.clone());
     assert_eq!(next_message(&mut again)["type"], "connection_ack");
