@@ -115,6 +115,23 @@ impl Principal {
         }
     }
 
+    /// Admin-only actions that span every namespace (a backup, a projection rebuild): the admin
+    /// role and no namespace scope. `what` names the action in the refusal.
+    pub fn require_unscoped_admin(&self, what: &str) -> Result<(), ApiError> {
+        if !self.roles.contains(&Role::Admin) {
+            return Err(ApiError::forbidden(format!(
+                "token {:?} (roles {:?}) may not {what}; it needs the admin role",
+                self.name, self.roles
+            )));
+        }
+        if self.scope.is_some() {
+            return Err(ApiError::forbidden(format!(
+                "{what} spans every namespace; a namespace-scoped token may not do it"
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether reads of `namespace` are allowed.
     pub fn may_see(&self, namespace: &Namespace) -> bool {
         self.scope.as_ref().is_none_or(|s| s.contains(namespace))

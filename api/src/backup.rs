@@ -49,7 +49,7 @@ use eventlog::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::auth::{Principal, Role};
+use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::server::AppState;
 
@@ -96,15 +96,7 @@ pub struct StreamHeader {
 /// it. (Auditors export verifiable slices with `taskledger-replay
 /// export-audit` instead.)
 pub async fn serve_backup(State(state): State<AppState>, who: Principal) -> ApiResult<Response> {
-    if !who.roles.contains(&Role::Admin) {
-        return Err(ApiError::forbidden(format!(
-            "token {:?} (roles {:?}) may not take a backup; it needs the admin role",
-            who.name, who.roles
-        )));
-    }
-    if who.scope.is_some() {
-        return Err(ApiError::forbidden("a backup spans every namespace; a namespace-scoped token may not take one"));
-    }
+    who.require_unscoped_admin("take a backup")?;
     let reader = state.writer.reader().clone();
     let head = reader.head().map_err(|e| ApiError::internal(format!("read the log head: {e}")))?;
     tracing::info!(head_seq = head.seq, actor = %who.actor(), "backup stream started");

@@ -57,6 +57,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/views/audit", get(audit_log))
         .route("/v1/views/workers", get(workers))
         .route("/v1/views/projections", get(projector_status))
+        .route("/v1/admin/projections/{projector}/rebuild", post(rebuild_projector))
         .route("/v1/ledger", get(ledger_head))
 }
 
@@ -698,6 +699,51 @@ async fn projector_status(
 ) -> ApiResult<AxumJson<serde_json::Value>> {
     route_query(query)?;
     Ok(AxumJson(readmodels::to_json(&readmodels::projector_status(&state, &who)?)))
+}
+
+/// POST /v1/admin/projections/{projector}/rebuild: builds the projector's tables again from the
+/// log beside the live ones, which go on serving, and swaps them in once caught up, so a table
+/// dropped or rows changed by hand in the projections database are repaired without a restart
+/// (they stalled the projector, or stayed wrong, until its checkpoint row was deleted). Admin
+/// only; answered at once (202): the build's progress is the projector's `shadow` row in
+/// `/v1/views/projections`. Asked again while one runs, it starts nothing more.
+async fn rebuild_projector(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(name): Path<String>,
+    query: QueryParams<NoQuery>,
+) -> ApiResult<Response> {
+    route_query(query)?;
+    who.require_unscoped_admin("rebuild a projection")?;
+    let Some(kind) = projections::ProjectorKind::from_name(&name) else {
+        let mut known: Vec<&str> = projections::ProjectorKind::ALL.iter().map(|k| k.name()).collect();
+        known.sort_unstable();
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "projector_not_found",
+            format!("no projector {name:?}; the projectors are {}", known.join(", ")),
+        ));
+    };
+    if let Err(fenced) = state.projections.fence().check() {
+        return Err(ApiError::unavailable("projections_unavailable", fenced.to_string(), 5));
+    }
+    let status = state.projections.status().map_err(|e| ApiError::internal(e.to_string()))?;
+    let running = status.iter().any(|s| s.projector == kind.name() && s.slot == "shadow");
+    if !running {
+        let projections = state.projections.clone();
+        tracing::info!(projector = kind.name(), actor = %who.actor(), "projection rebuild started");
+        tokio::spawn(async move {
+            match projections.rebuild(kind).await {
+                Ok(live) => {
+                    tracing::info!(projector = kind.name(), seq = live.last_seq, "projection rebuilt and swapped in")
+                }
+                Err(projections::RuntimeError::RebuildInProgress(_)) => {}
+                Err(error) => tracing::error!(projector = kind.name(), %error, "projection rebuild failed"),
+            }
+        });
+    }
+    let body = serde_json::json!({ "projector": kind.name(), "rebuilding": true, "started": !running });
+    Ok((StatusCode::ACCEPTED, AxumJson(body)).into_response())
 }
 
 #[cfg(test)]

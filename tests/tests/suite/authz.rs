@@ -158,6 +158,8 @@ const POLICY: &[Row] = &[
     row(Rest("GET", "/openapi.json"), ANY, Global, Nothing),
     // A backup holds every namespace's history: admin only, and never for a scoped token.
     row(Rest("GET", "/v1/admin/backup"), ADMIN, Unscoped, Nothing),
+    // So does a projection rebuild (it rewrites every namespace's rows).
+    row(Rest("POST", "/v1/admin/projections/{projector}/rebuild"), ADMIN, Unscoped, Nothing),
     row(Rest("GET", "/graphql"), ANY, Public, Nothing),
     // GraphQL transports: any valid token gets in (then each field decides).
     row(Rest("POST", "/graphql"), ANY, Global, Nothing),
@@ -199,10 +201,11 @@ const POLICY: &[Row] = &[
 
 /// Rows whose allowed cases must write at least one event. Pause and resume
 /// are left out: they write nothing when the queue already is in that state,
-/// and the cases run concurrently.
+/// and the cases run concurrently; and admin routes, which write no event
+/// (a projection rebuild rewrites SQL tables, not the log).
 fn must_write(row: &Row) -> bool {
     let write = match row.surface {
-        Rest(method, path) => method != "GET" && !path.starts_with("/graphql"),
+        Rest(method, path) => method != "GET" && !path.starts_with("/graphql") && !path.starts_with("/v1/admin/"),
         Mutation(_) => true,
         _ => false,
     };
@@ -475,7 +478,11 @@ impl Case {
 /// The REST request of a row: path (with query) and body.
 fn rest_request(path: &str, t: &Subject, case: usize) -> (String, Option<Value>) {
     let ns = t.namespace.clone().unwrap_or_default();
-    let concrete = path.replace("{id}", &t.task).replace("{step}", "main").replace("{namespace}", &ns);
+    let concrete = path
+        .replace("{id}", &t.task)
+        .replace("{step}", "main")
+        .replace("{namespace}", &ns)
+        .replace("{projector}", "queue");
     let filter = match &t.namespace {
         Some(ns) => format!("?namespace={ns}"),
         None => String::new(),
@@ -499,6 +506,7 @@ fn rest_request(path: &str, t: &Subject, case: usize) -> (String, Option<Value>)
         "/v1/tasks/{id}/steps/{step}/retry" => json!({ "reset_attempts": true }),
         "/v1/tasks/{id}/steps/{step}/resolve" => json!({ "note": "authz" }),
         "/v1/queues/{namespace}/pause" | "/v1/queues/{namespace}/resume" => json!({}),
+        "/v1/admin/projections/{projector}/rebuild" => json!({}),
         "/v1/queues/{namespace}/concurrency" => json!({ "limit": case + 1 }),
         "/graphql" => json!({ "query": "{ __typename }" }),
         "/v1/events" => return ("/v1/events?follow=false".to_owned(), None),
