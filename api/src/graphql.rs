@@ -1229,7 +1229,7 @@ pub(crate) fn principal_from(state: &AppState, authorization: Option<&str>) -> O
 
 /// GET /graphql: the GraphiQL page, for a browser. A client that accepts JSON and not HTML
 /// (a GraphQL client sending its query over GET) is answered 405 with a JSON error naming
-/// POST: it got the page with a 200, and failed to parse it (found by a client-library check).
+/// POST (`Allow: POST`): it got the page with a 200, and failed to parse it (found by a client-library check).
 pub async fn graphiql(headers: axum::http::HeaderMap) -> Response {
     let accept: Vec<&str> =
         headers.get_all(axum::http::header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).collect();
@@ -1240,7 +1240,7 @@ pub async fn graphiql(headers: axum::http::HeaderMap) -> Response {
             "method_not_allowed",
             "GraphQL queries go over POST /graphql (JSON, with Content-Type: application/json); GET serves GraphiQL to browsers".to_owned(),
         );
-        refused.headers_mut().insert(axum::http::header::ALLOW, axum::http::HeaderValue::from_static("GET, POST"));
+        refused.headers_mut().insert(axum::http::header::ALLOW, axum::http::HeaderValue::from_static("POST"));
         return refused;
     }
     Html(GraphiQLSource::build().endpoint("/graphql").subscription_endpoint("/graphql/ws").finish()).into_response()

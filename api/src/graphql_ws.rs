@@ -49,6 +49,13 @@ pub mod close_code {
     pub const SUBSCRIBER_EXISTS: u16 = 4409;
 }
 
+/// Longest a socket waits at shutdown for its subscriptions' `complete` messages to go out
+/// before it closes with [`GOING_AWAY`].
+const SHUTDOWN_COMPLETES_WAIT: Duration = Duration::from_secs(1);
+
+/// RFC 6455's close code for a server going down.
+const GOING_AWAY: u16 = 1001;
+
 /// The largest close reason a close frame carries (RFC 6455: 125 bytes of payload, 2 of code).
 const CLOSE_REASON_MAX: usize = 123;
 
@@ -69,13 +76,14 @@ pub async fn graphql_ws(
         .max_frame_size(state.max_body_bytes)
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .on_upgrade(move |socket| async move {
+            let _open = state.open_sockets.open();
             let connection = Arc::new(Connection { transport_ws, ..Connection::default() });
             let (sink, stream) = socket.split();
             let outgoing = connection.clone();
             let sink = sink.with_flat_map(move |message| {
                 futures_util::stream::iter(outgoing.outgoing(message).map(Ok::<_, axum::Error>))
             });
-            let stream = incoming_messages(stream, connection.clone());
+            let stream = incoming_messages(stream, connection.clone(), state.stopping.clone());
             let accepted = connection.clone();
             let serve = GraphQLWebSocket::new_with_pair(sink, stream, schema, protocol)
                 .on_connection_init(move |payload| async move {
@@ -93,9 +101,10 @@ pub async fn graphql_ws(
                         }
                         None => {
                             accepted.refused.store(true, Ordering::Release);
-                            Err(async_graphql::Error::new(
-                                "connection_init needs {\"Authorization\": \"Bearer <token>\"}",
-                            ))
+                            Err(async_graphql::Error::new(match authorization {
+                                None => "connection_init needs {\"Authorization\": \"Bearer <token>\"}",
+                                Some(_) => "unknown, revoked or malformed token in connection_init's Authorization",
+                            }))
                         }
                     }
                 })
@@ -127,28 +136,45 @@ pub async fn graphql_ws(
 fn incoming_messages(
     socket: impl futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin + Send,
     connection: Arc<Connection>,
+    stopping: tokio::sync::watch::Receiver<bool>,
 ) -> impl futures_util::Stream<Item = Result<Message, axum::Error>> + Send {
     let deadline = Box::pin(tokio::time::sleep(WS_INIT_WAIT));
+    // At shutdown the subscriptions complete; once their `complete` messages are out, the
+    // socket closes with 1001 (Going Away), where it ended without a close frame (found by a
+    // client-library check).
+    let running = connection.clone();
+    let shutdown = Box::pin(async move {
+        let mut stopping = stopping;
+        let _ = stopping.wait_for(|stop| *stop).await;
+        let started = tokio::time::Instant::now();
+        while !running.running.lock().expect("websocket state").is_empty()
+            && started.elapsed() < SHUTDOWN_COMPLETES_WAIT
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
     futures_util::stream::unfold(
-        (socket, Some(deadline), connection, false),
-        |(mut socket, mut deadline, connection, ended)| async move {
+        (socket, Some(deadline), shutdown, connection, false),
+        |(mut socket, mut deadline, mut shutdown, connection, ended)| async move {
             if ended {
                 return None;
             }
-            let next = match deadline.as_mut() {
-                Some(sleep) => tokio::select! {
-                    next = socket.next() => next,
-                    () = sleep => {
+            let next = loop {
+                tokio::select! {
+                    next = socket.next() => break next,
+                    () = async { deadline.as_mut().expect("checked by the branch").await }, if deadline.is_some() => {
                         deadline = None;
                         if !connection.initialised.load(Ordering::Acquire) {
                             let message = connection
                                 .violated(close_code::INIT_TIMEOUT, "Connection initialisation timeout".to_owned());
-                            return Some((Ok(message), (socket, deadline, connection, true)));
+                            return Some((Ok(message), (socket, deadline, shutdown, connection, true)));
                         }
-                        socket.next().await
                     }
-                },
-                None => socket.next().await,
+                    () = &mut shutdown => {
+                        let message = connection.violated(GOING_AWAY, "the server is shutting down".to_owned());
+                        return Some((Ok(message), (socket, deadline, shutdown, connection, true)));
+                    }
+                }
             };
             let message = match next? {
                 Ok(message) => connection.incoming(message),
@@ -156,10 +182,10 @@ fn incoming_messages(
                     let text = error.to_string();
                     let code = if text.contains("too long") || text.contains("limit") { 1009 } else { 1002 };
                     let message = connection.violated(code, text);
-                    return Some((Ok(message), (socket, deadline, connection, true)));
+                    return Some((Ok(message), (socket, deadline, shutdown, connection, true)));
                 }
             };
-            Some((Ok(message), (socket, deadline, connection, false)))
+            Some((Ok(message), (socket, deadline, shutdown, connection, false)))
         },
     )
 }
@@ -321,7 +347,23 @@ fn refused_before_running(next: &str) -> Option<Vec<serde_json::Value>> {
     let refused = payload.data.is_null()
         && !payload.errors.is_empty()
         && payload.errors.iter().all(|error| error.get("path").is_none_or(serde_json::Value::is_null));
-    refused.then_some(payload.errors)
+    // Errors async-graphql raises when it picks the operation ("Unknown operation named …")
+    // come without the code `POST /graphql` gives them.
+    refused.then(|| {
+        payload
+            .errors
+            .into_iter()
+            .map(|mut error| {
+                if let Some(error) = error.as_object_mut() {
+                    let extensions = error.entry("extensions").or_insert_with(|| serde_json::json!({}));
+                    if let Some(extensions) = extensions.as_object_mut() {
+                        extensions.entry("code").or_insert_with(|| "invalid_query".into());
+                    }
+                }
+                error
+            })
+            .collect()
+    })
 }
 
 /// `reason` cut to [`CLOSE_REASON_MAX`] bytes, at a character boundary.

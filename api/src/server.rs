@@ -55,6 +55,48 @@ pub struct AppContext {
     pub long_poll_limit: Duration,
     /// The largest request body (`--max-body-bytes`), and so the largest WebSocket message.
     pub max_body_bytes: usize,
+    /// WebSockets open: a shutdown waits (briefly) for them to close with their close frame.
+    pub open_sockets: Arc<OpenSockets>,
+}
+
+/// How many WebSockets are open, for a shutdown to wait on. (An upgraded connection leaves
+/// hyper, so the wait for connections does not see it: the server exited under them, and
+/// clients saw the socket end without a close frame.)
+#[derive(Default)]
+pub struct OpenSockets {
+    open: std::sync::atomic::AtomicUsize,
+    closed: tokio::sync::Notify,
+}
+
+/// One open WebSocket, counted in [`OpenSockets`] until dropped.
+pub struct OpenSocket(Arc<OpenSockets>);
+
+impl OpenSockets {
+    pub fn open(self: &Arc<Self>) -> OpenSocket {
+        self.open.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        OpenSocket(self.clone())
+    }
+
+    /// Waits until every socket has closed, at most `limit`.
+    pub async fn all_closed(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                let closed = self.closed.notified();
+                if self.open.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                    return;
+                }
+                closed.await;
+            }
+        })
+        .await;
+    }
+}
+
+impl Drop for OpenSocket {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.closed.notify_waiters();
+    }
 }
 
 impl AppState {
@@ -429,7 +471,9 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         stopping,
         long_poll_limit: config.request_timeout / 2,
         max_body_bytes: config.max_body_bytes,
+        open_sockets: Arc::default(),
     });
+    let open_sockets = state.open_sockets.clone();
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
     let local = listener.local_addr().context("read the bound address")?;
 
@@ -503,6 +547,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         stopping_tx.send_replace(true);
     };
     serve_connections(listener, app, config.max_connections, config.header_read_timeout, shutdown).await;
+    // WebSockets complete their subscriptions and close with 1001 (`graphql_ws`).
+    open_sockets.all_closed(WEBSOCKETS_CLOSE_WAIT).await;
     tracing::info!("shutting down: stopping projectors, draining the writer");
     projections.shutdown().await;
     drop(projection_runtime);
@@ -586,6 +632,9 @@ async fn serve_connections(
         );
     }
 }
+
+/// Longest a shutdown waits for WebSockets to close after the HTTP connections have.
+const WEBSOCKETS_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Longest `/metrics` waits for the queue depths from the projections.
 const METRICS_DEPTHS_WAIT: Duration = Duration::from_secs(1);

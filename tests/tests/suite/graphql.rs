@@ -596,7 +596,14 @@ fn websocket_protocol_errors_close_with_the_codes_graphql_transport_ws_names() {
 
     let mut wrong_token = connect_ws(&server, Duration::from_secs(10));
     send_json(&mut wrong_token, json!({ "type": "connection_init", "payload": { "Authorization": "Bearer nope" } }));
-    assert!(matches!(close_frame(&mut wrong_token), Closed::Frame(4403, reason) if reason.contains("Authorization")));
+    assert!(
+        matches!(close_frame(&mut wrong_token), Closed::Frame(4403, reason) if reason.contains("unknown, revoked"))
+    );
+    let mut no_token = connect_ws(&server, Duration::from_secs(10));
+    send_json(&mut no_token, json!({ "type": "connection_init", "payload": {} }));
+    assert!(
+        matches!(close_frame(&mut no_token), Closed::Frame(4403, reason) if reason.contains("needs {\"Authorization\""))
+    );
 
     let mut too_early = connect_ws(&server, Duration::from_secs(10));
     send_json(&mut too_early, json!({ "id": "1", "type": "subscribe", "payload": events }));
@@ -674,6 +681,17 @@ fn websocket_protocol_errors_close_with_the_codes_graphql_transport_ws_names() {
         }
     }
     let of = |id: &str| seen.iter().filter(|(_, i)| i == id).map(|(t, _)| t.as_str()).collect::<Vec<_>>();
+    // Errors raised when the operation is picked carry a code too.
+    send_json(
+        &mut refused,
+        json!({ "id": "op", "type": "subscribe", "payload": { "query": "query A { ledger { headSeq } }", "operationName": "B" } }),
+    );
+    let message = next_message(&mut refused);
+    assert_eq!(
+        (message["type"].clone(), message["payload"][0]["extensions"]["code"].clone()),
+        (json!("error"), json!("invalid_query")),
+        "{message}"
+    );
     assert_eq!((of("bad"), of("good")), (vec!["error"], vec!["next", "complete"]), "{seen:?}");
 
     let mut again = connect_ws(&server, Duration::from_secs(10));
@@ -780,7 +798,7 @@ fn graphiql_is_served_to_browsers() {
 }
 
 /// A shutdown completes each subscription (a `complete` message, so the client knows the
-/// stream ended rather than broke) before the server exits.
+/// stream ended rather than broke), then closes the socket with 1001, before the server exits.
 #[test]
 fn a_shutdown_completes_the_subscriptions() {
     let server = Server::start();
@@ -796,5 +814,8 @@ fn a_shutdown_completes_the_subscriptions() {
         }
     };
     assert_eq!(complete["id"], "1");
+    // Then the socket closes with 1001, Going Away (it ended without a close frame, which
+    // clients read as a failure, 1006: found by a client-library check).
+    assert_eq!(close_frame(&mut socket), Closed::Frame(1001, "the server is shutting down".into()));
     assert_eq!(stopped.join().unwrap(), Some(0));
 }
