@@ -519,7 +519,7 @@ struct Runner {
     feed: LiveFeed,
     config: RuntimeConfig,
     progress: Arc<Mutex<Progress>>,
-    checkpoint_watch: watch::Sender<u64>,
+    checkpoint_watch: Arc<watch::Sender<u64>>,
     stop: watch::Receiver<bool>,
     until: Until,
 }
@@ -625,15 +625,23 @@ impl Runner {
 struct Running {
     slot: Slot,
     progress: Arc<Mutex<Progress>>,
+    /// The projector's applied seq, for `wait_for_seq`. Owned here, not by the runner, so that
+    /// it outlives a runner stopped for a swap and passes on to the next one: readers waiting
+    /// on it go on waiting instead of reading tables nobody is writing (found by a black-box
+    /// check: `min_seq` reads answered from the old tables, without their seq, at a swap).
+    checkpoint_tx: Arc<watch::Sender<u64>>,
     checkpoint: watch::Receiver<u64>,
     stop: watch::Sender<bool>,
-    join: JoinHandle<()>,
+    /// `None` once the runner was stopped and its task awaited.
+    join: Option<JoinHandle<()>>,
 }
 
 impl Running {
-    async fn stop(self) {
+    async fn stop(mut self) {
         self.stop.send_replace(true);
-        let _ = self.join.await;
+        if let Some(join) = self.join.take() {
+            let _ = join.await;
+        }
     }
 }
 
@@ -704,7 +712,7 @@ impl Projections {
                         }
                     });
                 }
-                _ => projections.spawn_live(kind),
+                _ => projections.spawn_live(kind, None),
             }
         }
         Ok(projections)
@@ -731,10 +739,19 @@ impl Projections {
         }
     }
 
-    fn spawn(&self, kind: ProjectorKind, slot: Slot, until: Until) -> Running {
-        let progress = Arc::new(Mutex::new(Progress { running: true, ..Progress::default() }));
+    /// Starts a runner; `carried` is the watch and the checkpoint of the runner it takes over
+    /// from (a live projector after a swap), so that readers and the status see no gap.
+    fn spawn(
+        &self,
+        kind: ProjectorKind,
+        slot: Slot,
+        until: Until,
+        carried: Option<(Arc<watch::Sender<u64>>, u64)>,
+    ) -> Running {
+        let (checkpoint_tx, checkpoint_seq) = carried.unwrap_or_else(|| (Arc::new(watch::channel(0).0), 0));
+        let progress = Arc::new(Mutex::new(Progress { running: true, checkpoint_seq, ..Progress::default() }));
         let (stop, stop_rx) = watch::channel(false);
-        let (checkpoint_tx, checkpoint) = watch::channel(0);
+        let checkpoint = checkpoint_tx.subscribe();
         let runner = Runner {
             kind,
             slot,
@@ -743,7 +760,7 @@ impl Projections {
             feed: self.inner.feed.clone(),
             config: self.inner.config.clone(),
             progress: progress.clone(),
-            checkpoint_watch: checkpoint_tx,
+            checkpoint_watch: checkpoint_tx.clone(),
             stop: stop_rx,
             until,
         };
@@ -752,11 +769,11 @@ impl Projections {
             runner.run().await;
             done.lock().running = false;
         });
-        Running { slot, progress, checkpoint, stop, join }
+        Running { slot, progress, checkpoint_tx, checkpoint, stop, join: Some(join) }
     }
 
-    fn spawn_live(&self, kind: ProjectorKind) {
-        let running = self.spawn(kind, Slot::Live, Until::Stopped);
+    fn spawn_live(&self, kind: ProjectorKind, carried: Option<(Arc<watch::Sender<u64>>, u64)>) {
+        let running = self.spawn(kind, Slot::Live, Until::Stopped, carried);
         self.inner.live.lock().insert(kind, running);
     }
 
@@ -834,7 +851,7 @@ impl Projections {
         }
         // Catch up in the background of the live projector...
         let progress = self.inner.shadows.lock().get(&kind).cloned().expect("registered by rebuild");
-        let shadow_runner = self.spawn(kind, Slot::Shadow, Until::CaughtUp);
+        let shadow_runner = self.spawn(kind, Slot::Shadow, Until::CaughtUp, None);
         let shadow_progress = shadow_runner.progress.clone();
         {
             // Mirror the shadow runner's progress into the status entry.
@@ -852,7 +869,9 @@ impl Projections {
                 }
             });
         }
-        let _ = shadow_runner.join.await;
+        if let Some(join) = shadow_runner.join {
+            let _ = join.await;
+        }
         if let Some(error) = shadow_progress.lock().error.clone() {
             tracing::debug!(projector = kind.name(), %error, "shadow build recovered from an error");
         }
@@ -860,10 +879,16 @@ impl Projections {
         if let Some(shadow) = checkpoint::read(store, kind, Slot::Shadow).await? {
             checkpoint::create_indexes(store, kind, &shadow).await?;
         }
-        // ...then stop the live runner, finish the last few records, and swap.
-        let running = self.inner.live.lock().remove(&kind);
-        if let Some(running) = running {
-            running.stop().await;
+        // ...then stop the live runner, finish the last few records, and swap. Its entry stays,
+        // so that the status and `min_seq` readers still see the projector at its checkpoint
+        // (it vanished from both, and then came back at seq 0: `/readyz` said the projections
+        // were the whole log behind, found by a black-box check).
+        let join = self.inner.live.lock().get_mut(&kind).and_then(|running| {
+            running.stop.send_replace(true);
+            running.join.take()
+        });
+        if let Some(join) = join {
+            let _ = join.await;
         }
         let result = async {
             self.inner.config.fence.check()?;
@@ -873,7 +898,20 @@ impl Projections {
             swap(store, kind).await
         }
         .await;
-        self.spawn_live(kind);
+        let carried = self.inner.live.lock().get(&kind).map(|running| {
+            let tx = running.checkpoint_tx.clone();
+            let seq = running.progress.lock().checkpoint_seq;
+            (tx, seq)
+        });
+        let carried = match (&result, carried) {
+            // The swapped-in tables hold every record to their checkpoint: readers may go on.
+            (Ok(live), Some((tx, _))) => {
+                tx.send_replace(live.last_seq);
+                Some((tx, live.last_seq))
+            }
+            (_, carried) => carried,
+        };
+        self.spawn_live(kind, carried);
         result
     }
 

@@ -222,8 +222,16 @@ async fn a_restart_resumes_from_the_checkpoints_and_a_rebuild_swaps_in_the_same_
         let projections = projections.clone();
         tokio::spawn(async move { projections.rebuild(ProjectorKind::Tasks).await })
     };
-    for _ in 0..20 {
+    // All along, and through the swap, the live projector is in the status at its checkpoint
+    // (at the swap it vanished, then came back at seq 0: `/readyz` said the projections were
+    // the whole log behind, found by a black-box check).
+    let mut samples = 0;
+    while !rebuild.is_finished() || samples == 0 {
         assert!(query::task(&store, uuid(1)).await.unwrap().is_some());
+        let status = projections.status().unwrap();
+        let live = status.iter().find(|s| s.projector == "tasks" && s.slot == "live");
+        assert_eq!(live.map(|s| s.checkpoint_seq), Some(log.head()), "{status:?}");
+        samples += 1;
         tokio::task::yield_now().await;
     }
     let swapped = rebuild.await.unwrap().unwrap();
