@@ -349,6 +349,11 @@ struct TaskQuery {
 #[serde(deny_unknown_fields)]
 struct NoQuery {}
 
+/// A body that names no field (`{}`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoFields {}
+
 /// A route's query string, as axum extracts it.
 type QueryParams<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
 
@@ -712,6 +717,8 @@ async fn rebuild_projector(
     who: Principal,
     Path(name): Path<String>,
     query: QueryParams<NoQuery>,
+    // No body, or an empty object: anything else is refused like any other route's junk.
+    MaybeJson(_): MaybeJson<NoFields>,
 ) -> ApiResult<Response> {
     route_query(query)?;
     who.require_unscoped_admin("rebuild a projection")?;

@@ -702,17 +702,22 @@ impl Projections {
             stored.push((kind, checkpoint));
         }
         for (kind, stored) in stored {
+            // A rebuild a stop or a crash interrupted goes on where its shadow tables stand (it
+            // was left until someone asked again, and the status did not show it: found by a
+            // black-box check).
+            let interrupted = checkpoint::read(&projections.inner.store, kind, Slot::Shadow).await?.is_some();
             match stored {
                 Some(checkpoint) if checkpoint.version != kind.version() => {
                     tracing::info!(projector = kind.name(), stored = checkpoint.version, "rebuilding a new version");
-                    let this = projections.clone();
-                    projections.spawn_task(async move {
-                        if let Err(error) = this.rebuild(kind).await {
-                            tracing::error!(projector = kind.name(), %error, "rebuild failed");
-                        }
-                    });
+                    projections.rebuild_in_background(kind);
                 }
-                _ => projections.spawn_live(kind, None),
+                _ => {
+                    projections.spawn_live(kind, None);
+                    if interrupted {
+                        tracing::info!(projector = kind.name(), "resuming an interrupted rebuild");
+                        projections.rebuild_in_background(kind);
+                    }
+                }
             }
         }
         Ok(projections)
@@ -720,6 +725,16 @@ impl Projections {
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// [`Projections::rebuild`] on a task of its own; a failure is logged.
+    fn rebuild_in_background(&self, kind: ProjectorKind) {
+        let this = self.clone();
+        self.spawn_task(async move {
+            if let Err(error) = this.rebuild(kind).await {
+                tracing::error!(projector = kind.name(), %error, "rebuild failed");
+            }
+        });
     }
 
     /// Whether another process holds the database's lock (see [`LockFence`]).

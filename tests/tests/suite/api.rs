@@ -1464,6 +1464,9 @@ fn an_admin_rebuilds_a_damaged_projection_while_the_server_runs() {
         server.get(&format!("/v1/views/tasks?namespace=repair&min_seq={head}")).body["items"].as_array().unwrap().len(),
         6
     );
+    // No body or `{}`; anything else is refused as on every route.
+    let junk = server.post("/v1/admin/projections/tasks/rebuild", json!({ "force": true }));
+    assert_eq!((junk.status, junk.code()), (400, "invalid_request"), "{junk:?}");
     let unknown = server.post("/v1/admin/projections/nope/rebuild", json!({}));
     assert_eq!((unknown.status, unknown.code()), (404, "projector_not_found"), "{unknown:?}");
     assert!(
