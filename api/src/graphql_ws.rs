@@ -222,14 +222,6 @@ struct Connection {
     running: std::sync::Mutex<HashSet<String>>,
 }
 
-/// The parts of a client message this module reads.
-#[derive(serde::Deserialize)]
-struct Envelope {
-    #[serde(rename = "type")]
-    kind: String,
-    id: Option<String>,
-}
-
 /// The parts of a server message this module reads.
 #[derive(serde::Deserialize)]
 struct Completed {
@@ -254,17 +246,23 @@ impl Connection {
             Message::Binary(bytes) => bytes,
             _ => return message,
         };
-        // A key named twice in one object (in `variables`, say), as over POST /graphql; also in
-        // a message whose envelope this module cannot read (async-graphql may).
-        if let Err(e) = serde_json::from_slice::<crate::wire::UniqueKeys>(bytes)
-            && e.classify() == serde_json::error::Category::Data
-        {
-            return self.violated(close_code::BAD_REQUEST, format!("Invalid message: {e}"));
-        }
-        let Ok(envelope) = serde_json::from_slice::<Envelope>(bytes) else { return message };
-        let Some(id) = envelope.id else { return message };
+        // Read once: a key named twice in one object (in `variables`, say) is refused, as over
+        // POST /graphql; text that is not JSON is left to async-graphql to refuse.
+        let value = match serde_json::from_slice::<crate::wire::UniqueKeys>(bytes) {
+            Ok(crate::wire::UniqueKeys(value)) => value,
+            Err(e) if e.classify() == serde_json::error::Category::Data => {
+                return self.violated(close_code::BAD_REQUEST, format!("Invalid message: {e}"));
+            }
+            Err(_) => return message,
+        };
+        let (Some(kind), Some(id)) =
+            (value.get("type").and_then(|v| v.as_str()), value.get("id").and_then(|v| v.as_str()))
+        else {
+            return message;
+        };
+        let id = id.to_owned();
         let mut running = self.running.lock().expect("websocket state");
-        match envelope.kind.as_str() {
+        match kind {
             // Before the acknowledgement async-graphql closes with 1011, sent on as 4401.
             "subscribe" | "start" if self.initialised.load(Ordering::Acquire) => {
                 if running.insert(id.clone()) {

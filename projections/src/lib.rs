@@ -38,7 +38,7 @@ pub mod testing;
 
 pub use checkpoint::{Checkpoint, Slot};
 pub use error::{ApplyError, AsOfError, Error, OpenError, QueryError, RuntimeError};
-pub use lock::{Fenced, LockFence, StoreLock};
+pub use lock::{LockFence, StoreLock};
 pub use projectors::ProjectorKind;
 pub use runtime::{Driver, Projections, ProjectorStatus, RuntimeConfig};
 pub use store::{Backend, Store, StoreOptions};

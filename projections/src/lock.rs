@@ -81,7 +81,7 @@ pub struct LockFence(std::sync::Arc<parking_lot::Mutex<Fenced>>);
 
 /// What a [`LockFence`] says.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum Fenced {
+enum Fenced {
     /// This process holds the lock.
     #[default]
     No,
@@ -93,7 +93,7 @@ pub enum Fenced {
 
 impl LockFence {
     /// The lock's state now.
-    pub fn state(&self) -> Fenced {
+    fn state(&self) -> Fenced {
         self.0.lock().clone()
     }
 

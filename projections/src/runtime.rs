@@ -630,7 +630,6 @@ struct Running {
     /// on it go on waiting instead of reading tables nobody is writing (found by a black-box
     /// check: `min_seq` reads answered from the old tables, without their seq, at a swap).
     checkpoint_tx: Arc<watch::Sender<u64>>,
-    checkpoint: watch::Receiver<u64>,
     stop: watch::Sender<bool>,
     /// `None` once the runner was stopped and its task awaited.
     join: Option<JoinHandle<()>>,
@@ -766,7 +765,6 @@ impl Projections {
         let (checkpoint_tx, checkpoint_seq) = carried.unwrap_or_else(|| (Arc::new(watch::channel(0).0), 0));
         let progress = Arc::new(Mutex::new(Progress { running: true, checkpoint_seq, ..Progress::default() }));
         let (stop, stop_rx) = watch::channel(false);
-        let checkpoint = checkpoint_tx.subscribe();
         let runner = Runner {
             kind,
             slot,
@@ -784,7 +782,7 @@ impl Projections {
             runner.run().await;
             done.lock().running = false;
         });
-        Running { slot, progress, checkpoint_tx, checkpoint, stop, join: Some(join) }
+        Running { slot, progress, checkpoint_tx, stop, join: Some(join) }
     }
 
     fn spawn_live(&self, kind: ProjectorKind, carried: Option<(Arc<watch::Sender<u64>>, u64)>) {
@@ -823,7 +821,7 @@ impl Projections {
     /// consistency token), at most `timeout`. Returns whether they all have.
     pub async fn wait_for_seq(&self, seq: u64, timeout: Duration) -> bool {
         let watches: Vec<watch::Receiver<u64>> =
-            self.inner.live.lock().values().map(|r| r.checkpoint.clone()).collect();
+            self.inner.live.lock().values().map(|r| r.checkpoint_tx.subscribe()).collect();
         let all = async {
             for mut w in watches {
                 if w.wait_for(|applied| *applied >= seq).await.is_err() {
@@ -870,7 +868,7 @@ impl Projections {
         let shadow_progress = shadow_runner.progress.clone();
         {
             // Mirror the shadow runner's progress into the status entry.
-            let mut checkpoint = shadow_runner.checkpoint.clone();
+            let mut checkpoint = shadow_runner.checkpoint_tx.subscribe();
             let progress = progress.clone();
             let shadow_progress = shadow_progress.clone();
             self.spawn_task(async move {
