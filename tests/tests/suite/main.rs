@@ -10,6 +10,7 @@ mod api;
 mod authz;
 mod backup;
 mod cli;
+mod compat;
 mod crash_api;
 mod graphql;
 mod load;
