@@ -142,6 +142,11 @@ impl Metrics {
             out,
             "# HELP taskledger_writer_healthy 1 while the writer accepts writes.\n# TYPE taskledger_writer_healthy gauge\ntaskledger_writer_healthy {healthy}"
         );
+        let _ = writeln!(
+            out,
+            "# HELP taskledger_clock_behind_seconds How far the system clock is behind the log's last recorded time (0 unless it was set back: recorded time then stands still, and leases, retries and run_at fall due that much later).\n# TYPE taskledger_clock_behind_seconds gauge\ntaskledger_clock_behind_seconds {}",
+            stats.clock_behind_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
         if let Ok(head) = writer.reader().head() {
             let _ = writeln!(
                 out,

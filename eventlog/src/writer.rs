@@ -37,7 +37,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -195,6 +195,10 @@ pub struct WriterStats {
     pub snapshots: AtomicU64,
     /// Snapshots due that could not be written, and the snapshot thread stopping for good.
     pub snapshot_failures: AtomicU64,
+    /// How far (µs) the system clock was behind the log's last recorded time when the writer
+    /// last looked (at least every 500 ms); 0 when it is not. Set back, the clock makes
+    /// recorded time stand still until it catches up.
+    pub clock_behind_us: AtomicI64,
     /// Commit durations (write + fsync), counted into `COMMIT_BUCKETS_US`.
     pub commit_us_buckets: [AtomicU64; COMMIT_BUCKETS_US.len()],
     pub commit_us_total: AtomicU64,
@@ -683,6 +687,8 @@ fn answer(pending: Vec<Pending>, head_seq: u64) {
 
 /// Longest the writer sleeps without looking at its timers.
 const IDLE_WAKE: Duration = Duration::from_millis(500);
+/// How far the clock may fall behind the log's recorded time before it is logged (1 s).
+pub const CLOCK_BEHIND_WARN_US: i64 = 1_000_000;
 /// How often an idle writer looks whether the running checkpoint is done, while it holds
 /// acknowledged batches that readers cannot see yet.
 const HELD_POLL: Duration = Duration::from_millis(1);
@@ -762,9 +768,24 @@ impl WriterThread {
         }
     }
 
+    /// The time a batch is recorded at: the clock's, but never before the last record's. A
+    /// clock set back makes time stand still until it catches up (leases, retries and `run_at`
+    /// fall due that much later), which is counted and logged rather than silent.
     fn now(&self) -> Timestamp {
         let floor = self.store.last_recorded_at_us().unwrap_or(i64::MIN).max(self.ledger.last_event_at().as_micros());
-        Timestamp::from_micros(self.clock.now_us().max(floor))
+        let clock = self.clock.now_us();
+        let behind = floor.saturating_sub(clock).max(0);
+        let before = self.shared.stats.clock_behind_us.swap(behind, Ordering::Relaxed);
+        if behind > CLOCK_BEHIND_WARN_US && before <= CLOCK_BEHIND_WARN_US {
+            tracing::warn!(
+                behind_s = behind as f64 / 1e6,
+                "the system clock is behind the log's last recorded time (it was set back): recorded time stands \
+                 still, and leases, retries and run_at fall due that much later, until the clock catches up"
+            );
+        } else if behind <= CLOCK_BEHIND_WARN_US && before > CLOCK_BEHIND_WARN_US {
+            tracing::info!("the system clock has caught up with the log's recorded time");
+        }
+        Timestamp::from_micros(clock.max(floor))
     }
 
     fn time_to_next_timer(&self) -> Duration {

@@ -580,3 +580,39 @@ fn a_repeat_of_a_held_command_gets_its_original_answer() {
     drop(handle);
     writer.shutdown();
 }
+
+#[test]
+fn a_clock_set_back_makes_recorded_time_stand_still_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let start_us = 1_795_442_400_000_000;
+    let clock = Arc::new(ManualClock::new(start_us));
+    let (writer, _) = Writer::open(dir.path(), config(), clock.clone()).unwrap();
+    let handle = writer.handle();
+    let behind = || handle.stats().clock_behind_us.load(std::sync::atomic::Ordering::Relaxed);
+    let recorded_at = |seq: u64| handle.reader().read_range(seq, seq, 1).unwrap()[0].recorded_at_us;
+    handle.execute(envelope("c1", Command::CreateTask(job(1, "q")))).unwrap();
+    assert_eq!(behind(), 0);
+
+    // An hour back: the next records keep the last time, and the writer says how far behind.
+    clock.advance_ms(-3_600_000);
+    let claimed = handle.execute(envelope("c2", claim("q", "w", 1))).unwrap();
+    assert_eq!(recorded_at(2), start_us, "recorded time went back with the clock");
+    assert_eq!(behind(), 3_600_000_000);
+    // The lease runs from the log's time, and does not expire while the clock is behind.
+    assert_eq!(claimed.claimed[0].lease_deadline.as_micros(), start_us + 30_000_000);
+    clock.advance_ms(60_000);
+    handle.tick();
+    handle.read(|_| ()).unwrap();
+    assert_eq!(handle.reader().head().unwrap().seq, 2, "a timer fired on the clock's time");
+    assert_eq!(behind(), 3_540_000_000);
+
+    // Caught up, time moves on and the lease expires as due.
+    clock.advance_ms(3_540_000 + 31_000);
+    handle.tick();
+    handle.read(|_| ()).unwrap();
+    assert_eq!(behind(), 0);
+    let expired = handle.reader().read_range(3, 3, 1).unwrap();
+    assert!(matches!(eventlog::decode_event(&expired[0]).unwrap(), Event::LeaseExpired { .. }), "{expired:?}");
+    assert_eq!(recorded_at(3), start_us + 31_000_000);
+    writer.shutdown();
+}

@@ -985,6 +985,7 @@ fn health_readiness_and_metrics_answer() {
     assert_eq!(status, 200);
     assert!(metrics.contains("taskledger_commands_total{command=\"create_task\",outcome=\"accepted\"} 1"), "{metrics}");
     assert!(metrics.contains("taskledger_head_seq 1"));
+    assert!(metrics.contains("\ntaskledger_clock_behind_seconds 0\n"), "{metrics}");
     assert!(metrics.contains("taskledger_commit_seconds_count 1"), "{metrics}");
     assert!(metrics.contains("taskledger_batch_events_bucket{le=\"1\"} 1"), "{metrics}");
     assert!(metrics.contains("taskledger_projection_lag_events{projector="), "{metrics}");
