@@ -315,6 +315,9 @@ impl RedbStore {
         };
         if needs_init {
             initialise(&db)?;
+        } else if !matches!(journal, JournalAccess::ReadOnly(_)) {
+            // A store that will append (a read-only one reads an older log as it is).
+            mark_the_stream_index_of_an_older_log(&db)?;
         }
         let txn = db.begin_read().map_err(open_backend)?;
         let Checked { head, last_recorded_at_us } = check_head(&txn)?;
@@ -665,6 +668,35 @@ fn initialise(db: &Database) -> Result<(), OpenError> {
         let mut meta = txn.open_table(META).map_err(open_backend)?;
         meta.insert(META_FORMAT_VERSION, LOG_FORMAT_VERSION).map_err(open_backend)?;
         meta.insert(META_STREAMS_INDEXED_THROUGH, 0).map_err(open_backend)?;
+    }
+    txn.commit().map_err(open_backend)
+}
+
+/// Logs written before the stream index trailed the log (builds before 2026-12-02) indexed
+/// every record in its own batch and have no marker; without one, readers take the index to
+/// cover the whole log. Once this build appends (indexing later, in batches), that no longer
+/// holds: the marker is written before the first append, at the last record the old build
+/// wrote, or the new records of old streams would not be read (a task alive across the upgrade
+/// read as it was before it; found by the upgrade test's fixture of 2026-11-23).
+fn mark_the_stream_index_of_an_older_log(db: &Database) -> Result<(), OpenError> {
+    {
+        let txn = db.begin_read().map_err(open_backend)?;
+        let meta = txn.open_table(META).map_err(open_backend)?;
+        if meta.get(META_STREAMS_INDEXED_THROUGH).map_err(open_backend)?.is_some() {
+            return Ok(());
+        }
+    }
+    let mut txn = db.begin_write().map_err(open_backend)?;
+    txn.set_durability(Durability::Immediate).map_err(|e| open_backend(redb::Error::from(e)))?;
+    {
+        let last_seq = txn
+            .open_table(EVENTS)
+            .map_err(open_backend)?
+            .last()
+            .map_err(open_backend)?
+            .map_or(0, |(key, _)| key.value());
+        let mut meta = txn.open_table(META).map_err(open_backend)?;
+        meta.insert(META_STREAMS_INDEXED_THROUGH, last_seq).map_err(open_backend)?;
     }
     txn.commit().map_err(open_backend)
 }

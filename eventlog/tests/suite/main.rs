@@ -13,6 +13,7 @@ mod journal;
 mod replay_errors;
 mod store_model;
 mod support;
+mod upgrade;
 mod verify_problems;
 mod verify_speed;
 mod writer;
