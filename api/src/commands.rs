@@ -578,6 +578,29 @@ pub async fn wait_log_readable(state: &AppState, min_seq: Option<u64>) -> ApiRes
     }
 }
 
+/// Refuses a read that would miss acknowledged records a failed checkpoint left unreadable
+/// until a restart: those of `stream`, or any for a read of the whole log (`None`). Answering
+/// without them would tell a client its acknowledged write does not exist.
+pub fn refuse_unreadable(state: &AppState, stream: Option<&[u8]>) -> ApiResult<()> {
+    if !state.writer.has_unreadable_records(stream) {
+        return Ok(());
+    }
+    let reason = match state.writer.health() {
+        eventlog::Health::Failed(reason) => reason,
+        eventlog::Health::Healthy => "a checkpoint failed".to_owned(),
+    };
+    let what = if stream.is_some() { "this task's acknowledged records" } else { "acknowledged records" };
+    Err(ApiError::unavailable(
+        "log_not_readable",
+        format!(
+            "{what} (up to seq {}) are durable in the write-ahead journal but cannot be read until the server \
+             restarts ({reason}); restart it",
+            state.writer.acknowledged_head()
+        ),
+        30,
+    ))
+}
+
 /// A task's records (optionally only those up to `as_of`), provided the
 /// caller may read and may see its namespace; otherwise "not found", so scopes
 /// do not reveal which tasks exist elsewhere.
@@ -607,6 +630,10 @@ fn visible_task_records(
     as_of: Option<AsOf>,
 ) -> ApiResult<Vec<(StoredRecord, Event)>> {
     let key = StreamId::Task(task).to_key();
+    // A point before the records a failed checkpoint held is read as it was.
+    if !matches!(as_of, Some(AsOf::Seq(seq)) if seq <= state.writer.readable_goal()) {
+        refuse_unreadable(state, Some(&key))?;
+    }
     let mut records = Vec::new();
     let mut from = 1;
     'pages: loop {

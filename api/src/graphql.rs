@@ -368,6 +368,7 @@ impl QueryRoot {
     async fn ledger(&self, ctx: &Context<'_>) -> async_graphql::Result<LedgerHead> {
         who(ctx)?.require(Permission::Read)?;
         commands::wait_log_readable(state(ctx), None).await?;
+        commands::refuse_unreadable(state(ctx), None)?;
         let head = state(ctx).writer.reader().head().map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(LedgerHead { head_seq: head.seq, head_hash: eventlog::json::hex(&head.hash) })
     }

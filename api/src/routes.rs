@@ -398,6 +398,7 @@ async fn ledger_head(
     route_query(query)?;
     who.require(Permission::Read)?;
     commands::wait_log_readable(&state, None).await?;
+    commands::refuse_unreadable(&state, None)?;
     let head = state.writer.reader().head().map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(AxumJson(serde_json::json!({
         "head_seq": head.seq,
@@ -465,6 +466,10 @@ async fn event_feed(
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     if let Some(seq) = readable {
+        // After a failed checkpoint, the feed ends before acknowledged records it cannot read:
+        // the header names them, so the reader sees the feed was cut short.
+        let seq =
+            if state.writer.has_unreadable_records(None) { seq.max(state.writer.acknowledged_head()) } else { seq };
         response.headers_mut().insert(eventlog::json::FEED_HEAD_HEADER, HeaderValue::from(seq));
     }
     Ok(response)

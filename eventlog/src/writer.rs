@@ -227,6 +227,8 @@ struct Shared {
     /// The most readers will ever see until a restart: below `u64::MAX` once a checkpoint
     /// failed, and the batches it held stayed unreadable (durable in the journal).
     readable_cap: AtomicU64,
+    /// The streams those held batches wrote to: reads of them would miss acknowledged records.
+    unreadable_streams: Mutex<std::collections::HashSet<Vec<u8>>>,
     work: watch::Sender<ReadyWork>,
 }
 
@@ -357,6 +359,19 @@ impl WriterHandle {
         self.acknowledged_head().min(self.shared.readable_cap.load(Ordering::Acquire))
     }
 
+    /// After a failed checkpoint, whether acknowledged records cannot be read until a restart
+    /// (they are durable in the journal): any at all for `None`, or any of `stream`'s. A read
+    /// that needs them must not answer as if they did not exist (a task created with a 201 read
+    /// as 404, an online backup that left them out: found by a black-box check on a full disk).
+    pub fn has_unreadable_records(&self, stream: Option<&[u8]>) -> bool {
+        if self.readable_goal() >= self.acknowledged_head() {
+            return false;
+        }
+        stream.is_none_or(|stream| {
+            self.shared.unreadable_streams.lock().expect("unreadable streams lock").contains(stream)
+        })
+    }
+
     pub fn reader(&self) -> &LogReader {
         &self.reader
     }
@@ -460,6 +475,7 @@ impl Writer {
             head: watch::Sender::new(head.seq),
             acknowledged: AtomicU64::new(head.seq),
             readable_cap: AtomicU64::new(u64::MAX),
+            unreadable_streams: Mutex::default(),
             work: watch::Sender::new(ReadyWork::new()),
         });
         let handle = WriterHandle {
@@ -761,7 +777,11 @@ impl WriterThread {
                 if let Some(first) = self.unpublished.front().and_then(|(_, records)| records.first()) {
                     self.shared.readable_cap.store(first.seq - 1, Ordering::Release);
                 }
-                self.unpublished.clear();
+                let mut unreadable = self.shared.unreadable_streams.lock().expect("unreadable streams lock");
+                for (_, records) in self.unpublished.drain(..) {
+                    unreadable.extend(records.into_iter().map(|record| record.stream));
+                }
+                drop(unreadable);
                 *self.shared.health.lock().expect("health lock") =
                     Health::Failed(format!("checkpoint failed: {error}"));
             }

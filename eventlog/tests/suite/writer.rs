@@ -451,6 +451,13 @@ fn a_failed_checkpoint_stops_writes_and_loses_nothing_acknowledged() {
     let readable = *handle.head_watch().borrow();
     assert!(readable < acknowledged, "batches were held when the checkpoint failed ({readable})");
     assert_eq!(handle.readable_goal(), readable);
+    // Which reads would miss acknowledged records: any of the whole log, and those of the tasks
+    // the held batches created (task i is seq i + 1), not of those created before them.
+    assert!(handle.has_unreadable_records(None));
+    let stream = |i: u64| domain::StreamId::Task(task_id(i)).to_key();
+    assert!(handle.has_unreadable_records(Some(&stream(acknowledged - 1))));
+    assert!(handle.has_unreadable_records(Some(&stream(readable))));
+    assert!(!handle.has_unreadable_records(Some(&stream(readable - 1))));
     // Memory keeps every acknowledged task, the held ones too.
     let tasks =
         handle.read(move |l| (0..acknowledged).filter(|i| l.task(&task_id(*i)).is_some()).count() as u64).unwrap();
@@ -461,6 +468,7 @@ fn a_failed_checkpoint_stops_writes_and_loses_nothing_acknowledged() {
     let (writer, startup) = Writer::open(dir.path(), config(), Arc::new(SystemClock)).unwrap();
     assert_eq!(startup.head.seq, acknowledged, "a restart has every acknowledged command");
     let reader = writer.handle().reader().clone();
+    assert!(!writer.handle().has_unreadable_records(None), "a restart reads them all");
     let records = reader.read_range(1, acknowledged, 1000).unwrap();
     for (i, record) in records.iter().enumerate() {
         assert_eq!(record.command_id, format!("c{i}"));
