@@ -127,6 +127,12 @@ impl From<WriteError> for ApiError {
                      writes stop until the server is restarted with free space; reads still work",
                 )
             }
+            // Nothing was written and nothing failed: the writer takes commands again once space
+            // is freed, so unlike a full disk this says when to retry.
+            WriteError::StorageLow(reason) => ApiError {
+                retry_after_s: Some(30),
+                ..ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "storage_low", reason)
+            },
             WriteError::InvalidEnvelope(message) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_command_id", message)
             }

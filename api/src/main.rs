@@ -100,6 +100,11 @@ struct ServeArgs {
     /// A retried command id is recognised while its events are among the newest this many events.
     #[arg(long, env = "TASKLEDGER_DEDUP_WINDOW", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     dedup_window: u64,
+    /// Under this many MiB free on the data directory's disk, commands are refused (507
+    /// storage_low) until space is freed, so that a full disk never fails a commit or a
+    /// checkpoint halfway (0: no floor).
+    #[arg(long, env = "TASKLEDGER_MIN_FREE_DISK_MIB", default_value_t = eventlog::writer::MIN_FREE_DISK_BYTES_DEFAULT >> 20)]
+    min_free_disk_mib: u64,
     /// Newest records kept in memory for live subscribers (projections, feeds); a subscriber
     /// further behind reads from disk.
     #[arg(long, env = "TASKLEDGER_FEED_CAPACITY", default_value_t = 64 * 1024, value_parser = at_least_one_usize())]
@@ -172,6 +177,7 @@ fn main() -> ExitCode {
                 channel_capacity: args.writer_queue,
                 snapshot_every_events: args.snapshot_every,
                 dedup_window_events: args.dedup_window,
+                min_free_disk_bytes: args.min_free_disk_mib.saturating_mul(1 << 20),
                 feed_capacity: args.feed_capacity,
                 store: eventlog::RedbOptions {
                     stream_cache_entries: args.stream_cache,

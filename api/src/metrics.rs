@@ -40,6 +40,7 @@ fn outcome(result: &CommandResult) -> &'static str {
         Err(WriteError::Unavailable(_)) => "unavailable",
         Err(WriteError::CommitFailed(_)) => "commit_failed",
         Err(WriteError::StorageFull(_)) => "storage_full",
+        Err(WriteError::StorageLow(_)) => "storage_low",
         Err(WriteError::InvalidEnvelope(_) | WriteError::Forbidden) => "invalid",
     }
 }
@@ -146,6 +147,12 @@ impl Metrics {
             out,
             "# HELP taskledger_clock_behind_seconds How far the system clock is behind the log's last recorded time (0 unless it was set back: recorded time then stands still, and leases, retries and run_at fall due that much later).\n# TYPE taskledger_clock_behind_seconds gauge\ntaskledger_clock_behind_seconds {}",
             stats.clock_behind_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "# HELP taskledger_disk_free_bytes Free bytes on the data directory's disk when the writer last looked.\n# TYPE taskledger_disk_free_bytes gauge\ntaskledger_disk_free_bytes {}\n# HELP taskledger_storage_low 1 while that is under --min-free-disk-mib: commands are refused (507 storage_low) until space is freed.\n# TYPE taskledger_storage_low gauge\ntaskledger_storage_low {}",
+            stats.disk_free_bytes.load(Ordering::Relaxed),
+            u8::from(stats.storage_low.load(Ordering::Relaxed))
         );
         if let Ok(head) = writer.reader().head() {
             let _ = writeln!(

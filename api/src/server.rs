@@ -251,6 +251,21 @@ async fn readyz(State(state): State<AppState>) -> Response {
             if let Err(refused) = crate::readmodels::check_projections_lock(&state) {
                 return refused.into_response();
             }
+            if state.writer.stats().storage_low.load(std::sync::atomic::Ordering::Relaxed) {
+                return ApiError {
+                    retry_after_s: Some(30),
+                    ..ApiError::new(
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        "storage_low",
+                        format!(
+                            "the data directory's disk has {} MiB free, under --min-free-disk-mib: commands are refused \
+                             until space is freed",
+                            state.writer.stats().disk_free_bytes.load(std::sync::atomic::Ordering::Relaxed) >> 20
+                        ),
+                    )
+                }
+                .into_response();
+            }
             let lag = state.projections.max_lag().unwrap_or(u64::MAX);
             if lag > state.ready_max_lag {
                 return ApiError::unavailable(
@@ -490,7 +505,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     );
     println!(
         "writer: queue of {} commands, dedup window of {} events, {} recent records kept for live subscribers, \
-         {} stream heads cached, {}, {}; caches: {} MiB of log pages{}",
+         {} stream heads cached, {}, {}, {}; caches: {} MiB of log pages{}",
         config.writer.channel_capacity,
         config.writer.dedup_window_events,
         config.writer.feed_capacity,
@@ -502,6 +517,10 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         match config.writer.store.journal_bytes >> 20 {
             0 => "no write-ahead journal".to_owned(),
             mib => format!("a {mib} MiB write-ahead journal"),
+        },
+        match config.writer.min_free_disk_bytes >> 20 {
+            0 => "no free-disk floor".to_owned(),
+            mib => format!("commands refused under {mib} MiB free on disk"),
         },
         config.writer.store.cache_bytes >> 20,
         match projections_backend {

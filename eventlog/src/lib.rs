@@ -19,6 +19,7 @@ mod byte_batch;
 pub mod cli;
 pub mod clock;
 pub mod dedup;
+pub mod disk;
 pub mod error;
 pub mod fault;
 pub mod feed;

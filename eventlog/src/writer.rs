@@ -73,8 +73,15 @@ pub struct WriterConfig {
     /// A repeated command id is recognised while its events are among the
     /// newest this many records (the dedup window; rebuilt at startup).
     pub dedup_window_events: u64,
+    /// Under this many free bytes on the data directory's disk, commands are refused
+    /// (`WriteError::StorageLow`) until space is freed (0 = no floor); see `disk`.
+    pub min_free_disk_bytes: u64,
     pub store: RedbOptions,
 }
+
+/// Default of [`WriterConfig::min_free_disk_bytes`]: room for a checkpoint of a full journal
+/// (16 MiB of records, with their indexes, copied on write) and the projections catching up.
+pub const MIN_FREE_DISK_BYTES_DEFAULT: u64 = 256 << 20;
 
 impl Default for WriterConfig {
     fn default() -> Self {
@@ -85,6 +92,7 @@ impl Default for WriterConfig {
             snapshot_every_events: 1_000_000,
             feed_capacity: 64 * 1024,
             dedup_window_events: 1_000_000,
+            min_free_disk_bytes: MIN_FREE_DISK_BYTES_DEFAULT,
             store: RedbOptions::default(),
         }
     }
@@ -162,6 +170,10 @@ pub enum WriteError {
     /// Like `CommitFailed`, the writer then refuses writes until restarted (with space).
     #[error("the disk is full: the commit failed; the command is not in the log now, and may be after a restart: {0}")]
     StorageFull(String),
+    /// The data directory's disk is under its free-space floor: nothing was written, and
+    /// commands are taken again once space is freed (see `disk`).
+    #[error("{0}")]
+    StorageLow(String),
     /// The envelope itself is unusable (an empty or oversized command id or actor).
     #[error("invalid envelope: {0}")]
     InvalidEnvelope(String),
@@ -199,6 +211,11 @@ pub struct WriterStats {
     /// last looked (at least every 500 ms); 0 when it is not. Set back, the clock makes
     /// recorded time stand still until it catches up.
     pub clock_behind_us: AtomicI64,
+    /// Free bytes on the data directory's disk when the writer last looked (at most every
+    /// 100 ms while commands come; 0 before it first looked or without a floor).
+    pub disk_free_bytes: AtomicU64,
+    /// Whether that is under the floor, so commands are refused.
+    pub storage_low: AtomicBool,
     /// Commit durations (write + fsync), counted into `COMMIT_BUCKETS_US`.
     pub commit_us_buckets: [AtomicU64; COMMIT_BUCKETS_US.len()],
     pub commit_us_total: AtomicU64,
@@ -499,6 +516,10 @@ impl Writer {
             shared: shared.clone(),
             stop: stop_snapshots.clone(),
         });
+        let data_dir = snapshots.dir().parent().unwrap_or(snapshots.dir()).to_path_buf();
+        let mut disk = crate::disk::DiskFloor::new(data_dir, config.min_free_disk_bytes);
+        // Looked at once now: a start under the floor is logged, and the metrics have a figure.
+        let _ = disk.refusal(&shared.stats);
         let acks = Acknowledger::start(feed.clone(), shared.clone())?;
         let state = WriterThread {
             acks,
@@ -512,6 +533,7 @@ impl Writer {
             shared,
             reader,
             unpublished: Default::default(),
+            disk,
         };
         let thread = std::thread::Builder::new().name("taskledger-writer".into()).spawn(move || state.run())?;
         let snapshotter = snapshotter
@@ -570,6 +592,7 @@ struct WriterThread {
     /// Batches acknowledged while a checkpoint ran, not readable yet: `(head after, records)`,
     /// published in order once the store's readable head reaches them.
     unpublished: std::collections::VecDeque<(u64, Vec<crate::record::StoredRecord>)>,
+    disk: crate::disk::DiskFloor,
 }
 
 /// Work for the acknowledger thread, in batch order.
@@ -810,7 +833,8 @@ impl WriterThread {
 
     fn time_to_next_timer(&self) -> Duration {
         match self.ledger.next_timer_due() {
-            Some(due) if self.healthy() => {
+            // Under the disk's floor timers wait too (they write records).
+            Some(due) if self.healthy() && !self.disk.is_low() => {
                 let now = self.clock.now_us();
                 Duration::from_micros(u64::try_from(due.as_micros().saturating_sub(now)).unwrap_or(0)).min(IDLE_WAKE)
             }
@@ -828,6 +852,14 @@ impl WriterThread {
             let pending = batch
                 .into_iter()
                 .map(|(_, _, reply)| Pending { reply, result: Err(WriteError::Unavailable(reason.clone())) })
+                .collect();
+            self.acks.send(AckJob::Answer { pending, head_seq: self.store.head().seq });
+            return;
+        }
+        if let Some(reason) = self.disk.refusal(&self.shared.stats) {
+            let pending = batch
+                .into_iter()
+                .map(|(_, _, reply)| Pending { reply, result: Err(WriteError::StorageLow(reason.clone())) })
                 .collect();
             self.acks.send(AckJob::Answer { pending, head_seq: self.store.head().seq });
             return;
