@@ -27,7 +27,7 @@ pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
         if libc::statvfs(path.as_ptr(), &mut stats) != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(u64::from(stats.f_bavail).saturating_mul(u64::from(stats.f_frsize)))
+        Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
     }
 }
 
