@@ -51,6 +51,27 @@ impl From<projections::QueryError> for ApiError {
     }
 }
 
+/// Longest a view's query may take: a lock held on a projection table (a DBA's `LOCK TABLE`,
+/// a migration) would otherwise hold the read until the request timeout, with a message about
+/// commands (found by a black-box check: 28 s, then 408s at 60 s).
+pub const VIEW_QUERY_WAIT: Duration = Duration::from_secs(5);
+
+/// A view's query, bounded by [`VIEW_QUERY_WAIT`] (then 503 `projections_unavailable`).
+async fn answered<T>(query: impl std::future::Future<Output = Result<T, projections::QueryError>>) -> ApiResult<T> {
+    match tokio::time::timeout(VIEW_QUERY_WAIT, query).await {
+        Ok(answer) => Ok(answer?),
+        Err(_) => Err(ApiError::unavailable(
+            "projections_unavailable",
+            format!(
+                "the projections database did not answer within {} s (a lock held on a projection table, or an \
+                 overloaded database); the log, commands and task reads work",
+                VIEW_QUERY_WAIT.as_secs()
+            ),
+            5,
+        )),
+    }
+}
+
 /// A read model as REST's JSON. Through `Value` (whose objects sort their
 /// keys) rather than straight from the struct, so the bytes stay what REST
 /// has always answered.
@@ -196,7 +217,7 @@ pub async fn tasks(
     let namespace = scoped_namespace(who, namespace)?;
     wait_min_seq(state, args.min_seq).await?;
     let filter = TaskFilter { namespace, state: task_state, tag };
-    Ok(query::tasks(state.projections.store(), &filter, &args.page()).await?)
+    answered(query::tasks(state.projections.store(), &filter, &args.page())).await
 }
 
 pub async fn queue(
@@ -208,7 +229,7 @@ pub async fn queue(
 ) -> ApiResult<Page<QueueEntry>> {
     let namespace = scoped_namespace(who, namespace)?;
     wait_min_seq(state, args.min_seq).await?;
-    Ok(query::queue(state.projections.store(), namespace.as_deref(), step_state.as_deref(), &args.page()).await?)
+    answered(query::queue(state.projections.store(), namespace.as_deref(), step_state.as_deref(), &args.page())).await
 }
 
 pub async fn dead_letters(
@@ -219,7 +240,7 @@ pub async fn dead_letters(
 ) -> ApiResult<Page<DeadLetter>> {
     let namespace = scoped_namespace(who, namespace)?;
     wait_min_seq(state, args.min_seq).await?;
-    Ok(query::dead_letters(state.projections.store(), namespace.as_deref(), &args.page()).await?)
+    answered(query::dead_letters(state.projections.store(), namespace.as_deref(), &args.page())).await
 }
 
 /// Counts, per-minute throughput for the last `window_minutes`, latency histograms.
@@ -239,7 +260,7 @@ pub async fn dashboard(
             .unwrap_or(0);
         now_us - i64::from(m) * 60_000_000
     });
-    Ok(query::dashboard(state.projections.store(), namespace.as_deref(), since).await?)
+    answered(query::dashboard(state.projections.store(), namespace.as_deref(), since)).await
 }
 
 #[derive(Default)]
@@ -279,13 +300,13 @@ pub async fn audit_log(
         from_us: time(filter.from_time, "from")?,
         to_us: time(filter.to_time, "to")?,
     };
-    Ok(query::audit_log(state.projections.store(), &filter, &args.page()).await?)
+    answered(query::audit_log(state.projections.store(), &filter, &args.page())).await
 }
 
 pub async fn workers(state: &AppState, who: &Principal, args: ListArgs) -> ApiResult<Page<WorkerView>> {
     unscoped_auditor(who)?;
     wait_min_seq(state, args.min_seq).await?;
-    Ok(query::workers(state.projections.store(), &args.page()).await?)
+    answered(query::workers(state.projections.store(), &args.page())).await
 }
 
 /// Each projector's checkpoint, lag and last error.

@@ -554,6 +554,9 @@ impl Runner {
                     "projector failed; retrying (said again once a minute while it fails the same way)"
                 );
             }
+            // The next try gets a fresh write connection: the failure may have left this one
+            // broken for good (read-only, a failed I/O).
+            self.store.retire_writer().await;
             tokio::select! {
                 _ = tokio::time::sleep(self.config.retry_delay) => {}
                 _ = self.stop.wait_for(|stop| *stop) => return,

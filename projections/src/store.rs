@@ -290,6 +290,24 @@ impl Store {
         })
     }
 
+    /// After a failed write: on SQLite, closes the write connection so the next transaction
+    /// opens a fresh one. A connection can stay broken after what broke it is gone: one opened
+    /// while the database's files were read-only stays read-only ("attempt to write a readonly
+    /// database" after they were writable again, until a restart: found by a black-box check).
+    /// Bounded: a connection held elsewhere is left as it is. PostgreSQL's pool drops broken
+    /// connections itself.
+    pub async fn retire_writer(&self) {
+        if let Store::Sqlite(_, gate) = self {
+            let retire = async {
+                let _turn = gate.turn.clone().lock_owned().await;
+                if let Ok(connection) = gate.writer.acquire().await {
+                    let _ = sqlx::Connection::close_hard(connection.detach()).await;
+                }
+            };
+            let _ = tokio::time::timeout(RETIRE_WAIT, retire).await;
+        }
+    }
+
     pub async fn close(&self) {
         if let Store::Sqlite(_, gate) = self {
             gate.writer.close().await;
@@ -298,9 +316,37 @@ impl Store {
     }
 }
 
+/// The longest [`Store::retire_writer`] waits for the write connection.
+const RETIRE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A write connection gone read-only (as one opened while the files were read-only stays)
+    /// is replaced after the failure, and writes go on.
+    #[tokio::test]
+    async fn a_write_connection_stuck_read_only_is_replaced_after_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(dir.path().join("p.sqlite")).await.unwrap();
+        let Store::Sqlite(_, gate) = &store else { unreachable!("a SQLite store") };
+        sqlx::query("CREATE TABLE t (n INTEGER)").execute(&gate.writer).await.unwrap();
+        sqlx::query("PRAGMA query_only = 1").execute(&gate.writer).await.unwrap();
+        let store = &store;
+        let insert = |n: i64| async move {
+            let mut tx = store.begin().await?;
+            let StoreTx::Sqlite(sqlite, _) = &mut tx else { unreachable!("a SQLite transaction") };
+            sqlx::query("INSERT INTO t VALUES ($1)").bind(n).execute(&mut **sqlite).await?;
+            tx.commit().await
+        };
+        let failed = insert(1).await.expect_err("the connection is read-only");
+        assert!(failed.to_string().contains("readonly"), "{failed}");
+        assert!(insert(2).await.is_err(), "it stays read-only");
+        store.retire_writer().await;
+        insert(3).await.expect("a fresh connection writes");
+        let rows: Vec<i64> = sqlx::query_scalar("SELECT n FROM t").fetch_all(&gate.writer).await.unwrap();
+        assert_eq!(rows, [3]);
+    }
 
     /// A write that fails because the database is full (here: SQLite's `max_page_count`, as a
     /// full disk would) leaves the next transaction able to begin once there is room again.

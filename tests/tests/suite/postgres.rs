@@ -297,6 +297,33 @@ fn an_unreachable_postgresql_is_an_outage_of_the_views_only() {
     assert_eq!(server.stop(), Some(0), "a clean stop without PostgreSQL");
 }
 
+/// A lock held on a projection table (a DBA's `LOCK TABLE`) bounds a view's read at 5 s with
+/// `503 projections_unavailable`, rather than holding it until the lock goes (28 s in a
+/// black-box check) or the request timeout (408, whose message is about commands).
+#[test]
+fn a_view_behind_a_table_lock_answers_projections_unavailable() {
+    use sqlx::Connection;
+    let runtime = read_models::runtime();
+    let postgres = TempPostgres::start_private(ClusterOptions { durable: false }).expect("a private PostgreSQL");
+    let url = runtime.block_on(postgres.create_database("locked")).expect("a scratch database");
+    let temp = tempfile::tempdir().unwrap();
+    let server = Server::start_in(&temp.path().join("data"), &["--projections", url.as_str()]);
+    create_job(&server, "held", json!({}));
+    let head = server.head_seq();
+    assert_eq!(server.get(&format!("/v1/views/tasks?min_seq={head}")).status, 200);
+    let mut dba = runtime.block_on(sqlx::PgConnection::connect(&url)).unwrap();
+    runtime.block_on(sqlx::query("BEGIN").execute(&mut dba)).unwrap();
+    runtime.block_on(sqlx::query("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE").execute(&mut dba)).unwrap();
+    let view = server.get("/v1/views/tasks");
+    assert_eq!((view.status, view.code()), (503, "projections_unavailable"), "{view:?}");
+    assert!(view.body["error"]["message"].as_str().unwrap().contains("did not answer within 5 s"), "{view:?}");
+    runtime.block_on(sqlx::query("COMMIT").execute(&mut dba)).unwrap();
+    let view = server.get("/v1/views/tasks");
+    assert_eq!(view.status, 200, "the lock released: {view:?}");
+    assert_eq!(view.body["items"].as_array().map(Vec::len), Some(1), "{view:?}");
+    assert_eq!(server.stop(), Some(0));
+}
+
 /// Another process that takes the projections' lock while this server's lock connection is lost
 /// (a second server in a restart loop, say) stops this server's projectors writing and its views
 /// answering: they went on, and the two servers wrote into one database (the keeper only said
