@@ -497,7 +497,19 @@ struct Progress {
     failures: u64,
     /// When the current run of failures was last logged.
     failure_logged_at: Option<std::time::Instant>,
+    /// When the batch being applied was begun (`None` between batches).
+    batch_started: Option<std::time::Instant>,
 }
+
+/// A batch the database has not finished after this long is reported as the projector's error
+/// (so `taskledger_projection_failing` fires): a lock held on a projection table, or a database
+/// that stopped answering, showed neither error nor failing flag (found by a black-box check).
+pub const BATCH_WAIT_REPORTED_AFTER: Duration = Duration::from_secs(10);
+
+/// How long a stopping projector may take to finish the batch in flight: past it the batch is
+/// abandoned (rolled back with its checkpoint, applied again at the next start). A shutdown
+/// waited as long as a hung database did (found by a black-box check).
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// How often a projector that keeps failing the same way says so again. Every attempt was a
 /// WARN line: four a second while PostgreSQL was down (found by a black-box check).
@@ -528,7 +540,24 @@ impl Runner {
     /// Runs until stopped (or caught up), retrying after failures.
     async fn run(mut self) {
         loop {
-            let outcome = self.run_once().await;
+            let mut stop = self.stop.clone();
+            let outcome = tokio::select! {
+                outcome = self.run_once() => outcome,
+                _ = async {
+                    let _ = stop.wait_for(|stop| *stop).await;
+                    tokio::time::sleep(STOP_GRACE).await;
+                } => {
+                    tracing::warn!(
+                        projector = self.kind.name(),
+                        slot = self.slot.as_str(),
+                        "stopped without finishing its batch: the projections database did not answer within {} s \
+                         of the stop (the batch is applied again at the next start)",
+                        STOP_GRACE.as_secs()
+                    );
+                    return;
+                }
+            };
+            self.progress.lock().batch_started = None;
             let failed = match outcome {
                 Ok(()) => return,
                 Err(error) => error,
@@ -594,8 +623,10 @@ impl Runner {
                 _ = self.stop.wait_for(|stop| *stop) => return Ok(()),
             }
             self.config.fence.check()?;
+            self.progress.lock().batch_started = Some(std::time::Instant::now());
             driver.apply(&self.store, &records).await?;
             let mut progress = self.progress.lock();
+            progress.batch_started = None;
             progress.events_applied += records.len() as u64;
             progress.batches_applied += 1;
             drop(progress);
@@ -804,7 +835,16 @@ impl Projections {
             head_seq,
             lag: head_seq.saturating_sub(progress.checkpoint_seq),
             running: progress.running,
-            error: progress.error.clone(),
+            error: progress.error.clone().or_else(|| {
+                let waited = progress.batch_started?.elapsed();
+                (waited >= BATCH_WAIT_REPORTED_AFTER).then(|| {
+                    format!(
+                        "waiting {} s for the projections database to finish a batch (a lock held on a projection \
+                         table, or the database not answering)",
+                        waited.as_secs()
+                    )
+                })
+            }),
             events_applied: progress.events_applied,
             batches_applied: progress.batches_applied,
         };
