@@ -8,6 +8,11 @@ use std::path::PathBuf;
 pub enum OpenError {
     #[error("open the SQLite projections at {path}: {source}")]
     Sqlite { path: PathBuf, source: sqlx::Error },
+    #[error(
+        "the SQLite projections at {path} are damaged ({source}); they hold nothing the log does not: move the file \
+         and its -wal and -shm files aside and start again, and they are rebuilt from the log"
+    )]
+    Damaged { path: PathBuf, source: sqlx::Error },
     #[error("connect to the PostgreSQL projections: {source}")]
     Postgres { source: sqlx::Error },
     #[error("migrate the projections database: {0}")]
@@ -19,6 +24,22 @@ pub enum OpenError {
          database"
     )]
     InUse { what: String },
+}
+
+/// Whether SQLite said its file is damaged or not a database (`SQLITE_CORRUPT`,
+/// `SQLITE_NOTADB`, with their extended codes): a file replaced under a running server, then a
+/// crash, left one the server refused to start on, without a word of what to do (found by a
+/// black-box check).
+pub fn sqlite_file_damaged(error: &sqlx::Error) -> bool {
+    let code = match error {
+        sqlx::Error::Database(e) => e.code(),
+        sqlx::Error::Migrate(m) => match m.as_ref() {
+            sqlx::migrate::MigrateError::Execute(sqlx::Error::Database(e)) => e.code(),
+            _ => None,
+        },
+        _ => None,
+    };
+    code.and_then(|c| c.parse::<i64>().ok()).is_some_and(|c| matches!(c & 0xff, 11 | 26))
 }
 
 /// Applying a batch of log records to a projector.

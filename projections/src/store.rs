@@ -197,7 +197,7 @@ impl Store {
             .max_connections(POOL_CONNECTIONS_MAX)
             .connect_with(connect.clone())
             .await
-            .map_err(|source| OpenError::Sqlite { path: path.to_path_buf(), source })?;
+            .map_err(|source| sqlite_open_error(path, source))?;
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .idle_timeout(None)
@@ -205,10 +205,16 @@ impl Store {
             .test_before_acquire(false)
             .connect_with(connect.statement_cache_capacity(WRITER_STATEMENT_CACHE))
             .await
-            .map_err(|source| OpenError::Sqlite { path: path.to_path_buf(), source })?;
+            .map_err(|source| sqlite_open_error(path, source))?;
         let store = Store::Sqlite(pool, WriteGate { turn: Arc::default(), writer });
-        store.migrate().await?;
-        Ok(store)
+        match store.migrate().await {
+            Err(OpenError::Migrate(sqlx::migrate::MigrateError::Execute(source)))
+                if crate::error::sqlite_file_damaged(&source) =>
+            {
+                Err(OpenError::Damaged { path: path.to_path_buf(), source })
+            }
+            migrated => migrated.map(|()| store),
+        }
     }
 
     /// Connects to PostgreSQL by URL and migrates the database.
@@ -316,12 +322,32 @@ impl Store {
     }
 }
 
+fn sqlite_open_error(path: &Path, source: sqlx::Error) -> OpenError {
+    let path = path.to_path_buf();
+    if crate::error::sqlite_file_damaged(&source) {
+        OpenError::Damaged { path, source }
+    } else {
+        OpenError::Sqlite { path, source }
+    }
+}
+
 /// The longest [`Store::retire_writer`] waits for the write connection.
 const RETIRE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A damaged file is named as such, with what to do (its contents come from the log).
+    #[tokio::test]
+    async fn a_damaged_file_says_how_to_rebuild_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.sqlite");
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let error = Store::open_sqlite(&path).await.err().expect("a damaged file does not open");
+        assert!(matches!(error, OpenError::Damaged { .. }), "{error:?}");
+        assert!(error.to_string().contains("move the file and its -wal and -shm files aside"), "{error}");
+    }
 
     /// A write connection gone read-only (as one opened while the files were read-only stays)
     /// is replaced after the failure, and writes go on.
