@@ -46,6 +46,18 @@ impl From<projections::QueryError> for ApiError {
                 ),
                 5,
             ),
+            // A table gone (dropped by hand, a schema dropped and created again): not a fault
+            // of this server's code, and the answer says how to repair it (500 `internal` did
+            // not: found by a black-box check).
+            e if e.missing_table().is_some() => ApiError::unavailable(
+                "projections_unavailable",
+                format!(
+                    "a projection table is missing ({}): rebuild it with POST /v1/admin/projections/{{projector}}/rebuild \
+                     (a dropped schema needs a restart, which creates it again)",
+                    e.missing_table().unwrap_or_default()
+                ),
+                30,
+            ),
             projections::QueryError::Sql(e) => ApiError::internal(format!("projection query failed: {e}")),
         }
     }

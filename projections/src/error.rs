@@ -122,6 +122,21 @@ impl QueryError {
     }
 }
 
+impl QueryError {
+    /// The database's message when a table the query reads does not exist (dropped by hand, a
+    /// schema dropped and created again): PostgreSQL's `42P01`, SQLite's "no such table".
+    pub fn missing_table(&self) -> Option<String> {
+        match self {
+            QueryError::Sql(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some("42P01") || e.message().starts_with("no such table") =>
+            {
+                Some(e.message().to_owned())
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Materializing projections as of a past point.
 #[derive(Debug, thiserror::Error)]
 pub enum AsOfError {

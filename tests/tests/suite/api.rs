@@ -1441,7 +1441,10 @@ fn an_admin_rebuilds_a_damaged_projection_while_the_server_runs() {
         sqlx::query("DROP TABLE tasks").execute(pool).await.unwrap();
         sqlx::query("DELETE FROM queue").execute(pool).await.unwrap();
     });
-    assert_ne!(listed("tasks").status, 200, "the dropped table answers nothing");
+    // The dropped table: a stable code saying how to repair it (it was a 500 `internal`).
+    let dropped = listed("tasks");
+    assert_eq!((dropped.status, dropped.code()), (503, "projections_unavailable"), "{dropped:?}");
+    assert!(dropped.body["error"]["message"].as_str().unwrap().contains("/rebuild"), "{dropped:?}");
     assert_eq!(listed("queue").body["items"].as_array().unwrap().len(), 0, "the rows deleted by hand");
 
     for projector in ["tasks", "queue"] {
