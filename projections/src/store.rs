@@ -344,7 +344,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.sqlite");
         std::fs::write(&path, vec![0x5a; 8192]).unwrap();
-        let error = Store::open_sqlite(&path).await.err().expect("a damaged file does not open");
+        let Err(error) = Store::open_sqlite(&path).await else { panic!("a damaged file opened") };
         assert!(matches!(error, OpenError::Damaged { .. }), "{error:?}");
         assert!(error.to_string().contains("move the file and its -wal and -shm files aside"), "{error}");
     }
