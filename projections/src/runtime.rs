@@ -603,7 +603,10 @@ impl Runner {
         };
         // Loading may write too (install a checkpoint, restart an unlogged build, create indexes).
         self.config.fence.check()?;
+        // Reported like a batch when it waits long on the database.
+        self.progress.lock().batch_started = Some(std::time::Instant::now());
         let mut driver = Driver::load_with(&self.store, self.kind, self.slot, indexes, &self.reader).await?;
+        self.progress.lock().batch_started = None;
         // A retry after a failed batch keeps its error until a batch succeeds.
         self.publish(driver.checkpoint().last_seq, false);
         let mut subscription =
@@ -745,7 +748,12 @@ impl Projections {
                     projections.rebuild_in_background(kind);
                 }
                 _ => {
-                    projections.spawn_live(kind, None);
+                    // Its tables stand at the stored checkpoint from the start: status and
+                    // `min_seq` waits said 0 (the whole log behind) until the runner had loaded,
+                    // which takes as long as another process holds the database's write lock
+                    // (found by a black-box check: /readyz not ready for 40 s).
+                    let at = stored.as_ref().map_or(0, |checkpoint| checkpoint.last_seq);
+                    projections.spawn_live(kind, Some((Arc::new(watch::channel(at).0), at)));
                     if interrupted {
                         tracing::info!(projector = kind.name(), "resuming an interrupted rebuild");
                         projections.rebuild_in_background(kind);

@@ -1537,3 +1537,38 @@ fn under_the_disk_floor_commands_are_refused_and_nothing_is_written() {
     let (_, metrics) = server.get_text("/metrics");
     assert!(metrics.contains("\ntaskledger_storage_low 0\n"), "{metrics}");
 }
+
+/// Started while another process holds the SQLite projections' write lock, the projectors
+/// stand where their checkpoints say from the first answer: they said seq 0 (the whole log
+/// behind, and `/readyz` not ready for 40 s in a black-box check) until they had loaded.
+#[test]
+fn projectors_report_their_stored_checkpoints_while_the_database_is_locked() {
+    use sqlx::Connection;
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    let server = Server::start_in(&data, &[]);
+    for _ in 0..3 {
+        create_job(&server, "locked", json!({}));
+    }
+    let head = server.head_seq();
+    assert_eq!(server.get(&format!("/v1/views/tasks?min_seq={head}")).status, 200);
+    assert_eq!(server.stop(), Some(0));
+
+    let runtime = tests::read_models::runtime();
+    let url = format!("sqlite://{}", data.join("projections.sqlite").display());
+    let mut other = runtime.block_on(sqlx::SqliteConnection::connect(&url)).unwrap();
+    runtime.block_on(sqlx::query("BEGIN IMMEDIATE").execute(&mut other)).unwrap();
+    let server = Server::start_in(&data, &[]);
+    let status = server.get("/v1/views/projections");
+    for projector in status.body.as_array().unwrap() {
+        assert_eq!(projector["checkpoint_seq"], head, "{projector}");
+        assert_eq!(projector["lag"], 0, "{projector}");
+    }
+    assert_eq!(server.get("/readyz").status, 200);
+    runtime.block_on(sqlx::query("ROLLBACK").execute(&mut other)).unwrap();
+    drop(other);
+    create_job(&server, "locked", json!({}));
+    let head = server.head_seq();
+    let view = server.get(&format!("/v1/views/tasks?namespace=locked&min_seq={head}"));
+    assert_eq!(view.body["items"].as_array().map(Vec::len), Some(4), "{view:?}");
+}
