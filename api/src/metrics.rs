@@ -155,10 +155,12 @@ impl Metrics {
             u8::from(stats.storage_low.load(Ordering::Relaxed))
         );
         if let Ok(head) = writer.reader().head() {
+            // Acknowledged records count before they are readable (a checkpoint running, or one
+            // that failed: it read 3 short of the acknowledged head then).
             let _ = writeln!(
                 out,
                 "# HELP taskledger_head_seq The log's last seq.\n# TYPE taskledger_head_seq gauge\ntaskledger_head_seq {}",
-                head.seq
+                head.seq.max(writer.acknowledged_head())
             );
         }
         if let Ok(status) = projections.status() {

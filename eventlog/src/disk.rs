@@ -12,6 +12,11 @@ use std::time::{Duration, Instant};
 
 use crate::writer::WriterStats;
 
+/// How long lease expiries wait once commands are taken again: a worker's heartbeats were
+/// refused under the floor (with `Retry-After: 30`), and its lease expired the moment writes
+/// resumed, before it could retry (found by a black-box check). Other timers fire at once.
+pub const LEASE_GRACE_AFTER_FLOOR: Duration = Duration::from_secs(30);
+
 /// How often the writer looks at the free space (a `statvfs` call), at most.
 pub const DISK_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -40,15 +45,23 @@ pub(crate) struct DiskFloor {
     checked_at: Option<Instant>,
     /// The free bytes last seen while under the floor.
     low: Option<u64>,
+    /// When the free space last came back above the floor.
+    resumed_at: Option<Instant>,
 }
 
 impl DiskFloor {
     pub(crate) fn new(dir: PathBuf, min_free_bytes: u64) -> DiskFloor {
-        DiskFloor { dir, free: free_bytes, min_free_bytes, checked_at: None, low: None }
+        DiskFloor { dir, free: free_bytes, min_free_bytes, checked_at: None, low: None, resumed_at: None }
     }
 
     pub(crate) fn is_low(&self) -> bool {
         self.low.is_some()
+    }
+
+    /// Whether lease expiries are held back: under the floor, and for
+    /// [`LEASE_GRACE_AFTER_FLOOR`] after it.
+    pub(crate) fn holding_lease_expiries(&self) -> bool {
+        self.is_low() || self.resumed_at.is_some_and(|at| at.elapsed() < LEASE_GRACE_AFTER_FLOOR)
     }
 
     /// `Some(message)` while the free space is under the floor (looked at again at most every
@@ -75,8 +88,11 @@ impl DiskFloor {
                     } else if !low && self.low.is_some() {
                         tracing::info!(
                             free_mib = free >> 20,
-                            "free space is back above the floor: commands are taken again"
+                            "free space is back above the floor: commands are taken again (lease expiries wait {} s \
+                             more, for workers whose heartbeats were refused)",
+                            LEASE_GRACE_AFTER_FLOOR.as_secs()
                         );
+                        self.resumed_at = Some(now);
                     }
                     self.low = low.then_some(free);
                     stats.storage_low.store(low, Ordering::Relaxed);
@@ -127,6 +143,9 @@ mod tests {
         floor.checked_at = None;
         assert_eq!(floor.refusal(&stats), None);
         assert!(!stats.storage_low.load(Ordering::Relaxed) && !floor.is_low());
+        assert!(floor.holding_lease_expiries(), "leases get their grace after the floor");
+        floor.resumed_at = Some(Instant::now() - LEASE_GRACE_AFTER_FLOOR);
+        assert!(!floor.holding_lease_expiries());
     }
 
     #[test]

@@ -833,8 +833,9 @@ impl WriterThread {
 
     fn time_to_next_timer(&self) -> Duration {
         match self.ledger.next_timer_due() {
-            // Under the disk's floor timers wait too (they write records).
-            Some(due) if self.healthy() && !self.disk.is_low() => {
+            // Under the disk's floor timers wait too (they write records), and lease expiries
+            // for a while after it: look again every `IDLE_WAKE` meanwhile.
+            Some(due) if self.healthy() && !self.disk.holding_lease_expiries() => {
                 let now = self.clock.now_us();
                 Duration::from_micros(u64::try_from(due.as_micros().saturating_sub(now)).unwrap_or(0)).min(IDLE_WAKE)
             }
@@ -876,8 +877,14 @@ impl WriterThread {
 
         // System commands for due timers go first, through the same path.
         self.touched.clear();
-        let timers: Vec<domain::Timer> =
-            self.ledger.due_timers(now, self.config.timers_per_batch_max).copied().collect();
+        let hold_leases = self.disk.holding_lease_expiries();
+        let timers: Vec<domain::Timer> = self
+            .ledger
+            .due_timers(now, usize::MAX)
+            .filter(|timer| !(hold_leases && timer.kind == domain::TimerKind::LeaseExpiry))
+            .take(self.config.timers_per_batch_max)
+            .copied()
+            .collect();
         for timer in timers {
             let Some(command) = self.ledger.timer_command(&timer) else { continue };
             if let Ok(events) = self.ledger.decide(&command, now) {
