@@ -75,7 +75,27 @@ pub async fn materialize(reader: &LogReader, at: AsOf, path: impl AsRef<Path>) -
         return Err(AsOfError::Scratch { path, reason: "it already exists".into() });
     }
     let seq = resolve(reader, at)?;
-    let store = Store::open_sqlite(&path).await?;
-    build(&store, reader, seq, &ProjectorKind::ALL).await?;
-    Ok(Materialized { store, path, seq })
+    let built = async {
+        let store = Store::open_sqlite(&path).await?;
+        match build(&store, reader, seq, &ProjectorKind::ALL).await {
+            Ok(()) => Ok(store),
+            Err(error) => {
+                store.close().await;
+                Err(AsOfError::from(error))
+            }
+        }
+    };
+    match built.await {
+        Ok(store) => Ok(Materialized { store, path, seq }),
+        Err(error) => {
+            // No half-built file that looks like the past (a full disk left one with some
+            // projectors' checkpoints and empty tables: found by a black-box check).
+            for suffix in ["", "-wal", "-shm", "-journal"] {
+                let mut name = path.clone().into_os_string();
+                name.push(suffix);
+                let _ = std::fs::remove_file(name);
+            }
+            Err(error)
+        }
+    }
 }

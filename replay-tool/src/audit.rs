@@ -427,7 +427,31 @@ pub fn export(source: &Source, args: &ExportArgs) -> Result<Outcome> {
     if args.out.exists() && fs::read_dir(&args.out).map(|mut d| d.next().is_some()).unwrap_or(true) {
         bail!("write bundle to {}: the directory is not empty", args.out.display());
     }
+    let created = !args.out.exists();
     fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
+    let written = write_bundle(source, args, &key, head, first, last);
+    if written.is_err() {
+        // No half a bundle: a partial data file stayed behind, and a second try was refused
+        // because the directory was not empty (found by a black-box check on a full disk).
+        for name in ["events.jsonl", "events.csv", MANIFEST_FILE, CHECKPOINT_FILE] {
+            let _ = fs::remove_file(args.out.join(name));
+        }
+        if created {
+            let _ = fs::remove_dir(&args.out);
+        }
+    }
+    written
+}
+
+/// Writes the bundle's files into the empty directory `args.out`.
+fn write_bundle(
+    source: &Source,
+    args: &ExportArgs,
+    key: &SigningKey,
+    head: eventlog::Head,
+    first: u64,
+    last: u64,
+) -> Result<Outcome> {
     let prev_hash = match first {
         1 => GENESIS_HASH,
         n => source.record(n - 1)?.ok_or_else(|| anyhow!("the log has no record {}", n - 1))?.hash,
@@ -493,10 +517,12 @@ pub fn export(source: &Source, args: &ExportArgs) -> Result<Outcome> {
         drop(batches);
         let rows = rows.join().map_err(|_| anyhow!("write {}: the formatting thread failed", path.display()))?;
         let disk = disk.join().map_err(|_| anyhow!("write {}: the writing thread failed", path.display()))?;
-        // A decoding error stops the formatting thread, and so the reading: it is the one to report.
+        // A failed write (a full disk) stops the formatting thread, which then only knows that the
+        // writing thread stopped: the write's own error is the one to report. A decoding error
+        // stops the formatting thread, and so the reading: it comes next.
+        let written = disk.with_context(|| format!("write {}", path.display()))?;
         let types = rows.with_context(|| format!("write {}", path.display()))?;
         scanned?;
-        let written = disk.with_context(|| format!("write {}", path.display()))?;
         Ok((written, types))
     });
     drop(progress);

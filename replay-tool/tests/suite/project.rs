@@ -32,3 +32,23 @@ fn materialize_as_of_a_time_and_rebuild_to_the_head() {
         assert_eq!(out.matches("at seq 23 (").count(), 4, "{out}");
     }
 }
+
+/// A materialization that cannot write (a file-size limit standing for a full disk) fails and
+/// leaves no file: a half-built one, with some projectors' checkpoints and empty tables, looked
+/// like the past (found by a black-box check on a full disk).
+#[cfg(target_os = "linux")]
+#[test]
+fn a_materialization_that_cannot_write_leaves_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    crate::common::build_bulk(&data, 2_000, 0);
+    let file = dir.path().join("asof.sqlite");
+    let failed = crate::common::replay_with_files_under(
+        512 * 1024,
+        &["materialize", "--data", path(&data), "--out", path(&file)],
+    );
+    assert_ne!(failed.status.code(), Some(0), "{}", crate::common::stderr(&failed));
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(!file.exists(), "a half-built file was left: {left:?}");
+    replay_ok(&["materialize", "--data", path(&data), "--out", path(&file)]);
+}

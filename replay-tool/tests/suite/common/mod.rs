@@ -209,6 +209,27 @@ pub fn replay(args: &[&str]) -> Output {
     Process::new(env!("CARGO_BIN_EXE_taskledger-replay")).args(args).output().expect("run taskledger-replay")
 }
 
+/// Runs it with every file it writes limited to `bytes`, standing for a full disk: a write past
+/// the limit fails with EFBIG ("File too large"; SIGXFSZ, which would kill it, is ignored).
+#[cfg(target_os = "linux")]
+pub fn replay_with_files_under(bytes: u64, args: &[&str]) -> Output {
+    use std::os::unix::process::CommandExt;
+    let mut command = Process::new(env!("CARGO_BIN_EXE_taskledger-replay"));
+    command.args(args);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command.output().expect("run taskledger-replay")
+}
+
 /// Runs it and insists on exit status 0; returns stdout.
 pub fn replay_ok(args: &[&str]) -> String {
     let out = replay(args);
