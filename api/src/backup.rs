@@ -251,8 +251,25 @@ pub fn run(source: &Source, to: &Path) -> anyhow::Result<Summary> {
     }
     let result = write_staged(source, &staging).and_then(|head| publish(&staging, to).map(|bytes| (head, bytes)));
     let _ = std::fs::remove_dir_all(&staging);
-    let (head, bytes) = result?;
+    // A full disk shows through redb as "Database repair aborted" and the like: the free space
+    // says what the error does not (found by a black-box check).
+    let (head, bytes) = result.map_err(|error| match eventlog::disk::free_bytes(&staging_parent(&staging)) {
+        Ok(free) if free < LOW_DISK_NOTE_BYTES => {
+            error.context(format!("only {} MiB free on the disk the backup is written to", free >> 20))
+        }
+        _ => error,
+    })?;
     Ok(Summary { to: to.to_path_buf(), records: head.seq, head, bytes, took: started.elapsed() })
+}
+
+/// Under this much free space, a failed backup's message says how much there is.
+const LOW_DISK_NOTE_BYTES: u64 = 256 << 20;
+
+fn staging_parent(staging: &Path) -> PathBuf {
+    match staging.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
 }
 
 /// Writes and checks the copy in `staging`; returns its head.
