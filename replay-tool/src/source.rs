@@ -168,8 +168,9 @@ impl Source {
             // lived only there.
             eprintln!(
                 "warning: {} was not closed cleanly and has no journal beside it ({}); reading it repaired in \
-                 memory, the file is left as it is. Records acknowledged after its last checkpoint are only in \
-                 the journals: copy them with it, or take a `taskledger backup`",
+                 memory, the file is left as it is. If its server wrote through journals (builds since \
+                 2026-12-03; older ones wrote every record into this file), records acknowledged after its last \
+                 checkpoint are only in them: copy them with it, or take a `taskledger backup`",
                 path.display(),
                 journals
                     .iter()
