@@ -578,6 +578,29 @@ pub async fn wait_log_readable(state: &AppState, min_seq: Option<u64>) -> ApiRes
     }
 }
 
+/// `point` checked against the log: a seq beyond its head is a 400 `invalid_as_of`, and after a
+/// failed checkpoint a point among the acknowledged records it held (unreadable until a
+/// restart) is a 503 `log_not_readable` (it was a 400 saying the seq was beyond the head, or an
+/// answer without them: found by review).
+pub fn as_of_within_log(state: &AppState, point: AsOf) -> ApiResult<AsOf> {
+    let reader = state.writer.reader();
+    let head = reader.head().map_err(|e| ApiError::internal(e.to_string()))?.seq;
+    if state.writer.has_unreadable_records(None) {
+        let among_held = match point {
+            AsOf::Seq(seq) => seq > head && seq <= state.writer.acknowledged_head(),
+            // At or after the last readable record's time: the held records may be in it.
+            AsOf::Time(t) => {
+                let last = reader.read_range(head, head, 1).map_err(|e| ApiError::internal(e.to_string()))?;
+                last.first().is_none_or(|record| t.as_micros() >= record.recorded_at_us)
+            }
+        };
+        if among_held {
+            refuse_unreadable(state, None)?;
+        }
+    }
+    point.within(head)
+}
+
 /// Refuses a read that would miss acknowledged records a failed checkpoint left unreadable
 /// until a restart: those of `stream`, or any for a read of the whole log (`None`). Answering
 /// without them would tell a client its acknowledged write does not exist.
@@ -612,13 +635,7 @@ pub fn task_records(
 ) -> ApiResult<(TaskId, Vec<(StoredRecord, Event)>)> {
     who.require(Permission::Read)?;
     let task = parse_task(id)?;
-    let as_of = match as_of {
-        Some(point) => {
-            let head = state.writer.reader().head().map_err(|e| ApiError::internal(e.to_string()))?.seq;
-            Some(point.within(head)?)
-        }
-        None => None,
-    };
+    let as_of = as_of.map(|point| as_of_within_log(state, point)).transpose()?;
     Ok((task, visible_task_records(state, who, task, as_of)?))
 }
 

@@ -275,7 +275,7 @@ impl QueryRoot {
                         .map_err(ApiError::from)
                 }
                 Some(point) => {
-                    let seq = match point.within(ledger_seq(&app))? {
+                    let seq = match commands::as_of_within_log(&app, point)? {
                         AsOf::Seq(seq) => seq,
                         AsOf::Time(t) => seq_at_time(reader, t)?,
                     };

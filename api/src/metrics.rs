@@ -159,7 +159,7 @@ impl Metrics {
             // that failed: it read 3 short of the acknowledged head then).
             let _ = writeln!(
                 out,
-                "# HELP taskledger_head_seq The log's last seq.\n# TYPE taskledger_head_seq gauge\ntaskledger_head_seq {}",
+                "# HELP taskledger_head_seq The log's last seq acknowledged (readable, or held by a checkpoint).\n# TYPE taskledger_head_seq gauge\ntaskledger_head_seq {}",
                 head.seq.max(writer.acknowledged_head())
             );
         }

@@ -258,8 +258,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
                         axum::http::StatusCode::SERVICE_UNAVAILABLE,
                         "storage_low",
                         format!(
-                            "the data directory's disk has {} MiB free, under --min-free-disk-mib: commands are refused \
-                             until space is freed",
+                            "the data directory's disk has {} MiB free, under --min-free-disk-mib: new tasks and steps \
+                             are refused until space is freed",
                             state.writer.stats().disk_free_bytes.load(std::sync::atomic::Ordering::Relaxed) >> 20
                         ),
                     )
@@ -415,13 +415,13 @@ fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
     })
 }
 
-/// Runs the server until a shutdown signal.
 /// The free-disk floor should hold this many journals: two journals' records owed to the log
 /// when the floor is reached, each taking about three times its size once checkpointed and
 /// projected (measured on a full ext4 disk: 18 MB of records became 24.8 MiB of log and 27 MiB
 /// of SQLite projections).
 pub const FLOOR_PER_JOURNAL: u64 = 6;
 
+/// Runs the server until a shutdown signal.
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     init_tracing(config.json_logs);
     let signals = shutdown_signals();
@@ -536,7 +536,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         },
         match config.writer.min_free_disk_bytes >> 20 {
             0 => "no free-disk floor".to_owned(),
-            mib => format!("commands refused under {mib} MiB free on disk"),
+            mib => format!("new work refused under {mib} MiB free on disk"),
         },
         config.writer.store.cache_bytes >> 20,
         match projections_backend {

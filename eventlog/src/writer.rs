@@ -170,8 +170,9 @@ pub enum WriteError {
     /// Like `CommitFailed`, the writer then refuses writes until restarted (with space).
     #[error("the disk is full: the commit failed; the command is not in the log now, and may be after a restart: {0}")]
     StorageFull(String),
-    /// The data directory's disk is under its free-space floor: nothing was written, and
-    /// commands are taken again once space is freed (see `disk`).
+    /// The data directory's disk is under its free-space floor: this command would bring new
+    /// work (a task, steps), so nothing was written; it is taken again once space is freed
+    /// (see `disk`).
     #[error("{0}")]
     StorageLow(String),
     /// The envelope itself is unusable (an empty or oversized command id or actor).
@@ -797,14 +798,17 @@ impl WriterThread {
             Err(error) => {
                 // Everything acknowledged is in the journal; the ledger in memory holds it too.
                 // What failed is making it readable: stop taking writes until a restart replays it.
-                if let Some(first) = self.unpublished.front().and_then(|(_, records)| records.first()) {
-                    self.shared.readable_cap.store(first.seq - 1, Ordering::Release);
-                }
+                // The streams first, then the cap: a read between the two would see the cap with
+                // no stream named, and answer without the held records (found by review).
+                let cap = self.unpublished.front().and_then(|(_, records)| records.first()).map(|first| first.seq - 1);
                 let mut unreadable = self.shared.unreadable_streams.lock().expect("unreadable streams lock");
                 for (_, records) in self.unpublished.drain(..) {
                     unreadable.extend(records.into_iter().map(|record| record.stream));
                 }
                 drop(unreadable);
+                if let Some(cap) = cap {
+                    self.shared.readable_cap.store(cap, Ordering::Release);
+                }
                 *self.shared.health.lock().expect("health lock") =
                     Health::Failed(format!("checkpoint failed: {error}"));
             }
@@ -833,9 +837,7 @@ impl WriterThread {
 
     fn time_to_next_timer(&self) -> Duration {
         match self.ledger.next_timer_due() {
-            // Under the disk's floor timers wait too (they write records), and lease expiries
-            // for a while after it: look again every `IDLE_WAKE` meanwhile.
-            Some(due) if self.healthy() && !self.disk.holding_lease_expiries() => {
+            Some(due) if self.healthy() => {
                 let now = self.clock.now_us();
                 Duration::from_micros(u64::try_from(due.as_micros().saturating_sub(now)).unwrap_or(0)).min(IDLE_WAKE)
             }
@@ -849,18 +851,12 @@ impl WriterThread {
 
     /// Decides, commits and acknowledges one batch.
     fn process(&mut self, batch: Vec<(Envelope, Option<Scope>, oneshot::Sender<CommandResult>)>) {
+        // Looked at first, so its gauges stay current whatever happens next.
+        let floor = self.disk.refusal(&self.shared.stats);
         if let Health::Failed(reason) = self.shared.health.lock().expect("health lock").clone() {
             let pending = batch
                 .into_iter()
                 .map(|(_, _, reply)| Pending { reply, result: Err(WriteError::Unavailable(reason.clone())) })
-                .collect();
-            self.acks.send(AckJob::Answer { pending, head_seq: self.store.head().seq });
-            return;
-        }
-        if let Some(reason) = self.disk.refusal(&self.shared.stats) {
-            let pending = batch
-                .into_iter()
-                .map(|(_, _, reply)| Pending { reply, result: Err(WriteError::StorageLow(reason.clone())) })
                 .collect();
             self.acks.send(AckJob::Answer { pending, head_seq: self.store.head().seq });
             return;
@@ -877,14 +873,8 @@ impl WriterThread {
 
         // System commands for due timers go first, through the same path.
         self.touched.clear();
-        let hold_leases = self.disk.holding_lease_expiries();
-        let timers: Vec<domain::Timer> = self
-            .ledger
-            .due_timers(now, usize::MAX)
-            .filter(|timer| !(hold_leases && timer.kind == domain::TimerKind::LeaseExpiry))
-            .take(self.config.timers_per_batch_max)
-            .copied()
-            .collect();
+        let timers: Vec<domain::Timer> =
+            self.ledger.due_timers(now, self.config.timers_per_batch_max).copied().collect();
         for timer in timers {
             let Some(command) = self.ledger.timer_command(&timer) else { continue };
             if let Ok(events) = self.ledger.decide(&command, now) {
@@ -901,6 +891,7 @@ impl WriterThread {
             let result = self.decide_one(
                 scope.as_deref(),
                 &envelope,
+                floor.as_deref(),
                 now,
                 &mut records,
                 &mut in_batch,
@@ -965,6 +956,7 @@ impl WriterThread {
         &mut self,
         scope: Option<&[domain::Namespace]>,
         envelope: &Envelope,
+        floor: Option<&str>,
         now: Timestamp,
         records: &mut Vec<NewRecord>,
         in_batch: &mut domain::FastMap<String, SeqRange>,
@@ -996,6 +988,12 @@ impl WriterThread {
         }
         if let Some(range) = self.dedup.get(&envelope.command_id) {
             return self.replay_outcome(&envelope.command, range);
+        }
+        // Under the disk's floor no new work is taken; what is in flight goes on (see `disk`).
+        if let Some(reason) = floor
+            && crate::disk::brings_new_work(&envelope.command)
+        {
+            return Err(WriteError::StorageLow(reason.to_owned()));
         }
         let events = self.ledger.decide(&envelope.command, now).map_err(WriteError::Rejected)?;
         // A task id is unique for all time, not just among live tasks.

@@ -848,7 +848,7 @@ impl Projections {
                 (waited >= BATCH_WAIT_REPORTED_AFTER).then(|| {
                     format!(
                         "waiting {} s for the projections database to finish a batch (a lock held on a projection \
-                         table, or the database not answering)",
+                         table, the database not answering, or its write lock held by a long rebuild step)",
                         waited.as_secs()
                     )
                 })
@@ -982,6 +982,12 @@ impl Projections {
     /// Stops every runner at its next batch boundary and waits for them.
     pub async fn shutdown(&self) {
         let running: Vec<Running> = self.inner.live.lock().drain().map(|(_, r)| r).collect();
+        // All told at once, then awaited: one after the other, four projectors behind a hung
+        // database took four times the stop's grace (found by review).
+        for r in &running {
+            r.stop.send_replace(true);
+        }
+        // Their graces run side by side: awaiting them in turn takes the longest, not the sum.
         for r in running {
             r.stop().await;
         }

@@ -611,7 +611,7 @@ fn a_clock_set_back_makes_recorded_time_stand_still_and_says_so() {
     clock.advance_ms(60_000);
     handle.tick();
     handle.read(|_| ()).unwrap();
-    assert_eq!(handle.reader().head().unwrap().seq, 2, "a timer fired on the clock's time");
+    assert_eq!(handle.reader().head().unwrap().seq, 2, "no timer fires on the clock's time while it is behind");
     assert_eq!(behind(), 3_540_000_000);
 
     // Caught up, time moves on and the lease expires as due.

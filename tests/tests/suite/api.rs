@@ -1505,20 +1505,40 @@ fn a_queue_control_reads_its_body_and_the_connection_goes_on() {
     assert_eq!((junk.status, junk.code()), (400, "invalid_request"), "{junk:?}");
 }
 
-/// Under the data directory's free-space floor, commands are refused before anything is
-/// written (507 `storage_low`, with when to retry), `/readyz` says why, the metrics show it,
-/// and reads go on. (A floor of 1 PiB stands for a nearly full disk.)
+/// Under the data directory's free-space floor, new work is refused before anything is written
+/// (507 `storage_low`, with when to retry) while the work in flight goes on (a worker's
+/// heartbeat and outcome, claims of tasks already there: a worker kept from its heartbeats lost
+/// its lease), `/readyz` says why, the metrics show it, and reads go on. (A floor of 1 PiB
+/// stands for a nearly full disk.)
 #[test]
-fn under_the_disk_floor_commands_are_refused_and_nothing_is_written() {
+fn under_the_disk_floor_new_work_is_refused_and_work_in_flight_goes_on() {
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path().join("data");
+    let server = Server::start_in(&data, &["--min-free-disk-mib", "0"]);
+    assert!(server.banner.contains("no free-disk floor"), "{}", server.banner);
+    let first = create_job(&server, "m", json!({}));
+    let second = create_job(&server, "m", json!({}));
+    let claimed = server.post("/v1/claims", json!({"namespaces": ["m"], "worker_id": "w", "max": 1}));
+    let leased = claimed.body["steps"][0].clone();
+    assert_eq!(leased["task_id"], first.as_str(), "{claimed:?}");
+    assert_eq!(server.stop(), Some(0));
+
     let server = Server::start_in(&data, &["--min-free-disk-mib", "1073741824"]);
-    assert!(server.banner.contains("commands refused under 1073741824 MiB free on disk"), "{}", server.banner);
+    assert!(server.banner.contains("new work refused under 1073741824 MiB free on disk"), "{}", server.banner);
+    let head = server.head_seq();
     let refused = server.post("/v1/tasks", json!({"namespace": "m", "handler": "h"}));
     assert_eq!((refused.status, refused.code()), (507, "storage_low"), "{refused:?}");
     assert_eq!(refused.header("retry-after"), Some("30"));
     assert!(refused.body["error"]["message"].as_str().unwrap().contains("--min-free-disk-mib"), "{refused:?}");
-    assert_eq!(server.head_seq(), 0, "nothing was written");
+    let batch = server.post("/v1/tasks/batch", json!({"tasks": [{"namespace": "m", "handler": "h"}]}));
+    assert_eq!((batch.status, batch.code()), (507, "storage_low"), "{batch:?}");
+    assert_eq!(server.head_seq(), head, "nothing was written");
+    let beat = server.post(&step_path(&leased, "heartbeat"), json!({"epoch": epoch(&leased)}));
+    assert_eq!(beat.status, 200, "a heartbeat goes on: {beat:?}");
+    let done = server.post(&step_path(&leased, "complete"), json!({"epoch": epoch(&leased)}));
+    assert_eq!(done.status, 200, "an outcome goes on: {done:?}");
+    let next = claim(&server, "m", 0);
+    assert_eq!(next[0]["task_id"], second.as_str(), "work already there is claimed");
     let ready = server.get("/readyz");
     assert_eq!((ready.status, ready.code()), (503, "storage_low"), "{ready:?}");
     let (_, metrics) = server.get_text("/metrics");
@@ -1528,14 +1548,16 @@ fn under_the_disk_floor_commands_are_refused_and_nothing_is_written() {
         "{metrics}"
     );
     assert_eq!(server.get("/v1/views/tasks").status, 200, "reads go on");
+    let rebuild = server.post("/v1/admin/projections/tasks/rebuild", json!({}));
+    assert_eq!((rebuild.status, rebuild.code()), (507, "storage_low"), "{rebuild:?}");
     assert_eq!(server.stop(), Some(0));
 
-    // Without the floor the same data dir takes writes.
+    // Without the floor the same data dir takes new work.
     let server = Server::start_in(&data, &["--min-free-disk-mib", "0"]);
-    assert!(server.banner.contains("no free-disk floor"), "{}", server.banner);
     assert_eq!(server.post("/v1/tasks", json!({"namespace": "m", "handler": "h"})).status, 201);
     let (_, metrics) = server.get_text("/metrics");
     assert!(metrics.contains("\ntaskledger_storage_low 0\n"), "{metrics}");
+    assert!(!metrics.contains("\ntaskledger_disk_free_bytes 0\n"), "measured without a floor too: {metrics}");
 }
 
 /// Started while another process holds the SQLite projections' write lock, the projectors
