@@ -761,7 +761,7 @@ async fn rebuild_projector(
         });
     }
     let status = state.projections.status().map_err(|e| ApiError::internal(e.to_string()))?;
-    let running = status.iter().any(|s| s.projector == kind.name() && s.slot == "shadow");
+    let running = status.iter().any(|s| s.projector == kind.name() && s.slot == "shadow" && s.running);
     if !running {
         let projections = state.projections.clone();
         tracing::info!(projector = kind.name(), actor = %who.actor(), "projection rebuild started");

@@ -890,13 +890,29 @@ impl Projections {
     pub async fn rebuild(&self, kind: ProjectorKind) -> Result<Checkpoint, RuntimeError> {
         {
             let mut shadows = self.inner.shadows.lock();
-            if shadows.contains_key(&kind) {
+            if shadows.get(&kind).is_some_and(|progress| progress.lock().running) {
                 return Err(RuntimeError::RebuildInProgress(kind.name().to_owned()));
             }
             shadows.insert(kind, Arc::new(Mutex::new(Progress { running: true, ..Progress::default() })));
         }
         let result = self.rebuild_inner(kind).await;
-        self.inner.shadows.lock().remove(&kind);
+        let mut shadows = self.inner.shadows.lock();
+        match &result {
+            Ok(_) => {
+                shadows.remove(&kind);
+            }
+            // Kept in the status, stopped, with its error, until the next try: a rebuild that
+            // failed at once (a dropped schema) showed nowhere but in the log, though its request
+            // had been answered 202 (found by a black-box check).
+            Err(error) => {
+                if let Some(progress) = shadows.get(&kind) {
+                    let mut progress = progress.lock();
+                    progress.running = false;
+                    progress.error = Some(format!("the rebuild failed: {error}"));
+                }
+            }
+        }
+        drop(shadows);
         result
     }
 
