@@ -113,12 +113,15 @@ impl QueryError {
     /// The database could not be reached (PostgreSQL down, or no connection in time): an
     /// outage, not a fault of the query.
     pub fn is_unreachable(&self) -> bool {
-        matches!(
-            self,
+        match self {
             QueryError::Sql(
-                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_)
-            )
-        )
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_),
+            ) => true,
+            // PostgreSQL cancelled the statement at its `statement_timeout` (a lock held on the
+            // table, an overloaded database).
+            QueryError::Sql(sqlx::Error::Database(e)) => e.code().as_deref() == Some("57014"),
+            _ => false,
+        }
     }
 }
 

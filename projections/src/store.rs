@@ -228,9 +228,13 @@ impl Store {
     /// only a crash of the machine loses its last commits, and the server's
     /// memory goes with it.
     pub async fn connect_postgres(url: &str) -> Result<Store, OpenError> {
+        // Every statement is bounded, so a view behind a DBA's table lock gives its connection
+        // back: cut off only on the client's side, the query went on holding it, and a lock on
+        // one table used up the pool and stalled every view and projector (found by a black-box
+        // check). Writes lift the bound in their own transactions (`begin`).
         let options = PgConnectOptions::from_str(url)
             .map_err(|source| OpenError::Postgres { source })?
-            .options([("synchronous_commit", "on")]);
+            .options([("synchronous_commit", "on"), ("statement_timeout", POSTGRES_READ_STATEMENT_TIMEOUT)]);
         let pool = PgPoolOptions::new()
             .max_connections(POOL_CONNECTIONS_MAX)
             .acquire_timeout(POSTGRES_ACQUIRE_TIMEOUT)
@@ -259,7 +263,20 @@ impl Store {
     async fn migrate(&self) -> Result<(), OpenError> {
         match self {
             Store::Sqlite(pool, _) => sqlx::migrate!("migrations/sqlite").run(pool).await?,
-            Store::Postgres(pool) => sqlx::migrate!("migrations/postgres").run(pool).await?,
+            Store::Postgres(pool) => {
+                // Without the read bound: a migration may take its time.
+                let mut connection = pool.acquire().await.map_err(sqlx::migrate::MigrateError::from)?;
+                sqlx::query("SET statement_timeout = 0")
+                    .execute(&mut *connection)
+                    .await
+                    .map_err(sqlx::migrate::MigrateError::from)?;
+                sqlx::migrate!("migrations/postgres").run(&mut *connection).await?;
+                let reset = format!("SET statement_timeout = {POSTGRES_READ_STATEMENT_TIMEOUT}");
+                sqlx::query(sqlx::AssertSqlSafe(reset))
+                    .execute(&mut *connection)
+                    .await
+                    .map_err(sqlx::migrate::MigrateError::from)?;
+            }
         }
         Ok(())
     }
@@ -292,7 +309,12 @@ impl Store {
                 };
                 StoreTx::Sqlite(tx, turn)
             }
-            Store::Postgres(pool) => StoreTx::Postgres(pool.begin().await?),
+            Store::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                // A projector's batch or a rebuild step may rightly take longer than a read.
+                sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *tx).await?;
+                StoreTx::Postgres(tx)
+            }
         })
     }
 
@@ -330,6 +352,11 @@ fn sqlite_open_error(path: &Path, source: sqlx::Error) -> OpenError {
         OpenError::Sqlite { path, source }
     }
 }
+
+/// PostgreSQL's `statement_timeout` for statements outside a write transaction (views,
+/// checkpoint reads): just under the API's 5 s bound on a view, so the database cancels the
+/// query itself and the connection is free again when the view answers 503.
+const POSTGRES_READ_STATEMENT_TIMEOUT: &str = "4800";
 
 /// The longest [`Store::retire_writer`] waits for the write connection.
 const RETIRE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
