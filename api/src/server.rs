@@ -416,10 +416,9 @@ fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
 }
 
 /// The free-disk floor should hold this many journals: two journals' records owed to the log
-/// when the floor is reached, each taking about three times its size once checkpointed and
-/// projected (measured on a full ext4 disk: 18 MB of records became 24.8 MiB of log and 27 MiB
-/// of SQLite projections).
-pub const FLOOR_PER_JOURNAL: u64 = 6;
+/// when the floor is reached, each taking about five times its size once checkpointed and
+/// projected (`eventlog::disk::DISK_BYTES_PER_RECORD_BYTE`, measured on a full ext4 disk).
+pub const FLOOR_PER_JOURNAL: u64 = 2 * eventlog::disk::DISK_BYTES_PER_RECORD_BYTE;
 
 /// Runs the server until a shutdown signal.
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
@@ -438,7 +437,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             journal_mib = journal >> 20,
             "--min-free-disk-mib is under {FLOOR_PER_JOURNAL} times the journal: what the server still owes the disk \
              when the floor is reached (both journals checkpointed into the log, the projections catching up: about \
-             three times the records' size) may not fit, and a full disk stops writes until a restart"
+             five times the records' size) may not fit, and a full disk stops writes until a restart"
         );
     }
     let data_dir = config.data_dir.clone();

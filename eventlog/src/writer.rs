@@ -852,7 +852,7 @@ impl WriterThread {
     /// Decides, commits and acknowledges one batch.
     fn process(&mut self, batch: Vec<(Envelope, Option<Scope>, oneshot::Sender<CommandResult>)>) {
         // Looked at first, so its gauges stay current whatever happens next.
-        let floor = self.disk.refusal(&self.shared.stats);
+        let _ = self.disk.refusal(&self.shared.stats);
         if let Health::Failed(reason) = self.shared.health.lock().expect("health lock").clone() {
             let pending = batch
                 .into_iter()
@@ -891,7 +891,6 @@ impl WriterThread {
             let result = self.decide_one(
                 scope.as_deref(),
                 &envelope,
-                floor.as_deref(),
                 now,
                 &mut records,
                 &mut in_batch,
@@ -917,6 +916,7 @@ impl WriterThread {
         match appended {
             Ok(appended) => {
                 let head = appended.head.seq;
+                self.disk.note_appended(records.iter().map(|r| r.payload.len() as u64 + 64).sum());
                 let stats = &self.shared.stats;
                 count_into(&stats.commit_us_buckets, &COMMIT_BUCKETS_US, commit_us);
                 stats.commit_us_total.fetch_add(commit_us, Ordering::Relaxed);
@@ -956,7 +956,6 @@ impl WriterThread {
         &mut self,
         scope: Option<&[domain::Namespace]>,
         envelope: &Envelope,
-        floor: Option<&str>,
         now: Timestamp,
         records: &mut Vec<NewRecord>,
         in_batch: &mut domain::FastMap<String, SeqRange>,
@@ -990,10 +989,8 @@ impl WriterThread {
             return self.replay_outcome(&envelope.command, range);
         }
         // Under the disk's floor no new work is taken; what is in flight goes on (see `disk`).
-        if let Some(reason) = floor
-            && crate::disk::brings_new_work(&envelope.command)
-        {
-            return Err(WriteError::StorageLow(reason.to_owned()));
+        if crate::disk::brings_new_work(&envelope.command) {
+            self.disk.admits(crate::disk::new_work_bytes(&envelope.command)).map_err(WriteError::StorageLow)?;
         }
         let events = self.ledger.decide(&envelope.command, now).map_err(WriteError::Rejected)?;
         // A task id is unique for all time, not just among live tasks.
