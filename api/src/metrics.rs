@@ -169,7 +169,7 @@ impl Metrics {
                 (
                     "taskledger_projection_failing",
                     "gauge",
-                    "1 while the projector's last batch failed (it retries; the error is in /v1/views/projections).",
+                    "1 while the projector's last batch failed (it retries; the error is in /v1/views/projections), or its batch has waited over 10 s for the database.",
                     |s| u64::from(s.error.is_some()),
                 ),
                 (

@@ -49,6 +49,16 @@ impl From<projections::QueryError> for ApiError {
             // A table gone (dropped by hand, a schema dropped and created again): not a fault
             // of this server's code, and the answer says how to repair it (500 `internal` did
             // not: found by a black-box check).
+            // Damage inside the file (pages overwritten): 500 `internal` named no remedy.
+            e if e.damaged() => ApiError::unavailable(
+                "projections_unavailable",
+                format!(
+                    "the projections database is damaged ({e}); it holds nothing the log does not: rebuild the \
+                     projector with POST /v1/admin/projections/{{projector}}/rebuild, or stop the server, move the \
+                     file and its -wal and -shm files aside, and start it again"
+                ),
+                30,
+            ),
             e if e.missing_table().is_some() => ApiError::unavailable(
                 "projections_unavailable",
                 format!(

@@ -128,6 +128,11 @@ impl QueryError {
 impl QueryError {
     /// The database's message when a table the query reads does not exist (dropped by hand, a
     /// schema dropped and created again): PostgreSQL's `42P01`, SQLite's "no such table".
+    /// Whether SQLite said the file is damaged (see [`sqlite_file_damaged`]).
+    pub fn damaged(&self) -> bool {
+        matches!(self, QueryError::Sql(e) if sqlite_file_damaged(e))
+    }
+
     pub fn missing_table(&self) -> Option<String> {
         match self {
             QueryError::Sql(sqlx::Error::Database(e))
