@@ -62,6 +62,12 @@ impl ApiError {
     pub fn unavailable(code: &'static str, message: impl Into<String>, retry_after_s: u32) -> Self {
         Self { retry_after_s: Some(retry_after_s), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message) }
     }
+
+    /// 507 `storage_low`: the data directory's disk is under its free-space floor, and nothing
+    /// was done; retried once space is freed.
+    pub fn storage_low(message: impl Into<String>) -> Self {
+        Self { retry_after_s: Some(30), ..Self::new(StatusCode::INSUFFICIENT_STORAGE, "storage_low", message) }
+    }
 }
 
 /// The HTTP status of each domain rejection code.
@@ -129,10 +135,7 @@ impl From<WriteError> for ApiError {
             }
             // Nothing was written and nothing failed: the writer takes commands again once space
             // is freed, so unlike a full disk this says when to retry.
-            WriteError::StorageLow(reason) => ApiError {
-                retry_after_s: Some(30),
-                ..ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "storage_low", reason)
-            },
+            WriteError::StorageLow(reason) => ApiError::storage_low(reason),
             WriteError::InvalidEnvelope(message) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_command_id", message)
             }

@@ -100,9 +100,9 @@ struct ServeArgs {
     /// A retried command id is recognised while its events are among the newest this many events.
     #[arg(long, env = "TASKLEDGER_DEDUP_WINDOW", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     dedup_window: u64,
-    /// Under this many MiB free on the data directory's disk, commands are refused (507
-    /// storage_low) until space is freed, so that a full disk never fails a commit or a
-    /// checkpoint halfway (0: no floor).
+    /// Under this many MiB free on the data directory's disk, new tasks and steps are refused
+    /// (507 storage_low) until space is freed, while the work in flight goes on, so that a full
+    /// disk never fails a commit or a checkpoint halfway (0: no floor).
     #[arg(long, env = "TASKLEDGER_MIN_FREE_DISK_MIB", default_value_t = eventlog::writer::MIN_FREE_DISK_BYTES_DEFAULT >> 20)]
     min_free_disk_mib: u64,
     /// Newest records kept in memory for live subscribers (projections, feeds); a subscriber

@@ -750,15 +750,10 @@ async fn rebuild_projector(
     // A rebuild writes a whole projector's tables again: not under the disk's floor (it filled
     // the disk to 0 in a black-box check).
     if state.writer.stats().storage_low.load(std::sync::atomic::Ordering::Relaxed) {
-        return Err(ApiError {
-            retry_after_s: Some(30),
-            ..ApiError::new(
-                StatusCode::INSUFFICIENT_STORAGE,
-                "storage_low",
-                "the data directory's disk is under --min-free-disk-mib: a rebuild would write a projector's tables \
-                 again; free some space first",
-            )
-        });
+        return Err(ApiError::storage_low(
+            "the data directory's disk is under --min-free-disk-mib: a rebuild would write a projector's tables \
+             again; free some space first",
+        ));
     }
     let status = state.projections.status().map_err(|e| ApiError::internal(e.to_string()))?;
     let running = status.iter().any(|s| s.projector == kind.name() && s.slot == "shadow" && s.running);

@@ -17,12 +17,6 @@ use domain::Command;
 
 use crate::writer::WriterStats;
 
-/// Whether `command` brings new work, refused under the floor: a task, a batch of them, steps
-/// added to a workflow. Everything else concerns work already in the log.
-pub fn brings_new_work(command: &Command) -> bool {
-    matches!(command, Command::CreateTask(_) | Command::CreateTasks(_) | Command::AddSteps { .. })
-}
-
 /// About how many bytes of disk a record's bytes become once checkpointed into the log (its
 /// indexes, copy-on-write pages: ~2.3×) and projected into SQLite with its WAL (~2.9×), measured
 /// on a full ext4 disk with 3 KB payloads.
@@ -35,8 +29,9 @@ pub const DISK_BYTES_PER_RECORD_BYTE: u64 = 5;
 /// to hold them (found by a black-box check).
 const OWED_WINDOW_S: u64 = 3;
 
-/// Roughly the record bytes `command` would append if it brings new work (0 otherwise): its
-/// payloads and a fixed allowance per task and step.
+/// Roughly the record bytes `command` would append if it brings new work — a task, a batch of
+/// them, steps added to a workflow, refused under the floor — and 0 for anything else (work
+/// already in the log): its payloads and a fixed allowance per task and step.
 pub fn new_work_bytes(command: &Command) -> u64 {
     let steps =
         |steps: &[domain::StepSpec]| -> u64 { steps.iter().map(|s| 128 + s.payload.as_str().len() as u64).sum() };
@@ -119,7 +114,7 @@ impl DiskFloor {
     }
 
     /// `Err(message)` if new work of about `bytes` of records must be refused: under the floor
-    /// (see [`Self::refusal`]), or because what the disk is still owed for recent records and
+    /// (see [`Self::look`]), or because what the disk is still owed for recent records and
     /// this work would take it under the floor once written.
     pub(crate) fn admits(&self, bytes: u64) -> Result<(), String> {
         if let Some(free) = self.low {
@@ -158,9 +153,9 @@ impl DiskFloor {
         self.low.is_some()
     }
 
-    /// `Some(message)` while the free space is under the floor (looked at again at most every
-    /// [`DISK_CHECK_INTERVAL`]); logs when that starts and ends, and keeps `stats` current.
-    pub(crate) fn refusal(&mut self, stats: &WriterStats) -> Option<String> {
+    /// Looks at the free space again if [`DISK_CHECK_INTERVAL`] has passed: whether it is under
+    /// the floor (see [`Self::admits`]); logs when that starts and ends, and keeps `stats` current.
+    pub(crate) fn look(&mut self, stats: &WriterStats) {
         let now = Instant::now();
         if self.checked_at.is_none_or(|at| now.duration_since(at) >= DISK_CHECK_INTERVAL) {
             self.checked_at = Some(now);
@@ -194,7 +189,6 @@ impl DiskFloor {
                 Err(error) => tracing::debug!(%error, "statvfs of the data directory failed"),
             }
         }
-        self.low.map(|free| self.message(free))
     }
 }
 
@@ -214,24 +208,29 @@ mod tests {
         let stats = WriterStats::default();
         let mut floor = DiskFloor { free: stand_in, ..DiskFloor::new(PathBuf::from("."), 160 << 20) };
         FREE.store(500 << 20, Ordering::Relaxed);
-        assert_eq!(floor.refusal(&stats), None);
+        floor.look(&stats);
+        assert_eq!(floor.admits(0), Ok(()));
         assert_eq!(stats.disk_free_bytes.load(Ordering::Relaxed), 500 << 20);
 
         FREE.store(40 << 20, Ordering::Relaxed);
         // Looked at again only once the interval has passed.
-        assert_eq!(floor.refusal(&stats), None);
+        floor.look(&stats);
+        assert_eq!(floor.admits(0), Ok(()));
         floor.checked_at = None;
-        let refusal = floor.refusal(&stats).expect("under the floor");
+        floor.look(&stats);
+        let refusal = floor.admits(0).expect_err("under the floor");
         assert!(refusal.contains("40 MiB free, under the floor of 160 MiB"), "{refusal}");
         assert!(stats.storage_low.load(Ordering::Relaxed) && floor.is_low());
 
         // Back above the floor but within its margin (1/16: 10 MiB): still refused.
         FREE.store(165 << 20, Ordering::Relaxed);
         floor.checked_at = None;
-        assert!(floor.refusal(&stats).is_some(), "a disk hovering at the floor does not flip");
+        floor.look(&stats);
+        assert!(floor.admits(0).is_err(), "a disk hovering at the floor does not flip");
         FREE.store(171 << 20, Ordering::Relaxed);
         floor.checked_at = None;
-        assert_eq!(floor.refusal(&stats), None);
+        floor.look(&stats);
+        assert_eq!(floor.admits(0), Ok(()));
         assert!(!stats.storage_low.load(Ordering::Relaxed) && !floor.is_low());
     }
 
@@ -241,7 +240,7 @@ mod tests {
     fn new_work_that_would_take_the_disk_under_the_floor_is_refused() {
         let stats = WriterStats::default();
         let mut floor = DiskFloor { free: stand_in_200, ..DiskFloor::new(PathBuf::from("."), 100 << 20) };
-        assert_eq!(floor.refusal(&stats), None);
+        floor.look(&stats);
         assert_eq!(floor.admits(1 << 20), Ok(()));
         floor.note_appended(15 << 20);
         assert_eq!(floor.admits(1 << 20), Ok(()), "200 - 5 × 16 MiB = 120 MiB stays above 100");
@@ -258,17 +257,19 @@ mod tests {
     #[test]
     fn only_new_work_is_refused() {
         use domain::testkit::{claim, complete, job, task_id};
-        assert!(brings_new_work(&Command::CreateTask(job(1, "q"))));
-        assert!(brings_new_work(&Command::CreateTasks(vec![job(1, "q")])));
-        assert!(!brings_new_work(&claim("q", "w", 1)));
-        assert!(!brings_new_work(&complete(task_id(1), "run", 1)));
+        let one = new_work_bytes(&Command::CreateTask(job(1, "q")));
+        assert!(one > 0);
+        assert!(new_work_bytes(&Command::CreateTasks(vec![job(1, "q"), job(2, "q")])) > one);
+        assert_eq!(new_work_bytes(&claim("q", "w", 1)), 0);
+        assert_eq!(new_work_bytes(&complete(task_id(1), "run", 1)), 0);
     }
 
     #[test]
     fn no_floor_never_refuses_and_a_real_disk_has_a_figure() {
         let stats = WriterStats::default();
         let mut floor = DiskFloor::new(PathBuf::from("."), 0);
-        assert_eq!(floor.refusal(&stats), None);
+        floor.look(&stats);
+        assert_eq!(floor.admits(u64::MAX / 8), Ok(()));
         assert!(stats.disk_free_bytes.load(Ordering::Relaxed) > 0, "measured without a floor too");
         assert!(free_bytes(Path::new(".")).unwrap() > 0);
         assert!(free_bytes(Path::new("/no/such/dir")).is_err());

@@ -73,14 +73,14 @@ pub struct WriterConfig {
     /// A repeated command id is recognised while its events are among the
     /// newest this many records (the dedup window; rebuilt at startup).
     pub dedup_window_events: u64,
-    /// Under this many free bytes on the data directory's disk, commands are refused
-    /// (`WriteError::StorageLow`) until space is freed (0 = no floor); see `disk`.
+    /// Under this many free bytes on the data directory's disk, commands that bring new work
+    /// are refused (`WriteError::StorageLow`) until space is freed (0 = no floor); see `disk`.
     pub min_free_disk_bytes: u64,
     pub store: RedbOptions,
 }
 
-/// Default of [`WriterConfig::min_free_disk_bytes`]: room for a checkpoint of a full journal
-/// (16 MiB of records, with their indexes, copied on write) and the projections catching up.
+/// Default of [`WriterConfig::min_free_disk_bytes`]: room for what the default journals' records
+/// take once checkpointed and projected (ten 16 MiB journals' worth, see `disk`), and a margin.
 pub const MIN_FREE_DISK_BYTES_DEFAULT: u64 = 256 << 20;
 
 impl Default for WriterConfig {
@@ -213,9 +213,9 @@ pub struct WriterStats {
     /// recorded time stand still until it catches up.
     pub clock_behind_us: AtomicI64,
     /// Free bytes on the data directory's disk when the writer last looked (at most every
-    /// 100 ms while commands come; 0 before it first looked or without a floor).
+    /// 100 ms while commands come; 0 before it first looked).
     pub disk_free_bytes: AtomicU64,
-    /// Whether that is under the floor, so commands are refused.
+    /// Whether that is under the floor, so new work is refused.
     pub storage_low: AtomicBool,
     /// Commit durations (write + fsync), counted into `COMMIT_BUCKETS_US`.
     pub commit_us_buckets: [AtomicU64; COMMIT_BUCKETS_US.len()],
@@ -520,7 +520,7 @@ impl Writer {
         let data_dir = snapshots.dir().parent().unwrap_or(snapshots.dir()).to_path_buf();
         let mut disk = crate::disk::DiskFloor::new(data_dir, config.min_free_disk_bytes);
         // Looked at once now: a start under the floor is logged, and the metrics have a figure.
-        let _ = disk.refusal(&shared.stats);
+        disk.look(&shared.stats);
         let acks = Acknowledger::start(feed.clone(), shared.clone())?;
         let state = WriterThread {
             acks,
@@ -852,7 +852,7 @@ impl WriterThread {
     /// Decides, commits and acknowledges one batch.
     fn process(&mut self, batch: Vec<(Envelope, Option<Scope>, oneshot::Sender<CommandResult>)>) {
         // Looked at first, so its gauges stay current whatever happens next.
-        let _ = self.disk.refusal(&self.shared.stats);
+        self.disk.look(&self.shared.stats);
         if let Health::Failed(reason) = self.shared.health.lock().expect("health lock").clone() {
             let pending = batch
                 .into_iter()
@@ -989,8 +989,9 @@ impl WriterThread {
             return self.replay_outcome(&envelope.command, range);
         }
         // Under the disk's floor no new work is taken; what is in flight goes on (see `disk`).
-        if crate::disk::brings_new_work(&envelope.command) {
-            self.disk.admits(crate::disk::new_work_bytes(&envelope.command)).map_err(WriteError::StorageLow)?;
+        let new_work = crate::disk::new_work_bytes(&envelope.command);
+        if new_work > 0 {
+            self.disk.admits(new_work).map_err(WriteError::StorageLow)?;
         }
         let events = self.ledger.decide(&envelope.command, now).map_err(WriteError::Rejected)?;
         // A task id is unique for all time, not just among live tasks.

@@ -31,15 +31,8 @@ pub enum OpenError {
 /// crash, left one the server refused to start on, without a word of what to do (found by a
 /// black-box check).
 pub fn sqlite_file_damaged(error: &sqlx::Error) -> bool {
-    let code = match error {
-        sqlx::Error::Database(e) => e.code(),
-        sqlx::Error::Migrate(m) => match m.as_ref() {
-            sqlx::migrate::MigrateError::Execute(sqlx::Error::Database(e)) => e.code(),
-            _ => None,
-        },
-        _ => None,
-    };
-    code.and_then(|c| c.parse::<i64>().ok()).is_some_and(|c| matches!(c & 0xff, 11 | 26))
+    let sqlx::Error::Database(e) = error else { return false };
+    e.code().and_then(|c| c.parse::<i64>().ok()).is_some_and(|c| matches!(c & 0xff, 11 | 26))
 }
 
 /// Applying a batch of log records to a projector.
@@ -123,16 +116,14 @@ impl QueryError {
             _ => false,
         }
     }
-}
 
-impl QueryError {
-    /// The database's message when a table the query reads does not exist (dropped by hand, a
-    /// schema dropped and created again): PostgreSQL's `42P01`, SQLite's "no such table".
     /// Whether SQLite said the file is damaged (see [`sqlite_file_damaged`]).
     pub fn damaged(&self) -> bool {
         matches!(self, QueryError::Sql(e) if sqlite_file_damaged(e))
     }
 
+    /// The database's message when a table the query reads does not exist (dropped by hand, a
+    /// schema dropped and created again): PostgreSQL's `42P01`, SQLite's "no such table".
     pub fn missing_table(&self) -> Option<String> {
         match self {
             QueryError::Sql(sqlx::Error::Database(e))
