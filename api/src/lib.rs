@@ -10,6 +10,7 @@ pub mod error;
 pub mod graphql;
 pub mod graphql_ws;
 pub mod metrics;
+pub mod projections_slot;
 pub mod readmodels;
 pub mod routes;
 pub mod server;

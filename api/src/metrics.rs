@@ -77,7 +77,9 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self, writer: &WriterHandle, projections: &projections::Projections) -> String {
+    /// `projections` is `None` while they wait for a database that was unreachable when the
+    /// server started (`projections_slot`).
+    pub fn render(&self, writer: &WriterHandle, projections: Option<&projections::Projections>) -> String {
         let inner = self.inner.lock().expect("metrics lock");
         let mut out = String::new();
         out.push_str("# HELP taskledger_commands_total Commands by type and outcome.\n# TYPE taskledger_commands_total counter\n");
@@ -163,7 +165,13 @@ impl Metrics {
                 head.seq.max(writer.acknowledged_head())
             );
         }
-        if let Ok(status) = projections.status() {
+        let _ = writeln!(
+            out,
+            "# HELP taskledger_projections_connected 0 while the projections database has not been reachable since the server started (views answer 503 projections_unavailable; the server tries again every {} s), 1 once the projectors run.\n# TYPE taskledger_projections_connected gauge\ntaskledger_projections_connected {}",
+            crate::projections_slot::RECONNECT_EVERY.as_secs(),
+            u8::from(projections.is_some())
+        );
+        if let Some(Ok(status)) = projections.map(|p| p.status()) {
             let families: [ProjectorFamily; 4] = [
                 ("taskledger_projection_lag_events", "gauge", "Head seq minus the projector's checkpoint.", |s| s.lag),
                 (

@@ -168,7 +168,7 @@ pub async fn wait_min_seq(state: &AppState, min_seq: Option<u64>) -> ApiResult<(
     check_projections_lock(state)?;
     let Some(seq) = min_seq else { return Ok(()) };
     check_min_seq_in_log(state, seq)?;
-    if state.projections.wait_for_seq(seq, MIN_SEQ_WAIT).await {
+    if state.projections.get()?.wait_for_seq(seq, MIN_SEQ_WAIT).await {
         Ok(())
     } else {
         Err(ApiError::unavailable(
@@ -181,9 +181,10 @@ pub async fn wait_min_seq(state: &AppState, min_seq: Option<u64>) -> ApiResult<(
 
 /// Refuses (503 `projections_unavailable`) while another process holds the projections
 /// database's lock, taken while this server's connection to it was lost: its tables may hold
-/// that process's rows, not this log's.
+/// that process's rows, not this log's; and while the projections wait for a database that
+/// was unreachable when the server started ([`crate::projections_slot`]).
 pub fn check_projections_lock(state: &AppState) -> ApiResult<()> {
-    match state.projections.fence().held_elsewhere() {
+    match state.projections.get()?.fence().held_elsewhere() {
         None => Ok(()),
         Some(holder) => Err(ApiError::unavailable(
             "projections_unavailable",
@@ -239,7 +240,7 @@ pub async fn tasks(
     let namespace = scoped_namespace(who, namespace)?;
     wait_min_seq(state, args.min_seq).await?;
     let filter = TaskFilter { namespace, state: task_state, tag };
-    answered(query::tasks(state.projections.store(), &filter, &args.page())).await
+    answered(query::tasks(state.projections.get()?.store(), &filter, &args.page())).await
 }
 
 pub async fn queue(
@@ -251,7 +252,8 @@ pub async fn queue(
 ) -> ApiResult<Page<QueueEntry>> {
     let namespace = scoped_namespace(who, namespace)?;
     wait_min_seq(state, args.min_seq).await?;
-    answered(query::queue(state.projections.store(), namespace.as_deref(), step_state.as_deref(), &args.page())).await
+    answered(query::queue(state.projections.get()?.store(), namespace.as_deref(), step_state.as_deref(), &args.page()))
+        .await
 }
 
 pub async fn dead_letters(
@@ -262,7 +264,7 @@ pub async fn dead_letters(
 ) -> ApiResult<Page<DeadLetter>> {
     let namespace = scoped_namespace(who, namespace)?;
     wait_min_seq(state, args.min_seq).await?;
-    answered(query::dead_letters(state.projections.store(), namespace.as_deref(), &args.page())).await
+    answered(query::dead_letters(state.projections.get()?.store(), namespace.as_deref(), &args.page())).await
 }
 
 /// Counts, per-minute throughput for the last `window_minutes`, latency histograms.
@@ -282,7 +284,7 @@ pub async fn dashboard(
             .unwrap_or(0);
         now_us - i64::from(m) * 60_000_000
     });
-    answered(query::dashboard(state.projections.store(), namespace.as_deref(), since)).await
+    answered(query::dashboard(state.projections.get()?.store(), namespace.as_deref(), since)).await
 }
 
 #[derive(Default)]
@@ -322,17 +324,17 @@ pub async fn audit_log(
         from_us: time(filter.from_time, "from")?,
         to_us: time(filter.to_time, "to")?,
     };
-    answered(query::audit_log(state.projections.store(), &filter, &args.page())).await
+    answered(query::audit_log(state.projections.get()?.store(), &filter, &args.page())).await
 }
 
 pub async fn workers(state: &AppState, who: &Principal, args: ListArgs) -> ApiResult<Page<WorkerView>> {
     unscoped_auditor(who)?;
     wait_min_seq(state, args.min_seq).await?;
-    answered(query::workers(state.projections.store(), &args.page())).await
+    answered(query::workers(state.projections.get()?.store(), &args.page())).await
 }
 
 /// Each projector's checkpoint, lag and last error.
 pub fn projector_status(state: &AppState, who: &Principal) -> ApiResult<Vec<ProjectorStatus>> {
     who.require(Permission::Read)?;
-    state.projections.status().map_err(|e| ApiError::internal(e.to_string()))
+    state.projections.get()?.status().map_err(|e| ApiError::internal(e.to_string()))
 }

@@ -744,7 +744,8 @@ async fn rebuild_projector(
             format!("no projector {name:?}; the projectors are {}", known.join(", ")),
         ));
     };
-    if let Err(fenced) = state.projections.fence().check() {
+    let projections = state.projections.get()?;
+    if let Err(fenced) = projections.fence().check() {
         return Err(ApiError::unavailable("projections_unavailable", fenced.to_string(), 5));
     }
     // A rebuild writes a whole projector's tables again: not under the disk's floor (it filled
@@ -755,10 +756,10 @@ async fn rebuild_projector(
              again; free some space first",
         ));
     }
-    let status = state.projections.status().map_err(|e| ApiError::internal(e.to_string()))?;
+    let status = projections.status().map_err(|e| ApiError::internal(e.to_string()))?;
     let running = status.iter().any(|s| s.projector == kind.name() && s.slot == "shadow" && s.running);
     if !running {
-        let projections = state.projections.clone();
+        let projections = projections.clone();
         tracing::info!(projector = kind.name(), actor = %who.actor(), "projection rebuild started");
         tokio::spawn(async move {
             match projections.rebuild(kind).await {

@@ -33,6 +33,7 @@ use tracing_subscriber::filter::Targets;
 use crate::auth::{HasTokens, TokenSource, Tokens};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::projections_slot::{ProjectionsSlot, ProjectionsTarget};
 
 /// Everything a request handler can reach. Cloned for every request (axum's `State`), so it is
 /// one `Arc`: a clone is one atomic increment rather than one per handle inside (cloning and
@@ -43,7 +44,7 @@ pub struct AppState(Arc<AppContext>);
 /// What [`AppState`] shares.
 pub struct AppContext {
     pub writer: WriterHandle,
-    pub projections: projections::Projections,
+    pub projections: ProjectionsSlot,
     pub tokens: Tokens,
     pub metrics: Arc<Metrics>,
     pub ready_max_lag: u64,
@@ -266,7 +267,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
                 }
                 .into_response();
             }
-            let lag = state.projections.max_lag().unwrap_or(u64::MAX);
+            let lag = match state.projections.get() {
+                Ok(projections) => projections.max_lag().unwrap_or(u64::MAX),
+                Err(waiting) => return waiting.into_response(),
+            };
             if lag > state.ready_max_lag {
                 return ApiError::unavailable(
                     "projections_lagging",
@@ -287,14 +291,20 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 /// Prometheus metrics; any valid token (nothing but health is served unauthenticated).
 async fn metrics(State(state): State<AppState>, who: crate::auth::Principal) -> Response {
-    let mut text = state.metrics.render(&state.writer, &state.projections);
+    let mut text = state.metrics.render(&state.writer, state.projections.running());
     // Bounded: a scrape must answer (with the writer's and projectors' figures) while the
     // projections database is unreachable; the depths are left out then.
     // Nor while another process holds the projections' lock: the rows may be its (see
     // `readmodels::check_projections_lock`).
-    let depths = projections::query::dashboard(state.projections.store(), None, Some(i64::MAX));
-    let fenced = crate::readmodels::check_projections_lock(&state).is_err();
-    if !fenced && let Ok(Ok(mut dashboard)) = tokio::time::timeout(METRICS_DEPTHS_WAIT, depths).await {
+    // Nor while the projections wait for their database.
+    if let Some(projections) = state.projections.running()
+        && crate::readmodels::check_projections_lock(&state).is_ok()
+        && let Ok(Ok(mut dashboard)) = tokio::time::timeout(
+            METRICS_DEPTHS_WAIT,
+            projections::query::dashboard(projections.store(), None, Some(i64::MAX)),
+        )
+        .await
+    {
         // A namespace-scoped token sees the depths of its own namespaces only: scopes do not
         // reveal which namespaces exist elsewhere, here as in the dashboard view.
         dashboard.counts.retain(|c| domain::Namespace::new(&c.namespace).is_ok_and(|ns| who.may_see(&ns)));
@@ -470,27 +480,16 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| config.data_dir.join("projections.sqlite").to_string_lossy().into_owned());
     let shown_target = projections::store::redact_target(&target);
-    // Held until the server stops: one server per projections database (`projections::lock`).
-    let _projections_lock =
-        projections::lock::lock(&target).await.with_context(|| format!("open projections at {shown_target}"))?;
-    let store = projections::Store::open_with(&target, config.projections_store)
-        .await
-        .with_context(|| format!("open projections at {shown_target}"))?;
-    let projections_backend = store.backend();
     let handle = writer.handle();
     let projection_runtime = projection_runtime().context("start the projectors' runtime")?;
-    let projections = projections::Projections::start(
-        store,
-        handle.reader().clone(),
-        handle.feed().clone(),
-        projections::RuntimeConfig {
-            executor: Some(projection_runtime.handle().clone()),
-            fence: _projections_lock.fence(),
-            ..Default::default()
-        },
-    )
-    .await
-    .with_context(|| format!("start the projectors on {shown_target}"))?;
+    let projections = ProjectionsSlot::open(ProjectionsTarget {
+        target,
+        options: config.projections_store,
+        reader: handle.reader().clone(),
+        feed: handle.feed().clone(),
+        executor: projection_runtime.handle().clone(),
+    })
+    .await?;
     let (stopping_tx, stopping) = watch::channel(false);
     let state = AppState::new(AppContext {
         writer: handle,
@@ -509,7 +508,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
 
     // The startup banner goes to stdout so scripts (and tests) can read the address.
     println!("taskledger {} listening on http://{local}", env!("CARGO_PKG_VERSION"));
-    println!("projections in {shown_target}");
+    println!("projections in {}", crate::projections_slot::describe(&projections, &shown_target));
     println!(
         "limits: {} connections, request head within {} ms, requests of {} bytes and {} ms, {} requests at once",
         config.max_connections,
@@ -538,7 +537,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             mib => format!("new work refused under {mib} MiB free on disk"),
         },
         config.writer.store.cache_bytes >> 20,
-        match projections_backend {
+        match projections.backend() {
             projections::Backend::Sqlite => format!(
                 ", {} MiB of SQLite projection pages per connection",
                 config.projections_store.sqlite_cache_kib >> 10

@@ -35,6 +35,33 @@ pub fn sqlite_file_damaged(error: &sqlx::Error) -> bool {
     e.code().and_then(|c| c.parse::<i64>().ok()).is_some_and(|c| matches!(c & 0xff, 11 | 26))
 }
 
+/// Whether `error` says the database cannot be reached or cannot take a connection now (a
+/// PostgreSQL that is down, starting, shutting down, out of connection slots, or silent), as
+/// opposed to one that answered and refused (a wrong password, a database that does not
+/// exist, a failed migration): an outage to wait out, not a mistake to report.
+pub fn database_unreachable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+        // Class 08 (connection exceptions), `cannot_connect_now` (starting up or shutting
+        // down), `admin_shutdown`, `crash_shutdown`, `too_many_connections`.
+        sqlx::Error::Database(e) => e
+            .code()
+            .is_some_and(|code| code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")),
+        _ => false,
+    }
+}
+
+impl OpenError {
+    /// The database could not be reached while opening it (see [`database_unreachable`]).
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            OpenError::Postgres { source } => database_unreachable(source),
+            OpenError::Migrate(sqlx::migrate::MigrateError::Execute(source)) => database_unreachable(source),
+            _ => false,
+        }
+    }
+}
+
 /// Applying a batch of log records to a projector.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -91,6 +118,16 @@ pub enum RuntimeError {
     Sql(#[from] sqlx::Error),
 }
 
+impl RuntimeError {
+    /// The database could not be reached (see [`database_unreachable`]).
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            RuntimeError::Sql(e) | RuntimeError::Apply(ApplyError::Sql(e)) => database_unreachable(e),
+            _ => false,
+        }
+    }
+}
+
 /// Reading a read model.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
@@ -107,12 +144,10 @@ impl QueryError {
     /// outage, not a fault of the query.
     pub fn is_unreachable(&self) -> bool {
         match self {
-            QueryError::Sql(
-                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_),
-            ) => true,
             // PostgreSQL cancelled the statement at its `statement_timeout` (a lock held on the
             // table, an overloaded database).
-            QueryError::Sql(sqlx::Error::Database(e)) => e.code().as_deref() == Some("57014"),
+            QueryError::Sql(sqlx::Error::Database(e)) if e.code().as_deref() == Some("57014") => true,
+            QueryError::Sql(e) => database_unreachable(e),
             _ => false,
         }
     }

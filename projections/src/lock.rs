@@ -125,7 +125,7 @@ impl LockFence {
 /// fails with [`OpenError::InUse`] when another process holds it. A SQLite file that does not
 /// exist yet is created empty (SQLite takes an empty file for a new database).
 pub async fn lock(target: &str) -> Result<StoreLock, OpenError> {
-    if target.starts_with("postgres://") || target.starts_with("postgresql://") {
+    if crate::store::Backend::of_target(target) == crate::store::Backend::Postgres {
         let options = PgConnectOptions::from_str(target)
             .map_err(|source| OpenError::Postgres { source })?
             .application_name(LOCK_APPLICATION_NAME);

@@ -91,6 +91,22 @@ pub enum Backend {
     Postgres,
 }
 
+impl Backend {
+    /// The backend a `--projections` target names: `postgres://…` or `postgresql://…` is
+    /// PostgreSQL, anything else a SQLite file path.
+    pub fn of_target(target: &str) -> Backend {
+        if target.starts_with("postgres://") || target.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        }
+    }
+}
+
+/// The schema of each backend, compiled in.
+static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
 /// A connection pool on one of the two backends. Cheap to clone.
 #[derive(Clone, Debug)]
 pub enum Store {
@@ -254,15 +270,22 @@ impl Store {
 
     /// [`Store::open`] with explicit options.
     pub async fn open_with(target: &str, options: StoreOptions) -> Result<Store, OpenError> {
-        if target.starts_with("postgres://") || target.starts_with("postgresql://") {
+        if Backend::of_target(target) == Backend::Postgres {
             return Self::connect_postgres(target).await;
         }
         Self::open_sqlite_with(crate::lock::sqlite_path(target)?, options).await
     }
 
+    /// Migrates the schema. Through `run_direct` on a connection rather than `run(pool)`:
+    /// `run`'s `Acquire` bound made every future that opens a store one the compiler cannot prove
+    /// `Send` ("`Acquire` is not general enough"), so a store could not be opened inside
+    /// `tokio::spawn` (the server's reconnecting task, `api::projections_slot`).
     async fn migrate(&self) -> Result<(), OpenError> {
         match self {
-            Store::Sqlite(pool, _) => sqlx::migrate!("migrations/sqlite").run(pool).await?,
+            Store::Sqlite(pool, _) => {
+                let mut connection = pool.acquire().await.map_err(sqlx::migrate::MigrateError::from)?;
+                SQLITE_MIGRATOR.run_direct(None, &mut *connection, false).await?
+            }
             Store::Postgres(pool) => {
                 // Without the read bound: a migration may take its time.
                 let mut connection = pool.acquire().await.map_err(sqlx::migrate::MigrateError::from)?;
@@ -270,7 +293,7 @@ impl Store {
                     .execute(&mut *connection)
                     .await
                     .map_err(sqlx::migrate::MigrateError::from)?;
-                sqlx::migrate!("migrations/postgres").run(&mut *connection).await?;
+                POSTGRES_MIGRATOR.run_direct(None, &mut *connection, false).await?;
                 let reset = format!("SET statement_timeout = {POSTGRES_READ_STATEMENT_TIMEOUT}");
                 sqlx::query(sqlx::AssertSqlSafe(reset))
                     .execute(&mut *connection)

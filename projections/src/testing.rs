@@ -46,13 +46,27 @@ pub struct TempPostgres {
     /// `postgres://…/postgres` on the admin database.
     admin_url: String,
     /// Held for its `Drop`, which stops and removes the private cluster.
-    _cluster: Option<Cluster>,
+    cluster: Option<Cluster>,
 }
 
 struct Cluster {
     dir: PathBuf,
     data: PathBuf,
     as_postgres_user: bool,
+    /// `postgres`'s options (`pg_ctl -o`): the port and the tuning, for starting it again.
+    settings: String,
+}
+
+impl Cluster {
+    fn pg_ctl(&self, action: &str) -> Result<(), TempPostgresError> {
+        let mut command = pg_command(self.as_postgres_user, "pg_ctl");
+        command.arg("-D").arg(&self.data).arg("-l").arg(self.dir.join("server.log"));
+        match action {
+            "start" => command.args(["-w", "-t", "60", "-o", &self.settings, "start"]),
+            _ => command.args(["-m", "fast", "-w", "stop"]),
+        };
+        run(command)
+    }
 }
 
 impl std::fmt::Debug for TempPostgres {
@@ -122,7 +136,7 @@ impl TempPostgres {
         if let Ok(url) = std::env::var(DATABASE_URL_ENV)
             && !url.is_empty()
         {
-            return Ok(TempPostgres { admin_url: url, _cluster: None });
+            return Ok(TempPostgres { admin_url: url, cluster: None });
         }
         Self::start_private(options)
     }
@@ -133,9 +147,9 @@ impl TempPostgres {
         // SAFETY: geteuid has no preconditions.
         let as_postgres_user = unsafe { libc::geteuid() } == 0;
         let dir = tempfile::Builder::new().prefix("taskledger-pg-").tempdir().map_err(TempPostgresError::Dir)?.keep();
-        let cluster = Cluster { data: dir.join("data"), dir: dir.clone(), as_postgres_user };
+        let cluster = Cluster { data: dir.join("data"), dir: dir.clone(), as_postgres_user, settings: String::new() };
         // From here on, dropping `cluster` stops and removes whatever was made.
-        let mut this = TempPostgres { admin_url: String::new(), _cluster: Some(cluster) };
+        let mut this = TempPostgres { admin_url: String::new(), cluster: Some(cluster) };
         if as_postgres_user {
             let (uid, gid) = postgres_ids().ok_or(TempPostgresError::NoPostgresUser)?;
             std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).map_err(TempPostgresError::Dir)?;
@@ -159,14 +173,9 @@ impl TempPostgres {
         if !options.durable {
             settings.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
         }
-        let mut start = pg_command(as_postgres_user, "pg_ctl");
-        start
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(dir.join("server.log"))
-            .args(["-w", "-t", "60", "-o", &settings, "start"]);
-        run(start)?;
+        let cluster = this.cluster.as_mut().expect("made above");
+        cluster.settings = settings;
+        cluster.pg_ctl("start")?;
         spawn_watchdog(&dir, &data, as_postgres_user);
         this.admin_url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
         Ok(this)
@@ -177,6 +186,24 @@ impl TempPostgres {
     pub fn shared() -> &'static TempPostgres {
         static SHARED: OnceLock<TempPostgres> = OnceLock::new();
         SHARED.get_or_init(|| TempPostgres::start().unwrap_or_else(|e| panic!("start a test PostgreSQL: {e}")))
+    }
+
+    /// Stops a private cluster (a fast shutdown), keeping its data: for a test of what a server
+    /// does while PostgreSQL is down. [`TempPostgres::start_again`] starts it on the same port.
+    pub fn stop(&self) -> Result<(), TempPostgresError> {
+        self.private()?.pg_ctl("stop")
+    }
+
+    /// Starts a cluster [`TempPostgres::stop`] stopped.
+    pub fn start_again(&self) -> Result<(), TempPostgresError> {
+        self.private()?.pg_ctl("start")
+    }
+
+    fn private(&self) -> Result<&Cluster, TempPostgresError> {
+        self.cluster.as_ref().ok_or_else(|| TempPostgresError::Command {
+            command: "pg_ctl".to_owned(),
+            reason: format!("{DATABASE_URL_ENV} names a server this process did not start: it cannot stop it"),
+        })
     }
 
     /// The URL of the server's `postgres` database.

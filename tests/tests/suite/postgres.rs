@@ -297,6 +297,91 @@ fn an_unreachable_postgresql_is_an_outage_of_the_views_only() {
     assert_eq!(server.stop(), Some(0), "a clean stop without PostgreSQL");
 }
 
+/// Waits until `done` holds, for at most 30 s.
+fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "not within 30 s: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A PostgreSQL that is down when the server starts (restarted with it, or started a little
+/// after it) does not keep the ledger down: the server starts (`serve` exited before: found
+/// by a black-box check), commands and task reads work, the views, GraphQL's, `/readyz` and
+/// the rebuild route answer 503 `projections_unavailable` saying why, and once PostgreSQL is
+/// up the projectors connect, migrate and catch up by themselves.
+#[test]
+fn a_server_starts_while_its_postgresql_is_down_and_connects_once_it_is_up() {
+    let runtime = read_models::runtime();
+    let postgres = TempPostgres::start_private(ClusterOptions { durable: false }).expect("a private PostgreSQL");
+    let url = runtime.block_on(postgres.create_database("late")).expect("a scratch database");
+    postgres.stop().expect("stop PostgreSQL");
+    let temp = tempfile::tempdir().unwrap();
+    let log_path = temp.path().join("server.log");
+    let server = Server::start_with_log(
+        &temp.path().join("data"),
+        &["--projections", url.as_str()],
+        std::fs::File::create(&log_path).unwrap(),
+    );
+    assert!(server.banner.contains("not reachable yet"), "{}", server.banner);
+    let before = create_job(&server, "late", json!({}));
+    assert_eq!(server.get(&format!("/v1/tasks/{before}")).status, 200);
+    assert_eq!(server.get(&format!("/v1/tasks/{before}/history")).status, 200);
+    let view = server.get("/v1/views/tasks?namespace=late");
+    assert_eq!((view.status, view.code()), (503, "projections_unavailable"), "{view:?}");
+    let message = view.body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("not been reachable since the server started") && message.contains("Connection refused"),
+        "says why: {message}"
+    );
+    assert!(view.header("retry-after").is_some(), "{view:?}");
+    assert_eq!(server.get("/v1/views/projections").code(), "projections_unavailable");
+    let ready = server.get("/readyz");
+    assert_eq!((ready.status, ready.code()), (503, "projections_unavailable"), "{ready:?}");
+    let rebuild = server.post("/v1/admin/projections/tasks/rebuild", json!({}));
+    assert_eq!((rebuild.status, rebuild.code()), (503, "projections_unavailable"), "{rebuild:?}");
+    let graphql = server.post("/graphql", json!({ "query": "{ tasks(namespace: \"late\") { items { taskId } } }" }));
+    assert_eq!(graphql.body["errors"][0]["extensions"]["code"], "projections_unavailable", "{graphql:?}");
+    let (status, metrics) = server.get_text("/metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.lines().any(|l| l == "taskledger_projections_connected 0"), "{metrics}");
+    assert!(!metrics.contains("taskledger_projection_lag_events{"), "no projectors yet: {metrics}");
+
+    postgres.start_again().expect("start PostgreSQL again");
+    let after = create_job(&server, "late", json!({}));
+    let head = server.head_seq();
+    eventually("the views reach the head", || server.get(&format!("/v1/views/tasks?min_seq={head}")).status == 200);
+    let ids: Vec<String> =
+        all_pages(&server, "tasks?namespace=late").iter().map(|t| t["task_id"].as_str().unwrap().to_owned()).collect();
+    assert!(ids.contains(&before) && ids.contains(&after), "both tasks projected: {ids:?}");
+    eventually("ready", || server.get("/readyz").status == 200);
+    assert!(server.get_text("/metrics").1.lines().any(|l| l == "taskledger_projections_connected 1"));
+    assert_eq!(server.stop(), Some(0));
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    assert_eq!(logged.matches("the projections database is not reachable").count(), 1, "said once: {logged}");
+    assert!(logged.contains("connected to the projections database"), "{logged}");
+}
+
+/// Only an outage is waited out: a PostgreSQL that answers and refuses (a database that does not
+/// exist) still refuses the start, and a server waiting for an unreachable one stops at once.
+#[test]
+fn a_postgresql_that_refuses_still_refuses_the_start_and_a_waiting_server_stops_cleanly() {
+    let postgres = TempPostgres::shared();
+    let missing = format!("{}_missing_{}", postgres.admin_url(), std::process::id());
+    let temp = tempfile::tempdir().unwrap();
+    let (refused, stderr) =
+        crate::api::serve_once_with(&temp.path().join("a"), "127.0.0.1:0", &["--projections", missing.as_str()]);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("does not exist"), "{stderr}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let nowhere = format!("postgres://postgres@127.0.0.1:{port}/nothing_listens_here");
+    let server = Server::start_in(&temp.path().join("b"), &["--projections", nowhere.as_str()]);
+    create_job(&server, "waiting", json!({}));
+    assert_eq!(server.stop(), Some(0), "a clean stop while connecting");
+}
+
 /// A lock held on a projection table (a DBA's `LOCK TABLE`): a view's read is bounded at 5 s
 /// with `503 projections_unavailable` (it waited 28 s, or until the request timeout's 408), the
 /// projector blocked behind it is reported as failing after 10 s (it showed no error at all),
