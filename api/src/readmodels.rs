@@ -59,12 +59,15 @@ impl From<projections::QueryError> for ApiError {
                 ),
                 30,
             ),
-            e if e.missing_table().is_some() => ApiError::unavailable(
+            e if let Some(missing) = e.missing_table() => ApiError::unavailable(
                 "projections_unavailable",
                 format!(
-                    "a projection table is missing ({}): rebuild it with POST /v1/admin/projections/{{projector}}/rebuild \
-                     (a dropped schema needs a restart, which creates it again)",
-                    e.missing_table().unwrap_or_default()
+                    "a projection table is missing ({missing}): rebuild its projector with POST \
+                     /v1/admin/projections/{}/rebuild (after a dropped schema, rebuild each projector: {}; the \
+                     first rebuild creates the schema again)",
+                    projections::ProjectorKind::owning_table_named_in(&missing)
+                        .map_or("{projector}", projections::ProjectorKind::name),
+                    projections::ProjectorKind::ALL.map(projections::ProjectorKind::name).join(", ")
                 ),
                 30,
             ),

@@ -116,13 +116,17 @@ pub enum RuntimeError {
     Apply(#[from] ApplyError),
     #[error("database: {0}")]
     Sql(#[from] sqlx::Error),
+    #[error("create the projections schema again: {0}")]
+    Schema(#[from] sqlx::migrate::MigrateError),
 }
 
 impl RuntimeError {
     /// The database could not be reached (see [`database_unreachable`]).
     pub fn is_unreachable(&self) -> bool {
         match self {
-            RuntimeError::Sql(e) | RuntimeError::Apply(ApplyError::Sql(e)) => database_unreachable(e),
+            RuntimeError::Sql(e)
+            | RuntimeError::Apply(ApplyError::Sql(e))
+            | RuntimeError::Schema(sqlx::migrate::MigrateError::Execute(e)) => database_unreachable(e),
             _ => false,
         }
     }

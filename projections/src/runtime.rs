@@ -919,6 +919,7 @@ impl Projections {
     async fn rebuild_inner(&self, kind: ProjectorKind) -> Result<Checkpoint, RuntimeError> {
         self.inner.config.fence.check()?;
         let store = &self.inner.store;
+        store.migrate().await?;
         let live = checkpoint::read(store, kind, Slot::Live).await?;
         let shadow = checkpoint::read(store, kind, Slot::Shadow).await?;
         match shadow {

@@ -223,7 +223,7 @@ impl Store {
             .await
             .map_err(|source| sqlite_open_error(path, source))?;
         let store = Store::Sqlite(pool, WriteGate { turn: Arc::default(), writer });
-        match store.migrate().await {
+        match store.migrate().await.map_err(OpenError::Migrate) {
             Err(OpenError::Migrate(sqlx::migrate::MigrateError::Execute(source)))
                 if crate::error::sqlite_file_damaged(&source) =>
             {
@@ -280,25 +280,25 @@ impl Store {
     /// `run`'s `Acquire` bound made every future that opens a store one the compiler cannot prove
     /// `Send` ("`Acquire` is not general enough"), so a store could not be opened inside
     /// `tokio::spawn` (the server's reconnecting task, `api::projections_slot`).
-    async fn migrate(&self) -> Result<(), OpenError> {
+    ///
+    /// Also run before every projection rebuild: a schema dropped under a running server (all
+    /// its tables, checkpoints and migration history gone) is created again, and the rebuild,
+    /// and the live projectors finding their checkpoints gone, fill it from the log (a rebuild
+    /// failed on the missing tables until a restart: found by a black-box check). With the
+    /// schema in place it is a lookup of the applied migrations.
+    pub(crate) async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
         match self {
             Store::Sqlite(pool, _) => {
-                let mut connection = pool.acquire().await.map_err(sqlx::migrate::MigrateError::from)?;
+                let mut connection = pool.acquire().await?;
                 SQLITE_MIGRATOR.run_direct(None, &mut *connection, false).await?
             }
             Store::Postgres(pool) => {
                 // Without the read bound: a migration may take its time.
-                let mut connection = pool.acquire().await.map_err(sqlx::migrate::MigrateError::from)?;
-                sqlx::query("SET statement_timeout = 0")
-                    .execute(&mut *connection)
-                    .await
-                    .map_err(sqlx::migrate::MigrateError::from)?;
+                let mut connection = pool.acquire().await?;
+                sqlx::query("SET statement_timeout = 0").execute(&mut *connection).await?;
                 POSTGRES_MIGRATOR.run_direct(None, &mut *connection, false).await?;
                 let reset = format!("SET statement_timeout = {POSTGRES_READ_STATEMENT_TIMEOUT}");
-                sqlx::query(sqlx::AssertSqlSafe(reset))
-                    .execute(&mut *connection)
-                    .await
-                    .map_err(sqlx::migrate::MigrateError::from)?;
+                sqlx::query(sqlx::AssertSqlSafe(reset)).execute(&mut *connection).await?;
             }
         }
         Ok(())

@@ -68,6 +68,18 @@ impl ProjectorKind {
         }
     }
 
+    /// The projector owning the table a database's "missing table" message names (PostgreSQL's
+    /// `relation "audit_log" does not exist`, SQLite's `no such table: audit_log`), so that an
+    /// answer can say which one to rebuild.
+    pub fn owning_table_named_in(message: &str) -> Option<Self> {
+        let name = match message.split_once('"') {
+            Some((_, rest)) => rest.split('"').next()?,
+            None => message.rsplit(": ").next()?.trim(),
+        };
+        let name = name.rsplit('.').next()?;
+        Self::ALL.into_iter().find(|k| k.tables().contains(&name))
+    }
+
     /// The tables it owns (without suffix), its mirror table last.
     pub fn tables(self) -> &'static [&'static str] {
         match self {
@@ -427,6 +439,25 @@ impl Plan {
             Plan::Tasks(p) => p.render(out, suffix, touched, mirror),
             Plan::Queue(p) => p.render(out, suffix, touched, mirror),
             Plan::Dashboard(p) => p.render(out, suffix),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ProjectorKind;
+
+    #[test]
+    fn a_missing_table_message_names_its_projector() {
+        for (message, owner) in [
+            ("relation \"audit_log\" does not exist", Some(ProjectorKind::Audit)),
+            ("relation \"public.queue_settings\" does not exist", Some(ProjectorKind::Queue)),
+            ("no such table: task_steps", Some(ProjectorKind::Tasks)),
+            ("no such table: main.dashboard_counts", Some(ProjectorKind::Dashboard)),
+            ("relation \"projector_checkpoints\" does not exist", None),
+            ("no such table: queues", None),
+        ] {
+            assert_eq!(ProjectorKind::owning_table_named_in(message), owner, "{message}");
         }
     }
 }
