@@ -244,14 +244,21 @@ fn a_second_server_on_the_same_postgresql_database_is_refused() {
     assert!(stderr.contains("built from another log") && !stderr.contains("advisory lock"), "{stderr}");
 }
 
-/// PostgreSQL going away under a running server is an outage of the SQL views only: commands
-/// and reads from the log go on, `/metrics` answers (without the queue depths, which come from
-/// the views), and the views answer 503 `projections_unavailable` instead of a 500.
-#[test]
-fn an_unreachable_postgresql_is_an_outage_of_the_views_only() {
+/// A server whose projections are in a database of a private PostgreSQL (one a test may stop),
+/// logging to a file.
+struct OnPrivatePostgres {
+    postgres: TempPostgres,
+    server: Server,
+    log_path: std::path::PathBuf,
+    _temp: tempfile::TempDir,
+}
+
+/// Starts [`OnPrivatePostgres`], with `before_start` done to PostgreSQL once the database exists.
+fn on_private_postgres(database: &str, before_start: impl FnOnce(&TempPostgres)) -> OnPrivatePostgres {
     let runtime = read_models::runtime();
     let postgres = TempPostgres::start_private(ClusterOptions { durable: false }).expect("a private PostgreSQL");
-    let url = runtime.block_on(postgres.create_database("outage")).expect("a scratch database");
+    let url = runtime.block_on(postgres.create_database(database)).expect("a scratch database");
+    before_start(&postgres);
     let temp = tempfile::tempdir().unwrap();
     let log_path = temp.path().join("server.log");
     let server = Server::start_with_log(
@@ -259,6 +266,15 @@ fn an_unreachable_postgresql_is_an_outage_of_the_views_only() {
         &["--projections", url.as_str()],
         std::fs::File::create(&log_path).unwrap(),
     );
+    OnPrivatePostgres { postgres, server, log_path, _temp: temp }
+}
+
+/// PostgreSQL going away under a running server is an outage of the SQL views only: commands
+/// and reads from the log go on, `/metrics` answers (without the queue depths, which come from
+/// the views), and the views answer 503 `projections_unavailable` instead of a 500.
+#[test]
+fn an_unreachable_postgresql_is_an_outage_of_the_views_only() {
+    let OnPrivatePostgres { postgres, server, log_path, _temp } = on_private_postgres("outage", |_| {});
     let id = create_job(&server, "out", json!({}));
     let head = server.head_seq();
     assert_eq!(server.get(&format!("/v1/views/tasks?min_seq={head}")).status, 200);
@@ -313,17 +329,8 @@ fn eventually(what: &str, mut done: impl FnMut() -> bool) {
 /// up the projectors connect, migrate and catch up by themselves.
 #[test]
 fn a_server_starts_while_its_postgresql_is_down_and_connects_once_it_is_up() {
-    let runtime = read_models::runtime();
-    let postgres = TempPostgres::start_private(ClusterOptions { durable: false }).expect("a private PostgreSQL");
-    let url = runtime.block_on(postgres.create_database("late")).expect("a scratch database");
-    postgres.stop().expect("stop PostgreSQL");
-    let temp = tempfile::tempdir().unwrap();
-    let log_path = temp.path().join("server.log");
-    let server = Server::start_with_log(
-        &temp.path().join("data"),
-        &["--projections", url.as_str()],
-        std::fs::File::create(&log_path).unwrap(),
-    );
+    let OnPrivatePostgres { postgres, server, log_path, _temp } =
+        on_private_postgres("late", |postgres| postgres.stop().expect("stop PostgreSQL"));
     assert!(server.banner.contains("not reachable yet"), "{}", server.banner);
     let before = create_job(&server, "late", json!({}));
     assert_eq!(server.get(&format!("/v1/tasks/{before}")).status, 200);
