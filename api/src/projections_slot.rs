@@ -122,7 +122,7 @@ impl ProjectionsSlot {
                 Ok(slot)
             }
             Err(failure) if failure.unreachable && backend == Backend::Postgres => {
-                let error = format!("{:#}", failure.error);
+                let error = eventlog::cli::error_chain(&failure.error);
                 tracing::warn!(
                     projections = %target.shown(),
                     %error,
@@ -157,7 +157,7 @@ impl ProjectionsSlot {
                     return;
                 }
                 Err(failure) => {
-                    let error = format!("{:#}", failure.error);
+                    let error = eventlog::cli::error_chain(&failure.error);
                     if error != said {
                         said.clone_from(&error);
                         if failure.unreachable {
