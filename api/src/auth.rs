@@ -15,12 +15,17 @@
 //! the ledger, which knows each task's namespace.
 //!
 //! Revocation: an entry with `"revoked": true` stays in the file (so the
-//! record of who held it survives) but authenticates nobody; the file is
-//! read at startup, so a revocation takes effect when the server restarts.
+//! record of who held it survives) but authenticates nobody. The file is read
+//! at startup and again on SIGHUP ([`Tokens::reload_from`]): a reload swaps the
+//! whole table at once (a file that fails to parse or check changes nothing),
+//! and what a token's holder has open ends with it — its following event
+//! feeds end, its GraphQL WebSockets close with 4403 — when a reload revokes or
+//! removes the token or changes its roles or scope ([`Tokens::still_valid`]).
+//! (Revoking a leaked token took a restart, and a SIGHUP ended the server.)
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 use axum::extract::FromRequestParts;
@@ -28,6 +33,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use domain::Namespace;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use crate::error::ApiError;
 
@@ -95,12 +101,14 @@ pub struct TokensFile {
 }
 
 /// The authenticated caller of a request.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Principal {
     pub name: Arc<str>,
     pub roles: BTreeSet<Role>,
     /// `None`: every namespace.
     pub scope: Option<Arc<[Namespace]>>,
+    /// The BLAKE3 of its token, to look it up again after a reload.
+    token_blake3: Arc<str>,
 }
 
 impl Principal {
@@ -143,20 +151,35 @@ impl Principal {
     }
 }
 
-/// All known tokens, by hash.
+/// The tokens of one version of the tokens file, by hash.
+#[derive(Debug, Default)]
+struct TokenTable {
+    by_hash: HashMap<String, Principal>,
+    /// Hashes of revoked tokens, only to say "revoked" rather than "unknown".
+    revoked: BTreeSet<String>,
+}
+
+/// All known tokens; the table is replaced whole by a reload. Cheap to clone: clones share it.
 #[derive(Clone, Debug, Default)]
 pub struct Tokens {
-    by_hash: Arc<HashMap<String, Principal>>,
-    /// Hashes of revoked tokens, only to say "revoked" rather than "unknown".
-    revoked: Arc<BTreeSet<String>>,
+    table: Arc<RwLock<Arc<TokenTable>>>,
+    /// Counts the reloads, for what must look again at its token when one happens.
+    reloads: Arc<watch::Sender<u64>>,
+}
+
+/// What a reload found in the tokens file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenCounts {
+    pub live: usize,
+    pub revoked: usize,
 }
 
 pub fn hash_token(token: &str) -> String {
     blake3::hash(token.as_bytes()).to_hex().to_string()
 }
 
-impl Tokens {
-    pub fn from_file(file: TokensFile) -> anyhow::Result<Self> {
+impl TokenTable {
+    fn from_file(file: TokensFile) -> anyhow::Result<Self> {
         let mut by_hash = HashMap::new();
         let mut revoked = BTreeSet::new();
         // Names are what the log records (`token:<name>`): two tokens of one name could not be told
@@ -194,23 +217,65 @@ impl Tokens {
             if entry.roles.is_empty() {
                 anyhow::bail!("token {:?} has no roles", entry.name);
             }
-            let principal = Principal { name: Arc::from(entry.name.as_str()), roles: entry.roles, scope };
+            let principal = Principal {
+                name: Arc::from(entry.name.as_str()),
+                roles: entry.roles,
+                scope,
+                token_blake3: Arc::from(hash.as_str()),
+            };
             if by_hash.insert(hash, principal).is_some() {
                 return Err(repeated());
             }
         }
-        Ok(Self { by_hash: Arc::new(by_hash), revoked: Arc::new(revoked) })
+        Ok(Self { by_hash, revoked })
+    }
+}
+
+impl Tokens {
+    pub fn from_file(file: TokensFile) -> anyhow::Result<Self> {
+        Ok(Self { table: Arc::new(RwLock::new(Arc::new(TokenTable::from_file(file)?))), reloads: Arc::default() })
+    }
+
+    fn table(&self) -> Arc<TokenTable> {
+        self.table.read().expect("tokens lock").clone()
     }
 
     /// The principal of a live token; `None` for unknown and revoked ones.
-    pub fn authenticate(&self, token: &str) -> Option<&Principal> {
-        self.by_hash.get(&hash_token(token))
+    pub fn authenticate(&self, token: &str) -> Option<Principal> {
+        self.table().by_hash.get(&hash_token(token)).cloned()
     }
 
     /// Whether `token` is listed as revoked.
     pub fn is_revoked(&self, token: &str) -> bool {
-        self.revoked.contains(&hash_token(token))
+        self.table().revoked.contains(&hash_token(token))
     }
+
+    /// Whether `who`'s token still authenticates as `who`: neither revoked nor removed by a
+    /// reload, with the same name, roles and scope.
+    pub fn still_valid(&self, who: &Principal) -> bool {
+        self.table().by_hash.get(&*who.token_blake3) == Some(who)
+    }
+
+    /// Reads the tokens file at `path` again and puts its tokens in place of the current ones,
+    /// all at once; a file that cannot be read, parsed or checked changes nothing.
+    pub fn reload_from(&self, path: &Path) -> anyhow::Result<TokenCounts> {
+        let table = TokenTable::from_file(read_tokens_file(path)?)?;
+        let counts = TokenCounts { live: table.by_hash.len(), revoked: table.revoked.len() };
+        *self.table.write().expect("tokens lock") = Arc::new(table);
+        self.reloads.send_modify(|n| *n += 1);
+        Ok(counts)
+    }
+
+    /// Changes at each reload.
+    pub fn reloads(&self) -> watch::Receiver<u64> {
+        self.reloads.subscribe()
+    }
+}
+
+/// Reads and parses a tokens file (not yet checked: [`TokenTable::from_file`] does that).
+fn read_tokens_file(path: &Path) -> anyhow::Result<TokensFile> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parse tokens file {}", path.display()))
 }
 
 /// A fresh random token: 256 bits from the OS, as `tl_` + hex.
@@ -234,10 +299,8 @@ pub enum TokenSource {
 /// is missing.
 pub fn load_or_init(tokens_path: &Path) -> anyhow::Result<(Tokens, TokenSource)> {
     if tokens_path.exists() {
-        let text = std::fs::read_to_string(tokens_path).with_context(|| format!("read {}", tokens_path.display()))?;
-        let file: TokensFile =
-            serde_json::from_str(&text).with_context(|| format!("parse tokens file {}", tokens_path.display()))?;
-        return Ok((Tokens::from_file(file)?, TokenSource::Existing(tokens_path.to_path_buf())));
+        let tokens = Tokens::from_file(read_tokens_file(tokens_path)?)?;
+        return Ok((tokens, TokenSource::Existing(tokens_path.to_path_buf())));
     }
     let token = mint_token();
     let file = TokensFile {
@@ -318,7 +381,7 @@ impl<S: HasTokens + Send + Sync> FromRequestParts<S> for Principal {
             .and_then(bearer_token)
             .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <token>`"))?;
         let tokens = state.tokens();
-        tokens.authenticate(token).cloned().ok_or_else(|| {
+        tokens.authenticate(token).ok_or_else(|| {
             ApiError::unauthorized(if tokens.is_revoked(token) { "this token was revoked" } else { "unknown token" })
         })
     }

@@ -1225,7 +1225,7 @@ fn graphql_error(status: StatusCode, code: &'static str, message: String) -> Res
 }
 
 pub(crate) fn principal_from(state: &AppState, authorization: Option<&str>) -> Option<Principal> {
-    state.tokens().authenticate(crate::auth::bearer_token(authorization?)?).cloned()
+    state.tokens().authenticate(crate::auth::bearer_token(authorization?)?)
 }
 
 /// GET /graphql: the GraphiQL page, for a browser. A client that accepts JSON and not HTML

@@ -24,6 +24,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 
+use crate::auth::{Principal, Tokens};
 use crate::graphql::{LedgerSchema, principal_from};
 use crate::server::AppState;
 
@@ -41,7 +42,7 @@ pub mod close_code {
     pub const BAD_REQUEST: u16 = 4400;
     /// A `subscribe` before `connection_ack`.
     pub const UNAUTHORIZED: u16 = 4401;
-    /// A `connection_init` without a valid token.
+    /// A `connection_init` without a valid token, or the socket's token revoked by a reload.
     pub const FORBIDDEN: u16 = 4403;
     /// No `connection_init` within [`super::WS_INIT_WAIT`].
     pub const INIT_TIMEOUT: u16 = 4408;
@@ -83,7 +84,7 @@ pub async fn graphql_ws(
             let sink = sink.with_flat_map(move |message| {
                 futures_util::stream::iter(outgoing.outgoing(message).map(Ok::<_, axum::Error>))
             });
-            let stream = incoming_messages(stream, connection.clone(), state.stopping.clone());
+            let stream = incoming_messages(stream, connection.clone(), state.stopping.clone(), state.tokens.clone());
             let accepted = connection.clone();
             let serve = GraphQLWebSocket::new_with_pair(sink, stream, schema, protocol)
                 .on_connection_init(move |payload| async move {
@@ -94,6 +95,7 @@ pub async fn graphql_ws(
                     };
                     match principal_from(&state, authorization.as_deref()) {
                         Some(principal) => {
+                            *accepted.principal.lock().expect("websocket state") = Some(principal.clone());
                             let mut data = Data::default();
                             data.insert(principal);
                             accepted.initialised.store(true, Ordering::Release);
@@ -132,13 +134,27 @@ pub async fn graphql_ws(
 /// `connection_init` was accepted within [`WS_INIT_WAIT`], a close with 4408. Ends when the
 /// client's side does (a deadline running beside it kept a socket the client had closed open
 /// until 10 s after it connected, and the `graphql-ws` client in lazy mode waits for that
-/// before its next operation: found by a client-library check).
+/// before its next operation: found by a client-library check). A reload of the tokens that
+/// revokes, removes or changes the socket's token closes it with 4403 (its subscriptions went
+/// on streaming to a revoked token).
 fn incoming_messages(
     socket: impl futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin + Send,
     connection: Arc<Connection>,
     stopping: tokio::sync::watch::Receiver<bool>,
+    tokens: Tokens,
 ) -> impl futures_util::Stream<Item = Result<Message, axum::Error>> + Send {
     let deadline = Box::pin(tokio::time::sleep(WS_INIT_WAIT));
+    let holder = connection.clone();
+    let revoked = Box::pin(async move {
+        let mut reloads = tokens.reloads();
+        while reloads.changed().await.is_ok() {
+            let principal = holder.principal.lock().expect("websocket state").clone();
+            if principal.is_some_and(|who| !tokens.still_valid(&who)) {
+                return;
+            }
+        }
+        std::future::pending::<()>().await;
+    });
     // At shutdown the subscriptions complete; once their `complete` messages are out, the
     // socket closes with 1001 (Going Away), where it ended without a close frame (found by a
     // client-library check).
@@ -153,9 +169,10 @@ fn incoming_messages(
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
+    let ends = futures_util::future::select(shutdown, revoked);
     futures_util::stream::unfold(
-        (socket, Some(deadline), shutdown, connection, false),
-        |(mut socket, mut deadline, mut shutdown, connection, ended)| async move {
+        (socket, Some(deadline), ends, connection, false),
+        |(mut socket, mut deadline, mut ends, connection, ended)| async move {
             if ended {
                 return None;
             }
@@ -167,12 +184,20 @@ fn incoming_messages(
                         if !connection.initialised.load(Ordering::Acquire) {
                             let message = connection
                                 .violated(close_code::INIT_TIMEOUT, "Connection initialisation timeout".to_owned());
-                            return Some((Ok(message), (socket, deadline, shutdown, connection, true)));
+                            return Some((Ok(message), (socket, deadline, ends, connection, true)));
                         }
                     }
-                    () = &mut shutdown => {
-                        let message = connection.violated(GOING_AWAY, "the server is shutting down".to_owned());
-                        return Some((Ok(message), (socket, deadline, shutdown, connection, true)));
+                    ended = &mut ends => {
+                        let message = match ended {
+                            futures_util::future::Either::Left(_) => {
+                                connection.violated(GOING_AWAY, "the server is shutting down".to_owned())
+                            }
+                            futures_util::future::Either::Right(_) => connection.violated(
+                                close_code::FORBIDDEN,
+                                "the token was revoked, removed or changed by a reload of the tokens".to_owned(),
+                            ),
+                        };
+                        return Some((Ok(message), (socket, deadline, ends, connection, true)));
                     }
                 }
             };
@@ -182,10 +207,10 @@ fn incoming_messages(
                     let text = error.to_string();
                     let code = if text.contains("too long") || text.contains("limit") { 1009 } else { 1002 };
                     let message = connection.violated(code, text);
-                    return Some((Ok(message), (socket, deadline, shutdown, connection, true)));
+                    return Some((Ok(message), (socket, deadline, ends, connection, true)));
                 }
             };
-            Some((Ok(message), (socket, deadline, shutdown, connection, false)))
+            Some((Ok(message), (socket, deadline, ends, connection, false)))
         },
     )
 }
@@ -220,6 +245,8 @@ struct Connection {
     violation: std::sync::Mutex<Option<(u16, String)>>,
     /// Ids of the subscriptions running.
     running: std::sync::Mutex<HashSet<String>>,
+    /// Who `connection_init` authenticated, to look at again when the tokens are reloaded.
+    principal: std::sync::Mutex<Option<Principal>>,
 }
 
 /// The parts of a server message this module reads.

@@ -468,7 +468,8 @@ async fn event_feed(
     let field = if last_event.is_some() { "Last-Event-ID" } else { "from_seq" };
     crate::readmodels::check_feed_start(&state, from_seq, field)?;
     let subscription = Subscription::new(state.writer.reader().clone(), state.writer.feed().clone(), from_seq);
-    let stream = feed_stream(subscription, query.limit.unwrap_or(u64::MAX), query.follow, sse, state.stopping.clone());
+    let ends = crate::server::stopping_or_revoked(&state, &who);
+    let stream = feed_stream(subscription, query.limit.unwrap_or(u64::MAX), query.follow, sse, ends);
     let content_type = if sse { "text/event-stream" } else { "application/x-ndjson" };
     let mut response = Response::new(Body::from_stream(stream));
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -510,7 +511,8 @@ fn accepts_event_stream(accept: &str) -> bool {
 }
 
 /// The feed's body. A following feed ends, after a whole record, when the server shuts down
-/// (`stopping`): the client resumes from the seq after the last one it got. A feed without
+/// or a reload of the tokens revokes the reader's token (`stopping`): the client resumes from
+/// the seq after the last one it got (with a valid token). A feed without
 /// `follow` reads on to its end through a shutdown's grace. A record that cannot be read or
 /// decoded aborts the body (no clean end), so no reader mistakes the part before it for the
 /// whole.

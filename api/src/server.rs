@@ -434,11 +434,13 @@ pub const FLOOR_PER_JOURNAL: u64 = 2 * eventlog::disk::DISK_BYTES_PER_RECORD_BYT
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     init_tracing(config.json_logs);
     let signals = shutdown_signals();
+    let hangups = hangup_signals();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
     let _data_dir_lock = lock_data_dir(&config.data_dir)?;
     let tokens_path = config.tokens_file.clone().unwrap_or_else(|| config.data_dir.join("tokens.json"));
     let (tokens, token_source) = crate::auth::load_or_init(&tokens_path)?;
+    reload_tokens_on_hangup(hangups, tokens.clone(), tokens_path.clone());
 
     let (floor, journal) = (config.writer.min_free_disk_bytes, config.writer.store.journal_bytes);
     if floor > 0 && floor < FLOOR_PER_JOURNAL * journal {
@@ -779,6 +781,69 @@ fn shutdown_signals() -> impl std::future::Future<Output = ()> + Send + 'static 
     async move {
         let _ = requested.wait_for(|stop| *stop).await;
     }
+}
+
+/// SIGHUP, listened for from the start of `serve` (its default action ended the server at
+/// once); `None` where there is none.
+#[cfg(unix)]
+fn hangup_signals() -> Option<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+
+#[cfg(not(unix))]
+fn hangup_signals() -> Option<()> {
+    None
+}
+
+/// Reloads the tokens file at each SIGHUP: a revocation takes effect without a restart. A file
+/// that fails changes nothing, and says why at ERROR.
+#[cfg(unix)]
+fn reload_tokens_on_hangup(hangups: Option<tokio::signal::unix::Signal>, tokens: Tokens, path: PathBuf) {
+    let Some(mut hangups) = hangups else { return };
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match tokens.reload_from(&path) {
+                Ok(counts) => tracing::info!(
+                    file = %path.display(),
+                    live = counts.live,
+                    revoked = counts.revoked,
+                    "tokens reloaded (SIGHUP): feeds and WebSockets of tokens revoked, removed or changed end now"
+                ),
+                Err(error) => tracing::error!(
+                    file = %path.display(),
+                    error = %eventlog::cli::error_chain(&error),
+                    "tokens not reloaded (SIGHUP): the previous tokens stay in force"
+                ),
+            }
+        }
+    });
+}
+
+#[cfg(not(unix))]
+fn reload_tokens_on_hangup(_: Option<()>, _: Tokens, _: PathBuf) {}
+
+/// A watch that turns `true` when a stream served to `who` must end: the server stopping, or
+/// a reload of the tokens that revokes, removes or changes `who`'s token. For the long-lived
+/// answers (a following event feed); the task watching ends with the last receiver.
+pub fn stopping_or_revoked(state: &AppContext, who: &crate::auth::Principal) -> watch::Receiver<bool> {
+    let (ends, receiver) = watch::channel(*state.stopping.borrow());
+    let (mut stopping, mut reloads, tokens, who) =
+        (state.stopping.clone(), state.tokens.reloads(), state.tokens.clone(), who.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = ends.closed() => return,
+                _ = stopping.wait_for(|stop| *stop) => break,
+                changed = reloads.changed() => {
+                    if changed.is_err() || !tokens.still_valid(&who) {
+                        break;
+                    }
+                }
+            }
+        }
+        ends.send_replace(true);
+    });
+    receiver
 }
 
 #[cfg(test)]

@@ -819,3 +819,91 @@ fn a_shutdown_completes_the_subscriptions() {
     assert_eq!(close_frame(&mut socket), Closed::Frame(1001, "the server is shutting down".into()));
     assert_eq!(stopped.join().unwrap(), Some(0));
 }
+
+/// SIGHUP reloads the tokens file, without a restart (it ended the server, and revoking a leaked
+/// token took a restart): a token added works at once, a token revoked stops at once, and what
+/// its holder had open ends with it — a following event feed ends, a subscription's socket
+/// closes with 4403 — while another token's socket goes on; a file that fails to parse changes
+/// nothing and the server runs on.
+#[test]
+fn a_sighup_reloads_the_tokens_and_a_revoked_token_loses_its_feed_and_its_socket() {
+    use std::io::{Read, Write};
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    let (admin, auditor, newcomer) = ("tok-admin-reload", "tok-auditor-reload", "tok-newcomer-reload");
+    let entries = |auditor_revoked: bool, with_newcomer: bool| {
+        let mut entries = vec![
+            tests::token_entry("admin", admin, &["admin"], &[], false),
+            tests::token_entry("auditor", auditor, &["auditor"], &[], auditor_revoked),
+        ];
+        if with_newcomer {
+            entries.push(tests::token_entry("newcomer", newcomer, &["producer"], &[], false));
+        }
+        entries
+    };
+    tests::write_tokens(&data, entries(false, false), admin);
+    let log_path = temp.path().join("server.log");
+    let server = Server::start_with_log(&data, &[], std::fs::File::create(&log_path).unwrap());
+    let hangup = || assert_eq!(unsafe { libc::kill(server.pid().unwrap() as i32, libc::SIGHUP) }, 0);
+    let job = json!({ "namespace": "reload", "handler": "h" });
+    assert_eq!(server.post_as(newcomer, "/v1/tasks", job.clone(), None).status, 401);
+
+    // The auditor follows the feed, and subscribes over a WebSocket; so does the admin.
+    let mut feed = std::net::TcpStream::connect(server.base.trim_start_matches("http://")).unwrap();
+    feed.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        feed,
+        "GET /v1/events?follow=true HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {auditor}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let socket_of = |token: &str| {
+        let mut socket = connect_ws(&server, Duration::from_secs(20));
+        send_json(
+            &mut socket,
+            json!({ "type": "connection_init", "payload": { "Authorization": format!("Bearer {token}") } }),
+        );
+        let ack: Value = serde_json::from_str(socket.read().unwrap().to_text().unwrap()).unwrap();
+        assert_eq!(ack["type"], "connection_ack");
+        send_json(
+            &mut socket,
+            json!({ "id": "1", "type": "subscribe", "payload": { "query": "subscription { events { seq } }" } }),
+        );
+        socket
+    };
+    let (mut auditors, mut admins) = (socket_of(auditor), socket_of(admin));
+    assert_eq!(server.post_as(admin, "/v1/tasks", job.clone(), None).status, 201);
+    let next =
+        |socket: &mut Socket| -> Value { serde_json::from_str(socket.read().unwrap().to_text().unwrap()).unwrap() };
+    assert_eq!(next(&mut auditors)["payload"]["data"]["events"]["seq"], 1);
+    assert_eq!(next(&mut admins)["payload"]["data"]["events"]["seq"], 1);
+
+    // A file that fails to parse: nothing changes.
+    std::fs::write(data.join("tokens.json"), "{\"tokens\": [").unwrap();
+    hangup();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(server.post_as(auditor, "/graphql", json!({ "query": "{ ledger { headSeq } }" }), None).status, 200);
+    assert_eq!(server.post_as(newcomer, "/v1/tasks", job.clone(), None).status, 401);
+
+    // The auditor revoked, a newcomer added.
+    tests::write_tokens(&data, entries(true, true), admin);
+    hangup();
+    let mut answer = Vec::new();
+    feed.read_to_end(&mut answer).expect("the revoked token's feed ends (not a read timeout)");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("\"seq\":1"), "{answer}");
+    assert_eq!(
+        close_frame(&mut auditors),
+        Closed::Frame(4403, "the token was revoked, removed or changed by a reload of the tokens".into())
+    );
+    let refused = server.post_as(auditor, "/v1/tasks", job.clone(), None);
+    assert!(
+        refused.status == 401 && refused.body["error"]["message"].as_str().unwrap().contains("revoked"),
+        "{refused:?}"
+    );
+    assert_eq!(server.post_as(newcomer, "/v1/tasks", job.clone(), None).status, 201);
+    // The admin's socket goes on.
+    assert_eq!(next(&mut admins)["payload"]["data"]["events"]["seq"], 2);
+    assert_eq!(server.stop(), Some(0));
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    assert!(logged.contains("tokens not reloaded") && logged.contains("tokens reloaded"), "{logged}");
+}
