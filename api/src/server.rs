@@ -147,13 +147,20 @@ pub struct ServeConfig {
 pub fn app(state: AppState, config: &ServeConfig) -> Router {
     let schema = crate::graphql::schema(state.clone());
     crate::routes::router()
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::routes::refuse_query_on_commands))
         .route("/graphql", get(crate::graphql::graphiql).post(crate::graphql::graphql_handler))
         .route("/graphql/ws", get(crate::graphql_ws::graphql_ws))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
-        .route(crate::backup::BACKUP_ROUTE, get(crate::backup::serve_backup))
+        .route(
+            crate::backup::BACKUP_ROUTE,
+            get(crate::backup::serve_backup).route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                crate::routes::refuse_query_string,
+            )),
+        )
         .fallback(|| async { ApiError::not_found("no such route; see /openapi.json") })
         // Every route registered above: its Allow header stays, the body is the usual error.
         .method_not_allowed_fallback(|| async {

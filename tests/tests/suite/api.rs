@@ -530,7 +530,29 @@ fn a_command_id_reused_for_another_command_is_refused() {
         "taskledger_commands_total{command=\"cancel_task\",outcome=\"duplicate\"} 1",
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    } // Commands take everything in their body: a query string is refused and nothing is written
+    // (found by a black-box check: `POST /v1/tasks?x=1` created the task, and the backup route
+    // streamed the log); without a valid token, the answer is the 401 first.
+    let head = server.head_seq();
+    for (path, body) in [
+        ("/v1/tasks?x=1", json!({ "namespace": "q", "handler": "h" })),
+        ("/v1/tasks/batch?x=1", json!({ "tasks": [{ "namespace": "q", "handler": "h" }] })),
+        ("/v1/claims?x=1", json!({ "namespaces": ["q"], "worker_id": "w", "max": 1 })),
+        ("/v1/completions?x=1", json!({ "completions": [] })),
+        (&format!("/v1/tasks/{first}/cancel?x=1"), json!({})),
+        ("/v1/queues/q/pause?x=1", json!({})),
+        ("/v1/admin/projections/tasks/rebuild?x=1", json!({})),
+    ] {
+        let answer = server.post(path, body.clone());
+        assert_eq!((answer.status, answer.code()), (400, "bad_request"), "{path}: {answer:?}");
+        assert!(answer.body["error"]["message"].as_str().unwrap().contains("x=1"), "{answer:?}");
+        assert_eq!(server.post_as("wrong", path, body, None).status, 401, "{path}");
     }
+    let concurrency = server.put("/v1/queues/q/concurrency?x=1", json!({ "limit": 5 }));
+    assert_eq!((concurrency.status, concurrency.code()), (400, "bad_request"), "{concurrency:?}");
+    let backup = server.get("/v1/admin/backup?x=1");
+    assert_eq!((backup.status, backup.code()), (400, "bad_request"), "{backup:?}");
+    assert_eq!(server.head_seq(), head, "nothing was written");
 }
 
 #[test]
