@@ -134,7 +134,7 @@ impl Principal {
         }
         if self.scope.is_some() {
             return Err(ApiError::forbidden(format!(
-                "{what} spans every namespace; a namespace-scoped token may not do it"
+                "a namespace-scoped token may not {what}: it spans every namespace"
             )));
         }
         Ok(())

@@ -68,6 +68,16 @@ impl ApiError {
     pub fn storage_low(message: impl Into<String>) -> Self {
         Self { retry_after_s: Some(30), ..Self::new(StatusCode::INSUFFICIENT_STORAGE, "storage_low", message) }
     }
+
+    /// 413 `body_too_large`, naming the limit (axum's message, "Failed to buffer the request
+    /// body: length limit exceeded", named none: found by a black-box check).
+    pub fn body_too_large(max_body_bytes: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the request body is over the limit of {max_body_bytes} bytes (--max-body-bytes)"),
+        )
+    }
 }
 
 /// The HTTP status of each domain rejection code.

@@ -1113,7 +1113,8 @@ pub async fn graphql_handler(
     let body = match axum::body::Bytes::from_request(request, &state).await {
         Ok(body) => body,
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return graphql_error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", e.body_text());
+            let too_large = ApiError::body_too_large(state.max_body_bytes);
+            return graphql_error(StatusCode::PAYLOAD_TOO_LARGE, too_large.code, too_large.message);
         }
         Err(e) => return graphql_error(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
     };

@@ -102,8 +102,8 @@ struct ServeArgs {
     dedup_window: u64,
     /// Under this many MiB free on the data directory's disk, new tasks and steps are refused
     /// (507 storage_low) until space is freed, while the work in flight goes on, so that a full
-    /// disk never fails a commit or a checkpoint halfway (0: no floor).
-    #[arg(long, env = "TASKLEDGER_MIN_FREE_DISK_MIB", default_value_t = eventlog::writer::MIN_FREE_DISK_BYTES_DEFAULT >> 20)]
+    /// disk never fails a commit or a checkpoint halfway (0: no floor; at most 16 TiB).
+    #[arg(long, env = "TASKLEDGER_MIN_FREE_DISK_MIB", default_value_t = eventlog::writer::MIN_FREE_DISK_BYTES_DEFAULT >> 20, value_parser = clap::value_parser!(u64).range(0..=16 << 20))]
     min_free_disk_mib: u64,
     /// Newest records kept in memory for live subscribers (projections, feeds); a subscriber
     /// further behind reads from disk.

@@ -152,7 +152,7 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP taskledger_disk_free_bytes Free bytes on the data directory's disk when the writer last looked.\n# TYPE taskledger_disk_free_bytes gauge\ntaskledger_disk_free_bytes {}\n# HELP taskledger_storage_low 1 while that is under --min-free-disk-mib: commands are refused (507 storage_low) until space is freed.\n# TYPE taskledger_storage_low gauge\ntaskledger_storage_low {}",
+            "# HELP taskledger_disk_free_bytes Free bytes on the data directory's disk when the writer last looked.\n# TYPE taskledger_disk_free_bytes gauge\ntaskledger_disk_free_bytes {}\n# HELP taskledger_storage_low 1 while that is under --min-free-disk-mib: new tasks and steps are refused (507 storage_low) until space is freed; work in flight goes on.\n# TYPE taskledger_storage_low gauge\ntaskledger_storage_low {}",
             stats.disk_free_bytes.load(Ordering::Relaxed),
             u8::from(stats.storage_low.load(Ordering::Relaxed))
         );

@@ -92,10 +92,10 @@ pub async fn refuse_query_string(State(state): State<AppState>, request: Request
 /// message; an oversized body is 413.
 pub struct ApiJson<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         use axum::extract::rejection::JsonRejection;
         match AxumJson::<T>::from_request(request, state).await {
             Ok(AxumJson(value)) => Ok(ApiJson(value)),
@@ -111,7 +111,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                 "send the body as JSON with Content-Type: application/json",
             )),
             Err(JsonRejection::BytesRejection(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", e.body_text()))
+                Err(ApiError::body_too_large(state.max_body_bytes))
             }
             Err(other) => Err(ApiError::bad_request(other.body_text())),
         }
@@ -122,13 +122,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 /// only carries optional fields, like a cancel reason).
 pub struct MaybeJson<T>(pub Option<T>);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for MaybeJson<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for MaybeJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let bytes = Bytes::from_request(request, state).await.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", e.body_text())
+                ApiError::body_too_large(state.max_body_bytes)
             } else {
                 ApiError::bad_request(e.body_text())
             }

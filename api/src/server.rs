@@ -519,12 +519,14 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     println!("taskledger {} listening on http://{local}", env!("CARGO_PKG_VERSION"));
     println!("projections in {}", crate::projections_slot::describe(&projections, &shown_target));
     println!(
-        "limits: {} connections, request head within {} ms, requests of {} bytes and {} ms, {} requests at once",
+        "limits: {} connections, request head within {} ms, requests of {} bytes and {} ms, {} requests at once; \
+         ready while projections lag at most {} events",
         config.max_connections,
         config.header_read_timeout.as_millis(),
         config.max_body_bytes,
         config.request_timeout.as_millis(),
-        config.max_concurrent_requests
+        config.max_concurrent_requests,
+        config.ready_max_lag
     );
     println!(
         "writer: queue of {} commands, dedup window of {} events, {} recent records kept for live subscribers, \

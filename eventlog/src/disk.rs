@@ -138,13 +138,28 @@ impl DiskFloor {
         Ok(())
     }
 
+    /// Once under the floor, the free bytes above which new work is taken again.
+    fn resume_at(&self) -> u64 {
+        self.min_free_bytes.saturating_add(self.min_free_bytes / RESUME_MARGIN_DIVISOR)
+    }
+
     fn message(&self, free: u64) -> String {
+        // Between the floor and the point new work is taken again, "under the floor" read as a
+        // contradiction (found by a black-box check: "102 MiB free, under the floor of 100 MiB").
+        let where_ = if free < self.min_free_bytes {
+            format!("under the floor of {} MiB", self.min_free_bytes >> 20)
+        } else {
+            format!(
+                "not yet back above {} MiB (the floor of {} MiB and a sixteenth of it)",
+                self.resume_at() >> 20,
+                self.min_free_bytes >> 20
+            )
+        };
         format!(
-            "the data directory's disk has {} MiB free, under the floor of {} MiB (--min-free-disk-mib): no new \
-             tasks or steps are taken, and nothing was recorded; work in flight goes on. Free some space and \
-             retry (new work is taken again by itself)",
+            "the data directory's disk has {} MiB free, {where_} (--min-free-disk-mib): no new tasks or steps are \
+             taken, and nothing was recorded; work in flight goes on. Free some space and retry (new work is taken \
+             again by itself)",
             free >> 20,
-            self.min_free_bytes >> 20
         )
     }
 
@@ -163,7 +178,7 @@ impl DiskFloor {
                 Ok(free) => {
                     stats.disk_free_bytes.store(free, Ordering::Relaxed);
                     self.last_free = free;
-                    let resume_at = self.min_free_bytes + self.min_free_bytes / RESUME_MARGIN_DIVISOR;
+                    let resume_at = self.resume_at();
                     let low = match self.low {
                         None => free < self.min_free_bytes,
                         Some(_) => free < resume_at,
@@ -226,7 +241,8 @@ mod tests {
         FREE.store(165 << 20, Ordering::Relaxed);
         floor.checked_at = None;
         floor.look(&stats);
-        assert!(floor.admits(0).is_err(), "a disk hovering at the floor does not flip");
+        let refusal = floor.admits(0).expect_err("a disk hovering at the floor does not flip");
+        assert!(refusal.contains("165 MiB free, not yet back above 170 MiB"), "{refusal}");
         FREE.store(171 << 20, Ordering::Relaxed);
         floor.checked_at = None;
         floor.look(&stats);
@@ -236,6 +252,20 @@ mod tests {
 
     /// Records appended between two looks count as owed to the disk (about five times their
     /// bytes), so a burst of large creates stops short of the floor rather than past it.
+    /// The largest floor the flag takes, and past it: no overflow (a floor near `u64::MAX`
+    /// panicked adding its margin: found by a black-box check).
+    #[test]
+    fn a_huge_floor_refuses_everything_without_overflowing() {
+        let stats = WriterStats::default();
+        let mut floor = DiskFloor { free: stand_in, ..DiskFloor::new(PathBuf::from("."), u64::MAX) };
+        FREE.store(500 << 20, Ordering::Relaxed);
+        floor.look(&stats);
+        assert!(floor.admits(0).is_err());
+        floor.checked_at = None;
+        floor.look(&stats);
+        assert!(floor.admits(0).is_err());
+    }
+
     #[test]
     fn new_work_that_would_take_the_disk_under_the_floor_is_refused() {
         let stats = WriterStats::default();

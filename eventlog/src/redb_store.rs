@@ -485,7 +485,12 @@ impl RedbStore {
         if base.seq > self.head.seq {
             return Err(mismatch(
                 base.seq,
-                format!("the journal follows seq {}, but the log file ends at seq {}", base.seq, self.head.seq),
+                format!(
+                    "the journal follows seq {}, but the log file ends at seq {}: the log file is older than its \
+                     journals (a backup restored over it?); a restored log goes in a new data dir, or with this dir's \
+                     journals, snapshots and projections moved aside",
+                    base.seq, self.head.seq
+                ),
             ));
         }
         if base.seq > 0

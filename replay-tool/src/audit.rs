@@ -613,7 +613,7 @@ pub fn verify_export(args: &VerifyExportArgs) -> Result<Outcome> {
         } else if findings.key_trusted {
             "the key that signed your earlier checkpoint"
         } else {
-            "the key in the bundle (pass --pubkey to check who signed)"
+            "the key in the bundle: pass --pubkey to check who signed"
         };
         // The bundle is untrusted input: its key, file names and hashes are printed with their
         // control characters escaped (a file name holding a newline and a terminal escape could

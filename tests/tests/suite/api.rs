@@ -1545,8 +1545,8 @@ fn under_the_disk_floor_new_work_is_refused_and_work_in_flight_goes_on() {
     assert_eq!(leased["task_id"], first.as_str(), "{claimed:?}");
     assert_eq!(server.stop(), Some(0));
 
-    let server = Server::start_in(&data, &["--min-free-disk-mib", "1073741824"]);
-    assert!(server.banner.contains("new work refused under 1073741824 MiB free on disk"), "{}", server.banner);
+    let server = Server::start_in(&data, &["--min-free-disk-mib", "16777216"]);
+    assert!(server.banner.contains("new work refused under 16777216 MiB free on disk"), "{}", server.banner);
     let head = server.head_seq();
     let refused = server.post("/v1/tasks", json!({"namespace": "m", "handler": "h"}));
     assert_eq!((refused.status, refused.code()), (507, "storage_low"), "{refused:?}");
