@@ -67,6 +67,25 @@ pub fn parse_task(text: &str) -> Result<TaskId> {
     TaskId::parse(text).map_err(|r| crate::source::usage(format!("parse --task: {}", r.message)))
 }
 
+/// The part of a server's feed `events` needs: from `--from` when it is a seq, and, when no
+/// filter can skip records, no more than `--limit` or up to `--to` when it is a seq.
+pub fn feed_window(args: &EventsArgs) -> crate::feed::FeedWindow {
+    let from_seq = match args.from {
+        Some(Point::Seq(seq)) => seq.max(1),
+        _ => 1,
+    };
+    let through_to = match args.to {
+        Some(Point::Seq(to)) => Some(to.saturating_sub(from_seq).saturating_add(1)),
+        _ => None,
+    };
+    let filtered = args.task.is_some() || args.namespace.is_some() || !args.types.is_empty() || args.actor.is_some();
+    let limit = match (through_to, args.limit.filter(|_| !filtered)) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    crate::feed::FeedWindow { from_seq, limit }
+}
+
 pub fn run(source: &Source, args: &EventsArgs) -> Result<Outcome> {
     let (first, last) = source.range(args.from, args.to)?;
     let types = parse_types(&args.types)?;

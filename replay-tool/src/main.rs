@@ -87,6 +87,11 @@ pub struct Input {
 
 impl Input {
     fn open(&self) -> Result<Source> {
+        self.open_window(feed::FeedWindow::ALL)
+    }
+
+    /// [`Input::open`], reading only `window` of a server's feed (a file is opened whole).
+    fn open_window(&self, window: feed::FeedWindow) -> Result<Source> {
         if let Some(url) = &self.server {
             if self.file.data.is_some() || self.file.log.is_some() {
                 return Err(source::usage("give one input: --server, --data or --log"));
@@ -95,7 +100,7 @@ impl Input {
                 return Err(source::usage("--accept-journal-loss is for a log file (--data or --log), not --server"));
             }
             let token = self.token.as_deref().ok_or_else(|| source::usage("--server needs --token"))?;
-            return feed::fetch(url, token);
+            return feed::fetch(url, token, window);
         }
         self.file.open()
     }
@@ -200,7 +205,7 @@ pub enum Outcome {
 fn run(cli: Cli) -> Result<Outcome> {
     match cli.command {
         Command::Info { input, full, json } => info::run(&input.open()?, full, json),
-        Command::Events(args) => events::run(&args.input.open()?, &args),
+        Command::Events(args) => events::run(&args.input.open_window(events::feed_window(&args))?, &args),
         Command::Verify { input, json, skip_storage_check } => verify::run(&input, json, skip_storage_check),
         Command::State { input, as_of, task, tasks, json } => {
             state::run(&input.open()?, as_of, task.as_deref(), tasks, json)

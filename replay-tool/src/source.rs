@@ -44,8 +44,10 @@ pub enum Source {
     /// A log file, opened read-only (repaired in memory when a crash left it unclean), and the
     /// journal losses accepted to open it (`--accept-journal-loss`; empty when none).
     File { path: PathBuf, reader: LogReader, snapshots: SnapshotStore, journal_losses: Vec<String> },
-    /// A server's feed, every record in memory (payloads re-encoded from the feed's JSON).
-    Feed { origin: String, records: Vec<StoredRecord> },
+    /// A server's feed in memory (payloads re-encoded from the feed's JSON): the records from
+    /// seq `first` on (1 but for `events`, which reads only the window it shows; a task's
+    /// earlier records are then read from the server, `token` its bearer token).
+    Feed { origin: String, token: String, first: u64, records: Vec<StoredRecord> },
 }
 
 /// The log file and snapshot directory named by `--data DIR` or `--log FILE`.
@@ -221,8 +223,8 @@ impl Source {
                     Ok(ControlFlow::Continue(()))
                 });
             }
-            Source::Feed { records, .. } => {
-                let start = usize::try_from(from - 1).unwrap_or(usize::MAX).min(records.len());
+            Source::Feed { first, records, .. } => {
+                let start = usize::try_from(from.saturating_sub(*first)).unwrap_or(usize::MAX).min(records.len());
                 for record in records[start..].iter().take_while(|r| r.seq <= to) {
                     if f(record)?.is_break() {
                         return Ok(());
@@ -260,8 +262,8 @@ impl Source {
                     progress.set(next - 1);
                 }
             }
-            Source::Feed { records, .. } => {
-                let start = usize::try_from(from - 1).unwrap_or(usize::MAX).min(records.len());
+            Source::Feed { first, records, .. } => {
+                let start = usize::try_from(from.saturating_sub(*first)).unwrap_or(usize::MAX).min(records.len());
                 let wanted: Vec<&StoredRecord> = records[start..].iter().take_while(|r| r.seq <= to).collect();
                 for part in wanted.chunks(batch.max(1)) {
                     if f(part.iter().map(|r| (*r).clone()).collect())?.is_break() {
@@ -294,8 +296,13 @@ impl Source {
                 out.retain(|r| r.seq <= upto);
                 Ok(out)
             }
-            Source::Feed { records, .. } => {
+            Source::Feed { records, first: 1, .. } => {
                 Ok(records.iter().filter(|r| r.seq <= upto && r.stream == key).cloned().collect())
+            }
+            Source::Feed { origin, token, .. } => {
+                let mut stream = crate::feed::task_history(origin, token, task)?;
+                stream.retain(|r| r.seq <= upto);
+                Ok(stream)
             }
         }
     }
@@ -309,7 +316,9 @@ impl Source {
             Source::File { reader, .. } => {
                 without_panic("read a record", || Ok(reader.read_range(seq, seq, 1)?.into_iter().next()))
             }
-            Source::Feed { records, .. } => Ok(records.get(usize::try_from(seq - 1)?).cloned()),
+            Source::Feed { first, records, .. } => {
+                Ok(seq.checked_sub(*first).and_then(|at| records.get(usize::try_from(at).ok()?)).cloned())
+            }
         }
     }
 

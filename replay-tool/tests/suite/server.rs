@@ -16,6 +16,15 @@ const TOKEN: &str = "auditor-token";
 /// connections, announcing `head` as the server does (the head a feed without `follow` reads
 /// to at least).
 fn serve(body: String, requests: usize, head: Option<u64>) -> (String, std::thread::JoinHandle<Vec<String>>) {
+    serve_by_request(move |_| body.clone(), requests, head)
+}
+
+/// [`serve`], with each answer's body chosen by its request line.
+fn serve_by_request(
+    body_for: impl Fn(&str) -> String + Send + 'static,
+    requests: usize,
+    head: Option<u64>,
+) -> (String, std::thread::JoinHandle<Vec<String>>) {
     let head = head.map(|seq| format!("x-taskledger-head-seq: {seq}\r\n")).unwrap_or_default();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -36,6 +45,7 @@ fn serve(body: String, requests: usize, head: Option<u64>) -> (String, std::thre
                 authorized |= line.trim().eq_ignore_ascii_case(&format!("authorization: Bearer {TOKEN}"));
             }
             seen.push(request_line.trim().to_owned());
+            let body = body_for(request_line.trim());
             let (status, payload) = if authorized { ("200 OK", body.as_str()) } else { ("401 Unauthorized", "{}") };
             write!(
                 stream,
@@ -133,4 +143,43 @@ fn the_commands_that_need_the_file_do_not_offer_a_server() {
         assert_eq!(refused.status.code(), Some(2), "{command}");
     }
     assert!(replay_ok(&["info", "--help"]).contains("--server"));
+}
+
+/// `events` reads only the window it shows: from `--from` (a seq), and no more than `--limit`
+/// or up to `--to` when no filter can skip records (it read the whole feed into memory first:
+/// 1.5 GB and 6.5 s for ten records of a 546 MB log, found by a black-box check). The server
+/// here answers with records 5 to 7, as a server asked for that window does.
+#[test]
+fn events_reads_only_the_window_it_shows() {
+    let dir = tempfile::tempdir().unwrap();
+    let feed = story_feed(dir.path());
+    let data = path(dir.path());
+    let window: String = feed.lines().skip(4).take(3).map(|line| format!("{line}\n")).collect();
+    let runs: [&[&str]; 2] =
+        [&["events", "--from", "5", "--limit", "3"], &["events", "--from", "5", "--to", "7", "--json"]];
+    // A task first met inside the window is named from its history, read from the server.
+    let histories = feed.clone();
+    let answer = move |request: &str| match request.split(['/', ' ', '?']).skip_while(|part| *part != "tasks").nth(1) {
+        Some(task) => {
+            let stream = format!("\"stream\":\"task:{task}\"");
+            let lines: Vec<&str> = histories.lines().filter(|line| line.contains(&stream)).collect();
+            format!("[{}]", lines.join(","))
+        }
+        None => window.clone(),
+    };
+    // The table names the steps of two tasks: two history reads.
+    let (url, server) = serve_by_request(answer, runs.len() + 2, Some(23));
+    for args in runs {
+        let from_file = replay_ok(&[args, &["--data", data]].concat());
+        let from_feed = replay_ok(&[args, &["--server", &url, "--token", TOKEN]].concat());
+        assert_eq!(from_feed.replace(&url, data), from_file.replace(&format!("{data}/ledger.redb"), data), "{args:?}");
+        assert_eq!(
+            from_file.lines().filter(|l| !l.trim().is_empty()).count(),
+            if args.contains(&"--json") { 3 } else { 4 }
+        );
+    }
+    let requests = server.join().unwrap();
+    let feeds: Vec<&String> = requests.iter().filter(|r| r.starts_with("GET /v1/events")).collect();
+    assert_eq!(feeds, ["GET /v1/events?from_seq=5&follow=false&limit=3 HTTP/1.1"; 2], "{requests:?}");
+    assert_eq!(requests.iter().filter(|r| r.contains("/history")).count(), 2, "{requests:?}");
 }
