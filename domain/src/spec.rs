@@ -242,12 +242,19 @@ pub fn validate_step_graph(existing: &[&StepName], new_steps: &[StepSpec]) -> Re
     for (i, step) in new_steps.iter().enumerate() {
         let at = || format!("steps[{i}]");
         step.validate_own_fields().map_err(|r| r.within(&at()))?;
-        if index.insert(&step.name, existing.len() + i).is_some() {
-            return Err(Rejection::new(
-                RejectionCode::DuplicateStep,
-                Some(&format!("{}.name", at())),
-                format!("step name {} is used twice", step.name),
-            ));
+        if let Some(before) = index.insert(&step.name, existing.len() + i) {
+            // A name the task already has (a retried attempt adding its steps again: its first
+            // attempt's stay) is not "used twice" in the request (found by a black-box check).
+            let message = if before < existing.len() {
+                format!(
+                    "the task already has a step named {} (steps added by an earlier attempt stay when it fails); \
+                     give the new step another name, or depend on the one there",
+                    step.name
+                )
+            } else {
+                format!("step name {} is used twice", step.name)
+            };
+            return Err(Rejection::new(RejectionCode::DuplicateStep, Some(&format!("{}.name", at())), message));
         }
     }
     // Resolve dependencies to positions; a dependency on a later new step is
@@ -375,6 +382,9 @@ mod tests {
         let err = validate_step_graph(&[&a], &[step("a", &[])]).unwrap_err();
         assert_eq!(err.code, RejectionCode::DuplicateStep);
         assert_eq!(err.field.as_deref(), Some("steps[0].name"));
+        assert!(err.message.contains("the task already has a step named a"), "{}", err.message);
+        let err = validate_step_graph(&[&a], &[step("b", &[]), step("b", &[])]).unwrap_err();
+        assert_eq!((err.code, err.message.as_str()), (RejectionCode::DuplicateStep, "step name b is used twice"));
     }
 
     #[test]
