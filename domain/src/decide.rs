@@ -4,7 +4,7 @@
 //! effect at all.
 
 use crate::command::{
-    Command, LeaseRef, MAX_BATCH_TASKS, MAX_CLAIM_HANDLERS, MAX_CLAIM_NAMESPACES, MAX_CLAIM_STEPS,
+    Command, LeaseRef, MAX_BATCH_TASKS, MAX_CLAIM_HANDLERS, MAX_CLAIM_NAMESPACES, MAX_CLAIM_PAYLOAD_BYTES, MAX_CLAIM_STEPS,
     MAX_QUEUE_CONCURRENCY,
 };
 use crate::event::{Event, FailOutcome};
@@ -441,6 +441,7 @@ impl Ledger {
             }
         }
         let mut events = Vec::new();
+        let mut payload_bytes = 0usize;
         while events.len() < max as usize {
             let best = cursors
                 .iter_mut()
@@ -450,6 +451,12 @@ impl Ledger {
                 .min_by_key(|(k, _): &(ReadyKey, usize)| *k);
             let Some((_, i)) = best else { break };
             let (ns, it) = &mut cursors[i];
+            let (_, (task, index)) = it.peek().expect("peeked");
+            let held = &self.tasks[task];
+            payload_bytes += held.payload.len() + held.steps[index.get()].payload.len();
+            if !events.is_empty() && payload_bytes > MAX_CLAIM_PAYLOAD_BYTES {
+                break;
+            }
             let (_, (task, index)) = it.next().expect("peeked");
             *budget.get_mut(ns).expect("budgeted") -= 1;
             let step = &self.tasks[task].steps[index.get()];

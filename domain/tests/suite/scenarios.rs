@@ -124,6 +124,27 @@ fn aging_lets_long_waiting_low_priority_work_overtake_fresh_high_priority() {
     assert_eq!(only(s.ok(claim("q", "w", 1))).task(), Some(task_id(2)), "9 s does not");
 }
 
+/// A claim stops before its payloads (each step's and its task's) would pass
+/// `MAX_CLAIM_PAYLOAD_BYTES`: 1,000 steps of 64 KiB payloads answered 124 MiB (found by a
+/// black-box check). The steps left are the next claim's, in the same order.
+#[test]
+fn a_claim_stops_before_its_payloads_pass_their_bound() {
+    let mut s = Scenario::new();
+    let big = format!("\"{}\"", "x".repeat(Json::MAX_BYTES - 2));
+    for n in 1..=200 {
+        let mut spec = job(n, "q");
+        spec.payload = Json::new("payload", big.as_str()).unwrap();
+        s.ok(Command::CreateTask(spec));
+    }
+    let per_step = Json::MAX_BYTES + Json::null().len();
+    let first = s.ok(claim("q", "w", 1000));
+    assert_eq!(first.len(), MAX_CLAIM_PAYLOAD_BYTES / per_step, "as many as fit");
+    let second = s.ok(claim("q", "w", 1000));
+    assert_eq!(first.len() + second.len(), 200, "the rest");
+    let tasks: Vec<_> = first.iter().chain(&second).map(|e| e.task().unwrap()).collect();
+    assert_eq!(tasks, (1..=200).map(task_id).collect::<Vec<_>>(), "in the order they were ready");
+}
+
 #[test]
 fn claims_respect_handlers_namespaces_pauses_and_concurrency_limits() {
     let mut s = Scenario::new();
