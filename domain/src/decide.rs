@@ -4,8 +4,8 @@
 //! effect at all.
 
 use crate::command::{
-    Command, LeaseRef, MAX_BATCH_TASKS, MAX_CLAIM_HANDLERS, MAX_CLAIM_NAMESPACES, MAX_CLAIM_PAYLOAD_BYTES, MAX_CLAIM_STEPS,
-    MAX_QUEUE_CONCURRENCY,
+    Command, LeaseRef, MAX_BATCH_TASKS, MAX_CLAIM_HANDLERS, MAX_CLAIM_NAMESPACES, MAX_CLAIM_PAYLOAD_BYTES,
+    MAX_CLAIM_STEPS, MAX_QUEUE_CONCURRENCY,
 };
 use crate::event::{Event, FailOutcome};
 use crate::ledger::{Ledger, ReadyKey, Step, Task};

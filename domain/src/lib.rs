@@ -21,9 +21,8 @@ mod values;
 pub mod testkit;
 
 pub use command::{
-    Command, CommandOrigin, LeaseRef, MAX_BATCH_TASKS, MAX_CLAIM_HANDLERS, MAX_CLAIM_NAMESPACES, MAX_CLAIM_PAYLOAD_BYTES,
-    MAX_CLAIM_STEPS,
-    MAX_QUEUE_CONCURRENCY,
+    Command, CommandOrigin, LeaseRef, MAX_BATCH_TASKS, MAX_CLAIM_HANDLERS, MAX_CLAIM_NAMESPACES,
+    MAX_CLAIM_PAYLOAD_BYTES, MAX_CLAIM_STEPS, MAX_QUEUE_CONCURRENCY,
 };
 pub use event::{Event, FailOutcome, StreamId};
 pub use ledger::{
