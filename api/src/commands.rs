@@ -466,7 +466,13 @@ pub async fn claim(state: &AppState, caller: &Caller<'_>, request: ClaimRequest)
     };
     let mut work = state.writer.work_watch();
     let mut stopping = state.stopping.clone();
+    let mut first = true;
     loop {
+        // A token revoked by a reload of the tokens while its claim waits takes nothing more (a
+        // waiting claim went on taking leases for up to its wait: found by review).
+        if !std::mem::take(&mut first) && !state.tokens.still_valid(caller.who) {
+            return Err(ApiError::unauthorized("this token was revoked, removed or changed by a reload of the tokens"));
+        }
         // Counters as they were before the claim was decided: work made ready
         // after that moves one of them.
         let before = counters(&work.borrow_and_update());

@@ -12,9 +12,12 @@
 //! why, `taskledger_projections_connected` is 0, and a task tries again every
 //! [`RECONNECT_EVERY`] until it has taken the database's lock, migrated it and started the
 //! projectors, which then catch up from their checkpoints. Anything else that fails at startup
-//! is a mistake to fix and still refuses the start: a wrong password or database name, another
-//! server's lock, projections built from another log, a damaged SQLite file. (SQLite is a file
-//! beside the log: it has no outage to wait out.)
+//! is a mistake to fix and still refuses the start: a wrong password or database name, a TLS
+//! setting the server refuses, another server's lock, projections built from another log, a
+//! damaged SQLite file. (SQLite is a file beside the log: it has no outage to wait out.) Once
+//! the server runs, the task keeps trying whatever the failure (a database that comes back
+//! with another password, or holding another server's lock, is said at ERROR, once per cause,
+//! and in the 503s).
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -178,9 +181,9 @@ impl ProjectionsSlot {
             ApiError::unavailable(
                 "projections_unavailable",
                 format!(
-                    "the projections database has not been reachable since the server started ({}); the server \
-                     tries again every {} s and the projectors catch up from their checkpoints once connected; the \
-                     log, commands and task reads work",
+                    "the projections database could not be opened since the server started ({}); the server tries \
+                     again every {} s and the projectors catch up from their checkpoints once it can; the log, \
+                     commands and task reads work",
                     self.0.waiting.lock().expect("projections slot lock"),
                     RECONNECT_EVERY.as_secs()
                 ),

@@ -68,7 +68,7 @@ pub fn router() -> Router<AppState> {
 /// parameters ([`route_query`]). As there, a request without a valid token is answered 401
 /// first (by the route).
 pub async fn refuse_query_on_commands(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if request.method() == axum::http::Method::GET {
+    if !matches!(*request.method(), axum::http::Method::POST | axum::http::Method::PUT) {
         return next.run(request).await;
     }
     refuse_query_string(State(state), request, next).await

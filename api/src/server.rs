@@ -256,9 +256,6 @@ async fn healthz(State(state): State<AppState>) -> Response {
 async fn readyz(State(state): State<AppState>) -> Response {
     match (state.writer.health(), state.writer.reader().head()) {
         (Health::Healthy, Ok(head)) => {
-            if let Err(refused) = crate::readmodels::check_projections_lock(&state) {
-                return refused.into_response();
-            }
             if state.writer.stats().storage_low.load(std::sync::atomic::Ordering::Relaxed) {
                 return ApiError {
                     retry_after_s: Some(30),
@@ -273,6 +270,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
                     )
                 }
                 .into_response();
+            }
+            // After the disk: projections waiting for their database hid a disk under its floor.
+            if let Err(refused) = crate::readmodels::check_projections_lock(&state) {
+                return refused.into_response();
             }
             let lag = match state.projections.get() {
                 Ok(projections) => projections.max_lag().unwrap_or(u64::MAX),
@@ -838,6 +839,8 @@ pub fn stopping_or_revoked(state: &AppContext, who: &crate::auth::Principal) -> 
     let (ends, receiver) = watch::channel(*state.stopping.borrow());
     let (mut stopping, mut reloads, tokens, who) =
         (state.stopping.clone(), state.tokens.reloads(), state.tokens.clone(), who.clone());
+    // A reload between the request's authentication and the subscription above counts too.
+    reloads.mark_changed();
     tokio::spawn(async move {
         loop {
             tokio::select! {

@@ -250,8 +250,6 @@ mod tests {
         assert!(!stats.storage_low.load(Ordering::Relaxed) && !floor.is_low());
     }
 
-    /// Records appended between two looks count as owed to the disk (about five times their
-    /// bytes), so a burst of large creates stops short of the floor rather than past it.
     /// The largest floor the flag takes, and past it: no overflow (a floor near `u64::MAX`
     /// panicked adding its margin: found by a black-box check).
     #[test]
@@ -266,6 +264,8 @@ mod tests {
         assert!(floor.admits(0).is_err());
     }
 
+    /// Records appended between two looks count as owed to the disk (about five times their
+    /// bytes), so a burst of large creates stops short of the floor rather than past it.
     #[test]
     fn new_work_that_would_take_the_disk_under_the_floor_is_refused() {
         let stats = WriterStats::default();

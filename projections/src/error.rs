@@ -38,10 +38,11 @@ pub fn sqlite_file_damaged(error: &sqlx::Error) -> bool {
 /// Whether `error` says the database cannot be reached or cannot take a connection now (a
 /// PostgreSQL that is down, starting, shutting down, out of connection slots, or silent), as
 /// opposed to one that answered and refused (a wrong password, a database that does not
-/// exist, a failed migration): an outage to wait out, not a mistake to report.
+/// exist, a failed migration, a TLS handshake or certificate it refused: configuration to fix,
+/// found by review): an outage to wait out, not a mistake to report.
 pub fn database_unreachable(error: &sqlx::Error) -> bool {
     match error {
-        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
         // Class 08 (connection exceptions), `cannot_connect_now` (starting up or shutting
         // down), `admin_shutdown`, `crash_shutdown`, `too_many_connections`.
         sqlx::Error::Database(e) => e
@@ -151,6 +152,9 @@ impl QueryError {
             // PostgreSQL cancelled the statement at its `statement_timeout` (a lock held on the
             // table, an overloaded database).
             QueryError::Sql(sqlx::Error::Database(e)) if e.code().as_deref() == Some("57014") => true,
+            // A connection that failed its TLS handshake while the server runs is an outage of
+            // the views all the same.
+            QueryError::Sql(sqlx::Error::Tls(_)) => true,
             QueryError::Sql(e) => database_unreachable(e),
             _ => false,
         }
@@ -201,4 +205,19 @@ pub enum Error {
     Query(#[from] QueryError),
     #[error(transparent)]
     AsOf(#[from] AsOfError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::database_unreachable;
+
+    /// An outage is waited out; a TLS setting the server refuses is configuration to fix.
+    #[test]
+    fn outages_are_told_from_refusals() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert!(database_unreachable(&sqlx::Error::Io(refused)));
+        assert!(database_unreachable(&sqlx::Error::PoolTimedOut));
+        assert!(!database_unreachable(&sqlx::Error::Tls("server does not support TLS".into())));
+        assert!(!database_unreachable(&sqlx::Error::RowNotFound));
+    }
 }

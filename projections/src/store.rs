@@ -286,7 +286,15 @@ impl Store {
     /// and the live projectors finding their checkpoints gone, fill it from the log (a rebuild
     /// failed on the missing tables until a restart: found by a black-box check). With the
     /// schema in place it is a lookup of the applied migrations.
+    ///
+    /// One migration at a time in this process (concurrent rebuilds after a dropped schema raced
+    /// to create the same tables on SQLite, whose migration lock is a no-op), and on PostgreSQL
+    /// on a connection taken out of the pool and closed after: the migrator's session lock and
+    /// the lifted statement timeout went back to the pool with it when a migration failed or
+    /// was cancelled (found by review).
     pub(crate) async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _turn = ONE_AT_A_TIME.lock().await;
         match self {
             Store::Sqlite(pool, _) => {
                 let mut connection = pool.acquire().await?;
@@ -294,11 +302,10 @@ impl Store {
             }
             Store::Postgres(pool) => {
                 // Without the read bound: a migration may take its time.
-                let mut connection = pool.acquire().await?;
-                sqlx::query("SET statement_timeout = 0").execute(&mut *connection).await?;
-                POSTGRES_MIGRATOR.run_direct(None, &mut *connection, false).await?;
-                let reset = format!("SET statement_timeout = {POSTGRES_READ_STATEMENT_TIMEOUT}");
-                sqlx::query(sqlx::AssertSqlSafe(reset)).execute(&mut *connection).await?;
+                let mut connection = pool.acquire().await?.detach();
+                sqlx::query("SET statement_timeout = 0").execute(&mut connection).await?;
+                POSTGRES_MIGRATOR.run_direct(None, &mut connection, false).await?;
+                let _ = sqlx::Connection::close(connection).await;
             }
         }
         Ok(())

@@ -67,16 +67,19 @@ pub fn parse_task(text: &str) -> Result<TaskId> {
     TaskId::parse(text).map_err(|r| crate::source::usage(format!("parse --task: {}", r.message)))
 }
 
-/// The part of a server's feed `events` needs: from `--from` when it is a seq, and, when no
-/// filter can skip records, no more than `--limit` or up to `--to` when it is a seq.
+/// The part of a server's feed `events` needs: from `--from`, and up to `--to` or, when no
+/// filter can skip records, no more than `--limit`. The whole feed when either point is a time
+/// (finding a time's seq reads the log from its start: found by review).
 pub fn feed_window(args: &EventsArgs) -> crate::feed::FeedWindow {
     let from_seq = match args.from {
+        None => 1,
         Some(Point::Seq(seq)) => seq.max(1),
-        _ => 1,
+        Some(Point::Time(_)) => return crate::feed::FeedWindow::ALL,
     };
     let through_to = match args.to {
+        None => None,
         Some(Point::Seq(to)) => Some(to.saturating_sub(from_seq).saturating_add(1)),
-        _ => None,
+        Some(Point::Time(_)) => return crate::feed::FeedWindow::ALL,
     };
     let filtered = args.task.is_some() || args.namespace.is_some() || !args.types.is_empty() || args.actor.is_some();
     let limit = match (through_to, args.limit.filter(|_| !filtered)) {

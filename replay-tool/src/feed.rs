@@ -75,7 +75,8 @@ pub fn fetch(base: &str, token: &str, window: FeedWindow) -> Result<Source> {
     if let Some(head) = head.filter(|head| wanted_all && last < *head) {
         bail!("the feed ended at seq {last}, before the head {head} the server announced: read it again");
     }
-    Ok(Source::Feed { origin: base.to_owned(), token: token.to_owned(), first: from_seq, records })
+    let window_head = if window == FeedWindow::ALL { None } else { head };
+    Ok(Source::Feed { origin: base.to_owned(), token: token.to_owned(), first: from_seq, records, window_head })
 }
 
 /// A task's records, read from the server (`GET /v1/tasks/{id}/history`): for a task first met

@@ -46,8 +46,9 @@ pub enum Source {
     File { path: PathBuf, reader: LogReader, snapshots: SnapshotStore, journal_losses: Vec<String> },
     /// A server's feed in memory (payloads re-encoded from the feed's JSON): the records from
     /// seq `first` on (1 but for `events`, which reads only the window it shows; a task's
-    /// earlier records are then read from the server, `token` its bearer token).
-    Feed { origin: String, token: String, first: u64, records: Vec<StoredRecord> },
+    /// earlier records are then read from the server, `token` its bearer token, and
+    /// `window_head` is the head the server announced, past the window's last record).
+    Feed { origin: String, token: String, first: u64, records: Vec<StoredRecord>, window_head: Option<u64> },
 }
 
 /// The log file and snapshot directory named by `--data DIR` or `--log FILE`.
@@ -196,8 +197,11 @@ impl Source {
     pub fn head(&self) -> Result<Head> {
         match self {
             Source::File { reader, .. } => without_panic("read the head", || Ok(reader.head()?)),
-            Source::Feed { records, .. } => {
-                Ok(records.last().map_or(Head::EMPTY, |r| Head { seq: r.seq, hash: r.hash }))
+            Source::Feed { records, window_head, .. } => {
+                let last = records.last().map_or(Head::EMPTY, |r| Head { seq: r.seq, hash: r.hash });
+                // A window's points are checked against the log's head, not the window's end (the
+                // hash is the window's last: only `events` reads a window, and it shows no head).
+                Ok(Head { seq: last.seq.max(window_head.unwrap_or(0)), ..last })
             }
         }
     }

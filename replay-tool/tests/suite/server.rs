@@ -155,8 +155,12 @@ fn events_reads_only_the_window_it_shows() {
     let feed = story_feed(dir.path());
     let data = path(dir.path());
     let window: String = feed.lines().skip(4).take(3).map(|line| format!("{line}\n")).collect();
-    let runs: [&[&str]; 2] =
-        [&["events", "--from", "5", "--limit", "3"], &["events", "--from", "5", "--to", "7", "--json"]];
+    // The last: `--to` past the window, within the head the server announced.
+    let runs: [&[&str]; 3] = [
+        &["events", "--from", "5", "--limit", "3"],
+        &["events", "--from", "5", "--to", "7", "--json"],
+        &["events", "--from", "5", "--to", "20", "--limit", "3"],
+    ];
     // A task first met inside the window is named from its history, read from the server.
     let histories = feed.clone();
     let answer = move |request: &str| match request.split(['/', ' ', '?']).skip_while(|part| *part != "tasks").nth(1) {
@@ -167,8 +171,8 @@ fn events_reads_only_the_window_it_shows() {
         }
         None => window.clone(),
     };
-    // The table names the steps of two tasks: two history reads.
-    let (url, server) = serve_by_request(answer, runs.len() + 2, Some(23));
+    // Each table names the steps of two tasks: two history reads per table.
+    let (url, server) = serve_by_request(answer, runs.len() + 4, Some(23));
     for args in runs {
         let from_file = replay_ok(&[args, &["--data", data]].concat());
         let from_feed = replay_ok(&[args, &["--server", &url, "--token", TOKEN]].concat());
@@ -180,6 +184,6 @@ fn events_reads_only_the_window_it_shows() {
     }
     let requests = server.join().unwrap();
     let feeds: Vec<&String> = requests.iter().filter(|r| r.starts_with("GET /v1/events")).collect();
-    assert_eq!(feeds, ["GET /v1/events?from_seq=5&follow=false&limit=3 HTTP/1.1"; 2], "{requests:?}");
-    assert_eq!(requests.iter().filter(|r| r.contains("/history")).count(), 2, "{requests:?}");
+    assert_eq!(feeds, ["GET /v1/events?from_seq=5&follow=false&limit=3 HTTP/1.1"; 3], "{requests:?}");
+    assert_eq!(requests.iter().filter(|r| r.contains("/history")).count(), 4, "{requests:?}");
 }

@@ -831,10 +831,12 @@ fn a_sighup_reloads_the_tokens_and_a_revoked_token_loses_its_feed_and_its_socket
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path().join("data");
     let (admin, auditor, newcomer) = ("tok-admin-reload", "tok-auditor-reload", "tok-newcomer-reload");
+    let waiter = "tok-waiter-reload";
     let entries = |auditor_revoked: bool, with_newcomer: bool| {
         let mut entries = vec![
             tests::token_entry("admin", admin, &["admin"], &[], false),
             tests::token_entry("auditor", auditor, &["auditor"], &[], auditor_revoked),
+            tests::token_entry("waiter", waiter, &["worker"], &[], auditor_revoked),
         ];
         if with_newcomer {
             entries.push(tests::token_entry("newcomer", newcomer, &["producer"], &[], false));
@@ -884,9 +886,33 @@ fn a_sighup_reloads_the_tokens_and_a_revoked_token_loses_its_feed_and_its_socket
     assert_eq!(server.post_as(auditor, "/graphql", json!({ "query": "{ ledger { headSeq } }" }), None).status, 200);
     assert_eq!(server.post_as(newcomer, "/v1/tasks", job.clone(), None).status, 401);
 
-    // The auditor revoked, a newcomer added.
+    // A worker's claim waits for work in `idle`.
+    let waiting = {
+        let (base, waiter) = (server.base.clone(), waiter.to_owned());
+        std::thread::spawn(move || {
+            let claim = json!({ "namespaces": ["idle"], "worker_id": "w", "max": 1, "wait_ms": 20_000 });
+            ureq::post(&format!("{base}/v1/claims"))
+                .header("Authorization", &format!("Bearer {waiter}"))
+                .config()
+                .http_status_as_error(false)
+                .build()
+                .send_json(claim)
+                .map(|answer| answer.status().as_u16())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The auditor and the waiting worker revoked, a newcomer added.
     tests::write_tokens(&data, entries(true, true), admin);
     hangup();
+    std::thread::sleep(Duration::from_millis(300));
+    // Work arrives for the waiting claim: its token is no longer valid, so it takes nothing.
+    let idle = server.post_as(admin, "/v1/tasks", json!({ "namespace": "idle", "handler": "h" }), None);
+    assert_eq!(idle.status, 201, "{idle:?}");
+    assert_eq!(waiting.join().unwrap().expect("an answer"), 401, "the revoked worker's claim");
+    let claimed =
+        server.post_as(admin, "/v1/claims", json!({ "namespaces": ["idle"], "worker_id": "w2", "max": 1 }), None);
+    assert_eq!(claimed.body["steps"].as_array().map(Vec::len), Some(1), "still there: {claimed:?}");
     let mut answer = Vec::new();
     feed.read_to_end(&mut answer).expect("the revoked token's feed ends (not a read timeout)");
     let answer = String::from_utf8_lossy(&answer);
