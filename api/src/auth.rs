@@ -266,9 +266,18 @@ impl Tokens {
         Ok(counts)
     }
 
-    /// Changes at each reload.
-    pub fn reloads(&self) -> watch::Receiver<u64> {
-        self.reloads.subscribe()
+    /// Resolves once a reload leaves `who()` (when there is one yet) no longer valid (see
+    /// [`Tokens::still_valid`]); for what a token holds open. A reload between `who`'s
+    /// authentication and this call counts too: it looks once at the start.
+    pub async fn revoked(&self, who: impl Fn() -> Option<Principal>) {
+        let mut reloads = self.reloads.subscribe();
+        reloads.mark_changed();
+        while reloads.changed().await.is_ok() {
+            if who().is_some_and(|who| !self.still_valid(&who)) {
+                return;
+            }
+        }
+        std::future::pending().await
     }
 }
 

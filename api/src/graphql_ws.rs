@@ -146,14 +146,7 @@ fn incoming_messages(
     let deadline = Box::pin(tokio::time::sleep(WS_INIT_WAIT));
     let holder = connection.clone();
     let revoked = Box::pin(async move {
-        let mut reloads = tokens.reloads();
-        while reloads.changed().await.is_ok() {
-            let principal = holder.principal.lock().expect("websocket state").clone();
-            if principal.is_some_and(|who| !tokens.still_valid(&who)) {
-                return;
-            }
-        }
-        std::future::pending::<()>().await;
+        tokens.revoked(|| holder.principal.lock().expect("websocket state").clone()).await;
     });
     // At shutdown the subscriptions complete; once their `complete` messages are out, the
     // socket closes with 1001 (Going Away), where it ended without a close frame (found by a

@@ -167,7 +167,7 @@ impl Metrics {
         }
         let _ = writeln!(
             out,
-            "# HELP taskledger_projections_connected 0 while the projections database has not been reachable since the server started (views answer 503 projections_unavailable; the server tries again every {} s), 1 once the projectors run.\n# TYPE taskledger_projections_connected gauge\ntaskledger_projections_connected {}",
+            "# HELP taskledger_projections_connected 0 while the projections database could not be opened since the server started (views answer 503 projections_unavailable; the server tries again every {} s), 1 once the projectors run.\n# TYPE taskledger_projections_connected gauge\ntaskledger_projections_connected {}",
             crate::projections_slot::RECONNECT_EVERY.as_secs(),
             u8::from(projections.is_some())
         );

@@ -134,8 +134,7 @@ impl ProjectionsSlot {
                     RECONNECT_EVERY.as_secs()
                 );
                 *slot.0.waiting.lock().expect("projections slot lock") = error;
-                let said = slot.0.waiting.lock().expect("projections slot lock").clone();
-                let reconnect = tokio::spawn(slot.clone().reconnect(target, said));
+                let reconnect = tokio::spawn(slot.clone().reconnect(target));
                 *slot.0.reconnecting.lock().expect("projections slot lock") = Some(reconnect);
                 Ok(slot)
             }
@@ -146,7 +145,7 @@ impl ProjectionsSlot {
     /// Tries to open the projections every [`RECONNECT_EVERY`] until it can. Each new error is
     /// said once (a WARN while the database is unreachable, an ERROR when it answered and
     /// refused), not at every attempt.
-    async fn reconnect(self, target: ProjectionsTarget, mut said: String) {
+    async fn reconnect(self, target: ProjectionsTarget) {
         loop {
             tokio::time::sleep(RECONNECT_EVERY).await;
             match target.open().await {
@@ -161,15 +160,15 @@ impl ProjectionsSlot {
                 }
                 Err(failure) => {
                     let error = eventlog::cli::error_chain(&failure.error);
-                    if error != said {
-                        said.clone_from(&error);
+                    let mut waiting = self.0.waiting.lock().expect("projections slot lock");
+                    if *waiting != error {
                         if failure.unreachable {
                             tracing::warn!(%error, "the projections database is still not reachable; trying again");
                         } else {
                             tracing::error!(%error, "the projections database answered but could not be opened; trying again");
                         }
+                        *waiting = error;
                     }
-                    *self.0.waiting.lock().expect("projections slot lock") = error;
                 }
             }
         }

@@ -757,11 +757,10 @@ async fn rebuild_projector(
     State(state): State<AppState>,
     who: Principal,
     Path(name): Path<String>,
-    query: QueryParams<NoQuery>,
-    // No body, or an empty object: anything else is refused like any other route's junk.
+    // No body, or an empty object: anything else is refused like any other route's junk. (A
+    // query string is refused by `refuse_query_on_commands`.)
     MaybeJson(_): MaybeJson<NoFields>,
 ) -> ApiResult<Response> {
-    route_query(query)?;
     who.require_unscoped_admin("rebuild a projection")?;
     let Some(kind) = projections::ProjectorKind::from_name(&name) else {
         let mut known: Vec<&str> = projections::ProjectorKind::ALL.iter().map(|k| k.name()).collect();

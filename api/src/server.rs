@@ -275,10 +275,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
             if let Err(refused) = crate::readmodels::check_projections_lock(&state) {
                 return refused.into_response();
             }
-            let lag = match state.projections.get() {
-                Ok(projections) => projections.max_lag().unwrap_or(u64::MAX),
-                Err(waiting) => return waiting.into_response(),
-            };
+            // Running: `check_projections_lock` refuses while they wait for their database.
+            let lag = state.projections.running().and_then(|p| p.max_lag().ok()).unwrap_or(u64::MAX);
             if lag > state.ready_max_lag {
                 return ApiError::unavailable(
                     "projections_lagging",
@@ -837,21 +835,12 @@ fn reload_tokens_on_hangup(_: Option<()>, _: Tokens, _: PathBuf) {}
 /// answers (a following event feed); the task watching ends with the last receiver.
 pub fn stopping_or_revoked(state: &AppContext, who: &crate::auth::Principal) -> watch::Receiver<bool> {
     let (ends, receiver) = watch::channel(*state.stopping.borrow());
-    let (mut stopping, mut reloads, tokens, who) =
-        (state.stopping.clone(), state.tokens.reloads(), state.tokens.clone(), who.clone());
-    // A reload between the request's authentication and the subscription above counts too.
-    reloads.mark_changed();
+    let (mut stopping, tokens, who) = (state.stopping.clone(), state.tokens.clone(), who.clone());
     tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                () = ends.closed() => return,
-                _ = stopping.wait_for(|stop| *stop) => break,
-                changed = reloads.changed() => {
-                    if changed.is_err() || !tokens.still_valid(&who) {
-                        break;
-                    }
-                }
-            }
+        tokio::select! {
+            () = ends.closed() => return,
+            _ = stopping.wait_for(|stop| *stop) => {}
+            () = tokens.revoked(|| Some(who.clone())) => {}
         }
         ends.send_replace(true);
     });

@@ -451,18 +451,18 @@ impl Ledger {
                 .min_by_key(|(k, _): &(ReadyKey, usize)| *k);
             let Some((_, i)) = best else { break };
             let (ns, it) = &mut cursors[i];
-            let (_, (task, index)) = it.peek().expect("peeked");
-            let held = &self.tasks[task];
-            payload_bytes += held.payload.len() + held.steps[index.get()].payload.len();
+            let (_, &(task, index)) = *it.peek().expect("peeked");
+            let held = &self.tasks[&task];
+            let step = &held.steps[index.get()];
+            payload_bytes += held.payload.len() + step.payload.len();
             if !events.is_empty() && payload_bytes > MAX_CLAIM_PAYLOAD_BYTES {
                 break;
             }
-            let (_, (task, index)) = it.next().expect("peeked");
+            it.next();
             *budget.get_mut(ns).expect("budgeted") -= 1;
-            let step = &self.tasks[task].steps[index.get()];
             debug_assert_eq!(step.state, StepState::Enqueued);
             let deadline = at.plus_ms(lease_ms.unwrap_or(step.lease_ms).into());
-            events.push(make_event(*task, *index, step, step.epoch.next(), deadline));
+            events.push(make_event(task, index, step, step.epoch.next(), deadline));
         }
         Ok(events)
     }

@@ -58,13 +58,19 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn pg_ctl(&self, action: &str) -> Result<(), TempPostgresError> {
+    /// `pg_ctl start`, waiting until it takes connections.
+    fn start(&self) -> Result<(), TempPostgresError> {
+        self.pg_ctl(&["-w", "-t", "60", "-o", &self.settings, "start"])
+    }
+
+    /// `pg_ctl stop` (fast: open sessions are ended), waiting until it is down.
+    fn stop(&self) -> Result<(), TempPostgresError> {
+        self.pg_ctl(&["-m", "fast", "-w", "stop"])
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Result<(), TempPostgresError> {
         let mut command = pg_command(self.as_postgres_user, "pg_ctl");
-        command.arg("-D").arg(&self.data).arg("-l").arg(self.dir.join("server.log"));
-        match action {
-            "start" => command.args(["-w", "-t", "60", "-o", &self.settings, "start"]),
-            _ => command.args(["-m", "fast", "-w", "stop"]),
-        };
+        command.arg("-D").arg(&self.data).arg("-l").arg(self.dir.join("server.log")).args(args);
         run(command)
     }
 }
@@ -175,7 +181,7 @@ impl TempPostgres {
         }
         let cluster = this.cluster.as_mut().expect("made above");
         cluster.settings = settings;
-        cluster.pg_ctl("start")?;
+        cluster.start()?;
         spawn_watchdog(&dir, &data, as_postgres_user);
         this.admin_url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
         Ok(this)
@@ -191,12 +197,12 @@ impl TempPostgres {
     /// Stops a private cluster (a fast shutdown), keeping its data: for a test of what a server
     /// does while PostgreSQL is down. [`TempPostgres::start_again`] starts it on the same port.
     pub fn stop(&self) -> Result<(), TempPostgresError> {
-        self.private()?.pg_ctl("stop")
+        self.private()?.stop()
     }
 
     /// Starts a cluster [`TempPostgres::stop`] stopped.
     pub fn start_again(&self) -> Result<(), TempPostgresError> {
-        self.private()?.pg_ctl("start")
+        self.private()?.start()
     }
 
     fn private(&self) -> Result<&Cluster, TempPostgresError> {
@@ -255,9 +261,7 @@ fn spawn_watchdog(dir: &Path, data: &Path, as_postgres_user: bool) {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let mut stop = pg_command(self.as_postgres_user, "pg_ctl");
-        stop.arg("-D").arg(&self.data).args(["-m", "fast", "-w", "stop"]);
-        let _ = stop.stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let _ = self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

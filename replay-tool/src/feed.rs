@@ -44,11 +44,8 @@ pub fn fetch(base: &str, token: &str, window: FeedWindow) -> Result<Source> {
     if let Some(limit) = window.limit {
         url.push_str(&format!("&limit={}", limit.max(1)));
     }
-    let mut response = ureq::get(&url)
-        .header("Authorization", &format!("Bearer {token}"))
-        .header("Accept", "application/x-ndjson")
-        .call()
-        .with_context(|| format!("read the event feed at {url}"))?;
+    let mut response =
+        get(&url, token, "application/x-ndjson").with_context(|| format!("read the event feed at {url}"))?;
     // The head the server read to at least: a feed that ends before it was cut short.
     let head: Option<u64> = response
         .headers()
@@ -83,13 +80,16 @@ pub fn fetch(base: &str, token: &str, window: FeedWindow) -> Result<Source> {
 /// inside a window of the feed, whose start (its name and steps) lies before it.
 pub fn task_history(base: &str, token: &str, task: domain::TaskId) -> Result<Vec<StoredRecord>> {
     let url = format!("{}/v1/tasks/{task}/history", base.trim_end_matches('/'));
-    let mut response = ureq::get(&url)
-        .header("Authorization", &format!("Bearer {token}"))
-        .call()
-        .with_context(|| format!("read task {task}'s history at {url}"))?;
+    let mut response =
+        get(&url, token, "application/json").with_context(|| format!("read task {task}'s history at {url}"))?;
     let records: Vec<Value> =
         response.body_mut().with_config().limit(u64::MAX).read_json().context("parse the task's history")?;
     records.iter().map(record_from_json).collect()
+}
+
+/// `GET url` with the bearer token, accepting `accept`.
+fn get(url: &str, token: &str, accept: &str) -> Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+    ureq::get(url).header("Authorization", &format!("Bearer {token}")).header("Accept", accept).call()
 }
 
 /// Puts payload and result values back into the JSON text the domain keeps.
