@@ -1455,14 +1455,7 @@ fn an_admin_rebuilds_a_damaged_projection_while_the_server_runs() {
     assert_eq!(listed("tasks").body["items"].as_array().unwrap().len(), 5);
     assert_eq!(listed("queue").body["items"].as_array().unwrap().len(), 5);
 
-    let file = server.data.join("projections.sqlite");
-    let runtime = tests::read_models::runtime();
-    runtime.block_on(async {
-        let store = projections::Store::open(file.to_str().unwrap()).await.unwrap();
-        let projections::Store::Sqlite(pool, _) = &store else { panic!("a SQLite store") };
-        sqlx::query("DROP TABLE tasks").execute(pool).await.unwrap();
-        sqlx::query("DELETE FROM queue").execute(pool).await.unwrap();
-    });
+    on_projections_sqlite(&server, &["DROP TABLE tasks", "DELETE FROM queue"]);
     // The dropped table: a stable code saying how to repair it (it was a 500 `internal`).
     let dropped = listed("tasks");
     assert_eq!((dropped.status, dropped.code()), (503, "projections_unavailable"), "{dropped:?}");
@@ -1620,17 +1613,23 @@ fn projectors_report_their_stored_checkpoints_while_the_database_is_locked() {
 /// A rebuild that fails shows in the projectors' status, stopped and with its error, until the
 /// next try (it failed within a millisecond of its 202 and showed nowhere but in the server's
 /// log: found by a black-box check with a dropped schema).
+/// Runs `statements` on a running server's SQLite projections, as a person with the file would.
+fn on_projections_sqlite(server: &Server, statements: &[&str]) {
+    let file = server.data.join("projections.sqlite");
+    tests::read_models::runtime().block_on(async {
+        let store = projections::Store::open(file.to_str().unwrap()).await.unwrap();
+        let projections::Store::Sqlite(pool, _) = &store else { panic!("a SQLite store") };
+        for statement in statements {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(*statement)).execute(pool).await.unwrap();
+        }
+    });
+}
+
 #[test]
 fn a_failed_rebuild_stays_in_the_status_with_its_error() {
     let server = Server::start();
     create_job(&server, "failing", json!({}));
-    let file = server.data.join("projections.sqlite");
-    let runtime = tests::read_models::runtime();
-    runtime.block_on(async {
-        let store = projections::Store::open(file.to_str().unwrap()).await.unwrap();
-        let projections::Store::Sqlite(pool, _) = &store else { panic!("a SQLite store") };
-        sqlx::query("DROP TABLE projector_checkpoints").execute(pool).await.unwrap();
-    });
+    on_projections_sqlite(&server, &["DROP TABLE projector_checkpoints"]);
     let started = server.post("/v1/admin/projections/audit/rebuild", json!({}));
     assert_eq!(started.status, 202, "{started:?}");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
