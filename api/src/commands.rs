@@ -652,36 +652,57 @@ fn visible_task_records(
     task: TaskId,
     as_of: Option<AsOf>,
 ) -> ApiResult<Vec<(StoredRecord, Event)>> {
+    visible_task_range(state, who, task, as_of, 1, usize::MAX)
+}
+
+/// At most `max` of a task's records from stream version `from_version` on (up to `as_of`),
+/// once the caller is known to be allowed to see the task: a task in a namespace outside the
+/// caller's scope is as unknown as one that never existed.
+fn visible_task_range(
+    state: &AppState,
+    who: &Principal,
+    task: TaskId,
+    as_of: Option<AsOf>,
+    from_version: u64,
+    max: usize,
+) -> ApiResult<Vec<(StoredRecord, Event)>> {
     let key = StreamId::Task(task).to_key();
     // A point before the records a failed checkpoint held is read as it was.
     if !matches!(as_of, Some(AsOf::Seq(seq)) if seq <= state.writer.readable_goal()) {
         refuse_unreadable(state, Some(&key))?;
     }
+    let read = |from: u64, max: usize| {
+        state.writer.reader().read_stream(&key, from, max).map_err(|e| ApiError::internal(e.to_string()))
+    };
+    let decode = |record: &StoredRecord| decode_event(record).map_err(|e| ApiError::internal(e.to_string()));
     let mut records = Vec::new();
-    let mut from = 1;
-    'pages: loop {
-        let page = state
-            .writer
-            .reader()
-            .read_stream(&key, from, STREAM_PAGE_RECORDS)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        let full = page.len() == STREAM_PAGE_RECORDS;
+    let mut from = from_version.max(1);
+    'pages: while records.len() < max {
+        let page = read(from, STREAM_PAGE_RECORDS.min(max - records.len()))?;
+        let full = page.len() == STREAM_PAGE_RECORDS.min(max - records.len());
         for record in page {
             if as_of.is_some_and(|a| !a.includes(&record)) {
                 break 'pages;
             }
             from = record.stream_version + 1;
-            let event = decode_event(&record).map_err(|e| ApiError::internal(e.to_string()))?;
+            let event = decode(&record)?;
             records.push((record, event));
         }
         if !full {
             break;
         }
     }
-    let namespace = records.first().and_then(|(_, e)| match e {
+    // The task's namespace is in its first record, which a later page must read on its own (a
+    // first page without it is a task unknown, or not yet created `as_of`).
+    let namespace_of = |event: &Event| match event {
         Event::TaskCreated { spec, .. } => Some(spec.namespace.clone()),
         _ => None,
-    });
+    };
+    let namespace = if from_version <= 1 {
+        records.first().and_then(|(_, event)| namespace_of(event))
+    } else {
+        read(1, 1)?.first().map(decode).transpose()?.as_ref().and_then(namespace_of)
+    };
     match namespace {
         Some(ns) if who.may_see(&ns) => Ok(records),
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "task_not_found", format!("no task {task}")).with_field("id")),
@@ -736,7 +757,35 @@ impl TaskFold {
     }
 }
 
-pub fn task_history(state: &AppState, who: &Principal, id: &str) -> ApiResult<Vec<RecordBody>> {
-    let (_, records) = task_records(state, who, id, None)?;
-    Ok(records.iter().map(|(r, e)| record_body(r, e)).collect())
+/// Most records one page of a task's history holds.
+pub const HISTORY_PAGE_MAX: usize = 10_000;
+/// Records a page of a task's history holds when the request names no limit.
+pub const HISTORY_PAGE_DEFAULT: usize = 1_000;
+
+/// One page of a task's history: its records from a stream version on, in order.
+pub struct HistoryPage {
+    pub records: Vec<RecordBody>,
+    /// Where the next page starts; `None` when this page reached the task's last record.
+    pub next_from_version: Option<u64>,
+}
+
+/// At most `limit` records of a task's history (0: [`HISTORY_PAGE_DEFAULT`]; capped at
+/// [`HISTORY_PAGE_MAX`]) from stream version `from_version` (0 reads as 1): a task heartbeating
+/// for a day has tens of thousands of events, and its history is read a page at a time. A page
+/// past the task's last record is empty.
+pub fn task_history(
+    state: &AppState,
+    who: &Principal,
+    id: &str,
+    from_version: u64,
+    limit: usize,
+) -> ApiResult<HistoryPage> {
+    who.require(Permission::Read)?;
+    let task = parse_task(id)?;
+    let limit = if limit == 0 { HISTORY_PAGE_DEFAULT } else { limit.min(HISTORY_PAGE_MAX) };
+    let mut records = visible_task_range(state, who, task, None, from_version, limit + 1)?;
+    let more = records.len() > limit;
+    records.truncate(limit);
+    let next_from_version = records.last().filter(|_| more).map(|(record, _)| record.stream_version + 1);
+    Ok(HistoryPage { records: records.iter().map(|(r, e)| record_body(r, e)).collect(), next_from_version })
 }

@@ -214,16 +214,26 @@ impl QueryRoot {
         }
     }
 
-    /// Every event of a task, from the log (authoritative).
+    /// A task's events from the log (authoritative), in order: at most `limit` (1 to 10,000;
+    /// absent: 1,000) from stream version `fromVersion` (the first record is 1). A page shorter
+    /// than the limit reached the task's last record; the next page starts at the last record's
+    /// `streamVersion` + 1.
     async fn task_history(
         &self,
         ctx: &Context<'_>,
         id: String,
         min_seq: Option<u64>,
+        from_version: Option<u64>,
+        limit: Option<u32>,
     ) -> async_graphql::Result<Vec<RecordBody>> {
         let state = state(ctx);
         wait_min_seq(state, min_seq).await?;
-        Ok(commands::task_history(state, who(ctx)?, &id)?)
+        let limit = limit.map_or(commands::HISTORY_PAGE_DEFAULT, |l| l as usize);
+        if limit == 0 || limit > commands::HISTORY_PAGE_MAX {
+            let message = format!("limit must be 1 to {}", commands::HISTORY_PAGE_MAX);
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_page", message).with_field("limit").into());
+        }
+        Ok(commands::task_history(state, who(ctx)?, &id, from_version.unwrap_or(1), limit)?.records)
     }
 
     /// The non-final steps of a queue, now or `asOf` a past point (the whole

@@ -24,8 +24,6 @@ use crate::error::{ApiError, ApiResult};
 use crate::server::AppState;
 use crate::wire::*;
 
-/// Most records one feed or history page returns.
-pub const PAGE_RECORDS_MAX: usize = 10_000;
 /// The header carrying a client's command id (for safe retries).
 pub const COMMAND_ID_HEADER: &str = "x-command-id";
 
@@ -413,15 +411,38 @@ async fn get_task(
     Ok(AxumJson(view).into_response())
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    /// The first record's stream version (the task's first record is 1).
+    #[serde(default)]
+    from_version: u64,
+    /// Most records in the page (0 or absent: 1,000; at most 10,000).
+    #[serde(default)]
+    limit: u64,
+}
+
+/// A page of a task's history as a JSON array of records; when the task has more, a `Link`
+/// header (RFC 8288) names the next page.
 async fn task_history(
     State(state): State<AppState>,
     who: Principal,
     Path(id): Path<String>,
-    query: QueryParams<NoQuery>,
+    query: QueryParams<HistoryQuery>,
 ) -> ApiResult<Response> {
-    route_query(query)?;
+    let query = route_query(query)?;
     commands::wait_log_readable(&state, None).await?;
-    Ok(AxumJson(commands::task_history(&state, &who, &id)?).into_response())
+    let limit = usize::try_from(query.limit).unwrap_or(usize::MAX);
+    let page = commands::task_history(&state, &who, &id, query.from_version, limit)?;
+    let mut response = AxumJson(&page.records).into_response();
+    if let Some(next) = page.next_from_version {
+        let link = format!("</v1/tasks/{id}/history?from_version={next}&limit={}>; rel=\"next\"", page.records.len());
+        // The id parsed as a UUID, so the link is a valid header value.
+        if let Ok(value) = axum::http::HeaderValue::from_str(&link) {
+            response.headers_mut().insert(axum::http::header::LINK, value);
+        }
+    }
+    Ok(response)
 }
 
 async fn ledger_head(

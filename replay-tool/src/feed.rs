@@ -76,15 +76,29 @@ pub fn fetch(base: &str, token: &str, window: FeedWindow) -> Result<Source> {
     Ok(Source::Feed { origin: base.to_owned(), token: token.to_owned(), first: from_seq, records, window_head })
 }
 
-/// A task's records, read from the server (`GET /v1/tasks/{id}/history`): for a task first met
-/// inside a window of the feed, whose start (its name and steps) lies before it.
+/// Records per page of a task's history (the server's most).
+const HISTORY_PAGE: usize = 10_000;
+
+/// A task's records, read from the server (`GET /v1/tasks/{id}/history`, a page at a time): for a
+/// task first met inside a window of the feed, whose start (its name and steps) lies before it.
 pub fn task_history(base: &str, token: &str, task: domain::TaskId) -> Result<Vec<StoredRecord>> {
-    let url = format!("{}/v1/tasks/{task}/history", base.trim_end_matches('/'));
-    let mut response =
-        get(&url, token, "application/json").with_context(|| format!("read task {task}'s history at {url}"))?;
-    let records: Vec<Value> =
-        response.body_mut().with_config().limit(u64::MAX).read_json().context("parse the task's history")?;
-    records.iter().map(record_from_json).collect()
+    let mut records = Vec::new();
+    loop {
+        let from = records.last().map_or(1, |r: &StoredRecord| r.stream_version + 1);
+        let url =
+            format!("{}/v1/tasks/{task}/history?from_version={from}&limit={HISTORY_PAGE}", base.trim_end_matches('/'));
+        let mut response =
+            get(&url, token, "application/json").with_context(|| format!("read task {task}'s history at {url}"))?;
+        let page: Vec<Value> =
+            response.body_mut().with_config().limit(u64::MAX).read_json().context("parse the task's history")?;
+        let full = page.len() == HISTORY_PAGE;
+        for record in &page {
+            records.push(record_from_json(record)?);
+        }
+        if !full {
+            return Ok(records);
+        }
+    }
 }
 
 /// `GET url` with the bearer token, accepting `accept`.

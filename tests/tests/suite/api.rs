@@ -60,6 +60,67 @@ fn a_job_goes_from_create_to_complete_with_its_history_recorded() {
 }
 
 #[test]
+fn a_long_history_is_read_a_page_at_a_time_following_its_link_header() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    let tokens = vec![
+        tests::token_entry("admin", "tok-admin", &["admin"], &[], false),
+        tests::token_entry("elsewhere", "tok-elsewhere", &["auditor"], &["other"], false),
+    ];
+    tests::write_tokens(&data, tokens, "tok-admin");
+    let server = Server::start_in(&data, &[]);
+    let id = create_job(&server, "long", json!({}));
+    let claimed = claim(&server, "long", 0);
+    for _ in 0..24 {
+        let beat = server.post(&step_path(&claimed[0], "heartbeat"), json!({ "epoch": epoch(&claimed[0]) }));
+        assert_eq!(beat.status, 200, "{beat:?}");
+    }
+    let done = server.post(&step_path(&claimed[0], "complete"), json!({ "epoch": epoch(&claimed[0]) }));
+    assert_eq!(done.status, 200, "{done:?}");
+
+    let whole = server.get(&format!("/v1/tasks/{id}/history"));
+    assert_eq!(whole.status, 200);
+    assert_eq!(whole.header("link"), None, "a history under the default page has no next page");
+    let whole = whole.body.as_array().unwrap().clone();
+    assert_eq!(whole.len(), 27);
+
+    let mut paged = Vec::new();
+    let mut next = Some(format!("/v1/tasks/{id}/history?limit=10"));
+    let mut sizes = Vec::new();
+    while let Some(path) = next.take() {
+        let page = server.get(&path);
+        assert_eq!(page.status, 200, "{page:?}");
+        sizes.push(page.body.as_array().unwrap().len());
+        paged.extend(page.body.as_array().unwrap().iter().cloned());
+        next = page.header("link").map(|link| {
+            let target = link.strip_prefix('<').and_then(|l| l.strip_suffix(">; rel=\"next\"")).expect(link);
+            target.to_owned()
+        });
+    }
+    assert_eq!(sizes, [10, 10, 7]);
+    assert_eq!(paged, whole, "the pages joined are the whole history, in order");
+
+    let from = server.get(&format!("/v1/tasks/{id}/history?from_version=26"));
+    let versions: Vec<u64> =
+        from.body.as_array().unwrap().iter().map(|r| r["stream_version"].as_u64().unwrap()).collect();
+    assert_eq!(versions, [26, 27]);
+    let past_the_end = server.get(&format!("/v1/tasks/{id}/history?from_version=28"));
+    assert_eq!((past_the_end.status, past_the_end.body.clone()), (200, json!([])));
+    let limit_zero = server.get(&format!("/v1/tasks/{id}/history?limit=0"));
+    assert_eq!(limit_zero.body.as_array().unwrap().len(), 27, "0 reads as the default page");
+    let bad = server.get(&format!("/v1/tasks/{id}/history?from_version=first"));
+    assert_eq!((bad.status, bad.code()), (400, "bad_request"));
+
+    // A later page of a task outside a token's scope is as unknown as its first.
+    for path in [format!("/v1/tasks/{id}/history"), format!("/v1/tasks/{id}/history?from_version=5&limit=3")] {
+        let hidden = server.get_as("tok-elsewhere", &path);
+        assert_eq!((hidden.status, hidden.code()), (404, "task_not_found"), "{path}");
+    }
+    let unknown = server.get("/v1/tasks/01890a5d-ac96-774b-bcce-b302099a8057/history?from_version=2");
+    assert_eq!((unknown.status, unknown.code()), (404, "task_not_found"));
+}
+
+#[test]
 fn completions_in_one_request_are_answered_per_item_and_a_retry_writes_nothing() {
     let server = Server::start();
     let ids: Vec<String> = (0..3).map(|_| create_job(&server, "batch", json!({}))).collect();

@@ -50,6 +50,14 @@ fn mutations_and_queries_drive_a_task_and_read_it_as_of_the_past() {
     let types: Vec<&str> =
         history["data"]["taskHistory"].as_array().unwrap().iter().map(|r| r["type"].as_str().unwrap()).collect();
     assert_eq!(types, ["task_created", "step_claimed", "step_completed"]);
+    let page = |from: u64, limit: u64| {
+        let query = r#"query($id: String!, $from: Int, $limit: Int) { taskHistory(id: $id, fromVersion: $from, limit: $limit) { streamVersion type } }"#;
+        gql(&server, query, json!({ "id": id, "from": from, "limit": limit }))
+    };
+    let second = page(2, 1);
+    assert_eq!(second["data"]["taskHistory"], json!([{ "streamVersion": 2, "type": "step_claimed" }]));
+    let refused = page(1, 10_001);
+    assert_eq!(refused["errors"][0]["extensions"]["code"], "invalid_page", "{refused}");
     let ledger = gql(&server, "{ ledger { headSeq headHash } }", json!({}));
     assert_eq!(ledger["data"]["ledger"]["headSeq"], json!(head));
     assert_eq!(ledger["data"]["ledger"]["headHash"].as_str().unwrap().len(), 64);
