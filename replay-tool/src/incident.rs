@@ -7,7 +7,7 @@
 //! its end, a marker per event with its details on hover) for post-mortems,
 //! or JSON for tools.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -72,6 +72,79 @@ struct Entry {
     /// For claims: until when the lease ran (its end event, or the report's end).
     #[serde(skip_serializing_if = "Option::is_none")]
     lease_end_ms: Option<f64>,
+    /// Where `lane` is in the report's lanes.
+    #[serde(skip)]
+    lane_index: usize,
+    /// The (task, step, epoch) of the lease the event concerns.
+    #[serde(skip)]
+    lease: Option<(TaskId, u16, u32)>,
+}
+
+/// A row of the Markdown and HTML timelines: one event, or a run of heartbeats of one lease
+/// with no other event of that lease between them (a step heartbeating for a day is tens of
+/// thousands of events that each say "still running"; the JSON report keeps every one).
+struct Row<'a> {
+    first: &'a Entry,
+    last: &'a Entry,
+    count: usize,
+}
+
+impl Row<'_> {
+    fn seq(&self) -> String {
+        if self.count == 1 { self.first.seq.to_string() } else { format!("{}–{}", self.first.seq, self.last.seq) }
+    }
+
+    fn kind(&self) -> String {
+        if self.count == 1 { self.first.kind.to_owned() } else { format!("{} ×{}", self.first.kind, self.count) }
+    }
+
+    fn detail(&self) -> String {
+        if self.count == 1 {
+            return self.first.detail.clone();
+        }
+        format!(
+            "{} heartbeats over {:.1} s, the last at {} (+{:.1} ms): {}",
+            self.count,
+            (self.last.offset_ms - self.first.offset_ms) / 1000.0,
+            self.last.time,
+            self.last.offset_ms,
+            self.last.detail
+        )
+    }
+}
+
+/// The timeline's rows, in the order of their first event.
+fn rows(events: &[Entry]) -> Vec<Row<'_>> {
+    let mut rows: Vec<Row<'_>> = Vec::with_capacity(events.len());
+    let mut heartbeating: HashMap<(TaskId, u16, u32), usize> = HashMap::new();
+    for entry in events {
+        match (entry.category, entry.lease) {
+            ("heartbeat", Some(lease)) => {
+                if let Some(&row) = heartbeating.get(&lease) {
+                    rows[row].last = entry;
+                    rows[row].count += 1;
+                    continue;
+                }
+                heartbeating.insert(lease, rows.len());
+            }
+            (_, Some(lease)) => {
+                heartbeating.remove(&lease);
+            }
+            _ => {}
+        }
+        rows.push(Row { first: entry, last: entry, count: 1 });
+    }
+    rows
+}
+
+/// `items` grouped by their lane, in lane order (one pass: a window over a busy minute has
+/// tens of thousands of lanes).
+fn by_lane<T>(lanes: usize, items: impl IntoIterator<Item = (usize, T)>) -> Vec<Vec<T>> {
+    let mut grouped: Vec<Vec<T>> = (0..lanes).map(|_| Vec::new()).collect();
+    for (lane, item) in items {
+        grouped[lane].push(item);
+    }
+    grouped
 }
 
 #[derive(Serialize, Default)]
@@ -269,6 +342,7 @@ fn build(
     let ms = |us: i64| (us - start_us) as f64 / 1000.0;
     let mut summary = Summary::default();
     let mut lanes: Vec<String> = Vec::new();
+    let mut lane_indexes: HashMap<String, usize> = HashMap::new();
     let mut events: Vec<Entry> = Vec::new();
     let mut open_claims: BTreeMap<(TaskId, u16, u32), usize> = BTreeMap::new();
     let mut workers: Vec<String> = Vec::new();
@@ -283,9 +357,10 @@ fn build(
             (Some(task), None) => format!("{} (task)", short(&task)),
             (None, _) => event.stream().to_string(),
         };
-        if !lanes.contains(&lane) {
+        let lane_index = *lane_indexes.entry(lane.clone()).or_insert_with(|| {
             lanes.push(lane.clone());
-        }
+            lanes.len() - 1
+        });
         let cat = category(event);
         match event {
             Event::StepClaimed { worker, .. } => {
@@ -344,6 +419,8 @@ fn build(
             step,
             detail,
             lease_end_ms: None,
+            lane_index,
+            lease: lease_of(event),
         });
     }
     // Leases still held at the end of the report run to its end.
@@ -437,25 +514,30 @@ fn markdown(r: &Report) -> String {
     let _ = writeln!(out, "\n## Lanes\n");
     let _ = writeln!(out, "| Lane | Events | First | Last | Last event |");
     let _ = writeln!(out, "|---|---:|---|---|---|");
-    for lane in &r.lanes {
-        let mine: Vec<&Entry> = r.events.iter().filter(|e| &e.lane == lane).collect();
+    let grouped = by_lane(r.lanes.len(), r.events.iter().map(|e| (e.lane_index, e)));
+    for (lane, mine) in r.lanes.iter().zip(&grouped) {
         let (Some(first), Some(last)) = (mine.first(), mine.last()) else { continue };
         let _ = writeln!(out, "| `{lane}` | {} | {} | {} | {} |", mine.len(), first.time, last.time, last.kind);
     }
+    let rows = rows(&r.events);
     let _ = writeln!(out, "\n## Timeline\n");
+    if rows.len() < r.events.len() {
+        let _ = writeln!(out, "Heartbeats of one lease in a row are one row here (`--format json` lists each).\n");
+    }
     let _ = writeln!(out, "| Seq | Time | +ms | Lane | Event | Actor | Detail |");
     let _ = writeln!(out, "|---:|---|---:|---|---|---|---|");
-    for e in &r.events {
+    for row in &rows {
+        let e = row.first;
         let _ = writeln!(
             out,
             "| {} | {} | {:.1} | `{}` | {} | {} | {} |",
-            e.seq,
+            row.seq(),
             e.time,
             e.offset_ms,
             e.lane,
-            e.kind,
+            row.kind(),
             markdown_text(&e.actor),
-            markdown_text(&e.detail)
+            markdown_text(&row.detail())
         );
     }
     out
@@ -525,8 +607,11 @@ fn html(r: &Report) -> String {
             ms / 1000.0
         );
     }
-    for (row, lane) in r.lanes.iter().enumerate() {
-        let y = ROW_H * row as f64 + 4.0;
+    let rows = rows(&r.events);
+    let leases = by_lane(r.lanes.len(), r.events.iter().map(|e| (e.lane_index, e)));
+    let markers = by_lane(r.lanes.len(), rows.iter().map(|row| (row.first.lane_index, row)));
+    for (index, lane) in r.lanes.iter().enumerate() {
+        let y = ROW_H * index as f64 + 4.0;
         let mid = y + ROW_H / 2.0 - 4.0;
         let _ = write!(
             svg,
@@ -535,7 +620,7 @@ fn html(r: &Report) -> String {
             escape(lane),
             LABEL_W + PLOT_W
         );
-        for e in r.events.iter().filter(|e| &e.lane == lane) {
+        for e in &leases[index] {
             if let Some(end) = e.lease_end_ms {
                 let _ = write!(
                     svg,
@@ -548,17 +633,18 @@ fn html(r: &Report) -> String {
                 );
             }
         }
-        for e in r.events.iter().filter(|e| &e.lane == lane) {
+        for row in &markers[index] {
+            let e = row.first;
             let _ = write!(
                 svg,
                 r#"<circle cx="{}" cy="{mid}" r="5" fill="{}"><title>seq {} {} +{:.1} ms by {}: {}</title></circle>"#,
                 x(e.offset_ms),
                 color(e.category),
-                e.seq,
-                e.kind,
+                row.seq(),
+                row.kind(),
                 e.offset_ms,
                 escape(&e.actor),
-                escape(&e.detail)
+                escape(&row.detail())
             );
         }
     }
@@ -581,20 +667,20 @@ fn html(r: &Report) -> String {
     let summary: String = summary_lines(r).iter().map(|l| format!("<li>{}</li>", escape(l))).collect();
     let actions: String =
         r.summary.operator_actions.iter().map(|a| format!("<li>operator: {}</li>", escape(a))).collect();
-    let rows: String = r
-        .events
+    let table: String = rows
         .iter()
-        .map(|e| {
+        .map(|row| {
+            let e = row.first;
             format!(
                 r#"<tr><td>{}</td><td>{}</td><td>{:.1}</td><td><code>{}</code></td><td><i class="dot" style="background:{}"></i>{}</td><td>{}</td><td>{}</td></tr>"#,
-                e.seq,
+                row.seq(),
                 e.time,
                 e.offset_ms,
                 escape(&e.lane),
                 color(e.category),
-                e.kind,
+                row.kind(),
                 escape(&e.actor),
-                escape(&e.detail)
+                escape(&row.detail())
             )
         })
         .collect();
@@ -612,12 +698,12 @@ table{{border-collapse:collapse;font-size:13px}}td,th{{border-bottom:1px solid #
 <p>Log <code>{source}</code>, seq {first}..{last}, {start} .. {end}.</p>
 <ul>{summary}{actions}</ul>
 <h2>Timeline</h2>
-<p>One row per step (and per task or queue for their own events); bars are leases from claim to their end; hover a marker for its details.</p>
+<p>One row per step (and per task or queue for their own events); bars are leases from claim to their end; hover a marker for its details (heartbeats of one lease in a row share a marker and a table row).</p>
 <div>{legend}</div>
 <div class="timeline">{svg}</div>
 <h2>Events</h2>
 <table><tr><th>Seq</th><th>Time</th><th>+ms</th><th>Lane</th><th>Event</th><th>Actor</th><th>Detail</th></tr>
-{rows}</table>
+{table}</table>
 </body></html>
 "#,
         subject = escape(&r.subject),

@@ -1,7 +1,9 @@
 //! `incident` (Markdown, HTML, JSON; by task, worker and time window) and
 //! `diff` on the story log, with golden outputs.
 
-use crate::common::{HOSTILE, build_cancelled_lease, build_hostile, build_story, golden, path, replay, replay_ok};
+use crate::common::{
+    HOSTILE, build_cancelled_lease, build_heartbeats, build_hostile, build_story, golden, path, replay, replay_ok,
+};
 use serde_json::Value;
 
 const TASK_3: &str = "018bcfe5-6803-7001-9aa6-6d2c7ddf743f";
@@ -44,6 +46,48 @@ fn incident_of_a_task_in_markdown_json_and_html() {
     assert_eq!(html.matches("<rect").count(), 3, "one bar per lease");
     assert!(!html.contains("src=\"http") && !html.contains("href=\"http"), "self-contained");
     golden("incident-task-3.html", &stable(&html, &data));
+}
+
+/// A step heartbeating for hours is one timeline row per run of heartbeats in Markdown and
+/// HTML, and every heartbeat in JSON.
+#[test]
+fn incident_timelines_show_a_run_of_heartbeats_as_one_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let head = build_heartbeats(dir.path(), 40);
+    let data = path(dir.path());
+    let task = &domain::testkit::task_id(1).to_string();
+    let report: Value =
+        serde_json::from_str(&replay_ok(&["incident", "--data", data, "--task", task, "--format", "json"])).unwrap();
+    assert_eq!(report["events"].as_array().unwrap().len() as u64, head, "JSON lists every event");
+    assert_eq!(report["summary"]["heartbeats"], 80);
+
+    let markdown = replay_ok(&["incident", "--data", data, "--task", task]);
+    let timeline: Vec<&str> =
+        markdown.split("## Timeline").nth(1).unwrap().lines().filter(|l| l.starts_with("| ")).collect();
+    let kinds: Vec<&str> = timeline.iter().skip(1).map(|row| row.split(" | ").nth(4).unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "task_created",
+            "step_claimed",
+            "lease_extended ×40",
+            "step_failed",
+            "step_retry_due",
+            "step_claimed",
+            "lease_extended ×40",
+            "step_completed"
+        ]
+    );
+    let first_run = timeline.iter().find(|row| row.contains("lease_extended ×40")).unwrap();
+    assert!(first_run.starts_with("| 3–42 |"), "{first_run}");
+    assert!(first_run.contains("40 heartbeats over 39.0 s"), "{first_run}");
+    assert!(markdown.contains("`--format json` lists each"), "{markdown}");
+    assert!(markdown.contains(&format!("/run` | {} |", head - 1)), "the lanes table counts every event: {markdown}");
+
+    let html = replay_ok(&["incident", "--data", data, "--task", task, "--format", "html"]);
+    assert_eq!(html.matches("<circle").count(), 8, "one marker per row");
+    assert_eq!(html.matches("<rect").count(), 2, "one bar per lease");
+    assert_eq!(html.matches("lease_extended ×40").count(), 4, "two markers' titles and two table rows");
 }
 
 #[test]

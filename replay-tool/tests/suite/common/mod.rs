@@ -124,6 +124,30 @@ pub fn build_cancelled_lease(dir: &Path) -> u64 {
     finish(s, writer, 0)
 }
 
+/// A log of one long-running job (task 1): w-1 claims it (seq 2), heartbeats `beats` times a
+/// second apart and fails it retryably; after the backoff w-2 claims it, heartbeats `beats`
+/// times and completes it. Returns the head seq (`2 * beats + 6`).
+pub fn build_heartbeats(dir: &Path, beats: u32) -> u64 {
+    let clock = Arc::new(ManualClock::new(START_US));
+    let (writer, _) = Writer::open(dir, WriterConfig::default(), clock.clone()).unwrap();
+    let mut s = Story { handle: writer.handle(), clock, n: 0 };
+    s.run("producer-a", Command::CreateTask(job(1, "emails")));
+    for (worker, last) in [("w-1", false), ("w-2", true)] {
+        let epoch = Story::epoch(&s.run("worker", claim("emails", worker, 1)));
+        for _ in 0..beats {
+            s.advance(1_000);
+            s.run("worker", Command::Heartbeat { lease: lease(task_id(1), "run", epoch), lease_ms: None });
+        }
+        if last {
+            s.run("worker", complete(task_id(1), "run", epoch));
+        } else {
+            s.run("worker", fail(task_id(1), "run", epoch, true));
+            s.advance(60_000);
+        }
+    }
+    finish(s, writer, 0)
+}
+
 /// Text a hostile client could write into the log: HTML, a Markdown image, a terminal escape
 /// that sets the window title and redraws the line, a carriage return and a line of its own.
 pub const HOSTILE: &str = "<script>alert(1)</script>\"><img src=x onerror=alert(2)>![x](https://t.example/p.png)\r\u{1b}]0;PWNED\u{7}\u{1b}[2Kdead letters (0)\nfake line";
