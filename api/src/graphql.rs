@@ -636,8 +636,9 @@ impl SubscriptionRoot {
         }
         let state = state(ctx);
         crate::readmodels::check_feed_start(state, from_seq, "fromSeq")?;
+        let slot = state.streams.take(&who.name)?;
         let subscription = LogSubscription::new(state.writer.reader().clone(), state.writer.feed().clone(), from_seq);
-        Ok(record_stream(subscription, state).filter_map(move |item| {
+        Ok(slot.hold(record_stream(subscription, state)).filter_map(move |item| {
             std::future::ready(match item {
                 Ok((record, event)) => {
                     let keep = stream_key.as_ref().is_none_or(|k| &record.stream == k)
@@ -659,6 +660,7 @@ impl SubscriptionRoot {
         let state = state(ctx).clone();
         commands::wait_log_readable(&state, None).await?;
         let (mut fold, current) = commands::TaskFold::start(&state, &who, &id, None)?;
+        let slot = state.streams.take(&who.name)?;
         let key = StreamId::Task(commands::parse_task(&id)?).to_key();
         let subscription =
             LogSubscription::new(state.writer.reader().clone(), state.writer.feed().clone(), current.last_seq + 1);
@@ -670,7 +672,7 @@ impl SubscriptionRoot {
                 Err(error) => Some(Err(error.into())),
             })
         });
-        Ok(futures_util::stream::once(std::future::ready(Ok(current))).chain(updates))
+        Ok(slot.hold(futures_util::stream::once(std::future::ready(Ok(current))).chain(updates)))
     }
 }
 

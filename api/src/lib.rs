@@ -14,4 +14,5 @@ pub mod projections_slot;
 pub mod readmodels;
 pub mod routes;
 pub mod server;
+pub mod streams;
 pub mod wire;

@@ -82,6 +82,11 @@ struct ServeArgs {
     /// Most requests served at once; more wait.
     #[arg(long, env = "TASKLEDGER_MAX_CONCURRENT_REQUESTS", default_value_t = 4096, value_parser = at_least_one_usize())]
     max_concurrent_requests: usize,
+    /// Most event feeds and GraphQL subscriptions one token holds open at once (1 to 65,536);
+    /// the next is refused with 429 too_many_streams until one ends.
+    #[arg(long, env = "TASKLEDGER_MAX_STREAMS_PER_TOKEN", default_value_t = 256,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65_536))]
+    max_streams_per_token: usize,
     /// Most connections open at once; further clients wait to be accepted until one closes.
     #[arg(long, env = "TASKLEDGER_MAX_CONNECTIONS", default_value_t = 1024, value_parser = at_least_one_usize())]
     max_connections: usize,
@@ -202,6 +207,7 @@ fn main() -> ExitCode {
                 projections: args.projections,
                 projections_store: projections::StoreOptions { sqlite_cache_kib: args.projections_cache_mib << 10 },
                 ready_max_lag: args.ready_max_lag,
+                max_streams_per_token: args.max_streams_per_token,
             };
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,

@@ -514,9 +514,10 @@ async fn event_feed(
     };
     let field = if last_event.is_some() { "Last-Event-ID" } else { "from_seq" };
     crate::readmodels::check_feed_start(&state, from_seq, field)?;
+    let slot = state.streams.take(&who.name)?;
     let subscription = Subscription::new(state.writer.reader().clone(), state.writer.feed().clone(), from_seq);
     let ends = crate::server::stopping_or_revoked(&state, &who);
-    let stream = feed_stream(subscription, query.limit.unwrap_or(u64::MAX), query.follow, sse, ends);
+    let stream = slot.hold(feed_stream(subscription, query.limit.unwrap_or(u64::MAX), query.follow, sse, ends));
     let content_type = if sse { "text/event-stream" } else { "application/x-ndjson" };
     let mut response = Response::new(Body::from_stream(stream));
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

@@ -58,6 +58,8 @@ pub struct AppContext {
     pub max_body_bytes: usize,
     /// WebSockets open: a shutdown waits (briefly) for them to close with their close frame.
     pub open_sockets: Arc<OpenSockets>,
+    /// Event feeds and subscriptions open per token (`--max-streams-per-token`).
+    pub streams: Arc<crate::streams::StreamSlots>,
 }
 
 /// How many WebSockets are open, for a shutdown to wait on. (An upgraded connection leaves
@@ -142,6 +144,8 @@ pub struct ServeConfig {
     pub projections_store: projections::StoreOptions,
     /// `/readyz` fails while any projector lags more than this many events.
     pub ready_max_lag: u64,
+    /// Most event feeds and GraphQL subscriptions one token holds open at once.
+    pub max_streams_per_token: usize,
 }
 
 pub fn app(state: AppState, config: &ServeConfig) -> Router {
@@ -509,6 +513,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         long_poll_limit: config.request_timeout / 2,
         max_body_bytes: config.max_body_bytes,
         open_sockets: Arc::default(),
+        streams: crate::streams::StreamSlots::new(config.max_streams_per_token),
     });
     let open_sockets = state.open_sockets.clone();
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
@@ -518,13 +523,14 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     println!("taskledger {} listening on http://{local}", env!("CARGO_PKG_VERSION"));
     println!("projections in {}", crate::projections_slot::describe(&projections, &shown_target));
     println!(
-        "limits: {} connections, request head within {} ms, requests of {} bytes and {} ms, {} requests at once; \
-         ready while projections lag at most {} events",
+        "limits: {} connections, request head within {} ms, requests of {} bytes and {} ms, {} requests at once, \
+         {} event feeds and subscriptions per token; ready while projections lag at most {} events",
         config.max_connections,
         config.header_read_timeout.as_millis(),
         config.max_body_bytes,
         config.request_timeout.as_millis(),
         config.max_concurrent_requests,
+        config.max_streams_per_token,
         config.ready_max_lag
     );
     println!(

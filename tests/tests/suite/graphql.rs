@@ -941,3 +941,78 @@ fn a_sighup_reloads_the_tokens_and_a_revoked_token_loses_its_feed_and_its_socket
     let logged = std::fs::read_to_string(&log_path).unwrap();
     assert!(logged.contains("tokens not reloaded") && logged.contains("tokens reloaded"), "{logged}");
 }
+
+/// Each token holds at most `--max-streams-per-token` event feeds and subscriptions at once (a
+/// `task` subscription reads every record of the log, and one WebSocket carries any number of
+/// them): the next is refused with `too_many_streams` until one ends; other tokens have slots of
+/// their own.
+#[test]
+fn a_token_holds_at_most_its_streams_and_the_next_waits_until_one_ends() {
+    use std::io::Write;
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    let tokens = vec![
+        tests::token_entry("admin", "tok-admin", &["admin"], &[], false),
+        tests::token_entry("auditor", "tok-auditor", &["auditor"], &[], false),
+    ];
+    tests::write_tokens(&data, tokens, "tok-admin");
+    let server = Server::start_in(&data, &["--max-streams-per-token", "2"]);
+    assert!(server.banner.contains("2 event feeds and subscriptions per token"), "{}", server.banner);
+    let created = gql(&server, CREATE, json!({ "input": { "namespace": "s", "handler": "h" } }));
+    let id = created["data"]["createTask"]["taskId"].as_str().unwrap().to_owned();
+
+    // One following REST feed and one `task` subscription take the admin token's two slots.
+    let open_feed = |token: &str| {
+        let mut feed = tests::raw::connect(&server.addr(), Duration::from_secs(10)).unwrap();
+        let request =
+            format!("GET /v1/events?from_seq=1 HTTP/1.1\r\nHost: taskledger\r\nAuthorization: Bearer {token}\r\n\r\n");
+        feed.write_all(request.as_bytes()).unwrap();
+        feed
+    };
+    let feed = open_feed("tok-admin");
+    let mut socket = subscribe(&server, "subscription($id: String!) { task(id: $id) { state } }", json!({ "id": id }));
+    let first: Value = serde_json::from_str(socket.read().unwrap().to_text().unwrap()).unwrap();
+    assert_eq!(first["payload"]["data"]["task"]["state"], "pending", "{first}");
+
+    // A third is refused, over REST (429, Retry-After) and on the socket (an error for that id).
+    let refused = server.get_as("tok-admin", "/v1/events?follow=false");
+    assert_eq!((refused.status, refused.code()), (429, "too_many_streams"), "{refused:?}");
+    assert!(refused.body["error"]["message"].as_str().unwrap().contains("--max-streams-per-token"));
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    send_json(
+        &mut socket,
+        json!({ "id": "2", "type": "subscribe", "payload": { "query": "subscription { events { seq } }" } }),
+    );
+    let message: Value = serde_json::from_str(socket.read().unwrap().to_text().unwrap()).unwrap();
+    assert_eq!(message["id"], "2", "{message}");
+    assert_eq!(message["payload"]["errors"][0]["extensions"]["code"], "too_many_streams", "{message}");
+    // Another token has slots of its own.
+    assert_eq!(server.get_as("tok-auditor", "/v1/events?follow=false").status, 200);
+
+    // A subscription completed by the client gives its slot back at once.
+    send_json(&mut socket, json!({ "id": "1", "type": "complete" }));
+    let mut answered = None;
+    for _ in 0..100 {
+        let answer = server.get_as("tok-admin", "/v1/events?follow=false");
+        if answer.status == 200 {
+            answered = Some(answer);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(answered.is_some(), "a completed subscription's slot is free again");
+    // A feed whose client went away gives its slot back once the server notices (at its next
+    // record, at the latest).
+    drop(feed);
+    let _ = gql(&server, CREATE, json!({ "input": { "namespace": "s", "handler": "h" } }));
+    let _second_feed = open_feed("tok-admin");
+    let mut freed = false;
+    for _ in 0..250 {
+        if server.get_as("tok-admin", "/v1/events?follow=false").status == 200 {
+            freed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(freed, "the dropped feed's slot is free again");
+}
