@@ -12,7 +12,7 @@
 //! (`{"Authorization": "Bearer …"}`) for WebSocket subscriptions.
 
 use async_graphql::http::GraphiQLSource;
-use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
+use async_graphql::parser::types::{DocumentOperations, ExecutableDocument, Selection, SelectionSet};
 use async_graphql::{Context, ErrorExtensions, Object, Schema, SimpleObject, Subscription};
 use async_graphql_axum::GraphQLResponse;
 use axum::extract::{FromRequest, State};
@@ -901,6 +901,46 @@ pub fn single_root_field(document: &ExecutableDocument) -> Result<(), (&'static 
     Ok(())
 }
 
+/// Every variable of a non-null type without a default is given a value that is not null (the
+/// GraphQL specification's CoerceVariableValues, a request error): async-graphql ran the
+/// operation anyway and answered each field that read the variable with "Variable id is not
+/// defined." at that field, a 200 with a misleading message. The operation that runs is the one
+/// `operation_name` names, or the document's only one (any other case async-graphql refuses).
+pub fn required_variables(
+    document: &ExecutableDocument,
+    operation_name: Option<&str>,
+    variables: &async_graphql::Variables,
+) -> Result<(), (&'static str, String)> {
+    let operation = match (&document.operations, operation_name) {
+        (DocumentOperations::Single(operation), _) => operation,
+        (DocumentOperations::Multiple(operations), Some(name)) => match operations.get(name) {
+            Some(operation) => operation,
+            None => return Ok(()),
+        },
+        (DocumentOperations::Multiple(operations), None) if operations.len() == 1 => {
+            operations.values().next().expect("one operation")
+        }
+        (DocumentOperations::Multiple(_), None) => return Ok(()),
+    };
+    for definition in &operation.node.variable_definitions {
+        let definition = &definition.node;
+        if definition.var_type.node.nullable {
+            continue;
+        }
+        let (name, ty) = (&definition.name.node, &definition.var_type.node);
+        match variables.get(name) {
+            None if definition.default_value.is_none() => {
+                return Err(("invalid_query", format!("variable ${name} of required type {ty} was not provided")));
+            }
+            Some(async_graphql::Value::Null) => {
+                return Err(("invalid_query", format!("variable ${name} of required type {ty} may not be null")));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// The checks made on a document's text before anything parses it: brackets nested deeper
 /// than [`NESTING_MAX`] (`query_too_deep`), more than [`TOKENS_MAX`] tokens
 /// (`query_too_large`), and an input object literal naming a field twice (`invalid_query`).
@@ -1026,6 +1066,30 @@ impl async_graphql::extensions::ExtensionFactory for DocumentLimits {
 
 #[async_graphql::async_trait::async_trait]
 impl async_graphql::extensions::Extension for DocumentLimits {
+    /// The checks on the document, before async-graphql parses it: its parse step also checks
+    /// the recursion depth, which expands fragment spreads too. The document parsed here is the
+    /// one async-graphql then runs; one that does not parse is left to its parse to report.
+    async fn prepare_request(
+        &self,
+        ctx: &async_graphql::extensions::ExtensionContext<'_>,
+        mut request: async_graphql::Request,
+        next: async_graphql::extensions::NextPrepareRequest<'_>,
+    ) -> async_graphql::ServerResult<async_graphql::Request> {
+        let refused = |(code, message): (&'static str, String)| {
+            let mut error = async_graphql::ServerError::new(message, None);
+            error.extensions.get_or_insert_with(Default::default).set("code", code);
+            error
+        };
+        lexical_checks(&request.query).map_err(refused)?;
+        if let Ok(document) = async_graphql::parser::parse_query(&request.query) {
+            document_limits(&document).map_err(refused)?;
+            single_root_field(&document).map_err(refused)?;
+            required_variables(&document, request.operation_name.as_deref(), &request.variables).map_err(refused)?;
+            request.set_parsed_query(document);
+        }
+        next.run(ctx, request).await
+    }
+
     async fn parse_query(
         &self,
         ctx: &async_graphql::extensions::ExtensionContext<'_>,
@@ -1033,19 +1097,6 @@ impl async_graphql::extensions::Extension for DocumentLimits {
         variables: &async_graphql::Variables,
         next: async_graphql::extensions::NextParseQuery<'_>,
     ) -> async_graphql::ServerResult<ExecutableDocument> {
-        // Checked on a parse of our own, before `next`: async-graphql's parse step also checks the
-        // recursion depth, which expands fragment spreads too. A document that does not parse is
-        // left to `next` to report.
-        let refused = |(code, message): (&'static str, String)| {
-            let mut error = async_graphql::ServerError::new(message, None);
-            error.extensions.get_or_insert_with(Default::default).set("code", code);
-            error
-        };
-        lexical_checks(query).map_err(refused)?;
-        if let Ok(document) = async_graphql::parser::parse_query(query) {
-            document_limits(&document).map_err(refused)?;
-            single_root_field(&document).map_err(refused)?;
-        }
         next.run(ctx, query, variables).await.map_err(with_code)
     }
 

@@ -1016,3 +1016,33 @@ fn a_token_holds_at_most_its_streams_and_the_next_waits_until_one_ends() {
     }
     assert!(freed, "the dropped feed's slot is free again");
 }
+
+/// A required variable left out (or given null) is a request error, refused before anything
+/// runs, over POST and the WebSocket alike: async-graphql ran the operation and answered each
+/// field that read it with "Variable id is not defined." (a 200, and a misleading message).
+#[test]
+fn a_required_variable_left_out_is_refused_before_anything_runs() {
+    let server = Server::start();
+    let head = server.head_seq();
+    let create = r#"mutation($ns: String!) { createTask(input: { namespace: $ns, handler: "h" }) { taskId } }"#;
+    for variables in [json!({}), json!({ "ns": null })] {
+        let answer = server.post("/graphql", json!({ "query": create, "variables": variables }));
+        assert_eq!(
+            (answer.status, answer.body["errors"][0]["extensions"]["code"].clone()),
+            (400, json!("invalid_query"))
+        );
+        let message = answer.body["errors"][0]["message"].as_str().unwrap();
+        assert!(message.starts_with("variable $ns of required type String! "), "{message}");
+    }
+    assert_eq!(server.head_seq(), head, "nothing ran");
+    // A default, or another operation of the document, needs nothing.
+    let defaulted = gql(&server, r#"query($first: Int! = 5) { tasks(first: $first) { items { taskId } } }"#, json!({}));
+    assert!(defaulted.get("errors").is_none(), "{defaulted}");
+    let other = server.post(
+        "/graphql",
+        json!({ "query": "query A($id: String!) { task(id: $id) { state } } query B { ledger { headSeq } }", "operationName": "B" }),
+    );
+    assert_eq!(other.status, 200, "{other:?}");
+    let mut socket = subscribe(&server, "subscription($id: String!) { task(id: $id) { state } }", json!({}));
+    assert_eq!(first_error_code(&mut socket), "invalid_query");
+}
