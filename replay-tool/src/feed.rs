@@ -6,7 +6,8 @@
 //! recomputed from it when payload JSON text was stored in canonical form.
 //!
 //! Most subcommands need the whole log (they fold it from seq 1); `events`
-//! asks only for the window it shows ([`FeedWindow`]). The body is parsed line
+//! asks only for the window it shows ([`FeedWindow`]), and `incident --task`
+//! only for the head and the task's history ([`head_only`]). The body is parsed line
 //! by line as it arrives: it was read whole into one string first, and with
 //! the records that made about three times the log's size in memory (found by
 //! a black-box check: `events --from … --limit 10` on a 546 MB log took
@@ -74,6 +75,22 @@ pub fn fetch(base: &str, token: &str, window: FeedWindow) -> Result<Source> {
     }
     let window_head = if window == FeedWindow::ALL { None } else { head };
     Ok(Source::Feed { origin: base.to_owned(), token: token.to_owned(), first: from_seq, records, window_head })
+}
+
+/// A server's log as its head alone (`GET /v1/ledger`), for a report on one task: its records
+/// are then read from the task's history ([`task_history`]), not from the whole feed.
+pub fn head_only(base: &str, token: &str) -> Result<Source> {
+    let url = format!("{}/v1/ledger", base.trim_end_matches('/'));
+    let mut response = get(&url, token, "application/json").with_context(|| format!("read the head at {url}"))?;
+    let ledger: Value = response.body_mut().read_json().context("parse the ledger's head")?;
+    let head = ledger["head_seq"].as_u64().ok_or_else(|| anyhow!("{url} answered without a head_seq"))?;
+    Ok(Source::Feed {
+        origin: base.to_owned(),
+        token: token.to_owned(),
+        first: head + 1,
+        records: Vec::new(),
+        window_head: Some(head),
+    })
 }
 
 /// Records per page of a task's history (the server's most).

@@ -53,6 +53,15 @@ pub struct IncidentArgs {
     out: Option<PathBuf>,
 }
 
+impl IncidentArgs {
+    /// A report on one task between seqs (or over its whole life): it needs the task's records
+    /// and the log's head, not the whole log (a time point is looked up in the whole log).
+    pub fn reads_one_task_by_seq(&self) -> bool {
+        let by_seq = |point: Option<Point>| !matches!(point, Some(Point::Time(_)));
+        self.task.is_some() && by_seq(self.from) && by_seq(self.to)
+    }
+}
+
 /// One event on the timeline.
 #[derive(Serialize, Clone)]
 struct Entry {

@@ -92,17 +92,32 @@ impl Input {
 
     /// [`Input::open`], reading only `window` of a server's feed (a file is opened whole).
     fn open_window(&self, window: feed::FeedWindow) -> Result<Source> {
-        if let Some(url) = &self.server {
-            if self.file.data.is_some() || self.file.log.is_some() {
-                return Err(source::usage("give one input: --server, --data or --log"));
-            }
-            if self.file.accept_journal_loss {
-                return Err(source::usage("--accept-journal-loss is for a log file (--data or --log), not --server"));
-            }
-            let token = self.token.as_deref().ok_or_else(|| source::usage("--server needs --token"))?;
-            return feed::fetch(url, token, window);
+        match self.server()? {
+            Some((url, token)) => feed::fetch(url, token, window),
+            None => self.file.open(),
         }
-        self.file.open()
+    }
+
+    /// [`Input::open`], reading only the head of a server's log: a report on one task reads the
+    /// task's history from the server (a file is opened whole).
+    fn open_head_only(&self) -> Result<Source> {
+        match self.server()? {
+            Some((url, token)) => feed::head_only(url, token),
+            None => self.file.open(),
+        }
+    }
+
+    /// `--server` and its token, when the input is a server.
+    fn server(&self) -> Result<Option<(&str, &str)>> {
+        let Some(url) = &self.server else { return Ok(None) };
+        if self.file.data.is_some() || self.file.log.is_some() {
+            return Err(source::usage("give one input: --server, --data or --log"));
+        }
+        if self.file.accept_journal_loss {
+            return Err(source::usage("--accept-journal-loss is for a log file (--data or --log), not --server"));
+        }
+        let token = self.token.as_deref().ok_or_else(|| source::usage("--server needs --token"))?;
+        Ok(Some((url, token)))
     }
 }
 
@@ -211,7 +226,10 @@ fn run(cli: Cli) -> Result<Outcome> {
             state::run(&input.open()?, as_of, task.as_deref(), tasks, json)
         }
         Command::Diff { input, from, to, json } => diff::run(&input.open()?, from, to, json),
-        Command::Incident(args) => incident::run(&args.input.open()?, &args),
+        Command::Incident(args) => {
+            let source = if args.reads_one_task_by_seq() { args.input.open_head_only()? } else { args.input.open()? };
+            incident::run(&source, &args)
+        }
         Command::ExportAudit(args) => audit::export(&args.input.open()?, &args),
         Command::VerifyExport(args) => audit::verify_export(&args),
         Command::Keygen { out } => audit::keygen(&out),

@@ -82,7 +82,7 @@ fn every_read_works_on_a_server_feed_as_on_the_file() {
     let runs: [&[&str]; 4] = [
         &["events"],
         &["state", "--as-of", "12", "--json"],
-        &["incident", "--task", "018bcfe5-6803-7001-9aa6-6d2c7ddf743f", "--format", "json"],
+        &["incident", "--task", "018bcfe5-6803-7001-9aa6-6d2c7ddf743f", "--from", "2026-11-23T14:00:00Z"],
         &["diff", "--from", "3", "--to", "20", "--json"],
     ];
     let (url, server) = serve(feed, runs.len() + 2, Some(23));
@@ -143,6 +143,47 @@ fn the_commands_that_need_the_file_do_not_offer_a_server() {
         assert_eq!(refused.status.code(), Some(2), "{command}");
     }
     assert!(replay_ok(&["info", "--help"]).contains("--server"));
+}
+
+/// `incident --task` between seqs reads the log's head and the task's history, not the whole
+/// feed (on a large log the feed took gigabytes of memory for one task's report); with a time
+/// point it reads the whole feed, as above.
+#[test]
+fn incident_of_a_task_reads_only_its_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let feed = story_feed(dir.path());
+    let data = path(dir.path());
+    let task = "018bcfe5-6803-7001-9aa6-6d2c7ddf743f";
+    let history = {
+        let stream = format!("\"stream\":\"task:{task}\"");
+        let lines: Vec<&str> = feed.lines().filter(|line| line.contains(&stream)).collect();
+        format!("[{}]", lines.join(","))
+    };
+    let answer = move |request: &str| {
+        if request.starts_with("GET /v1/ledger ") {
+            r#"{"head_seq": 23, "head_hash": "00"}"#.to_owned()
+        } else if request.starts_with(&format!("GET /v1/tasks/{task}/history?from_version=1&limit=10000 ")) {
+            history.clone()
+        } else {
+            format!("unexpected request {request}")
+        }
+    };
+    let runs: [&[&str]; 3] = [
+        &["incident", "--task", task, "--format", "json"],
+        &["incident", "--task", task],
+        &["incident", "--task", task, "--from", "8", "--to", "18", "--format", "html"],
+    ];
+    // Each run: the head, then the history (the last run twice: its window starts after the
+    // task's creation, which names its steps).
+    let (url, server) = serve_by_request(answer, 7, None);
+    for args in runs {
+        let from_file = replay_ok(&[args, &["--data", data]].concat());
+        let from_feed = replay_ok(&[args, &["--server", &url, "--token", TOKEN]].concat());
+        assert_eq!(from_feed.replace(&url, data), from_file.replace(&format!("{data}/ledger.redb"), data), "{args:?}");
+    }
+    let requests = server.join().unwrap();
+    assert!(!requests.iter().any(|r| r.contains("/v1/events")), "{requests:?}");
+    assert_eq!(requests.iter().filter(|r| r.contains("/v1/ledger")).count(), 3, "{requests:?}");
 }
 
 /// `events` reads only the window it shows: from `--from` (a seq), and no more than `--limit`
