@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(Box::new(bytes))
     };
     let earlier = earlier.map(|bytes| (Path::new("earlier-checkpoint.json"), bytes));
-    if let Ok(findings) = verify_bundle(Path::new("bundle"), &open, None, earlier) {
+    if let Ok(findings) = verify_bundle(Path::new("bundle"), &open, None, None, earlier) {
         assert_eq!(findings.clean, findings.problems_total == 0);
         assert!(findings.problems.len() <= findings.problems_total);
     }

@@ -596,8 +596,13 @@ pub fn verify_export(args: &VerifyExportArgs) -> Result<Outcome> {
         None => None,
     };
     let open = |name: &str, limit: u64| open_bounded(&dir.join(name), limit);
-    let findings =
-        verify_bundle(dir, &open, trusted.as_deref(), earlier.as_ref().map(|(path, bytes)| (*path, bytes.as_slice())))?;
+    let present: Vec<String> = fs::read_dir(dir)
+        .with_context(|| format!("list the bundle {}", dir.display()))?
+        .map(|entry| entry.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("list the bundle {}", dir.display()))?;
+    let earlier = earlier.as_ref().map(|(path, bytes)| (*path, bytes.as_slice()));
+    let findings = verify_bundle(dir, &open, Some(&present), trusted.as_deref(), earlier)?;
     if args.json {
         println!("{}", serde_json::to_string(&findings)?);
     } else {
@@ -608,10 +613,14 @@ pub fn verify_export(args: &VerifyExportArgs) -> Result<Outcome> {
             "  range      seq {}..{} ({} records checked)",
             findings.first_seq, findings.last_seq, findings.records_checked
         )?;
+        let data: Vec<String> = findings.data_files.iter().map(|name| printable(name)).collect();
+        writeln!(out, "  data       {}", if data.is_empty() { "-".to_owned() } else { data.join(", ") })?;
         let signer = if findings.key_trusted && args.pubkey.is_some() {
             "the key you trust"
         } else if findings.key_trusted {
             "the key that signed your earlier checkpoint"
+        } else if args.pubkey.is_some() || args.checkpoint.is_some() {
+            "NOT the key you trust"
         } else {
             "the key in the bundle: pass --pubkey to check who signed"
         };

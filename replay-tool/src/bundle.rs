@@ -116,6 +116,8 @@ pub struct Findings {
     pub bundle: String,
     pub first_seq: u64,
     pub last_seq: u64,
+    /// The data files the signed manifest names, which were checked.
+    pub data_files: Vec<String>,
     pub records_checked: u64,
     pub signed_by: String,
     pub key_trusted: bool,
@@ -123,6 +125,10 @@ pub struct Findings {
     pub problems: Vec<String>,
     pub problems_total: usize,
     pub clean: bool,
+    /// How many of `problems` lead the list: those about the whole bundle (a digest, the record
+    /// count, the chain's end), which explain the row problems after them.
+    #[serde(skip)]
+    headlines: usize,
 }
 
 impl Findings {
@@ -131,6 +137,16 @@ impl Findings {
         if self.problems.len() < PROBLEMS_SHOWN_MAX {
             self.problems.push(message.into());
         }
+    }
+
+    /// A problem about the whole bundle, shown before the rows' (one row inserted near the start
+    /// of a large bundle shifted every row after it: a million row problems hid the digest and
+    /// count that explain them, found by a black-box check).
+    fn headline(&mut self, message: impl Into<String>) {
+        self.problems_total += 1;
+        self.problems.insert(self.headlines, message.into());
+        self.headlines += 1;
+        self.problems.truncate(PROBLEMS_SHOWN_MAX);
     }
 }
 
@@ -414,11 +430,12 @@ fn data_file_limit(file: &FileEntry) -> u64 {
 /// whatever their size (a 2 GB file, or a link to `/dev/zero`, took gigabytes: found by a
 /// black-box check).
 pub fn open_bounded(path: &Path, limit: u64) -> std::io::Result<Box<dyn Read>> {
-    // Looked at before it is opened: opening a FIFO would wait for a writer forever.
+    // Looked at before it is opened: opening a FIFO would wait for a writer forever. A symbolic
+    // link is not followed: the bundle's file is the one in the bundle.
     let regular = |metadata: &std::fs::Metadata| {
         if metadata.is_file() { Ok(()) } else { Err(std::io::Error::other("not a regular file")) }
     };
-    regular(&std::fs::metadata(path)?)?;
+    regular(&std::fs::symlink_metadata(path)?)?;
     let file = std::fs::File::open(path)?;
     let metadata = file.metadata()?;
     regular(&metadata)?;
@@ -457,16 +474,36 @@ fn read_small(open: Open<'_>, name: &str, limit: u64) -> std::io::Result<Vec<u8>
 pub fn verify_bundle(
     dir: &Path,
     open: Open<'_>,
+    present: Option<&[String]>,
     trusted: Option<&str>,
     earlier: Option<(&Path, &[u8])>,
 ) -> Result<Findings> {
     let mut findings = Findings { bundle: dir.display().to_string(), ..Findings::default() };
-    let load = |name: &str| {
+    // A manifest or checkpoint missing or unreadable is the bundle's problem (exit status 1),
+    // not the tool's: nothing further can be checked without them.
+    let load = |name: &str| -> Result<Vec<u8>> {
         read_small(open, name, MANIFEST_BYTES_MAX).with_context(|| format!("read {}", dir.join(name).display()))
     };
-    let manifest_bytes = load(MANIFEST_FILE)?;
-    let manifest: Manifest = parse_json(&manifest_bytes, &dir.join(MANIFEST_FILE))?;
-    let checkpoint: Checkpoint = parse_json(&load(CHECKPOINT_FILE)?, &dir.join(CHECKPOINT_FILE))?;
+    let signed = load(MANIFEST_FILE).and_then(|manifest_bytes| {
+        let manifest: Manifest = parse_json(&manifest_bytes, &dir.join(MANIFEST_FILE))?;
+        let checkpoint: Checkpoint = parse_json(&load(CHECKPOINT_FILE)?, &dir.join(CHECKPOINT_FILE))?;
+        Ok((manifest_bytes, manifest, checkpoint))
+    });
+    let (manifest_bytes, manifest, checkpoint) = match signed {
+        Ok(signed) => signed,
+        Err(e) => {
+            findings.problem(format!("{e:#}"));
+            return Ok(findings);
+        }
+    };
+    findings.data_files = manifest.files.iter().map(|file| file.name.clone()).collect();
+    // A file the signed manifest does not name was added after signing: a reader could take a
+    // forged `events.jsonl` beside a signed `events.csv` for the bundle's data.
+    for name in present.into_iter().flatten() {
+        if name != MANIFEST_FILE && name != CHECKPOINT_FILE && !findings.data_files.contains(name) {
+            findings.headline(format!("{name} is in the bundle but not in its signed manifest (added after signing)"));
+        }
+    }
     let earlier = match earlier {
         Some((path, bytes)) => Some((path, parse_json::<Checkpoint>(bytes, path)?)),
         None => None,
@@ -547,7 +584,7 @@ pub fn verify_bundle(
             Ok((bytes, _)) if bytes > limit => {
                 findings.problem(format!("{}: cannot be read ({})", file.name, bounded(bytes, limit).unwrap_err()));
             }
-            Ok((bytes, sha256)) if bytes != file.bytes || sha256 != file.sha256 => findings.problem(format!(
+            Ok((bytes, sha256)) if bytes != file.bytes || sha256 != file.sha256 => findings.headline(format!(
                 "{}: its SHA-256 or size differs from the manifest (the file was modified)",
                 file.name
             )),
@@ -556,13 +593,13 @@ pub fn verify_bundle(
         }
     }
     if findings.records_checked != checkpoint.records {
-        findings.problem(format!(
+        findings.headline(format!(
             "the bundle holds {} records, the checkpoint signed {} (records were deleted, inserted or truncated)",
             findings.records_checked, checkpoint.records
         ));
     }
     if hex(&prev) != checkpoint.last_hash {
-        findings.problem("the chain does not end at the signed last hash (truncated or rewritten)");
+        findings.headline("the chain does not end at the signed last hash (truncated or rewritten)");
     }
 
     // 3. Does it extend the checkpoint the auditor kept?

@@ -178,6 +178,44 @@ fn an_edited_manifest_or_checkpoint_is_detected() {
     assert!(out.contains("the signature does not verify"), "{out}");
 }
 
+/// A file the signed manifest does not name is reported (a forged `events.jsonl` beside a signed
+/// `events.csv` passed as intact, and a reader would take it for the data: found by a black-box
+/// check), the report names the data file it checked, a data file that is a symbolic link is not
+/// followed, and a bundle without its manifest or checkpoint fails (exit 1), not the tool (3).
+#[test]
+fn files_the_manifest_does_not_name_and_missing_signed_files_are_problems() {
+    let f = fixture();
+    let original = f.export("csv", &["--format", "csv"]);
+    let (code, out) = f.check(&original, &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("data       events.csv\n"), "{out}");
+
+    let bundle = f.root.join("forged");
+    copy_bundle(&original, &bundle);
+    fs::write(bundle.join("events.jsonl"), "{\"seq\":1,\"actor\":\"token:nobody\"}\n").unwrap();
+    let (code, out) = f.check(&bundle, &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("events.jsonl is in the bundle but not in its signed manifest"), "{out}");
+
+    let bundle = f.root.join("linked");
+    copy_bundle(&original, &bundle);
+    fs::rename(bundle.join("events.csv"), bundle.join("real.csv")).unwrap();
+    std::os::unix::fs::symlink("real.csv", bundle.join("events.csv")).unwrap();
+    let (code, out) = f.check(&bundle, &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("events.csv: cannot be read (not a regular file)"), "{out}");
+
+    for missing in ["manifest.json", "checkpoint.json"] {
+        let bundle = f.root.join(format!("without-{missing}"));
+        copy_bundle(&original, &bundle);
+        fs::remove_file(bundle.join(missing)).unwrap();
+        let (code, out) = f.check(&bundle, &[]);
+        assert_eq!(code, Some(1), "{missing}: {out}");
+        assert!(out.contains(&format!("read {}", bundle.join(missing).display())), "{missing}: {out}");
+        assert!(out.contains("result: the bundle FAILED verification"), "{missing}: {out}");
+    }
+}
+
 #[test]
 fn a_bundle_signed_with_another_key_is_refused() {
     let f = fixture();
@@ -187,6 +225,7 @@ fn a_bundle_signed_with_another_key_is_refused() {
     let (code, out) = f.check(&bundle, &[]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("not by the key you trust"), "{out}");
+    assert!(out.contains("(NOT the key you trust)"), "{out}");
     // Its own key says it is intact: the signature proves integrity, --pubkey proves who.
     assert_eq!(replay(&["verify-export", path(&bundle)]).status.code(), Some(0));
 }
