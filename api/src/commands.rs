@@ -675,8 +675,25 @@ fn visible_task_range(
         state.writer.reader().read_stream(&key, from, max).map_err(|e| ApiError::internal(e.to_string()))
     };
     let decode = |record: &StoredRecord| decode_event(record).map_err(|e| ApiError::internal(e.to_string()));
+    // The task's namespace is in its first record, read and checked before anything else: a task
+    // outside the caller's scope is answered as fast as one that never existed (reading a page
+    // first made its 404 slower the longer its history). `as_of` before the task's creation is
+    // a task not created yet.
+    let first = read(1, 1)?.into_iter().next().filter(|record| as_of.is_none_or(|a| a.includes(record)));
+    let first = first.map(|record| decode(&record).map(|event| (record, event))).transpose()?;
+    let visible = match &first {
+        Some((_, Event::TaskCreated { spec, .. })) => who.may_see(&spec.namespace),
+        _ => false,
+    };
+    let Some(first) = first.filter(|_| visible) else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "task_not_found", format!("no task {task}")).with_field("id"));
+    };
     let mut records = Vec::new();
     let mut from = from_version.max(1);
+    if from == 1 && max > 0 {
+        records.push(first);
+        from = 2;
+    }
     'pages: while records.len() < max {
         let page = read(from, STREAM_PAGE_RECORDS.min(max - records.len()))?;
         let full = page.len() == STREAM_PAGE_RECORDS.min(max - records.len());
@@ -692,21 +709,7 @@ fn visible_task_range(
             break;
         }
     }
-    // The task's namespace is in its first record, which a later page must read on its own (a
-    // first page without it is a task unknown, or not yet created `as_of`).
-    let namespace_of = |event: &Event| match event {
-        Event::TaskCreated { spec, .. } => Some(spec.namespace.clone()),
-        _ => None,
-    };
-    let namespace = if from_version <= 1 {
-        records.first().and_then(|(_, event)| namespace_of(event))
-    } else {
-        read(1, 1)?.first().map(decode).transpose()?.as_ref().and_then(namespace_of)
-    };
-    match namespace {
-        Some(ns) if who.may_see(&ns) => Ok(records),
-        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "task_not_found", format!("no task {task}")).with_field("id")),
-    }
+    Ok(records)
 }
 
 /// A task as it is (or was, `as_of`), folded through the domain from its own events.
@@ -764,6 +767,8 @@ pub const HISTORY_PAGE_DEFAULT: usize = 1_000;
 
 /// One page of a task's history: its records from a stream version on, in order.
 pub struct HistoryPage {
+    /// The task, as its id is written canonically (for a link to the next page).
+    pub task: TaskId,
     pub records: Vec<RecordBody>,
     /// Where the next page starts; `None` when this page reached the task's last record.
     pub next_from_version: Option<u64>,
@@ -787,5 +792,5 @@ pub fn task_history(
     let more = records.len() > limit;
     records.truncate(limit);
     let next_from_version = records.last().filter(|_| more).map(|(record, _)| record.stream_version + 1);
-    Ok(HistoryPage { records: records.iter().map(|(r, e)| record_body(r, e)).collect(), next_from_version })
+    Ok(HistoryPage { task, records: records.iter().map(|(r, e)| record_body(r, e)).collect(), next_from_version })
 }

@@ -658,9 +658,10 @@ impl SubscriptionRoot {
     ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<TaskBody>>> {
         let who = who(ctx)?.clone();
         let state = state(ctx).clone();
+        // Before the fold, which reads the task's whole history: a refusal costs nothing.
+        let slot = state.streams.take(&who.name)?;
         commands::wait_log_readable(&state, None).await?;
         let (mut fold, current) = commands::TaskFold::start(&state, &who, &id, None)?;
-        let slot = state.streams.take(&who.name)?;
         let key = StreamId::Task(commands::parse_task(&id)?).to_key();
         let subscription =
             LogSubscription::new(state.writer.reader().clone(), state.writer.feed().clone(), current.last_seq + 1);
@@ -912,7 +913,9 @@ pub fn required_variables(
     variables: &async_graphql::Variables,
 ) -> Result<(), (&'static str, String)> {
     let operation = match (&document.operations, operation_name) {
-        (DocumentOperations::Single(operation), _) => operation,
+        (DocumentOperations::Single(operation), None) => operation,
+        // A name the document's one anonymous operation does not have: async-graphql says so.
+        (DocumentOperations::Single(_), Some(_)) => return Ok(()),
         (DocumentOperations::Multiple(operations), Some(name)) => match operations.get(name) {
             Some(operation) => operation,
             None => return Ok(()),

@@ -436,8 +436,9 @@ async fn task_history(
     let page = commands::task_history(&state, &who, &id, query.from_version, limit)?;
     let mut response = AxumJson(&page.records).into_response();
     if let Some(next) = page.next_from_version {
-        let link = format!("</v1/tasks/{id}/history?from_version={next}&limit={}>; rel=\"next\"", page.records.len());
-        // The id parsed as a UUID, so the link is a valid header value.
+        let link =
+            format!("</v1/tasks/{}/history?from_version={next}&limit={}>; rel=\"next\"", page.task, page.records.len());
+        // The id as the log writes it (the request's may be braced or uppercase): a valid URI.
         if let Ok(value) = axum::http::HeaderValue::from_str(&link) {
             response.headers_mut().insert(axum::http::header::LINK, value);
         }

@@ -255,6 +255,20 @@ async fn healthz(State(state): State<AppState>) -> Response {
     axum::Json(serde_json::json!({ "status": "ok", "writer": writer })).into_response()
 }
 
+/// How long an accepted connection may be idle before TCP asks whether its peer is still there,
+/// and how often it asks again (Linux gives up after 9 unanswered probes: about 2.5 minutes).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// TCP keepalive on an accepted connection: a client that vanishes without closing (a laptop
+/// asleep, a NAT mapping dropped) sends no FIN or RST, and a connection nothing is written to
+/// (a WebSocket whose subscriptions are quiet) stayed open forever, holding its connection slot
+/// and its token's stream slots (found by review). The probes end it.
+fn keep_alive(stream: &TcpStream) -> std::io::Result<()> {
+    let keepalive = socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE).with_interval(KEEPALIVE_INTERVAL);
+    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+}
+
 /// Readiness: the log is open, the writer accepts writes, no other process holds the
 /// projections database's lock, and projections are within `ready_max_lag` events of the head.
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -652,6 +666,7 @@ async fn serve_connections(
         // a feed's records are separate writes, and Nagle's algorithm held each second one for the
         // client's delayed ACK, ~40 ms (found by a client-library check).
         let _ = stream.set_nodelay(true);
+        let _ = keep_alive(&stream);
         let io = TokioIo::new(SlotStream { stream, _slot: slot });
         let connection = http.serve_connection(io, TowerToHyperService::new(app.clone())).with_upgrades();
         let mut stop = stop_rx.clone();
@@ -894,6 +909,20 @@ mod tests {
         for id in ["", "has space", "q\"uote", "x=1}", "brace{", &"x".repeat(REQUEST_ID_BYTES_MAX + 1), "é"] {
             assert!(!plain_request_id(id), "{id}");
         }
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_probe_a_silent_peer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let socket = socket2::SockRef::from(&accepted);
+        assert!(!socket.keepalive().unwrap(), "off until set");
+        keep_alive(&accepted).unwrap();
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        drop(client);
     }
 
     #[tokio::test]

@@ -737,6 +737,16 @@ impl Projections {
             }
             stored.push((kind, checkpoint));
         }
+        for (kind, stored) in &stored {
+            // A fresh store's tables exist before anything serves them: installed by each live
+            // runner as it loaded, a view read in the first milliseconds after a start on a new
+            // data dir answered 503 "a projection table is missing ... rebuild its projector"
+            // (found by a test that queried right after the start).
+            if stored.is_none() {
+                projections.inner.config.fence.check()?;
+                checkpoint::install(&projections.inner.store, *kind, Slot::Live, "", 1, Indexes::Now).await?;
+            }
+        }
         for (kind, stored) in stored {
             // A rebuild a stop or a crash interrupted goes on where its shadow tables stand (it
             // was left until someone asked again, and the status did not show it: found by a

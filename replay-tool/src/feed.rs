@@ -96,8 +96,9 @@ pub fn head_only(base: &str, token: &str) -> Result<Source> {
 /// Records per page of a task's history (the server's most).
 const HISTORY_PAGE: usize = 10_000;
 
-/// A task's records, read from the server (`GET /v1/tasks/{id}/history`, a page at a time): for a
-/// task first met inside a window of the feed, whose start (its name and steps) lies before it.
+/// A task's records, read from the server (`GET /v1/tasks/{id}/history`, a page at a time, for
+/// as long as the server's `Link` header names a next page): for a task first met inside a
+/// window of the feed, whose start (its name and steps) lies before it.
 pub fn task_history(base: &str, token: &str, task: domain::TaskId) -> Result<Vec<StoredRecord>> {
     let mut records = Vec::new();
     loop {
@@ -106,13 +107,13 @@ pub fn task_history(base: &str, token: &str, task: domain::TaskId) -> Result<Vec
             format!("{}/v1/tasks/{task}/history?from_version={from}&limit={HISTORY_PAGE}", base.trim_end_matches('/'));
         let mut response =
             get(&url, token, "application/json").with_context(|| format!("read task {task}'s history at {url}"))?;
+        let more = response.headers().contains_key("link");
         let page: Vec<Value> =
             response.body_mut().with_config().limit(u64::MAX).read_json().context("parse the task's history")?;
-        let full = page.len() == HISTORY_PAGE;
         for record in &page {
             records.push(record_from_json(record)?);
         }
-        if !full {
+        if !more || page.is_empty() {
             return Ok(records);
         }
     }

@@ -209,9 +209,31 @@ pub(crate) fn category(event: &Event) -> &'static str {
     }
 }
 
-fn short(task: &TaskId) -> String {
-    let text = task.to_string();
-    text[text.len() - 12..].to_owned()
+/// How a report names each task in its lanes: the last 12 hex digits of its id, unless an
+/// earlier task of the report has the same (task ids are chosen by clients, so two may share
+/// them, and their lanes were merged into one: a claim of each looked like a double lease,
+/// found by a black-box check); that task is named by its whole id.
+#[derive(Default)]
+struct TaskLabels {
+    by_task: HashMap<TaskId, String>,
+    taken: HashMap<String, TaskId>,
+}
+
+impl TaskLabels {
+    fn label(&mut self, task: TaskId) -> &str {
+        let Self { by_task, taken } = self;
+        by_task.entry(task).or_insert_with(|| {
+            let text = task.to_string();
+            let short = text[text.len() - 12..].to_owned();
+            match taken.get(&short) {
+                Some(other) if *other != task => text,
+                _ => {
+                    taken.insert(short.clone(), task);
+                    short
+                }
+            }
+        })
+    }
 }
 
 /// The (task, step index, epoch) of a lease an event concerns.
@@ -355,6 +377,7 @@ fn build(
     let mut events: Vec<Entry> = Vec::new();
     let mut open_claims: BTreeMap<(TaskId, u16, u32), usize> = BTreeMap::new();
     let mut workers: Vec<String> = Vec::new();
+    let mut labels = TaskLabels::default();
     for (record, event) in picked {
         book.learn(event);
         let step = match (event.task(), event_step(event)) {
@@ -362,8 +385,8 @@ fn build(
             _ => None,
         };
         let lane = match (event.task(), &step) {
-            (Some(task), Some(step)) => format!("{}/{step}", short(&task)),
-            (Some(task), None) => format!("{} (task)", short(&task)),
+            (Some(task), Some(step)) => format!("{}/{step}", labels.label(task)),
+            (Some(task), None) => format!("{} (task)", labels.label(task)),
             (None, _) => event.stream().to_string(),
         };
         let lane_index = *lane_indexes.entry(lane.clone()).or_insert_with(|| {
@@ -742,6 +765,20 @@ fn claimed_by(source: &Source, worker: &str) -> Result<bool> {
 
 #[cfg(test)]
 mod tests {
+    use domain::TaskId;
+
+    #[test]
+    fn tasks_that_share_their_last_digits_get_lanes_of_their_own() {
+        let a = TaskId::parse("01a24810-0000-7000-8000-bbbbbbbbbbbb").unwrap();
+        let b = TaskId::parse("01a24811-0000-7000-8000-bbbbbbbbbbbb").unwrap();
+        let c = TaskId::parse("01a24812-0000-7000-8000-cccccccccccc").unwrap();
+        let mut labels = super::TaskLabels::default();
+        assert_eq!(labels.label(a), "bbbbbbbbbbbb");
+        assert_eq!(labels.label(b), "01a24811-0000-7000-8000-bbbbbbbbbbbb");
+        assert_eq!(labels.label(c), "cccccccccccc");
+        assert_eq!(labels.label(a), "bbbbbbbbbbbb", "a task keeps its label");
+    }
+
     #[test]
     fn many_backoffs_are_summed_up_not_listed() {
         assert_eq!(super::backoff_summary(&[855]), "855 ms");

@@ -340,3 +340,20 @@ async fn a_task_created_with_a_repeated_tag_before_the_rule_projects_its_tags_on
     assert!(query::task(&store, uuid(2)).await.unwrap().is_some(), "the projector went on past it");
     projections.shutdown().await;
 }
+
+/// A fresh store's tables exist as soon as `start` returns: each live runner installed its own
+/// as it loaded, and a view read in the first milliseconds after a server's first start failed
+/// with "no such table" (503, "rebuild its projector").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_store_answers_every_view_as_soon_as_the_projectors_start() {
+    let log = TestLog::new();
+    let store = Store::open_sqlite(log.path().join("projections.sqlite")).await.unwrap();
+    let projections =
+        Projections::start(store.clone(), log.reader(), log.feed.clone(), RuntimeConfig::default()).await.unwrap();
+    let page = PageRequest::first(10);
+    assert!(query::tasks(&store, &TaskFilter::default(), &page).await.unwrap().items.is_empty());
+    assert!(query::audit_log(&store, &AuditFilter::default(), &page).await.unwrap().items.is_empty());
+    assert!(query::workers(&store, &page).await.unwrap().items.is_empty());
+    assert!(query::queue_settings(&store).await.unwrap().is_empty());
+    projections.shutdown().await;
+}

@@ -25,6 +25,16 @@ fn serve_by_request(
     requests: usize,
     head: Option<u64>,
 ) -> (String, std::thread::JoinHandle<Vec<String>>) {
+    serve_with_headers(move |request| (String::new(), body_for(request)), requests, head)
+}
+
+/// [`serve_by_request`], with header lines (each ending in CRLF) and the body chosen by the
+/// request line.
+fn serve_with_headers(
+    answer_for: impl Fn(&str) -> (String, String) + Send + 'static,
+    requests: usize,
+    head: Option<u64>,
+) -> (String, std::thread::JoinHandle<Vec<String>>) {
     let head = head.map(|seq| format!("x-taskledger-head-seq: {seq}\r\n")).unwrap_or_default();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -45,11 +55,11 @@ fn serve_by_request(
                 authorized |= line.trim().eq_ignore_ascii_case(&format!("authorization: Bearer {TOKEN}"));
             }
             seen.push(request_line.trim().to_owned());
-            let body = body_for(request_line.trim());
+            let (headers, body) = answer_for(request_line.trim());
             let (status, payload) = if authorized { ("200 OK", body.as_str()) } else { ("401 Unauthorized", "{}") };
             write!(
                 stream,
-                "HTTP/1.1 {status}\r\ncontent-type: application/x-ndjson\r\n{head}content-length: {}\r\nconnection: close\r\n\r\n{payload}",
+                "HTTP/1.1 {status}\r\ncontent-type: application/x-ndjson\r\n{head}{headers}content-length: {}\r\nconnection: close\r\n\r\n{payload}",
                 payload.len()
             )
             .unwrap();
@@ -147,25 +157,35 @@ fn the_commands_that_need_the_file_do_not_offer_a_server() {
 
 /// `incident --task` between seqs reads the log's head and the task's history, not the whole
 /// feed (on a large log the feed took gigabytes of memory for one task's report); with a time
-/// point it reads the whole feed, as above.
+/// point it reads the whole feed, as above. The history is read for as long as the server's
+/// `Link` header names a next page (here pages of 3, as a server or proxy with a lower cap would
+/// answer).
 #[test]
 fn incident_of_a_task_reads_only_its_history() {
     let dir = tempfile::tempdir().unwrap();
     let feed = story_feed(dir.path());
     let data = path(dir.path());
     let task = "018bcfe5-6803-7001-9aa6-6d2c7ddf743f";
-    let history = {
-        let stream = format!("\"stream\":\"task:{task}\"");
-        let lines: Vec<&str> = feed.lines().filter(|line| line.contains(&stream)).collect();
-        format!("[{}]", lines.join(","))
-    };
+    let stream = format!("\"stream\":\"task:{task}\"");
+    let history: Vec<String> = feed.lines().filter(|line| line.contains(&stream)).map(str::to_owned).collect();
+    assert_eq!(history.len(), 9);
     let answer = move |request: &str| {
+        let page_from = request
+            .strip_prefix(&format!("GET /v1/tasks/{task}/history?from_version="))
+            .and_then(|rest| rest.strip_suffix("&limit=10000 HTTP/1.1"))
+            .and_then(|from| from.parse::<usize>().ok());
         if request.starts_with("GET /v1/ledger ") {
-            r#"{"head_seq": 23, "head_hash": "00"}"#.to_owned()
-        } else if request.starts_with(&format!("GET /v1/tasks/{task}/history?from_version=1&limit=10000 ")) {
-            history.clone()
+            (String::new(), r#"{"head_seq": 23, "head_hash": "00"}"#.to_owned())
+        } else if let Some(from) = page_from {
+            let page = &history[from - 1..(from + 2).min(history.len())];
+            let link = if from + 2 < history.len() {
+                format!("link: </v1/tasks/{task}/history?from_version={}&limit=3>; rel=\"next\"\r\n", from + 3)
+            } else {
+                String::new()
+            };
+            (link, format!("[{}]", page.join(",")))
         } else {
-            format!("unexpected request {request}")
+            (String::new(), format!("unexpected request {request}"))
         }
     };
     let runs: [&[&str]; 3] = [
@@ -173,9 +193,9 @@ fn incident_of_a_task_reads_only_its_history() {
         &["incident", "--task", task],
         &["incident", "--task", task, "--from", "8", "--to", "18", "--format", "html"],
     ];
-    // Each run: the head, then the history (the last run twice: its window starts after the
-    // task's creation, which names its steps).
-    let (url, server) = serve_by_request(answer, 7, None);
+    // Each run: the head, then the history's three pages (the last run reads the history twice:
+    // its window starts after the task's creation, which names its steps).
+    let (url, server) = serve_with_headers(answer, 15, None);
     for args in runs {
         let from_file = replay_ok(&[args, &["--data", data]].concat());
         let from_feed = replay_ok(&[args, &["--server", &url, "--token", TOKEN]].concat());
@@ -184,6 +204,7 @@ fn incident_of_a_task_reads_only_its_history() {
     let requests = server.join().unwrap();
     assert!(!requests.iter().any(|r| r.contains("/v1/events")), "{requests:?}");
     assert_eq!(requests.iter().filter(|r| r.contains("/v1/ledger")).count(), 3, "{requests:?}");
+    assert_eq!(requests.iter().filter(|r| r.contains("from_version=7&")).count(), 4, "{requests:?}");
 }
 
 /// `events` reads only the window it shows: from `--from` (a seq), and no more than `--limit`

@@ -962,11 +962,20 @@ fn a_token_holds_at_most_its_streams_and_the_next_waits_until_one_ends() {
     let id = created["data"]["createTask"]["taskId"].as_str().unwrap().to_owned();
 
     // One following REST feed and one `task` subscription take the admin token's two slots.
+    // A following feed, once its answer's head is in (so its slot is taken).
     let open_feed = |token: &str| {
+        use std::io::Read;
         let mut feed = tests::raw::connect(&server.addr(), Duration::from_secs(10)).unwrap();
         let request =
             format!("GET /v1/events?from_seq=1 HTTP/1.1\r\nHost: taskledger\r\nAuthorization: Bearer {token}\r\n\r\n");
         feed.write_all(request.as_bytes()).unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8];
+        while !head.ends_with(b"\r\n\r\n") {
+            feed.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
         feed
     };
     let feed = open_feed("tok-admin");
