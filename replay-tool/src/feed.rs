@@ -120,8 +120,33 @@ pub fn task_history(base: &str, token: &str, task: domain::TaskId) -> Result<Vec
 }
 
 /// `GET url` with the bearer token, accepting `accept`.
-fn get(url: &str, token: &str, accept: &str) -> Result<ureq::http::Response<ureq::Body>, ureq::Error> {
-    ureq::get(url).header("Authorization", &format!("Bearer {token}")).header("Accept", accept).call()
+/// An answer other than 2xx is an error carrying the server's own message (its error body's
+/// `code` and `message`): "http status: 403" alone left an on-call engineer guessing which role
+/// the token lacked (found by a black-box check).
+fn get(url: &str, token: &str, accept: &str) -> Result<ureq::http::Response<ureq::Body>> {
+    let mut response = ureq::get(url)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .header("Authorization", &format!("Bearer {token}"))
+        .header("Accept", accept)
+        .call()?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let body: Option<Value> = response.body_mut().with_config().limit(64 << 10).read_json().ok();
+    let error = body.as_ref().map(|body| &body["error"]);
+    let code = error.and_then(|e| e["code"].as_str()).unwrap_or("");
+    let message = error.and_then(|e| e["message"].as_str()).unwrap_or("");
+    let hint = if status == ureq::http::StatusCode::NOT_FOUND && code != "task_not_found" {
+        " (is --server the server's base URL, e.g. http://127.0.0.1:8080, without a path?)"
+    } else {
+        ""
+    };
+    let detail: Vec<&str> = [code, message].into_iter().filter(|part| !part.is_empty()).collect();
+    let detail = if detail.is_empty() { String::new() } else { format!(": {}", detail.join(": ")) };
+    bail!("the server answered {status}{detail}{hint}")
 }
 
 /// Puts payload and result values back into the JSON text the domain keeps.

@@ -121,7 +121,8 @@ fn every_read_works_on_a_server_feed_as_on_the_file() {
     assert_eq!(report["records_checked"], 23, "the chain recomputes from the feed alone");
     let refused = replay(&["info", "--server", &url, "--token", "wrong"]);
     assert_eq!(refused.status.code(), Some(3));
-    assert!(crate::common::stderr(&refused).contains("read the event feed"), "{}", crate::common::stderr(&refused));
+    let said = crate::common::stderr(&refused);
+    assert!(said.contains("read the event feed") && said.contains("the server answered 401"), "{said}");
     let requests = server.join().unwrap();
     assert!(requests.iter().all(|r| r == "GET /v1/events?from_seq=1&follow=false HTTP/1.1"), "{requests:?}");
 }

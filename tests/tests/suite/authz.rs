@@ -710,14 +710,18 @@ fn export(base: &str, credential: &Credential, key: &std::path::Path, out: &std:
         command.args(["--token", token]);
     }
     let output = command.output().expect("run taskledger-replay");
-    // The HTTP status as the tool reports it, not any "401" in the message: the server's port
-    // (40123, say) made 403s read as 401s (a flaky misclassification seen once in CI).
+    // The HTTP status as the tool reports it with the server's code, not any "401" in the
+    // message: the server's port (40123, say) made 403s read as 401s (a flaky misclassification
+    // seen once in CI).
     let stderr = String::from_utf8_lossy(&output.stderr).to_lowercase();
     if output.status.success() {
         Outcome::Allow
-    } else if stderr.contains("http status: 401") || (token.is_none() && stderr.contains("--token")) {
+    } else if stderr.contains("the server answered 401 unauthorized: unauthorized: ")
+        || (token.is_none() && stderr.contains("--token"))
+    {
         Outcome::Unauthorized
-    } else if stderr.contains("http status: 403") {
+    } else if stderr.contains("the server answered 403 forbidden: forbidden: ") {
+        // With the server's own message, which names what the token lacks.
         Outcome::Forbidden
     } else {
         Outcome::Other(format!("exit {:?}: {stderr}", output.status.code()))
