@@ -52,8 +52,15 @@ fn a_flipped_byte_in_a_record_is_reported_with_its_seq() {
     assert_eq!(report["clean"], false);
     let problems = report["problems"].as_array().unwrap();
     assert!(problems.iter().any(|p| p["seq"] == 2 && p["kind"] == "chain_link"), "{problems:#?}");
+    // The log's head is the one it records, and what the stop left unchecked is said.
+    assert_eq!((report["head_seq"].as_u64(), report["records_checked"].as_u64()), (Some(23), Some(1)), "{report}");
+    assert_eq!(report["records_unchecked"], 22, "{report}");
     let text = stdout(&replay(&["verify", "--data", path(dir.path())]));
     assert!(text.contains("first at seq 2"), "{text}");
+    assert!(
+        text.contains("1 records checked, then stopped at the first problem: 22 after it not checked (head seq 23"),
+        "{text}"
+    );
     assert_eq!(std::fs::read(&file).unwrap(), damaged, "verify never writes to the log it checks");
 }
 
