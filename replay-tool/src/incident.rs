@@ -81,6 +81,14 @@ struct Entry {
     /// For claims: until when the lease ran (its end event, or the report's end).
     #[serde(skip_serializing_if = "Option::is_none")]
     lease_end_ms: Option<f64>,
+    /// For claims: the lease was still held at the end of the report (`lease_end_ms` is the
+    /// report's end, not the lease's).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    lease_open: bool,
+    /// For an event that ends a lease: its claim came before the report (the lease ran from
+    /// before the report's start to this event).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    lease_claimed_before: bool,
     /// Where `lane` is in the report's lanes.
     #[serde(skip)]
     lane_index: usize,
@@ -109,7 +117,11 @@ impl Row<'_> {
 
     fn detail(&self) -> String {
         if self.count == 1 {
-            return self.first.detail.clone();
+            return match (self.first.lease_open, self.first.lease_claimed_before) {
+                (true, _) => format!("{} (still held at the end of the report)", self.first.detail),
+                (_, true) => format!("{} (a lease claimed before the report)", self.first.detail),
+                _ => self.first.detail.clone(),
+            };
         }
         format!(
             "{} heartbeats over {:.1} s, the last at {} (+{:.1} ms): {}",
@@ -378,6 +390,7 @@ fn build(
     let mut open_claims: BTreeMap<(TaskId, u16, u32), usize> = BTreeMap::new();
     let mut workers: Vec<String> = Vec::new();
     let mut labels = TaskLabels::default();
+    let mut claimed_here: HashSet<(TaskId, u16, u32)> = HashSet::new();
     for (record, event) in picked {
         book.learn(event);
         let step = match (event.task(), event_step(event)) {
@@ -437,7 +450,12 @@ fn build(
         }
         if let (Event::StepClaimed { .. }, Some(lease)) = (event, lease_of(event)) {
             open_claims.insert(lease, index);
+            claimed_here.insert(lease);
         }
+        // A lease ended here whose claim the report does not show (a window opening inside it).
+        let lease_claimed_before = lease_of(event)
+            .is_some_and(|lease| !claimed_here.contains(&lease) && ends_lease(event, &lease))
+            && !matches!(event, Event::StepsAdded { .. });
         events.push(Entry {
             seq: record.seq,
             time: Timestamp::from_micros(record.recorded_at_us).to_rfc3339(),
@@ -451,13 +469,16 @@ fn build(
             step,
             detail,
             lease_end_ms: None,
+            lease_open: false,
+            lease_claimed_before,
             lane_index,
             lease: lease_of(event),
         });
     }
-    // Leases still held at the end of the report run to its end.
+    // Leases still held at the end of the report run to its end (the timeline's right edge).
     for index in open_claims.values() {
         events[*index].lease_end_ms = Some(ms(end_us));
+        events[*index].lease_open = true;
     }
     summary.events = events.len();
     summary.workers = workers;
@@ -653,15 +674,23 @@ fn html(r: &Report) -> String {
             LABEL_W + PLOT_W
         );
         for e in &leases[index] {
-            if let Some(end) = e.lease_end_ms {
+            // A lease still held runs to the right edge; one claimed before the report from the
+            // left edge to the event that ended it.
+            let bar = match (e.lease_end_ms, e.lease_open, e.lease_claimed_before) {
+                (Some(_), true, _) => Some((x(e.offset_ms), LABEL_W + PLOT_W, "still held at the end of the report")),
+                (Some(end), false, _) => Some((x(e.offset_ms), x(end), "")),
+                (None, _, true) => Some((LABEL_W, x(e.offset_ms), "claimed before the report")),
+                (None, _, false) => None,
+            };
+            if let Some((from, to, note)) = bar {
+                let note = if note.is_empty() { String::new() } else { format!(" ({note})") };
                 let _ = write!(
                     svg,
-                    r##"<rect x="{}" y="{}" width="{}" height="10" rx="3" fill="#bfdbfe"><title>lease {} .. +{:.1} ms</title></rect>"##,
-                    x(e.offset_ms),
+                    r##"<rect x="{from}" y="{}" width="{}" height="10" rx="3" fill="#bfdbfe"><title>lease {} .. +{:.1} ms{note}</title></rect>"##,
                     mid - 5.0,
-                    (x(end) - x(e.offset_ms)).max(2.0),
+                    (to - from).max(2.0),
                     escape(&e.detail),
-                    end
+                    e.lease_end_ms.unwrap_or(e.offset_ms)
                 );
             }
         }

@@ -90,6 +90,36 @@ fn incident_timelines_show_a_run_of_heartbeats_as_one_row() {
     assert_eq!(html.matches("lease_extended ×40").count(), 4, "two markers' titles and two table rows");
 }
 
+/// A lease still held when the report ends is marked so and drawn to the timeline's right edge
+/// (its bar ended where it began, as if it had ended at once); one claimed before the report's
+/// window is drawn from the left edge to the event that ended it (it had no bar at all).
+#[test]
+fn incident_leases_open_at_the_end_or_claimed_before_the_window_are_drawn() {
+    let (_dir, data) = story();
+    let open: Value = serde_json::from_str(&replay_ok(&[
+        "incident", "--data", &data, "--task", TASK_3, "--to", "18", "--format", "json",
+    ]))
+    .unwrap();
+    let events = open["events"].as_array().unwrap();
+    let last_claim = events.iter().rfind(|e| e["type"] == "step_claimed").unwrap();
+    assert_eq!((last_claim["seq"].as_u64(), last_claim["lease_open"].as_bool()), (Some(18), Some(true)));
+    assert!(events.iter().filter(|e| e["seq"] != 18).all(|e| e.get("lease_open").is_none()), "{open}");
+    let markdown = replay_ok(&["incident", "--data", &data, "--task", TASK_3, "--to", "18"]);
+    assert!(markdown.contains("(still held at the end of the report)"), "{markdown}");
+    let html = replay_ok(&["incident", "--data", &data, "--task", TASK_3, "--to", "18", "--format", "html"]);
+    assert!(html.contains("(still held at the end of the report)</title></rect>"), "{html}");
+
+    let inside: Value = serde_json::from_str(&replay_ok(&[
+        "incident", "--data", &data, "--task", TASK_3, "--from", "8", "--format", "json",
+    ]))
+    .unwrap();
+    let first = &inside["events"][0];
+    assert_eq!((first["seq"].as_u64(), first["lease_claimed_before"].as_bool()), (Some(8), Some(true)), "{inside}");
+    let html = replay_ok(&["incident", "--data", &data, "--task", TASK_3, "--from", "8", "--format", "html"]);
+    assert!(html.contains("(claimed before the report)</title></rect>"), "{html}");
+    assert_eq!(html.matches("<rect").count(), 3, "the lease ended at seq 8 and the two claimed in the window");
+}
+
 #[test]
 fn incident_of_a_worker_follows_its_leases_to_their_end() {
     let (_dir, data) = story();
