@@ -98,8 +98,14 @@ fn key_hex(text: &str, path: &Path, what: &str) -> Result<[u8; 32]> {
 /// A secret key file as `keygen` writes it: the label, then 64 hex digits.
 fn read_secret_key(path: &Path) -> Result<[u8; 32]> {
     let text = fs::read_to_string(path).with_context(|| format!("read secret key {}", path.display()))?;
+    let Some(hex) = text.trim().strip_prefix(SECRET_KEY_LABEL) else {
+        bail!(
+            "{} is not a secret key file from `taskledger-replay keygen` (it does not start with {SECRET_KEY_LABEL:?}); a public key (.pub) cannot sign",
+            path.display()
+        );
+    };
     // Signing goes on (the key may sit on a single-user machine), but a key others can read can
-    // sign checkpoints in anyone's name: say so, as ssh does.
+    // sign checkpoints in anyone's name: say so, as ssh does (once the file is known to be one).
     #[cfg(unix)]
     if let Ok(metadata) = fs::metadata(path) {
         use std::os::unix::fs::PermissionsExt;
@@ -111,13 +117,7 @@ fn read_secret_key(path: &Path) -> Result<[u8; 32]> {
             );
         }
     }
-    match text.trim().strip_prefix(SECRET_KEY_LABEL) {
-        Some(hex) => key_hex(hex, path, "secret key"),
-        None => bail!(
-            "{} is not a secret key file from `taskledger-replay keygen` (it does not start with {SECRET_KEY_LABEL:?}); a public key (.pub) cannot sign",
-            path.display()
-        ),
-    }
+    key_hex(hex, path, "secret key")
 }
 
 /// A public key file: 64 hex digits (a secret key file is refused, not used).
@@ -423,6 +423,9 @@ pub fn export(source: &Source, args: &ExportArgs) -> Result<Outcome> {
     let (first, last) = source.range(args.from, args.to)?;
     if first > last || last == 0 {
         bail!("the range is empty (seq {first}..{last}, head {})", head.seq);
+    }
+    if args.out.exists() && !args.out.is_dir() {
+        bail!("write bundle to {}: it is a file, not a directory", args.out.display());
     }
     if args.out.exists() && fs::read_dir(&args.out).map(|mut d| d.next().is_some()).unwrap_or(true) {
         bail!("write bundle to {}: the directory is not empty", args.out.display());

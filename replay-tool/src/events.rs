@@ -168,5 +168,21 @@ pub fn run(source: &Source, args: &EventsArgs) -> Result<Outcome> {
         }
     }
     out.flush().context("write the events")?;
+    // An empty answer says why on stderr (stdout stays the table or the JSON lines): a filter
+    // with a typo, e.g. `--actor op-kim` for a command sent as `token:op-kim`, looked like "it
+    // never happened" (found by a black-box check).
+    if shown == 0 {
+        let mut said = if first > last {
+            format!("no record: the range is empty (seq {first} is after seq {last})")
+        } else {
+            format!("no record matched in seq {first}..{last}")
+        };
+        if let Some(actor) = args.actor.as_deref().filter(|a| !a.contains(':')) {
+            said += &format!(
+                " (commands sent through the server record their actor as token:<name>: --actor token:{actor}?)"
+            );
+        }
+        eprintln!("{said}");
+    }
     Ok(Outcome::Clean)
 }

@@ -545,15 +545,19 @@ fn summary_lines(r: &Report) -> Vec<String> {
 fn markdown(r: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# Incident report: {}\n", r.subject);
-    let _ = writeln!(
-        out,
-        "Log `{}`, seq {}..{}, {} .. {}.\n",
-        r.source,
-        r.first_seq,
-        r.last_seq,
-        r.start.as_deref().unwrap_or("-"),
-        r.end.as_deref().unwrap_or("-")
-    );
+    if r.events.is_empty() {
+        let _ = writeln!(out, "Log `{}`: no events in this window (seq {}..{}).\n", r.source, r.first_seq, r.last_seq);
+    } else {
+        let _ = writeln!(
+            out,
+            "Log `{}`, seq {}..{}, {} .. {}.\n",
+            r.source,
+            r.first_seq,
+            r.last_seq,
+            r.start.as_deref().unwrap_or("-"),
+            r.end.as_deref().unwrap_or("-")
+        );
+    }
     let _ = writeln!(out, "## Summary\n");
     for line in summary_lines(r) {
         let _ = writeln!(out, "- {line}");

@@ -299,6 +299,10 @@ fn keygen_and_export_refuse_to_overwrite() {
     let key = f.keys.join("auditor.key");
     let twice = replay(&["export-audit", "--data", path(&f.data), "--out", path(&bundle), "--key", path(&key)]);
     assert!(crate::common::stderr(&twice).contains("the directory is not empty"));
+    let file = f.root.join("a-file");
+    fs::write(&file, "x").unwrap();
+    let onto_file = replay(&["export-audit", "--data", path(&f.data), "--out", path(&file), "--key", path(&key)]);
+    assert!(crate::common::stderr(&onto_file).contains("it is a file, not a directory"));
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -315,6 +319,13 @@ fn keygen_and_export_refuse_to_overwrite() {
             "{}",
             crate::common::stderr(&signed)
         );
+        // A public key given to sign is refused without a warning about its mode.
+        let public = f.keys.join("auditor.pub");
+        fs::set_permissions(&public, fs::Permissions::from_mode(0o644)).unwrap();
+        let out = f.root.join("pub-bundle");
+        let refused = replay(&["export-audit", "--data", path(&f.data), "--out", path(&out), "--key", path(&public)]);
+        let said = crate::common::stderr(&refused);
+        assert!(said.contains("a public key (.pub) cannot sign") && !said.contains("readable by others"), "{said}");
         // A dangling link where the public key goes is not written through (it created the
         // file it pointed to: found by a black-box check).
         let target = f.root.join("elsewhere");

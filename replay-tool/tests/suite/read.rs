@@ -2,7 +2,7 @@
 //! golden outputs for the story log, every filter, and `state --as-of`
 //! cross-checked against a fold stopped by hand at every seq.
 
-use crate::common::{build_story, fold_by_hand, golden, hex, path, replay, replay_ok};
+use crate::common::{build_story, fold_by_hand, golden, hex, path, replay, replay_ok, stdout};
 use serde_json::Value;
 
 const TASK_2: &str = "018bcfe5-6802-7001-bc6e-f372fe94f82a";
@@ -95,6 +95,11 @@ fn events_table_and_json_with_every_filter() {
     assert_eq!(beyond.status.code(), Some(3), "{}", crate::common::stderr(&beyond));
     assert!(crate::common::stderr(&beyond).contains("seq 99 is beyond the head of the log (23)"));
     assert_eq!(seqs(&["--from", "24"]), Vec::<u64>::new());
+    // An empty answer says why on stderr (stdout stays empty for scripts).
+    let nobody = replay(&["events", "--data", data, "--json", "--actor", "kim"]);
+    assert_eq!((nobody.status.code(), stdout(&nobody)), (Some(0), String::new()));
+    let said = crate::common::stderr(&nobody);
+    assert!(said.contains("no record matched in seq 1..23") && said.contains("--actor token:kim?"), "{said}");
     let malformed = replay(&["events", "--data", data, "--task", "not-a-task"]);
     assert_eq!(malformed.status.code(), Some(2), "{}", crate::common::stderr(&malformed));
     assert_eq!(seqs(&["--from", "2026-11-23T14:00:08Z", "--to", "2026-11-23T14:00:13.5Z"]), [13, 14, 15, 16]);

@@ -194,6 +194,10 @@ fn incident_of_a_time_window() {
     .unwrap();
     assert_eq!((json["first_seq"].as_u64(), json["last_seq"].as_u64()), (Some(9), Some(16)));
     assert_eq!(json["lanes"].as_array().unwrap().len(), 2);
+    // A window with nothing in it says so (it printed "seq 24..23, - .. -").
+    let empty =
+        replay_ok(&["incident", "--data", &data, "--from", "2026-11-23T15:00:00Z", "--to", "2026-11-23T16:00:00Z"]);
+    assert!(empty.contains("no events in this window (seq 24..23)"), "{empty}");
     let none = replay(&["incident", "--data", &data]);
     assert_eq!(none.status.code(), Some(2), "a usage error");
     // A worker id the log never names is a typo, not a worker that did nothing (found by a
