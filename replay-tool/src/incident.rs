@@ -294,6 +294,21 @@ pub fn run(source: &Source, args: &IncidentArgs) -> Result<Outcome> {
             if picked.is_empty() && source.task_records(task, u64::MAX)?.is_empty() {
                 bail!("task {task} is not in this log");
             }
+            // What an operator did to the task's queue while it was there (a pause explains a
+            // wait): its queue's events between the task's first and last record of the window.
+            if let (true, Some((begin, _)), Some((end, _))) = (source.holds_whole_log(), picked.first(), picked.last())
+            {
+                let (begin, end) = (begin.seq, end.seq);
+                if let Some(namespace) = book.namespace(source, task)?
+                    && let Some(queue) = source.stream_records(&domain::StreamId::Queue(namespace), end)?
+                {
+                    for record in queue.into_iter().filter(|r| r.seq > begin) {
+                        let event = decode(&record)?;
+                        picked.push((record, event));
+                    }
+                    picked.sort_by_key(|(record, _)| record.seq);
+                }
+            }
         }
         None => {
             let worker = args.worker.as_deref();

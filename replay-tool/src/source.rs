@@ -282,14 +282,34 @@ impl Source {
 
     /// Every record of one task's stream up to `upto`, in order.
     pub fn task_records(&self, task: TaskId, upto: u64) -> Result<Vec<StoredRecord>> {
-        let key = domain::StreamId::Task(task).to_key();
+        let stream = domain::StreamId::Task(task);
+        match self {
+            Source::Feed { origin, token, first, .. } if *first != 1 => {
+                let mut records = crate::feed::task_history(origin, token, task)?;
+                records.retain(|r| r.seq <= upto);
+                Ok(records)
+            }
+            _ => Ok(self.stream_records(&stream, upto)?.expect("a file or a whole feed")),
+        }
+    }
+
+    /// Whether every record of the log is at hand (a file, or a server's whole feed), not a
+    /// window of a server's feed.
+    pub fn holds_whole_log(&self) -> bool {
+        !matches!(self, Source::Feed { first, .. } if *first != 1)
+    }
+
+    /// Every record of `stream` up to `upto`, in order; `None` from a window of a server's feed
+    /// (which holds only part of the log, and the server reads no stream but a task's).
+    pub fn stream_records(&self, stream: &domain::StreamId, upto: u64) -> Result<Option<Vec<StoredRecord>>> {
+        let key = stream.to_key();
         match self {
             Source::File { reader, .. } => {
                 let mut out: Vec<StoredRecord> = Vec::new();
                 loop {
                     let from = out.len() as u64 + 1;
                     let batch = without_panic("read a stream", || {
-                        reader.read_stream(&key, from, SCAN_BATCH_RECORDS).with_context(|| format!("read task {task}"))
+                        reader.read_stream(&key, from, SCAN_BATCH_RECORDS).with_context(|| format!("read {stream}"))
                     })?;
                     let done = batch.len() < SCAN_BATCH_RECORDS;
                     out.extend(batch);
@@ -298,16 +318,12 @@ impl Source {
                     }
                 }
                 out.retain(|r| r.seq <= upto);
-                Ok(out)
+                Ok(Some(out))
             }
             Source::Feed { records, first: 1, .. } => {
-                Ok(records.iter().filter(|r| r.seq <= upto && r.stream == key).cloned().collect())
+                Ok(Some(records.iter().filter(|r| r.seq <= upto && r.stream == key).cloned().collect()))
             }
-            Source::Feed { origin, token, .. } => {
-                let mut stream = crate::feed::task_history(origin, token, task)?;
-                stream.retain(|r| r.seq <= upto);
-                Ok(stream)
-            }
+            Source::Feed { .. } => Ok(None),
         }
     }
 

@@ -65,6 +65,8 @@ fn incident_timelines_show_a_run_of_heartbeats_as_one_row() {
     let timeline: Vec<&str> =
         markdown.split("## Timeline").nth(1).unwrap().lines().filter(|l| l.starts_with("| ")).collect();
     let kinds: Vec<&str> = timeline.iter().skip(1).map(|row| row.split(" | ").nth(4).unwrap()).collect();
+    // The queue's pause and resume while the task waited are in its report (they explain the
+    // wait), in their own lane.
     assert_eq!(
         kinds,
         [
@@ -72,20 +74,23 @@ fn incident_timelines_show_a_run_of_heartbeats_as_one_row() {
             "step_claimed",
             "lease_extended ×40",
             "step_failed",
+            "queue_paused",
             "step_retry_due",
+            "queue_resumed",
             "step_claimed",
             "lease_extended ×40",
             "step_completed"
         ]
     );
+    assert!(markdown.contains("| `queue:emails` | 2 |"), "{markdown}");
     let first_run = timeline.iter().find(|row| row.contains("lease_extended ×40")).unwrap();
     assert!(first_run.starts_with("| 3–42 |"), "{first_run}");
     assert!(first_run.contains("40 heartbeats over 39.0 s"), "{first_run}");
     assert!(markdown.contains("`--format json` lists each"), "{markdown}");
-    assert!(markdown.contains(&format!("/run` | {} |", head - 1)), "the lanes table counts every event: {markdown}");
+    assert!(markdown.contains(&format!("/run` | {} |", head - 3)), "the lanes table counts every event: {markdown}");
 
     let html = replay_ok(&["incident", "--data", data, "--task", task, "--format", "html"]);
-    assert_eq!(html.matches("<circle").count(), 8, "one marker per row");
+    assert_eq!(html.matches("<circle").count(), 10, "one marker per row");
     assert_eq!(html.matches("<rect").count(), 2, "one bar per lease");
     assert_eq!(html.matches("lease_extended ×40").count(), 4, "two markers' titles and two table rows");
 }

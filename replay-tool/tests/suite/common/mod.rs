@@ -125,8 +125,9 @@ pub fn build_cancelled_lease(dir: &Path) -> u64 {
 }
 
 /// A log of one long-running job (task 1): w-1 claims it (seq 2), heartbeats `beats` times a
-/// second apart and fails it retryably; after the backoff w-2 claims it, heartbeats `beats`
-/// times and completes it. Returns the head seq (`2 * beats + 6`).
+/// second apart and fails it retryably; an operator pauses its queue and resumes it a minute
+/// later, after the retry came due; w-2 claims it, heartbeats `beats` times and completes it.
+/// Returns the head seq (`2 * beats + 8`).
 pub fn build_heartbeats(dir: &Path, beats: u32) -> u64 {
     let clock = Arc::new(ManualClock::new(START_US));
     let (writer, _) = Writer::open(dir, WriterConfig::default(), clock.clone()).unwrap();
@@ -142,7 +143,9 @@ pub fn build_heartbeats(dir: &Path, beats: u32) -> u64 {
             s.run("worker", complete(task_id(1), "run", epoch));
         } else {
             s.run("worker", fail(task_id(1), "run", epoch, true));
+            s.run("operator-kim", Command::PauseQueue { namespace: ns("emails") });
             s.advance(60_000);
+            s.run("operator-kim", Command::ResumeQueue { namespace: ns("emails") });
         }
     }
     finish(s, writer, 0)
