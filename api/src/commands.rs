@@ -115,6 +115,11 @@ async fn execute_counted(
     }
 }
 
+/// Whether a task is in a final state (nothing more can happen to it).
+pub fn has_finished(task: &TaskBody) -> bool {
+    domain::TaskState::ALL.iter().any(|s| s.is_terminal() && s.as_str() == task.state)
+}
+
 /// The answer to a command on a task the writer does not hold: a task that has
 /// finished (the writer keeps only live ones) is a conflict naming its final
 /// state, not "not found" — a worker whose task an operator cancelled learns
@@ -125,8 +130,7 @@ async fn finished_task(state: &AppState, who: &Principal, task: TaskId) -> Optio
     wait_log_readable(state, None).await.ok()?;
     let records = visible_task_records(state, who, task, None).ok()?;
     let (_, body) = TaskFold::over(task, &records).ok()?;
-    let finished = domain::TaskState::ALL.iter().any(|s| s.is_terminal() && s.as_str() == body.state);
-    finished.then(|| {
+    has_finished(&body).then(|| {
         ApiError::new(
             StatusCode::CONFLICT,
             "invalid_state",

@@ -673,7 +673,19 @@ impl SubscriptionRoot {
                 Err(error) => Some(Err(error.into())),
             })
         });
-        Ok(slot.hold(futures_util::stream::once(std::future::ready(Ok(current))).chain(updates)))
+        // It completes after the task's final state: nothing can follow it (it went on until the
+        // client ended it, holding its stream slot: found by a client check).
+        // (Ended without waiting for another record, which a finished task never gets.)
+        let states = Box::pin(futures_util::stream::once(std::future::ready(Ok(current))).chain(updates));
+        let until_final = futures_util::stream::unfold((states, false), |(mut states, finished)| async move {
+            if finished {
+                return None;
+            }
+            let item = states.next().await?;
+            let finished = matches!(&item, Ok(body) if commands::has_finished(body));
+            Some((item, (states, finished)))
+        });
+        Ok(slot.hold(until_final))
     }
 }
 
@@ -1280,9 +1292,15 @@ pub async fn graphql_handler(
     GraphQLResponse::from(response).into_response()
 }
 
-/// An error of an argument its field could not parse (async-graphql's, without a code).
+/// An error of an argument its field could not parse (async-graphql's, without a code): a value
+/// of the wrong type or out of its range, or a null where a value is required (a nullable
+/// variable left out and used in an input object's required field came back with no code).
 fn unparsed_argument(error: &async_graphql::ServerError) -> bool {
-    error.message.starts_with("Failed to parse \"") && error.extensions.as_ref().is_none_or(|x| x.get("code").is_none())
+    let message = &error.message;
+    let unparsed = message.starts_with("Failed to parse \"")
+        || message.starts_with("Expected input type \"")
+        || message.contains("(occurred while parsing \"");
+    unparsed && error.extensions.as_ref().is_none_or(|x| x.get("code").is_none())
 }
 
 fn graphql_error(status: StatusCode, code: &'static str, message: String) -> Response {

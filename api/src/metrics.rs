@@ -65,6 +65,14 @@ impl Metrics {
         }
     }
 
+    /// Event feeds and subscriptions open (`streams::StreamSlots::gauges`).
+    pub fn render_streams(out: &mut String, (open, most, limit): (usize, usize, usize)) {
+        let _ = writeln!(
+            out,
+            "# HELP taskledger_streams_open Event feeds and GraphQL subscriptions open.\n# TYPE taskledger_streams_open gauge\ntaskledger_streams_open {open}\n# HELP taskledger_streams_open_most_by_one_token The most of them one token holds; at --max-streams-per-token its next is refused (429 too_many_streams).\n# TYPE taskledger_streams_open_most_by_one_token gauge\ntaskledger_streams_open_most_by_one_token {most}\n# HELP taskledger_streams_per_token_limit --max-streams-per-token.\n# TYPE taskledger_streams_per_token_limit gauge\ntaskledger_streams_per_token_limit {limit}"
+        );
+    }
+
     /// Steps and tasks by namespace and state, from the dashboard projection.
     pub fn render_depths(out: &mut String, counts: &[projections::query::StateCount]) {
         out.push_str("# HELP taskledger_queue_depth Tasks and steps by namespace and state.\n# TYPE taskledger_queue_depth gauge\n");

@@ -392,7 +392,20 @@ type QueryParams<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>
 /// A route's query string: a parameter it does not take is refused (400 `bad_request`), so a
 /// guessed one is not silently ignored.
 fn route_query<T>(query: QueryParams<T>) -> ApiResult<T> {
-    query.map(|Query(q)| q).map_err(|e| ApiError::bad_request(e.body_text()))
+    query.map(|Query(q)| q).map_err(|e| {
+        let text = e.body_text();
+        // serde names the parameter it could not read first ("…query string: from_version: invalid
+        // digit…"): the error's field says which, as for a body's.
+        let field = text
+            .split_once("query string: ")
+            .and_then(|(_, rest)| rest.split_once(": "))
+            .map(|(name, _)| name)
+            .filter(|name| !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+        match field {
+            Some(field) => ApiError::bad_request(text.clone()).with_field(field),
+            None => ApiError::bad_request(text),
+        }
+    })
 }
 
 async fn get_task(

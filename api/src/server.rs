@@ -316,6 +316,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 /// Prometheus metrics; any valid token (nothing but health is served unauthenticated).
 async fn metrics(State(state): State<AppState>, who: crate::auth::Principal) -> Response {
     let mut text = state.metrics.render(&state.writer, state.projections.running());
+    Metrics::render_streams(&mut text, state.streams.gauges());
     // Bounded: a scrape must answer (with the writer's and projectors' figures) while the
     // projections database is unreachable; the depths are left out then.
     // Nor while another process holds the projections' lock: the rows may be its (see

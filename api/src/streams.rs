@@ -42,7 +42,9 @@ impl StreamSlots {
         let held = open.entry(token.clone()).or_insert(0);
         if *held >= self.max_per_token {
             return Err(ApiError {
-                retry_after_s: Some(1),
+                // A slot frees when a stream ends, which no client can predict: a client that
+                // retried at once made ~13,000 refused requests a second (found by a client check).
+                retry_after_s: Some(5),
                 ..ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     "too_many_streams",
@@ -61,6 +63,13 @@ impl StreamSlots {
     /// How many streams `token` holds open.
     pub fn held_by(&self, token: &str) -> usize {
         self.open.lock().expect("stream slots").get(token).copied().unwrap_or(0)
+    }
+
+    /// Streams open in all, the most one token holds, and the limit, for `/metrics` (without
+    /// token names: a scoped token may read the metrics).
+    pub fn gauges(&self) -> (usize, usize, usize) {
+        let open = self.open.lock().expect("stream slots");
+        (open.values().sum(), open.values().copied().max().unwrap_or(0), self.max_per_token)
     }
 }
 
@@ -104,5 +113,6 @@ mod tests {
         assert_eq!(slots.held_by("alice"), 1);
         let _again = slots.take(&alice).expect("a dropped slot is free again");
         assert_eq!(slots.held_by("alice"), 2);
+        assert_eq!(slots.gauges(), (3, 2, 2));
     }
 }

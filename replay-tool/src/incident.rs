@@ -194,6 +194,9 @@ struct Report {
     end: Option<String>,
     duration_ms: f64,
     summary: Summary,
+    /// What the report could not show, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    notes: Vec<String>,
     lanes: Vec<String>,
     events: Vec<Entry>,
 }
@@ -285,6 +288,7 @@ pub fn run(source: &Source, args: &IncidentArgs) -> Result<Outcome> {
     let (first, last) = source.range(args.from, args.to)?;
     let mut book = TaskBook::default();
     let mut picked: Vec<(eventlog::StoredRecord, Event)> = Vec::new();
+    let mut notes = Vec::new();
     match task {
         Some(task) => {
             for record in source.task_records(task, last)?.into_iter().filter(|r| r.seq >= first) {
@@ -296,6 +300,13 @@ pub fn run(source: &Source, args: &IncidentArgs) -> Result<Outcome> {
             }
             // What an operator did to the task's queue while it was there (a pause explains a
             // wait): its queue's events between the task's first and last record of the window.
+            if !source.holds_whole_log() {
+                notes.push(
+                    "the task's queue events (pauses, resumes, concurrency) are not shown: a server's task history \
+                     holds only the task's own events (read a backup with --data for them)"
+                        .to_owned(),
+                );
+            }
             if let (true, Some((begin, _)), Some((end, _))) = (source.holds_whole_log(), picked.first(), picked.last())
             {
                 let (begin, end) = (begin.seq, end.seq);
@@ -371,7 +382,8 @@ pub fn run(source: &Source, args: &IncidentArgs) -> Result<Outcome> {
         (None, Some(worker)) => format!("worker {worker}"),
         (None, None) => "time window".to_owned(),
     };
-    let report = build(source, &mut book, subject, first, last, &picked)?;
+    let mut report = build(source, &mut book, subject, first, last, &picked)?;
+    report.notes = notes;
     let text = match args.format {
         Format::Markdown => markdown(&report),
         Format::Html => html(&report),
@@ -506,6 +518,7 @@ fn build(
         end: picked.last().map(|(r, _)| Timestamp::from_micros(r.recorded_at_us).to_rfc3339()),
         duration_ms: ms(end_us),
         summary,
+        notes: Vec::new(),
         lanes,
         events,
     })
@@ -554,6 +567,7 @@ fn summary_lines(r: &Report) -> Vec<String> {
     if !s.workers.is_empty() {
         lines.push(format!("workers: {}", s.workers.join(", ")));
     }
+    lines.extend(r.notes.iter().map(|note| format!("note: {note}")));
     lines
 }
 

@@ -80,7 +80,8 @@ pub struct Input {
     /// A running server's base URL; its event feed is read (needs --token).
     #[arg(long, value_name = "URL", global = true)]
     server: Option<String>,
-    /// Bearer token for --server (a role that may read the feed, e.g. auditor).
+    /// Bearer token for --server (a role that may read the feed, e.g. auditor; `incident --task`
+    /// reads only that task's history, which any role of its namespace may).
     #[arg(long, value_name = "TOKEN", env = "TASKLEDGER_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
 }

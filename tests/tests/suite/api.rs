@@ -109,7 +109,10 @@ fn a_long_history_is_read_a_page_at_a_time_following_its_link_header() {
     let limit_zero = server.get(&format!("/v1/tasks/{id}/history?limit=0"));
     assert_eq!(limit_zero.body.as_array().unwrap().len(), 27, "0 reads as the default page");
     let bad = server.get(&format!("/v1/tasks/{id}/history?from_version=first"));
-    assert_eq!((bad.status, bad.code()), (400, "bad_request"));
+    assert_eq!(
+        (bad.status, bad.code(), bad.body["error"]["field"].as_str()),
+        (400, "bad_request", Some("from_version"))
+    );
 
     // A later page of a task outside a token's scope is as unknown as its first.
     for path in [format!("/v1/tasks/{id}/history"), format!("/v1/tasks/{id}/history?from_version=5&limit=3")] {

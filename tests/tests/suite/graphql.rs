@@ -784,6 +784,10 @@ fn the_task_subscription_sends_the_task_as_of_each_of_its_events() {
     assert_eq!(seqs, expected, "one update per event, each as of its own seq");
     assert_eq!(updates[19]["state"], "in_progress");
     assert_eq!(updates[20]["state"], "complete");
+    // Nothing can follow a final state: the subscription completes (it held its stream slot
+    // until the client ended it).
+    let next: Value = serde_json::from_str(socket.read().unwrap().to_text().unwrap()).unwrap();
+    assert_eq!((next["type"].as_str(), next["id"].as_str()), (Some("complete"), Some("1")), "{next}");
 }
 
 #[test]
@@ -983,11 +987,19 @@ fn a_token_holds_at_most_its_streams_and_the_next_waits_until_one_ends() {
     let first: Value = serde_json::from_str(socket.read().unwrap().to_text().unwrap()).unwrap();
     assert_eq!(first["payload"]["data"]["task"]["state"], "pending", "{first}");
 
+    let (_, metrics) = server.get_text("/metrics");
+    for line in [
+        "taskledger_streams_open 2",
+        "taskledger_streams_open_most_by_one_token 2",
+        "taskledger_streams_per_token_limit 2",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
     // A third is refused, over REST (429, Retry-After) and on the socket (an error for that id).
     let refused = server.get_as("tok-admin", "/v1/events?follow=false");
     assert_eq!((refused.status, refused.code()), (429, "too_many_streams"), "{refused:?}");
     assert!(refused.body["error"]["message"].as_str().unwrap().contains("--max-streams-per-token"));
-    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert_eq!(refused.header("retry-after"), Some("5"));
     send_json(
         &mut socket,
         json!({ "id": "2", "type": "subscribe", "payload": { "query": "subscription { events { seq } }" } }),
@@ -1044,6 +1056,17 @@ fn a_required_variable_left_out_is_refused_before_anything_runs() {
         assert!(message.starts_with("variable $ns of required type String! "), "{message}");
     }
     assert_eq!(server.head_seq(), head, "nothing ran");
+    // A nullable variable left out where the input needs a value fails its field, with the code
+    // and status REST gives the same input (it came without a code).
+    let nullable = r#"mutation($ns: String) { createTask(input: { namespace: $ns, handler: "h" }) { taskId } }"#;
+    let answer = server.post("/graphql", json!({ "query": nullable, "variables": {} }));
+    let extensions = &answer.body["errors"][0]["extensions"];
+    assert_eq!(
+        (extensions["code"].as_str(), extensions["status"].as_u64()),
+        (Some("invalid_request"), Some(400)),
+        "{answer:?}"
+    );
+    assert_eq!(server.head_seq(), head, "nothing was written");
     // A default, or another operation of the document, needs nothing.
     let defaulted = gql(&server, r#"query($first: Int! = 5) { tasks(first: $first) { items { taskId } } }"#, json!({}));
     assert!(defaulted.get("errors").is_none(), "{defaulted}");
