@@ -1296,11 +1296,14 @@ pub async fn graphql_handler(
 /// of the wrong type or out of its range, or a null where a value is required (a nullable
 /// variable left out and used in an input object's required field came back with no code).
 fn unparsed_argument(error: &async_graphql::ServerError) -> bool {
-    let message = &error.message;
-    let unparsed = message.starts_with("Failed to parse \"")
+    unparsed_argument_message(&error.message) && error.extensions.as_ref().is_none_or(|x| x.get("code").is_none())
+}
+
+/// Whether `message` is async-graphql's for an argument it could not parse.
+pub(crate) fn unparsed_argument_message(message: &str) -> bool {
+    message.starts_with("Failed to parse \"")
         || message.starts_with("Expected input type \"")
-        || message.contains("(occurred while parsing \"");
-    unparsed && error.extensions.as_ref().is_none_or(|x| x.get("code").is_none())
+        || message.contains("(occurred while parsing \"")
 }
 
 fn graphql_error(status: StatusCode, code: &'static str, message: String) -> Response {
