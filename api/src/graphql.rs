@@ -1115,6 +1115,28 @@ impl async_graphql::extensions::Extension for DocumentLimits {
         next.run(ctx, query, variables).await.map_err(with_code)
     }
 
+    /// An argument its field could not parse carries the code and status REST gives the same
+    /// input (`invalid_request`, 400), over POST and the WebSocket alike (the WebSocket's came
+    /// with no code: found by a client check); `graphql_handler` answers a query whose only
+    /// errors are these with a 400.
+    async fn resolve(
+        &self,
+        ctx: &async_graphql::extensions::ExtensionContext<'_>,
+        info: async_graphql::extensions::ResolveInfo<'_>,
+        next: async_graphql::extensions::NextResolve<'_>,
+    ) -> async_graphql::ServerResult<Option<async_graphql::Value>> {
+        next.run(ctx, info).await.map_err(|mut error| {
+            if unparsed_argument_message(&error.message)
+                && error.extensions.as_ref().is_none_or(|x| x.get("code").is_none())
+            {
+                let extensions = error.extensions.get_or_insert_with(Default::default);
+                extensions.set("code", "invalid_request");
+                extensions.set("status", 400);
+            }
+            error
+        })
+    }
+
     /// Validation's errors get their codes here, so that the WebSocket's carry them as
     /// `POST /graphql`'s do (they came without: found by a client-library check).
     async fn validation(
@@ -1271,7 +1293,10 @@ pub async fn graphql_handler(
                 _ => None,
             });
             let code = given.unwrap_or_else(|| code_of_refusal(&error.message));
-            error.extensions.get_or_insert_with(Default::default).set("code", code);
+            let extensions = error.extensions.get_or_insert_with(Default::default);
+            extensions.set("code", code);
+            // The request's own status says it (the `resolve` hook's is for a 200's errors).
+            extensions.unset("status");
             if !std::mem::replace(&mut counted, true) {
                 crate::error::count_error_answer(StatusCode::BAD_REQUEST, code);
             }
@@ -1280,27 +1305,22 @@ pub async fn graphql_handler(
         *http.status_mut() = StatusCode::BAD_REQUEST;
         return http;
     }
-    // An argument of a mutation that did not parse (the fields beside it ran, so the answer is a
-    // 200) carries the code and status REST gives the same input, like every other error.
-    for error in &mut response.errors {
-        if unparsed_argument(error) {
-            let extensions = error.extensions.get_or_insert_with(Default::default);
-            extensions.set("code", "invalid_request");
-            extensions.set("status", 400);
-        }
-    }
+    // An argument of a mutation that did not parse has its code and status from the `resolve`
+    // hook (the fields beside it ran, so the answer is a 200).
     GraphQLResponse::from(response).into_response()
 }
 
-/// An error of an argument its field could not parse (async-graphql's, without a code): a value
-/// of the wrong type or out of its range, or a null where a value is required (a nullable
-/// variable left out and used in an input object's required field came back with no code).
+/// An error of an argument its field could not parse, as the `resolve` hook left it.
 fn unparsed_argument(error: &async_graphql::ServerError) -> bool {
-    unparsed_argument_message(&error.message) && error.extensions.as_ref().is_none_or(|x| x.get("code").is_none())
+    let code = error.extensions.as_ref().and_then(|x| x.get("code"));
+    unparsed_argument_message(&error.message)
+        && matches!(code, Some(async_graphql::Value::String(code)) if code == "invalid_request")
 }
 
-/// Whether `message` is async-graphql's for an argument it could not parse.
-pub(crate) fn unparsed_argument_message(message: &str) -> bool {
+/// Whether `message` is async-graphql's for an argument it could not parse: a value of the wrong
+/// type or out of its range, or a null where a value is required (a nullable variable left out
+/// and used in an input object's required field came back with no code).
+fn unparsed_argument_message(message: &str) -> bool {
     message.starts_with("Failed to parse \"")
         || message.starts_with("Expected input type \"")
         || message.contains("(occurred while parsing \"")

@@ -325,11 +325,6 @@ impl Connection {
                     self.errored.lock().expect("websocket state").insert(next.id.clone());
                     let error = serde_json::json!({ "type": "error", "id": next.id, "payload": errors });
                     return Some(Message::Text(error.to_string().into()));
-                } else if text.starts_with(r#"{"type":"next","#)
-                    && text.contains(r#""errors""#)
-                    && let Some(coded) = with_argument_codes(text)
-                {
-                    return Some(Message::Text(coded.into()));
                 }
                 Message::Text(message)
             }
@@ -349,26 +344,6 @@ impl Connection {
             other => other,
         })
     }
-}
-
-/// A `next` message whose errors include an argument that could not be parsed, with the code and
-/// status `POST /graphql` gives it (`invalid_request`, 400); `None` when none lacks its code (an
-/// out-of-range number in a mutation's later field came over the socket with no code at all:
-/// found by a client check).
-fn with_argument_codes(next: &str) -> Option<String> {
-    let mut message: serde_json::Value = serde_json::from_str(next).ok()?;
-    let mut coded = false;
-    for error in message.pointer_mut("/payload/errors")?.as_array_mut()? {
-        let unparsed = error["message"].as_str().is_some_and(crate::graphql::unparsed_argument_message);
-        let Some(error) = error.as_object_mut().filter(|_| unparsed) else { continue };
-        let extensions = error.entry("extensions").or_insert_with(|| serde_json::json!({}));
-        if let Some(extensions) = extensions.as_object_mut().filter(|x| !x.contains_key("code")) {
-            extensions.insert("code".into(), "invalid_request".into());
-            extensions.insert("status".into(), 400.into());
-            coded = true;
-        }
-    }
-    coded.then(|| message.to_string())
 }
 
 /// The errors of a `next` message whose payload has no data and only errors without a path:
@@ -461,24 +436,6 @@ mod tests {
         // The older protocol has no such message.
         let legacy = Connection::default();
         assert_eq!(text(legacy.outgoing(Message::Text(refused.into()))).unwrap()["type"], "next");
-    }
-
-    /// A mutation whose later field's argument could not be parsed: its `next` keeps the data of
-    /// the fields that ran, and the error gets the code and status `POST /graphql` gives it.
-    #[test]
-    fn an_argument_that_could_not_be_parsed_gets_its_code_over_the_socket() {
-        let connection = Connection { transport_ws: true, ..Connection::default() };
-        let half = r#"{"type":"next","id":"m","payload":{"data":{"a":{"taskId":"x"},"b":null},"errors":[{"message":"Failed to parse \"Int\": Only integers from -2147483648 to 2147483647 are accepted.","path":["b"]}]}}"#;
-        let Some(Message::Text(out)) = connection.outgoing(Message::Text(half.into())) else { panic!("a text") };
-        let out: serde_json::Value = serde_json::from_str(out.as_str()).unwrap();
-        assert_eq!(out["type"], "next");
-        assert_eq!(out["payload"]["data"]["a"]["taskId"], "x", "the data of the fields that ran stays");
-        let extensions = &out["payload"]["errors"][0]["extensions"];
-        assert_eq!((extensions["code"].as_str(), extensions["status"].as_u64()), (Some("invalid_request"), Some(400)));
-        // Other errors, and errors with a code, pass as they are.
-        let coded = r#"{"type":"next","id":"n","payload":{"data":{"a":null},"errors":[{"message":"Failed to parse \"Int\": x","path":["a"],"extensions":{"code":"invalid_page"}}]}}"#;
-        let Some(Message::Text(out)) = connection.outgoing(Message::Text(coded.into())) else { panic!("a text") };
-        assert_eq!(out.as_str(), coded);
     }
 
     #[test]

@@ -282,15 +282,14 @@ impl Source {
 
     /// Every record of one task's stream up to `upto`, in order.
     pub fn task_records(&self, task: TaskId, upto: u64) -> Result<Vec<StoredRecord>> {
-        let stream = domain::StreamId::Task(task);
-        match self {
-            Source::Feed { origin, token, first, .. } if *first != 1 => {
-                let mut records = crate::feed::task_history(origin, token, task)?;
-                records.retain(|r| r.seq <= upto);
-                Ok(records)
-            }
-            _ => Ok(self.stream_records(&stream, upto)?.expect("a file or a whole feed")),
+        if let Some(records) = self.stream_records(&domain::StreamId::Task(task), upto)? {
+            return Ok(records);
         }
+        // A window of a server's feed: the task's history, from the server.
+        let Source::Feed { origin, token, .. } = self else { unreachable!("a file holds every stream") };
+        let mut records = crate::feed::task_history(origin, token, task)?;
+        records.retain(|r| r.seq <= upto);
+        Ok(records)
     }
 
     /// Whether every record of the log is at hand (a file, or a server's whole feed), not a

@@ -1067,6 +1067,24 @@ fn a_required_variable_left_out_is_refused_before_anything_runs() {
         "{answer:?}"
     );
     assert_eq!(server.head_seq(), head, "nothing was written");
+    // A mutation's later field whose argument is out of its type's range fails alone, after the
+    // first field wrote (GraphQL's rule for argument errors), with that code over POST and the
+    // WebSocket alike (the socket's error came with no code).
+    let two = r#"mutation($p: Int!) { a: createTask(input: { namespace: "first", handler: "h" }) { taskId } b: createTask(input: { namespace: "second", handler: "h", priority: $p }) { taskId } }"#;
+    let big = json!({ "p": 1_099_511_627_776u64 });
+    let answer = server.post("/graphql", json!({ "query": two, "variables": big }));
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert!(answer.body["data"]["a"]["taskId"].is_string(), "{answer:?}");
+    let extensions = &answer.body["errors"][0]["extensions"];
+    assert_eq!(
+        (extensions["code"].as_str(), extensions["status"].as_u64()),
+        (Some("invalid_request"), Some(400)),
+        "{answer:?}"
+    );
+    let mut socket = subscribe(&server, two, big);
+    let next = next_payload(&mut socket);
+    assert!(next["data"]["a"]["taskId"].is_string(), "{next}");
+    assert_eq!(next["errors"][0]["extensions"]["code"], "invalid_request", "{next}");
     // A default, or another operation of the document, needs nothing.
     let defaulted = gql(&server, r#"query($first: Int! = 5) { tasks(first: $first) { items { taskId } } }"#, json!({}));
     assert!(defaulted.get("errors").is_none(), "{defaulted}");
