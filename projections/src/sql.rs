@@ -305,11 +305,15 @@ pub async fn execute(tx: &mut StoreTx, statement: &str) -> Result<(), sqlx::Erro
 pub struct Types {
     pub uuid: &'static str,
     pub bytes: &'static str,
+    /// A primary key of one 64-bit integer. On SQLite only `INTEGER PRIMARY KEY` names the
+    /// rowid itself; `BIGINT PRIMARY KEY` is a second b-tree (an automatic unique index)
+    /// beside the rowid's, written with every row.
+    pub integer_key: &'static str,
 }
 
 pub fn types(backend: Backend) -> Types {
     match backend {
-        Backend::Sqlite => Types { uuid: "BLOB", bytes: "BLOB" },
-        Backend::Postgres => Types { uuid: "UUID", bytes: "BYTEA" },
+        Backend::Sqlite => Types { uuid: "BLOB", bytes: "BLOB", integer_key: "INTEGER PRIMARY KEY" },
+        Backend::Postgres => Types { uuid: "UUID", bytes: "BYTEA", integer_key: "BIGINT PRIMARY KEY" },
     }
 }

@@ -19,7 +19,7 @@ pub(crate) fn ddl(t: &Types, s: &str, g: &str) -> Vec<String> {
     vec![
         format!(
             "CREATE TABLE audit_log{s} (
-                seq BIGINT PRIMARY KEY,
+                seq {integer_key},
                 recorded_at_us BIGINT NOT NULL,
                 actor TEXT NOT NULL,
                 command_id TEXT NOT NULL,
@@ -30,7 +30,8 @@ pub(crate) fn ddl(t: &Types, s: &str, g: &str) -> Vec<String> {
                 hash {bytes} NOT NULL
             )",
             uuid = t.uuid,
-            bytes = t.bytes
+            bytes = t.bytes,
+            integer_key = t.integer_key
         ),
         format!("CREATE INDEX audit_log_task_{g} ON audit_log{s} (task_id, seq)"),
         format!("CREATE INDEX audit_log_actor_{g} ON audit_log{s} (actor, seq)"),

@@ -120,7 +120,7 @@ impl ProjectorKind {
             .into_iter()
             .filter(|statement| statement.starts_with("CREATE TABLE"))
             .map(|statement| {
-                let integer_key = statement.contains("BIGINT PRIMARY KEY");
+                let integer_key = statement.contains(sql::types(backend).integer_key);
                 if backend == Backend::Sqlite && !integer_key {
                     format!("{statement} WITHOUT ROWID")
                 } else {
@@ -445,7 +445,36 @@ impl Plan {
 
 #[cfg(test)]
 mod tests {
+    use sqlx::sqlite::SqliteConnectOptions;
+    use sqlx::{ConnectOptions, Row};
+
     use super::ProjectorKind;
+    use crate::store::Backend;
+
+    /// Every row write on SQLite touches each b-tree of its table once: a table must be one
+    /// b-tree plus its declared indexes, never a rowid tree with the primary key as an extra
+    /// automatic index beside it (what `BIGINT PRIMARY KEY` makes of `audit_log`).
+    #[tokio::test]
+    async fn sqlite_tables_are_one_b_tree_besides_their_declared_indexes() {
+        let mut conn = SqliteConnectOptions::new().in_memory(true).connect().await.unwrap();
+        for kind in ProjectorKind::ALL {
+            let ddl = kind.table_ddl(Backend::Sqlite, "", 1).into_iter().chain(kind.index_ddl(Backend::Sqlite, "", 1));
+            for statement in ddl {
+                sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut conn).await.unwrap();
+            }
+        }
+        let rows = sqlx::query("SELECT name, tbl_name FROM sqlite_master WHERE type = 'index'")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        let automatic: Vec<String> = rows
+            .iter()
+            .map(|r| r.get::<String, _>("name"))
+            .filter(|name| name.starts_with("sqlite_autoindex"))
+            .collect();
+        assert!(automatic.is_empty(), "tables with an automatic primary-key index: {automatic:?}");
+        assert!(rows.iter().any(|r| r.get::<String, _>("tbl_name") == "audit_log"), "audit_log keeps its indexes");
+    }
 
     #[test]
     fn a_missing_table_message_names_its_projector() {
