@@ -12,6 +12,7 @@ pub mod graphql_ws;
 pub mod metrics;
 pub mod projections_slot;
 pub mod readmodels;
+pub mod request_log;
 pub mod routes;
 pub mod server;
 pub mod streams;

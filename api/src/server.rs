@@ -34,6 +34,7 @@ use crate::auth::{HasTokens, TokenSource, Tokens};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::projections_slot::{ProjectionsSlot, ProjectionsTarget};
+use crate::request_log::WithRequest;
 
 /// Everything a request handler can reach. Cloned for every request (axum's `State`), so it is
 /// one `Arc`: a clone is one atomic increment rather than one per handle inside (cloning and
@@ -160,47 +161,25 @@ pub fn app(state: AppState, config: &ServeConfig) -> Router {
         .route("/openapi.json", get(openapi))
         .route(
             crate::backup::BACKUP_ROUTE,
-            get(crate::backup::serve_backup).route_layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                crate::routes::refuse_query_string,
-            )),
+            get(crate::backup::serve_backup)
+                .route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::routes::refuse_query_string)),
         )
         .fallback(|| async { ApiError::not_found("no such route; see /openapi.json") })
         // Every route registered above: its Allow header stays, the body is the usual error.
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method; see /openapi.json")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method; see /openapi.json",
+            )
         })
         .with_state(state)
         .layer(axum::Extension(schema))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(config.request_timeout, answer_within))
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(config.max_concurrent_requests))
-        .layer(
-            // One span per request, with a request id (the client's
-            // X-Request-Id if it sent one), method and path.
-            tower_http::trace::TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
-                let request_id = request
-                    .headers()
-                    .get("x-request-id")
-                    .and_then(|v| v.to_str().ok())
-                    .filter(|id| plain_request_id(id))
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-                tracing::info_span!("request", %request_id, method = %request.method(), path = %request.uri().path())
-            })
-            .on_failure(log_failure),
-        )
-}
-
-/// Longest client `X-Request-Id` kept in the logs.
-const REQUEST_ID_BYTES_MAX: usize = 128;
-
-/// Whether a client's `X-Request-Id` goes into the logs as it is: 1 to 128 bytes of
-/// `A-Z a-z 0-9 . _ : / -`. Anything else (empty, long, with spaces, quotes or braces that would
-/// forge fields in the text log) is replaced by a generated id.
-fn plain_request_id(id: &str) -> bool {
-    (1..=REQUEST_ID_BYTES_MAX).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'/' | b'-'))
+        // Every log line of a request says which one (its id, method and path).
+        .layer(axum::middleware::from_fn(crate::request_log::in_request_context))
 }
 
 /// Cuts off a request whose answer is not ready within the request timeout: 408 with the
@@ -224,25 +203,6 @@ async fn answer_within(
             ),
         )
         .into_response(),
-    }
-}
-
-/// Logs a failed response. The server's own errors are logged where they are made, with their
-/// stable code (`ApiError`'s `IntoResponse`: every 5xx but a 503, which is an answer by design —
-/// load shed, not ready yet — counted in `/metrics`; logging each would flood the log exactly
-/// when the server is busiest). So a 5xx is only a DEBUG line here, and what no handler answered
-/// (a failure without a response) an ERROR.
-fn log_failure(
-    class: tower_http::classify::ServerErrorsFailureClass,
-    latency: std::time::Duration,
-    _span: &tracing::Span,
-) {
-    let latency_ms = latency.as_millis();
-    match class {
-        tower_http::classify::ServerErrorsFailureClass::StatusCode(status) => {
-            tracing::debug!(status = status.as_u16(), latency_ms, "response failed");
-        }
-        class => tracing::error!(classification = %class, latency_ms, "response failed"),
     }
 }
 
@@ -349,11 +309,18 @@ fn init_tracing(json: bool) {
     use tracing_subscriber::util::SubscriberInitExt;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr);
-    let fmt = if json { fmt.json().boxed() } else { fmt.boxed() };
+    let fmt = if json {
+        fmt.json().map_event_format(|format| WithRequest::new(format, true)).boxed()
+    } else {
+        fmt.map_event_format(|format| WithRequest::new(format, false)).boxed()
+    };
     let registry = tracing_subscriber::registry().with(fmt);
     let _ = match log_filter(std::env::var("TASKLEDGER_LOG").ok().as_deref()) {
         LogFilter::ByTarget(filter) => registry.with(filter).try_init(),
-        LogFilter::BySpan(filter) => registry.with(*filter).try_init(),
+        LogFilter::BySpan(filter) => {
+            crate::request_log::use_request_spans();
+            registry.with(*filter).try_init()
+        }
     };
 }
 
@@ -900,18 +867,6 @@ mod tests {
 
     /// A request whose answer is not ready within the timeout gets a coded, counted 408 that
     /// says how to learn whether a command went through; a quick one passes untouched.
-    /// Found by a black-box check: an id with spaces and quotes forged fields in the text log,
-    /// and one of 5,000 characters was logged in full.
-    #[test]
-    fn only_plain_request_ids_are_logged_as_given() {
-        for id in ["req-1", "a.b_c:d/e-F9", &"x".repeat(REQUEST_ID_BYTES_MAX)] {
-            assert!(plain_request_id(id), "{id}");
-        }
-        for id in ["", "has space", "q\"uote", "x=1}", "brace{", &"x".repeat(REQUEST_ID_BYTES_MAX + 1), "é"] {
-            assert!(!plain_request_id(id), "{id}");
-        }
-    }
-
     #[tokio::test]
     async fn accepted_connections_probe_a_silent_peer() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

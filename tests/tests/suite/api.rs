@@ -1712,3 +1712,53 @@ fn a_failed_rebuild_stays_in_the_status_with_its_error() {
     let again = server.post("/v1/admin/projections/audit/rebuild", json!({}));
     assert_eq!((again.status, again.body["started"].clone()), (202, json!(true)), "{again:?}");
 }
+
+/// Every line logged while a request is handled names the request: the client's `X-Request-Id`,
+/// its method and path, in the text log and in the JSON log (under the `span`/`spans` keys a
+/// request span gave it). A line logged outside the request's task (the rebuild it started,
+/// finishing on a task of its own) names none.
+#[test]
+fn a_line_logged_while_a_request_is_handled_names_the_request() {
+    for json in [false, true] {
+        let temp = tempfile::tempdir().unwrap();
+        let data = temp.path().join("data");
+        let log_path = temp.path().join("server.log");
+        let args: &[&str] = if json { &["--log-format", "json"] } else { &[] };
+        let server = Server::start_with_log(&data, args, std::fs::File::create(&log_path).unwrap());
+        let request = format!(
+            "POST /v1/admin/projections/audit/rebuild HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {}\r\n\
+             X-Request-Id: audit-req-7\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            server.token
+        );
+        let answer = tests::raw::exchange(&server.addr(), request.as_bytes(), Duration::from_secs(10)).unwrap();
+        assert_eq!(answer.status, 202, "{answer:?}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let logged = loop {
+            let logged = std::fs::read_to_string(&log_path).unwrap();
+            if logged.contains("projection rebuilt and swapped in") || std::time::Instant::now() > deadline {
+                break logged;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let line =
+            logged.lines().find(|l| l.contains("projection rebuild started")).unwrap_or_else(|| panic!("{logged}"));
+        let outside = logged
+            .lines()
+            .find(|l| l.contains("projection rebuilt and swapped in"))
+            .unwrap_or_else(|| panic!("{logged}"));
+        assert!(!outside.contains("request_id"), "a line outside any request: {outside}");
+        if json {
+            let parsed: Value = serde_json::from_str(line).unwrap();
+            let span = json!({"request_id": "audit-req-7", "method": "POST", "path": "/v1/admin/projections/audit/rebuild", "name": "request"});
+            assert_eq!(parsed["span"], span, "{line}");
+            assert_eq!(parsed["spans"], json!([span]), "{line}");
+            assert_eq!(parsed["fields"]["projector"], "audit", "{line}");
+        } else {
+            assert!(
+                line.ends_with(" request_id=audit-req-7 method=POST path=/v1/admin/projections/audit/rebuild"),
+                "{line}"
+            );
+        }
+        server.stop();
+    }
+}
