@@ -7,7 +7,8 @@
 //! inside a task-local [`RequestContext`] instead (a method and a URI cloned, the id made only
 //! when a line needs it), and [`WithRequest`] adds it to the lines logged inside that task: as
 //! `request_id=… method=… path=…` at the end of a text line, and as the `span`/`spans` keys a
-//! request span gave a JSON line, so JSON consumers read the same fields as before.
+//! request span gave a JSON line, so JSON consumers read the same fields as before. (Such a
+//! line is formatted into a string first, so a terminal shows it without colours.)
 //!
 //! A log filter by span (`TASKLEDGER_LOG='[request{path=/v1/claims}]=debug'`) needs the span
 //! itself: with one, every request gets its span as before ([`use_request_spans`]).
@@ -78,15 +79,14 @@ impl RequestContext {
         format!(" request_id={} method={} path={}", self.id(), self.method, self.uri.path())
     }
 
-    /// `"span":{…},"spans":[{…}]`, as the JSON format writes a request span's.
-    fn json_fields(&self) -> String {
-        let span = serde_json::json!({
+    /// The request as the JSON format writes a span.
+    fn json_span(&self) -> serde_json::Value {
+        serde_json::json!({
             "request_id": self.id(),
             "method": self.method.as_str(),
             "path": self.uri.path(),
             "name": "request",
-        });
-        format!("\"span\":{span},\"spans\":[{span}]")
+        })
     }
 }
 
@@ -141,30 +141,36 @@ where
     F: FormatEvent<S, N>,
 {
     fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
-        let fields = REQUEST.try_with(|r| if self.json { r.json_fields() } else { r.text_fields() });
-        let Ok(fields) = fields else {
+        if REQUEST.try_with(|_| ()).is_err() {
             return self.inner.format_event(ctx, writer, event);
-        };
+        }
         let mut line = String::new();
         self.inner.format_event(ctx, Writer::new(&mut line), event)?;
-        writer.write_str(&with_fields(&line, &fields, self.json))
+        let line = REQUEST.with(|context| with_fields(&line, context, self.json));
+        writer.write_str(&line)
     }
 }
 
-/// `line` with `fields` added: before the closing brace of a JSON object, else before the
-/// newline that ends a text line.
-fn with_fields(line: &str, fields: &str, json: bool) -> String {
+/// `line` with the request's fields added: in a JSON line, the request as the outermost of its
+/// `spans` (and as its `span` when it has none of its own), before its closing brace; in a text
+/// line, at the end, before the newline.
+fn with_fields(line: &str, context: &RequestContext, json: bool) -> String {
     let body = line.strip_suffix('\n').unwrap_or(line);
-    let mut out = String::with_capacity(line.len() + fields.len() + 2);
-    match body.strip_suffix('}').filter(|_| json) {
-        Some(open) if open.ends_with('{') => {
-            let _ = write!(out, "{open}{fields}}}");
+    let mut out = String::with_capacity(line.len() + 160);
+    let object = body.strip_suffix('}').filter(|_| json);
+    match object {
+        Some(open) if open.contains(SPANS_KEY) => {
+            // Spans of its own (a command's, at DEBUG): the request is their root.
+            let (before, after) = open.split_once(SPANS_KEY).expect("checked");
+            let _ = write!(out, "{before}{SPANS_KEY}{},{after}}}", context.json_span());
         }
         Some(open) => {
-            let _ = write!(out, "{open},{fields}}}");
+            let span = context.json_span();
+            let comma = if open.ends_with('{') { "" } else { "," };
+            let _ = write!(out, "{open}{comma}\"span\":{span},\"spans\":[{span}]}}");
         }
         None => {
-            let _ = write!(out, "{body}{fields}");
+            let _ = write!(out, "{body}{}", context.text_fields());
         }
     }
     if line.ends_with('\n') {
@@ -172,6 +178,9 @@ fn with_fields(line: &str, fields: &str, json: bool) -> String {
     }
     out
 }
+
+/// Where the JSON format lists an event's spans, outermost first.
+const SPANS_KEY: &str = "\"spans\":[";
 
 #[cfg(test)]
 mod tests {
@@ -191,46 +200,62 @@ mod tests {
         }
     }
 
+    fn context(method: &str, uri: &str, id: &str) -> RequestContext {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("x-request-id", id)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        RequestContext::of(&request)
+    }
+
     #[test]
-    fn request_fields_go_at_the_end_of_a_text_line_and_into_a_json_object() {
+    fn a_text_line_gets_the_request_at_its_end() {
+        let context = context("GET", "/v1/views/queue?ns=a", "r1");
         assert_eq!(
-            with_fields("T  INFO api: started\n", " request_id=r1", false),
-            "T  INFO api: started request_id=r1\n"
+            with_fields("T  INFO api: started\n", &context, false),
+            "T  INFO api: started request_id=r1 method=GET path=/v1/views/queue\n"
         );
-        assert_eq!(with_fields("no newline", " a=1", false), "no newline a=1");
         assert_eq!(
-            with_fields("{\"level\":\"INFO\",\"target\":\"api\"}\n", "\"span\":{}", true),
-            "{\"level\":\"INFO\",\"target\":\"api\",\"span\":{}}\n"
+            with_fields("no newline", &context, false),
+            "no newline request_id=r1 method=GET path=/v1/views/queue"
         );
-        assert_eq!(with_fields("{}\n", "\"span\":{}", true), "{\"span\":{}}\n");
     }
 
     #[test]
     fn a_json_line_gets_the_keys_a_request_span_gave_it() {
-        let request = Request::builder()
-            .method("POST")
-            .uri("/v1/tasks?x=1")
-            .header("x-request-id", "order-17")
-            .body(axum::body::Body::empty())
-            .unwrap();
-        let context = RequestContext::of(&request);
-        let line = with_fields("{\"level\":\"ERROR\"}\n", &context.json_fields(), true);
-        let parsed: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let context = context("POST", "/v1/tasks?x=1", "order-17");
         let span =
             serde_json::json!({"request_id": "order-17", "method": "POST", "path": "/v1/tasks", "name": "request"});
-        assert_eq!(parsed["span"], span);
-        assert_eq!(parsed["spans"], serde_json::json!([span]));
-        assert_eq!(context.text_fields(), " request_id=order-17 method=POST path=/v1/tasks");
+        for line in ["{\"level\":\"ERROR\"}\n", "{}\n"] {
+            let spliced = with_fields(line, &context, true);
+            let parsed: serde_json::Value = serde_json::from_str(&spliced).unwrap();
+            assert_eq!(parsed["span"], span, "{spliced}");
+            assert_eq!(parsed["spans"], serde_json::json!([span]), "{spliced}");
+            assert!(spliced.ends_with("}\n"), "{spliced}");
+        }
+    }
+
+    /// A line logged in a span of its own inside the request (a command's, at DEBUG) keeps that
+    /// span as its `span`, with the request as the root of its `spans`, once.
+    #[test]
+    fn a_json_line_with_spans_of_its_own_gets_the_request_as_their_root() {
+        let context = context("POST", "/v1/claims", "c-1");
+        let command = serde_json::json!({"kind": "claim", "name": "command"});
+        let line = format!("{{\"level\":\"DEBUG\",\"span\":{command},\"spans\":[{command}]}}\n");
+        let spliced = with_fields(&line, &context, true);
+        let parsed: serde_json::Value = serde_json::from_str(&spliced).unwrap();
+        let request =
+            serde_json::json!({"request_id": "c-1", "method": "POST", "path": "/v1/claims", "name": "request"});
+        assert_eq!(parsed["span"], command, "{spliced}");
+        assert_eq!(parsed["spans"], serde_json::json!([request, command]), "{spliced}");
+        assert_eq!(spliced.matches("\"span\":").count(), 1, "{spliced}");
     }
 
     #[test]
     fn a_request_without_a_plain_id_gets_one_made_up_once() {
-        let request = Request::builder()
-            .uri("/v1/claims")
-            .header("x-request-id", "bad id")
-            .body(axum::body::Body::empty())
-            .unwrap();
-        let context = RequestContext::of(&request);
+        let context = context("GET", "/v1/claims", "bad id");
         let first = context.id().to_owned();
         assert_eq!(first.len(), 32, "{first}");
         assert_eq!(context.id(), first, "the same id on every line of the request");
