@@ -157,18 +157,19 @@ where
 fn with_fields(line: &str, context: &RequestContext, json: bool) -> String {
     let body = line.strip_suffix('\n').unwrap_or(line);
     let mut out = String::with_capacity(line.len() + 160);
-    let object = body.strip_suffix('}').filter(|_| json);
-    match object {
-        Some(open) if open.contains(SPANS_KEY) => {
-            // Spans of its own (a command's, at DEBUG): the request is their root.
-            let (before, after) = open.split_once(SPANS_KEY).expect("checked");
-            let _ = write!(out, "{before}{SPANS_KEY}{},{after}}}", context.json_span());
-        }
-        Some(open) => {
-            let span = context.json_span();
-            let comma = if open.ends_with('{') { "" } else { "," };
-            let _ = write!(out, "{open}{comma}\"span\":{span},\"spans\":[{span}]}}");
-        }
+    match body.strip_suffix('}').filter(|_| json) {
+        // Spans of its own (a command's, at DEBUG): the request is their root. (A field's value
+        // cannot hold the key: its quotes are escaped.)
+        Some(open) => match open.split_once(SPANS_KEY) {
+            Some((before, after)) => {
+                let _ = write!(out, "{before}{SPANS_KEY}{},{after}}}", context.json_span());
+            }
+            None => {
+                let span = context.json_span();
+                let comma = if open.ends_with('{') { "" } else { "," };
+                let _ = write!(out, "{open}{comma}\"span\":{span},\"spans\":[{span}]}}");
+            }
+        },
         None => {
             let _ = write!(out, "{body}{}", context.text_fields());
         }

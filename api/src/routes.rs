@@ -400,10 +400,12 @@ fn route_query<T>(query: QueryParams<T>) -> ApiResult<T> {
             .split_once("query string: ")
             .and_then(|(_, rest)| rest.split_once(": "))
             .map(|(name, _)| name)
-            .filter(|name| !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+            .filter(|name| !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+            .map(str::to_owned);
+        let error = ApiError::bad_request(text);
         match field {
-            Some(field) => ApiError::bad_request(text.clone()).with_field(field),
-            None => ApiError::bad_request(text),
+            Some(field) => error.with_field(field),
+            None => error,
         }
     })
 }

@@ -865,8 +865,6 @@ mod tests {
         assert!(matches!(log_filter(Some("[request]=debug")), LogFilter::BySpan(_)));
     }
 
-    /// A request whose answer is not ready within the timeout gets a coded, counted 408 that
-    /// says how to learn whether a command went through; a quick one passes untouched.
     #[tokio::test]
     async fn accepted_connections_probe_a_silent_peer() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -881,6 +879,8 @@ mod tests {
         drop(client);
     }
 
+    /// A request whose answer is not ready within the timeout gets a coded, counted 408 that
+    /// says how to learn whether a command went through; a quick one passes untouched.
     #[tokio::test]
     async fn a_request_past_the_timeout_is_a_coded_408() {
         use tower::ServiceExt;

@@ -185,6 +185,14 @@ impl Server {
         self.get_text_as(&self.token, path)
     }
 
+    /// Asserts that `/metrics` has each of `lines`, exactly as given.
+    pub fn assert_metrics_include(&self, lines: &[&str]) {
+        let (_, metrics) = self.get_text("/metrics");
+        for line in lines {
+            assert!(metrics.lines().any(|l| l == *line), "{line} in\n{metrics}");
+        }
+    }
+
     /// GETs a text body with `token`.
     pub fn get_text_as(&self, token: &str, path: &str) -> (u16, String) {
         let mut response = self
