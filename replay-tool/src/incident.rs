@@ -51,7 +51,17 @@ pub struct IncidentArgs {
     /// Write the report to this file instead of stdout.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+    /// Most events one report may hold: a wider window is refused (exit 2), not cut short,
+    /// since a timeline missing its end would mislead a post-mortem. Narrow the window, or
+    /// raise this for a JSON report a tool reads.
+    #[arg(long, value_name = "N", default_value_t = MAX_EVENTS_DEFAULT,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_events: u64,
 }
+
+/// Default of `--max-events`: a Markdown timeline of this many rows is already past reading,
+/// and the HTML page draws a marker per event (about 200 MB of report at this size in JSON).
+pub const MAX_EVENTS_DEFAULT: u64 = 100_000;
 
 impl IncidentArgs {
     /// A report on one task between seqs (or over its whole life): it needs the task's records
@@ -289,11 +299,24 @@ pub fn run(source: &Source, args: &IncidentArgs) -> Result<Outcome> {
     let mut book = TaskBook::default();
     let mut picked: Vec<(eventlog::StoredRecord, Event)> = Vec::new();
     let mut notes = Vec::new();
+    // Checked as events are picked, so a window too wide fails before it fills memory.
+    let too_many = |picked: &[(eventlog::StoredRecord, Event)]| -> Result<()> {
+        match picked.last() {
+            Some((record, _)) if picked.len() as u64 > args.max_events => Err(crate::source::usage(format!(
+                "the report would hold more than {max} events of seq {first}..{last} (it passed {max} at seq \
+                 {seq}): narrow it with --from and --to, or raise --max-events",
+                max = args.max_events,
+                seq = record.seq
+            ))),
+            _ => Ok(()),
+        }
+    };
     match task {
         Some(task) => {
             for record in source.task_records(task, last)?.into_iter().filter(|r| r.seq >= first) {
                 let event = decode(&record)?;
                 picked.push((record, event));
+                too_many(&picked)?;
             }
             if picked.is_empty() && source.task_records(task, u64::MAX)?.is_empty() {
                 bail!("task {task} is not in this log");
@@ -316,6 +339,7 @@ pub fn run(source: &Source, args: &IncidentArgs) -> Result<Outcome> {
                     for record in queue.into_iter().filter(|r| r.seq > begin) {
                         let event = decode(&record)?;
                         picked.push((record, event));
+                        too_many(&picked)?;
                     }
                     picked.sort_by_key(|(record, _)| record.seq);
                 }
@@ -365,6 +389,7 @@ pub fn run(source: &Source, args: &IncidentArgs) -> Result<Outcome> {
                 };
                 if keep {
                     picked.push((record.clone(), event));
+                    too_many(&picked)?;
                 }
                 Ok(ControlFlow::Continue(()))
             })?;

@@ -98,6 +98,50 @@ fn incident_timelines_show_a_run_of_heartbeats_as_one_row() {
 /// A lease still held when the report ends is marked so and drawn to the timeline's right edge
 /// (its bar ended where it began, as if it had ended at once); one claimed before the report's
 /// window is drawn from the left edge to the event that ended it (it had no bar at all).
+/// `--max-events` is a limit, not a cut: a report that would hold more events is refused with
+/// a usage error naming the limit and where it was passed, and prints nothing; one at the limit
+/// is whole. Reports of a window had no cap (a busy hour is millions of events in memory and
+/// an HTML page no browser opens).
+#[test]
+fn an_incident_report_past_its_event_limit_is_refused_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let head = build_heartbeats(dir.path(), 40);
+    let data = path(dir.path());
+    let task = &domain::testkit::task_id(1).to_string();
+    let at_limit = head.to_string();
+    let whole: Value = serde_json::from_str(&replay_ok(&[
+        "incident",
+        "--data",
+        data,
+        "--task",
+        task,
+        "--max-events",
+        &at_limit,
+        "--format",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(whole["events"].as_array().unwrap().len() as u64, head, "the task's events and its queue's");
+    let window_end = head.to_string();
+    for (what, args) in [
+        ("task", vec!["--task", task.as_str(), "--max-events", "50"]),
+        ("worker", vec!["--worker", "w-1", "--max-events", "10"]),
+        ("window", vec!["--from", "1", "--to", window_end.as_str(), "--max-events", "10"]),
+    ] {
+        let mut argv = vec!["incident", "--data", data];
+        argv.extend(args);
+        let refused = replay(&argv);
+        let stderr = crate::common::stderr(&refused);
+        assert_eq!(refused.status.code(), Some(2), "{what}: {stderr}");
+        assert!(refused.stdout.is_empty(), "{what}: no partial report");
+        let limit = argv.last().unwrap();
+        assert!(stderr.contains(&format!("more than {limit} events of seq ")), "{what}: {stderr}");
+        assert!(stderr.contains("raise --max-events"), "{what}: {stderr}");
+    }
+    let zero = replay(&["incident", "--data", data, "--task", task, "--max-events", "0"]);
+    assert_eq!(zero.status.code(), Some(2), "{}", crate::common::stderr(&zero));
+}
+
 #[test]
 fn incident_leases_open_at_the_end_or_claimed_before_the_window_are_drawn() {
     let (_dir, data) = story();
