@@ -216,17 +216,26 @@ async fn healthz(State(state): State<AppState>) -> Response {
 }
 
 /// How long an accepted connection may be idle before TCP asks whether its peer is still there,
-/// and how often it asks again (Linux gives up after 9 unanswered probes: about 2.5 minutes).
+/// and how often it asks again.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long what the server sent may go unacknowledged, or its keepalive probes unanswered,
+/// before the connection is dropped (`TCP_USER_TIMEOUT`): the time a quiet connection's 9
+/// probes took anyway. Without it, a connection the server is writing to (a feed that is
+/// following the log) retransmitted to a vanished peer for about 15 minutes.
+const UNACKNOWLEDGED_MAX: Duration = Duration::from_secs(150);
 
-/// TCP keepalive on an accepted connection: a client that vanishes without closing (a laptop
-/// asleep, a NAT mapping dropped) sends no FIN or RST, and a connection nothing is written to
-/// (a WebSocket whose subscriptions are quiet) stayed open forever, holding its connection slot
-/// and its token's stream slots (found by review). The probes end it.
+/// TCP keepalive on an accepted connection, and a bound on unacknowledged data: a client that
+/// vanishes without closing (a laptop asleep, a NAT mapping dropped) sends no FIN or RST. A
+/// connection nothing is written to (a WebSocket whose subscriptions are quiet) stayed open
+/// forever, holding its connection slot and its token's stream slots (found by review): the
+/// probes end it. One the server writes to is ended once its data has gone unacknowledged for
+/// `UNACKNOWLEDGED_MAX`.
 fn keep_alive(stream: &TcpStream) -> std::io::Result<()> {
     let keepalive = socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE).with_interval(KEEPALIVE_INTERVAL);
-    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+    let socket = socket2::SockRef::from(stream);
+    socket.set_tcp_keepalive(&keepalive)?;
+    socket.set_tcp_user_timeout(Some(UNACKNOWLEDGED_MAX))
 }
 
 /// Readiness: the log is open, the writer accepts writes, no other process holds the
@@ -866,7 +875,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn accepted_connections_probe_a_silent_peer() {
+    async fn accepted_connections_probe_a_silent_peer_and_bound_unacknowledged_data() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
@@ -876,6 +885,7 @@ mod tests {
         assert!(socket.keepalive().unwrap());
         assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
         assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(socket.tcp_user_timeout().unwrap(), Some(UNACKNOWLEDGED_MAX));
         drop(client);
     }
 
