@@ -2,7 +2,8 @@
 //! and step state changes, leases taken and lost, dead letters, queue
 //! settings. The ledger at `from` comes from the nearest snapshot; it is then
 //! told to keep finished tasks, so a task that ended inside the range still
-//! shows where it ended.
+//! shows where it ended. With `--summary` every list is only counted (state changes by
+//! transition), so a day of a busy log is a screenful and its items are never held.
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
@@ -16,7 +17,7 @@ use crate::describe::{TaskBook, printable};
 use crate::progress::Progress;
 use crate::source::{Point, Source, time_of};
 
-#[derive(Serialize, Default)]
+#[derive(Serialize)]
 struct Diff {
     from_seq: u64,
     to_seq: u64,
@@ -24,13 +25,56 @@ struct Diff {
     to_time: Option<String>,
     events: u64,
     events_by_type: BTreeMap<String, u64>,
-    tasks_created: Vec<Created>,
-    task_state_changes: Vec<Change>,
-    step_state_changes: Vec<Change>,
-    leases_taken: Vec<Lease>,
-    leases_lost: Vec<Lease>,
-    dead_letters: Vec<Lease>,
-    queue_changes: Vec<String>,
+    tasks_created: Listed<Created>,
+    task_state_changes: Listed<Change>,
+    step_state_changes: Listed<Change>,
+    leases_taken: Listed<Lease>,
+    leases_lost: Listed<Lease>,
+    dead_letters: Listed<Lease>,
+    queue_changes: Listed<String>,
+}
+
+/// One of a diff's lists: its items, or with `--summary` only how many there were (a state
+/// change counted under its transition, `from -> to`). JSON gives the items, or the count (a
+/// number; for state changes an object of counts by transition).
+struct Listed<T> {
+    keep: bool,
+    items: Vec<T>,
+    count: u64,
+    by_transition: BTreeMap<String, u64>,
+}
+
+impl<T> Listed<T> {
+    fn new(keep: bool) -> Self {
+        Listed { keep, items: Vec::new(), count: 0, by_transition: BTreeMap::new() }
+    }
+
+    /// Adds an item, made only if the list keeps its items.
+    fn push(&mut self, item: impl FnOnce() -> T) {
+        self.count += 1;
+        if self.keep {
+            self.items.push(item());
+        }
+    }
+}
+
+impl Listed<Change> {
+    fn push_change(&mut self, change: Change) {
+        if !self.keep {
+            *self.by_transition.entry(format!("{} -> {}", change.from, change.to)).or_default() += 1;
+        }
+        self.push(|| change);
+    }
+}
+
+impl<T: Serialize> Serialize for Listed<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match (self.keep, self.by_transition.is_empty()) {
+            (true, _) => self.items.serialize(serializer),
+            (false, true) => self.count.serialize(serializer),
+            (false, false) => self.by_transition.serialize(serializer),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -70,7 +114,7 @@ fn states(ledger: &Ledger, task: &TaskId) -> Option<States> {
     })
 }
 
-pub fn run(source: &Source, from: Point, to: Point, as_json: bool) -> Result<Outcome> {
+pub fn run(source: &Source, from: Point, to: Point, as_json: bool, summary: bool) -> Result<Outcome> {
     let a = source.upto(from)?;
     let b = source.upto(to)?;
     if a > b {
@@ -84,7 +128,15 @@ pub fn run(source: &Source, from: Point, to: Point, as_json: bool) -> Result<Out
         to_seq: b,
         from_time: source.record(a)?.map(|r| time_of(&r)),
         to_time: source.record(b)?.map(|r| time_of(&r)),
-        ..Diff::default()
+        events: 0,
+        events_by_type: BTreeMap::new(),
+        tasks_created: Listed::new(!summary),
+        task_state_changes: Listed::new(!summary),
+        step_state_changes: Listed::new(!summary),
+        leases_taken: Listed::new(!summary),
+        leases_lost: Listed::new(!summary),
+        dead_letters: Listed::new(!summary),
+        queue_changes: Listed::new(!summary),
     };
     let mut before: BTreeMap<TaskId, Option<States>> = BTreeMap::new();
     let mut workers: BTreeMap<(TaskId, u16, u32), String> = BTreeMap::new();
@@ -139,7 +191,7 @@ pub fn run(source: &Source, from: Point, to: Point, as_json: bool) -> Result<Out
             _ => Vec::new(),
         };
         match &event {
-            Event::TaskCreated { spec, .. } => diff.tasks_created.push(Created {
+            Event::TaskCreated { spec, .. } => diff.tasks_created.push(|| Created {
                 seq: record.seq,
                 task: spec.id.to_string(),
                 namespace: spec.namespace.to_string(),
@@ -147,7 +199,7 @@ pub fn run(source: &Source, from: Point, to: Point, as_json: bool) -> Result<Out
             }),
             Event::StepClaimed { task, step, worker, epoch, .. } => {
                 workers.insert((*task, step.0, epoch.0), worker.to_string());
-                diff.leases_taken.push(lease(*task, *step, epoch.0, Some(worker.to_string()), String::new()));
+                diff.leases_taken.push(|| lease(*task, *step, epoch.0, Some(worker.to_string()), String::new()));
             }
             Event::LeaseExpired { task, step, epoch, outcome, .. } => {
                 let w = worker_of(*task, step.0, epoch.0);
@@ -155,17 +207,17 @@ pub fn run(source: &Source, from: Point, to: Point, as_json: bool) -> Result<Out
                     FailOutcome::Retry { delay_ms, .. } => format!("retry in {delay_ms} ms"),
                     FailOutcome::DeadLetter => "dead-lettered".to_owned(),
                 };
-                diff.leases_lost.push(lease(*task, *step, epoch.0, w.clone(), detail.clone()));
+                diff.leases_lost.push(|| lease(*task, *step, epoch.0, w.clone(), detail.clone()));
                 if matches!(outcome, FailOutcome::DeadLetter) {
-                    diff.dead_letters.push(lease(*task, *step, epoch.0, w, "lease expired".into()));
+                    diff.dead_letters.push(|| lease(*task, *step, epoch.0, w, "lease expired".into()));
                 }
             }
             Event::StepFailed { task, step, epoch, error, outcome: FailOutcome::DeadLetter, .. } => {
                 let w = worker_of(*task, step.0, epoch.0);
-                diff.dead_letters.push(lease(*task, *step, epoch.0, w, error.as_str().to_owned()));
+                diff.dead_letters.push(|| lease(*task, *step, epoch.0, w, error.as_str().to_owned()));
             }
             Event::QueuePaused { .. } | Event::QueueResumed { .. } | Event::QueueConcurrencySet { .. } => {
-                diff.queue_changes.push(format!("seq {}: {}", record.seq, crate::describe::summary(&event, "")));
+                diff.queue_changes.push(|| format!("seq {}: {}", record.seq, crate::describe::summary(&event, "")));
             }
             _ => {}
         }
@@ -173,7 +225,7 @@ pub fn run(source: &Source, from: Point, to: Point, as_json: bool) -> Result<Out
         for (task, step, epoch, lost) in held {
             let step = ledger.task(&task).and_then(|t| t.step(step));
             if step.is_none_or(|s| s.lease_deadline.is_none() || s.epoch.0 != epoch) {
-                diff.leases_lost.push(lost);
+                diff.leases_lost.push(|| lost);
             }
         }
         diff.events += 1;
@@ -185,12 +237,12 @@ pub fn run(source: &Source, from: Point, to: Point, as_json: bool) -> Result<Out
         let Some((state, steps)) = states(&ledger, task) else { continue };
         let (old_state, old_steps) = old.clone().unwrap_or_else(|| ("(new)".into(), Vec::new()));
         if old_state != state {
-            diff.task_state_changes.push(Change { subject: task.to_string(), from: old_state, to: state });
+            diff.task_state_changes.push_change(Change { subject: task.to_string(), from: old_state, to: state });
         }
         for (name, now) in steps {
             let was = old_steps.iter().find(|(n, _)| *n == name).map_or("(new)".to_owned(), |(_, s)| s.clone());
             if was != now {
-                diff.step_state_changes.push(Change { subject: format!("{task}/{name}"), from: was, to: now });
+                diff.step_state_changes.push_change(Change { subject: format!("{task}/{name}"), from: was, to: now });
             }
         }
     }
@@ -216,21 +268,24 @@ fn print_text(d: &Diff) {
     if !types.is_empty() {
         println!("  by type: {}", types.join(", "));
     }
-    println!("tasks created ({})", d.tasks_created.len());
-    for c in &d.tasks_created {
+    println!("tasks created ({})", d.tasks_created.count);
+    for c in &d.tasks_created.items {
         println!("  seq {:<6} {}  {:<12} {:?}", c.seq, c.task, c.namespace, c.name);
     }
-    println!("task state changes ({})", d.task_state_changes.len());
-    for c in &d.task_state_changes {
-        println!("  {}  {} -> {}", c.subject, c.from, c.to);
-    }
-    println!("step state changes ({})", d.step_state_changes.len());
-    for c in &d.step_state_changes {
-        println!("  {}  {} -> {}", c.subject, c.from, c.to);
-    }
-    let leases = |title: &str, list: &[Lease]| {
-        println!("{title} ({})", list.len());
-        for l in list {
+    let changes = |title: &str, list: &Listed<Change>| {
+        println!("{title} ({})", list.count);
+        for c in &list.items {
+            println!("  {}  {} -> {}", c.subject, c.from, c.to);
+        }
+        for (transition, n) in &list.by_transition {
+            println!("  {transition}  {n}");
+        }
+    };
+    changes("task state changes", &d.task_state_changes);
+    changes("step state changes", &d.step_state_changes);
+    let leases = |title: &str, list: &Listed<Lease>| {
+        println!("{title} ({})", list.count);
+        for l in &list.items {
             let worker = l.worker.as_deref().map(|w| format!(" worker {w}")).unwrap_or_default();
             // A dead letter's detail is the worker's error, as written: raw, it could rewrite the
             // terminal (found by a black-box check; every other subcommand escaped it already).
@@ -241,8 +296,8 @@ fn print_text(d: &Diff) {
     leases("leases taken", &d.leases_taken);
     leases("leases lost", &d.leases_lost);
     leases("dead letters", &d.dead_letters);
-    println!("queue changes ({})", d.queue_changes.len());
-    for q in &d.queue_changes {
+    println!("queue changes ({})", d.queue_changes.count);
+    for q in &d.queue_changes.items {
         println!("  {q}");
     }
 }

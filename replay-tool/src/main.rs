@@ -176,6 +176,9 @@ enum Command {
         to: Point,
         #[arg(long)]
         json: bool,
+        /// Counts only: how many of each (state changes by transition), no lists.
+        #[arg(long)]
+        summary: bool,
     },
     /// A timeline report of a task, a worker or a time window.
     Incident(incident::IncidentArgs),
@@ -226,7 +229,7 @@ fn run(cli: Cli) -> Result<Outcome> {
         Command::State { input, as_of, task, tasks, json } => {
             state::run(&input.open()?, as_of, task.as_deref(), tasks, json)
         }
-        Command::Diff { input, from, to, json } => diff::run(&input.open()?, from, to, json),
+        Command::Diff { input, from, to, json, summary } => diff::run(&input.open()?, from, to, json, summary),
         Command::Incident(args) => {
             let source = if args.reads_one_task_by_seq() { args.input.open_head_only()? } else { args.input.open()? };
             incident::run(&source, &args)

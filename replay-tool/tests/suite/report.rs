@@ -286,6 +286,39 @@ fn diff_between_two_points() {
     assert!(crate::common::stderr(&backwards).contains("is after --to"));
 }
 
+/// `diff --summary` counts what the full diff lists, state changes by transition, and lists
+/// nothing: the same counts in text and JSON as the full diff's lengths.
+#[test]
+fn diff_summary_counts_what_the_full_diff_lists() {
+    let (_dir, data) = story();
+    let args = ["diff", "--data", &data, "--from", "0", "--to", "23", "--json"];
+    let full: Value = serde_json::from_str(&replay_ok(&args)).unwrap();
+    let summary: Value = serde_json::from_str(&replay_ok(&[&args[..], &["--summary"]].concat())).unwrap();
+    assert_eq!(summary["events"], full["events"]);
+    assert_eq!(summary["events_by_type"], full["events_by_type"]);
+    for list in ["tasks_created", "leases_taken", "leases_lost", "dead_letters", "queue_changes"] {
+        let items = full[list].as_array().unwrap();
+        assert_eq!(summary[list].as_u64(), Some(items.len() as u64), "{list}");
+    }
+    assert!(!full["queue_changes"].as_array().unwrap().is_empty(), "the story pauses a queue");
+    for list in ["task_state_changes", "step_state_changes"] {
+        let mut counted = std::collections::BTreeMap::<String, u64>::new();
+        for change in full[list].as_array().unwrap() {
+            *counted
+                .entry(format!("{} -> {}", change["from"].as_str().unwrap(), change["to"].as_str().unwrap()))
+                .or_default() += 1;
+        }
+        let by_transition: std::collections::BTreeMap<String, u64> =
+            serde_json::from_value(summary[list].clone()).unwrap();
+        assert_eq!(by_transition, counted, "{list}");
+    }
+    let text = replay_ok(&["diff", "--data", &data, "--from", "0", "--to", "23", "--summary"]);
+    let created = full["tasks_created"].as_array().unwrap().len();
+    assert!(text.contains(&format!("tasks created ({created})")), "{text}");
+    assert!(text.contains("(new) -> cancelled  1"), "{text}");
+    assert!(!text.contains(full["tasks_created"][0]["task"].as_str().unwrap()), "no task is listed: {text}");
+}
+
 /// Text a client wrote (a task's name, an error, a note) cannot become markup in a report or
 /// control a terminal (found by a black-box check: the Markdown report passed `<script>`
 /// through, and `diff` printed a dead letter's error raw, escape sequences and all).
