@@ -41,12 +41,13 @@ struct Listed<T> {
     keep: bool,
     items: Vec<T>,
     count: u64,
-    by_transition: BTreeMap<String, u64>,
+    /// For state changes with `--summary`: the count by transition.
+    by_transition: Option<BTreeMap<String, u64>>,
 }
 
 impl<T> Listed<T> {
     fn new(keep: bool) -> Self {
-        Listed { keep, items: Vec::new(), count: 0, by_transition: BTreeMap::new() }
+        Listed { keep, items: Vec::new(), count: 0, by_transition: None }
     }
 
     /// Adds an item, made only if the list keeps its items.
@@ -59,20 +60,25 @@ impl<T> Listed<T> {
 }
 
 impl Listed<Change> {
-    fn push_change(&mut self, change: Change) {
-        if !self.keep {
-            *self.by_transition.entry(format!("{} -> {}", change.from, change.to)).or_default() += 1;
+    fn of_changes(keep: bool) -> Self {
+        Listed { by_transition: (!keep).then(BTreeMap::new), ..Listed::new(keep) }
+    }
+
+    /// Adds a state change of `subject` (named only if the list keeps its items).
+    fn push_change(&mut self, subject: impl FnOnce() -> String, from: String, to: String) {
+        if let Some(counts) = &mut self.by_transition {
+            *counts.entry(format!("{from} -> {to}")).or_default() += 1;
         }
-        self.push(|| change);
+        self.push(|| Change { subject: subject(), from, to });
     }
 }
 
 impl<T: Serialize> Serialize for Listed<T> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        match (self.keep, self.by_transition.is_empty()) {
+        match (self.keep, &self.by_transition) {
             (true, _) => self.items.serialize(serializer),
-            (false, true) => self.count.serialize(serializer),
-            (false, false) => self.by_transition.serialize(serializer),
+            (false, Some(counts)) => counts.serialize(serializer),
+            (false, None) => self.count.serialize(serializer),
         }
     }
 }
@@ -131,8 +137,8 @@ pub fn run(source: &Source, from: Point, to: Point, as_json: bool, summary: bool
         events: 0,
         events_by_type: BTreeMap::new(),
         tasks_created: Listed::new(!summary),
-        task_state_changes: Listed::new(!summary),
-        step_state_changes: Listed::new(!summary),
+        task_state_changes: Listed::of_changes(!summary),
+        step_state_changes: Listed::of_changes(!summary),
         leases_taken: Listed::new(!summary),
         leases_lost: Listed::new(!summary),
         dead_letters: Listed::new(!summary),
@@ -237,12 +243,12 @@ pub fn run(source: &Source, from: Point, to: Point, as_json: bool, summary: bool
         let Some((state, steps)) = states(&ledger, task) else { continue };
         let (old_state, old_steps) = old.clone().unwrap_or_else(|| ("(new)".into(), Vec::new()));
         if old_state != state {
-            diff.task_state_changes.push_change(Change { subject: task.to_string(), from: old_state, to: state });
+            diff.task_state_changes.push_change(|| task.to_string(), old_state, state);
         }
         for (name, now) in steps {
             let was = old_steps.iter().find(|(n, _)| *n == name).map_or("(new)".to_owned(), |(_, s)| s.clone());
             if was != now {
-                diff.step_state_changes.push_change(Change { subject: format!("{task}/{name}"), from: was, to: now });
+                diff.step_state_changes.push_change(|| format!("{task}/{name}"), was, now);
             }
         }
     }
@@ -277,7 +283,7 @@ fn print_text(d: &Diff) {
         for c in &list.items {
             println!("  {}  {} -> {}", c.subject, c.from, c.to);
         }
-        for (transition, n) in &list.by_transition {
+        for (transition, n) in list.by_transition.iter().flatten() {
             println!("  {transition}  {n}");
         }
     };

@@ -95,9 +95,6 @@ fn incident_timelines_show_a_run_of_heartbeats_as_one_row() {
     assert_eq!(html.matches("lease_extended ×40").count(), 4, "two markers' titles and two table rows");
 }
 
-/// A lease still held when the report ends is marked so and drawn to the timeline's right edge
-/// (its bar ended where it began, as if it had ended at once); one claimed before the report's
-/// window is drawn from the left edge to the event that ended it (it had no bar at all).
 /// `--max-events` is a limit, not a cut: a report that would hold more events is refused with
 /// a usage error naming the limit and where it was passed, and prints nothing; one at the limit
 /// is whole. Reports of a window had no cap (a busy hour is millions of events in memory and
@@ -142,6 +139,9 @@ fn an_incident_report_past_its_event_limit_is_refused_whole() {
     assert_eq!(zero.status.code(), Some(2), "{}", crate::common::stderr(&zero));
 }
 
+/// A lease still held when the report ends is marked so and drawn to the timeline's right edge
+/// (its bar ended where it began, as if it had ended at once); one claimed before the report's
+/// window is drawn from the left edge to the event that ended it (it had no bar at all).
 #[test]
 fn incident_leases_open_at_the_end_or_claimed_before_the_window_are_drawn() {
     let (_dir, data) = story();
@@ -312,6 +312,12 @@ fn diff_summary_counts_what_the_full_diff_lists() {
             serde_json::from_value(summary[list].clone()).unwrap();
         assert_eq!(by_transition, counted, "{list}");
     }
+    // A window with no state change still gives them as objects (no transitions), not counts.
+    let quiet: Value =
+        serde_json::from_str(&replay_ok(&["diff", "--data", &data, "--from", "5", "--to", "5", "--json", "--summary"]))
+            .unwrap();
+    assert_eq!(quiet["task_state_changes"], serde_json::json!({}), "{quiet}");
+    assert_eq!(quiet["tasks_created"], 0, "{quiet}");
     let text = replay_ok(&["diff", "--data", &data, "--from", "0", "--to", "23", "--summary"]);
     let created = full["tasks_created"].as_array().unwrap().len();
     assert!(text.contains(&format!("tasks created ({created})")), "{text}");
