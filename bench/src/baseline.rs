@@ -30,6 +30,22 @@
 //! - Every statement is a prepared statement (sqlx caches them per
 //!   connection); every producer and worker holds one pooled connection for
 //!   the run, so no pool checkout sits on the hot path.
+//! - The table starts with history and statistics, as a production queue's
+//!   table has them (River keeps finished jobs for a day; autovacuum has
+//!   analyzed it): `--baseline-history N` finished jobs, then `ANALYZE`.
+//!   Without them PostgreSQL plans each connection's prepared statements,
+//!   at their sixth run, for a table it takes to be near empty, and keeps
+//!   those generic plans for the whole run. The completion's plan is then a
+//!   sequential scan, or a bitmap scan of the `jobs_rescue` index: bitmap
+//!   scans read every entry and never mark dead ones, so it reads an entry
+//!   for every job claimed so far (no vacuum runs in a 13 s window). The
+//!   queue slows as it runs: 6–8k jobs/s instead of 15–19k in most runs
+//!   here (2026-12-06, plans from `auto_explain`). With statistics the plan
+//!   is a plain index scan of `jobs_rescue`, which marks the dead entries it
+//!   passes so btree drops them, and stays the size of the running set.
+//!   Which plan a connection froze depended on the moment, so the same
+//!   command gave either speed before the history was added.
+//!   gave either speed. `--baseline-history 0` shows it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -74,6 +90,11 @@ $$;
 CREATE TRIGGER jobs_notify AFTER INSERT ON jobs FOR EACH STATEMENT EXECUTE FUNCTION jobs_notify();
 "#;
 
+/// Finished jobs of an earlier day, in a queue of their own.
+const HISTORY: &str = "INSERT INTO jobs (queue, kind, payload, state, attempts, locked_by, locked_at, created_at, finished_at) \
+     SELECT 'history', 'send-email', '{}', 'completed', 1, 'w-0', now() - interval '1 day', now() - interval '1 day', \
+            now() - interval '1 day' FROM generate_series(1, $1::bigint)";
+
 const INSERT: &str = "INSERT INTO jobs (queue, kind, payload) VALUES ($1, $2, $3::jsonb) RETURNING id";
 const INSERT_MANY: &str =
     "INSERT INTO jobs (queue, kind, payload) SELECT $1, $2, p::jsonb FROM unnest($3::text[]) AS p";
@@ -116,7 +137,8 @@ pub struct Queue {
 }
 
 impl Queue {
-    pub async fn create(url: &str, connections: u32, wakeup: Wakeup) -> Result<Queue> {
+    /// `history`: finished jobs the table starts with (then `ANALYZE`), see the module comment.
+    pub async fn create(url: &str, connections: u32, wakeup: Wakeup, history: u64) -> Result<Queue> {
         let pool = PgPoolOptions::new()
             .max_connections(connections + 2)
             .min_connections(0)
@@ -124,6 +146,10 @@ impl Queue {
             .await
             .with_context(|| format!("connect to {url}"))?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await.context("create the jobs table")?;
+        if history > 0 {
+            sqlx::query(HISTORY).bind(i64::try_from(history)?).execute(&pool).await.context("add history")?;
+            sqlx::raw_sql("ANALYZE jobs").execute(&pool).await.context("analyze the jobs table")?;
+        }
         let inserted = Arc::new(Notify::new());
         let mut listener = None;
         if let Wakeup::Notify = wakeup {
@@ -377,4 +403,58 @@ pub async fn worker(
         }
     }
     Ok(tally)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use projections::testing::TempPostgres;
+
+    /// The plan PostgreSQL keeps for a prepared statement once it settles on a generic one,
+    /// as `EXPLAIN` prints it.
+    async fn generic_plan(pool: &PgPool, statement: &str, types: &str, values: &str) -> String {
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "SET plan_cache_mode = force_generic_plan; PREPARE s({types}) AS {statement}"
+        )))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        let lines: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN EXECUTE s({values})")))
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+        lines.join("\n")
+    }
+
+    /// Why the baseline's table starts with history: on a fresh, never-analyzed table the
+    /// completion's generic plan (the one a worker's prepared statement keeps for the run) is
+    /// a sequential scan or a bitmap scan, whose cost grows with every job claimed; with
+    /// history and statistics it is a plain index scan, which stays the size of the running
+    /// set. The claim uses the fetch index either way.
+    #[tokio::test]
+    async fn the_completion_plan_does_not_grow_with_the_table_once_it_has_history_and_statistics() {
+        for (history, steady) in [(0, false), (10_000, true)] {
+            let url = TempPostgres::shared().create_database("baseline_plans").await.unwrap();
+            let queue = Queue::create(&url, 1, Wakeup::Poll(Duration::from_millis(2)), history).await.unwrap();
+            // The first seconds of a run: jobs created, some claimed, no statistics yet.
+            let payloads: Vec<String> = (0..2_000).map(payload).collect();
+            sqlx::query(INSERT_MANY)
+                .bind("lifecycle")
+                .bind("send-email")
+                .bind(payloads)
+                .execute(&queue.pool)
+                .await
+                .unwrap();
+            for _ in 0..20 {
+                sqlx::query(CLAIM).bind("w-0").bind("lifecycle").bind(16i64).execute(&queue.pool).await.unwrap();
+            }
+            let complete = generic_plan(&queue.pool, COMPLETE, "bigint[], text", "'{1,2,3}', 'w-0'").await;
+            let index_scan = complete.contains("Index Scan using") && !complete.contains("Bitmap");
+            assert_eq!(index_scan && !complete.contains("Seq Scan"), steady, "history {history}:\n{complete}");
+            let claim = generic_plan(&queue.pool, CLAIM, "text, text, bigint", "'w-0', 'lifecycle', 16").await;
+            assert!(claim.contains("jobs_fetch"), "history {history}, the claim's plan:\n{claim}");
+            queue.close().await;
+        }
+    }
 }

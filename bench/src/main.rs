@@ -26,6 +26,7 @@
 
 mod baseline;
 mod disk;
+mod floor;
 mod http;
 mod server;
 mod stats;
@@ -99,8 +100,9 @@ struct Args {
     /// In `mixed`, per-mille of steps that fail permanently (dead letter).
     #[arg(long, default_value_t = 20)]
     permanent_permille: u64,
-    /// Which workloads, comma-separated: lifecycle, half-rate, idle-pickup, mixed, batch-create.
-    #[arg(long, default_value = "lifecycle,half-rate,idle-pickup,mixed,batch-create")]
+    /// Which workloads, comma-separated: lifecycle, half-rate, idle-pickup, mixed, batch-create,
+    /// http-floor (taskledger's lifecycle creates against a server that stores nothing).
+    #[arg(long, default_value = "lifecycle,half-rate,idle-pickup,mixed,batch-create,http-floor")]
     workloads: String,
     /// Run only one system: taskledger or baseline.
     #[arg(long)]
@@ -115,6 +117,11 @@ struct Args {
     /// `notify` (an insert trigger's pg_notify; serializes commits, see baseline.rs).
     #[arg(long, default_value = "poll:2")]
     baseline_wakeup: Wakeup,
+    /// Finished jobs the baseline's table starts with, then `ANALYZE`: a production queue's
+    /// table has history and statistics. 0 starts it empty and never analyzed, whose prepared
+    /// statements PostgreSQL plans for an empty table (see baseline.rs).
+    #[arg(long, default_value_t = 100_000)]
+    baseline_history: u64,
     /// Threads of the bench's own runtime (1 keeps the load generator to one core at most).
     #[arg(long, default_value_t = 1)]
     client_threads: usize,
@@ -135,6 +142,9 @@ struct Args {
     /// One JSON object per line on stdout (the table goes to stderr).
     #[arg(long)]
     json: bool,
+    /// Run as the `http-floor` workload's null server (the bench starts it itself).
+    #[arg(long, hide = true)]
+    serve_null: bool,
 }
 
 impl Args {
@@ -152,6 +162,7 @@ impl Args {
         self.workers = self.workers.min(2);
         self.batch = self.batch.min(8);
         self.paced_connections = self.paced_connections.min(8);
+        self.baseline_history = self.baseline_history.min(10_000);
     }
     fn wants(&self, workload: &str) -> bool {
         self.workloads.split(',').any(|w| w.trim() == workload)
@@ -323,12 +334,13 @@ async fn measure(
     phase: &Arc<Phase>,
     warmup: Duration,
     window: Duration,
-    server: Option<(u32, &Target)>,
+    server: Option<(u32, Option<&Target>)>,
     tasks: Tasks,
 ) -> Result<Measured> {
     tokio::time::sleep(warmup).await;
-    let before = match server {
-        Some((_, t)) => writer_counters(t).await,
+    let counters = server.and_then(|(_, t)| t);
+    let before = match counters {
+        Some(t) => writer_counters(t).await,
         None => None,
     };
     let cpu = CpuMeter::start(server.map(|(pid, _)| pid));
@@ -338,8 +350,8 @@ async fn measure(
     phase.stop();
     let seconds = started.elapsed().as_secs_f64();
     let cpu = cpu.finish();
-    let after = match server {
-        Some((_, t)) => writer_counters(t).await,
+    let after = match counters {
+        Some(t) => writer_counters(t).await,
         None => None,
     };
     let writer = before.zip(after).map(|(b, a)| WriterRates::between(&b, &a, seconds));
@@ -437,7 +449,7 @@ async fn run_taskledger(args: &Args, binary: &std::path::Path, rows: &mut Vec<Ro
                 pickups.clone(),
             )));
         }
-        let m = measure(&phase, args.warmup(), args.window(), Some((pid, &target)), tasks).await?;
+        let m = measure(&phase, args.warmup(), args.window(), Some((pid, Some(&target))), tasks).await?;
         let r = row("taskledger", "lifecycle", m, |t| t.finished, String::new());
         lifecycle_rate = Some(r.tasks_per_s);
         progress(args, &r);
@@ -476,7 +488,7 @@ async fn run_taskledger(args: &Args, binary: &std::path::Path, rows: &mut Vec<Ro
                         pickups.clone(),
                     )));
                 }
-                let m = measure(&phase, args.warmup(), args.window(), Some((pid, &target)), tasks).await?;
+                let m = measure(&phase, args.warmup(), args.window(), Some((pid, Some(&target))), tasks).await?;
                 let r = row("taskledger", "half-rate", m, |t| t.finished, format!("target {rate:.0} tasks/s"));
                 progress(args, &r);
                 rows.push(r);
@@ -503,7 +515,7 @@ async fn run_taskledger(args: &Args, binary: &std::path::Path, rows: &mut Vec<Ro
             )),
         ];
         let window = interval * args.idle_tasks;
-        let m = measure(&phase, interval * 5, window, Some((pid, &target)), tasks).await?;
+        let m = measure(&phase, interval * 5, window, Some((pid, Some(&target))), tasks).await?;
         let r = row("taskledger", "idle-pickup", m, |t| t.finished, String::new());
         progress(args, &r);
         rows.push(r);
@@ -533,7 +545,7 @@ async fn run_taskledger(args: &Args, binary: &std::path::Path, rows: &mut Vec<Ro
                 pickups.clone(),
             )));
         }
-        let m = measure(&phase, args.warmup(), args.window(), Some((pid, &target)), tasks).await?;
+        let m = measure(&phase, args.warmup(), args.window(), Some((pid, Some(&target))), tasks).await?;
         let note = format!(
             "{} steps completed, {} retried, {} dead-lettered",
             m.tally.completed_steps, m.tally.retried_steps, m.tally.dead_lettered
@@ -556,8 +568,14 @@ async fn run_taskledger(args: &Args, binary: &std::path::Path, rows: &mut Vec<Ro
                 phase.clone(),
             )));
         }
-        let m = measure(&phase, args.warmup().min(Duration::from_secs(2)), args.window(), Some((pid, &target)), tasks)
-            .await?;
+        let m = measure(
+            &phase,
+            args.warmup().min(Duration::from_secs(2)),
+            args.window(),
+            Some((pid, Some(&target))),
+            tasks,
+        )
+        .await?;
         let r = row("taskledger", "batch-create", m, |t| t.created, format!("{} tasks per batch", args.batch_size));
         progress(args, &r);
         rows.push(r);
@@ -566,12 +584,43 @@ async fn run_taskledger(args: &Args, binary: &std::path::Path, rows: &mut Vec<Ro
     Ok(())
 }
 
+/// taskledger's lifecycle producers against the null server (see floor.rs): the
+/// most creates per second any HTTP server answers here.
+async fn run_http_floor(args: &Args, rows: &mut Vec<Row>) -> Result<()> {
+    let null = floor::NullServer::start()?;
+    let target = Target::new(null.addr, "floor")?;
+    let phase = Arc::new(Phase::new());
+    let pickups = Arc::new(Pickups::new());
+    let ids = Arc::new(Ids::new());
+    let tasks: Tasks = (0..args.producers)
+        .map(|_| {
+            tokio::spawn(taskledger::producer(
+                target.clone(),
+                "floor",
+                TaskShape::Single,
+                u64::MAX,
+                ids.clone(),
+                phase.clone(),
+                pickups.clone(),
+            ))
+        })
+        .collect();
+    let m = measure(&phase, args.warmup(), args.window(), Some((null.pid(), None)), tasks).await?;
+    let r = row(HTTP_FLOOR, "create", m, |t| t.created, "creates only, nothing stored".to_owned());
+    progress(args, &r);
+    rows.push(r);
+    Ok(())
+}
+
+/// The `system` of the `http-floor` row.
+const HTTP_FLOOR: &str = "http-floor";
+
 async fn run_baseline(args: &Args, pg: &TempPostgres, rows: &mut Vec<Row>) -> Result<()> {
     let connections = (args.producers.max(args.paced_connections).max(args.batch_producers) + args.workers) as u32;
     let mut lifecycle_rate = None;
     let open = |name: &'static str| async move {
         let url = pg.create_database(&format!("bench_{name}")).await.context("create a baseline database")?;
-        baseline::Queue::create(&url, connections, args.baseline_wakeup).await
+        baseline::Queue::create(&url, connections, args.baseline_wakeup, args.baseline_history).await
     };
     let wakeup_note = match args.baseline_wakeup {
         Wakeup::Notify => "LISTEN/NOTIFY".to_owned(),
@@ -775,15 +824,35 @@ fn print_table(args: &Args, rows: &[Row]) {
         }
         let _ = writeln!(out, "{} {}: {}", r.system, r.workload, notes.join("; "));
     }
-    let find = |system: &str| rows.iter().find(|r| r.system == system && r.workload == "lifecycle");
-    if let (Some(a), Some(b)) = (find("taskledger"), find("pg-skip-locked")) {
-        let _ = writeln!(out, "\nlifecycle ratio taskledger / pg-skip-locked: {:.2}", a.tasks_per_s / b.tasks_per_s);
+    let (lifecycle, floor) = ratios(rows);
+    if let Some(ratio) = lifecycle {
+        let _ = writeln!(out, "\nlifecycle ratio taskledger / pg-skip-locked: {ratio:.2}");
+    }
+    if let Some(ratio) = floor {
+        let _ = writeln!(
+            out,
+            "http-floor creates / pg-skip-locked lifecycle: {ratio:.2} (no lifecycle served over HTTP here could have a higher ratio)"
+        );
     }
     eprint!("{out}");
 }
 
+/// taskledger's lifecycle over the baseline's; the HTTP floor's creates over the baseline's
+/// lifecycle (the highest lifecycle ratio any system answering over HTTP could have here).
+fn ratios(rows: &[Row]) -> (Option<f64>, Option<f64>) {
+    let rate = |system: &str, workload: &str| {
+        rows.iter().find(|r| r.system == system && r.workload == workload).map(|r| r.tasks_per_s)
+    };
+    let baseline = rate("pg-skip-locked", "lifecycle");
+    let over_baseline = |rate: Option<f64>| rate.zip(baseline).map(|(a, b)| a / b);
+    (over_baseline(rate("taskledger", "lifecycle")), over_baseline(rate(HTTP_FLOOR, "create")))
+}
+
 fn main() -> Result<()> {
     let mut args = Args::parse();
+    if args.serve_null {
+        return floor::serve_null();
+    }
     args.apply_quick();
     let (run_tl, run_pg) = match args.only.as_deref() {
         None => (true, true),
@@ -810,6 +879,9 @@ fn main() -> Result<()> {
     runtime.block_on(async {
         if let Some(binary) = &binary {
             run_taskledger(&args, binary, &mut rows).await?;
+        }
+        if run_tl && args.wants("http-floor") {
+            run_http_floor(&args, &mut rows).await?;
         }
         if run_pg {
             eprintln!("starting a throwaway PostgreSQL (fsync on)");
@@ -840,10 +912,13 @@ fn main() -> Result<()> {
         for r in &rows {
             println!("{}", r.json());
         }
-        let find = |system: &str| rows.iter().find(|r| r.system == system && r.workload == "lifecycle");
-        if let (Some(a), Some(b)) = (find("taskledger"), find("pg-skip-locked")) {
-            let ratio = a.tasks_per_s / b.tasks_per_s;
-            println!("{}", json!({ "ratio_lifecycle": (ratio * 1000.0).round() / 1000.0 }));
+        let r = |x: f64| (x * 1000.0).round() / 1000.0;
+        if let (Some(lifecycle), floor) = ratios(&rows) {
+            let mut line = json!({ "ratio_lifecycle": r(lifecycle) });
+            if let Some(floor) = floor {
+                line["ratio_http_floor"] = json!(r(floor));
+            }
+            println!("{line}");
         }
     }
     if rows.iter().any(|r| r.tally.errors_total > 0) {

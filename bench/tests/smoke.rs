@@ -1,6 +1,7 @@
 //! Runs `taskledger-bench --quick --json` against the real server and a real
 //! throwaway PostgreSQL, and checks what it prints: every JSON line parses,
-//! every workload of both systems ran, finished tasks and saw no errors.
+//! every workload of both systems (and the HTTP floor) ran, finished tasks and
+//! saw no errors.
 //! Timings are not asserted (they belong to the benchmark's own output).
 
 use std::path::PathBuf;
@@ -62,6 +63,7 @@ fn quick_run_prints_a_result_for_every_workload() {
         ("pg-skip-locked", "half-rate"),
         ("pg-skip-locked", "idle-pickup"),
         ("pg-skip-locked", "batch-create"),
+        ("http-floor", "create"),
     ];
     for (system, workload) in expected {
         let row = rows
@@ -70,7 +72,7 @@ fn quick_run_prints_a_result_for_every_workload() {
             .unwrap_or_else(|| panic!("no {system} {workload} line in:\n{stdout}\n{stderr}"));
         assert_eq!(row["errors"], 0, "{system} {workload} had errors: {row}");
         assert!(row["tasks_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{system} {workload} did nothing: {row}");
-        let done = if workload == "batch-create" { &row["created"] } else { &row["finished"] };
+        let done = if matches!(workload, "batch-create" | "create") { &row["created"] } else { &row["finished"] };
         assert!(done.as_u64().unwrap_or(0) > 0, "{system} {workload} finished no task: {row}");
         for key in ["p50_ms", "p99_ms", "pickup_p99_ms"] {
             assert!(row[key].is_number(), "{system} {workload}: {key} missing in {row}");
@@ -85,6 +87,8 @@ fn quick_run_prints_a_result_for_every_workload() {
     assert!(disk["syncs"].as_u64().unwrap_or(0) > 0, "the disk probe synced nothing: {disk}");
     let (p50, p99, max) = (disk["p50_ms"].as_f64(), disk["p99_ms"].as_f64(), disk["max_ms"].as_f64());
     assert!(matches!((p50, p99, max), (Some(a), Some(b), Some(c)) if 0.0 < a && a <= b && b <= c), "{disk}");
-    let ratio = lines.iter().find_map(|v| v.get("ratio_lifecycle")).expect("a ratio_lifecycle line");
-    assert!(ratio.as_f64().unwrap_or(0.0) > 0.0, "ratio {ratio}");
+    let ratios = lines.iter().find(|v| v.get("ratio_lifecycle").is_some()).expect("a ratio_lifecycle line");
+    for key in ["ratio_lifecycle", "ratio_http_floor"] {
+        assert!(ratios[key].as_f64().unwrap_or(0.0) > 0.0, "{key} in {ratios}");
+    }
 }
