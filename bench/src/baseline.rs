@@ -44,8 +44,8 @@
 //!   is a plain index scan of `jobs_rescue`, which marks the dead entries it
 //!   passes so btree drops them, and stays the size of the running set.
 //!   Which plan a connection froze depended on the moment, so the same
-//!   command gave either speed before the history was added.
-//!   gave either speed. `--baseline-history 0` shows it.
+//!   command gave either speed before the history was added;
+//!   `--baseline-history 0` shows it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -424,6 +424,8 @@ mod tests {
             .fetch_all(&mut *conn)
             .await
             .unwrap();
+        // The pool hands this connection out again: leave it as it was.
+        sqlx::raw_sql("DEALLOCATE s; RESET plan_cache_mode").execute(&mut *conn).await.unwrap();
         lines.join("\n")
     }
 

@@ -27,9 +27,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-/// About the size of taskledger's answer to a create.
-const ANSWER: &[u8] =
-    br#"{"task_id":"0193a5c4-7e1f-7c2a-9d1e-5b8f3a2c1d0e","namespace":"floor","state":"ready","seq":1234567}"#;
+/// The shape and size of taskledger's answer to a create (`api::wire::CreatedResponse`).
+const ANSWER: &[u8] = br#"{"task_id":"0193a5c4-7e1f-7c2a-9d1e-5b8f3a2c1d0e","created":true,"seq":1234567,"head_seq":1234567,"duplicate":false}"#;
 
 /// `--serve-null`: listens on a free loopback port, prints its address on
 /// stdout, and answers every request until killed.
