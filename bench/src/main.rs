@@ -221,6 +221,11 @@ impl Row {
             "server_cpu_pct": self.cpu.server_pct.map(r),
             "machine_cpu_pct": self.cpu.machine_pct.map(r),
         });
+        if !self.cpu.server_threads.is_empty() {
+            let threads: serde_json::Map<String, serde_json::Value> =
+                self.cpu.server_threads.iter().map(|(name, pct)| (name.clone(), json!(r(*pct)))).collect();
+            v["server_threads_cpu_pct"] = json!(threads);
+        }
         if let Some(w) = &self.writer {
             v["writer_events_per_s"] = json!(r(w.events_per_s));
             v["writer_commits_per_s"] = json!(r(w.batches_per_s));
@@ -796,6 +801,16 @@ fn print_table(args: &Args, rows: &[Row]) {
         }
         if let Some(s) = r.cpu.server_pct {
             notes.push(format!("server cpu {s:.0}%"));
+        }
+        if !r.cpu.server_threads.is_empty() && r.tasks_per_s > 0.0 {
+            // A core-second is 10^6 µs: percent of a core × 10^4 / tasks per second = µs a task.
+            let threads: Vec<String> = r
+                .cpu
+                .server_threads
+                .iter()
+                .map(|(name, pct)| format!("{name} {:.1}", pct * 1e4 / r.tasks_per_s))
+                .collect();
+            notes.push(format!("server cpu µs per task by thread: {}", threads.join(", ")));
         }
         if let Some(m) = r.cpu.machine_pct {
             notes.push(format!("machine cpu {m:.0}% of 1 core"));

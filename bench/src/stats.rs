@@ -6,7 +6,7 @@
 //! accounting from getrusage and /proc, so every figure comes with what the
 //! load generator itself cost.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -268,16 +268,41 @@ fn clock_ticks_per_s() -> f64 {
     if ticks > 0 { ticks as f64 } else { 100.0 }
 }
 
-/// CPU seconds used by process `pid` (user + system), from /proc/PID/stat.
-pub fn process_cpu_s(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
+/// The name and the CPU seconds (user + system) in a /proc `stat` line of a process or thread.
+fn parse_stat(stat: &str) -> Option<(&str, f64)> {
+    // The name is in parentheses and may hold spaces and parentheses of its own.
+    let name = &stat[stat.find('(')? + 1..stat.rfind(')')?];
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name and state.
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / clock_ticks_per_s())
+    Some((name, (utime + stime) / clock_ticks_per_s()))
+}
+
+/// CPU seconds used by process `pid` (user + system), from /proc/PID/stat.
+pub fn process_cpu_s(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&stat).map(|(_, seconds)| seconds)
+}
+
+/// CPU seconds of process `pid`'s live threads, summed by name, from /proc/PID/task/*/stat.
+/// Names that differ only in a number at the end (`iou-wrk-1234`) are one group.
+pub fn thread_cpu_s(pid: u32) -> BTreeMap<String, f64> {
+    let mut by_name = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        if let Some((name, seconds)) = parse_stat(&stat) {
+            let group = name.trim_end_matches(|c: char| c.is_ascii_digit()).trim_end_matches('-');
+            *by_name.entry(group.to_owned()).or_insert(0.0) += seconds;
+        }
+    }
+    by_name
 }
 
 /// Busy CPU seconds of the whole machine (every core), from /proc/stat.
@@ -296,14 +321,18 @@ pub struct CpuMeter {
     started: Instant,
     client: f64,
     server: Option<(u32, f64)>,
+    server_threads: BTreeMap<String, f64>,
     machine: Option<f64>,
 }
 
 /// CPU as a percentage of one core over the measured stretch.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct CpuUse {
     pub client_pct: f64,
     pub server_pct: Option<f64>,
+    /// The server's threads by name (see [`thread_cpu_s`]), busiest first; those under 0.5 %
+    /// left out.
+    pub server_threads: Vec<(String, f64)>,
     pub machine_pct: Option<f64>,
 }
 
@@ -313,15 +342,30 @@ impl CpuMeter {
             started: Instant::now(),
             client: self_cpu_s(),
             server: server_pid.and_then(|pid| Some((pid, process_cpu_s(pid)?))),
+            server_threads: server_pid.map(thread_cpu_s).unwrap_or_default(),
             machine: machine_busy_s(),
         }
     }
     pub fn finish(&self) -> CpuUse {
         let wall = self.started.elapsed().as_secs_f64().max(1e-9);
+        let pct = |seconds: f64| seconds / wall * 100.0;
+        let mut server_threads: Vec<(String, f64)> = match self.server {
+            Some((pid, _)) => thread_cpu_s(pid)
+                .into_iter()
+                .map(|(name, after)| {
+                    let before = self.server_threads.get(&name).copied().unwrap_or(0.0);
+                    (name, pct(after - before))
+                })
+                .filter(|(_, p)| *p >= 0.5)
+                .collect(),
+            None => Vec::new(),
+        };
+        server_threads.sort_by(|a, b| b.1.total_cmp(&a.1));
         CpuUse {
-            client_pct: (self_cpu_s() - self.client) / wall * 100.0,
-            server_pct: self.server.and_then(|(pid, before)| Some((process_cpu_s(pid)? - before) / wall * 100.0)),
-            machine_pct: self.machine.and_then(|before| Some((machine_busy_s()? - before) / wall * 100.0)),
+            client_pct: pct(self_cpu_s() - self.client),
+            server_pct: self.server.and_then(|(pid, before)| Some(pct(process_cpu_s(pid)? - before))),
+            server_threads,
+            machine_pct: self.machine.and_then(|before| Some(pct(machine_busy_s()? - before))),
         }
     }
 }

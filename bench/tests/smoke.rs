@@ -80,6 +80,10 @@ fn quick_run_prints_a_result_for_every_workload() {
     }
     let lifecycle = rows.iter().find(|r| r["system"] == "taskledger" && r["workload"] == "lifecycle").unwrap();
     assert!(lifecycle["pickup_p99_ms"].is_number());
+    // The server's CPU by thread: its writer among them, each a positive share.
+    let threads = lifecycle["server_threads_cpu_pct"].as_object().unwrap_or_else(|| panic!("no threads: {lifecycle}"));
+    assert!(threads.keys().any(|name| name.starts_with("taskledger-writ")), "no writer thread in {threads:?}");
+    assert!(threads.values().all(|p| p.as_f64().is_some_and(|p| p > 0.0)), "{threads:?}");
     let mixed = rows.iter().find(|r| r["workload"] == "mixed").unwrap();
     assert!(mixed["completed_steps"].as_u64().unwrap_or(0) > 0, "mixed completed no step: {mixed}");
     let disk = rows.iter().find(|r| r["system"] == "disk").unwrap_or_else(|| panic!("no disk line in:\n{stdout}"));
