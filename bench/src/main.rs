@@ -19,6 +19,8 @@
 //!   failures into the dead-letter queue, and 3-step DAG workflows.
 //! - `batch-create`: tasks/s through the batch endpoint (baseline: one
 //!   multi-row INSERT per batch).
+//! - `http-floor`: lifecycle's producers against a server that stores
+//!   nothing (floor.rs): the most creates/s any HTTP server answers here.
 //!
 //! Every workload warms up, then measures a fixed window; the CPU the bench
 //! itself used in that window (getrusage) is printed beside the figures,
@@ -595,7 +597,7 @@ async fn run_http_floor(args: &Args, rows: &mut Vec<Row>) -> Result<()> {
     let null = floor::NullServer::start()?;
     let target = Target::new(null.addr, "floor")?;
     let phase = Arc::new(Phase::new());
-    let pickups = Arc::new(Pickups::new());
+    let pickups = Arc::new(Pickups::untracked());
     let ids = Arc::new(Ids::new());
     let tasks: Tasks = (0..args.producers)
         .map(|_| {
