@@ -255,6 +255,25 @@ pub async fn create_indexes(store: &Store, kind: ProjectorKind, checkpoint: &Che
     Ok(())
 }
 
+/// Drops the indexes an older version gave this generation and the code no
+/// longer keeps (`ProjectorKind::retired_index_ddl`; idempotent).
+pub async fn drop_retired_indexes(
+    store: &Store,
+    kind: ProjectorKind,
+    checkpoint: &Checkpoint,
+) -> Result<(), ApplyError> {
+    let statements = kind.retired_index_ddl(checkpoint.generation);
+    if statements.is_empty() {
+        return Ok(());
+    }
+    let mut tx = store.begin().await?;
+    for statement in statements {
+        sql::execute(&mut tx, &statement).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
 /// Moves the checkpoint of `kind`/`slot` from `from_seq` to `last`, inside
 /// `tx`. Fails (and so the whole batch rolls back) if someone else moved it:
 /// two runners on one projector can never both apply a batch.

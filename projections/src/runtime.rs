@@ -137,6 +137,9 @@ impl Driver {
             Unlogged::Intact if indexes == Indexes::Now => checkpoint::create_indexes(store, kind, &checkpoint).await?,
             Unlogged::Intact => {}
         }
+        if indexes == Indexes::Now {
+            checkpoint::drop_retired_indexes(store, kind, &checkpoint).await?;
+        }
         checkpoint::check_against_log(&checkpoint, reader)?;
         let mut tx = store.begin().await?;
         let mut mirror = kind.load_mirror(&mut tx, &checkpoint.table_suffix, checkpoint.last_seq).await?;

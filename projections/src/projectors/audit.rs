@@ -36,8 +36,15 @@ pub(crate) fn ddl(t: &Types, s: &str, g: &str) -> Vec<String> {
         format!("CREATE INDEX audit_log_task_{g} ON audit_log{s} (task_id, seq)"),
         format!("CREATE INDEX audit_log_actor_{g} ON audit_log{s} (actor, seq)"),
         format!("CREATE INDEX audit_log_type_{g} ON audit_log{s} (event_type, seq)"),
-        format!("CREATE INDEX audit_log_time_{g} ON audit_log{s} (recorded_at_us)"),
     ]
+}
+
+/// DROP statements for the indexes older versions gave generation `g` and
+/// this one no longer keeps. `audit_log_time`: a time range is answered as a
+/// seq range (`query::first_seq_where`), and the index cost every event a
+/// write.
+pub(crate) fn retired_indexes(g: &str) -> Vec<String> {
+    vec![format!("DROP INDEX IF EXISTS audit_log_time_{g}")]
 }
 
 /// One event's row, borrowing what the record already holds.

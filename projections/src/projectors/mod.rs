@@ -137,6 +137,17 @@ impl ProjectorKind {
         self.ddl(backend, suffix, generation).into_iter().filter(|s| !s.starts_with("CREATE TABLE")).collect()
     }
 
+    /// DROP statements for the indexes older versions gave generation
+    /// `generation` and this one no longer keeps. A live projector runs them
+    /// as it loads, so an upgraded store stops paying for them at once rather
+    /// than at its next rebuild.
+    pub fn retired_index_ddl(self, generation: i64) -> Vec<String> {
+        match self {
+            Self::Audit => audit::retired_indexes(&format!("g{generation}")),
+            Self::Tasks | Self::Queue | Self::Dashboard => Vec::new(),
+        }
+    }
+
     fn ddl(self, backend: Backend, suffix: &str, generation: i64) -> Vec<String> {
         let t = sql::types(backend);
         let g = format!("g{generation}");

@@ -46,6 +46,7 @@ async fn the_runtime_on_postgres_serves_the_same_rows_as_sqlite_and_swaps_rebuil
     assert_eq!(query::tasks(&store, &query::TaskFilter::default(), &next).await.unwrap().items.len(), 3);
     let queue = query::queue(&store, Some("mail"), None, &query::PageRequest::first(1)).await.unwrap();
     assert_eq!(queue.items.len(), 1);
+    crate::support::audit_time_ranges_match_the_log(&store, &log).await;
 
     for kind in ProjectorKind::ALL {
         let swapped = projections.rebuild(kind).await.unwrap();

@@ -328,3 +328,71 @@ pub fn random_history(ops: &[Op]) -> Recorder {
     }
     r
 }
+
+/// The audit log's time filter on `store` (projected from all of `log`)
+/// against a scan of the log's records: every range whose ends are a recorded
+/// time, a microsecond either side of one, or beyond them all; each end alone;
+/// with a seq range and a task; and page by page.
+pub async fn audit_time_ranges_match_the_log(store: &projections::Store, log: &TestLog) {
+    use projections::query::{self, AuditFilter, PageRequest};
+    let records = log.reader().read_range(1, log.head(), 10_000).expect("read the log");
+    let mut ends: Vec<i64> = records
+        .iter()
+        .flat_map(|r| [r.recorded_at_us - 1, r.recorded_at_us, r.recorded_at_us + 1])
+        .chain([i64::MIN, i64::MAX])
+        .collect();
+    ends.sort_unstable();
+    ends.dedup();
+    let seqs = |filter: AuditFilter, page: u32| async move {
+        let mut seqs = Vec::new();
+        let mut request = PageRequest::first(page);
+        loop {
+            let got = query::audit_log(store, &filter, &request).await.expect("audit query");
+            seqs.extend(got.items.iter().map(|r| r.seq as u64));
+            match got.next_cursor {
+                Some(cursor) => request.after = Some(cursor),
+                None => return seqs,
+            }
+        }
+    };
+    let want = |from: Option<i64>, to: Option<i64>, keep: &dyn Fn(&eventlog::StoredRecord) -> bool| -> Vec<u64> {
+        records
+            .iter()
+            .filter(|r| from.is_none_or(|f| r.recorded_at_us >= f) && to.is_none_or(|t| r.recorded_at_us <= t))
+            .filter(|r| keep(r))
+            .map(|r| r.seq)
+            .collect()
+    };
+    for &from in &ends {
+        for &to in &ends {
+            let filter = AuditFilter { from_us: Some(from), to_us: Some(to), ..AuditFilter::default() };
+            assert_eq!(seqs(filter, 500).await, want(Some(from), Some(to), &|_| true), "from {from} to {to}");
+        }
+        let from_only = AuditFilter { from_us: Some(from), ..AuditFilter::default() };
+        assert_eq!(seqs(from_only, 500).await, want(Some(from), None, &|_| true), "from {from}");
+        let to_only = AuditFilter { to_us: Some(from), ..AuditFilter::default() };
+        assert_eq!(seqs(to_only, 500).await, want(None, Some(from), &|_| true), "to {from}");
+    }
+    // With other filters, and in pages of 2.
+    let (first, last) = (records[0].recorded_at_us, records[records.len() - 1].recorded_at_us);
+    let middle = first + (last - first) / 2;
+    let task = *task_id(3).as_uuid();
+    let of_task = |r: &eventlog::StoredRecord| {
+        eventlog::decode_event(r).expect("decode").task().is_some_and(|t| *t.as_uuid() == task)
+    };
+    // Task 3's third event: its range has some of the task's events, not all.
+    let task_middle = records.iter().filter(|r| of_task(r)).nth(2).expect("task 3 has 3 events").recorded_at_us;
+    let cases: [(AuditFilter, Box<dyn Fn(&eventlog::StoredRecord) -> bool>); 3] = [
+        (
+            AuditFilter { from_us: Some(middle), from_seq: Some(3), to_seq: Some(30), ..AuditFilter::default() },
+            Box::new(|r| (3..=30).contains(&r.seq)),
+        ),
+        (AuditFilter { to_us: Some(task_middle), task: Some(task), ..AuditFilter::default() }, Box::new(of_task)),
+        (AuditFilter { from_us: Some(first + 1), to_us: Some(last - 1), ..AuditFilter::default() }, Box::new(|_| true)),
+    ];
+    for (filter, keep) in cases {
+        let expected = want(filter.from_us, filter.to_us, &*keep);
+        assert!(!expected.is_empty(), "{filter:?} selects something");
+        assert_eq!(seqs(filter.clone(), 2).await, expected, "{filter:?} in pages of 2");
+    }
+}
