@@ -382,7 +382,8 @@ pub async fn audit_time_ranges_match_the_log(store: &projections::Store, log: &T
     };
     // Task 3's third event: its range has some of the task's events, not all.
     let task_middle = records.iter().filter(|r| of_task(r)).nth(2).expect("task 3 has 3 events").recorded_at_us;
-    let cases: [(AuditFilter, Box<dyn Fn(&eventlog::StoredRecord) -> bool>); 3] = [
+    type Keep<'a> = Box<dyn Fn(&eventlog::StoredRecord) -> bool + 'a>;
+    let cases: [(AuditFilter, Keep<'_>); 3] = [
         (
             AuditFilter { from_us: Some(middle), from_seq: Some(3), to_seq: Some(30), ..AuditFilter::default() },
             Box::new(|r| (3..=30).contains(&r.seq)),
