@@ -191,6 +191,14 @@ struct Row {
 }
 
 impl Row {
+    /// HTTP requests the workload sent per task it counts (creates, claims, completion batches,
+    /// failures): what the HTTP workers' CPU per task divides by to compare with the floor's
+    /// per create. `None` for the baseline, which sends SQL.
+    fn http_requests_per_task(&self) -> Option<f64> {
+        let tasks = self.tasks_per_s * self.seconds;
+        (self.tally.http_requests > 0 && tasks > 0.0).then(|| self.tally.http_requests as f64 / tasks)
+    }
+
     fn json(&self) -> serde_json::Value {
         let t = &self.tally;
         let all = t.all_commands();
@@ -223,6 +231,9 @@ impl Row {
             "server_cpu_pct": self.cpu.server_pct.map(r),
             "machine_cpu_pct": self.cpu.machine_pct.map(r),
         });
+        if let Some(per_task) = self.http_requests_per_task() {
+            v["http_requests_per_task"] = json!(r(per_task));
+        }
         if !self.cpu.server_threads.is_empty() {
             let threads: serde_json::Map<String, serde_json::Value> =
                 self.cpu.server_threads.iter().map(|(name, pct)| (name.clone(), json!(r(*pct)))).collect();
@@ -813,6 +824,9 @@ fn print_table(args: &Args, rows: &[Row]) {
                 .map(|(name, pct)| format!("{name} {:.1}", pct * 1e4 / r.tasks_per_s))
                 .collect();
             notes.push(format!("server cpu µs per task by thread: {}", threads.join(", ")));
+        }
+        if let Some(per_task) = r.http_requests_per_task() {
+            notes.push(format!("http requests per task {per_task:.2}"));
         }
         if let Some(m) = r.cpu.machine_pct {
             notes.push(format!("machine cpu {m:.0}% of 1 core"));

@@ -68,6 +68,9 @@ pub struct Tally {
     pub completed_steps: u64,
     pub retried_steps: u64,
     pub dead_lettered: u64,
+    /// HTTP requests answered while measuring (creates, claims, completions and failures; the
+    /// baseline's workers send SQL, not HTTP).
+    pub http_requests: u64,
     /// Errors outside the measuring window count too: a benchmark with errors is not a result.
     pub errors_total: u64,
     /// The first error seen, to say what went wrong.
@@ -88,6 +91,7 @@ impl Tally {
         self.completed_steps += other.completed_steps;
         self.retried_steps += other.retried_steps;
         self.dead_lettered += other.dead_lettered;
+        self.http_requests += other.http_requests;
         self.errors_total += other.errors_total;
         if self.first_error.is_none() {
             self.first_error.clone_from(&other.first_error);

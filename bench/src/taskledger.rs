@@ -209,6 +209,9 @@ pub async fn worker(
             }
         };
         let measuring = phase.measuring();
+        if measuring {
+            tally.http_requests += 1;
+        }
         if measuring && !(wait || spec.always_wait) {
             tally.claim.record(started.elapsed());
         }
@@ -241,6 +244,9 @@ pub async fn worker(
         ))
         .await;
         let measuring = phase.measuring();
+        if measuring {
+            tally.http_requests += requests.len() as u64;
+        }
         for (request, (elapsed, answer)) in requests.iter().zip(results) {
             let body = match answer {
                 Ok((StatusCode::OK, body)) => body,
@@ -448,6 +454,7 @@ impl Create<'_> {
         if self.phase.measuring() {
             tally.create.record(elapsed);
             tally.created += 1;
+            tally.http_requests += 1;
             if let Some(p) = pickup {
                 tally.pickup.record(p);
             }
@@ -530,6 +537,7 @@ pub async fn batch_producer(
         if phase.measuring() {
             tally.create.record(started.elapsed());
             tally.created += size as u64;
+            tally.http_requests += 1;
         }
     }
     Ok(tally)

@@ -84,6 +84,15 @@ fn quick_run_prints_a_result_for_every_workload() {
     let threads = lifecycle["server_threads_cpu_pct"].as_object().unwrap_or_else(|| panic!("no threads: {lifecycle}"));
     assert!(threads.keys().any(|name| name.starts_with("taskledger-writ")), "no writer thread in {threads:?}");
     assert!(threads.values().all(|p| p.as_f64().is_some_and(|p| p > 0.0)), "{threads:?}");
+    // HTTP requests per task: a create each, then claims and completions; the floor's are its
+    // creates alone; the baseline's workers send SQL.
+    let per_task = |system: &str, workload: &str| {
+        let row = rows.iter().find(|r| r["system"] == system && r["workload"] == workload).unwrap();
+        row["http_requests_per_task"].as_f64()
+    };
+    assert!(per_task("taskledger", "lifecycle").is_some_and(|n| n > 1.0), "{lifecycle}");
+    assert!(per_task("http-floor", "create").is_some_and(|n| (n - 1.0).abs() < 0.01));
+    assert_eq!(per_task("pg-skip-locked", "lifecycle"), None);
     let mixed = rows.iter().find(|r| r["workload"] == "mixed").unwrap();
     assert!(mixed["completed_steps"].as_u64().unwrap_or(0) > 0, "mixed completed no step: {mixed}");
     let disk = rows.iter().find(|r| r["system"] == "disk").unwrap_or_else(|| panic!("no disk line in:\n{stdout}"));
