@@ -826,7 +826,7 @@ fn print_table(args: &Args, rows: &[Row]) {
             notes.push(format!("server cpu µs per task by thread: {}", threads.join(", ")));
         }
         if let Some(per_task) = r.http_requests_per_task() {
-            notes.push(format!("http requests per task {per_task:.2}"));
+            notes.push(format!("http requests per task {per_task:.3}"));
         }
         if let Some(m) = r.cpu.machine_pct {
             notes.push(format!("machine cpu {m:.0}% of 1 core"));
