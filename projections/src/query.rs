@@ -587,14 +587,19 @@ pub async fn audit_log(
     let from_seq = filter.from_seq.map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX).saturating_sub(1));
     let mut after = parse_seq_cursor(&request.after)?.max(from_seq);
     let mut to_seq = filter.to_seq.map(|s| i64::try_from(s).unwrap_or(i64::MAX));
-    // A time range becomes a seq range (see `first_seq_where`): no index on the time.
-    if let Some(from_us) = filter.from_us {
+    // A time range becomes a seq range (see `first_seq_where`): no index on the time. An
+    // empty table needs none (rows appended meanwhile meet the time conditions below).
+    let last: Option<i64> = if filter.from_us.is_some() || filter.to_us.is_some() {
+        on_backend!(store, pool => sqlx::query_scalar(LAST_AUDIT_SEQ).fetch_optional(pool).await?)
+    } else {
+        None
+    };
+    if let (Some(from_us), Some(last)) = (filter.from_us, last) {
         // Every row before the first one at or after `from_us` is earlier.
-        after = after.max(first_seq_where(store, after, |at| at >= from_us).await?.saturating_sub(1));
+        after = after.max(first_seq_where(store, after, last, |at| at >= from_us).await?.saturating_sub(1));
     }
-    if let Some(to_us) = filter.to_us
-        && let Some(later) = first_seq_where(store, after, |at| at > to_us).await?.checked_sub(1)
-    {
+    if let (Some(to_us), Some(last)) = (filter.to_us, last) {
+        let later = first_seq_where(store, after, last, |at| at > to_us).await?.saturating_sub(1);
         to_seq = Some(to_seq.map_or(later, |s| s.min(later)));
     }
     let limit = request.limit();
@@ -651,21 +656,26 @@ pub async fn audit_log(
     Ok(page(items, limit, |e| e.seq.to_string()))
 }
 
+/// The newest audit row's seq.
+const LAST_AUDIT_SEQ: &str = "SELECT seq FROM audit_log ORDER BY seq DESC LIMIT 1";
+
 /// The first seq above `after` from which on every audit row's time meets
-/// `at_or_later` (false, then true, along the log), or one past the last row
-/// if none does: found by binary search over seq, the table's key, in about
-/// log2(rows) lookups.
+/// `at_or_later` (false, then true, along the log), or `last` + 1 (`last`:
+/// the newest row's seq) if none does: found by binary search over seq, the
+/// table's key, in about log2(rows) lookups.
 ///
 /// That a time range is a seq range is the log's own rule: it refuses a
 /// record stamped before the one it follows (`AppendError::TimeWentBackwards`),
 /// and its reader's time queries rest on it too. An index on the time would
 /// be updated by every event the audit projector writes, to serve a filter
 /// auditors use now and then; it was a quarter of `audit_log`'s indexes.
-async fn first_seq_where(store: &Store, after: i64, at_or_later: impl Fn(i64) -> bool) -> Result<i64, QueryError> {
-    const LAST: &str = "SELECT seq FROM audit_log ORDER BY seq DESC LIMIT 1";
+async fn first_seq_where(
+    store: &Store,
+    after: i64,
+    last: i64,
+    at_or_later: impl Fn(i64) -> bool,
+) -> Result<i64, QueryError> {
     const FIRST_FROM: &str = "SELECT seq, recorded_at_us FROM audit_log WHERE seq >= $1 ORDER BY seq LIMIT 1";
-    let last: Option<i64> = on_backend!(store, pool => sqlx::query_scalar(LAST).fetch_optional(pool).await?);
-    let Some(last) = last else { return Ok(after.saturating_add(1)) };
     // The answer is in [low, high]: rows before `low` fail, rows from `high` on (none past `last`) meet it.
     let (mut low, mut high) = (after.saturating_add(1).max(0), last.saturating_add(1));
     while low < high {

@@ -370,8 +370,9 @@ pub async fn audit_time_ranges_match_the_log(store: &projections::Store, log: &T
         }
         let from_only = AuditFilter { from_us: Some(from), ..AuditFilter::default() };
         assert_eq!(seqs(from_only, 500).await, want(Some(from), None, &|_| true), "from {from}");
-        let to_only = AuditFilter { to_us: Some(from), ..AuditFilter::default() };
-        assert_eq!(seqs(to_only, 500).await, want(None, Some(from), &|_| true), "to {from}");
+        let to = from;
+        let to_only = AuditFilter { to_us: Some(to), ..AuditFilter::default() };
+        assert_eq!(seqs(to_only, 500).await, want(None, Some(to), &|_| true), "to {to}");
     }
     // With other filters, and in pages of 2.
     let (first, last) = (records[0].recorded_at_us, records[records.len() - 1].recorded_at_us);
