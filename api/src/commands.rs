@@ -15,6 +15,7 @@ use eventlog::{Acknowledgement, Envelope, StoredRecord, WriteError, decode_event
 use crate::auth::{Permission, Principal};
 use crate::error::{ApiError, ApiResult};
 use crate::server::AppState;
+use crate::task_folds::{FoldedTask, TaskFolds};
 use crate::wire::*;
 
 /// Longest a claim may long-poll.
@@ -129,8 +130,7 @@ pub fn has_finished(task: &TaskBody) -> bool {
 async fn finished_task(state: &AppState, who: &Principal, task: TaskId) -> Option<ApiError> {
     // The refusal came after the task's last event was acknowledged: wait until it is readable.
     wait_log_readable(state, None).await.ok()?;
-    let records = visible_task_records(state, who, task, None).ok()?;
-    let (_, body) = TaskFold::over(task, &records).ok()?;
+    let body = current_task(state, who, task).ok()?;
     has_finished(&body).then(|| {
         ApiError::new(
             StatusCode::CONFLICT,
@@ -676,10 +676,8 @@ fn visible_task_range(
     if !matches!(as_of, Some(AsOf::Seq(seq)) if seq <= state.writer.readable_goal()) {
         refuse_unreadable(state, Some(&key))?;
     }
-    let read = |from: u64, max: usize| {
-        state.writer.reader().read_stream(&key, from, max).map_err(|e| ApiError::internal(e.to_string()))
-    };
-    let decode = |record: &StoredRecord| decode_event(record).map_err(|e| ApiError::internal(e.to_string()));
+    let read = |from: u64, max: usize| read_task_page(state, &key, from, max);
+    let decode = decode_task_record;
     // The task's namespace is in its first record, read and checked before anything else: a task
     // outside the caller's scope is answered as fast as one that never existed (reading a page
     // first made its 404 slower the longer its history). `as_of` before the task's creation is
@@ -691,7 +689,7 @@ fn visible_task_range(
         _ => false,
     };
     let Some(first) = first.filter(|_| visible) else {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "task_not_found", format!("no task {task}")).with_field("id"));
+        return Err(task_not_found(task));
     };
     let mut records = Vec::new();
     let mut from = from_version.max(1);
@@ -719,7 +717,80 @@ fn visible_task_range(
 
 /// A task as it is (or was, `as_of`), folded through the domain from its own events.
 pub fn task_view(state: &AppState, who: &Principal, id: &str, as_of: Option<AsOf>) -> ApiResult<TaskBody> {
-    Ok(TaskFold::start(state, who, id, as_of)?.1)
+    match as_of {
+        Some(_) => Ok(TaskFold::start(state, who, id, as_of)?.1),
+        None => {
+            who.require(Permission::Read)?;
+            current_task(state, who, parse_task(id)?)
+        }
+    }
+}
+
+/// A task as it is now: its kept fold with the records appended since folded on top (see
+/// [`crate::task_folds`]), else a fold of its whole stream, kept when the stream is long.
+fn current_task(state: &AppState, who: &Principal, task: TaskId) -> ApiResult<TaskBody> {
+    let Some(kept) = state.task_folds.get(task) else {
+        let records = visible_task_records(state, who, task, None)?;
+        let (fold, body) = TaskFold::over(task, &records)?;
+        if records.len() >= TaskFolds::MIN_RECORDS
+            && let (Some((last, _)), Some((_, Event::TaskCreated { spec, .. }))) = (records.last(), records.first())
+        {
+            let weight = records.iter().map(|(record, event)| fold_weight(record, event)).sum();
+            let (seq, version) = (last.seq, last.stream_version);
+            state.task_folds.insert(task, FoldedTask { fold, namespace: spec.namespace.clone(), seq, version, weight });
+        }
+        return Ok(body);
+    };
+    let key = StreamId::Task(task).to_key();
+    refuse_unreadable(state, Some(&key))?;
+    let mut kept = kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !who.may_see(&kept.namespace) {
+        return Err(task_not_found(task));
+    }
+    let mut from = kept.version + 1;
+    let weight = kept.weight;
+    loop {
+        let page = read_task_page(state, &key, from, STREAM_PAGE_RECORDS)?;
+        for record in &page {
+            let event = decode_task_record(record)?;
+            if let Err(e) = kept.fold.fold(record, &event) {
+                // The fold may be half-changed: fold it afresh on the next read.
+                state.task_folds.forget(task);
+                return Err(e);
+            }
+            kept.seq = record.seq;
+            kept.version = record.stream_version;
+            kept.weight += fold_weight(record, &event);
+        }
+        if page.len() < STREAM_PAGE_RECORDS {
+            break;
+        }
+        from = kept.version + 1;
+    }
+    if kept.weight != weight {
+        state.task_folds.reweigh(task, kept.weight);
+    }
+    kept.fold.body_at(kept.seq, kept.version)
+}
+
+/// The bytes a record may add to a kept fold (see [`FoldedTask::weight`]).
+fn fold_weight(record: &StoredRecord, event: &Event) -> usize {
+    match event {
+        Event::LeaseExtended { .. } => 0,
+        _ => record.payload.len(),
+    }
+}
+
+fn task_not_found(task: TaskId) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "task_not_found", format!("no task {task}")).with_field("id")
+}
+
+fn read_task_page(state: &AppState, key: &[u8], from: u64, max: usize) -> ApiResult<Vec<StoredRecord>> {
+    state.writer.reader().read_stream(key, from, max).map_err(|e| ApiError::internal(e.to_string()))
+}
+
+fn decode_task_record(record: &StoredRecord) -> ApiResult<Event> {
+    decode_event(record).map_err(|e| ApiError::internal(e.to_string()))
 }
 
 /// One task folded through the domain from its own events, record by record: the view after
@@ -739,7 +810,7 @@ impl TaskFold {
 
     /// The fold of `task`'s records (as [`task_records`] returns them), and its view after them.
     fn over(task: TaskId, records: &[(StoredRecord, Event)]) -> ApiResult<(TaskFold, TaskBody)> {
-        let mut fold = TaskFold { view: domain::Ledger::retaining_terminal_tasks(), task };
+        let mut fold = TaskFold::empty(task);
         for (record, event) in records {
             fold.fold(record, event)?;
         }
@@ -758,10 +829,20 @@ impl TaskFold {
         self.view.apply(event).map_err(|e| ApiError::internal(format!("record {}: {e}", record.seq)))
     }
 
+    /// A fold of no records yet.
+    pub(crate) fn empty(task: TaskId) -> TaskFold {
+        TaskFold { view: domain::Ledger::retaining_terminal_tasks(), task }
+    }
+
     /// The view after `record`, the last one folded.
     fn body(&self, record: &StoredRecord) -> ApiResult<TaskBody> {
+        self.body_at(record.seq, record.stream_version)
+    }
+
+    /// The view after the last record folded, at `seq` and stream `version`.
+    fn body_at(&self, seq: u64, version: u64) -> ApiResult<TaskBody> {
         let t = self.view.task(&self.task).ok_or_else(|| ApiError::internal("task vanished from its own fold"))?;
-        Ok(task_body(t, record.seq, record.stream_version))
+        Ok(task_body(t, seq, version))
     }
 }
 

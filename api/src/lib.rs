@@ -16,4 +16,5 @@ pub mod request_log;
 pub mod routes;
 pub mod server;
 pub mod streams;
+pub mod task_folds;
 pub mod wire;

@@ -61,6 +61,8 @@ pub struct AppContext {
     pub open_sockets: Arc<OpenSockets>,
     /// Event feeds and subscriptions open per token (`--max-streams-per-token`).
     pub streams: Arc<crate::streams::StreamSlots>,
+    /// Folds of tasks with long histories, kept between reads.
+    pub task_folds: crate::task_folds::TaskFolds,
 }
 
 /// How many WebSockets are open, for a shutdown to wait on. (An upgraded connection leaves
@@ -505,6 +507,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         max_body_bytes: config.max_body_bytes,
         open_sockets: Arc::default(),
         streams: crate::streams::StreamSlots::new(config.max_streams_per_token),
+        task_folds: Default::default(),
     });
     let open_sockets = state.open_sockets.clone();
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("listen on {}", config.listen))?;

@@ -59,8 +59,9 @@ fn a_job_goes_from_create_to_complete_with_its_history_recorded() {
     assert!(history.body[0]["actor"].as_str().unwrap().starts_with("token:"));
 }
 
-#[test]
-fn a_long_history_is_read_a_page_at_a_time_following_its_link_header() {
+/// A server whose admin token is `tok-admin`, with `tok-elsewhere`, an auditor scoped to the
+/// namespace `other`; the temp dir holds its data.
+fn start_with_an_auditor_elsewhere() -> (tempfile::TempDir, Server) {
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path().join("data");
     let tokens = vec![
@@ -69,6 +70,12 @@ fn a_long_history_is_read_a_page_at_a_time_following_its_link_header() {
     ];
     tests::write_tokens(&data, tokens, "tok-admin");
     let server = Server::start_in(&data, &[]);
+    (temp, server)
+}
+
+#[test]
+fn a_long_history_is_read_a_page_at_a_time_following_its_link_header() {
+    let (_temp, server) = start_with_an_auditor_elsewhere();
     let id = create_job(&server, "long", json!({}));
     let claimed = claim(&server, "long", 0);
     for _ in 0..24 {
@@ -121,6 +128,57 @@ fn a_long_history_is_read_a_page_at_a_time_following_its_link_header() {
     }
     let unknown = server.get("/v1/tasks/01890a5d-ac96-774b-bcce-b302099a8057/history?from_version=2");
     assert_eq!((unknown.status, unknown.code()), (404, "task_not_found"));
+}
+
+/// A task with a long history is folded once and kept (`api::task_folds`): later reads fold only
+/// what was appended since. Each read must still equal a fold of the whole stream (the `as_of`
+/// view, which never uses the kept fold), and scopes and finished tasks still apply.
+#[test]
+fn a_long_running_step_reads_the_same_from_its_kept_fold_as_from_its_whole_history() {
+    let (_temp, server) = start_with_an_auditor_elsewhere();
+    let id = create_job(&server, "long", json!({}));
+    let claimed = claim(&server, "long", 0);
+    let heartbeats = api::task_folds::TaskFolds::MIN_RECORDS;
+    let mut last_deadline = Value::Null;
+    let beat = |lease_ms: u64| {
+        let beat = server
+            .post(&step_path(&claimed[0], "heartbeat"), json!({ "epoch": epoch(&claimed[0]), "lease_ms": lease_ms }));
+        assert_eq!(beat.status, 200, "{beat:?}");
+        beat.body["seq"].as_u64().unwrap()
+    };
+    let read_both = |seq: u64| {
+        let now = server.get(&format!("/v1/tasks/{id}"));
+        assert_eq!(now.status, 200, "{now:?}");
+        let folded_whole = server.get(&format!("/v1/tasks/{id}?as_of={seq}"));
+        assert_eq!(folded_whole.status, 200, "{folded_whole:?}");
+        assert_eq!(now.body, folded_whole.body, "the kept fold reads as the whole history folded");
+        now.body
+    };
+    // Lease lengths vary, so each heartbeat leaves a deadline of its own.
+    let mut seq = 0;
+    for n in 0..heartbeats {
+        seq = beat(60_000 + n as u64);
+    }
+    let first = read_both(seq);
+    assert_eq!(first["version"], json!(heartbeats + 2));
+    for n in 0..7 {
+        seq = beat(90_000 + n);
+        let body = read_both(seq);
+        assert_eq!(body["version"], json!(heartbeats + 3 + n as usize), "{body}");
+        assert_ne!(body["steps"][0]["lease_deadline"], last_deadline, "each read sees the latest heartbeat");
+        last_deadline = body["steps"][0]["lease_deadline"].clone();
+    }
+    let hidden = server.get_as("tok-elsewhere", &format!("/v1/tasks/{id}"));
+    assert_eq!((hidden.status, hidden.code()), (404, "task_not_found"), "a kept fold keeps the task's scope");
+
+    let done =
+        server.post(&step_path(&claimed[0], "complete"), json!({ "epoch": epoch(&claimed[0]), "result": {"ok": 1} }));
+    assert_eq!(done.status, 200, "{done:?}");
+    let finished = read_both(done.body["seq"].as_u64().unwrap());
+    assert_eq!((finished["state"].as_str(), &finished["steps"][0]["result"]), (Some("complete"), &json!({"ok": 1})));
+    let late = server.post(&step_path(&claimed[0], "heartbeat"), json!({ "epoch": epoch(&claimed[0]) }));
+    assert_eq!((late.status, late.code()), (409, "invalid_state"), "{late:?}");
+    assert!(late.body["error"]["message"].as_str().unwrap().contains("has finished (complete)"), "{late:?}");
 }
 
 #[test]
