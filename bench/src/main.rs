@@ -865,7 +865,56 @@ fn print_table(args: &Args, rows: &[Row]) {
             "http-floor creates / pg-skip-locked lifecycle: {ratio:.2} (no lifecycle served over HTTP here could have a higher ratio)"
         );
     }
+    if let Some(b) = cpu_budget(rows) {
+        let _ = writeln!(
+            out,
+            "cpu a task: 3× the baseline is {:.0} tasks/s, at which {} cores give {:.1} µs a task; taskledger's lifecycle took \
+             {:.1} µs a task of the machine's cpu ({:.1} the server, {:.1} the load generator): {:.2} times that",
+            b.goal_tasks_per_s,
+            b.cores,
+            b.budget_us,
+            b.spent_us,
+            b.server_us,
+            b.client_us,
+            b.spent_us / b.budget_us
+        );
+    }
     eprint!("{out}");
+}
+
+/// The machine's CPU a lifecycle task may take at 3× the baseline's rate, against what this
+/// run's taskledger lifecycle took: the goal's arithmetic, from this run's own figures.
+struct CpuBudget {
+    goal_tasks_per_s: f64,
+    cores: usize,
+    /// µs of CPU a task at the goal's rate, with every core busy.
+    budget_us: f64,
+    /// µs of the machine's CPU a task in taskledger's lifecycle (everything running, the load
+    /// generator and PostgreSQL's idle cluster too), and the server's and the load generator's.
+    spent_us: f64,
+    server_us: f64,
+    client_us: f64,
+}
+
+fn cpu_budget(rows: &[Row]) -> Option<CpuBudget> {
+    let row = |system: &str| rows.iter().find(|r| r.system == system && r.workload == "lifecycle");
+    let (taskledger, baseline) = (row("taskledger")?, row("pg-skip-locked")?);
+    let rate = taskledger.tasks_per_s;
+    if rate <= 0.0 || baseline.tasks_per_s <= 0.0 {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let goal_tasks_per_s = 3.0 * baseline.tasks_per_s;
+    // Percent of a core × 10^4 / tasks per second = µs a task.
+    let per_task = |pct: f64| pct * 1e4 / rate;
+    Some(CpuBudget {
+        goal_tasks_per_s,
+        cores,
+        budget_us: cores as f64 * 1e6 / goal_tasks_per_s,
+        spent_us: per_task(taskledger.cpu.machine_pct?),
+        server_us: per_task(taskledger.cpu.server_pct?),
+        client_us: per_task(taskledger.cpu.client_pct),
+    })
 }
 
 /// taskledger's lifecycle over the baseline's; the HTTP floor's creates over the baseline's
@@ -948,6 +997,12 @@ fn main() -> Result<()> {
             let mut line = json!({ "ratio_lifecycle": r(lifecycle) });
             if let Some(floor) = floor {
                 line["ratio_http_floor"] = json!(r(floor));
+            }
+            if let Some(b) = cpu_budget(&rows) {
+                line["cpu_us_per_task_at_3x"] = json!(r(b.budget_us));
+                line["lifecycle_cpu_us_per_task"] = json!(r(b.spent_us));
+                line["lifecycle_server_cpu_us_per_task"] = json!(r(b.server_us));
+                line["lifecycle_client_cpu_us_per_task"] = json!(r(b.client_us));
             }
             println!("{line}");
         }

@@ -104,4 +104,17 @@ fn quick_run_prints_a_result_for_every_workload() {
     for key in ["ratio_lifecycle", "ratio_http_floor"] {
         assert!(ratios[key].as_f64().unwrap_or(0.0) > 0.0, "{key} in {ratios}");
     }
+    // The goal's CPU arithmetic: the machine's share a task is the server's and the load
+    // generator's and more; 3× the baseline's rate leaves the cores' time a third of a task's.
+    let us = |key: &str| ratios[key].as_f64().unwrap_or_else(|| panic!("no {key} in {ratios}"));
+    let (machine, server, client) = (
+        us("lifecycle_cpu_us_per_task"),
+        us("lifecycle_server_cpu_us_per_task"),
+        us("lifecycle_client_cpu_us_per_task"),
+    );
+    assert!(server > 0.0 && client > 0.0 && machine >= 0.9 * (server + client), "{ratios}");
+    let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    let baseline = rows.iter().find(|r| r["system"] == "pg-skip-locked" && r["workload"] == "lifecycle").unwrap();
+    let budget = cores * 1e6 / (3.0 * baseline["tasks_per_s"].as_f64().unwrap());
+    assert!((us("cpu_us_per_task_at_3x") - budget).abs() <= 0.01 * budget + 0.002, "{ratios}");
 }
