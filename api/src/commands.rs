@@ -726,9 +726,22 @@ pub fn task_view(state: &AppState, who: &Principal, id: &str, as_of: Option<AsOf
     }
 }
 
-/// A task as it is now: its kept fold with the records appended since folded on top (see
-/// [`crate::task_folds`]), else a fold of its whole stream, kept when the stream is long.
+/// A task as it is now, and a fold of it to apply its next records to (the `task`
+/// subscription's); the caller must be allowed to read it.
+pub fn current_fold(state: &AppState, who: &Principal, id: &str) -> ApiResult<(TaskFold, TaskBody)> {
+    who.require(Permission::Read)?;
+    let (fold, body) = current(state, who, parse_task(id)?, true)?;
+    Ok((fold.ok_or_else(|| ApiError::internal("a fold asked for and not given"))?, body))
+}
+
 fn current_task(state: &AppState, who: &Principal, task: TaskId) -> ApiResult<TaskBody> {
+    Ok(current(state, who, task, false)?.1)
+}
+
+/// A task as it is now: its kept fold with the records appended since folded on top (see
+/// [`crate::task_folds`]), else a fold of its whole stream, kept when the stream is long; and,
+/// when `owned`, a copy of the fold for the caller.
+fn current(state: &AppState, who: &Principal, task: TaskId, owned: bool) -> ApiResult<(Option<TaskFold>, TaskBody)> {
     let Some(kept) = state.task_folds.get(task) else {
         let records = visible_task_records(state, who, task, None)?;
         let (fold, body) = TaskFold::over(task, &records)?;
@@ -737,9 +750,11 @@ fn current_task(state: &AppState, who: &Principal, task: TaskId) -> ApiResult<Ta
         {
             let weight = records.iter().map(|(record, event)| fold_weight(record, event)).sum();
             let (seq, version) = (last.seq, last.stream_version);
+            let copy = owned.then(|| fold.clone());
             state.task_folds.insert(task, FoldedTask { fold, namespace: spec.namespace.clone(), seq, version, weight });
+            return Ok((copy, body));
         }
-        return Ok(body);
+        return Ok((owned.then_some(fold), body));
     };
     let key = StreamId::Task(task).to_key();
     refuse_unreadable(state, Some(&key))?;
@@ -770,7 +785,7 @@ fn current_task(state: &AppState, who: &Principal, task: TaskId) -> ApiResult<Ta
     if kept.weight != weight {
         state.task_folds.reweigh(task, kept.weight);
     }
-    kept.fold.body_at(kept.seq, kept.version)
+    Ok((owned.then(|| kept.fold.clone()), kept.fold.body_at(kept.seq, kept.version)?))
 }
 
 /// The bytes a record may add to a kept fold (see [`FoldedTask::weight`]).
@@ -795,6 +810,7 @@ fn decode_task_record(record: &StoredRecord) -> ApiResult<Event> {
 
 /// One task folded through the domain from its own events, record by record: the view after
 /// each of them (the `task` subscription's updates), without reading the task's stream again.
+#[derive(Clone)]
 pub struct TaskFold {
     view: domain::Ledger,
     task: TaskId,

@@ -658,10 +658,10 @@ impl SubscriptionRoot {
     ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<TaskBody>>> {
         let who = who(ctx)?.clone();
         let state = state(ctx).clone();
-        // Before the fold, which reads the task's whole history: a refusal costs nothing.
+        // Before the fold, which may read the task's whole history: a refusal costs nothing.
         let slot = state.streams.take(&who.name)?;
         commands::wait_log_readable(&state, None).await?;
-        let (mut fold, current) = commands::TaskFold::start(&state, &who, &id, None)?;
+        let (mut fold, current) = commands::current_fold(&state, &who, &id)?;
         let key = StreamId::Task(commands::parse_task(&id)?).to_key();
         let subscription =
             LogSubscription::new(state.writer.reader().clone(), state.writer.feed().clone(), current.last_seq + 1);
