@@ -73,6 +73,16 @@ impl Metrics {
         );
     }
 
+    /// Task folds kept between reads (`task_folds::TaskFolds::len_and_weight`).
+    pub fn render_task_folds(out: &mut String, (kept, weight): (usize, usize)) {
+        let _ = writeln!(
+            out,
+            "# HELP taskledger_task_folds_kept Folds of tasks with long histories kept between reads (at most {}).\n# TYPE taskledger_task_folds_kept gauge\ntaskledger_task_folds_kept {kept}\n# HELP taskledger_task_folds_bytes What the kept folds weigh: the payloads of their records that can grow a task's state (at most {}).\n# TYPE taskledger_task_folds_bytes gauge\ntaskledger_task_folds_bytes {weight}",
+            crate::task_folds::TaskFolds::MAX_TASKS,
+            crate::task_folds::TaskFolds::MAX_WEIGHT
+        );
+    }
+
     /// Steps and tasks by namespace and state, from the dashboard projection.
     pub fn render_depths(out: &mut String, counts: &[projections::query::StateCount]) {
         out.push_str("# HELP taskledger_queue_depth Tasks and steps by namespace and state.\n# TYPE taskledger_queue_depth gauge\n");

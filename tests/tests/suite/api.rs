@@ -159,8 +159,18 @@ fn a_long_running_step_reads_the_same_from_its_kept_fold_as_from_its_whole_histo
     for n in 0..heartbeats {
         seq = beat(60_000 + n as u64);
     }
+    let metrics = |name: &str| {
+        let (status, text) = server.get_text("/metrics");
+        assert_eq!(status, 200);
+        let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name}"));
+        line[name.len() + 1..].parse::<u64>().unwrap()
+    };
+    assert_eq!(metrics("taskledger_task_folds_kept"), 0);
     let first = read_both(seq);
     assert_eq!(first["version"], json!(heartbeats + 2));
+    assert_eq!(metrics("taskledger_task_folds_kept"), 1, "a read of a long history keeps its fold");
+    let weight = metrics("taskledger_task_folds_bytes");
+    assert!(weight > 0, "the create's payload at least");
     for n in 0..7 {
         seq = beat(90_000 + n);
         let body = read_both(seq);
@@ -175,6 +185,7 @@ fn a_long_running_step_reads_the_same_from_its_kept_fold_as_from_its_whole_histo
         server.post(&step_path(&claimed[0], "complete"), json!({ "epoch": epoch(&claimed[0]), "result": {"ok": 1} }));
     assert_eq!(done.status, 200, "{done:?}");
     let finished = read_both(done.body["seq"].as_u64().unwrap());
+    assert!(metrics("taskledger_task_folds_bytes") > weight, "the completion's result weighs too");
     assert_eq!((finished["state"].as_str(), &finished["steps"][0]["result"]), (Some("complete"), &json!({"ok": 1})));
     let late = server.post(&step_path(&claimed[0], "heartbeat"), json!({ "epoch": epoch(&claimed[0]) }));
     assert_eq!((late.status, late.code()), (409, "invalid_state"), "{late:?}");
