@@ -889,8 +889,9 @@ struct CpuBudget {
     cores: usize,
     /// µs of CPU a task at the goal's rate, with every core busy.
     budget_us: f64,
-    /// µs of the machine's CPU a task in taskledger's lifecycle (everything running, the load
-    /// generator and PostgreSQL's idle cluster too), and the server's and the load generator's.
+    /// µs of the machine's CPU a task in taskledger's lifecycle (all of it: the server, the load
+    /// generator and the kernel's work for both; the baseline's PostgreSQL starts later), and
+    /// the server's and the load generator's shares.
     spent_us: f64,
     server_us: f64,
     client_us: f64,
