@@ -748,51 +748,62 @@ fn current(state: &AppState, who: &Principal, task: TaskId, owned: bool) -> ApiR
         if records.len() >= TaskFolds::MIN_RECORDS
             && let (Some((last, _)), Some((_, Event::TaskCreated { spec, .. }))) = (records.last(), records.first())
         {
-            let weight = records.iter().map(|(record, event)| fold_weight(record, event)).sum();
+            let weight = TaskFolds::BASE_WEIGHT
+                + records.iter().map(|(record, event)| fold_weight(record, event)).sum::<usize>();
             let (seq, version) = (last.seq, last.stream_version);
             let copy = owned.then(|| fold.clone());
-            state.task_folds.insert(task, FoldedTask { fold, namespace: spec.namespace.clone(), seq, version, weight });
+            let namespace = spec.namespace.clone();
+            state.task_folds.insert(task, FoldedTask { fold, namespace, seq, version, weight, broken: false });
             return Ok((copy, body));
         }
         return Ok((owned.then_some(fold), body));
     };
     let key = StreamId::Task(task).to_key();
     refuse_unreadable(state, Some(&key))?;
-    let mut kept = kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    if !who.may_see(&kept.namespace) {
+    // A fold whose folding failed halfway (an error, or a panic that poisoned its lock) is not
+    // the stream's any more: it is dropped, and the task folded afresh.
+    let Ok(mut guard) = kept.lock() else {
+        state.task_folds.forget(task, &kept);
+        return current(state, who, task, owned);
+    };
+    if guard.broken {
+        drop(guard);
+        return current(state, who, task, owned);
+    }
+    if !who.may_see(&guard.namespace) {
         return Err(task_not_found(task));
     }
-    let mut from = kept.version + 1;
-    let weight = kept.weight;
+    let mut from = guard.version + 1;
+    let weight = guard.weight;
     loop {
         let page = read_task_page(state, &key, from, STREAM_PAGE_RECORDS)?;
         for record in &page {
             let event = decode_task_record(record)?;
-            if let Err(e) = kept.fold.fold(record, &event) {
-                // The fold may be half-changed: fold it afresh on the next read.
-                state.task_folds.forget(task);
+            if let Err(e) = guard.fold.fold(record, &event) {
+                guard.broken = true;
+                state.task_folds.forget(task, &kept);
                 return Err(e);
             }
-            kept.seq = record.seq;
-            kept.version = record.stream_version;
-            kept.weight += fold_weight(record, &event);
+            guard.seq = record.seq;
+            guard.version = record.stream_version;
+            guard.weight += fold_weight(record, &event);
         }
         if page.len() < STREAM_PAGE_RECORDS {
             break;
         }
-        from = kept.version + 1;
+        from = guard.version + 1;
     }
-    if kept.weight != weight {
-        state.task_folds.reweigh(task, kept.weight);
+    if guard.weight != weight {
+        state.task_folds.reweigh(task, &kept, guard.weight);
     }
-    Ok((owned.then(|| kept.fold.clone()), kept.fold.body_at(kept.seq, kept.version)?))
+    Ok((owned.then(|| guard.fold.clone()), guard.fold.body_at(guard.seq, guard.version)?))
 }
 
 /// The bytes a record may add to a kept fold (see [`FoldedTask::weight`]).
 fn fold_weight(record: &StoredRecord, event: &Event) -> usize {
     match event {
         Event::LeaseExtended { .. } => 0,
-        _ => record.payload.len(),
+        _ => record.payload.len() + TaskFolds::RECORD_WEIGHT,
     }
 }
 

@@ -288,7 +288,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
 async fn metrics(State(state): State<AppState>, who: crate::auth::Principal) -> Response {
     let mut text = state.metrics.render(&state.writer, state.projections.running());
     Metrics::render_streams(&mut text, state.streams.gauges());
-    Metrics::render_task_folds(&mut text, state.task_folds.len_and_weight());
+    // The folds' weight follows payloads and results of tasks in every namespace.
+    if who.scope.is_none() {
+        Metrics::render_task_folds(&mut text, state.task_folds.len_and_weight());
+    }
     // Bounded: a scrape must answer (with the writer's and projectors' figures) while the
     // projections database is unreachable; the depths are left out then.
     // Nor while another process holds the projections' lock: the rows may be its (see

@@ -7,7 +7,8 @@
 //! fold kept at stream version v, with the records after v folded on top, is exactly the fold
 //! of the whole stream. Only tasks with at least [`TaskFolds::MIN_RECORDS`] records are kept
 //! (a shorter fold costs less than keeping it); the least recently read go first beyond
-//! [`TaskFolds::MAX_TASKS`] tasks or [`TaskFolds::MAX_WEIGHT`] bytes.
+//! [`TaskFolds::MAX_TASKS`] tasks or [`TaskFolds::MAX_WEIGHT`] bytes (an estimate, see
+//! [`FoldedTask::weight`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -23,9 +24,13 @@ pub struct FoldedTask {
     pub namespace: Namespace,
     pub seq: u64,
     pub version: u64,
-    /// What the fold holds, in bytes at most: the payloads of the records that can add to a
-    /// task's state (a heartbeat only moves a deadline). Grows as records are folded on top.
+    /// An estimate of what the fold holds, in bytes: [`TaskFolds::BASE_WEIGHT`], and each
+    /// record's payload with [`TaskFolds::RECORD_WEIGHT`] for the structure it may add (a
+    /// heartbeat only moves a deadline: nothing). Grows as records are folded on top.
     pub weight: usize,
+    /// Set when folding a record failed halfway: the fold is no longer the stream's, and a
+    /// reader that was waiting for it must fold the task afresh.
+    pub broken: bool,
 }
 
 struct Slot {
@@ -55,6 +60,11 @@ impl TaskFolds {
     pub const MAX_TASKS: usize = 1024;
     /// Most bytes the kept folds weigh in all; a fold above a sixteenth of it is not kept.
     pub const MAX_WEIGHT: usize = 64 << 20;
+    /// A fold's own weight: its one-task ledger's maps and indexes.
+    pub const BASE_WEIGHT: usize = 4096;
+    /// What a record other than a heartbeat may add beside its payload: a step, an attempt,
+    /// a timer.
+    pub const RECORD_WEIGHT: usize = 256;
 
     fn slots(&self) -> MutexGuard<'_, Slots> {
         // Every change under this lock leaves the map consistent, so a panic elsewhere while
@@ -90,11 +100,14 @@ impl TaskFolds {
         Self::evict(&mut slots);
     }
 
-    /// Records that `task`'s kept fold now weighs `weight` (it grew by the records folded on
-    /// top), evicting beyond the limits; one grown too heavy is dropped.
-    pub fn reweigh(&self, task: TaskId, weight: usize) {
+    /// Records that `folded`, `task`'s kept fold, now weighs `weight` (it grew by the records
+    /// folded on top), evicting beyond the limits; one grown too heavy is dropped. Nothing
+    /// changes when `folded` is no longer the one kept (evicted, and another kept since).
+    pub fn reweigh(&self, task: TaskId, folded: &Arc<Mutex<FoldedTask>>, weight: usize) {
         let mut slots = self.slots();
-        let Some(slot) = slots.by_task.get_mut(&task) else { return };
+        let Some(slot) = slots.by_task.get_mut(&task).filter(|slot| Arc::ptr_eq(&slot.folded, folded)) else {
+            return;
+        };
         let old = std::mem::replace(&mut slot.weight, weight);
         slots.weight = slots.weight - old + weight;
         if weight > Self::MAX_WEIGHT / 16 {
@@ -103,9 +116,12 @@ impl TaskFolds {
         Self::evict(&mut slots);
     }
 
-    /// Drops `task`'s kept fold (one whose folding failed halfway).
-    pub fn forget(&self, task: TaskId) {
-        Self::forget_in(&mut self.slots(), task);
+    /// Drops `folded` if it is still `task`'s kept fold (one whose folding failed halfway).
+    pub fn forget(&self, task: TaskId, folded: &Arc<Mutex<FoldedTask>>) {
+        let mut slots = self.slots();
+        if slots.by_task.get(&task).is_some_and(|slot| Arc::ptr_eq(&slot.folded, folded)) {
+            Self::forget_in(&mut slots, task);
+        }
     }
 
     fn forget_in(slots: &mut Slots, task: TaskId) {
@@ -139,7 +155,7 @@ mod tests {
 
     fn folded(task: TaskId, weight: usize) -> FoldedTask {
         let namespace = Namespace::new("ns").expect("a valid namespace");
-        FoldedTask { fold: TaskFold::empty(task), namespace, seq: 1, version: 1, weight }
+        FoldedTask { fold: TaskFold::empty(task), namespace, seq: 1, version: 1, weight, broken: false }
     }
 
     fn task(n: u128) -> TaskId {
@@ -173,14 +189,33 @@ mod tests {
         assert_eq!(folds.len_and_weight(), (16, TaskFolds::MAX_WEIGHT - heaviest + 1), "task 0 went to make room");
         assert!(folds.get(task(0)).is_none());
 
-        folds.reweigh(task(16), 100);
+        let sixteen = folds.get(task(16)).unwrap();
+        folds.reweigh(task(16), &sixteen, 100);
         assert_eq!(folds.len_and_weight(), (16, TaskFolds::MAX_WEIGHT - heaviest + 100));
-        folds.reweigh(task(16), heaviest + 1);
+        folds.reweigh(task(16), &sixteen, heaviest + 1);
         assert!(folds.get(task(16)).is_none(), "grown above a sixteenth of the limit: dropped");
         assert_eq!(folds.len_and_weight(), (15, TaskFolds::MAX_WEIGHT - heaviest));
-        folds.forget(task(2));
+        let two = folds.get(task(2)).unwrap();
+        folds.forget(task(2), &two);
         assert_eq!(folds.len_and_weight(), (14, TaskFolds::MAX_WEIGHT - 2 * heaviest));
-        folds.reweigh(task(2), 5);
+        folds.reweigh(task(2), &two, 5);
         assert_eq!(folds.len_and_weight(), (14, TaskFolds::MAX_WEIGHT - 2 * heaviest), "a forgotten task stays gone");
+    }
+
+    /// A reader may hold a fold that was evicted and replaced by another of the same task: what
+    /// it does to its own must not touch the one kept now.
+    #[test]
+    fn a_fold_no_longer_kept_changes_nothing_of_the_one_kept_since() {
+        let folds = TaskFolds::default();
+        folds.insert(task(1), folded(task(1), 10));
+        let old = folds.get(task(1)).unwrap();
+        folds.insert(task(1), folded(task(1), 20));
+        folds.reweigh(task(1), &old, 1_000);
+        assert_eq!(folds.len_and_weight(), (1, 20));
+        folds.forget(task(1), &old);
+        assert_eq!(folds.len_and_weight(), (1, 20));
+        let new = folds.get(task(1)).unwrap();
+        folds.forget(task(1), &new);
+        assert_eq!(folds.len_and_weight(), (0, 0));
     }
 }

@@ -171,6 +171,9 @@ fn a_long_running_step_reads_the_same_from_its_kept_fold_as_from_its_whole_histo
     assert_eq!(metrics("taskledger_task_folds_kept"), 1, "a read of a long history keeps its fold");
     let weight = metrics("taskledger_task_folds_bytes");
     assert!(weight > 0, "the create's payload at least");
+    let (status, scoped) = server.get_text_as("tok-elsewhere", "/metrics");
+    assert_eq!(status, 200);
+    assert!(!scoped.contains("taskledger_task_folds"), "the folds' weight follows other namespaces' payloads");
     for n in 0..7 {
         seq = beat(90_000 + n);
         let body = read_both(seq);
