@@ -181,6 +181,23 @@ fn a_long_running_step_reads_the_same_from_its_kept_fold_as_from_its_whole_histo
         assert_ne!(body["steps"][0]["lease_deadline"], last_deadline, "each read sees the latest heartbeat");
         last_deadline = body["steps"][0]["lease_deadline"].clone();
     }
+    // More records than one page of the stream (`STREAM_PAGE_RECORDS`) since the last read:
+    // the kept fold catches up page by page.
+    let more = api::commands::STREAM_PAGE_RECORDS + 56;
+    std::thread::scope(|scope| {
+        for _ in 0..8 {
+            scope.spawn(|| {
+                for _ in 0..more / 8 {
+                    beat(120_000);
+                }
+            });
+        }
+    });
+    let last = server.get(&format!("/v1/tasks/{id}/history?from_version={}", heartbeats + 10 + more - 1));
+    let seq = last.body[0]["seq"].as_u64().expect("the last heartbeat's record");
+    let caught_up = read_both(seq);
+    assert_eq!(caught_up["version"], json!(heartbeats + 9 + more), "{caught_up}");
+
     let hidden = server.get_as("tok-elsewhere", &format!("/v1/tasks/{id}"));
     assert_eq!((hidden.status, hidden.code()), (404, "task_not_found"), "a kept fold keeps the task's scope");
 
