@@ -77,7 +77,7 @@ impl Metrics {
     pub fn render_task_folds(out: &mut String, (kept, weight): (usize, usize)) {
         let _ = writeln!(
             out,
-            "# HELP taskledger_task_folds_kept Folds of tasks with long histories kept between reads (at most {}).\n# TYPE taskledger_task_folds_kept gauge\ntaskledger_task_folds_kept {kept}\n# HELP taskledger_task_folds_bytes What the kept folds weigh: the payloads of their records that can grow a task's state (at most {}).\n# TYPE taskledger_task_folds_bytes gauge\ntaskledger_task_folds_bytes {weight}",
+            "# HELP taskledger_task_folds_kept Folds of tasks with long histories kept between reads (at most {}).\n# TYPE taskledger_task_folds_kept gauge\ntaskledger_task_folds_kept {kept}\n# HELP taskledger_task_folds_bytes What the kept folds weigh, estimated: 4 KiB each, and each record's payload and 256 bytes, heartbeats left out (at most {}).\n# TYPE taskledger_task_folds_bytes gauge\ntaskledger_task_folds_bytes {weight}",
             crate::task_folds::TaskFolds::MAX_TASKS,
             crate::task_folds::TaskFolds::MAX_WEIGHT
         );
