@@ -828,9 +828,10 @@ pub struct TaskFold {
 }
 
 impl TaskFold {
-    /// The task's fold up to `as_of` (or now), and its view there; the caller must be allowed to
-    /// read it ([`task_records`]).
-    pub fn start(state: &AppState, who: &Principal, id: &str, as_of: Option<AsOf>) -> ApiResult<(TaskFold, TaskBody)> {
+    /// The task's fold from its first record up to `as_of`, and its view there; the caller must
+    /// be allowed to read it ([`task_records`]). Reads of the task as it is now start from its
+    /// kept fold instead ([`current_fold`]).
+    fn start(state: &AppState, who: &Principal, id: &str, as_of: Option<AsOf>) -> ApiResult<(TaskFold, TaskBody)> {
         let (task, records) = task_records(state, who, id, as_of)?;
         TaskFold::over(task, &records)
     }

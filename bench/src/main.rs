@@ -816,12 +816,11 @@ fn print_table(args: &Args, rows: &[Row]) {
             notes.push(format!("server cpu {s:.0}%"));
         }
         if !r.cpu.server_threads.is_empty() && r.tasks_per_s > 0.0 {
-            // A core-second is 10^6 µs: percent of a core × 10^4 / tasks per second = µs a task.
             let threads: Vec<String> = r
                 .cpu
                 .server_threads
                 .iter()
-                .map(|(name, pct)| format!("{name} {:.1}", pct * 1e4 / r.tasks_per_s))
+                .map(|(name, pct)| format!("{name} {:.1}", cpu_us_per_task(*pct, r.tasks_per_s)))
                 .collect();
             notes.push(format!("server cpu µs per task by thread: {}", threads.join(", ")));
         }
@@ -897,6 +896,12 @@ struct CpuBudget {
     client_us: f64,
 }
 
+/// CPU time a task took, in µs, from percent of a core at a rate: a core-second is 10^6 µs,
+/// so percent × 10^4 / tasks per second.
+fn cpu_us_per_task(pct: f64, tasks_per_s: f64) -> f64 {
+    pct * 1e4 / tasks_per_s
+}
+
 fn cpu_budget(rows: &[Row]) -> Option<CpuBudget> {
     let row = |system: &str| rows.iter().find(|r| r.system == system && r.workload == "lifecycle");
     let (taskledger, baseline) = (row("taskledger")?, row("pg-skip-locked")?);
@@ -906,8 +911,7 @@ fn cpu_budget(rows: &[Row]) -> Option<CpuBudget> {
     }
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let goal_tasks_per_s = 3.0 * baseline.tasks_per_s;
-    // Percent of a core × 10^4 / tasks per second = µs a task.
-    let per_task = |pct: f64| pct * 1e4 / rate;
+    let per_task = |pct: f64| cpu_us_per_task(pct, rate);
     Some(CpuBudget {
         goal_tasks_per_s,
         cores,
