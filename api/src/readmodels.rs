@@ -139,18 +139,27 @@ fn log_head(state: &AppState) -> ApiResult<u64> {
     Ok(readable.max(state.writer.acknowledged_head()))
 }
 
+/// The header an EventSource resumes with, and the field name of a refusal about it.
+pub const LAST_EVENT_ID: &str = "Last-Event-ID";
+
 /// A feed starts at most just after the head. Further on it would wait for seqs the log has
 /// not reached, and a client resuming there (after seq N it saw) from a server restored from
 /// an older backup would be handed other events under the seqs it knew: it must hear of it.
 pub fn check_feed_start(state: &AppState, from_seq: u64, field: &str) -> ApiResult<()> {
     let head = log_head(state)?;
     if from_seq > head.saturating_add(1) {
+        // `Last-Event-ID` names the last seq the client saw, one before where the feed starts:
+        // the message names the value as the client sent it.
+        let asked = if field == LAST_EVENT_ID {
+            format!("Last-Event-ID names a seq up to {head}, not {}", from_seq - 1)
+        } else {
+            format!("a feed starts at seq {} at most, not {from_seq}", head + 1)
+        };
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "from_seq_ahead_of_log",
             format!(
-                "the log's head is seq {head}, so a feed starts at seq {} at most, not {from_seq}; a client that saw seqs beyond the head reads another log (a server restored from an older backup?)",
-                head + 1
+                "the log's head is seq {head}, so {asked}; a client that saw seqs beyond the head reads another log (a server restored from an older backup?)"
             ),
         )
         .with_field(field));

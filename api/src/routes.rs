@@ -101,13 +101,11 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
                 Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()))
             }
             Err(JsonRejection::JsonSyntaxError(e)) => {
-                Err(ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.body_text()))
+                let message = e.body_text();
+                Err(nested_too_deep(&message)
+                    .unwrap_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", message)))
             }
-            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "send the body as JSON with Content-Type: application/json",
-            )),
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(not_declared_json()),
             Err(JsonRejection::BytesRejection(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 Err(ApiError::body_too_large(state.max_body_bytes))
             }
@@ -124,6 +122,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for MaybeJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let declared_json = declares_json(request.headers());
         let bytes = Bytes::from_request(request, state).await.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::body_too_large(state.max_body_bytes)
@@ -134,6 +133,10 @@ impl<T: DeserializeOwned> FromRequest<AppState> for MaybeJson<T> {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(MaybeJson(None));
         }
+        // A body is read as JSON only when it says it is one, as `ApiJson` reads it.
+        if !declared_json {
+            return Err(not_declared_json());
+        }
         serde_json::from_slice(&bytes).map(|v| MaybeJson(Some(v))).map_err(|e| match e.classify() {
             serde_json::error::Category::Data => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string())
@@ -141,6 +144,38 @@ impl<T: DeserializeOwned> FromRequest<AppState> for MaybeJson<T> {
             _ => ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.to_string()),
         })
     }
+}
+
+/// Whether `Content-Type` names JSON (`application/json` or `application/…+json`, any
+/// parameters), the test axum's `Json` applies.
+fn declares_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// 415 `unsupported_media_type`: a body not declared as JSON.
+fn not_declared_json() -> ApiError {
+    ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        "send the body as JSON with Content-Type: application/json",
+    )
+}
+
+/// serde_json gives up at 128 levels of nesting, before `wire::json_text` measures a
+/// payload's depth. Such a body gets that check's answer (422 `invalid_value`), not
+/// `malformed_json`: its syntax may be fine, its depth is what is refused.
+fn nested_too_deep(parser_message: &str) -> Option<ApiError> {
+    parser_message.contains("recursion limit exceeded").then(|| {
+        let message = format!(
+            "the body is nested more than 127 levels deep; a payload or result may be nested {} levels at most",
+            crate::wire::JSON_DEPTH_MAX
+        );
+        domain::Rejection::new(domain::RejectionCode::InvalidValue, None, message).into()
+    })
 }
 
 fn caller<'a>(who: &'a Principal, headers: &HeaderMap) -> ApiResult<Caller<'a>> {
@@ -528,7 +563,7 @@ async fn event_feed(
         })?,
         None => query.from_seq,
     };
-    let field = if last_event.is_some() { "Last-Event-ID" } else { "from_seq" };
+    let field = if last_event.is_some() { readmodels::LAST_EVENT_ID } else { "from_seq" };
     crate::readmodels::check_feed_start(&state, from_seq, field)?;
     let slot = state.streams.take(&who.name)?;
     let subscription = Subscription::new(state.writer.reader().clone(), state.writer.feed().clone(), from_seq);

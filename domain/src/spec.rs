@@ -180,9 +180,15 @@ impl TaskSpec {
     /// [`TaskSpec::validate`], and the rules a create must meet that logs written before them
     /// may not (their events must still fold): tags are distinct (a repeated tag once wedged
     /// the tasks projector, whose tag table is keyed by tag and task), and so are each step's
-    /// dependencies.
+    /// dependencies; the name has no control character, as tags and idempotency keys have none.
     pub fn validate_new(&self) -> Result<(), Rejection> {
         self.validate()?;
+        if let Some(bad) = self.name.chars().find(|c| c.is_control()) {
+            return Err(Rejection::invalid(
+                "name",
+                format!("name {:?} contains {bad:?}; allowed: any non-control character", self.name),
+            ));
+        }
         refuse_repeated_dependencies(&self.steps)?;
         if let Some((i, tag)) = self.tags.iter().enumerate().find(|(i, tag)| self.tags[..*i].contains(tag)) {
             return Err(Rejection::invalid(

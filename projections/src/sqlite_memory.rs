@@ -57,7 +57,7 @@ unsafe extern "C" fn shutdown(_: *mut c_void) {}
 /// runs, or SQLite could free memory from one allocator with the other. That holds
 /// because every connection in this crate is opened by `Store::open_sqlite`, which calls
 /// this first; so it is crate-private.
-pub(crate) fn install() -> bool {
+pub fn install() -> bool {
     static INSTALLED: OnceLock<bool> = OnceLock::new();
     *INSTALLED.get_or_init(|| {
         let methods = ffi::sqlite3_mem_methods {

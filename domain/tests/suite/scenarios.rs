@@ -266,6 +266,30 @@ fn a_repeated_tag_is_refused() {
     assert_eq!((refused.code, refused.field.as_deref()), (RejectionCode::InvalidValue, Some("tasks[1].tags[2]")));
 }
 
+/// A new task's name has no control character, as tags and idempotency keys have none (found
+/// by a black-box review: a NUL went into the log and came back in every read). A log written
+/// before the rule still folds: the rule is the command's, not the event's.
+#[test]
+fn a_task_name_with_a_control_character_is_refused_and_an_old_one_still_folds() {
+    let mut s = Scenario::new();
+    for name in ["a\u{0}b", "a\nb", "tab\there", "a\u{7f}b", "a\u{85}b"] {
+        let mut spec = job(1, "q");
+        spec.name = name.into();
+        let refused = s.rejected(Command::CreateTask(spec.clone()));
+        assert_eq!((refused.code, refused.field.as_deref()), (RejectionCode::InvalidValue, Some("name")), "{name:?}");
+        let refused = s.rejected(Command::CreateTasks(vec![job(2, "q"), spec]));
+        assert_eq!(refused.field.as_deref(), Some("tasks[1].name"), "{name:?}");
+    }
+    assert_eq!(s.ledger.live_task_count(), 0, "nothing was created");
+    let mut spec = job(3, "q");
+    spec.name = "caf\u{e9} \u{2603}".into();
+    s.ok(Command::CreateTask(spec));
+    let mut old = job(4, "q");
+    old.name = "written\u{0}before".into();
+    s.ledger.apply(&Event::TaskCreated { spec: old, at: s.now }).expect("an old log's name still folds");
+    assert_eq!(s.ledger.task(&task_id(4)).map(|t| &*t.name), Some("written\u{0}before"));
+}
+
 #[test]
 fn retryable_failures_back_off_then_exhaust_into_the_dead_letter_queue() {
     let mut s = Scenario::new();

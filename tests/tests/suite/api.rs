@@ -706,6 +706,11 @@ fn a_command_id_reused_for_another_command_is_refused() {
     assert_eq!(server.head_seq(), head, "nothing was written");
 }
 
+/// A JSON array nested `depth` levels deep.
+fn nested(depth: usize) -> Value {
+    (0..depth).fold(json!(1), |inner, _| json!([inner]))
+}
+
 #[test]
 fn bad_input_gets_a_stable_error_and_changes_nothing() {
     let server = Server::start();
@@ -726,6 +731,36 @@ fn bad_input_gets_a_stable_error_and_changes_nothing() {
             "dependency_cycle",
         ),
         (server.post_raw("/v1/tasks", "text/plain", b"{}".to_vec()), 415, "unsupported_media_type"),
+        // Routes whose body is optional read it as JSON only when it says it is JSON (found by a
+        // black-box review: a text/plain body cancelled the task).
+        (
+            server.post_raw(&format!("/v1/tasks/{first}/cancel"), "text/plain", b"{}".to_vec()),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            server.post_raw("/v1/queues/q/pause", "application/x-www-form-urlencoded", b"a=1".to_vec()),
+            415,
+            "unsupported_media_type",
+        ),
+        // Nested past serde_json's 128 levels: the depth limit's answer, not a syntax error (found
+        // by a black-box review: 65 levels got 422 and 130 got 400 `malformed_json`).
+        (
+            server.post("/v1/tasks", json!({ "namespace": "q", "handler": "h", "payload": nested(130) })),
+            422,
+            "invalid_value",
+        ),
+        (
+            server.post("/v1/tasks", json!({ "namespace": "q", "handler": "h", "payload": nested(65) })),
+            422,
+            "invalid_value",
+        ),
+        // A name with a control character, as a tag with one (found by a black-box review).
+        (
+            server.post("/v1/tasks", json!({ "namespace": "q", "handler": "h", "name": "a\u{0}b" })),
+            422,
+            "invalid_value",
+        ),
         (server.get("/v1/tasks/0190d6d0-0000-7000-8000-000000000000"), 404, "task_not_found"),
         (server.get("/v1/tasks/not-a-uuid"), 404, "task_not_found"),
         (server.post("/v1/tasks/not-a-uuid/cancel", json!({})), 404, "task_not_found"),
@@ -980,7 +1015,7 @@ fn the_event_feed_resumes_from_any_seq_as_ndjson_or_sse() {
         (beyond.status, beyond.code(), beyond.body["error"]["field"].clone()),
         (400, "from_seq_ahead_of_log", json!("from_seq"))
     );
-    let resumed_beyond = agent
+    let mut resumed_beyond = agent
         .get(server.url("/v1/events?from_seq=1"))
         .header("Authorization", &format!("Bearer {}", server.token))
         .header("Accept", "text/event-stream")
@@ -991,6 +1026,11 @@ fn the_event_feed_resumes_from_any_seq_as_ndjson_or_sse() {
         .call()
         .unwrap();
     assert_eq!(resumed_beyond.status(), 400);
+    // The refusal names the id as the client sent it, not the seq after it.
+    let refusal: Value = serde_json::from_str(&resumed_beyond.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(refusal["error"]["field"], "Last-Event-ID", "{refusal}");
+    let message = refusal["error"]["message"].as_str().unwrap();
+    assert!(message.contains("Last-Event-ID names a seq up to 4, not 9;"), "{message}");
     let (status, _) = server.get_text("/v1/events?from_seq=5&limit=0");
     assert_eq!(status, 200, "just after the head is where a follower waits");
 }
