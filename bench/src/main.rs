@@ -21,6 +21,9 @@
 //!   multi-row INSERT per batch).
 //! - `http-floor`: lifecycle's producers against a server that stores
 //!   nothing (floor.rs): the most creates/s any HTTP server answers here.
+//! - `storage-floor`: the least CPU a lifecycle task's log records and
+//!   read-model rows take in redb and SQLite themselves (storage_floor.rs),
+//!   measured in this process.
 //!
 //! Every workload warms up, then measures a fixed window; the CPU the bench
 //! itself used in that window (getrusage) is printed beside the figures,
@@ -32,6 +35,7 @@ mod floor;
 mod http;
 mod server;
 mod stats;
+mod storage_floor;
 mod taskledger;
 
 use std::path::PathBuf;
@@ -46,6 +50,7 @@ use serde_json::json;
 use crate::baseline::Wakeup;
 use crate::http::{Conn, Target};
 use crate::stats::{CpuMeter, CpuUse, Phase, Pickups, Tally};
+use crate::storage_floor::StorageFloor;
 use crate::taskledger::{Fates, Ids, TaskShape, WorkerSpec};
 
 #[derive(Parser, Debug, Clone)]
@@ -103,9 +108,13 @@ struct Args {
     #[arg(long, default_value_t = 20)]
     permanent_permille: u64,
     /// Which workloads, comma-separated: lifecycle, half-rate, idle-pickup, mixed, batch-create,
-    /// http-floor (taskledger's lifecycle creates against a server that stores nothing).
-    #[arg(long, default_value = "lifecycle,half-rate,idle-pickup,mixed,batch-create,http-floor")]
+    /// http-floor (taskledger's lifecycle creates against a server that stores nothing),
+    /// storage-floor (a lifecycle task's records and rows in redb and SQLite, nothing else).
+    #[arg(long, default_value = "lifecycle,half-rate,idle-pickup,mixed,batch-create,http-floor,storage-floor")]
     workloads: String,
+    /// Lifecycle tasks the storage floor stores.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    floor_tasks: u64,
     /// Run only one system: taskledger or baseline.
     #[arg(long)]
     only: Option<String>,
@@ -165,9 +174,14 @@ impl Args {
         self.batch = self.batch.min(8);
         self.paced_connections = self.paced_connections.min(8);
         self.baseline_history = self.baseline_history.min(10_000);
+        self.floor_tasks = self.floor_tasks.min(3_000);
     }
     fn wants(&self, workload: &str) -> bool {
         self.workloads.split(',').any(|w| w.trim() == workload)
+    }
+    /// Whether any workload needs a system started (the floors alone need none).
+    fn wants_a_system(&self) -> bool {
+        ["lifecycle", "half-rate", "idle-pickup", "mixed", "batch-create"].iter().any(|w| self.wants(w))
     }
     fn warmup(&self) -> Duration {
         Duration::from_secs_f64(self.warmup_s)
@@ -766,7 +780,7 @@ fn print_disk(tail: &disk::FsyncTail) {
     );
 }
 
-fn print_table(args: &Args, rows: &[Row]) {
+fn print_table(args: &Args, rows: &[Row], storage: Option<&StorageFloor>) {
     let mut out = String::new();
     use std::fmt::Write as _;
     let _ = writeln!(
@@ -878,7 +892,63 @@ fn print_table(args: &Args, rows: &[Row]) {
             b.spent_us / b.budget_us
         );
     }
+    if let Some(f) = storage {
+        let _ = writeln!(
+            out,
+            "storage floor ({} lifecycle tasks, {:.0} records of {:.0} bytes and {:.0} rows each): the log {:.1} µs a task \
+             (redb: hash chain, events, stream index), the read models {:.1} (SQLite: the rows and their indexes)",
+            f.tasks, f.records_per_task, f.record_bytes_avg, f.rows_per_task, f.log_us, f.read_models_us
+        );
+    }
+    if let Some(d) = design_floor(args, rows, storage) {
+        let _ = writeln!(
+            out,
+            "design floor a task: http {:.1} ({:.3} requests at the null server's {:.1} µs of the machine's cpu a create) \
+             + log {:.1} + read models {:.1} = {:.1} µs, {:.0}% of the {:.1} µs a task 3× allows, before any command is \
+             decided, folded, encoded or routed",
+            d.http_us,
+            d.requests_per_task,
+            d.http_us / d.requests_per_task,
+            d.log_us,
+            d.read_models_us,
+            d.total_us(),
+            d.total_us() / d.budget_us * 100.0,
+            d.budget_us
+        );
+    }
     eprint!("{out}");
+}
+
+/// The least CPU a lifecycle task can cost any server of this design here: its HTTP requests at
+/// the null server's cost (client included), its records and its rows at the storage floor.
+struct DesignFloor {
+    requests_per_task: f64,
+    http_us: f64,
+    log_us: f64,
+    read_models_us: f64,
+    budget_us: f64,
+}
+
+impl DesignFloor {
+    fn total_us(&self) -> f64 {
+        self.http_us + self.log_us + self.read_models_us
+    }
+}
+
+/// From this run's HTTP floor, storage floor and 3× budget; the fewest requests a task takes are
+/// its create and its share of a full claim and of one completion request for that claim.
+fn design_floor(args: &Args, rows: &[Row], storage: Option<&StorageFloor>) -> Option<DesignFloor> {
+    let storage = storage?;
+    let floor = rows.iter().find(|r| r.system == HTTP_FLOOR && r.tasks_per_s > 0.0)?;
+    let per_create = cpu_us_per_task(floor.cpu.machine_pct?, floor.tasks_per_s);
+    let requests_per_task = 1.0 + 2.0 / f64::from(args.batch.max(1));
+    Some(DesignFloor {
+        requests_per_task,
+        http_us: per_create * requests_per_task,
+        log_us: storage.log_us,
+        read_models_us: storage.read_models_us,
+        budget_us: cpu_budget(rows)?.budget_us,
+    })
 }
 
 /// The machine's CPU a lifecycle task may take at 3× the baseline's rate, against what this
@@ -945,7 +1015,8 @@ fn main() -> Result<()> {
         Some("baseline") | Some("pg-skip-locked") => (false, true),
         Some(other) => bail!("--only takes taskledger or baseline, not {other:?}"),
     };
-    let binary = if run_tl { Some(server::find_or_build(args.server_bin.as_deref())?) } else { None };
+    let (start_tl, run_pg) = (run_tl && args.wants_a_system(), run_pg && args.wants_a_system());
+    let binary = if start_tl { Some(server::find_or_build(args.server_bin.as_deref())?) } else { None };
     let runtime = if args.client_threads <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {
@@ -979,8 +1050,14 @@ fn main() -> Result<()> {
         }
         anyhow::Ok(())
     })?;
+    let storage = if args.wants("storage-floor") {
+        eprintln!("storage floor: {} lifecycle tasks into redb and SQLite", args.floor_tasks);
+        Some(storage_floor::measure(args.floor_tasks as usize, args.batch, &std::env::temp_dir())?)
+    } else {
+        None
+    };
 
-    print_table(&args, &rows);
+    print_table(&args, &rows, storage.as_ref());
     if let Some(tail) = &disk {
         print_disk(tail);
     }
@@ -998,6 +1075,15 @@ fn main() -> Result<()> {
             println!("{}", r.json());
         }
         let r = |x: f64| (x * 1000.0).round() / 1000.0;
+        if let Some(f) = &storage {
+            println!(
+                "{}",
+                json!({ "system": "storage-floor", "workload": "lifecycle-records", "tasks": f.tasks,
+                        "records_per_task": r(f.records_per_task), "record_bytes_avg": r(f.record_bytes_avg),
+                        "rows_per_task": r(f.rows_per_task), "log_cpu_us_per_task": r(f.log_us),
+                        "read_models_cpu_us_per_task": r(f.read_models_us) })
+            );
+        }
         if let (Some(lifecycle), floor) = ratios(&rows) {
             let mut line = json!({ "ratio_lifecycle": r(lifecycle) });
             if let Some(floor) = floor {
@@ -1008,6 +1094,10 @@ fn main() -> Result<()> {
                 line["lifecycle_cpu_us_per_task"] = json!(r(b.spent_us));
                 line["lifecycle_server_cpu_us_per_task"] = json!(r(b.server_us));
                 line["lifecycle_client_cpu_us_per_task"] = json!(r(b.client_us));
+            }
+            if let Some(d) = design_floor(&args, &rows, storage.as_ref()) {
+                line["design_floor_cpu_us_per_task"] = json!(r(d.total_us()));
+                line["design_floor_http_cpu_us_per_task"] = json!(r(d.http_us));
             }
             println!("{line}");
         }

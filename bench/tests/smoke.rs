@@ -1,7 +1,7 @@
 //! Runs `taskledger-bench --quick --json` against the real server and a real
 //! throwaway PostgreSQL, and checks what it prints: every JSON line parses,
-//! every workload of both systems (and the HTTP floor) ran, finished tasks and
-//! saw no errors.
+//! every workload of both systems (and the HTTP and storage floors) ran,
+//! finished tasks and saw no errors.
 //! Timings are not asserted (they belong to the benchmark's own output).
 
 use std::path::PathBuf;
@@ -117,4 +117,25 @@ fn quick_run_prints_a_result_for_every_workload() {
     let baseline = rows.iter().find(|r| r["system"] == "pg-skip-locked" && r["workload"] == "lifecycle").unwrap();
     let budget = cores * 1e6 / (3.0 * baseline["tasks_per_s"].as_f64().unwrap());
     assert!((us("cpu_us_per_task_at_3x") - budget).abs() <= 0.01 * budget + 0.002, "{ratios}");
+    // The storage floor stored every quick task's three records (create, claim, completion) and
+    // five rows (three audit rows, the task's and its step's), at a positive cost each; the
+    // design floor is the HTTP floor's share of a task and the storage floor's two parts.
+    let storage = rows
+        .iter()
+        .find(|r| r["system"] == "storage-floor")
+        .unwrap_or_else(|| panic!("no storage floor in:\n{stdout}"));
+    assert_eq!(
+        (storage["tasks"].as_u64(), storage["records_per_task"].as_f64()),
+        (Some(3_000), Some(3.0)),
+        "{storage}"
+    );
+    assert_eq!(storage["rows_per_task"].as_f64(), Some(5.0), "{storage}");
+    assert!(storage["record_bytes_avg"].as_f64().is_some_and(|b| b > 32.0), "{storage}");
+    let (log, models) = (storage["log_cpu_us_per_task"].as_f64(), storage["read_models_cpu_us_per_task"].as_f64());
+    assert!(matches!((log, models), (Some(l), Some(m)) if l > 0.0 && m > 0.0), "{storage}");
+    let (design, http) = (us("design_floor_cpu_us_per_task"), us("design_floor_http_cpu_us_per_task"));
+    let floor = rows.iter().find(|r| r["system"] == "http-floor").unwrap();
+    let per_create = floor["machine_cpu_pct"].as_f64().unwrap() * 1e4 / floor["tasks_per_s"].as_f64().unwrap();
+    assert!((http - per_create * (1.0 + 2.0 / 8.0)).abs() <= 0.01 * http + 0.002, "quick K=8: {ratios} {floor}");
+    assert!((design - (http + log.unwrap() + models.unwrap())).abs() <= 0.01 * design + 0.003, "{ratios} {storage}");
 }
