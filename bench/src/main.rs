@@ -1031,6 +1031,13 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    // First, while no server, database or workload runs: a floor is measured on a quiet machine.
+    let storage = if args.wants("storage-floor") {
+        eprintln!("storage floor: {} lifecycle tasks into redb and SQLite", args.floor_tasks);
+        Some(storage_floor::measure(args.floor_tasks as usize, args.batch, &std::env::temp_dir())?)
+    } else {
+        None
+    };
     let mut rows = Vec::new();
     runtime.block_on(async {
         if let Some(binary) = &binary {
@@ -1050,12 +1057,6 @@ fn main() -> Result<()> {
         }
         anyhow::Ok(())
     })?;
-    let storage = if args.wants("storage-floor") {
-        eprintln!("storage floor: {} lifecycle tasks into redb and SQLite", args.floor_tasks);
-        Some(storage_floor::measure(args.floor_tasks as usize, args.batch, &std::env::temp_dir())?)
-    } else {
-        None
-    };
 
     print_table(&args, &rows, storage.as_ref());
     if let Some(tail) = &disk {

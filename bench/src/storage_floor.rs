@@ -23,6 +23,8 @@
 //!   than the read models': the queue view's rows (a task created and finished within one batch
 //!   needs none), the dashboard's and the workers' rows, the checkpoints, the mirrors.
 //!
+//! Each floor runs three times on fresh files and the least is reported.
+//!
 //! Not timed: making the events (the domain decides real lifecycle commands), encoding the
 //! records (`eventlog::encode_event`, `stored_body`) and rendering the rows' values (the audit
 //! summary is the projector's own). Both stores start empty in a temp dir.
@@ -49,6 +51,9 @@ const STREAMS: TableDefinition<(&[u8], u64), u64> = TableDefinition::new("stream
 /// hold and more, so a commit's fixed cost weighs next to nothing.
 const TASKS_PER_TRANSACTION: usize = 1_000;
 
+/// Tries of each floor; the least is reported.
+const ATTEMPTS: usize = 3;
+
 /// What storing a lifecycle task costs at the least.
 pub struct StorageFloor {
     pub tasks: usize,
@@ -74,8 +79,15 @@ pub fn measure(tasks: usize, k: u32, dir: &Path) -> Result<StorageFloor> {
     let events = lifecycle_events(tasks, k.max(1))?;
     let records = encode(&events);
     let scratch = tempfile::tempdir_in(dir).context("make the storage floor's temp dir")?;
-    let log_s = log_floor(&records, &scratch.path().join("floor.redb"))?;
-    let (rows, models_s) = read_model_floor(&events, &records, tasks, &scratch.path().join("floor.sqlite"))?;
+    let (mut log_s, mut models_s, mut rows) = (f64::INFINITY, f64::INFINITY, 0);
+    // The least of a few tries, each on fresh files: a floor is what the work costs when nothing
+    // else on the shared machine (another tenant, the kernel's writeback) slows it down.
+    for attempt in 0..ATTEMPTS {
+        log_s = log_s.min(log_floor(&records, &scratch.path().join(format!("floor-{attempt}.redb")))?);
+        let sqlite = scratch.path().join(format!("floor-{attempt}.sqlite"));
+        let (written, seconds) = read_model_floor(&events, &records, tasks, &sqlite)?;
+        (rows, models_s) = (written, models_s.min(seconds));
+    }
     let per_task = |s: f64| s * 1e6 / tasks as f64;
     Ok(StorageFloor {
         tasks,
@@ -178,21 +190,28 @@ fn log_floor(records: &[Record], path: &Path) -> Result<f64> {
     let records_per_transaction = TASKS_PER_TRANSACTION * 3;
     let mut prev: Hash = GENESIS_HASH;
     let mut value = Vec::new();
+    let mut index: Vec<(&[u8], u64, u64)> = Vec::new();
     let start = thread_cpu_s();
     for chunk in records.chunks(records_per_transaction) {
         let mut txn = db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         {
             let mut events = txn.open_table(EVENTS)?;
-            let mut streams = txn.open_table(STREAMS)?;
             for r in chunk {
                 let hash = chain_hash(&prev, r.seq, &r.body);
                 value.clear();
                 value.extend_from_slice(&hash);
                 value.extend_from_slice(&r.body);
                 events.insert(r.seq, value.as_slice())?;
-                streams.insert((r.stream.as_slice(), r.version), r.seq)?;
                 prev = hash;
+            }
+            // The stream index in key order, as the log writes it, so each leaf is written once.
+            index.clear();
+            index.extend(chunk.iter().map(|r| (r.stream.as_slice(), r.version, r.seq)));
+            index.sort_unstable();
+            let mut streams = txn.open_table(STREAMS)?;
+            for (stream, version, seq) in &index {
+                streams.insert((*stream, *version), *seq)?;
             }
         }
         txn.commit()?;
