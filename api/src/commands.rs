@@ -33,11 +33,34 @@ pub struct Caller<'a> {
     pub command_id: Option<String>,
 }
 
-impl Caller<'_> {
+impl<'a> Caller<'a> {
+    /// A caller with the client's command id, if any. Ids beginning as the server's own do
+    /// (`srv-`) are refused: the dedup window keeps none of those, so a retry under one would
+    /// run the command again.
+    pub fn new(who: &'a Principal, command_id: Option<String>) -> ApiResult<Self> {
+        if let Some(id) = &command_id
+            && !eventlog::dedup::is_deduplicated(id)
+        {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_command_id",
+                format!(
+                    "command ids beginning with {:?} are the ones the server mints for commands sent without one; \
+                     choose another",
+                    eventlog::dedup::MINTED_COMMAND_ID_PREFIX
+                ),
+            )
+            .with_field("command_id"));
+        }
+        Ok(Self { who, command_id })
+    }
+
     fn command_id(&self) -> String {
-        // Without a client id there is nothing to deduplicate against; a
-        // fresh id keeps the dedup index honest.
-        self.command_id.clone().unwrap_or_else(|| format!("srv-{}", uuid::Uuid::new_v4().simple()))
+        // Without a client id there is nothing to deduplicate against: a minted id, which the
+        // writer's dedup window does not keep.
+        self.command_id.clone().unwrap_or_else(|| {
+            format!("{}{}", eventlog::dedup::MINTED_COMMAND_ID_PREFIX, uuid::Uuid::new_v4().simple())
+        })
     }
 }
 

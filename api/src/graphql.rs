@@ -408,7 +408,7 @@ fn seq_at_time(reader: &eventlog::LogReader, t: domain::Timestamp) -> Result<u64
 pub struct MutationRoot;
 
 fn caller<'a>(ctx: &Context<'a>, command_id: Option<String>) -> async_graphql::Result<Caller<'a>> {
-    Ok(Caller { who: who(ctx)?, command_id })
+    Ok(Caller::new(who(ctx)?, command_id)?)
 }
 
 #[Object]

@@ -141,7 +141,11 @@ impl<T: DeserializeOwned> FromRequest<AppState> for MaybeJson<T> {
             serde_json::error::Category::Data => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string())
             }
-            _ => ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.to_string()),
+            _ => {
+                let message = e.to_string();
+                nested_too_deep(&message)
+                    .unwrap_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", message))
+            }
         })
     }
 }
@@ -194,7 +198,7 @@ fn caller<'a>(who: &'a Principal, headers: &HeaderMap) -> ApiResult<Caller<'a>> 
         })?),
         None => None,
     };
-    Ok(Caller { who, command_id })
+    Caller::new(who, command_id)
 }
 
 type StepPath = Path<(String, String)>;

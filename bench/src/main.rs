@@ -113,7 +113,7 @@ struct Args {
     #[arg(long, default_value = "lifecycle,half-rate,idle-pickup,mixed,batch-create,http-floor,storage-floor")]
     workloads: String,
     /// Lifecycle tasks the storage floor stores.
-    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     floor_tasks: u64,
     /// Run only one system: taskledger or baseline.
     #[arg(long)]
@@ -936,12 +936,15 @@ impl DesignFloor {
 }
 
 /// From this run's HTTP floor, storage floor and 3× budget; the fewest requests a task takes are
-/// its create and its share of a full claim and of one completion request for that claim.
+/// its create and its share of a full claim and of one completion request for that claim (its
+/// own completion request with `--completions each`).
 fn design_floor(args: &Args, rows: &[Row], storage: Option<&StorageFloor>) -> Option<DesignFloor> {
     let storage = storage?;
     let floor = rows.iter().find(|r| r.system == HTTP_FLOOR && r.tasks_per_s > 0.0)?;
     let per_create = cpu_us_per_task(floor.cpu.machine_pct?, floor.tasks_per_s);
-    let requests_per_task = 1.0 + 2.0 / f64::from(args.batch.max(1));
+    // With `--completions each` a task's completion is a request of its own.
+    let k = f64::from(args.batch.max(1));
+    let requests_per_task = 1.0 + 1.0 / k + if args.completions == "batch" { 1.0 / k } else { 1.0 };
     Some(DesignFloor {
         requests_per_task,
         http_us: per_create * requests_per_task,

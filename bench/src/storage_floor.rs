@@ -173,15 +173,15 @@ fn encode(events: &[Logged]) -> Vec<Record> {
 }
 
 /// CPU seconds this thread has used (user + system).
-fn thread_cpu_s() -> f64 {
+fn thread_cpu_s() -> Result<f64> {
     // SAFETY: getrusage writes into the struct passed; RUSAGE_THREAD is valid on Linux.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
     if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
-        return 0.0;
+        bail!("getrusage(RUSAGE_THREAD): {}", std::io::Error::last_os_error());
     }
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(usage.ru_utime) + tv(usage.ru_stime)
+    Ok(tv(usage.ru_utime) + tv(usage.ru_stime))
 }
 
 /// The CPU seconds appending `records` to a fresh redb file takes, 1,000 tasks a commit.
@@ -191,7 +191,7 @@ fn log_floor(records: &[Record], path: &Path) -> Result<f64> {
     let mut prev: Hash = GENESIS_HASH;
     let mut value = Vec::new();
     let mut index: Vec<(&[u8], u64, u64)> = Vec::new();
-    let start = thread_cpu_s();
+    let start = thread_cpu_s()?;
     for chunk in records.chunks(records_per_transaction) {
         let mut txn = db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
@@ -216,7 +216,7 @@ fn log_floor(records: &[Record], path: &Path) -> Result<f64> {
         }
         txn.commit()?;
     }
-    Ok(thread_cpu_s() - start)
+    Ok(thread_cpu_s()? - start)
 }
 
 /// A value bound to a statement's parameter.
@@ -280,7 +280,8 @@ fn rows(events: &[Logged], records: &[Record]) -> Vec<(usize, Vec<Param>)> {
                         Int(done),
                         Int(seq),
                         Int(done),
-                        Text("complete".to_owned()),
+                        // `end_reason`: set only by a cancel or a give-up.
+                        Null,
                         Int(1),
                         Int(1),
                         Int(0),
@@ -294,11 +295,13 @@ fn rows(events: &[Logged], records: &[Record]) -> Vec<(usize, Vec<Param>)> {
                         Text(step.name.as_str().to_owned()),
                         Text(step.handler.as_str().to_owned()),
                         Text("complete".to_owned()),
-                        Text("[]".to_owned()),
+                        // `depends_on`: the names joined with commas, none here.
+                        Text(String::new()),
                         Int(1),
                         Int(i64::from(step.max_attempts)),
                         Int(i64::from(epoch.0)),
-                        Text("w-0".to_owned()),
+                        // `worker`: the lease's holder, cleared when the lease ends.
+                        Null,
                         Null,
                         Null,
                         Int(created_at),
@@ -342,7 +345,12 @@ impl Sqlite {
             ffi::sqlite3_open_v2(
                 name.as_ptr(),
                 &mut db,
-                ffi::SQLITE_OPEN_READWRITE | ffi::SQLITE_OPEN_CREATE,
+                // As sqlx opens the projections' connections: no mutex around each call, a
+                // private cache.
+                ffi::SQLITE_OPEN_READWRITE
+                    | ffi::SQLITE_OPEN_CREATE
+                    | ffi::SQLITE_OPEN_NOMUTEX
+                    | ffi::SQLITE_OPEN_PRIVATECACHE,
                 ptr::null(),
             )
         };
@@ -393,6 +401,9 @@ struct Statement<'a> {
 impl Statement<'_> {
     /// Binds `values` (borrowed until the step: `SQLITE_STATIC`), steps once and resets.
     fn run(&self, values: &[Param]) -> Result<()> {
+        // Every parameter is bound afresh each run, so no pointer of an earlier run is stepped.
+        // SAFETY: a live statement.
+        debug_assert_eq!(unsafe { ffi::sqlite3_bind_parameter_count(self.raw) } as usize, values.len());
         for (i, value) in values.iter().enumerate() {
             let at = i as c_int + 1;
             // SAFETY: a live statement; text and blobs outlive the step below, which is the
@@ -430,7 +441,9 @@ impl Drop for Statement<'_> {
 /// The rows written and the CPU seconds writing them took, 1,000 tasks a transaction, into a
 /// fresh SQLite file with the projectors' tables and indexes.
 fn read_model_floor(events: &[Logged], records: &[Record], tasks: usize, path: &Path) -> Result<(usize, f64)> {
-    projections::sqlite_memory::install();
+    if !projections::sqlite_memory::install() {
+        bail!("SQLite was started before the storage floor could point it at mimalloc, as the server does");
+    }
     let rows = rows(events, records);
     let db = Sqlite::open(path)?;
     for pragma in ["journal_mode = WAL", "synchronous = NORMAL", "cache_size = -65536", "temp_store = memory"] {
@@ -443,7 +456,7 @@ fn read_model_floor(events: &[Logged], records: &[Record], tasks: usize, path: &
     }
     let statements = INSERTS.iter().map(|sql| db.prepare(sql)).collect::<Result<Vec<_>>>()?;
     let per_transaction = rows.len().div_ceil(tasks.div_ceil(TASKS_PER_TRANSACTION).max(1));
-    let start = thread_cpu_s();
+    let start = thread_cpu_s()?;
     for chunk in rows.chunks(per_transaction.max(1)) {
         db.exec("BEGIN")?;
         for (statement, values) in chunk {
@@ -451,7 +464,7 @@ fn read_model_floor(events: &[Logged], records: &[Record], tasks: usize, path: &
         }
         db.exec("COMMIT")?;
     }
-    let seconds = thread_cpu_s() - start;
+    let seconds = thread_cpu_s()? - start;
     drop(statements);
     Ok((rows.len(), seconds))
 }

@@ -8,7 +8,8 @@
 //!
 //! The window is defined in events, so it is the same after a restart as
 //! before: a command id is remembered while its last event is among the
-//! newest `window_events` records. System (timer) records are not indexed.
+//! newest `window_events` records. System (timer) records are not indexed,
+//! nor are commands under ids a server minted (`MINTED_COMMAND_ID_PREFIX`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -29,6 +30,17 @@ const REBUILD_BATCH: usize = 8192;
 const PRESIZE_ENTRIES_MAX: u64 = 1 << 22;
 /// The actor of the ledger's own timer events, which are not deduplicated.
 pub const SYSTEM_ACTOR: &str = "system";
+
+/// How the ids a server mints for commands sent without one begin (`srv-` and a random UUID's
+/// hex). No client can repeat such a command, so the window keeps none of them: a server whose
+/// clients send no ids keeps an empty window, instead of a million ids and their upkeep on
+/// every command. The API refuses client ids that begin so.
+pub const MINTED_COMMAND_ID_PREFIX: &str = "srv-";
+
+/// Whether `command_id` is one the window keeps: not minted by a server.
+pub fn is_deduplicated(command_id: &str) -> bool {
+    !command_id.starts_with(MINTED_COMMAND_ID_PREFIX)
+}
 
 #[derive(Debug)]
 pub struct DedupIndex {
@@ -59,7 +71,7 @@ impl DedupIndex {
             let records = reader.read_range(next, head_seq, REBUILD_BATCH)?;
             let Some(last) = records.last() else { break };
             next = last.seq + 1;
-            for record in records.iter().filter(|r| r.actor != SYSTEM_ACTOR) {
+            for record in records.iter().filter(|r| r.actor != SYSTEM_ACTOR && is_deduplicated(&r.command_id)) {
                 index.extend(&record.command_id, record.seq);
             }
         }

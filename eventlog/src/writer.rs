@@ -971,7 +971,9 @@ impl WriterThread {
         // A repeat: of a command earlier in this batch (a client that retried before the first
         // was answered: it was refused with a 400, which clients take as final), or in the dedup
         // window. Either is answered as the original, from its records, after this batch commits.
-        if let Some(&range) = in_batch.get(&envelope.command_id) {
+        // An id the server minted cannot come again: nothing to look up, nothing to keep.
+        let deduplicated = crate::dedup::is_deduplicated(&envelope.command_id);
+        if deduplicated && let Some(&range) = in_batch.get(&envelope.command_id) {
             let index = |seq: u64| (seq - head_before - 1) as usize;
             let originals = &records[index(range.first)..=index(range.last)];
             let events = originals
@@ -985,7 +987,7 @@ impl WriterThread {
             let original_actor = originals.first().map(|record| record.actor.clone());
             return Ok(self.repeated(&envelope.command, range, events, original_actor));
         }
-        if let Some(range) = self.dedup.get(&envelope.command_id) {
+        if deduplicated && let Some(range) = self.dedup.get(&envelope.command_id) {
             return self.replay_outcome(&envelope.command, range);
         }
         // Under the disk's floor no new work is taken; what is in flight goes on (see `disk`).
@@ -1022,7 +1024,7 @@ impl WriterThread {
         }
         let seqs = (!events.is_empty()).then(|| SeqRange { first, last: first + events.len() as u64 - 1 });
         let task_ids = self.tasks_named(&envelope.command, created);
-        if let Some(range) = seqs {
+        if deduplicated && let Some(range) = seqs {
             in_batch.insert(envelope.command_id.clone(), range);
         }
         Ok(Acknowledgement {

@@ -54,9 +54,10 @@ unsafe extern "C" fn shutdown(_: *mut c_void) {}
 /// if SQLite has not initialised yet. Returns whether the allocator was installed.
 ///
 /// `sqlite3_config` is not thread-safe: no other thread may be starting SQLite while it
-/// runs, or SQLite could free memory from one allocator with the other. That holds
-/// because every connection in this crate is opened by `Store::open_sqlite`, which calls
-/// this first; so it is crate-private.
+/// runs, or SQLite could free memory from one allocator with the other. In this crate every
+/// connection is opened by `Store::open_sqlite`, which calls this first; another caller (the
+/// bench's storage floor, which opens SQLite through `libsqlite3-sys`) must call it before its
+/// first connection, with no other thread opening one meanwhile.
 pub fn install() -> bool {
     static INSTALLED: OnceLock<bool> = OnceLock::new();
     *INSTALLED.get_or_init(|| {

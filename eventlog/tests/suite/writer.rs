@@ -93,6 +93,50 @@ fn a_repeated_command_id_returns_the_original_and_writes_nothing() {
     assert_eq!(writer.handle().reader().head().unwrap().seq, 3);
 }
 
+/// Ids a server minted (`srv-…`, for commands sent without one) are not kept in the dedup
+/// window: no client can send one again, so keeping them cost memory and work on every command
+/// for nothing. A command under a minted id is decided every time it arrives, in the same batch,
+/// later, and after a restart; a client's id is still a repeat in all three.
+#[test]
+fn ids_the_server_minted_are_not_kept_for_repeats() {
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, _) = Writer::open(dir.path(), config(), Arc::new(SystemClock)).unwrap();
+    let handle = writer.handle();
+    let minted = "srv-0123456789abcdef0123456789abcdef";
+    let create = || Command::CreateTask(job(1, "q"));
+    handle.execute(envelope(minted, create())).unwrap();
+    let later = handle.execute(envelope(minted, create())).unwrap_err();
+    assert!(matches!(later, WriteError::Rejected(ref r) if r.code == RejectionCode::TaskExists), "{later:?}");
+    // Within one batch: both decided, the second refused as a second create of the task.
+    let (release, blocker) = hold_writer(&handle);
+    let receivers: Vec<_> =
+        [envelope(minted, Command::CreateTask(job(2, "q"))), envelope(minted, Command::CreateTask(job(2, "q")))]
+            .into_iter()
+            .map(|e| handle.submit(e).unwrap())
+            .collect();
+    release.send(()).unwrap();
+    blocker.join().unwrap();
+    let answers: Vec<_> = receivers.into_iter().map(|r| r.blocking_recv().unwrap()).collect();
+    assert!(answers[0].as_ref().is_ok_and(|a| !a.duplicate), "{:?}", answers[0]);
+    assert!(
+        matches!(answers[1], Err(WriteError::Rejected(ref r)) if r.code == RejectionCode::TaskExists),
+        "{:?}",
+        answers[1]
+    );
+    handle.execute(envelope("client-id", Command::CreateTask(job(3, "q")))).unwrap();
+    assert!(handle.execute(envelope("client-id", Command::CreateTask(job(3, "q")))).unwrap().duplicate);
+    assert_eq!(handle.reader().head().unwrap().seq, 3);
+    drop(handle);
+    writer.shutdown();
+    // The window rebuilt from the log at the start skips the minted ids too.
+    let (writer, _) = Writer::open(dir.path(), config(), Arc::new(SystemClock)).unwrap();
+    let handle = writer.handle();
+    let again = handle.execute(envelope(minted, Command::CreateTask(job(2, "q")))).unwrap_err();
+    assert!(matches!(again, WriteError::Rejected(ref r) if r.code == RejectionCode::TaskExists), "{again:?}");
+    assert!(handle.execute(envelope("client-id", Command::CreateTask(job(3, "q")))).unwrap().duplicate);
+    assert_eq!(handle.reader().head().unwrap().seq, 3, "nothing more was written");
+}
+
 #[test]
 fn a_rejected_command_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -755,6 +755,13 @@ fn bad_input_gets_a_stable_error_and_changes_nothing() {
             422,
             "invalid_value",
         ),
+        // A client's command id may not begin as the ids the server mints (`srv-`), which the
+        // dedup window does not keep: a retry under one would run the command again.
+        (
+            server.post_as(&server.token, "/v1/tasks", json!({ "namespace": "q", "handler": "h" }), Some("srv-mine")),
+            400,
+            "invalid_command_id",
+        ),
         // A name with a control character, as a tag with one (found by a black-box review).
         (
             server.post("/v1/tasks", json!({ "namespace": "q", "handler": "h", "name": "a\u{0}b" })),

@@ -423,6 +423,11 @@ fn errors_carry_stable_codes_and_abusive_queries_are_refused_before_resolvers_ru
     assert!(answer.body["errors"][0]["message"].as_str().unwrap().contains("commandId"), "{answer:?}");
     let query = server.post_as(&server.token, "/graphql", json!({ "query": "{ ledger { headSeq } }" }), Some("gql-2"));
     assert_eq!(query.status, 200, "{query:?}");
+    // An id beginning as the ids the server mints is refused: the dedup window keeps none.
+    let minted =
+        "mutation { createTask(commandId: \"srv-mine\", input: { namespace: \"q\", handler: \"h\" }) { seq } }";
+    let answer = server.post("/graphql", json!({ "query": minted }));
+    assert_eq!(answer.body["errors"][0]["extensions"]["code"], "invalid_command_id", "{answer:?}");
     assert_eq!(server.head_seq(), head, "nothing was written");
 }
 
