@@ -37,7 +37,7 @@ use std::ptr;
 use anyhow::{Context, Result, anyhow, bail};
 use domain::testkit::{Scenario, claim, complete, job};
 use domain::{Event, Json};
-use eventlog::record::{GENESIS_HASH, Hash, StoredRecord, chain_hash, stored_body};
+use eventlog::record::{GENESIS_HASH, Hash, chain_hash, stored_body};
 use libsqlite3_sys as ffi;
 use projections::{Backend, ProjectorKind};
 use redb::{Database, Durability, TableDefinition};
@@ -149,19 +149,8 @@ fn encode(events: &[Logged]) -> Vec<Record> {
         .enumerate()
         .map(|(i, logged)| {
             let new = eventlog::encode_event(&logged.event, &logged.command_id, logged.actor, logged.at_us);
-            let version = versions.entry(new.stream.clone()).and_modify(|v| *v += 1).or_insert(1);
-            let stored = StoredRecord {
-                seq: i as u64 + 1,
-                stream: new.stream,
-                stream_version: *version,
-                recorded_at_us: new.recorded_at_us,
-                command_id: new.command_id,
-                actor: new.actor,
-                event_type: new.event_type,
-                schema_version: new.schema_version,
-                payload: new.payload,
-                hash: GENESIS_HASH,
-            };
+            let version = *versions.entry(new.stream.clone()).and_modify(|v| *v += 1).or_insert(1);
+            let stored = new.into_stored(i as u64 + 1, version, GENESIS_HASH);
             Record {
                 seq: stored.seq,
                 version: stored.stream_version,

@@ -45,6 +45,25 @@ pub struct NewRecord {
     pub payload: Vec<u8>,
 }
 
+impl NewRecord {
+    /// This record as the log would hold it at `seq` and `stream_version` with `hash`, without
+    /// writing it (tools and tests that build records as the store does).
+    pub fn into_stored(self, seq: u64, stream_version: u64, hash: Hash) -> StoredRecord {
+        StoredRecord {
+            seq,
+            stream: self.stream,
+            stream_version,
+            recorded_at_us: self.recorded_at_us,
+            command_id: self.command_id,
+            actor: self.actor,
+            event_type: self.event_type,
+            schema_version: self.schema_version,
+            payload: self.payload,
+            hash,
+        }
+    }
+}
+
 /// A record as it is in the log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredRecord {

@@ -688,18 +688,7 @@ mod tests {
         ];
         for (n, event) in events.iter().enumerate() {
             let new = eventlog::fold::encode_event(event, "cmd,\"1\"", "actor é", 1_795_442_400_000_002);
-            let record = eventlog::StoredRecord {
-                seq: n as u64 + 7,
-                stream: new.stream,
-                stream_version: n as u64 + 1,
-                recorded_at_us: new.recorded_at_us,
-                command_id: new.command_id,
-                actor: new.actor,
-                event_type: new.event_type,
-                schema_version: new.schema_version,
-                payload: new.payload,
-                hash: [n as u8; 32],
-            };
+            let record = new.into_stored(n as u64 + 7, n as u64 + 1, [n as u8; 32]);
             let prev = [9u8; 32];
             let body = stored_body(&record);
             let map = row(&record, event, &prev, &body);
