@@ -141,11 +141,9 @@ impl<T: DeserializeOwned> FromRequest<AppState> for MaybeJson<T> {
             serde_json::error::Category::Data => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string())
             }
-            _ => {
-                let message = e.to_string();
-                nested_too_deep(&message)
-                    .unwrap_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", message))
-            }
+            // No depth mapping here: these bodies hold only strings and booleans, so a nested
+            // value is refused as the wrong type long before serde_json's recursion limit.
+            _ => ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.to_string()),
         })
     }
 }

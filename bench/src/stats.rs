@@ -265,17 +265,21 @@ impl Pickups {
     }
 }
 
-/// CPU seconds used by this process (user + system), from getrusage.
+/// CPU seconds used by this process (user + system), from getrusage; 0 if it fails.
 pub fn self_cpu_s() -> f64 {
-    // SAFETY: getrusage writes into the struct we pass; RUSAGE_SELF is valid.
+    rusage_cpu_s(libc::RUSAGE_SELF).unwrap_or(0.0)
+}
+
+/// CPU seconds (user + system) getrusage reports for `who` (`RUSAGE_SELF`, `RUSAGE_THREAD`).
+pub fn rusage_cpu_s(who: libc::c_int) -> std::io::Result<f64> {
+    // SAFETY: getrusage writes into the struct we pass; the callers pass valid `who` values.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    if rc != 0 {
-        return 0.0;
+    if unsafe { libc::getrusage(who, &mut usage) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(usage.ru_utime) + tv(usage.ru_stime)
+    Ok(tv(usage.ru_utime) + tv(usage.ru_stime))
 }
 
 fn clock_ticks_per_s() -> f64 {

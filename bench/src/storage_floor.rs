@@ -163,14 +163,7 @@ fn encode(events: &[Logged]) -> Vec<Record> {
 
 /// CPU seconds this thread has used (user + system).
 fn thread_cpu_s() -> Result<f64> {
-    // SAFETY: getrusage writes into the struct passed; RUSAGE_THREAD is valid on Linux.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
-        bail!("getrusage(RUSAGE_THREAD): {}", std::io::Error::last_os_error());
-    }
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    Ok(tv(usage.ru_utime) + tv(usage.ru_stime))
+    crate::stats::rusage_cpu_s(libc::RUSAGE_THREAD).context("getrusage(RUSAGE_THREAD)")
 }
 
 /// The CPU seconds appending `records` to a fresh redb file takes, 1,000 tasks a commit.
