@@ -1152,11 +1152,26 @@ impl async_graphql::extensions::Extension for DocumentLimits {
 /// validate is `invalid_query`, unless the message names a depth or complexity limit.
 fn with_code(mut error: async_graphql::ServerError) -> async_graphql::ServerError {
     let code = code_of_refusal(&error.message);
+    if let Some(message) = naming_the_limit(&error.message) {
+        error.message = message;
+    }
     let extensions = error.extensions.get_or_insert_with(Default::default);
     if extensions.get("code").is_none() {
         extensions.set("code", code);
     }
     error
+}
+
+/// async-graphql's refusals for the depth and complexity limits, which do not say what the
+/// limits are, said so a client can act on them.
+fn naming_the_limit(message: &str) -> Option<String> {
+    match message {
+        "Query is nested too deep." => Some(format!("the query nests fields deeper than {DEPTH_MAX} levels")),
+        "Query is too complex." => {
+            Some(format!("the query selects more than {COMPLEXITY_MAX} fields, with fragments expanded"))
+        }
+        _ => None,
+    }
 }
 
 /// The code of a document refused before any resolver ran, from async-graphql's message.

@@ -87,7 +87,8 @@ pub struct RedbOptions {
     pub dedup_window_entries: usize,
     /// Memory redb may use to cache pages.
     pub cache_bytes: usize,
-    /// Most stream heads cached in memory (the cache is cleared when it overflows).
+    /// Most stream heads cached in memory (when full, the cache forgets the half with the
+    /// lowest keys: see `StreamHeads`).
     pub stream_cache_entries: usize,
     /// Snapshot files kept (newest first). At least 1.
     pub snapshots_keep: usize,
@@ -139,28 +140,58 @@ struct OutcomeWindow {
 /// Most stream heads the cache reserves room for when the store opens.
 const STREAM_CACHE_PRESIZE_MAX: usize = 1 << 22;
 
-/// Bounded cache of stream heads; `complete` means a miss is a stream with no record.
+/// Keys sampled to pick the key below which a full [`StreamHeads`] forgets its entries.
+const STREAM_CACHE_EVICTION_SAMPLE: usize = 1024;
+
+/// Bounded cache of stream heads, complete above a key: every stream of the log whose key sorts
+/// after `complete_above` is in it, so a miss for such a key is a stream with no record, known
+/// without reading the stream index. A task's stream key is its UUIDv7, which sorts by time: the
+/// tasks the server creates are above every key the log held when it opened and above every key
+/// the cache has forgotten since. Only a client-given id from the past (or a clock set back)
+/// costs a read of the index, to tell whether it was ever used.
+///
+/// (It used to be complete only on a log opened empty and until it first overflowed: from then
+/// on, and on every restart, each created task cost a read of the index, ~1 µs a task of the
+/// writer's time in batch creates.)
 struct StreamHeads {
     versions: HashMap<Vec<u8>, u64, foldhash::fast::RandomState>,
     entries_max: usize,
-    complete: bool,
+    /// Empty on a log opened empty: complete for every key (stream keys are never empty).
+    complete_above: Vec<u8>,
 }
 
 impl StreamHeads {
     fn get(&self, stream: &[u8]) -> Option<u64> {
         match self.versions.get(stream) {
             Some(version) => Some(*version),
-            None if self.complete => Some(0),
+            None if stream > self.complete_above.as_slice() => Some(0),
             None => None,
         }
     }
 
     fn insert(&mut self, stream: Vec<u8>, version: u64) {
         if self.versions.len() >= self.entries_max && !self.versions.contains_key(&stream) {
-            self.versions.clear();
-            self.complete = false;
+            self.forget_the_lower_half();
         }
         self.versions.insert(stream, version);
+    }
+
+    /// Forgets the entries at or below the median of a sample of the keys (about half of them:
+    /// the oldest tasks, and the queue streams, whose keys sort below tasks'), and raises
+    /// `complete_above` to that median, so that what is forgotten is read from the index again.
+    fn forget_the_lower_half(&mut self) {
+        let step = (self.versions.len() / STREAM_CACHE_EVICTION_SAMPLE).max(1);
+        // A hash map's order is a random one as far as the keys' order goes.
+        let mut sample: Vec<&Vec<u8>> = self.versions.keys().step_by(step).collect();
+        if sample.is_empty() {
+            return;
+        }
+        let middle = (sample.len() - 1) / 2;
+        let median = sample.select_nth_unstable(middle).1.clone();
+        self.versions.retain(|key, _| *key > median);
+        if median > self.complete_above {
+            self.complete_above = median;
+        }
     }
 }
 
@@ -336,6 +367,7 @@ impl RedbStore {
         for_each_unindexed(&events, indexed_through, |seq, decoded| {
             unindexed.push(decoded.body.stream, decoded.body.stream_version, seq);
         })?;
+        let complete_above = highest_stream_key(&txn, &unindexed)?;
         drop((meta, events, txn));
         let db = Arc::new(Db::ReadWrite(db));
         let unindexed = Arc::new(RwLock::new(unindexed));
@@ -353,7 +385,7 @@ impl RedbStore {
                     Default::default(),
                 ),
                 entries_max: options.stream_cache_entries.max(1),
-                complete: head.seq == 0,
+                complete_above,
             },
             unindexed,
             snapshots: SnapshotStore::new(dir.join(SNAPSHOT_DIR_NAME), options.snapshots_keep),
@@ -974,6 +1006,18 @@ impl RedbStore {
     }
 }
 
+/// The highest stream key the log holds, in its stream index or its unindexed tail (empty for
+/// a log without records): the stream-head cache starts complete above it.
+fn highest_stream_key(txn: &redb::ReadTransaction, unindexed: &UnindexedTail) -> Result<Vec<u8>, OpenError> {
+    let indexed = match txn.open_table(STREAMS) {
+        Ok(streams) => streams.last().map_err(open_backend)?.map(|(key, _)| key.value().0.to_vec()),
+        Err(TableError::TableDoesNotExist(_)) => None,
+        Err(other) => return Err(open_backend(other)),
+    };
+    let tail = unindexed.by_stream.keys().max().cloned();
+    Ok(indexed.max(tail).unwrap_or_default())
+}
+
 /// Batches of at least this many records write their journal frame asynchronously
 /// (`journal::FrameIo`) while they are inserted into redb. Smaller ones write it on the
 /// writer's thread first, as before: their inserts take a few microseconds, and the
@@ -1364,5 +1408,79 @@ mod tests {
         let options = RedbOptions { stream_cache_entries: 1_000_000, ..RedbOptions::default() };
         let store = RedbStore::open(dir.path(), options).unwrap();
         assert!(store.stream_heads.versions.capacity() >= 1_000_000, "{}", store.stream_heads.versions.capacity());
+    }
+
+    fn record(stream: &[u8], at_us: i64) -> NewRecord {
+        NewRecord {
+            stream: stream.to_vec(),
+            command_id: format!("cmd-{at_us}"),
+            actor: "test".into(),
+            recorded_at_us: at_us,
+            event_type: 1,
+            schema_version: 1,
+            payload: vec![1],
+        }
+    }
+
+    /// Stream keys in key order, as UUIDv7 task streams sort by time.
+    fn key(n: u32) -> Vec<u8> {
+        [b"T".as_slice(), &n.to_be_bytes()].concat()
+    }
+
+    /// The version of `stream` as the writer asks for it, and whether the cache answered alone
+    /// (without a read of the stream index).
+    fn version_and_whether_cached(store: &mut RedbStore, stream: &[u8]) -> (u64, bool) {
+        let cached = store.held_versions.get(stream).copied().or_else(|| store.stream_heads.get(stream)).is_some()
+            || store.unindexed.read().version(stream).is_some();
+        (store.stream_version_cached(stream).unwrap(), cached)
+    }
+
+    #[test]
+    fn a_reopened_log_knows_streams_above_its_highest_key_are_new_without_reading_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = RedbOptions { stream_index_lag_records: 2, ..RedbOptions::default() };
+        {
+            let mut store = RedbStore::open(dir.path(), options.clone()).unwrap();
+            // Some streams indexed, the last ones in the unindexed tail, one with two records.
+            for (i, n) in [10, 20, 30, 30, 40].into_iter().enumerate() {
+                store.append(&[record(&key(n), 1_000 + i as i64)], &[]).unwrap();
+            }
+        }
+        let mut store = RedbStore::open(dir.path(), options).unwrap();
+        assert_eq!(store.stream_heads.complete_above, key(40));
+        // A new task's stream sorts above every key the log holds: known new, no read.
+        assert_eq!(version_and_whether_cached(&mut store, &key(50)), (0, true));
+        // Below the highest key, the index tells (a client's id from the past).
+        assert_eq!(version_and_whether_cached(&mut store, &key(15)), (0, false));
+        assert_eq!(version_and_whether_cached(&mut store, &key(30)).0, 2);
+        assert_eq!(version_and_whether_cached(&mut store, &key(10)).0, 1);
+        assert_eq!(version_and_whether_cached(&mut store, &key(40)), (1, true));
+        // An append goes on from what the log holds.
+        let appended = store.append(&[record(&key(30), 2_000), record(&key(60), 2_001)], &[]).unwrap();
+        let versions: Vec<u64> = appended.records.iter().map(|r| r.stream_version).collect();
+        assert_eq!(versions, [3, 1]);
+    }
+
+    #[test]
+    fn a_full_stream_head_cache_forgets_its_lowest_keys_and_stays_right_about_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = RedbOptions { stream_cache_entries: 8, stream_index_lag_records: 1, ..RedbOptions::default() };
+        let mut store = RedbStore::open(dir.path(), options).unwrap();
+        let mut versions = std::collections::BTreeMap::new();
+        for n in 0..40u32 {
+            // Every stream twice, a later one every other time: the cache overflows often.
+            for stream in [n, n / 2] {
+                let at = 1_000 + versions.values().sum::<u64>() as i64;
+                store.append(&[record(&key(stream), at)], &[]).unwrap();
+                *versions.entry(stream).or_insert(0u64) += 1;
+            }
+            assert!(store.stream_heads.versions.len() <= 8, "{}", store.stream_heads.versions.len());
+        }
+        let complete_above = store.stream_heads.complete_above.clone();
+        assert!(complete_above > key(0) && complete_above < key(39), "{complete_above:?}");
+        for (stream, version) in &versions {
+            assert_eq!(store.stream_version_cached(&key(*stream)).unwrap(), *version, "stream {stream}");
+        }
+        assert_eq!(version_and_whether_cached(&mut store, &key(1_000)), (0, true));
     }
 }
