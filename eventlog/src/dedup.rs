@@ -66,13 +66,26 @@ impl DedupIndex {
     /// Rebuilds the window from the newest `window_events` records.
     pub fn rebuild(reader: &LogReader, head_seq: u64, window_events: u64) -> Result<Self, ReadError> {
         let mut index = Self::new(window_events);
-        let mut next = head_seq.saturating_sub(index.window_events).max(1);
+        let start = head_seq.saturating_sub(index.window_events).max(1);
+        let mut next = start;
+        let mut first_kept = None;
         while next <= head_seq {
             let records = reader.read_range(next, head_seq, REBUILD_BATCH)?;
             let Some(last) = records.last() else { break };
             next = last.seq + 1;
             for record in records.iter().filter(|r| r.actor != SYSTEM_ACTOR && is_deduplicated(&r.command_id)) {
+                first_kept.get_or_insert_with(|| (record.seq, record.command_id.clone()));
                 index.extend(&record.command_id, record.seq);
+            }
+        }
+        // A command whose records begin before the window's first seq is kept whole, as the live
+        // window keeps every command whose last record is in it: a repeat after a restart gets
+        // all its events, not the part inside the window (which a create's repeat took for
+        // another command: a 409 for a legitimate retry).
+        if let Some((seq, command_id)) = first_kept.filter(|(seq, _)| *seq == start) {
+            let first = first_seq_of_command(reader, seq, &command_id)?;
+            if let Some(range) = index.by_id.get_mut(command_id.as_str()) {
+                range.first = first;
             }
         }
         index.evict(head_seq);
@@ -125,6 +138,22 @@ impl DedupIndex {
     pub fn is_empty(&self) -> bool {
         self.by_id.is_empty()
     }
+}
+
+/// The first seq of the command `command_id` whose records include `seq` (a command's records
+/// are contiguous).
+fn first_seq_of_command(reader: &LogReader, seq: u64, command_id: &str) -> Result<u64, ReadError> {
+    let mut first = seq;
+    while first > 1 {
+        let from = first.saturating_sub(REBUILD_BATCH as u64).max(1);
+        let records = reader.read_range(from, first - 1, REBUILD_BATCH)?;
+        let same = records.iter().rev().take_while(|r| r.command_id == command_id).count();
+        first -= same as u64;
+        if same == 0 || same < records.len() {
+            break;
+        }
+    }
+    Ok(first)
 }
 
 #[cfg(test)]

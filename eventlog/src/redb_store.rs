@@ -1210,6 +1210,9 @@ impl RedbStore {
                 Ok(())
             }
             Err(error) => {
+                // Still held: not in the log file, so never reported readable (the next settle
+                // finds the store poisoned with batches held, and says so).
+                self.held = Some(held);
                 self.poisoned = true;
                 Err(error)
             }
@@ -1459,6 +1462,58 @@ mod tests {
         let appended = store.append(&[record(&key(30), 2_000), record(&key(60), 2_001)], &[]).unwrap();
         let versions: Vec<u64> = appended.records.iter().map(|r| r.stream_version).collect();
         assert_eq!(versions, [3, 1]);
+    }
+
+    /// The checkpoint succeeds, then inserting the batches held during it fails, inside an
+    /// append that had to wait for it (the second journal full). Those batches were taken out
+    /// of `held` first, so the next settle found nothing held and reported them readable
+    /// though the log file does not have them (found by a review): the writer would publish
+    /// them, and reads would miss acknowledged records. Now they stay held, and unreadable.
+    #[test]
+    fn batches_whose_insert_failed_after_the_checkpoint_are_never_reported_readable() {
+        use crate::fault::{FaultError, FaultMode, FaultOp, FaultPlan, FaultTarget, FaultyBackend};
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.path().join("ledger.redb"))
+            .unwrap();
+        let (backend, faults) = FaultyBackend::new(file).unwrap();
+        // A small page cache, so that the held batches' insert writes pages (and meets the fault).
+        let options =
+            RedbOptions { journal_bytes: journal::JOURNAL_BYTES_MIN, cache_bytes: 16 * 1024, ..RedbOptions::default() };
+        let mut store = RedbStore::open_with_backend(dir.path(), backend, options).unwrap();
+        store.checkpoint_beside_appends();
+        let mut at = 1_000;
+        let mut append = |store: &mut RedbStore| {
+            at += 1;
+            store.append(&[record(&key(at as u32), at)], &[])
+        };
+        // Appends until one starts the checkpoint, then until one must wait for it.
+        while append(&mut store).unwrap().readable {}
+        let readable = store.reader().head().unwrap().seq;
+        while store.journals.as_ref().unwrap().current.has_room(4096) {
+            assert!(!append(&mut store).unwrap().readable);
+        }
+        let checkpoint = store.checkpoint.as_ref().expect("a checkpoint runs");
+        while !checkpoint.thread.is_finished() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let acknowledged = store.head().seq;
+        assert!(acknowledged > readable);
+        faults.arm_on(
+            FaultPlan { op: FaultOp::Write, nth: 1, mode: FaultMode::FromThenOn, error: FaultError::Io },
+            FaultTarget::LogFile,
+        );
+        assert!(append(&mut store).is_err(), "the append that waited for the checkpoint failed");
+        assert!(faults.tripped());
+        let settled = store.settle(false);
+        assert!(
+            matches!(settled, Err(AppendError::Poisoned)),
+            "{settled:?}: seqs up to {acknowledged} are not readable"
+        );
     }
 
     #[test]

@@ -256,13 +256,17 @@ struct Shared {
 /// and each sends the writer an empty claim.
 pub type ReadyWork = HashMap<domain::Namespace, u64>;
 
+/// A read run against the ledger between batches: given `None` once the ledger is lost (see
+/// `WriterThread::ledger_lost`).
+type LedgerRead = Box<dyn FnOnce(Option<&Ledger>) + Send>;
+
 // Commands are nearly every message; boxing them would cost an allocation each.
 #[allow(clippy::large_enum_variant)]
 enum Message {
     Command(Envelope, Option<Scope>, oneshot::Sender<CommandResult>),
     /// Runs a read against the ledger between batches, so it sees every
     /// command answered before it.
-    Read(Box<dyn FnOnce(&Ledger) + Send>),
+    Read(LedgerRead),
     /// Re-check timers now (tests with a manual clock send it after advancing).
     Tick,
     Shutdown,
@@ -329,11 +333,19 @@ impl WriterHandle {
     /// admin views): it holds up the writer while it runs, so keep it short.
     pub fn read<T: Send + 'static>(&self, read: impl FnOnce(&Ledger) -> T + Send + 'static) -> Result<T, WriteError> {
         let (reply, receiver) = std::sync::mpsc::sync_channel(1);
-        let message = Message::Read(Box::new(move |ledger| {
-            let _ = reply.send(read(ledger));
+        let message = Message::Read(Box::new(move |ledger: Option<&Ledger>| {
+            let _ = reply.send(ledger.map(read));
         }));
         self.tx.send(message).map_err(|_| WriteError::Unavailable("the writer has stopped".into()))?;
-        receiver.recv().map_err(|_| WriteError::Unavailable("the writer stopped before answering".into()))
+        receiver.recv().map_err(|_| WriteError::Unavailable("the writer stopped before answering".into()))?.ok_or_else(
+            || {
+                WriteError::Unavailable(
+                    "the writer's ledger could not be rebuilt from the log after a failed commit; restart the \
+                     server (nothing acknowledged is lost)"
+                        .into(),
+                )
+            },
+        )
     }
 
     /// Asks the writer to look at its timers now.
@@ -527,6 +539,7 @@ impl Writer {
             touched: Vec::new(),
             store,
             ledger,
+            ledger_lost: false,
             dedup,
             clock,
             config,
@@ -584,6 +597,9 @@ struct WriterThread {
     touched: Vec<domain::Namespace>,
     store: RedbStore,
     ledger: Ledger,
+    /// Set when a failed commit left `ledger` neither as before the batch nor as the log holds
+    /// it (the log could not be read to rebuild it): reads are refused, not answered from it.
+    ledger_lost: bool,
     dedup: DedupIndex,
     clock: Arc<dyn Clock>,
     config: WriterConfig,
@@ -761,7 +777,7 @@ impl WriterThread {
                         // Commands already drained must be decided first.
                         self.process(std::mem::take(&mut batch));
                         queued_events = 0;
-                        read(&self.ledger);
+                        read((!self.ledger_lost).then_some(&self.ledger));
                     }
                     Message::Shutdown => {
                         shutting_down = true;
@@ -1011,13 +1027,33 @@ impl WriterThread {
                 )));
             }
         }
+        // Encoded before anything is applied: a record the log cannot hold (the domain's limits
+        // let a task's payloads add up past a record's) refuses this command alone. Found by
+        // the store, it would fail the whole batch and stop the writer.
+        let encoded: Vec<NewRecord> = events
+            .iter()
+            .map(|event| encode_event(event, &envelope.command_id, &envelope.actor, now.as_micros()))
+            .collect();
+        let unstorable = encoded.iter().zip(&events).find_map(|(record, event)| {
+            crate::record::check_new(record).err().map(|problem| (event.type_name(), problem))
+        });
+        if let Some((event_type, problem)) = unstorable {
+            return Err(WriteError::Rejected(Rejection::new(
+                RejectionCode::PayloadTooLarge,
+                None,
+                format!(
+                    "the log cannot hold its {event_type} event ({problem}): send smaller payloads, or a \
+                     workflow's steps in several commands"
+                ),
+            )));
+        }
         new_streams.extend(created.iter().copied());
         let first = head_before + records.len() as u64 + 1;
         let mut claimed = Vec::new();
-        for event in &events {
+        for (event, record) in events.iter().zip(encoded) {
             note_namespace(&self.ledger, event, &mut self.touched);
             self.ledger.apply(event).expect("decided events apply");
-            records.push(encode_event(event, &envelope.command_id, &envelope.actor, now.as_micros()));
+            records.push(record);
             if let Some(work) = self.ledger.claimed_step(event) {
                 claimed.push(work);
             }
@@ -1146,6 +1182,7 @@ impl WriterThread {
                 *self.shared.health.lock().expect("health lock") =
                     Health::Failed(format!("{what}: {reason}; the ledger could not be rebuilt: {e}"));
                 self.ledger = Ledger::new();
+                self.ledger_lost = true;
             }
         }
     }

@@ -11,8 +11,8 @@ use std::time::Duration;
 use domain::testkit::{claim, complete, job, task_id};
 use domain::{Command, Event, RejectionCode};
 use eventlog::{
-    Envelope, FaultError, FaultMode, FaultOp, FaultPlan, FaultyBackend, Health, LogReader, ManualClock, RedbOptions,
-    RedbStore, SystemClock, WriteError, Writer, WriterConfig, fold_to_head, verify,
+    Envelope, FaultError, FaultMode, FaultOp, FaultPlan, FaultTarget, FaultyBackend, Health, LogReader, ManualClock,
+    RedbOptions, RedbStore, SystemClock, WriteError, Writer, WriterConfig, fold_to_head, verify,
 };
 
 fn envelope(id: &str, command: Command) -> Envelope {
@@ -57,6 +57,43 @@ fn acknowledged_commands_carry_their_durable_seqs() {
     assert_ledger_matches_log(&writer, &reader);
     writer.shutdown();
     assert!(verify(&reader, |_, _| {}).unwrap().is_clean());
+}
+
+/// A command whose records straddle the first seq of the window, repeated: answered whole
+/// before a restart and after it. The window rebuilt at a restart kept only the records inside
+/// it, so the repeat got part of the events (and for a create, "another command under this
+/// id": a 409 for a legitimate retry; found by a review).
+#[test]
+fn a_command_straddling_the_dedup_window_edge_is_repeated_whole_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = WriterConfig { dedup_window_events: 4, ..config() };
+    let (writer, _) = Writer::open(dir.path(), config.clone(), Arc::new(SystemClock)).unwrap();
+    let handle = writer.handle();
+    handle.execute(envelope("before", Command::CreateTasks(vec![job(1, "q"), job(2, "q")]))).unwrap();
+    let batch = Command::CreateTasks(vec![job(3, "q"), job(4, "q"), job(5, "q")]);
+    let original = handle.execute(envelope("batch", batch.clone())).unwrap();
+    assert_eq!(original.seqs.map(|s| (s.first, s.last)), Some((3, 5)));
+    for i in 10..13u64 {
+        handle.execute(envelope(&format!("c{i}"), Command::CreateTask(job(i, "q")))).unwrap();
+    }
+    // Head 8, a window of 4: the batch's last record (seq 5) is the oldest kept.
+    let live = handle.execute(envelope("batch", batch.clone())).unwrap();
+    assert!(live.duplicate && !live.differs_from_original);
+    assert_eq!((live.seqs, live.events.len()), (original.seqs, 3));
+    drop(handle);
+    writer.shutdown();
+    let (writer, startup) = Writer::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
+    assert_eq!(startup.head.seq, 8);
+    let handle = writer.handle();
+    let after = handle.execute(envelope("batch", batch)).unwrap();
+    assert!(after.duplicate && !after.differs_from_original, "{after:?}");
+    assert_eq!((after.seqs, after.events.len()), (original.seqs, 3));
+    assert_eq!(after.task_ids, original.task_ids);
+    // The command before it left the window, as it had before the restart.
+    let again = handle.execute(envelope("before", Command::CreateTasks(vec![job(1, "q"), job(2, "q")])));
+    assert!(matches!(again, Err(WriteError::Rejected(ref r)) if r.code == RejectionCode::TaskExists), "{again:?}");
+    drop(handle);
+    writer.shutdown();
 }
 
 #[test]
@@ -244,6 +281,49 @@ fn a_command_repeated_within_one_batch_is_answered_as_the_original() {
     assert!(verify(&reader, |_, _| {}).unwrap().is_clean());
 }
 
+/// The domain lets a task's payloads add up past what one record of the log may hold (256
+/// steps of 64 KiB); such a create reached the store, which refused the whole batch, and the
+/// writer took that for a failed commit and stopped taking writes until a restart (found by a
+/// review: over HTTP a 1.4 MiB body did it, as `1e15` comes back as `1000000000000000.0`). Now
+/// it is refused alone, and the commands of its batch go on.
+#[test]
+fn a_command_whose_record_the_log_cannot_hold_is_refused_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, _) = Writer::open(dir.path(), config(), Arc::new(SystemClock)).unwrap();
+    let handle = writer.handle();
+    handle.execute(envelope("c1", Command::CreateTask(job(1, "q")))).unwrap();
+    let payload = format!("[{}]", vec!["1000000000000000.0"; 3400].join(","));
+    let steps = (0..80)
+        .map(|i| {
+            let mut step = domain::testkit::step(&format!("s{i}"), "work", &[]);
+            step.payload = domain::Json::new("payload", payload.clone()).unwrap();
+            step
+        })
+        .collect();
+    let huge = Command::CreateTask(domain::testkit::workflow(2, "q", steps));
+    let (release, blocker) = hold_writer(&handle);
+    let sent = [
+        envelope("before", Command::CreateTask(job(3, "q"))),
+        envelope("huge", huge),
+        envelope("after", Command::CreateTask(job(4, "q"))),
+    ];
+    let receivers: Vec<_> = sent.into_iter().map(|e| handle.submit(e).unwrap()).collect();
+    release.send(()).unwrap();
+    blocker.join().unwrap();
+    let answers: Vec<_> = receivers.into_iter().map(|r| r.blocking_recv().unwrap()).collect();
+    assert_eq!(handle.stats().batches.load(std::sync::atomic::Ordering::Relaxed), 2, "one batch after the first");
+    let refused = answers[1].as_ref().unwrap_err();
+    let WriteError::Rejected(rejection) = refused else { panic!("{refused:?}") };
+    assert_eq!(rejection.code, RejectionCode::PayloadTooLarge);
+    assert!(rejection.message.contains("task_created") && rejection.message.contains("above 4194304"), "{rejection:?}");
+    assert_eq!(answers[0].as_ref().unwrap().seqs.map(|s| s.first), Some(2));
+    assert_eq!(answers[2].as_ref().unwrap().seqs.map(|s| s.first), Some(3));
+    assert!(handle.execute(envelope("c5", Command::CreateTask(job(5, "q")))).is_ok(), "{:?}", handle.health());
+    assert_eq!(handle.reader().head().unwrap().seq, 4);
+    assert_ledger_matches_log(&writer, handle.reader());
+    writer.shutdown();
+}
+
 /// A writer on `dir` whose log file (and journals) fail or stall on demand through the handle.
 fn faulty_writer(dir: &std::path::Path, journal_bytes: u64) -> (Writer, eventlog::FaultHandle) {
     let file =
@@ -291,6 +371,45 @@ fn a_failed_commit_acknowledges_nothing_and_stops_writes() {
         writer.handle().execute(envelope("resumed", Command::CreateTask(job(4, "q")))).unwrap();
         assert_ledger_matches_log(&writer, &reader);
     }
+}
+
+/// A failed commit that leaves the log file unreadable (redb latches its I/O error) cannot
+/// rebuild the writer's ledger from it. The writer kept answering reads (the queue views) from
+/// an empty ledger, as though no task existed (found by a review); now it refuses them until a
+/// restart, which has every acknowledged task.
+#[test]
+fn a_failed_commit_that_cannot_rebuild_the_ledger_refuses_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.path().join("ledger.redb"))
+        .unwrap();
+    let (backend, faults) = FaultyBackend::new(file).unwrap();
+    // No journal: each commit writes the file. A small page cache: the rebuild must read it.
+    let options = RedbOptions { journal_bytes: 0, cache_bytes: 16 * 1024, ..RedbOptions::default() };
+    let store = RedbStore::open_with_backend(dir.path(), backend, options).unwrap();
+    let (writer, _) = Writer::start(store, config(), Arc::new(SystemClock)).unwrap();
+    let handle = writer.handle();
+    handle.execute(envelope("ok", Command::CreateTask(job(1, "q")))).unwrap();
+    assert_eq!(handle.read(|l| l.live_task_count()).unwrap(), 1);
+    faults.arm_on(
+        FaultPlan { op: FaultOp::Write, nth: 1, mode: FaultMode::FromThenOn, error: FaultError::Io },
+        FaultTarget::LogFile,
+    );
+    let failed = handle.execute(envelope("lost", Command::CreateTask(job(2, "q")))).unwrap_err();
+    assert!(matches!(failed, WriteError::CommitFailed(_)), "{failed:?}");
+    let Health::Failed(reason) = handle.health() else { panic!("{:?}", handle.health()) };
+    assert!(reason.contains("could not be rebuilt"), "the log was still readable: {reason}");
+    let read = handle.read(|l| l.live_task_count());
+    assert!(matches!(read, Err(WriteError::Unavailable(ref m)) if m.contains("restart")), "{read:?}");
+    drop(handle);
+    writer.shutdown();
+    let (writer, startup) = Writer::open(dir.path(), config(), Arc::new(SystemClock)).unwrap();
+    assert_eq!(startup.head.seq, 1);
+    assert_eq!(writer.handle().read(|l| l.live_task_count()).unwrap(), 1);
 }
 
 #[test]
