@@ -892,6 +892,30 @@ fn oversized_bodies_are_refused_with_413() {
     assert_eq!(server.head_seq(), 0);
 }
 
+/// A workflow whose payloads add up past what one record of the log may hold (4 MiB) in a
+/// body well under the body limit: each `1e15` is kept as `1000000000000000.0`. It stopped
+/// the writer until a restart (found by a review); now it is refused alone.
+#[test]
+fn a_task_too_large_for_one_record_is_refused_and_the_server_goes_on() {
+    let server = Server::start();
+    server.post("/v1/tasks", json!({ "namespace": "q", "handler": "h" }));
+    let head = server.head_seq();
+    // Written as text: a `serde_json::Value` would send `1e15` as the long form already.
+    let payload = format!("[{}]", vec!["1e15"; 3400].join(","));
+    let steps: Vec<String> =
+        (0..80).map(|i| format!(r#"{{"name":"s{i}","handler":"h","payload":{payload}}}"#)).collect();
+    let body = format!(r#"{{"namespace":"q","steps":[{}]}}"#, steps.join(","));
+    assert!(body.len() < 2 << 20, "{} bytes", body.len());
+    let answer = server.post_raw("/v1/tasks", "application/json", body.into_bytes());
+    assert_eq!((answer.status, answer.code()), (413, "payload_too_large"), "{answer:?}");
+    let message = answer.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("task_created") && message.contains("above 4194304"), "{message}");
+    assert_eq!(server.head_seq(), head);
+    let after = server.post("/v1/tasks", json!({ "namespace": "q", "handler": "h" }));
+    assert_eq!(after.status, 201, "{after:?}");
+    assert_eq!(server.get("/readyz").status, 200);
+}
+
 #[test]
 fn roles_and_namespace_scopes_are_enforced() {
     let temp = tempfile::tempdir().unwrap();
