@@ -178,6 +178,19 @@ impl FaultyBackend {
         let backend = Self { inner: FileBackend::new(file)?, handle: handle.clone() };
         Ok((backend, handle))
     }
+
+    /// Wraps the log file of the data dir `dir` (`ledger.redb`), created if missing, for
+    /// [`crate::RedbStore::open_with_backend`] on `dir`.
+    pub fn for_log_in(dir: &std::path::Path) -> Result<(Self, FaultHandle), redb::DatabaseError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(crate::redb_store::LOG_FILE_NAME))
+            .map_err(|e| redb::DatabaseError::Storage(redb::StorageError::Io(e)))?;
+        Self::new(file)
+    }
 }
 
 impl StorageBackend for FaultyBackend {

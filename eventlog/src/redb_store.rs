@@ -1473,14 +1473,7 @@ mod tests {
     fn batches_whose_insert_failed_after_the_checkpoint_are_never_reported_readable() {
         use crate::fault::{FaultError, FaultMode, FaultOp, FaultPlan, FaultTarget, FaultyBackend};
         let dir = tempfile::tempdir().unwrap();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(dir.path().join("ledger.redb"))
-            .unwrap();
-        let (backend, faults) = FaultyBackend::new(file).unwrap();
+        let (backend, faults) = FaultyBackend::for_log_in(dir.path()).unwrap();
         // A small page cache, so that the held batches' insert writes pages (and meets the fault).
         let options =
             RedbOptions { journal_bytes: journal::JOURNAL_BYTES_MIN, cache_bytes: 16 * 1024, ..RedbOptions::default() };

@@ -20,7 +20,6 @@
 //! `TASKLEDGER_FAULT_K` raises K (default 24 writes and 12 syncs per mode).
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::OpenOptions;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,14 +61,7 @@ enum Outcome {
 
 /// Opens a fresh log on a `FaultyBackend` and starts the writer on it.
 fn start_faulty(dir: &Path) -> (Writer, FaultHandle) {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(dir.join("ledger.redb"))
-        .expect("create the ledger file");
-    let (backend, faults) = FaultyBackend::new(file).expect("wrap the file backend");
+    let (backend, faults) = FaultyBackend::for_log_in(dir).expect("wrap the ledger file");
     let options = RedbOptions { journal_faults: Some(faults.clone()), ..RedbOptions::default() };
     let store = RedbStore::open_with_backend(dir, backend, options).expect("open the store");
     let (writer, _) = Writer::start(store, config(), Arc::new(SystemClock)).expect("start the writer");

@@ -4,8 +4,6 @@
 //! verify clean. The journal is as small as allowed, so runs cross many checkpoints, and
 //! batches without outcomes go through it while batches with outcomes are checkpoints.
 
-use std::fs::OpenOptions;
-
 use eventlog::{
     AppendError, FaultError, FaultHandle, FaultMode, FaultOp, FaultPlan, FaultTarget, FaultyBackend, Head, LogStore,
     NewRecord, RedbOptions, RedbStore, StoredRecord, verify,
@@ -190,14 +188,7 @@ fn options(faults: &FaultHandle) -> RedbOptions {
 impl Harness {
     fn open(&mut self) {
         self.store = None;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(self.dir.path().join("ledger.redb"))
-            .unwrap();
-        let (backend, faults) = FaultyBackend::new(file).unwrap();
+        let (backend, faults) = FaultyBackend::for_log_in(self.dir.path()).unwrap();
         self.store = Some(RedbStore::open_with_backend(self.dir.path(), backend, options(&faults)).unwrap());
         self.faults = faults;
     }

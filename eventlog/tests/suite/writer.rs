@@ -4,7 +4,6 @@
 //! timers fire through the same path, snapshots make restarts short, and the
 //! writer's ledger always equals a fold of the log.
 
-use std::fs::OpenOptions;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -326,9 +325,7 @@ fn a_command_whose_record_the_log_cannot_hold_is_refused_alone() {
 
 /// A writer on `dir` whose log file (and journals) fail or stall on demand through the handle.
 fn faulty_writer(dir: &std::path::Path, journal_bytes: u64) -> (Writer, eventlog::FaultHandle) {
-    let file =
-        OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join("ledger.redb")).unwrap();
-    let (backend, faults) = FaultyBackend::new(file).unwrap();
+    let (backend, faults) = FaultyBackend::for_log_in(dir).unwrap();
     let options = RedbOptions { journal_bytes, journal_faults: Some(faults.clone()), ..RedbOptions::default() };
     let store = RedbStore::open_with_backend(dir, backend, options).unwrap();
     let (writer, _) = Writer::start(store, config(), Arc::new(SystemClock)).unwrap();
@@ -380,14 +377,7 @@ fn a_failed_commit_acknowledges_nothing_and_stops_writes() {
 #[test]
 fn a_failed_commit_that_cannot_rebuild_the_ledger_refuses_reads() {
     let dir = tempfile::tempdir().unwrap();
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(dir.path().join("ledger.redb"))
-        .unwrap();
-    let (backend, faults) = FaultyBackend::new(file).unwrap();
+    let (backend, faults) = FaultyBackend::for_log_in(dir.path()).unwrap();
     // No journal: each commit writes the file. A small page cache: the rebuild must read it.
     let options = RedbOptions { journal_bytes: 0, cache_bytes: 16 * 1024, ..RedbOptions::default() };
     let store = RedbStore::open_with_backend(dir.path(), backend, options).unwrap();
