@@ -148,7 +148,8 @@ const STREAM_CACHE_EVICTION_SAMPLE: usize = 1024;
 /// without reading the stream index. A task's stream key is its UUIDv7, which sorts by time: the
 /// tasks the server creates are above every key the log held when it opened and above every key
 /// the cache has forgotten since. Only a client-given id from the past (or a clock set back)
-/// costs a read of the index, to tell whether it was ever used.
+/// costs a read of the index, to tell whether it was ever used; and after a restart, every new
+/// task while a client-given id from the future is the log's highest key.
 ///
 /// (It used to be complete only on a log opened empty and until it first overflowed: from then
 /// on, and on every restart, each created task cost a read of the index, ~1 µs a task of the
