@@ -391,9 +391,11 @@ fn a_failed_commit_that_cannot_rebuild_the_ledger_refuses_reads() {
     );
     let failed = handle.execute(envelope("lost", Command::CreateTask(job(2, "q")))).unwrap_err();
     assert!(matches!(failed, WriteError::CommitFailed(_)), "{failed:?}");
+    // The read runs on the writer's thread, after the failed batch's answers and the attempt to
+    // rebuild the ledger: the health is final only then.
+    let read = handle.read(|l| l.live_task_count());
     let Health::Failed(reason) = handle.health() else { panic!("{:?}", handle.health()) };
     assert!(reason.contains("could not be rebuilt"), "the log was still readable: {reason}");
-    let read = handle.read(|l| l.live_task_count());
     assert!(matches!(read, Err(WriteError::Unavailable(ref m)) if m.contains("restart")), "{read:?}");
     drop(handle);
     writer.shutdown();
