@@ -1434,12 +1434,12 @@ mod tests {
         [b"T".as_slice(), &n.to_be_bytes()].concat()
     }
 
-    /// The version of `stream` as the writer asks for it, and whether the cache answered alone
-    /// (without a read of the stream index).
+    /// The version of `stream` as the writer asks for it, and whether the cache answered alone:
+    /// a read of the stream index begins the lookup transaction, which starts dropped here.
     fn version_and_whether_cached(store: &mut RedbStore, stream: &[u8]) -> (u64, bool) {
-        let cached = store.held_versions.get(stream).copied().or_else(|| store.stream_heads.get(stream)).is_some()
-            || store.unindexed.read().version(stream).is_some();
-        (store.stream_version_cached(stream).unwrap(), cached)
+        store.lookup = None;
+        let version = store.stream_version_cached(stream).unwrap();
+        (version, store.lookup.is_none())
     }
 
     #[test]
