@@ -92,9 +92,17 @@ impl DedupIndex {
         Ok(index)
     }
 
-    /// The seqs a command id was recorded at, if it is in the window.
-    pub fn get(&self, command_id: &str) -> Option<SeqRange> {
-        self.by_id.get(command_id).copied()
+    /// The seqs a command id was recorded at, if it is in the window as of `head_seq`. Ids
+    /// are evicted only when others are inserted, so an id past the window can still be in the
+    /// map (a server whose other commands carry minted ids inserts none): it is answered as
+    /// gone, as it is after a restart, whose rebuild keeps only the window.
+    pub fn get(&self, command_id: &str, head_seq: u64) -> Option<SeqRange> {
+        self.by_id.get(command_id).copied().filter(|range| range.last >= self.oldest_kept(head_seq))
+    }
+
+    /// The oldest seq the window holds when the log's head is `head_seq`.
+    fn oldest_kept(&self, head_seq: u64) -> u64 {
+        head_seq.saturating_sub(self.window_events) + 1
     }
 
     /// Records that `command_id` wrote `range`, then forgets ids that fell
@@ -118,7 +126,7 @@ impl DedupIndex {
     }
 
     fn evict(&mut self, head_seq: u64) {
-        let oldest_kept = head_seq.saturating_sub(self.window_events) + 1;
+        let oldest_kept = self.oldest_kept(head_seq);
         while let Some((last, id)) = self.order.front() {
             if *last >= oldest_kept {
                 break;
@@ -174,11 +182,22 @@ mod tests {
         let mut index = DedupIndex::new(10);
         index.insert("a", SeqRange { first: 1, last: 3 }, 3);
         index.insert("b", SeqRange { first: 4, last: 12 }, 12);
-        assert_eq!(index.get("a"), Some(SeqRange { first: 1, last: 3 }), "seq 3 is within the last 10 of 12");
+        assert_eq!(index.get("a", 12), Some(SeqRange { first: 1, last: 3 }), "seq 3 is within the last 10 of 12");
         index.insert("c", SeqRange { first: 13, last: 13 }, 13);
         index.insert("d", SeqRange { first: 14, last: 14 }, 14);
-        assert_eq!(index.get("a"), None);
-        assert_eq!(index.get("b"), Some(SeqRange { first: 4, last: 12 }));
+        assert_eq!(index.get("a", 14), None);
+        assert_eq!(index.get("b", 14), Some(SeqRange { first: 4, last: 12 }));
         assert_eq!(index.len(), 3);
+    }
+
+    /// The head moves on without inserts when the other commands carry minted ids (or are
+    /// timers): an id past the window is gone all the same, as after a restart's rebuild.
+    #[test]
+    fn an_id_past_the_window_is_gone_though_nothing_was_inserted_since() {
+        let mut index = DedupIndex::new(10);
+        index.insert("a", SeqRange { first: 1, last: 3 }, 3);
+        assert_eq!(index.get("a", 12), Some(SeqRange { first: 1, last: 3 }));
+        assert_eq!(index.get("a", 13), None);
+        assert_eq!(index.len(), 1, "still held until an insert evicts it");
     }
 }

@@ -1003,7 +1003,7 @@ impl WriterThread {
             let original_actor = originals.first().map(|record| record.actor.clone());
             return Ok(self.repeated(&envelope.command, range, events, original_actor));
         }
-        if deduplicated && let Some(range) = self.dedup.get(&envelope.command_id) {
+        if deduplicated && let Some(range) = self.dedup.get(&envelope.command_id, self.store.head().seq) {
             return self.replay_outcome(&envelope.command, range);
         }
         // Under the disk's floor no new work is taken; what is in flight goes on (see `disk`).

@@ -95,6 +95,37 @@ fn a_command_straddling_the_dedup_window_edge_is_repeated_whole_after_a_restart(
     writer.shutdown();
 }
 
+/// A client's id leaves the window when the log has moved `window` events past its last record,
+/// though no other client id was written since (the others carried minted ids, which the window
+/// does not keep). Its repeat was answered as a duplicate until a restart and decided afresh
+/// after one; it is now decided afresh both times (found by a review).
+#[test]
+fn a_command_id_leaves_the_window_when_only_minted_ids_follow_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = WriterConfig { dedup_window_events: 3, ..config() };
+    let (writer, _) = Writer::open(dir.path(), config.clone(), Arc::new(SystemClock)).unwrap();
+    let handle = writer.handle();
+    let created = handle.execute(envelope("c1", Command::CreateTask(job(1, "q")))).unwrap();
+    assert_eq!(created.seqs.map(|s| s.last), Some(1));
+    for i in 2..=3u64 {
+        handle.execute(envelope(&format!("srv-{i:032x}"), Command::CreateTask(job(i, "q")))).unwrap();
+    }
+    // Head 3, a window of 3: seq 1 is the oldest kept.
+    assert!(handle.execute(envelope("c1", Command::CreateTask(job(1, "q")))).unwrap().duplicate);
+    handle.execute(envelope(&format!("srv-{:032x}", 4), Command::CreateTask(job(4, "q")))).unwrap();
+    let live = handle.execute(envelope("c1", Command::CreateTask(job(1, "q")))).unwrap_err();
+    assert!(matches!(live, WriteError::Rejected(ref r) if r.code == RejectionCode::TaskExists), "{live:?}");
+    drop(handle);
+    writer.shutdown();
+    let (writer, _) = Writer::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
+    let handle = writer.handle();
+    let after = handle.execute(envelope("c1", Command::CreateTask(job(1, "q")))).unwrap_err();
+    assert!(matches!(after, WriteError::Rejected(ref r) if r.code == RejectionCode::TaskExists), "{after:?}");
+    assert_eq!(handle.reader().head().unwrap().seq, 4, "nothing more was written");
+    drop(handle);
+    writer.shutdown();
+}
+
 #[test]
 fn a_repeated_command_id_returns_the_original_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
