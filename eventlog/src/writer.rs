@@ -6,7 +6,8 @@
 //! without bound. The thread loops:
 //!
 //! 1. wait for a command or the earliest due timer;
-//! 2. drain whatever else is queued, up to `batch_events_max` events;
+//! 2. drain whatever else is queued, up to `batch_events_max` events (the commands
+//!    after its records reach `batch_bytes_max` bytes wait for the next batch);
 //! 3. turn due timers into system commands (lease expiry, retry due, run_at);
 //! 4. decide each command against the ledger, applying its events at once so
 //!    the next command of the batch sees them;
@@ -64,6 +65,13 @@ pub struct WriterConfig {
     pub channel_capacity: usize,
     /// A batch stops draining the channel once it holds this many events.
     pub batch_events_max: usize,
+    /// A batch takes no more commands once its records hold this many bytes; the commands
+    /// drained after that go into the next batch. With `command_bytes_max` it keeps a batch's
+    /// journal frame and transaction far below the frame's 4 GiB, and bounds the writer's memory.
+    pub batch_bytes_max: usize,
+    /// A command whose records would hold more bytes than this is refused
+    /// (`payload_too_large`): only a batch create under a raised body limit comes near it.
+    pub command_bytes_max: usize,
     /// Most due timers turned into commands per batch.
     pub timers_per_batch_max: usize,
     /// A snapshot is taken every this many events (0 = never).
@@ -79,6 +87,13 @@ pub struct WriterConfig {
     pub store: RedbOptions,
 }
 
+/// Default of [`WriterConfig::batch_bytes_max`].
+pub const BATCH_BYTES_MAX_DEFAULT: usize = 256 << 20;
+/// Default of [`WriterConfig::command_bytes_max`]. With the default 4 MiB body limit, a command's
+/// records hold at most about 18 MiB (a payload re-serialized: `1e15` is kept as
+/// `1000000000000000.0`); 1 GiB is reached only with the body limit raised past ~230 MiB.
+pub const COMMAND_BYTES_MAX_DEFAULT: usize = 1 << 30;
+
 /// Default of [`WriterConfig::min_free_disk_bytes`]: room for what the default journals' records
 /// take once checkpointed and projected (ten 16 MiB journals' worth, see `disk`), and a margin.
 pub const MIN_FREE_DISK_BYTES_DEFAULT: u64 = 256 << 20;
@@ -88,6 +103,8 @@ impl Default for WriterConfig {
         Self {
             channel_capacity: 16 * 1024,
             batch_events_max: 8192,
+            batch_bytes_max: BATCH_BYTES_MAX_DEFAULT,
+            command_bytes_max: COMMAND_BYTES_MAX_DEFAULT,
             timers_per_batch_max: 4096,
             snapshot_every_events: 1_000_000,
             feed_capacity: 64 * 1024,
@@ -259,6 +276,14 @@ pub type ReadyWork = HashMap<domain::Namespace, u64>;
 /// A read run against the ledger between batches: given `None` once the ledger is lost (see
 /// `WriterThread::ledger_lost`).
 type LedgerRead = Box<dyn FnOnce(Option<&Ledger>) + Send>;
+
+/// A command drained from the channel, with the scope it was sent under and where its answer goes.
+type Submitted = (Envelope, Option<Scope>, oneshot::Sender<CommandResult>);
+
+/// Bytes a record's fields take (a batch's bound; the log adds a fixed few dozen per record).
+fn stored_bytes(record: &NewRecord) -> usize {
+    record.payload.len() + record.stream.len() + record.command_id.len() + record.actor.len()
+}
 
 // Commands are nearly every message; boxing them would cost an allocation each.
 #[allow(clippy::large_enum_variant)]
@@ -865,8 +890,22 @@ impl WriterThread {
         matches!(*self.shared.health.lock().expect("health lock"), Health::Healthy)
     }
 
-    /// Decides, commits and acknowledges one batch.
-    fn process(&mut self, batch: Vec<(Envelope, Option<Scope>, oneshot::Sender<CommandResult>)>) {
+    /// Decides, commits and acknowledges the commands drained, in batches of at most
+    /// `batch_bytes_max` bytes of records (and one command).
+    fn process(&mut self, mut batch: Vec<Submitted>) {
+        loop {
+            let rest = self.process_one_batch(batch);
+            if rest.is_empty() {
+                return;
+            }
+            self.publish_readable(false);
+            batch = rest;
+        }
+    }
+
+    /// Decides, commits and acknowledges one batch, and gives back the commands it did not take
+    /// (those after its records reached `batch_bytes_max`).
+    fn process_one_batch(&mut self, batch: Vec<Submitted>) -> Vec<Submitted> {
         // Looked at first, so its gauges stay current whatever happens next.
         self.disk.look(&self.shared.stats);
         if let Health::Failed(reason) = self.shared.health.lock().expect("health lock").clone() {
@@ -875,7 +914,7 @@ impl WriterThread {
                 .map(|(_, _, reply)| Pending { reply, result: Err(WriteError::Unavailable(reason.clone())) })
                 .collect();
             self.acks.send(AckJob::Answer { pending, head_seq: self.store.head().seq });
-            return;
+            return Vec::new();
         }
         let now = self.now();
         let at_us = now.as_micros();
@@ -903,7 +942,11 @@ impl WriterThread {
             }
         }
 
-        for (envelope, scope, reply) in batch {
+        let mut rest = Vec::new();
+        let mut record_bytes: usize = records.iter().map(stored_bytes).sum();
+        let mut commands = batch.into_iter();
+        while let Some((envelope, scope, reply)) = commands.next() {
+            let records_before = records.len();
             let result = self.decide_one(
                 scope.as_deref(),
                 &envelope,
@@ -914,11 +957,16 @@ impl WriterThread {
                 head_before,
             );
             pending.push(Pending { reply, result });
+            record_bytes += records[records_before..].iter().map(stored_bytes).sum::<usize>();
+            if record_bytes >= self.config.batch_bytes_max {
+                rest = commands.collect();
+                break;
+            }
         }
 
         if records.is_empty() {
             self.acks.send(AckJob::Answer { pending, head_seq: self.store.head().seq });
-            return;
+            return rest;
         }
         let mut touched = std::mem::take(&mut self.touched);
         touched.sort_unstable();
@@ -962,6 +1010,7 @@ impl WriterThread {
             }
             Err(error) => self.fail(pending, error.to_string(), error.is_storage_full()),
         }
+        rest
     }
 
     /// Decides one client command into the batch. Seq numbers are predicted
@@ -1044,6 +1093,19 @@ impl WriterThread {
                 format!(
                     "the log cannot hold its {event_type} event ({problem}): send smaller payloads, or a \
                      workflow's steps in several commands"
+                ),
+            )));
+        }
+        let command_bytes: usize = encoded.iter().map(stored_bytes).sum();
+        if command_bytes > self.config.command_bytes_max {
+            return Err(WriteError::Rejected(Rejection::new(
+                RejectionCode::PayloadTooLarge,
+                None,
+                format!(
+                    "its {} events would take {command_bytes} bytes in the log, above the {} one command may \
+                     write: send the tasks in several batches",
+                    encoded.len(),
+                    self.config.command_bytes_max
                 ),
             )));
         }

@@ -354,6 +354,64 @@ fn a_command_whose_record_the_log_cannot_hold_is_refused_alone() {
     writer.shutdown();
 }
 
+/// Commands drained together go into batches of at most `batch_bytes_max` bytes of records: a
+/// batch's journal frame holds at most 4 GiB, and a long queue of large creates reached that in
+/// one batch (the writer bounded batches by events only; found by a review).
+#[test]
+fn a_batch_takes_no_more_commands_once_its_records_reach_the_byte_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = WriterConfig { batch_bytes_max: 1500, ..config() };
+    let (writer, _) = Writer::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
+    let handle = writer.handle();
+    let large = |n: u64| {
+        let mut spec = job(n, "q");
+        spec.payload = domain::Json::new("payload", format!("\"{}\"", "x".repeat(1000))).unwrap();
+        Command::CreateTask(spec)
+    };
+    let (release, blocker) = hold_writer(&handle);
+    let sent = [large(1), Command::CreateTask(job(2, "q")), large(3), large(4), Command::CreateTask(job(5, "q"))];
+    let receivers: Vec<_> =
+        sent.into_iter().enumerate().map(|(i, c)| handle.submit(envelope(&format!("c{i}"), c)).unwrap()).collect();
+    release.send(()).unwrap();
+    blocker.join().unwrap();
+    let heads: Vec<u64> = receivers.into_iter().map(|r| r.blocking_recv().unwrap().unwrap().head_seq).collect();
+    // The first batch reaches the bound with its second large create; the rest go in the next.
+    assert_eq!(heads, [3, 3, 3, 5, 5]);
+    assert_eq!(handle.stats().batches.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert_ledger_matches_log(&writer, handle.reader());
+    writer.shutdown();
+}
+
+/// A command whose records together exceed `command_bytes_max` is refused alone, before anything
+/// is applied; the commands around it go on.
+#[test]
+fn a_command_whose_records_exceed_the_command_bound_is_refused_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = WriterConfig { command_bytes_max: 2000, ..config() };
+    let (writer, _) = Writer::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
+    let handle = writer.handle();
+    let specs: Vec<_> = (1..=3)
+        .map(|n| {
+            let mut spec = job(n, "q");
+            spec.payload = domain::Json::new("payload", format!("\"{}\"", "x".repeat(700))).unwrap();
+            spec
+        })
+        .collect();
+    let refused = handle.execute(envelope("big", Command::CreateTasks(specs.clone()))).unwrap_err();
+    let WriteError::Rejected(rejection) = &refused else { panic!("{refused:?}") };
+    assert_eq!(rejection.code, RejectionCode::PayloadTooLarge);
+    assert!(
+        rejection.message.contains("its 3 events would take") && rejection.message.contains("above the 2000"),
+        "{rejection:?}"
+    );
+    assert_eq!(handle.reader().head().unwrap().seq, 0);
+    // Two of them fit; nothing of the refused command was applied, so their ids are free.
+    let taken = handle.execute(envelope("smaller", Command::CreateTasks(specs[..2].to_vec()))).unwrap();
+    assert_eq!(taken.seqs.map(|s| (s.first, s.last)), Some((1, 2)));
+    assert_ledger_matches_log(&writer, handle.reader());
+    writer.shutdown();
+}
+
 /// A writer on `dir` whose log file (and journals) fail or stall on demand through the handle.
 fn faulty_writer(dir: &std::path::Path, journal_bytes: u64) -> (Writer, eventlog::FaultHandle) {
     let (backend, faults) = FaultyBackend::for_log_in(dir).unwrap();
