@@ -1052,7 +1052,10 @@ impl WriterThread {
             let original_actor = originals.first().map(|record| record.actor.clone());
             return Ok(self.repeated(&envelope.command, range, events, original_actor));
         }
-        if deduplicated && let Some(range) = self.dedup.get(&envelope.command_id, self.store.head().seq) {
+        // As of this command's place in the log (after the batch's earlier records), so that whether
+        // a repeat at the window's edge is one does not depend on how commands met in batches.
+        let head_here = head_before + records.len() as u64;
+        if deduplicated && let Some(range) = self.dedup.get(&envelope.command_id, head_here) {
             return self.replay_outcome(&envelope.command, range);
         }
         // Under the disk's floor no new work is taken; what is in flight goes on (see `disk`).

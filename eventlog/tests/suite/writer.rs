@@ -112,9 +112,18 @@ fn a_command_id_leaves_the_window_when_only_minted_ids_follow_it() {
     }
     // Head 3, a window of 3: seq 1 is the oldest kept.
     assert!(handle.execute(envelope("c1", Command::CreateTask(job(1, "q")))).unwrap().duplicate);
-    handle.execute(envelope(&format!("srv-{:032x}", 4), Command::CreateTask(job(4, "q")))).unwrap();
-    let live = handle.execute(envelope("c1", Command::CreateTask(job(1, "q")))).unwrap_err();
+    // The window is as of the repeat's place in the log: after a record written earlier in its
+    // own batch, seq 1 has left it, as it has for a repeat in the next batch.
+    let (release, blocker) = hold_writer(&handle);
+    let minted = handle.submit(envelope(&format!("srv-{:032x}", 4), Command::CreateTask(job(4, "q")))).unwrap();
+    let repeat = handle.submit(envelope("c1", Command::CreateTask(job(1, "q")))).unwrap();
+    release.send(()).unwrap();
+    blocker.join().unwrap();
+    assert_eq!(minted.blocking_recv().unwrap().unwrap().head_seq, 4);
+    let live = repeat.blocking_recv().unwrap().unwrap_err();
     assert!(matches!(live, WriteError::Rejected(ref r) if r.code == RejectionCode::TaskExists), "{live:?}");
+    let later = handle.execute(envelope("c1", Command::CreateTask(job(1, "q")))).unwrap_err();
+    assert!(matches!(later, WriteError::Rejected(ref r) if r.code == RejectionCode::TaskExists), "{later:?}");
     drop(handle);
     writer.shutdown();
     let (writer, _) = Writer::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
