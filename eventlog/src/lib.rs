@@ -33,6 +33,7 @@ pub mod record;
 pub mod redb_store;
 pub mod snapshot;
 pub mod store;
+mod stream_key;
 pub mod verify;
 pub mod writer;
 

@@ -42,6 +42,7 @@ use crate::reader::{
 use crate::record::{self, Hash, NewRecord, StoredRecord};
 use crate::snapshot::SnapshotStore;
 use crate::store::{Appended, Head, LogStore};
+use crate::stream_key::StreamKey;
 
 /// Name of the log file inside the ledger directory.
 pub const LOG_FILE_NAME: &str = "ledger.redb";
@@ -155,7 +156,7 @@ const STREAM_CACHE_EVICTION_SAMPLE: usize = 1024;
 /// on, and on every restart, each created task cost a read of the index, ~1 µs a task of the
 /// writer's time in batch creates.)
 struct StreamHeads {
-    versions: HashMap<Vec<u8>, u64, foldhash::fast::RandomState>,
+    versions: HashMap<StreamKey, u64, foldhash::fast::RandomState>,
     entries_max: usize,
     /// Empty on a log opened empty: complete for every key (stream keys are never empty).
     complete_above: Vec<u8>,
@@ -170,7 +171,7 @@ impl StreamHeads {
         }
     }
 
-    fn insert(&mut self, stream: Vec<u8>, version: u64) {
+    fn insert(&mut self, stream: StreamKey, version: u64) {
         if self.versions.len() >= self.entries_max && !self.versions.contains_key(&stream) {
             self.forget_the_lower_half();
         }
@@ -183,13 +184,13 @@ impl StreamHeads {
     fn forget_the_lower_half(&mut self) {
         let step = (self.versions.len() / STREAM_CACHE_EVICTION_SAMPLE).max(1);
         // A hash map's order is a random one as far as the keys' order goes.
-        let mut sample: Vec<&Vec<u8>> = self.versions.keys().step_by(step).collect();
+        let mut sample: Vec<&StreamKey> = self.versions.keys().step_by(step).collect();
         if sample.is_empty() {
             return;
         }
         let middle = (sample.len() - 1) / 2;
-        let median = sample.select_nth_unstable(middle).1.clone();
-        self.versions.retain(|key, _| *key > median);
+        let median = sample.select_nth_unstable(middle).1.as_slice().to_vec();
+        self.versions.retain(|key, _| key.as_slice() > median.as_slice());
         if median > self.complete_above {
             self.complete_above = median;
         }
@@ -219,7 +220,7 @@ pub struct RedbStore {
     /// Batches journaled while the checkpoint runs, as one: durable, not in redb yet.
     held: Option<Encoded>,
     /// Each stream's last version among the held batches (the stream-head cache may drop it).
-    held_versions: HashMap<Vec<u8>, u64, foldhash::fast::RandomState>,
+    held_versions: HashMap<StreamKey, u64, foldhash::fast::RandomState>,
     /// Whether a full journal's checkpoint runs beside later appends (which are then held)
     /// rather than in the append that found it full: see [`RedbStore::checkpoint_beside_appends`].
     checkpoint_beside_appends: bool,
@@ -597,7 +598,7 @@ impl RedbStore {
         let txn = self.lookup.as_ref().expect("just set");
         let table = txn.open_table(STREAMS).map_err(|e| ReadError::Backend(backend(e)))?;
         let version = last_stream_version(&table, stream).map_err(|e| ReadError::Backend(backend(e)))?;
-        self.stream_heads.insert(stream.to_vec(), version);
+        self.stream_heads.insert(StreamKey::new(stream), version);
         Ok(version)
     }
 
@@ -794,7 +795,7 @@ struct Encoded {
     times: Vec<(i64, u64)>,
     head: Head,
     /// Each stream's last version in the batch.
-    stream_versions: Vec<(Vec<u8>, u64)>,
+    stream_versions: Vec<(StreamKey, u64)>,
 }
 
 impl Encoded {
@@ -889,7 +890,8 @@ impl RedbStore {
             values.push(value);
             written.push(stored);
         }
-        let stream_versions = stream_versions.into_iter().map(|(stream, version)| (stream.to_vec(), version)).collect();
+        let stream_versions =
+            stream_versions.into_iter().map(|(stream, version)| (StreamKey::new(stream), version)).collect();
         Ok(Encoded {
             base: self.head,
             values,

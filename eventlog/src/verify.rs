@@ -18,6 +18,7 @@ use crate::error::{ReadError, RecordError, backend};
 use crate::reader::{EVENTS, HEAD, HEAD_KEY, LogReader, META, STREAMS, decode_head, streams_indexed_through};
 use crate::record::{self, GENESIS_HASH, Hash};
 use crate::store::Head;
+use crate::stream_key::StreamKey;
 
 /// How often the progress callback is called, in records.
 pub const PROGRESS_EVERY_RECORDS: u64 = 65_536;
@@ -94,56 +95,6 @@ pub struct CheckedRecord<'a> {
 pub fn verify(reader: &LogReader, progress: impl FnMut(u64, u64)) -> Result<VerifyReport, ReadError> {
     verify_with(reader, progress, |_| {})
 }
-
-/// A stream key held by value when it is short (task streams are 17 bytes), so verifying a log
-/// of a million tasks does not make a million small allocations. Hashes and compares as the
-/// byte slice, so the map is looked up with the record's `&[u8]` directly.
-#[derive(Clone, Debug)]
-enum StreamKey {
-    Inline { len: u8, bytes: [u8; STREAM_KEY_INLINE] },
-    Heap(Box<[u8]>),
-}
-
-const STREAM_KEY_INLINE: usize = 31;
-
-impl StreamKey {
-    fn new(stream: &[u8]) -> Self {
-        if stream.len() <= STREAM_KEY_INLINE {
-            let mut bytes = [0u8; STREAM_KEY_INLINE];
-            bytes[..stream.len()].copy_from_slice(stream);
-            StreamKey::Inline { len: stream.len() as u8, bytes }
-        } else {
-            StreamKey::Heap(stream.into())
-        }
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        match self {
-            StreamKey::Inline { len, bytes } => &bytes[..*len as usize],
-            StreamKey::Heap(bytes) => bytes,
-        }
-    }
-}
-
-impl std::borrow::Borrow<[u8]> for StreamKey {
-    fn borrow(&self) -> &[u8] {
-        self.as_slice()
-    }
-}
-
-impl std::hash::Hash for StreamKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_slice().hash(state)
-    }
-}
-
-impl PartialEq for StreamKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_slice() == other.as_slice()
-    }
-}
-
-impl Eq for StreamKey {}
 
 /// Records per batch handed from the scanning thread to the checking one.
 const SCAN_BATCH_RECORDS: usize = 1024;
@@ -439,25 +390,5 @@ mod tests {
             );
             assert_eq!(report.records, bad_seq - 1, "records before the problem are the ones checked");
         }
-    }
-
-    /// Short keys are held inline and long ones on the heap, and either is found by its bytes,
-    /// so a stream never gets two versions because of how its key was stored.
-    #[test]
-    fn stream_keys_are_found_by_their_bytes_whatever_their_length() {
-        let mut map: HashMap<StreamKey, u64, foldhash::fast::RandomState> = HashMap::default();
-        let keys: Vec<Vec<u8>> = [0, 1, 17, STREAM_KEY_INLINE, STREAM_KEY_INLINE + 1, 1024]
-            .iter()
-            .map(|&n| (0..n).map(|i| (i * 7 + n) as u8).collect())
-            .collect();
-        for (i, key) in keys.iter().enumerate() {
-            map.insert(StreamKey::new(key), i as u64);
-        }
-        assert_eq!(map.len(), keys.len());
-        for (i, key) in keys.iter().enumerate() {
-            assert_eq!(map.get(key.as_slice()), Some(&(i as u64)), "key of {} bytes", key.len());
-            assert_eq!(StreamKey::new(key).as_slice(), key.as_slice());
-        }
-        assert_eq!(map.get(&b"\x00\x00"[..]), None, "a zero-padded inline key is not a longer key");
     }
 }
