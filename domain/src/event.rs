@@ -137,15 +137,18 @@ pub enum StreamId {
 }
 
 impl StreamId {
+    /// [`Self::to_key`] of a task's stream, without an allocation (the writer looks one up for
+    /// every task it creates).
+    pub fn task_key(id: &TaskId) -> [u8; 17] {
+        let mut key = [b'T'; 17];
+        key[1..].copy_from_slice(id.as_bytes());
+        key
+    }
+
     /// A compact, order-preserving byte key: `T` + 16 id bytes, or `Q` + name.
     pub fn to_key(&self) -> Vec<u8> {
         match self {
-            StreamId::Task(id) => {
-                let mut key = Vec::with_capacity(17);
-                key.push(b'T');
-                key.extend_from_slice(id.as_bytes());
-                key
-            }
+            StreamId::Task(id) => Self::task_key(id).to_vec(),
             StreamId::Queue(ns) => {
                 let mut key = Vec::with_capacity(1 + ns.as_str().len());
                 key.push(b'Q');
@@ -283,5 +286,22 @@ impl Event {
             StreamId::Task(id) => Some(id),
             StreamId::Queue(_) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stream keys are stored in every log: `T` and the id's 16 bytes, `Q` and the name.
+    #[test]
+    fn stream_keys_are_a_tag_byte_and_the_id_or_name() {
+        let id = TaskId::new(uuid::Uuid::from_u128(0x0123_4567_89ab_7def_8123_4567_89ab_cdef)).unwrap();
+        let mut expected = vec![b'T'];
+        expected.extend_from_slice(id.as_bytes());
+        assert_eq!(StreamId::Task(id).to_key(), expected);
+        assert_eq!(StreamId::task_key(&id).as_slice(), expected.as_slice());
+        let queue = StreamId::Queue(Namespace::new("emails").unwrap());
+        assert_eq!(queue.to_key(), b"Qemails");
     }
 }

@@ -1069,7 +1069,7 @@ impl WriterThread {
         for id in &created {
             let on_disk = self
                 .store
-                .stream_version_cached(&StreamId::Task(*id).to_key())
+                .stream_version_cached(&StreamId::task_key(id))
                 .map_err(|e| WriteError::CommitFailed(e.to_string()))?;
             if on_disk > 0 || new_streams.contains(id) {
                 return Err(WriteError::Rejected(Rejection::new(
