@@ -363,6 +363,13 @@ fn a_command_whose_record_the_log_cannot_hold_is_refused_alone() {
     writer.shutdown();
 }
 
+/// A job on "q" whose payload is a JSON string of `bytes` bytes.
+fn job_with_payload(n: u64, bytes: usize) -> domain::TaskSpec {
+    let mut spec = job(n, "q");
+    spec.payload = domain::Json::new("payload", format!("\"{}\"", "x".repeat(bytes))).unwrap();
+    spec
+}
+
 /// Commands drained together go into batches of at most `batch_bytes_max` bytes of records: a
 /// batch's journal frame holds at most 4 GiB, and a long queue of large creates reached that in
 /// one batch (the writer bounded batches by events only; found by a review).
@@ -372,11 +379,7 @@ fn a_batch_takes_no_more_commands_once_its_records_reach_the_byte_bound() {
     let config = WriterConfig { batch_bytes_max: 1500, ..config() };
     let (writer, _) = Writer::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
     let handle = writer.handle();
-    let large = |n: u64| {
-        let mut spec = job(n, "q");
-        spec.payload = domain::Json::new("payload", format!("\"{}\"", "x".repeat(1000))).unwrap();
-        Command::CreateTask(spec)
-    };
+    let large = |n: u64| Command::CreateTask(job_with_payload(n, 1000));
     let (release, blocker) = hold_writer(&handle);
     let sent = [large(1), Command::CreateTask(job(2, "q")), large(3), large(4), Command::CreateTask(job(5, "q"))];
     let receivers: Vec<_> =
@@ -399,13 +402,7 @@ fn a_command_whose_records_exceed_the_command_bound_is_refused_alone() {
     let config = WriterConfig { command_bytes_max: 2000, ..config() };
     let (writer, _) = Writer::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
     let handle = writer.handle();
-    let specs: Vec<_> = (1..=3)
-        .map(|n| {
-            let mut spec = job(n, "q");
-            spec.payload = domain::Json::new("payload", format!("\"{}\"", "x".repeat(700))).unwrap();
-            spec
-        })
-        .collect();
+    let specs: Vec<_> = (1..=3).map(|n| job_with_payload(n, 700)).collect();
     let refused = handle.execute(envelope("big", Command::CreateTasks(specs.clone()))).unwrap_err();
     let WriteError::Rejected(rejection) = &refused else { panic!("{refused:?}") };
     assert_eq!(rejection.code, RejectionCode::PayloadTooLarge);
