@@ -1113,7 +1113,7 @@ impl WriterThread {
             )));
         }
         new_streams.extend(created.iter().copied());
-        let first = head_before + records.len() as u64 + 1;
+        let first = head_here + 1;
         let mut claimed = Vec::new();
         for (event, record) in events.iter().zip(encoded) {
             note_namespace(&self.ledger, event, &mut self.touched);

@@ -394,8 +394,8 @@ fn a_batch_takes_no_more_commands_once_its_records_reach_the_byte_bound() {
     writer.shutdown();
 }
 
-/// A command whose records together exceed `command_bytes_max` is refused alone, before anything
-/// is applied; the commands around it go on.
+/// A command whose records together exceed `command_bytes_max` is refused before anything of it
+/// is applied: a smaller one with the same task ids is taken next.
 #[test]
 fn a_command_whose_records_exceed_the_command_bound_is_refused_alone() {
     let dir = tempfile::tempdir().unwrap();
