@@ -3,7 +3,9 @@
 //! (fsync on), drives the same workloads through both — taskledger over
 //! HTTP, and the usual "table + FOR UPDATE SKIP LOCKED" queue over SQL — and
 //! prints one table (or JSON lines with `--json`), so the comparison is made
-//! on the same machine at the same moment.
+//! on the same machine at the same moment. The two lifecycles, whose ratio is
+//! the headline, run back to back before anything else (`--rounds` pairs of
+//! them), since the machine's speed drifts within minutes.
 //!
 //! Workloads (see `--help` for every size):
 //! - `lifecycle`: P closed-loop producers create single-step tasks while W
@@ -77,6 +79,12 @@ struct Args {
     /// Each measuring window, in seconds.
     #[arg(long, default_value_t = 10.0)]
     measure_s: f64,
+    /// Lifecycle rounds, each measuring taskledger and then the baseline back to back (every
+    /// other round the baseline first), so each ratio compares two windows a few seconds
+    /// apart on a machine whose speed drifts; the table shows the first round, and the
+    /// ratio of every round and their median follow it.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: u32,
     /// Producers pause while this many tasks are created but not finished.
     #[arg(long, default_value_t = 1000)]
     max_backlog: u64,
@@ -428,46 +436,62 @@ fn progress(args: &Args, r: &Row) {
     let _ = args;
 }
 
-async fn run_taskledger(args: &Args, binary: &std::path::Path, rows: &mut Vec<Row>) -> Result<()> {
-    let mut srv = server::Server::start(binary, args.keep)?;
-    eprintln!("taskledger {} (pid {}) on {}, data {}", binary.display(), srv.pid(), srv.addr, srv.data.display());
-    let target = Target::new(srv.addr, &srv.token)?;
-    let pid = srv.pid();
-    let ids = Arc::new(Ids::new());
-    let settle = |name: &'static str| {
-        let target = target.clone();
-        let limit = Duration::from_secs_f64(args.settle_s);
-        async move {
-            let started = std::time::Instant::now();
-            match taskledger::settle(&target, limit).await {
-                Ok(true) => {
-                    if started.elapsed() > Duration::from_millis(500) {
-                        eprintln!("  (projections caught up after {name} in {:.1} s)", started.elapsed().as_secs_f64());
-                    }
-                }
-                Ok(false) => {
-                    eprintln!("  (projections still behind {:.0} s after {name}; going on)", limit.as_secs_f64())
-                }
-                Err(e) => eprintln!("  (could not ask /readyz: {e:#})"),
-            }
-        }
-    };
-    let worker_spec = |namespace: &'static str, fates: Fates| WorkerSpec {
+/// What a taskledger worker of `namespace` claims and how it finishes its steps.
+fn worker_spec(args: &Args, namespace: &'static str, fates: Fates) -> WorkerSpec {
+    WorkerSpec {
         namespace,
         max: args.batch,
         wait_ms: args.wait_ms,
         always_wait: false,
         fates,
         batch_completions: args.completions == "batch",
-    };
-    let mut lifecycle_rate = None;
+    }
+}
 
-    if args.wants("lifecycle") {
+/// The taskledger server under test, started once for all of its workloads.
+struct TaskledgerSide {
+    srv: server::Server,
+    target: Target,
+    pid: u32,
+    ids: Arc<Ids>,
+}
+
+impl TaskledgerSide {
+    fn start(args: &Args, binary: &std::path::Path) -> Result<TaskledgerSide> {
+        let srv = server::Server::start(binary, args.keep)?;
+        eprintln!("taskledger {} (pid {}) on {}, data {}", binary.display(), srv.pid(), srv.addr, srv.data.display());
+        let target = Target::new(srv.addr, &srv.token)?;
+        let pid = srv.pid();
+        Ok(TaskledgerSide { srv, target, pid, ids: Arc::new(Ids::new()) })
+    }
+
+    /// Waits (at most `--settle-s`) for the projections to catch up after a workload, so that
+    /// their backlog is not the next workload's load.
+    async fn settle(&self, args: &Args, name: &str) {
+        let limit = Duration::from_secs_f64(args.settle_s);
+        let started = std::time::Instant::now();
+        match taskledger::settle(&self.target, limit).await {
+            Ok(true) => {
+                if started.elapsed() > Duration::from_millis(500) {
+                    eprintln!("  (projections caught up after {name} in {:.1} s)", started.elapsed().as_secs_f64());
+                }
+            }
+            Ok(false) => eprintln!("  (projections still behind {:.0} s after {name}; going on)", limit.as_secs_f64()),
+            Err(e) => eprintln!("  (could not ask /readyz: {e:#})"),
+        }
+    }
+
+    fn measured_here(&self) -> Option<(u32, Option<&Target>)> {
+        Some((self.pid, Some(&self.target)))
+    }
+
+    async fn lifecycle(&self, args: &Args) -> Result<Row> {
+        let target = &self.target;
         let phase = Arc::new(Phase::new());
         let pickups = Arc::new(Pickups::new());
         let mut tasks: Tasks = Vec::new();
         for i in 0..args.workers {
-            let spec = worker_spec("lifecycle", Fates::AllComplete);
+            let spec = worker_spec(args, "lifecycle", Fates::AllComplete);
             tasks.push(tokio::spawn(taskledger::worker(target.clone(), i, spec, phase.clone(), pickups.clone())));
         }
         for _ in 0..args.producers {
@@ -476,144 +500,148 @@ async fn run_taskledger(args: &Args, binary: &std::path::Path, rows: &mut Vec<Ro
                 "lifecycle",
                 TaskShape::Single,
                 args.max_backlog,
-                ids.clone(),
+                self.ids.clone(),
                 phase.clone(),
                 pickups.clone(),
             )));
         }
-        let m = measure(&phase, args.warmup(), args.window(), Some((pid, Some(&target))), tasks).await?;
+        let m = measure(&phase, args.warmup(), args.window(), self.measured_here(), tasks).await?;
         let r = row("taskledger", "lifecycle", m, |t| t.finished, String::new());
-        lifecycle_rate = Some(r.tasks_per_s);
         progress(args, &r);
-        rows.push(r);
-        settle("lifecycle").await;
+        self.settle(args, "lifecycle").await;
+        Ok(r)
     }
 
-    if args.wants("half-rate") {
-        let rate = args.half_rate.or(lifecycle_rate.map(|r| r / 2.0));
-        match rate {
-            Some(rate) if rate > 0.0 => {
-                let phase = Arc::new(Phase::new());
-                let pickups = Arc::new(Pickups::new());
-                let mut tasks: Tasks = Vec::new();
-                for i in 0..args.workers {
-                    let spec = worker_spec("half", Fates::AllComplete);
-                    tasks.push(tokio::spawn(taskledger::worker(
-                        target.clone(),
-                        i,
-                        spec,
-                        phase.clone(),
-                        pickups.clone(),
-                    )));
+    /// Every workload but the lifecycle, then the server's stop.
+    async fn rest(mut self, args: &Args, lifecycle_rate: Option<f64>, rows: &mut Vec<Row>) -> Result<()> {
+        let target = self.target.clone();
+        let ids = self.ids.clone();
+        if args.wants("half-rate") {
+            let rate = args.half_rate.or(lifecycle_rate.map(|r| r / 2.0));
+            match rate {
+                Some(rate) if rate > 0.0 => {
+                    let phase = Arc::new(Phase::new());
+                    let pickups = Arc::new(Pickups::new());
+                    let mut tasks: Tasks = Vec::new();
+                    for i in 0..args.workers {
+                        let spec = worker_spec(args, "half", Fates::AllComplete);
+                        tasks.push(tokio::spawn(taskledger::worker(
+                            target.clone(),
+                            i,
+                            spec,
+                            phase.clone(),
+                            pickups.clone(),
+                        )));
+                    }
+                    let conns = args.paced_connections.max(1);
+                    let interval = Duration::from_secs_f64(conns as f64 / rate);
+                    for c in 0..conns {
+                        let offset = interval.mul_f64(c as f64 / conns as f64);
+                        tasks.push(tokio::spawn(taskledger::paced_producer(
+                            target.clone(),
+                            "half",
+                            interval,
+                            offset,
+                            ids.clone(),
+                            phase.clone(),
+                            pickups.clone(),
+                        )));
+                    }
+                    let m = measure(&phase, args.warmup(), args.window(), self.measured_here(), tasks).await?;
+                    let r = row("taskledger", "half-rate", m, |t| t.finished, format!("target {rate:.0} tasks/s"));
+                    progress(args, &r);
+                    rows.push(r);
+                    self.settle(args, "half-rate").await;
                 }
-                let conns = args.paced_connections.max(1);
-                let interval = Duration::from_secs_f64(conns as f64 / rate);
-                for c in 0..conns {
-                    let offset = interval.mul_f64(c as f64 / conns as f64);
-                    tasks.push(tokio::spawn(taskledger::paced_producer(
-                        target.clone(),
-                        "half",
-                        interval,
-                        offset,
-                        ids.clone(),
-                        phase.clone(),
-                        pickups.clone(),
-                    )));
-                }
-                let m = measure(&phase, args.warmup(), args.window(), Some((pid, Some(&target))), tasks).await?;
-                let r = row("taskledger", "half-rate", m, |t| t.finished, format!("target {rate:.0} tasks/s"));
-                progress(args, &r);
-                rows.push(r);
-                settle("half-rate").await;
+                _ => eprintln!("  (half-rate skipped: it needs the lifecycle figure or --half-rate)"),
             }
-            _ => eprintln!("  (half-rate skipped: it needs the lifecycle figure or --half-rate)"),
         }
-    }
 
-    if args.wants("idle-pickup") {
-        let phase = Arc::new(Phase::new());
-        let pickups = Arc::new(Pickups::new());
-        let interval = Duration::from_millis(args.idle_interval_ms);
-        let spec = WorkerSpec { max: 1, wait_ms: 5_000, always_wait: true, ..worker_spec("idle", Fates::AllComplete) };
-        let tasks: Tasks = vec![
-            tokio::spawn(taskledger::worker(target.clone(), 0, spec, phase.clone(), pickups.clone())),
-            tokio::spawn(taskledger::trickle_producer(
-                target.clone(),
-                "idle",
-                interval,
-                ids.clone(),
-                phase.clone(),
-                pickups.clone(),
-            )),
-        ];
-        let window = interval * args.idle_tasks;
-        let m = measure(&phase, interval * 5, window, Some((pid, Some(&target))), tasks).await?;
-        let r = row("taskledger", "idle-pickup", m, |t| t.finished, String::new());
-        progress(args, &r);
-        rows.push(r);
-    }
+        if args.wants("idle-pickup") {
+            let phase = Arc::new(Phase::new());
+            let pickups = Arc::new(Pickups::new());
+            let interval = Duration::from_millis(args.idle_interval_ms);
+            let spec = WorkerSpec {
+                max: 1,
+                wait_ms: 5_000,
+                always_wait: true,
+                ..worker_spec(args, "idle", Fates::AllComplete)
+            };
+            let tasks: Tasks = vec![
+                tokio::spawn(taskledger::worker(target.clone(), 0, spec, phase.clone(), pickups.clone())),
+                tokio::spawn(taskledger::trickle_producer(
+                    target.clone(),
+                    "idle",
+                    interval,
+                    ids.clone(),
+                    phase.clone(),
+                    pickups.clone(),
+                )),
+            ];
+            let window = interval * args.idle_tasks;
+            let m = measure(&phase, interval * 5, window, self.measured_here(), tasks).await?;
+            let r = row("taskledger", "idle-pickup", m, |t| t.finished, String::new());
+            progress(args, &r);
+            rows.push(r);
+        }
 
-    if args.wants("mixed") {
-        let phase = Arc::new(Phase::new());
-        let pickups = Arc::new(Pickups::new());
-        let fates = Fates::Mixed {
-            transient_permille: args.transient_permille,
-            permanent_permille: args.permanent_permille,
-            max_attempts: 3,
-        };
-        let mut tasks: Tasks = Vec::new();
-        for i in 0..args.workers {
-            let spec = worker_spec("mixed", fates);
-            tasks.push(tokio::spawn(taskledger::worker(target.clone(), i, spec, phase.clone(), pickups.clone())));
+        if args.wants("mixed") {
+            let phase = Arc::new(Phase::new());
+            let pickups = Arc::new(Pickups::new());
+            let fates = Fates::Mixed {
+                transient_permille: args.transient_permille,
+                permanent_permille: args.permanent_permille,
+                max_attempts: 3,
+            };
+            let mut tasks: Tasks = Vec::new();
+            for i in 0..args.workers {
+                let spec = worker_spec(args, "mixed", fates);
+                tasks.push(tokio::spawn(taskledger::worker(target.clone(), i, spec, phase.clone(), pickups.clone())));
+            }
+            for _ in 0..args.producers {
+                tasks.push(tokio::spawn(taskledger::producer(
+                    target.clone(),
+                    "mixed",
+                    TaskShape::Mixed { dag_every: args.dag_every },
+                    args.max_backlog,
+                    ids.clone(),
+                    phase.clone(),
+                    pickups.clone(),
+                )));
+            }
+            let m = measure(&phase, args.warmup(), args.window(), self.measured_here(), tasks).await?;
+            let note = format!(
+                "{} steps completed, {} retried, {} dead-lettered",
+                m.tally.completed_steps, m.tally.retried_steps, m.tally.dead_lettered
+            );
+            let r = row("taskledger", "mixed", m, |t| t.finished, note);
+            progress(args, &r);
+            rows.push(r);
+            self.settle(args, "mixed").await;
         }
-        for _ in 0..args.producers {
-            tasks.push(tokio::spawn(taskledger::producer(
-                target.clone(),
-                "mixed",
-                TaskShape::Mixed { dag_every: args.dag_every },
-                args.max_backlog,
-                ids.clone(),
-                phase.clone(),
-                pickups.clone(),
-            )));
-        }
-        let m = measure(&phase, args.warmup(), args.window(), Some((pid, Some(&target))), tasks).await?;
-        let note = format!(
-            "{} steps completed, {} retried, {} dead-lettered",
-            m.tally.completed_steps, m.tally.retried_steps, m.tally.dead_lettered
-        );
-        let r = row("taskledger", "mixed", m, |t| t.finished, note);
-        progress(args, &r);
-        rows.push(r);
-        settle("mixed").await;
-    }
 
-    if args.wants("batch-create") {
-        let phase = Arc::new(Phase::new());
-        let mut tasks: Tasks = Vec::new();
-        for _ in 0..args.batch_producers {
-            tasks.push(tokio::spawn(taskledger::batch_producer(
-                target.clone(),
-                "batch",
-                args.batch_size,
-                ids.clone(),
-                phase.clone(),
-            )));
+        if args.wants("batch-create") {
+            let phase = Arc::new(Phase::new());
+            let mut tasks: Tasks = Vec::new();
+            for _ in 0..args.batch_producers {
+                tasks.push(tokio::spawn(taskledger::batch_producer(
+                    target.clone(),
+                    "batch",
+                    args.batch_size,
+                    ids.clone(),
+                    phase.clone(),
+                )));
+            }
+            let m =
+                measure(&phase, args.warmup().min(Duration::from_secs(2)), args.window(), self.measured_here(), tasks)
+                    .await?;
+            let r = row("taskledger", "batch-create", m, |t| t.created, format!("{} tasks per batch", args.batch_size));
+            progress(args, &r);
+            rows.push(r);
         }
-        let m = measure(
-            &phase,
-            args.warmup().min(Duration::from_secs(2)),
-            args.window(),
-            Some((pid, Some(&target))),
-            tasks,
-        )
-        .await?;
-        let r = row("taskledger", "batch-create", m, |t| t.created, format!("{} tasks per batch", args.batch_size));
-        progress(args, &r);
-        rows.push(r);
+        self.srv.stop();
+        Ok(())
     }
-    srv.stop();
-    Ok(())
 }
 
 /// taskledger's lifecycle producers against the null server (see floor.rs): the
@@ -647,24 +675,36 @@ async fn run_http_floor(args: &Args, rows: &mut Vec<Row>) -> Result<()> {
 /// The `system` of the `http-floor` row.
 const HTTP_FLOOR: &str = "http-floor";
 
-async fn run_baseline(args: &Args, pg: &TempPostgres, rows: &mut Vec<Row>) -> Result<()> {
-    let connections = (args.producers.max(args.paced_connections).max(args.batch_producers) + args.workers) as u32;
-    let mut lifecycle_rate = None;
-    let open = |name: &'static str| async move {
-        let url = pg.create_database(&format!("bench_{name}")).await.context("create a baseline database")?;
-        baseline::Queue::create(&url, connections, args.baseline_wakeup, args.baseline_history).await
-    };
-    let wakeup_note = match args.baseline_wakeup {
-        Wakeup::Notify => "LISTEN/NOTIFY".to_owned(),
-        Wakeup::Poll(d) => format!("poll every {} ms", d.as_millis()),
-    };
+/// The baseline queue on the throwaway PostgreSQL cluster: a database of its own per workload.
+struct BaselineSide<'a> {
+    pg: &'a TempPostgres,
+    connections: u32,
+    wakeup_note: String,
+}
 
-    let spawn_workers = |q: &baseline::Queue,
-                         name: &'static str,
-                         count: usize,
-                         max: u32,
-                         phase: &Arc<Phase>,
-                         pickups: &Arc<Pickups>| {
+impl<'a> BaselineSide<'a> {
+    fn new(args: &Args, pg: &'a TempPostgres) -> BaselineSide<'a> {
+        let connections = (args.producers.max(args.paced_connections).max(args.batch_producers) + args.workers) as u32;
+        let wakeup_note = match args.baseline_wakeup {
+            Wakeup::Notify => "LISTEN/NOTIFY".to_owned(),
+            Wakeup::Poll(d) => format!("poll every {} ms", d.as_millis()),
+        };
+        BaselineSide { pg, connections, wakeup_note }
+    }
+
+    async fn open(&self, args: &Args, name: &str) -> Result<baseline::Queue> {
+        let url = self.pg.create_database(&format!("bench_{name}")).await.context("create a baseline database")?;
+        baseline::Queue::create(&url, self.connections, args.baseline_wakeup, args.baseline_history).await
+    }
+
+    fn spawn_workers(
+        q: &baseline::Queue,
+        name: &'static str,
+        count: usize,
+        max: u32,
+        phase: &Arc<Phase>,
+        pickups: &Arc<Pickups>,
+    ) -> Tasks {
         (0..count)
             .map(|i| {
                 tokio::spawn(baseline::worker(
@@ -678,14 +718,16 @@ async fn run_baseline(args: &Args, pg: &TempPostgres, rows: &mut Vec<Row>) -> Re
                     pickups.clone(),
                 ))
             })
-            .collect::<Tasks>()
-    };
+            .collect()
+    }
 
-    if args.wants("lifecycle") {
-        let q = open("lifecycle").await?;
+    /// The lifecycle on a fresh table (with its history) in a database of the round's own.
+    async fn lifecycle(&self, args: &Args, round: u32) -> Result<Row> {
+        let database = if round == 0 { "lifecycle".to_owned() } else { format!("lifecycle_round{}", round + 1) };
+        let q = self.open(args, &database).await?;
         let phase = Arc::new(Phase::new());
         let pickups = Arc::new(Pickups::new());
-        let mut tasks = spawn_workers(&q, "lifecycle", args.workers, args.batch, &phase, &pickups);
+        let mut tasks = Self::spawn_workers(&q, "lifecycle", args.workers, args.batch, &phase, &pickups);
         for _ in 0..args.producers {
             tasks.push(tokio::spawn(baseline::producer(
                 q.pool.clone(),
@@ -696,73 +738,78 @@ async fn run_baseline(args: &Args, pg: &TempPostgres, rows: &mut Vec<Row>) -> Re
             )));
         }
         let m = measure(&phase, args.warmup(), args.window(), None, tasks).await?;
-        let r = row("pg-skip-locked", "lifecycle", m, |t| t.finished, wakeup_note.clone());
-        lifecycle_rate = Some(r.tasks_per_s);
+        let r = row("pg-skip-locked", "lifecycle", m, |t| t.finished, self.wakeup_note.clone());
         progress(args, &r);
-        rows.push(r);
         q.close().await;
+        Ok(r)
     }
 
-    if args.wants("half-rate") {
-        let rate = args.half_rate.or(lifecycle_rate.map(|r| r / 2.0));
-        if let Some(rate) = rate.filter(|r| *r > 0.0) {
-            let q = open("half").await?;
+    /// Every workload but the lifecycle.
+    async fn rest(&self, args: &Args, lifecycle_rate: Option<f64>, rows: &mut Vec<Row>) -> Result<()> {
+        if args.wants("half-rate") {
+            let rate = args.half_rate.or(lifecycle_rate.map(|r| r / 2.0));
+            if let Some(rate) = rate.filter(|r| *r > 0.0) {
+                let q = self.open(args, "half").await?;
+                let phase = Arc::new(Phase::new());
+                let pickups = Arc::new(Pickups::new());
+                let mut tasks = Self::spawn_workers(&q, "half", args.workers, args.batch, &phase, &pickups);
+                let conns = args.paced_connections.max(1);
+                let interval = Duration::from_secs_f64(conns as f64 / rate);
+                for c in 0..conns {
+                    let offset = interval.mul_f64(c as f64 / conns as f64);
+                    tasks.push(tokio::spawn(baseline::paced_producer(
+                        q.pool.clone(),
+                        "half",
+                        baseline::Pace::Fixed { interval, offset },
+                        phase.clone(),
+                        pickups.clone(),
+                    )));
+                }
+                let m = measure(&phase, args.warmup(), args.window(), None, tasks).await?;
+                let r = row("pg-skip-locked", "half-rate", m, |t| t.finished, format!("target {rate:.0} tasks/s"));
+                progress(args, &r);
+                rows.push(r);
+                q.close().await;
+            }
+        }
+
+        if args.wants("idle-pickup") {
+            let q = self.open(args, "idle").await?;
             let phase = Arc::new(Phase::new());
             let pickups = Arc::new(Pickups::new());
-            let mut tasks = spawn_workers(&q, "half", args.workers, args.batch, &phase, &pickups);
-            let conns = args.paced_connections.max(1);
-            let interval = Duration::from_secs_f64(conns as f64 / rate);
-            for c in 0..conns {
-                let offset = interval.mul_f64(c as f64 / conns as f64);
-                tasks.push(tokio::spawn(baseline::paced_producer(
-                    q.pool.clone(),
-                    "half",
-                    baseline::Pace::Fixed { interval, offset },
-                    phase.clone(),
-                    pickups.clone(),
-                )));
-            }
-            let m = measure(&phase, args.warmup(), args.window(), None, tasks).await?;
-            let r = row("pg-skip-locked", "half-rate", m, |t| t.finished, format!("target {rate:.0} tasks/s"));
+            let interval = Duration::from_millis(args.idle_interval_ms);
+            let mut tasks = Self::spawn_workers(&q, "idle", 1, 1, &phase, &pickups);
+            tasks.push(tokio::spawn(baseline::paced_producer(
+                q.pool.clone(),
+                "idle",
+                baseline::Pace::Trickle { interval },
+                phase.clone(),
+                pickups.clone(),
+            )));
+            let m = measure(&phase, interval * 5, interval * args.idle_tasks, None, tasks).await?;
+            let r = row("pg-skip-locked", "idle-pickup", m, |t| t.finished, self.wakeup_note.clone());
             progress(args, &r);
             rows.push(r);
             q.close().await;
         }
-    }
 
-    if args.wants("idle-pickup") {
-        let q = open("idle").await?;
-        let phase = Arc::new(Phase::new());
-        let pickups = Arc::new(Pickups::new());
-        let interval = Duration::from_millis(args.idle_interval_ms);
-        let mut tasks = spawn_workers(&q, "idle", 1, 1, &phase, &pickups);
-        tasks.push(tokio::spawn(baseline::paced_producer(
-            q.pool.clone(),
-            "idle",
-            baseline::Pace::Trickle { interval },
-            phase.clone(),
-            pickups.clone(),
-        )));
-        let m = measure(&phase, interval * 5, interval * args.idle_tasks, None, tasks).await?;
-        let r = row("pg-skip-locked", "idle-pickup", m, |t| t.finished, wakeup_note.clone());
-        progress(args, &r);
-        rows.push(r);
-        q.close().await;
+        if args.wants("batch-create") {
+            let q = self.open(args, "batch").await?;
+            let phase = Arc::new(Phase::new());
+            let tasks: Tasks = (0..args.batch_producers)
+                .map(|_| {
+                    tokio::spawn(baseline::batch_producer(q.pool.clone(), "batch", args.batch_size, phase.clone()))
+                })
+                .collect();
+            let m = measure(&phase, args.warmup().min(Duration::from_secs(2)), args.window(), None, tasks).await?;
+            let r =
+                row("pg-skip-locked", "batch-create", m, |t| t.created, format!("{} jobs per INSERT", args.batch_size));
+            progress(args, &r);
+            rows.push(r);
+            q.close().await;
+        }
+        Ok(())
     }
-
-    if args.wants("batch-create") {
-        let q = open("batch").await?;
-        let phase = Arc::new(Phase::new());
-        let tasks: Tasks = (0..args.batch_producers)
-            .map(|_| tokio::spawn(baseline::batch_producer(q.pool.clone(), "batch", args.batch_size, phase.clone())))
-            .collect();
-        let m = measure(&phase, args.warmup().min(Duration::from_secs(2)), args.window(), None, tasks).await?;
-        let r = row("pg-skip-locked", "batch-create", m, |t| t.created, format!("{} jobs per INSERT", args.batch_size));
-        progress(args, &r);
-        rows.push(r);
-        q.close().await;
-    }
-    Ok(())
 }
 
 /// Gap between the disk probe's syncs: about the pace of an idle writer's commits.
@@ -1006,6 +1053,87 @@ fn ratios(rows: &[Row]) -> (Option<f64>, Option<f64>) {
     (over_baseline(rate("taskledger", "lifecycle")), over_baseline(rate(HTTP_FLOOR, "create")))
 }
 
+/// One lifecycle round: taskledger's and the baseline's throughput measured back to back.
+struct Round {
+    taskledger: f64,
+    baseline: f64,
+    /// Errors in either window of a round after the first (the first's are in its rows).
+    errors: u64,
+}
+
+impl Round {
+    fn ratio(&self) -> f64 {
+        self.taskledger / self.baseline
+    }
+}
+
+/// Measures the lifecycle of each system that runs, in `--rounds` rounds when both do: taskledger
+/// then the baseline, the other way round every other round, so a drift in the machine's speed
+/// favours neither. The first round's rows go into the table.
+async fn lifecycle_rounds(
+    args: &Args,
+    tl: Option<&TaskledgerSide>,
+    baseline: Option<&BaselineSide<'_>>,
+    tl_rows: &mut Vec<Row>,
+    pg_rows: &mut Vec<Row>,
+) -> Result<Vec<Round>> {
+    let count = if tl.is_some() && baseline.is_some() { args.rounds } else { 1 };
+    let mut rounds = Vec::new();
+    for round in 0..count {
+        if count > 1 {
+            eprintln!("lifecycle round {} of {count}", round + 1);
+        }
+        let (mut ours, mut theirs) = (None, None);
+        let baseline_first = round % 2 == 1;
+        if baseline_first && let Some(b) = baseline {
+            theirs = Some(b.lifecycle(args, round).await?);
+        }
+        if let Some(t) = tl {
+            ours = Some(t.lifecycle(args).await?);
+        }
+        if !baseline_first && let Some(b) = baseline {
+            theirs = Some(b.lifecycle(args, round).await?);
+        }
+        if let (Some(a), Some(b)) = (&ours, &theirs) {
+            let errors = if round == 0 { 0 } else { a.tally.errors_total + b.tally.errors_total };
+            rounds.push(Round { taskledger: a.tasks_per_s, baseline: b.tasks_per_s, errors });
+        }
+        if round == 0 {
+            tl_rows.extend(ours);
+            pg_rows.extend(theirs);
+        }
+    }
+    Ok(rounds)
+}
+
+fn median_ratio(rounds: &[Round]) -> Option<f64> {
+    let mut ratios: Vec<f64> = rounds.iter().map(Round::ratio).collect();
+    ratios.sort_by(f64::total_cmp);
+    let n = ratios.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(ratios[n / 2]),
+        _ => Some((ratios[n / 2 - 1] + ratios[n / 2]) / 2.0),
+    }
+}
+
+fn print_rounds(rounds: &[Round]) {
+    if rounds.len() < 2 {
+        return;
+    }
+    let each: Vec<String> = rounds
+        .iter()
+        .enumerate()
+        .map(|(i, r)| format!("{}: {:.0} / {:.0} = {:.2}", i + 1, r.taskledger, r.baseline, r.ratio()))
+        .collect();
+    eprintln!(
+        "lifecycle in {} rounds, taskledger / pg-skip-locked tasks/s back to back: {}; median ratio {:.2}",
+        rounds.len(),
+        each.join(", "),
+        median_ratio(rounds).unwrap_or(f64::NAN)
+    );
+}
+
 fn main() -> Result<()> {
     let mut args = Args::parse();
     if args.serve_null {
@@ -1042,26 +1170,50 @@ fn main() -> Result<()> {
         None
     };
     let mut rows = Vec::new();
+    let mut rounds = Vec::new();
     runtime.block_on(async {
-        if let Some(binary) = &binary {
-            run_taskledger(&args, binary, &mut rows).await?;
-        }
-        if run_tl && args.wants("http-floor") {
-            run_http_floor(&args, &mut rows).await?;
-        }
-        if run_pg {
+        let tl = match &binary {
+            Some(binary) => Some(TaskledgerSide::start(&args, binary)?),
+            None => None,
+        };
+        let pg = if run_pg {
             eprintln!("starting a throwaway PostgreSQL (fsync on)");
             let pg = tokio::task::spawn_blocking(|| TempPostgres::start_with(ClusterOptions { durable: true }))
                 .await
                 .context("start PostgreSQL")?
                 .context("start PostgreSQL")?;
-            run_baseline(&args, &pg, &mut rows).await?;
+            Some(pg)
+        } else {
+            None
+        };
+        let baseline = pg.as_ref().map(|pg| BaselineSide::new(&args, pg));
+        // The table keeps taskledger's rows, then the floor's, then the baseline's.
+        let (mut tl_rows, mut pg_rows) = (Vec::new(), Vec::new());
+        if args.wants("lifecycle") {
+            rounds = lifecycle_rounds(&args, tl.as_ref(), baseline.as_ref(), &mut tl_rows, &mut pg_rows).await?;
+        }
+        let lifecycle_rate = |rows: &[Row]| rows.iter().find(|r| r.workload == "lifecycle").map(|r| r.tasks_per_s);
+        if let Some(tl) = tl {
+            let rate = lifecycle_rate(&tl_rows);
+            tl.rest(&args, rate, &mut tl_rows).await?;
+        }
+        rows.append(&mut tl_rows);
+        if run_tl && args.wants("http-floor") {
+            run_http_floor(&args, &mut rows).await?;
+        }
+        if let Some(baseline) = &baseline {
+            let rate = lifecycle_rate(&pg_rows);
+            baseline.rest(&args, rate, &mut pg_rows).await?;
+        }
+        rows.append(&mut pg_rows);
+        if let Some(pg) = pg {
             tokio::task::spawn_blocking(move || drop(pg)).await.ok();
         }
         anyhow::Ok(())
     })?;
 
     print_table(&args, &rows, storage.as_ref());
+    print_rounds(&rounds);
     if let Some(tail) = &disk {
         print_disk(tail);
     }
@@ -1103,11 +1255,32 @@ fn main() -> Result<()> {
                 line["design_floor_cpu_us_per_task"] = json!(r(d.total_us()));
                 line["design_floor_http_cpu_us_per_task"] = json!(r(d.http_us));
             }
+            if rounds.len() > 1 {
+                line["ratio_lifecycle_rounds"] = json!(rounds.iter().map(|x| r(x.ratio())).collect::<Vec<_>>());
+                line["ratio_lifecycle_median"] = json!(median_ratio(&rounds).map(r));
+            }
             println!("{line}");
         }
     }
-    if rows.iter().any(|r| r.tally.errors_total > 0) {
+    if rows.iter().any(|r| r.tally.errors_total > 0) || rounds.iter().any(|r| r.errors > 0) {
         bail!("some workloads had errors (see first_error above); the figures are not a result");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rounds(ratios: &[f64]) -> Vec<Round> {
+        ratios.iter().map(|r| Round { taskledger: r * 1000.0, baseline: 1000.0, errors: 0 }).collect()
+    }
+
+    #[test]
+    fn the_median_ratio_is_the_middle_round_or_the_mean_of_the_middle_two() {
+        assert_eq!(median_ratio(&rounds(&[])), None);
+        assert_eq!(median_ratio(&rounds(&[1.5])), Some(1.5));
+        assert_eq!(median_ratio(&rounds(&[2.0, 1.0, 1.25])), Some(1.25));
+        assert_eq!(median_ratio(&rounds(&[2.0, 1.0, 1.5, 1.25])), Some(1.375));
+    }
 }

@@ -1,7 +1,7 @@
 //! Runs `taskledger-bench --quick --json` against the real server and a real
 //! throwaway PostgreSQL, and checks what it prints: every JSON line parses,
 //! every workload of both systems (and the HTTP and storage floors) ran,
-//! finished tasks and saw no errors.
+//! finished tasks and saw no errors; the lifecycle ran in two rounds, each with its ratio.
 //! Timings are not asserted (they belong to the benchmark's own output).
 
 use std::path::PathBuf;
@@ -39,7 +39,7 @@ fn server_binary() -> PathBuf {
 #[test]
 fn quick_run_prints_a_result_for_every_workload() {
     let output = Command::new(env!("CARGO_BIN_EXE_taskledger-bench"))
-        .args(["--quick", "--json", "--server-bin"])
+        .args(["--quick", "--json", "--rounds", "2", "--server-bin"])
         .arg(server_binary())
         .output()
         .expect("run taskledger-bench");
@@ -104,6 +104,19 @@ fn quick_run_prints_a_result_for_every_workload() {
     for key in ["ratio_lifecycle", "ratio_http_floor"] {
         assert!(ratios[key].as_f64().unwrap_or(0.0) > 0.0, "{key} in {ratios}");
     }
+    // Two lifecycle rounds back to back: the first is the table's, and the median of two is
+    // their mean.
+    let rounds: Vec<f64> = ratios["ratio_lifecycle_rounds"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no ratio_lifecycle_rounds in {ratios}"))
+        .iter()
+        .map(|r| r.as_f64().unwrap_or(0.0))
+        .collect();
+    assert!(rounds.len() == 2 && rounds.iter().all(|r| *r > 0.0), "{ratios}");
+    assert_eq!(Some(rounds[0]), ratios["ratio_lifecycle"].as_f64(), "{ratios}");
+    let median = ratios["ratio_lifecycle_median"].as_f64().unwrap_or(0.0);
+    assert!((median - (rounds[0] + rounds[1]) / 2.0).abs() <= 0.002, "{ratios}");
+    assert!(stderr.contains("lifecycle in 2 rounds"), "{stderr}");
     // The goal's CPU arithmetic: the machine's share a task is the server's and the load
     // generator's and more; 3× the baseline's rate leaves the cores' time a third of a task's.
     let us = |key: &str| ratios[key].as_f64().unwrap_or_else(|| panic!("no {key} in {ratios}"));
