@@ -485,19 +485,25 @@ impl TaskledgerSide {
         Some((self.pid, Some(&self.target)))
     }
 
-    async fn lifecycle(&self, args: &Args) -> Result<Row> {
+    /// The lifecycle in a namespace of the round's own: the tasks a round leaves unfinished
+    /// when its window closes stay there, since a later round's workers, finding them, would
+    /// count finishes that round's producers never created (its backlog below zero, which
+    /// paused them: a round of 676 tasks/s among rounds of 10k).
+    async fn lifecycle(&self, args: &Args, round: u32) -> Result<Row> {
+        let namespace: &'static str =
+            if round == 0 { "lifecycle" } else { Box::leak(format!("lifecycle-round{}", round + 1).into_boxed_str()) };
         let target = &self.target;
         let phase = Arc::new(Phase::new());
         let pickups = Arc::new(Pickups::new());
         let mut tasks: Tasks = Vec::new();
         for i in 0..args.workers {
-            let spec = worker_spec(args, "lifecycle", Fates::AllComplete);
+            let spec = worker_spec(args, namespace, Fates::AllComplete);
             tasks.push(tokio::spawn(taskledger::worker(target.clone(), i, spec, phase.clone(), pickups.clone())));
         }
         for _ in 0..args.producers {
             tasks.push(tokio::spawn(taskledger::producer(
                 target.clone(),
-                "lifecycle",
+                namespace,
                 TaskShape::Single,
                 args.max_backlog,
                 self.ids.clone(),
@@ -1089,7 +1095,7 @@ async fn lifecycle_rounds(
             theirs = Some(b.lifecycle(args, round).await?);
         }
         if let Some(t) = tl {
-            ours = Some(t.lifecycle(args).await?);
+            ours = Some(t.lifecycle(args, round).await?);
         }
         if !baseline_first && let Some(b) = baseline {
             theirs = Some(b.lifecycle(args, round).await?);
