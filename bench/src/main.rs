@@ -452,7 +452,6 @@ fn worker_spec(args: &Args, namespace: &'static str, fates: Fates) -> WorkerSpec
 struct TaskledgerSide {
     srv: server::Server,
     target: Target,
-    pid: u32,
     ids: Arc<Ids>,
 }
 
@@ -461,8 +460,7 @@ impl TaskledgerSide {
         let srv = server::Server::start(binary, args.keep)?;
         eprintln!("taskledger {} (pid {}) on {}, data {}", binary.display(), srv.pid(), srv.addr, srv.data.display());
         let target = Target::new(srv.addr, &srv.token)?;
-        let pid = srv.pid();
-        Ok(TaskledgerSide { srv, target, pid, ids: Arc::new(Ids::new()) })
+        Ok(TaskledgerSide { srv, target, ids: Arc::new(Ids::new()) })
     }
 
     /// Waits (at most `--settle-s`) for the projections to catch up after a workload, so that
@@ -482,7 +480,7 @@ impl TaskledgerSide {
     }
 
     fn measured_here(&self) -> Option<(u32, Option<&Target>)> {
-        Some((self.pid, Some(&self.target)))
+        Some((self.srv.pid(), Some(&self.target)))
     }
 
     /// The lifecycle in a namespace of the round's own: the tasks a round leaves unfinished
@@ -1063,7 +1061,7 @@ fn ratios(rows: &[Row]) -> (Option<f64>, Option<f64>) {
 struct Round {
     taskledger: f64,
     baseline: f64,
-    /// Errors in either window of a round after the first (the first's are in its rows).
+    /// Errors in either window.
     errors: u64,
 }
 
@@ -1101,7 +1099,7 @@ async fn lifecycle_rounds(
             theirs = Some(b.lifecycle(args, round).await?);
         }
         if let (Some(a), Some(b)) = (&ours, &theirs) {
-            let errors = if round == 0 { 0 } else { a.tally.errors_total + b.tally.errors_total };
+            let errors = a.tally.errors_total + b.tally.errors_total;
             rounds.push(Round { taskledger: a.tasks_per_s, baseline: b.tasks_per_s, errors });
         }
         if round == 0 {
