@@ -313,8 +313,11 @@ async fn metrics(State(state): State<AppState>, who: crate::auth::Principal) -> 
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
+/// The OpenAPI 3.1 document served at `/openapi.json`, written by hand beside the routes.
+const OPENAPI_DOCUMENT: &str = include_str!("../openapi.json");
+
 async fn openapi(_who: crate::auth::Principal) -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], include_str!("../openapi.json")).into_response()
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_DOCUMENT).into_response()
 }
 
 /// Logs to stderr, filtered by `TASKLEDGER_LOG` (see [`log_filter`]).
@@ -879,6 +882,47 @@ mod tests {
         assert!(!filter.would_enable("hyper", &Level::INFO));
         assert!(filter.would_enable("hyper", &Level::WARN));
         assert!(matches!(log_filter(Some("[request]=debug")), LogFilter::BySpan(_)));
+    }
+
+    /// Client generators name their methods after `operationId`: every operation has one,
+    /// distinct, in lowerCamelCase (without them a generated client's methods are named after
+    /// the paths, and change when a path does); every link names an operation that exists.
+    #[test]
+    fn every_operation_has_its_own_operation_id_and_every_link_names_one() {
+        let document: serde_json::Value = serde_json::from_str(OPENAPI_DOCUMENT).unwrap();
+        let mut seen = std::collections::BTreeMap::new();
+        for (path, item) in document["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap() {
+                if !["get", "put", "post", "delete", "patch"].contains(&method.as_str()) {
+                    continue;
+                }
+                let id =
+                    operation["operationId"].as_str().unwrap_or_else(|| panic!("{method} {path} has no operationId"));
+                assert!(
+                    id.starts_with(|c: char| c.is_ascii_lowercase()) && id.chars().all(|c| c.is_ascii_alphanumeric()),
+                    "{method} {path}: operationId {id:?} is not lowerCamelCase"
+                );
+                if let Some(other) = seen.insert(id.to_owned(), format!("{method} {path}")) {
+                    panic!("operationId {id:?} names both {other} and {method} {path}");
+                }
+            }
+        }
+        assert!(seen.len() >= 30, "the document's operations were not all read: {seen:?}");
+        // Links (which schemathesis's stateful phase follows) name their targets by operationId.
+        let mut links = 0;
+        for (path, item) in document["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap() {
+                let Some(responses) = operation["responses"].as_object() else { continue };
+                for (status, response) in responses {
+                    for (name, link) in response["links"].as_object().into_iter().flatten() {
+                        let target = link["operationId"].as_str().unwrap_or_default();
+                        assert!(seen.contains_key(target), "{method} {path} {status}: link {name} names {target:?}");
+                        links += 1;
+                    }
+                }
+            }
+        }
+        assert!(links > 0, "the document's links were not read");
     }
 
     #[tokio::test]
