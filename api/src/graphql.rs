@@ -132,6 +132,10 @@ pub struct QueuePage {
 /// hide nor repeat the ones after the cursor.
 type QueueCursor = (domain::TaskId, String);
 
+/// Whole-ledger folds (`queue(asOf:)`) running at once, server-wide.
+static WHOLE_LEDGER_FOLDS: std::sync::LazyLock<tokio::sync::Semaphore> =
+    std::sync::LazyLock::new(|| tokio::sync::Semaphore::new(1));
+
 fn parse_queue_cursor(cursor: &str) -> Result<QueueCursor, ApiError> {
     cursor
         .split_once(':')
@@ -155,15 +159,24 @@ fn queue_page(
     after: Option<&QueueCursor>,
     seq: u64,
 ) -> QueuePage {
-    let mut steps: Vec<(domain::TaskId, &domain::Task, &domain::Step)> = ledger
-        .tasks()
-        .filter(|t| &t.namespace == ns)
-        .flat_map(|t| t.steps.iter().map(move |s| (t.id, t, s)))
-        .filter(|(_, _, s)| !s.state.is_terminal())
-        .filter(|(_, _, s)| state_filter.is_none_or(|f| s.state.as_str() == f))
-        .filter(|(id, _, s)| after.is_none_or(|(task, step)| (*id, s.name.as_str()) > (*task, step.as_str())))
-        .collect();
-    steps.sort_by(|a, b| (a.0, a.2.name.as_str()).cmp(&(b.0, b.2.name.as_str())));
+    // The namespace's tasks in id order from the cursor's task on, each one's steps by name,
+    // until one step past the page: the read holds up the writer, so it reads what the page
+    // needs, not every live task.
+    let mut steps: Vec<(domain::TaskId, &domain::Task, &domain::Step)> = Vec::with_capacity(first.min(64) + 1);
+    for task in ledger.tasks_in(ns, after.map(|(task, _)| *task)) {
+        let mut of_task: Vec<&domain::Step> = task
+            .steps
+            .iter()
+            .filter(|s| !s.state.is_terminal())
+            .filter(|s| state_filter.is_none_or(|f| s.state.as_str() == f))
+            .filter(|s| after.is_none_or(|(t, step)| (task.id, s.name.as_str()) > (*t, step.as_str())))
+            .collect();
+        of_task.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
+        steps.extend(of_task.into_iter().map(|s| (task.id, task, s)));
+        if steps.len() > first {
+            break;
+        }
+    }
     let more = steps.len() > first;
     let page: Vec<QueueStep> = steps
         .into_iter()
@@ -271,6 +284,12 @@ impl QueryRoot {
         projections::query::check_step_state(&state).map_err(|e| ApiError::from(e).with_field("state"))?;
         let filter = state;
         let point = parse_as_of(as_of)?;
+        // A past queue folds a whole ledger, as large as the writer's: one at a time, server-wide
+        // (a query of 64 aliased `queue(asOf:)` fields folded 64 ledgers at once).
+        let _folding = match point {
+            Some(_) => Some(WHOLE_LEDGER_FOLDS.acquire().await.expect("the fold semaphore is never closed")),
+            None => None,
+        };
         let page = tokio::task::spawn_blocking(move || -> Result<QueuePage, ApiError> {
             let reader = app.writer.reader();
             match point {
@@ -1403,6 +1422,47 @@ mod tests {
             .map(|item| item.map(|(record, _)| record.seq).map_err(|e| format!("{} {}", e.code, e.message)))
             .collect()
             .await
+    }
+
+    /// A queue's pages walk its namespace's tasks in id order and each task's steps by name,
+    /// across a cursor that falls inside a workflow, leaving out finished steps, other
+    /// namespaces and tasks that have left the ledger.
+    #[test]
+    fn queue_pages_walk_the_namespace_from_the_cursor() {
+        use domain::testkit::{Scenario, claim, complete, job, step, task_id, workflow};
+        let mut s = Scenario::new();
+        s.ok(domain::Command::CreateTask(job(1, "q")));
+        s.ok(domain::Command::CreateTask(job(2, "other")));
+        let flow = workflow(3, "q", vec![step("c", "h", &[]), step("a", "h", &["c"]), step("b", "h", &["c"])]);
+        s.ok(domain::Command::CreateTask(flow));
+        s.ok(domain::Command::CreateTask(job(4, "q")));
+        s.ok(domain::Command::CreateTask(job(5, "q")));
+        s.ok(claim("q", "w", 1));
+        s.ok(complete(task_id(1), "run", 1));
+        assert!(s.ledger.task(&task_id(1)).is_none(), "a finished task leaves the ledger");
+        s.ok(domain::Command::CancelTask { task: task_id(5), reason: None });
+        let ns = domain::Namespace::new("q").unwrap();
+        let mut seen = Vec::new();
+        let mut after: Option<QueueCursor> = None;
+        let mut pages = 0;
+        loop {
+            let page = queue_page(&s.ledger, &ns, None, 2, after.as_ref(), 7);
+            pages += 1;
+            seen.extend(page.steps.iter().map(|step| (step.task_id.clone(), step.step.clone())));
+            let Some(cursor) = page.next_cursor else { break };
+            after = Some(parse_queue_cursor(&cursor).unwrap());
+        }
+        let expected: Vec<(String, String)> = [(3, "a"), (3, "b"), (3, "c"), (4, "run")]
+            .into_iter()
+            .map(|(n, step)| (task_id(n).to_string(), step.to_owned()))
+            .collect();
+        assert_eq!(seen, expected);
+        assert_eq!(pages, 2);
+        let pending = queue_page(&s.ledger, &ns, Some("pending"), 10, None, 7);
+        let names: Vec<&str> = pending.steps.iter().map(|step| step.step.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        s.ledger.check_indexes().unwrap();
+        s.ledger.check_indexes_in_place().unwrap();
     }
 
     fn parsed(query: &str) -> ExecutableDocument {

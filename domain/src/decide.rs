@@ -337,7 +337,7 @@ impl Ledger {
     fn decide_create(&self, spec: &TaskSpec, at: Timestamp) -> Result<Option<Event>, Rejection> {
         spec.validate_new()?;
         if let Some(key) = &spec.idempotency_key
-            && self.idempotent_task(&spec.namespace, key).is_some()
+            && self.idempotent_task(&spec.namespace, key, at).is_some()
         {
             return Ok(None);
         }

@@ -37,6 +37,11 @@ pub const AGING_US_PER_POINT: i64 = 1_000_000;
 /// event time, so replay prunes exactly as the writer did.
 pub const IDEMPOTENCY_RETENTION_US: i64 = 24 * 60 * 60 * 1_000_000;
 
+/// Whether a key recorded at `created` no longer names its task at `now`.
+fn idempotency_expired(created: Timestamp, now: Timestamp) -> bool {
+    now.as_micros().saturating_sub(created.as_micros()) >= IDEMPOTENCY_RETENTION_US
+}
+
 /// A step as the ledger tracks it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Step {
@@ -243,6 +248,10 @@ pub struct Ledger {
     pub(crate) tasks: FastMap<TaskId, Box<Task>>,
     pub(crate) settings: FastMap<Namespace, QueueSettings>,
     pub(crate) ready: FastMap<Namespace, ReadyQueue>,
+    /// Every task in the map, by namespace, in id order: a queue's page of
+    /// steps reads its namespace's tasks from a cursor on, not the whole map
+    /// (the GraphQL `queue` read walked every live task on the writer thread).
+    pub(crate) namespace_tasks: FastMap<Namespace, BTreeSet<TaskId>>,
     pub(crate) timers: BTreeSet<Timer>,
     pub(crate) idempotency: FastMap<(Namespace, IdempotencyKey), (TaskId, Timestamp)>,
     /// Idempotency entries in creation order, for pruning by age.
@@ -287,6 +296,15 @@ impl Ledger {
     pub fn tasks(&self) -> impl Iterator<Item = &Task> {
         self.tasks.values().map(|task| &**task)
     }
+    /// The tasks of `ns` in id order, from `from` (inclusive) on.
+    pub fn tasks_in(&self, ns: &Namespace, from: Option<TaskId>) -> impl Iterator<Item = &Task> {
+        let start = from.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Included);
+        self.namespace_tasks
+            .get(ns)
+            .into_iter()
+            .flat_map(move |ids| ids.range((start, std::ops::Bound::Unbounded)))
+            .map(|id| &*self.tasks[id])
+    }
     pub fn live_task_count(&self) -> usize {
         self.tasks.len()
     }
@@ -301,7 +319,19 @@ impl Ledger {
     pub fn ready_count(&self, ns: &Namespace) -> usize {
         self.ready.get(ns).map_or(0, |q| q.by_handler.values().map(BTreeMap::len).sum())
     }
-    pub fn idempotent_task(&self, ns: &Namespace, key: &IdempotencyKey) -> Option<TaskId> {
+    /// The task `key` names in `ns` for a create decided at `at`: none once the key
+    /// is [`IDEMPOTENCY_RETENTION_US`] old, whether or not a later create has pruned
+    /// it from the index yet (pruning happens as creates are applied, so a key can
+    /// outlive its retention in the index when no task is created for a while).
+    pub fn idempotent_task(&self, ns: &Namespace, key: &IdempotencyKey, at: Timestamp) -> Option<TaskId> {
+        self.idempotency
+            .get(&(ns.clone(), key.clone()))
+            .filter(|(_, created)| !idempotency_expired(*created, at))
+            .map(|(id, _)| *id)
+    }
+    /// The task `key` names in `ns` in the index as it stands, expired or not:
+    /// what an answer already given named (a repeat's, or a create's once applied).
+    pub(crate) fn indexed_idempotent_task(&self, ns: &Namespace, key: &IdempotencyKey) -> Option<TaskId> {
         self.idempotency.get(&(ns.clone(), key.clone())).map(|(id, _)| *id)
     }
     /// The task each of a create command's `specs` names, in order, once its
@@ -316,7 +346,8 @@ impl Ledger {
         specs
             .iter()
             .map(|spec| {
-                let keyed = spec.idempotency_key.as_ref().and_then(|key| self.idempotent_task(&spec.namespace, key));
+                let keyed =
+                    spec.idempotency_key.as_ref().and_then(|key| self.indexed_idempotent_task(&spec.namespace, key));
                 match keyed {
                     Some(task) => {
                         created.next_if_eq(&task);
@@ -532,19 +563,19 @@ impl Ledger {
         Ok(())
     }
 
-    /// The checks of a `TaskCreated` (and the idempotency pruning its time
-    /// causes, which happens whether or not the checks after it pass).
+    /// The checks of a `TaskCreated`, then the idempotency pruning its time
+    /// causes (only once the checks have passed: on `Err` nothing changes).
     fn check_created(&mut self, event: &Event, spec: &TaskSpec, at: Timestamp) -> Result<(), Inconsistency> {
         if self.tasks.contains_key(&spec.id) {
             return Err(inconsistent(event, format!("task {} already exists", spec.id)));
         }
         spec.validate().map_err(|r| inconsistent(event, r.message))?;
-        self.prune_idempotency(at);
         if let Some(key) = &spec.idempotency_key
-            && self.idempotency.contains_key(&(spec.namespace.clone(), key.clone()))
+            && self.idempotent_task(&spec.namespace, key, at).is_some()
         {
             return Err(inconsistent(event, "idempotency key already maps to a task"));
         }
+        self.prune_idempotency(at);
         Ok(())
     }
 
@@ -558,6 +589,7 @@ impl Ledger {
             self.timers.insert(Timer { due, kind: TimerKind::RunAt, task: task.id, step: StepIndex(0) });
         }
         let id = task.id;
+        self.index_namespace_task(&task.namespace, id);
         self.tasks.insert(id, Box::new(task));
         self.enqueue_unblocked(&id, at);
     }
@@ -608,7 +640,7 @@ impl Ledger {
 
     fn prune_idempotency(&mut self, now: Timestamp) {
         while let Some((at, _, _)) = self.idempotency_order.front() {
-            if now.as_micros().saturating_sub(at.as_micros()) < IDEMPOTENCY_RETENTION_US {
+            if !idempotency_expired(*at, now) {
                 break;
             }
             let (_, ns, key) = self.idempotency_order.pop_front().expect("front exists");
@@ -817,8 +849,11 @@ impl Ledger {
             debug_assert!(
                 t.steps.iter().all(|s| s.ready.is_none() && s.lease_deadline.is_none() && s.retry_at.is_none())
             );
-            if !self.retain_terminal_tasks {
-                self.tasks.remove(task);
+            if !self.retain_terminal_tasks
+                && let Some(removed) = self.tasks.remove(task)
+                && let Some(ids) = self.namespace_tasks.get_mut(&removed.namespace)
+            {
+                ids.remove(task);
             }
         }
     }
@@ -914,7 +949,30 @@ impl Ledger {
         if let (false, Some(due)) = (task.run_at_reached, task.run_at) {
             self.timers.insert(Timer { due, kind: TimerKind::RunAt, task: task.id, step: StepIndex(0) });
         }
+        self.index_namespace_task(&task.namespace, task.id);
         self.tasks.insert(task.id, Box::new(task));
+    }
+
+    fn index_namespace_task(&mut self, ns: &Namespace, id: TaskId) {
+        match self.namespace_tasks.get_mut(ns) {
+            Some(ids) => ids.insert(id),
+            None => self.namespace_tasks.entry(ns.clone()).or_default().insert(id),
+        };
+    }
+
+    /// Whether the namespace index holds exactly the tasks of the map, each
+    /// under its own namespace.
+    fn check_namespace_index(&self) -> Result<(), String> {
+        let indexed: usize = self.namespace_tasks.values().map(BTreeSet::len).sum();
+        if indexed != self.tasks.len() {
+            return Err(format!("namespace index holds {indexed} tasks, the ledger {}", self.tasks.len()));
+        }
+        for (ns, ids) in &self.namespace_tasks {
+            if let Some(id) = ids.iter().find(|id| self.tasks.get(*id).is_none_or(|t| t.namespace != *ns)) {
+                return Err(format!("namespace index lists task {id} under {ns}, where the ledger has no such task"));
+            }
+        }
+        Ok(())
     }
 
     /// A canonical digest of the whole state: two ledgers with equal digests
@@ -1162,7 +1220,7 @@ impl Ledger {
         if let Some((ns, n)) = leased.iter().find(|(ns, _)| !self.ready.contains_key(**ns)) {
             return Err(format!("ready queues differ from tasks: {ns} has {n} leased steps and no queue"));
         }
-        Ok(())
+        self.check_namespace_index()
     }
 
     /// Checks that every index agrees with the tasks (for tests and `verify`).
@@ -1188,7 +1246,7 @@ impl Ledger {
         if self.timers != rebuilt.timers {
             return Err("timer index differs from tasks".into());
         }
-        Ok(())
+        self.check_namespace_index()
     }
 }
 
@@ -1702,8 +1760,8 @@ impl Ledger {
 
 #[cfg(test)]
 mod digest_tests {
-    use crate::testkit::{Scenario, claim, job};
-    use crate::{Command, Event, IdempotencyKey, TaskId, TaskSpec};
+    use crate::testkit::{Scenario, claim, job, ns};
+    use crate::{Command, Event, IDEMPOTENCY_RETENTION_US, IdempotencyKey, TaskId, TaskSpec};
 
     /// `write_state` writes exactly the postcard bytes of `to_state()`.
     #[test]
@@ -1745,6 +1803,41 @@ mod digest_tests {
         let retry: Vec<TaskSpec> =
             specs.iter().zip(10..).map(|(spec, n)| TaskSpec { id: job(n, "a").id, ..spec.clone() }).collect();
         assert_eq!(scenario.ledger.tasks_named_by(&retry, created.iter().copied()), expected);
+    }
+
+    /// A key past its retention names nothing, even while no create has pruned
+    /// it from the index yet: a create with it makes a new task, alone or after
+    /// another spec of its batch (whose apply prunes the old entry first), and the
+    /// answer names the tasks that exist. A repeat of the original is still
+    /// answered from the index as it stands.
+    #[test]
+    fn an_expired_key_names_nothing_before_any_create_prunes_it() {
+        let keyed = |n: u64| {
+            let mut spec = job(n, "a");
+            spec.idempotency_key = Some(IdempotencyKey::new("k").unwrap());
+            spec
+        };
+        let key = IdempotencyKey::new("k").unwrap();
+        let retention_ms = (IDEMPOTENCY_RETENTION_US / 1000) as u64;
+        for lead in [None, Some(job(2, "a"))] {
+            let mut scenario = Scenario::new();
+            let original = keyed(1);
+            scenario.ok(Command::CreateTask(original.clone()));
+            scenario.advance_ms(retention_ms - 1);
+            assert_eq!(scenario.ledger.idempotent_task(&ns("a"), &key, scenario.now), Some(original.id));
+            scenario.advance_ms(1);
+            assert_eq!(scenario.ledger.idempotent_task(&ns("a"), &key, scenario.now), None, "expired at 24 h");
+            assert!(scenario.ledger.repeats(&Command::CreateTask(keyed(9)), &[]), "a repeat still names it");
+
+            let specs: Vec<TaskSpec> = lead.iter().cloned().chain([keyed(3)]).collect();
+            let events = scenario.ok(Command::CreateTasks(specs.clone()));
+            let created: Vec<TaskId> = events.iter().filter_map(Event::created_task).collect();
+            assert_eq!(created, specs.iter().map(|s| s.id).collect::<Vec<_>>(), "every spec created its task");
+            let named = scenario.ledger.tasks_named_by(&specs, created.iter().copied());
+            assert_eq!(named, created);
+            assert!(named.iter().all(|id| scenario.ledger.task(id).is_some()), "the answer names live tasks");
+            assert_eq!(scenario.ledger.idempotent_task(&ns("a"), &key, scenario.now), Some(job(3, "a").id));
+        }
     }
 
     /// Sorting in two halves and merging gives the plain sort's order, ties

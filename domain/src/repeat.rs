@@ -130,8 +130,12 @@ impl Ledger {
             if created.next_if(|created| **created == TaskSpec { id: created.id, ..spec.clone() }).is_some() {
                 continue;
             }
-            let keyed =
-                spec.idempotency_key.as_ref().is_some_and(|key| self.idempotent_task(&spec.namespace, key).is_some());
+            // The index as it stands: a key past its retention that no create has pruned yet
+            // still names what the original's answer named.
+            let keyed = spec
+                .idempotency_key
+                .as_ref()
+                .is_some_and(|key| self.indexed_idempotent_task(&spec.namespace, key).is_some());
             if !keyed {
                 return false;
             }

@@ -458,7 +458,7 @@ fn idempotency_keys_return_the_original_and_write_nothing() {
     let mut repeat = spec.clone();
     repeat.id = task_id(2);
     assert!(s.ok(Command::CreateTask(repeat.clone())).is_empty());
-    assert_eq!(s.ledger.idempotent_task(&ns("q"), spec.idempotency_key.as_ref().unwrap()), Some(task_id(1)));
+    assert_eq!(s.ledger.idempotent_task(&ns("q"), spec.idempotency_key.as_ref().unwrap(), s.now), Some(task_id(1)));
     repeat.namespace = ns("other");
     assert_eq!(s.ok(Command::CreateTask(repeat)).len(), 1, "keys are per namespace");
 
@@ -471,8 +471,10 @@ fn idempotency_keys_return_the_original_and_write_nothing() {
 
     // Keys expire after the retention window, measured in event time.
     s.now = s.now.plus_ms((IDEMPOTENCY_RETENTION_US / 1000) as u64 + 1);
-    s.ok(Command::CreateTask(job(20, "z")));
-    assert_eq!(s.ledger.idempotent_task(&ns("q"), spec.idempotency_key.as_ref().unwrap()), None);
+    assert_eq!(s.ledger.idempotent_task(&ns("q"), spec.idempotency_key.as_ref().unwrap(), s.now), None);
+    let mut again = spec.clone();
+    again.id = task_id(21);
+    assert_eq!(s.ok(Command::CreateTask(again)).len(), 1, "an expired key creates a new task");
 }
 
 #[test]
