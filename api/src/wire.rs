@@ -432,7 +432,15 @@ pub struct ConcurrencyRequest {
     pub limit: Option<u32>,
 }
 
+/// Free text from a request (an error, a note, a reason). NUL is refused: PostgreSQL
+/// stores no text holding it, so a read model there could never take the event.
 pub fn text(field: &str, value: &str) -> Result<Text, Rejection> {
+    if value.contains('\0') {
+        return Err(Rejection::invalid(
+            field,
+            format!("{field} contains U+0000 (NUL); any other character is allowed"),
+        ));
+    }
     Text::new(field, value)
 }
 

@@ -21,7 +21,13 @@
 //! row, columns separated by tabs, `\N` for NULL, and backslash escapes for
 //! backslash, newline, carriage return and tab inside values. `bytea` is
 //! written in its hex form, whose leading backslash is itself escaped.
+//!
+//! PostgreSQL stores no text holding NUL (U+0000), escaped or bound. The API
+//! refuses NUL in free text, but a log written before it did may hold some, so
+//! every text value bound for PostgreSQL has its NULs replaced by U+FFFD
+//! (`storable_text`): without that the read model's batch could never commit.
 
+use std::borrow::Cow;
 use std::io::Write;
 
 use uuid::Uuid;
@@ -57,6 +63,11 @@ struct CopySink {
     columns: usize,
 }
 
+/// `value` as PostgreSQL can store it: each NUL replaced by U+FFFD.
+pub(crate) fn storable_text(value: &str) -> Cow<'_, str> {
+    if value.contains('\0') { Cow::Owned(value.replace('\0', "\u{FFFD}")) } else { Cow::Borrowed(value) }
+}
+
 impl CopySink {
     fn next_column(&mut self) {
         if self.columns > 0 {
@@ -71,6 +82,7 @@ impl CopySink {
     }
 
     fn escaped(&mut self, value: &str) {
+        let value = storable_text(value);
         let bytes = value.as_bytes();
         let mut start = 0;
         for (at, byte) in bytes.iter().enumerate() {
@@ -156,12 +168,12 @@ mod tests {
     #[test]
     fn rows_render_in_the_text_format_with_escapes() {
         let id = Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
-        let rows = [Row(-7, Some("a\tb\\c\nd\re"), id, &[0x00, 0xff], true), Row(i64::MAX, None, id, &[], false)];
+        let rows = [Row(-7, Some("a\tb\\c\nd\re\0f"), id, &[0x00, 0xff], true), Row(i64::MAX, None, id, &[], false)];
         let copy = render("INSERT INTO t__g2 (a, b, c, d, e)", &rows);
         assert_eq!(copy.statement, "COPY t__g2 (a, b, c, d, e) FROM STDIN");
         assert_eq!(
             String::from_utf8(copy.data).unwrap(),
-            "-7\ta\\tb\\\\c\\nd\\re\t01234567-89ab-cdef-0123-456789abcdef\t\\\\x00ff\tt\n\
+            "-7\ta\\tb\\\\c\\nd\\re\u{FFFD}f\t01234567-89ab-cdef-0123-456789abcdef\t\\\\x00ff\tt\n\
              9223372036854775807\t\\N\t01234567-89ab-cdef-0123-456789abcdef\t\\\\x\tf\n"
         );
     }

@@ -113,10 +113,10 @@ impl Sink for ColumnSink {
         column_push!(self, OptI64, value)
     }
     fn text(&mut self, value: &str) {
-        column_push!(self, Text, value.to_owned())
+        column_push!(self, Text, pg_copy::storable_text(value).into_owned())
     }
     fn opt_text(&mut self, value: Option<&str>) {
-        column_push!(self, OptText, value.map(str::to_owned))
+        column_push!(self, OptText, value.map(|value| pg_copy::storable_text(value).into_owned()))
     }
     fn uuid(&mut self, value: Uuid) {
         column_push!(self, Uuid, value)

@@ -225,3 +225,42 @@ async fn copied_rows_read_back_exactly_on_both_backends() {
         store.close().await;
     }
 }
+
+/// PostgreSQL stores no text holding NUL. A log written before the API refused
+/// NUL in free text may hold some: the read models take it as U+FFFD instead of
+/// failing the batch again and again, live and in a bulk build alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_in_free_text_reaches_postgres_as_a_replacement_character() {
+    use domain::testkit::{claim, job, task_id, text};
+    use domain::{Command, LeaseEpoch, LeaseRef};
+    let mut r = crate::support::Recorder::new();
+    r.ok("producer", Command::CreateTask(job(1, "mail")));
+    r.ok("w1", claim("mail", "w1", 1));
+    let lease = LeaseRef { task: task_id(1), step: domain::testkit::step_name("run"), epoch: LeaseEpoch(1) };
+    r.ok("w1", Command::FailStep { lease, error: text("disk\0full"), retryable: false });
+    r.ok("producer", Command::CreateTask(job(2, "mail")));
+    r.ok("producer", Command::CancelTask { task: task_id(2), reason: Some(text("dup\0")) });
+    let mut log = TestLog::new();
+    log.append_all(&r.history);
+
+    let live = postgres_store("nul_live").await;
+    let projections =
+        Projections::start(live.clone(), log.reader(), log.feed.clone(), RuntimeConfig::default()).await.unwrap();
+    assert!(projections.wait_for_seq(log.head(), Duration::from_secs(30)).await, "{:?}", projections.status());
+    projections.shutdown().await;
+    let built = postgres_store("nul_built").await;
+    asof::build(&built, &log.reader(), log.head(), &ProjectorKind::ALL).await.unwrap();
+
+    for store in [&live, &built] {
+        let failed = query::task(store, *task_id(1).as_uuid()).await.unwrap().unwrap();
+        assert_eq!(failed.steps[0].last_error.as_deref(), Some("disk\u{FFFD}full"));
+        let cancelled = query::task(store, *task_id(2).as_uuid()).await.unwrap().unwrap();
+        assert_eq!(cancelled.summary.end_reason.as_deref(), Some("dup\u{FFFD}"));
+        let letters = query::dead_letters(store, Some("mail"), &query::PageRequest::first(10)).await.unwrap();
+        assert_eq!(letters.items[0].last_error.as_deref(), Some("disk\u{FFFD}full"));
+        let audit =
+            query::audit_log(store, &query::AuditFilter::default(), &query::PageRequest::first(50)).await.unwrap();
+        assert_eq!(audit.items.len() as u64, log.head(), "every event has its audit row");
+        assert!(audit.items.iter().any(|entry| entry.summary.contains("disk\u{FFFD}full")), "{:?}", audit.items);
+    }
+}
