@@ -758,6 +758,7 @@ impl Projections {
             match stored {
                 Some(checkpoint) if checkpoint.version != kind.version() => {
                     tracing::info!(projector = kind.name(), stored = checkpoint.version, "rebuilding a new version");
+                    projections.park_live(kind, &checkpoint);
                     projections.rebuild_in_background(kind);
                 }
                 _ => {
@@ -838,6 +839,31 @@ impl Projections {
             done.lock().running = false;
         });
         Running { slot, progress, checkpoint_tx, stop, join: Some(join) }
+    }
+
+    /// The live entry of a projector whose stored tables are of another version: nothing
+    /// follows them (the code writes rows of its own version only), so they stand at their
+    /// checkpoint until the rebuild swaps the new version in. Without it the projector was
+    /// missing from the status and the lag, and `min_seq` waits passed it by, answering from
+    /// tables nobody wrote (found by a review).
+    fn park_live(&self, kind: ProjectorKind, stored: &Checkpoint) {
+        let progress = Progress {
+            checkpoint_seq: stored.last_seq,
+            error: Some(format!(
+                "its tables are of version {}; version {} is being rebuilt beside them",
+                stored.version,
+                kind.version()
+            )),
+            ..Progress::default()
+        };
+        let running = Running {
+            slot: Slot::Live,
+            progress: Arc::new(Mutex::new(progress)),
+            checkpoint_tx: Arc::new(watch::channel(stored.last_seq).0),
+            stop: watch::channel(false).0,
+            join: None,
+        };
+        self.inner.live.lock().insert(kind, running);
     }
 
     fn spawn_live(&self, kind: ProjectorKind, carried: Option<(Arc<watch::Sender<u64>>, u64)>) {
@@ -1005,7 +1031,11 @@ impl Projections {
             }
             (_, carried) => carried,
         };
-        self.spawn_live(kind, carried);
+        match (&result, &live) {
+            // Tables of another version stay parked: this code cannot follow them.
+            (Err(_), Some(stored)) if stored.version != kind.version() => {}
+            _ => self.spawn_live(kind, carried),
+        }
         result
     }
 

@@ -302,6 +302,47 @@ async fn an_interrupted_rebuild_goes_on_at_the_next_start() {
     projections.shutdown().await;
 }
 
+/// Tables of an older version are rebuilt in the background at start. Until the swap they
+/// stand at their checkpoint: the projector is in the status with its lag, and a `min_seq`
+/// wait waits for the new version instead of answering from tables nobody writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_of_an_older_version_count_as_behind_until_the_new_version_swaps_in() {
+    use projections::Slot;
+    use projections::checkpoint;
+    let history = fixture_history().history;
+    let (early, late) = history.split_at(history.len() / 2);
+    let mut log = TestLog::new();
+    log.append_all(early);
+    let path = log.path().join("p.sqlite");
+    let store = Store::open_sqlite(&path).await.unwrap();
+    let projections = started(&log, &store).await;
+    projections.shutdown().await;
+    let stored_at = log.head();
+    let Store::Sqlite(pool, _) = &store else { unreachable!("a SQLite store") };
+    sqlx::query("UPDATE projector_checkpoints SET version = 0 WHERE projector = 'tasks'").execute(pool).await.unwrap();
+    store.close().await;
+    log.append_all(late);
+
+    let store = Store::open_sqlite(&path).await.unwrap();
+    let projections =
+        Projections::start(store.clone(), log.reader(), log.feed.clone(), RuntimeConfig::default()).await.unwrap();
+    let status = projections.status().unwrap();
+    let tasks = status.iter().find(|s| s.projector == "tasks" && s.slot == "live").expect("in the status");
+    assert!(tasks.checkpoint_seq == stored_at || tasks.checkpoint_seq == log.head(), "{tasks:?}");
+    if tasks.checkpoint_seq == stored_at {
+        assert_eq!(tasks.lag, log.head() - stored_at, "{tasks:?}");
+        assert!(tasks.error.as_deref().unwrap_or_default().contains("version 0"), "{tasks:?}");
+    }
+    assert!(projections.wait_for_seq(log.head(), Duration::from_secs(20)).await, "{:?}", projections.status());
+    let live = checkpoint::read(&store, ProjectorKind::Tasks, Slot::Live).await.unwrap().unwrap();
+    assert_eq!((live.version, live.generation), (ProjectorKind::Tasks.version(), 2), "the wait outlasted the swap");
+    assert!(live.last_seq >= log.head());
+    let fresh = Store::open_sqlite(log.path().join("fresh.sqlite")).await.unwrap();
+    projections::asof::build(&fresh, &log.reader(), log.head(), &ProjectorKind::ALL).await.unwrap();
+    assert_eq!(digest::dump(&fresh).await.unwrap(), digest::dump(&store).await.unwrap());
+    projections.shutdown().await;
+}
+
 /// The server gives the projectors a runtime of their own (apart from the one serving
 /// HTTP): every runner, and the live runner started again after a rebuild's swap, runs there.
 /// (Exact task counts are not compared: the store's pool spawns short helper tasks.)
