@@ -147,7 +147,7 @@ impl Principal {
 
     /// The actor recorded on events.
     pub fn actor(&self) -> String {
-        format!("token:{}", self.name)
+        format!("{ACTOR_PREFIX}{}", self.name)
     }
 }
 
@@ -174,6 +174,11 @@ pub struct TokenCounts {
     pub revoked: usize,
 }
 
+/// What a token's actor starts with, before its name.
+const ACTOR_PREFIX: &str = "token:";
+/// The longest actor the writer records.
+const ACTOR_BYTES_MAX: usize = eventlog::record::COMMAND_ID_BYTES_MAX;
+
 pub fn hash_token(token: &str) -> String {
     blake3::hash(token.as_bytes()).to_hex().to_string()
 }
@@ -188,6 +193,16 @@ impl TokenTable {
         // authenticate nobody, so they record nothing.
         let mut names = std::collections::HashSet::new();
         for entry in file.tokens {
+            // The writer refuses an actor it could not record, and every command of the
+            // token would then fail with an error about a field its client never sent.
+            if entry.name.chars().any(char::is_control) || ACTOR_PREFIX.len() + entry.name.len() > ACTOR_BYTES_MAX {
+                anyhow::bail!(
+                    "token name {:?} must be at most {} bytes without control characters (the log records \
+                     it as the actor `{ACTOR_PREFIX}<name>`)",
+                    entry.name,
+                    ACTOR_BYTES_MAX - ACTOR_PREFIX.len()
+                );
+            }
             if entry.name.is_empty() || (!entry.revoked && !names.insert(entry.name.clone())) {
                 anyhow::bail!(
                     "token name {:?} is empty or used by two live tokens: each token needs a name of its own",
@@ -486,6 +501,10 @@ mod tests {
         old.revoked = true;
         assert!(Tokens::from_file(TokensFile { tokens: vec![old, entry("mailer", "new")] }).is_ok());
         assert!(refused(vec![entry("", "a")]).contains("empty"));
+        assert!(refused(vec![entry("line\nbreak", "a")]).contains("without control characters"));
+        let longest = "n".repeat(ACTOR_BYTES_MAX - ACTOR_PREFIX.len());
+        assert!(Tokens::from_file(TokensFile { tokens: vec![entry(&longest, "a")] }).is_ok());
+        assert!(refused(vec![entry(&format!("{longest}n"), "a")]).contains("at most 250 bytes"));
         assert!(refused(vec![entry("a", "x"), entry("b", "x")]).contains("the hash of a token listed before it"));
         let mut short = entry("a", "x");
         short.token_blake3 = "zz".into();
