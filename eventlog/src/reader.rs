@@ -213,7 +213,13 @@ pub(crate) fn check_head(txn: &ReadTransaction) -> Result<Checked, OpenError> {
             message: "head hash differs from the hash of the record it names".into(),
         });
     }
-    let prev_hash = stored_hash(last_seq - 1)?;
+    let Some(before_last) = last_seq.checked_sub(1) else {
+        return Err(OpenError::HeadMismatch {
+            seq: 0,
+            message: "a record is stored at seq 0, before the first".into(),
+        });
+    };
+    let prev_hash = stored_hash(before_last)?;
     let last_value = events
         .get(last_seq)
         .map_err(storage)?

@@ -762,9 +762,13 @@ fn load_outcomes(txn: &redb::ReadTransaction) -> Result<OutcomeWindow, OpenError
                 message: format!("outcome of {command_id:?} disagrees with the order table"),
             });
         }
+        let next_order = order_key.checked_add(1).ok_or_else(|| OpenError::HeadMismatch {
+            seq,
+            message: format!("outcome of {command_id:?} is at the last order key"),
+        })?;
         window.by_order.insert(order_key, command_id.clone());
         window.by_command.insert(command_id, (order_key, seq, outcome.to_vec()));
-        window.next_order = order_key + 1;
+        window.next_order = next_order;
     }
     Ok(window)
 }

@@ -406,10 +406,10 @@ impl WriterHandle {
     }
 
     /// The head a read waits for to see every acknowledged write: [`Self::acknowledged_head`],
-    /// except after a failed checkpoint, whose held batches stay unreadable until a restart
-    /// (they are durable in the journal, and the restart has them): then the last seq before
-    /// them, so reads go on instead of waiting for records that cannot come. (After a failed
-    /// commit, batches held before it still become readable: reads wait for them.)
+    /// except after a failed checkpoint or commit, whose held batches (acknowledged while a
+    /// checkpoint ran) stay unreadable until a restart (they are durable in the journal, and the
+    /// restart has them): then the last seq before them, so reads go on instead of waiting for
+    /// records that cannot come.
     pub fn readable_goal(&self) -> u64 {
         self.acknowledged_head().min(self.shared.readable_cap.load(Ordering::Acquire))
     }
@@ -850,8 +850,13 @@ impl WriterThread {
                 if let Some(cap) = cap {
                     self.shared.readable_cap.store(cap, Ordering::Release);
                 }
-                *self.shared.health.lock().expect("health lock") =
-                    Health::Failed(format!("checkpoint failed: {error}"));
+                // After a failed commit the store refuses to settle too: the health keeps the
+                // commit's own reason, which names the cause (it was overwritten with "the store
+                // is poisoned", found by a review).
+                let mut health = self.shared.health.lock().expect("health lock");
+                if !matches!(*health, Health::Failed(_)) {
+                    *health = Health::Failed(format!("checkpoint failed: {error}"));
+                }
             }
         }
     }

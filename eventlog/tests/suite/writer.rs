@@ -784,6 +784,9 @@ fn a_checkpoint_failing_under_a_waiting_commit_leaves_reads_going() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(*handle.head_watch().borrow() < acknowledged, "batches were held when the checkpoint failed");
+    // The health names the failed commit's cause, not what the store said after it.
+    let Health::Failed(reason) = handle.health() else { panic!("the writer is stopped") };
+    assert!(reason.starts_with("commit failed") && !reason.contains("poisoned"), "{reason}");
     drop(handle);
     writer.shutdown();
     let (writer, startup) = Writer::open(dir.path(), config(), Arc::new(SystemClock)).unwrap();
