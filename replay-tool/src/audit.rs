@@ -72,8 +72,8 @@ pub struct ExportArgs {
 pub struct VerifyExportArgs {
     /// The bundle directory.
     dir: PathBuf,
-    /// The public key you trust (from `keygen`); without it, the key that signed `--checkpoint`,
-    /// or else the bundle's own key, which proves integrity but not who signed.
+    /// The public key you trust (from `keygen`); without it, the key that signed `--checkpoint`.
+    /// With neither, the bundle fails verification: its own key proves nothing.
     #[arg(long, value_name = "FILE")]
     pubkey: Option<PathBuf>,
     /// A checkpoint.json you kept from an earlier bundle: this bundle must extend it.
@@ -625,7 +625,7 @@ pub fn verify_export(args: &VerifyExportArgs) -> Result<Outcome> {
         } else if args.pubkey.is_some() || args.checkpoint.is_some() {
             "NOT the key you trust"
         } else {
-            "the key in the bundle: pass --pubkey to check who signed"
+            "the key in the bundle, which proves nothing: pass --pubkey"
         };
         // The bundle is untrusted input: its key, file names and hashes are printed with their
         // control characters escaped (a file name holding a newline and a terminal escape could

@@ -144,9 +144,13 @@ impl Findings {
     /// count that explain them, found by a black-box check).
     fn headline(&mut self, message: impl Into<String>) {
         self.problems_total += 1;
-        self.problems.insert(self.headlines, message.into());
-        self.headlines += 1;
-        self.problems.truncate(PROBLEMS_SHOWN_MAX);
+        // Past the shown maximum a headline is counted, not shown (the 52nd inserted past the end
+        // of the 50 shown and panicked: found by a review).
+        if self.headlines < PROBLEMS_SHOWN_MAX {
+            self.problems.insert(self.headlines, message.into());
+            self.headlines += 1;
+            self.problems.truncate(PROBLEMS_SHOWN_MAX);
+        }
     }
 }
 
@@ -524,6 +528,15 @@ pub fn verify_bundle(
     };
     let signature_ok = check_signature(&checkpoint, trusted.as_ref(), "checkpoint.json", &mut findings);
     findings.key_trusted = signature_ok && trusted.is_some();
+    // A bundle's own key proves nothing against tampering: whoever changes the data can sign the
+    // changed bundle with a key of their own, consistent in every other check. It was reported
+    // as intact (exit 0) with a hint in the signer line (found by a review).
+    if trusted.is_none() {
+        findings.headline(
+            "nobody you trust signed it: the bundle's own key proves nothing (whoever changed a bundle can sign it \
+             again), so pass --pubkey with the exporter's public key, or --checkpoint with a checkpoint.json you kept",
+        );
+    }
     if sha256_hex(&manifest_bytes) != checkpoint.manifest_sha256 {
         findings.problem("manifest.json was modified after it was signed (its SHA-256 is not the checkpoint's)");
     }
@@ -542,6 +555,18 @@ pub fn verify_bundle(
             findings.problem(format!("manifest {name} {in_manifest} differs from the signed {in_checkpoint}"));
         }
     }
+    // The signed range must hold exactly the signed number of records (`extends` relies on it).
+    let range_holds = match checkpoint.records {
+        0 => checkpoint.last_seq.checked_add(1) == Some(checkpoint.first_seq),
+        n => checkpoint.first_seq.checked_add(n - 1) == Some(checkpoint.last_seq),
+    };
+    if !range_holds {
+        findings.headline(format!(
+            "the checkpoint signs seq {}..{} but {} records",
+            checkpoint.first_seq, checkpoint.last_seq, checkpoint.records
+        ));
+    }
+    let mut summary = Summary::default();
 
     // 2. Every record against its body and the chain, and every file's digest. The hash the
     // bundle gives the last record of the earlier checkpoint is noted on the way (step 3).
@@ -571,6 +596,7 @@ pub fn verify_bundle(
                     if let Some(hash) = check_row(&row, expected_seq, &prev, &mut findings) {
                         prev = hash;
                     }
+                    summary.add(&row);
                     findings.records_checked += 1;
                 }
                 Ok(None) => break,
@@ -580,6 +606,13 @@ pub fn verify_bundle(
                 }
             }
         }
+        if summary.rows_in_file != file.records {
+            findings.headline(format!(
+                "{}: holds {} records, the manifest says {}",
+                file.name, summary.rows_in_file, file.records
+            ));
+        }
+        summary.rows_in_file = 0;
         match rows.finish() {
             Ok((bytes, _)) if bytes > limit => {
                 findings.problem(format!("{}: cannot be read ({})", file.name, bounded(bytes, limit).unwrap_err()));
@@ -601,6 +634,20 @@ pub fn verify_bundle(
     if hex(&prev) != checkpoint.last_hash {
         findings.headline("the chain does not end at the signed last hash (truncated or rewritten)");
     }
+    // What the manifest says of the records, against the records (each row's columns were
+    // checked against its signed body): a signer's summary is not taken on trust.
+    let said = [
+        ("counts_by_type", format!("{:?}", manifest.counts_by_type), format!("{:?}", summary.by_type)),
+        ("counts_by_actor", format!("{:?}", manifest.counts_by_actor), format!("{:?}", summary.by_actor)),
+        ("first_hash", manifest.first_hash.clone(), summary.first_hash.clone().unwrap_or_default()),
+        ("first_recorded_at", manifest.first_recorded_at.clone(), summary.first_at.clone().unwrap_or_default()),
+        ("last_recorded_at", manifest.last_recorded_at.clone(), summary.last_at.clone().unwrap_or_default()),
+    ];
+    for (name, in_manifest, in_records) in said {
+        if findings.records_checked > 0 && in_manifest != in_records {
+            findings.headline(format!("manifest {name} {in_manifest} is not what the records say: {in_records}"));
+        }
+    }
 
     // 3. Does it extend the checkpoint the auditor kept?
     if let Some((path, earlier)) = earlier {
@@ -612,6 +659,29 @@ pub fn verify_bundle(
 
     findings.clean = findings.problems_total == 0;
     Ok(findings)
+}
+
+/// What the rows of a bundle say of themselves, for the manifest's summary of them.
+#[derive(Default)]
+struct Summary {
+    by_type: BTreeMap<String, u64>,
+    by_actor: BTreeMap<String, u64>,
+    first_hash: Option<String>,
+    first_at: Option<String>,
+    last_at: Option<String>,
+    rows_in_file: u64,
+}
+
+impl Summary {
+    fn add(&mut self, row: &Map<String, Value>) {
+        let text = |name: &str| row.get(name).and_then(Value::as_str).unwrap_or_default().to_owned();
+        *self.by_type.entry(text("type")).or_default() += 1;
+        *self.by_actor.entry(text("actor")).or_default() += 1;
+        self.first_hash.get_or_insert_with(|| text("hash"));
+        self.first_at.get_or_insert_with(|| text("recorded_at"));
+        self.last_at = Some(text("recorded_at"));
+        self.rows_in_file += 1;
+    }
 }
 
 /// Whether `bundle` continues the history `earlier` signed.
@@ -681,6 +751,21 @@ mod tests {
             }
         }
         (read, rows.finish().unwrap())
+    }
+
+    /// Whole-bundle problems go first, rows' after them; past the shown maximum both are counted
+    /// and not shown (a 52nd headline panicked).
+    #[test]
+    fn headlines_go_first_and_past_the_maximum_are_only_counted() {
+        let mut findings = Findings::default();
+        findings.problem("row 1");
+        for n in 0..PROBLEMS_SHOWN_MAX + 5 {
+            findings.headline(format!("headline {n}"));
+            findings.problem("row");
+        }
+        assert_eq!(findings.problems_total, 1 + 2 * (PROBLEMS_SHOWN_MAX + 5));
+        assert_eq!(findings.problems.len(), PROBLEMS_SHOWN_MAX);
+        assert!(findings.problems.iter().enumerate().all(|(n, p)| *p == format!("headline {n}")));
     }
 
     /// Rows are read one at a time as the whole-file reader read them, and the digest covers

@@ -85,10 +85,15 @@ fn a_fresh_bundle_verifies_in_both_formats() {
         let second: serde_json::Value = serde_json::from_str(events.trim()).unwrap();
         assert_eq!(manifest["prev_hash"], second["hash"]);
     }
-    // Without --pubkey the bundle's own key is used, and the report says so.
+    // Without --pubkey or --checkpoint nobody trusted signed it: the bundle's own key proves
+    // nothing, so the bundle does not pass, and the one problem says why.
     let bundle = f.root.join("jsonl");
-    let out = replay_ok(&["verify-export", path(&bundle)]);
-    assert!(out.contains("pass --pubkey to check who signed"), "{out}");
+    let unverified = replay(&["verify-export", path(&bundle)]);
+    let out = String::from_utf8_lossy(&unverified.stdout);
+    assert_eq!(unverified.status.code(), Some(1), "{out}");
+    assert!(out.contains("(the key in the bundle, which proves nothing: pass --pubkey)"), "{out}");
+    assert!(out.contains("PROBLEM    nobody you trust signed it"), "{out}");
+    assert!(out.contains("FAILED verification (1 problems)"), "{out}");
 }
 
 #[test]
@@ -226,8 +231,8 @@ fn a_bundle_signed_with_another_key_is_refused() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("not by the key you trust"), "{out}");
     assert!(out.contains("(NOT the key you trust)"), "{out}");
-    // Its own key says it is intact: the signature proves integrity, --pubkey proves who.
-    assert_eq!(replay(&["verify-export", path(&bundle)]).status.code(), Some(0));
+    // Consistent under its own key, which anyone could have used: not verified.
+    assert_eq!(replay(&["verify-export", path(&bundle)]).status.code(), Some(1));
 }
 
 #[test]
@@ -464,4 +469,66 @@ fn an_export_that_cannot_write_leaves_nothing_behind() {
     assert!(!out.exists(), "no half bundle: {:?}", fs::read_dir(&out).map(|d| d.count()));
     // Without the limit the same command writes the bundle.
     replay_ok(&["export-audit", "--data", path(&data), "--out", path(&out), "--key", path(&key)]);
+}
+
+/// Signs `bundle` again with the auditor's key after `edit` changed its manifest (and, through
+/// the same value, the checkpoint's claims): what a signer who summarises wrongly would sign.
+fn resign(f: &Fixture, bundle: &Path, edit: impl FnOnce(&mut serde_json::Value, &mut replay_tool::bundle::Checkpoint)) {
+    use ed25519_dalek::{Signer, SigningKey};
+    use replay_tool::bundle::{Checkpoint, checkpoint_message, sha256_hex};
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(bundle.join("manifest.json")).unwrap()).unwrap();
+    let mut checkpoint: Checkpoint =
+        serde_json::from_slice(&fs::read(bundle.join("checkpoint.json")).unwrap()).unwrap();
+    edit(&mut manifest, &mut checkpoint);
+    let manifest = serde_json::to_vec_pretty(&manifest).unwrap();
+    fs::write(bundle.join("manifest.json"), &manifest).unwrap();
+    checkpoint.manifest_sha256 = sha256_hex(&manifest);
+    let secret = fs::read_to_string(f.keys.join("auditor.key")).unwrap();
+    let seed = secret.trim().rsplit(' ').next().unwrap();
+    let seed: [u8; 32] = (0..32)
+        .map(|i| u8::from_str_radix(&seed[2 * i..2 * i + 2], 16).unwrap())
+        .collect::<Vec<_>>()
+        .try_into()
+        .unwrap();
+    checkpoint.signature =
+        eventlog::json::hex(&SigningKey::from_bytes(&seed).sign(checkpoint_message(&checkpoint).as_bytes()).to_bytes());
+    fs::write(bundle.join("checkpoint.json"), serde_json::to_vec_pretty(&checkpoint).unwrap()).unwrap();
+}
+
+/// What a signed manifest says of its records (counts by type and actor, the first hash, the
+/// times, each file's count, a range as long as the count) must be what the records say: a
+/// signer's summary is not taken on trust (found by a review: a checkpoint signing seq 1..1000
+/// over 23 records verified intact, and `--checkpoint` relies on that last seq).
+#[test]
+fn a_signed_summary_must_say_what_the_records_say() {
+    type Edit = fn(&mut serde_json::Value, &mut replay_tool::bundle::Checkpoint);
+    let f = fixture();
+    let original = f.export("original", &[]);
+    let (code, out) = f.check(&original, &[]);
+    assert_eq!(code, Some(0), "{out}");
+    let cases: [(&str, Edit, &str); 6] = [
+        ("types", |m, _| m["counts_by_type"]["task_created"] = 99.into(), "manifest counts_by_type"),
+        ("actors", |m, _| m["counts_by_actor"]["nobody"] = 1.into(), "manifest counts_by_actor"),
+        ("first", |m, _| m["first_hash"] = "00".repeat(32).into(), "manifest first_hash"),
+        ("time", |m, _| m["last_recorded_at"] = "2030-01-01T00:00:00Z".into(), "manifest last_recorded_at"),
+        ("file", |m, _| m["files"][0]["records"] = 7.into(), "holds 23 records, the manifest says 7"),
+        (
+            "range",
+            |m, c| {
+                m["last_seq"] = 1000.into();
+                c.last_seq = 1000;
+            },
+            "the checkpoint signs seq 1..1000 but 23 records",
+        ),
+    ];
+    for (name, edit, said) in cases {
+        let bundle = f.root.join(name);
+        copy_bundle(&original, &bundle);
+        resign(&f, &bundle, edit);
+        let (code, out) = f.check(&bundle, &[]);
+        assert_eq!(code, Some(1), "{name}: {out}");
+        assert!(out.contains(said), "{name}: {out}");
+        assert!(!out.contains("the signature does not verify"), "{name}: re-signed as it should be: {out}");
+    }
 }
