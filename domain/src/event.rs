@@ -145,6 +145,16 @@ impl StreamId {
         key
     }
 
+    /// Whether `key` is [`Self::to_key`], without building it.
+    pub fn is_key(&self, key: &[u8]) -> bool {
+        match self {
+            StreamId::Task(id) => key == Self::task_key(id),
+            StreamId::Queue(ns) => {
+                key.split_first().is_some_and(|(kind, name)| *kind == b'Q' && name == ns.as_str().as_bytes())
+            }
+        }
+    }
+
     /// A compact, order-preserving byte key: `T` + 16 id bytes, or `Q` + name.
     pub fn to_key(&self) -> Vec<u8> {
         match self {
@@ -303,5 +313,10 @@ mod tests {
         assert_eq!(StreamId::task_key(&id).as_slice(), expected.as_slice());
         let queue = StreamId::Queue(Namespace::new("emails").unwrap());
         assert_eq!(queue.to_key(), b"Qemails");
+        assert!(
+            queue.is_key(b"Qemails") && !queue.is_key(b"Qemail") && !queue.is_key(b"Temails") && !queue.is_key(b"")
+        );
+        let task = StreamId::Task(id);
+        assert!(task.is_key(&task.to_key()) && !task.is_key(&task.to_key()[..16]) && !queue.is_key(&task.to_key()));
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Streams the events table in one MVCC read transaction (a consistent view while the writer
 //! goes on appending) and checks, in one pass: seqs gapless from 1, each record decodes,
-//! stream versions gapless from 1 per stream, every chain link, and the stored head against
+//! stream versions gapless from 1 per stream, recorded times never going back (every lookup by
+//! time is a binary search that relies on it), every chain link, and the stored head against
 //! the last record. The stream index must hold exactly one entry per record. Two threads
 //! share the pass: one reads the table and checks the chain links (each needs only the stored
 //! hash before it), the caller's decodes and checks the rest in order.
@@ -34,6 +35,8 @@ pub enum ProblemKind {
     StreamVersion,
     /// The stored hash does not recompute from the predecessor's.
     ChainLink,
+    /// A record's time is before the time of the record ahead of it.
+    RecordedAt,
     /// The head entry does not match the last record.
     Head,
     /// The stream index does not match the records.
@@ -205,6 +208,7 @@ pub fn verify_with(
     let mut prev_hash = GENESIS_HASH;
     let mut expected = 1u64;
     let mut records = 0u64;
+    let mut last_recorded_at_us = i64::MIN;
     if first_problem.is_none() {
         // One thread reads the table and checks every chain link (BLAKE3 is a third of the
         // work, and each link needs only the stored hashes); this one decodes, checks the rest
@@ -261,6 +265,19 @@ pub fn verify_with(
                         ));
                         break 'batches;
                     }
+                    let recorded_at_us = decoded.body.recorded_at_us;
+                    if recorded_at_us < last_recorded_at_us {
+                        first_problem = Some(problem(
+                            seq,
+                            ProblemKind::RecordedAt,
+                            format!(
+                                "recorded at {recorded_at_us} µs, {} µs before the record ahead of it",
+                                last_recorded_at_us - recorded_at_us
+                            ),
+                        ));
+                        break 'batches;
+                    }
+                    last_recorded_at_us = recorded_at_us;
                     if seq == checkpoint.seq && decoded.hash != checkpoint.hash {
                         first_problem = Some(problem(
                             seq,

@@ -297,7 +297,8 @@ pub fn run(input: &Input, as_json: bool, skip_storage: bool) -> Result<Outcome> 
                                     record.schema_version,
                                     record.payload,
                                 )
-                                .map_err(|e| e.to_string());
+                                .map_err(|e| e.to_string())
+                                .and_then(|event| filed_under_its_stream(record.stream, event));
                                 feeder.push(Item { seq: record.seq, hash: *record.hash, event });
                             }
                         },
@@ -623,12 +624,29 @@ fn open_error_kind(error: &anyhow::Error) -> &'static str {
     }
 }
 
+/// `event` when the record holding it is filed under its stream: stream versions and the
+/// stream index go by the record's stream, the fold by the event's, so a record filed under
+/// another stream verified clean while a task's history read through the index showed another
+/// task's events (found by a review).
+fn filed_under_its_stream(stream: &[u8], event: domain::Event) -> Result<domain::Event, String> {
+    let own = event.stream();
+    if own.is_key(stream) {
+        return Ok(event);
+    }
+    Err(format!(
+        "the record is filed under stream {} but its {} event belongs to {own}",
+        eventlog::json::hex(stream),
+        event.type_name()
+    ))
+}
+
 fn kind_name(kind: eventlog::ProblemKind) -> &'static str {
     match kind {
         eventlog::ProblemKind::Decode => "decode",
         eventlog::ProblemKind::SeqGap => "seq_gap",
         eventlog::ProblemKind::StreamVersion => "stream_version",
         eventlog::ProblemKind::ChainLink => "chain_link",
+        eventlog::ProblemKind::RecordedAt => "recorded_at",
         eventlog::ProblemKind::Head => "head",
         eventlog::ProblemKind::Index => "index",
     }

@@ -170,3 +170,55 @@ fn a_snapshot_in_another_format_version_is_skipped_not_a_problem() {
     let text = replay_ok(&["verify", "--data", path(dir.path()), "--skip-storage-check"]);
     assert!(text.contains("snapshot  seq 20 skipped") && text.contains("result: clean"), "{text}");
 }
+
+/// Moves every record of task 1 to the stream of a task that does not exist and hashes the chain
+/// again (records, then the head): a log that holds together link by link and version by
+/// version, whose records are filed under a stream their events do not belong to.
+fn file_task_one_under_another_stream(dir: &std::path::Path) -> u64 {
+    use eventlog::record::{chain_hash, decode_stored_body, stored_body};
+    use redb::ReadableTable;
+    const EVENTS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("events");
+    const HEAD: redb::TableDefinition<u8, &[u8]> = redb::TableDefinition::new("head");
+    let own = domain::StreamId::Task(domain::testkit::task_id(1)).to_key();
+    let other = domain::StreamId::Task(domain::testkit::task_id(99)).to_key();
+    let db = redb::Database::create(dir.join("ledger.redb")).unwrap();
+    let txn = db.begin_write().unwrap();
+    let mut first_moved = None;
+    {
+        let mut table = txn.open_table(EVENTS).unwrap();
+        let last = table.last().unwrap().unwrap().0.value();
+        let mut prev = eventlog::GENESIS_HASH;
+        for seq in 1..=last {
+            let value = table.get(seq).unwrap().unwrap().value().to_vec();
+            let (hash, body) = value.split_at(32);
+            let mut record = decode_stored_body(seq, hash.try_into().unwrap(), body).unwrap();
+            if record.stream == own {
+                record.stream = other.clone();
+                first_moved.get_or_insert(seq);
+            }
+            let body = stored_body(&record);
+            prev = chain_hash(&prev, seq, &body);
+            table.insert(seq, [prev.as_slice(), &body].concat().as_slice()).unwrap();
+        }
+        let head = [last.to_le_bytes().as_slice(), prev.as_slice()].concat();
+        txn.open_table(HEAD).unwrap().insert(0, head.as_slice()).unwrap();
+    }
+    txn.commit().unwrap();
+    first_moved.expect("task 1 has records")
+}
+
+/// A record filed under a stream its event does not belong to is named: the fold goes by the
+/// event, the stream index and versions by the record, so such a log verified clean while the
+/// history of a task read through the index showed another's events.
+#[test]
+fn a_record_filed_under_another_stream_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    build_story(dir.path(), 0);
+    let seq = file_task_one_under_another_stream(dir.path());
+    let out = replay(&["verify", "--data", path(dir.path()), "--json", "--skip-storage-check"]);
+    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
+    let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let problem = &report["problems"][0];
+    assert_eq!(problem["seq"], seq, "{report}");
+    assert!(problem["message"].as_str().unwrap().contains("belongs to task:"), "{report}");
+}
