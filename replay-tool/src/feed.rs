@@ -66,7 +66,15 @@ pub fn fetch(base: &str, token: &str, window: FeedWindow) -> Result<Source> {
             bail!("the feed has more than {FEED_RECORDS_MAX} records; copy the data directory and use --data");
         }
         let value: Value = serde_json::from_str(&line).with_context(|| format!("parse feed line {}", n + 1))?;
-        records.push(record_from_json(&value).with_context(|| format!("read feed line {}", n + 1))?);
+        let record = record_from_json(&value).with_context(|| format!("read feed line {}", n + 1))?;
+        // Records are found by their place (`seq − first`): one dropped or repeated on the way
+        // (a proxy, a faulty server) would put every later one in the wrong place, unnoticed
+        // (found by a review).
+        let expected = from_seq + records.len() as u64;
+        if record.seq != expected {
+            bail!("the feed sent seq {} where seq {expected} was due: read it again", record.seq);
+        }
+        records.push(record);
     }
     let last = records.last().map_or(from_seq - 1, |record: &StoredRecord| record.seq);
     let wanted_all = window.limit.is_none_or(|limit| (records.len() as u64) < limit);
@@ -111,7 +119,14 @@ pub fn task_history(base: &str, token: &str, task: domain::TaskId) -> Result<Vec
         let page: Vec<Value> =
             response.body_mut().with_config().limit(u64::MAX).read_json().context("parse the task's history")?;
         for record in &page {
-            records.push(record_from_json(record)?);
+            let record = record_from_json(record)?;
+            // A page that does not go on from where the last ended (a server that ignored
+            // `from_version` was read page after page, for ever: found by a review).
+            let expected = records.len() as u64 + 1;
+            if record.stream_version != expected {
+                bail!("task {task}'s history sent version {} where version {expected} was due", record.stream_version);
+            }
+            records.push(record);
         }
         if !more || page.is_empty() {
             return Ok(records);
