@@ -48,7 +48,16 @@ pub mod close_code {
     pub const INIT_TIMEOUT: u16 = 4408;
     /// A `subscribe` whose id names a subscription still running.
     pub const SUBSCRIBER_EXISTS: u16 = 4409;
+    /// A `subscribe` beyond [`super::OPERATIONS_PER_SOCKET_MAX`] running at once (RFC 6455's
+    /// policy violation).
+    pub const TOO_MANY_OPERATIONS: u16 = 1008;
 }
+
+/// Operations (queries, mutations, subscriptions) one socket runs at once. The HTTP limits
+/// (`--max-connections`, `--max-concurrent-requests`, the request timeout) hold for the upgrade
+/// only: one socket ran as many long-polling claims as it sent, and 10,000 of them filled the
+/// writer's queue for every other client (found by a review).
+pub const OPERATIONS_PER_SOCKET_MAX: usize = 64;
 
 /// Longest a socket waits at shutdown for its subscriptions' `complete` messages to go out
 /// before it closes with [`GOING_AWAY`].
@@ -285,11 +294,19 @@ impl Connection {
         match kind {
             // Before the acknowledgement async-graphql closes with 1011, sent on as 4401.
             "subscribe" | "start" if self.initialised.load(Ordering::Acquire) => {
-                if running.insert(id.clone()) {
-                    return message;
+                if running.contains(&id) {
+                    drop(running);
+                    return self.violated(close_code::SUBSCRIBER_EXISTS, format!("Subscriber for {id} already exists"));
                 }
-                drop(running);
-                self.violated(close_code::SUBSCRIBER_EXISTS, format!("Subscriber for {id} already exists"))
+                if running.len() >= OPERATIONS_PER_SOCKET_MAX {
+                    drop(running);
+                    return self.violated(
+                        close_code::TOO_MANY_OPERATIONS,
+                        format!("more than {OPERATIONS_PER_SOCKET_MAX} operations at once on one socket"),
+                    );
+                }
+                running.insert(id);
+                message
             }
             "complete" | "stop" => {
                 running.remove(&id);

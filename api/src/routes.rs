@@ -570,7 +570,14 @@ async fn event_feed(
     let slot = state.streams.take(&who.name)?;
     let subscription = Subscription::new(state.writer.reader().clone(), state.writer.feed().clone(), from_seq);
     let ends = crate::server::stopping_or_revoked(&state, &who);
-    let stream = slot.hold(feed_stream(subscription, query.limit.unwrap_or(u64::MAX), query.follow, sse, ends));
+    let mut limit = query.limit.unwrap_or(u64::MAX);
+    if let Some(readable) = readable {
+        // What exists now ends at the head the answer names: it read on to wherever the writes
+        // had got by the time a slow reader caught up, and under steady writes never ended
+        // (found by a review).
+        limit = limit.min((readable + 1).saturating_sub(from_seq));
+    }
+    let stream = slot.hold(feed_stream(subscription, limit, query.follow, sse, ends));
     let content_type = if sse { "text/event-stream" } else { "application/x-ndjson" };
     let mut response = Response::new(Body::from_stream(stream));
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

@@ -597,6 +597,28 @@ fn every_transport_meets_the_same_limits() {
     assert_eq!(server.head_seq(), head, "the server still answers");
 }
 
+/// One socket runs at most 64 operations at once: the HTTP limits hold for its upgrade only,
+/// and one socket ran as many long-polling claims as it sent (found by a review). The 65th
+/// closes it with 1008; an operation completed frees its place.
+#[test]
+fn a_socket_runs_at_most_64_operations_at_once() {
+    let server = Server::start();
+    let init = json!({ "type": "connection_init", "payload": { "Authorization": format!("Bearer {}", server.token) } });
+    let events = json!({ "query": "subscription { events { seq } }" });
+    let mut socket = connect_ws(&server, Duration::from_secs(10));
+    send_json(&mut socket, init);
+    assert_eq!(next_message(&mut socket)["type"], "connection_ack");
+    for id in 0..64 {
+        send_json(&mut socket, json!({ "id": id.to_string(), "type": "subscribe", "payload": events }));
+    }
+    send_json(&mut socket, json!({ "id": "0", "type": "complete" }));
+    send_json(&mut socket, json!({ "id": "again", "type": "subscribe", "payload": events }));
+    send_json(&mut socket, json!({ "type": "ping" }));
+    while next_message(&mut socket)["type"] != "pong" {}
+    send_json(&mut socket, json!({ "id": "one-too-many", "type": "subscribe", "payload": events }));
+    assert_eq!(close_frame(&mut socket), Closed::Frame(1008, "more than 64 operations at once on one socket".into()));
+}
+
 /// Protocol errors close the socket with the codes graphql-transport-ws names, which clients
 /// read to decide whether to reconnect: async-graphql closed them all with 1002 or 1011, sent
 /// no close frame when its reason was longer than a frame holds, and a second `subscribe` with a
