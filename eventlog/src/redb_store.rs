@@ -1512,11 +1512,18 @@ mod tests {
         );
         assert!(append(&mut store).is_err(), "the append that waited for the checkpoint failed");
         assert!(faults.tripped());
-        let settled = store.settle(false);
-        assert!(
-            matches!(settled, Err(AppendError::Poisoned)),
-            "{settled:?}: seqs up to {acknowledged} are not readable"
-        );
+        match store.settle(false) {
+            Err(AppendError::Poisoned) => {}
+            // Under load the held batches' insert can stay within the page cache and succeed, the
+            // fault then failing the waiting append's own batch (seen once in CI): then they are
+            // in the log, and whatever is reported readable must read back.
+            Ok(head) => {
+                let read = store.reader().read_range(1, head.seq, usize::MAX).unwrap();
+                assert_eq!(read.len() as u64, head.seq, "seqs up to {} were reported readable", head.seq);
+                assert!(head.seq > readable, "the held batches went in");
+            }
+            Err(other) => panic!("{other:?}"),
+        }
     }
 
     /// A lookup of the stream index begun before the batches held during a checkpoint went
