@@ -272,3 +272,45 @@ fn events_reads_only_the_window_it_shows() {
     assert_eq!(feeds, ["GET /v1/events?from_seq=5&follow=false&limit=3 HTTP/1.1"; 3], "{requests:?}");
     assert_eq!(requests.iter().filter(|r| r.contains("/history")).count(), 4, "{requests:?}");
 }
+
+/// A feed that drops or repeats a record, and a task history that does not go on from the
+/// version asked for, are refused: records are found by their place, and a server ignoring
+/// `from_version` was read page after page for ever (found by a review).
+#[test]
+fn a_feed_with_a_gap_or_a_history_out_of_order_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let feed = story_feed(dir.path());
+    let lines: Vec<&str> = feed.lines().collect();
+    let dropped: String = lines.iter().enumerate().filter(|(i, _)| *i != 4).map(|(_, l)| format!("{l}\n")).collect();
+    let repeated: String = lines.iter().take(6).chain(lines.iter().skip(5)).map(|l| format!("{l}\n")).collect();
+    for (body, said) in
+        [(dropped, "the feed sent seq 6 where seq 5 was due"), (repeated, "sent seq 6 where seq 7 was due")]
+    {
+        let (url, server) = serve(body, 1, Some(23));
+        let refused = replay(&["info", "--server", &url, "--token", TOKEN]);
+        assert_ne!(refused.status.code(), Some(0));
+        let stderr = crate::common::stderr(&refused);
+        assert!(stderr.contains(said), "{stderr}");
+        server.join().unwrap();
+    }
+
+    let task = "018bcfe5-6803-7001-9aa6-6d2c7ddf743f";
+    let stream = format!("\"stream\":\"task:{task}\"");
+    let first_page: Vec<String> =
+        feed.lines().filter(|line| line.contains(&stream)).take(3).map(str::to_owned).collect();
+    // Every page is the first, with a link to the next: a server that ignores `from_version`.
+    let answer = move |request: &str| {
+        if request.starts_with("GET /v1/ledger ") {
+            (String::new(), r#"{"head_seq": 23, "head_hash": "00"}"#.to_owned())
+        } else {
+            let link = format!("link: </v1/tasks/{task}/history?from_version=4&limit=3>; rel=\"next\"\r\n");
+            (link, format!("[{}]", first_page.join(",")))
+        }
+    };
+    let (url, server) = serve_with_headers(answer, 3, None);
+    let refused = replay(&["incident", "--task", task, "--server", &url, "--token", TOKEN]);
+    assert_ne!(refused.status.code(), Some(0));
+    let stderr = crate::common::stderr(&refused);
+    assert!(stderr.contains("history sent version 1 where version 4 was due"), "{stderr}");
+    server.join().unwrap();
+}
