@@ -199,16 +199,22 @@ async fn queries_filter_and_page_with_cursors() {
     projections.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_resumes_from_the_checkpoints_and_a_rebuild_swaps_in_the_same_rows() {
-    let history = fixture_history().history;
-    let (early, late) = history.split_at(history.len() / 2);
+/// The first half of the fixture history in a log, projected into a SQLite store by projectors
+/// since stopped: the log, the store's path, the store, and the second half, to append later.
+async fn first_half_projected() -> (TestLog, std::path::PathBuf, Store, Vec<(String, Vec<domain::Event>)>) {
+    let mut history = fixture_history().history;
+    let late = history.split_off(history.len() / 2);
     let mut log = TestLog::new();
-    log.append_all(early);
+    log.append_all(&history);
     let path = log.path().join("p.sqlite");
     let store = Store::open_sqlite(&path).await.unwrap();
-    let projections = started(&log, &store).await;
-    projections.shutdown().await;
+    started(&log, &store).await.shutdown().await;
+    (log, path, store, late)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_resumes_from_the_checkpoints_and_a_rebuild_swaps_in_the_same_rows() {
+    let (mut log, path, store, late) = first_half_projected().await;
     // A store made by an older version has an index this one no longer keeps.
     let indexes = |store: Store| async move {
         let Store::Sqlite(pool, _) = &store else { unreachable!("a SQLite store") };
@@ -223,7 +229,7 @@ async fn a_restart_resumes_from_the_checkpoints_and_a_rebuild_swaps_in_the_same_
     store.close().await;
 
     // More history while the projections are down; they catch up on restart.
-    log.append_all(late);
+    log.append_all(&late);
     let store = Store::open_sqlite(&path).await.unwrap();
     let projections = started(&log, &store).await;
     let incremental = digest::dump(&store).await.unwrap();
@@ -309,19 +315,12 @@ async fn an_interrupted_rebuild_goes_on_at_the_next_start() {
 async fn tables_of_an_older_version_count_as_behind_until_the_new_version_swaps_in() {
     use projections::Slot;
     use projections::checkpoint;
-    let history = fixture_history().history;
-    let (early, late) = history.split_at(history.len() / 2);
-    let mut log = TestLog::new();
-    log.append_all(early);
-    let path = log.path().join("p.sqlite");
-    let store = Store::open_sqlite(&path).await.unwrap();
-    let projections = started(&log, &store).await;
-    projections.shutdown().await;
+    let (mut log, path, store, late) = first_half_projected().await;
     let stored_at = log.head();
     let Store::Sqlite(pool, _) = &store else { unreachable!("a SQLite store") };
     sqlx::query("UPDATE projector_checkpoints SET version = 0 WHERE projector = 'tasks'").execute(pool).await.unwrap();
     store.close().await;
-    log.append_all(late);
+    log.append_all(&late);
 
     let store = Store::open_sqlite(&path).await.unwrap();
     let projections =
