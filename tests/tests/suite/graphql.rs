@@ -433,7 +433,6 @@ fn errors_carry_stable_codes_and_abusive_queries_are_refused_before_resolvers_ru
 
 type Socket = tungstenite::WebSocket<std::net::TcpStream>;
 
-/// A graphql-transport-ws connection, initialised with the admin token, subscribed to `query`.
 /// A graphql-transport-ws socket to `server`, not yet initialised; reads give up after
 /// `timeout`.
 fn connect_ws(server: &Server, timeout: Duration) -> Socket {
@@ -475,14 +474,20 @@ fn send_json(socket: &mut Socket, value: Value) {
     socket.send(tungstenite::Message::Text(value.to_string().into())).unwrap();
 }
 
-fn subscribe(server: &Server, query: &str, variables: Value) -> Socket {
-    let mut socket = connect_ws(server, Duration::from_secs(10));
+/// [`connect_ws`], initialised with the admin token and acknowledged.
+fn acknowledged_ws(server: &Server, timeout: Duration) -> Socket {
+    let mut socket = connect_ws(server, timeout);
     send_json(
         &mut socket,
         json!({ "type": "connection_init", "payload": { "Authorization": format!("Bearer {}", server.token) } }),
     );
-    let ack: Value = serde_json::from_str(socket.read().unwrap().to_text().unwrap()).unwrap();
-    assert_eq!(ack["type"], "connection_ack");
+    assert_eq!(next_message(&mut socket)["type"], "connection_ack");
+    socket
+}
+
+/// A graphql-transport-ws connection, initialised with the admin token, subscribed to `query`.
+fn subscribe(server: &Server, query: &str, variables: Value) -> Socket {
+    let mut socket = acknowledged_ws(server, Duration::from_secs(10));
     send_json(
         &mut socket,
         json!({ "id": "1", "type": "subscribe", "payload": { "query": query, "variables": variables } }),
@@ -603,11 +608,8 @@ fn every_transport_meets_the_same_limits() {
 #[test]
 fn a_socket_runs_at_most_64_operations_at_once() {
     let server = Server::start();
-    let init = json!({ "type": "connection_init", "payload": { "Authorization": format!("Bearer {}", server.token) } });
     let events = json!({ "query": "subscription { events { seq } }" });
-    let mut socket = connect_ws(&server, Duration::from_secs(10));
-    send_json(&mut socket, init);
-    assert_eq!(next_message(&mut socket)["type"], "connection_ack");
+    let mut socket = acknowledged_ws(&server, Duration::from_secs(10));
     for id in 0..64 {
         send_json(&mut socket, json!({ "id": id.to_string(), "type": "subscribe", "payload": events }));
     }
@@ -653,9 +655,7 @@ fn websocket_protocol_errors_close_with_the_codes_graphql_transport_ws_names() {
         "{".into(),
         variables_twice.into(),
     ] {
-        let mut socket = connect_ws(&server, Duration::from_secs(10));
-        send_json(&mut socket, init.clone());
-        assert_eq!(next_message(&mut socket)["type"], "connection_ack");
+        let mut socket = acknowledged_ws(&server, Duration::from_secs(10));
         socket.send(tungstenite::Message::Text(message.clone().into())).unwrap();
         match close_frame(&mut socket) {
             Closed::Frame(4400, reason) => assert!(!reason.is_empty() && reason.len() <= 123, "{reason}"),
@@ -663,9 +663,7 @@ fn websocket_protocol_errors_close_with_the_codes_graphql_transport_ws_names() {
         }
     }
 
-    let mut twice = connect_ws(&server, Duration::from_secs(10));
-    send_json(&mut twice, init.clone());
-    assert_eq!(next_message(&mut twice)["type"], "connection_ack");
+    let mut twice = acknowledged_ws(&server, Duration::from_secs(10));
     send_json(&mut twice, json!({ "id": "a", "type": "subscribe", "payload": events }));
     // A second id runs beside it; an id whose subscription was completed may be used again.
     send_json(&mut twice, json!({ "id": "b", "type": "subscribe", "payload": events }));
@@ -680,18 +678,14 @@ fn websocket_protocol_errors_close_with_the_codes_graphql_transport_ws_names() {
     // A socket the client closes ends then, not when the 10 s for `connection_init` are up
     // (the `graphql-ws` client in lazy mode waited for that before each next operation: found
     // by a client-library check).
-    let mut early = connect_ws(&server, Duration::from_secs(5));
-    send_json(&mut early, init.clone());
-    assert_eq!(next_message(&mut early)["type"], "connection_ack");
+    let mut early = acknowledged_ws(&server, Duration::from_secs(5));
     early.close(None).unwrap();
     assert!(matches!(close_frame(&mut early), Closed::Frame(..) | Closed::Dropped), "still open 5 s after it closed");
 
     // An operation refused before it ran is one `error` message, with no `complete` after it;
     // one that ran is `next` and `complete` (a refusal came as both: found by a client-library
     // check).
-    let mut refused = connect_ws(&server, Duration::from_secs(10));
-    send_json(&mut refused, init.clone());
-    assert_eq!(next_message(&mut refused)["type"], "connection_ack");
+    let mut refused = acknowledged_ws(&server, Duration::from_secs(10));
     send_json(&mut refused, json!({ "id": "bad", "type": "subscribe", "payload": { "query": "{ nope }" } }));
     send_json(
         &mut refused,
@@ -729,9 +723,7 @@ fn websocket_protocol_errors_close_with_the_codes_graphql_transport_ws_names() {
     );
     assert_eq!((of("bad"), of("good")), (vec!["error"], vec!["next", "complete"]), "{seen:?}");
 
-    let mut again = connect_ws(&server, Duration::from_secs(10));
-    send_json(&mut again, init.clone());
-    assert_eq!(next_message(&mut again)["type"], "connection_ack");
+    let mut again = acknowledged_ws(&server, Duration::from_secs(10));
     send_json(&mut again, init);
     assert!(matches!(close_frame(&mut again), Closed::Frame(4429, _)));
 }
