@@ -720,9 +720,22 @@ fn record_stream(
     state: &AppState,
 ) -> impl Stream<Item = Result<(eventlog::StoredRecord, domain::Event), ApiError>> + use<> {
     let mut stopping = state.stopping.clone();
-    let batches = futures_util::stream::unfold(subscription, |mut sub| async move {
-        let batch = sub.next_batch_async(256).await.map_err(|e| e.to_string());
-        Some((batch, sub))
+    let bulk_reads = state.bulk_reads.clone();
+    let batches = futures_util::stream::unfold(Some(subscription), move |sub| {
+        let bulk_reads = bulk_reads.clone();
+        async move {
+            let mut sub = sub?;
+            loop {
+                match crate::streams::next_batch(&bulk_reads, sub, 256, |batch| batch).await {
+                    Ok((next, Some(batch))) => return Some((Ok(batch), Some(next))),
+                    Ok((next, None)) => sub = next,
+                    Err(message) => return Some((Err(message), None)),
+                }
+                if let Err(error) = sub.wait_published().await {
+                    return Some((Err(error.to_string()), None));
+                }
+            }
+        }
     });
     decoded_until_first_error(batches).take_until(async move {
         let _ = stopping.wait_for(|stop| *stop).await;

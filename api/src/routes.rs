@@ -15,7 +15,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json as AxumJson, Router};
-use eventlog::{Subscription, decode_event};
+use eventlog::{StoredRecord, Subscription, decode_event};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -577,7 +577,7 @@ async fn event_feed(
         // (found by a review).
         limit = limit.min((readable + 1).saturating_sub(from_seq));
     }
-    let stream = slot.hold(feed_stream(subscription, limit, query.follow, sse, ends));
+    let stream = slot.hold(feed_stream(state.bulk_reads.clone(), subscription, limit, query.follow, sse, ends));
     let content_type = if sse { "text/event-stream" } else { "application/x-ndjson" };
     let mut response = Response::new(Body::from_stream(stream));
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -623,61 +623,80 @@ fn accepts_event_stream(accept: &str) -> bool {
 /// the seq after the last one it got (with a valid token). A feed without
 /// `follow` reads on to its end through a shutdown's grace. A record that cannot be read or
 /// decoded aborts the body (no clean end), so no reader mistakes the part before it for the
-/// whole.
+/// whole. A reader catching up gets its batches made on the bulk-read threads
+/// ([`crate::streams::next_batch`]).
 fn feed_stream(
+    bulk_reads: tokio::runtime::Handle,
     subscription: Subscription,
     limit: u64,
     follow: bool,
     sse: bool,
     stopping: tokio::sync::watch::Receiver<bool>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
-    futures_util::stream::unfold(Some((subscription, 0u64, stopping)), move |state| async move {
-        let (mut sub, sent, mut stopping) = state?;
-        if sent >= limit || (follow && *stopping.borrow()) {
-            return None;
-        }
-        let max = (limit - sent).min(1024) as usize;
-        let batch = if follow {
-            let next = tokio::time::timeout(Duration::from_secs(15), sub.next_batch_async(max));
-            let answer = tokio::select! {
-                answer = next => answer,
-                _ = stopping.wait_for(|stop| *stop) => return None,
-            };
-            match answer {
-                Ok(Ok(batch)) => batch,
-                Ok(Err(error)) => return Some((Err(std::io::Error::other(error.to_string())), None)),
-                // A keep-alive so proxies and clients see the stream is alive.
-                Err(_) => {
-                    let keep_alive = Bytes::from_static(if sse { b": keep-alive\n\n" } else { b"\n" });
-                    return Some((Ok(keep_alive), Some((sub, sent, stopping))));
+    type Next = Option<(Subscription, u64, tokio::sync::watch::Receiver<bool>)>;
+    let fail = |message: String| -> Option<(Result<Bytes, std::io::Error>, Next)> {
+        Some((Err(std::io::Error::other(message)), None))
+    };
+    futures_util::stream::unfold(Some((subscription, 0u64, stopping)), move |state| {
+        let bulk_reads = bulk_reads.clone();
+        async move {
+            let (mut sub, sent, mut stopping) = state?;
+            loop {
+                if sent >= limit || (follow && *stopping.borrow()) {
+                    return None;
+                }
+                let max = (limit - sent).min(1024) as usize;
+                let encode = move |batch: Vec<StoredRecord>| encode_feed_batch(&batch, sse);
+                let made = match crate::streams::next_batch(&bulk_reads, sub, max, encode).await {
+                    Ok((next, made)) => {
+                        sub = next;
+                        made
+                    }
+                    Err(message) => return fail(message),
+                };
+                match made {
+                    Some(Ok((body, records))) => return Some((Ok(body), Some((sub, sent + records, stopping)))),
+                    Some(Err(message)) => return fail(message),
+                    None if !follow => return None,
+                    None => {}
+                }
+                // Caught up: wait for the writer's next records, with a keep-alive every 15 s so
+                // proxies and clients see the stream is alive.
+                let published = tokio::time::timeout(Duration::from_secs(15), sub.wait_published());
+                let waited = tokio::select! {
+                    waited = published => waited,
+                    _ = stopping.wait_for(|stop| *stop) => return None,
+                };
+                match waited {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => return fail(error.to_string()),
+                    Err(_) => {
+                        let keep_alive = Bytes::from_static(if sse { b": keep-alive\n\n" } else { b"\n" });
+                        return Some((Ok(keep_alive), Some((sub, sent, stopping))));
+                    }
                 }
             }
-        } else {
-            match sub.try_next_batch(max) {
-                Ok(batch) if batch.is_empty() => return None,
-                Ok(batch) => batch,
-                Err(error) => return Some((Err(std::io::Error::other(error.to_string())), None)),
-            }
-        };
-        let mut out = Vec::with_capacity(batch.len() * 256);
-        for record in &batch {
-            let event = match decode_event(record) {
-                Ok(event) => event,
-                Err(error) => return Some((Err(std::io::Error::other(error.to_string())), None)),
-            };
-            let line = serde_json::to_vec(&record_body(record, &event)).expect("bodies serialize");
-            if sse {
-                out.extend_from_slice(format!("id: {}\nevent: {}\ndata: ", record.seq, event.type_name()).as_bytes());
-                out.extend_from_slice(&line);
-                out.extend_from_slice(b"\n\n");
-            } else {
-                out.extend_from_slice(&line);
-                out.push(b'\n');
-            }
         }
-        let sent = sent + batch.len() as u64;
-        Some((Ok(Bytes::from(out)), Some((sub, sent, stopping))))
     })
+}
+
+/// A batch of the feed as its body's bytes (NDJSON lines or Server-Sent Events), and how many
+/// records it holds; a record that cannot be decoded fails the whole batch.
+fn encode_feed_batch(batch: &[StoredRecord], sse: bool) -> Result<(Bytes, u64), String> {
+    let mut out = Vec::with_capacity(batch.len() * 256);
+    for record in batch {
+        let event = decode_event(record).map_err(|error| error.to_string())?;
+        let line = serde_json::to_vec(&record_body(record, &event)).expect("bodies serialize");
+        if sse {
+            out.extend_from_slice(format!("id: {}\nevent: {}\ndata: ", record.seq, event.type_name()).as_bytes());
+            out.extend_from_slice(&line);
+            out.extend_from_slice(b"\n\n");
+        } else {
+            out.extend_from_slice(&line);
+            out.push(b'\n');
+        }
+    }
+    Ok((Bytes::from(out), batch.len() as u64))
 }
 
 // ----- read models (SQL projections) -----

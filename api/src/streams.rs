@@ -8,6 +8,10 @@
 //! not bound them: one WebSocket carries any number of subscriptions. So each token may hold at
 //! most `--max-streams-per-token` at once; the next is refused (`429 too_many_streams`) until one
 //! ends, and the refusal names the limit.
+//!
+//! Where each batch of such a stream is made: a reader keeping up with the writer gets a few
+//! records at a time, made on the HTTP worker; a reader catching up gets batches of up to
+//! 1,024 records, made on the bulk-read threads (see [`next_batch`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,7 +19,45 @@ use std::sync::{Arc, Mutex};
 use axum::http::StatusCode;
 use futures_util::{Stream, StreamExt};
 
+use eventlog::{StoredRecord, Subscription};
+
 use crate::error::ApiError;
+
+/// The most records a batch may hold and still be made on the HTTP worker: a subscriber keeping
+/// up with the writer gets a commit's records at a time, which cost less to encode than to hand
+/// to another thread.
+pub const IN_LINE_BATCH_RECORDS_MAX: u64 = 64;
+
+/// The next batch of `subscription` (up to `max` records) and what `finish` makes of it, `None`
+/// when nothing new is there yet. With more than [`IN_LINE_BATCH_RECORDS_MAX`] records waiting
+/// (older records on disk, or a backlog in the writer's ring) the batch is read and finished on
+/// `bulk_reads`, the server's lower-priority threads for it (`server::bulk_read_runtime`); the
+/// subscription goes there and back with it. An error ends the stream it feeds.
+pub async fn next_batch<T: Send + 'static>(
+    bulk_reads: &tokio::runtime::Handle,
+    mut subscription: Subscription,
+    max: usize,
+    finish: impl FnOnce(Vec<StoredRecord>) -> T + Send + 'static,
+) -> Result<(Subscription, Option<T>), String> {
+    let made_of = move |subscription: &mut Subscription| {
+        let batch = subscription.try_next_batch(max)?;
+        Ok::<_, eventlog::error::SubscribeError>((!batch.is_empty()).then(|| finish(batch)))
+    };
+    if !subscription.has_backlog_of(IN_LINE_BATCH_RECORDS_MAX + 1) {
+        let made = made_of(&mut subscription).map_err(|error| error.to_string())?;
+        return Ok((subscription, made));
+    }
+    let work = bulk_reads.spawn_blocking(move || {
+        let made = made_of(&mut subscription);
+        (subscription, made)
+    });
+    match work.await {
+        Ok((subscription, Ok(made))) => Ok((subscription, made)),
+        Ok((_, Err(error))) => Err(error.to_string()),
+        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        Err(_) => Err("the server is shutting down".to_owned()),
+    }
+}
 
 /// The streams open per token (by its name in the tokens file).
 pub struct StreamSlots {
@@ -114,5 +156,54 @@ mod tests {
         let _again = slots.take(&alice).expect("a dropped slot is free again");
         assert_eq!(slots.held_by("alice"), 2);
         assert_eq!(slots.gauges(), (3, 2, 2));
+    }
+
+    /// A batch of more than `IN_LINE_BATCH_RECORDS_MAX` records (older ones on disk, or a
+    /// backlog in the ring) is made on the bulk-read threads; a few records of a reader keeping
+    /// up are made where the stream runs. Every record comes once, in order, either way.
+    #[test]
+    fn a_backlog_is_made_on_the_bulk_read_threads_and_a_few_records_in_line() {
+        use eventlog::{LiveFeed, LogStore, NewRecord, RedbOptions, RedbStore};
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = RedbStore::open(dir.path(), RedbOptions::default()).unwrap();
+        let feed = LiveFeed::new(1_000);
+        let record = |i: u64| NewRecord {
+            stream: b"s".to_vec(),
+            command_id: format!("c-{i}"),
+            actor: "test".into(),
+            recorded_at_us: i as i64,
+            event_type: 1,
+            schema_version: 1,
+            payload: Vec::new(),
+        };
+        let bulk =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("bulk-test").build().unwrap();
+        let serving = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let made_on = |batch: Vec<StoredRecord>| {
+            let seqs: Vec<u64> = batch.iter().map(|r| r.seq).collect();
+            (seqs, std::thread::current().name().unwrap_or("").to_owned())
+        };
+        let here = std::thread::current().name().unwrap_or("").to_owned();
+        let subscription = Subscription::new(store.reader(), feed.clone(), 1);
+        let subscription = serving.block_on(async {
+            // 200 records on disk, nothing published yet.
+            let appended = store.append(&(1..=200).map(record).collect::<Vec<_>>(), &[]).unwrap();
+            let (next, made) = next_batch(bulk.handle(), subscription, 150, made_on).await.unwrap();
+            assert_eq!(made, Some(((1..=150).collect(), "bulk-test".to_owned())));
+            feed.publish(&appended.records);
+            // 50 left in the ring: few enough to make in line.
+            let (next, made) = next_batch(bulk.handle(), next, 1024, made_on).await.unwrap();
+            assert_eq!(made, Some(((151..=200).collect(), here.clone())));
+            let more = store.append(&(201..=300).map(record).collect::<Vec<_>>(), &[]).unwrap();
+            feed.publish(&more.records);
+            // 100 waiting in the ring: a backlog.
+            let (next, made) = next_batch(bulk.handle(), next, 1024, made_on).await.unwrap();
+            assert_eq!(made, Some(((201..=300).collect(), "bulk-test".to_owned())));
+            let (next, made) = next_batch(bulk.handle(), next, 1024, made_on).await.unwrap();
+            assert_eq!(made, None, "caught up");
+            next
+        });
+        assert_eq!(subscription.next_seq(), 301);
     }
 }

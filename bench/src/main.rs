@@ -103,6 +103,10 @@ struct Args {
     /// `half-rate` target in tasks/s (default: half of the lifecycle figure just measured).
     #[arg(long)]
     half_rate: Option<f64>,
+    /// Readers of the event feed during `half-rate` (taskledger only): each reads the log from
+    /// its first record, page after page, over and over, as a consumer catching up would.
+    #[arg(long, default_value_t = 0)]
+    feed_readers: usize,
     /// Connections the open-loop `half-rate` producers use.
     #[arg(long, default_value_t = 32)]
     paced_connections: usize,
@@ -255,6 +259,9 @@ impl Row {
         });
         if let Some(per_task) = self.http_requests_per_task() {
             v["http_requests_per_task"] = json!(r(per_task));
+        }
+        if t.feed_records > 0 {
+            v["feed_records_per_s"] = json!(r(t.feed_records as f64 / self.seconds));
         }
         if !self.cpu.server_threads.is_empty() {
             let threads: serde_json::Map<String, serde_json::Value> =
@@ -551,8 +558,16 @@ impl TaskledgerSide {
                             pickups.clone(),
                         )));
                     }
+                    for _ in 0..args.feed_readers {
+                        tasks.push(tokio::spawn(taskledger::feed_reader(target.clone(), phase.clone())));
+                    }
                     let m = measure(&phase, args.warmup(), args.window(), self.measured_here(), tasks).await?;
-                    let r = row("taskledger", "half-rate", m, |t| t.finished, format!("target {rate:.0} tasks/s"));
+                    let mut note = format!("target {rate:.0} tasks/s");
+                    if args.feed_readers > 0 {
+                        let read = m.tally.feed_records as f64 / m.seconds;
+                        note += &format!(", {} feed readers read {read:.0} records/s", args.feed_readers);
+                    }
+                    let r = row("taskledger", "half-rate", m, |t| t.finished, note);
                     progress(args, &r);
                     rows.push(r);
                     self.settle(args, "half-rate").await;

@@ -71,6 +71,8 @@ pub struct Tally {
     /// HTTP requests answered while measuring (creates, claims, completions and failures; the
     /// baseline's workers send SQL, not HTTP).
     pub http_requests: u64,
+    /// Records the event feed's readers (`--feed-readers`) read while measuring.
+    pub feed_records: u64,
     /// Errors outside the measuring window count too: a benchmark with errors is not a result.
     pub errors_total: u64,
     /// The first error seen, to say what went wrong.
@@ -92,6 +94,7 @@ impl Tally {
         self.retried_steps += other.retried_steps;
         self.dead_lettered += other.dead_lettered;
         self.http_requests += other.http_requests;
+        self.feed_records += other.feed_records;
         self.errors_total += other.errors_total;
         if self.first_error.is_none() {
             self.first_error.clone_from(&other.first_error);

@@ -501,6 +501,32 @@ pub async fn paced_producer(
     Ok(tally)
 }
 
+/// Records a feed reader asks for in one request.
+const FEED_PAGE_RECORDS: u64 = 10_000;
+
+/// A reader of the event feed (`--feed-readers`): the log from its first record, a page of
+/// `FEED_PAGE_RECORDS` at a time, and from the first again once it reaches the head — a
+/// consumer catching up, whose batches come from disk, not the live ring.
+pub async fn feed_reader(target: Target, phase: Arc<Phase>) -> Result<Tally> {
+    let mut tally = Tally::default();
+    let mut conn = Conn::connect(&target).await?;
+    let mut from_seq = 1u64;
+    while !phase.stopping() {
+        let path = format!("/v1/events?from_seq={from_seq}&limit={FEED_PAGE_RECORDS}&follow=false");
+        let (status, body) = conn.get(&path).await?;
+        if !status.is_success() {
+            tally.error(|| format!("GET {path}: {status} {}", String::from_utf8_lossy(&body)));
+            break;
+        }
+        let records = body.iter().filter(|&&byte| byte == b'\n').count() as u64;
+        if phase.measuring() {
+            tally.feed_records += records;
+        }
+        from_seq = if records == 0 { 1 } else { from_seq + records };
+    }
+    Ok(tally)
+}
+
 /// A producer of batches of `size` single-step tasks through `/v1/tasks/batch`.
 pub async fn batch_producer(
     target: Target,

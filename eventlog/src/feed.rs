@@ -169,6 +169,19 @@ impl Subscription {
         self.next_seq
     }
 
+    /// Whether at least `records` records wait for this subscription: in the ring, or older
+    /// ones on disk (also when nothing was published since the log was opened, so how many is
+    /// not known). A consumer that serves other work on its threads (an HTTP server's feeds)
+    /// makes a long batch elsewhere: a full batch read from disk or encoded takes milliseconds.
+    pub fn has_backlog_of(&self, records: u64) -> bool {
+        let ring = self.feed.inner.ring.lock();
+        match ring.records.front() {
+            Some(front) if self.next_seq < front.seq => true,
+            Some(_) => (ring.last_seq + 1).saturating_sub(self.next_seq) >= records,
+            None => true,
+        }
+    }
+
     fn source(&self, max: usize) -> Source {
         let ring = self.feed.inner.ring.lock();
         match ring.records.front() {
@@ -181,6 +194,16 @@ impl Subscription {
             // Past the ring (or nothing published yet): whatever is committed but not (yet)
             // published can still be read from disk.
             _ => Source::Disk { to_seq: u64::MAX },
+        }
+    }
+
+    /// Waits until the writer has published this subscription's next seq; `Err(Closed)` once
+    /// every feed handle is gone.
+    pub async fn wait_published(&mut self) -> Result<(), SubscribeError> {
+        let next_seq = self.next_seq;
+        match self.watcher.wait_for(|last_seq| *last_seq >= next_seq).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(SubscribeError::Closed),
         }
     }
 
@@ -265,8 +288,7 @@ impl Subscription {
             if !batch.is_empty() || max == 0 {
                 return Ok(());
             }
-            let next_seq = self.next_seq;
-            if self.watcher.wait_for(|last_seq| *last_seq >= next_seq).await.is_err() {
+            if self.wait_published().await.is_err() {
                 // Every feed handle is gone: nothing more will be published.
                 self.try_next_batch_into(max, batch)?;
                 return if batch.is_empty() { Err(SubscribeError::Closed) } else { Ok(()) };

@@ -105,6 +105,42 @@ fn subscribers_see_every_record_once_in_order() {
     assert_eq!(seqs, ((RECORDS - 10)..=RECORDS).collect::<Vec<_>>());
 }
 
+/// How many records wait for a subscription: any when it is behind the ring (or nothing was
+/// published yet, so how many is not known), those the ring holds from its next seq on, none
+/// once caught up; and `wait_published` returns once the next seq is published.
+#[test]
+fn a_subscription_knows_its_backlog_and_waits_for_the_next_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = RedbStore::open(dir.path(), RedbOptions::default()).unwrap();
+    let feed = LiveFeed::new(8);
+    let appended = store.append(&(0..20).map(record).collect::<Vec<_>>(), &[]).unwrap();
+    let mut subscription = Subscription::new(store.reader(), feed.clone(), 1);
+    assert!(subscription.has_backlog_of(1_000_000), "nothing published yet: the whole log may wait on disk");
+    // The ring keeps 13..=20.
+    feed.publish(&appended.records);
+    assert!(subscription.has_backlog_of(1_000_000), "1..=12 are older than the ring");
+    let seqs = |batch: Vec<eventlog::StoredRecord>| batch.iter().map(|r| r.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(subscription.try_next_batch(100).unwrap()), (1..=12).collect::<Vec<_>>());
+    assert!(subscription.has_backlog_of(8) && !subscription.has_backlog_of(9), "13..=20 in the ring");
+    assert_eq!(seqs(subscription.try_next_batch(5).unwrap()), (13..=17).collect::<Vec<_>>());
+    assert!(subscription.has_backlog_of(3) && !subscription.has_backlog_of(4));
+    assert_eq!(seqs(subscription.try_next_batch(100).unwrap()), (18..=20).collect::<Vec<_>>());
+    assert!(subscription.has_backlog_of(0) && !subscription.has_backlog_of(1), "caught up");
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let more = store.append(&[record(20)], &[]).unwrap();
+    runtime.block_on(async {
+        let publish = async {
+            tokio::task::yield_now().await;
+            feed.publish(&more.records);
+        };
+        let (waited, ()) = tokio::join!(subscription.wait_published(), publish);
+        waited.unwrap();
+    });
+    assert!(subscription.has_backlog_of(1) && !subscription.has_backlog_of(2));
+    assert_eq!(seqs(subscription.try_next_batch(100).unwrap()), vec![21]);
+}
+
 /// Shared handles (`Arc<StoredRecord>`, what the projectors take) are the ring's own records,
 /// not copies, and from the ring or from disk they hold what owned records hold.
 #[test]
