@@ -401,28 +401,27 @@ fn projection_runtime() -> std::io::Result<BackgroundRuntime> {
         .map(|runtime| BackgroundRuntime(Some(runtime)))
 }
 
-/// How much the bulk-read threads' nice value is raised above the HTTP workers' and the
-/// writer's.
-pub const BULK_READ_NICE_INCREMENT: i32 = 19;
-
 /// The most threads reading and encoding batches at once for event feeds and subscriptions
 /// that are catching up (see [`crate::streams::next_batch`]); more such batches queue.
 pub const BULK_READ_THREADS_MAX: usize = 16;
 
 /// Threads for event feeds' and subscriptions' big batches (a reader catching up: up to 1,024
-/// records read from disk and encoded, milliseconds each), at the projectors' lowered
-/// priority. Made on an HTTP worker, every request queued behind a batch waited for it, and
-/// at the same priority the readers took the cores from the commands: two readers of the
-/// feed from its start cut a 6,000 tasks/s open-loop load to about 1,000 tasks/s, with creates
-/// acknowledged after 6 s (`taskledger-bench --workloads half-rate --half-rate 6000
-/// --feed-readers 2`, 2026-12-07). A reader is eventually consistent, like a projector: under
-/// full load commands go first, and readers get the CPU left over.
+/// records read from disk and encoded, milliseconds each), in the idle scheduling class. Made
+/// on an HTTP worker, every request queued behind a batch waited for it, and at the same
+/// priority the readers took the cores from the commands: two readers of the feed from its
+/// start cut a 6,000 tasks/s open-loop load to about 970 tasks/s, creates acknowledged after
+/// 6.2 s (p50). On these threads at nice +10 (the projectors'): 6,000 tasks/s, create p50
+/// 4–43 ms; at +19: 1.8–2.3 ms, p99 15–27 ms; in the idle class: 0.9–1.1 ms, p99 11–38 ms,
+/// against 0.8–0.9 and 5.1–5.5 ms with no reader, the readers still reading 132k–155k
+/// records/s (`taskledger-bench --only taskledger --workloads half-rate --half-rate 6000
+/// --feed-readers 2`, 2026-12-07). A reader is eventually consistent: under full load the
+/// commands and the projectors go first, and readers get the CPU left over.
 fn bulk_read_runtime() -> std::io::Result<BackgroundRuntime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .max_blocking_threads(BULK_READ_THREADS_MAX)
         .thread_name("bulk-reads")
-        .on_thread_start(|| eventlog::lower_this_threads_priority(BULK_READ_NICE_INCREMENT))
+        .on_thread_start(eventlog::put_this_thread_in_the_idle_class)
         .build()
         .map(|runtime| BackgroundRuntime(Some(runtime)))
 }
@@ -891,6 +890,25 @@ pub fn stopping_or_revoked(state: &AppContext, who: &crate::auth::Principal) -> 
 mod tests {
     use super::*;
     use tracing::Level;
+
+    /// The bulk-read threads run in Linux's idle scheduling class (`SCHED_IDLE`, 5: the
+    /// `policy` field of `/proc/thread-self/stat`); the test's own thread does not.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_bulk_read_threads_run_in_the_idle_scheduling_class() {
+        fn policy() -> String {
+            let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+            // Fields after the command's closing parenthesis start at the third, the state; the
+            // policy is the 41st.
+            let after_command = &stat[stat.rfind(')').unwrap() + 2..];
+            after_command.split(' ').nth(41 - 3).unwrap().to_owned()
+        }
+        let runtime = bulk_read_runtime().unwrap();
+        let (sent, received) = std::sync::mpsc::channel();
+        runtime.handle().spawn_blocking(move || sent.send(policy()).unwrap());
+        assert_eq!(received.recv().unwrap(), "5");
+        assert_eq!(policy(), "0", "SCHED_OTHER");
+    }
 
     fn by_target(spec: Option<&str>) -> Targets {
         match log_filter(spec) {

@@ -1323,6 +1323,21 @@ pub fn lower_this_threads_priority(increment: i32) {
     let _ = increment;
 }
 
+/// Puts the calling thread in Linux's idle scheduling class (`SCHED_IDLE`, per thread): it
+/// runs only on CPU no other thread of a normal class wants, and a normal thread that wakes
+/// takes the core from it at once, where a thread at nice 19 still holds it until the
+/// scheduler's next decision. For work whose only cost of waiting is its own delay. Best
+/// effort: a failure leaves the thread at its priority.
+pub fn put_this_thread_in_the_idle_class() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: a plain system call about the calling thread's own id, with a parameter that
+    // lives across the call.
+    unsafe {
+        let param = libc::sched_param { sched_priority: 0 };
+        libc::sched_setscheduler(libc::gettid(), libc::SCHED_IDLE, &param);
+    }
+}
+
 impl Snapshotter {
     fn run(self) {
         lower_this_threads_priority(SNAPSHOT_THREAD_NICE_INCREMENT);
