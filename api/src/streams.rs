@@ -29,8 +29,8 @@ use crate::error::ApiError;
 pub const IN_LINE_BATCH_RECORDS_MAX: u64 = 64;
 
 /// The next batch of `subscription` (up to `max` records) and what `finish` makes of it, `None`
-/// when nothing new is there yet. With more than [`IN_LINE_BATCH_RECORDS_MAX`] records waiting
-/// (older records on disk, or a backlog in the writer's ring) the batch is read and finished on
+/// when nothing new is there yet. A batch of more than [`IN_LINE_BATCH_RECORDS_MAX`] records
+/// (`max` above it, and older records on disk or a backlog in the writer's ring) is read and finished on
 /// `bulk_reads`, the server's lower-priority threads for it (`server::bulk_read_runtime`); the
 /// subscription goes there and back with it. An error ends the stream it feeds.
 pub async fn next_batch<T: Send + 'static>(
@@ -43,7 +43,8 @@ pub async fn next_batch<T: Send + 'static>(
         let batch = subscription.try_next_batch(max)?;
         Ok::<_, eventlog::error::SubscribeError>((!batch.is_empty()).then(|| finish(batch)))
     };
-    if !subscription.has_backlog_of(IN_LINE_BATCH_RECORDS_MAX + 1) {
+    let long = max as u64 > IN_LINE_BATCH_RECORDS_MAX && subscription.has_backlog_of(IN_LINE_BATCH_RECORDS_MAX + 1);
+    if !long {
         let made = made_of(&mut subscription).map_err(|error| error.to_string())?;
         return Ok((subscription, made));
     }
@@ -160,7 +161,7 @@ mod tests {
 
     /// A batch of more than `IN_LINE_BATCH_RECORDS_MAX` records (older ones on disk, or a
     /// backlog in the ring) is made on the bulk-read threads; a few records of a reader keeping
-    /// up are made where the stream runs. Every record comes once, in order, either way.
+    /// up, or a short page, are made where the stream runs. Every record comes once, in order, either way.
     #[test]
     fn a_backlog_is_made_on_the_bulk_read_threads_and_a_few_records_in_line() {
         use eventlog::{LiveFeed, LogStore, NewRecord, RedbOptions, RedbStore};
@@ -187,10 +188,12 @@ mod tests {
         let here = std::thread::current().name().unwrap_or("").to_owned();
         let subscription = Subscription::new(store.reader(), feed.clone(), 1);
         let subscription = serving.block_on(async {
-            // 200 records on disk, nothing published yet.
+            // 200 records on disk, nothing published yet: a page of 10 is short, one of 140 long.
             let appended = store.append(&(1..=200).map(record).collect::<Vec<_>>(), &[]).unwrap();
-            let (next, made) = next_batch(bulk.handle(), subscription, 150, made_on).await.unwrap();
-            assert_eq!(made, Some(((1..=150).collect(), "bulk-test".to_owned())));
+            let (next, made) = next_batch(bulk.handle(), subscription, 10, made_on).await.unwrap();
+            assert_eq!(made, Some(((1..=10).collect(), here.clone())));
+            let (next, made) = next_batch(bulk.handle(), next, 140, made_on).await.unwrap();
+            assert_eq!(made, Some(((11..=150).collect(), "bulk-test".to_owned())));
             feed.publish(&appended.records);
             // 50 left in the ring: few enough to make in line.
             let (next, made) = next_batch(bulk.handle(), next, 1024, made_on).await.unwrap();
