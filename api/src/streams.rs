@@ -30,9 +30,10 @@ pub const IN_LINE_BATCH_RECORDS_MAX: u64 = 64;
 
 /// The next batch of `subscription` (up to `max` records) and what `finish` makes of it, `None`
 /// when nothing new is there yet. A batch of more than [`IN_LINE_BATCH_RECORDS_MAX`] records
-/// (`max` above it, and older records on disk or a backlog in the writer's ring) is read and finished on
-/// `bulk_reads`, the server's lower-priority threads for it (`server::bulk_read_runtime`); the
-/// subscription goes there and back with it. An error ends the stream it feeds.
+/// (`max` above it, and older records on disk or a backlog in the writer's ring) is read and
+/// finished on `bulk_reads`, the server's lower-priority threads for it
+/// (`server::bulk_read_runtime`); the subscription goes there and back with it. An error ends
+/// the stream it feeds.
 pub async fn next_batch<T: Send + 'static>(
     bulk_reads: &tokio::runtime::Handle,
     mut subscription: Subscription,
@@ -161,7 +162,8 @@ mod tests {
 
     /// A batch of more than `IN_LINE_BATCH_RECORDS_MAX` records (older ones on disk, or a
     /// backlog in the ring) is made on the bulk-read threads; a few records of a reader keeping
-    /// up, or a short page, are made where the stream runs. Every record comes once, in order, either way.
+    /// up, or a short page, are made where the stream runs. Every record comes once, in order,
+    /// either way.
     #[test]
     fn a_backlog_is_made_on_the_bulk_read_threads_and_a_few_records_in_line() {
         use eventlog::{LiveFeed, LogStore, NewRecord, RedbOptions, RedbStore};
