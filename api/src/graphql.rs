@@ -731,9 +731,7 @@ fn record_stream(
                     Ok((next, None)) => sub = next,
                     Err(message) => return Some((Err(message), None)),
                 }
-                if let Err(error) = sub.wait_published().await {
-                    return Some((Err(error.to_string()), None));
-                }
+                sub.wait_published().await;
             }
         }
     });

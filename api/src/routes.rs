@@ -667,13 +667,9 @@ fn feed_stream(
                     waited = published => waited,
                     _ = stopping.wait_for(|stop| *stop) => return None,
                 };
-                match waited {
-                    Ok(Ok(())) => {}
-                    Ok(Err(error)) => return fail(error.to_string()),
-                    Err(_) => {
-                        let keep_alive = Bytes::from_static(if sse { b": keep-alive\n\n" } else { b"\n" });
-                        return Some((Ok(keep_alive), Some((sub, sent, stopping))));
-                    }
+                if waited.is_err() {
+                    let keep_alive = Bytes::from_static(if sse { b": keep-alive\n\n" } else { b"\n" });
+                    return Some((Ok(keep_alive), Some((sub, sent, stopping))));
                 }
             }
         }

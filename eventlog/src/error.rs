@@ -175,8 +175,6 @@ pub enum SnapshotError {
 pub enum SubscribeError {
     #[error(transparent)]
     Read(#[from] ReadError),
-    #[error("the live feed was dropped (the writer stopped)")]
-    Closed,
 }
 
 /// Any error of this crate.

@@ -197,14 +197,11 @@ impl Subscription {
         }
     }
 
-    /// Waits until the writer has published this subscription's next seq; `Err(Closed)` once
-    /// every feed handle is gone.
-    pub async fn wait_published(&mut self) -> Result<(), SubscribeError> {
+    /// Waits until the writer has published this subscription's next seq. (The subscription
+    /// holds the feed, and with it the sender of the published seq, so the wait cannot fail.)
+    pub async fn wait_published(&mut self) {
         let next_seq = self.next_seq;
-        match self.watcher.wait_for(|last_seq| *last_seq >= next_seq).await {
-            Ok(_) => Ok(()),
-            Err(_) => Err(SubscribeError::Closed),
-        }
+        let _ = self.watcher.wait_for(|last_seq| *last_seq >= next_seq).await;
     }
 
     /// Up to `max` records without waiting; empty if there is nothing new.
@@ -288,11 +285,7 @@ impl Subscription {
             if !batch.is_empty() || max == 0 {
                 return Ok(());
             }
-            if self.wait_published().await.is_err() {
-                // Every feed handle is gone: nothing more will be published.
-                self.try_next_batch_into(max, batch)?;
-                return if batch.is_empty() { Err(SubscribeError::Closed) } else { Ok(()) };
-            }
+            self.wait_published().await;
         }
     }
 }
