@@ -11,6 +11,8 @@
 //! header for queries and mutations, the `connection_init` payload
 //! (`{"Authorization": "Bearer …"}`) for WebSocket subscriptions.
 
+use std::sync::Arc;
+
 use async_graphql::http::GraphiQLSource;
 use async_graphql::parser::types::{DocumentOperations, ExecutableDocument, Selection, SelectionSet};
 use async_graphql::{Context, ErrorExtensions, Object, Schema, SimpleObject, Subscription};
@@ -29,6 +31,7 @@ use crate::commands::{self, AsOf, Caller};
 use crate::error::ApiError;
 use crate::readmodels::{self, AuditArgs, ListArgs};
 use crate::server::AppState;
+use crate::streams::{CatchUpMark, CatchingUp};
 use crate::wire::*;
 
 pub const DEPTH_MAX: usize = 12;
@@ -657,7 +660,7 @@ impl SubscriptionRoot {
         crate::readmodels::check_feed_start(state, from_seq, "fromSeq")?;
         let slot = state.streams.take(&who.name)?;
         let subscription = LogSubscription::new(state.writer.reader().clone(), state.writer.feed().clone(), from_seq);
-        Ok(slot.hold(record_stream(subscription, state)).filter_map(move |item| {
+        Ok(slot.hold(record_stream(subscription, state, catching_up(ctx))).filter_map(move |item| {
             std::future::ready(match item {
                 Ok((record, event)) => {
                     let keep = stream_key.as_ref().is_none_or(|k| &record.stream == k)
@@ -685,7 +688,7 @@ impl SubscriptionRoot {
         let subscription =
             LogSubscription::new(state.writer.reader().clone(), state.writer.feed().clone(), current.last_seq + 1);
         // Each update is the task as of its own record, however far behind the subscriber reads.
-        let updates = record_stream(subscription, &state).filter_map(move |item| {
+        let updates = record_stream(subscription, &state, catching_up(ctx)).filter_map(move |item| {
             std::future::ready(match item {
                 Ok((record, event)) if record.stream == key => fold.apply(&record, &event).ok().map(Ok),
                 Ok(_) => None,
@@ -715,19 +718,29 @@ use futures_util::StreamExt;
 /// with the connection. A record that cannot be read or decoded ends it with an error (503
 /// `log_unreadable`) — never a clean end, nor a silent gap, that a client could take for the
 /// whole history (as the REST feed aborts its body).
+///
+/// While its batches are long ones (it is catching up) it is counted in `catching_up`, its
+/// socket's count, so that the socket is served on the bulk-read threads meanwhile
+/// ([`crate::streams::serve_by_catch_up`]).
 fn record_stream(
     subscription: LogSubscription,
     state: &AppState,
+    catching_up: Option<Arc<CatchingUp>>,
 ) -> impl Stream<Item = Result<(eventlog::StoredRecord, domain::Event), ApiError>> + use<> {
+    const BATCH_RECORDS_MAX: usize = 256;
     let mut stopping = state.stopping.clone();
     let bulk_reads = state.bulk_reads.clone();
-    let batches = futures_util::stream::unfold(Some(subscription), move |sub| {
+    let mark = catching_up.map(CatchUpMark::new);
+    let batches = futures_util::stream::unfold(Some((subscription, mark)), move |running| {
         let bulk_reads = bulk_reads.clone();
         async move {
-            let mut sub = sub?;
+            let (mut sub, mut mark) = running?;
             loop {
-                match crate::streams::next_batch(&bulk_reads, sub, 256, |batch| batch).await {
-                    Ok((next, Some(batch))) => return Some((Ok(batch), Some(next))),
+                if let Some(mark) = &mut mark {
+                    mark.set(crate::streams::is_catching_up(&sub, BATCH_RECORDS_MAX));
+                }
+                match crate::streams::next_batch(&bulk_reads, sub, BATCH_RECORDS_MAX, |batch| batch).await {
+                    Ok((next, Some(batch))) => return Some((Ok(batch), Some((next, mark)))),
                     Ok((next, None)) => sub = next,
                     Err(message) => return Some((Err(message), None)),
                 }
@@ -738,6 +751,11 @@ fn record_stream(
     decoded_until_first_error(batches).take_until(async move {
         let _ = stopping.wait_for(|stop| *stop).await;
     })
+}
+
+/// The count of subscriptions catching up on the socket `ctx` runs on (none over POST).
+fn catching_up(ctx: &Context<'_>) -> Option<Arc<CatchingUp>> {
+    ctx.data_opt::<Arc<CatchingUp>>().cloned()
 }
 
 /// Each record of each batch decoded, up to and including the first failure (a batch that

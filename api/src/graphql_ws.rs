@@ -27,6 +27,7 @@ use futures_util::{SinkExt, StreamExt};
 use crate::auth::{Principal, Tokens};
 use crate::graphql::{LedgerSchema, principal_from};
 use crate::server::AppState;
+use crate::streams::CatchingUp;
 
 /// How long a WebSocket may take to authenticate (`connection_init` with a valid token) before
 /// it is closed with 4408.
@@ -87,6 +88,9 @@ pub async fn graphql_ws(
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .on_upgrade(move |socket| async move {
             let _open = state.open_sockets.open();
+            let bulk_reads = state.bulk_reads.clone();
+            let catching_up = Arc::new(CatchingUp::default());
+            let socket_catching_up = catching_up.clone();
             let connection = Arc::new(Connection { transport_ws, ..Connection::default() });
             let (sink, stream) = socket.split();
             let outgoing = connection.clone();
@@ -107,6 +111,7 @@ pub async fn graphql_ws(
                             *accepted.principal.lock().expect("websocket state") = Some(principal.clone());
                             let mut data = Data::default();
                             data.insert(principal);
+                            data.insert(socket_catching_up);
                             accepted.initialised.store(true, Ordering::Release);
                             Ok(data)
                         }
@@ -120,6 +125,7 @@ pub async fn graphql_ws(
                     }
                 })
                 .serve();
+            let serve = crate::streams::serve_by_catch_up(&bulk_reads, catching_up, serve);
             let mut serve = std::pin::pin!(serve);
             // A socket that has not authenticated in time is closed: it would hold a
             // connection slot forever (found by a black-box check: three bare sockets took every

@@ -421,6 +421,8 @@ fn bulk_read_runtime() -> std::io::Result<BackgroundRuntime> {
         .worker_threads(1)
         .max_blocking_threads(BULK_READ_THREADS_MAX)
         .thread_name("bulk-reads")
+        // A GraphQL socket served here meanwhile (`streams::serve_by_catch_up`) may start timers.
+        .enable_all()
         .on_thread_start(eventlog::put_this_thread_in_the_idle_class)
         .build()
         .map(|runtime| BackgroundRuntime(Some(runtime)))

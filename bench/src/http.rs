@@ -33,6 +33,11 @@ impl Target {
                 .context("the admin token is not a header value")?,
         })
     }
+
+    /// `Bearer <token>`, as a WebSocket's `connection_init` carries it.
+    pub fn bearer(&self) -> &str {
+        self.bearer.to_str().unwrap_or_default()
+    }
 }
 
 /// One keep-alive connection.

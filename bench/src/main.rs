@@ -107,6 +107,11 @@ struct Args {
     /// its first record, page after page, over and over, as a consumer catching up would.
     #[arg(long, default_value_t = 0)]
     feed_readers: usize,
+    /// GraphQL subscribers during `half-rate` (taskledger only): each subscribes to `events`
+    /// from the log's first record and, once it has the records that were there when it
+    /// subscribed, ends the subscription and starts again from the first.
+    #[arg(long, default_value_t = 0)]
+    graphql_readers: usize,
     /// Connections the open-loop `half-rate` producers use.
     #[arg(long, default_value_t = 32)]
     paced_connections: usize,
@@ -262,6 +267,9 @@ impl Row {
         }
         if t.feed_records > 0 {
             v["feed_records_per_s"] = json!(r(t.feed_records as f64 / self.seconds));
+        }
+        if t.graphql_records > 0 {
+            v["graphql_records_per_s"] = json!(r(t.graphql_records as f64 / self.seconds));
         }
         if !self.cpu.server_threads.is_empty() {
             let threads: serde_json::Map<String, serde_json::Value> =
@@ -561,11 +569,19 @@ impl TaskledgerSide {
                     for _ in 0..args.feed_readers {
                         tasks.push(tokio::spawn(taskledger::feed_reader(target.clone(), phase.clone())));
                     }
+                    for _ in 0..args.graphql_readers {
+                        let (target, phase) = (target.clone(), phase.clone());
+                        tasks.push(tokio::task::spawn_blocking(move || taskledger::graphql_reader(&target, &phase)));
+                    }
                     let m = measure(&phase, args.warmup(), args.window(), self.measured_here(), tasks).await?;
                     let mut note = format!("target {rate:.0} tasks/s");
                     if args.feed_readers > 0 {
                         let read = m.tally.feed_records as f64 / m.seconds;
                         note += &format!(", {} feed readers read {read:.0} records/s", args.feed_readers);
+                    }
+                    if args.graphql_readers > 0 {
+                        let read = m.tally.graphql_records as f64 / m.seconds;
+                        note += &format!(", {} GraphQL subscribers got {read:.0} events/s", args.graphql_readers);
                     }
                     let r = row("taskledger", "half-rate", m, |t| t.finished, note);
                     progress(args, &r);

@@ -73,6 +73,8 @@ pub struct Tally {
     pub http_requests: u64,
     /// Records the event feed's readers (`--feed-readers`) read while measuring.
     pub feed_records: u64,
+    /// Events the GraphQL subscribers (`--graphql-readers`) received while measuring.
+    pub graphql_records: u64,
     /// Errors outside the measuring window count too: a benchmark with errors is not a result.
     pub errors_total: u64,
     /// The first error seen, to say what went wrong.
@@ -95,6 +97,7 @@ impl Tally {
         self.dead_lettered += other.dead_lettered;
         self.http_requests += other.http_requests;
         self.feed_records += other.feed_records;
+        self.graphql_records += other.graphql_records;
         self.errors_total += other.errors_total;
         if self.first_error.is_none() {
             self.first_error.clone_from(&other.first_error);

@@ -527,6 +527,89 @@ pub async fn feed_reader(target: Target, phase: Arc<Phase>) -> Result<Tally> {
     Ok(tally)
 }
 
+/// What a GraphQL subscriber (`--graphql-readers`) selects of each event: what a consumer
+/// copying the log downstream needs.
+const GRAPHQL_EVENTS: &str = "subscription { events(fromSeq: 1) { seq stream streamVersion type recordedAt data } }";
+
+/// A GraphQL subscriber (`--graphql-readers`), on a thread of its own (tungstenite is
+/// blocking): `events` from the log's first record over graphql-transport-ws; once it has the
+/// records that were there when it subscribed, it ends that subscription and starts another
+/// from the first — a consumer catching up, over and over.
+pub fn graphql_reader(target: &Target, phase: &Phase) -> Result<Tally> {
+    use anyhow::{Context, bail};
+    use serde_json::{Value, json};
+    use tungstenite::Message;
+
+    let mut tally = Tally::default();
+    let stream = std::net::TcpStream::connect(target.addr).context("connect the GraphQL subscriber")?;
+    stream.set_nodelay(true)?;
+    // Reads give up now and then, so that the end of the run is noticed.
+    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let url = format!("ws://{}/graphql/ws", target.addr);
+    let mut request = tungstenite::client::IntoClientRequest::into_client_request(url.as_str())?;
+    request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse()?);
+    let (mut socket, _) = tungstenite::client(request, stream).context("WebSocket handshake")?;
+    let send = |socket: &mut tungstenite::WebSocket<_>, value: Value| {
+        socket.send(Message::Text(value.to_string().into())).context("send to the GraphQL socket")
+    };
+    send(&mut socket, json!({ "type": "connection_init", "payload": { "Authorization": target.bearer() } }))?;
+    // The next `next` or `error` for subscription `id` (messages for ended ones are skipped);
+    // None when the run ends first.
+    let next_for = |socket: &mut tungstenite::WebSocket<_>, id: &str| -> Result<Option<Value>> {
+        loop {
+            if phase.stopping() {
+                return Ok(None);
+            }
+            let text = match socket.read() {
+                Ok(Message::Text(text)) => text,
+                Ok(Message::Close(frame)) => bail!("the server closed the GraphQL socket: {frame:?}"),
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e).context("read the GraphQL socket"),
+            };
+            let message: Value = serde_json::from_str(&text)?;
+            match message["type"].as_str() {
+                Some("connection_ack") if id.is_empty() => return Ok(Some(message)),
+                Some("next" | "error" | "complete") if message["id"] == id => return Ok(Some(message)),
+                _ => {}
+            }
+        }
+    };
+    if next_for(&mut socket, "")?.is_none() {
+        return Ok(tally);
+    }
+    let mut round = 0u64;
+    while !phase.stopping() {
+        round += 1;
+        let head_id = format!("head-{round}");
+        send(
+            &mut socket,
+            json!({ "id": head_id, "type": "subscribe", "payload": { "query": "{ ledger { headSeq } }" } }),
+        )?;
+        let Some(answer) = next_for(&mut socket, &head_id)? else { break };
+        let Some(head) = answer["payload"]["data"]["ledger"]["headSeq"].as_u64() else {
+            bail!("GraphQL ledger query: {answer}");
+        };
+        let id = format!("events-{round}");
+        send(&mut socket, json!({ "id": id, "type": "subscribe", "payload": { "query": GRAPHQL_EVENTS } }))?;
+        loop {
+            let Some(message) = next_for(&mut socket, &id)? else { break };
+            let Some(seq) = message["payload"]["data"]["events"]["seq"].as_u64() else {
+                tally.error(|| format!("GraphQL events subscription: {message}"));
+                return Ok(tally);
+            };
+            if phase.measuring() {
+                tally.graphql_records += 1;
+            }
+            if seq >= head {
+                send(&mut socket, json!({ "id": id, "type": "complete" }))?;
+                break;
+            }
+        }
+    }
+    Ok(tally)
+}
+
 /// A producer of batches of `size` single-step tasks through `/v1/tasks/batch`.
 pub async fn batch_producer(
     target: Target,

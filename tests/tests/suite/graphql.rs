@@ -770,6 +770,39 @@ fn a_subscription_over_websocket_receives_live_events() {
     assert_eq!(refused["payload"]["errors"][0]["extensions"]["code"], "invalid_filter", "{refused}");
 }
 
+/// A subscriber catching up (its socket served on the bulk-read threads meanwhile:
+/// `api::streams::serve_by_catch_up`) gets every event once, in order, then the live ones, and
+/// its socket goes on answering other operations.
+#[test]
+fn a_subscriber_catching_up_gets_every_event_then_live_ones_on_a_socket_that_still_answers() {
+    let server = Server::start();
+    let tasks: Vec<Value> = (0..300).map(|_| json!({ "namespace": "backlog", "handler": "h" })).collect();
+    for _ in 0..2 {
+        let batch = server.post("/v1/tasks/batch", json!({ "tasks": tasks }));
+        assert_eq!(batch.status, 201, "{:?}", batch.body);
+    }
+    let head = server.head_seq();
+    assert_eq!(head, 600);
+    let mut socket = subscribe(&server, "subscription { events(fromSeq: 1) { seq } }", json!({}));
+    let seqs: Vec<u64> =
+        (0..head).map(|_| next_payload(&mut socket)["data"]["events"]["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=head).collect::<Vec<_>>(), "every record once, in order");
+    // Caught up, the socket still runs queries beside the subscription.
+    send_json(&mut socket, json!({ "id": "2", "type": "subscribe", "payload": { "query": "{ ledger { headSeq } }" } }));
+    let answer = next_message(&mut socket);
+    assert_eq!((answer["type"].as_str(), answer["id"].as_str()), (Some("next"), Some("2")), "{answer}");
+    assert_eq!(answer["payload"]["data"]["ledger"]["headSeq"], json!(head));
+    let created = gql(&server, CREATE, json!({ "input": { "namespace": "live", "handler": "h" } }));
+    let live = loop {
+        let message = next_message(&mut socket);
+        if message["id"] == "1" {
+            break message;
+        }
+        assert_eq!(message["type"], "complete", "only the query's complete comes between: {message}");
+    };
+    assert_eq!(live["payload"]["data"]["events"]["seq"], created["data"]["createTask"]["seq"], "{live}");
+}
+
 /// The `task` subscription sends the task as of each of its events, also when the subscriber
 /// reads them long after they were written (found by a black-box check: it sent the task's
 /// latest state for every event of a batch read late, repeating some states and skipping others).
