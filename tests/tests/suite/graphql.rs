@@ -803,6 +803,38 @@ fn a_subscriber_catching_up_gets_every_event_then_live_ones_on_a_socket_that_sti
     assert_eq!(live["payload"]["data"]["events"]["seq"], created["data"]["createTask"]["seq"], "{live}");
 }
 
+/// A shutdown while a subscriber catches up (its socket away on the bulk-read threads) ends it
+/// as it ends a live one: the events sent are in order with no gap, then its `complete`, then a
+/// close with 1001.
+#[test]
+fn a_shutdown_completes_a_subscription_that_is_catching_up() {
+    let server = Server::start();
+    let tasks: Vec<Value> = (0..500).map(|_| json!({ "namespace": "backlog", "handler": "h" })).collect();
+    for _ in 0..40 {
+        let batch = server.post("/v1/tasks/batch", json!({ "tasks": tasks }));
+        assert_eq!(batch.status, 201, "{:?}", batch.body);
+    }
+    let mut socket = subscribe(&server, "subscription { events(fromSeq: 1) { seq } }", json!({}));
+    assert_eq!(next_payload(&mut socket)["data"]["events"]["seq"], json!(1));
+    let stopped = std::thread::spawn(move || server.stop());
+    let mut last = 1;
+    loop {
+        let message = next_message(&mut socket);
+        match message["type"].as_str() {
+            Some("next") => {
+                let seq = message["payload"]["data"]["events"]["seq"].as_u64().unwrap();
+                assert_eq!(seq, last + 1, "no gap, no repeat");
+                last = seq;
+            }
+            Some("complete") => break,
+            _ => panic!("{message}"),
+        }
+    }
+    assert!(last < 20_000, "the shutdown came while the subscriber was catching up");
+    assert_eq!(close_frame(&mut socket), Closed::Frame(1001, "the server is shutting down".into()));
+    assert_eq!(stopped.join().unwrap(), Some(0));
+}
+
 /// The `task` subscription sends the task as of each of its events, also when the subscriber
 /// reads them long after they were written (found by a black-box check: it sent the task's
 /// latest state for every event of a batch read late, repeating some states and skipping others).
