@@ -7,6 +7,7 @@ pub mod auth;
 pub mod backup;
 pub mod commands;
 pub mod error;
+pub mod feed_lines;
 pub mod graphql;
 pub mod graphql_ws;
 pub mod metrics;

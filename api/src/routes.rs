@@ -15,7 +15,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json as AxumJson, Router};
-use eventlog::{StoredRecord, Subscription, decode_event};
+use eventlog::{StoredRecord, Subscription};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -577,7 +577,7 @@ async fn event_feed(
         // (found by a review).
         limit = limit.min((readable + 1).saturating_sub(from_seq));
     }
-    let stream = slot.hold(feed_stream(state.bulk_reads.clone(), subscription, limit, query.follow, sse, ends));
+    let stream = slot.hold(feed_stream(&state, subscription, limit, query.follow, sse, ends));
     let content_type = if sse { "text/event-stream" } else { "application/x-ndjson" };
     let mut response = Response::new(Body::from_stream(stream));
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -624,21 +624,23 @@ fn accepts_event_stream(accept: &str) -> bool {
 /// `follow` reads on to its end through a shutdown's grace. A record that cannot be read or
 /// decoded aborts the body (no clean end), so no reader mistakes the part before it for the
 /// whole. A reader catching up gets its batches made on the bulk-read threads
-/// ([`crate::streams::next_batch`]).
+/// ([`crate::streams::next_batch`]); each record's line is made once for all feeds
+/// ([`crate::feed_lines`]).
 fn feed_stream(
-    bulk_reads: tokio::runtime::Handle,
+    state: &AppState,
     subscription: Subscription,
     limit: u64,
     follow: bool,
     sse: bool,
     stopping: tokio::sync::watch::Receiver<bool>,
-) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + use<> {
     type Next = Option<(Subscription, u64, tokio::sync::watch::Receiver<bool>)>;
     let fail = |message: String| -> Option<(Result<Bytes, std::io::Error>, Next)> {
         Some((Err(std::io::Error::other(message)), None))
     };
+    let (bulk_reads, lines) = (state.bulk_reads.clone(), state.feed_lines.clone());
     futures_util::stream::unfold(Some((subscription, 0u64, stopping)), move |state| {
-        let bulk_reads = bulk_reads.clone();
+        let (bulk_reads, lines) = (bulk_reads.clone(), lines.clone());
         async move {
             let (mut sub, sent, mut stopping) = state?;
             loop {
@@ -646,7 +648,8 @@ fn feed_stream(
                     return None;
                 }
                 let max = (limit - sent).min(1024) as usize;
-                let encode = move |batch: Vec<StoredRecord>| encode_feed_batch(&batch, sse);
+                let lines = lines.clone();
+                let encode = move |batch: Vec<StoredRecord>| encode_feed_batch(&batch, sse, &lines);
                 let made = match crate::streams::next_batch(&bulk_reads, sub, max, encode).await {
                     Ok((next, made)) => {
                         sub = next;
@@ -678,17 +681,21 @@ fn feed_stream(
 
 /// A batch of the feed as its body's bytes (NDJSON lines or Server-Sent Events), and how many
 /// records it holds; a record that cannot be decoded fails the whole batch.
-fn encode_feed_batch(batch: &[StoredRecord], sse: bool) -> Result<(Bytes, u64), String> {
+fn encode_feed_batch(
+    batch: &[StoredRecord],
+    sse: bool,
+    lines: &crate::feed_lines::FeedLines,
+) -> Result<(Bytes, u64), String> {
+    use std::io::Write as _;
     let mut out = Vec::with_capacity(batch.len() * 256);
     for record in batch {
-        let event = decode_event(record).map_err(|error| error.to_string())?;
-        let line = serde_json::to_vec(&record_body(record, &event)).expect("bodies serialize");
+        let line = lines.line_of(record)?;
         if sse {
-            out.extend_from_slice(format!("id: {}\nevent: {}\ndata: ", record.seq, event.type_name()).as_bytes());
-            out.extend_from_slice(&line);
+            write!(out, "id: {}\nevent: {}\ndata: ", line.seq, line.event_type).expect("writes to a Vec");
+            out.extend_from_slice(&line.json);
             out.extend_from_slice(b"\n\n");
         } else {
-            out.extend_from_slice(&line);
+            out.extend_from_slice(&line.json);
             out.push(b'\n');
         }
     }

@@ -66,6 +66,8 @@ pub struct AppContext {
     /// Where event feeds and subscriptions that are catching up make their batches (see
     /// `bulk_read_runtime`).
     pub bulk_reads: tokio::runtime::Handle,
+    /// The newest records' event feed lines, made once for every feed that sends them.
+    pub feed_lines: Arc<crate::feed_lines::FeedLines>,
 }
 
 /// How many WebSockets are open, for a shutdown to wait on. (An upgraded connection leaves
@@ -551,6 +553,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         streams: crate::streams::StreamSlots::new(config.max_streams_per_token),
         task_folds: Default::default(),
         bulk_reads: bulk_read_runtime.handle().clone(),
+        feed_lines: Arc::default(),
     });
     let open_sockets = state.open_sockets.clone();
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("listen on {}", config.listen))?;

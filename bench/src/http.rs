@@ -69,7 +69,16 @@ impl Conn {
         self.send(Method::GET, path, Bytes::new()).await
     }
 
-    async fn send(&mut self, method: Method, path: &str, body: Bytes) -> Result<(StatusCode, Bytes)> {
+    /// GETs `path` and returns the status and the body as it streams in (an event feed that
+    /// follows the log).
+    pub async fn get_streaming(&mut self, path: &str) -> Result<(StatusCode, hyper::body::Incoming)> {
+        let request = self.request(Method::GET, path, Bytes::new())?;
+        self.sender.ready().await.map_err(|e| anyhow!("connection to the server closed: {e}"))?;
+        let response = self.sender.send_request(request).await.map_err(|e| anyhow!("HTTP request {path}: {e}"))?;
+        Ok((response.status(), response.into_body()))
+    }
+
+    fn request(&self, method: Method, path: &str, body: Bytes) -> Result<Request<Full<Bytes>>> {
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = method;
         *request.uri_mut() = path.parse().with_context(|| format!("parse the path {path:?}"))?;
@@ -77,6 +86,11 @@ impl Conn {
         headers.insert(HOST, self.target.host.clone());
         headers.insert(AUTHORIZATION, self.target.bearer.clone());
         headers.insert(CONTENT_TYPE, JSON.clone());
+        Ok(request)
+    }
+
+    async fn send(&mut self, method: Method, path: &str, body: Bytes) -> Result<(StatusCode, Bytes)> {
+        let request = self.request(method, path, body)?;
         self.sender.ready().await.map_err(|e| anyhow!("connection to the server closed: {e}"))?;
         let response = self.sender.send_request(request).await.map_err(|e| anyhow!("HTTP request {path}: {e}"))?;
         let status = response.status();

@@ -112,6 +112,10 @@ struct Args {
     /// subscribed, ends the subscription and starts again from the first.
     #[arg(long, default_value_t = 0)]
     graphql_readers: usize,
+    /// Followers of the event feed during `half-rate` (taskledger only): each follows the log
+    /// from its head on, as a downstream consumer keeping up does.
+    #[arg(long, default_value_t = 0)]
+    feed_followers: usize,
     /// Connections the open-loop `half-rate` producers use.
     #[arg(long, default_value_t = 32)]
     paced_connections: usize,
@@ -267,6 +271,9 @@ impl Row {
         }
         if t.feed_records > 0 {
             v["feed_records_per_s"] = json!(r(t.feed_records as f64 / self.seconds));
+        }
+        if t.followed_records > 0 {
+            v["followed_records_per_s"] = json!(r(t.followed_records as f64 / self.seconds));
         }
         if t.graphql_records > 0 {
             v["graphql_records_per_s"] = json!(r(t.graphql_records as f64 / self.seconds));
@@ -569,6 +576,9 @@ impl TaskledgerSide {
                     for _ in 0..args.feed_readers {
                         tasks.push(tokio::spawn(taskledger::feed_reader(target.clone(), phase.clone())));
                     }
+                    for _ in 0..args.feed_followers {
+                        tasks.push(tokio::spawn(taskledger::feed_follower(target.clone(), phase.clone())));
+                    }
                     for _ in 0..args.graphql_readers {
                         let (target, phase) = (target.clone(), phase.clone());
                         tasks.push(tokio::task::spawn_blocking(move || taskledger::graphql_reader(&target, &phase)));
@@ -578,6 +588,10 @@ impl TaskledgerSide {
                     if args.feed_readers > 0 {
                         let read = m.tally.feed_records as f64 / m.seconds;
                         note += &format!(", {} feed readers read {read:.0} records/s", args.feed_readers);
+                    }
+                    if args.feed_followers > 0 {
+                        let read = m.tally.followed_records as f64 / m.seconds / args.feed_followers as f64;
+                        note += &format!(", {} feed followers got {read:.0} records/s each", args.feed_followers);
                     }
                     if args.graphql_readers > 0 {
                         let read = m.tally.graphql_records as f64 / m.seconds;

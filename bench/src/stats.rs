@@ -73,6 +73,8 @@ pub struct Tally {
     pub http_requests: u64,
     /// Records the event feed's readers (`--feed-readers`) read while measuring.
     pub feed_records: u64,
+    /// Records the event feed's followers (`--feed-followers`) received while measuring.
+    pub followed_records: u64,
     /// Events the GraphQL subscribers (`--graphql-readers`) received while measuring.
     pub graphql_records: u64,
     /// Errors outside the measuring window count too: a benchmark with errors is not a result.
@@ -98,6 +100,7 @@ impl Tally {
         self.http_requests += other.http_requests;
         self.feed_records += other.feed_records;
         self.graphql_records += other.graphql_records;
+        self.followed_records += other.followed_records;
         self.errors_total += other.errors_total;
         if self.first_error.is_none() {
             self.first_error.clone_from(&other.first_error);

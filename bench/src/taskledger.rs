@@ -527,6 +527,46 @@ pub async fn feed_reader(target: Target, phase: Arc<Phase>) -> Result<Tally> {
     Ok(tally)
 }
 
+/// A follower of the event feed (`--feed-followers`): `GET /v1/events` from the head on,
+/// following the log as it grows (NDJSON), the way a downstream consumer that keeps up reads it.
+pub async fn feed_follower(target: Target, phase: Arc<Phase>) -> Result<Tally> {
+    use http_body_util::BodyExt;
+
+    let mut tally = Tally::default();
+    let mut conn = Conn::connect(&target).await?;
+    let (status, head) = conn.get("/v1/ledger").await?;
+    let head: serde_json::Value = serde_json::from_slice(&head)?;
+    let Some(head) = head["head_seq"].as_u64().filter(|_| status.is_success()) else {
+        tally.error(|| format!("GET /v1/ledger: {status} {head}"));
+        return Ok(tally);
+    };
+    let path = format!("/v1/events?from_seq={}", head + 1);
+    let (status, mut body) = conn.get_streaming(&path).await?;
+    if !status.is_success() {
+        tally.error(|| format!("GET {path}: {status}"));
+        return Ok(tally);
+    }
+    // A record's line ends with `}` and a newline; a keep-alive is a newline alone.
+    let mut last_byte = 0u8;
+    while !phase.stopping() {
+        let frame = match tokio::time::timeout(Duration::from_millis(200), body.frame()).await {
+            Err(_) => continue,
+            Ok(None) => break,
+            Ok(Some(frame)) => frame?,
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        let mut records = 0u64;
+        for &byte in data.iter() {
+            records += u64::from(byte == b'\n' && last_byte == b'}');
+            last_byte = byte;
+        }
+        if phase.measuring() {
+            tally.followed_records += records;
+        }
+    }
+    Ok(tally)
+}
+
 /// What a GraphQL subscriber (`--graphql-readers`) selects of each event: what a consumer
 /// copying the log downstream needs.
 const GRAPHQL_EVENTS: &str = "subscription { events(fromSeq: 1) { seq stream streamVersion type recordedAt data } }";
