@@ -156,6 +156,20 @@ impl Server {
         Self::answer(request.send_json(body))
     }
 
+    /// Creates `count` single-step tasks in `namespace` through `/v1/tasks/batch`, at most 1,000
+    /// a request: a backlog of `count` records for the feed and the subscriptions to read.
+    pub fn create_tasks(&self, namespace: &str, count: usize) {
+        let mut left = count;
+        while left > 0 {
+            let size = left.min(1000);
+            let tasks: Vec<Value> =
+                (0..size).map(|_| serde_json::json!({ "namespace": namespace, "handler": "h" })).collect();
+            let batch = self.post("/v1/tasks/batch", serde_json::json!({ "tasks": tasks }));
+            assert_eq!(batch.status, 201, "{:?}", batch.body);
+            left -= size;
+        }
+    }
+
     /// POSTs a raw body (for malformed-input tests).
     pub fn post_raw(&self, path: &str, content_type: &str, body: Vec<u8>) -> Answer {
         let request = self

@@ -989,11 +989,7 @@ fn roles_and_namespace_scopes_are_enforced() {
 #[test]
 fn a_feed_without_follow_ends_at_the_head_it_names() {
     let server = Server::start();
-    let batch =
-        || json!({ "tasks": (0..1000).map(|_| json!({ "namespace": "f", "handler": "h" })).collect::<Vec<_>>() });
-    for _ in 0..20 {
-        assert_eq!(server.post("/v1/tasks/batch", batch()).status, 201);
-    }
+    server.create_tasks("f", 20_000);
     let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(60))).build().into();
     let mut feed = agent
         .get(server.url("/v1/events?from_seq=1&follow=false"))
@@ -1002,9 +998,7 @@ fn a_feed_without_follow_ends_at_the_head_it_names() {
         .unwrap();
     let named: u64 = feed.headers().get("x-taskledger-head-seq").unwrap().to_str().unwrap().parse().unwrap();
     assert_eq!(named, 20_000);
-    for _ in 0..3 {
-        assert_eq!(server.post("/v1/tasks/batch", batch()).status, 201);
-    }
+    server.create_tasks("f", 3_000);
     let body = feed.body_mut().with_config().limit(u64::MAX).read_to_string().unwrap();
     let seqs: Vec<u64> =
         body.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["seq"].as_u64().unwrap()).collect();

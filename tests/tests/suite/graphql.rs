@@ -776,11 +776,7 @@ fn a_subscription_over_websocket_receives_live_events() {
 #[test]
 fn a_subscriber_catching_up_gets_every_event_then_live_ones_on_a_socket_that_still_answers() {
     let server = Server::start();
-    let tasks: Vec<Value> = (0..300).map(|_| json!({ "namespace": "backlog", "handler": "h" })).collect();
-    for _ in 0..2 {
-        let batch = server.post("/v1/tasks/batch", json!({ "tasks": tasks }));
-        assert_eq!(batch.status, 201, "{:?}", batch.body);
-    }
+    server.create_tasks("backlog", 600);
     let head = server.head_seq();
     assert_eq!(head, 600);
     let mut socket = subscribe(&server, "subscription { events(fromSeq: 1) { seq } }", json!({}));
@@ -809,11 +805,7 @@ fn a_subscriber_catching_up_gets_every_event_then_live_ones_on_a_socket_that_sti
 #[test]
 fn a_shutdown_completes_a_subscription_that_is_catching_up() {
     let server = Server::start();
-    let tasks: Vec<Value> = (0..500).map(|_| json!({ "namespace": "backlog", "handler": "h" })).collect();
-    for _ in 0..40 {
-        let batch = server.post("/v1/tasks/batch", json!({ "tasks": tasks }));
-        assert_eq!(batch.status, 201, "{:?}", batch.body);
-    }
+    server.create_tasks("backlog", 20_000);
     let mut socket = subscribe(&server, "subscription { events(fromSeq: 1) { seq } }", json!({}));
     assert_eq!(next_payload(&mut socket)["data"]["events"]["seq"], json!(1));
     let stopped = std::thread::spawn(move || server.stop());
