@@ -115,7 +115,8 @@ struct ServeArgs {
     #[arg(long, env = "TASKLEDGER_FEED_CAPACITY", default_value_t = 64 * 1024, value_parser = at_least_one_usize())]
     feed_capacity: usize,
     /// Stream heads (the last version of a task's stream) the writer keeps in memory; past this
-    /// many it forgets them all and reads each again from the log's index on its next use.
+    /// many it forgets the half with the lowest keys and reads each again from the log's index
+    /// on its next use.
     #[arg(long, env = "TASKLEDGER_STREAM_CACHE", default_value_t = eventlog::RedbOptions::default().stream_cache_entries, value_parser = at_least_one_usize())]
     stream_cache: usize,
     /// Memory redb may use for the log's pages (its read cache and write buffer), in MiB.

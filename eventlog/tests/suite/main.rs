@@ -1,5 +1,5 @@
 //! The event log's integration tests, as one test binary (one link instead of
-//! eight: each binary links redb, the domain and the writer, and separate binaries
+//! one per suite: each binary links redb, the domain and the writer, and separate binaries
 //! made CI builds slow and large). Each module is one suite; run one with a filter,
 //! e.g. `cargo nextest run -p eventlog faults::`.
 

@@ -1,4 +1,4 @@
-//! The black-box tests, as one test binary (one link instead of eight: each
+//! The black-box tests, as one test binary (one link instead of one per suite: each
 //! links the whole server). Every module starts the built `taskledger` (and
 //! `taskledger-replay`) binaries and drives them as a client would; run one
 //! suite with a filter, e.g. `cargo nextest run -p tests crash_api::`.
