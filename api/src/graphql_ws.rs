@@ -327,6 +327,13 @@ impl Connection {
     /// data, none of them at a path) is an `error` message, and no `complete` follows it, as
     /// graphql-transport-ws says (async-graphql sent a `next` and a `complete`, which clients
     /// take for a result: found by a client-library check).
+    /// Whether `id`'s answer going out is its first (a subscription's first event, or a query's
+    /// only answer), remembering it if so.
+    fn first_answer(&self, id: &str) -> bool {
+        let mut answered = self.answered.lock().expect("websocket state");
+        !answered.contains(id) && answered.insert(id.to_owned())
+    }
+
     fn outgoing(&self, message: Message) -> Option<Message> {
         Some(match message {
             Message::Text(message) => {
@@ -340,13 +347,13 @@ impl Connection {
                         return None;
                     }
                 } else if self.transport_ws
-                    && text.starts_with(r#"{"type":"next","#)
-                    && let Ok(next) = serde_json::from_str::<Completed>(text)
-                    && self.answered.lock().expect("websocket state").insert(next.id.clone())
+                    && let Some(rest) = text.strip_prefix(r#"{"type":"next","#)
+                    && let Some(id) = next_id(rest, text)
+                    && self.first_answer(&id)
                     && let Some(errors) = refused_before_running(text)
                 {
-                    self.errored.lock().expect("websocket state").insert(next.id.clone());
-                    let error = serde_json::json!({ "type": "error", "id": next.id, "payload": errors });
+                    self.errored.lock().expect("websocket state").insert(id.clone().into_owned());
+                    let error = serde_json::json!({ "type": "error", "id": id, "payload": errors });
                     return Some(Message::Text(error.to_string().into()));
                 }
                 Message::Text(message)
@@ -367,6 +374,19 @@ impl Connection {
             other => other,
         })
     }
+}
+
+/// The `id` of a `next` message: read from `rest`, what follows its `type`, where async-graphql
+/// writes it (`"id":"…"`, before the payload), without parsing the payload; from the whole
+/// message `text` when it is written otherwise (an escape in it). A subscriber gets one `next`
+/// an event, so this runs for every event sent.
+fn next_id<'a>(rest: &'a str, text: &str) -> Option<std::borrow::Cow<'a, str>> {
+    if let Some(id) = rest.strip_prefix(r#""id":""#).and_then(|id| id.split_once('"')).map(|(id, _)| id)
+        && !id.contains('\\')
+    {
+        return Some(std::borrow::Cow::Borrowed(id));
+    }
+    serde_json::from_str::<Completed>(text).ok().map(|next| std::borrow::Cow::Owned(next.id))
 }
 
 /// The errors of a `next` message whose payload has no data and only errors without a path:
@@ -459,6 +479,29 @@ mod tests {
         // The older protocol has no such message.
         let legacy = Connection::default();
         assert_eq!(text(legacy.outgoing(Message::Text(refused.into()))).unwrap()["type"], "next");
+    }
+
+    /// A `next` message's id is read where async-graphql writes it, and from the whole message
+    /// when it has an escape or stands elsewhere: an id that reads wrong would send a refusal's
+    /// `error` under another id, or pass a refusal as a `next`.
+    #[test]
+    fn a_next_message_id_is_read_without_parsing_its_payload_and_escapes_are_parsed() {
+        let id = |text: &str| {
+            let rest = text.strip_prefix(r#"{"type":"next","#).unwrap();
+            next_id(rest, text).map(std::borrow::Cow::into_owned)
+        };
+        let plain = r#"{"type":"next","id":"events-7","payload":{"data":{"events":{"data":{"id":"x\"y"}}}}}"#;
+        assert!(matches!(next_id(&plain[15..], plain), Some(std::borrow::Cow::Borrowed("events-7"))));
+        assert_eq!(id(r#"{"type":"next","id":"a\"b","payload":{}}"#).as_deref(), Some("a\"b"));
+        assert_eq!(id(r#"{"type":"next","id":"caf\u00e9","payload":{}}"#).as_deref(), Some("café"));
+        assert_eq!(id(r#"{"type":"next","payload":{},"id":"late"}"#).as_deref(), Some("late"));
+        assert_eq!(id(r#"{"type":"next","payload":{}}"#), None);
+        // A refusal under an escaped id is still an `error` message, under that id.
+        let connection = Connection { transport_ws: true, ..Connection::default() };
+        let refused = r#"{"type":"next","id":"q\"1","payload":{"data":null,"errors":[{"message":"no"}]}}"#;
+        let Some(Message::Text(error)) = connection.outgoing(Message::Text(refused.into())) else { panic!() };
+        let error: serde_json::Value = serde_json::from_str(error.as_str()).unwrap();
+        assert_eq!((error["type"].as_str(), error["id"].as_str()), (Some("error"), Some("q\"1")));
     }
 
     #[test]
