@@ -116,6 +116,10 @@ struct Args {
     /// from its head on, as a downstream consumer keeping up does.
     #[arg(long, default_value_t = 0)]
     feed_followers: usize,
+    /// GraphQL subscribers following the log during `half-rate` (taskledger only): each
+    /// subscribes to `events` from the head on, as a live dashboard does.
+    #[arg(long, default_value_t = 0)]
+    graphql_followers: usize,
     /// Connections the open-loop `half-rate` producers use.
     #[arg(long, default_value_t = 32)]
     paced_connections: usize,
@@ -274,6 +278,9 @@ impl Row {
         }
         if t.followed_records > 0 {
             v["followed_records_per_s"] = json!(r(t.followed_records as f64 / self.seconds));
+        }
+        if t.graphql_followed_records > 0 {
+            v["graphql_followed_records_per_s"] = json!(r(t.graphql_followed_records as f64 / self.seconds));
         }
         if t.graphql_records > 0 {
             v["graphql_records_per_s"] = json!(r(t.graphql_records as f64 / self.seconds));
@@ -579,9 +586,17 @@ impl TaskledgerSide {
                     for _ in 0..args.feed_followers {
                         tasks.push(tokio::spawn(taskledger::feed_follower(target.clone(), phase.clone())));
                     }
-                    for _ in 0..args.graphql_readers {
-                        let (target, phase) = (target.clone(), phase.clone());
-                        tasks.push(tokio::task::spawn_blocking(move || taskledger::graphql_reader(&target, &phase)));
+                    let subscribers = [
+                        (args.graphql_readers, taskledger::GraphqlSubscriber::CatchingUp),
+                        (args.graphql_followers, taskledger::GraphqlSubscriber::Following),
+                    ];
+                    for (count, kind) in subscribers {
+                        for _ in 0..count {
+                            let (target, phase) = (target.clone(), phase.clone());
+                            tasks.push(tokio::task::spawn_blocking(move || {
+                                taskledger::graphql_subscriber(&target, &phase, kind)
+                            }));
+                        }
                     }
                     let m = measure(&phase, args.warmup(), args.window(), self.measured_here(), tasks).await?;
                     let mut note = format!("target {rate:.0} tasks/s");
@@ -596,6 +611,10 @@ impl TaskledgerSide {
                     if args.graphql_readers > 0 {
                         let read = m.tally.graphql_records as f64 / m.seconds;
                         note += &format!(", {} GraphQL subscribers got {read:.0} events/s", args.graphql_readers);
+                    }
+                    if args.graphql_followers > 0 {
+                        let read = m.tally.graphql_followed_records as f64 / m.seconds / args.graphql_followers as f64;
+                        note += &format!(", {} GraphQL followers got {read:.0} events/s each", args.graphql_followers);
                     }
                     let r = row("taskledger", "half-rate", m, |t| t.finished, note);
                     progress(args, &r);

@@ -77,6 +77,8 @@ pub struct Tally {
     pub followed_records: u64,
     /// Events the GraphQL subscribers (`--graphql-readers`) received while measuring.
     pub graphql_records: u64,
+    /// Events the GraphQL followers (`--graphql-followers`) received while measuring.
+    pub graphql_followed_records: u64,
     /// Errors outside the measuring window count too: a benchmark with errors is not a result.
     pub errors_total: u64,
     /// The first error seen, to say what went wrong.
@@ -100,6 +102,7 @@ impl Tally {
         self.http_requests += other.http_requests;
         self.feed_records += other.feed_records;
         self.graphql_records += other.graphql_records;
+        self.graphql_followed_records += other.graphql_followed_records;
         self.followed_records += other.followed_records;
         self.errors_total += other.errors_total;
         if self.first_error.is_none() {

@@ -567,15 +567,25 @@ pub async fn feed_follower(target: Target, phase: Arc<Phase>) -> Result<Tally> {
     Ok(tally)
 }
 
-/// What a GraphQL subscriber (`--graphql-readers`) selects of each event: what a consumer
-/// copying the log downstream needs.
-const GRAPHQL_EVENTS: &str = "subscription { events(fromSeq: 1) { seq stream streamVersion type recordedAt data } }";
+/// What a GraphQL subscriber (`--graphql-readers`, `--graphql-followers`) selects of each
+/// event: what a consumer copying the log downstream needs.
+const GRAPHQL_EVENT_FIELDS: &str = "seq stream streamVersion type recordedAt data";
 
-/// A GraphQL subscriber (`--graphql-readers`), on a thread of its own (tungstenite is
-/// blocking): `events` from the log's first record over graphql-transport-ws; once it has the
-/// records that were there when it subscribed, it ends that subscription and starts another
-/// from the first — a consumer catching up, over and over.
-pub fn graphql_reader(target: &Target, phase: &Phase) -> Result<Tally> {
+/// How a GraphQL subscriber reads the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GraphqlSubscriber {
+    /// `--graphql-readers`: from the log's first record; once it has the records that were there
+    /// when it subscribed, it ends that subscription and starts another from the first — a
+    /// consumer catching up, over and over.
+    CatchingUp,
+    /// `--graphql-followers`: from the head on, for the whole run — a consumer keeping up (a
+    /// dashboard, a downstream copy).
+    Following,
+}
+
+/// A GraphQL subscriber to `events` over graphql-transport-ws, on a thread of its own
+/// (tungstenite is blocking), reading as `kind` says.
+pub fn graphql_subscriber(target: &Target, phase: &Phase, kind: GraphqlSubscriber) -> Result<Tally> {
     use anyhow::{Context, bail};
     use serde_json::{Value, json};
     use tungstenite::Message;
@@ -631,7 +641,12 @@ pub fn graphql_reader(target: &Target, phase: &Phase) -> Result<Tally> {
             bail!("GraphQL ledger query: {answer}");
         };
         let id = format!("events-{round}");
-        send(&mut socket, json!({ "id": id, "type": "subscribe", "payload": { "query": GRAPHQL_EVENTS } }))?;
+        let from_seq = match kind {
+            GraphqlSubscriber::CatchingUp => 1,
+            GraphqlSubscriber::Following => head + 1,
+        };
+        let query = format!("subscription {{ events(fromSeq: {from_seq}) {{ {GRAPHQL_EVENT_FIELDS} }} }}");
+        send(&mut socket, json!({ "id": id, "type": "subscribe", "payload": { "query": query } }))?;
         loop {
             let Some(message) = next_for(&mut socket, &id)? else { break };
             let Some(seq) = message["payload"]["data"]["events"]["seq"].as_u64() else {
@@ -639,9 +654,12 @@ pub fn graphql_reader(target: &Target, phase: &Phase) -> Result<Tally> {
                 return Ok(tally);
             };
             if phase.measuring() {
-                tally.graphql_records += 1;
+                match kind {
+                    GraphqlSubscriber::CatchingUp => tally.graphql_records += 1,
+                    GraphqlSubscriber::Following => tally.graphql_followed_records += 1,
+                }
             }
-            if seq >= head {
+            if kind == GraphqlSubscriber::CatchingUp && seq >= head {
                 send(&mut socket, json!({ "id": id, "type": "complete" }))?;
                 break;
             }
