@@ -19,6 +19,11 @@ use crate::wire::record_body;
 /// feed's usual 300–900 bytes a line.
 pub const FEED_LINES_KEPT: usize = 4096;
 
+/// The longest line kept: a longer one is made for each feed that sends it. So the lines kept
+/// hold at most 32 MiB, whatever the records' size (a slot is never emptied, and 4,096 records
+/// of 48.7 KB held 200–280 MB for as long as the server ran: found by a review).
+pub const FEED_LINE_KEPT_BYTES_MAX: usize = 8 * 1024;
+
 /// A record's feed line: its seq, its event type's name (Server-Sent Events name the event) and
 /// its JSON, without the newline.
 #[derive(Clone)]
@@ -41,8 +46,8 @@ impl Default for FeedLines {
 
 impl FeedLines {
     /// `record`'s line: the one kept, or made now (and kept, unless its slot holds a newer
-    /// record's: a reader catching up does not push out the lines the followers share). An
-    /// error when the record cannot be decoded.
+    /// record's: a reader catching up does not push out the lines the followers share; or it is
+    /// longer than [`FEED_LINE_KEPT_BYTES_MAX`]). An error when the record cannot be decoded.
     pub fn line_of(&self, record: &StoredRecord) -> Result<FeedLine, String> {
         let slot = &self.slots[(record.seq % FEED_LINES_KEPT as u64) as usize];
         if let Some(kept) = slot.lock().expect("feed line slot").as_ref().filter(|kept| kept.seq == record.seq) {
@@ -51,6 +56,9 @@ impl FeedLines {
         let event = decode_event(record).map_err(|error| error.to_string())?;
         let json = serde_json::to_vec(&record_body(record, &event)).expect("bodies serialize");
         let line = FeedLine { seq: record.seq, event_type: event.type_name(), json: Bytes::from(json) };
+        if line.json.len() > FEED_LINE_KEPT_BYTES_MAX {
+            return Ok(line);
+        }
         let mut kept = slot.lock().expect("feed line slot");
         if kept.as_ref().is_none_or(|kept| kept.seq < record.seq) {
             *kept = Some(line.clone());
@@ -101,5 +109,20 @@ mod tests {
         let mut broken = record(2);
         broken.payload = vec![0xff; 3];
         assert!(lines.line_of(&broken).is_err());
+    }
+
+    /// A line longer than the most kept is made each time it is asked for, and keeps nothing.
+    #[test]
+    fn a_long_line_is_not_kept() {
+        let lines = FeedLines::default();
+        let short = lines.line_of(&record(3)).unwrap();
+        assert!(short.json.len() <= FEED_LINE_KEPT_BYTES_MAX);
+        assert_eq!(lines.line_of(&record(3)).unwrap().json.as_ptr(), short.json.as_ptr());
+        let mut long = record(4);
+        long.command_id = "c".repeat(FEED_LINE_KEPT_BYTES_MAX);
+        let made = lines.line_of(&long).unwrap();
+        assert!(made.json.len() > FEED_LINE_KEPT_BYTES_MAX);
+        assert_ne!(lines.line_of(&long).unwrap().json.as_ptr(), made.json.as_ptr(), "made again");
+        assert!(lines.slots[4].lock().unwrap().is_none(), "nothing kept");
     }
 }

@@ -47,23 +47,47 @@ pub async fn next_batch<T: Send + 'static>(
     max: usize,
     finish: impl FnOnce(Vec<StoredRecord>) -> T + Send + 'static,
 ) -> Result<(Subscription, Option<T>), String> {
-    let made_of = move |subscription: &mut Subscription| {
+    let made_of = move |subscription: &mut Subscription, max: usize| {
         let batch = subscription.try_next_batch(max)?;
         Ok::<_, eventlog::error::SubscribeError>((!batch.is_empty()).then(|| finish(batch)))
     };
     if !is_catching_up(&subscription, max) {
-        let made = made_of(&mut subscription).map_err(|error| error.to_string())?;
+        // At most a short batch here, whatever the disk holds beyond the ring (records committed
+        // and not yet published are read from disk).
+        let made = made_of(&mut subscription, max.min(IN_LINE_BATCH_RECORDS_MAX as usize))
+            .map_err(|error| error.to_string())?;
         return Ok((subscription, made));
     }
+    // A batch whose stream was dropped (its client went away) before a thread took it is not
+    // made: a client connecting and leaving in a loop queued a long batch each time.
+    let wanted = WantedUntilDropped::default();
+    let still_wanted = wanted.0.clone();
     let work = bulk_reads.spawn_blocking(move || {
-        let made = made_of(&mut subscription);
+        let made = if still_wanted.load(Ordering::Acquire) { made_of(&mut subscription, max) } else { Ok(None) };
         (subscription, made)
     });
-    match work.await {
+    let done = work.await;
+    drop(wanted);
+    match done {
         Ok((subscription, Ok(made))) => Ok((subscription, made)),
         Ok((_, Err(error))) => Err(error.to_string()),
         Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
         Err(_) => Err("the server is shutting down".to_owned()),
+    }
+}
+
+/// True until dropped: tells work queued for a future whether the future still waits for it.
+struct WantedUntilDropped(Arc<std::sync::atomic::AtomicBool>);
+
+impl Default for WantedUntilDropped {
+    fn default() -> Self {
+        Self(Arc::new(std::sync::atomic::AtomicBool::new(true)))
+    }
+}
+
+impl Drop for WantedUntilDropped {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -378,8 +402,51 @@ mod tests {
             assert_eq!(made, Some(((201..=300).collect(), "bulk-test".to_owned())));
             let (next, made) = next_batch(bulk.handle(), next, 1024, made_on).await.unwrap();
             assert_eq!(made, None, "caught up");
+            // Committed, not yet published: the ring shows no backlog, and the disk holds 200. A
+            // batch made in line is a short one all the same.
+            store.append(&(301..=500).map(record).collect::<Vec<_>>(), &[]).unwrap();
+            let (next, made) = next_batch(bulk.handle(), next, 1024, made_on).await.unwrap();
+            assert_eq!(made, Some(((301..=364).collect(), here.clone())));
             next
         });
-        assert_eq!(subscription.next_seq(), 301);
+        assert_eq!(subscription.next_seq(), 365);
+    }
+
+    /// A long batch whose stream is dropped before a bulk-read thread takes it is not made.
+    #[test]
+    fn a_long_batch_dropped_before_it_starts_is_not_made() {
+        use eventlog::{LiveFeed, LogStore, NewRecord, RedbOptions, RedbStore};
+        use std::sync::atomic::AtomicBool;
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = RedbStore::open(dir.path(), RedbOptions::default()).unwrap();
+        let record = |i: u64| NewRecord {
+            stream: b"s".to_vec(),
+            command_id: format!("c-{i}"),
+            actor: "test".into(),
+            recorded_at_us: i as i64,
+            event_type: 1,
+            schema_version: 1,
+            payload: Vec::new(),
+        };
+        store.append(&(1..=500).map(record).collect::<Vec<_>>(), &[]).unwrap();
+        let bulk =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).max_blocking_threads(1).build().unwrap();
+        // The one blocking thread is busy until `release` is sent.
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let busy = bulk.spawn_blocking(move || wait.recv().unwrap());
+        let made = Arc::new(AtomicBool::new(false));
+        let serving = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let subscription = Subscription::new(store.reader(), LiveFeed::new(1_000), 1);
+        let flag = made.clone();
+        let batch = next_batch(bulk.handle(), subscription, 1024, move |_| flag.store(true, Ordering::Release));
+        let gave_up =
+            serving.block_on(async { tokio::time::timeout(std::time::Duration::from_millis(50), batch).await });
+        assert!(gave_up.is_err(), "the batch waited for the busy thread and was dropped");
+        release.send(()).unwrap();
+        bulk.block_on(busy).unwrap();
+        // Whatever was queued has run by now: a second job queued behind it has.
+        bulk.block_on(bulk.spawn_blocking(|| ())).unwrap();
+        assert!(!made.load(Ordering::Acquire), "the dropped batch was not made");
     }
 }

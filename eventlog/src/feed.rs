@@ -26,7 +26,8 @@ use crate::record::StoredRecord;
 
 struct Ring {
     records: VecDeque<Arc<StoredRecord>>,
-    /// Seq of the last published record; 0 before the first publish.
+    /// Seq of the last published record; before the first publish, the head the feed was made
+    /// after (0 when not known).
     last_seq: u64,
 }
 
@@ -50,12 +51,25 @@ impl std::fmt::Debug for LiveFeed {
 }
 
 impl LiveFeed {
-    /// A feed keeping the newest `capacity` records (at least 1).
+    /// A feed keeping the newest `capacity` records (at least 1), of a log whose head is not
+    /// known to it: until the first publish, every subscription counts as behind.
     pub fn new(capacity: usize) -> Self {
-        let (last_seq, _) = watch::channel(0);
+        Self::after(capacity, 0)
+    }
+
+    /// A feed keeping the newest `capacity` records (at least 1), whose first publish continues
+    /// the log after `head_seq`: the writer's, which knows its head when it opens. Until that
+    /// publish, a subscription is behind by what it has not read up to the head (a server
+    /// restarted on a log nobody writes to had every subscription caught up at the head counted
+    /// as catching up, and its socket served on the idle-class threads: found by a review).
+    pub fn after(capacity: usize, head_seq: u64) -> Self {
+        let (last_seq, _) = watch::channel(head_seq);
         Self {
             inner: Arc::new(FeedInner {
-                ring: Mutex::new(Ring { records: VecDeque::with_capacity(capacity.clamp(1, 1 << 16)), last_seq: 0 }),
+                ring: Mutex::new(Ring {
+                    records: VecDeque::with_capacity(capacity.clamp(1, 1 << 16)),
+                    last_seq: head_seq,
+                }),
                 capacity: capacity.max(1),
                 published: Condvar::new(),
                 last_seq,
@@ -94,7 +108,7 @@ impl LiveFeed {
         self.inner.last_seq.send_replace(last);
     }
 
-    /// Seq of the last published record (0 before the first publish).
+    /// Seq of the last published record (before the first publish, the head it was made after).
     pub fn last_seq(&self) -> u64 {
         self.inner.ring.lock().last_seq
     }
@@ -178,6 +192,8 @@ impl Subscription {
         match ring.records.front() {
             Some(front) if self.next_seq < front.seq => true,
             Some(_) => (ring.last_seq + 1).saturating_sub(self.next_seq) >= records,
+            // Nothing published yet: behind by what is not read up to the head, if it is known.
+            None if ring.last_seq > 0 => (ring.last_seq + 1).saturating_sub(self.next_seq) >= records,
             None => true,
         }
     }

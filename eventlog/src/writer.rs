@@ -522,7 +522,7 @@ impl Writer {
         let (ledger, fold) = folded?;
         let dedup = dedup.map_err(|e| StartError::Fold(FoldError::Read(e)))?;
         let startup = Startup { head, fold, live_tasks: ledger.live_task_count(), took: started.elapsed() };
-        let feed = LiveFeed::new(config.feed_capacity);
+        let feed = LiveFeed::after(config.feed_capacity, head.seq);
         let (tx, rx) = std::sync::mpsc::sync_channel(config.channel_capacity.max(1));
         let shared = Arc::new(Shared {
             health: Mutex::new(Health::Healthy),

@@ -140,6 +140,27 @@ fn a_subscription_knows_its_backlog_and_waits_for_the_next_publish() {
     assert_eq!(seqs(subscription.try_next_batch(100).unwrap()), vec![21]);
 }
 
+/// A feed made after a known head (the writer's, at open): before anything is published, a
+/// subscription at the head has no backlog, one behind it has what it has not read up to the
+/// head, and the first publish continues the log.
+#[test]
+fn a_feed_made_after_the_head_knows_the_backlog_before_its_first_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = RedbStore::open(dir.path(), RedbOptions::default()).unwrap();
+    store.append(&(0..20).map(record).collect::<Vec<_>>(), &[]).unwrap();
+    let feed = LiveFeed::after(8, 20);
+    let at_head = Subscription::new(store.reader(), feed.clone(), 21);
+    assert!(!at_head.has_backlog_of(1), "caught up at the head: nothing waits");
+    let mut behind = Subscription::new(store.reader(), feed.clone(), 15);
+    assert!(behind.has_backlog_of(6) && !behind.has_backlog_of(7), "15..=20 wait on disk");
+    let seqs = |batch: Vec<eventlog::StoredRecord>| batch.iter().map(|r| r.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(behind.try_next_batch(100).unwrap()), (15..=20).collect::<Vec<_>>());
+    let more = store.append(&[record(20), record(21)], &[]).unwrap();
+    feed.publish(&more.records);
+    assert!(at_head.has_backlog_of(2) && !at_head.has_backlog_of(3), "the publish continued the ring");
+    assert_eq!(seqs(behind.try_next_batch(100).unwrap()), vec![21, 22]);
+}
+
 /// Shared handles (`Arc<StoredRecord>`, what the projectors take) are the ring's own records,
 /// not copies, and from the ring or from disk they hold what owned records hold.
 #[test]
