@@ -739,7 +739,7 @@ fn record_stream(
                 if let Some(mark) = &mut mark {
                     mark.set(crate::streams::is_catching_up(&sub, BATCH_RECORDS_MAX));
                 }
-                match crate::streams::next_batch(&bulk_reads, sub, BATCH_RECORDS_MAX, |batch| batch).await {
+                match crate::streams::next_batch(Some(&bulk_reads), sub, BATCH_RECORDS_MAX, |batch| batch).await {
                     Ok((next, Some(batch))) => return Some((Ok(batch), Some((next, mark)))),
                     Ok((next, None)) => sub = next,
                     Err(message) => return Some((Err(message), None)),

@@ -621,7 +621,8 @@ fn accepts_event_stream(accept: &str) -> bool {
 /// The feed's body. A following feed ends, after a whole record, when the server shuts down
 /// or a reload of the tokens revokes the reader's token (`stopping`): the client resumes from
 /// the seq after the last one it got (with a valid token). A feed without
-/// `follow` reads on to its end through a shutdown's grace. A record that cannot be read or
+/// `follow` reads on to its end through a shutdown's grace, its batches made on the HTTP
+/// workers from then on. A record that cannot be read or
 /// decoded aborts the body (no clean end), so no reader mistakes the part before it for the
 /// whole. A reader catching up gets its batches made on the bulk-read threads
 /// ([`crate::streams::next_batch`]); each record's line is made once for all feeds
@@ -650,7 +651,10 @@ fn feed_stream(
                 let max = (limit - sent).min(1024) as usize;
                 let lines = lines.clone();
                 let encode = move |batch: Vec<StoredRecord>| encode_feed_batch(&batch, sse, &lines);
-                let made = match crate::streams::next_batch(&bulk_reads, sub, max, encode).await {
+                // Once the server stops, a feed reading on through the grace makes its batches
+                // here: the bulk-read threads may get no CPU while other processes want it.
+                let bulk_reads = (!*stopping.borrow()).then_some(&bulk_reads);
+                let made = match crate::streams::next_batch(bulk_reads, sub, max, encode).await {
                     Ok((next, made)) => {
                         sub = next;
                         made

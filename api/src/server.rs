@@ -22,7 +22,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use eventlog::{Health, SystemClock, Writer, WriterConfig, WriterHandle};
+use eventlog::{Health, IdleClassThreads, SystemClock, Writer, WriterConfig, WriterHandle};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -423,13 +423,18 @@ pub const BULK_READ_THREADS_MAX: usize = 16;
 /// ([`crate::streams::serve_by_catch_up`]), as many as the machine has cores: with one, two such
 /// sockets on an otherwise idle server shared a core and got 36.7k events/s, against 74.6k on
 /// the HTTP workers.
-fn bulk_read_runtime() -> std::io::Result<BackgroundRuntime> {
+///
+/// Its threads are counted in `threads`, which lifts them out of the idle class when the server
+/// stops: what they still serve then must not wait for CPU that other processes hold.
+fn bulk_read_runtime(threads: &IdleClassThreads) -> std::io::Result<BackgroundRuntime> {
+    let (starting, stopping) = (threads.clone(), threads.clone());
     tokio::runtime::Builder::new_multi_thread()
         .max_blocking_threads(BULK_READ_THREADS_MAX)
         .thread_name("bulk-reads")
         // A GraphQL socket served here meanwhile (`streams::serve_by_catch_up`) may start timers.
         .enable_all()
-        .on_thread_start(eventlog::put_this_thread_in_the_idle_class)
+        .on_thread_start(move || starting.enter())
+        .on_thread_stop(move || stopping.leave())
         .build()
         .map(|runtime| BackgroundRuntime(Some(runtime)))
 }
@@ -538,7 +543,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         executor: projection_runtime.handle().clone(),
     })
     .await?;
-    let bulk_read_runtime = bulk_read_runtime().context("start the bulk readers' runtime")?;
+    let bulk_read_threads = IdleClassThreads::default();
+    let bulk_read_runtime = bulk_read_runtime(&bulk_read_threads).context("start the bulk readers' runtime")?;
     let (stopping_tx, stopping) = watch::channel(false);
     let state = AppState::new(AppContext {
         writer: handle,
@@ -633,6 +639,9 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let app = app(state, &config);
     let shutdown = async move {
         signals.await;
+        if let Err(error) = bulk_read_threads.lift() {
+            tracing::info!(%error, "the bulk-read threads stay in the idle scheduling class while the server stops");
+        }
         stopping_tx.send_replace(true);
     };
     serve_connections(listener, app, config.max_connections, config.header_read_timeout, shutdown).await;
@@ -912,11 +921,40 @@ mod tests {
             let after_command = &stat[stat.rfind(')').unwrap() + 2..];
             after_command.split(' ').nth(41 - 3).unwrap().to_owned()
         }
-        let runtime = bulk_read_runtime().unwrap();
-        let (sent, received) = std::sync::mpsc::channel();
-        runtime.handle().spawn_blocking(move || sent.send(policy()).unwrap());
-        assert_eq!(received.recv().unwrap(), "5");
+        let threads = IdleClassThreads::default();
+        let runtime = bulk_read_runtime(&threads).unwrap();
+        let policy_there = || {
+            let (sent, received) = std::sync::mpsc::channel();
+            runtime.handle().spawn_blocking(move || sent.send(policy()).unwrap());
+            received.recv().unwrap()
+        };
+        assert_eq!(policy_there(), "5", "SCHED_IDLE");
         assert_eq!(policy(), "0", "SCHED_OTHER");
+        // Lifted, as the server does when it stops: the threads there and those started since
+        // are in the normal class (only as root, or with RLIMIT_NICE or CAP_SYS_NICE allowing it).
+        match threads.lift() {
+            Ok(()) => {
+                assert_eq!(policy_there(), "0", "lifted");
+                let blocked: Vec<_> = (0..3)
+                    .map(|_| {
+                        let (sent, received) = std::sync::mpsc::channel();
+                        let (release, wait) = std::sync::mpsc::channel::<()>();
+                        runtime.handle().spawn_blocking(move || {
+                            sent.send(policy()).unwrap();
+                            let _ = wait.recv();
+                        });
+                        (received.recv().unwrap(), release)
+                    })
+                    .collect();
+                assert!(blocked.iter().all(|(policy, _)| policy == "0"), "threads started since are not idle");
+            }
+            Err(error) => {
+                let status = std::fs::read_to_string("/proc/self/status").unwrap();
+                let root =
+                    status.lines().any(|line| line.starts_with("Uid:") && line.split_whitespace().nth(2) == Some("0"));
+                assert!(!root, "root may always lift: {error}");
+            }
+        }
     }
 
     fn by_target(spec: Option<&str>) -> Targets {

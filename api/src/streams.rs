@@ -39,10 +39,11 @@ pub const IN_LINE_BATCH_RECORDS_MAX: u64 = 64;
 /// when nothing new is there yet. A batch of more than [`IN_LINE_BATCH_RECORDS_MAX`] records
 /// (`max` above it, and older records on disk or a backlog in the writer's ring) is read and
 /// finished on `bulk_reads`, the server's lower-priority threads for it
-/// (`server::bulk_read_runtime`); the subscription goes there and back with it. An error ends
-/// the stream it feeds.
+/// (`server::bulk_read_runtime`); the subscription goes there and back with it. With no
+/// `bulk_reads` (the server stopping), every batch is made here, whatever its size. An error
+/// ends the stream it feeds.
 pub async fn next_batch<T: Send + 'static>(
-    bulk_reads: &tokio::runtime::Handle,
+    bulk_reads: Option<&tokio::runtime::Handle>,
     mut subscription: Subscription,
     max: usize,
     finish: impl FnOnce(Vec<StoredRecord>) -> T + Send + 'static,
@@ -51,13 +52,13 @@ pub async fn next_batch<T: Send + 'static>(
         let batch = subscription.try_next_batch(max)?;
         Ok::<_, eventlog::error::SubscribeError>((!batch.is_empty()).then(|| finish(batch)))
     };
-    if !is_catching_up(&subscription, max) {
+    let Some(bulk_reads) = bulk_reads.filter(|_| is_catching_up(&subscription, max)) else {
         // At most a short batch here, whatever the disk holds beyond the ring (records committed
-        // and not yet published are read from disk).
-        let made = made_of(&mut subscription, max.min(IN_LINE_BATCH_RECORDS_MAX as usize))
-            .map_err(|error| error.to_string())?;
+        // and not yet published are read from disk), unless no bulk-read thread is to be used.
+        let in_line_max = if bulk_reads.is_some() { max.min(IN_LINE_BATCH_RECORDS_MAX as usize) } else { max };
+        let made = made_of(&mut subscription, in_line_max).map_err(|error| error.to_string())?;
         return Ok((subscription, made));
-    }
+    };
     // A batch whose stream was dropped (its client went away) before a thread took it is not
     // made: a client connecting and leaving in a loop queued a long batch each time.
     let wanted = WantedUntilDropped::default();
@@ -340,9 +341,12 @@ mod tests {
 
         // Dropped while away: the work is dropped on the bulk-read threads, and its mark with it.
         let (dropped, was_dropped) = tokio::sync::oneshot::channel::<()>();
-        let mut mark = CatchUpMark::new(catching_up.clone());
+        let mark = CatchUpMark::new(catching_up.clone());
         let work = async move {
             let _on_drop = dropped;
+            // Declared after the sender, so dropped before it: the receiver's wake-up comes after
+            // the mark is cleared (dropped the other way round, the check below raced it).
+            let mut mark = mark;
             mark.set(true);
             std::future::pending::<()>().await;
         };
@@ -387,29 +391,32 @@ mod tests {
         let subscription = serving.block_on(async {
             // 200 records on disk, nothing published yet: a page of 10 is short, one of 140 long.
             let appended = store.append(&(1..=200).map(record).collect::<Vec<_>>(), &[]).unwrap();
-            let (next, made) = next_batch(bulk.handle(), subscription, 10, made_on).await.unwrap();
+            let (next, made) = next_batch(Some(bulk.handle()), subscription, 10, made_on).await.unwrap();
             assert_eq!(made, Some(((1..=10).collect(), here.clone())));
-            let (next, made) = next_batch(bulk.handle(), next, 140, made_on).await.unwrap();
+            let (next, made) = next_batch(Some(bulk.handle()), next, 140, made_on).await.unwrap();
             assert_eq!(made, Some(((11..=150).collect(), "bulk-test".to_owned())));
             feed.publish(&appended.records);
             // 50 left in the ring: few enough to make in line.
-            let (next, made) = next_batch(bulk.handle(), next, 1024, made_on).await.unwrap();
+            let (next, made) = next_batch(Some(bulk.handle()), next, 1024, made_on).await.unwrap();
             assert_eq!(made, Some(((151..=200).collect(), here.clone())));
             let more = store.append(&(201..=300).map(record).collect::<Vec<_>>(), &[]).unwrap();
             feed.publish(&more.records);
             // 100 waiting in the ring: a backlog.
-            let (next, made) = next_batch(bulk.handle(), next, 1024, made_on).await.unwrap();
+            let (next, made) = next_batch(Some(bulk.handle()), next, 1024, made_on).await.unwrap();
             assert_eq!(made, Some(((201..=300).collect(), "bulk-test".to_owned())));
-            let (next, made) = next_batch(bulk.handle(), next, 1024, made_on).await.unwrap();
+            let (next, made) = next_batch(Some(bulk.handle()), next, 1024, made_on).await.unwrap();
             assert_eq!(made, None, "caught up");
             // Committed, not yet published: the ring shows no backlog, and the disk holds 200. A
             // batch made in line is a short one all the same.
             store.append(&(301..=500).map(record).collect::<Vec<_>>(), &[]).unwrap();
-            let (next, made) = next_batch(bulk.handle(), next, 1024, made_on).await.unwrap();
+            let (next, made) = next_batch(Some(bulk.handle()), next, 1024, made_on).await.unwrap();
             assert_eq!(made, Some(((301..=364).collect(), here.clone())));
+            // With no bulk-read threads to use (the server stopping), a backlog is made here.
+            let (next, made) = next_batch(None, next, 1024, made_on).await.unwrap();
+            assert_eq!(made, Some(((365..=500).collect(), here.clone())));
             next
         });
-        assert_eq!(subscription.next_seq(), 365);
+        assert_eq!(subscription.next_seq(), 501);
     }
 
     /// A long batch whose stream is dropped before a bulk-read thread takes it is not made.
@@ -439,7 +446,7 @@ mod tests {
         let serving = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
         let subscription = Subscription::new(store.reader(), LiveFeed::new(1_000), 1);
         let flag = made.clone();
-        let batch = next_batch(bulk.handle(), subscription, 1024, move |_| flag.store(true, Ordering::Release));
+        let batch = next_batch(Some(bulk.handle()), subscription, 1024, move |_| flag.store(true, Ordering::Release));
         let gave_up =
             serving.block_on(async { tokio::time::timeout(std::time::Duration::from_millis(50), batch).await });
         assert!(gave_up.is_err(), "the batch waited for the busy thread and was dropped");

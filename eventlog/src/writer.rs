@@ -1338,6 +1338,72 @@ pub fn put_this_thread_in_the_idle_class() {
     }
 }
 
+/// Threads put in the idle scheduling class that can all be lifted out of it at once: the
+/// server's bulk-read threads, whose work still in flight when it stops (a feed read through the
+/// shutdown's grace, a socket completing its subscriptions) must not wait for CPU that other
+/// processes hold. Under two busy processes a stop cut such a feed short after the whole 10 s
+/// grace (found by a review).
+#[derive(Clone, Default)]
+pub struct IdleClassThreads(Arc<Mutex<IdleThreads>>);
+
+#[derive(Default)]
+struct IdleThreads {
+    /// The threads counted in (Linux thread ids).
+    ids: Vec<i32>,
+    /// Lifted: threads started since stay in the normal class.
+    lifted: bool,
+}
+
+impl IdleClassThreads {
+    /// Puts the calling thread in the idle class (unless the threads were lifted already) and
+    /// counts it in; for a runtime's `on_thread_start`.
+    pub fn enter(&self) {
+        let mut threads = self.0.lock().expect("idle thread ids");
+        if !threads.lifted {
+            put_this_thread_in_the_idle_class();
+        }
+        threads.ids.push(this_thread_id());
+    }
+
+    /// Counts the calling thread out; for a runtime's `on_thread_stop`.
+    pub fn leave(&self) {
+        let id = this_thread_id();
+        self.0.lock().expect("idle thread ids").ids.retain(|t| *t != id);
+    }
+
+    /// Moves every thread counted in to the normal class (`SCHED_OTHER`, at its nice value), and
+    /// threads that start later stay there. Linux lets an unprivileged process leave the idle
+    /// class only as far as its `RLIMIT_NICE` allows (`CAP_SYS_NICE`, or root, always may): the
+    /// first refusal is returned, after every thread was tried.
+    pub fn lift(&self) -> std::io::Result<()> {
+        let mut threads = self.0.lock().expect("idle thread ids");
+        threads.lifted = true;
+        let mut first_error = None;
+        #[cfg(target_os = "linux")]
+        for &id in &threads.ids {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: a plain system call about a thread of this process, with a parameter that
+            // lives across the call.
+            if unsafe { libc::sched_setscheduler(id, libc::SCHED_OTHER, &param) } != 0 {
+                first_error.get_or_insert_with(std::io::Error::last_os_error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+fn this_thread_id() -> i32 {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: no arguments, no memory.
+        unsafe { libc::gettid() }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        0
+    }
+}
+
 impl Snapshotter {
     fn run(self) {
         lower_this_threads_priority(SNAPSHOT_THREAD_NICE_INCREMENT);
