@@ -359,18 +359,9 @@ mod tests {
         assert!(!catching_up.any(), "the dropped work's mark was cleared");
     }
 
-    /// A batch of more than `IN_LINE_BATCH_RECORDS_MAX` records (older ones on disk, or a
-    /// backlog in the ring) is made on the bulk-read threads; a few records of a reader keeping
-    /// up, or a short page, are made where the stream runs. Every record comes once, in order,
-    /// either way.
-    #[test]
-    fn a_backlog_is_made_on_the_bulk_read_threads_and_a_few_records_in_line() {
-        use eventlog::{LiveFeed, LogStore, NewRecord, RedbOptions, RedbStore};
-
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = RedbStore::open(dir.path(), RedbOptions::default()).unwrap();
-        let feed = LiveFeed::new(1_000);
-        let record = |i: u64| NewRecord {
+    /// The `i`th record of a test log, all in one stream.
+    fn record(i: u64) -> eventlog::NewRecord {
+        eventlog::NewRecord {
             stream: b"s".to_vec(),
             command_id: format!("c-{i}"),
             actor: "test".into(),
@@ -378,7 +369,20 @@ mod tests {
             event_type: 1,
             schema_version: 1,
             payload: Vec::new(),
-        };
+        }
+    }
+
+    /// A batch of more than `IN_LINE_BATCH_RECORDS_MAX` records (older ones on disk, or a
+    /// backlog in the ring) is made on the bulk-read threads; a few records of a reader keeping
+    /// up, or a short page, are made where the stream runs. Every record comes once, in order,
+    /// either way.
+    #[test]
+    fn a_backlog_is_made_on_the_bulk_read_threads_and_a_few_records_in_line() {
+        use eventlog::{LiveFeed, LogStore, RedbOptions, RedbStore};
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = RedbStore::open(dir.path(), RedbOptions::default()).unwrap();
+        let feed = LiveFeed::new(1_000);
         let bulk =
             tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("bulk-test").build().unwrap();
         let serving = tokio::runtime::Builder::new_current_thread().build().unwrap();
@@ -422,20 +426,11 @@ mod tests {
     /// A long batch whose stream is dropped before a bulk-read thread takes it is not made.
     #[test]
     fn a_long_batch_dropped_before_it_starts_is_not_made() {
-        use eventlog::{LiveFeed, LogStore, NewRecord, RedbOptions, RedbStore};
+        use eventlog::{LiveFeed, LogStore, RedbOptions, RedbStore};
         use std::sync::atomic::AtomicBool;
 
         let dir = tempfile::tempdir().unwrap();
         let mut store = RedbStore::open(dir.path(), RedbOptions::default()).unwrap();
-        let record = |i: u64| NewRecord {
-            stream: b"s".to_vec(),
-            command_id: format!("c-{i}"),
-            actor: "test".into(),
-            recorded_at_us: i as i64,
-            event_type: 1,
-            schema_version: 1,
-            payload: Vec::new(),
-        };
         store.append(&(1..=500).map(record).collect::<Vec<_>>(), &[]).unwrap();
         let bulk =
             tokio::runtime::Builder::new_multi_thread().worker_threads(1).max_blocking_threads(1).build().unwrap();
