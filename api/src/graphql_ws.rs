@@ -322,18 +322,18 @@ impl Connection {
         }
     }
 
+    /// Whether `id`'s answer going out is its first (a subscription's first event, or a query's
+    /// only answer), remembering it if so.
+    fn remember_first_answer(&self, id: &str) -> bool {
+        let mut answered = self.answered.lock().expect("websocket state");
+        !answered.contains(id) && answered.insert(id.to_owned())
+    }
+
     /// A server message, on its way to the client (or not): a close frame gets the code the
     /// protocol names; an operation refused before it ran (its first answer has errors and no
     /// data, none of them at a path) is an `error` message, and no `complete` follows it, as
     /// graphql-transport-ws says (async-graphql sent a `next` and a `complete`, which clients
     /// take for a result: found by a client-library check).
-    /// Whether `id`'s answer going out is its first (a subscription's first event, or a query's
-    /// only answer), remembering it if so.
-    fn first_answer(&self, id: &str) -> bool {
-        let mut answered = self.answered.lock().expect("websocket state");
-        !answered.contains(id) && answered.insert(id.to_owned())
-    }
-
     fn outgoing(&self, message: Message) -> Option<Message> {
         Some(match message {
             Message::Text(message) => {
@@ -347,9 +347,9 @@ impl Connection {
                         return None;
                     }
                 } else if self.transport_ws
-                    && let Some(rest) = text.strip_prefix(r#"{"type":"next","#)
-                    && let Some(id) = next_id(rest, text)
-                    && self.first_answer(&id)
+                    && text.starts_with(r#"{"type":"next","#)
+                    && let Some(id) = next_id(text)
+                    && self.remember_first_answer(&id)
                     && let Some(errors) = refused_before_running(text)
                 {
                     self.errored.lock().expect("websocket state").insert(id.clone().into_owned());
@@ -376,12 +376,12 @@ impl Connection {
     }
 }
 
-/// The `id` of a `next` message: read from `rest`, what follows its `type`, where async-graphql
-/// writes it (`"id":"…"`, before the payload), without parsing the payload; from the whole
-/// message `text` when it is written otherwise (an escape in it). A subscriber gets one `next`
-/// an event, so this runs for every event sent.
-fn next_id<'a>(rest: &'a str, text: &str) -> Option<std::borrow::Cow<'a, str>> {
-    if let Some(id) = rest.strip_prefix(r#""id":""#).and_then(|id| id.split_once('"')).map(|(id, _)| id)
+/// The `id` of a `next` message `text`: read where async-graphql writes it (`{"type":"next",
+/// "id":"…"`, before the payload) without parsing the payload, or from the whole message when
+/// it is written otherwise (an escape in the id, the fields in another order). A subscriber
+/// gets one `next` an event, so this runs for every event sent.
+fn next_id(text: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if let Some(id) = text.strip_prefix(r#"{"type":"next","id":""#).and_then(|id| id.split_once('"')).map(|(id, _)| id)
         && !id.contains('\\')
     {
         return Some(std::borrow::Cow::Borrowed(id));
@@ -486,12 +486,9 @@ mod tests {
     /// `error` under another id, or pass a refusal as a `next`.
     #[test]
     fn a_next_message_id_is_read_without_parsing_its_payload_and_escapes_are_parsed() {
-        let id = |text: &str| {
-            let rest = text.strip_prefix(r#"{"type":"next","#).unwrap();
-            next_id(rest, text).map(std::borrow::Cow::into_owned)
-        };
+        let id = |text: &str| next_id(text).map(std::borrow::Cow::into_owned);
         let plain = r#"{"type":"next","id":"events-7","payload":{"data":{"events":{"data":{"id":"x\"y"}}}}}"#;
-        assert!(matches!(next_id(&plain[15..], plain), Some(std::borrow::Cow::Borrowed("events-7"))));
+        assert!(matches!(next_id(plain), Some(std::borrow::Cow::Borrowed("events-7"))));
         assert_eq!(id(r#"{"type":"next","id":"a\"b","payload":{}}"#).as_deref(), Some("a\"b"));
         assert_eq!(id(r#"{"type":"next","id":"caf\u00e9","payload":{}}"#).as_deref(), Some("café"));
         assert_eq!(id(r#"{"type":"next","payload":{},"id":"late"}"#).as_deref(), Some("late"));

@@ -639,9 +639,10 @@ fn feed_stream(
     let fail = |message: String| -> Option<(Result<Bytes, std::io::Error>, Next)> {
         Some((Err(std::io::Error::other(message)), None))
     };
-    let (bulk_reads, lines) = (state.bulk_reads.clone(), state.feed_lines.clone());
+    let (bulk_reads, lines, server_stopping) =
+        (state.bulk_reads.clone(), state.feed_lines.clone(), state.stopping.clone());
     futures_util::stream::unfold(Some((subscription, 0u64, stopping)), move |state| {
-        let (bulk_reads, lines) = (bulk_reads.clone(), lines.clone());
+        let (bulk_reads, lines, server_stopping) = (bulk_reads.clone(), lines.clone(), server_stopping.clone());
         async move {
             let (mut sub, sent, mut stopping) = state?;
             loop {
@@ -652,8 +653,9 @@ fn feed_stream(
                 let lines = lines.clone();
                 let encode = move |batch: Vec<StoredRecord>| encode_feed_batch(&batch, sse, &lines);
                 // Once the server stops, a feed reading on through the grace makes its batches
-                // here: the bulk-read threads may get no CPU while other processes want it.
-                let bulk_reads = (!*stopping.borrow()).then_some(&bulk_reads);
+                // here: the bulk-read threads may get no CPU while other processes want it. (Not
+                // once its token is revoked, which `stopping` also says: it reads on as before.)
+                let bulk_reads = (!*server_stopping.borrow()).then_some(&bulk_reads);
                 let made = match crate::streams::next_batch(bulk_reads, sub, max, encode).await {
                     Ok((next, made)) => {
                         sub = next;

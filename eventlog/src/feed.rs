@@ -184,7 +184,8 @@ impl Subscription {
     }
 
     /// Whether at least `records` records wait for this subscription: in the ring, or older
-    /// ones on disk (also when nothing was published since the log was opened, so how many is
+    /// ones on disk. Before the first publish, those up to the head the feed was made after
+    /// (`LiveFeed::after`); always, if it was made without one (`LiveFeed::new`: how many is
     /// not known). A consumer that serves other work on its threads (an HTTP server's feeds)
     /// makes a long batch elsewhere: a full batch read from disk or encoded takes milliseconds.
     pub fn has_backlog_of(&self, records: u64) -> bool {

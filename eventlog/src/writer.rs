@@ -1357,7 +1357,7 @@ struct IdleThreads {
 impl IdleClassThreads {
     /// Puts the calling thread in the idle class (unless the threads were lifted already) and
     /// counts it in; for a runtime's `on_thread_start`.
-    pub fn enter(&self) {
+    pub fn enter_this_thread(&self) {
         let mut threads = self.0.lock().expect("idle thread ids");
         if !threads.lifted {
             put_this_thread_in_the_idle_class();
@@ -1366,28 +1366,32 @@ impl IdleClassThreads {
     }
 
     /// Counts the calling thread out; for a runtime's `on_thread_stop`.
-    pub fn leave(&self) {
+    pub fn leave_this_thread(&self) {
         let id = this_thread_id();
         self.0.lock().expect("idle thread ids").ids.retain(|t| *t != id);
     }
 
     /// Moves every thread counted in to the normal class (`SCHED_OTHER`, at its nice value), and
-    /// threads that start later stay there. Linux lets an unprivileged process leave the idle
-    /// class only as far as its `RLIMIT_NICE` allows (`CAP_SYS_NICE`, or root, always may): the
-    /// first refusal is returned, after every thread was tried.
+    /// threads that start later stay there. Linux lets a thread leave the idle class only with
+    /// `CAP_SYS_NICE` (which root has, unless its container drops it) or an `RLIMIT_NICE` of 20:
+    /// the first refusal is returned, after every thread was tried.
     pub fn lift(&self) -> std::io::Result<()> {
         let mut threads = self.0.lock().expect("idle thread ids");
         threads.lifted = true;
-        let mut first_error = None;
         #[cfg(target_os = "linux")]
-        for &id in &threads.ids {
-            let param = libc::sched_param { sched_priority: 0 };
-            // SAFETY: a plain system call about a thread of this process, with a parameter that
-            // lives across the call.
-            if unsafe { libc::sched_setscheduler(id, libc::SCHED_OTHER, &param) } != 0 {
-                first_error.get_or_insert_with(std::io::Error::last_os_error);
-            }
-        }
+        let first_error = threads
+            .ids
+            .iter()
+            .filter_map(|&id| {
+                let param = libc::sched_param { sched_priority: 0 };
+                // SAFETY: a plain system call about a thread of this process, with a parameter
+                // that lives across the call.
+                let refused = unsafe { libc::sched_setscheduler(id, libc::SCHED_OTHER, &param) } != 0;
+                refused.then(std::io::Error::last_os_error)
+            })
+            .fold(None, |first, error| first.or(Some(error)));
+        #[cfg(not(target_os = "linux"))]
+        let first_error = None;
         first_error.map_or(Ok(()), Err)
     }
 }
