@@ -60,35 +60,17 @@ pub async fn next_batch<T: Send + 'static>(
         return Ok((subscription, made));
     };
     // A batch whose stream was dropped (its client went away) before a thread took it is not
-    // made: a client connecting and leaving in a loop queued a long batch each time.
-    let wanted = WantedUntilDropped::default();
-    let still_wanted = wanted.0.clone();
-    let work = bulk_reads.spawn_blocking(move || {
-        let made = if still_wanted.load(Ordering::Acquire) { made_of(&mut subscription, max) } else { Ok(None) };
+    // made: a client connecting and leaving in a loop queued a long batch each time. (Aborting
+    // blocking work keeps it from starting; once started, it runs to its end.)
+    let work = AbortOnDrop(bulk_reads.spawn_blocking(move || {
+        let made = made_of(&mut subscription, max);
         (subscription, made)
-    });
-    let done = work.await;
-    drop(wanted);
-    match done {
+    }));
+    match work.await {
         Ok((subscription, Ok(made))) => Ok((subscription, made)),
         Ok((_, Err(error))) => Err(error.to_string()),
         Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
         Err(_) => Err("the server is shutting down".to_owned()),
-    }
-}
-
-/// True until dropped: tells work queued for a future whether the future still waits for it.
-struct WantedUntilDropped(Arc<std::sync::atomic::AtomicBool>);
-
-impl Default for WantedUntilDropped {
-    fn default() -> Self {
-        Self(Arc::new(std::sync::atomic::AtomicBool::new(true)))
-    }
-}
-
-impl Drop for WantedUntilDropped {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -180,7 +162,8 @@ where
 }
 
 /// A task aborted when its handle is dropped: the socket's task may be dropped while its work is
-/// away on the bulk-read threads, and the work must not go on serving a socket nobody holds.
+/// away on the bulk-read threads, and the work must not go on serving a socket nobody holds; a
+/// long batch queued for a stream that was dropped is not made.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
 impl<T> Future for AbortOnDrop<T> {

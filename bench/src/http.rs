@@ -72,13 +72,17 @@ impl Conn {
     /// GETs `path` and returns the status and the body as it streams in (an event feed that
     /// follows the log).
     pub async fn get_streaming(&mut self, path: &str) -> Result<(StatusCode, hyper::body::Incoming)> {
-        let request = self.request(Method::GET, path, Bytes::new())?;
-        self.sender.ready().await.map_err(|e| anyhow!("connection to the server closed: {e}"))?;
-        let response = self.sender.send_request(request).await.map_err(|e| anyhow!("HTTP request {path}: {e}"))?;
+        let response = self.response(Method::GET, path, Bytes::new()).await?;
         Ok((response.status(), response.into_body()))
     }
 
-    fn request(&self, method: Method, path: &str, body: Bytes) -> Result<Request<Full<Bytes>>> {
+    /// Sends a request on this connection and returns the answer's head, its body unread.
+    async fn response(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<hyper::Response<hyper::body::Incoming>> {
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = method;
         *request.uri_mut() = path.parse().with_context(|| format!("parse the path {path:?}"))?;
@@ -86,13 +90,12 @@ impl Conn {
         headers.insert(HOST, self.target.host.clone());
         headers.insert(AUTHORIZATION, self.target.bearer.clone());
         headers.insert(CONTENT_TYPE, JSON.clone());
-        Ok(request)
+        self.sender.ready().await.map_err(|e| anyhow!("connection to the server closed: {e}"))?;
+        self.sender.send_request(request).await.map_err(|e| anyhow!("HTTP request {path}: {e}"))
     }
 
     async fn send(&mut self, method: Method, path: &str, body: Bytes) -> Result<(StatusCode, Bytes)> {
-        let request = self.request(method, path, body)?;
-        self.sender.ready().await.map_err(|e| anyhow!("connection to the server closed: {e}"))?;
-        let response = self.sender.send_request(request).await.map_err(|e| anyhow!("HTTP request {path}: {e}"))?;
+        let response = self.response(method, path, body).await?;
         let status = response.status();
         let bytes = response.into_body().collect().await.map_err(|e| anyhow!("read the answer to {path}: {e}"))?;
         Ok((status, bytes.to_bytes()))

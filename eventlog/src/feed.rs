@@ -192,10 +192,9 @@ impl Subscription {
         let ring = self.feed.inner.ring.lock();
         match ring.records.front() {
             Some(front) if self.next_seq < front.seq => true,
-            Some(_) => (ring.last_seq + 1).saturating_sub(self.next_seq) >= records,
-            // Nothing published yet: behind by what is not read up to the head, if it is known.
-            None if ring.last_seq > 0 => (ring.last_seq + 1).saturating_sub(self.next_seq) >= records,
-            None => true,
+            // Nothing published to a feed made without the head: how many is not known.
+            None if ring.last_seq == 0 => true,
+            _ => (ring.last_seq + 1).saturating_sub(self.next_seq) >= records,
         }
     }
 

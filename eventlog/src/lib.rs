@@ -55,5 +55,4 @@ pub use verify::{Problem, ProblemKind, VerifyReport, verify};
 pub use writer::{
     Acknowledgement, CommandResult, Envelope, Health, IdleClassThreads, ReadyWork, SNAPSHOT_THREAD_NICE_INCREMENT,
     Scope, SeqRange, StartError, Startup, WriteError, Writer, WriterConfig, WriterHandle, lower_this_threads_priority,
-    put_this_thread_in_the_idle_class,
 };

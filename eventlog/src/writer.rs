@@ -1328,7 +1328,7 @@ pub fn lower_this_threads_priority(increment: i32) {
 /// takes the core from it at once, where a thread at nice 19 still holds it until the
 /// scheduler's next decision. For work whose only cost of waiting is its own delay. Best
 /// effort: a failure leaves the thread at its priority.
-pub fn put_this_thread_in_the_idle_class() {
+fn put_this_thread_in_the_idle_class() {
     #[cfg(target_os = "linux")]
     // SAFETY: a plain system call about the calling thread's own id, with a parameter that
     // lives across the call.
