@@ -269,6 +269,7 @@ impl Row {
             "client_cpu_pct": r(self.cpu.client_pct),
             "server_cpu_pct": self.cpu.server_pct.map(r),
             "machine_cpu_pct": self.cpu.machine_pct.map(r),
+            "machine_steal_pct": self.cpu.steal_pct.map(r),
         });
         if let Some(per_task) = self.http_requests_per_task() {
             v["http_requests_per_task"] = json!(r(per_task));
@@ -958,6 +959,9 @@ fn print_table(args: &Args, rows: &[Row], storage: Option<&StorageFloor>) {
         }
         if let Some(m) = r.cpu.machine_pct {
             notes.push(format!("machine cpu {m:.0}% of 1 core"));
+        }
+        if let Some(steal) = r.cpu.steal_pct.filter(|steal| *steal >= 0.5) {
+            notes.push(format!("the host took {steal:.0}% of 1 core for other guests (steal)"));
         }
         if !r.tally.create_from_schedule.latency_us.is_empty() {
             let (s, l) = (&r.tally.create_from_schedule, &r.tally.send_late);

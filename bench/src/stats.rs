@@ -337,14 +337,29 @@ pub fn thread_cpu_s(pid: u32) -> BTreeMap<String, f64> {
     by_name
 }
 
-/// Busy CPU seconds of the whole machine (every core), from /proc/stat.
-pub fn machine_busy_s() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().next()?;
-    let values: Vec<f64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
-    // user nice system idle iowait irq softirq steal ...: busy is all but idle and iowait.
-    let busy: f64 = values.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
-    Some(busy / clock_ticks_per_s())
+/// CPU seconds of the whole machine (every core) since boot, from /proc/stat.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MachineCpu {
+    /// What this machine's own processes and kernel ran: user, nice, system, irq and softirq.
+    pub busy_s: f64,
+    /// Time this VM's cores wanted to run and the host gave to other guests. Not work done
+    /// here, so not in `busy_s`: counted there, a noisy neighbour made every task look dearer.
+    pub steal_s: f64,
+}
+
+pub fn machine_cpu() -> Option<MachineCpu> {
+    parse_machine_cpu(&std::fs::read_to_string("/proc/stat").ok()?, clock_ticks_per_s())
+}
+
+/// The `cpu` line of /proc/stat: user nice system idle iowait irq softirq steal guest
+/// guest_nice, in clock ticks. Idle and iowait are not busy; guest and guest_nice are already
+/// in user and nice (proc(5)), so adding them would count them twice.
+fn parse_machine_cpu(stat: &str, ticks_per_s: f64) -> Option<MachineCpu> {
+    let line = stat.lines().find(|line| line.starts_with("cpu "))?;
+    let values: Vec<f64> = line.split_whitespace().skip(1).map(|v| v.parse().ok()).collect::<Option<_>>()?;
+    let tick = |i: usize| values.get(i).copied().unwrap_or(0.0);
+    let busy = tick(0) + tick(1) + tick(2) + tick(5) + tick(6);
+    Some(MachineCpu { busy_s: busy / ticks_per_s, steal_s: tick(7) / ticks_per_s })
 }
 
 /// CPU used over a stretch of wall time, by the bench, the server (if any)
@@ -354,7 +369,7 @@ pub struct CpuMeter {
     client: f64,
     server: Option<(u32, f64)>,
     server_threads: BTreeMap<String, f64>,
-    machine: Option<f64>,
+    machine: Option<MachineCpu>,
 }
 
 /// CPU as a percentage of one core over the measured stretch.
@@ -365,7 +380,10 @@ pub struct CpuUse {
     /// The server's threads by name (see [`thread_cpu_s`]), busiest first; those under 0.5 %
     /// left out.
     pub server_threads: Vec<(String, f64)>,
+    /// The machine's busy CPU, steal left out (see [`MachineCpu`]).
     pub machine_pct: Option<f64>,
+    /// CPU the host took from this VM's cores for other guests.
+    pub steal_pct: Option<f64>,
 }
 
 impl CpuMeter {
@@ -375,7 +393,7 @@ impl CpuMeter {
             client: self_cpu_s(),
             server: server_pid.and_then(|pid| Some((pid, process_cpu_s(pid)?))),
             server_threads: server_pid.map(thread_cpu_s).unwrap_or_default(),
-            machine: machine_busy_s(),
+            machine: machine_cpu(),
         }
     }
     pub fn finish(&self) -> CpuUse {
@@ -393,11 +411,31 @@ impl CpuMeter {
             None => Vec::new(),
         };
         server_threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let machine = self.machine.zip(machine_cpu());
         CpuUse {
             client_pct: pct(self_cpu_s() - self.client),
             server_pct: self.server.and_then(|(pid, before)| Some(pct(process_cpu_s(pid)? - before))),
             server_threads,
-            machine_pct: self.machine.and_then(|before| Some(pct(machine_busy_s()? - before))),
+            machine_pct: machine.map(|(before, after)| pct(after.busy_s - before.busy_s)),
+            steal_pct: machine.map(|(before, after)| pct(after.steal_s - before.steal_s)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_machine_is_busy_with_its_own_work_and_steal_and_guest_time_are_not_counted_in_it() {
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let stat = "cpu  1000 20 300 5000 40 6 70 800 900 9\ncpu0 500 10 150 2500 20 3 35 400 450 4\n";
+        let cpu = parse_machine_cpu(stat, 100.0).expect("a cpu line");
+        assert_eq!(cpu, MachineCpu { busy_s: (1000.0 + 20.0 + 300.0 + 6.0 + 70.0) / 100.0, steal_s: 8.0 });
+        // Kernels before 2.6.11 stop after irq and softirq: no steal.
+        let old = parse_machine_cpu("cpu  10 0 10 100 0 0 0\n", 100.0).expect("a cpu line");
+        assert_eq!(old, MachineCpu { busy_s: 0.2, steal_s: 0.0 });
+        assert_eq!(parse_machine_cpu("intr 1 2 3\n", 100.0), None);
+        assert_eq!(parse_machine_cpu("cpu  10 x 10\n", 100.0), None);
     }
 }
