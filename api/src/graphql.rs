@@ -28,7 +28,7 @@ use projections::query::{AuditEntry, Dashboard, DeadLetter, Page, TaskSummary, W
 
 use crate::auth::{HasTokens, Permission, Principal};
 use crate::commands::{self, AsOf, Caller};
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiResult};
 use crate::readmodels::{self, AuditArgs, ListArgs};
 use crate::server::AppState;
 use crate::streams::{CatchUpMark, CatchingUp};
@@ -433,6 +433,16 @@ fn caller<'a>(ctx: &Context<'a>, command_id: Option<String>) -> async_graphql::R
     Ok(Caller::new(who(ctx)?, command_id)?)
 }
 
+/// Runs a mutation's one command as the caller, under its `commandId`, as REST runs a route's.
+async fn run(
+    ctx: &Context<'_>,
+    command_id: Option<String>,
+    permission: Permission,
+    command: ApiResult<domain::Command>,
+) -> async_graphql::Result<CommandResponse> {
+    Ok(commands::run(state(ctx), &caller(ctx, command_id)?, permission, command).await?)
+}
+
 #[Object]
 impl MutationRoot {
     async fn create_task(
@@ -470,7 +480,7 @@ impl MutationRoot {
         command_id: Option<String>,
     ) -> async_graphql::Result<CommandResponse> {
         let command = commands::cancel(&id, Some(ReasonRequest { reason }));
-        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Cancel, command).await?)
+        run(ctx, command_id, Permission::Cancel, command).await
     }
 
     async fn give_up_task(
@@ -481,7 +491,7 @@ impl MutationRoot {
         command_id: Option<String>,
     ) -> async_graphql::Result<CommandResponse> {
         let command = commands::give_up(&id, Some(ReasonRequest { reason }));
-        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Operate, command).await?)
+        run(ctx, command_id, Permission::Operate, command).await
     }
 
     async fn heartbeat(
@@ -493,7 +503,7 @@ impl MutationRoot {
         command_id: Option<String>,
     ) -> async_graphql::Result<CommandResponse> {
         let command = commands::heartbeat(&task_id, &step, input);
-        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Work, command).await?)
+        run(ctx, command_id, Permission::Work, command).await
     }
 
     async fn complete_step(
@@ -505,7 +515,7 @@ impl MutationRoot {
         command_id: Option<String>,
     ) -> async_graphql::Result<CommandResponse> {
         let command = commands::complete(&task_id, &step, input);
-        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Work, command).await?)
+        run(ctx, command_id, Permission::Work, command).await
     }
 
     /// Completes several leased steps, each its own command, in one commit; each result says
@@ -528,7 +538,7 @@ impl MutationRoot {
         command_id: Option<String>,
     ) -> async_graphql::Result<CommandResponse> {
         let command = commands::fail(&task_id, &step, input);
-        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Work, command).await?)
+        run(ctx, command_id, Permission::Work, command).await
     }
 
     async fn release_step(
@@ -540,7 +550,7 @@ impl MutationRoot {
         command_id: Option<String>,
     ) -> async_graphql::Result<CommandResponse> {
         let command = commands::release(&task_id, &step, input);
-        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Work, command).await?)
+        run(ctx, command_id, Permission::Work, command).await
     }
 
     async fn add_steps(
@@ -552,7 +562,7 @@ impl MutationRoot {
         command_id: Option<String>,
     ) -> async_graphql::Result<CommandResponse> {
         let command = commands::add_steps(&task_id, &step, input);
-        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Work, command).await?)
+        run(ctx, command_id, Permission::Work, command).await
     }
 
     async fn retry_step(
@@ -564,7 +574,7 @@ impl MutationRoot {
         command_id: Option<String>,
     ) -> async_graphql::Result<CommandResponse> {
         let command = commands::retry(&task_id, &step, Some(RetryStepRequest { reset_attempts }));
-        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Operate, command).await?)
+        run(ctx, command_id, Permission::Operate, command).await
     }
 
     async fn resolve_step(
@@ -576,7 +586,7 @@ impl MutationRoot {
         command_id: Option<String>,
     ) -> async_graphql::Result<CommandResponse> {
         let command = commands::resolve(&task_id, &step, input);
-        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Operate, command).await?)
+        run(ctx, command_id, Permission::Operate, command).await
     }
 
     async fn pause_queue(
@@ -585,8 +595,7 @@ impl MutationRoot {
         namespace: String,
         command_id: Option<String>,
     ) -> async_graphql::Result<CommandResponse> {
-        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Operate, commands::pause(&namespace))
-            .await?)
+        run(ctx, command_id, Permission::Operate, commands::pause(&namespace)).await
     }
 
     async fn resume_queue(
@@ -595,8 +604,7 @@ impl MutationRoot {
         namespace: String,
         command_id: Option<String>,
     ) -> async_graphql::Result<CommandResponse> {
-        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Operate, commands::resume(&namespace))
-            .await?)
+        run(ctx, command_id, Permission::Operate, commands::resume(&namespace)).await
     }
 
     async fn set_queue_concurrency(
@@ -607,7 +615,7 @@ impl MutationRoot {
         command_id: Option<String>,
     ) -> async_graphql::Result<CommandResponse> {
         let command = commands::concurrency(&namespace, ConcurrencyRequest { limit });
-        Ok(commands::run(state(ctx), &caller(ctx, command_id)?, Permission::Operate, command).await?)
+        run(ctx, command_id, Permission::Operate, command).await
     }
 }
 

@@ -345,9 +345,6 @@ async fn pause_queue(
     who: Principal,
     h: HeaderMap,
     Path(namespace): Path<String>,
-    // Read whole, so the connection stays usable (unread, a body sent after the headers made
-    // the server close the connection under the client: found by a black-box check), and no
-    // body or an empty object, like any route's junk.
     MaybeJson(_): MaybeJson<NoFields>,
 ) -> ApiResult<AxumJson<CommandResponse>> {
     run(&s, &who, &h, Permission::Operate, commands::pause(&namespace)).await
@@ -358,9 +355,6 @@ async fn resume_queue(
     who: Principal,
     h: HeaderMap,
     Path(namespace): Path<String>,
-    // Read whole, so the connection stays usable (unread, a body sent after the headers made
-    // the server close the connection under the client: found by a black-box check), and no
-    // body or an empty object, like any route's junk.
     MaybeJson(_): MaybeJson<NoFields>,
 ) -> ApiResult<AxumJson<CommandResponse>> {
     run(&s, &who, &h, Permission::Operate, commands::resume(&namespace)).await
@@ -418,7 +412,10 @@ struct TaskQuery {
 #[serde(deny_unknown_fields)]
 struct NoQuery {}
 
-/// A body that names no field (`{}`).
+/// A body that names no field (`{}`), for the routes that take none (pause, resume). It is
+/// read whole, so the connection stays usable (left unread, a body sent after the headers made
+/// the server close the connection under the client: found by a black-box check), and anything
+/// but no body or an empty object is refused, like any route's junk.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NoFields {}
