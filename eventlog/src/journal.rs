@@ -146,12 +146,17 @@ pub fn read_kept(paths: &[PathBuf], in_use: Option<u64>, loss: JournalLoss) -> R
             Some(_) if contents.is_none() => "has no header (wiped, or replaced)".to_owned(),
             Some(_) => continue,
         };
-        let error = OpenError::JournalLost { path: path.clone(), problem };
         match loss {
-            JournalLoss::Refuse => return Err(error),
+            JournalLoss::Refuse => return Err(OpenError::JournalLost { path: path.clone(), problem }),
             JournalLoss::Accept => {
-                tracing::warn!("accepted (--accept-journal-loss): {error}");
-                accepted.push(error.to_string());
+                // What was given up, not the refusal's advice to pass the flag that was passed.
+                let lost = format!(
+                    "write-ahead journal {} {problem}, though the log file was last written through it and not \
+                     closed cleanly: the records acknowledged since the last checkpoint that only it held are lost",
+                    path.display()
+                );
+                tracing::warn!("accepted (--accept-journal-loss): {lost}");
+                accepted.push(lost);
             }
         }
     }

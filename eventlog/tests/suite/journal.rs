@@ -443,7 +443,15 @@ fn a_journal_deleted_wiped_or_cut_after_a_crash_is_refused_until_its_loss_is_acc
                 assert!(error.contains(journal) && error.contains(problem), "{journal} {name}: {error}");
                 assert!(error.contains("--accept-journal-loss"), "{error}");
             }
-            // Accepted: what the files hold. The frames were all in the first journal.
+            // Accepted: what the files hold. The frames were all in the first journal. The loss
+            // is reported as what was given up, not as the refusal's advice to pass the flag.
+            let (_, losses) =
+                LogReader::open_repaired_with(&image.path().join("ledger.redb"), JournalLoss::Accept).unwrap();
+            assert!(
+                losses.iter().any(|lost| lost.contains(journal) && lost.contains(problem) && lost.contains("are lost")),
+                "{journal} {name}: {losses:?}"
+            );
+            assert!(losses.iter().all(|lost| !lost.contains("--accept-journal-loss")), "{losses:?}");
             let kept = if journal == JOURNAL_FILE_NAME && !frames_survive { 1 } else { head };
             for (i, opened) in opens(image.path(), JournalLoss::Accept).into_iter().enumerate() {
                 assert_eq!(opened, Ok(kept), "{journal} {name}: open #{i} with the loss accepted");
