@@ -446,7 +446,7 @@ fn a_journal_deleted_wiped_or_cut_after_a_crash_is_refused_until_its_loss_is_acc
             // Accepted: what the files hold. The frames were all in the first journal. The loss
             // is reported as what was given up, not as the refusal's advice to pass the flag.
             let (_, losses) =
-                LogReader::open_repaired_with(&image.path().join("ledger.redb"), JournalLoss::Accept).unwrap();
+                LogReader::open_repaired_with(image.path().join("ledger.redb"), JournalLoss::Accept).unwrap();
             assert!(
                 losses.iter().any(|lost| lost.contains(journal) && lost.contains(problem) && lost.contains("are lost")),
                 "{journal} {name}: {losses:?}"
