@@ -238,31 +238,71 @@ pub async fn tasks(store: &Store, filter: &TaskFilter, request: &PageRequest) ->
     let after = parse_seq_cursor(&request.after)?;
     let limit = request.limit();
     let items: Vec<TaskSummary> = on_backend!(store, pool => {
-        let mut q = QueryBuilder::new(format!("SELECT {TASK_COLUMNS} FROM "));
-        match &filter.tag {
-            Some(tag) => {
-                q.push("task_tags g JOIN tasks t ON t.task_id = g.task_id WHERE g.tag = ");
-                q.push_bind(tag.clone());
-                q.push(" AND g.created_seq > ");
-            }
-            None => {
-                q.push("tasks t WHERE t.created_seq > ");
-            }
-        }
-        q.push_bind(after);
-        if let Some(namespace) = &filter.namespace {
-            q.push(" AND t.namespace = ");
-            q.push_bind(namespace.clone());
-        }
-        if let Some(state) = &filter.state {
-            q.push(" AND t.state = ");
-            q.push_bind(state.clone());
-        }
-        q.push(" ORDER BY t.created_seq LIMIT ");
-        q.push_bind(limit + 1);
+        let mut q = QueryBuilder::new("");
+        push_tasks_query(&mut q, filter, after, limit);
         q.build_query_as().fetch_all(pool).await?
     });
     Ok(page(items, limit, |t| t.created_seq.to_string()))
+}
+
+/// The database's plan for the first page of [`tasks`] under `filter`, a line a step
+/// (SQLite's `EXPLAIN QUERY PLAN` details, PostgreSQL's `EXPLAIN`): what a reader of a large
+/// store pays for the view, shown without running it.
+pub async fn tasks_plan(store: &Store, filter: &TaskFilter) -> Result<Vec<String>, QueryError> {
+    check_task_state(&filter.state)?;
+    let limit = PageRequest::first(0).limit();
+    let lines = match store {
+        Store::Sqlite(pool, _) => {
+            let mut q = QueryBuilder::new("EXPLAIN QUERY PLAN ");
+            push_tasks_query(&mut q, filter, i64::MIN, limit);
+            let rows: Vec<(i64, i64, i64, String)> = q.build_query_as().fetch_all(pool).await?;
+            rows.into_iter().map(|(_, _, _, detail)| detail).collect()
+        }
+        Store::Postgres(pool) => {
+            let mut q = QueryBuilder::new("EXPLAIN ");
+            push_tasks_query(&mut q, filter, i64::MIN, limit);
+            let rows: Vec<(String,)> = q.build_query_as().fetch_all(pool).await?;
+            rows.into_iter().map(|(line,)| line).collect()
+        }
+    };
+    Ok(lines)
+}
+
+/// Appends the `tasks` query to `q`. With a tag, the tag table leads and orders the page: its
+/// key is (tag, created_seq), so a page reads as many of the tag's rows as it shows. Ordered by
+/// the tasks table's `created_seq` instead (the same value), the database read every task of
+/// the tag and sorted them before the first row came out: 0.7 s for one page of a tag on 2.1M
+/// events (found by a churn soak, 2026-12-07).
+fn push_tasks_query<DB>(q: &mut QueryBuilder<DB>, filter: &TaskFilter, after: i64, limit: i64)
+where
+    DB: sqlx::Database,
+    String: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    q.push(format!("SELECT {TASK_COLUMNS} FROM "));
+    let order = match &filter.tag {
+        Some(tag) => {
+            q.push("task_tags g JOIN tasks t ON t.task_id = g.task_id WHERE g.tag = ");
+            q.push_bind(tag.clone());
+            q.push(" AND g.created_seq > ");
+            "g.created_seq"
+        }
+        None => {
+            q.push("tasks t WHERE t.created_seq > ");
+            "t.created_seq"
+        }
+    };
+    q.push_bind(after);
+    if let Some(namespace) = &filter.namespace {
+        q.push(" AND t.namespace = ");
+        q.push_bind(namespace.clone());
+    }
+    if let Some(state) = &filter.state {
+        q.push(" AND t.state = ");
+        q.push_bind(state.clone());
+    }
+    q.push(format!(" ORDER BY {order} LIMIT "));
+    q.push_bind(limit + 1);
 }
 
 // ----- queue -----
