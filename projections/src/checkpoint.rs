@@ -247,10 +247,29 @@ pub async fn create_indexes(store: &Store, kind: ProjectorKind, checkpoint: &Che
         sql::execute(&mut tx, &format!("DROP TABLE IF EXISTS {}", unlogged_marker(kind, &checkpoint.table_suffix)))
             .await?;
     }
+    create_each_index(&mut tx, kind, checkpoint).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The generation's secondary indexes, each created unless it exists.
+async fn create_each_index(tx: &mut StoreTx, kind: ProjectorKind, checkpoint: &Checkpoint) -> Result<(), ApplyError> {
     for statement in kind.index_ddl(tx.backend(), &checkpoint.table_suffix, checkpoint.generation) {
-        let statement = statement.replacen("INDEX ", "INDEX IF NOT EXISTS ", 1);
-        sql::execute(&mut tx, &statement).await?;
+        sql::execute(tx, &statement.replacen("INDEX ", "INDEX IF NOT EXISTS ", 1)).await?;
     }
+    Ok(())
+}
+
+/// Creates the indexes this version keeps that an older one did not give this generation
+/// (idempotent): a live projector runs it as it loads, so an upgraded store has them at once
+/// rather than at its next rebuild. Each is built over the rows the table holds then.
+pub async fn create_missing_indexes(
+    store: &Store,
+    kind: ProjectorKind,
+    checkpoint: &Checkpoint,
+) -> Result<(), ApplyError> {
+    let mut tx = store.begin().await?;
+    create_each_index(&mut tx, kind, checkpoint).await?;
     tx.commit().await?;
     Ok(())
 }

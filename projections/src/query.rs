@@ -245,22 +245,46 @@ pub async fn tasks(store: &Store, filter: &TaskFilter, request: &PageRequest) ->
     Ok(page(items, limit, |t| t.created_seq.to_string()))
 }
 
-/// The database's plan for the first page of [`tasks`] under `filter`, a line a step
-/// (SQLite's `EXPLAIN QUERY PLAN` details, PostgreSQL's `EXPLAIN`): what a reader of a large
-/// store pays for the view, shown without running it.
-pub async fn tasks_plan(store: &Store, filter: &TaskFilter) -> Result<Vec<String>, QueryError> {
-    check_task_state(&filter.state)?;
-    let limit = PageRequest::first(0).limit();
+/// A view's query whose plan [`plan`] shows.
+#[derive(Clone, Copy, Debug)]
+pub enum PlannedView<'a> {
+    /// [`tasks`] under a filter.
+    Tasks(&'a TaskFilter),
+    /// [`queue`] of a namespace and a state, each optional.
+    Queue { namespace: Option<&'a str>, state: Option<&'a str> },
+}
+
+/// The database's plan for the first page of a view, a line a step (SQLite's `EXPLAIN QUERY
+/// PLAN` details, PostgreSQL's `EXPLAIN`): what a reader of a large store pays for it, shown
+/// without running it.
+pub async fn plan(store: &Store, view: PlannedView<'_>) -> Result<Vec<String>, QueryError> {
+    fn push<DB>(q: &mut QueryBuilder<DB>, view: PlannedView<'_>)
+    where
+        DB: sqlx::Database,
+        String: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+        i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+        Uuid: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    {
+        let limit = PageRequest::first(0).limit();
+        match view {
+            PlannedView::Tasks(filter) => push_tasks_query(q, filter, i64::MIN, limit),
+            PlannedView::Queue { namespace, state } => push_queue_query(q, namespace, state, None, limit),
+        }
+    }
+    match view {
+        PlannedView::Tasks(filter) => check_task_state(&filter.state)?,
+        PlannedView::Queue { state, .. } => check_step_state(&state.map(str::to_owned))?,
+    }
     let lines = match store {
         Store::Sqlite(pool, _) => {
             let mut q = QueryBuilder::new("EXPLAIN QUERY PLAN ");
-            push_tasks_query(&mut q, filter, i64::MIN, limit);
+            push(&mut q, view);
             let rows: Vec<(i64, i64, i64, String)> = q.build_query_as().fetch_all(pool).await?;
             rows.into_iter().map(|(_, _, _, detail)| detail).collect()
         }
         Store::Postgres(pool) => {
             let mut q = QueryBuilder::new("EXPLAIN ");
-            push_tasks_query(&mut q, filter, i64::MIN, limit);
+            push(&mut q, view);
             let rows: Vec<(String,)> = q.build_query_as().fetch_all(pool).await?;
             rows.into_iter().map(|(line,)| line).collect()
         }
@@ -346,18 +370,41 @@ pub async fn queue(
     let after = parse_step_cursor(&request.after)?;
     let limit = request.limit();
     let items: Vec<QueueEntry> = on_backend!(store, pool => {
-        let mut q = QueryBuilder::new(
-            "SELECT task_id, step_index, namespace, task_name, step_name, handler, state, priority, run_at_us, \
-             attempts, max_attempts, worker, lease_deadline_us, retry_at_us, enqueued_at_us, sort_key_us \
-             FROM queue WHERE 1 = 1",
-        );
+        let mut q = QueryBuilder::new("");
+        push_queue_query(&mut q, namespace, state, after, limit);
+        q.build_query_as().fetch_all(pool).await?
+    });
+    Ok(page(items, limit, |e| step_cursor(e.sort_key_us, &e.task_id, e.step_index)))
+}
+
+const QUEUE_COLUMNS: &str = "task_id, step_index, namespace, task_name, step_name, handler, state, priority, \
+     run_at_us, attempts, max_attempts, worker, lease_deadline_us, retry_at_us, enqueued_at_us, sort_key_us";
+const QUEUE_ORDER: &str = " ORDER BY sort_key_us, task_id, step_index LIMIT ";
+
+/// Appends the `queue` query to `q`. Each page reads at most a page of rows from each index it
+/// searches, whatever the queue's size: with a state, the index on (namespace, state, key) or
+/// on (state, key) gives the rows in page order; without one, a page of each state the queue
+/// holds (the five that are not final) is read that way and the five merged. Sorting every row
+/// of a namespace, or of the whole queue, took seconds a page once the backlog reached a
+/// million steps, when an operator reads this view most.
+fn push_queue_query<DB>(
+    q: &mut QueryBuilder<DB>,
+    namespace: Option<&str>,
+    state: Option<&str>,
+    after: Option<(i64, Uuid, i64)>,
+    limit: i64,
+) where
+    DB: sqlx::Database,
+    String: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    Uuid: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    let one_state = |q: &mut QueryBuilder<DB>, state: &str| {
+        q.push(format!("SELECT {QUEUE_COLUMNS} FROM queue WHERE state = "));
+        q.push_bind(state.to_owned());
         if let Some(namespace) = namespace {
             q.push(" AND namespace = ");
             q.push_bind(namespace.to_owned());
-        }
-        if let Some(state) = state {
-            q.push(" AND state = ");
-            q.push_bind(state.to_owned());
         }
         if let Some((key, task, index)) = after {
             q.push(" AND (sort_key_us, task_id, step_index) > (");
@@ -368,11 +415,25 @@ pub async fn queue(
             q.push_bind(index);
             q.push(")");
         }
-        q.push(" ORDER BY sort_key_us, task_id, step_index LIMIT ");
+        q.push(QUEUE_ORDER);
         q.push_bind(limit + 1);
-        q.build_query_as().fetch_all(pool).await?
-    });
-    Ok(page(items, limit, |e| step_cursor(e.sort_key_us, &e.task_id, e.step_index)))
+    };
+    match state {
+        Some(state) => one_state(q, state),
+        None => {
+            let held = domain::StepState::ALL.into_iter().filter(|s| !s.is_terminal());
+            for (i, state) in held.enumerate() {
+                if i > 0 {
+                    q.push(" UNION ALL ");
+                }
+                q.push("SELECT * FROM (");
+                one_state(q, state.as_str());
+                q.push(format!(") AS s{i}"));
+            }
+            q.push(QUEUE_ORDER);
+            q.push_bind(limit + 1);
+        }
+    }
 }
 
 /// A namespace's operator settings.

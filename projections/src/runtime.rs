@@ -138,6 +138,7 @@ impl Driver {
             Unlogged::Intact => {}
         }
         if indexes == Indexes::Now {
+            checkpoint::create_missing_indexes(store, kind, &checkpoint).await?;
             checkpoint::drop_retired_indexes(store, kind, &checkpoint).await?;
         }
         checkpoint::check_against_log(&checkpoint, reader)?;

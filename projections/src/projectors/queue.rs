@@ -43,6 +43,8 @@ pub(crate) fn ddl(t: &Types, s: &str, g: &str) -> Vec<String> {
             )"
         ),
         format!("CREATE INDEX queue_order_{g} ON queue{s} (namespace, state, sort_key_us, task_id, step_index)"),
+        // A page of one state across namespaces, and of the whole queue (see `query::queue`).
+        format!("CREATE INDEX queue_state_{g} ON queue{s} (state, sort_key_us, task_id, step_index)"),
         format!(
             "CREATE TABLE queue_settings{s} (
                 namespace TEXT PRIMARY KEY,
