@@ -428,7 +428,7 @@ fn read_model_floor(events: &[Logged], records: &[Record], tasks: usize, path: &
     }
     let rows = rows(events, records);
     let db = Sqlite::open(path)?;
-    for pragma in ["journal_mode = WAL", "synchronous = NORMAL", "cache_size = -65536", "temp_store = memory"] {
+    for pragma in ["journal_mode = WAL", "synchronous = NORMAL", "cache_size = -65536", "temp_store = file"] {
         db.exec(&format!("PRAGMA {pragma}"))?;
     }
     for kind in [ProjectorKind::Audit, ProjectorKind::Tasks] {

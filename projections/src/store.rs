@@ -208,7 +208,12 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(30))
             .pragma("cache_size", format!("-{cache_kib}"))
-            .pragma("temp_store", "memory");
+            // Sorts beyond the page cache (an index built at the end of a rebuild) go to
+            // temporary files ($SQLITE_TMPDIR, else $TMPDIR, else /var/tmp or /tmp), not the
+            // heap: in memory, three `audit_log` indexes over 2M rows took 58 MiB more at their
+            // peak, 29 MiB a million rows and growing with the log, for no gain in speed
+            // (8.1 s against 7.7 s; found by a churn soak's rebuilds, 2026-12-07).
+            .pragma("temp_store", "file");
         let pool = SqlitePoolOptions::new()
             .max_connections(POOL_CONNECTIONS_MAX)
             .connect_with(connect.clone())
